@@ -1,0 +1,305 @@
+//! Creating new qcow2 images with the options qemu-img's qcow2 driver takes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::engine::meta::encode_u64_table;
+use crate::engine::Qcow2;
+use crate::error::{Error, Result};
+use crate::format::header::{
+    default_feature_names, CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW,
+    COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, V2_HEADER_LEN,
+    V3_HEADER_LEN,
+};
+use crate::format::tables;
+use crate::image::Image;
+use crate::open::{resolve_relative, OpenOptions};
+use crate::storage::{FileStorage, Storage};
+
+/// How much of the image to allocate at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing beyond the metadata skeleton.
+    #[default]
+    Off,
+    /// L2 tables and data clusters mapped (data reads as zeros from the sparse file).
+    Metadata,
+    /// As `Metadata`, plus fallocate of the data.
+    Falloc,
+    /// As `Metadata`, plus writing zeros to the data.
+    Full,
+}
+
+impl Preallocation {
+    /// Parses qemu-img's names.
+    pub fn from_name(s: &str) -> Option<Preallocation> {
+        Some(match s {
+            "off" => Preallocation::Off,
+            "metadata" => Preallocation::Metadata,
+            "falloc" => Preallocation::Falloc,
+            "full" => Preallocation::Full,
+            _ => return None,
+        })
+    }
+}
+
+/// Options for a new qcow2 image.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// 2 (compat=0.10) or 3 (compat=1.1).
+    pub version: u32,
+    /// Cluster size in bytes (power of two, 512 B – 2 MiB).
+    pub cluster_size: u64,
+    /// Refcount width in bits (power of two, 1 – 64).
+    pub refcount_bits: u32,
+    /// Set the lazy refcounts compatible bit.
+    pub lazy_refcounts: bool,
+    /// Backing file name as stored in the header.
+    pub backing_file: Option<String>,
+    /// Backing file format.
+    pub backing_format: Option<String>,
+    /// External data file name.
+    pub data_file: Option<String>,
+    /// The external data file is a valid raw image.
+    pub data_file_raw: bool,
+    /// Compression algorithm for compressed clusters.
+    pub compression_type: CompressionType,
+    /// Preallocation mode.
+    pub preallocation: Preallocation,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            version: 3,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            data_file_raw: false,
+            compression_type: CompressionType::Deflate,
+            preallocation: Preallocation::Off,
+        }
+    }
+}
+
+impl CreateOptions {
+    /// Checks option combinations, with qemu-img's error messages.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidOption(m.into()));
+        if !self.cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&self.cluster_size) {
+            return bad("Cluster size must be a power of two between 512 and 2048k");
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return bad("Refcount width must be a power of two and may not exceed 64 bits");
+        }
+        if self.version == 2 {
+            if self.refcount_bits != 16 {
+                return bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)");
+            }
+            if self.lazy_refcounts {
+                return bad("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+            }
+            if self.compression_type != CompressionType::Deflate {
+                return bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+            }
+            if self.data_file.is_some() {
+                return bad("data-file can only be used with compatibility level 1.1 and above (use version=v3 or greater)");
+            }
+        } else if self.version != 3 {
+            return bad("Invalid compatibility level");
+        }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return bad("Backing format cannot be used without backing file");
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return bad("data-file-raw requires data-file");
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return bad("Backing file and data-file-raw cannot be used at the same time");
+        }
+        if self.size > (1 << 62) {
+            return bad("Image size too large");
+        }
+        Ok(())
+    }
+}
+
+/// Creates a qcow2 image at `path` (truncating any existing file).
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    opts.validate()?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if let Some(df) = &opts.data_file {
+        let df = resolve_relative(df, dir);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&df)
+            .and_then(|f| f.set_len(opts.size))
+            .map_err(|e| Error::io(format!("Could not create '{}'", df.display()), e))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+    write_skeleton(&*storage, opts)?;
+    if opts.preallocation != Preallocation::Off {
+        let img = Qcow2::open_storage(storage, &OpenOptions::default(), None)?;
+        img.preallocate(opts.preallocation)?;
+        img.flush()?;
+    }
+    Ok(())
+}
+
+/// Writes header, refcount table, one refcount block and an empty L1 table.
+pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+    opts.validate()?;
+    let cs = opts.cluster_size;
+    let cluster_bits = cs.trailing_zeros();
+    let l2_entries = cs / 8;
+    let l1_size = opts.size.div_ceil(cs * l2_entries);
+    if l1_size * 8 > crate::format::header::MAX_L1_BYTES {
+        return Err(Error::InvalidOption(
+            "Image size too large for this cluster size".into(),
+        ));
+    }
+    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    let refcount_order = opts.refcount_bits.trailing_zeros();
+    let per_block = cs * 8 / opts.refcount_bits as u64;
+    // header, reftable, refblock, L1 — plus extra refblocks if the L1 is huge.
+    let mut blocks = 1u64;
+    while 3 + l1_clusters + (blocks - 1) > blocks * per_block {
+        blocks += 1;
+    }
+    let reftable_clusters = (blocks * 8).div_ceil(cs).max(1);
+    let reftable_off = cs;
+    let first_block = reftable_off + reftable_clusters * cs;
+    let l1_off = first_block + blocks * cs;
+    let used = l1_off / cs + l1_clusters;
+    let mut incompat = 0;
+    let mut compat = 0;
+    let mut autoclear = 0;
+    if opts.compression_type != CompressionType::Deflate {
+        incompat |= INCOMPAT_COMPRESSION;
+    }
+    if opts.data_file.is_some() {
+        incompat |= INCOMPAT_DATA_FILE;
+    }
+    if opts.lazy_refcounts {
+        compat |= COMPAT_LAZY_REFCOUNTS;
+    }
+    if opts.data_file_raw {
+        autoclear |= AUTOCLEAR_DATA_FILE_RAW;
+    }
+    let header = Header {
+        version: opts.version,
+        cluster_bits,
+        size: opts.size,
+        crypt_method: 0,
+        l1_size: l1_size as u32,
+        l1_table_offset: l1_off,
+        refcount_table_offset: reftable_off,
+        refcount_table_clusters: reftable_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: incompat,
+        compatible_features: compat,
+        autoclear_features: autoclear,
+        refcount_order,
+        header_length: if opts.version == 2 { V2_HEADER_LEN } else { V3_HEADER_LEN },
+        compression_type: opts.compression_type,
+        extra_header_bytes: Vec::new(),
+        backing_file: opts.backing_file.clone(),
+        backing_format: opts.backing_format.clone(),
+        data_file: opts.data_file.clone(),
+        feature_names: if opts.version >= 3 {
+            default_feature_names()
+        } else {
+            Vec::new()
+        },
+        bitmaps: None,
+        crypto: None,
+        unknown_extensions: Vec::new(),
+    };
+    let bytes = header.serialize()?;
+    let w = |buf: &[u8], off: u64, what: &str| {
+        file.write_at(buf, off)
+            .map_err(|e| Error::io(format!("writing {what}"), e))
+    };
+    file.set_len(0)
+        .map_err(|e| Error::io("truncating the new image", e))?;
+    w(&bytes, 0, "header")?;
+    let mut reftable = vec![0u64; (reftable_clusters * cs / 8) as usize];
+    for b in 0..blocks {
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..per_block {
+            let c = b * per_block + i;
+            if c < used {
+                tables::set_refcount(&mut block, refcount_order, i as usize, 1);
+            }
+        }
+        let off = first_block + b * cs;
+        w(&block, off, "refcount block")?;
+        reftable[b as usize] = off;
+    }
+    w(&encode_u64_table(&reftable), reftable_off, "refcount table")?;
+    // QEMU's files end right after the L1 table's entries; pad to a whole cluster instead so
+    // the file length is a multiple of the cluster size.
+    w(&vec![0u8; (l1_clusters * cs) as usize], l1_off, "L1 table")?;
+    file.flush()
+        .map_err(|e| Error::io("flushing the new image", e))
+}
+
+impl Qcow2 {
+    /// Maps every guest cluster to a host cluster (preallocation=metadata/falloc/full).
+    pub fn preallocate(&self, mode: Preallocation) -> Result<()> {
+        let cs = self.cluster_size();
+        let clusters = self.size().div_ceil(cs);
+        let per_l2 = cs / 8;
+        let mut c = 0;
+        while c < clusters {
+            let n = (per_l2 - c % per_l2).min(clusters - c);
+            let (host, n) = if self.has_data_file() {
+                (c * cs, n)
+            } else {
+                self.meta_mut().alloc_up_to(&**self.file(), n)?
+            };
+            let data = self.data_storage();
+            match mode {
+                Preallocation::Off => return Ok(()),
+                Preallocation::Metadata => data.set_len(
+                    data.len()
+                        .map_err(|e| Error::io("getting file size", e))?
+                        .max(host + n * cs),
+                ),
+                Preallocation::Falloc => data.allocate(host, n * cs),
+                Preallocation::Full => write_zeros(&**data, host, n * cs),
+            }
+            .map_err(|e| Error::io("preallocating data", e))?;
+            self.map_preallocated(c, n, host)?;
+            c += n;
+        }
+        Ok(())
+    }
+}
+
+fn write_zeros(data: &dyn Storage, offset: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64);
+        data.write_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,399 @@
+//! The engine's metadata state: L1 table, L2 cache, refcount structures, and the cluster
+//! allocator. Everything here runs under the engine's exclusive lock, except lookups.
+//!
+//! Crash-consistency rules (see `writeback`):
+//! 1. refcount increments (and new refcount blocks, before the table that points to them)
+//!    are durable before any L2/L1 entry that references the new cluster;
+//! 2. guest data is durable before the L2 entry that maps it (same barrier as rule 1);
+//! 3. refcount decrements are applied only after the L2/L1 updates that dropped the
+//!    reference are durable, so a crash leaks clusters but never frees one in use.
+
+use crate::error::{Error, Result};
+use crate::format::header::{Header, MAX_REFTABLE_BYTES};
+use crate::format::tables::{self, OFFSET_MASK};
+use crate::storage::Storage;
+
+use super::cache::TableCache;
+
+/// Geometry derived from the header, fixed while the image is open.
+#[derive(Debug, Clone, Copy)]
+pub struct Geometry {
+    /// log2 cluster size.
+    pub cluster_bits: u32,
+    /// log2 refcount width.
+    pub refcount_order: u32,
+}
+
+impl Geometry {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Entries per L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / 8
+    }
+    /// Refcount entries per refcount block.
+    pub fn refblock_entries(&self) -> u64 {
+        (self.cluster_size() * 8) >> self.refcount_order
+    }
+}
+
+/// Mutable metadata of an open qcow2 image.
+pub struct Meta {
+    /// Current header (written back when it changes).
+    pub header: Header,
+    /// Geometry.
+    pub geo: Geometry,
+    /// Active L1 table, host-endian.
+    pub l1: Vec<u64>,
+    /// L1 entries changed since the last writeback.
+    pub l1_dirty: bool,
+    /// Cache of L2 tables keyed by host offset.
+    pub l2: TableCache<Vec<u64>>,
+    /// Refcount table, host-endian.
+    pub reftable: Vec<u64>,
+    /// Refcount table changed since the last writeback.
+    pub reftable_dirty: bool,
+    /// Cache of refcount blocks keyed by host offset.
+    pub refblocks: TableCache<Vec<u8>>,
+    /// Refcount decrements waiting for the L2 updates that justify them: (cluster offset, n).
+    pub pending_frees: Vec<(u64, u64)>,
+    /// Cluster index where the next free-cluster search starts.
+    pub free_hint: u64,
+    /// Next free byte in the cluster being filled with compressed data.
+    pub compressed_tail: Option<u64>,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+/// Reads a table of big-endian u64 entries.
+pub fn read_u64_table(file: &dyn Storage, offset: u64, entries: usize) -> Result<Vec<u64>> {
+    let mut buf = vec![0u8; entries * 8];
+    file.read_at(&mut buf, offset)
+        .map_err(io(format!("reading table at 0x{offset:x}")))?;
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Encodes a table of u64 entries big-endian.
+pub fn encode_u64_table(table: &[u64]) -> Vec<u8> {
+    table.iter().flat_map(|v| v.to_be_bytes()).collect()
+}
+
+impl Meta {
+    /// Checks that a metadata table offset is cluster aligned and inside the file.
+    pub fn check_table_offset(&self, what: &str, offset: u64, file_len: u64) -> Result<()> {
+        if offset % self.geo.cluster_size() != 0 {
+            return Err(Error::Corrupt(format!(
+                "{what} offset 0x{offset:x} is not cluster aligned"
+            )));
+        }
+        if offset + self.geo.cluster_size() > file_len.next_multiple_of(self.geo.cluster_size())
+        {
+            return Err(Error::Corrupt(format!(
+                "{what} offset 0x{offset:x} is past the end of the file (0x{file_len:x})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes sure the L2 table at `offset` is cached, loading it from `file`.
+    pub fn load_l2(&mut self, file: &dyn Storage, offset: u64) -> Result<()> {
+        if self.l2.contains(offset) {
+            return Ok(());
+        }
+        let len = file.len().map_err(io("getting file size".into()))?;
+        self.check_table_offset("L2 table", offset, len)?;
+        let table = read_u64_table(file, offset, self.geo.l2_entries() as usize)?;
+        self.make_room_l2(file)?;
+        self.l2.insert(offset, table, false);
+        Ok(())
+    }
+
+    /// Inserts a new (dirty) L2 table, evicting if needed.
+    pub fn insert_l2(&mut self, file: &dyn Storage, offset: u64, table: Vec<u64>) -> Result<()> {
+        self.make_room_l2(file)?;
+        self.l2.insert(offset, table, true);
+        Ok(())
+    }
+
+    fn make_room_l2(&mut self, file: &dyn Storage) -> Result<()> {
+        while self.l2.is_full() {
+            if !self.l2.dirty_offsets().is_empty() {
+                self.writeback(file, None)?;
+            }
+            self.l2.evict_lru();
+        }
+        Ok(())
+    }
+
+    fn refblock_offset(&mut self, cluster: u64) -> Option<u64> {
+        let r = (cluster / self.geo.refblock_entries()) as usize;
+        self.reftable
+            .get(r)
+            .map(|e| e & !0x1ff)
+            .filter(|&off| off != 0)
+    }
+
+    fn load_refblock(&mut self, file: &dyn Storage, offset: u64) -> Result<()> {
+        if self.refblocks.contains(offset) {
+            return Ok(());
+        }
+        let len = file.len().map_err(io("getting file size".into()))?;
+        self.check_table_offset("refcount block", offset, len)?;
+        let mut block = vec![0u8; self.geo.cluster_size() as usize];
+        file.read_at(&mut block, offset)
+            .map_err(io(format!("reading refcount block at 0x{offset:x}")))?;
+        while self.refblocks.is_full() {
+            if let Some((off, e)) = self.refblocks.evict_lru() {
+                if e.dirty {
+                    file.write_at(&e.table, off)
+                        .map_err(io(format!("writing refcount block at 0x{off:x}")))?;
+                }
+            }
+        }
+        self.refblocks.insert(offset, block, false);
+        Ok(())
+    }
+
+    /// Refcount of host cluster index `cluster`.
+    pub fn refcount(&mut self, file: &dyn Storage, cluster: u64) -> Result<u64> {
+        let Some(block) = self.refblock_offset(cluster) else {
+            return Ok(0);
+        };
+        self.load_refblock(file, block)?;
+        let idx = (cluster % self.geo.refblock_entries()) as usize;
+        let b = self.refblocks.get(block).expect("just loaded");
+        Ok(tables::get_refcount(b, self.geo.refcount_order, idx))
+    }
+
+    /// Sets the refcount of a cluster whose refcount block exists.
+    fn set_refcount(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
+        if value > tables::max_refcount(self.geo.refcount_order) {
+            return Err(Error::Corrupt(format!(
+                "refcount of cluster {cluster} would overflow {} bits",
+                1 << self.geo.refcount_order
+            )));
+        }
+        let block = self.refblock_offset(cluster).ok_or_else(|| {
+            Error::Corrupt(format!("no refcount block for cluster {cluster}"))
+        })?;
+        self.load_refblock(file, block)?;
+        let idx = (cluster % self.geo.refblock_entries()) as usize;
+        let order = self.geo.refcount_order;
+        let b = self.refblocks.get_mut(block).expect("just loaded");
+        tables::set_refcount(b, order, idx, value);
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of every cluster touched by `[offset, offset + len)`.
+    pub fn add_refcount(
+        &mut self,
+        file: &dyn Storage,
+        offset: u64,
+        len: u64,
+        delta: i64,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let first = offset / cs;
+        let last = (offset + len - 1) / cs;
+        for c in first..=last {
+            let rc = self.refcount(file, c)?;
+            let new = rc.checked_add_signed(delta).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "refcount of cluster at 0x{:x} is {rc}, cannot add {delta}",
+                    c * cs
+                ))
+            })?;
+            self.set_refcount(file, c, new)?;
+            if new == 0 && c < self.free_hint {
+                self.free_hint = c;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a refcount decrement to apply after the next L2 writeback.
+    pub fn free_later(&mut self, offset: u64, len: u64) {
+        self.pending_frees.push((offset, len));
+    }
+
+    /// Allocates one free cluster with refcount 1; returns its host offset.
+    pub fn alloc_cluster(&mut self, file: &dyn Storage) -> Result<u64> {
+        Ok(self.alloc_up_to(file, 1)?.0)
+    }
+
+    /// Allocates between 1 and `n` contiguous free clusters with refcount 1, starting at the
+    /// first free cluster (so the file never gets holes); returns (host offset, count).
+    pub fn alloc_up_to(&mut self, file: &dyn Storage, n: u64) -> Result<(u64, u64)> {
+        let per_block = self.geo.refblock_entries();
+        let mut start = self.free_hint;
+        while self.refcount(file, start)? != 0 {
+            start += 1;
+        }
+        self.ensure_refblock(file, start / per_block)?;
+        // The new block may have taken `start` itself.
+        while self.refcount(file, start)? != 0 {
+            start += 1;
+            self.ensure_refblock(file, start / per_block)?;
+        }
+        let mut count = 1;
+        while count < n {
+            let c = start + count;
+            let r = c / per_block;
+            let covered = (r as usize) < self.reftable.len() && self.reftable[r as usize] != 0;
+            if !covered || self.refcount(file, c)? != 0 {
+                break;
+            }
+            count += 1;
+        }
+        for c in start..start + count {
+            self.set_refcount(file, c, 1)?;
+        }
+        self.free_hint = start + count;
+        Ok((start * self.geo.cluster_size(), count))
+    }
+
+    /// Makes sure refcount block `r` exists. A missing block means its whole range is free:
+    /// the new block goes at the range's first cluster and describes itself.
+    fn ensure_refblock(&mut self, file: &dyn Storage, r: u64) -> Result<()> {
+        if r as usize >= self.reftable.len() {
+            self.grow_reftable(file, r)?;
+        }
+        if self.reftable[r as usize] & !0x1ff != 0 {
+            return Ok(());
+        }
+        let off = r * self.geo.refblock_entries() * self.geo.cluster_size();
+        while self.refblocks.is_full() {
+            self.writeback_refcounts(file)?;
+            self.refblocks.evict_lru();
+        }
+        let mut block = vec![0u8; self.geo.cluster_size() as usize];
+        tables::set_refcount(&mut block, self.geo.refcount_order, 0, 1);
+        self.refblocks.insert(off, block, true);
+        self.reftable[r as usize] = off;
+        self.reftable_dirty = true;
+        Ok(())
+    }
+
+    /// Grows the refcount table so it has an entry for refcount block index `needed`.
+    ///
+    /// The new table and one self-describing refcount block go right after the last
+    /// cluster the old table can describe; the old table is freed afterwards.
+    fn grow_reftable(&mut self, file: &dyn Storage, needed: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let per_block = self.geo.refblock_entries();
+        let new_len = (needed + 1).max(self.reftable.len() as u64 * 2);
+        let table_clusters = (new_len * 8).div_ceil(cs);
+        let new_len = table_clusters * cs / 8;
+        if table_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::InvalidOption(
+                "refcount table would exceed 8 MiB; image is too large".into(),
+            ));
+        }
+        let first = self.reftable.len() as u64 * per_block;
+        if 1 + table_clusters > per_block {
+            return Err(Error::InvalidOption(
+                "refcount table growth does not fit in one refcount block".into(),
+            ));
+        }
+        // Everything referenced by the new table must be on disk before the table.
+        self.writeback_refcounts(file)?;
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..=table_clusters {
+            tables::set_refcount(&mut block, self.geo.refcount_order, i as usize, 1);
+        }
+        let block_off = first * cs;
+        let table_off = block_off + cs;
+        let mut table = self.reftable.clone();
+        table.resize(new_len as usize, 0);
+        table[(first / per_block) as usize] = block_off;
+        file.write_at(&block, block_off)
+            .map_err(io(format!("writing refcount block at 0x{block_off:x}")))?;
+        file.write_at(&encode_u64_table(&table), table_off)
+            .map_err(io(format!("writing refcount table at 0x{table_off:x}")))?;
+        file.flush().map_err(io("flushing new refcount table".into()))?;
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        file.write_at(&hdr, 48)
+            .map_err(io("updating refcount table pointer in the header".into()))?;
+        file.flush().map_err(io("flushing header".into()))?;
+        let old_off = self.header.refcount_table_offset;
+        let old_clusters = self.header.refcount_table_clusters as u64;
+        self.header.refcount_table_offset = table_off;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        self.reftable = table;
+        self.reftable_dirty = false;
+        self.refblocks.insert(block_off, block, false);
+        self.free_later(old_off, old_clusters * cs);
+        Ok(())
+    }
+
+    /// Writes dirty refcount blocks, then the refcount table, with a barrier between.
+    fn writeback_refcounts(&mut self, file: &dyn Storage) -> Result<()> {
+        let dirty = self.refblocks.dirty_offsets();
+        for off in &dirty {
+            let b = self.refblocks.get(*off).expect("dirty entry is cached");
+            file.write_at(b, *off)
+                .map_err(io(format!("writing refcount block at 0x{off:x}")))?;
+        }
+        for off in dirty {
+            self.refblocks.mark_clean(off);
+        }
+        if self.reftable_dirty {
+            file.flush().map_err(io("flushing refcount blocks".into()))?;
+            file.write_at(
+                &encode_u64_table(&self.reftable),
+                self.header.refcount_table_offset,
+            )
+            .map_err(io("writing refcount table".into()))?;
+            self.reftable_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Writes all dirty metadata back in crash-safe order (see the module docs).
+    ///
+    /// `data` is the external data file, if any, which is flushed with the first barrier.
+    pub fn writeback(&mut self, file: &dyn Storage, data: Option<&dyn Storage>) -> Result<()> {
+        self.writeback_refcounts(file)?;
+        let l2_dirty = self.l2.dirty_offsets();
+        if !l2_dirty.is_empty() || self.l1_dirty {
+            if let Some(d) = data {
+                d.flush().map_err(io("flushing external data file".into()))?;
+            }
+            file.flush().map_err(io("flushing data and refcounts".into()))?;
+            for off in &l2_dirty {
+                let t = self.l2.get(*off).expect("dirty entry is cached");
+                file.write_at(&encode_u64_table(t), *off)
+                    .map_err(io(format!("writing L2 table at 0x{off:x}")))?;
+            }
+            for off in l2_dirty {
+                self.l2.mark_clean(off);
+            }
+            if self.l1_dirty {
+                file.write_at(&encode_u64_table(&self.l1), self.header.l1_table_offset)
+                    .map_err(io("writing L1 table".into()))?;
+                self.l1_dirty = false;
+            }
+        }
+        if !self.pending_frees.is_empty() {
+            file.flush().map_err(io("flushing L2 tables".into()))?;
+            // The cluster being packed with compressed data may be freed and reused.
+            self.compressed_tail = None;
+            for (off, len) in std::mem::take(&mut self.pending_frees) {
+                self.add_refcount(file, off, len, -1)?;
+                // A freed table must not be served from the cache if the cluster is reused.
+                self.l2.remove(off & OFFSET_MASK);
+            }
+            self.writeback_refcounts(file)?;
+        }
+        Ok(())
+    }
+}

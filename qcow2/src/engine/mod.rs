@@ -1,0 +1,350 @@
+//! The qcow2 I/O engine: an image handle shared by many threads.
+//!
+//! Metadata lives in [`meta::Meta`] behind a read-write lock: lookups that hit the L2 cache
+//! take it shared; cache misses, allocation and table updates take it exclusively, but never
+//! across guest-data I/O. Allocating writes mark their guest clusters busy so overlapping
+//! writes to the same cluster are serialised; everything else runs in parallel.
+
+mod busy;
+pub(crate) mod cache;
+pub(crate) mod meta;
+mod read;
+mod write;
+
+use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::error::{Error, Result};
+use crate::format::header::{
+    CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY,
+};
+use crate::format::snapshot::{self, Snapshot};
+use crate::format::tables::{L2Entry, OFFSET_MASK};
+use crate::image::{check_range, BlockStatus, Format, Image};
+use crate::open::{open_backing, open_data_file, OpenOptions};
+use crate::storage::Storage;
+
+use busy::BusyClusters;
+use cache::TableCache;
+use meta::{read_u64_table, Geometry, Meta};
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    file: Arc<dyn Storage>,
+    data_file: Option<Arc<dyn Storage>>,
+    backing: Option<Box<dyn Image>>,
+    geo: Geometry,
+    size: u64,
+    version: u32,
+    compression: CompressionType,
+    read_only: bool,
+    snapshots: Vec<Snapshot>,
+    meta: RwLock<Meta>,
+    busy: BusyClusters,
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image from storage. `dir` resolves relative backing and data file names;
+    /// without it (or with `opts.no_backing`) the backing file is not opened.
+    pub fn open_storage(
+        file: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        dir: Option<&Path>,
+    ) -> Result<Qcow2> {
+        let file_len = file
+            .len()
+            .map_err(|e| Error::io("getting the image size", e))?;
+        let mut first = vec![0u8; (file_len.min(1 << 21)) as usize];
+        file.read_at(&mut first, 0)
+            .map_err(|e| Error::io("reading the header", e))?;
+        let header = Header::parse(&first)?;
+        header.check_supported()?;
+        if header.is_corrupt() && !opts.read_only {
+            return Err(Error::Corrupt(
+                "the corrupt bit is set; the image can only be opened read-only".into(),
+            ));
+        }
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            refcount_order: header.refcount_order,
+        };
+        let cs = geo.cluster_size();
+        let within = |what: &str, off: u64, len: u64| {
+            if off.checked_add(len).is_some_and(|end| end <= file_len.next_multiple_of(cs)) {
+                Ok(())
+            } else {
+                Err(Error::Corrupt(format!(
+                    "{what} at 0x{off:x} ({len} bytes) extends past the end of the file"
+                )))
+            }
+        };
+        within("L1 table", header.l1_table_offset, header.l1_size as u64 * 8)?;
+        let reftable_bytes = header.refcount_table_clusters as u64 * cs;
+        within("refcount table", header.refcount_table_offset, reftable_bytes)?;
+        let l1 = read_u64_table(&*file, header.l1_table_offset, header.l1_size as usize)?;
+        let reftable = read_u64_table(
+            &*file,
+            header.refcount_table_offset,
+            (reftable_bytes / 8) as usize,
+        )?;
+        let snapshots = read_snapshots(&*file, &header, file_len)?;
+        let data_file = match &header.data_file {
+            Some(name) => Some(open_data_file(name, dir, opts.read_only)?),
+            None => None,
+        };
+        let backing = match (&header.backing_file, dir) {
+            (Some(name), Some(dir)) if !opts.no_backing => Some(open_backing(
+                name,
+                header.backing_format.as_deref(),
+                dir,
+                opts,
+            )?),
+            _ => None,
+        };
+        let l2_tables = (opts.l2_cache_bytes / cs).max(4) as usize;
+        let meta = Meta {
+            geo,
+            l1,
+            l1_dirty: false,
+            l2: TableCache::new(l2_tables),
+            reftable,
+            reftable_dirty: false,
+            refblocks: TableCache::new(((4 << 20) / cs).max(4) as usize),
+            pending_frees: Vec::new(),
+            free_hint: 0,
+            compressed_tail: None,
+            header: header.clone(),
+        };
+        let img = Qcow2 {
+            file,
+            data_file,
+            backing,
+            geo,
+            size: header.size,
+            version: header.version,
+            compression: header.compression_type,
+            read_only: opts.read_only,
+            snapshots,
+            meta: RwLock::new(meta),
+            busy: BusyClusters::default(),
+        };
+        if !opts.read_only {
+            img.prepare_for_writing()?;
+        }
+        Ok(img)
+    }
+
+    /// Repairs a dirty image and clears autoclear bits we do not maintain (as QEMU does).
+    fn prepare_for_writing(&self) -> Result<()> {
+        let mut m = self.meta_mut();
+        let mut header = m.header.clone();
+        if header.is_dirty() {
+            drop(m);
+            crate::check::rebuild_refcounts(self)?;
+            m = self.meta_mut();
+            header = m.header.clone();
+            header.incompatible_features &= !INCOMPAT_DIRTY;
+        }
+        header.autoclear_features &= AUTOCLEAR_DATA_FILE_RAW;
+        if header != m.header {
+            m.header = header;
+            self.write_header(&m)?;
+        }
+        Ok(())
+    }
+
+    /// Serialises the header into cluster 0 and flushes.
+    pub(crate) fn write_header(&self, m: &Meta) -> Result<()> {
+        let bytes = m.header.serialize()?;
+        self.file
+            .write_at(&bytes, 0)
+            .map_err(|e| Error::io("writing the header", e))?;
+        self.file
+            .flush()
+            .map_err(|e| Error::io("flushing the header", e))
+    }
+
+    pub(crate) fn meta(&self) -> RwLockReadGuard<'_, Meta> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn meta_mut(&self) -> RwLockWriteGuard<'_, Meta> {
+        self.meta.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The metadata file.
+    pub fn file(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    /// Where guest data lives: the external data file, or the image file itself.
+    pub fn data_storage(&self) -> &Arc<dyn Storage> {
+        self.data_file.as_ref().unwrap_or(&self.file)
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.data_file.is_some()
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.meta().header.clone()
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The compression algorithm for compressed writes.
+    pub fn compression_type(&self) -> CompressionType {
+        self.compression
+    }
+
+    /// The L2 entry of guest cluster `cluster` (loading its table if needed).
+    pub fn l2_entry(&self, cluster: u64) -> Result<L2Entry> {
+        Ok(self.lookup_run(cluster, 1)?[0])
+    }
+
+    /// Entries for guest clusters `[cluster, cluster + n)`, stopping at the end of the L2
+    /// table (so possibly fewer than `n`, at least one).
+    pub(crate) fn lookup_run(&self, cluster: u64, n: u64) -> Result<Vec<L2Entry>> {
+        let per_l2 = self.geo.l2_entries();
+        let l1i = (cluster / per_l2) as usize;
+        let l2i = (cluster % per_l2) as usize;
+        let n = n.min(per_l2 - l2i as u64).max(1) as usize;
+        let decode = |t: &Vec<u64>| {
+            t[l2i..l2i + n]
+                .iter()
+                .map(|&e| L2Entry::decode(e, self.geo.cluster_bits))
+                .collect::<Vec<_>>()
+        };
+        {
+            let m = self.meta();
+            let Some(&l1e) = m.l1.get(l1i) else {
+                return Ok(vec![L2Entry::Unallocated; n]);
+            };
+            let off = l1e & OFFSET_MASK;
+            if off == 0 {
+                return Ok(vec![L2Entry::Unallocated; n]);
+            }
+            if let Some(t) = m.l2.get(off) {
+                return Ok(decode(t));
+            }
+        }
+        let mut m = self.meta_mut();
+        let off = m.l1[l1i] & OFFSET_MASK;
+        if off == 0 {
+            return Ok(vec![L2Entry::Unallocated; n]);
+        }
+        m.load_l2(&*self.file, off)?;
+        Ok(decode(m.l2.get(off).expect("just loaded")))
+    }
+
+    /// Writes back all metadata in crash-safe order and flushes the files.
+    pub fn flush_metadata(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.meta_mut();
+        m.writeback(
+            &*self.file,
+            self.data_file.as_deref().map(|d| d as &dyn Storage),
+        )?;
+        if let Some(d) = &self.data_file {
+            d.flush()
+                .map_err(|e| Error::io("flushing the external data file", e))?;
+        }
+        self.file
+            .flush()
+            .map_err(|e| Error::io("flushing the image file", e))
+    }
+}
+
+fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<Vec<Snapshot>> {
+    if header.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    if header.nb_snapshots > snapshot::MAX_SNAPSHOTS {
+        return Err(Error::Corrupt(format!(
+            "{} snapshots is too many",
+            header.nb_snapshots
+        )));
+    }
+    // Each entry is at most 40 + 64 KiB extra... bound the read by the file and 64 MiB.
+    let max = (file_len.saturating_sub(header.snapshots_offset)).min(64 << 20);
+    let mut buf = vec![0u8; max as usize];
+    file.read_at(&mut buf, header.snapshots_offset)
+        .map_err(|e| Error::io("reading the snapshot table", e))?;
+    Ok(snapshot::parse_table(&buf, header.nb_snapshots)?.0)
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_metadata() {
+            tracing::error!("flushing qcow2 metadata on close failed: {e}");
+        }
+    }
+}
+
+impl Image for Qcow2 {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.read_guest(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable(offset, buf.len() as u64)?;
+        self.write_guest(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable(offset, len)?;
+        self.zero_or_discard(offset, len, write::ZeroMode::Zero { unmap })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(offset, len)?;
+        self.zero_or_discard(offset, len, write::ZeroMode::Discard)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_metadata()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range(offset, len.max(1), self.size)?;
+        self.status(offset, len)
+    }
+
+    fn backing(&self) -> Option<&dyn Image> {
+        self.backing.as_deref()
+    }
+}
+
+impl Qcow2 {
+    fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        check_range(offset, len, self.size)
+    }
+}

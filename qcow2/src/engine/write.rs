@@ -1,0 +1,381 @@
+//! The write path: in-place writes, cluster allocation with copy-on-write, zeroing,
+//! discard and compressed writes.
+
+use crate::compress;
+use crate::error::{Error, Result};
+use crate::format::tables::{self, L2Entry, COPIED, OFFSET_MASK};
+
+use super::meta::Meta;
+use super::Qcow2;
+
+/// What [`Qcow2::zero_or_discard`] does to whole clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ZeroMode {
+    /// Make the range read as zeros; `unmap` allows releasing the host clusters.
+    Zero {
+        /// Release host clusters.
+        unmap: bool,
+    },
+    /// Release the range (QEMU's guest discard semantics).
+    Discard,
+}
+
+impl Qcow2 {
+    /// Writes guest bytes; the caller checked the range and writability.
+    pub(super) fn write_guest(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            let first = off / cs;
+            let in_cluster = off % cs;
+            let remaining = buf.len() - pos;
+            let whole = if in_cluster == 0 {
+                remaining as u64 / cs
+            } else {
+                0
+            };
+            if whole == 0 {
+                let len = (cs - in_cluster).min(remaining as u64) as usize;
+                self.write_partial(first, in_cluster, &buf[pos..pos + len])?;
+                pos += len;
+            } else {
+                let n = self.write_whole(first, whole, &buf[pos..])?;
+                pos += (n * cs) as usize;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes part of one cluster, copying the rest from its current contents if the
+    /// cluster must be (re)allocated.
+    fn write_partial(&self, cluster: u64, in_cluster: u64, data: &[u8]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let _busy = self.busy.acquire(cluster, 1);
+        let entry = self.lookup_run(cluster, 1)?[0];
+        if let L2Entry::Normal { host, copied: true } = entry {
+            return self.write_data(data, host + in_cluster);
+        }
+        let mut full = vec![0u8; cs as usize];
+        self.read_cluster(cluster, entry, &mut full)?;
+        full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        let host = self.target_cluster(cluster, entry)?;
+        self.write_data(&full, host)?;
+        self.update_l2(cluster, &[entry], &[host])
+    }
+
+    /// Writes up to `max` whole clusters from `data`; returns how many were written.
+    ///
+    /// A run is either clusters writable in place with contiguous host offsets (one I/O), or
+    /// clusters that all need a new cluster (allocated contiguously, one I/O).
+    fn write_whole(&self, first: u64, max: u64, data: &[u8]) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let entries = self.lookup_run(first, max)?;
+        let in_place = |e: L2Entry| matches!(e, L2Entry::Normal { copied: true, .. });
+        let mut n = 1;
+        if let L2Entry::Normal { host, copied: true } = entries[0] {
+            while n < entries.len()
+                && entries[n] == (L2Entry::Normal { host: host + n as u64 * cs, copied: true })
+            {
+                n += 1;
+            }
+            let _busy = self.busy.acquire(first, n as u64);
+            // Re-check under the busy mark: a discard may have raced us.
+            if self.lookup_run(first, n as u64)?[..n] == entries[..n] {
+                self.write_data(&data[..n * cs as usize], host)?;
+                return Ok(n as u64);
+            }
+            return Ok(0);
+        }
+        while n < entries.len() && !in_place(entries[n]) && !is_zero_alloc(entries[n]) {
+            n += 1;
+        }
+        let _busy = self.busy.acquire(first, n as u64);
+        let entries = self.lookup_run(first, n as u64)?;
+        let n = entries.len();
+        let bytes = &data[..n * cs as usize];
+        if n == 1 || self.data_file.is_some() || entries.iter().any(|&e| is_zero_alloc(e)) {
+            let mut hosts = Vec::with_capacity(n);
+            for (k, &e) in entries.iter().enumerate() {
+                let host = match e {
+                    L2Entry::Normal { host, copied: true } => host,
+                    _ => self.target_cluster(first + k as u64, e)?,
+                };
+                self.write_data(&bytes[k * cs as usize..(k + 1) * cs as usize], host)?;
+                hosts.push(host);
+            }
+            self.update_l2(first, &entries, &hosts)?;
+            return Ok(n as u64);
+        }
+        let (host, n) = self.meta_mut().alloc_up_to(&*self.file, n as u64)?;
+        let n = n as usize;
+        self.write_data(&bytes[..n * cs as usize], host)?;
+        let hosts: Vec<u64> = (0..n as u64).map(|k| host + k * cs).collect();
+        self.update_l2(first, &entries[..n], &hosts)?;
+        Ok(n as u64)
+    }
+
+    /// Maps `n` unallocated guest clusters from `first` to contiguous host clusters at `host`.
+    pub(crate) fn map_preallocated(&self, first: u64, n: u64, host: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let hosts: Vec<u64> = (0..n).map(|k| host + k * cs).collect();
+        self.update_l2(first, &vec![L2Entry::Unallocated; n as usize], &hosts)
+    }
+
+    /// The host cluster a write to `cluster` (currently `entry`) should go to.
+    fn target_cluster(&self, cluster: u64, entry: L2Entry) -> Result<u64> {
+        if self.data_file.is_some() {
+            return Ok(cluster * self.geo.cluster_size());
+        }
+        match entry {
+            L2Entry::Zero {
+                host: Some(h),
+                copied: true,
+            } => Ok(h),
+            _ => self.meta_mut().alloc_cluster(&*self.file),
+        }
+    }
+
+    fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+        self.data_storage()
+            .write_at(data, host)
+            .map_err(|e| Error::io(format!("writing data at host offset 0x{host:x}"), e))
+    }
+
+    /// Points guest clusters `first..` at `hosts` (COPIED), releasing what `old` referenced.
+    fn update_l2(&self, first: u64, old: &[L2Entry], hosts: &[u64]) -> Result<()> {
+        let new: Vec<u64> = hosts.iter().map(|&h| h | COPIED).collect();
+        self.set_entries(first, &new, old)
+    }
+
+    /// Stores raw L2 entries for guest clusters `first..` and frees what `old` referenced
+    /// unless the new entry keeps the same host cluster.
+    fn set_entries(&self, first: u64, new: &[u64], old: &[L2Entry]) -> Result<()> {
+        let per_l2 = self.geo.l2_entries();
+        let mut m = self.meta_mut();
+        let l1i = (first / per_l2) as usize;
+        let l2i = (first % per_l2) as usize;
+        let l2 = self.l2_for_write(&mut m, l1i)?;
+        let table = m.l2.get_mut(l2).expect("l2_for_write caches the table");
+        table[l2i..l2i + new.len()].copy_from_slice(new);
+        for (k, &o) in old.iter().enumerate() {
+            let kept = o.host_cluster() == Some(new[k] & OFFSET_MASK);
+            if !kept {
+                self.release(&mut m, o);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the refcount decrement for whatever `entry` referenced.
+    fn release(&self, m: &mut Meta, entry: L2Entry) {
+        match entry {
+            L2Entry::Compressed { host, len } => {
+                let start = host & !511;
+                m.free_later(start, len + (host - start));
+            }
+            e => {
+                if let Some(h) = e.host_cluster() {
+                    if self.data_file.is_none() {
+                        m.free_later(h, self.geo.cluster_size());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns the host offset of a cached L2 table for L1 index `l1i` that may be modified:
+    /// allocates a new table, or copies one shared with a snapshot.
+    fn l2_for_write(&self, m: &mut Meta, l1i: usize) -> Result<u64> {
+        let file = &*self.file;
+        let e = *m.l1.get(l1i).ok_or_else(|| {
+            Error::Corrupt(format!("L1 index {l1i} is beyond the L1 table"))
+        })?;
+        let off = e & OFFSET_MASK;
+        if off != 0 && e & COPIED != 0 {
+            m.load_l2(file, off)?;
+            return Ok(off);
+        }
+        let table = if off == 0 {
+            vec![0u64; self.geo.l2_entries() as usize]
+        } else {
+            m.load_l2(file, off)?;
+            m.l2.get(off).expect("just loaded").clone()
+        };
+        let new = m.alloc_cluster(file)?;
+        m.insert_l2(file, new, table)?;
+        if off != 0 {
+            m.free_later(off, self.geo.cluster_size());
+        }
+        m.l1[l1i] = new | COPIED;
+        m.l1_dirty = true;
+        Ok(new)
+    }
+
+    /// Zeroes or discards a range: whole clusters become metadata, partial ones are
+    /// written with zeros (zeroing) or left alone (discard).
+    pub(super) fn zero_or_discard(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        if self.version < 3 && self.backing.is_some() && mode != ZeroMode::Discard {
+            // v2 has no zero flag: an unallocated cluster would show the backing file.
+            return self.write_zeros_literally(offset, len);
+        }
+        let end = offset + len;
+        let head_end = offset.next_multiple_of(cs).min(end);
+        // The disk's last partial cluster counts as whole.
+        let whole_end = if end == self.size { end.next_multiple_of(cs) } else { end / cs * cs };
+        let whole_start = if offset % cs == 0 { offset } else { head_end };
+        if let ZeroMode::Zero { .. } = mode {
+            if whole_start > offset {
+                self.write_zero_bytes(offset, head_end - offset)?;
+            }
+            if whole_end < end && whole_end >= whole_start {
+                self.write_zero_bytes(whole_end.max(head_end), end - whole_end.max(head_end))?;
+            }
+        }
+        let mut cluster = whole_start / cs;
+        while cluster * cs < whole_end {
+            let count = whole_end / cs - cluster;
+            let _busy = self.busy.acquire(cluster, count.min(self.geo.l2_entries()));
+            let entries = self.lookup_run(cluster, count)?;
+            let new: Vec<u64> = entries.iter().map(|&e| self.zeroed_entry(e, mode)).collect();
+            if new.iter().zip(&entries).any(|(&n, &o)| n != raw_of(o)) {
+                self.set_entries(cluster, &new, &entries)?;
+            }
+            cluster += entries.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes literal zeros into part of a cluster, skipping clusters that already read zero.
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let entry = self.lookup_run(offset / self.geo.cluster_size(), 1)?[0];
+        let reads_zero = match entry {
+            L2Entry::Zero { .. } => true,
+            L2Entry::Unallocated => self.backing.is_none(),
+            _ => false,
+        };
+        if reads_zero {
+            return Ok(());
+        }
+        self.write_guest(&vec![0u8; len as usize], offset)
+    }
+
+    fn write_zeros_literally(&self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.write_guest(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The raw L2 entry a whole cluster gets when zeroed or discarded.
+    fn zeroed_entry(&self, e: L2Entry, mode: ZeroMode) -> u64 {
+        let v3 = self.version >= 3;
+        match (mode, e) {
+            (ZeroMode::Zero { unmap: false }, L2Entry::Normal { host, copied: true })
+            | (ZeroMode::Zero { unmap: false }, L2Entry::Zero { host: Some(host), copied: true })
+                if v3 =>
+            {
+                host | COPIED | tables::ZERO
+            }
+            (ZeroMode::Discard, L2Entry::Unallocated) if self.backing.is_none() => 0,
+            _ if v3 => tables::ZERO,
+            _ => 0,
+        }
+    }
+
+    /// Writes one whole cluster compressed (falls back to a normal write if it does not
+    /// compress). `offset` must be cluster aligned and `data` one cluster long (or the
+    /// disk's shorter last cluster).
+    pub fn write_compressed(&self, data: &[u8], offset: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        self.check_writable(offset, data.len() as u64)?;
+        if offset % cs != 0 || (data.len() as u64 != cs && offset + data.len() as u64 != self.size)
+        {
+            return Err(Error::InvalidOption(format!(
+                "compressed writes must cover one whole cluster (offset {offset}, {} bytes)",
+                data.len()
+            )));
+        }
+        if self.data_file.is_some() {
+            return Err(Error::UnsupportedFeature(
+                "compressed writes to an image with an external data file".into(),
+            ));
+        }
+        let mut full;
+        let data = if data.len() as u64 != cs {
+            full = vec![0u8; cs as usize];
+            full[..data.len()].copy_from_slice(data);
+            &full[..]
+        } else {
+            data
+        };
+        let Some(packed) = compress::compress(self.compression, data) else {
+            return self.write_guest(data, offset);
+        };
+        let cluster = offset / cs;
+        let _busy = self.busy.acquire(cluster, 1);
+        let old = self.lookup_run(cluster, 1)?[0];
+        let host = self.alloc_compressed_bytes(packed.len() as u64)?;
+        self.file
+            .write_at(&packed, host)
+            .map_err(|e| Error::io(format!("writing compressed data at 0x{host:x}"), e))?;
+        let entry = tables::compressed_entry(host, packed.len() as u64, self.geo.cluster_bits);
+        self.set_entries(cluster, &[entry], &[old])
+    }
+
+    /// Reserves `len` bytes for compressed data, packing several clusters' data into one
+    /// host cluster; every host cluster touched gets one reference.
+    fn alloc_compressed_bytes(&self, len: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        full_cluster_guard(len, cs)?;
+        let mut m = self.meta_mut();
+        if let Some(tail) = m.compressed_tail {
+            let sector_start = tail & !511;
+            let full = m.refcount(&*self.file, tail / cs)?
+                >= tables::max_refcount(self.geo.refcount_order);
+            if !full && (tail % cs) + len <= cs && sector_start / cs == tail / cs {
+                m.add_refcount(&*self.file, tail, 1, 1)?;
+                m.compressed_tail = Some(tail + len);
+                return Ok(tail);
+            }
+        }
+        let host = m.alloc_cluster(&*self.file)?;
+        m.compressed_tail = Some(host + len);
+        Ok(host)
+    }
+}
+
+fn full_cluster_guard(len: u64, cs: u64) -> Result<()> {
+    if len >= cs {
+        return Err(Error::InvalidOption(
+            "compressed data larger than a cluster".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn is_zero_alloc(e: L2Entry) -> bool {
+    matches!(
+        e,
+        L2Entry::Zero {
+            host: Some(_),
+            copied: true
+        }
+    )
+}
+
+/// The raw value of an existing entry, for "did anything change" comparisons.
+fn raw_of(e: L2Entry) -> u64 {
+    match e {
+        L2Entry::Compressed { .. } => u64::MAX,
+        e => e.encode(),
+    }
+}

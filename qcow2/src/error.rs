@@ -1,0 +1,78 @@
+//! The crate's error type: every variant names the object and, where it has one, the offset.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong opening, reading, writing or creating an image.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error from the host file, with what we were doing.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the failed operation was doing ("reading L2 table at 0x30000").
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not start with the qcow2 magic.
+    #[error("not a qcow2 image (bad magic 0x{0:08x})")]
+    BadMagic(u32),
+    /// A header field holds a value the format forbids or we cannot handle.
+    #[error("invalid qcow2 header: {0}")]
+    InvalidHeader(String),
+    /// A version other than 2 or 3.
+    #[error("unsupported qcow2 version {0}")]
+    UnsupportedVersion(u32),
+    /// The image uses a feature we do not implement (named from the feature table if present).
+    #[error("unsupported qcow2 feature: {0}")]
+    UnsupportedFeature(String),
+    /// Metadata that points somewhere impossible: past EOF, misaligned, overlapping.
+    #[error("image is corrupt: {0}")]
+    Corrupt(String),
+    /// A guest request that falls outside the virtual disk.
+    #[error("request at offset {offset} length {len} is past the end of the {size}-byte image")]
+    OutOfRange {
+        /// Guest byte offset of the request.
+        offset: u64,
+        /// Request length in bytes.
+        len: u64,
+        /// Virtual disk size.
+        size: u64,
+    },
+    /// A write to an image opened read-only.
+    #[error("image is read-only")]
+    ReadOnly,
+    /// A compressed cluster that does not decompress to a whole cluster.
+    #[error("compressed cluster at host offset 0x{offset:x} is invalid: {reason}")]
+    Decompress {
+        /// Host byte offset of the compressed data.
+        offset: u64,
+        /// What the decompressor said.
+        reason: String,
+    },
+    /// A backing chain problem: missing file, loop, too deep.
+    #[error("backing file {path}: {reason}")]
+    Backing {
+        /// The backing file name as resolved.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Invalid create or resize options.
+    #[error("{0}")]
+    InvalidOption(String),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with a description of the operation.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,661 @@
+//! The qcow2 header and its extensions: parsing, validation and serialisation.
+//!
+//! Pure code: it works on the bytes of cluster 0 and never touches a file.
+
+use crate::error::{Error, Result};
+
+/// "QFI\xfb".
+pub const MAGIC: u32 = 0x5146_49fb;
+/// Header extension: backing file format name.
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// Header extension: feature name table.
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// Header extension: persistent bitmaps.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Header extension: full disk encryption header pointer.
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+/// Header extension: external data file name.
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Incompatible bit 0: refcounts may be stale.
+pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+/// Incompatible bit 1: the image is corrupt.
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Incompatible bit 2: guest data lives in an external data file.
+pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+/// Incompatible bit 3: the compression_type field is in use.
+pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+/// Incompatible bit 4: extended L2 entries (subclusters).
+pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Incompatible bits this crate implements.
+pub const INCOMPAT_SUPPORTED: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION;
+/// Compatible bit 0: lazy refcounts.
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// Autoclear bit 0: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Autoclear bit 1: the external data file is a valid raw image.
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+
+/// Largest cluster size QEMU accepts (2 MiB).
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Smallest cluster size (512 B).
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest L1 table QEMU accepts, in bytes.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table QEMU accepts, in bytes.
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Longest backing file name.
+pub const MAX_BACKING_NAME: u32 = 1023;
+/// Length of a v2 header.
+pub const V2_HEADER_LEN: u32 = 72;
+/// Length of the v3 header we write (includes compression_type and padding).
+pub const V3_HEADER_LEN: u32 = 112;
+
+/// Compression algorithm for compressed clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionType {
+    /// Raw deflate (QEMU calls it "zlib").
+    Deflate,
+    /// Zstandard.
+    Zstd,
+}
+
+impl CompressionType {
+    /// The name qemu-img uses ("zlib" or "zstd").
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressionType::Deflate => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+}
+
+/// One entry of the feature name table extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    /// Bit number.
+    pub bit: u8,
+    /// Human-readable name.
+    pub name: String,
+}
+
+/// A header extension we do not interpret, kept byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownExtension {
+    /// Extension magic.
+    pub kind: u32,
+    /// Extension payload (without padding).
+    pub data: Vec<u8>,
+}
+
+/// The bitmaps header extension, kept intact (we do not maintain bitmaps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapsExtension {
+    /// Raw extension payload.
+    pub data: Vec<u8>,
+}
+
+impl BitmapsExtension {
+    /// Number of bitmaps in the directory.
+    pub fn nb_bitmaps(&self) -> u32 {
+        be32(&self.data, 0)
+    }
+    /// Size of the bitmap directory in bytes.
+    pub fn directory_size(&self) -> u64 {
+        be64(&self.data, 8)
+    }
+    /// Host offset of the bitmap directory.
+    pub fn directory_offset(&self) -> u64 {
+        be64(&self.data, 16)
+    }
+}
+
+/// A parsed qcow2 header with its extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// 0 none, 1 AES, 2 LUKS.
+    pub crypt_method: u32,
+    /// Number of L1 entries.
+    pub l1_size: u32,
+    /// Host offset of the active L1 table.
+    pub l1_table_offset: u64,
+    /// Host offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Length of the refcount table in clusters.
+    pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
+    pub nb_snapshots: u32,
+    /// Host offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// Incompatible feature bits.
+    pub incompatible_features: u64,
+    /// Compatible feature bits.
+    pub compatible_features: u64,
+    /// Autoclear feature bits.
+    pub autoclear_features: u64,
+    /// log2 of refcount width in bits.
+    pub refcount_order: u32,
+    /// Header length (72 for v2).
+    pub header_length: u32,
+    /// Compression algorithm.
+    pub compression_type: CompressionType,
+    /// Bytes of the header between byte 112 and header_length (unknown fields), kept as-is.
+    pub extra_header_bytes: Vec<u8>,
+    /// Backing file name, if any.
+    pub backing_file: Option<String>,
+    /// Backing file format from the extension, if any.
+    pub backing_format: Option<String>,
+    /// External data file name, if any.
+    pub data_file: Option<String>,
+    /// Feature name table, if present.
+    pub feature_names: Vec<FeatureName>,
+    /// Bitmaps extension, if present.
+    pub bitmaps: Option<BitmapsExtension>,
+    /// Encryption header pointer extension payload, if present.
+    pub crypto: Option<Vec<u8>>,
+    /// Extensions we do not know, preserved.
+    pub unknown_extensions: Vec<UnknownExtension>,
+}
+
+pub(crate) fn be16(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
+    u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidHeader(msg.into())
+}
+
+impl Header {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Refcount width in bits.
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    /// Whether the lazy refcounts compatible bit is set.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    /// Whether the dirty bit is set.
+    pub fn is_dirty(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DIRTY != 0
+    }
+
+    /// Whether the corrupt bit is set.
+    pub fn is_corrupt(&self) -> bool {
+        self.incompatible_features & INCOMPAT_CORRUPT != 0
+    }
+
+    /// Whether the external data file is also a valid raw image.
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
+    }
+
+    /// Number of 8-byte entries in one L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / 8
+    }
+
+    /// Parses the fixed header from the first bytes of the file (at least 72, up to a cluster).
+    ///
+    /// `cluster0` should hold the first cluster (or the whole file if shorter) so extensions and
+    /// the backing file name can be read.
+    pub fn parse(cluster0: &[u8]) -> Result<Header> {
+        if cluster0.len() < V2_HEADER_LEN as usize {
+            return Err(invalid(format!(
+                "file is {} bytes, too short for a header",
+                cluster0.len()
+            )));
+        }
+        let magic = be32(cluster0, 0);
+        if magic != MAGIC {
+            return Err(Error::BadMagic(magic));
+        }
+        let version = be32(cluster0, 4);
+        if version != 2 && version != 3 {
+            return Err(Error::UnsupportedVersion(version));
+        }
+        let cluster_bits = be32(cluster0, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(invalid(format!(
+                "cluster_bits {cluster_bits} out of range {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"
+            )));
+        }
+        let mut h = Header {
+            version,
+            cluster_bits,
+            size: be64(cluster0, 24),
+            crypt_method: be32(cluster0, 32),
+            l1_size: be32(cluster0, 36),
+            l1_table_offset: be64(cluster0, 40),
+            refcount_table_offset: be64(cluster0, 48),
+            refcount_table_clusters: be32(cluster0, 56),
+            nb_snapshots: be32(cluster0, 60),
+            snapshots_offset: be64(cluster0, 64),
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            compression_type: CompressionType::Deflate,
+            extra_header_bytes: Vec::new(),
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            feature_names: Vec::new(),
+            bitmaps: None,
+            crypto: None,
+            unknown_extensions: Vec::new(),
+        };
+        if version == 3 {
+            if cluster0.len() < 104 {
+                return Err(invalid("file too short for a version 3 header"));
+            }
+            h.incompatible_features = be64(cluster0, 72);
+            h.compatible_features = be64(cluster0, 80);
+            h.autoclear_features = be64(cluster0, 88);
+            h.refcount_order = be32(cluster0, 96);
+            h.header_length = be32(cluster0, 100);
+            if h.header_length < 104 || h.header_length % 8 != 0 {
+                return Err(invalid(format!(
+                    "header_length {} is invalid",
+                    h.header_length
+                )));
+            }
+            if h.header_length as u64 > h.cluster_size()
+                || h.header_length as usize > cluster0.len()
+            {
+                return Err(invalid(format!(
+                    "header_length {} exceeds the first cluster",
+                    h.header_length
+                )));
+            }
+            if h.header_length > 104 {
+                h.compression_type = match cluster0[104] {
+                    0 => CompressionType::Deflate,
+                    1 => CompressionType::Zstd,
+                    t => return Err(invalid(format!("unknown compression type {t}"))),
+                };
+            }
+            if h.header_length > V3_HEADER_LEN {
+                h.extra_header_bytes =
+                    cluster0[V3_HEADER_LEN as usize..h.header_length as usize].to_vec();
+            }
+            if h.refcount_order > 6 {
+                return Err(invalid(format!(
+                    "refcount_order {} is larger than 6",
+                    h.refcount_order
+                )));
+            }
+        }
+        if (h.incompatible_features & INCOMPAT_COMPRESSION != 0)
+            != (h.compression_type != CompressionType::Deflate)
+        {
+            return Err(invalid(
+                "compression type bit does not match the compression_type field",
+            ));
+        }
+        h.parse_extensions(cluster0)?;
+        h.parse_backing_name(cluster0)?;
+        h.validate_geometry()?;
+        Ok(h)
+    }
+
+    fn parse_extensions(&mut self, cluster0: &[u8]) -> Result<()> {
+        let cluster_end = (self.cluster_size() as usize).min(cluster0.len());
+        let mut off = self.header_length as usize;
+        let limit = if self.backing_file_offset_raw(cluster0) != 0 {
+            (self.backing_file_offset_raw(cluster0) as usize).min(cluster_end)
+        } else {
+            cluster_end
+        };
+        loop {
+            if off + 8 > limit {
+                // v2 images without extensions may end right after the header.
+                break;
+            }
+            let kind = be32(cluster0, off);
+            let len = be32(cluster0, off + 4) as usize;
+            off += 8;
+            if kind == 0 {
+                break;
+            }
+            if off + len > limit {
+                return Err(invalid(format!(
+                    "header extension 0x{kind:08x} of {len} bytes runs past the header area"
+                )));
+            }
+            let data = &cluster0[off..off + len];
+            match kind {
+                EXT_BACKING_FORMAT => self.backing_format = Some(ext_string(data, kind)?),
+                EXT_DATA_FILE => self.data_file = Some(ext_string(data, kind)?),
+                EXT_FEATURE_TABLE => {
+                    self.feature_names = data
+                        .chunks_exact(48)
+                        .map(|e| FeatureName {
+                            kind: e[0],
+                            bit: e[1],
+                            name: String::from_utf8_lossy(&e[2..])
+                                .trim_end_matches('\0')
+                                .to_string(),
+                        })
+                        .collect()
+                }
+                EXT_BITMAPS => {
+                    if len < 24 {
+                        return Err(invalid("bitmaps extension shorter than 24 bytes"));
+                    }
+                    self.bitmaps = Some(BitmapsExtension {
+                        data: data.to_vec(),
+                    })
+                }
+                EXT_CRYPTO => self.crypto = Some(data.to_vec()),
+                _ => self.unknown_extensions.push(UnknownExtension {
+                    kind,
+                    data: data.to_vec(),
+                }),
+            }
+            off += len.div_ceil(8) * 8;
+        }
+        Ok(())
+    }
+
+    fn backing_file_offset_raw(&self, cluster0: &[u8]) -> u64 {
+        be64(cluster0, 8)
+    }
+
+    fn parse_backing_name(&mut self, cluster0: &[u8]) -> Result<()> {
+        let off = be64(cluster0, 8);
+        let len = be32(cluster0, 16);
+        if off == 0 {
+            return Ok(());
+        }
+        if len > MAX_BACKING_NAME {
+            return Err(invalid(format!(
+                "backing file name is {len} bytes (at most {MAX_BACKING_NAME})"
+            )));
+        }
+        let end = off
+            .checked_add(len as u64)
+            .filter(|&e| e <= self.cluster_size() && e <= cluster0.len() as u64)
+            .ok_or_else(|| invalid("backing file name lies outside the first cluster"))?;
+        let name = &cluster0[off as usize..end as usize];
+        self.backing_file = Some(
+            String::from_utf8(name.to_vec())
+                .map_err(|_| invalid("backing file name is not UTF-8"))?,
+        );
+        Ok(())
+    }
+
+    fn validate_geometry(&self) -> Result<()> {
+        let cs = self.cluster_size();
+        let aligned = |o: u64| o % cs == 0;
+        if self.l1_size as u64 * 8 > MAX_L1_BYTES {
+            return Err(invalid(format!("L1 table of {} entries is too large", self.l1_size)));
+        }
+        if self.l1_size as u64 * self.l2_entries() * cs < self.size {
+            return Err(invalid(format!(
+                "L1 table of {} entries is too small for a {}-byte disk",
+                self.l1_size, self.size
+            )));
+        }
+        if !aligned(self.l1_table_offset) || (self.l1_size > 0 && self.l1_table_offset == 0) {
+            return Err(invalid(format!(
+                "L1 table offset 0x{:x} is not cluster aligned",
+                self.l1_table_offset
+            )));
+        }
+        if !aligned(self.refcount_table_offset) || self.refcount_table_offset == 0 {
+            return Err(invalid(format!(
+                "refcount table offset 0x{:x} is invalid",
+                self.refcount_table_offset
+            )));
+        }
+        if self.refcount_table_clusters as u64 * cs > MAX_REFTABLE_BYTES {
+            return Err(invalid(format!(
+                "refcount table of {} clusters is too large",
+                self.refcount_table_clusters
+            )));
+        }
+        if self.nb_snapshots > 0 && !aligned(self.snapshots_offset) {
+            return Err(invalid(format!(
+                "snapshot table offset 0x{:x} is not cluster aligned",
+                self.snapshots_offset
+            )));
+        }
+        if self.size > (1u64 << 62) {
+            return Err(invalid(format!("virtual size {} is too large", self.size)));
+        }
+        Ok(())
+    }
+
+    /// Returns an error naming the first incompatible feature we cannot handle.
+    pub fn check_supported(&self) -> Result<()> {
+        let unknown = self.incompatible_features & !INCOMPAT_SUPPORTED;
+        if unknown != 0 {
+            let bit = unknown.trailing_zeros();
+            let name = self
+                .feature_names
+                .iter()
+                .find(|f| f.kind == 0 && f.bit as u32 == bit)
+                .map(|f| f.name.clone())
+                .unwrap_or_else(|| format!("Unknown incompatible feature: {:x}", unknown));
+            return Err(Error::UnsupportedFeature(name));
+        }
+        match self.crypt_method {
+            0 => {}
+            1 => return Err(Error::UnsupportedFeature("AES encryption".into())),
+            2 => return Err(Error::UnsupportedFeature("LUKS encryption".into())),
+            m => return Err(invalid(format!("unknown crypt_method {m}"))),
+        }
+        if self.version == 2 && self.refcount_order != 4 {
+            return Err(invalid("version 2 images must have 16-bit refcounts"));
+        }
+        if self.incompatible_features & INCOMPAT_DATA_FILE != 0 && self.data_file.is_none() {
+            return Err(invalid(
+                "external data file bit set but no data file name extension",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Serialises the header and its extensions into a buffer of at most one cluster.
+    ///
+    /// The backing file name is written after the extensions. Fails if it does not fit.
+    pub fn serialize(&self) -> Result<Vec<u8>> {
+        let mut b = Vec::with_capacity(4096);
+        b.extend_from_slice(&MAGIC.to_be_bytes());
+        b.extend_from_slice(&self.version.to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes()); // backing offset, patched below
+        b.extend_from_slice(&0u32.to_be_bytes()); // backing size, patched below
+        b.extend_from_slice(&self.cluster_bits.to_be_bytes());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        b.extend_from_slice(&self.crypt_method.to_be_bytes());
+        b.extend_from_slice(&self.l1_size.to_be_bytes());
+        b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
+        b.extend_from_slice(&self.nb_snapshots.to_be_bytes());
+        b.extend_from_slice(&self.snapshots_offset.to_be_bytes());
+        if self.version >= 3 {
+            let header_length = V3_HEADER_LEN + self.extra_header_bytes.len() as u32;
+            b.extend_from_slice(&self.incompatible_features.to_be_bytes());
+            b.extend_from_slice(&self.compatible_features.to_be_bytes());
+            b.extend_from_slice(&self.autoclear_features.to_be_bytes());
+            b.extend_from_slice(&self.refcount_order.to_be_bytes());
+            b.extend_from_slice(&header_length.to_be_bytes());
+            b.push(match self.compression_type {
+                CompressionType::Deflate => 0,
+                CompressionType::Zstd => 1,
+            });
+            b.extend_from_slice(&[0u8; 7]);
+            b.extend_from_slice(&self.extra_header_bytes);
+        }
+        let push_ext = |b: &mut Vec<u8>, kind: u32, data: &[u8]| {
+            b.extend_from_slice(&kind.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+            b.resize(b.len().div_ceil(8) * 8, 0);
+        };
+        if let Some(f) = &self.backing_format {
+            push_ext(&mut b, EXT_BACKING_FORMAT, f.as_bytes());
+        }
+        if let Some(f) = &self.data_file {
+            push_ext(&mut b, EXT_DATA_FILE, f.as_bytes());
+        }
+        if let Some(c) = &self.crypto {
+            push_ext(&mut b, EXT_CRYPTO, c);
+        }
+        if let Some(bm) = &self.bitmaps {
+            push_ext(&mut b, EXT_BITMAPS, &bm.data);
+        }
+        if !self.feature_names.is_empty() {
+            let mut table = Vec::with_capacity(self.feature_names.len() * 48);
+            for f in &self.feature_names {
+                let mut e = [0u8; 48];
+                e[0] = f.kind;
+                e[1] = f.bit;
+                let n = f.name.as_bytes();
+                e[2..2 + n.len().min(46)].copy_from_slice(&n[..n.len().min(46)]);
+                table.extend_from_slice(&e);
+            }
+            push_ext(&mut b, EXT_FEATURE_TABLE, &table);
+        }
+        for u in &self.unknown_extensions {
+            push_ext(&mut b, u.kind, &u.data);
+        }
+        if self.version >= 3 || self.backing_file.is_some() || b.len() > V2_HEADER_LEN as usize
+        {
+            push_ext(&mut b, 0, &[]);
+        }
+        if let Some(name) = &self.backing_file {
+            let off = b.len() as u64;
+            b[8..16].copy_from_slice(&off.to_be_bytes());
+            b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            b.extend_from_slice(name.as_bytes());
+        }
+        if b.len() as u64 > self.cluster_size() {
+            return Err(Error::InvalidOption(format!(
+                "header and extensions ({} bytes) do not fit in one {}-byte cluster",
+                b.len(),
+                self.cluster_size()
+            )));
+        }
+        Ok(b)
+    }
+}
+
+fn ext_string(data: &[u8], kind: u32) -> Result<String> {
+    String::from_utf8(data.to_vec())
+        .map(|s| s.trim_end_matches('\0').to_string())
+        .map_err(|_| invalid(format!("header extension 0x{kind:08x} is not UTF-8")))
+}
+
+/// The feature name table QEMU writes into new v3 images.
+pub fn default_feature_names() -> Vec<FeatureName> {
+    let f = |kind, bit, name: &str| FeatureName {
+        kind,
+        bit,
+        name: name.to_string(),
+    };
+    vec![
+        f(0, 0, "dirty bit"),
+        f(0, 1, "corrupt bit"),
+        f(0, 2, "external data file"),
+        f(0, 3, "compression type"),
+        f(0, 4, "extended L2 entries"),
+        f(1, 0, "lazy refcounts"),
+        f(2, 0, "bitmaps"),
+        f(2, 1, "raw external data"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Header {
+        Header {
+            version: 3,
+            cluster_bits: 16,
+            size: 1 << 30,
+            crypt_method: 0,
+            l1_size: 2,
+            l1_table_offset: 0x30000,
+            refcount_table_offset: 0x10000,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN,
+            compression_type: CompressionType::Deflate,
+            extra_header_bytes: Vec::new(),
+            backing_file: Some("base.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+            data_file: None,
+            feature_names: default_feature_names(),
+            bitmaps: None,
+            crypto: None,
+            unknown_extensions: vec![UnknownExtension {
+                kind: 0x1234_5678,
+                data: vec![1, 2, 3],
+            }],
+        }
+    }
+
+    #[test]
+    fn roundtrip_keeps_every_field_and_unknown_extension() {
+        let h = sample();
+        let mut bytes = h.serialize().unwrap();
+        bytes.resize(65536, 0);
+        assert_eq!(Header::parse(&bytes).unwrap(), h);
+    }
+
+    #[test]
+    fn unknown_incompatible_bit_is_named_from_feature_table() {
+        let mut h = sample();
+        h.incompatible_features = INCOMPAT_EXTL2;
+        let mut bytes = h.serialize().unwrap();
+        bytes.resize(65536, 0);
+        let err = Header::parse(&bytes).unwrap().check_supported().unwrap_err();
+        assert!(err.to_string().contains("extended L2 entries"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_magic_and_tiny_files() {
+        assert!(matches!(Header::parse(&[0u8; 512]), Err(Error::BadMagic(0))));
+        assert!(Header::parse(&[0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn rejects_l1_too_small_for_size() {
+        let mut h = sample();
+        h.size = 1 << 40;
+        let mut bytes = h.serialize().unwrap();
+        bytes.resize(65536, 0);
+        assert!(Header::parse(&bytes).is_err());
+    }
+}

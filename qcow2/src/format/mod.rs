@@ -1,0 +1,5 @@
+//! The pure format layer: headers, tables and snapshots as bytes, with no I/O.
+
+pub mod header;
+pub mod snapshot;
+pub mod tables;

@@ -1,0 +1,104 @@
+//! The internal snapshot table: parsing only (we keep it intact and read it for refcounts).
+
+use super::header::{be16, be32, be64};
+use crate::error::{Error, Result};
+
+/// Most snapshots QEMU allows in one image.
+pub const MAX_SNAPSHOTS: u32 = 65536;
+
+/// One internal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Host offset of the snapshot's L1 table.
+    pub l1_table_offset: u64,
+    /// Number of L1 entries.
+    pub l1_size: u32,
+    /// Unique ID string.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Creation time, seconds.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock at creation, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Size of saved VM state in bytes.
+    pub vm_state_size: u64,
+    /// Virtual disk size at snapshot time, if recorded.
+    pub disk_size: Option<u64>,
+    /// Instruction count, if recorded (-1 = off).
+    pub icount: Option<u64>,
+}
+
+/// Parses `count` snapshot entries from `table`, the bytes at the snapshot table offset.
+///
+/// Returns the snapshots and the table's length in bytes.
+pub fn parse_table(table: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize)> {
+    if count > MAX_SNAPSHOTS {
+        return Err(Error::Corrupt(format!("{count} snapshots is too many")));
+    }
+    let short = |i: u32| Error::Corrupt(format!("snapshot table entry {i} is truncated"));
+    let mut out = Vec::with_capacity(count as usize);
+    let mut off = 0usize;
+    for i in 0..count {
+        if off + 40 > table.len() {
+            return Err(short(i));
+        }
+        let e = &table[off..];
+        let id_len = be16(e, 12) as usize;
+        let name_len = be16(e, 14) as usize;
+        let extra_len = be32(e, 36) as usize;
+        let total = 40 + extra_len + id_len + name_len;
+        if off + total > table.len() {
+            return Err(short(i));
+        }
+        let extra = &e[40..40 + extra_len];
+        let id = &e[40 + extra_len..40 + extra_len + id_len];
+        let name = &e[40 + extra_len + id_len..total];
+        out.push(Snapshot {
+            l1_table_offset: be64(e, 0),
+            l1_size: be32(e, 8),
+            id: String::from_utf8_lossy(id).into_owned(),
+            name: String::from_utf8_lossy(name).into_owned(),
+            date_sec: be32(e, 16),
+            date_nsec: be32(e, 20),
+            vm_clock_nsec: be64(e, 24),
+            vm_state_size: if extra_len >= 8 {
+                be64(extra, 0)
+            } else {
+                be32(e, 32) as u64
+            },
+            disk_size: (extra_len >= 16).then(|| be64(extra, 8)),
+            icount: (extra_len >= 24).then(|| be64(extra, 16)),
+        });
+        off += total.div_ceil(8) * 8;
+    }
+    Ok((out, off))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_an_entry_with_extra_data_and_rejects_truncation() {
+        let mut e = vec![0u8; 40];
+        e[0..8].copy_from_slice(&0x70000u64.to_be_bytes());
+        e[8..12].copy_from_slice(&4u32.to_be_bytes());
+        e[12..14].copy_from_slice(&1u16.to_be_bytes());
+        e[14..16].copy_from_slice(&4u16.to_be_bytes());
+        e[36..40].copy_from_slice(&16u32.to_be_bytes());
+        e.extend_from_slice(&0u64.to_be_bytes());
+        e.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        e.extend_from_slice(b"1snap");
+        e.resize(e.len().div_ceil(8) * 8, 0);
+        let (snaps, len) = parse_table(&e, 1).unwrap();
+        assert_eq!(len, e.len());
+        assert_eq!(snaps[0].l1_table_offset, 0x70000);
+        assert_eq!(snaps[0].id, "1");
+        assert_eq!(snaps[0].name, "snap");
+        assert_eq!(snaps[0].disk_size, Some(1 << 30));
+        assert!(parse_table(&e[..50], 1).is_err());
+    }
+}

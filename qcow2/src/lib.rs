@@ -1,0 +1,29 @@
+//! qcow2 and raw disk images for Cowbird.
+//!
+//! Two layers:
+//! - [`format`]: pure parsing and serialisation of headers, tables and snapshots;
+//! - the engine ([`Qcow2`]): caches, cluster allocation, copy-on-write and crash-safe
+//!   metadata ordering, doing its I/O through the [`Storage`] trait.
+//!
+//! Daemons and tools use the format-independent [`Image`] trait, opened with [`open_image`].
+
+pub mod check;
+pub mod compress;
+pub mod create;
+mod engine;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod open;
+pub mod raw;
+pub mod storage;
+
+pub use check::{check, CheckReport};
+pub use create::{create, CreateOptions, Preallocation};
+pub use engine::Qcow2;
+pub use error::{Error, Result};
+pub use format::header::CompressionType;
+pub use image::{BlockStatus, Format, Image};
+pub use open::{open_image, OpenOptions};
+pub use raw::RawImage;
+pub use storage::{FileStorage, Storage};

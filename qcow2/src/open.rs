@@ -1,0 +1,164 @@
+//! Opening images by path: format probing, backing chains and external data files.
+
+use std::fs::OpenOptions as FsOpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::engine::Qcow2;
+use crate::error::{Error, Result};
+use crate::format::header::MAGIC;
+use crate::image::{Format, Image};
+use crate::raw::RawImage;
+use crate::storage::{FileStorage, Storage};
+
+/// Deepest backing chain we follow before assuming a loop or a mistake.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Open without write access (backing files are always read-only).
+    pub read_only: bool,
+    /// The format; probed from the first bytes when `None`.
+    pub format: Option<Format>,
+    /// Do not open the backing file (reads of unallocated clusters return zeros).
+    pub no_backing: bool,
+    /// Bytes of L2 tables to cache (default covers 64 GiB of guest data with 64 KiB clusters).
+    pub l2_cache_bytes: u64,
+    /// Open with O_DIRECT.
+    pub direct: bool,
+    /// Images already in this chain (canonical paths), to refuse loops.
+    pub chain: Vec<PathBuf>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            format: None,
+            no_backing: false,
+            l2_cache_bytes: 8 << 20,
+            direct: false,
+            chain: Vec::new(),
+        }
+    }
+}
+
+fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = FsOpenOptions::new();
+    o.read(true).write(!read_only);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
+        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))
+}
+
+/// Guesses the format from the first bytes of a file, as QEMU does (qcow2 magic or raw).
+pub fn probe(file: &dyn Storage) -> Result<Format> {
+    let mut magic = [0u8; 4];
+    if file.len().map_err(|e| Error::io("probing format", e))? < 4 {
+        return Ok(Format::Raw);
+    }
+    file.read_at(&mut magic, 0)
+        .map_err(|e| Error::io("probing format", e))?;
+    Ok(if u32::from_be_bytes(magic) == MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// Opens the image at `path` with its backing chain.
+pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Image>> {
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+    if opts.chain.contains(&canonical) {
+        return Err(Error::Backing {
+            path: path.to_path_buf(),
+            reason: "backing chain contains a loop".into(),
+        });
+    }
+    if opts.chain.len() >= MAX_CHAIN_DEPTH {
+        return Err(Error::Backing {
+            path: path.to_path_buf(),
+            reason: format!("backing chain is deeper than {MAX_CHAIN_DEPTH} images"),
+        });
+    }
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(open_file(
+        path,
+        opts.read_only,
+        opts.direct,
+    )?));
+    let format = match opts.format {
+        Some(f) => f,
+        None => probe(&*storage)?,
+    };
+    let mut child = opts.clone();
+    child.chain.push(canonical);
+    Ok(match format {
+        Format::Raw => Box::new(RawImage::new(storage, opts.read_only)?),
+        Format::Qcow2 => Box::new(Qcow2::open_storage(
+            storage,
+            &child,
+            Some(path.parent().unwrap_or(Path::new("."))),
+        )?),
+    })
+}
+
+/// Resolves a backing or data file name against the directory of the image naming it.
+pub fn resolve_relative(name: &str, dir: &Path) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+/// Opens a backing file (read-only), honouring its recorded format.
+pub(crate) fn open_backing(
+    name: &str,
+    format: Option<&str>,
+    dir: &Path,
+    parent: &OpenOptions,
+) -> Result<Box<dyn Image>> {
+    let path = resolve_relative(name, dir);
+    let format = match format {
+        None => None,
+        Some(f) => Some(Format::from_name(f).ok_or_else(|| Error::Backing {
+            path: path.clone(),
+            reason: format!("unsupported backing format '{f}'"),
+        })?),
+    };
+    let opts = OpenOptions {
+        read_only: true,
+        format,
+        no_backing: false,
+        l2_cache_bytes: parent.l2_cache_bytes,
+        direct: parent.direct,
+        chain: parent.chain.clone(),
+    };
+    open_image(&path, &opts).map_err(|e| match e {
+        Error::Backing { .. } => e,
+        other => Error::Backing {
+            path,
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// Opens an external data file.
+pub(crate) fn open_data_file(
+    name: &str,
+    dir: Option<&Path>,
+    read_only: bool,
+) -> Result<Arc<dyn Storage>> {
+    let path = match dir {
+        Some(d) => resolve_relative(name, d),
+        None => PathBuf::from(name),
+    };
+    Ok(Arc::new(FileStorage::new(open_file(&path, read_only, false)?)))
+}

@@ -1,0 +1,168 @@
+//! Raw images: guest offset = file offset.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::image::{check_range, BlockStatus, Format, Image};
+use crate::storage::Storage;
+
+/// A raw disk image over any storage.
+pub struct RawImage {
+    storage: Arc<dyn Storage>,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawImage {
+    /// Wraps storage whose current length is the disk size.
+    pub fn new(storage: Arc<dyn Storage>, read_only: bool) -> Result<RawImage> {
+        let size = storage
+            .len()
+            .map_err(|e| Error::io("getting the raw image size", e))?;
+        Ok(RawImage {
+            storage,
+            size,
+            read_only,
+        })
+    }
+
+    /// The underlying storage (daemons use its fd for zero-copy I/O).
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn writable(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        check_range(offset, len, self.size)
+    }
+}
+
+impl Image for RawImage {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.storage
+            .read_at(buf, offset)
+            .map_err(|e| Error::io(format!("reading {} bytes at {offset}", buf.len()), e))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.writable(offset, buf.len() as u64)?;
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| Error::io(format!("writing {} bytes at {offset}", buf.len()), e))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
+        self.writable(offset, len)?;
+        // A punched hole reads as zeros; fall back to writing zeros where holes are unsupported.
+        let punched = self.storage.punch_hole(offset, len).is_ok();
+        let mut check = vec![0u8; len.min(4096) as usize];
+        if punched {
+            self.storage
+                .read_at(&mut check, offset)
+                .map_err(|e| Error::io("verifying punched hole", e))?;
+            if check.iter().all(|&b| b == 0) {
+                return Ok(());
+            }
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.storage
+                .write_at(&zeros[..n], offset + done)
+                .map_err(|e| Error::io(format!("writing zeros at {}", offset + done), e))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable(offset, len)?;
+        self.storage
+            .punch_hole(offset, len)
+            .map_err(|e| Error::io(format!("discarding {len} bytes at {offset}"), e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("flushing raw image", e))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range(offset, len.max(1), self.size)?;
+        let (data, run) = match self.storage.raw_fd() {
+            Some(fd) => seek_data_run(fd, offset, len),
+            None => (true, len),
+        };
+        Ok(BlockStatus {
+            len: run,
+            allocated: true,
+            zero: !data,
+            data,
+            compressed: false,
+            host_offset: data.then_some(offset),
+        })
+    }
+}
+
+/// Uses SEEK_DATA/SEEK_HOLE to find whether `offset` is data and how long the run is.
+fn seek_data_run(fd: i32, offset: u64, len: u64) -> (bool, u64) {
+    // SAFETY: lseek on a valid fd only moves the file position, which pread/pwrite ignore.
+    let next_data = unsafe { libc::lseek(fd, offset as i64, libc::SEEK_DATA) };
+    if next_data < 0 {
+        // ENXIO: no data after offset, the rest is a hole; anything else: assume data.
+        let hole = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        return (!hole, len);
+    }
+    let next_data = next_data as u64;
+    if next_data > offset {
+        return (false, (next_data - offset).min(len));
+    }
+    // SAFETY: as above.
+    let next_hole = unsafe { libc::lseek(fd, offset as i64, libc::SEEK_HOLE) };
+    if next_hole < 0 {
+        return (true, len);
+    }
+    (true, (next_hole as u64 - offset).clamp(1, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::FileStorage;
+
+    #[test]
+    fn raw_roundtrip_and_hole_status() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let img = RawImage::new(Arc::new(FileStorage::new(f)), false).unwrap();
+        img.write_at(&[5u8; 4096], 65536).unwrap();
+        let mut buf = [0u8; 4096];
+        img.read_at(&mut buf, 65536).unwrap();
+        assert_eq!(buf, [5u8; 4096]);
+        let st = img.block_status(0, 1 << 20).unwrap();
+        assert!(st.zero && !st.data && st.len == 65536, "{st:?}");
+        let st = img.block_status(65536, 1 << 20).unwrap_err();
+        assert!(matches!(st, Error::OutOfRange { .. }));
+        img.write_zeroes(65536, 4096, true).unwrap();
+        img.read_at(&mut buf, 65536).unwrap();
+        assert_eq!(buf, [0u8; 4096]);
+        assert!(img.write_at(&[0u8; 2], (1 << 20) - 1).is_err());
+    }
+}

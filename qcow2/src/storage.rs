@@ -1,0 +1,143 @@
+//! The storage trait the engine does its I/O through, and its file implementation.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+
+/// Byte-addressed storage under an image: a host file, or a test double.
+///
+/// Implementations are shared between threads; every call is positional.
+pub trait Storage: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocates a range so it reads as zeros (punch hole); a no-op where unsupported.
+    fn punch_hole(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// Allocates a range without writing it (fallocate); a no-op where unsupported.
+    fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// The host file descriptor, for callers that do zero-copy I/O (io_uring) themselves.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+/// A host file accessed with pread/pwrite.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    /// Wraps an open file.
+    pub fn new(file: File) -> Self {
+        FileStorage { file }
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.file.read_at(buf, offset) {
+                Ok(0) => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(&self.file, 0, offset, len)
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+    if r == 0 {
+        Ok(())
+    } else {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => Ok(()),
+            _ => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_past_eof_as_zeros_and_punches_holes() {
+        let f = tempfile::tempfile().unwrap();
+        let s = FileStorage::new(f);
+        s.write_at(&[7u8; 8192], 0).unwrap();
+        let mut buf = [1u8; 16];
+        s.read_at(&mut buf, 8190).unwrap();
+        assert_eq!(&buf[..2], &[7, 7]);
+        assert!(buf[2..].iter().all(|&b| b == 0));
+        s.punch_hole(0, 4096).unwrap();
+        s.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0u8; 16]);
+        assert_eq!(s.len().unwrap(), 8192);
+    }
+}

@@ -1,0 +1,255 @@
+//! Images we create and write, checked by QEMU: `qemu-img check` clean and contents equal
+//! to an in-memory model (compared with `qemu-img convert -O raw`).
+
+use std::path::Path;
+
+use cowbird_tests::*;
+use qcow2::{CompressionType, CreateOptions, Image, Preallocation, Qcow2};
+use rand::{Rng, SeedableRng};
+
+fn create(path: &Path, opts: CreateOptions) {
+    qcow2::create(path, &opts).unwrap_or_else(|e| panic!("create {opts:?}: {e}"));
+}
+
+fn open_qcow2(path: &Path) -> Qcow2 {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    Qcow2::open_storage(
+        std::sync::Arc::new(qcow2::FileStorage::new(file)),
+        &Default::default(),
+        path.parent(),
+    )
+    .unwrap()
+}
+
+/// Applies random writes, zeroes, discards and compressed writes to the image and a model.
+fn random_ops(img: &Qcow2, model: &mut [u8], seed: u64, ops: usize) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let size = model.len() as u64;
+    let cs = img.cluster_size();
+    for i in 0..ops {
+        let off = rng.random_range(0..size - 1);
+        let len = rng.random_range(1..=(size - off).min(3 * cs + 777));
+        let (a, b) = (off as usize, (off + len) as usize);
+        match rng.random_range(0..10) {
+            0..=5 => {
+                let data = pattern(len as usize, off, i as u8);
+                img.write_at(&data, off).unwrap();
+                model[a..b].copy_from_slice(&data);
+            }
+            6 => {
+                img.write_zeroes(off, len, rng.random()).unwrap();
+                model[a..b].fill(0);
+            }
+            7 => {
+                // Discard only guarantees anything for whole clusters: mirror that.
+                img.discard(off, len).unwrap();
+                let start = off.next_multiple_of(cs);
+                let end = if off + len == size { size } else { (off + len) / cs * cs };
+                if end > start {
+                    model[start as usize..end as usize].fill(0);
+                }
+            }
+            _ if img.has_data_file() => {}
+            _ => {
+                let c = off / cs * cs;
+                let n = cs.min(size - c) as usize;
+                let mut data = vec![(i % 7) as u8; n];
+                data[..n / 3].copy_from_slice(&pattern(n / 3, c, 3));
+                img.write_compressed(&data, c).unwrap();
+                model[c as usize..c as usize + n].copy_from_slice(&data);
+            }
+        }
+    }
+}
+
+fn model_matches(path: &Path, model: &[u8], what: &str) {
+    assert_qemu_clean(path);
+    assert_same(&qemu_raw(path), model, what);
+    assert_same(&our_raw(&*open(path, true)), model, what);
+}
+
+#[test]
+fn random_operations_across_the_create_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (3, 65536, 16, CompressionType::Deflate),
+        (3, 4096, 1, CompressionType::Zstd),
+        (3, 512, 64, CompressionType::Deflate),
+        (2, 65536, 16, CompressionType::Deflate),
+        (3, 1 << 21, 8, CompressionType::Zstd),
+    ];
+    for (n, (version, cluster_size, refcount_bits, compression_type)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("m{n}.qcow2"));
+        let size = 6 * 1048576 + 4 * cluster_size + 1536;
+        create(
+            &path,
+            CreateOptions {
+                size,
+                version,
+                cluster_size,
+                refcount_bits,
+                compression_type,
+                ..Default::default()
+            },
+        );
+        let mut model = vec![0u8; size as usize];
+        {
+            let img = open_qcow2(&path);
+            random_ops(&img, &mut model, n as u64, 300);
+            img.flush().unwrap();
+        }
+        model_matches(&path, &model, &format!("case {n}"));
+    }
+}
+
+#[test]
+fn refcount_table_grows_with_small_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grow.qcow2");
+    // 512-byte clusters with 64-bit refcounts: one refcount block covers 64 clusters and
+    // the initial one-cluster table covers 2 MiB, so 6 MiB of data forces growth.
+    let size = 6 << 20;
+    create(
+        &path,
+        CreateOptions {
+            size,
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..Default::default()
+        },
+    );
+    let data = pattern(size as usize, 0, 5);
+    {
+        let img = open_qcow2(&path);
+        let before = img.header().refcount_table_offset;
+        img.write_at(&data, 0).unwrap();
+        img.flush().unwrap();
+        assert_ne!(img.header().refcount_table_offset, before, "table did not move");
+    }
+    model_matches(&path, &data, "after growth");
+}
+
+#[test]
+fn writes_to_clusters_shared_with_a_snapshot_leave_the_snapshot_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "4M"]);
+    qemu_io(&path, &["write -P 0x11 0 2M", "write -c -P 0x12 2M 64k"]);
+    qemu_img(&["snapshot", "-c", "s1", p]);
+    let before = qemu_raw(&path);
+    let mut model = before.clone();
+    {
+        let img = open_qcow2(&path);
+        random_ops(&img, &mut model, 42, 200);
+    }
+    model_matches(&path, &model, "active layer");
+    let snap = dir.path().join("snap.raw");
+    qemu_img(&["convert", "-l", "s1", "-O", "raw", p, snap.to_str().unwrap()]);
+    assert_same(&std::fs::read(&snap).unwrap(), &before, "snapshot s1");
+}
+
+#[test]
+fn copy_on_write_over_a_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "3M"]);
+    qemu_io(&base, &["write -P 0x31 0 3M"]);
+    create(
+        &top,
+        CreateOptions {
+            size: 4 << 20,
+            backing_file: Some("base.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+            ..Default::default()
+        },
+    );
+    let mut model = qemu_raw(&top);
+    {
+        let img = open_qcow2(&top);
+        random_ops(&img, &mut model, 7, 200);
+    }
+    model_matches(&top, &model, "overlay");
+    assert_eq!(
+        qemu_img(&["info", "--output=json", top.to_str().unwrap()])
+            .contains("\"backing-filename-format\": \"qcow2\""),
+        true
+    );
+}
+
+#[test]
+fn writes_over_preallocated_zero_and_compressed_clusters_leak_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("za.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "2M"]);
+    // write -z without -u on allocated clusters keeps them allocated (ZERO_ALLOC).
+    qemu_io(
+        &path,
+        &["write -P 0x41 0 1M", "write -z 0 512k", "write -c -P 0x42 1M 64k"],
+    );
+    let mut model = qemu_raw(&path);
+    {
+        let img = open_qcow2(&path);
+        for (off, len) in [(4096u64, 100usize), (131072, 65536), (1048576 + 10, 20)] {
+            let d = pattern(len, off, 9);
+            img.write_at(&d, off).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&d);
+        }
+    }
+    model_matches(&path, &model, "zero-alloc and compressed overwrite");
+}
+
+#[test]
+fn preallocation_modes_and_external_data_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, mode) in [Preallocation::Metadata, Preallocation::Falloc, Preallocation::Full]
+        .into_iter()
+        .enumerate()
+    {
+        let path = dir.path().join(format!("p{i}.qcow2"));
+        create(
+            &path,
+            CreateOptions {
+                size: 3 << 20,
+                preallocation: mode,
+                ..Default::default()
+            },
+        );
+        assert_qemu_clean(&path);
+        let map = qemu_img(&["map", "--output=json", path.to_str().unwrap()]);
+        assert!(map.contains("\"data\": true"), "{mode:?}: {map}");
+    }
+    let path = dir.path().join("ext.qcow2");
+    create(
+        &path,
+        CreateOptions {
+            size: 2 << 20,
+            data_file: Some("ext.data".into()),
+            ..Default::default()
+        },
+    );
+    let mut model = vec![0u8; 2 << 20];
+    {
+        let img = open_qcow2(&path);
+        random_ops(&img, &mut model, 3, 100);
+    }
+    std::fs::write(dir.path().join("model.raw"), &model).unwrap();
+    for args in [
+        vec!["check", "-f", "qcow2", "ext.qcow2"],
+        vec!["compare", "-f", "qcow2", "-F", "raw", "ext.qcow2", "model.raw"],
+    ] {
+        let out = std::process::Command::new("qemu-img")
+            .current_dir(dir.path())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    assert_same(&our_raw(&*open(&path, true)), &model, "external data file");
+}

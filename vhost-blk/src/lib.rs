@@ -1,0 +1,25 @@
+//! Cowbird's vhost-user-blk backend: serves a raw or qcow2 image to a guest's virtio-blk
+//! queues over a vhost-user unix socket.
+//!
+//! - [`request`]: parses and validates untrusted descriptor chains into typed requests;
+//! - [`exec`]: executes requests against the [`disk`] and completes chains;
+//! - [`config`] and [`features`]: what the device tells the driver;
+//! - [`device`]: state that outlives connections (disk, per-queue slots, shutdown);
+//! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per queue;
+//! - [`server`]: the socket and the connection loop; [`shutdown`]: SIGTERM/SIGINT.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod bounce;
+pub mod config;
+pub mod device;
+pub mod disk;
+pub mod error;
+pub mod exec;
+pub mod features;
+pub mod request;
+pub mod server;
+pub mod shutdown;
+
+pub use error::{Error, Result};

@@ -1,0 +1,104 @@
+//! `vhost-blk`: a vhost-user-blk daemon serving a raw or qcow2 image.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use vhost_blk::device::Device;
+use vhost_blk::disk::{Disk, DiskOptions};
+use vhost_blk::server::Server;
+use vhost_blk::shutdown;
+
+/// Image formats accepted by `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FormatArg {
+    /// A plain disk image.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+/// Serve a disk image to a virtual machine's virtio-blk device over a vhost-user socket.
+///
+/// The daemon listens on the socket and serves one frontend (QEMU, Cloud Hypervisor,
+/// libblkio, ...) at a time; when it disconnects, the next one is accepted. SIGTERM or
+/// SIGINT finishes requests in progress, flushes the image and exits 0.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Unix socket to listen on (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Disk image to serve.
+    #[arg(long, value_name = "FILE")]
+    image: PathBuf,
+    /// Image format; probed from the file when omitted (with a warning, as QEMU does).
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// Number of request queues (one worker thread each), 1 to 64.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    num_queues: u16,
+    /// Largest virtqueue size a frontend may use: a power of two, 4 to 32768.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    queue_size: u16,
+    /// Serve the image read-only (the guest sees VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    read_only: bool,
+    /// Open the image with O_DIRECT, bypassing the host page cache.
+    #[arg(long)]
+    direct: bool,
+    /// Serial number the guest reads (GET_ID), at most 20 bytes.
+    #[arg(long, value_name = "ID")]
+    serial: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        tracing::error!("{e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // Before any thread exists, so that only the signal thread receives SIGTERM/SIGINT.
+    shutdown::block_signals()?;
+    let opts = DiskOptions {
+        path: cli.image.clone(),
+        format: cli.format.map(|f| match f {
+            FormatArg::Raw => qcow2::Format::Raw,
+            FormatArg::Qcow2 => qcow2::Format::Qcow2,
+        }),
+        read_only: cli.read_only,
+        direct: cli.direct,
+        serial: cli.serial.clone(),
+    };
+    let disk = Disk::open(&opts)?;
+    let format = disk.image().format();
+    let capacity = disk.capacity();
+    let device = Arc::new(
+        Device::new(disk, cli.num_queues, cli.queue_size).context("invalid device options")?,
+    );
+    let mut server = Server::bind(&cli.socket, device.clone())?;
+    shutdown::spawn_handler(device, cli.socket.clone())?;
+    tracing::info!(
+        "serving {} ({}, {} sectors{}) on {} with {} queue(s) of up to {} entries",
+        cli.image.display(),
+        format.name(),
+        capacity,
+        if cli.read_only { ", read-only" } else { "" },
+        cli.socket.display(),
+        cli.num_queues,
+        cli.queue_size,
+    );
+    server
+        .run()
+        .with_context(|| format!("serving {}", cli.socket.display()))
+}

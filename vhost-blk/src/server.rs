@@ -1,0 +1,127 @@
+//! The listening socket and the connection loop: one frontend at a time, and after it
+//! disconnects the next one.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::BlkBackend;
+use crate::device::Device;
+use crate::error::{Error, Result};
+
+/// A vhost-user-blk server bound to a unix socket.
+pub struct Server {
+    device: Arc<Device>,
+    listener: Listener,
+    path: PathBuf,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Disconnect {
+    /// The frontend closed the connection.
+    Closed,
+    /// The connection failed (protocol error from the frontend, or a local failure).
+    Failed(String),
+}
+
+impl Server {
+    /// Binds `path`. A stale socket file is replaced; one a live process listens on is not.
+    pub fn bind(path: &Path, device: Arc<Device>) -> Result<Server> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::SocketInUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(|source| Error::Socket {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let listener = UnixListener::bind(path).map_err(|source| Error::Socket {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Server {
+            device,
+            listener: Listener::from(listener),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The device served.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// Serves frontends one after the other, forever (until the process is told to stop).
+    pub fn run(&mut self) -> Result<()> {
+        loop {
+            match self.serve_one()? {
+                Disconnect::Closed => tracing::info!("frontend disconnected"),
+                Disconnect::Failed(e) => tracing::warn!("frontend connection failed: {e}"),
+            }
+        }
+    }
+
+    /// Waits for one frontend, serves it until it goes away, and stops its workers.
+    ///
+    /// Errors are local failures (the socket, thread creation); anything the frontend does
+    /// wrong ends only its connection.
+    pub fn serve_one(&mut self) -> Result<Disconnect> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(BlkBackend::new(self.device.clone(), mem.clone()));
+        let mut daemon = VhostUserDaemon::new("vhost-blk".into(), backend.clone(), mem)
+            .map_err(|e| Error::VhostUser(e.to_string()))?;
+        tracing::debug!("waiting for a frontend on {}", self.path.display());
+        daemon.start(&mut self.listener).map_err(|e| match e {
+            DaemonError::CreateBackendListener(VhostUserError::SocketError(source)) => {
+                Error::Socket {
+                    path: self.path.clone(),
+                    source,
+                }
+            }
+            e => Error::VhostUser(e.to_string()),
+        })?;
+        tracing::info!("frontend connected");
+        let ended = daemon.wait();
+        // Stop the workers before anything else touches the disk: in-progress batches finish,
+        // later kicks are ignored, then the worker threads exit.
+        backend.deactivate();
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        if let Err(e) = self.device.disk().flush() {
+            tracing::error!("flushing after disconnect: {e}");
+        }
+        Ok(match ended {
+            Ok(()) => Disconnect::Closed,
+            Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected
+                | VhostUserError::PartialMessage
+                | VhostUserError::SocketBroken(_),
+            )) => Disconnect::Closed,
+            Err(DaemonError::HandleRequest(VhostUserError::SocketError(e)))
+                if e.kind() == io::ErrorKind::ConnectionReset =>
+            {
+                Disconnect::Closed
+            }
+            Err(e) => Disconnect::Failed(e.to_string()),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -1,0 +1,292 @@
+//! Shared helpers for the integration tests: start the real daemon binary, drive it with
+//! libblkio's `virtio-blk-vhost-user` driver, and check images with qemu-img.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// Bytes of the shared buffer each client maps.
+pub const BUF_LEN: usize = 4 << 20;
+
+/// A running `vhost-blk` process on a socket in a temporary directory.
+pub struct Daemon {
+    child: Option<Child>,
+    /// The socket path.
+    pub socket: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on `image` with extra arguments and waits for its socket.
+    pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Daemon {
+        let socket = dir.join("vhost-blk.sock");
+        let stderr_path = dir.join("daemon.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("create daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_vhost-blk"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--image")
+            .arg(image)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start vhost-blk");
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            stderr_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.socket.exists() {
+            if let Some(status) = d.try_wait() {
+                panic!("vhost-blk exited with {status} before listening:\n{}", d.log());
+            }
+            assert!(Instant::now() < deadline, "no socket after 20 s:\n{}", d.log());
+            sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
+    /// Sends `signal` and waits (at most 20 s) for the exit status.
+    pub fn stop_with(&mut self, signal: libc::c_int) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon already stopped");
+        // SAFETY: kill only sends a signal to our own child process.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for vhost-blk") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("vhost-blk did not exit after signal {signal}:\n{}", self.log());
+            }
+            sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, expecting a clean exit 0.
+    pub fn stop(&mut self) {
+        let status = self.stop_with(libc::SIGTERM);
+        assert!(status.success(), "vhost-blk exited with {status}:\n{}", self.log());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A libblkio `virtio-blk-vhost-user` client with one mapped buffer.
+pub struct Client {
+    // Field order matters: queues and regions must go before the Blkio instance.
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+    blkio: Blkio,
+}
+
+/// Connects to `socket` with `num_queues` queues (retrying while the daemon starts up).
+pub fn connect(socket: &Path, num_queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match try_connect(socket, num_queues, read_only) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() < deadline && e.errno() == blkio::Errno::CONNREFUSED => {
+                sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn try_connect(socket: &Path, num_queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+    let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+    blkio.set_str("path", socket.to_str().expect("utf-8 socket path"))?;
+    blkio.set_bool("read-only", read_only)?;
+    blkio.connect()?;
+    blkio.set_i32("num-queues", num_queues)?;
+    let started = blkio.start()?;
+    let region = blkio.alloc_mem_region(BUF_LEN)?;
+    blkio.map_mem_region(&region)?;
+    Ok(Client {
+        queues: started.queues,
+        region,
+        blkio,
+    })
+}
+
+impl Client {
+    /// The device capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").expect("capacity")
+    }
+
+    /// A blkio property.
+    pub fn get_u64(&self, name: &str) -> u64 {
+        self.blkio.get_u64(name).expect(name)
+    }
+
+    /// A blkio property.
+    pub fn get_i32(&self, name: &str) -> i32 {
+        self.blkio.get_i32(name).expect(name)
+    }
+
+    /// A blkio property.
+    pub fn get_bool(&self, name: &str) -> bool {
+        self.blkio.get_bool(name).expect(name)
+    }
+
+    /// Number of queues.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is BUF_LEN bytes of memory mapped for the client's lifetime.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, BUF_LEN) }
+    }
+
+    fn wait(&mut self, q: usize) -> i32 {
+        let mut c: [MaybeUninit<Completion>; 1] = [MaybeUninit::uninit()];
+        let mut timeout = Duration::from_secs(20);
+        let n = self.queues[q]
+            .do_io(&mut c, 1, Some(&mut timeout), None)
+            .expect("do_io");
+        assert_eq!(n, 1, "no completion within 20 s");
+        // SAFETY: do_io filled one completion.
+        unsafe { c[0].assume_init_read() }.ret
+    }
+
+    /// Writes `data` at `offset` through queue `q`; returns blkio's result (0 or -errno).
+    pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        assert!(data.len() <= BUF_LEN);
+        self.buf()[..data.len()].copy_from_slice(data);
+        let ptr = self.region.addr as *const u8;
+        self.queues[q].write(offset, ptr, data.len(), 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    /// Reads `len` bytes at `offset` through queue `q`.
+    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        assert!(len <= BUF_LEN);
+        self.buf()[..len].fill(0xa5);
+        let ptr = self.region.addr as *mut u8;
+        self.queues[q].read(offset, ptr, len, 0, ReqFlags::empty());
+        match self.wait(q) {
+            0 => Ok(self.buf()[..len].to_vec()),
+            e => Err(e),
+        }
+    }
+
+    /// Flushes through queue `q`.
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    /// Discards a range through queue `q`.
+    pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].discard(offset, len, 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    /// Zeroes a range through queue `q` (`unmap` allows deallocation).
+    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64, unmap: bool) -> i32 {
+        let flags = if unmap {
+            ReqFlags::empty()
+        } else {
+            ReqFlags::NO_UNMAP
+        };
+        self.queues[q].write_zeroes(offset, len, 0, flags);
+        self.wait(q)
+    }
+}
+
+/// A deterministic, position-dependent test pattern.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Runs a command, returning (success, stdout + stderr).
+pub fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (is it installed?): {e}"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// `qemu-img create -f FORMAT path size` (with extra options).
+pub fn qemu_img_create(path: &Path, format: &str, size: &str, extra: &[&str]) {
+    let p = path.to_str().expect("utf-8 path");
+    let mut args = vec!["create", "-q", "-f", format];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[p, size]);
+    let (ok, out) = run("qemu-img", &args);
+    assert!(ok, "qemu-img create failed: {out}");
+}
+
+/// Asserts `qemu-img check` finds no error in a qcow2 image.
+pub fn qemu_img_check(path: &Path) {
+    let (ok, out) = run("qemu-img", &["check", path.to_str().expect("utf-8 path")]);
+    assert!(ok, "qemu-img check failed:\n{out}");
+}
+
+/// Asserts the guest-visible content of `image` equals the raw file `model`.
+pub fn qemu_img_compare(image: &Path, format: &str, model: &Path) {
+    let (ok, out) = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            format,
+            "-F",
+            "raw",
+            image.to_str().expect("utf-8 path"),
+            model.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(ok, "qemu-img compare: image differs from the model:\n{out}");
+}
