@@ -4,6 +4,8 @@
 //! Peers that are missing make the test fail with a message naming the package to install;
 //! tests never skip silently.
 
+pub mod crash;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

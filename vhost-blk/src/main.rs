@@ -1,5 +1,6 @@
 //! `vhost-blk`: a vhost-user-blk daemon serving a raw or qcow2 image.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -60,6 +61,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = run(cli) {
         tracing::error!("{e:#}");

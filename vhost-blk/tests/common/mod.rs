@@ -119,9 +119,19 @@ pub struct Client {
 
 /// Connects to `socket` with `num_queues` queues (retrying while the daemon starts up).
 pub fn connect(socket: &Path, num_queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+    connect_with_queue_size(socket, num_queues, read_only, None)
+}
+
+/// Like [`connect`], choosing the virtqueue size (libblkio's default is 256).
+pub fn connect_with_queue_size(
+    socket: &Path,
+    num_queues: i32,
+    read_only: bool,
+    queue_size: Option<i32>,
+) -> Result<Client, blkio::Error> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match try_connect(socket, num_queues, read_only) {
+        match try_connect(socket, num_queues, read_only, queue_size) {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() < deadline && e.errno() == blkio::Errno::CONNREFUSED => {
                 sleep(Duration::from_millis(20));
@@ -131,12 +141,20 @@ pub fn connect(socket: &Path, num_queues: i32, read_only: bool) -> Result<Client
     }
 }
 
-fn try_connect(socket: &Path, num_queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+fn try_connect(
+    socket: &Path,
+    num_queues: i32,
+    read_only: bool,
+    queue_size: Option<i32>,
+) -> Result<Client, blkio::Error> {
     let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
     blkio.set_str("path", socket.to_str().expect("utf-8 socket path"))?;
     blkio.set_bool("read-only", read_only)?;
     blkio.connect()?;
     blkio.set_i32("num-queues", num_queues)?;
+    if let Some(size) = queue_size {
+        blkio.set_i32("queue-size", size)?;
+    }
     let started = blkio.start()?;
     let region = blkio.alloc_mem_region(BUF_LEN)?;
     blkio.map_mem_region(&region)?;
