@@ -91,15 +91,20 @@ fn count_references(img: &Qcow2, include_refcount_structures: bool) -> Result<Co
     };
     c.add("header", 0, cs);
     let l1 = read_u64_table(file, header.l1_table_offset, header.l1_size as usize)?;
-    c.add("L1 table", header.l1_table_offset, header.l1_size as u64 * 8);
+    c.add(
+        "L1 table",
+        header.l1_table_offset,
+        header.l1_size as u64 * 8,
+    );
     count_l1(img, &mut c, &l1, true)?;
     for s in img.snapshots() {
         c.add("snapshot L1 table", s.l1_table_offset, s.l1_size as u64 * 8);
         if s.l1_size as u64 * 8 > crate::format::header::MAX_L1_BYTES {
             c.report.corruptions += 1;
-            c.report
-                .messages
-                .push(format!("ERROR: snapshot {} has an oversized L1 table", s.id));
+            c.report.messages.push(format!(
+                "ERROR: snapshot {} has an oversized L1 table",
+                s.id
+            ));
             continue;
         }
         let sl1 = read_u64_table(file, s.l1_table_offset, s.l1_size as usize)?;
@@ -186,12 +191,18 @@ fn count_l1(img: &Qcow2, c: &mut Counter, l1: &[u64], active: bool) -> Result<()
                     let start = host & !511;
                     c.add("compressed cluster", start, len + (host - start));
                     if active {
+                        // Compressed clusters count as fragmented, as in QEMU.
                         c.report.allocated_clusters += 1;
                         c.report.compressed_clusters += 1;
+                        c.report.fragmented_clusters += 1;
                     }
                 }
                 L2Entry::Zero { host: None, .. } => {}
-                L2Entry::Normal { host, copied } | L2Entry::Zero { host: Some(host), copied } => {
+                L2Entry::Normal { host, copied }
+                | L2Entry::Zero {
+                    host: Some(host),
+                    copied,
+                } => {
                     if host % cs != 0 {
                         c.report.corruptions += 1;
                         c.report.messages.push(format!(
@@ -273,14 +284,14 @@ pub fn check(img: &Qcow2) -> Result<CheckReport> {
     let mut highest = 0u64;
     for (i, &want) in expected.iter().enumerate() {
         let have = m.refcount(file, i as u64)?;
-        if have > 0 {
+        if have > 0 || want > 0 {
             highest = i as u64 + 1;
         }
         if have < want {
             report.corruptions += 1;
-            report
-                .messages
-                .push(format!("ERROR cluster {i} refcount={have} reference={want}"));
+            report.messages.push(format!(
+                "ERROR cluster {i} refcount={have} reference={want}"
+            ));
         } else if have > want {
             report.leaks += 1;
             report.messages.push(format!(
@@ -395,7 +406,10 @@ fn fix_copied_flags(img: &Qcow2) -> Result<()> {
                 continue;
             }
             let host = match L2Entry::decode(raw, bits) {
-                L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => host,
+                L2Entry::Normal { host, .. }
+                | L2Entry::Zero {
+                    host: Some(host), ..
+                } => host,
                 _ => continue,
             };
             let one = m.refcount(file, host / cs)? == 1;

@@ -7,9 +7,8 @@ use crate::engine::meta::encode_u64_table;
 use crate::engine::Qcow2;
 use crate::error::{Error, Result};
 use crate::format::header::{
-    default_feature_names, CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW,
-    COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, V2_HEADER_LEN,
-    V3_HEADER_LEN,
+    default_feature_names, CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, V2_HEADER_LEN, V3_HEADER_LEN,
 };
 use crate::format::tables;
 use crate::image::Image;
@@ -216,7 +215,11 @@ pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         compatible_features: compat,
         autoclear_features: autoclear,
         refcount_order,
-        header_length: if opts.version == 2 { V2_HEADER_LEN } else { V3_HEADER_LEN },
+        header_length: if opts.version == 2 {
+            V2_HEADER_LEN
+        } else {
+            V3_HEADER_LEN
+        },
         compression_type: opts.compression_type,
         extra_header_bytes: Vec::new(),
         backing_file: opts.backing_file.clone(),

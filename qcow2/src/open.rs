@@ -160,5 +160,7 @@ pub(crate) fn open_data_file(
         Some(d) => resolve_relative(name, d),
         None => PathBuf::from(name),
     };
-    Ok(Arc::new(FileStorage::new(open_file(&path, read_only, false)?)))
+    Ok(Arc::new(FileStorage::new(open_file(
+        &path, read_only, false,
+    )?)))
 }

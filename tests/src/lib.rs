@@ -120,6 +120,11 @@ pub fn open(path: &Path, read_only: bool) -> Box<dyn Image> {
 /// A deterministic byte pattern for a write at `offset` tagged with `seed`.
 pub fn pattern(len: usize, offset: u64, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| ((offset as usize + i) as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .map(|i| {
+            ((offset as usize + i) as u8)
+                .wrapping_mul(31)
+                .wrapping_add(seed)
+                | 1
+        })
         .collect()
 }

@@ -79,7 +79,10 @@ fn crash_round(seed: u64, opts: &CreateOptions, base: Option<&std::path::Path>) 
     let after = our_raw(&*open(&path, true));
     for i in 0..SIZE as usize {
         if !touched[i] && after[i] != flushed[i] {
-            panic!("seed {seed}: flushed byte {i} lost: {} != {}", after[i], flushed[i]);
+            panic!(
+                "seed {seed}: flushed byte {i} lost: {} != {}",
+                after[i], flushed[i]
+            );
         }
     }
 }

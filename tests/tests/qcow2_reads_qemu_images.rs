@@ -45,7 +45,13 @@ fn check_matrix(version: &str, cluster: u64, refcount_bits: u32, compression: &s
         }
     );
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-o", &opts, img.to_str().unwrap(),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &opts,
+        img.to_str().unwrap(),
         &(8 * 1048576 + 24 * cluster).to_string(),
     ]);
     scribble(&img, cluster);
@@ -87,7 +93,10 @@ fn snapshot_then_overwrite_reads_current_and_keeps_snapshot() {
     qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
     qemu_io(&img, &["write -P 0x11 0 1M"]);
     qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
-    qemu_io(&img, &["write -P 0x22 65536 100000", "write -z 524288 65536"]);
+    qemu_io(
+        &img,
+        &["write -P 0x22 65536 100000", "write -z 524288 65536"],
+    );
     let ours = our_raw(&*open(&img, true));
     assert_same(&ours, &qemu_raw(&img), "after snapshot");
 }
@@ -101,15 +110,34 @@ fn backing_chain_with_relative_names_and_raw_base() {
     let mid = d.join("mid.qcow2");
     let top = d.join("top.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
-        mid.to_str().unwrap(), "4M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
+        "4M",
     ]);
     qemu_io(&mid, &["write -P 0x77 100000 200000"]);
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-        top.to_str().unwrap(), "4M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        "4M",
     ]);
-    qemu_io(&top, &["write -P 0x88 150000 1000", "write -z 3000000 65536"]);
+    qemu_io(
+        &top,
+        &["write -P 0x88 150000 1000", "write -z 3000000 65536"],
+    );
     // Open from another working directory: names resolve against the image's directory.
     let ours = our_raw(&*open(&top, true));
     assert_same(&ours, &qemu_raw(&top), "three-level chain");
@@ -122,15 +150,35 @@ fn backing_loop_is_refused() {
     let b = dir.path().join("b.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", a.to_str().unwrap(), "1M"]);
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2",
-        b.to_str().unwrap(), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        b.to_str().unwrap(),
+        "1M",
     ]);
     qemu_img(&[
-        "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", a.to_str().unwrap(),
+        "rebase",
+        "-u",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        a.to_str().unwrap(),
     ]);
-    let err = qcow2::open_image(&b, &qcow2::OpenOptions { read_only: true, ..Default::default() })
-        .err()
-        .expect("a loop must not open");
+    let err = qcow2::open_image(
+        &b,
+        &qcow2::OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("a loop must not open");
     assert!(err.to_string().contains("loop"), "{err}");
 }
 
@@ -139,11 +187,19 @@ fn external_data_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("x.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-o",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
         &format!("data_file={}", dir.path().join("x.data").display()),
-        img.to_str().unwrap(), "4M",
+        img.to_str().unwrap(),
+        "4M",
     ]);
-    qemu_io(&img, &["write -P 0x99 4096 300000", "write -z 1048576 65536"]);
+    qemu_io(
+        &img,
+        &["write -P 0x99 4096 300000", "write -z 1048576 65536"],
+    );
     let ours = our_raw(&*open(&img, true));
     assert_same(&ours, &qemu_raw(&img), "external data file");
 }
@@ -153,16 +209,29 @@ fn refuses_extended_l2_and_luks_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("e.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-o", "extended_l2=on",
-        img.to_str().unwrap(), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        img.to_str().unwrap(),
+        "1M",
     ]);
     let err = qcow2::open_image(&img, &Default::default()).err().unwrap();
     assert!(err.to_string().contains("extended L2"), "{err}");
     let luks = dir.path().join("l.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
-        "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-        luks.to_str().unwrap(), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        luks.to_str().unwrap(),
+        "1M",
     ]);
     let err = qcow2::open_image(&luks, &Default::default()).err().unwrap();
     assert!(err.to_string().contains("LUKS"), "{err}");
@@ -173,13 +242,27 @@ fn dirty_lazy_refcount_image_reads_read_only_and_is_repaired_on_write_open() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on",
-        img.to_str().unwrap(), "4M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        img.to_str().unwrap(),
+        "4M",
     ]);
     // qemu-io's abort leaves the dirty bit set and refcounts stale.
     let _ = run(
         "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x12 0 300000", "-c", "abort", img.to_str().unwrap()],
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x12 0 300000",
+            "-c",
+            "abort",
+            img.to_str().unwrap(),
+        ],
     );
     let (code, _) = qemu_check(&img);
     assert_ne!(code, 0, "the image should need repair");

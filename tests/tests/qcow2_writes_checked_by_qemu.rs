@@ -48,7 +48,11 @@ fn random_ops(img: &Qcow2, model: &mut [u8], seed: u64, ops: usize) {
                 // Discard only guarantees anything for whole clusters: mirror that.
                 img.discard(off, len).unwrap();
                 let start = off.next_multiple_of(cs);
-                let end = if off + len == size { size } else { (off + len) / cs * cs };
+                let end = if off + len == size {
+                    size
+                } else {
+                    (off + len) / cs * cs
+                };
                 if end > start {
                     model[start as usize..end as usize].fill(0);
                 }
@@ -82,7 +86,9 @@ fn random_operations_across_the_create_matrix() {
         (2, 65536, 16, CompressionType::Deflate),
         (3, 1 << 21, 8, CompressionType::Zstd),
     ];
-    for (n, (version, cluster_size, refcount_bits, compression_type)) in cases.into_iter().enumerate() {
+    for (n, (version, cluster_size, refcount_bits, compression_type)) in
+        cases.into_iter().enumerate()
+    {
         let path = dir.path().join(format!("m{n}.qcow2"));
         let size = 6 * 1048576 + 4 * cluster_size + 1536;
         create(
@@ -128,7 +134,11 @@ fn refcount_table_grows_with_small_clusters() {
         let before = img.header().refcount_table_offset;
         img.write_at(&data, 0).unwrap();
         img.flush().unwrap();
-        assert_ne!(img.header().refcount_table_offset, before, "table did not move");
+        assert_ne!(
+            img.header().refcount_table_offset,
+            before,
+            "table did not move"
+        );
     }
     model_matches(&path, &data, "after growth");
 }
@@ -149,7 +159,15 @@ fn writes_to_clusters_shared_with_a_snapshot_leave_the_snapshot_intact() {
     }
     model_matches(&path, &model, "active layer");
     let snap = dir.path().join("snap.raw");
-    qemu_img(&["convert", "-l", "s1", "-O", "raw", p, snap.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-l",
+        "s1",
+        "-O",
+        "raw",
+        p,
+        snap.to_str().unwrap(),
+    ]);
     assert_same(&std::fs::read(&snap).unwrap(), &before, "snapshot s1");
 }
 
@@ -191,7 +209,11 @@ fn writes_over_preallocated_zero_and_compressed_clusters_leak_nothing() {
     // write -z without -u on allocated clusters keeps them allocated (ZERO_ALLOC).
     qemu_io(
         &path,
-        &["write -P 0x41 0 1M", "write -z 0 512k", "write -c -P 0x42 1M 64k"],
+        &[
+            "write -P 0x41 0 1M",
+            "write -z 0 512k",
+            "write -c -P 0x42 1M 64k",
+        ],
     );
     let mut model = qemu_raw(&path);
     {
@@ -208,9 +230,13 @@ fn writes_over_preallocated_zero_and_compressed_clusters_leak_nothing() {
 #[test]
 fn preallocation_modes_and_external_data_file() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, mode) in [Preallocation::Metadata, Preallocation::Falloc, Preallocation::Full]
-        .into_iter()
-        .enumerate()
+    for (i, mode) in [
+        Preallocation::Metadata,
+        Preallocation::Falloc,
+        Preallocation::Full,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let path = dir.path().join(format!("p{i}.qcow2"));
         create(
@@ -242,14 +268,26 @@ fn preallocation_modes_and_external_data_file() {
     std::fs::write(dir.path().join("model.raw"), &model).unwrap();
     for args in [
         vec!["check", "-f", "qcow2", "ext.qcow2"],
-        vec!["compare", "-f", "qcow2", "-F", "raw", "ext.qcow2", "model.raw"],
+        vec![
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "ext.qcow2",
+            "model.raw",
+        ],
     ] {
         let out = std::process::Command::new("qemu-img")
             .current_dir(dir.path())
             .args(&args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     assert_same(&our_raw(&*open(&path, true)), &model, "external data file");
 }

@@ -35,8 +35,10 @@ impl<T> TableCache<T> {
     }
 
     fn touch(&self, e: &Entry<T>) {
-        e.last_used
-            .store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        e.last_used.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
     }
 
     /// Returns the table at `offset` if cached.

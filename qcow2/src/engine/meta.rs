@@ -93,8 +93,7 @@ impl Meta {
                 "{what} offset 0x{offset:x} is not cluster aligned"
             )));
         }
-        if offset + self.geo.cluster_size() > file_len.next_multiple_of(self.geo.cluster_size())
-        {
+        if offset + self.geo.cluster_size() > file_len.next_multiple_of(self.geo.cluster_size()) {
             return Err(Error::Corrupt(format!(
                 "{what} offset 0x{offset:x} is past the end of the file (0x{file_len:x})"
             )));
@@ -180,9 +179,9 @@ impl Meta {
                 1 << self.geo.refcount_order
             )));
         }
-        let block = self.refblock_offset(cluster).ok_or_else(|| {
-            Error::Corrupt(format!("no refcount block for cluster {cluster}"))
-        })?;
+        let block = self
+            .refblock_offset(cluster)
+            .ok_or_else(|| Error::Corrupt(format!("no refcount block for cluster {cluster}")))?;
         self.load_refblock(file, block)?;
         let idx = (cluster % self.geo.refblock_entries()) as usize;
         let order = self.geo.refcount_order;
@@ -317,7 +316,8 @@ impl Meta {
             .map_err(io(format!("writing refcount block at 0x{block_off:x}")))?;
         file.write_at(&encode_u64_table(&table), table_off)
             .map_err(io(format!("writing refcount table at 0x{table_off:x}")))?;
-        file.flush().map_err(io("flushing new refcount table".into()))?;
+        file.flush()
+            .map_err(io("flushing new refcount table".into()))?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
@@ -347,7 +347,8 @@ impl Meta {
             self.refblocks.mark_clean(off);
         }
         if self.reftable_dirty {
-            file.flush().map_err(io("flushing refcount blocks".into()))?;
+            file.flush()
+                .map_err(io("flushing refcount blocks".into()))?;
             file.write_at(
                 &encode_u64_table(&self.reftable),
                 self.header.refcount_table_offset,
@@ -366,9 +367,11 @@ impl Meta {
         let l2_dirty = self.l2.dirty_offsets();
         if !l2_dirty.is_empty() || self.l1_dirty {
             if let Some(d) = data {
-                d.flush().map_err(io("flushing external data file".into()))?;
+                d.flush()
+                    .map_err(io("flushing external data file".into()))?;
             }
-            file.flush().map_err(io("flushing data and refcounts".into()))?;
+            file.flush()
+                .map_err(io("flushing data and refcounts".into()))?;
             for off in &l2_dirty {
                 let t = self.l2.get(*off).expect("dirty entry is cached");
                 file.write_at(&encode_u64_table(t), *off)

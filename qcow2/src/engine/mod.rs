@@ -15,9 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
-use crate::format::header::{
-    CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY,
-};
+use crate::format::header::{CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::tables::{L2Entry, OFFSET_MASK};
 use crate::image::{check_range, BlockStatus, Format, Image};
@@ -70,7 +68,10 @@ impl Qcow2 {
         };
         let cs = geo.cluster_size();
         let within = |what: &str, off: u64, len: u64| {
-            if off.checked_add(len).is_some_and(|end| end <= file_len.next_multiple_of(cs)) {
+            if off
+                .checked_add(len)
+                .is_some_and(|end| end <= file_len.next_multiple_of(cs))
+            {
                 Ok(())
             } else {
                 Err(Error::Corrupt(format!(
@@ -78,9 +79,17 @@ impl Qcow2 {
                 )))
             }
         };
-        within("L1 table", header.l1_table_offset, header.l1_size as u64 * 8)?;
+        within(
+            "L1 table",
+            header.l1_table_offset,
+            header.l1_size as u64 * 8,
+        )?;
         let reftable_bytes = header.refcount_table_clusters as u64 * cs;
-        within("refcount table", header.refcount_table_offset, reftable_bytes)?;
+        within(
+            "refcount table",
+            header.refcount_table_offset,
+            reftable_bytes,
+        )?;
         let l1 = read_u64_table(&*file, header.l1_table_offset, header.l1_size as usize)?;
         let reftable = read_u64_table(
             &*file,

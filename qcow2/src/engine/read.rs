@@ -77,11 +77,9 @@ impl Qcow2 {
         self.file
             .read_at(&mut input, host)
             .map_err(|e| Error::io(format!("reading compressed cluster at 0x{host:x}"), e))?;
-        compress::decompress(self.compression, &input, out).map_err(|reason| {
-            Error::Decompress {
-                offset: host,
-                reason,
-            }
+        compress::decompress(self.compression, &input, out).map_err(|reason| Error::Decompress {
+            offset: host,
+            reason,
         })
     }
 

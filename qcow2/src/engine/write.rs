@@ -75,7 +75,11 @@ impl Qcow2 {
         let mut n = 1;
         if let L2Entry::Normal { host, copied: true } = entries[0] {
             while n < entries.len()
-                && entries[n] == (L2Entry::Normal { host: host + n as u64 * cs, copied: true })
+                && entries[n]
+                    == (L2Entry::Normal {
+                        host: host + n as u64 * cs,
+                        copied: true,
+                    })
             {
                 n += 1;
             }
@@ -188,9 +192,10 @@ impl Qcow2 {
     /// allocates a new table, or copies one shared with a snapshot.
     fn l2_for_write(&self, m: &mut Meta, l1i: usize) -> Result<u64> {
         let file = &*self.file;
-        let e = *m.l1.get(l1i).ok_or_else(|| {
-            Error::Corrupt(format!("L1 index {l1i} is beyond the L1 table"))
-        })?;
+        let e = *m
+            .l1
+            .get(l1i)
+            .ok_or_else(|| Error::Corrupt(format!("L1 index {l1i} is beyond the L1 table")))?;
         let off = e & OFFSET_MASK;
         if off != 0 && e & COPIED != 0 {
             m.load_l2(file, off)?;
@@ -223,7 +228,11 @@ impl Qcow2 {
         let end = offset + len;
         let head_end = offset.next_multiple_of(cs).min(end);
         // The disk's last partial cluster counts as whole.
-        let whole_end = if end == self.size { end.next_multiple_of(cs) } else { end / cs * cs };
+        let whole_end = if end == self.size {
+            end.next_multiple_of(cs)
+        } else {
+            end / cs * cs
+        };
         let whole_start = if offset % cs == 0 { offset } else { head_end };
         if let ZeroMode::Zero { .. } = mode {
             if whole_start > offset {
@@ -238,7 +247,10 @@ impl Qcow2 {
             let count = whole_end / cs - cluster;
             let _busy = self.busy.acquire(cluster, count.min(self.geo.l2_entries()));
             let entries = self.lookup_run(cluster, count)?;
-            let new: Vec<u64> = entries.iter().map(|&e| self.zeroed_entry(e, mode)).collect();
+            let new: Vec<u64> = entries
+                .iter()
+                .map(|&e| self.zeroed_entry(e, mode))
+                .collect();
             if new.iter().zip(&entries).any(|(&n, &o)| n != raw_of(o)) {
                 self.set_entries(cluster, &new, &entries)?;
             }
@@ -280,11 +292,13 @@ impl Qcow2 {
         let v3 = self.version >= 3;
         match (mode, e) {
             (ZeroMode::Zero { unmap: false }, L2Entry::Normal { host, copied: true })
-            | (ZeroMode::Zero { unmap: false }, L2Entry::Zero { host: Some(host), copied: true })
-                if v3 =>
-            {
-                host | COPIED | tables::ZERO
-            }
+            | (
+                ZeroMode::Zero { unmap: false },
+                L2Entry::Zero {
+                    host: Some(host),
+                    copied: true,
+                },
+            ) if v3 => host | COPIED | tables::ZERO,
             (ZeroMode::Discard, L2Entry::Unallocated) if self.backing.is_none() => 0,
             _ if v3 => tables::ZERO,
             _ => 0,

@@ -411,7 +411,10 @@ impl Header {
         let cs = self.cluster_size();
         let aligned = |o: u64| o % cs == 0;
         if self.l1_size as u64 * 8 > MAX_L1_BYTES {
-            return Err(invalid(format!("L1 table of {} entries is too large", self.l1_size)));
+            return Err(invalid(format!(
+                "L1 table of {} entries is too large",
+                self.l1_size
+            )));
         }
         if self.l1_size as u64 * self.l2_entries() * cs < self.size {
             return Err(invalid(format!(
@@ -544,8 +547,7 @@ impl Header {
         for u in &self.unknown_extensions {
             push_ext(&mut b, u.kind, &u.data);
         }
-        if self.version >= 3 || self.backing_file.is_some() || b.len() > V2_HEADER_LEN as usize
-        {
+        if self.version >= 3 || self.backing_file.is_some() || b.len() > V2_HEADER_LEN as usize {
             push_ext(&mut b, 0, &[]);
         }
         if let Some(name) = &self.backing_file {
@@ -640,13 +642,19 @@ mod tests {
         h.incompatible_features = INCOMPAT_EXTL2;
         let mut bytes = h.serialize().unwrap();
         bytes.resize(65536, 0);
-        let err = Header::parse(&bytes).unwrap().check_supported().unwrap_err();
+        let err = Header::parse(&bytes)
+            .unwrap()
+            .check_supported()
+            .unwrap_err();
         assert!(err.to_string().contains("extended L2 entries"), "{err}");
     }
 
     #[test]
     fn rejects_bad_magic_and_tiny_files() {
-        assert!(matches!(Header::parse(&[0u8; 512]), Err(Error::BadMagic(0))));
+        assert!(matches!(
+            Header::parse(&[0u8; 512]),
+            Err(Error::BadMagic(0))
+        ));
         assert!(Header::parse(&[0u8; 10]).is_err());
     }
 

@@ -1,1 +1,86 @@
-fn main() {}
+//! `qimg`: a drop-in for `qemu-img` on qcow2 and raw images.
+//!
+//! Subcommands follow qemu-img's syntax, output and exit codes; each lives in its own module.
+
+mod check;
+mod compare;
+mod convert;
+mod create;
+mod info;
+mod qjson;
+mod size;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// qimg: QEMU disk image utility, compatible with qemu-img for qcow2 and raw images.
+#[derive(Parser)]
+#[command(name = "qimg", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new disk image.
+    Create(create::Args),
+    /// Show information about an image.
+    Info(info::Args),
+    /// Check an image for consistency and optionally repair it.
+    Check(check::Args),
+    /// Convert (copy) one or more images into a new image.
+    Convert(convert::Args),
+    /// Compare the guest-visible contents of two images.
+    Compare(compare::Args),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Create(a) => create::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Compare(a) => compare::run(a),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("qimg: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Parses a qemu-img format name.
+pub fn parse_format(name: &str) -> anyhow::Result<qcow2::Format> {
+    qcow2::Format::from_name(name).ok_or_else(|| anyhow::anyhow!("Unknown file format '{name}'"))
+}
+
+/// Opens an image as qemu-img would, with its error wording.
+pub fn open(
+    path: &str,
+    format: Option<&str>,
+    read_only: bool,
+) -> anyhow::Result<Box<dyn qcow2::Image>> {
+    let opts = qcow2::OpenOptions {
+        read_only,
+        format: format.map(parse_format).transpose()?,
+        ..Default::default()
+    };
+    qcow2::open_image(std::path::Path::new(path), &opts)
+        .map_err(|e| anyhow::anyhow!("Could not open '{path}': {e}"))
+}
