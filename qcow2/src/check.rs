@@ -135,7 +135,7 @@ fn count_references(img: &Qcow2, include_refcount_structures: bool) -> Result<Co
 }
 
 fn snapshot_table_len(img: &Qcow2, header: &crate::format::header::Header) -> Result<u64> {
-    let mut buf = vec![0u8; (1 << 20).min(64 << 20)];
+    let mut buf = vec![0u8; 1 << 20];
     img.file()
         .read_at(&mut buf, header.snapshots_offset)
         .map_err(|e| Error::io("reading the snapshot table", e))?;

@@ -193,11 +193,8 @@ fn copy_on_write_over_a_backing_file() {
         random_ops(&img, &mut model, 7, 200);
     }
     model_matches(&top, &model, "overlay");
-    assert_eq!(
-        qemu_img(&["info", "--output=json", top.to_str().unwrap()])
-            .contains("\"backing-filename-format\": \"qcow2\""),
-        true
-    );
+    assert!(qemu_img(&["info", "--output=json", top.to_str().unwrap()])
+        .contains("\"backing-filename-format\": \"qcow2\""));
 }
 
 #[test]

@@ -161,7 +161,7 @@ mod tests {
     fn refcounts_of_every_width_roundtrip_without_touching_neighbours() {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 512];
-            let entries = 512 * 8 >> order;
+            let entries = (512 * 8) >> order;
             let max = max_refcount(order);
             for i in 0..entries {
                 set_refcount(&mut block, order, i, (i as u64 * 7 + 1) & max);

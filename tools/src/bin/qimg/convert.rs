@@ -57,14 +57,14 @@ pub struct Args {
 
 /// A target the workers write to.
 enum Target {
-    Qcow2(Qcow2),
+    Qcow2(Box<Qcow2>),
     Other(Box<dyn Image>),
 }
 
 impl Target {
     fn image(&self) -> &dyn Image {
         match self {
-            Target::Qcow2(q) => q,
+            Target::Qcow2(q) => &**q,
             Target::Other(i) => &**i,
         }
     }
@@ -137,11 +137,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 .write(true)
                 .open(target_path)
                 .with_context(|| format!("Could not open '{target_name}'"))?;
-            Target::Qcow2(Qcow2::open_storage(
+            Target::Qcow2(Box::new(Qcow2::open_storage(
                 Arc::new(qcow2::FileStorage::new(file)),
                 &Default::default(),
                 target_path.parent(),
-            )?)
+            )?))
         }
         Format::Raw => Target::Other(crate::open(target_name, Some("raw"), false)?),
     };
