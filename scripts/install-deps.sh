@@ -28,6 +28,7 @@ PACKAGES=(
     iproute2
     dpdk-dev
     iperf3
+    bc
     pkg-config
 )
 
