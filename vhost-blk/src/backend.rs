@@ -7,19 +7,27 @@ use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_S_OK};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::config::{BlkConfig, WCE_OFFSET};
 use crate::device::{Device, QueueSlot};
 use crate::error::{Error, Result};
+use crate::exec::{self, Completion};
 use crate::features;
+use crate::request::{self, RequestKind};
+use crate::uring::{Finished, QueueRing};
 
 /// Guest memory as the vhost-user machinery shares it with the backend.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The state of a vring as a worker sees it.
+type VringState = vhost_user_backend::VringState<GuestMemory>;
 
 /// The backend serving one frontend connection on a [`Device`].
 ///
@@ -48,11 +56,18 @@ impl BlkBackend {
         }
     }
 
-    /// Stops this connection's workers: waits for batches in progress; later kicks are ignored.
+    /// Stops this connection's workers: waits for batches and io_uring requests in progress;
+    /// later kicks are ignored. Completions of requests in flight are not reported (the
+    /// frontend is gone).
     pub fn deactivate(&self) {
         self.active.store(false, Ordering::Release);
         for q in 0..self.device.num_queues() {
-            drop(self.device.lock_slot(q));
+            if let Some(mut slot) = self.device.lock_slot(q) {
+                if let Some(ring) = slot.ring.as_mut() {
+                    ring.wait_all(&mut Vec::new());
+                }
+                slot.vring = None;
+            }
         }
     }
 
@@ -64,6 +79,10 @@ impl BlkBackend {
         }
     }
 
+    fn active(&self) -> bool {
+        self.active.load(Ordering::Acquire) && !self.device.stopping()
+    }
+
     /// Processes everything available on queue `queue`, with EVENT_IDX-aware notification.
     pub fn process_queue(&self, queue: usize, vring: &VringRwLock) -> Result<()> {
         let Some(mut slot) = self.device.lock_slot(queue) else {
@@ -72,8 +91,11 @@ impl BlkBackend {
                 reason: "no such queue".into(),
             });
         };
-        if !self.active.load(Ordering::Acquire) || self.device.stopping() {
+        if !self.active() {
             return Ok(());
+        }
+        if slot.vring.is_none() {
+            slot.vring = Some(vring.clone());
         }
         let res = if self.event_idx.load(Ordering::Relaxed) {
             // Keep going until no new chain arrived while notifications were off.
@@ -102,7 +124,9 @@ impl BlkBackend {
         })
     }
 
-    /// Completes every chain in the available ring, then notifies the driver if it wants it.
+    /// Starts every chain in the available ring: reads and writes of raw images go to the
+    /// io_uring (completed later by [`Self::process_completions`]), everything else completes
+    /// now. Notifies the driver if it wants it.
     fn process_available(
         &self,
         queue: usize,
@@ -118,25 +142,136 @@ impl BlkBackend {
         if chains.is_empty() {
             return Ok(());
         }
+        let mut completed = 0usize;
         for chain in chains {
-            let done = slot
-                .executor
-                .complete_chain(chain, disk, &limits, writethrough);
-            if let Err(e) = state.get_queue_mut().add_used(&*mem, done.head, done.used_len) {
-                // A head index past the queue (the chain was dropped as empty) or a used ring
-                // outside guest memory: nothing to complete.
-                slot.ring_errors += 1;
-                if slot.ring_errors.is_power_of_two() {
-                    tracing::warn!("queue {queue}: cannot complete chain {}: {e}", done.head);
+            let done = match request::parse(chain, &limits) {
+                Err(rejected) => exec::reject(&*mem, &rejected),
+                Ok(req) => {
+                    let zero_copy = !writethrough
+                        && QueueRing::eligible(&req)
+                        // Writes to sector 0 of a probed raw image are inspected first.
+                        && !(req.sector == 0
+                            && disk.guards_format_signature()
+                            && req.kind == RequestKind::Out);
+                    let req = match slot.ring.as_mut() {
+                        Some(ring) if zero_copy => match ring.start(&mem, req) {
+                            Ok(()) => continue,
+                            Err(req) => req,
+                        },
+                        _ => req,
+                    };
+                    slot.executor.run(&*mem, disk, &req, writethrough)
                 }
+            };
+            add_used(queue, &mut state, slot, &mem, done);
+            completed += 1;
+        }
+        if let Some(ring) = slot.ring.as_mut() {
+            if let Err(e) = ring.submit() {
+                // The entries stay queued; the next submit retries.
+                tracing::warn!("queue {queue}: io_uring submit failed: {e}");
             }
         }
-        if state.get_queue_mut().needs_notification(&*mem)? {
-            if let Err(e) = state.signal_used_queue() {
-                tracing::warn!("queue {queue}: cannot signal the frontend: {e}");
-            }
+        if completed > 0 && state.get_queue_mut().needs_notification(&*mem)? {
+            signal(queue, &state);
         }
         Ok(())
+    }
+
+    /// Completes the io_uring requests of queue `queue` that have finished.
+    pub fn process_completions(&self, queue: usize) -> Result<()> {
+        let Some(mut slot) = self.device.lock_slot(queue) else {
+            return Ok(());
+        };
+        if !self.active() {
+            return Ok(());
+        }
+        let (Some(vring), Some(ring)) = (slot.vring.clone(), slot.ring.as_mut()) else {
+            return Ok(());
+        };
+        let mut finished = Vec::new();
+        ring.reap(&mut finished);
+        self.complete_finished(queue, &vring, &mut slot, finished)
+            .map_err(|e| Error::Queue {
+                queue,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Writes the status of finished io_uring requests and puts them in the used ring. A
+    /// request the kernel did not fully complete (short transfer, unaligned buffer for
+    /// O_DIRECT, any error) is redone through the bounce buffer, which reports errors.
+    fn complete_finished(
+        &self,
+        queue: usize,
+        vring: &VringRwLock,
+        slot: &mut QueueSlot,
+        finished: Vec<Finished>,
+    ) -> std::result::Result<(), virtio_queue::Error> {
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let disk = self.device.disk();
+        let writethrough = !self.writeback.load(Ordering::Relaxed);
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        for f in finished {
+            let done = if f.complete() {
+                let data_len = match f.req.kind {
+                    RequestKind::In => u32::try_from(f.expected).unwrap_or(u32::MAX),
+                    _ => 0,
+                };
+                exec::finish(&*f.mem, &f.req, VIRTIO_BLK_S_OK as u8, data_len)
+            } else {
+                tracing::debug!(
+                    "queue {queue}: io_uring request type {} at {} moved {} of {} bytes; \
+                     retrying through the bounce buffer",
+                    f.req.kind.type_code(),
+                    f.req.offset(),
+                    f.result,
+                    f.expected
+                );
+                slot.executor.run(&*f.mem, disk, &f.req, writethrough)
+            };
+            add_used(queue, &mut state, slot, &mem, done);
+        }
+        if state.get_queue_mut().needs_notification(&*mem)? {
+            signal(queue, &state);
+        }
+        Ok(())
+    }
+}
+
+/// Event id of a queue's io_uring completions: above the vring ids, as vhost-user-backend
+/// requires for extra listeners.
+pub fn ring_event(num_queues: usize) -> u16 {
+    u16::try_from(num_queues + 1).unwrap_or(u16::MAX)
+}
+
+/// Puts a completion in the used ring (or logs why it cannot).
+fn add_used(
+    queue: usize,
+    state: &mut VringState,
+    slot: &mut QueueSlot,
+    mem: &GuestMemoryMmap,
+    done: Completion,
+) {
+    if let Err(e) = state
+        .get_queue_mut()
+        .add_used(mem, done.head, done.used_len)
+    {
+        // A head index past the queue (the chain was dropped as empty) or a used ring outside
+        // guest memory: nothing to complete.
+        slot.ring_errors += 1;
+        if slot.ring_errors.is_power_of_two() {
+            tracing::warn!("queue {queue}: cannot complete chain {}: {e}", done.head);
+        }
+    }
+}
+
+fn signal(queue: usize, state: &VringState) {
+    if let Err(e) = state.signal_used_queue() {
+        tracing::warn!("queue {queue}: cannot signal the frontend: {e}");
     }
 }
 
@@ -188,7 +323,11 @@ impl VhostUserBackend for BlkBackend {
                 self.writeback.store(writeback, Ordering::Relaxed);
                 tracing::info!(
                     "guest set the write cache to {}",
-                    if writeback { "writeback" } else { "writethrough" }
+                    if writeback {
+                        "writeback"
+                    } else {
+                        "writethrough"
+                    }
                 );
                 Ok(())
             }
@@ -205,6 +344,23 @@ impl VhostUserBackend for BlkBackend {
     fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
         // The handler replaces the contents of the `GuestMemoryAtomic` we were built with;
         // workers load a fresh snapshot for every batch.
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: finish the requests in flight before the frontend reads the base.
+        let queue = queue_index as usize;
+        let Some(mut slot) = self.device.lock_slot(queue) else {
+            return Ok(());
+        };
+        let mut finished = Vec::new();
+        if let Some(ring) = slot.ring.as_mut() {
+            ring.wait_all(&mut finished);
+        }
+        if let Some(vring) = slot.vring.clone() {
+            self.complete_finished(queue, &vring, &mut slot, finished)
+                .map_err(|e| io::Error::other(format!("queue {queue}: {e}")))?;
+        }
         Ok(())
     }
 
@@ -234,8 +390,14 @@ impl VhostUserBackend for BlkBackend {
                 "unexpected event set {evset:?} on queue {thread_id}"
             )));
         }
-        // One queue per thread: the thread index is the queue index, and its only vring is
-        // event 0.
+        // One queue per thread: the thread index is the queue index, its only vring is event 0
+        // and its io_uring's eventfd is `ring_event`.
+        if device_event == ring_event(self.device.num_queues()) {
+            if let Err(e) = self.process_completions(thread_id) {
+                tracing::warn!("{e}");
+            }
+            return Ok(());
+        }
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Err(io::Error::other(format!(
                 "event {device_event} on worker {thread_id} names no queue"

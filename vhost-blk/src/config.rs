@@ -98,7 +98,9 @@ impl BlkConfig {
         let bytes = self.to_bytes();
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(CONFIG_LEN);
-        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_LEN);
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(CONFIG_LEN);
         out[..end - start].copy_from_slice(&bytes[start..end]);
         out
     }

@@ -1,6 +1,7 @@
 //! The device as it outlives frontend connections: the disk, its configuration, and one
 //! slot per queue that serialises a queue's work with shutdown.
 
+use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -9,6 +10,8 @@ use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::exec::Executor;
 use crate::request::Limits;
+use crate::uring::QueueRing;
+use vhost_user_backend::VringRwLock;
 
 /// Largest number of queues: vhost-user-backend maps queues to threads with a 64-bit mask.
 pub const MAX_QUEUES: u16 = 64;
@@ -16,10 +19,15 @@ pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
 /// Per-queue state that lives across connections. A worker holds the slot's lock while it
-/// processes a batch, so locking every slot waits for in-flight requests to finish.
+/// processes a batch, so locking every slot waits for batches in progress; requests still in
+/// the io_uring are waited for separately ([`QueueRing::wait_all`]).
 pub struct QueueSlot {
     /// The queue's executor and bounce buffer.
     pub executor: Executor,
+    /// The queue's io_uring, for raw images (zero-copy reads and writes).
+    pub ring: Option<QueueRing>,
+    /// The connection's vring, once its worker has seen it (for completing at stop).
+    pub vring: Option<VringRwLock>,
     /// Ring errors seen (for rate-limited logging).
     pub ring_errors: u64,
 }
@@ -41,7 +49,7 @@ impl Device {
                 "the number of queues must be between 1 and {MAX_QUEUES}, not {num_queues}"
             )));
         }
-        if !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE || queue_size < 4 {
+        if !queue_size.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&queue_size) {
             return Err(Error::InvalidOption(format!(
                 "the queue size must be a power of two between 4 and {MAX_QUEUE_SIZE}, not \
                  {queue_size}"
@@ -53,10 +61,25 @@ impl Device {
             queue_size,
             disk.discard_alignment(),
         );
+        let mut ring_warned = false;
         let slots = (0..num_queues)
             .map(|_| {
+                let ring = disk.raw_fd().and_then(|fd| {
+                    QueueRing::new(u32::from(queue_size), fd)
+                        .map_err(|e| {
+                            if !std::mem::replace(&mut ring_warned, true) {
+                                tracing::warn!(
+                                    "io_uring unavailable ({e}); raw I/O goes through bounce \
+                                     buffers"
+                                );
+                            }
+                        })
+                        .ok()
+                });
                 Mutex::new(QueueSlot {
                     executor: Executor::new(),
+                    ring,
+                    vring: None,
                     ring_errors: 0,
                 })
             })
@@ -102,6 +125,16 @@ impl Device {
             .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// The eventfd of queue `queue`'s io_uring, if it has one.
+    pub fn ring_eventfd(&self, queue: usize) -> Option<RawFd> {
+        self.lock_slot(queue)?.ring.as_ref().map(QueueRing::eventfd)
+    }
+
+    /// Whether reads and writes go through io_uring (raw images).
+    pub fn uses_io_uring(&self) -> bool {
+        self.ring_eventfd(0).is_some()
+    }
+
     /// Whether shutdown has begun: workers then process nothing more.
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
@@ -113,9 +146,15 @@ impl Device {
     pub fn shutdown(&self) -> Result<()> {
         self.stopping.store(true, Ordering::Release);
         // Taking every slot waits for batches in progress; later batches see `stopping`.
-        let guards: Vec<_> = (0..self.slots.len())
+        let mut guards: Vec<_> = (0..self.slots.len())
             .filter_map(|q| self.lock_slot(q))
             .collect();
+        for slot in &mut guards {
+            if let Some(ring) = slot.ring.as_mut() {
+                // The guest will not see these completions; the data reaches the file.
+                ring.wait_all(&mut Vec::new());
+            }
+        }
         let res = self.disk.flush();
         drop(guards);
         res

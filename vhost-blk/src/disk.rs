@@ -1,11 +1,12 @@
 //! The disk a daemon serves: an opened image plus what the guest is told about it.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::{Format, Image};
+use qcow2::{FileStorage, Format, Image, RawImage, Storage};
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 use crate::error::{Error, Result};
@@ -37,45 +38,84 @@ pub struct Disk {
     serial: [u8; ID_BYTES],
     discard_alignment: u32,
     probed_raw: bool,
+    /// The file under a raw image, for zero-copy I/O (keeps the descriptor open).
+    raw: Option<Arc<dyn Storage>>,
 }
 
 impl Disk {
     /// Opens the image described by `opts`.
+    ///
+    /// Raw images are opened here (not through `qcow2::open_image`) so that the daemon keeps
+    /// the file descriptor for zero-copy io_uring I/O; qcow2 goes through the qcow2 engine.
     pub fn open(opts: &DiskOptions) -> Result<Disk> {
-        let open_opts = qcow2::OpenOptions {
-            read_only: opts.read_only,
-            format: opts.format,
-            direct: opts.direct,
-            ..Default::default()
-        };
-        let image = qcow2::open_image(&opts.path, &open_opts).map_err(|source| Error::Open {
+        let open_error = |source| Error::Open {
             path: opts.path.clone(),
+            direct: opts.direct,
             source,
-        })?;
-        let probed_raw = opts.format.is_none() && image.format() == Format::Raw;
-        if opts.format.is_none() {
-            tracing::warn!(
-                "image format was not specified for '{}' and probing guessed {}; specify --format \
-                 to remove this warning{}",
-                opts.path.display(),
-                image.format().name(),
-                if probed_raw {
-                    " and the restriction on writing a format signature to sector 0"
-                } else {
-                    ""
-                }
-            );
-        }
-        let discard_alignment = discard_alignment(&opts.path, image.format());
-        let disk = Disk::new(Arc::from(image), opts.serial.as_deref(), discard_alignment)?;
+        };
+        let format = match opts.format {
+            Some(f) => f,
+            None => {
+                // Probe without O_DIRECT: the probe reads 4 unaligned bytes.
+                let file = File::open(&opts.path).map_err(|e| {
+                    open_error(qcow2::Error::io(
+                        format!("Could not open '{}'", opts.path.display()),
+                        e,
+                    ))
+                })?;
+                let format = qcow2::open::probe(&FileStorage::new(file)).map_err(open_error)?;
+                tracing::warn!(
+                    "image format was not specified for '{}' and probing guessed {}; specify \
+                     --format to remove this warning{}",
+                    opts.path.display(),
+                    format.name(),
+                    if format == Format::Raw {
+                        " and the restriction on writing a format signature to sector 0"
+                    } else {
+                        ""
+                    }
+                );
+                format
+            }
+        };
+        let (image, raw): (Arc<dyn Image>, Option<Arc<dyn Storage>>) = match format {
+            Format::Raw => {
+                let file = open_raw(&opts.path, opts.read_only, opts.direct).map_err(|e| {
+                    open_error(qcow2::Error::io(
+                        format!("Could not open '{}'", opts.path.display()),
+                        e,
+                    ))
+                })?;
+                let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+                let image = RawImage::new(storage.clone(), opts.read_only).map_err(open_error)?;
+                (Arc::new(image), Some(storage))
+            }
+            Format::Qcow2 => {
+                let open_opts = qcow2::OpenOptions {
+                    read_only: opts.read_only,
+                    format: Some(Format::Qcow2),
+                    direct: opts.direct,
+                    ..Default::default()
+                };
+                let image = qcow2::open_image(&opts.path, &open_opts).map_err(open_error)?;
+                (Arc::from(image), None)
+            }
+        };
+        let alignment = discard_alignment(&opts.path, format);
+        let disk = Disk::new(image, opts.serial.as_deref(), alignment)?;
         Ok(Disk {
-            probed_raw,
+            probed_raw: opts.format.is_none() && format == Format::Raw,
+            raw,
             ..disk
         })
     }
 
     /// Wraps an opened image. `discard_alignment` is the discard granularity in bytes.
-    pub fn new(image: Arc<dyn Image>, serial: Option<&str>, discard_alignment: u64) -> Result<Disk> {
+    pub fn new(
+        image: Arc<dyn Image>,
+        serial: Option<&str>,
+        discard_alignment: u64,
+    ) -> Result<Disk> {
         let size = image.size();
         if size % SECTOR_SIZE != 0 {
             tracing::warn!(
@@ -103,6 +143,7 @@ impl Disk {
                 .unwrap_or(u32::MAX)
                 .max(1),
             probed_raw: false,
+            raw: None,
         })
     }
 
@@ -138,10 +179,25 @@ impl Disk {
         self.probed_raw
     }
 
+    /// The file descriptor of a raw image, for zero-copy I/O at guest offset = file offset.
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.raw.as_ref().and_then(|s| s.raw_fd())
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
         self.image.flush().map_err(Error::Flush)
     }
+}
+
+/// Opens a raw image file as `qcow2::open_image` would.
+fn open_raw(path: &Path, read_only: bool, direct: bool) -> std::io::Result<File> {
+    let mut o = File::options();
+    o.read(true).write(!read_only);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
 }
 
 /// Discard granularity in bytes: the cluster size for qcow2 (partial clusters are not
@@ -166,5 +222,6 @@ fn discard_alignment(path: &Path, format: Format) -> u64 {
 /// Whether `data` (the start of sector 0) would make format probing see something other
 /// than a raw image.
 pub fn looks_like_image_format(data: &[u8]) -> bool {
-    data.len() >= 4 && u32::from_be_bytes([data[0], data[1], data[2], data[3]]) == qcow2::format::header::MAGIC
+    data.len() >= 4
+        && u32::from_be_bytes([data[0], data[1], data[2], data[3]]) == qcow2::format::header::MAGIC
 }

@@ -139,10 +139,12 @@ pub enum Error {
     #[error("flushing the image failed: {0}")]
     Flush(#[source] qcow2::Error),
     /// Opening the image failed.
-    #[error("cannot open image '{path}': {source}")]
+    #[error("cannot open image '{path}'{}: {source}", if *direct { " with O_DIRECT" } else { "" })]
     Open {
         /// Image path.
         path: PathBuf,
+        /// Whether it was opened with O_DIRECT (which needs aligned buffers all the way down).
+        direct: bool,
         /// The image error.
         #[source]
         source: qcow2::Error,
@@ -162,6 +164,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Setting up signal handling failed.
+    #[error("signal handling: {0}")]
+    Signal(String),
     /// The vhost-user daemon machinery failed.
     #[error("vhost-user: {0}")]
     VhostUser(String),

@@ -4,12 +4,12 @@ use std::ops::Deref;
 
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::bounce::BounceBuffer;
 use crate::disk::{looks_like_image_format, Disk};
 use crate::error::{Error, Result};
-use crate::request::{self, Limits, Request, RequestKind, SegmentCursor};
+use crate::request::{self, Limits, Rejected, Request, RequestKind, SegmentCursor};
 
 /// Largest piece of a read or write that goes through the bounce buffer at once.
 pub const CHUNK: usize = 1 << 20;
@@ -58,44 +58,29 @@ impl Executor {
         D::Target: GuestMemory,
     {
         let mem = chain.memory();
-        let head = chain.head_index();
-        let (status_addr, status, data_len) = match request::parse(chain.clone(), limits) {
-            Ok(req) => match self.execute(mem, disk, &req, writethrough) {
-                Ok(n) => (Some(req.status), VIRTIO_BLK_S_OK as u8, n),
-                Err(e) => {
-                    if matches!(e, Error::Image { .. } | Error::Flush(_)) {
-                        tracing::warn!("request {}: {e}", req.kind.type_code());
-                    } else {
-                        tracing::debug!("request {}: {e}", req.kind.type_code());
-                    }
-                    (Some(req.status), e.status(), 0)
-                }
-            },
-            Err(rejected) => {
-                tracing::debug!("rejected descriptor chain {head}: {}", rejected.error);
-                (rejected.status, rejected.error.status(), 0)
-            }
-        };
-        let Some(addr) = status_addr else {
-            return Completion {
-                head,
-                used_len: 0,
-                status: None,
-            };
-        };
-        match mem.write_obj(status, addr) {
-            Ok(()) => Completion {
-                head,
-                used_len: data_len.saturating_add(1),
-                status: Some(status),
-            },
+        match request::parse(chain.clone(), limits) {
+            Ok(req) => self.run(mem, disk, &req, writethrough),
+            Err(rejected) => reject(mem, &rejected),
+        }
+    }
+
+    /// Executes a validated request and writes its status.
+    pub fn run<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        disk: &Disk,
+        req: &Request,
+        writethrough: bool,
+    ) -> Completion {
+        match self.execute(mem, disk, req, writethrough) {
+            Ok(n) => finish(mem, req, VIRTIO_BLK_S_OK as u8, n),
             Err(e) => {
-                tracing::debug!("chain {head}: cannot write status at {:#x}: {e}", addr.0);
-                Completion {
-                    head,
-                    used_len: 0,
-                    status: None,
+                if matches!(e, Error::Image { .. } | Error::Flush(_)) {
+                    tracing::warn!("request type {}: {e}", req.kind.type_code());
+                } else {
+                    tracing::debug!("request type {}: {e}", req.kind.type_code());
                 }
+                finish(mem, req, e.status(), 0)
             }
         }
     }
@@ -146,7 +131,12 @@ impl Executor {
         }
     }
 
-    fn read<M: GuestMemory + ?Sized>(&mut self, mem: &M, disk: &Disk, req: &Request) -> Result<u32> {
+    fn read<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        disk: &Disk,
+        req: &Request,
+    ) -> Result<u32> {
         let total = req.data_len();
         let mut cursor = SegmentCursor::new(&req.data);
         let mut done = 0u64;
@@ -168,7 +158,12 @@ impl Executor {
         Ok(u32::try_from(total).unwrap_or(u32::MAX))
     }
 
-    fn write<M: GuestMemory + ?Sized>(&mut self, mem: &M, disk: &Disk, req: &Request) -> Result<()> {
+    fn write<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        disk: &Disk,
+        req: &Request,
+    ) -> Result<()> {
         let total = req.data_len();
         let mut cursor = SegmentCursor::new(&req.data);
         let mut done = 0u64;
@@ -190,5 +185,60 @@ impl Executor {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+/// Writes `status` for a request that put `data_len` bytes into guest buffers.
+pub fn finish<M: GuestMemory + ?Sized>(
+    mem: &M,
+    req: &Request,
+    status: u8,
+    data_len: u32,
+) -> Completion {
+    write_status(mem, req.head, Some(req.status), status, data_len)
+}
+
+/// Completes a chain the parser rejected: its error status if it has a status byte,
+/// otherwise nothing is written.
+pub fn reject<M: GuestMemory + ?Sized>(mem: &M, rejected: &Rejected) -> Completion {
+    tracing::debug!(
+        "rejected descriptor chain {}: {}",
+        rejected.head,
+        rejected.error
+    );
+    write_status(
+        mem,
+        rejected.head,
+        rejected.status,
+        rejected.error.status(),
+        0,
+    )
+}
+
+fn write_status<M: GuestMemory + ?Sized>(
+    mem: &M,
+    head: u16,
+    addr: Option<GuestAddress>,
+    status: u8,
+    data_len: u32,
+) -> Completion {
+    let dropped = Completion {
+        head,
+        used_len: 0,
+        status: None,
+    };
+    let Some(addr) = addr else {
+        return dropped;
+    };
+    match mem.write_obj(status, addr) {
+        Ok(()) => Completion {
+            head,
+            used_len: data_len.saturating_add(1),
+            status: Some(status),
+        },
+        Err(e) => {
+            tracing::debug!("chain {head}: cannot write status at {:#x}: {e}", addr.0);
+            dropped
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! queues over a vhost-user unix socket.
 //!
 //! - [`request`]: parses and validates untrusted descriptor chains into typed requests;
-//! - [`exec`]: executes requests against the [`disk`] and completes chains;
+//! - [`exec`]: executes requests against the [`disk`] and completes chains; [`uring`]: the
+//!   zero-copy io_uring path for raw images;
 //! - [`config`] and [`features`]: what the device tells the driver;
 //! - [`device`]: state that outlives connections (disk, per-queue slots, shutdown);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per queue;
@@ -21,5 +22,6 @@ pub mod features;
 pub mod request;
 pub mod server;
 pub mod shutdown;
+pub mod uring;
 
 pub use error::{Error, Result};

@@ -64,9 +64,25 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = run(cli) {
-        tracing::error!("{e:#}");
+        tracing::error!("{}", error_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, without repeating causes whose text the message
+/// already contains (several error types print their source in their own message).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -88,14 +104,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let device = Arc::new(
         Device::new(disk, cli.num_queues, cli.queue_size).context("invalid device options")?,
     );
+    let io_uring = device.uses_io_uring();
     let mut server = Server::bind(&cli.socket, device.clone())?;
     shutdown::spawn_handler(device, cli.socket.clone())?;
     tracing::info!(
-        "serving {} ({}, {} sectors{}) on {} with {} queue(s) of up to {} entries",
+        "serving {} ({}, {} sectors{}{}) on {} with {} queue(s) of up to {} entries",
         cli.image.display(),
         format.name(),
         capacity,
         if cli.read_only { ", read-only" } else { "" },
+        if io_uring { ", zero-copy io_uring" } else { "" },
         cli.socket.display(),
         cli.num_queues,
         cli.queue_size,

@@ -163,7 +163,10 @@ struct Buffers {
 ///
 /// Never panics and never touches memory outside the guest's regions, whatever the chain
 /// contains. Reads the header and any discard/write-zeroes payload from guest memory.
-pub fn parse<D>(chain: DescriptorChain<D>, limits: &Limits) -> std::result::Result<Request, Rejected>
+pub fn parse<D>(
+    chain: DescriptorChain<D>,
+    limits: &Limits,
+) -> std::result::Result<Request, Rejected>
 where
     D: Deref + Clone,
     D::Target: GuestMemory,
@@ -476,7 +479,11 @@ impl<'a> SegmentCursor<'a> {
     }
 
     /// Copies `buf` into guest memory at the cursor and advances.
-    pub fn write_to_guest<M: GuestMemory + ?Sized>(&mut self, mem: &M, mut buf: &[u8]) -> Result<()> {
+    pub fn write_to_guest<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        mut buf: &[u8],
+    ) -> Result<()> {
         while !buf.is_empty() {
             let (addr, n) = self.next_piece(buf.len()).ok_or(Error::GuestMemory {
                 addr: 0,
@@ -496,7 +503,11 @@ impl<'a> SegmentCursor<'a> {
     }
 
     /// Fills `buf` from guest memory at the cursor and advances.
-    pub fn read_from_guest<M: GuestMemory + ?Sized>(&mut self, mem: &M, mut buf: &mut [u8]) -> Result<()> {
+    pub fn read_from_guest<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        mut buf: &mut [u8],
+    ) -> Result<()> {
         while !buf.is_empty() {
             let (addr, n) = self.next_piece(buf.len()).ok_or(Error::GuestMemory {
                 addr: 0,

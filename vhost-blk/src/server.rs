@@ -9,8 +9,9 @@ use std::sync::Arc;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::BlkBackend;
+use crate::backend::{ring_event, BlkBackend};
 use crate::device::Device;
 use crate::error::{Error, Result};
 
@@ -82,6 +83,19 @@ impl Server {
         let backend = Arc::new(BlkBackend::new(self.device.clone(), mem.clone()));
         let mut daemon = VhostUserDaemon::new("vhost-blk".into(), backend.clone(), mem)
             .map_err(|e| Error::VhostUser(e.to_string()))?;
+        // Each worker also listens to its queue's io_uring completions.
+        let handlers = daemon.get_epoll_handlers();
+        let event = u64::from(ring_event(self.device.num_queues()));
+        for (queue, handler) in handlers.iter().enumerate() {
+            if let Some(fd) = self.device.ring_eventfd(queue) {
+                handler
+                    .register_listener(fd, EventSet::IN, event)
+                    .map_err(|e| Error::Queue {
+                        queue,
+                        reason: format!("cannot watch io_uring completions: {e}"),
+                    })?;
+            }
+        }
         tracing::debug!("waiting for a frontend on {}", self.path.display());
         daemon.start(&mut self.listener).map_err(|e| match e {
             DaemonError::CreateBackendListener(VhostUserError::SocketError(source)) => {

@@ -23,7 +23,7 @@ fn stop_signals() -> SigSet {
 pub fn block_signals() -> Result<()> {
     stop_signals()
         .thread_block()
-        .map_err(|e| Error::InvalidOption(format!("cannot block SIGTERM/SIGINT: {e}")))
+        .map_err(|e| Error::Signal(format!("cannot block SIGTERM/SIGINT: {e}")))
 }
 
 /// Starts the thread that waits for SIGTERM/SIGINT, then shuts `device` down, removes the
@@ -56,5 +56,5 @@ pub fn spawn_handler(device: Arc<Device>, socket: PathBuf) -> Result<()> {
             }
         })
         .map(|_| ())
-        .map_err(|e| Error::InvalidOption(format!("cannot start the signal thread: {e}")))
+        .map_err(|e| Error::Signal(format!("cannot start the signal thread: {e}")))
 }

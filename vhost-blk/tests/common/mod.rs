@@ -49,9 +49,16 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.socket.exists() {
             if let Some(status) = d.try_wait() {
-                panic!("vhost-blk exited with {status} before listening:\n{}", d.log());
+                panic!(
+                    "vhost-blk exited with {status} before listening:\n{}",
+                    d.log()
+                );
             }
-            assert!(Instant::now() < deadline, "no socket after 20 s:\n{}", d.log());
+            assert!(
+                Instant::now() < deadline,
+                "no socket after 20 s:\n{}",
+                d.log()
+            );
             sleep(Duration::from_millis(10));
         }
         d
@@ -67,7 +74,17 @@ impl Daemon {
     }
 
     fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Number of threads of the daemon process.
+    pub fn threads(&self) -> usize {
+        let pid = self.child.as_ref().expect("daemon stopped").id();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// Whether the process is still running.
@@ -87,7 +104,10 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("vhost-blk did not exit after signal {signal}:\n{}", self.log());
+                panic!(
+                    "vhost-blk did not exit after signal {signal}:\n{}",
+                    self.log()
+                );
             }
             sleep(Duration::from_millis(10));
         }
@@ -96,7 +116,11 @@ impl Daemon {
     /// SIGTERM, expecting a clean exit 0.
     pub fn stop(&mut self) {
         let status = self.stop_with(libc::SIGTERM);
-        assert!(status.success(), "vhost-blk exited with {status}:\n{}", self.log());
+        assert!(
+            status.success(),
+            "vhost-blk exited with {status}:\n{}",
+            self.log()
+        );
     }
 }
 
@@ -214,6 +238,90 @@ impl Client {
         let ptr = self.region.addr as *const u8;
         self.queues[q].write(offset, ptr, data.len(), 0, ReqFlags::empty());
         self.wait(q)
+    }
+
+    /// Writes several pieces at once through queue `q` (all in flight together), each from
+    /// its own part of the buffer starting `buf_skew` bytes in; returns each result.
+    pub fn write_many(&mut self, q: usize, pieces: &[(u64, Vec<u8>)], buf_skew: usize) -> Vec<i32> {
+        let mut at = buf_skew;
+        let mut starts = Vec::new();
+        for (_, data) in pieces {
+            assert!(at + data.len() <= BUF_LEN);
+            self.buf()[at..at + data.len()].copy_from_slice(data);
+            starts.push(at);
+            at += data.len().next_multiple_of(4096) + buf_skew;
+        }
+        for (i, ((off, data), start)) in pieces.iter().zip(&starts).enumerate() {
+            let ptr = (self.region.addr + start) as *const u8;
+            self.queues[q].write(*off, ptr, data.len(), i, ReqFlags::empty());
+        }
+        self.wait_many(q, pieces.len())
+    }
+
+    /// Submits writes of `len` bytes at each offset through queue `q` without waiting for
+    /// them.
+    pub fn submit_writes(&mut self, q: usize, offsets: &[u64], len: usize) {
+        assert!(len <= BUF_LEN);
+        let ptr = self.region.addr as *const u8;
+        for (i, &off) in offsets.iter().enumerate() {
+            self.queues[q].write(off, ptr, len, i, ReqFlags::empty());
+        }
+        let mut none: [MaybeUninit<Completion>; 0] = [];
+        self.queues[q]
+            .do_io(&mut none, 0, None, None)
+            .expect("submit");
+    }
+
+    /// Reads several pieces at once through queue `q`, each into its own part of the buffer
+    /// starting `buf_skew` bytes in.
+    pub fn read_many(
+        &mut self,
+        q: usize,
+        pieces: &[(u64, usize)],
+        buf_skew: usize,
+    ) -> Vec<Result<Vec<u8>, i32>> {
+        let mut at = buf_skew;
+        let mut starts = Vec::new();
+        for &(_, len) in pieces {
+            assert!(at + len <= BUF_LEN);
+            starts.push(at);
+            at += len.next_multiple_of(4096) + buf_skew;
+        }
+        self.buf().fill(0xa5);
+        for (i, (&(off, len), start)) in pieces.iter().zip(&starts).enumerate() {
+            let ptr = (self.region.addr + start) as *mut u8;
+            self.queues[q].read(off, ptr, len, i, ReqFlags::empty());
+        }
+        let rets = self.wait_many(q, pieces.len());
+        rets.into_iter()
+            .zip(pieces.iter().zip(&starts))
+            .map(|(ret, (&(_, len), &start))| match ret {
+                0 => Ok(self.buf()[start..start + len].to_vec()),
+                e => Err(e),
+            })
+            .collect()
+    }
+
+    /// Waits for `n` completions tagged 0..n; returns their results by tag.
+    fn wait_many(&mut self, q: usize, n: usize) -> Vec<i32> {
+        let mut results = vec![i32::MIN; n];
+        let mut got = 0;
+        while got < n {
+            let mut c: Vec<MaybeUninit<Completion>> =
+                (0..n).map(|_| MaybeUninit::uninit()).collect();
+            let mut timeout = Duration::from_secs(20);
+            let k = self.queues[q]
+                .do_io(&mut c, 1, Some(&mut timeout), None)
+                .expect("do_io");
+            assert!(k > 0, "no completion within 20 s");
+            for slot in &c[..k] {
+                // SAFETY: do_io filled the first k completions.
+                let done = unsafe { slot.assume_init_read() };
+                results[done.user_data] = done.ret;
+            }
+            got += k;
+        }
+        results
     }
 
     /// Reads `len` bytes at `offset` through queue `q`.

@@ -1,0 +1,161 @@
+//! QEMU 10 as the frontend: `qemu-system-x86_64 -accel tcg` with a `vhost-user-blk-pci`
+//! device on our socket. No guest OS is needed: SeaBIOS's virtio-blk driver boots a 512-byte
+//! boot sector from the disk (a read through the daemon), which reads 8 sectors with INT 13h,
+//! inverts them, writes them 15 sectors further on and exits QEMU through `isa-debug-exit`.
+//! The host then checks the image.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `tests/data/qemu-boot-sector.S`, assembled (the rest of the sector is zero up to the
+/// 0x55 0xaa signature).
+const BOOT_CODE: &[u8] = &[
+    0xfa, 0x31, 0xc0, 0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xd0, 0xbc, 0x00, 0x7c, //
+    0xfb, 0x88, 0x16, 0x69, 0x7c, 0x66, 0xc7, 0x06, 0x74, 0x7c, 0x01, 0x00, //
+    0x00, 0x00, 0xb8, 0x00, 0x42, 0x8a, 0x16, 0x69, 0x7c, 0xbe, 0x6c, 0x7c, //
+    0xcd, 0x13, 0x72, 0x29, 0xbf, 0x00, 0x80, 0xb9, 0x00, 0x10, 0xf6, 0x15, //
+    0x47, 0xe2, 0xfb, 0x66, 0xc7, 0x06, 0x74, 0x7c, 0x10, 0x00, 0x00, 0x00, //
+    0xb8, 0x00, 0x43, 0x8a, 0x16, 0x69, 0x7c, 0xbe, 0x6c, 0x7c, 0xcd, 0x13, //
+    0x72, 0x07, 0xbe, 0x7c, 0x7c, 0xb3, 0x10, 0xeb, 0x05, 0xbe, 0x8a, 0x7c, //
+    0xb3, 0x11, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, //
+    0xf8, 0x88, 0xd8, 0xe6, 0xf4, 0xfa, 0xf4, 0xeb, 0xfc, 0x00, 0x66, 0x90, //
+    0x10, 0x00, 0x08, 0x00, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, //
+    0x00, 0x00, 0x00, 0x00, 0x56, 0x48, 0x4f, 0x53, 0x54, 0x42, 0x4c, 0x4b, //
+    0x2d, 0x4f, 0x4b, 0x0d, 0x0a, 0x00, 0x56, 0x48, 0x4f, 0x53, 0x54, 0x42, //
+    0x4c, 0x4b, 0x2d, 0x46, 0x41, 0x49, 0x4c, 0x0d, 0x0a,
+];
+
+/// `isa-debug-exit` turns the guest's success code 0x10 into this exit status.
+const QEMU_SUCCESS: i32 = (0x10 << 1) | 1;
+
+fn boot_sector() -> Vec<u8> {
+    let mut s = vec![0u8; 512];
+    s[..BOOT_CODE.len()].copy_from_slice(BOOT_CODE);
+    s[510] = 0x55;
+    s[511] = 0xaa;
+    s
+}
+
+/// Boots QEMU against `socket`; returns its exit code and serial output.
+fn run_qemu(dir: &Path, socket: &Path, queues: u32) -> (Option<i32>, String) {
+    let serial = dir.join("serial.log");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel", "tcg", "-m", "128", "-display", "none", "-monitor", "none",
+        ])
+        .args(["-net", "none", "-no-reboot"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,id=blk0,path={}", socket.display()))
+        .arg("-device")
+        .arg(format!(
+            "vhost-user-blk-pci,chardev=blk0,num-queues={queues},bootindex=1"
+        ))
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run qemu-system-x86_64 (install the qemu-system-x86 package): {e}")
+        });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(&serial).unwrap_or_default())
+}
+
+fn qemu_boots_reads_and_writes(format: &str, queues: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("contents.raw");
+    let data = pattern(77, 4096);
+    let mut contents = vec![0u8; 8 << 20];
+    contents[..512].copy_from_slice(&boot_sector());
+    contents[512..512 + 4096].copy_from_slice(&data);
+    std::fs::write(&raw, &contents).unwrap();
+    let img = if format == "raw" {
+        raw.clone()
+    } else {
+        let img = dir.path().join("disk.qcow2");
+        let (ok, out) = run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                raw.to_str().unwrap(),
+                img.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{out}");
+        img
+    };
+    let queue_arg = queues.to_string();
+    let mut d = Daemon::start(
+        dir.path(),
+        &img,
+        &["--format", format, "--num-queues", &queue_arg],
+    );
+    let (code, serial) = run_qemu(dir.path(), &d.socket, queues);
+    assert!(
+        code == Some(QEMU_SUCCESS) && serial.contains("VHOSTBLK-OK"),
+        "QEMU exit code {code:?}, serial:\n{serial}\ndaemon:\n{}",
+        d.log()
+    );
+    // QEMU is gone; the daemon serves on.
+    assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
+    d.stop();
+    let check = dir.path().join("check.raw");
+    let (ok, out) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            format,
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            check.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let after = std::fs::read(&check).unwrap();
+    let inverted: Vec<u8> = data.iter().map(|b| !b).collect();
+    assert!(
+        after[16 * 512..24 * 512] == inverted[..],
+        "the guest's write is not in the image"
+    );
+    assert!(
+        after[..512 + 4096] == contents[..512 + 4096],
+        "the guest's read sectors changed"
+    );
+    if format == "qcow2" {
+        qemu_img_check(&img);
+    }
+}
+
+#[test]
+fn qemu_seabios_reads_and_writes_a_raw_image() {
+    qemu_boots_reads_and_writes("raw", 1);
+}
+
+#[test]
+fn qemu_seabios_reads_and_writes_a_qcow2_image_with_two_queues() {
+    qemu_boots_reads_and_writes("qcow2", 2);
+}
