@@ -38,7 +38,7 @@ pub fn parse_options(opts: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     for o in opts {
         for kv in o.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
-            out.push((k.replace('_', "-").replace('-', "_"), v.to_string()));
+            out.push((k.replace('-', "_"), v.to_string()));
         }
     }
     Ok(out)
