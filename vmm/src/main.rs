@@ -1,20 +1,21 @@
-//! `vmm`: Cowbird's KVM virtual machine monitor (issue 7).
+//! `vmm`: Cowbird's KVM virtual machine monitor.
 //!
-//! Only the command line exists so far: it is parsed and validated, then, since booting is not
-//! written yet, the program says so and exits with status 1 rather than pretending to run a VM.
+//! Exit status: 0 when the guest powers off or reboots, 1 when the VMM fails, 2 for a bad
+//! command line, 3 when the guest crashes (triple fault), 4 when KVM cannot run a vCPU.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 use vmm::cli::Cli;
+use vmm::exit::{EXIT_USAGE, EXIT_VMM_ERROR};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::builder()
-                .with_default_directive(LevelFilter::INFO.into())
+                .with_default_directive(LevelFilter::WARN.into())
                 .from_env_lossy(),
         )
         .with_writer(std::io::stderr)
@@ -22,12 +23,16 @@ fn main() -> ExitCode {
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(e) => {
-            // Same exit status as the option errors clap reports itself.
             eprintln!("vmm: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     tracing::debug!(?config, "configuration");
-    eprintln!("vmm: booting is not implemented yet (see issue 7)");
-    ExitCode::FAILURE
+    match vmm::machine::run(&config) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmm: {e:#}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
 }

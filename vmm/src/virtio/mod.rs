@@ -1,0 +1,8 @@
+//! Virtio devices for the guest: the modern virtio-pci transport in front of a vhost-user
+//! backend that does all the device work.
+
+pub mod pci;
+pub mod vhost_user;
+
+pub use pci::{DeviceType, VirtioPciDevice};
+pub use vhost_user::{VhostUserConnection, VhostUserError};

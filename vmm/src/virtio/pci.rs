@@ -1,0 +1,424 @@
+//! The modern virtio-pci transport (virtio 1.x, section 4.1) for a device whose work is done
+//! by a vhost-user backend.
+//!
+//! BAR 0 holds, at fixed offsets, the common configuration, the ISR byte, the device
+//! configuration (forwarded to the backend), the queue notification doorbells and the MSI-X
+//! table. Doorbells are KVM ioeventfds handed to the backend as kick fds and MSI-X vectors are
+//! irqfds handed over as call fds, so once the driver has started the device, the VMM is not
+//! on the data path.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::vhost_user::{QueueSetup, VhostUserConnection};
+use crate::irq::IrqRouter;
+use crate::pci::config::{PciConfig, PciIds};
+use crate::pci::msix::{self, Msix, MSIX_CAPABILITY_ID};
+use crate::pci::PciDevice;
+
+/// Size of BAR 0.
+pub const BAR_SIZE: u64 = 0x1_0000;
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_SIZE: u64 = 0x38;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_OFFSET: u64 = 0x2000;
+const DEVICE_SIZE: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFFSET: u64 = 0x8000;
+const MSIX_PBA_OFFSET: u64 = 0xc000;
+
+const VIRTIO_VENDOR_CAPABILITY: u8 = 0x09;
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_NEEDS_RESET: u8 = 0x40;
+const NO_VECTOR: u16 = 0xffff;
+const MSIX_CONTROL_OFFSET: usize = 2;
+
+/// Transport features the VMM can offer whatever the backend: VERSION_1 is required.
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Features whose support depends on the transport or an IOMMU, never offered: ACCESS_PLATFORM,
+/// ORDER_PLATFORM, SR_IOV, NOTIFICATION_DATA, NOTIF_CONFIG_DATA, RING_RESET, ADMIN_VQ.
+const TRANSPORT_UNSUPPORTED: u64 =
+    (1 << 33) | (1 << 36) | (1 << 37) | (1 << 38) | (1 << 39) | (1 << 40) | (1 << 41);
+
+/// The kinds of device the VMM attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceType {
+    /// virtio-net (device ID 1).
+    Net,
+    /// virtio-blk (device ID 2).
+    Block,
+}
+
+impl DeviceType {
+    fn virtio_id(self) -> u16 {
+        match self {
+            Self::Net => 1,
+            Self::Block => 2,
+        }
+    }
+
+    fn pci_class(self) -> u32 {
+        match self {
+            Self::Net => 0x02_0000,
+            Self::Block => 0x01_8000,
+        }
+    }
+
+    /// Size of the device type's configuration space as this VMM exposes it.
+    pub fn config_size(self) -> usize {
+        match self {
+            Self::Net => 24,
+            Self::Block => 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Queue {
+    max_size: u16,
+    size: u16,
+    vector: u16,
+    enabled: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl Queue {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: max_size,
+            vector: NO_VECTOR,
+            enabled: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+}
+
+/// A virtio-pci function backed by a vhost-user connection.
+pub struct VirtioPciDevice {
+    config: PciConfig,
+    backend: VhostUserConnection,
+    vm: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    msix: Msix,
+    queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    unrouted_call: EventFd,
+    device_features: u64,
+    device_feature_select: u32,
+    driver_features: u64,
+    driver_feature_select: u32,
+    config_vector: u16,
+    status: u8,
+    queue_select: u16,
+    registered_doorbells: Vec<(u64, usize)>,
+    msix_capability: usize,
+}
+
+impl VirtioPciDevice {
+    /// A device of `kind` with `queue_size`-entry queues, one per queue the backend serves,
+    /// and BAR 0 at `bar_addr`.
+    pub fn new(
+        kind: DeviceType,
+        backend: VhostUserConnection,
+        queue_size: u16,
+        bar_addr: u32,
+        vm: Arc<VmFd>,
+        router: Arc<IrqRouter>,
+        memory: GuestMemoryMmap,
+    ) -> std::io::Result<Self> {
+        let num_queues = backend.queue_num();
+        let mut config = PciConfig::new(PciIds {
+            vendor: 0x1af4,
+            device: 0x1040 + kind.virtio_id(),
+            class: kind.pci_class(),
+            revision: 1,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        config.add_memory_bar(0, BAR_SIZE, bar_addr);
+        for (cfg_type, offset, length) in [
+            (CAP_COMMON, COMMON_OFFSET, COMMON_SIZE),
+            (CAP_ISR, ISR_OFFSET, 1),
+            (CAP_DEVICE, DEVICE_OFFSET, DEVICE_SIZE),
+        ] {
+            let body = virtio_capability(cfg_type, offset, length, None);
+            config.add_capability(VIRTIO_VENDOR_CAPABILITY, &body, &vec![0; body.len()]);
+        }
+        let notify_len = u64::from(num_queues) * u64::from(NOTIFY_MULTIPLIER);
+        let body = virtio_capability(CAP_NOTIFY, NOTIFY_OFFSET, notify_len, Some(NOTIFY_MULTIPLIER));
+        config.add_capability(VIRTIO_VENDOR_CAPABILITY, &body, &vec![0; body.len()]);
+        // One vector per queue plus one for configuration changes.
+        let vectors = num_queues + 1;
+        let (body, writable) =
+            msix::capability(vectors, 0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
+        let msix_capability = config.add_capability(MSIX_CAPABILITY_ID, &body, &writable);
+        let msix = Msix::new(vectors, router, &vm)?;
+        let kicks = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let device_features =
+            (backend.device_features() | VIRTIO_F_VERSION_1) & !TRANSPORT_UNSUPPORTED;
+        Ok(Self {
+            config,
+            backend,
+            vm,
+            memory,
+            msix,
+            queues: vec![Queue::new(queue_size); usize::from(num_queues)],
+            kicks,
+            unrouted_call: EventFd::new(libc::EFD_NONBLOCK)?,
+            device_features,
+            device_feature_select: 0,
+            driver_features: 0,
+            driver_feature_select: 0,
+            config_vector: NO_VECTOR,
+            status: 0,
+            queue_select: 0,
+            registered_doorbells: Vec::new(),
+            msix_capability,
+        })
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn read_common(&mut self, offset: u64, data: &mut [u8]) {
+        let queue = self.queues.get(usize::from(self.queue_select)).copied();
+        let value: u64 = match offset {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => self.device_features & 0xffff_ffff,
+                1 => self.device_features >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.config_vector),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(self.status),
+            0x15 => 0, // config generation: the space only changes through the backend
+            0x16 => u64::from(self.queue_select),
+            0x18 => queue.map_or(0, |q| u64::from(q.size)),
+            0x1a => queue.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+            0x1c => queue.map_or(0, |q| u64::from(q.enabled)),
+            0x1e => u64::from(self.queue_select), // notify offset = queue index
+            0x20 => queue.map_or(0, |q| q.desc & 0xffff_ffff),
+            0x24 => queue.map_or(0, |q| q.desc >> 32),
+            0x28 => queue.map_or(0, |q| q.avail & 0xffff_ffff),
+            0x2c => queue.map_or(0, |q| q.avail >> 32),
+            0x30 => queue.map_or(0, |q| q.used & 0xffff_ffff),
+            0x34 => queue.map_or(0, |q| q.used >> 32),
+            _ => 0,
+        };
+        let bytes = value.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 8];
+        let n = data.len().min(8);
+        bytes[..n].copy_from_slice(&data[..n]);
+        let value = u64::from_le_bytes(bytes);
+        let low = |old: u64| (old & !0xffff_ffff) | (value & 0xffff_ffff);
+        let high = |old: u64| (old & 0xffff_ffff) | (value << 32);
+        match offset {
+            0x00 => self.device_feature_select = value as u32,
+            0x08 => self.driver_feature_select = value as u32,
+            0x0c => {
+                let offered = self.device_features;
+                match self.driver_feature_select {
+                    0 => self.driver_features = low(self.driver_features) & offered,
+                    1 => self.driver_features = high(self.driver_features) & offered,
+                    _ => {}
+                }
+            }
+            0x10 => self.config_vector = value as u16,
+            0x14 => self.set_status(value as u8),
+            0x16 => self.queue_select = value as u16,
+            0x18 => {
+                if let Some(q) = self.selected_queue() {
+                    let size = value as u16;
+                    if size.is_power_of_two() && size <= q.max_size {
+                        q.size = size;
+                    }
+                }
+            }
+            0x1a => {
+                let vectors = self.msix.len();
+                if let Some(q) = self.selected_queue() {
+                    let v = value as u16;
+                    q.vector = if v < vectors { v } else { NO_VECTOR };
+                }
+            }
+            0x1c => {
+                if let Some(q) = self.selected_queue() {
+                    q.enabled = value & 1 == 1;
+                }
+            }
+            0x20 => self.update_queue(|q| q.desc = low(q.desc)),
+            0x24 => self.update_queue(|q| q.desc = high(q.desc)),
+            0x28 => self.update_queue(|q| q.avail = low(q.avail)),
+            0x2c => self.update_queue(|q| q.avail = high(q.avail)),
+            0x30 => self.update_queue(|q| q.used = low(q.used)),
+            0x34 => self.update_queue(|q| q.used = high(q.used)),
+            _ => {}
+        }
+    }
+
+    fn update_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+
+    fn set_status(&mut self, status: u8) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        let starting = status & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        self.status = status;
+        if starting {
+            if let Err(e) = self.activate() {
+                tracing::error!("cannot start device: {e:#}");
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
+    }
+
+    /// Registers the doorbells of the enabled queues as ioeventfds and hands the queues to
+    /// the backend.
+    fn activate(&mut self) -> anyhow::Result<()> {
+        let Some(bar) = self.config.bar_range(0) else {
+            anyhow::bail!("driver started the device with BAR 0 disabled");
+        };
+        let mut queues = Vec::new();
+        for (index, q) in self.queues.iter().enumerate().filter(|(_, q)| q.enabled) {
+            let doorbell = bar.start + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_MULTIPLIER);
+            self.vm
+                .register_ioevent(&self.kicks[index], &IoEventAddress::Mmio(doorbell), NoDatamatch)
+                .map_err(|e| anyhow::anyhow!("KVM_IOEVENTFD for queue {index}: {e}"))?;
+            self.registered_doorbells.push((doorbell, index));
+            let setup = QueueSetup {
+                index,
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+            };
+            let call = self.msix.irqfd(q.vector).unwrap_or(&self.unrouted_call);
+            queues.push((setup, call, &self.kicks[index]));
+        }
+        self.backend
+            .activate(&self.memory, self.driver_features, &queues)?;
+        tracing::debug!(socket = %self.backend.socket().display(), queues = queues.len(), "device started");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            let enabled: Vec<usize> = (0..self.queues.len()).filter(|&i| self.queues[i].enabled).collect();
+            if let Err(e) = self.backend.stop(&enabled) {
+                tracing::warn!("stopping the backend's queues: {e}");
+            }
+        }
+        for (addr, index) in self.registered_doorbells.drain(..) {
+            let _ = self
+                .vm
+                .unregister_ioevent(&self.kicks[index], &IoEventAddress::Mmio(addr), NoDatamatch);
+        }
+        for q in &mut self.queues {
+            *q = Queue::new(q.max_size);
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.config_vector = NO_VECTOR;
+        self.queue_select = 0;
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        let control = self.msix_capability + MSIX_CONTROL_OFFSET;
+        if offset <= control + 1 && offset + data.len() > control {
+            self.msix.set_control(self.config.u16_at(control));
+        }
+    }
+
+    fn read_bar(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_SIZE => self.read_common(o, data),
+            ISR_OFFSET => data.fill(0), // MSI-X only: the ISR is never used
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
+                if let Err(e) = self.backend.read_config((o - DEVICE_OFFSET) as usize, data) {
+                    tracing::error!("{e}");
+                    data.fill(0);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix.read_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    fn write_bar(&mut self, _bar: usize, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_SIZE => self.write_common(o, data),
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
+                if let Err(e) = self.backend.write_config((o - DEVICE_OFFSET) as usize, data) {
+                    tracing::error!("{e}");
+                }
+            }
+            o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
+                // A doorbell that KVM did not catch (device not started yet, or BAR moved).
+                let index = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(kick) = self.kicks.get(index) {
+                    let _ = kick.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix.write_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A `virtio_pci_cap` body after the ID and next bytes: length, type, BAR 0, offset, length,
+/// and for the notify capability the offset multiplier.
+fn virtio_capability(cfg_type: u8, offset: u64, length: u64, multiplier: Option<u32>) -> Vec<u8> {
+    let cap_len: u8 = if multiplier.is_some() { 20 } else { 16 };
+    let mut body = vec![cap_len, cfg_type, 0, 0, 0, 0];
+    body.extend_from_slice(&(offset as u32).to_le_bytes());
+    body.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(m) = multiplier {
+        body.extend_from_slice(&m.to_le_bytes());
+    }
+    body
+}
