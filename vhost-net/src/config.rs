@@ -28,9 +28,10 @@ pub const DUPLEX_UNKNOWN: u8 = 0xff;
 /// The most queue pairs the spec allows a device to advertise (`max_virtqueue_pairs`).
 pub const SPEC_MAX_QUEUE_PAIRS: u16 = VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX as u16;
 
-/// The most queue pairs this daemon serves: one TAP queue per pair, and the Linux TUN driver
-/// allows at most 256 queues per device (`MAX_TAP_QUEUES`).
-pub const MAX_QUEUE_PAIRS: u16 = 256;
+/// The most queue pairs this daemon serves. One TAP queue per pair (the Linux TUN driver
+/// allows 256, `MAX_TAP_QUEUES`), but `vhost-user-backend` maps queues to worker threads with
+/// 64-bit masks, so all queues (two per pair and the control queue) must fit in 64: 31 pairs.
+pub const MAX_QUEUE_PAIRS: u16 = 31;
 
 /// Size of the vnet header in front of every packet when VERSION_1 or MRG_RXBUF is negotiated
 /// (`struct virtio_net_hdr_v1`, with `num_buffers`).
@@ -144,8 +145,8 @@ pub struct FeatureOptions {
 /// The virtio feature bits the daemon offers to the driver.
 ///
 /// VERSION_1, checksum and TSO offload both ways, MRG_RXBUF, EVENT_IDX, a control queue with
-/// MQ, MAC and STATUS always; MTU and UFO as `opts` says. The vhost-user layer adds
-/// VHOST_USER_F_PROTOCOL_FEATURES itself. Packed rings are not offered: `virtio-queue` only
+/// MQ, MAC and STATUS always; MTU and UFO as `opts` says. The device adds
+/// VHOST_USER_F_PROTOCOL_FEATURES (see `device::Device::features`). Packed rings are not offered: `virtio-queue` only
 /// implements split rings.
 pub fn device_features(opts: FeatureOptions) -> u64 {
     let mut features = feature(VIRTIO_F_VERSION_1)
@@ -388,7 +389,7 @@ mod tests {
     fn queue_counts_include_the_control_queue() {
         assert_eq!(num_queues(1), 3);
         assert_eq!(num_queues(2), 5);
-        assert_eq!(num_queues(MAX_QUEUE_PAIRS), 513);
+        assert_eq!(num_queues(MAX_QUEUE_PAIRS), 63);
         const { assert!(MAX_QUEUE_PAIRS <= SPEC_MAX_QUEUE_PAIRS) };
     }
 

@@ -79,6 +79,106 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// `/dev/net/tun` cannot be opened (missing device node or the `tun` module not loaded).
+    #[error(
+        "cannot open {path}: {source} (is the tun module loaded and the device node present?)"
+    )]
+    TunUnavailable {
+        /// The clone device path.
+        path: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An existing network interface of that name cannot be used as our TAP.
+    #[error("cannot attach to TAP device '{name}': {reason}")]
+    TapConflict {
+        /// The interface name.
+        name: String,
+        /// Why (wrong type, multi-queue mismatch, in use, ...).
+        reason: String,
+    },
+    /// An operation on the TAP device failed.
+    #[error("TAP device '{name}': {op} failed: {source}")]
+    Tap {
+        /// The interface name.
+        name: String,
+        /// What was being done (the ioctl).
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A descriptor's buffer is not (entirely) inside guest memory.
+    #[error("descriptor {index} at guest address {addr:#x} ({len} bytes) is outside guest memory")]
+    OutOfGuestMemory {
+        /// Position of the descriptor in its chain.
+        index: usize,
+        /// Guest physical address of the buffer.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// The chain loops, is longer than the queue, or names a descriptor that cannot be read.
+    #[error("descriptor chain {head} is broken (loop, too long, or bad next index)")]
+    BrokenChain {
+        /// Head descriptor index.
+        head: u16,
+    },
+    /// A descriptor points the wrong way: device-writable on tx, device-readable on rx.
+    #[error("descriptor {index} of chain {head} has the wrong direction for this queue")]
+    WrongDirection {
+        /// Head descriptor index.
+        head: u16,
+        /// Position of the descriptor in its chain.
+        index: usize,
+    },
+    /// A chain shorter than the vnet header.
+    #[error("descriptor chain {head} holds {len} bytes, less than the {hdr_len}-byte vnet header")]
+    ChainTooShort {
+        /// Head descriptor index.
+        head: u16,
+        /// Bytes in the chain (in the direction that matters).
+        len: u64,
+        /// The negotiated vnet header length.
+        hdr_len: usize,
+    },
+    /// A tx chain longer than any frame the TAP accepts.
+    #[error("tx chain {head} holds {len} bytes, more than the {max}-byte limit")]
+    FrameTooLong {
+        /// Head descriptor index.
+        head: u16,
+        /// Bytes in the chain.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A chain with more buffers than one readv/writev takes.
+    #[error("descriptor chain {head} has more than {max} buffers")]
+    TooManyBuffers {
+        /// Head descriptor index.
+        head: u16,
+        /// The limit.
+        max: usize,
+    },
+    /// A vhost-user socket cannot be bound, connected or accepted on.
+    #[error("socket {}: {source}", path.display())]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process is listening on the socket.
+    #[error("socket {} is in use by another process", .0.display())]
+    SocketInUse(PathBuf),
+    /// The vhost-user machinery failed (daemon creation, protocol error).
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+    /// Signal setup failed.
+    #[error("signals: {0}")]
+    Signal(String),
 }
 
 /// Shorthand for results carrying this crate's [`Error`].

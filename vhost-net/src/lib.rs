@@ -1,19 +1,30 @@
-//! Building blocks of Cowbird's vhost-user-net backend.
+//! Cowbird's vhost-user-net backend: serves a guest's virtio-net queues over a vhost-user
+//! socket and moves packets to and from a Linux TAP device.
 //!
-//! The daemon (issue 6) serves a guest's virtio-net queues over a vhost-user socket and moves
-//! packets to and from a Linux TAP device. This crate holds the parts of it that are pure logic
-//! and can be tested without a TAP device or a frontend:
-//! - [`mac`]: MAC addresses, parsing, printing and random locally administered ones;
-//! - [`config`]: the virtio-net device configuration space, the offered feature bits and the
-//!   mapping from negotiated features to TAP offloads and vnet header size;
-//! - [`cli`]: the daemon's command line with its value validation.
+//! - [`tap`]: the TAP device (one queue per pair, vnet headers, offloads, address, MTU);
+//! - [`chain`]: validates untrusted descriptor chains into guest buffers and `iovec`s;
+//! - [`datapath`]: tx chains → TAP with writev, TAP → rx chains with readv (MRG_RXBUF:
+//!   one packet over several chains), zero-copy both ways;
+//! - [`ctrl`]: the control queue's commands (MQ pairs, receive filters);
+//! - [`config`] and [`mac`]: what the device tells the driver; [`cli`]: the command line;
+//! - [`device`]: state that outlives connections (TAP, per-pair slots and counters);
+//! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per pair;
+//! - [`server`]: the socket and the connection loop; [`shutdown`]: SIGTERM/SIGINT.
 
 #![warn(missing_docs)]
 
+pub mod backend;
+pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod ctrl;
+pub mod datapath;
+pub mod device;
 pub mod error;
 pub mod mac;
+pub mod server;
+pub mod shutdown;
+pub mod tap;
 
 pub use error::{Error, Result};
 pub use mac::MacAddress;
