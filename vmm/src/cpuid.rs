@@ -8,6 +8,15 @@ use kvm_ioctls::Kvm;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 ECX: performance/debug capability MSR (no PMU is emulated).
 const ECX_PDCM: u32 = 1 << 15;
+/// KVM paravirtual features offered (leaf 0x40000001 EAX): QEMU's defaults, i.e. kvmclock
+/// (both MSR sets and the stable bit), no-op port 0x80 delays, async page faults, steal time
+/// and PV EOI. The PV IPI, TLB-flush, sched-yield and poll-control hypercalls are left out,
+/// as QEMU leaves them out unless asked.
+const KVM_FEATURES_OFFERED: u32 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 24);
+/// Leaf 0x80000001 ECX: AMD topology extensions (leaf 0x8000001e).
+const ECX_TOPOEXT: u32 = 1 << 22;
+/// Leaf 0x80000007 EDX: the TSC runs at a constant rate in all states.
+const EDX_INVARIANT_TSC: u32 = 1 << 8;
 /// Leaf 1 EDX: several logical processors per package.
 const EDX_HTT: u32 = 1 << 28;
 
@@ -67,6 +76,16 @@ fn adjust(entry: &mut kvm_cpuid_entry2, id: u8, cpus: u8) {
                 }
             }
         }
+        0x4000_0001 => entry.eax &= KVM_FEATURES_OFFERED,
+        // Invariant TSC: not promised (QEMU hides it too unless asked): a guest that trusts
+        // it skips the TSC synchronisation checks between vCPUs.
+        0x8000_0007 => entry.edx &= !EDX_INVARIANT_TSC,
+        // AMD: number of cores (ECX 7:0 = cores - 1, 15:12 = APIC ID bits for the core).
+        0x8000_0008 => {
+            entry.ecx = (entry.ecx & !0xf0ff) | (core_bits << 12) | (u32::from(cpus) - 1);
+        }
+        // AMD extended topology (leaf 0x8000001e) is not described: TOPOEXT off.
+        0x8000_0001 => entry.ecx &= !ECX_TOPOEXT,
         _ => {}
     }
 }
@@ -95,6 +114,18 @@ mod tests {
         let mut cores = entry(0xb, 1);
         adjust(&mut cores, 3, 4);
         assert_eq!((cores.eax, cores.ebx, cores.edx), (2, 4, 3));
+    }
+
+    #[test]
+    fn kvm_pv_features_are_qemus_defaults() {
+        let mut kvm = kvm_cpuid_entry2 {
+            function: 0x4000_0001,
+            eax: u32::MAX,
+            ..Default::default()
+        };
+        adjust(&mut kvm, 0, 2);
+        assert_eq!(kvm.eax, KVM_FEATURES_OFFERED);
+        assert_eq!(kvm.eax & (1 << 11), 0, "no PV IPI");
     }
 
     #[test]

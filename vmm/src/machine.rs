@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use nix::sys::signal::{SigSet, Signal};
 
 use crate::boot;
 use crate::cli::{DiskBackend, NetBackend, SerialConfig, VmConfig};
@@ -17,7 +18,7 @@ use crate::legacy::{ResetPort, SerialPort};
 use crate::memory::PCI_HOLE_START;
 use crate::pci::PciBus;
 use crate::platform::Platform;
-use crate::vcpu::Vcpu;
+use crate::vcpu::{Vcpu, VcpuHandle};
 use crate::virtio::pci::BAR_SIZE;
 use crate::virtio::{DeviceType, VhostUserConnection, VirtioPciDevice};
 use crate::vm::Vm;
@@ -29,6 +30,7 @@ const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 /// ended (see [`crate::exit`]).
 pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    let sigusr1 = block_sigusr1()?;
     let vm = Vm::new(&config.memory)?;
     let max = vm.kvm().get_max_vcpus();
     if usize::from(config.cpus) > max {
@@ -65,12 +67,16 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
     let platform = Arc::new(Platform::new(serial, ResetPort::new(events.clone()), pci));
 
     let supported = cpuid::supported(vm.kvm()).context("KVM_GET_SUPPORTED_CPUID")?;
-    for id in 0..config.cpus {
-        let cpuid = cpuid::for_vcpu(&supported, id, config.cpus);
-        let vcpu = Vcpu::new(vm.fd(), id, &cpuid, entry)?;
-        vcpu.spawn(platform.clone(), events.clone())
-            .context("cannot start a vCPU thread")?;
-    }
+    // All vCPUs exist (with TSC 0) before any runs, so KVM synchronises their TSCs.
+    let vcpus = (0..config.cpus)
+        .map(|id| Vcpu::new(vm.fd(), id, &cpuid::for_vcpu(&supported, id, config.cpus), entry))
+        .collect::<Result<Vec<_>, _>>()?;
+    let handles = vcpus
+        .into_iter()
+        .map(|vcpu| vcpu.spawn(platform.clone(), events.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot start a vCPU thread")?;
+    dump_registers_on_signal(sigusr1, handles)?;
     tracing::info!(
         cpus = config.cpus,
         memory_mib = config.memory.size() >> 20,
@@ -82,6 +88,31 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
         .expect("the vCPU threads hold senders until they report");
     let _ = std::io::stdout().flush();
     Ok(event.report())
+}
+
+/// Blocks SIGUSR1 in this thread and so in every thread it starts from now on, for
+/// [`dump_registers_on_signal`] to receive it.
+fn block_sigusr1() -> anyhow::Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGUSR1);
+    set.thread_block().context("cannot block SIGUSR1")?;
+    Ok(set)
+}
+
+/// Makes the signals in `set` (SIGUSR1) print every vCPU's registers to stderr, for looking
+/// at a hung guest.
+fn dump_registers_on_signal(set: SigSet, vcpus: Vec<VcpuHandle>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("sigusr1".into())
+        .spawn(move || {
+            while set.wait().is_ok() {
+                for vcpu in &vcpus {
+                    vcpu.request_register_dump();
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
 }
 
 /// Connects every `--disk` and `--net` backend and plugs a virtio-pci device for each into a

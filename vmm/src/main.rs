@@ -31,8 +31,20 @@ fn main() -> ExitCode {
     match vmm::machine::run(&config) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmm: {e:#}");
+            eprintln!("vmm: {}", describe(&e));
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }
+}
+
+/// The error and its causes on one line, leaving out causes the message already quotes.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }

@@ -2,6 +2,8 @@
 //! dispatching its I/O exits to the [`Platform`].
 
 use std::sync::mpsc::Sender;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs};
@@ -23,6 +25,7 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_IA32_TSC: u32 = 0x10;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
@@ -52,12 +55,20 @@ impl Vcpu {
         let err = |what| move |source| VcpuError { cpu: id, what, source };
         let fd = vm.create_vcpu(u64::from(id)).map_err(err("CREATE_VCPU"))?;
         fd.set_cpuid2(cpuid).map_err(err("SET_CPUID2"))?;
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_IA32_MISC_ENABLE,
-            data: MISC_ENABLE_FAST_STRING,
-            ..Default::default()
-        }])
-        .expect("one MSR entry fits");
+        let msrs = Msrs::from_entries(&[
+            kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                data: MISC_ENABLE_FAST_STRING,
+                ..Default::default()
+            },
+            // Every vCPU starts with TSC 0, so KVM keeps their TSCs synchronised.
+            kvm_msr_entry {
+                index: MSR_IA32_TSC,
+                data: 0,
+                ..Default::default()
+            },
+        ])
+        .expect("two MSR entries fit");
         fd.set_msrs(&msrs).map_err(err("SET_MSRS"))?;
         let mut lapic = fd.get_lapic().map_err(err("GET_LAPIC"))?;
         set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
@@ -117,18 +128,28 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on its own thread until the guest stops it; the reason goes to `events`.
-    pub fn spawn(mut self, platform: Arc<Platform>, events: Sender<VmEvent>) -> std::io::Result<()> {
-        std::thread::Builder::new()
+    pub fn spawn(mut self, platform: Arc<Platform>, events: Sender<VmEvent>) -> std::io::Result<VcpuHandle> {
+        install_kick_handler()?;
+        let control = Arc::new(VcpuControl::default());
+        let thread_control = control.clone();
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
-                let event = self.run(&platform);
+                let event = self.run(&platform, &thread_control);
                 let _ = events.send(event);
             })?;
-        Ok(())
+        Ok(VcpuHandle {
+            pthread: thread.as_pthread_t(),
+            control,
+            _thread: thread,
+        })
     }
 
-    fn run(&mut self, platform: &Platform) -> VmEvent {
+    fn run(&mut self, platform: &Platform, control: &VcpuControl) -> VmEvent {
         loop {
+            if control.dump_requested.swap(false, Ordering::Relaxed) {
+                eprintln!("vmm: vCPU {} registers:\n{}", self.id, self.dump_registers());
+            }
             let failure = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     platform.pio_read(port, data);
@@ -165,6 +186,7 @@ impl Vcpu {
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Some(format!(
                     "KVM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
                 )),
+                Ok(VcpuExit::Intr) => None,
                 Ok(other) => Some(format!("unexpected exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
                 Err(e) => Some(format!("KVM_RUN failed: {e}")),
@@ -190,6 +212,51 @@ impl Vcpu {
             s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.base, s.cs.l, s.cs.db, s.ss.selector
         )
     }
+}
+
+/// Requests from other threads to a running vCPU.
+#[derive(Default)]
+struct VcpuControl {
+    dump_requested: AtomicBool,
+}
+
+/// A running vCPU thread, for the main thread to interrupt.
+pub struct VcpuHandle {
+    pthread: libc::pthread_t,
+    control: Arc<VcpuControl>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Makes the vCPU print its registers to stderr (at its next exit, which this forces).
+    pub fn request_register_dump(&self) {
+        self.control.dump_requested.store(true, Ordering::Relaxed);
+        self.kick();
+    }
+
+    /// Forces the vCPU out of KVM_RUN with the kick signal.
+    fn kick(&self) {
+        // SAFETY: the thread is alive while its JoinHandle is held; the signal has a handler.
+        unsafe { libc::pthread_kill(self.pthread, kick_signal()) };
+    }
+}
+
+/// The real-time signal that interrupts KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs a no-op handler for the kick signal, so that it interrupts KVM_RUN with EINTR
+/// instead of killing the process.
+fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    INSTALLED.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
 }
 
 /// Sets the delivery mode bits (10:8) of a local vector table register.
