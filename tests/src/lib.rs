@@ -5,6 +5,7 @@
 //! tests never skip silently.
 
 pub mod crash;
+pub mod stack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

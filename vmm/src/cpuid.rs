@@ -12,7 +12,8 @@ const ECX_PDCM: u32 = 1 << 15;
 /// (both MSR sets and the stable bit), no-op port 0x80 delays, async page faults, steal time
 /// and PV EOI. The PV IPI, TLB-flush, sched-yield and poll-control hypercalls are left out,
 /// as QEMU leaves them out unless asked.
-const KVM_FEATURES_OFFERED: u32 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 24);
+const KVM_FEATURES_OFFERED: u32 =
+    (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 24);
 /// Leaf 0x80000001 ECX: AMD topology extensions (leaf 0x8000001e).
 const ECX_TOPOEXT: u32 = 1 << 22;
 /// Leaf 0x80000007 EDX: the TSC runs at a constant rate in all states.

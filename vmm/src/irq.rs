@@ -58,7 +58,11 @@ impl IrqRouter {
 
     /// Routes `gsi` to `message`, or removes its route (`None`: masked or unprogrammed), and
     /// hands the new table to KVM.
-    pub fn set_msi_route(&self, gsi: u32, message: Option<MsiMessage>) -> Result<(), kvm_ioctls::Error> {
+    pub fn set_msi_route(
+        &self,
+        gsi: u32,
+        message: Option<MsiMessage>,
+    ) -> Result<(), kvm_ioctls::Error> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let changed = match message {
             Some(m) => state.msi_routes.insert(gsi, m) != Some(m),
@@ -124,7 +128,13 @@ mod tests {
     #[test]
     fn table_keeps_the_legacy_routes_and_adds_msi() {
         let mut routes = BTreeMap::new();
-        routes.insert(24, MsiMessage { address: 0xfee0_0000, data: 0x41 });
+        routes.insert(
+            24,
+            MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x41,
+            },
+        );
         let table = routing_table(&routes);
         let entries = table.as_slice();
         // 16 PIC routes + 24 IOAPIC routes + 1 MSI route.
@@ -132,6 +142,9 @@ mod tests {
         let msi = entries.last().unwrap();
         assert_eq!((msi.gsi, msi.type_), (24, KVM_IRQ_ROUTING_MSI));
         // SAFETY: the entry was written as an MSI route.
-        assert_eq!(unsafe { (msi.u.msi.address_lo, msi.u.msi.data) }, (0xfee0_0000, 0x41));
+        assert_eq!(
+            unsafe { (msi.u.msi.address_lo, msi.u.msi.data) },
+            (0xfee0_0000, 0x41)
+        );
     }
 }

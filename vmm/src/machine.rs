@@ -34,7 +34,10 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
     let vm = Vm::new(&config.memory)?;
     let max = vm.kvm().get_max_vcpus();
     if usize::from(config.cpus) > max {
-        bail!("--cpus {}: this host's KVM allows at most {max}", config.cpus);
+        bail!(
+            "--cpus {}: this host's KVM allows at most {max}",
+            config.cpus
+        );
     }
     let entry = boot::load(
         vm.memory(),
@@ -59,7 +62,10 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open serial output {}", path.display()))?;
-            Some(SerialPort::new(vm.fd(), Box::new(file) as Box<dyn Write + Send>)?)
+            Some(SerialPort::new(
+                vm.fd(),
+                Box::new(file) as Box<dyn Write + Send>,
+            )?)
         }
         SerialConfig::Off => None,
     };
@@ -69,7 +75,14 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
     let supported = cpuid::supported(vm.kvm()).context("KVM_GET_SUPPORTED_CPUID")?;
     // All vCPUs exist (with TSC 0) before any runs, so KVM synchronises their TSCs.
     let vcpus = (0..config.cpus)
-        .map(|id| Vcpu::new(vm.fd(), id, &cpuid::for_vcpu(&supported, id, config.cpus), entry))
+        .map(|id| {
+            Vcpu::new(
+                vm.fd(),
+                id,
+                &cpuid::for_vcpu(&supported, id, config.cpus),
+                entry,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let handles = vcpus
         .into_iter()
@@ -121,7 +134,12 @@ fn attach_devices(config: &VmConfig, vm: &Vm) -> anyhow::Result<PciBus> {
     let router = Arc::new(IrqRouter::new(vm.fd().clone()));
     let mut bus = PciBus::new();
     let mut next_bar = PCI_HOLE_START;
-    let mut plug = |kind: DeviceType, socket: &std::path::Path, queues: u16, queue_size: u16, readonly: bool| -> anyhow::Result<()> {
+    let mut plug = |kind: DeviceType,
+                    socket: &std::path::Path,
+                    queues: u16,
+                    queue_size: u16,
+                    readonly: bool|
+     -> anyhow::Result<()> {
         let backend = VhostUserConnection::connect(socket, kind.config_size())?;
         if backend.queue_num() < queues {
             bail!(

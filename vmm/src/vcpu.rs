@@ -1,9 +1,9 @@
 //! vCPUs: their initial state for the chosen boot protocol and the thread that runs each one,
 //! dispatching its I/O exits to the [`Platform`].
 
-use std::sync::mpsc::Sender;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs};
@@ -52,7 +52,13 @@ impl Vcpu {
     /// also put at `entry` (whose GDT and page tables [`crate::boot::load`] wrote); the others
     /// wait for the INIT/SIPI the guest sends them.
     pub fn new(vm: &VmFd, id: u8, cpuid: &CpuId, entry: EntryPoint) -> Result<Self, VcpuError> {
-        let err = |what| move |source| VcpuError { cpu: id, what, source };
+        let err = |what| {
+            move |source| VcpuError {
+                cpu: id,
+                what,
+                source,
+            }
+        };
         let fd = vm.create_vcpu(u64::from(id)).map_err(err("CREATE_VCPU"))?;
         fd.set_cpuid2(cpuid).map_err(err("SET_CPUID2"))?;
         let msrs = Msrs::from_entries(&[
@@ -83,7 +89,13 @@ impl Vcpu {
 
     /// Sets registers, segments and (for long mode) paging so the next run enters `entry`.
     fn enter(&self, entry: EntryPoint) -> Result<(), VcpuError> {
-        let err = |what| move |source| VcpuError { cpu: self.id, what, source };
+        let err = |what| {
+            move |source| VcpuError {
+                cpu: self.id,
+                what,
+                source,
+            }
+        };
         let long_mode = matches!(entry, EntryPoint::LongMode { .. });
         let table = gdt::boot_gdt(long_mode);
         let mut sregs = self.fd.get_sregs().map_err(err("GET_SREGS"))?;
@@ -128,7 +140,11 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on its own thread until the guest stops it; the reason goes to `events`.
-    pub fn spawn(mut self, platform: Arc<Platform>, events: Sender<VmEvent>) -> std::io::Result<VcpuHandle> {
+    pub fn spawn(
+        mut self,
+        platform: Arc<Platform>,
+        events: Sender<VmEvent>,
+    ) -> std::io::Result<VcpuHandle> {
         install_kick_handler()?;
         let control = Arc::new(VcpuControl::default());
         let thread_control = control.clone();
@@ -148,7 +164,11 @@ impl Vcpu {
     fn run(&mut self, platform: &Platform, control: &VcpuControl) -> VmEvent {
         loop {
             if control.dump_requested.swap(false, Ordering::Relaxed) {
-                eprintln!("vmm: vCPU {} registers:\n{}", self.id, self.dump_registers());
+                eprintln!(
+                    "vmm: vCPU {} registers:\n{}",
+                    self.id,
+                    self.dump_registers()
+                );
             }
             let failure = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {

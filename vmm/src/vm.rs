@@ -135,7 +135,9 @@ mod tests {
         let memory = create_guest_memory(&layout).unwrap();
         let region = memory.iter().next().unwrap();
         assert!(region.file_offset().is_some());
-        memory.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        memory
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
         // The same bytes through the file: what a vhost-user backend that maps it sees.
         let file = region.file_offset().unwrap().file();
         let mut buf = [0u8; 4];

@@ -82,7 +82,10 @@ mod tests {
         assert_eq!(gdt[1], 0x00cf_9b00_0000_ffff);
         let cs = segment_from_entry(gdt[1], CODE_SELECTOR);
         assert_eq!((cs.base, cs.limit), (0, 0xffff_ffff));
-        assert_eq!((cs.type_, cs.present, cs.s, cs.db, cs.l, cs.g), (0xb, 1, 1, 1, 0, 1));
+        assert_eq!(
+            (cs.type_, cs.present, cs.s, cs.db, cs.l, cs.g),
+            (0xb, 1, 1, 1, 0, 1)
+        );
     }
 
     #[test]

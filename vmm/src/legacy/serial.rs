@@ -37,7 +37,10 @@ impl SerialPort {
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm.register_irqfd(&irq, COM1_IRQ)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        Ok(Self(Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out)))))
+        Ok(Self(Arc::new(Mutex::new(Serial::new(
+            IrqTrigger(irq),
+            out,
+        )))))
     }
 
     /// Guest read of register `offset`.
@@ -81,7 +84,9 @@ impl SerialPort {
             .expect("spawning a thread only fails when the process is out of resources");
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

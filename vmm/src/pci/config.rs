@@ -85,7 +85,10 @@ impl PciConfig {
         assert_eq!(body.len(), writable.len());
         let offset = self.next_capability;
         let len = 2 + body.len();
-        assert!(offset + len <= CONFIG_SPACE_SIZE, "capabilities overflow config space");
+        assert!(
+            offset + len <= CONFIG_SPACE_SIZE,
+            "capabilities overflow config space"
+        );
         self.bytes[self.last_capability_next] = offset as u8;
         self.bytes[offset] = id;
         self.bytes[offset + 1] = 0;

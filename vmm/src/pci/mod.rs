@@ -118,19 +118,28 @@ impl PciBus {
 
     /// Guest MMIO read; false if no BAR decodes `addr`.
     pub fn read_mmio(&self, addr: u64, data: &mut [u8]) -> bool {
-        self.with_bar(addr, |device, bar, offset| device.read_bar(bar, offset, data))
+        self.with_bar(addr, |device, bar, offset| {
+            device.read_bar(bar, offset, data)
+        })
     }
 
     /// Guest MMIO write; false if no BAR decodes `addr`.
     pub fn write_mmio(&self, addr: u64, data: &[u8]) -> bool {
-        self.with_bar(addr, |device, bar, offset| device.write_bar(bar, offset, data))
+        self.with_bar(addr, |device, bar, offset| {
+            device.write_bar(bar, offset, data)
+        })
     }
 
     fn with_bar(&self, addr: u64, f: impl FnOnce(&mut dyn PciDevice, usize, u64)) -> bool {
         for device in &self.slots[1..] {
             let mut device = lock(device);
-            let hit = (0..NUM_BARS)
-                .find_map(|bar| device.config().bar_range(bar).filter(|r| r.contains(&addr)).map(|r| (bar, addr - r.start)));
+            let hit = (0..NUM_BARS).find_map(|bar| {
+                device
+                    .config()
+                    .bar_range(bar)
+                    .filter(|r| r.contains(&addr))
+                    .map(|r| (bar, addr - r.start))
+            });
             if let Some((bar, offset)) = hit {
                 f(&mut *device, bar, offset);
                 return true;

@@ -35,7 +35,11 @@ pub struct Msix {
 
 impl Msix {
     /// `vectors` masked vectors, each with a GSI from `router` and an irqfd registered on it.
-    pub fn new(vectors: u16, router: Arc<IrqRouter>, vm: &kvm_ioctls::VmFd) -> std::io::Result<Self> {
+    pub fn new(
+        vectors: u16,
+        router: Arc<IrqRouter>,
+        vm: &kvm_ioctls::VmFd,
+    ) -> std::io::Result<Self> {
         let first_gsi = router.allocate(u32::from(vectors));
         let mut irqfds = Vec::with_capacity(usize::from(vectors));
         for v in 0..u32::from(vectors) {

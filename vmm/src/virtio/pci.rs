@@ -159,7 +159,12 @@ impl VirtioPciDevice {
             config.add_capability(VIRTIO_VENDOR_CAPABILITY, &body, &vec![0; body.len()]);
         }
         let notify_len = u64::from(num_queues) * u64::from(NOTIFY_MULTIPLIER);
-        let body = virtio_capability(CAP_NOTIFY, NOTIFY_OFFSET, notify_len, Some(NOTIFY_MULTIPLIER));
+        let body = virtio_capability(
+            CAP_NOTIFY,
+            NOTIFY_OFFSET,
+            notify_len,
+            Some(NOTIFY_MULTIPLIER),
+        );
         config.add_capability(VIRTIO_VENDOR_CAPABILITY, &body, &vec![0; body.len()]);
         // One vector per queue plus one for configuration changes.
         let vectors = num_queues + 1;
@@ -316,7 +321,11 @@ impl VirtioPciDevice {
         for (index, q) in self.queues.iter().enumerate().filter(|(_, q)| q.enabled) {
             let doorbell = bar.start + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_MULTIPLIER);
             self.vm
-                .register_ioevent(&self.kicks[index], &IoEventAddress::Mmio(doorbell), NoDatamatch)
+                .register_ioevent(
+                    &self.kicks[index],
+                    &IoEventAddress::Mmio(doorbell),
+                    NoDatamatch,
+                )
                 .map_err(|e| anyhow::anyhow!("KVM_IOEVENTFD for queue {index}: {e}"))?;
             self.registered_doorbells.push((doorbell, index));
             let setup = QueueSetup {
@@ -337,15 +346,19 @@ impl VirtioPciDevice {
 
     fn reset(&mut self) {
         if self.status & STATUS_DRIVER_OK != 0 {
-            let enabled: Vec<usize> = (0..self.queues.len()).filter(|&i| self.queues[i].enabled).collect();
+            let enabled: Vec<usize> = (0..self.queues.len())
+                .filter(|&i| self.queues[i].enabled)
+                .collect();
             if let Err(e) = self.backend.stop(&enabled) {
                 tracing::warn!("stopping the backend's queues: {e}");
             }
         }
         for (addr, index) in self.registered_doorbells.drain(..) {
-            let _ = self
-                .vm
-                .unregister_ioevent(&self.kicks[index], &IoEventAddress::Mmio(addr), NoDatamatch);
+            let _ = self.vm.unregister_ioevent(
+                &self.kicks[index],
+                &IoEventAddress::Mmio(addr),
+                NoDatamatch,
+            );
         }
         for q in &mut self.queues {
             *q = Queue::new(q.max_size);
@@ -391,7 +404,10 @@ impl PciDevice for VirtioPciDevice {
         match offset {
             o if o < COMMON_OFFSET + COMMON_SIZE => self.write_common(o, data),
             o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
-                if let Err(e) = self.backend.write_config((o - DEVICE_OFFSET) as usize, data) {
+                if let Err(e) = self
+                    .backend
+                    .write_config((o - DEVICE_OFFSET) as usize, data)
+                {
                     tracing::error!("{e}");
                 }
             }

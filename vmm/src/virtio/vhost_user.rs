@@ -6,7 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -85,7 +87,11 @@ impl VhostUserConnection {
         let mut frontend = Frontend::from_stream(stream, MAX_QUEUES);
         let request = |what| {
             let socket = socket.to_owned();
-            move |source| VhostUserError::Request { socket, what, source }
+            move |source| VhostUserError::Request {
+                socket,
+                what,
+                source,
+            }
         };
         frontend.set_owner().map_err(request("SET_OWNER"))?;
         let features = frontend.get_features().map_err(request("GET_FEATURES"))?;
@@ -146,7 +152,12 @@ impl VhostUserConnection {
         let buf = vec![0u8; self.config_size];
         let (_, space) = self
             .frontend
-            .get_config(0, self.config_size as u32, VhostUserConfigFlags::WRITABLE, &buf)
+            .get_config(
+                0,
+                self.config_size as u32,
+                VhostUserConfigFlags::WRITABLE,
+                &buf,
+            )
             .map_err(self.request_err("GET_CONFIG"))?;
         for (i, byte) in data.iter_mut().enumerate() {
             *byte = space.get(offset + i).copied().unwrap_or(0);
@@ -188,7 +199,10 @@ impl VhostUserConnection {
                     .map(|p| p as u64)
                     .map_err(|e| VhostUserError::Unsupported {
                         socket: self.socket.clone(),
-                        reason: format!("queue {} ring at {addr:#x} is not in guest RAM: {e}", queue.index),
+                        reason: format!(
+                            "queue {} ring at {addr:#x} is not in guest RAM: {e}",
+                            queue.index
+                        ),
                     })
             };
             let rings = VringConfigData {
@@ -243,6 +257,10 @@ impl VhostUserConnection {
 
     fn request_err(&self, what: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserError {
         let socket = self.socket.clone();
-        move |source| VhostUserError::Request { socket, what, source }
+        move |source| VhostUserError::Request {
+            socket,
+            what,
+            source,
+        }
     }
 }

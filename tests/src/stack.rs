@@ -1,0 +1,328 @@
+//! Running the whole stack in tests: the test guest (kernel + initramfs from
+//! `tests/guest/build.sh`), our binaries (`vmm`, `vhost-blk`, `vhost-net`) and peer backends
+//! (`qemu-storage-daemon`), each as a real process that is killed when the test ends.
+
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The test guest's artefacts.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// ELF kernel with a PVH entry.
+    pub vmlinux: PathBuf,
+    /// The same kernel as a bzImage.
+    pub bzimage: PathBuf,
+    /// The initramfs whose /init runs the `cowbird.test=` steps.
+    pub initrd: PathBuf,
+    /// The busybox binary inside the initramfs (the `blk` step writes its first MiB).
+    pub busybox: PathBuf,
+}
+
+/// Builds the test guest once per test process (cached across runs by the script) and
+/// returns its artefacts.
+pub fn guest() -> &'static Guest {
+    static GUEST: OnceLock<Guest> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+        let out = Command::new(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(out.status.success(), "{} failed", script.display());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let dir = PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("build.sh prints the directory"),
+        );
+        Guest {
+            vmlinux: dir.join("vmlinux"),
+            bzimage: dir.join("bzImage"),
+            initrd: dir.join("initrd.cpio"),
+            busybox: dir.join("busybox"),
+        }
+    })
+}
+
+/// Path of one of the workspace's binaries, built next to the test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// Checks that KVM is usable, with a clear message otherwise.
+pub fn require_kvm() {
+    if let Err(e) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("these tests boot VMs and need read/write access to /dev/kvm: {e}");
+    }
+}
+
+/// How a `vmm` run ended.
+#[derive(Debug)]
+pub struct VmmOutcome {
+    /// Exit code, `None` if killed (timeout or signal).
+    pub code: Option<i32>,
+    /// Everything the guest wrote to its serial console.
+    pub serial: String,
+    /// The VMM's own stderr.
+    pub stderr: String,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+impl VmmOutcome {
+    /// Panics, showing the console and stderr, unless the guest printed `marker`.
+    pub fn expect_marker(&self, marker: &str) {
+        assert!(
+            self.serial.contains(marker),
+            "guest did not print {marker}; exit {:?} after {:?}\n--- serial ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            self.elapsed,
+            tail(&self.serial, 60),
+            self.stderr
+        );
+    }
+
+    /// Panics unless the VMM exited 0 after the guest printed `COWBIRD-DONE`.
+    pub fn expect_clean_poweroff(&self) {
+        self.expect_marker("COWBIRD-DONE");
+        assert_eq!(
+            self.code,
+            Some(0),
+            "vmm exit status; stderr:\n{}",
+            self.stderr
+        );
+    }
+
+    /// The guest's uptime (seconds) when userspace started, from its marker line.
+    pub fn userspace_uptime(&self) -> Option<f64> {
+        let line = self
+            .serial
+            .lines()
+            .find(|l| l.starts_with("COWBIRD-USERSPACE"))?;
+        line.split("uptime=").nth(1)?.trim().parse().ok()
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// One boot of the test guest under our VMM.
+pub struct Boot<'a> {
+    /// The `cowbird.test=` steps.
+    pub steps: &'a str,
+    /// The kernel image (the guest's vmlinux or bzImage).
+    pub kernel: &'a Path,
+    /// Extra `vmm` arguments (`--cpus`, `--disk`, ...).
+    pub vmm_args: Vec<String>,
+    /// Extra kernel parameters.
+    pub kernel_args: &'a str,
+}
+
+impl<'a> Boot<'a> {
+    /// A boot of the PVH vmlinux running `steps`, with nothing else.
+    pub fn steps(steps: &'a str) -> Self {
+        Self {
+            steps,
+            kernel: &guest().vmlinux,
+            vmm_args: Vec::new(),
+            kernel_args: "",
+        }
+    }
+
+    /// Adds `vmm` arguments.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.vmm_args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Runs it in `dir` for at most `timeout`.
+    pub fn run(&self, dir: &Path, timeout: Duration) -> VmmOutcome {
+        run_vmm(dir, self, timeout)
+    }
+}
+
+/// Boots the test guest under our VMM as `boot` says; waits up to `timeout`.
+pub fn run_vmm(dir: &Path, boot: &Boot, timeout: Duration) -> VmmOutcome {
+    let guest = guest();
+    let serial = dir.join("serial.log");
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=-1 cowbird.test={} {}",
+        boot.steps, boot.kernel_args
+    );
+    let mut args = vec![
+        "--kernel".to_string(),
+        boot.kernel.display().to_string(),
+        "--initramfs".into(),
+        guest.initrd.display().to_string(),
+        "--memory".into(),
+        "256M".into(),
+        "--serial".into(),
+        format!("file={}", serial.display()),
+        "--cmdline".into(),
+        cmdline,
+    ];
+    args.extend_from_slice(&boot.vmm_args);
+    run_vmm_raw(&args, &serial, timeout)
+}
+
+/// Runs `vmm` with exactly `args`, reading the console from `serial`.
+pub fn run_vmm_raw(args: &[String], serial: &Path, timeout: Duration) -> VmmOutcome {
+    let started = Instant::now();
+    let stderr_path = serial.with_extension("stderr");
+    let stderr = fs::File::create(&stderr_path).expect("stderr file");
+    let mut child = Command::new(binary("vmm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("cannot start vmm");
+    let code = wait_timeout(&mut child, timeout);
+    VmmOutcome {
+        code,
+        serial: fs::read_to_string(serial).unwrap_or_default(),
+        stderr: fs::read_to_string(&stderr_path).unwrap_or_default(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Waits for `child` up to `timeout`, then kills it; returns its exit code.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A backend process serving a vhost-user socket; killed on drop.
+pub struct Backend {
+    child: Child,
+    /// The socket it listens on.
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Backend {
+    /// Starts `program args...`, logging to `<socket>.log`, and waits until `socket` exists.
+    pub fn start(program: &Path, args: &[String], socket: &Path) -> Backend {
+        let log = socket.with_extension("log");
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).expect("log file"))
+            .stderr(fs::File::create(log.with_extension("err")).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let mut backend = Backend {
+            child,
+            socket: socket.to_owned(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Some(status) = backend.child.try_wait().expect("wait") {
+                panic!(
+                    "{} exited ({status}) before listening:\n{}",
+                    program.display(),
+                    backend.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never created {}",
+                program.display(),
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        backend
+    }
+
+    /// `vhost-blk --socket <dir>/<name>.sock --image IMAGE extra...`.
+    pub fn vhost_blk(dir: &Path, name: &str, image: &Path, extra: &[&str]) -> Backend {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut args = vec![
+            "--socket".to_string(),
+            socket.display().to_string(),
+            "--image".into(),
+            image.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Backend::start(&binary("vhost-blk"), &args, &socket)
+    }
+
+    /// `qemu-storage-daemon` exporting IMAGE (of `format`) as a writable vhost-user-blk.
+    pub fn qemu_storage_daemon(dir: &Path, name: &str, image: &Path, format: &str) -> Backend {
+        let socket = dir.join(format!("{name}.sock"));
+        let args = vec![
+            "--blockdev".to_string(),
+            format!("driver=file,filename={},node-name=file0,cache.direct=off", image.display()),
+            "--blockdev".into(),
+            format!("driver={format},file=file0,node-name=disk0"),
+            "--export".into(),
+            format!(
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ),
+        ];
+        Backend::start(Path::new("qemu-storage-daemon"), &args, &socket)
+    }
+
+    /// The backend's stdout and stderr so far.
+    pub fn log(&self) -> String {
+        let out = fs::read_to_string(&self.log).unwrap_or_default();
+        let err = fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
+        format!("{out}{err}")
+    }
+
+    /// Sends SIGTERM and waits; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait");
+        status.success() || status.signal() == Some(libc::SIGTERM)
+    }
+
+    /// Kills the process with SIGKILL (a crash) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
