@@ -233,6 +233,8 @@ const FEATURE_NAMES: &[(u32, &str)] = &[
     (VIRTIO_NET_F_CTRL_VQ, "CTRL_VQ"),
     (VIRTIO_NET_F_MQ, "MQ"),
     (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
+    // VHOST_USER_F_PROTOCOL_FEATURES, a vhost-user bit in the virtio feature word.
+    (30, "PROTOCOL_FEATURES"),
     (VIRTIO_F_VERSION_1, "VERSION_1"),
 ];
 

@@ -4,7 +4,8 @@
 //! - [`tap`]: the TAP device (one queue per pair, vnet headers, offloads, address, MTU);
 //! - [`chain`]: validates untrusted descriptor chains into guest buffers and `iovec`s;
 //! - [`datapath`]: tx chains → TAP with writev, TAP → rx chains with readv (MRG_RXBUF:
-//!   one packet over several chains), zero-copy both ways;
+//!   one packet over several chains), zero-copy both ways; [`uring`]: tx batches as one
+//!   io_uring submission;
 //! - [`ctrl`]: the control queue's commands (MQ pairs, receive filters);
 //! - [`config`] and [`mac`]: what the device tells the driver; [`cli`]: the command line;
 //! - [`device`]: state that outlives connections (TAP, per-pair slots and counters);
@@ -25,6 +26,7 @@ pub mod mac;
 pub mod server;
 pub mod shutdown;
 pub mod tap;
+pub mod uring;
 
 pub use error::{Error, Result};
 pub use mac::MacAddress;

@@ -1,0 +1,379 @@
+//! The vhost-user backend for one frontend connection: feature negotiation (applied to the
+//! TAP), the config space, and the per-pair worker that moves packets.
+//!
+//! Queue `2p` is pair `p`'s rx queue, `2p + 1` its tx queue, and the last queue the control
+//! queue. Worker thread `p` serves pair `p` (its two vrings are events 0 and 1) and the TAP
+//! queue `p` (event [`tap_event`], edge-triggered); worker 0 also serves the control queue
+//! (event 2). A worker takes only its own pair's lock.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::chain::MAX_FRAME_LEN;
+use crate::config::{self, feature};
+use crate::ctrl::{self, Action, ACK_ERR};
+use crate::datapath::{self, RxParams, BATCH};
+use crate::device::Device;
+
+/// Guest memory as the vhost-user machinery shares it with the backend.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Event id of a worker's TAP queue: above every vring id, as vhost-user-backend requires for
+/// extra listeners.
+pub fn tap_event(num_queues: usize) -> u16 {
+    u16::try_from(num_queues + 1).unwrap_or(u16::MAX)
+}
+
+/// The vhost-user protocol features offered.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// The backend serving one frontend connection on a [`Device`].
+pub struct NetBackend {
+    device: Arc<Device>,
+    mem: GuestMemory,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    active: AtomicBool,
+}
+
+impl NetBackend {
+    /// A backend for a new connection. `mem` must be the memory handed to the daemon.
+    pub fn new(device: Arc<Device>, mem: GuestMemory) -> Self {
+        NetBackend {
+            device,
+            mem,
+            acked: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            active: AtomicBool::new(true),
+        }
+    }
+
+    /// The device served.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// Stops this connection's workers: waits for batches in progress; later events are
+    /// ignored.
+    pub fn deactivate(&self) {
+        self.active.store(false, Ordering::Release);
+        for pair in 0..self.device.queue_pairs() {
+            drop(self.device.lock_slot(pair));
+        }
+    }
+
+    fn active(&self) -> bool {
+        self.active.load(Ordering::Acquire) && !self.device.stopping()
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.acked.load(Ordering::Relaxed) & feature(bit) != 0
+    }
+
+    /// How rx chains are filled under the negotiated features.
+    pub fn rx_params(&self) -> RxParams {
+        let acked = self.acked.load(Ordering::Relaxed);
+        let hdr_len = config::vnet_hdr_len(acked);
+        let gso = [
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_UFO,
+        ]
+        .iter()
+        .any(|&b| self.has(b));
+        let frame = if gso {
+            MAX_FRAME_LEN
+        } else {
+            // An Ethernet header and a VLAN tag around the MTU.
+            u64::from(self.device.options().mtu.unwrap_or(1500).max(1500)) + 18
+        };
+        RxParams {
+            hdr_len,
+            mrg_rxbuf: self.has(VIRTIO_NET_F_MRG_RXBUF),
+            max_packet: hdr_len as u64 + frame,
+        }
+    }
+
+    /// Moves packets from TAP queue `pair` into the rx vring.
+    pub fn process_rx(&self, pair: usize, vring: &VringRwLock) -> Result<(), virtio_queue::Error> {
+        let (Some(mut slot), Some(stats), Some(fd)) = (
+            self.device.lock_slot(pair),
+            self.device.stats(pair),
+            self.device.tap().queue_fd(pair),
+        ) else {
+            return Ok(());
+        };
+        if !self.active() {
+            return Ok(());
+        }
+        let params = self.rx_params();
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Ok(());
+        }
+        // No kicks while buffers last; re-enabled when they run out.
+        state.get_queue_mut().disable_notification(&*mem)?;
+        loop {
+            let out =
+                datapath::process_rx(&*mem, state.get_queue_mut(), fd, params, &mut slot, stats);
+            if out.used > 0 && state.get_queue_mut().needs_notification(&*mem)? {
+                signal(&state);
+            }
+            if out.more {
+                continue;
+            }
+            if out.out_of_buffers && state.get_queue_mut().enable_notification(&*mem)? {
+                // Buffers arrived while notifications were off.
+                continue;
+            }
+            return Ok(());
+        }
+    }
+
+    /// Writes the tx vring's frames to TAP queue `pair`.
+    pub fn process_tx(&self, pair: usize, vring: &VringRwLock) -> Result<(), virtio_queue::Error> {
+        let (Some(mut slot), Some(stats), Some(fd)) = (
+            self.device.lock_slot(pair),
+            self.device.stats(pair),
+            self.device.tap().queue_fd(pair),
+        ) else {
+            return Ok(());
+        };
+        if !self.active() {
+            return Ok(());
+        }
+        let hdr_len = config::vnet_hdr_len(self.acked.load(Ordering::Relaxed));
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        loop {
+            state.get_queue_mut().disable_notification(&*mem)?;
+            loop {
+                let done = datapath::process_tx(
+                    &*mem,
+                    state.get_queue_mut(),
+                    fd,
+                    hdr_len,
+                    &mut slot,
+                    stats,
+                );
+                if done > 0 && state.get_queue_mut().needs_notification(&*mem)? {
+                    signal(&state);
+                }
+                if done < BATCH {
+                    break;
+                }
+            }
+            if !state.get_queue_mut().enable_notification(&*mem)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Executes the commands on the control vring.
+    pub fn process_ctrl(&self, vring: &VringRwLock) -> Result<(), virtio_queue::Error> {
+        if !self.active() {
+            return Ok(());
+        }
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        let mq = self.has(VIRTIO_NET_F_MQ);
+        let pairs = self.device.options().queue_pairs;
+        let mut completed = 0;
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+            let (head, ack, status) = match ctrl::parse(chain) {
+                Ok(cmd) => {
+                    let (mut status, action) = ctrl::handle(&cmd, pairs, mq);
+                    if let Action::SetQueuePairs(n) = action {
+                        match self.device.tap().set_active_queues(usize::from(n)) {
+                            Ok(()) => tracing::info!("guest uses {n} queue pair(s)"),
+                            Err(e) => {
+                                tracing::warn!("cannot use {n} queue pairs: {e}");
+                                status = ACK_ERR;
+                            }
+                        }
+                    } else if status == ACK_ERR {
+                        tracing::debug!(
+                            "control command class {} cmd {} refused",
+                            cmd.class,
+                            cmd.cmd
+                        );
+                    }
+                    (cmd.head, Some(cmd.ack), status)
+                }
+                Err((head, ack, e)) => {
+                    tracing::warn!("control queue: {e}");
+                    (head, ack, ACK_ERR)
+                }
+            };
+            let used_len = match ack {
+                Some(addr) if mem.write_obj(status, addr).is_ok() => 1,
+                _ => 0,
+            };
+            if let Err(e) = state.get_queue_mut().add_used(&*mem, head, used_len) {
+                tracing::warn!("control queue: cannot complete chain {head}: {e}");
+            }
+            completed += 1;
+        }
+        if completed > 0 && state.get_queue_mut().needs_notification(&*mem)? {
+            signal(&state);
+        }
+        Ok(())
+    }
+}
+
+fn signal(state: &vhost_user_backend::VringState<GuestMemory>) {
+    if let Err(e) = state.signal_used_queue() {
+        tracing::warn!("cannot signal the frontend: {e}");
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.device.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.device.queue_size())
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+        let tap = self.device.tap();
+        let hdr_len = config::vnet_hdr_len(features);
+        let offload = config::tun_offload_flags(features);
+        if let Err(e) = tap.set_vnet_hdr_len(hdr_len) {
+            tracing::error!("{e}");
+        }
+        if let Err(e) = tap.set_offload(offload) {
+            tracing::error!("{e}");
+        }
+        // With a control queue and MQ the driver starts on one pair and asks for more.
+        let pairs = if self.has(VIRTIO_NET_F_CTRL_VQ) && self.has(VIRTIO_NET_F_MQ) {
+            1
+        } else {
+            self.device.queue_pairs()
+        };
+        if let Err(e) = tap.set_active_queues(pairs) {
+            tracing::error!("{e}");
+        }
+        tracing::info!(
+            "negotiated {} (vnet header {hdr_len} bytes, TAP offloads {offload:#x})",
+            config::describe_features(features)
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.device.config().read(offset, size).unwrap_or_default()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the virtio-net config space is read-only (write of {} bytes at {offset})",
+                buf.len()
+            ),
+        ))
+    }
+
+    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
+        // The handler replaced the contents of the `GuestMemoryAtomic` we share; workers load
+        // a fresh snapshot for every batch.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let pairs = self.device.queue_pairs();
+        let ctrl = 1u64 << (2 * pairs);
+        (0..pairs)
+            .map(|p| (0b11u64 << (2 * p)) | if p == 0 { ctrl } else { 0 })
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let pair = thread_id;
+        let res = if device_event == tap_event(self.device.num_queues()) {
+            if !evset.contains(EventSet::IN) {
+                tracing::warn!("TAP queue {pair}: unexpected event {evset:?}");
+                return Ok(());
+            }
+            match vrings.first() {
+                Some(rx) => self.process_rx(pair, rx),
+                None => Ok(()),
+            }
+        } else {
+            let Some(vring) = vrings.get(usize::from(device_event)) else {
+                return Err(io::Error::other(format!(
+                    "event {device_event} on worker {thread_id} names no queue"
+                )));
+            };
+            match device_event {
+                0 => self.process_rx(pair, vring),
+                1 => self.process_tx(pair, vring),
+                _ => self.process_ctrl(vring),
+            }
+        };
+        if let Err(e) = res {
+            // A broken ring is the guest's problem; keep the worker alive for a reset.
+            let errors = self.device.lock_slot(pair).map_or(1, |mut s| {
+                s.errors += 1;
+                s.errors
+            });
+            if errors.is_power_of_two() {
+                tracing::warn!("queue pair {pair}: {e} (error {errors})");
+            }
+        }
+        Ok(())
+    }
+}

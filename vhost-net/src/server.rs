@@ -1,0 +1,203 @@
+//! The vhost-user socket and the connection loop: one frontend at a time, and after it
+//! disconnects the next one. As a server the daemon listens on the socket; with `--client` it
+//! connects to a frontend that listens, and reconnects after a disconnect.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::sleep;
+use std::time::Duration;
+
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{tap_event, NetBackend};
+use crate::device::Device;
+use crate::error::{Error, Result};
+
+/// How long `--client` waits between connection attempts.
+pub const RECONNECT_DELAY: Duration = Duration::from_millis(200);
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Disconnect {
+    /// The frontend closed the connection.
+    Closed,
+    /// The connection failed (protocol error from the frontend, or a local failure).
+    Failed(String),
+}
+
+/// Where frontends come from.
+enum Endpoint {
+    Listen(Listener),
+    Connect,
+}
+
+/// A vhost-user-net server on a unix socket.
+pub struct Server {
+    device: Arc<Device>,
+    endpoint: Endpoint,
+    path: PathBuf,
+}
+
+impl Server {
+    /// Binds `path` to listen for frontends. A stale socket file is replaced; one a live
+    /// process listens on is not.
+    pub fn bind(path: &Path, device: Arc<Device>) -> Result<Server> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::SocketInUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(|source| Error::Socket {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let listener = UnixListener::bind(path).map_err(|source| Error::Socket {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Server {
+            device,
+            endpoint: Endpoint::Listen(Listener::from(listener)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A server that connects to a frontend listening on `path` (`--client`).
+    pub fn client(path: &Path, device: Arc<Device>) -> Server {
+        Server {
+            device,
+            endpoint: Endpoint::Connect,
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The device served.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// Serves frontends one after the other, forever (until the process is told to stop).
+    pub fn run(&mut self) -> Result<()> {
+        loop {
+            let ended = self.serve_one()?;
+            let stats = self.device.total_stats();
+            match ended {
+                Disconnect::Closed => tracing::info!("frontend disconnected ({stats})"),
+                Disconnect::Failed(e) => {
+                    tracing::warn!("frontend connection failed: {e} ({stats})")
+                }
+            }
+            if matches!(self.endpoint, Endpoint::Connect) {
+                sleep(RECONNECT_DELAY);
+            }
+        }
+    }
+
+    /// Waits for one frontend (or connects to it), serves it until it goes away, and stops
+    /// its workers.
+    ///
+    /// Errors are local failures (the socket, thread creation); anything the frontend does
+    /// wrong ends only its connection.
+    pub fn serve_one(&mut self) -> Result<Disconnect> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(NetBackend::new(self.device.clone(), mem.clone()));
+        let mut daemon = VhostUserDaemon::new("vhost-net".into(), backend.clone(), mem)
+            .map_err(|e| Error::VhostUser(e.to_string()))?;
+        // A fresh connection starts with every TAP queue attached.
+        if let Err(e) = self
+            .device
+            .tap()
+            .set_active_queues(self.device.queue_pairs())
+        {
+            tracing::warn!("{e}");
+        }
+        // Each worker also listens to its TAP queue, edge-triggered: the worker reads until
+        // EAGAIN or until the guest's buffers run out (then an rx kick resumes it).
+        let event = u64::from(tap_event(self.device.num_queues()));
+        for (pair, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = self.device.tap().queue_fd(pair) {
+                handler
+                    .register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, event)
+                    .map_err(|source| Error::Tap {
+                        name: self.device.tap().name().to_owned(),
+                        op: "epoll registration",
+                        source,
+                    })?;
+            }
+        }
+        match &mut self.endpoint {
+            Endpoint::Listen(listener) => {
+                tracing::debug!("waiting for a frontend on {}", self.path.display());
+                daemon.start(listener).map_err(|e| match e {
+                    DaemonError::CreateBackendListener(VhostUserError::SocketError(source)) => {
+                        Error::Socket {
+                            path: self.path.clone(),
+                            source,
+                        }
+                    }
+                    e => Error::VhostUser(e.to_string()),
+                })?;
+            }
+            Endpoint::Connect => {
+                let path = self.path.to_str().ok_or_else(|| Error::InvalidSocketPath {
+                    path: self.path.clone(),
+                    reason: "not valid UTF-8".into(),
+                })?;
+                let mut logged = false;
+                loop {
+                    match daemon.start_client(path) {
+                        Ok(()) => break,
+                        Err(e) => {
+                            if !logged {
+                                tracing::info!("waiting for a frontend to listen on {path} ({e})");
+                                logged = true;
+                            }
+                            if self.device.stopping() {
+                                return Ok(Disconnect::Closed);
+                            }
+                            sleep(RECONNECT_DELAY);
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!("frontend connected");
+        let ended = daemon.wait();
+        backend.deactivate();
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        Ok(match ended {
+            Ok(()) => Disconnect::Closed,
+            Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected
+                | VhostUserError::PartialMessage
+                | VhostUserError::SocketBroken(_),
+            )) => Disconnect::Closed,
+            Err(DaemonError::HandleRequest(VhostUserError::SocketError(e)))
+                if e.kind() == io::ErrorKind::ConnectionReset =>
+            {
+                Disconnect::Closed
+            }
+            Err(e) => Disconnect::Failed(e.to_string()),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.endpoint, Endpoint::Listen(_)) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! The packet loops on a hand-built split queue, with a SOCK_SEQPACKET socket pair standing in
+//! for the TAP (it keeps frame boundaries): frames reach the "TAP" intact, rx packets land in
+//! guest buffers with the right lengths and `num_buffers`, and hostile chains are dropped,
+//! counted and completed without disturbing the packets around them.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use vhost_net::datapath::{process_rx, process_tx, RxParams};
+use vhost_net::device::{PairSlot, PairStats};
+use vhost_net::uring::TxRing;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+type Mem = GuestMemoryMmap<()>;
+
+const MEM_SIZE: u64 = 0x40_0000;
+const SIZE: u16 = 16;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const W: u16 = VRING_DESC_F_WRITE as u16;
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const HDR: usize = 12;
+
+/// A split queue the test plays the driver of.
+struct Ring {
+    mem: Mem,
+    queue: Queue,
+    next_desc: u16,
+    avail_idx: u16,
+}
+
+impl Ring {
+    fn new() -> Ring {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mut queue = Queue::new(SIZE).unwrap();
+        queue.set_size(SIZE);
+        queue.set_desc_table_address(Some(DESC as u32), Some(0));
+        queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        queue.set_used_ring_address(Some(USED as u32), Some(0));
+        queue.set_ready(true);
+        Ring {
+            mem,
+            queue,
+            next_desc: 0,
+            avail_idx: 0,
+        }
+    }
+
+    fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let base = DESC + 16 * u64::from(index);
+        self.mem.write_obj(addr, GuestAddress(base)).unwrap();
+        self.mem.write_obj(len, GuestAddress(base + 8)).unwrap();
+        self.mem.write_obj(flags, GuestAddress(base + 12)).unwrap();
+        self.mem.write_obj(next, GuestAddress(base + 14)).unwrap();
+    }
+
+    /// Makes the chain starting at descriptor `head` available.
+    fn publish(&mut self, head: u16) {
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % SIZE);
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    /// Adds a chain of (addr, len, flags) buffers, linked in order, and publishes it.
+    fn add(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let index = self.next_desc;
+            let last = i + 1 == bufs.len();
+            let (flags, next) = if last {
+                (flags, 0)
+            } else {
+                (flags | NEXT, index + 1)
+            };
+            self.write_desc(index, addr, len, flags, next);
+            self.next_desc += 1;
+        }
+        self.publish(head);
+        head
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    /// Used ring entry `i`: (head, len).
+    fn used(&self, i: u16) -> (u32, u32) {
+        let base = USED + 4 + 8 * u64::from(i % SIZE);
+        (
+            self.mem.read_obj(GuestAddress(base)).unwrap(),
+            self.mem.read_obj(GuestAddress(base + 4)).unwrap(),
+        )
+    }
+}
+
+fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills `fds` with two new descriptors we then own.
+    let res = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(res, 0);
+    // SAFETY: fresh descriptors.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn send(fd: &OwnedFd, data: &[u8]) {
+    // SAFETY: plain write of a valid buffer.
+    let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+    assert_eq!(n, data.len() as isize);
+}
+
+fn recv(fd: &OwnedFd) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 70_000];
+    // SAFETY: plain read into a valid buffer.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return None;
+    }
+    buf.truncate(n as usize);
+    Some(buf)
+}
+
+/// A vnet header (all zero, num_buffers 0) followed by `len` bytes of a pattern.
+fn packet(len: usize, seed: u8) -> Vec<u8> {
+    let mut p = vec![0u8; HDR];
+    p.extend((0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    p
+}
+
+fn params(mrg: bool) -> RxParams {
+    RxParams {
+        hdr_len: HDR,
+        mrg_rxbuf: mrg,
+        max_packet: (HDR + 1518) as u64,
+    }
+}
+
+#[test]
+fn tx_frames_reach_the_tap_and_hostile_chains_are_dropped() {
+    tx_with(PairSlot::default());
+}
+
+#[test]
+fn tx_through_io_uring() {
+    let slot = PairSlot {
+        uring: Some(TxRing::new().expect("io_uring")),
+        ..PairSlot::default()
+    };
+    tx_with(slot);
+}
+
+fn tx_with(mut slot: PairSlot) {
+    let mut ring = Ring::new();
+    let (tap, peer) = seqpacket_pair();
+    let frame = packet(100, 1);
+    ring.mem
+        .write_slice(&frame[..HDR], GuestAddress(0x10_000))
+        .unwrap();
+    ring.mem
+        .write_slice(&frame[HDR..], GuestAddress(0x11_000))
+        .unwrap();
+    ring.add(&[(0x10_000, HDR as u32, 0), (0x11_000, 100, 0)]);
+    // Outside guest memory.
+    ring.add(&[(0x10_000, HDR as u32, 0), (MEM_SIZE - 10, 100, 0)]);
+    // Device-writable buffer in a tx chain.
+    ring.add(&[(0x10_000, HDR as u32, W)]);
+    // Shorter than the vnet header.
+    ring.add(&[(0x10_000, 5, 0)]);
+    // Larger than any frame.
+    ring.add(&[(0x20_000, 70_000, 0)]);
+    // A loop: descriptor 10 -> 11 -> 10.
+    ring.write_desc(10, 0x10_000, 20, NEXT, 11);
+    ring.write_desc(11, 0x11_000, 20, NEXT, 10);
+    ring.publish(10);
+    // A second good frame, header and data in one buffer.
+    let frame2 = packet(60, 9);
+    ring.mem
+        .write_slice(&frame2, GuestAddress(0x12_000))
+        .unwrap();
+    ring.write_desc(12, 0x12_000, frame2.len() as u32, 0, 0);
+    ring.publish(12);
+
+    let stats = PairStats::default();
+    let done = process_tx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        HDR,
+        &mut slot,
+        &stats,
+    );
+    assert_eq!(done, 7);
+    assert_eq!(ring.used_idx(), 7);
+    for i in 0..7 {
+        assert_eq!(ring.used(i).1, 0, "tx chains complete with length 0");
+    }
+    assert_eq!(recv(&peer).unwrap(), frame);
+    assert_eq!(recv(&peer).unwrap(), frame2);
+    assert!(recv(&peer).is_none());
+    let s = stats.snapshot();
+    assert_eq!((s.tx_packets, s.tx_bytes, s.tx_dropped), (2, 160, 5));
+}
+
+#[test]
+fn rx_without_mrg_rxbuf_one_packet_per_chain() {
+    let mut ring = Ring::new();
+    let (tap, peer) = seqpacket_pair();
+    ring.add(&[(0x10_000, 2048, W)]);
+    ring.add(&[(0x11_000, 10, W), (0x12_000, 2038, W)]);
+    ring.add(&[(0x13_000, 2048, W)]);
+    let p1 = packet(1500, 3);
+    let p2 = packet(64, 4);
+    send(&peer, &p1);
+    send(&peer, &p2);
+    let mut slot = PairSlot::default();
+    let stats = PairStats::default();
+    let out = process_rx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        params(false),
+        &mut slot,
+        &stats,
+    );
+    assert_eq!((out.used, out.packets, out.out_of_buffers), (2, 2, false));
+    assert_eq!(ring.used(0), (0, p1.len() as u32));
+    assert_eq!(ring.used(1), (1, p2.len() as u32));
+    let mut got = vec![0u8; p1.len()];
+    ring.mem
+        .read_slice(&mut got, GuestAddress(0x10_000))
+        .unwrap();
+    assert_eq!(&got[HDR..], &p1[HDR..]);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+    // The second packet's header straddles two buffers; num_buffers lands in the second.
+    let nb: u16 = ring.mem.read_obj(GuestAddress(0x12_000)).unwrap();
+    assert_eq!(nb, 1);
+    // The third chain was given back: the next read finds the TAP empty.
+    assert_eq!(ring.queue.next_avail(), 2);
+    let s = stats.snapshot();
+    assert_eq!((s.rx_packets, s.rx_bytes), (2, 1564));
+}
+
+#[test]
+fn rx_with_mrg_rxbuf_spans_chains_and_sets_num_buffers() {
+    let mut ring = Ring::new();
+    let (tap, peer) = seqpacket_pair();
+    for i in 0..6u64 {
+        ring.add(&[(0x10_000 + i * 0x1000, 1024, W)]);
+    }
+    let p = packet(3000, 5);
+    send(&peer, &p);
+    let mut slot = PairSlot::default();
+    let stats = PairStats::default();
+    // As with GUEST_TSO: chains are gathered for a packet of up to 4000 bytes.
+    let big = RxParams {
+        max_packet: 4000,
+        ..params(true)
+    };
+    let out = process_rx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        big,
+        &mut slot,
+        &stats,
+    );
+    assert_eq!((out.used, out.packets), (3, 1));
+    assert_eq!(ring.used(0), (0, 1024));
+    assert_eq!(ring.used(1), (1, 1024));
+    assert_eq!(ring.used(2), (2, (p.len() - 2048) as u32));
+    let nb: u16 = ring.mem.read_obj(GuestAddress(0x10_000 + 10)).unwrap();
+    assert_eq!(nb, 3);
+    let mut got = vec![0u8; p.len()];
+    for i in 0..3 {
+        let len = if i < 2 { 1024 } else { p.len() - 2048 };
+        ring.mem
+            .read_slice(
+                &mut got[i * 1024..i * 1024 + len],
+                GuestAddress(0x10_000 + i as u64 * 0x1000),
+            )
+            .unwrap();
+    }
+    assert_eq!(&got[HDR..], &p[HDR..]);
+    // The chains gathered for a next packet that did not come went back to the guest.
+    assert_eq!(ring.queue.next_avail(), 3);
+}
+
+#[test]
+fn rx_waits_for_enough_buffers_with_mrg_rxbuf() {
+    let mut ring = Ring::new();
+    let (tap, peer) = seqpacket_pair();
+    ring.add(&[(0x10_000, 512, W)]);
+    send(&peer, &packet(100, 6));
+    let mut slot = PairSlot::default();
+    let stats = PairStats::default();
+    let out = process_rx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        params(true),
+        &mut slot,
+        &stats,
+    );
+    assert!(out.out_of_buffers);
+    assert_eq!(out.used, 0);
+    assert_eq!(ring.queue.next_avail(), 0, "nothing taken");
+    // More buffers: now the packet goes into the first one.
+    ring.add(&[(0x11_000, 2048, W)]);
+    let out = process_rx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        params(true),
+        &mut slot,
+        &stats,
+    );
+    assert_eq!((out.used, out.packets), (1, 1));
+    assert_eq!(ring.used(0), (0, 112));
+}
+
+#[test]
+fn hostile_rx_chains_are_returned_empty_and_counted() {
+    let mut ring = Ring::new();
+    let (tap, peer) = seqpacket_pair();
+    ring.add(&[(0x10_000, 4, W)]); // smaller than the vnet header
+    ring.add(&[(0x11_000, 100, 0)]); // device-readable
+    ring.add(&[(MEM_SIZE - 4, 2048, W)]); // outside guest memory
+    ring.write_desc(3, 0x12_000, 100, W | NEXT, 3); // loops onto itself
+    ring.publish(3);
+    ring.next_desc = 4;
+    ring.add(&[(0x13_000, 2048, W)]); // good
+    let p = packet(200, 7);
+    send(&peer, &p);
+    let mut slot = PairSlot::default();
+    let stats = PairStats::default();
+    let out = process_rx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        params(true),
+        &mut slot,
+        &stats,
+    );
+    assert_eq!((out.used, out.packets), (5, 1));
+    for i in 0..4 {
+        assert_eq!(ring.used(i), (u32::from(i), 0));
+    }
+    assert_eq!(ring.used(4), (4, p.len() as u32));
+    assert_eq!(stats.snapshot().rx_bad_chains, 4);
+    assert_eq!(stats.snapshot().rx_packets, 1);
+}
+
+#[test]
+fn a_bad_chain_behind_good_ones_waits_for_the_next_packet() {
+    let mut ring = Ring::new();
+    let (tap, peer) = seqpacket_pair();
+    ring.add(&[(0x10_000, 1024, W)]);
+    ring.add(&[(0x11_000, 4, W)]); // bad
+    ring.add(&[(0x12_000, 2048, W)]);
+    send(&peer, &packet(100, 1));
+    send(&peer, &packet(100, 2));
+    let mut slot = PairSlot::default();
+    let stats = PairStats::default();
+    let out = process_rx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        params(true),
+        &mut slot,
+        &stats,
+    );
+    assert_eq!((out.used, out.packets), (3, 2));
+    assert_eq!(ring.used(0), (0, 112));
+    assert_eq!(ring.used(1), (1, 0));
+    assert_eq!(ring.used(2), (2, 112));
+}
+
+#[test]
+fn broken_avail_ring_does_not_panic() {
+    let mut ring = Ring::new();
+    let (tap, peer) = seqpacket_pair();
+    // The driver claims 40000 new entries (more than the queue size).
+    ring.mem
+        .write_obj(40000u16, GuestAddress(AVAIL + 2))
+        .unwrap();
+    send(&peer, &packet(100, 1));
+    let mut slot = PairSlot::default();
+    let stats = PairStats::default();
+    let out = process_rx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        params(true),
+        &mut slot,
+        &stats,
+    );
+    assert_eq!(out.packets, 0);
+    let done = process_tx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        HDR,
+        &mut slot,
+        &stats,
+    );
+    assert_eq!(done, 0);
+    // Head indices past the table.
+    let mut ring = Ring::new();
+    ring.mem.write_obj(999u16, GuestAddress(AVAIL + 4)).unwrap();
+    ring.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+    let _ = process_tx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        HDR,
+        &mut slot,
+        &stats,
+    );
+    let _ = process_rx(
+        &ring.mem,
+        &mut ring.queue,
+        tap.as_raw_fd(),
+        params(false),
+        &mut slot,
+        &stats,
+    );
+}
