@@ -30,6 +30,18 @@ PACKAGES=(
     iperf3
     bc
     pkg-config
+    iputils-ping
+    # test guest kernel build (tests/guest/build.sh)
+    linux-source-6.1
+    flex
+    bison
+    make
+    gcc
+    libc6-dev
+    libelf-dev
+    perl
+    xz-utils
+    patch
 )
 
 # Installed together with `-t bookworm-backports` (QEMU 10.0.x).
