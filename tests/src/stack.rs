@@ -298,6 +298,24 @@ impl Backend {
         Backend::start(Path::new("qemu-storage-daemon"), &args, &socket)
     }
 
+    /// `vhost-net` inside network namespace `netns`, on a new TAP `tap` with `host_ip`.
+    pub fn vhost_net(dir: &Path, netns: &NetNs, tap: &str, host_ip: &str) -> Backend {
+        let socket = dir.join("net.sock");
+        let args = vec![
+            "netns".to_string(),
+            "exec".into(),
+            netns.name.clone(),
+            binary("vhost-net").display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--tap".into(),
+            tap.into(),
+            "--host-ip".into(),
+            host_ip.into(),
+        ];
+        Backend::start(Path::new("ip"), &args, &socket)
+    }
+
     /// The backend's stdout and stderr so far.
     pub fn log(&self) -> String {
         let out = fs::read_to_string(&self.log).unwrap_or_default();
@@ -325,4 +343,47 @@ impl Drop for Backend {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A network namespace made for one test and deleted when dropped.
+pub struct NetNs {
+    /// Its name (`ip netns` name).
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates a namespace with a name unique to this process and `tag`.
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("cowbird-{}-{tag}", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run ip (package iproute2): {e}"));
+        assert!(
+            out.status.success(),
+            "ip netns add {name} failed (these tests need root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        NetNs { name }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Waits until `path` contains `text`; false after `timeout`.
+pub fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }

@@ -8,7 +8,9 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use cowbird_tests::stack::{binary, guest, require_kvm, run_vmm_raw, Backend, Boot};
+use cowbird_tests::stack::{
+    binary, guest, require_kvm, run_vmm_raw, wait_for_text, Backend, Boot, NetNs,
+};
 use cowbird_tests::{qemu_check, qemu_img};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -119,6 +121,68 @@ fn raw_disk_served_by_qemu_storage_daemon_with_a_bzimage_kernel() {
     run.expect_clean_poweroff();
     qsd.stop();
     assert_blk_step_landed(&fs::read(&image).unwrap());
+}
+
+#[test]
+fn vhost_blk_killed_and_restarted_while_the_guest_is_idle() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    qemu_img(&["create", "-f", "raw", image.to_str().unwrap(), "64M"]);
+    let mut first = Backend::vhost_blk(dir.path(), "blk", &image, &["--format", "raw"]);
+    let socket = first.socket.clone();
+    let serial = dir.path().join("serial.log");
+    let run = std::thread::scope(|scope| {
+        let vm = scope.spawn(|| {
+            let disk = format!("socket={}", socket.display());
+            let mut boot = Boot::steps("blk,pause,blk").args(&["--disk", &disk]);
+            boot.kernel_args = "cowbird.pause=15";
+            boot.run(dir.path(), BOOT_TIMEOUT)
+        });
+        assert!(
+            wait_for_text(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT),
+            "the guest never reached its pause"
+        );
+        first.kill();
+        let second = Backend::vhost_blk(dir.path(), "blk", &image, &["--format", "raw"]);
+        let run = vm.join().unwrap();
+        (run, second)
+    });
+    let (run, mut second) = run;
+    run.expect_clean_poweroff();
+    assert_eq!(
+        run.serial.matches("COWBIRD-BLK-OK").count(),
+        2,
+        "{}",
+        run.serial
+    );
+    assert!(run.stderr.contains("backend reconnected"), "{}", run.stderr);
+    assert!(
+        second.log().contains("frontend connected"),
+        "{}",
+        second.log()
+    );
+    second.stop();
+    assert_blk_step_landed(&fs::read(&image).unwrap());
+}
+
+#[test]
+fn guest_pings_the_host_through_vhost_net() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let netns = NetNs::new("vmnet");
+    let mut backend = Backend::vhost_net(dir.path(), &netns, "cbtap0", "10.77.0.1/24");
+    let net = format!("socket={}", backend.socket.display());
+    let mut boot = Boot::steps("net").args(&["--net", &net]);
+    boot.kernel_args = "cowbird.ip=10.77.0.2/24 cowbird.peer=10.77.0.1";
+    let run = boot.run(dir.path(), BOOT_TIMEOUT);
+    run.expect_marker("COWBIRD-NET-OK");
+    run.expect_clean_poweroff();
+    assert!(
+        backend.stop(),
+        "vhost-net did not exit cleanly:\n{}",
+        backend.log()
+    );
 }
 
 fn one_line_error(args: &[&str], dir: &Path) -> (Option<i32>, String) {

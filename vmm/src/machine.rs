@@ -20,7 +20,7 @@ use crate::pci::PciBus;
 use crate::platform::Platform;
 use crate::vcpu::{Vcpu, VcpuHandle};
 use crate::virtio::pci::BAR_SIZE;
-use crate::virtio::{DeviceType, VhostUserConnection, VirtioPciDevice};
+use crate::virtio::{reconnect, DeviceType, VhostUserConnection, VirtioPciDevice};
 use crate::vm::Vm;
 
 /// virtio-blk feature bit: the device is read-only.
@@ -165,7 +165,10 @@ fn attach_devices(config: &VmConfig, vm: &Vm) -> anyhow::Result<PciBus> {
         )
         .with_context(|| format!("cannot create the device for {}", socket.display()))?;
         next_bar += BAR_SIZE;
-        if bus.add(Arc::new(Mutex::new(device))).is_none() {
+        let device = Arc::new(Mutex::new(device));
+        reconnect::watch(device.clone(), kind, socket.to_owned())
+            .context("cannot start the backend watcher")?;
+        if bus.add(device).is_none() {
             bail!("too many devices: the PCI bus has 31 slots");
         }
         Ok(())

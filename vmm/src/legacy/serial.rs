@@ -27,9 +27,12 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// The emulated UART with its interrupt and output.
+type Uart = Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>;
+
 /// The serial port, shared by the vCPU threads and the input thread.
 #[derive(Clone)]
-pub struct SerialPort(Arc<Mutex<Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>>>);
+pub struct SerialPort(Arc<Mutex<Uart>>);
 
 impl SerialPort {
     /// A UART writing to `out`, interrupting on GSI [`COM1_IRQ`] of `vm`.

@@ -70,7 +70,7 @@ impl PciConfig {
     /// Declares BAR `index` as a 32-bit non-prefetchable memory BAR of `size` bytes (a power
     /// of two, at least 4 KiB) at guest address `addr`.
     pub fn add_memory_bar(&mut self, index: usize, size: u64, addr: u32) {
-        assert!(size.is_power_of_two() && size >= 4096 && size <= 1 << 31);
+        assert!(size.is_power_of_two() && (4096..=1 << 31).contains(&size));
         self.bar_sizes[index] = size;
         let offset = BAR0 + 4 * index;
         let mask = !(size as u32 - 1);

@@ -2,6 +2,7 @@
 //! backend that does all the device work.
 
 pub mod pci;
+pub mod reconnect;
 pub mod vhost_user;
 
 pub use pci::{DeviceType, VirtioPciDevice};

@@ -10,10 +10,10 @@
 use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::vhost_user::{QueueSetup, VhostUserConnection};
+use super::vhost_user::{HangupWatch, QueueSetup, VhostUserConnection};
 use crate::irq::IrqRouter;
 use crate::pci::config::{PciConfig, PciIds};
 use crate::pci::msix::{self, Msix, MSIX_CAPABILITY_ID};
@@ -317,8 +317,7 @@ impl VirtioPciDevice {
         let Some(bar) = self.config.bar_range(0) else {
             anyhow::bail!("driver started the device with BAR 0 disabled");
         };
-        let mut queues = Vec::new();
-        for (index, q) in self.queues.iter().enumerate().filter(|(_, q)| q.enabled) {
+        for index in (0..self.queues.len()).filter(|&i| self.queues[i].enabled) {
             let doorbell = bar.start + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_MULTIPLIER);
             self.vm
                 .register_ioevent(
@@ -328,20 +327,61 @@ impl VirtioPciDevice {
                 )
                 .map_err(|e| anyhow::anyhow!("KVM_IOEVENTFD for queue {index}: {e}"))?;
             self.registered_doorbells.push((doorbell, index));
+        }
+        self.start_backend(false)
+    }
+
+    /// Hands the enabled queues to the backend. A fresh start begins at ring index 0; a
+    /// resume (new backend process) begins at the used ring's index, so requests the old
+    /// backend took but never completed are processed again.
+    fn start_backend(&mut self, resume: bool) -> anyhow::Result<()> {
+        let mut queues = Vec::new();
+        for (index, q) in self.queues.iter().enumerate().filter(|(_, q)| q.enabled) {
+            let base = if resume {
+                self.memory
+                    .read_obj::<u16>(GuestAddress(q.used + 2))
+                    .map_err(|e| anyhow::anyhow!("queue {index}: used ring unreadable: {e}"))?
+            } else {
+                0
+            };
             let setup = QueueSetup {
                 index,
                 size: q.size,
                 desc: q.desc,
                 avail: q.avail,
                 used: q.used,
+                base,
             };
             let call = self.msix.irqfd(q.vector).unwrap_or(&self.unrouted_call);
             queues.push((setup, call, &self.kicks[index]));
         }
         self.backend
             .activate(&self.memory, self.driver_features, &queues)?;
-        tracing::debug!(socket = %self.backend.socket().display(), queues = queues.len(), "device started");
+        tracing::debug!(socket = %self.backend.socket().display(), queues = queues.len(), resume, "device started");
         Ok(())
+    }
+
+    /// Replaces a backend that went away with a new connection to it; a running device's
+    /// queues resume where the guest's used rings say, and are kicked once so requests
+    /// queued meanwhile get served.
+    pub fn reconnect(&mut self, backend: VhostUserConnection) -> anyhow::Result<()> {
+        let missing = self.driver_features & !backend.device_features();
+        self.backend = backend;
+        if missing != 0 {
+            anyhow::bail!("the new backend lacks features the driver uses ({missing:#x})");
+        }
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.start_backend(true)?;
+            for index in (0..self.queues.len()).filter(|&i| self.queues[i].enabled) {
+                let _ = self.kicks[index].write(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// The backend connection's hangup watch (see [`VhostUserConnection::hangup_watch`]).
+    pub fn hangup_watch(&self) -> std::io::Result<HangupWatch> {
+        self.backend.hangup_watch()
     }
 
     fn reset(&mut self) {

@@ -2,7 +2,10 @@
 //! space (read from the backend with GET_CONFIG), and handing the guest's rings, memory,
 //! kick and call eventfds to the backend when the driver starts the device.
 
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::path::{Path, PathBuf};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
@@ -64,11 +67,14 @@ pub struct QueueSetup {
     pub avail: u64,
     /// Guest address of the used (device) ring.
     pub used: u64,
+    /// Index of the next available-ring entry the backend should process.
+    pub base: u16,
 }
 
 /// A connected, initialised backend.
 pub struct VhostUserConnection {
     frontend: Frontend,
+    stream: UnixStream,
     socket: PathBuf,
     features: u64,
     protocol: VhostUserProtocolFeatures,
@@ -84,6 +90,12 @@ impl VhostUserConnection {
             socket: socket.to_owned(),
             source,
         })?;
+        let watched = stream
+            .try_clone()
+            .map_err(|source| VhostUserError::Connect {
+                socket: socket.to_owned(),
+                source,
+            })?;
         let mut frontend = Frontend::from_stream(stream, MAX_QUEUES);
         let request = |what| {
             let socket = socket.to_owned();
@@ -123,6 +135,7 @@ impl VhostUserConnection {
         }
         Ok(Self {
             frontend,
+            stream: watched,
             socket: socket.to_owned(),
             features,
             protocol,
@@ -222,7 +235,7 @@ impl VhostUserConnection {
                 .set_vring_addr(i, &rings)
                 .map_err(self.request_err("SET_VRING_ADDR"))?;
             self.frontend
-                .set_vring_base(i, 0)
+                .set_vring_base(i, queue.base)
                 .map_err(self.request_err("SET_VRING_BASE"))?;
             self.frontend
                 .set_vring_call(i, call)
@@ -237,6 +250,12 @@ impl VhostUserConnection {
             }
         }
         Ok(())
+    }
+
+    /// A second handle on the same connection, for a thread to wait on for the backend's
+    /// hangup without holding the device.
+    pub fn hangup_watch(&self) -> std::io::Result<HangupWatch> {
+        Ok(HangupWatch(self.stream.try_clone()?))
     }
 
     /// Stops the queues (GET_VRING_BASE), as on a driver reset.
@@ -262,5 +281,41 @@ impl VhostUserConnection {
             what,
             source,
         }
+    }
+}
+
+/// Waits for a backend connection to close.
+pub struct HangupWatch(UnixStream);
+
+impl HangupWatch {
+    /// Blocks until the backend closes the connection (it exited or crashed).
+    pub fn wait(&self) -> std::io::Result<()> {
+        // nix has no name for POLLRDHUP (the peer closed its end). Only it, POLLHUP and
+        // POLLERR can be reported, so any ready descriptor means the connection is gone.
+        let peer_closed = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        loop {
+            let mut fds = [PollFd::new(self.0.as_fd(), peer_closed)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(ready) if ready > 0 => return Ok(()),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hangup_is_seen_when_the_peer_closes() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let watch = HangupWatch(ours);
+        let waiter = std::thread::spawn(move || watch.wait());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        drop(theirs);
+        waiter.join().unwrap().unwrap();
     }
 }
