@@ -138,6 +138,8 @@ pub struct Boot<'a> {
     pub vmm_args: Vec<String>,
     /// Extra kernel parameters.
     pub kernel_args: &'a str,
+    /// Network namespace to run the VMM in (and so the backends it starts).
+    pub netns: Option<&'a NetNs>,
 }
 
 impl<'a> Boot<'a> {
@@ -148,6 +150,7 @@ impl<'a> Boot<'a> {
             kernel: &guest().vmlinux,
             vmm_args: Vec::new(),
             kernel_args: "",
+            netns: None,
         }
     }
 
@@ -184,16 +187,34 @@ pub fn run_vmm(dir: &Path, boot: &Boot, timeout: Duration) -> VmmOutcome {
         cmdline,
     ];
     args.extend_from_slice(&boot.vmm_args);
-    run_vmm_raw(&args, &serial, timeout)
+    let mut command = match boot.netns {
+        Some(netns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &netns.name]).arg(binary("vmm"));
+            c
+        }
+        None => Command::new(binary("vmm")),
+    };
+    command.args(&args);
+    // Sockets of backends the VMM starts go under the test's directory.
+    let runtime_dir = dir.join("run");
+    fs::create_dir_all(&runtime_dir).expect("runtime dir");
+    command.env("XDG_RUNTIME_DIR", &runtime_dir);
+    run_command(command, &serial, timeout)
 }
 
 /// Runs `vmm` with exactly `args`, reading the console from `serial`.
 pub fn run_vmm_raw(args: &[String], serial: &Path, timeout: Duration) -> VmmOutcome {
+    let mut command = Command::new(binary("vmm"));
+    command.args(args);
+    run_command(command, serial, timeout)
+}
+
+fn run_command(mut command: Command, serial: &Path, timeout: Duration) -> VmmOutcome {
     let started = Instant::now();
     let stderr_path = serial.with_extension("stderr");
     let stderr = fs::File::create(&stderr_path).expect("stderr file");
-    let mut child = Command::new(binary("vmm"))
-        .args(args)
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)

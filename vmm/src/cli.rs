@@ -7,8 +7,8 @@
 //!   starts a `vhost-blk` child for the image;
 //! - `--net socket=PATH[,mac=MAC][,num_queues=N][,queue_size=N]`: an externally managed
 //!   vhost-user-net backend;
-//! - `--net tap=NAME[,mac=MAC][,mtu=N][,num_queues=N][,queue_size=N]`: the VMM starts a
-//!   `vhost-net` child on that TAP.
+//! - `--net tap=NAME[,mac=MAC][,mtu=N][,ip=ADDR/PREFIX][,num_queues=N][,queue_size=N]`: the
+//!   VMM starts a `vhost-net` child on that TAP (`ip` is the host side's address on it).
 //!
 //! As in Cloud Hypervisor, `num_queues` of a NIC counts rx and tx queues (2 per queue pair).
 
@@ -83,13 +83,13 @@ pub struct Cli {
     pub disks: Vec<DiskConfig>,
 
     /// NICs, in order: `socket=PATH[,mac=MAC,num_queues=N,queue_size=N]` or
-    /// `tap=NAME[,mac=MAC,mtu=N,num_queues=N,queue_size=N]`; `num_queues` counts rx and tx
+    /// `tap=NAME[,mac=MAC,mtu=N,ip=ADDR/PREFIX,num_queues=N,queue_size=N]`; `num_queues` counts rx and tx
     /// queues.
     #[arg(
         long = "net",
         value_name = "OPTIONS",
         help = "A NIC: socket=PATH[,mac=MAC,num_queues=N,queue_size=N], or \
-                tap=NAME[,mac=MAC,mtu=N,num_queues=N,queue_size=N]. num_queues counts rx and \
+                tap=NAME[,mac=MAC,mtu=N,ip=ADDR/PREFIX,num_queues=N,queue_size=N]. num_queues counts rx and \
                 tx queues. Repeatable"
     )]
     pub nets: Vec<NetConfig>,
@@ -335,6 +335,8 @@ pub enum NetBackend {
         name: String,
         /// MTU to offer the guest and set on the TAP; the backend's default if `None`.
         mtu: Option<u16>,
+        /// Address and prefix length for the host side of the TAP (`ip=10.0.0.1/24`).
+        host_ip: Option<String>,
     },
 }
 
@@ -352,8 +354,15 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    const KEYS: &'static [&'static str] =
-        &["socket", "tap", "mac", "mtu", "num_queues", "queue_size"];
+    const KEYS: &'static [&'static str] = &[
+        "socket",
+        "tap",
+        "mac",
+        "mtu",
+        "ip",
+        "num_queues",
+        "queue_size",
+    ];
 
     /// Number of rx/tx queue pairs (`num_queues / 2`).
     pub fn queue_pairs(&self) -> u16 {
@@ -374,12 +383,12 @@ impl FromStr for NetConfig {
                 })
             }
             (Some(socket), None) => {
-                if list.has("mtu") {
+                if list.has("mtu") || list.has("ip") {
                     // The MTU lives in the backend's config space; only a backend we start
                     // can be told it.
                     return Err(Error::ConflictingKeys {
                         first: "socket",
-                        second: "mtu",
+                        second: if list.has("mtu") { "mtu" } else { "ip" },
                     });
                 }
                 NetBackend::Socket(socket_key(socket)?)
@@ -394,6 +403,15 @@ impl FromStr for NetConfig {
                     },
                 })?,
                 mtu: list.parsed("mtu", |v| bounded(v, 68, u16::MAX, "MTU"))?,
+                host_ip: list.parsed("ip", |v| match v.split_once('/') {
+                    Some((addr, prefix))
+                        if addr.parse::<std::net::IpAddr>().is_ok()
+                            && prefix.parse::<u8>().is_ok() =>
+                    {
+                        Ok(v.to_owned())
+                    }
+                    _ => Err("expected ADDRESS/PREFIX, e.g. 10.0.0.1/24".to_owned()),
+                })?,
             },
             (None, None) => {
                 return Err(Error::MissingKey {

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 pub enum VmEvent {
     /// The guest reset the machine (i8042 reset line): how it reboots and powers off.
     Reset,
+    /// The VMM was asked to stop (SIGTERM or SIGINT).
+    Terminated(nix::sys::signal::Signal),
     /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN): the guest crashed.
     TripleFault {
         /// The vCPU.
@@ -26,7 +28,7 @@ pub enum VmEvent {
     },
 }
 
-/// Exit status when the guest powered off or rebooted.
+/// Exit status when the guest powered off or rebooted, or the VMM was told to stop.
 pub const EXIT_GUEST_OFF: u8 = 0;
 /// Exit status when the VMM could not set up or run the VM.
 pub const EXIT_VMM_ERROR: u8 = 1;
@@ -42,6 +44,10 @@ impl VmEvent {
     pub fn report(&self) -> ExitCode {
         match self {
             Self::Reset => ExitCode::from(EXIT_GUEST_OFF),
+            Self::Terminated(signal) => {
+                eprintln!("vmm: terminating on {signal}");
+                ExitCode::from(EXIT_GUEST_OFF)
+            }
             Self::TripleFault { cpu, registers } => {
                 eprintln!("vmm: guest crashed: triple fault on vCPU {cpu}\n{registers}");
                 ExitCode::from(EXIT_GUEST_CRASH)

@@ -9,6 +9,7 @@
 //! - [`platform`]: which device answers which port or address; [`legacy`] (serial, i8042);
 //! - [`pci`] and [`virtio`]: the PCI bus, MSI-X, the virtio-pci transport and the vhost-user
 //!   frontend; [`irq`]: MSI routing;
+//! - [`supervisor`]: backend processes the VMM starts itself (`--disk path=`, `--net tap=`);
 //! - [`machine`]: all of the above put together; [`exit`]: how a VM ends.
 
 #![warn(missing_docs)]
@@ -26,6 +27,7 @@ pub mod machine;
 pub mod memory;
 pub mod pci;
 pub mod platform;
+pub mod supervisor;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -3,6 +3,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -11,13 +12,19 @@ use anyhow::{bail, Context};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::boot;
-use crate::cli::{DiskBackend, NetBackend, SerialConfig, VmConfig};
+use std::path::Path;
+
+use crate::cli::{
+    DiskBackend, DiskConfig, ImageFormat, NetBackend, NetConfig, SerialConfig, VmConfig,
+};
 use crate::cpuid;
+use crate::exit::VmEvent;
 use crate::irq::IrqRouter;
 use crate::legacy::{ResetPort, SerialPort};
 use crate::memory::PCI_HOLE_START;
 use crate::pci::PciBus;
 use crate::platform::Platform;
+use crate::supervisor::Supervisor;
 use crate::vcpu::{Vcpu, VcpuHandle};
 use crate::virtio::pci::BAR_SIZE;
 use crate::virtio::{reconnect, DeviceType, VhostUserConnection, VirtioPciDevice};
@@ -30,7 +37,7 @@ const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 /// ended (see [`crate::exit`]).
 pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let sigusr1 = block_sigusr1()?;
+    let signals = block_signals()?;
     let vm = Vm::new(&config.memory)?;
     let max = vm.kvm().get_max_vcpus();
     if usize::from(config.cpus) > max {
@@ -69,7 +76,9 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
         }
         SerialConfig::Off => None,
     };
-    let pci = attach_devices(config, &vm)?;
+    let supervisor = Supervisor::new()?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let pci = attach_devices(config, &vm, &supervisor, &stopping)?;
     let platform = Arc::new(Platform::new(serial, ResetPort::new(events.clone()), pci));
 
     let supported = cpuid::supported(vm.kvm()).context("KVM_GET_SUPPORTED_CPUID")?;
@@ -89,7 +98,7 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
         .map(|vcpu| vcpu.spawn(platform.clone(), events.clone()))
         .collect::<Result<Vec<_>, _>>()
         .context("cannot start a vCPU thread")?;
-    dump_registers_on_signal(sigusr1, handles)?;
+    handle_signals(signals, handles, events.clone())?;
     tracing::info!(
         cpus = config.cpus,
         memory_mib = config.memory.size() >> 20,
@@ -100,27 +109,39 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
         .recv()
         .expect("the vCPU threads hold senders until they report");
     let _ = std::io::stdout().flush();
+    stopping.store(true, Ordering::SeqCst);
+    supervisor.shutdown();
     Ok(event.report())
 }
 
-/// Blocks SIGUSR1 in this thread and so in every thread it starts from now on, for
-/// [`dump_registers_on_signal`] to receive it.
-fn block_sigusr1() -> anyhow::Result<SigSet> {
+/// Blocks SIGUSR1, SIGTERM and SIGINT in this thread and so in every thread it starts from
+/// now on, for [`handle_signals`] to receive them.
+fn block_signals() -> anyhow::Result<SigSet> {
     let mut set = SigSet::empty();
-    set.add(Signal::SIGUSR1);
-    set.thread_block().context("cannot block SIGUSR1")?;
+    for signal in [Signal::SIGUSR1, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(signal);
+    }
+    set.thread_block().context("cannot block signals")?;
     Ok(set)
 }
 
-/// Makes the signals in `set` (SIGUSR1) print every vCPU's registers to stderr, for looking
-/// at a hung guest.
-fn dump_registers_on_signal(set: SigSet, vcpus: Vec<VcpuHandle>) -> anyhow::Result<()> {
+/// SIGUSR1 prints every vCPU's registers to stderr (for looking at a hung guest); SIGTERM
+/// and SIGINT stop the VM, and with it the backends the VMM started.
+fn handle_signals(
+    set: SigSet,
+    vcpus: Vec<VcpuHandle>,
+    events: mpsc::Sender<VmEvent>,
+) -> anyhow::Result<()> {
     std::thread::Builder::new()
-        .name("sigusr1".into())
+        .name("signals".into())
         .spawn(move || {
-            while set.wait().is_ok() {
-                for vcpu in &vcpus {
-                    vcpu.request_register_dump();
+            while let Ok(signal) = set.wait() {
+                if signal == Signal::SIGUSR1 {
+                    for vcpu in &vcpus {
+                        vcpu.request_register_dump();
+                    }
+                } else {
+                    let _ = events.send(VmEvent::Terminated(signal));
                 }
             }
         })
@@ -128,9 +149,14 @@ fn dump_registers_on_signal(set: SigSet, vcpus: Vec<VcpuHandle>) -> anyhow::Resu
     Ok(())
 }
 
-/// Connects every `--disk` and `--net` backend and plugs a virtio-pci device for each into a
-/// new PCI bus.
-fn attach_devices(config: &VmConfig, vm: &Vm) -> anyhow::Result<PciBus> {
+/// Connects every `--disk` and `--net` backend (starting those the VMM runs itself under
+/// `supervisor`) and plugs a virtio-pci device for each into a new PCI bus.
+fn attach_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    supervisor: &Supervisor,
+    stopping: &Arc<AtomicBool>,
+) -> anyhow::Result<PciBus> {
     let router = Arc::new(IrqRouter::new(vm.fd().clone()));
     let mut bus = PciBus::new();
     let mut next_bar = PCI_HOLE_START;
@@ -166,30 +192,115 @@ fn attach_devices(config: &VmConfig, vm: &Vm) -> anyhow::Result<PciBus> {
         .with_context(|| format!("cannot create the device for {}", socket.display()))?;
         next_bar += BAR_SIZE;
         let device = Arc::new(Mutex::new(device));
-        reconnect::watch(device.clone(), kind, socket.to_owned())
+        reconnect::watch(device.clone(), kind, socket.to_owned(), stopping.clone())
             .context("cannot start the backend watcher")?;
         if bus.add(device).is_none() {
             bail!("too many devices: the PCI bus has 31 slots");
         }
         Ok(())
     };
-    for disk in &config.disks {
-        match &disk.backend {
-            DiskBackend::Socket(socket) => plug(DeviceType::Block, socket, disk.num_queues, disk.queue_size, disk.readonly)?,
-            DiskBackend::Image { path, .. } => bail!(
-                "--disk path={}: starting vhost-blk from the VMM is not implemented yet; start `vhost-blk --socket S --image {}` and use --disk socket=S",
-                path.display(),
-                path.display()
-            ),
-        }
+    for (i, disk) in config.disks.iter().enumerate() {
+        let socket = match &disk.backend {
+            DiskBackend::Socket(socket) => socket.clone(),
+            DiskBackend::Image { path, format } => {
+                let socket = supervisor.socket_path(&format!("disk{i}"));
+                supervisor.start(
+                    &format!("vhost-blk disk{i}"),
+                    "vhost-blk",
+                    vhost_blk_args(disk, path, *format, &socket),
+                    &socket,
+                )?;
+                socket
+            }
+        };
+        plug(
+            DeviceType::Block,
+            &socket,
+            disk.num_queues,
+            disk.queue_size,
+            disk.readonly,
+        )?;
     }
-    for net in &config.nets {
-        match &net.backend {
-            NetBackend::Socket(socket) => plug(DeviceType::Net, socket, net.num_queues, net.queue_size, false)?,
-            NetBackend::Tap { name, .. } => bail!(
-                "--net tap={name}: starting vhost-net from the VMM is not implemented yet; start `vhost-net --socket S --tap {name}` and use --net socket=S"
-            ),
-        }
+    for (i, net) in config.nets.iter().enumerate() {
+        let socket = match &net.backend {
+            NetBackend::Socket(socket) => socket.clone(),
+            NetBackend::Tap { name, mtu, host_ip } => {
+                let socket = supervisor.socket_path(&format!("net{i}"));
+                let args = vhost_net_args(net, name, *mtu, host_ip.as_deref(), &socket);
+                supervisor.start(&format!("vhost-net net{i}"), "vhost-net", args, &socket)?;
+                socket
+            }
+        };
+        plug(
+            DeviceType::Net,
+            &socket,
+            net.num_queues,
+            net.queue_size,
+            false,
+        )?;
     }
     Ok(bus)
+}
+
+/// The `vhost-blk` command line that serves `--disk path=...` on `socket`.
+fn vhost_blk_args(
+    disk: &DiskConfig,
+    image: &Path,
+    format: Option<ImageFormat>,
+    socket: &Path,
+) -> Vec<String> {
+    let mut args = vec![
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--image".into(),
+        image.display().to_string(),
+        "--num-queues".into(),
+        disk.num_queues.to_string(),
+        "--queue-size".into(),
+        disk.queue_size.max(4).to_string(),
+    ];
+    if let Some(format) = format {
+        args.push("--format".into());
+        args.push(match format {
+            ImageFormat::Raw => "raw".into(),
+            ImageFormat::Qcow2 => "qcow2".into(),
+        });
+    }
+    if disk.readonly {
+        args.push("--read-only".into());
+    }
+    args
+}
+
+/// The `vhost-net` command line that serves `--net tap=...` on `socket`.
+fn vhost_net_args(
+    net: &NetConfig,
+    tap: &str,
+    mtu: Option<u16>,
+    host_ip: Option<&str>,
+    socket: &Path,
+) -> Vec<String> {
+    let mut args = vec![
+        "--socket".to_string(),
+        socket.display().to_string(),
+        "--tap".into(),
+        tap.into(),
+        "--num-queue-pairs".into(),
+        net.queue_pairs().to_string(),
+        "--queue-size".into(),
+        net.queue_size.to_string(),
+    ];
+    if let Some(mac) = net.mac {
+        args.push("--mac".into());
+        args.push(mac.to_string());
+    }
+    if let Some(mtu) = mtu {
+        args.push("--mtu".into());
+        args.push(mtu.to_string());
+    }
+    if let Some(ip) = host_ip {
+        args.push("--host-ip".into());
+        args.push(ip.into());
+    }
+    args
 }

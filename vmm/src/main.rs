@@ -3,6 +3,7 @@
 //! Exit status: 0 when the guest powers off or reboots, 1 when the VMM fails, 2 for a bad
 //! command line, 3 when the guest crashes (triple fault), 4 when KVM cannot run a vCPU.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
                 .from_env_lossy(),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = match cli.into_config() {
         Ok(config) => config,

@@ -124,6 +124,7 @@ fn full_command_line() {
                 backend: NetBackend::Tap {
                     name: "tap0".into(),
                     mtu: None,
+                    host_ip: None,
                 },
                 mac: None,
                 num_queues: 2,
@@ -372,11 +373,13 @@ fn clap_names_the_option_in_list_errors() {
 #[test]
 fn net_modes() {
     assert_eq!(
-        net("tap=tap0,mac=52:54:00:00:00:01,mtu=9000,num_queues=8,queue_size=1024").unwrap(),
+        net("tap=tap0,mac=52:54:00:00:00:01,mtu=9000,ip=10.0.0.1/24,num_queues=8,queue_size=1024")
+            .unwrap(),
         NetConfig {
             backend: NetBackend::Tap {
                 name: "tap0".into(),
                 mtu: Some(9000),
+                host_ip: Some("10.0.0.1/24".into()),
             },
             mac: Some(MacAddress::new([0x52, 0x54, 0, 0, 0, 1])),
             num_queues: 8,
@@ -417,7 +420,7 @@ fn net_errors_are_precise() {
             "tap=t,path=/x",
             Error::UnknownKey {
                 key: "path".into(),
-                valid: "socket, tap, mac, mtu, num_queues, queue_size".into(),
+                valid: "socket, tap, mac, mtu, ip, num_queues, queue_size".into(),
             },
         ),
         (

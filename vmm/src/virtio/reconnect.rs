@@ -4,6 +4,7 @@
 //! process. The guest sees its requests stall meanwhile, not fail.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,11 +13,13 @@ use super::{DeviceType, VhostUserConnection, VirtioPciDevice};
 /// How often to retry the socket while the backend is away.
 const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Watches `device`'s backend on `socket` for the life of the VMM.
+/// Watches `device`'s backend on `socket` until `stopping` is set (the VMM is shutting down
+/// and stops backends on purpose).
 pub fn watch(
     device: Arc<Mutex<VirtioPciDevice>>,
     kind: DeviceType,
     socket: PathBuf,
+    stopping: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     let mut hangup = lock(&device).hangup_watch()?;
     std::thread::Builder::new()
@@ -24,6 +27,9 @@ pub fn watch(
         .spawn(move || loop {
             if let Err(e) = hangup.wait() {
                 tracing::error!(socket = %socket.display(), "cannot watch the backend: {e}");
+                return;
+            }
+            if stopping.load(Ordering::SeqCst) {
                 return;
             }
             tracing::warn!(socket = %socket.display(), "backend disconnected; waiting for it to come back");

@@ -1,0 +1,163 @@
+//! The whole stack from one command (issue 8): `vmm --disk path=... --net tap=...` starts its
+//! own `vhost-blk` and `vhost-net` children, restarts one that dies, and leaves no process,
+//! socket or TAP behind when the guest powers off.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use cowbird_tests::stack::{guest, require_kvm, wait_for_text, Boot, NetNs};
+use cowbird_tests::{qemu_check, qemu_img};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const MIB: usize = 1 << 20;
+
+fn blk_step_data() -> Vec<u8> {
+    fs::read(&guest().busybox).expect("guest busybox")[..MIB].to_vec()
+}
+
+/// Processes whose command line mentions `dir` (backends serving images in it).
+fn processes_using(dir: &Path) -> Vec<String> {
+    let out = Command::new("pgrep")
+        .args(["-a", "-f", dir.to_str().unwrap()])
+        .output()
+        .expect("pgrep (procps)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn spawned_backends_serve_raw_and_qcow2_disks_and_a_nic_then_vanish() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let base = dir.path().join("base.raw");
+    let overlay = dir.path().join("overlay.qcow2");
+    qemu_img(&["create", "-f", "raw", raw.to_str().unwrap(), "64M"]);
+    let mut base_data = vec![0u8; 64 * MIB];
+    base_data[8 * MIB..9 * MIB].fill(0xa5);
+    fs::write(&base, &base_data).unwrap();
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        overlay.to_str().unwrap(),
+    ]);
+    let netns = NetNs::new("spawn");
+    let disk0 = format!("path={},format=raw", raw.display());
+    let disk1 = format!("path={},format=qcow2,num_queues=2", overlay.display());
+    let mut boot = Boot::steps("blk,vdb,net").args(&[
+        "--cpus",
+        "2",
+        "--disk",
+        &disk0,
+        "--disk",
+        &disk1,
+        "--net",
+        "tap=cbspawn0,ip=10.78.0.1/24",
+    ]);
+    boot.kernel_args = "cowbird.ip=10.78.0.2/24 cowbird.peer=10.78.0.1";
+    boot.netns = Some(&netns);
+    let run = boot.run(dir.path(), BOOT_TIMEOUT);
+    run.expect_marker("COWBIRD-BLK-OK");
+    run.expect_marker("COWBIRD-VDB-OK");
+    run.expect_marker("COWBIRD-NET-OK");
+    run.expect_clean_poweroff();
+
+    // Children were told to stop and flushed: nothing left running, images clean.
+    assert!(
+        processes_using(dir.path()).is_empty(),
+        "{:?}",
+        processes_using(dir.path())
+    );
+    assert!(
+        run.stderr.contains("[vhost-blk disk0]"),
+        "backend logs are forwarded:\n{}",
+        run.stderr
+    );
+    let (code, report) = qemu_check(&overlay);
+    assert_eq!(code, 0, "{report}");
+    assert!(fs::read(&raw).unwrap()[MIB..2 * MIB] == blk_step_data()[..]);
+    let flat = dir.path().join("flat.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        overlay.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
+    let flat = fs::read(&flat).unwrap();
+    assert!(
+        flat[MIB..2 * MIB] == blk_step_data()[..],
+        "vdb write missing"
+    );
+    assert!(
+        flat[8 * MIB..9 * MIB].iter().all(|&b| b == 0xa5),
+        "backing data lost"
+    );
+    // The TAP went away with vhost-net, and the private socket directory with the VMM.
+    let tap = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns.name,
+            "ip",
+            "link",
+            "show",
+            "cbspawn0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!tap.status.success(), "TAP still exists");
+    let leftovers: Vec<_> = fs::read_dir(dir.path().join("run")).unwrap().collect();
+    assert!(
+        leftovers.is_empty(),
+        "socket directory left behind: {leftovers:?}"
+    );
+}
+
+#[test]
+fn a_killed_vhost_blk_child_is_restarted_and_the_guest_carries_on() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    qemu_img(&["create", "-f", "qcow2", image.to_str().unwrap(), "64M"]);
+    let serial = dir.path().join("serial.log");
+    let run = std::thread::scope(|scope| {
+        let vm = scope.spawn(|| {
+            let disk = format!("path={},format=qcow2", image.display());
+            let mut boot = Boot::steps("blk,pause,blk").args(&["--disk", &disk]);
+            boot.kernel_args = "cowbird.pause=15";
+            boot.run(dir.path(), BOOT_TIMEOUT)
+        });
+        assert!(
+            wait_for_text(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT),
+            "no pause"
+        );
+        let killed = Command::new("pkill")
+            .args(["-KILL", "-f", &format!("vhost-blk.*{}", image.display())])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "no vhost-blk child to kill");
+        vm.join().unwrap()
+    });
+    run.expect_clean_poweroff();
+    assert_eq!(
+        run.serial.matches("COWBIRD-BLK-OK").count(),
+        2,
+        "{}",
+        run.serial
+    );
+    assert!(run.stderr.contains("restarting it"), "{}", run.stderr);
+    assert!(run.stderr.contains("backend reconnected"), "{}", run.stderr);
+    assert!(processes_using(dir.path()).is_empty());
+    let (code, report) = qemu_check(&image);
+    assert_eq!(code, 0, "{report}");
+}

@@ -1,0 +1,230 @@
+//! Backend processes the VMM starts itself (`--disk path=...`, `--net tap=...`): each runs
+//! in its own process group on a private socket, its stderr is forwarded with a prefix, it is
+//! restarted when it dies (the device's watcher then re-attaches it, see
+//! [`crate::virtio::reconnect`]), and it is stopped — SIGTERM, then SIGKILL after a grace
+//! period — when the VMM exits, or killed by the kernel if the VMM dies first.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// How long a backend gets to create its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long stopped backends get to finish (flush images) before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Restarts in a row of a backend that dies within [`HEALTHY_AFTER`] before giving up.
+const MAX_QUICK_RESTARTS: u32 = 5;
+/// A backend that ran this long is considered healthy again.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// One backend process and what it takes to start it again.
+struct Managed {
+    name: String,
+    command: Vec<String>,
+    pid: AtomicI32,
+}
+
+/// The set of backend processes this VMM started.
+pub struct Supervisor {
+    dir: PathBuf,
+    children: Mutex<Vec<Arc<Managed>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Supervisor {
+    /// A supervisor whose backends put their sockets in a new private directory.
+    pub fn new() -> anyhow::Result<Self> {
+        let base =
+            std::env::var_os("XDG_RUNTIME_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        let dir = base.join(format!("cowbird-vmm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self {
+            dir,
+            children: Mutex::new(Vec::new()),
+            stopping: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The socket path for a backend called `name`.
+    pub fn socket_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    /// Starts `program` (found next to this executable, else on `$PATH`) with `args`, named
+    /// `name` in logs, and waits until it has created `socket`.
+    pub fn start(
+        &self,
+        name: &str,
+        program: &str,
+        args: Vec<String>,
+        socket: &Path,
+    ) -> anyhow::Result<()> {
+        let program = find_program(program);
+        let mut command = vec![program.display().to_string()];
+        command.extend(args);
+        let managed = Arc::new(Managed {
+            name: name.to_owned(),
+            command,
+            pid: AtomicI32::new(0),
+        });
+        let _ = std::fs::remove_file(socket);
+        let mut child = spawn(&managed)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !socket.exists() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "{name} ({}) exited with {status} before serving {}",
+                    program.display(),
+                    socket.display()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!(
+                    "{name} did not create {} within {START_TIMEOUT:?}",
+                    socket.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.lock().push(managed.clone());
+        let stopping = self.stopping.clone();
+        std::thread::Builder::new()
+            .name(format!("supervise-{name}"))
+            .spawn(move || supervise(managed, child, stopping))?;
+        Ok(())
+    }
+
+    /// Stops every backend: SIGTERM to its process group, SIGKILL after a grace period.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let children = self.lock().clone();
+        for c in &children {
+            signal_group(c.pid.load(Ordering::SeqCst), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while children.iter().any(|c| alive(c.pid.load(Ordering::SeqCst)))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for c in &children {
+            let pid = c.pid.load(Ordering::SeqCst);
+            if alive(pid) {
+                tracing::warn!("{} did not stop within {STOP_GRACE:?}; killing it", c.name);
+                signal_group(pid, libc::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Managed>>> {
+        self.children.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if !self.stopping.load(Ordering::SeqCst) {
+            self.shutdown();
+        }
+    }
+}
+
+/// Waits for the child; restarts it unless the VMM is stopping or it keeps dying at once.
+fn supervise(managed: Arc<Managed>, mut child: Child, stopping: Arc<AtomicBool>) {
+    let mut quick_restarts = 0;
+    loop {
+        let started = Instant::now();
+        let status = child.wait();
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        quick_restarts = if started.elapsed() < HEALTHY_AFTER {
+            quick_restarts + 1
+        } else {
+            1
+        };
+        if quick_restarts > MAX_QUICK_RESTARTS {
+            tracing::error!(
+                "{} died ({status}) {MAX_QUICK_RESTARTS} times in a row; not restarting it",
+                managed.name
+            );
+            return;
+        }
+        tracing::warn!("{} died ({status}); restarting it", managed.name);
+        std::thread::sleep(Duration::from_millis(100) * quick_restarts);
+        match spawn(&managed) {
+            Ok(c) => child = c,
+            Err(e) => {
+                tracing::error!("cannot restart {}: {e:#}", managed.name);
+                return;
+            }
+        }
+    }
+}
+
+/// Starts the backend in its own process group, with its stderr forwarded line by line.
+fn spawn(managed: &Managed) -> anyhow::Result<Child> {
+    let mut command = Command::new(&managed.command[0]);
+    command
+        .args(&managed.command[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe; it makes the kernel SIGTERM the backend if the
+    // VMM thread that started it dies (the supervising threads live as long as the VMM).
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start {} ({})", managed.name, managed.command[0]))?;
+    managed.pid.store(child.id() as i32, Ordering::SeqCst);
+    if let Some(stderr) = child.stderr.take() {
+        let name = managed.name.clone();
+        std::thread::Builder::new()
+            .name(format!("log-{name}"))
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("[{name}] {line}");
+                }
+            })?;
+    }
+    Ok(child)
+}
+
+/// `program` next to the running executable if it is there, else the bare name for `$PATH`.
+fn find_program(program: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(program)))
+        .filter(|path| path.exists())
+        .unwrap_or_else(|| PathBuf::from(program))
+}
+
+fn signal_group(pid: i32, signal: libc::c_int) {
+    if pid > 0 {
+        // SAFETY: kill(2) on a process group we created.
+        unsafe { libc::kill(-pid, signal) };
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks for existence.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
