@@ -1,5 +1,6 @@
 //! The virtio-blk configuration space (`struct virtio_blk_config`), filled from the disk.
 
+use crate::disk::Topology;
 use crate::request::{Limits, SECTOR_SHIFT};
 
 /// Bytes of `struct virtio_blk_config` up to and including the zoned characteristics.
@@ -12,15 +13,30 @@ pub const MAX_DISCARD_SECTORS: u32 = 1 << (30 - SECTOR_SHIFT);
 /// Most discard or write-zeroes segments per request.
 pub const MAX_DISCARD_SEG: u32 = 16;
 
+/// The SIZE_MAX we advertise with `seg_max` segments per request.
+///
+/// Segments of any size work here (the io_uring path takes whole buffers, the bounce path goes
+/// in chunks), but libblkio computes the largest request as `size_max * seg_max` in an `i32`
+/// and overflows on `u32::MAX`; so the limit is the largest power of two that keeps a request
+/// below 2 GiB (64 KiB with 32766 segments, 8 MiB with 254), which no driver comes near.
+pub fn size_max(seg_max: u32) -> u32 {
+    let max = (i32::MAX as u32) / seg_max.max(1);
+    1u32 << (31 - max.leading_zeros())
+}
+
 /// The device configuration a driver reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlkConfig {
     /// Disk size in 512-byte sectors.
     pub capacity: u64,
+    /// Largest data segment in bytes (VIRTIO_BLK_F_SIZE_MAX).
+    pub size_max: u32,
     /// Most data segments per request (VIRTIO_BLK_F_SEG_MAX).
     pub seg_max: u32,
     /// Logical block size in bytes (VIRTIO_BLK_F_BLK_SIZE).
     pub blk_size: u32,
+    /// Physical block and preferred I/O sizes (VIRTIO_BLK_F_TOPOLOGY).
+    pub topology: Topology,
     /// Writeback cache enabled (VIRTIO_BLK_F_CONFIG_WCE); when off, every write is flushed.
     pub writeback: bool,
     /// Number of request queues (VIRTIO_BLK_F_MQ).
@@ -41,13 +57,16 @@ pub struct BlkConfig {
 
 impl BlkConfig {
     /// The configuration for a disk of `capacity` sectors served on `num_queues` queues of
-    /// `queue_size` entries.
+    /// `queue_size` entries, with the default topology (see [`Topology::default`]).
     pub fn new(capacity: u64, num_queues: u16, queue_size: u16, discard_alignment: u32) -> Self {
+        // Two ring entries go to the header and the status (Linux and QEMU use the same).
+        let seg_max = u32::from(queue_size).saturating_sub(2).max(1);
         BlkConfig {
             capacity,
-            // Two ring entries go to the header and the status (Linux and QEMU use the same).
-            seg_max: u32::from(queue_size).saturating_sub(2).max(1),
+            size_max: size_max(seg_max),
+            seg_max,
             blk_size: 512,
+            topology: Topology::default(),
             writeback: true,
             num_queues,
             max_discard_sectors: MAX_DISCARD_SECTORS,
@@ -76,11 +95,14 @@ impl BlkConfig {
         let mut b = [0u8; CONFIG_LEN];
         let mut put = |off: usize, bytes: &[u8]| b[off..off + bytes.len()].copy_from_slice(bytes);
         put(0, &self.capacity.to_le_bytes());
-        // size_max (8) is 0: VIRTIO_BLK_F_SIZE_MAX is not offered, segments may be any size.
+        put(8, &self.size_max.to_le_bytes());
         put(12, &self.seg_max.to_le_bytes());
         // geometry (16..20) stays zero: VIRTIO_BLK_F_GEOMETRY is not offered.
         put(20, &self.blk_size.to_le_bytes());
-        // Topology (24..32) stays zero: VIRTIO_BLK_F_TOPOLOGY is not offered.
+        let t = &self.topology;
+        put(24, &[t.physical_block_exp, t.alignment_offset]);
+        put(26, &t.min_io_size.to_le_bytes());
+        put(28, &t.opt_io_size.to_le_bytes());
         put(WCE_OFFSET, &[u8::from(self.writeback)]);
         put(34, &self.num_queues.to_le_bytes());
         put(36, &self.max_discard_sectors.to_le_bytes());
@@ -115,8 +137,13 @@ mod tests {
     #[test]
     fn layout_matches_the_kernel_header() {
         assert_eq!(std::mem::size_of::<C>(), CONFIG_LEN);
+        assert_eq!(offset_of!(C, size_max), 8);
         assert_eq!(offset_of!(C, seg_max), 12);
         assert_eq!(offset_of!(C, blk_size), 20);
+        assert_eq!(offset_of!(C, physical_block_exp), 24);
+        assert_eq!(offset_of!(C, alignment_offset), 25);
+        assert_eq!(offset_of!(C, min_io_size), 26);
+        assert_eq!(offset_of!(C, opt_io_size), 28);
         assert_eq!(offset_of!(C, wce), WCE_OFFSET);
         assert_eq!(offset_of!(C, num_queues), 34);
         assert_eq!(offset_of!(C, max_discard_sectors), 36);
@@ -129,15 +156,34 @@ mod tests {
 
     #[test]
     fn bytes_are_truthful() {
-        let c = BlkConfig::new(2048, 4, 128, 128);
+        let c = BlkConfig {
+            topology: Topology::new(4096, Some(65536)),
+            ..BlkConfig::new(2048, 4, 128, 128)
+        };
         let b = c.to_bytes();
         assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), 2048);
+        assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 16 << 20);
+        assert_eq!(b[24..26], [3, 0]);
+        assert_eq!(u16::from_le_bytes(b[26..28].try_into().unwrap()), 8);
+        assert_eq!(u32::from_le_bytes(b[28..32].try_into().unwrap()), 128);
         assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 126);
         assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), 512);
         assert_eq!(b[WCE_OFFSET], 1);
         assert_eq!(u16::from_le_bytes(b[34..36].try_into().unwrap()), 4);
         assert_eq!(u32::from_le_bytes(b[44..48].try_into().unwrap()), 128);
         assert_eq!(b[56], 1);
+    }
+
+    #[test]
+    fn size_max_keeps_requests_below_2_gib() {
+        for seg_max in [1, 2, 126, 254, 1000, 32766] {
+            let size_max = size_max(seg_max);
+            assert!(size_max.is_power_of_two());
+            assert!(u64::from(size_max) * u64::from(seg_max) <= i32::MAX as u64);
+            assert!(u64::from(size_max) * 2 * u64::from(seg_max) > i32::MAX as u64);
+        }
+        assert_eq!(size_max(254), 8 << 20);
+        assert_eq!(size_max(32766), 64 << 10);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use crate::config::BlkConfig;
 use crate::disk::Disk;
@@ -39,6 +40,7 @@ pub struct Device {
     queue_size: u16,
     slots: Vec<Mutex<QueueSlot>>,
     stopping: AtomicBool,
+    poll: Duration,
 }
 
 impl Device {
@@ -55,12 +57,15 @@ impl Device {
                  {queue_size}"
             )));
         }
-        let config = BlkConfig::new(
-            disk.capacity(),
-            num_queues,
-            queue_size,
-            disk.discard_alignment(),
-        );
+        let config = BlkConfig {
+            topology: disk.topology(),
+            ..BlkConfig::new(
+                disk.capacity(),
+                num_queues,
+                queue_size,
+                disk.discard_alignment(),
+            )
+        };
         let mut ring_warned = false;
         let slots = (0..num_queues)
             .map(|_| {
@@ -90,7 +95,19 @@ impl Device {
             queue_size,
             slots,
             stopping: AtomicBool::new(false),
+            poll: Duration::ZERO,
         })
+    }
+
+    /// Sets how long a worker keeps polling its queue after its last activity (`--poll-us`);
+    /// zero (the default) never polls.
+    pub fn set_poll(&mut self, poll: Duration) {
+        self.poll = poll;
+    }
+
+    /// How long a worker keeps polling its queue after its last activity.
+    pub fn poll(&self) -> Duration {
+        self.poll
     }
 
     /// The disk.

@@ -1,7 +1,7 @@
 //! The disk a daemon serves: an opened image plus what the guest is told about it.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +30,58 @@ pub struct DiskOptions {
     pub serial: Option<String>,
 }
 
+/// Largest physical block size reported to the guest; larger host blocks become the optimal
+/// I/O size instead (guests cope badly with physical blocks above a page).
+pub const MAX_PHYSICAL_BLOCK: u64 = 4096;
+
+/// How the disk prefers to be accessed (VIRTIO_BLK_F_TOPOLOGY); sizes in 512-byte logical
+/// blocks, as in `struct virtio_blk_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    /// log2 of logical blocks per physical block.
+    pub physical_block_exp: u8,
+    /// Offset of the first physically aligned logical block.
+    pub alignment_offset: u8,
+    /// Smallest I/O that needs no read-modify-write: the physical block.
+    pub min_io_size: u16,
+    /// Preferred I/O size (0: no preference).
+    pub opt_io_size: u32,
+}
+
+impl Default for Topology {
+    /// 512-byte physical blocks, no preference.
+    fn default() -> Self {
+        Topology {
+            physical_block_exp: 0,
+            alignment_offset: 0,
+            min_io_size: 1,
+            opt_io_size: 0,
+        }
+    }
+}
+
+impl Topology {
+    /// The topology of an image stored in a file whose host block size (`st_blksize`: the
+    /// file system block, or the device block for a block device) is `host_block`; qcow2
+    /// images pass their cluster size, which becomes the optimal I/O size (a write of whole
+    /// clusters never copies on write).
+    pub fn new(host_block: u64, cluster_size: Option<u64>) -> Topology {
+        let pow2_floor = |x: u64| 1u64 << (63 - x.max(1).leading_zeros());
+        let physical = pow2_floor(host_block.clamp(SECTOR_SIZE, MAX_PHYSICAL_BLOCK));
+        let opt = match cluster_size {
+            Some(c) => c.max(physical),
+            None if host_block > physical => pow2_floor(host_block),
+            None => 0,
+        };
+        Topology {
+            physical_block_exp: (physical >> SECTOR_SHIFT).trailing_zeros() as u8,
+            alignment_offset: 0,
+            min_io_size: (physical >> SECTOR_SHIFT) as u16,
+            opt_io_size: u32::try_from(opt >> SECTOR_SHIFT).unwrap_or(u32::MAX),
+        }
+    }
+}
+
 /// An image shared by all queues, with its guest-visible properties.
 pub struct Disk {
     image: Arc<dyn Image>,
@@ -37,6 +89,7 @@ pub struct Disk {
     capacity: u64,
     serial: [u8; ID_BYTES],
     discard_alignment: u32,
+    topology: Topology,
     probed_raw: bool,
     /// The file under a raw image, for zero-copy I/O (keeps the descriptor open).
     raw: Option<Arc<dyn Storage>>,
@@ -101,16 +154,21 @@ impl Disk {
                 (Arc::from(image), None)
             }
         };
-        let alignment = discard_alignment(&opts.path, format);
+        let cluster_size = (format == Format::Qcow2).then(|| qcow2_cluster_size(&opts.path));
+        // Partial clusters are not released; raw discards go by file system block.
+        let alignment = cluster_size.unwrap_or(4096);
+        let host_block = std::fs::metadata(&opts.path).map_or(SECTOR_SIZE, |m| m.blksize());
         let disk = Disk::new(image, opts.serial.as_deref(), alignment)?;
         Ok(Disk {
+            topology: Topology::new(host_block, cluster_size),
             probed_raw: opts.format.is_none() && format == Format::Raw,
             raw,
             ..disk
         })
     }
 
-    /// Wraps an opened image. `discard_alignment` is the discard granularity in bytes.
+    /// Wraps an opened image. `discard_alignment` is the discard granularity in bytes; the
+    /// topology is the default one (512-byte blocks, no preference).
     pub fn new(
         image: Arc<dyn Image>,
         serial: Option<&str>,
@@ -142,6 +200,7 @@ impl Disk {
             discard_alignment: u32::try_from(discard_alignment >> SECTOR_SHIFT)
                 .unwrap_or(u32::MAX)
                 .max(1),
+            topology: Topology::default(),
             probed_raw: false,
             raw: None,
         })
@@ -172,6 +231,11 @@ impl Disk {
         self.discard_alignment
     }
 
+    /// The block topology the guest is told about.
+    pub fn topology(&self) -> Topology {
+        self.topology
+    }
+
     /// Whether this is a raw image whose format was guessed, so that sector 0 must never be
     /// made to look like another format (QEMU applies the same rule): otherwise a guest could
     /// turn its disk into a qcow2 image naming any host file as its backing file.
@@ -200,22 +264,15 @@ fn open_raw(path: &Path, read_only: bool, direct: bool) -> std::io::Result<File>
     o.open(path)
 }
 
-/// Discard granularity in bytes: the cluster size for qcow2 (partial clusters are not
-/// released), the file system block size for raw.
-fn discard_alignment(path: &Path, format: Format) -> u64 {
+/// The cluster size of a qcow2 image (64 KiB if the header cannot be read again).
+fn qcow2_cluster_size(path: &Path) -> u64 {
     const QCOW2_CLUSTER_BITS_OFFSET: u64 = 20;
-    match format {
-        Format::Qcow2 => {
-            let mut bits = [0u8; 4];
-            let read = File::open(path)
-                .and_then(|f| f.read_exact_at(&mut bits, QCOW2_CLUSTER_BITS_OFFSET));
-            match read {
-                // The qcow2 crate accepted the header, so cluster_bits is in 9..=21.
-                Ok(()) => 1u64 << u32::from_be_bytes(bits).clamp(9, 21),
-                Err(_) => 64 << 10,
-            }
-        }
-        Format::Raw => 4096,
+    let mut bits = [0u8; 4];
+    let read = File::open(path).and_then(|f| f.read_exact_at(&mut bits, QCOW2_CLUSTER_BITS_OFFSET));
+    match read {
+        // The qcow2 crate accepted the header, so cluster_bits is in 9..=21.
+        Ok(()) => 1u64 << u32::from_be_bytes(bits).clamp(9, 21),
+        Err(_) => 64 << 10,
     }
 }
 
@@ -224,4 +281,36 @@ fn discard_alignment(path: &Path, format: Format) -> u64 {
 pub fn looks_like_image_format(data: &[u8]) -> bool {
     data.len() >= 4
         && u32::from_be_bytes([data[0], data[1], data[2], data[3]]) == qcow2::format::header::MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_follows_the_host_block_and_the_cluster() {
+        // ext4 (4 KiB blocks), raw: 4 KiB physical blocks, no preferred size.
+        let t = Topology::new(4096, None);
+        assert_eq!(
+            (t.physical_block_exp, t.min_io_size, t.opt_io_size),
+            (3, 8, 0)
+        );
+        // qcow2 with 64 KiB clusters on the same file system.
+        let t = Topology::new(4096, Some(64 << 10));
+        assert_eq!(
+            (t.physical_block_exp, t.min_io_size, t.opt_io_size),
+            (3, 8, 128)
+        );
+        // 512-byte clusters never go below the physical block.
+        assert_eq!(Topology::new(4096, Some(512)).opt_io_size, 8);
+        // Huge host blocks become the preferred size, not the physical block.
+        let t = Topology::new(1 << 20, None);
+        assert_eq!(
+            (t.physical_block_exp, t.min_io_size, t.opt_io_size),
+            (3, 8, 2048)
+        );
+        // Nonsense from the host: 0 or not a power of two.
+        assert_eq!(Topology::new(0, None), Topology::default());
+        assert_eq!(Topology::new(3000, None).physical_block_exp, 2);
+    }
 }

@@ -3,7 +3,8 @@
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -12,15 +13,16 @@ use virtio_bindings::bindings::virtio_ring::{
 
 /// The virtio feature bits offered for a disk (`read_only` adds VIRTIO_BLK_F_RO).
 ///
-/// GET_ID needs no feature bit. SIZE_MAX, GEOMETRY and TOPOLOGY are not offered: requests
-/// may use segments of any size and the device has no geometry or topology to report.
+/// GET_ID needs no feature bit. GEOMETRY is not offered: the device has no cylinders.
 pub fn device_features(read_only: bool) -> u64 {
     let bits = [
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_RING_F_INDIRECT_DESC,
         VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_SIZE_MAX,
         VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_TOPOLOGY,
         VIRTIO_BLK_F_FLUSH,
         VIRTIO_BLK_F_CONFIG_WCE,
         VIRTIO_BLK_F_MQ,

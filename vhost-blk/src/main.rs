@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -25,14 +26,21 @@ enum FormatArg {
 /// Serve a disk image to a virtual machine's virtio-blk device over a vhost-user socket.
 ///
 /// The daemon listens on the socket and serves one frontend (QEMU, Cloud Hypervisor,
-/// libblkio, ...) at a time; when it disconnects, the next one is accepted. SIGTERM or
+/// libblkio, ...) at a time; when it disconnects, the next one is accepted. With --client it
+/// connects to a frontend that listens instead, and reconnects after a disconnect. SIGTERM or
 /// SIGINT finishes requests in progress, flushes the image and exits 0.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// Unix socket to listen on (a stale socket file is replaced).
+    /// Unix socket to listen on (a stale socket file is replaced), or with --client the
+    /// frontend's socket to connect to.
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
+    /// Connect to a frontend listening on --socket (e.g. QEMU's `-chardev
+    /// socket,server=on,...`) instead of listening; retried every second at most while nothing
+    /// listens there, and again after every disconnect.
+    #[arg(long)]
+    client: bool,
     /// Disk image to serve.
     #[arg(long, value_name = "FILE")]
     image: PathBuf,
@@ -51,6 +59,12 @@ struct Cli {
     /// Open the image with O_DIRECT, bypassing the host page cache.
     #[arg(long)]
     direct: bool,
+    /// After a burst of requests, keep polling the queue (available ring and io_uring
+    /// completions, with the driver's notifications off) until it has been idle for N
+    /// microseconds; 0 (the default) never polls. Lowers latency at the price of a busy worker
+    /// thread, like QEMU's iothread poll-max-ns.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    poll_us: u32,
     /// Serial number the guest reads (GET_ID), at most 20 bytes.
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
@@ -101,19 +115,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let disk = Disk::open(&opts)?;
     let format = disk.image().format();
     let capacity = disk.capacity();
-    let device = Arc::new(
-        Device::new(disk, cli.num_queues, cli.queue_size).context("invalid device options")?,
-    );
+    let mut device =
+        Device::new(disk, cli.num_queues, cli.queue_size).context("invalid device options")?;
+    device.set_poll(Duration::from_micros(u64::from(cli.poll_us)));
+    let device = Arc::new(device);
     let io_uring = device.uses_io_uring();
-    let mut server = Server::bind(&cli.socket, device.clone())?;
-    shutdown::spawn_handler(device, cli.socket.clone())?;
+    let (mut server, owned_socket) = if cli.client {
+        (Server::connect(&cli.socket, device.clone())?, None)
+    } else {
+        (
+            Server::bind(&cli.socket, device.clone())?,
+            Some(cli.socket.clone()),
+        )
+    };
+    shutdown::spawn_handler(device, owned_socket)?;
     tracing::info!(
-        "serving {} ({}, {} sectors{}{}) on {} with {} queue(s) of up to {} entries",
+        "serving {} ({}, {} sectors{}{}) {} {} with {} queue(s) of up to {} entries",
         cli.image.display(),
         format.name(),
         capacity,
         if cli.read_only { ", read-only" } else { "" },
         if io_uring { ", zero-copy io_uring" } else { "" },
+        if cli.client { "to" } else { "on" },
         cli.socket.display(),
         cli.num_queues,
         cli.queue_size,

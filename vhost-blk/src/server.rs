@@ -1,10 +1,12 @@
-//! The listening socket and the connection loop: one frontend at a time, and after it
-//! disconnects the next one.
+//! The socket and the connection loop: one frontend at a time, and after it disconnects the
+//! next one. By default the daemon listens; with `--client` it connects to a listening
+//! frontend and reconnects after every disconnect.
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
@@ -15,11 +17,22 @@ use crate::backend::{ring_event, BlkBackend};
 use crate::device::Device;
 use crate::error::{Error, Result};
 
-/// A vhost-user-blk server bound to a unix socket.
+/// Longest pause between two attempts to reach a frontend in client mode.
+pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// A vhost-user-blk server on a unix socket.
 pub struct Server {
     device: Arc<Device>,
-    listener: Listener,
+    endpoint: Endpoint,
     path: PathBuf,
+}
+
+/// How the server reaches its frontends.
+enum Endpoint {
+    /// Listening on a socket we created (and remove on drop).
+    Listen(Listener),
+    /// Connecting to a socket a frontend listens on (QEMU's `server=on` chardev).
+    Connect,
 }
 
 /// How a connection ended.
@@ -49,9 +62,32 @@ impl Server {
         })?;
         Ok(Server {
             device,
-            listener: Listener::from(listener),
+            endpoint: Endpoint::Listen(Listener::from(listener)),
             path: path.to_path_buf(),
         })
+    }
+
+    /// A server that connects to a frontend listening on `path` instead of listening itself.
+    /// While nothing listens there (no socket file, or nobody accepting), it retries with a
+    /// growing pause of up to [`MAX_RECONNECT_DELAY`]; so it also reconnects to a restarted
+    /// frontend after a disconnect.
+    pub fn connect(path: &Path, device: Arc<Device>) -> Result<Server> {
+        if path.to_str().is_none() {
+            return Err(Error::Socket {
+                path: path.to_path_buf(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "the path is not UTF-8"),
+            });
+        }
+        Ok(Server {
+            device,
+            endpoint: Endpoint::Connect,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Whether the server connects to its frontends (`--client`) rather than listening.
+    pub fn is_client(&self) -> bool {
+        matches!(self.endpoint, Endpoint::Connect)
     }
 
     /// The socket path.
@@ -96,16 +132,21 @@ impl Server {
                     })?;
             }
         }
-        tracing::debug!("waiting for a frontend on {}", self.path.display());
-        daemon.start(&mut self.listener).map_err(|e| match e {
-            DaemonError::CreateBackendListener(VhostUserError::SocketError(source)) => {
-                Error::Socket {
-                    path: self.path.clone(),
-                    source,
-                }
+        match &mut self.endpoint {
+            Endpoint::Listen(listener) => {
+                tracing::debug!("waiting for a frontend on {}", self.path.display());
+                daemon.start(listener).map_err(|e| match e {
+                    DaemonError::CreateBackendListener(VhostUserError::SocketError(source)) => {
+                        Error::Socket {
+                            path: self.path.clone(),
+                            source,
+                        }
+                    }
+                    e => Error::VhostUser(e.to_string()),
+                })?;
             }
-            e => Error::VhostUser(e.to_string()),
-        })?;
+            Endpoint::Connect => self.connect_frontend(&mut daemon)?,
+        }
         tracing::info!("frontend connected");
         let ended = daemon.wait();
         // Stop the workers before anything else touches the disk: in-progress batches finish,
@@ -132,10 +173,47 @@ impl Server {
             Err(e) => Disconnect::Failed(e.to_string()),
         })
     }
+
+    /// Connects `daemon` to the frontend's socket, waiting while nothing listens there.
+    fn connect_frontend(&self, daemon: &mut VhostUserDaemon<Arc<BlkBackend>>) -> Result<()> {
+        // Checked in `connect`.
+        let path = self.path.to_str().unwrap_or_default();
+        let mut delay = Duration::from_millis(10);
+        let mut waiting = false;
+        loop {
+            match daemon.start_client(path) {
+                Ok(()) => return Ok(()),
+                Err(DaemonError::CreateBackendReqHandler(VhostUserError::SocketConnect(e)))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    if !std::mem::replace(&mut waiting, true) {
+                        tracing::info!("waiting for a frontend to listen on {path} ({e})");
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                }
+                Err(DaemonError::CreateBackendReqHandler(VhostUserError::SocketConnect(
+                    source,
+                ))) => {
+                    return Err(Error::Socket {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
+                Err(e) => return Err(Error::VhostUser(e.to_string())),
+            }
+        }
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // The frontend's socket is not ours to remove.
+        if !self.is_client() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }

@@ -27,8 +27,10 @@ pub fn block_signals() -> Result<()> {
 }
 
 /// Starts the thread that waits for SIGTERM/SIGINT, then shuts `device` down, removes the
-/// socket file and exits the process (0 when the image was flushed, 1 otherwise).
-pub fn spawn_handler(device: Arc<Device>, socket: PathBuf) -> Result<()> {
+/// socket file (`socket`: the one the daemon listens on; `None` in client mode, where the
+/// socket belongs to the frontend) and exits the process (0 when the image was flushed, 1
+/// otherwise).
+pub fn spawn_handler(device: Arc<Device>, socket: Option<PathBuf>) -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -43,7 +45,9 @@ pub fn spawn_handler(device: Arc<Device>, socket: PathBuf) -> Result<()> {
                 }
             };
             tracing::info!("received {signal}, shutting down");
-            let _ = std::fs::remove_file(&socket);
+            if let Some(socket) = &socket {
+                let _ = std::fs::remove_file(socket);
+            }
             match device.shutdown() {
                 Ok(()) => {
                     tracing::info!("image flushed, exiting");

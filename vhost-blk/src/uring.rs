@@ -169,6 +169,11 @@ impl QueueRing {
         Ok(())
     }
 
+    /// Whether completions are waiting to be reaped (checked without a system call).
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Collects finished requests without waiting (and resets the eventfd).
     pub fn reap(&mut self, out: &mut Vec<Finished>) {
         let _ = self.eventfd.read();

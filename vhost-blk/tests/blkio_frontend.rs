@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -367,13 +367,17 @@ fn serves_the_next_frontend_after_a_disconnect() {
 }
 
 /// Many requests in flight at once on one queue, on raw (the io_uring path, completions in
-/// any order) and qcow2, from page-aligned and from unaligned buffers.
+/// any order) and qcow2, from page-aligned and from unaligned buffers, with and without
+/// polling.
 #[test]
 fn many_requests_in_flight() {
     for (format, args) in [
         ("raw", vec!["--format", "raw"]),
         ("raw", vec!["--format", "raw", "--direct"]),
         ("qcow2", vec!["--format", "qcow2"]),
+        // Adaptive polling: chains and io_uring completions picked up without notifications.
+        ("raw", vec!["--format", "raw", "--poll-us", "200"]),
+        ("qcow2", vec!["--format", "qcow2", "--poll-us", "200"]),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join(format!("disk.{format}"));
@@ -496,6 +500,13 @@ fn config_space_is_truthful() {
     assert_eq!(c.get_i32("request-alignment"), 512);
     assert_eq!(c.get_i32("discard-alignment"), 16384);
     assert_eq!(c.get_u64("max-discard-len"), 1 << 30);
+    // SIZE_MAX keeps the largest request (size_max * seg_max) below 2 GiB.
+    assert_eq!(c.get_i32("max-segment-len"), 16 << 20);
+    // TOPOLOGY: physical blocks are the host file system's block (at most 4 KiB), the
+    // optimal I/O size is the cluster size.
+    let host_block = std::fs::metadata(&img).unwrap().blksize().clamp(512, 4096);
+    assert_eq!(c.get_i32("optimal-io-alignment") as u64, host_block);
+    assert_eq!(c.get_i32("optimal-io-size"), 16384);
     assert!(
         c.get_bool("flush-needed"),
         "writeback cache must be reported"

@@ -6,8 +6,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -41,10 +41,11 @@ fn boot_sector() -> Vec<u8> {
     s
 }
 
-/// Boots QEMU against `socket`; returns its exit code and serial output.
-fn run_qemu(dir: &Path, socket: &Path, queues: u32) -> (Option<i32>, String) {
+/// Starts QEMU with its vhost-user-blk device on `socket`: connecting to the daemon, or with
+/// `listen` creating the socket and waiting for the daemon to connect (`server=on`).
+fn spawn_qemu(dir: &Path, socket: &Path, queues: u32, listen: bool) -> Child {
     let serial = dir.join("serial.log");
-    let mut child = Command::new("qemu-system-x86_64")
+    Command::new("qemu-system-x86_64")
         .args([
             "-accel", "tcg", "-m", "128", "-display", "none", "-monitor", "none",
         ])
@@ -52,7 +53,11 @@ fn run_qemu(dir: &Path, socket: &Path, queues: u32) -> (Option<i32>, String) {
         .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
         .args(["-numa", "node,memdev=mem"])
         .arg("-chardev")
-        .arg(format!("socket,id=blk0,path={}", socket.display()))
+        .arg(format!(
+            "socket,id=blk0,path={}{}",
+            socket.display(),
+            if listen { ",server=on,wait=off" } else { "" }
+        ))
         .arg("-device")
         .arg(format!(
             "vhost-user-blk-pci,chardev=blk0,num-queues={queues},bootindex=1"
@@ -63,7 +68,11 @@ fn run_qemu(dir: &Path, socket: &Path, queues: u32) -> (Option<i32>, String) {
         .spawn()
         .unwrap_or_else(|e| {
             panic!("cannot run qemu-system-x86_64 (install the qemu-system-x86 package): {e}")
-        });
+        })
+}
+
+/// Waits (at most 120 s) for QEMU to exit; returns its exit code and serial output.
+fn wait_qemu(dir: &Path, mut child: Child) -> (Option<i32>, String) {
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -76,52 +85,41 @@ fn run_qemu(dir: &Path, socket: &Path, queues: u32) -> (Option<i32>, String) {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let serial = dir.join("serial.log");
     (status, std::fs::read_to_string(&serial).unwrap_or_default())
 }
 
-fn qemu_boots_reads_and_writes(format: &str, queues: u32) {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("contents.raw");
-    let data = pattern(77, 4096);
+/// An 8 MiB disk in `format` holding the boot sector and, after it, the sectors the guest
+/// inverts; returns the image and its initial contents.
+fn boot_image(dir: &Path, format: &str) -> (PathBuf, Vec<u8>) {
+    let raw = dir.join("contents.raw");
     let mut contents = vec![0u8; 8 << 20];
     contents[..512].copy_from_slice(&boot_sector());
-    contents[512..512 + 4096].copy_from_slice(&data);
+    contents[512..512 + 4096].copy_from_slice(&pattern(77, 4096));
     std::fs::write(&raw, &contents).unwrap();
-    let img = if format == "raw" {
-        raw.clone()
-    } else {
-        let img = dir.path().join("disk.qcow2");
-        let (ok, out) = run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                raw.to_str().unwrap(),
-                img.to_str().unwrap(),
-            ],
-        );
-        assert!(ok, "{out}");
-        img
-    };
-    let queue_arg = queues.to_string();
-    let mut d = Daemon::start(
-        dir.path(),
-        &img,
-        &["--format", format, "--num-queues", &queue_arg],
+    if format == "raw" {
+        return (raw, contents);
+    }
+    let img = dir.join("disk.qcow2");
+    let (ok, out) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
     );
-    let (code, serial) = run_qemu(dir.path(), &d.socket, queues);
-    assert!(
-        code == Some(QEMU_SUCCESS) && serial.contains("VHOSTBLK-OK"),
-        "QEMU exit code {code:?}, serial:\n{serial}\ndaemon:\n{}",
-        d.log()
-    );
-    // QEMU is gone; the daemon serves on.
-    assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
-    d.stop();
-    let check = dir.path().join("check.raw");
+    assert!(ok, "{out}");
+    (img, contents)
+}
+
+/// Checks that the image holds what the guest wrote, and nothing else changed.
+fn check_guest_wrote(dir: &Path, img: &Path, format: &str, contents: &[u8]) {
+    let check = dir.join("check.raw");
     let (ok, out) = run(
         "qemu-img",
         &[
@@ -136,7 +134,7 @@ fn qemu_boots_reads_and_writes(format: &str, queues: u32) {
     );
     assert!(ok, "{out}");
     let after = std::fs::read(&check).unwrap();
-    let inverted: Vec<u8> = data.iter().map(|b| !b).collect();
+    let inverted: Vec<u8> = contents[512..512 + 4096].iter().map(|b| !b).collect();
     assert!(
         after[16 * 512..24 * 512] == inverted[..],
         "the guest's write is not in the image"
@@ -146,8 +144,30 @@ fn qemu_boots_reads_and_writes(format: &str, queues: u32) {
         "the guest's read sectors changed"
     );
     if format == "qcow2" {
-        qemu_img_check(&img);
+        qemu_img_check(img);
     }
+}
+
+fn qemu_boots_reads_and_writes(format: &str, queues: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, contents) = boot_image(dir.path(), format);
+    let queue_arg = queues.to_string();
+    let mut d = Daemon::start(
+        dir.path(),
+        &img,
+        &["--format", format, "--num-queues", &queue_arg],
+    );
+    let qemu = spawn_qemu(dir.path(), &d.socket, queues, false);
+    let (code, serial) = wait_qemu(dir.path(), qemu);
+    assert!(
+        code == Some(QEMU_SUCCESS) && serial.contains("VHOSTBLK-OK"),
+        "QEMU exit code {code:?}, serial:\n{serial}\ndaemon:\n{}",
+        d.log()
+    );
+    // QEMU is gone; the daemon serves on.
+    assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
+    d.stop();
+    check_guest_wrote(dir.path(), &img, format, &contents);
 }
 
 #[test]
@@ -158,4 +178,41 @@ fn qemu_seabios_reads_and_writes_a_raw_image() {
 #[test]
 fn qemu_seabios_reads_and_writes_a_qcow2_image_with_two_queues() {
     qemu_boots_reads_and_writes("qcow2", 2);
+}
+
+/// `--client`: QEMU listens (`server=on`), the daemon connects; after QEMU exits the daemon
+/// keeps trying, and serves the next QEMU on the same socket.
+#[test]
+fn qemu_listens_and_the_client_daemon_connects_and_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, contents) = boot_image(dir.path(), "qcow2");
+    let socket = dir.path().join("vhost-blk.sock");
+    let mut daemon = None;
+    for round in 0..2 {
+        let qemu = spawn_qemu(dir.path(), &socket, 1, true);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "QEMU created no socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Started once, with QEMU already listening; the second QEMU finds it reconnecting.
+        let d = daemon.get_or_insert_with(|| {
+            Daemon::start(dir.path(), &img, &["--format", "qcow2", "--client"])
+        });
+        let (code, serial) = wait_qemu(dir.path(), qemu);
+        assert!(
+            code == Some(QEMU_SUCCESS) && serial.contains("VHOSTBLK-OK"),
+            "round {round}: QEMU exit code {code:?}, serial:\n{serial}\ndaemon:\n{}",
+            d.log()
+        );
+        assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
+    }
+    let mut d = daemon.unwrap();
+    d.stop();
+    assert!(
+        d.log().contains("waiting for a frontend to listen"),
+        "{}",
+        d.log()
+    );
+    check_guest_wrote(dir.path(), &img, "qcow2", &contents);
 }
