@@ -185,6 +185,70 @@ fn guest_pings_the_host_through_vhost_net() {
     );
 }
 
+/// One request/response on the VMM's API socket.
+fn api(socket: &Path, request: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("API socket");
+    writeln!(stream, "{request}").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad API response {line:?}: {e}"))
+}
+
+#[test]
+fn api_socket_pauses_resumes_counts_and_shuts_down() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let serial = dir.path().join("serial.log");
+    let run = std::thread::scope(|scope| {
+        let vm = scope.spawn(|| {
+            let api_socket = socket.to_str().unwrap();
+            let mut boot = Boot::steps("pause").args(&["--cpus", "2", "--api-socket", api_socket]);
+            boot.kernel_args = "cowbird.pause=600";
+            boot.run(dir.path(), BOOT_TIMEOUT)
+        });
+        assert!(
+            wait_for_text(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT),
+            "no pause"
+        );
+        let info = api(&socket, r#"{"command":"info"}"#);
+        assert_eq!(
+            (info["ok"].as_bool(), info["state"].as_str()),
+            (Some(true), Some("running")),
+            "{info}"
+        );
+        assert_eq!(info["cpus"], 2);
+        let running = api(&socket, r#"{"command":"counters"}"#)["vcpu_exits"].clone();
+        assert_eq!(running.as_array().map(Vec::len), Some(2), "{running}");
+        assert!(running[0].as_u64().unwrap() > 0);
+
+        assert_eq!(api(&socket, r#"{"command":"pause"}"#)["state"], "paused");
+        let first = api(&socket, r#"{"command":"counters"}"#)["vcpu_exits"].clone();
+        std::thread::sleep(Duration::from_secs(1));
+        let second = api(&socket, r#"{"command":"counters"}"#)["vcpu_exits"].clone();
+        assert_eq!(first, second, "vCPUs ran while paused");
+        assert_eq!(api(&socket, r#"{"command":"info"}"#)["state"], "paused");
+        assert_eq!(api(&socket, r#"{"command":"resume"}"#)["state"], "running");
+
+        let bad = api(&socket, r#"{"command":"explode"}"#);
+        assert_eq!(bad["ok"], false);
+        assert!(
+            bad["error"].as_str().unwrap().contains("unknown variant"),
+            "{bad}"
+        );
+        assert_eq!(api(&socket, r#"{"command":"shutdown"}"#)["ok"], true);
+        vm.join().unwrap()
+    });
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("shut down through the API socket"),
+        "{}",
+        run.stderr
+    );
+    assert!(!socket.exists(), "API socket left behind");
+}
+
 fn one_line_error(args: &[&str], dir: &Path) -> (Option<i32>, String) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let run = run_vmm_raw(&args, &dir.join("serial.log"), Duration::from_secs(30));

@@ -10,6 +10,8 @@ pub enum VmEvent {
     Reset,
     /// The VMM was asked to stop (SIGTERM or SIGINT).
     Terminated(nix::sys::signal::Signal),
+    /// A `shutdown` request on the API socket.
+    ApiShutdown,
     /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN): the guest crashed.
     TripleFault {
         /// The vCPU.
@@ -46,6 +48,10 @@ impl VmEvent {
             Self::Reset => ExitCode::from(EXIT_GUEST_OFF),
             Self::Terminated(signal) => {
                 eprintln!("vmm: terminating on {signal}");
+                ExitCode::from(EXIT_GUEST_OFF)
+            }
+            Self::ApiShutdown => {
+                eprintln!("vmm: shut down through the API socket");
                 ExitCode::from(EXIT_GUEST_OFF)
             }
             Self::TripleFault { cpu, registers } => {

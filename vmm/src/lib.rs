@@ -10,10 +10,12 @@
 //! - [`pci`] and [`virtio`]: the PCI bus, MSI-X, the virtio-pci transport and the vhost-user
 //!   frontend; [`irq`]: MSI routing;
 //! - [`supervisor`]: backend processes the VMM starts itself (`--disk path=`, `--net tap=`);
-//! - [`machine`]: all of the above put together; [`exit`]: how a VM ends.
+//! - [`machine`]: all of the above put together; [`exit`]: how a VM ends; [`api`]: the
+//!   control socket.
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod cpuid;

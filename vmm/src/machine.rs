@@ -14,6 +14,7 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::boot;
 use std::path::Path;
 
+use crate::api;
 use crate::cli::{
     DiskBackend, DiskConfig, ImageFormat, NetBackend, NetConfig, SerialConfig, VmConfig,
 };
@@ -25,7 +26,7 @@ use crate::memory::PCI_HOLE_START;
 use crate::pci::PciBus;
 use crate::platform::Platform;
 use crate::supervisor::Supervisor;
-use crate::vcpu::{Vcpu, VcpuHandle};
+use crate::vcpu::{PauseGate, Vcpu, Vcpus};
 use crate::virtio::pci::BAR_SIZE;
 use crate::virtio::{reconnect, DeviceType, VhostUserConnection, VirtioPciDevice};
 use crate::vm::Vm;
@@ -93,12 +94,18 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let gate = Arc::new(PauseGate::default());
     let handles = vcpus
         .into_iter()
-        .map(|vcpu| vcpu.spawn(platform.clone(), events.clone()))
+        .map(|vcpu| vcpu.spawn(platform.clone(), events.clone(), gate.clone()))
         .collect::<Result<Vec<_>, _>>()
         .context("cannot start a vCPU thread")?;
-    handle_signals(signals, handles, events.clone())?;
+    let vcpus = Arc::new(Vcpus::new(handles, gate));
+    handle_signals(signals, vcpus.clone(), events.clone())?;
+    if let Some(path) = &config.api_socket {
+        let info = api::VmInfo::new(config, started);
+        api::serve(path, info, vcpus, events.clone())?;
+    }
     tracing::info!(
         cpus = config.cpus,
         memory_mib = config.memory.size() >> 20,
@@ -111,6 +118,9 @@ pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
     let _ = std::io::stdout().flush();
     stopping.store(true, Ordering::SeqCst);
     supervisor.shutdown();
+    if let Some(path) = &config.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(event.report())
 }
 
@@ -129,7 +139,7 @@ fn block_signals() -> anyhow::Result<SigSet> {
 /// and SIGINT stop the VM, and with it the backends the VMM started.
 fn handle_signals(
     set: SigSet,
-    vcpus: Vec<VcpuHandle>,
+    vcpus: Arc<Vcpus>,
     events: mpsc::Sender<VmEvent>,
 ) -> anyhow::Result<()> {
     std::thread::Builder::new()
@@ -137,9 +147,7 @@ fn handle_signals(
         .spawn(move || {
             while let Ok(signal) = set.wait() {
                 if signal == Signal::SIGUSR1 {
-                    for vcpu in &vcpus {
-                        vcpu.request_register_dump();
-                    }
+                    vcpus.dump_registers();
                 } else {
                     let _ = events.send(VmEvent::Terminated(signal));
                 }

@@ -2,9 +2,9 @@
 //! dispatching its I/O exits to the [`Platform`].
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -140,13 +140,18 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on its own thread until the guest stops it; the reason goes to `events`.
+    /// The vCPU parks at `gate` while the VM is paused.
     pub fn spawn(
         mut self,
         platform: Arc<Platform>,
         events: Sender<VmEvent>,
+        gate: Arc<PauseGate>,
     ) -> std::io::Result<VcpuHandle> {
         install_kick_handler()?;
-        let control = Arc::new(VcpuControl::default());
+        let control = Arc::new(VcpuControl {
+            gate,
+            ..Default::default()
+        });
         let thread_control = control.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
@@ -163,6 +168,7 @@ impl Vcpu {
 
     fn run(&mut self, platform: &Platform, control: &VcpuControl) -> VmEvent {
         loop {
+            control.gate.park_if_paused();
             if control.dump_requested.swap(false, Ordering::Relaxed) {
                 eprintln!(
                     "vmm: vCPU {} registers:\n{}",
@@ -170,7 +176,9 @@ impl Vcpu {
                     self.dump_registers()
                 );
             }
-            let failure = match self.fd.run() {
+            let exit = self.fd.run();
+            control.exits.fetch_add(1, Ordering::Relaxed);
+            let failure = match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     platform.pio_read(port, data);
                     None
@@ -234,10 +242,91 @@ impl Vcpu {
     }
 }
 
-/// Requests from other threads to a running vCPU.
+/// Requests from other threads to a running vCPU, and its counters.
 #[derive(Default)]
 struct VcpuControl {
     dump_requested: AtomicBool,
+    exits: AtomicU64,
+    gate: Arc<PauseGate>,
+}
+
+/// Where vCPUs wait while the VM is paused.
+#[derive(Default)]
+pub struct PauseGate {
+    paused: Mutex<bool>,
+    resumed: Condvar,
+    parked: AtomicUsize,
+}
+
+impl PauseGate {
+    /// Blocks the calling vCPU thread while the VM is paused.
+    fn park_if_paused(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if *paused {
+            self.parked.fetch_add(1, Ordering::SeqCst);
+            while *paused {
+                paused = self.resumed.wait(paused).unwrap_or_else(|e| e.into_inner());
+            }
+            self.parked.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn set(&self, paused: bool) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = paused;
+        if !paused {
+            self.resumed.notify_all();
+        }
+    }
+}
+
+/// All vCPUs of the VM: pause, resume, counters, register dumps.
+pub struct Vcpus {
+    handles: Vec<VcpuHandle>,
+    gate: Arc<PauseGate>,
+}
+
+impl Vcpus {
+    /// The set of `handles`, which park at `gate`.
+    pub fn new(handles: Vec<VcpuHandle>, gate: Arc<PauseGate>) -> Self {
+        Self { handles, gate }
+    }
+
+    /// Stops every vCPU and returns once all are parked.
+    pub fn pause(&self) {
+        self.gate.set(true);
+        // A kick that lands just before a vCPU enters KVM_RUN is lost; kick until all park.
+        while self.gate.parked.load(Ordering::SeqCst) < self.handles.len() {
+            for h in &self.handles {
+                h.kick();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.gate.set(false);
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        *self.gate.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of KVM exits of each vCPU so far.
+    pub fn exit_counts(&self) -> Vec<u64> {
+        self.handles
+            .iter()
+            .map(|h| h.control.exits.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Makes every vCPU print its registers to stderr.
+    pub fn dump_registers(&self) {
+        for h in &self.handles {
+            h.request_register_dump();
+        }
+    }
 }
 
 /// A running vCPU thread, for the main thread to interrupt.
