@@ -195,16 +195,51 @@ fn api(socket: &Path, request: &str) -> serde_json::Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad API response {line:?}: {e}"))
 }
 
+/// Adds `pages` 2 MiB huge pages to the host's pool for as long as it lives.
+struct HugePages {
+    before: u64,
+}
+
+impl HugePages {
+    const KNOB: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn reserve(pages: u64) -> HugePages {
+        let before: u64 = fs::read_to_string(Self::KNOB)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        fs::write(Self::KNOB, (before + pages).to_string()).unwrap_or_else(|e| {
+            panic!("cannot add huge pages via {} (needs root): {e}", Self::KNOB)
+        });
+        HugePages { before }
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = fs::write(Self::KNOB, self.before.to_string());
+    }
+}
+
+/// The control socket, on a VM whose RAM is huge pages.
 #[test]
 fn api_socket_pauses_resumes_counts_and_shuts_down() {
     require_kvm();
+    let _pages = HugePages::reserve(128);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
     let serial = dir.path().join("serial.log");
     let run = std::thread::scope(|scope| {
         let vm = scope.spawn(|| {
             let api_socket = socket.to_str().unwrap();
-            let mut boot = Boot::steps("pause").args(&["--cpus", "2", "--api-socket", api_socket]);
+            let mut boot = Boot::steps("pause").args(&[
+                "--cpus",
+                "2",
+                "--hugepages",
+                "--api-socket",
+                api_socket,
+            ]);
             boot.kernel_args = "cowbird.pause=600";
             boot.run(dir.path(), BOOT_TIMEOUT)
         });

@@ -72,6 +72,12 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEMORY, value_parser = parse_memory)]
     pub memory: MemoryLayout,
 
+    /// Back guest RAM with 2 MiB huge pages (hugetlbfs memfd); the memory size must be a
+    /// multiple of 2 MiB and the host must have enough free huge pages
+    /// (/proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    pub hugepages: bool,
+
     /// Disks, in order: `socket=PATH[,num_queues=N,queue_size=N][,readonly]` or
     /// `path=IMAGE[,format=raw|qcow2][,num_queues=N,queue_size=N][,readonly]`.
     #[arg(
@@ -112,6 +118,7 @@ impl Cli {
             cmdline: self.cmdline,
             cpus: self.cpus,
             memory: self.memory,
+            hugepages: self.hugepages,
             disks: self.disks,
             nets: self.nets,
             serial: self.serial,
@@ -135,6 +142,8 @@ pub struct VmConfig {
     pub cpus: u8,
     /// Guest RAM and its physical layout.
     pub memory: MemoryLayout,
+    /// Whether guest RAM comes from 2 MiB huge pages.
+    pub hugepages: bool,
     /// Disks, in PCI slot order.
     pub disks: Vec<DiskConfig>,
     /// NICs, in PCI slot order after the disks.
@@ -150,6 +159,12 @@ impl VmConfig {
     /// a writable image given to two disks. Paths are compared as given, without touching the
     /// filesystem.
     pub fn validate(&self) -> Result<()> {
+        if self.hugepages && self.memory.size() % HUGE_PAGE_SIZE != 0 {
+            return Err(Error::InvalidMemorySize {
+                size: self.memory.size(),
+                reason: "--hugepages needs a multiple of 2 MiB".into(),
+            });
+        }
         let mut sockets: Vec<(&PathBuf, String)> = Vec::new();
         if let Some(api) = &self.api_socket {
             sockets.push((api, "--api-socket".into()));
@@ -220,6 +235,9 @@ impl VmConfig {
         Ok(())
     }
 }
+
+/// Size of the huge pages `--hugepages` uses.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// Image formats a spawned `vhost-blk` can serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -39,7 +39,7 @@ const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub fn run(config: &VmConfig) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let signals = block_signals()?;
-    let vm = Vm::new(&config.memory)?;
+    let vm = Vm::new(&config.memory, config.hugepages)?;
     let max = vm.kvm().get_max_vcpus();
     if usize::from(config.cpus) > max {
         bail!(

@@ -47,15 +47,15 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM: guest RAM as laid out by `layout` in one memfd, one KVM slot per RAM
-    /// region, the in-kernel PIC/IOAPIC/LAPICs and the PIT.
-    pub fn new(layout: &MemoryLayout) -> Result<Self, VmError> {
+    /// Creates the VM: guest RAM as laid out by `layout` in one memfd (of 2 MiB huge pages if
+    /// `hugepages`), one KVM slot per RAM region, the in-kernel PIC/IOAPIC/LAPICs and the PIT.
+    pub fn new(layout: &MemoryLayout, hugepages: bool) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(|source| VmError::Kvm {
             what: "CREATE_VM",
             source,
         })?;
-        let memory = create_guest_memory(layout)?;
+        let memory = create_guest_memory(layout, hugepages)?;
         for (slot, region) in memory.iter().enumerate() {
             let host = region.as_ptr() as u64;
             let slot_region = kvm_userspace_memory_region {
@@ -104,14 +104,28 @@ impl Vm {
     }
 }
 
-/// Maps guest RAM from one memfd, region after region.
-fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap, VmError> {
+/// Maps guest RAM from one memfd, region after region. Huge pages are reserved up front
+/// (fallocate), so a host without enough of them fails here, not with a SIGBUS later.
+fn create_guest_memory(layout: &MemoryLayout, hugepages: bool) -> Result<GuestMemoryMmap, VmError> {
     let size = layout.size();
     let memory_err = |source| VmError::Memory { size, source };
-    let fd = memfd_create(c"cowbird-guest-ram", MFdFlags::MFD_CLOEXEC)
-        .map_err(|e| memory_err(e.into()))?;
+    let mut flags = MFdFlags::MFD_CLOEXEC;
+    if hugepages {
+        flags |= MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB;
+    }
+    let fd = memfd_create(c"cowbird-guest-ram", flags).map_err(|e| memory_err(e.into()))?;
     let file = File::from(fd);
     file.set_len(size).map_err(memory_err)?;
+    if hugepages {
+        nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, size as i64).map_err(
+            |e| {
+                memory_err(std::io::Error::other(format!(
+                    "cannot reserve {} huge pages of 2 MiB ({e}); see /proc/sys/vm/nr_hugepages",
+                    size >> 21
+                )))
+            },
+        )?;
+    }
     let mut offset = 0;
     let mut ranges = Vec::new();
     for (addr, len) in layout.guest_memory_ranges() {
@@ -132,7 +146,7 @@ mod tests {
     #[test]
     fn guest_memory_is_one_shared_file() {
         let layout = MemoryLayout::new(64 * MIB).unwrap();
-        let memory = create_guest_memory(&layout).unwrap();
+        let memory = create_guest_memory(&layout, false).unwrap();
         let region = memory.iter().next().unwrap();
         assert!(region.file_offset().is_some());
         memory

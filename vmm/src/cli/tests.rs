@@ -43,6 +43,7 @@ fn kernel_alone_gives_the_defaults() {
             cmdline: DEFAULT_CMDLINE.into(),
             cpus: 1,
             memory: MemoryLayout::new(512 * MIB).unwrap(),
+            hugepages: false,
             disks: vec![],
             nets: vec![],
             serial: SerialConfig::Stdio,
@@ -619,4 +620,11 @@ fn only_read_only_disks_share_an_image() {
             "{a} / {b}"
         );
     }
+}
+
+#[test]
+fn hugepages_need_whole_huge_pages() {
+    assert!(config(&["--kernel", "k", "--memory", "1G", "--hugepages"]).unwrap().hugepages);
+    let err = config(&["--kernel", "k", "--memory", "33M", "--hugepages"]).unwrap_err();
+    assert!(err.to_string().contains("multiple of 2 MiB"), "{err}");
 }
