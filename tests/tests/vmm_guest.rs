@@ -284,6 +284,83 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
     assert!(!socket.exists(), "API socket left behind");
 }
 
+/// A minimal ELF "kernel" with a PVH entry note whose first instruction is `ud2`: with no
+/// IDT, the #UD escalates to a triple fault.
+fn triple_faulting_kernel() -> Vec<u8> {
+    const ENTRY: u64 = 0x10_0000;
+    const CODE_OFFSET: usize = 0x1000;
+    let code = [0x0f, 0x0b]; // ud2
+    let mut note = Vec::new();
+    for word in [4u32, 4, 18] {
+        note.extend_from_slice(&word.to_le_bytes()); // namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
+    }
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(ENTRY as u32).to_le_bytes());
+    let note_offset = 64 + 2 * 56;
+    let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
+    elf.resize(16, 0);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    for quad in [ENTRY, 64, 0] {
+        elf.extend_from_slice(&quad.to_le_bytes()); // entry, phoff, shoff
+    }
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 2, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes()); // ehsize, phentsize, phnum, shentsize...
+    }
+    let phdr = |kind: u32, flags: u32, offset: usize, addr: u64, len: usize, align: u64| {
+        let mut p = Vec::new();
+        p.extend_from_slice(&kind.to_le_bytes());
+        p.extend_from_slice(&flags.to_le_bytes());
+        for quad in [offset as u64, addr, addr, len as u64, len as u64, align] {
+            p.extend_from_slice(&quad.to_le_bytes());
+        }
+        p
+    };
+    elf.extend(phdr(1, 5, CODE_OFFSET, ENTRY, code.len(), 0x1000)); // PT_LOAD
+    elf.extend(phdr(4, 4, note_offset, 0, note.len(), 4)); // PT_NOTE
+    elf.extend_from_slice(&note);
+    elf.resize(CODE_OFFSET, 0);
+    elf.extend_from_slice(&code);
+    elf
+}
+
+#[test]
+fn a_triple_fault_ends_the_vmm_with_status_3_and_a_register_dump() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("crash.elf");
+    fs::write(&kernel, triple_faulting_kernel()).unwrap();
+    let args: Vec<String> = [
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--serial",
+        "off",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let run = run_vmm_raw(
+        &args,
+        &dir.path().join("serial.log"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(run.code, Some(3), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("guest crashed: triple fault on vCPU 0"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("rip=0x0000000000100000"),
+        "{}",
+        run.stderr
+    );
+}
+
 fn one_line_error(args: &[&str], dir: &Path) -> (Option<i32>, String) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let run = run_vmm_raw(&args, &dir.join("serial.log"), Duration::from_secs(30));
