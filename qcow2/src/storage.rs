@@ -31,6 +31,11 @@ pub trait Storage: Send + Sync {
     fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Makes a range read as zeros, growing the storage if needed. Unlike `punch_hole` this
+    /// always takes effect; the default writes zeros.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
     /// The host file descriptor, for callers that do zero-copy I/O (io_uring) themselves.
     fn raw_fd(&self) -> Option<RawFd> {
         None
@@ -103,9 +108,43 @@ impl Storage for FileStorage {
         fallocate(&self.file, 0, offset, len)
     }
 
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_ZERO_RANGE,
+                offset as i64,
+                len as i64,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // File systems without unwritten extents: write the zeros.
+            Some(libc::EOPNOTSUPP) => write_zeros(self, offset, len),
+            _ => Err(e),
+        }
+    }
+
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
     }
+}
+
+/// Writes `len` zero bytes at `offset`, a chunk at a time.
+fn write_zeros<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        storage.write_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -139,5 +178,20 @@ mod tests {
         s.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf, [0u8; 16]);
         assert_eq!(s.len().unwrap(), 8192);
+    }
+
+    #[test]
+    fn zero_range_zeroes_and_grows() {
+        let file = tempfile::tempfile().unwrap();
+        let storage = FileStorage::new(file);
+        storage.write_at(&[0xaa; 8192], 0).unwrap();
+        storage.zero_range(1024, 2048).unwrap();
+        storage.zero_range(16384, 4096).unwrap();
+        let mut buf = vec![0u8; 8192];
+        storage.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..1024].iter().all(|&b| b == 0xaa));
+        assert!(buf[1024..3072].iter().all(|&b| b == 0));
+        assert!(buf[3072..].iter().all(|&b| b == 0xaa));
+        assert_eq!(storage.len().unwrap(), 20480);
     }
 }

@@ -56,6 +56,21 @@ impl Qcow2 {
         if let L2Entry::Normal { host, copied: true } = entry {
             return self.write_data(data, host + in_cluster);
         }
+        let reads_zeros = match entry {
+            L2Entry::Zero { .. } => true,
+            L2Entry::Unallocated => self.backing.is_none(),
+            _ => false,
+        };
+        if reads_zeros {
+            // Nothing to copy: zero the new cluster in place (an unwritten extent on the
+            // host) and write only the guest's bytes, instead of a whole cluster of zeros.
+            let host = self.target_cluster(cluster, entry)?;
+            self.data_storage()
+                .zero_range(host, cs)
+                .map_err(|e| Error::io(format!("zeroing data at host offset 0x{host:x}"), e))?;
+            self.write_data(data, host + in_cluster)?;
+            return self.update_l2(cluster, &[entry], &[host]);
+        }
         let mut full = vec![0u8; cs as usize];
         self.read_cluster(cluster, entry, &mut full)?;
         full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
@@ -154,7 +169,7 @@ impl Qcow2 {
 
     /// Stores raw L2 entries for guest clusters `first..` and frees what `old` referenced
     /// unless the new entry keeps the same host cluster.
-    fn set_entries(&self, first: u64, new: &[u64], old: &[L2Entry]) -> Result<()> {
+    pub(super) fn set_entries(&self, first: u64, new: &[u64], old: &[L2Entry]) -> Result<()> {
         let per_l2 = self.geo.l2_entries();
         let mut m = self.meta_mut();
         let l1i = (first / per_l2) as usize;
