@@ -266,10 +266,19 @@ pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
 impl Qcow2 {
     /// Maps every guest cluster to a host cluster (preallocation=metadata/falloc/full).
     pub fn preallocate(&self, mode: Preallocation) -> Result<()> {
+        self.preallocate_from(mode, 0)
+    }
+
+    /// Maps the unallocated guest clusters from byte `from` to the end of the disk (all of
+    /// them must be unallocated except the one containing `from`).
+    pub fn preallocate_from(&self, mode: Preallocation, from: u64) -> Result<()> {
         let cs = self.cluster_size();
         let clusters = self.size().div_ceil(cs);
         let per_l2 = cs / 8;
-        let mut c = 0;
+        let mut c = from / cs;
+        if c < clusters && self.l2_entry(c)? != crate::format::tables::L2Entry::Unallocated {
+            c += 1;
+        }
         while c < clusters {
             let n = (per_l2 - c % per_l2).min(clusters - c);
             let (host, n) = if self.has_data_file() {
@@ -278,13 +287,15 @@ impl Qcow2 {
                 self.meta_mut().alloc_up_to(&**self.file(), n)?
             };
             let data = self.data_storage();
+            let len = data.len().map_err(|e| Error::io("getting file size", e))?;
+            // Clusters reused inside the file (after a resize) may hold stale bytes.
+            if host < len && matches!(mode, Preallocation::Metadata | Preallocation::Falloc) {
+                write_zeros(&**data, host, (host + n * cs).min(len) - host)
+                    .map_err(|e| Error::io("zeroing preallocated clusters", e))?;
+            }
             match mode {
                 Preallocation::Off => return Ok(()),
-                Preallocation::Metadata => data.set_len(
-                    data.len()
-                        .map_err(|e| Error::io("getting file size", e))?
-                        .max(host + n * cs),
-                ),
+                Preallocation::Metadata => data.set_len(len.max(host + n * cs)),
                 Preallocation::Falloc => data.allocate(host, n * cs),
                 Preallocation::Full => write_zeros(&**data, host, n * cs),
             }

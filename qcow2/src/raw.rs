@@ -121,8 +121,9 @@ impl Image for RawImage {
     }
 }
 
-/// Uses SEEK_DATA/SEEK_HOLE to find whether `offset` is data and how long the run is.
-fn seek_data_run(fd: i32, offset: u64, len: u64) -> (bool, u64) {
+/// Uses SEEK_DATA/SEEK_HOLE to find whether `offset` of file `fd` is data and how long the
+/// run is (at most `len`); past the end of the file is a hole.
+pub fn seek_data_run(fd: i32, offset: u64, len: u64) -> (bool, u64) {
     // SAFETY: lseek on a valid fd only moves the file position, which pread/pwrite ignore.
     let next_data = unsafe { libc::lseek(fd, offset as i64, libc::SEEK_DATA) };
     if next_data < 0 {

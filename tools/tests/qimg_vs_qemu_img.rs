@@ -250,3 +250,719 @@ fn compare_exit_codes_match() {
     same(p, &["compare", "a.qcow2", "b.qcow2"]);
     assert_eq!(qimg(p, &["compare", "a.qcow2", "missing.qcow2"]).0, 2);
 }
+
+/// Runs `args` through both tools with `X` replaced by a per-tool copy of `img` (made
+/// first), compares stdout and exit code, and returns the two copies' names.
+fn same_on_copies(dir: &Path, img: &str, args: &[&str]) -> (String, String) {
+    let ours = format!("ours-{img}");
+    let theirs = format!("theirs-{img}");
+    std::fs::copy(dir.join(img), dir.join(&ours)).unwrap();
+    std::fs::copy(dir.join(img), dir.join(&theirs)).unwrap();
+    let with = |name: &str| -> Vec<String> {
+        args.iter()
+            .map(|a| {
+                if *a == "X" {
+                    name.to_string()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect()
+    };
+    let a = with(&ours);
+    let b = with(&theirs);
+    let o = qimg(dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let t = qemu(dir, &b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o, t, "qimg vs qemu-img differ for {args:?} on {img}");
+    (ours, theirs)
+}
+
+/// Images of many kinds, made by both tools, in `dir` (some in a subdirectory).
+fn make_zoo(p: &Path) -> Vec<&'static str> {
+    std::fs::create_dir(p.join("d")).unwrap();
+    qemu(p, &["create", "-q", "-f", "qcow2", "a.qcow2", "64M"]);
+    qemu_io(
+        p,
+        "a.qcow2",
+        &[
+            "write -P 1 0 100k",
+            "write -c -P 2 1M 64k",
+            "write -z 2M 64k",
+            "write -P 3 3M 64k",
+            "write -z -u 3M 64k",
+        ],
+    );
+    qemu(p, &["snapshot", "-c", "snap1", "a.qcow2"]);
+    qemu(p, &["bitmap", "--add", "a.qcow2", "bm0"]);
+    qemu(
+        p,
+        &[
+            "bitmap",
+            "--add",
+            "-g",
+            "128k",
+            "--disable",
+            "a.qcow2",
+            "bm1",
+        ],
+    );
+    qemu(p, &["create", "-q", "-f", "qcow2", "d/base.qcow2", "2M"]);
+    qemu_io(p, "d/base.qcow2", &["write -P 4 0 1M"]);
+    assert_eq!(
+        qimg(
+            p,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "d/top.qcow2",
+                "4M"
+            ]
+        )
+        .0,
+        0
+    );
+    qemu_io(p, "d/top.qcow2", &["write -P 5 512k 64k"]);
+    qimg(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,cluster_size=4096",
+            "v2.qcow2",
+            "1G",
+        ],
+    );
+    qimg(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=ext.data,data_file_raw=on",
+            "ext.qcow2",
+            "1M",
+        ],
+    );
+    qimg(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "pm.qcow2",
+            "3M",
+        ],
+    );
+    qemu_io(p, "pm.qcow2", &["write -P 1 64k 4k", "write -z 1M 64k"]);
+    qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    qimg(p, &["create", "-q", "-f", "raw", "q.raw", "2M"]);
+    let _ = run(
+        p,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 100k 8k", "q.raw"],
+    );
+    std::fs::write(p.join("odd.raw"), [1u8; 1000]).unwrap();
+    qemu(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "dirty.qcow2",
+            "4M",
+        ],
+    );
+    let _ = run(
+        p,
+        "qemu-io",
+        &["-c", "write -P 3 0 200k", "-c", "abort", "dirty.qcow2"],
+    );
+    vec![
+        "a.qcow2",
+        "d/base.qcow2",
+        "d/top.qcow2",
+        "v2.qcow2",
+        "ext.qcow2",
+        "pm.qcow2",
+        "r.raw",
+        "q.raw",
+        "odd.raw",
+        "dirty.qcow2",
+    ]
+}
+
+#[test]
+fn info_json_and_backing_chains_match() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for img in make_zoo(p) {
+        for out in ["--output=human", "--output=json"] {
+            same(p, &["info", out, img]);
+            same(p, &["info", "-U", "--backing-chain", out, img]);
+        }
+    }
+    assert!(same(p, &["info", "--output=json", "a.qcow2"]).contains("\"bitmaps\""));
+    same(p, &["info", "-f", "qcow2", "r.raw"]);
+    same(p, &["info", "missing.qcow2"]);
+    same(p, &["info", "--output=xml", "a.qcow2"]);
+}
+
+#[test]
+fn map_matches_in_both_forms() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for img in make_zoo(p) {
+        for out in ["--output=human", "--output=json"] {
+            same(p, &["map", out, img]);
+            same(
+                p,
+                &[
+                    "map",
+                    out,
+                    "--start-offset",
+                    "1000",
+                    "--max-length",
+                    "70000",
+                    img,
+                ],
+            );
+            same(p, &["map", out, "-s", "64k", "-l", "1M", img]);
+        }
+    }
+    same(p, &["map", "-s", "1x", "a.qcow2"]);
+    same(p, &["map", "missing.qcow2"]);
+}
+
+#[test]
+fn measure_matches_for_sizes_and_images() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let zoo = make_zoo(p);
+    for img in &zoo {
+        for o in [
+            &["-O", "qcow2"][..],
+            &["-O", "raw"],
+            &["-O", "qcow2", "-o", "cluster_size=4k,compat=0.10"],
+        ] {
+            let mut a = vec!["measure"];
+            a.extend(o);
+            a.push(img);
+            same(p, &a);
+        }
+    }
+    for args in [
+        &["--size", "10G", "-O", "qcow2"][..],
+        &["--size", "1000"],
+        &["--size", "1000", "-O", "qcow2"],
+        &["--output=json", "--size", "1G"],
+        &["--output=json", "-O", "qcow2", "a.qcow2"],
+        &["--size", "10G", "-O", "qcow2", "-o", "cluster_size=4096"],
+        &["--size", "10G", "-O", "qcow2", "-o", "preallocation=full"],
+        &[
+            "--size",
+            "10G",
+            "-O",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+        ],
+        &[
+            "--size",
+            "100G",
+            "-O",
+            "qcow2",
+            "-o",
+            "refcount_bits=1,cluster_size=512",
+        ],
+        &["--size", "1G", "-O", "qcow2", "-o", "extended_l2=on"],
+        &["-O", "qcow2", "-o", "backing_file=a.qcow2", "d/top.qcow2"],
+        &["--size", "1P", "-O", "qcow2", "-o", "cluster_size=512"],
+        &["--size", "1G", "-O", "qcow2", "-o", "cluster_size=1000"],
+        &["--size", "1G", "a.qcow2"],
+        &[],
+    ] {
+        let mut a = vec!["measure"];
+        a.extend(args);
+        same(p, &a);
+    }
+}
+
+#[test]
+fn resize_matches_and_keeps_images_consistent() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu(p, &["create", "-q", "-f", "qcow2", "q.qcow2", "64M"]);
+    qemu_io(
+        p,
+        "q.qcow2",
+        &[
+            "write -P 5 0 300k",
+            "write -P 6 10M 64k",
+            "write -c -P 7 20M 64k",
+        ],
+    );
+    qemu(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "small.qcow2",
+            "64M",
+        ],
+    );
+    qemu_io(
+        p,
+        "small.qcow2",
+        &["write -P 5 0 300k", "write -P 6 10M 64k"],
+    );
+    qimg(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "ours.qcow2",
+            "1M",
+        ],
+    );
+    qemu_io(p, "ours.qcow2", &["write -P 8 4k 8k"]);
+    qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    qemu(p, &["create", "-q", "-f", "qcow2", "snap.qcow2", "64M"]);
+    qemu_io(
+        p,
+        "snap.qcow2",
+        &[
+            "write -P 5 0 300k",
+            "write -P 6 10M 64k",
+            "write -P 6 40M 64k",
+        ],
+    );
+    qemu(p, &["snapshot", "-c", "s1", "snap.qcow2"]);
+    qemu_io(p, "snap.qcow2", &["write -P 9 10M 4k"]);
+    // (image, size argument, extra options, layouts identical)
+    let cases: &[(&str, &str, &[&str], bool)] = &[
+        ("q.qcow2", "+1G", &[], true),
+        ("q.qcow2", "200G", &[], true),
+        ("q.qcow2", "5M", &["--shrink"], true),
+        ("q.qcow2", "-50M", &["--shrink"], true),
+        ("small.qcow2", "100k", &["--shrink"], true),
+        ("small.qcow2", "1G", &[], true),
+        ("ours.qcow2", "2T", &[], true),
+        ("q.qcow2", "1G", &["--preallocation=metadata"], false),
+        ("q.qcow2", "+3M", &["--preallocation=falloc"], false),
+        ("q.qcow2", "+3M", &["--preallocation=full"], false),
+        ("snap.qcow2", "+1G", &[], true),
+        ("snap.qcow2", "5M", &["--shrink"], true),
+        ("r.raw", "+1M", &[], true),
+        ("r.raw", "1000", &["--shrink"], true),
+        (
+            "r.raw",
+            "+1M",
+            &["--preallocation=falloc", "-f", "raw"],
+            true,
+        ),
+    ];
+    for (img, size, opts, identical) in cases {
+        let mut a = vec!["resize"];
+        a.extend(*opts);
+        a.extend(["X", size]);
+        let (ours, theirs) = same_on_copies(p, img, &a);
+        assert_eq!(qemu(p, &["compare", &ours, &theirs]).0, 0, "{a:?} {img}");
+        if img.ends_with("qcow2") {
+            let (code, check) = qemu(p, &["check", "--output=json", &ours]);
+            assert_eq!(code, 0, "{a:?} {img}: {check}");
+            if *identical {
+                assert_eq!(
+                    check.replace(&ours, "X"),
+                    qemu(p, &["check", "--output=json", &theirs])
+                        .1
+                        .replace(&theirs, "X"),
+                    "{a:?} {img}"
+                );
+                assert_eq!(
+                    qemu(p, &["map", "--output=json", &ours]),
+                    qemu(p, &["map", "--output=json", &theirs]),
+                    "{a:?} {img}"
+                );
+            }
+        }
+        let strip = |s: String, n: &str| -> String {
+            s.replace(n, "X")
+                .lines()
+                .filter(|l| !l.contains("disk size") && !l.contains("file length"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(
+            strip(qemu(p, &["info", &ours]).1, &ours),
+            strip(qemu(p, &["info", &theirs]).1, &theirs),
+            "{a:?} {img}"
+        );
+    }
+    for args in [
+        &["resize", "X", "1M"][..],
+        &["resize", "X", "0"],
+        &["resize", "X", "--", "-1G"],
+        &["resize", "--shrink", "--preallocation=full", "X", "1M"],
+        &["resize", "--preallocation=bogus", "X", "+1M"],
+        &["resize", "-q", "X", "+1M"],
+        &["resize", "X"],
+    ] {
+        same_on_copies(p, "q.qcow2", args);
+    }
+    same(p, &["resize", "missing.qcow2", "1G"]);
+    // Snapshots survive a shrink: their data is intact in both.
+    let (ours, theirs) = same_on_copies(p, "snap.qcow2", &["resize", "--shrink", "X", "1M"]);
+    for img in [&ours, &theirs] {
+        assert_eq!(qemu(p, &["snapshot", "-a", "s1", img]).0, 0);
+    }
+    assert_eq!(qemu(p, &["compare", &ours, &theirs]).0, 0);
+    assert_eq!(qemu(p, &["check", &ours]).0, 0);
+    // Persistent bitmaps would be lost: refused, and the image is left alone.
+    qemu(p, &["bitmap", "--add", "q.qcow2", "bm0"]);
+    let before = std::fs::read(p.join("q.qcow2")).unwrap();
+    assert_eq!(qimg(p, &["resize", "q.qcow2", "+1M"]).0, 1);
+    assert_eq!(std::fs::read(p.join("q.qcow2")).unwrap(), before);
+}
+
+#[test]
+fn unknown_subcommands_and_options_fail_with_exit_1() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu(p, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    for args in [
+        &["frobnicate", "a.qcow2"][..],
+        &["info", "--bogus", "a.qcow2"],
+        &["map", "--output=xml", "a.qcow2"],
+        &["measure", "-O", "vmdk", "--size", "1G"],
+        &["resize", "-f", "vmdk", "a.qcow2", "1G"],
+        &["rebase", "-f", "vmdk", "-b", "", "a.qcow2"],
+        &["commit", "--bogus", "a.qcow2"],
+        &["dd", "if=a.qcow2", "of=b.raw", "conv=notrunc"],
+        &["bench", "--bogus", "a.qcow2"],
+        &["snapshot", "-l", "a.qcow2"],
+        &["amend", "-o", "compat=0.10", "a.qcow2"],
+        &[],
+    ] {
+        let (code, _) = qimg(p, args);
+        assert_eq!(code, 1, "{args:?}");
+    }
+}
+
+/// base (4M) <- mid (4M) <- top (6M), each with data, in `dir` with names prefixed `p`.
+fn make_chain(dir: &Path, p: &str) {
+    let (base, mid, top) = (
+        format!("{p}base.qcow2"),
+        format!("{p}mid.qcow2"),
+        format!("{p}top.qcow2"),
+    );
+    qemu(dir, &["create", "-q", "-f", "qcow2", &base, "4M"]);
+    qemu_io(dir, &base, &["write -P 1 0 1M", "write -P 2 2M 512k"]);
+    qemu(
+        dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &mid,
+        ],
+    );
+    qemu_io(dir, &mid, &["write -P 3 512k 1M", "write -z 3M 64k"]);
+    qemu(
+        dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &mid, "-F", "qcow2", &top, "6M",
+        ],
+    );
+    qemu_io(
+        dir,
+        &top,
+        &["write -P 4 1M 100k", "write -P 5 5M 64k", "write -z 0 64k"],
+    );
+}
+
+/// The guest contents of every image of both chains agree, and ours pass `qemu-img check`.
+fn chains_agree(dir: &Path, layout_too: bool) {
+    for f in ["base", "mid", "top"] {
+        let (a, b) = (format!("A-{f}.qcow2"), format!("B-{f}.qcow2"));
+        assert_eq!(qemu(dir, &["compare", &a, &b]).0, 0, "{f}");
+        assert_eq!(qemu(dir, &["check", &b]).0, 0, "{f}");
+        let info = |img: &str, prefix: &str| -> Vec<String> {
+            qemu(dir, &["info", img])
+                .1
+                .replace(prefix, "X-")
+                .lines()
+                .filter(|l| !l.contains("disk size") && !l.contains("file length"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(info(&a, "A-"), info(&b, "B-"), "{f}");
+        if layout_too {
+            assert_eq!(
+                qemu(dir, &["map", "--output=json", &a]),
+                qemu(dir, &["map", "--output=json", &b]),
+                "{f}"
+            );
+        }
+    }
+}
+
+/// Runs `args` (with `X` standing for the chain prefix) on chain A with qemu-img and on
+/// chain B with qimg; both must print the same and exit the same.
+fn same_on_chains(dir: &Path, args: &[&str]) {
+    for p in ["A-", "B-"] {
+        for f in ["base", "mid", "top"] {
+            let _ = std::fs::remove_file(dir.join(format!("{p}{f}.qcow2")));
+        }
+        make_chain(dir, p);
+    }
+    let with = |p: &str| -> Vec<String> { args.iter().map(|a| a.replace("X-", p)).collect() };
+    let a = with("A-");
+    let b = with("B-");
+    let t = qemu(dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = qimg(dir, &b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o, t, "qimg vs qemu-img differ for {args:?}");
+}
+
+#[test]
+fn rebase_matches_in_safe_and_unsafe_mode() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu(p, &["create", "-q", "-f", "qcow2", "other.qcow2", "4M"]);
+    qemu_io(
+        p,
+        "other.qcow2",
+        &["write -P 1 0 512k", "write -P 6 3M 64k"],
+    );
+    qemu(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "small.qcow2",
+            "6M",
+        ],
+    );
+    qemu_io(p, "small.qcow2", &["write -P 7 100k 3M"]);
+    for args in [
+        &["rebase", "-b", "other.qcow2", "-F", "qcow2", "X-top.qcow2"][..],
+        &["rebase", "-b", "X-base.qcow2", "-F", "qcow2", "X-top.qcow2"],
+        &["rebase", "-b", "small.qcow2", "-F", "qcow2", "X-mid.qcow2"],
+        &["rebase", "-b", "", "X-top.qcow2"],
+        &["rebase", "-c", "-b", "", "X-mid.qcow2"],
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "other.qcow2",
+            "-F",
+            "qcow2",
+            "X-top.qcow2",
+        ],
+        &["rebase", "-u", "-b", "", "X-top.qcow2"],
+    ] {
+        same_on_chains(p, args);
+        chains_agree(p, true);
+    }
+    same_on_chains(p, &["rebase", "X-top.qcow2"]);
+    same_on_chains(
+        p,
+        &[
+            "rebase",
+            "-b",
+            "missing.qcow2",
+            "-F",
+            "qcow2",
+            "X-top.qcow2",
+        ],
+    );
+    same_on_chains(
+        p,
+        &[
+            "rebase",
+            "-b",
+            "other.qcow2",
+            "-F",
+            "qcow2",
+            "missing.qcow2",
+        ],
+    );
+}
+
+#[test]
+fn commit_matches_and_empties_the_image() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for (args, layout_too) in [
+        (&["commit", "X-top.qcow2"][..], true),
+        (&["commit", "-d", "X-top.qcow2"], true),
+        (&["commit", "-q", "X-mid.qcow2"], true),
+        (&["commit", "-b", "X-mid.qcow2", "X-top.qcow2"], true),
+        // QEMU's commit job writes these runs in another order; the contents agree.
+        (&["commit", "-b", "X-base.qcow2", "X-top.qcow2"], false),
+    ] {
+        same_on_chains(p, args);
+        chains_agree(p, layout_too);
+    }
+    let size = |f: &str| std::fs::metadata(p.join(f)).unwrap().len();
+    same_on_chains(p, &["commit", "X-top.qcow2"]);
+    assert_eq!(
+        size("A-top.qcow2"),
+        size("B-top.qcow2"),
+        "emptied to the same length"
+    );
+    same_on_chains(p, &["commit", "-b", "missing.qcow2", "X-top.qcow2"]);
+    same_on_chains(p, &["commit", "X-base.qcow2"]);
+}
+
+#[test]
+fn dd_matches() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    make_chain(p, "");
+    std::fs::write(p.join("odd.raw"), [7u8; 1000]).unwrap();
+    for args in [
+        &["if=top.qcow2", "of=X1.raw", "bs=64k", "count=10", "skip=2"][..],
+        &["-O", "qcow2", "if=top.qcow2", "of=X2.qcow2", "bs=1M"],
+        &[
+            "if=top.qcow2",
+            "of=X3.raw",
+            "bs=64k",
+            "count=10",
+            "skip=100",
+        ],
+        &["if=top.qcow2", "of=X4.raw"],
+        &[
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "if=top.qcow2",
+            "of=X5.raw",
+            "bs=1000",
+            "count=3",
+            "skip=1",
+        ],
+        &["if=top.qcow2", "of=X6.raw", "count=0"],
+        &["if=odd.raw", "of=X7.raw", "bs=100"],
+        &["if=top.qcow2"],
+        &["if=top.qcow2", "of=X8.raw", "bs=0"],
+        &["if=top.qcow2", "of=X9.raw", "foo=1"],
+        &["if=missing.qcow2", "of=X10.raw"],
+    ] {
+        let with = |x: &str| -> Vec<String> {
+            std::iter::once("dd".to_string())
+                .chain(args.iter().map(|a| a.replace('X', x)))
+                .collect()
+        };
+        let (a, b) = (with("theirs"), with("ours"));
+        let t = qemu(p, &a.iter().map(String::as_str).collect::<Vec<_>>());
+        let o = qimg(p, &b.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(o, t, "{args:?}");
+        let Some(out) = args.iter().find_map(|a| a.strip_prefix("of=X")) else {
+            continue;
+        };
+        let (theirs, ours) = (format!("theirs{out}"), format!("ours{out}"));
+        assert_eq!(p.join(&theirs).exists(), p.join(&ours).exists(), "{args:?}");
+        if p.join(&theirs).exists() {
+            assert_eq!(size_of(p, &theirs), size_of(p, &ours), "{args:?}");
+            assert_eq!(qemu(p, &["compare", &theirs, &ours]).0, 0, "{args:?}");
+        }
+    }
+}
+
+fn size_of(dir: &Path, f: &str) -> u64 {
+    std::fs::metadata(dir.join(f)).unwrap().len()
+}
+
+#[test]
+fn bench_prints_the_same_header_and_exit_codes() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    make_chain(p, "");
+    for args in [
+        &["-c", "1000", "base.qcow2"][..],
+        &[
+            "-w",
+            "-c",
+            "100",
+            "-d",
+            "4",
+            "-s",
+            "8k",
+            "-S",
+            "16k",
+            "-o",
+            "1M",
+            "--flush-interval=10",
+            "--pattern=5",
+            "X",
+        ],
+        &["-c", "10", "-s", "1M", "-o", "3M", "base.qcow2"],
+        &["-c", "10", "-o", "4M", "base.qcow2"],
+        &["-c", "10", "-d", "0", "base.qcow2"],
+        &["-c", "10", "--flush-interval=10", "base.qcow2"],
+        &["-c", "10", "-i", "bogus", "base.qcow2"],
+        &["-c", "10", "missing.qcow2"],
+    ] {
+        let with = |x: &str| -> Vec<String> {
+            std::iter::once("bench".to_string())
+                .chain(args.iter().map(|a| {
+                    if *a == "X" {
+                        x.to_string()
+                    } else {
+                        a.to_string()
+                    }
+                }))
+                .collect()
+        };
+        std::fs::copy(p.join("base.qcow2"), p.join("theirs.qcow2")).unwrap();
+        std::fs::copy(p.join("base.qcow2"), p.join("ours.qcow2")).unwrap();
+        let (a, b) = (with("theirs.qcow2"), with("ours.qcow2"));
+        let (tc, t) = qemu(p, &a.iter().map(String::as_str).collect::<Vec<_>>());
+        let (oc, o) = qimg(p, &b.iter().map(String::as_str).collect::<Vec<_>>());
+        // The timing line differs; everything before it must not.
+        let head = |s: &str| {
+            s.lines()
+                .filter(|l| !l.starts_with("Run completed"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!((oc, head(&o)), (tc, head(&t)), "{args:?}");
+        assert_eq!(
+            o.contains("Run completed in "),
+            t.contains("Run completed in "),
+            "{args:?}"
+        );
+        assert_eq!(
+            qemu(p, &["compare", "theirs.qcow2", "ours.qcow2"]).0,
+            0,
+            "{args:?}"
+        );
+    }
+}

@@ -258,6 +258,83 @@ impl Meta {
         Ok((start * self.geo.cluster_size(), count))
     }
 
+    /// Allocates exactly `n` contiguous free clusters with refcount 1 (the first such run
+    /// from the search start, as QEMU's allocator picks it); returns the host offset.
+    ///
+    /// Refcount blocks the run needs go right after it, so runs longer than one refcount
+    /// block's range (large L1 tables) are possible.
+    pub fn alloc_contiguous(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let per_block = self.geo.refblock_entries();
+        // Grow the refcount table first: growing it later could take clusters of the run.
+        loop {
+            let file_clusters = file
+                .len()
+                .map_err(io("getting file size".into()))?
+                .div_ceil(cs);
+            let limit = self.free_hint.max(file_clusters) + 2 * n + 2;
+            if ((limit / per_block) as usize) < self.reftable.len() {
+                break;
+            }
+            self.grow_reftable(file, limit / per_block)?;
+        }
+        let mut start = self.free_hint;
+        let blocks = loop {
+            if let Some(used) = self.last_used(file, start, n)? {
+                start = used + 1;
+                continue;
+            }
+            // Refcount blocks for uncovered ranges of the run (and of the blocks themselves).
+            let mut missing = Vec::new();
+            loop {
+                let last = (start + n + missing.len() as u64 - 1) / per_block;
+                let now: Vec<u64> = (start / per_block..=last)
+                    .filter(|&r| self.reftable[r as usize] & !0x1ff == 0)
+                    .collect();
+                if now.len() == missing.len() {
+                    break;
+                }
+                missing = now;
+            }
+            if !missing.is_empty()
+                && self
+                    .last_used(file, start + n, missing.len() as u64)?
+                    .is_some()
+            {
+                start += 1;
+                continue;
+            }
+            break missing;
+        };
+        for (i, r) in blocks.iter().enumerate() {
+            while self.refblocks.is_full() {
+                self.writeback_refcounts(file)?;
+                self.refblocks.evict_lru();
+            }
+            let off = (start + n + i as u64) * cs;
+            self.refblocks.insert(off, vec![0u8; cs as usize], true);
+            self.reftable[*r as usize] = off;
+            self.reftable_dirty = true;
+        }
+        for c in start..start + n + blocks.len() as u64 {
+            self.set_refcount(file, c, 1)?;
+        }
+        if start == self.free_hint {
+            self.free_hint = start + n + blocks.len() as u64;
+        }
+        Ok(start * cs)
+    }
+
+    /// The last cluster in `[start, start + n)` with a nonzero refcount.
+    fn last_used(&mut self, file: &dyn Storage, start: u64, n: u64) -> Result<Option<u64>> {
+        for c in (start..start + n).rev() {
+            if self.refcount(file, c)? != 0 {
+                return Ok(Some(c));
+            }
+        }
+        Ok(None)
+    }
+
     /// Makes sure refcount block `r` exists. A missing block means its whole range is free:
     /// the new block goes at the range's first cluster and describes itself.
     fn ensure_refblock(&mut self, file: &dyn Storage, r: u64) -> Result<()> {

@@ -9,6 +9,7 @@ mod busy;
 pub(crate) mod cache;
 pub(crate) mod meta;
 mod read;
+mod resize;
 mod write;
 
 use std::path::Path;
@@ -219,6 +220,11 @@ impl Qcow2 {
     /// The L2 entry of guest cluster `cluster` (loading its table if needed).
     pub fn l2_entry(&self, cluster: u64) -> Result<L2Entry> {
         Ok(self.lookup_run(cluster, 1)?[0])
+    }
+
+    /// Refcount of host cluster index `cluster` (0 past the refcount table).
+    pub fn refcount(&self, cluster: u64) -> Result<u64> {
+        self.meta_mut().refcount(&*self.file, cluster)
     }
 
     /// Entries for guest clusters `[cluster, cluster + n)`, stopping at the end of the L2

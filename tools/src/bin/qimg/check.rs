@@ -1,9 +1,7 @@
 //! `qimg check`: qemu-img's report, JSON form and exit codes (0/1/2/3/63).
 
+use crate::qjson::{self, QObj};
 use anyhow::bail;
-use serde_json::{json, Value};
-
-use crate::qjson;
 
 /// Arguments of `qimg check`.
 #[derive(clap::Args)]
@@ -41,9 +39,7 @@ fn percent(n: u64, d: u64) -> String {
 /// Runs `qimg check`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = a.force_share;
-    if !matches!(a.output.as_str(), "human" | "json") {
-        bail!("--output must be used with human or json as argument.");
-    }
+    crate::output_is_json(&a.output)?;
     if let Some(r) = &a.repair {
         if r != "leaks" && r != "all" {
             bail!("Unknown option for -r (expecting 'leaks' or 'all'): {r}");
@@ -101,35 +97,22 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         }
     }
     if a.output == "json" {
-        let mut fields: Vec<(&'static str, Value)> = vec![
-            ("filename", json!(a.filename)),
-            ("format", json!("qcow2")),
-            ("check-errors", json!(report.check_errors)),
-        ];
-        let opt = |fields: &mut Vec<(&'static str, Value)>, k: &'static str, v: u64| {
-            if v != 0 {
-                fields.push((k, json!(v)));
-            }
-        };
-        opt(&mut fields, "image-end-offset", report.image_end_offset);
-        opt(&mut fields, "corruptions", report.corruptions);
-        opt(&mut fields, "leaks", report.leaks);
-        opt(&mut fields, "corruptions-fixed", corruptions_fixed);
-        opt(&mut fields, "leaks-fixed", leaks_fixed);
-        opt(&mut fields, "total-clusters", report.total_clusters);
-        opt(&mut fields, "allocated-clusters", report.allocated_clusters);
-        opt(
-            &mut fields,
-            "fragmented-clusters",
-            report.fragmented_clusters,
-        );
-        opt(
-            &mut fields,
-            "compressed-clusters",
-            report.compressed_clusters,
-        );
-        let mut out = String::new();
-        qjson::print_object(&qjson::qdict_order(fields), 0, &mut out);
+        let opt = |v: u64| (v != 0).then(|| QObj::from(v));
+        let out = qjson::dict([
+            ("filename", Some(a.filename.as_str().into())),
+            ("format", Some("qcow2".into())),
+            ("check-errors", Some(report.check_errors.into())),
+            ("image-end-offset", opt(report.image_end_offset)),
+            ("corruptions", opt(report.corruptions)),
+            ("leaks", opt(report.leaks)),
+            ("corruptions-fixed", opt(corruptions_fixed)),
+            ("leaks-fixed", opt(leaks_fixed)),
+            ("total-clusters", opt(report.total_clusters)),
+            ("allocated-clusters", opt(report.allocated_clusters)),
+            ("fragmented-clusters", opt(report.fragmented_clusters)),
+            ("compressed-clusters", opt(report.compressed_clusters)),
+        ])
+        .to_json();
         println!("{out}");
         for m in &report.messages {
             eprintln!("{m}");

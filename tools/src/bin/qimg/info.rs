@@ -1,10 +1,17 @@
-//! `qimg info` (human form, as qemu-img 10 prints it).
+//! `qimg info`: qemu-img 10's human and JSON forms, optionally for the whole backing chain.
+//!
+//! Each image becomes a [`NodeInfo`] (QAPI `BlockGraphInfo`) with one child, the protocol
+//! node `file`; both output forms are printed from it.
 
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::{bail, Context};
-use qcow2::Format;
+use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
+use qcow2::format::snapshot::Snapshot;
+use qcow2::Storage;
 
+use crate::chain::{open_layer, Backing, Layer};
+use crate::qjson::{dict, QObj};
 use crate::size::human;
 
 /// Arguments of `qimg info`.
@@ -13,94 +20,410 @@ pub struct Args {
     /// Image format.
     #[arg(short = 'f')]
     format: Option<String>,
-    /// Output format (only human is implemented so far).
+    /// Output format: human or json.
     #[arg(long = "output", default_value = "human")]
     output: String,
-    /// Open without taking the write lock (accepted for compatibility).
+    /// Show the whole backing chain.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    /// Open without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
     filename: String,
 }
 
+/// What qemu-img reports about one block node (QAPI `BlockNodeInfo` plus `children`).
+struct NodeInfo {
+    filename: String,
+    format: &'static str,
+    dirty_flag: bool,
+    actual_size: u64,
+    virtual_size: u64,
+    cluster_size: Option<u64>,
+    backing_filename: Option<String>,
+    full_backing_filename: Option<String>,
+    backing_format: Option<String>,
+    snapshots: Option<Vec<Snapshot>>,
+    /// (type, data) of `format-specific`.
+    format_specific: Option<(&'static str, QObj)>,
+    /// Child nodes by name; `None` for a protocol node (it has an empty list in JSON).
+    children: Option<Vec<(&'static str, NodeInfo)>>,
+}
+
+/// QEMU's `path_combine`: `name` relative to the directory part of `base`.
+pub fn path_combine(base: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_string();
+    }
+    match base.rfind('/') {
+        Some(i) => format!("{}{name}", &base[..=i]),
+        None => name.to_string(),
+    }
+}
+
+/// The protocol (`file`) node under an image.
+fn file_node(filename: &str, meta: &std::fs::Metadata) -> NodeInfo {
+    NodeInfo {
+        filename: filename.to_string(),
+        format: "file",
+        dirty_flag: false,
+        actual_size: meta.blocks() * 512,
+        virtual_size: meta.len().next_multiple_of(512),
+        cluster_size: None,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_format: None,
+        snapshots: None,
+        format_specific: Some(("file", QObj::Dict(Vec::new()))),
+        children: None,
+    }
+}
+
+/// A persistent dirty bitmap from the bitmap directory.
+pub struct Bitmap {
+    /// Name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Directory flags (bit 0 in-use, bit 1 auto).
+    pub flags: u32,
+}
+
+/// The persistent bitmaps QEMU would load (none unless the bitmaps autoclear bit is set).
+pub fn read_bitmaps(file: &dyn Storage, h: &Header) -> anyhow::Result<Vec<Bitmap>> {
+    let Some(ext) = &h.bitmaps else {
+        return Ok(Vec::new());
+    };
+    if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        return Ok(Vec::new());
+    }
+    let mut dir = vec![0u8; ext.directory_size().min(64 << 20) as usize];
+    file.read_at(&mut dir, ext.directory_offset())
+        .context("reading the bitmap directory")?;
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    for _ in 0..ext.nb_bitmaps() {
+        let e = dir
+            .get(off..off + 24)
+            .context("bitmap directory is truncated")?;
+        let name_len = u16::from_be_bytes(e[18..20].try_into()?) as usize;
+        let extra = u32::from_be_bytes(e[20..24].try_into()?) as usize;
+        let name = dir
+            .get(off + 24 + extra..off + 24 + extra + name_len)
+            .context("bitmap directory is truncated")?;
+        out.push(Bitmap {
+            name: String::from_utf8_lossy(name).into_owned(),
+            granularity: 1u64 << (e[17] as u32).min(63),
+            flags: u32::from_be_bytes(e[12..16].try_into()?),
+        });
+        off += (24 + extra + name_len).next_multiple_of(8);
+    }
+    Ok(out)
+}
+
+/// Persistent bitmaps as a list of `Qcow2BitmapInfo` (absent when there are none).
+fn bitmaps(file: &dyn Storage, h: &Header) -> anyhow::Result<Option<QObj>> {
+    let list = read_bitmaps(file, h)?;
+    if list.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(QObj::List(
+        list.iter()
+            .map(|b| {
+                let mut f = Vec::new();
+                if b.flags & 1 != 0 {
+                    f.push("in-use".into());
+                }
+                if b.flags & 2 != 0 {
+                    f.push("auto".into());
+                }
+                dict([
+                    ("name", Some(b.name.as_str().into())),
+                    ("granularity", Some(b.granularity.into())),
+                    ("flags", Some(QObj::List(f))),
+                ])
+            })
+            .collect(),
+    )))
+}
+
+/// `ImageInfoSpecificQCow2`.
+fn qcow2_specific(h: &Header, bitmaps: Option<QObj>) -> QObj {
+    let v3 = h.version >= 3;
+    dict([
+        ("compat", Some(if v3 { "1.1" } else { "0.10" }.into())),
+        ("data-file", h.data_file.clone().map(QObj::from)),
+        (
+            "data-file-raw",
+            h.data_file.as_ref().map(|_| h.data_file_raw().into()),
+        ),
+        ("extended-l2", v3.then_some(false.into())),
+        ("lazy-refcounts", v3.then(|| h.lazy_refcounts().into())),
+        ("corrupt", v3.then(|| h.is_corrupt().into())),
+        ("refcount-bits", Some(h.refcount_bits().into())),
+        ("bitmaps", bitmaps),
+        ("compression-type", Some(h.compression_type.name().into())),
+    ])
+}
+
+/// Gathers the info of one image; also returns its backing file.
+fn node_info(filename: &str, format: Option<&str>) -> anyhow::Result<(NodeInfo, Backing)> {
+    let meta =
+        std::fs::metadata(filename).with_context(|| format!("Could not open '{filename}'"))?;
+    let (layer, backing) = open_layer(filename, format)?;
+    let mut node = NodeInfo {
+        filename: filename.to_string(),
+        format: "raw",
+        dirty_flag: false,
+        actual_size: meta.blocks() * 512,
+        virtual_size: meta.len().next_multiple_of(512),
+        cluster_size: None,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_format: None,
+        snapshots: None,
+        format_specific: None,
+        children: Some(vec![("file", file_node(filename, &meta))]),
+    };
+    let Layer::Qcow2(q) = layer else {
+        return Ok((node, backing));
+    };
+    let h = q.header();
+    node.format = "qcow2";
+    node.virtual_size = h.size;
+    node.cluster_size = Some(h.cluster_size());
+    node.dirty_flag = h.is_dirty();
+    node.backing_format = h.backing_format.clone();
+    node.full_backing_filename = backing.as_ref().map(|(b, _)| b.clone());
+    node.backing_filename = h.backing_file.clone();
+    if !q.snapshots().is_empty() {
+        node.snapshots = Some(q.snapshots().to_vec());
+    }
+    node.format_specific = Some(("qcow2", qcow2_specific(&h, bitmaps(&**q.file(), &h)?)));
+    Ok((node, backing))
+}
+
+/// QEMU's `SnapshotInfo`.
+fn snapshot_obj(s: &Snapshot) -> QObj {
+    dict([
+        ("id", Some(s.id.as_str().into())),
+        ("name", Some(s.name.as_str().into())),
+        ("vm-state-size", Some(s.vm_state_size.into())),
+        ("date-sec", Some(s.date_sec.into())),
+        ("date-nsec", Some(s.date_nsec.into())),
+        (
+            "vm-clock-sec",
+            Some((s.vm_clock_nsec / 1_000_000_000).into()),
+        ),
+        (
+            "vm-clock-nsec",
+            Some((s.vm_clock_nsec % 1_000_000_000).into()),
+        ),
+        (
+            "icount",
+            s.icount.filter(|&i| i != u64::MAX).map(QObj::from),
+        ),
+    ])
+}
+
+impl NodeInfo {
+    /// The QAPI object qemu-img prints as JSON.
+    fn to_qobj(&self) -> QObj {
+        let children = self.children.as_ref().map_or_else(Vec::new, |c| {
+            c.iter()
+                .map(|(name, n)| {
+                    dict([("name", Some((*name).into())), ("info", Some(n.to_qobj()))])
+                })
+                .collect()
+        });
+        dict([
+            ("filename", Some(self.filename.as_str().into())),
+            ("format", Some(self.format.into())),
+            ("dirty-flag", Some(self.dirty_flag.into())),
+            ("actual-size", Some(self.actual_size.into())),
+            ("virtual-size", Some(self.virtual_size.into())),
+            ("cluster-size", self.cluster_size.map(QObj::from)),
+            (
+                "backing-filename",
+                self.backing_filename.clone().map(QObj::from),
+            ),
+            (
+                "full-backing-filename",
+                self.full_backing_filename.clone().map(QObj::from),
+            ),
+            (
+                "backing-filename-format",
+                self.backing_format.clone().map(QObj::from),
+            ),
+            (
+                "snapshots",
+                self.snapshots
+                    .as_ref()
+                    .map(|s| QObj::List(s.iter().map(snapshot_obj).collect())),
+            ),
+            (
+                "format-specific",
+                self.format_specific
+                    .as_ref()
+                    .map(|(t, d)| dict([("type", Some((*t).into())), ("data", Some(d.clone()))])),
+            ),
+            ("children", Some(QObj::List(children))),
+        ])
+    }
+
+    /// QEMU's `bdrv_node_info_dump` followed by the children (`dump_human_image_info`).
+    fn dump_human(&self, indentation: usize, path: &str, out: &mut String) {
+        let ind = " ".repeat(indentation);
+        let protocol = self.children.is_none();
+        let [image, format, size] = if protocol {
+            ["filename", "protocol type", "file length"]
+        } else {
+            ["image", "file format", "virtual size"]
+        };
+        out.push_str(&format!(
+            "{ind}{image}: {}\n{ind}{format}: {}\n{ind}{size}: {} ({} bytes)\n{ind}disk size: {}\n",
+            self.filename,
+            self.format,
+            human(self.virtual_size),
+            self.virtual_size,
+            human(self.actual_size)
+        ));
+        if let Some(cs) = self.cluster_size {
+            out.push_str(&format!("{ind}cluster_size: {cs}\n"));
+        }
+        if self.dirty_flag {
+            out.push_str(&format!("{ind}cleanly shut down: no\n"));
+        }
+        if let Some(b) = &self.backing_filename {
+            out.push_str(&format!("{ind}backing file: {b}"));
+            match &self.full_backing_filename {
+                Some(full) if full != b => out.push_str(&format!(" (actual path: {full})")),
+                Some(_) => {}
+                None => out.push_str(" (cannot determine actual path)"),
+            }
+            out.push('\n');
+            if let Some(f) = &self.backing_format {
+                out.push_str(&format!("{ind}backing file format: {f}\n"));
+            }
+        }
+        if let Some(snaps) = &self.snapshots {
+            out.push_str(&format!("{ind}Snapshot list:\n{ind}"));
+            out.push_str(&snapshot_line([
+                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT",
+            ]));
+            for s in snaps {
+                out.push_str(&ind);
+                out.push_str(&snapshot_row(s));
+            }
+        }
+        if let Some((_, data)) = &self.format_specific {
+            if data.has_content() {
+                out.push_str(&format!(
+                    "{:w$}Format specific information:\n",
+                    "",
+                    w = indentation * 4
+                ));
+                data.dump_human(indentation + 1, out);
+            }
+        }
+        for (name, child) in self.children.iter().flatten() {
+            out.push_str(&format!(
+                "{:w$}Child node '{path}{name}':\n",
+                "",
+                w = indentation * 4
+            ));
+            child.dump_human(indentation + 4, &format!("{path}{name}/"), out);
+        }
+    }
+}
+
+/// One row of QEMU's snapshot table ("%-7s %-16s %8s %19s %15s %10s").
+fn snapshot_line(f: [&str; 6]) -> String {
+    format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        f[0], f[1], f[2], f[3], f[4], f[5]
+    )
+}
+
+/// A snapshot as QEMU's `bdrv_snapshot_dump` prints it (date in local time).
+pub fn snapshot_row(s: &Snapshot) -> String {
+    let secs = s.vm_clock_nsec / 1_000_000_000;
+    let clock = format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        (s.vm_clock_nsec / 1_000_000) % 1000
+    );
+    let icount = s
+        .icount
+        .filter(|&i| i != u64::MAX)
+        .map_or_else(String::new, |i| i.to_string());
+    snapshot_line([
+        &s.id,
+        &s.name,
+        &human(s.vm_state_size),
+        &local_time(s.date_sec as i64),
+        &clock,
+        &icount,
+    ])
+}
+
+/// "%Y-%m-%d %H:%M:%S" in the local time zone.
+fn local_time(secs: i64) -> String {
+    // SAFETY: localtime_r only writes the tm we pass; a zeroed tm is a valid value.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&(secs as libc::time_t), &mut tm);
+        tm
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
 /// Runs `qimg info`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = a.force_share;
-    if a.output != "human" {
-        bail!("--output={} is not implemented by qimg info yet", a.output);
+    let json = crate::output_is_json(&a.output)?;
+    let mut chain = Vec::new();
+    let mut next = Some((a.filename.clone(), a.format.clone()));
+    while let Some((name, fmt)) = next.take() {
+        if chain.len() > qcow2::open::MAX_CHAIN_DEPTH
+            || chain.iter().any(|n: &NodeInfo| n.filename == name)
+        {
+            bail!("Backing file '{name}' creates an infinite loop.");
+        }
+        let (node, backing) = node_info(&name, fmt.as_deref())?;
+        chain.push(node);
+        if a.backing_chain {
+            next = backing;
+        }
     }
-    let meta = std::fs::metadata(&a.filename)
-        .with_context(|| format!("Could not open '{}'", a.filename))?;
-    let disk = meta.blocks() * 512;
-    let path = std::path::Path::new(&a.filename);
-    let opts = qcow2::OpenOptions {
-        read_only: true,
-        format: a.format.as_deref().map(crate::parse_format).transpose()?,
-        no_backing: true,
-        ..Default::default()
-    };
-    let img = qcow2::open_image(path, &opts)
-        .map_err(|e| anyhow::anyhow!("Could not open '{}': {e}", a.filename))?;
-    let mut out = format!(
-        "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
-        a.filename,
-        img.format().name(),
-        human(img.size()),
-        img.size(),
-        human(disk)
-    );
-    if img.format() == Format::Qcow2 {
-        let file = std::fs::File::open(path)?;
-        let q = qcow2::Qcow2::open_storage(
-            std::sync::Arc::new(qcow2::FileStorage::new(file)),
-            &opts,
-            None,
-        )?;
-        let h = q.header();
-        out += &format!("cluster_size: {}\n", h.cluster_size());
-        if let Some(b) = &h.backing_file {
-            out += &format!("backing file: {b}\n");
-        }
-        if let Some(f) = &h.backing_format {
-            out += &format!("backing file format: {f}\n");
-        }
-        if !q.snapshots().is_empty() {
-            out += "Snapshot list:\n";
-            out += &format!(
-                "{:<10}{:<17}{:>7}{:>20}{:>16}{:>12}\n",
-                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-            );
-            for s in q.snapshots() {
-                out += &format!("{:<10}{:<17}\n", s.id, s.name);
-            }
-        }
-        out += "Format specific information:\n";
-        if h.version == 2 {
-            out += "    compat: 0.10\n    compression type: zlib\n    refcount bits: 16\n";
+    let mut out = String::new();
+    if json {
+        let obj = if a.backing_chain {
+            QObj::List(chain.iter().map(NodeInfo::to_qobj).collect())
         } else {
-            out += &format!(
-                "    compat: 1.1\n    compression type: {}\n    lazy refcounts: {}\n    refcount bits: {}\n    corrupt: {}\n",
-                h.compression_type.name(),
-                h.lazy_refcounts(),
-                h.refcount_bits(),
-                h.is_corrupt()
-            );
-            if let Some(d) = &h.data_file {
-                out += &format!(
-                    "    data file: {d}\n    data file raw: {}\n",
-                    h.data_file_raw()
-                );
+            chain[0].to_qobj()
+        };
+        out = obj.to_json();
+        out.push('\n');
+    } else {
+        for (i, node) in chain.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
             }
-            out += "    extended l2: false\n";
+            node.dump_human(0, "/", &mut out);
         }
     }
-    out += &format!(
-        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {}\n",
-        a.filename,
-        human(meta.len().next_multiple_of(512)),
-        meta.len().next_multiple_of(512),
-        human(disk)
-    );
     print!("{out}");
     Ok(0)
 }

@@ -2,12 +2,20 @@
 //!
 //! Subcommands follow qemu-img's syntax, output and exit codes; each lives in its own module.
 
+mod bench;
+mod chain;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
+mod map;
+mod measure;
 mod qjson;
+mod rebase;
+mod resize;
 mod size;
 
 use std::process::ExitCode;
@@ -34,6 +42,20 @@ enum Command {
     Convert(convert::Args),
     /// Compare the guest-visible contents of two images.
     Compare(compare::Args),
+    /// Change the virtual size of an image.
+    Resize(resize::Args),
+    /// Compute the size a new image needs.
+    Measure(measure::Args),
+    /// Show the allocation map of an image and its backing chain.
+    Map(map::Args),
+    /// Change the backing file of an image.
+    Rebase(rebase::Args),
+    /// Write an image's changes into its backing file.
+    Commit(commit::Args),
+    /// Copy (part of) an image into a new image, dd style.
+    Dd(dd::Args),
+    /// Run an I/O benchmark on an image.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +77,13 @@ fn main() -> ExitCode {
         Command::Check(a) => check::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Resize(a) => resize::run(a),
+        Command::Measure(a) => measure::run(a),
+        Command::Map(a) => map::run(a),
+        Command::Rebase(a) => rebase::run(a),
+        Command::Commit(a) => commit::run(a),
+        Command::Dd(a) => dd::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -62,6 +91,25 @@ fn main() -> ExitCode {
             eprintln!("qimg: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Checks an `--output` value; returns whether it asks for JSON.
+pub fn output_is_json(output: &str) -> anyhow::Result<bool> {
+    match output {
+        "human" => Ok(false),
+        "json" => Ok(true),
+        o => anyhow::bail!("--output expects 'human' or 'json' not '{o}'"),
+    }
+}
+
+/// qemu-img's wording for an open error of a qcow2 image.
+pub fn open_error(path: &str, e: qcow2::Error) -> anyhow::Error {
+    match e {
+        qcow2::Error::BadMagic(_) => {
+            anyhow::anyhow!("Could not open '{path}': Image is not in qcow2 format")
+        }
+        e => anyhow::anyhow!("Could not open '{path}': {e}"),
     }
 }
 
@@ -81,6 +129,5 @@ pub fn open(
         format: format.map(parse_format).transpose()?,
         ..Default::default()
     };
-    qcow2::open_image(std::path::Path::new(path), &opts)
-        .map_err(|e| anyhow::anyhow!("Could not open '{path}': {e}"))
+    qcow2::open_image(std::path::Path::new(path), &opts).map_err(|e| open_error(path, e))
 }

@@ -1,0 +1,341 @@
+//! Whole-image changes for qemu-img's resize, commit and rebase.
+//!
+//! Resizing works the way QEMU's `qcow2_co_truncate` does it: growing moves the L1 table to a
+//! larger allocation when needed; shrinking unmaps every cluster past the new end, frees the
+//! L2 tables past the new L1 size and truncates the file after its last used cluster.
+
+use crate::create::Preallocation;
+use crate::error::{Error, Result};
+use crate::format::header::MAX_L1_BYTES;
+use crate::format::tables::{L2Entry, OFFSET_MASK};
+use crate::storage::Storage;
+
+use super::meta::encode_u64_table;
+use super::Qcow2;
+
+impl Qcow2 {
+    /// Sets the virtual size to `new_size` bytes, preallocating any added range as `prealloc`
+    /// says. Shrinking discards the data past the new end (internal snapshots keep theirs,
+    /// as in QEMU 10).
+    pub fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let old = self.size;
+        if new_size < old && prealloc != Preallocation::Off {
+            return Err(Error::InvalidOption(
+                "Preallocation can't be used for shrinking an image".into(),
+            ));
+        }
+        let cs = self.geo.cluster_size();
+        let new_l1 = new_size.div_ceil(cs * self.geo.l2_entries());
+        if new_l1 * 8 > MAX_L1_BYTES {
+            return Err(Error::InvalidOption(
+                "Failed to grow the L1 table: File too large".into(),
+            ));
+        }
+        if new_size < old {
+            self.unmap_from(new_size.div_ceil(cs), new_l1)?;
+        } else if new_l1 > self.meta().l1.len() as u64 {
+            self.grow_l1(new_l1)?;
+        }
+        {
+            let mut m = self.meta_mut();
+            m.header.size = new_size;
+            self.write_header(&m)?;
+        }
+        self.size = new_size;
+        if new_size > old && prealloc != Preallocation::Off {
+            self.preallocate_from(prealloc, old)?;
+        }
+        if let (Some(d), true) = (&self.data_file, new_size > old) {
+            let len = d
+                .len()
+                .map_err(|e| Error::io("getting the data file size", e))?;
+            d.set_len(len.max(new_size))
+                .map_err(|e| Error::io("growing the external data file", e))?;
+        }
+        self.flush_metadata()?;
+        if new_size < old {
+            self.drop_unused_refblocks()?;
+            self.truncate_file_tail()?;
+        }
+        Ok(())
+    }
+
+    /// Removes refcount blocks that describe nothing but themselves from the refcount table
+    /// (QEMU's `qcow2_shrink_reftable`), so the file can shrink past them.
+    fn drop_unused_refblocks(&self) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let per_block = self.geo.refblock_entries();
+        let order = self.geo.refcount_order;
+        let file = &*self.file;
+        let mut m = self.meta_mut();
+        let mut freed = Vec::new();
+        for r in 0..m.reftable.len() {
+            let off = m.reftable[r] & !0x1ff;
+            if off == 0 {
+                continue;
+            }
+            m.refcount(file, r as u64 * per_block)?; // loads the block
+            let block = m.refblocks.get(off).expect("just loaded");
+            let own = (off / cs / per_block == r as u64).then(|| (off / cs % per_block) as usize);
+            let unused = (0..per_block as usize)
+                .filter(|&i| Some(i) != own)
+                .all(|i| crate::format::tables::get_refcount(block, order, i) == 0);
+            if unused {
+                m.reftable[r] = 0;
+                m.reftable_dirty = true;
+                m.refblocks.remove(off);
+                if own.is_none() {
+                    freed.push(off);
+                }
+            }
+        }
+        for off in freed {
+            m.free_later(off, cs);
+        }
+        m.writeback(file, None)
+    }
+
+    /// Makes every guest cluster unallocated, so the image reads as its backing file (QEMU's
+    /// `make_empty`, used by qemu-img commit), and truncates the freed tail of the file.
+    pub fn make_empty(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.unmap_from(0, 0)?;
+        self.flush_metadata()?;
+        self.drop_unused_refblocks()?;
+        self.truncate_file_tail()
+    }
+
+    /// Records a new backing file (or none) in the header. The backing image opened with
+    /// this handle does not change; reopen the image to read through the new one.
+    pub fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut m = self.meta_mut();
+        let old = m.header.clone();
+        m.header.backing_file = name.map(str::to_string);
+        m.header.backing_format = name.and(format).map(str::to_string);
+        if let Err(e) = self.write_header(&m) {
+            m.header = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Makes guest clusters from `first` on unallocated and frees the L2 tables at L1
+    /// indexes from `l1_keep` on (the L1 keeps its size, as in QEMU).
+    fn unmap_from(&self, first: u64, l1_keep: u64) -> Result<()> {
+        let end = self.size.div_ceil(self.geo.cluster_size());
+        let mut c = first;
+        while c < end {
+            let entries = self.lookup_run(c, end - c)?;
+            if entries.iter().any(|&e| e != L2Entry::Unallocated) {
+                self.set_entries(c, &vec![0; entries.len()], &entries)?;
+            }
+            c += entries.len() as u64;
+        }
+        let mut m = self.meta_mut();
+        for i in l1_keep as usize..m.l1.len() {
+            let off = m.l1[i] & OFFSET_MASK;
+            if off != 0 {
+                m.free_later(off, self.geo.cluster_size());
+                m.l1[i] = 0;
+                m.l1_dirty = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the L1 table to a new allocation with `entries` entries (QEMU's
+    /// `qcow2_grow_l1_table` with an exact size): the new table is durable before the header
+    /// points to it, and the old one is freed afterwards.
+    fn grow_l1(&self, entries: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let file = &*self.file;
+        let data = self.data_file.as_deref().map(|d| d as &dyn Storage);
+        let mut m = self.meta_mut();
+        let new_off = m.alloc_contiguous(file, (entries * 8).div_ceil(cs))?;
+        m.writeback(file, data)?;
+        let mut table = m.l1.clone();
+        table.resize(entries as usize, 0);
+        let mut bytes = encode_u64_table(&table);
+        bytes.resize(bytes.len().next_multiple_of(cs as usize), 0);
+        file.write_at(&bytes, new_off)
+            .map_err(|e| Error::io(format!("writing the L1 table at 0x{new_off:x}"), e))?;
+        file.flush()
+            .map_err(|e| Error::io("flushing the new L1 table", e))?;
+        let (old_off, old_len) = (m.header.l1_table_offset, m.header.l1_size as u64 * 8);
+        m.header.l1_table_offset = new_off;
+        m.header.l1_size = entries as u32;
+        m.l1 = table;
+        self.write_header(&m)?;
+        if old_len > 0 {
+            m.free_later(old_off, old_len);
+        }
+        m.writeback(file, data)
+    }
+
+    /// Truncates the image file after its last cluster with a nonzero refcount.
+    fn truncate_file_tail(&self) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let file = &*self.file;
+        let len = file
+            .len()
+            .map_err(|e| Error::io("getting the image size", e))?;
+        let mut m = self.meta_mut();
+        let mut last = len.div_ceil(cs);
+        while last > 0 && m.refcount(file, last - 1)? == 0 {
+            last -= 1;
+        }
+        if last * cs < len {
+            file.set_len(last * cs)
+                .map_err(|e| Error::io("truncating the image file", e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::image::Image;
+    use crate::storage::FileStorage;
+    use crate::{check, CreateOptions, OpenOptions};
+
+    fn open(path: &std::path::Path) -> Qcow2 {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        Qcow2::open_storage(Arc::new(FileStorage::new(f)), &OpenOptions::default(), None).unwrap()
+    }
+
+    #[test]
+    fn grow_past_the_l1_allocation_and_shrink_back_keep_data_and_refcounts() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.qcow2");
+        // 512-byte clusters: one L1 cluster maps 64 entries * 64 * 512 = 2 MiB.
+        let o = CreateOptions {
+            size: 1 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        };
+        crate::create(&p, &o).unwrap();
+        let mut img = open(&p);
+        img.write_at(&[7u8; 1000], 1000).unwrap();
+        img.resize(64 << 20, Preallocation::Off).unwrap();
+        assert_eq!(img.header().l1_size, 2048);
+        img.write_at(&[9u8; 512], (64 << 20) - 512).unwrap();
+        img.flush().unwrap();
+        let r = check(&img).unwrap();
+        assert!(r.is_clean(), "{r:?}");
+        drop(img);
+        let mut img = open(&p);
+        let mut buf = [0u8; 512];
+        img.read_at(&mut buf, (64 << 20) - 512).unwrap();
+        assert_eq!(buf, [9u8; 512]);
+        img.resize(1500, Preallocation::Off).unwrap();
+        assert_eq!(img.size(), 1500);
+        let r = check(&img).unwrap();
+        assert!(r.is_clean(), "{r:?}");
+        let mut buf = [0u8; 500];
+        img.read_at(&mut buf, 1000).unwrap();
+        assert_eq!(buf, [7u8; 500]);
+        img.resize(4 << 20, Preallocation::Metadata).unwrap();
+        let r = check(&img).unwrap();
+        assert!(r.is_clean(), "{r:?}");
+        assert!(matches!(
+            img.l2_entry((3 << 20) / 512).unwrap(),
+            L2Entry::Normal { .. }
+        ));
+    }
+
+    #[test]
+    fn an_l1_table_larger_than_a_refcount_block_range_is_allocated() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("big.qcow2");
+        // 512-byte clusters, 16-bit refcounts: one refcount block covers 256 clusters, and
+        // 16 GiB needs an L1 of 256 Ki entries = 4096 clusters.
+        let o = CreateOptions {
+            size: 1 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        };
+        crate::create(&p, &o).unwrap();
+        let mut img = open(&p);
+        img.write_at(&[3u8; 4096], 0).unwrap();
+        img.resize(16 << 30, Preallocation::Off).unwrap();
+        img.write_at(&[4u8; 512], (16 << 30) - 512).unwrap();
+        img.flush().unwrap();
+        let r = check(&img).unwrap();
+        assert!(r.is_clean(), "{r:?}");
+        drop(img);
+        let img = open(&p);
+        let mut buf = [0u8; 512];
+        img.read_at(&mut buf, (16 << 30) - 512).unwrap();
+        assert_eq!(buf, [4u8; 512]);
+        img.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [3u8; 512]);
+    }
+
+    #[test]
+    fn make_empty_and_set_backing_file() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base.qcow2");
+        let top = d.path().join("top.qcow2");
+        crate::create(
+            &base,
+            &CreateOptions {
+                size: 4 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let o = CreateOptions {
+            size: 4 << 20,
+            backing_file: Some("base.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+            ..Default::default()
+        };
+        crate::create(&top, &o).unwrap();
+        let skeleton = std::fs::metadata(&top).unwrap().len();
+        let img = open(&top);
+        img.write_at(&[1u8; 300 << 10], 100).unwrap();
+        img.write_zeroes(2 << 20, 64 << 10, false).unwrap();
+        img.flush().unwrap();
+        img.make_empty().unwrap();
+        assert!(check(&img).unwrap().is_clean());
+        assert_eq!(std::fs::metadata(&top).unwrap().len(), skeleton);
+        for c in 0..64 {
+            assert_eq!(img.l2_entry(c).unwrap(), L2Entry::Unallocated);
+        }
+        img.set_backing_file(Some("other-base.qcow2"), Some("raw"))
+            .unwrap();
+        drop(img);
+        let h = open_read_only(&top).header();
+        assert_eq!(h.backing_file.as_deref(), Some("other-base.qcow2"));
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+        let img = open(&top);
+        img.set_backing_file(None, Some("raw")).unwrap();
+        drop(img);
+        let h = open_read_only(&top).header();
+        assert_eq!((h.backing_file, h.backing_format), (None, None));
+    }
+
+    fn open_read_only(path: &std::path::Path) -> Qcow2 {
+        let f = std::fs::File::open(path).unwrap();
+        let o = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        Qcow2::open_storage(Arc::new(FileStorage::new(f)), &o, None).unwrap()
+    }
+}

@@ -1,0 +1,270 @@
+//! A backing chain opened layer by layer, with block status as qemu-img computes it
+//! (`bdrv_block_status` per layer plus the generic block layer's additions).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use qcow2::{BlockStatus, FileStorage, Format, Image, Qcow2, RawImage, Storage};
+
+use crate::info::path_combine;
+
+/// One image of a chain, opened without its backing file.
+pub enum Layer {
+    /// A qcow2 image.
+    Qcow2(Box<Qcow2>),
+    /// A raw image.
+    Raw(RawImage),
+}
+
+impl Layer {
+    fn image(&self) -> &dyn Image {
+        match self {
+            Layer::Qcow2(img) => &**img,
+            Layer::Raw(r) => r,
+        }
+    }
+}
+
+/// A backing file as qemu-img opens it: name resolved against the overlay's, and format.
+pub type Backing = Option<(String, Option<String>)>;
+
+/// What one run of guest bytes looks like through the chain (qemu-img's `MapEntry`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Index of the layer that answered (0 = top).
+    pub depth: usize,
+    /// Allocated in that layer.
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Backed by data.
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset, when the data is stored plainly in a host file.
+    pub offset: Option<u64>,
+}
+
+/// One opened layer with what qemu-img knows about it.
+struct Node {
+    layer: Layer,
+    /// The file name as qemu-img names it (backing names resolved against the overlay's).
+    name: String,
+    /// The file holding the guest data (the external data file, if any).
+    data_name: String,
+    /// QEMU's `qcow2_detect_metadata_preallocation`: data clusters are checked for holes in
+    /// the host file.
+    preallocated: bool,
+    /// The backing file name the header records.
+    recorded_backing: Option<String>,
+}
+
+/// An image and its backing files, top first.
+pub struct Chain {
+    nodes: Vec<Node>,
+}
+
+/// Opens one image without its backing file; also returns its backing file.
+pub fn open_layer(name: &str, format: Option<&str>) -> anyhow::Result<(Layer, Backing)> {
+    let path = Path::new(name);
+    let file = std::fs::File::open(path).with_context(|| format!("Could not open '{name}'"))?;
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+    let fmt = match format {
+        Some(f) => crate::parse_format(f)?,
+        None => qcow2::open::probe(&*storage)?,
+    };
+    if fmt == Format::Raw {
+        return Ok((Layer::Raw(RawImage::new(storage, true)?), None));
+    }
+    let opts = qcow2::OpenOptions {
+        read_only: true,
+        no_backing: true,
+        ..Default::default()
+    };
+    let img = Qcow2::open_storage(
+        storage,
+        &opts,
+        Some(path.parent().unwrap_or(Path::new("."))),
+    )
+    .map_err(|e| crate::open_error(name, e))?;
+    let h = img.header();
+    let backing = h
+        .backing_file
+        .as_deref()
+        .map(|b| (path_combine(name, b), h.backing_format.clone()));
+    Ok((Layer::Qcow2(Box::new(img)), backing))
+}
+
+/// Whether more clusters are in use than the file has allocated (QEMU's heuristic for an
+/// image created with preallocation=metadata).
+fn detect_metadata_preallocation(img: &Qcow2, path: &Path) -> anyhow::Result<bool> {
+    let meta = std::fs::metadata(path)?;
+    let cs = img.cluster_size();
+    let real_clusters = meta.blocks() * 512 / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let mut count = 0;
+    for c in 0..meta.len().div_ceil(cs) {
+        if count >= threshold {
+            break;
+        }
+        count += u64::from(img.refcount(c)? != 0);
+    }
+    Ok(count >= threshold)
+}
+
+impl Chain {
+    /// Opens `filename` and its whole backing chain.
+    pub fn open(filename: &str, format: Option<&str>) -> anyhow::Result<Chain> {
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut next = Some((filename.to_string(), format.map(str::to_string)));
+        while let Some((name, fmt)) = next.take() {
+            if nodes.len() > qcow2::open::MAX_CHAIN_DEPTH || nodes.iter().any(|n| n.name == name) {
+                anyhow::bail!("Backing file '{name}' creates an infinite loop.");
+            }
+            let (layer, backing) = open_layer(&name, fmt.as_deref())?;
+            let (data_name, preallocated, recorded_backing) = match &layer {
+                Layer::Qcow2(img) => {
+                    let h = img.header();
+                    (
+                        h.data_file.map(|d| path_combine(&name, &d)),
+                        detect_metadata_preallocation(img, Path::new(&name))?,
+                        h.backing_file,
+                    )
+                }
+                Layer::Raw(_) => (None, false, None),
+            };
+            nodes.push(Node {
+                layer,
+                data_name: data_name.unwrap_or_else(|| name.clone()),
+                name,
+                preallocated,
+                recorded_backing,
+            });
+            next = backing;
+        }
+        Ok(Chain { nodes })
+    }
+
+    /// Number of images in the chain.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The file name of layer `i`, as qemu-img names it.
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// The file holding layer `i`'s guest data.
+    pub fn data_name(&self, i: usize) -> &str {
+        &self.nodes[i].data_name
+    }
+
+    /// The top image when it is qcow2.
+    pub fn top_qcow2(&self) -> Option<&Qcow2> {
+        match &self.nodes[0].layer {
+            Layer::Qcow2(img) => Some(img),
+            Layer::Raw(_) => None,
+        }
+    }
+
+    /// The format of layer `i`.
+    pub fn format(&self, i: usize) -> Format {
+        match &self.nodes[i].layer {
+            Layer::Qcow2(_) => Format::Qcow2,
+            Layer::Raw(_) => Format::Raw,
+        }
+    }
+
+    /// The backing file name recorded in layer `i`'s header.
+    pub fn recorded_backing(&self, i: usize) -> Option<&str> {
+        self.nodes[i].recorded_backing.as_deref()
+    }
+
+    /// Virtual size of the top image (raw sizes rounded up to sectors, as QEMU does).
+    pub fn size(&self) -> u64 {
+        self.layer_size(0)
+    }
+
+    fn layer_size(&self, i: usize) -> u64 {
+        match &self.nodes[i].layer {
+            Layer::Raw(r) => r.size().next_multiple_of(512),
+            Layer::Qcow2(img) => img.size(),
+        }
+    }
+
+    /// Status of one layer at `offset` (at most `len` bytes): QEMU's `bdrv_block_status`.
+    fn layer_status(&self, i: usize, offset: u64, len: u64) -> anyhow::Result<Extent> {
+        let layer = &self.nodes[i].layer;
+        let img = layer.image();
+        let mut e = Extent {
+            start: offset,
+            length: len,
+            depth: i,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        };
+        if offset >= img.size() {
+            // The sector-rounded tail of a raw file reads as zeros.
+            e.present = true;
+            e.zero = true;
+            e.offset = Some(offset);
+            return Ok(e);
+        }
+        let st: BlockStatus = img.block_status(offset, len.min(img.size() - offset))?;
+        e.length = st.len;
+        e.present = st.allocated;
+        e.zero = st.zero;
+        e.data = st.data;
+        e.compressed = st.compressed;
+        e.offset = match layer {
+            // Raw holes map to the same offset too.
+            Layer::Raw(_) => Some(offset),
+            Layer::Qcow2(_) => st.host_offset,
+        };
+        if let (Layer::Qcow2(img), true) = (layer, self.nodes[i].preallocated) {
+            if let (true, false, Some(host)) = (e.data, e.zero, e.offset) {
+                if let Some(fd) = img.data_storage().raw_fd() {
+                    let (data, run) = qcow2::raw::seek_data_run(fd, host, e.length);
+                    if data {
+                        e.length = run;
+                    } else {
+                        e.zero = true;
+                        let file_len = img.data_storage().len()?;
+                        if host < file_len {
+                            e.length = run;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(e)
+    }
+
+    /// Status of the run at `offset` through the chain (qemu-img's `get_block_status`).
+    pub fn status(&self, offset: u64, len: u64) -> anyhow::Result<Extent> {
+        let mut len = len;
+        for i in 0..self.len() {
+            let e = self.layer_status(i, offset, len)?;
+            if e.present || e.zero || e.data {
+                return Ok(e);
+            }
+            len = e.length;
+            let bottom = i + 1 == self.len();
+            if bottom || offset >= self.layer_size(i + 1) {
+                // Unallocated with nothing below: reads as zeros, not present.
+                return Ok(Extent { zero: true, ..e });
+            }
+        }
+        unreachable!("a chain has at least one layer")
+    }
+}

@@ -1,0 +1,143 @@
+//! `qimg commit`: write what an image (and the images between it and the base) has allocated
+//! into a backing file, as qemu-img 10's commit job does (data copied, zero areas written as
+//! zeroes), then empty the image unless `-d` or `-b` is given.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use qcow2::{FileStorage, Format, Preallocation, Qcow2};
+
+use crate::chain::Chain;
+use crate::info::path_combine;
+
+/// Arguments of `qimg commit`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// The backing file to commit into (default: the image's own backing file).
+    #[arg(short = 'b')]
+    base: Option<String>,
+    /// Do not empty the image afterwards.
+    #[arg(short = 'd')]
+    drop_not: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode (accepted; qimg flushes at the end).
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Rate limit (accepted; qimg does not throttle).
+    #[arg(short = 'r')]
+    rate: Option<String>,
+    /// The image.
+    filename: String,
+}
+
+/// Largest run copied at once (QEMU's COMMIT_BUFFER_SIZE).
+const CHUNK: u64 = 512 << 10;
+
+/// Index of `name` in the chain below the top, as qemu-img finds a backing image: by the
+/// name recorded in the overlay, or by path.
+fn find_base(chain: &Chain, name: &str) -> Option<usize> {
+    let canon = |p: &str| std::fs::canonicalize(p).ok();
+    (1..chain.len()).find(|&i| {
+        let overlay = chain.name(i - 1);
+        chain.recorded_backing(i - 1) == Some(name)
+            || canon(&path_combine(overlay, name)).is_some_and(|c| canon(chain.name(i)) == Some(c))
+            || canon(name).is_some_and(|c| canon(chain.name(i)) == Some(c))
+    })
+}
+
+/// Grows the base to `size` bytes if it is smaller.
+fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name)
+        .with_context(|| format!("Could not open '{name}'"))?;
+    match format {
+        Format::Raw => {
+            if file.metadata()?.len() < size {
+                file.set_len(size)?;
+            }
+        }
+        Format::Qcow2 => {
+            let mut q =
+                Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), None)
+                    .map_err(|e| crate::open_error(name, e))?;
+            if qcow2::Image::size(&q) < size {
+                q.resize(size, Preallocation::Off)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `qimg commit`.
+pub fn run(a: Args) -> anyhow::Result<u8> {
+    let _ = (&a.cache, &a.rate);
+    let chain = Chain::open(&a.filename, a.format.as_deref())?;
+    if chain.len() < 2 {
+        bail!("Image does not have a backing file");
+    }
+    let b = match &a.base {
+        None => 1,
+        Some(name) => find_base(&chain, name).with_context(|| {
+            format!(
+                "Did not find '{name}' in the backing chain of '{}'",
+                a.filename
+            )
+        })?,
+    };
+    let size = chain.size();
+    let base_name = chain.name(b);
+    grow_base(base_name, chain.format(b), size)?;
+    let top = crate::open(&a.filename, a.format.as_deref(), true)?;
+    let base = crate::open(base_name, Some(chain.format(b).name()), false)?;
+    let show = a.progress && !a.quiet;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut offset = 0;
+    while offset < size {
+        let e = chain.status(offset, CHUNK.min(size - offset))?;
+        // Allocated above the base, or zeros synthesised past an intermediate image's end.
+        let above = (e.present && e.depth < b) || (e.zero && !e.present && e.depth + 1 < b);
+        if above {
+            if e.zero {
+                base.write_zeroes(offset, e.length, true)?;
+            } else {
+                let chunk = &mut buf[..e.length as usize];
+                top.read_at(chunk, offset)?;
+                base.write_at(chunk, offset)
+                    .with_context(|| format!("Error while writing to '{base_name}'"))?;
+            }
+        }
+        offset += e.length;
+        if show {
+            eprint!("    ({:.2}/100%)\r", offset as f64 * 100.0 / size as f64);
+        }
+    }
+    base.flush()?;
+    drop(base);
+    if a.base.is_none() && !a.drop_not {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&a.filename)
+            .with_context(|| format!("Could not open '{}'", a.filename))?;
+        let img = Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), None)
+            .map_err(|e| crate::open_error(&a.filename, e))?;
+        img.make_empty()?;
+    }
+    if show {
+        eprintln!("    (100.00/100%)");
+    }
+    if !a.quiet {
+        println!("Image committed.");
+    }
+    Ok(0)
+}

@@ -1,0 +1,186 @@
+//! `qimg measure`: the file size a new image needs (QEMU's `qcow2_measure` / `raw_measure`),
+//! for a given virtual size or for the contents of an existing image.
+
+use anyhow::bail;
+use qcow2::{CreateOptions, Format, Preallocation};
+
+use crate::chain::Chain;
+use crate::create::{parse_options, qcow2_options};
+use crate::qjson::{dict, QObj};
+use crate::size::parse_size;
+
+/// Arguments of `qimg measure`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output format: human or json.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// Source image format.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Target image format.
+    #[arg(short = 'O', default_value = "raw")]
+    output_format: String,
+    /// Target format options.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Virtual size of a new image (instead of a source image).
+    #[arg(long = "size")]
+    size: Option<String>,
+    /// Snapshot of the source (not supported).
+    #[arg(short = 'l')]
+    snapshot: Option<String>,
+    /// Open without taking the write lock (qimg takes no locks).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The source image.
+    filename: Option<String>,
+}
+
+/// `qcow2_refcount_metadata_size`: refcount blocks and table for `clusters` clusters,
+/// including themselves (a fixed point).
+fn refcount_metadata_size(clusters: u64, cs: u64, refcount_order: u32) -> u64 {
+    let per_table_cluster = cs / 8;
+    let per_block = (cs * 8) >> refcount_order;
+    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last {
+            return (blocks + table) * cs;
+        }
+    }
+}
+
+/// `qcow2_calc_prealloc_size`: file size of a fully allocated image.
+fn prealloc_size(total: u64, cs: u64, refcount_order: u32, l2e_size: u64) -> u64 {
+    let aligned = total.next_multiple_of(cs);
+    let mut meta = cs;
+    let nl2e = (aligned / cs).next_multiple_of(cs / l2e_size);
+    meta += nl2e * l2e_size;
+    let nl1e = (nl2e * l2e_size / cs).next_multiple_of(cs / 8);
+    meta += nl1e * 8;
+    meta += refcount_metadata_size((meta + aligned) / cs, cs, refcount_order);
+    meta + aligned
+}
+
+/// Bytes of source data that need clusters of size `cs` (QEMU's block-status walk).
+fn data_clusters_bytes(src: &Chain, cs: u64) -> anyhow::Result<u64> {
+    let size = src.size();
+    let mut required = 0;
+    let mut offset = 0;
+    while offset < size {
+        let e = src.status(offset, size - offset)?;
+        let mut pnum = e.length;
+        if !e.zero && e.data && e.present {
+            pnum = (offset + pnum).next_multiple_of(cs) - offset;
+            required += offset % cs + pnum;
+        }
+        offset += pnum;
+    }
+    Ok(required)
+}
+
+/// `qcow2_get_persistent_dirty_bitmap_size` for the source's bitmaps.
+fn bitmaps_size(src: &Chain, cs: u64) -> anyhow::Result<u64> {
+    let Some(q) = src.top_qcow2() else {
+        return Ok(0);
+    };
+    let size = qcow2::Image::size(q);
+    let mut total = 0;
+    let mut dir = 0;
+    for b in crate::info::read_bitmaps(&**q.file(), &q.header())? {
+        let bytes = size.div_ceil(b.granularity).div_ceil(8);
+        let clusters = bytes.div_ceil(cs);
+        total += clusters * cs + (clusters * 8).next_multiple_of(cs);
+        dir += (24 + b.name.len() as u64).next_multiple_of(8);
+    }
+    Ok(total + dir.next_multiple_of(cs))
+}
+
+/// (required, fully allocated, bitmaps) for a qcow2 target.
+fn measure_qcow2(
+    pairs: &[(String, String)],
+    size: u64,
+    src: Option<&Chain>,
+) -> anyhow::Result<(u64, u64, Option<u64>)> {
+    let mut extended_l2 = false;
+    let mut rest = Vec::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "extended_l2" => extended_l2 = matches!(v.as_str(), "on" | "true" | "yes"),
+            "encrypt.format" | "encryption" => bail!("qimg does not support encrypted images"),
+            _ => rest.push((k.clone(), v.clone())),
+        }
+    }
+    let o = qcow2_options(&rest, CreateOptions::default())?;
+    o.validate()?;
+    let cs = o.cluster_size;
+    if extended_l2 && cs < 16384 {
+        bail!("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+    }
+    let l2e_size = if extended_l2 { 16 } else { 8 };
+    let mut virtual_size = size.next_multiple_of(cs);
+    if (virtual_size / cs).div_ceil(cs / l2e_size) * 8 > 32 << 20 {
+        bail!("The image size is too large (try using a larger cluster size)");
+    }
+    let mut required = 0;
+    let mut bitmaps = None;
+    if let Some(src) = src {
+        virtual_size = src.size().next_multiple_of(cs);
+        required = if o.backing_file.is_some() {
+            virtual_size
+        } else {
+            data_clusters_bytes(src, cs)?
+        };
+        let supports = src.top_qcow2().is_some_and(|q| q.header().version >= 3);
+        if o.version >= 3 && supports {
+            bitmaps = Some(bitmaps_size(src, cs)?);
+        }
+    }
+    if matches!(o.preallocation, Preallocation::Full | Preallocation::Falloc) {
+        required = virtual_size;
+    }
+    let fully = prealloc_size(virtual_size, cs, o.refcount_bits.trailing_zeros(), l2e_size);
+    Ok((fully - virtual_size + required, fully, bitmaps))
+}
+
+/// Runs `qimg measure`.
+pub fn run(a: Args) -> anyhow::Result<u8> {
+    let _ = a.force_share;
+    let json = crate::output_is_json(&a.output)?;
+    if a.snapshot.is_some() {
+        bail!("-l is not supported by qimg measure");
+    }
+    let src = match (&a.size, &a.filename) {
+        (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename."),
+        (None, None) => bail!("Either --size N or one filename must be specified."),
+        (None, Some(f)) => Some(Chain::open(f, a.format.as_deref())?),
+        (Some(_), None) => None,
+    };
+    let size = a.size.as_deref().map(parse_size).transpose()?.unwrap_or(0);
+    let pairs = parse_options(&a.options)?;
+    let (required, fully, bitmaps) = match crate::parse_format(&a.output_format)? {
+        Format::Raw => {
+            let r = src.as_ref().map_or(size.next_multiple_of(512), Chain::size);
+            (r, r, None)
+        }
+        Format::Qcow2 => measure_qcow2(&pairs, size, src.as_ref())?,
+    };
+    if json {
+        let obj = dict([
+            ("required", Some(required.into())),
+            ("fully-allocated", Some(fully.into())),
+            ("bitmaps", bitmaps.map(QObj::from)),
+        ]);
+        println!("{}", obj.to_json());
+    } else {
+        println!("required size: {required}\nfully allocated size: {fully}");
+        if let Some(b) = bitmaps {
+            println!("bitmaps size: {b}");
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,188 @@
+//! `qimg rebase`: change an image's backing file. Safe mode (the default) first copies into
+//! the image every cluster where the old and new backing files differ, as qemu-img 10 does
+//! (whole clusters, old data, zero clusters past the old backing file's end); `-u` only
+//! rewrites the header; `-b ""` makes the image standalone.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use qcow2::{FileStorage, Image, Qcow2};
+
+use crate::info::path_combine;
+
+/// Arguments of `qimg rebase`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// New backing file ("" for none).
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Format of the new backing file.
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// Unsafe: only rewrite the header (the contents are assumed to match).
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// Write the copied clusters compressed.
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Cache mode of the image (accepted; qimg always writes back at the end).
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Cache mode of the backing files (accepted).
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
+    /// The image.
+    filename: String,
+}
+
+/// Largest run handled at once (qemu-img's IO_BUF_SIZE).
+const CHUNK: u64 = 2 << 20;
+
+/// qemu-img's `compare_buffers`: whether the first `chunk`-sized piece differs, and how far
+/// pieces with the same answer extend.
+fn compare_buffers(a: &[u8], b: &[u8], chunk: usize) -> (bool, usize) {
+    let first = chunk.min(a.len());
+    let differ = a[..first] != b[..first];
+    let mut i = first;
+    while i < a.len() {
+        let len = chunk.min(a.len() - i);
+        if (a[i..i + len] != b[i..i + len]) != differ {
+            break;
+        }
+        i += len;
+    }
+    (differ, i)
+}
+
+/// Reads `[offset, offset + buf.len())` of `img` with zeros past its end (or without one).
+fn read_padded(img: Option<&dyn Image>, buf: &mut [u8], offset: u64) -> qcow2::Result<()> {
+    let n = img.map_or(0, |i| i.size().saturating_sub(offset).min(buf.len() as u64)) as usize;
+    if let (Some(i), true) = (img, n > 0) {
+        i.read_at(&mut buf[..n], offset)?;
+    }
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// Copies into `img` what differs between its old backing chain and `new`.
+fn copy_differences(
+    img: &Qcow2,
+    new: Option<&dyn Image>,
+    compress: bool,
+    progress: bool,
+) -> anyhow::Result<()> {
+    let size = img.size();
+    let cs = img.cluster_size();
+    let old = img.backing();
+    let old_size = old.map_or(0, |o| o.size());
+    let mut buf_old = vec![0u8; (CHUNK + 2 * cs) as usize];
+    let mut buf_new = buf_old.clone();
+    let mut offset = 0;
+    while offset < size {
+        let st = img.block_status(offset, CHUNK.min(size - offset))?;
+        if st.allocated {
+            offset += st.len;
+            continue;
+        }
+        // Whole clusters, so writes never copy-on-write a partial cluster.
+        let start = offset / cs * cs;
+        let end = (offset + st.len).next_multiple_of(cs).min(size);
+        let n = (end - start) as usize;
+        read_padded(old, &mut buf_old[..n], start)
+            .context("error while reading from old backing file")?;
+        read_padded(new, &mut buf_new[..n], start)
+            .context("error while reading from new backing file")?;
+        let mut old_eof = start >= old_size;
+        let mut written = 0;
+        while written < n {
+            let (differ, len) =
+                compare_buffers(&buf_old[written..n], &buf_new[written..n], cs as usize);
+            let at = start + written as u64;
+            if differ {
+                if old_eof {
+                    img.write_zeroes(at, len as u64, false)?;
+                } else if compress {
+                    let pieces = buf_old[written..written + len].chunks(cs as usize);
+                    for (k, piece) in pieces.enumerate() {
+                        img.write_compressed(piece, at + k as u64 * cs)?;
+                    }
+                } else {
+                    img.write_at(&buf_old[written..written + len], at)
+                        .context("Error while writing to COW image")?;
+                }
+            }
+            written += len;
+            if at + len as u64 >= old_size {
+                old_eof = true;
+            }
+        }
+        offset = end;
+        if progress {
+            eprint!("    ({:.2}/100%)\r", offset as f64 * 100.0 / size as f64);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `qimg rebase`.
+pub fn run(a: Args) -> anyhow::Result<u8> {
+    let _ = (&a.cache, &a.src_cache);
+    let Some(backing) = a.backing.as_deref() else {
+        bail!("Must specify backing file (-b) or use unsafe mode (-u)");
+    };
+    let backing = (!backing.is_empty()).then_some(backing);
+    if let (Some(b), None) = (backing, &a.backing_format) {
+        bail!("Could not change the backing file to '{b}': backing format must be specified");
+    }
+    if let Some(f) = &a.format {
+        if crate::parse_format(f)? != qcow2::Format::Qcow2 {
+            bail!(
+                "Could not change the backing file to '{}': Operation not supported",
+                backing.unwrap_or("")
+            );
+        }
+    }
+    let path = Path::new(&a.filename);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("Could not open '{}'", a.filename))?;
+    // Unsafe mode never opens the old backing file.
+    let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));
+    let img = Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), dir)
+        .map_err(|e| crate::open_error(&a.filename, e))?;
+    if !a.unsafe_mode {
+        let new = match backing {
+            Some(b) => Some(crate::open(
+                &path_combine(&a.filename, b),
+                a.backing_format.as_deref(),
+                true,
+            )?),
+            None => None,
+        };
+        copy_differences(&img, new.as_deref(), a.compress, a.progress && !a.quiet)?;
+        img.flush()?;
+    }
+    img.set_backing_file(backing, a.backing_format.as_deref())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "Could not change the backing file to '{}': {e}",
+                backing.unwrap_or("")
+            )
+        })?;
+    if a.progress && !a.quiet {
+        eprintln!("    (100.00/100%)");
+    }
+    Ok(0)
+}

@@ -1,0 +1,142 @@
+//! `qimg resize`: absolute or relative (`+`/`-`) sizes, `--shrink`, `--preallocation`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
+use qcow2::{FileStorage, Format, Preallocation, Qcow2, Storage};
+
+use crate::size::parse_size;
+
+/// Arguments of `qimg resize`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Preallocation of the added range: off, metadata, falloc or full.
+    #[arg(long = "preallocation")]
+    preallocation: Option<String>,
+    /// Allow shrinking (data past the new end is lost).
+    #[arg(long = "shrink")]
+    shrink: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image.
+    filename: String,
+    /// New size, or `+SIZE` / `-SIZE` relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    size: String,
+}
+
+/// The new size from the current one and the size argument.
+fn new_size(current: u64, arg: &str) -> anyhow::Result<u64> {
+    let positive = || anyhow::anyhow!("New image size must be positive");
+    let total = match arg.as_bytes().first() {
+        Some(b'+') => current.checked_add(parse_size(&arg[1..])?),
+        Some(b'-') => current.checked_sub(parse_size(&arg[1..])?),
+        _ => Some(parse_size(arg)?),
+    };
+    match total {
+        Some(t) if t > 0 && t <= i64::MAX as u64 => Ok(t),
+        _ => Err(positive()),
+    }
+}
+
+/// Grows or shrinks a raw file.
+fn resize_raw(
+    file: &FileStorage,
+    old: u64,
+    new: u64,
+    prealloc: Preallocation,
+) -> anyhow::Result<()> {
+    file.set_len(new)?;
+    if new > old {
+        match prealloc {
+            Preallocation::Off => {}
+            Preallocation::Metadata => bail!("Unsupported preallocation mode: metadata"),
+            Preallocation::Falloc => file.allocate(old, new - old)?,
+            Preallocation::Full => {
+                let zeros = vec![0u8; 1 << 20];
+                let mut off = old;
+                while off < new {
+                    let n = (new - off).min(zeros.len() as u64);
+                    file.write_at(&zeros[..n as usize], off)?;
+                    off += n;
+                }
+            }
+        }
+    }
+    file.flush()?;
+    Ok(())
+}
+
+/// Fails on images with persistent bitmaps: opening them for writing would drop the bitmaps,
+/// where qemu-img resizes them.
+fn refuse_bitmaps(file: &dyn Storage, name: &str) -> anyhow::Result<()> {
+    let mut first = vec![0u8; file.len()?.min(2 << 20) as usize];
+    file.read_at(&mut first, 0)?;
+    let h = Header::parse(&first).map_err(|e| crate::open_error(name, e))?;
+    if h.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps() > 0)
+        && h.autoclear_features & AUTOCLEAR_BITMAPS != 0
+    {
+        bail!("{name}: qimg cannot resize images with persistent dirty bitmaps yet");
+    }
+    Ok(())
+}
+
+/// Runs `qimg resize`.
+pub fn run(a: Args) -> anyhow::Result<u8> {
+    let prealloc = match &a.preallocation {
+        None => Preallocation::Off,
+        Some(p) => Preallocation::from_name(p)
+            .with_context(|| format!("Invalid preallocation mode '{p}'"))?,
+    };
+    let path = Path::new(&a.filename);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("Could not open '{}'", a.filename))?;
+    let storage = Arc::new(FileStorage::new(file));
+    let fmt = match &a.format {
+        Some(f) => crate::parse_format(f)?,
+        None => qcow2::open::probe(&*storage)?,
+    };
+    let mut qcow = None;
+    let current = match fmt {
+        Format::Raw => storage.len()?,
+        Format::Qcow2 => {
+            refuse_bitmaps(&*storage, &a.filename)?;
+            let q = Qcow2::open_storage(
+                storage.clone(),
+                &Default::default(),
+                Some(path.parent().unwrap_or(Path::new("."))),
+            )
+            .map_err(|e| crate::open_error(&a.filename, e))?;
+            let size = qcow2::Image::size(&q);
+            qcow = Some(q);
+            size
+        }
+    };
+    let total = new_size(current, &a.size)?;
+    if total < current && !a.shrink {
+        eprintln!("qimg: Use the --shrink option to perform a shrink operation.");
+        bail!("warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
+    }
+    if total < current && prealloc != Preallocation::Off {
+        bail!("Preallocation can only be used for growing images");
+    }
+    match qcow.as_mut() {
+        Some(q) => q
+            .resize(total, prealloc)
+            .map_err(|e| anyhow::anyhow!("Error resizing image: {e}"))?,
+        None => resize_raw(&storage, current, total, prealloc)?,
+    }
+    if !a.quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
+}
