@@ -13,6 +13,8 @@ pub mod create;
 mod engine;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod open;
 pub mod raw;
@@ -26,4 +28,4 @@ pub use format::header::CompressionType;
 pub use image::{BlockStatus, Format, Image};
 pub use open::{open_image, OpenOptions};
 pub use raw::RawImage;
-pub use storage::{FileStorage, Storage};
+pub use storage::{FileStorage, MemStorage, Storage};

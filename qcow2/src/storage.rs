@@ -134,6 +134,66 @@ impl Storage for FileStorage {
     }
 }
 
+/// Storage in memory, for tests and fuzzing.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    bytes: std::sync::Mutex<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// Storage holding a copy of `bytes`.
+    pub fn new(bytes: &[u8]) -> Self {
+        MemStorage {
+            bytes: std::sync::Mutex::new(bytes.to_vec()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.bytes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let bytes = self.lock();
+        buf.fill(0);
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let end = start.saturating_add(buf.len()).min(bytes.len());
+        buf[..end - start].copy_from_slice(&bytes[start..end]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut bytes = self.lock();
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if end > bytes.len() {
+            bytes.resize(end, 0);
+        }
+        bytes[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        self.lock().resize(len, 0);
+        Ok(())
+    }
+}
+
 /// Writes `len` zero bytes at `offset`, a chunk at a time.
 fn write_zeros<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64) -> io::Result<()> {
     const CHUNK: u64 = 1 << 20;
