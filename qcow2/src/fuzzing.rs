@@ -37,7 +37,7 @@ pub fn open_read_check_write(data: &[u8]) {
         ..Default::default()
     };
     if let Ok(img) = Qcow2::open_storage(Arc::new(MemStorage::new(data)), &writable, None) {
-        let _ = img.write_at(&[0x5a; 4096], img.size().min(READ_LIMIT) / 2 & !4095);
+        let _ = img.write_at(&[0x5a; 4096], (img.size().min(READ_LIMIT) / 2) & !4095);
         let _ = img.flush();
     }
 }

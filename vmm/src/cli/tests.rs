@@ -624,7 +624,11 @@ fn only_read_only_disks_share_an_image() {
 
 #[test]
 fn hugepages_need_whole_huge_pages() {
-    assert!(config(&["--kernel", "k", "--memory", "1G", "--hugepages"]).unwrap().hugepages);
+    assert!(
+        config(&["--kernel", "k", "--memory", "1G", "--hugepages"])
+            .unwrap()
+            .hugepages
+    );
     let err = config(&["--kernel", "k", "--memory", "33M", "--hugepages"]).unwrap_err();
     assert!(err.to_string().contains("multiple of 2 MiB"), "{err}");
 }
