@@ -8,6 +8,7 @@
 mod busy;
 pub(crate) mod cache;
 pub(crate) mod meta;
+mod overlap;
 mod read;
 mod resize;
 mod write;
@@ -38,8 +39,12 @@ pub struct Qcow2 {
     compression: CompressionType,
     read_only: bool,
     snapshots: Vec<Snapshot>,
+    /// Bytes of the snapshot table at `header.snapshots_offset`.
+    snapshot_table_len: u64,
     meta: RwLock<Meta>,
     busy: BusyClusters,
+    /// Set once an overlap check marked the image corrupt: no more writes.
+    marked_corrupt: std::sync::atomic::AtomicBool,
 }
 
 impl Qcow2 {
@@ -97,7 +102,7 @@ impl Qcow2 {
             header.refcount_table_offset,
             (reftable_bytes / 8) as usize,
         )?;
-        let snapshots = read_snapshots(&*file, &header, file_len)?;
+        let (snapshots, snapshot_table_len) = read_snapshots(&*file, &header, file_len)?;
         let data_file = match &header.data_file {
             Some(name) => Some(open_data_file(name, dir, opts.read_only)?),
             None => None,
@@ -135,6 +140,8 @@ impl Qcow2 {
             compression: header.compression_type,
             read_only: opts.read_only,
             snapshots,
+            snapshot_table_len: snapshot_table_len as u64,
+            marked_corrupt: Default::default(),
             meta: RwLock::new(meta),
             busy: BusyClusters::default(),
         };
@@ -282,9 +289,14 @@ impl Qcow2 {
     }
 }
 
-fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<Vec<Snapshot>> {
+/// The snapshot table and its length in bytes.
+fn read_snapshots(
+    file: &dyn Storage,
+    header: &Header,
+    file_len: u64,
+) -> Result<(Vec<Snapshot>, usize)> {
     if header.nb_snapshots == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     if header.nb_snapshots > snapshot::MAX_SNAPSHOTS {
         return Err(Error::Corrupt(format!(
@@ -297,7 +309,7 @@ fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<
     let mut buf = vec![0u8; max as usize];
     file.read_at(&mut buf, header.snapshots_offset)
         .map_err(|e| Error::io("reading the snapshot table", e))?;
-    Ok(snapshot::parse_table(&buf, header.nb_snapshots)?.0)
+    snapshot::parse_table(&buf, header.nb_snapshots)
 }
 
 impl Drop for Qcow2 {

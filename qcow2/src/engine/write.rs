@@ -65,6 +65,7 @@ impl Qcow2 {
             // Nothing to copy: zero the new cluster in place (an unwritten extent on the
             // host) and write only the guest's bytes, instead of a whole cluster of zeros.
             let host = self.target_cluster(cluster, entry)?;
+            self.check_data_write(host, cs)?;
             self.data_storage()
                 .zero_range(host, cs)
                 .map_err(|e| Error::io(format!("zeroing data at host offset 0x{host:x}"), e))?;
@@ -156,6 +157,7 @@ impl Qcow2 {
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+        self.check_data_write(host, data.len() as u64)?;
         self.data_storage()
             .write_at(data, host)
             .map_err(|e| Error::io(format!("writing data at host offset 0x{host:x}"), e))

@@ -1,0 +1,69 @@
+//! Overlap checks: an L2 entry that points guest data at metadata (here the L1 table, then
+//! the refcount table) makes the engine refuse the write and mark the image corrupt, as
+//! QEMU does, instead of overwriting the metadata.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+
+use cowbird_tests::{open, path_in, qemu_img, qemu_io};
+
+fn be64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+/// Writes guest cluster 0 with qemu-io, then redirects its L2 entry to the host range the
+/// header field at `field` (40: L1 table, 48: refcount table) points to. Returns that offset.
+fn redirect_cluster0_to(path: &std::path::Path, field: usize) -> u64 {
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
+    qemu_io(path, &["write -P 0x11 0 64k"]);
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut header = vec![0u8; 512];
+    file.read_exact_at(&mut header, 0).unwrap();
+    let target = be64(&header, field);
+    let l1 = be64(&header, 40);
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, l1).unwrap();
+    let l2 = u64::from_be_bytes(entry) & 0x00ff_ffff_ffff_fe00;
+    file.write_all_at(&((1u64 << 63) | target).to_be_bytes(), l2)
+        .unwrap();
+    target
+}
+
+#[test]
+fn data_write_onto_metadata_is_refused_and_marks_the_image_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, field, what) in [
+        ("l1.qcow2", 40, "active L1 table"),
+        ("rt.qcow2", 48, "refcount table"),
+    ] {
+        let path = path_in(dir.path(), name);
+        let target = redirect_cluster0_to(&path, field);
+        let before = fs::read(&path).unwrap();
+        {
+            let img = open(&path, false);
+            let err = img.write_at(&[0xee; 4096], 0).unwrap_err().to_string();
+            assert!(
+                err.contains(what) && err.contains("marked corrupt"),
+                "{name}: {err}"
+            );
+            // Nothing else is written either.
+            assert!(
+                img.write_at(&[0xee; 512], 512 << 10).is_err(),
+                "{name}: write after corruption"
+            );
+        }
+        let after = fs::read(&path).unwrap();
+        let t = target as usize;
+        assert_eq!(
+            before[t..t + 512],
+            after[t..t + 512],
+            "{name}: metadata was overwritten"
+        );
+        let info = qemu_img(&["info", path.to_str().unwrap()]);
+        assert!(info.contains("corrupt: true"), "{name}: {info}");
+    }
+}
