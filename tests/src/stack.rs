@@ -397,14 +397,19 @@ impl Drop for NetNs {
     }
 }
 
-/// Waits until `path` contains `text`; false after `timeout`.
-pub fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
+/// Waits until the guest console log `path` contains `text`; panics after `timeout`,
+/// showing the end of the log.
+pub fn wait_for_console(path: &Path, text: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
-            return true;
+            return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    false
+    let log = fs::read_to_string(path).unwrap_or_default();
+    panic!(
+        "the guest did not print {text} within {timeout:?}; console:\n{}",
+        tail(&log, 40)
+    );
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cowbird_tests::stack::{
-    binary, guest, require_kvm, run_vmm_raw, wait_for_text, Backend, Boot, NetNs,
+    binary, guest, require_kvm, run_vmm_raw, wait_for_console, Backend, Boot, NetNs,
 };
 use cowbird_tests::{qemu_check, qemu_img};
 
@@ -139,10 +139,7 @@ fn vhost_blk_killed_and_restarted_while_the_guest_is_idle() {
             boot.kernel_args = "cowbird.pause=15";
             boot.run(dir.path(), BOOT_TIMEOUT)
         });
-        assert!(
-            wait_for_text(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT),
-            "the guest never reached its pause"
-        );
+        wait_for_console(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT);
         first.kill();
         let second = Backend::vhost_blk(dir.path(), "blk", &image, &["--format", "raw"]);
         let run = vm.join().unwrap();
@@ -243,10 +240,7 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
             boot.kernel_args = "cowbird.pause=600";
             boot.run(dir.path(), BOOT_TIMEOUT)
         });
-        assert!(
-            wait_for_text(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT),
-            "no pause"
-        );
+        wait_for_console(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT);
         let info = api(&socket, r#"{"command":"info"}"#);
         assert_eq!(
             (info["ok"].as_bool(), info["state"].as_str()),
