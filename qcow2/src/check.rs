@@ -57,7 +57,14 @@ impl Counter {
         if len == 0 {
             return;
         }
-        for c in offset / self.cs..=(offset + len - 1) / self.cs {
+        let Some(last) = offset.checked_add(len - 1) else {
+            self.report.corruptions += 1;
+            self.report.messages.push(format!(
+                "ERROR: {what} at offset 0x{offset:x} ({len} bytes) is beyond the end of the image file"
+            ));
+            return;
+        };
+        for c in offset / self.cs..=last / self.cs {
             match self.expected.get_mut(c as usize) {
                 Some(n) => *n += 1,
                 None => {

@@ -134,13 +134,18 @@ impl Storage for FileStorage {
     }
 }
 
-/// Storage in memory, for tests and fuzzing.
+/// Storage in memory, for tests and fuzzing. It refuses to grow past [`MemStorage::LIMIT`]
+/// (as a full disk would), so a corrupt image pointing far beyond its end cannot make the
+/// process allocate without bound.
 #[derive(Debug, Default)]
 pub struct MemStorage {
     bytes: std::sync::Mutex<Vec<u8>>,
 }
 
 impl MemStorage {
+    /// Largest size the storage grows to.
+    pub const LIMIT: usize = 256 << 20;
+
     /// Storage holding a copy of `bytes`.
     pub fn new(bytes: &[u8]) -> Self {
         MemStorage {
@@ -172,6 +177,9 @@ impl Storage for MemStorage {
         let end = start
             .checked_add(buf.len())
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if end > Self::LIMIT {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
         if end > bytes.len() {
             bytes.resize(end, 0);
         }
@@ -189,6 +197,9 @@ impl Storage for MemStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if len > Self::LIMIT {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
         self.lock().resize(len, 0);
         Ok(())
     }

@@ -93,7 +93,8 @@ impl Meta {
                 "{what} offset 0x{offset:x} is not cluster aligned"
             )));
         }
-        if offset + self.geo.cluster_size() > file_len.next_multiple_of(self.geo.cluster_size()) {
+        let end = offset.saturating_add(self.geo.cluster_size());
+        if end > file_len.next_multiple_of(self.geo.cluster_size()) {
             return Err(Error::Corrupt(format!(
                 "{what} offset 0x{offset:x} is past the end of the file (0x{file_len:x})"
             )));
