@@ -201,7 +201,7 @@ impl Qcow2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -209,7 +209,8 @@ mod tests {
     use crate::storage::FileStorage;
     use crate::{check, CreateOptions, OpenOptions};
 
-    fn open(path: &std::path::Path) -> Qcow2 {
+    /// Opens an image read-write (engine tests share it).
+    pub(in crate::engine) fn open(path: &std::path::Path) -> Qcow2 {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -218,18 +219,29 @@ mod tests {
         Qcow2::open_storage(Arc::new(FileStorage::new(f)), &OpenOptions::default(), None).unwrap()
     }
 
-    #[test]
-    fn grow_past_the_l1_allocation_and_shrink_back_keep_data_and_refcounts() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("r.qcow2");
-        // 512-byte clusters: one L1 cluster maps 64 entries * 64 * 512 = 2 MiB.
+    /// Creates `name` in `dir` (`size` bytes, `cluster_size`) and opens it read-write.
+    pub(in crate::engine) fn create_open(
+        dir: &std::path::Path,
+        name: &str,
+        size: u64,
+        cluster_size: u64,
+    ) -> (std::path::PathBuf, Qcow2) {
+        let p = dir.join(name);
         let o = CreateOptions {
-            size: 1 << 20,
-            cluster_size: 512,
+            size,
+            cluster_size,
             ..Default::default()
         };
         crate::create(&p, &o).unwrap();
-        let mut img = open(&p);
+        let img = open(&p);
+        (p, img)
+    }
+
+    #[test]
+    fn grow_past_the_l1_allocation_and_shrink_back_keep_data_and_refcounts() {
+        let d = tempfile::tempdir().unwrap();
+        // 512-byte clusters: one L1 cluster maps 64 entries * 64 * 512 = 2 MiB.
+        let (p, mut img) = create_open(d.path(), "r.qcow2", 1 << 20, 512);
         img.write_at(&[7u8; 1000], 1000).unwrap();
         img.resize(64 << 20, Preallocation::Off).unwrap();
         assert_eq!(img.header().l1_size, 2048);
@@ -261,16 +273,9 @@ mod tests {
     #[test]
     fn an_l1_table_larger_than_a_refcount_block_range_is_allocated() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("big.qcow2");
         // 512-byte clusters, 16-bit refcounts: one refcount block covers 256 clusters, and
         // 16 GiB needs an L1 of 256 Ki entries = 4096 clusters.
-        let o = CreateOptions {
-            size: 1 << 20,
-            cluster_size: 512,
-            ..Default::default()
-        };
-        crate::create(&p, &o).unwrap();
-        let mut img = open(&p);
+        let (p, mut img) = create_open(d.path(), "big.qcow2", 1 << 20, 512);
         img.write_at(&[3u8; 4096], 0).unwrap();
         img.resize(16 << 30, Preallocation::Off).unwrap();
         img.write_at(&[4u8; 512], (16 << 30) - 512).unwrap();

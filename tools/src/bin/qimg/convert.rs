@@ -1,14 +1,24 @@
-//! `qimg convert`: a parallel copy pipeline. Worker threads take chunks in turn, read them
-//! from the source chain, skip chunks that are zero (when the target reads as zeros), and
-//! write plainly or compressed (compression therefore runs on all cores).
+//! `qimg convert`: a parallel copy pipeline.
+//!
+//! The concatenated sources are cut into chunks that worker threads take in guest order.
+//! A worker asks the source chain's block status which parts of its chunk read as zeros (so
+//! holes and unallocated clusters are never read), gets the rest — straight from a memory map
+//! for raw source files, else by reading it — drops blocks that are all zeros, and writes the
+//! remaining runs as large writes, plainly or compressed (compression thus runs on all cores).
+//!
+//! Uncompressed writes into a new qcow2 image reserve their host clusters in chunk order (a
+//! turnstile: chunk `i` reserves after chunk `i - 1`) and then write in parallel, so the
+//! target is laid out in guest order like qemu-img's, without a metadata lock per cluster.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Context};
 use qcow2::{CreateOptions, Format, Image, Qcow2};
 
 use crate::create::{parse_options, qcow2_options};
+use crate::progress::Progress;
 use crate::size::parse_size;
 
 /// Arguments of `qimg convert`.
@@ -23,6 +33,12 @@ pub struct Args {
     /// Output format options.
     #[arg(short = 'o')]
     options: Vec<String>,
+    /// Backing file of the target: only what the sources' top layers allocate is copied.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of the target's backing file.
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
     /// Compress the output (qcow2 only).
     #[arg(short = 'c')]
     compress: bool,
@@ -47,6 +63,13 @@ pub struct Args {
     /// Minimum run of zero bytes to leave sparse (default 4k).
     #[arg(short = 'S', default_value = "4k")]
     sparse: String,
+    /// Cache mode of the target: unsafe (the default, as qemu-img's) ignores flushes;
+    /// writeback, writethrough, none and directsync flush at the end.
+    #[arg(short = 't', default_value = "unsafe")]
+    cache: String,
+    /// Cache mode of the sources (accepted for compatibility).
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
     /// Open sources without taking the write lock (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -70,57 +93,419 @@ impl Target {
     }
 }
 
-/// Reads `[off, off + buf.len())` of the concatenation of `sources`.
-fn read_concat(sources: &[Box<dyn Image>], buf: &mut [u8], mut off: u64) -> qcow2::Result<()> {
-    let mut pos = 0;
-    for s in sources {
-        if pos == buf.len() {
-            break;
+/// A read-only shared memory map of a raw source file: data is written to the target
+/// straight from the page cache, with no copy into a buffer first.
+struct Mapping {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and only read through shared slices.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps a regular file of exactly `size` bytes; `None` where that is not possible (the
+    /// caller then reads instead).
+    fn new(path: &str, size: u64) -> Option<Mapping> {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::File::open(path).ok()?;
+        let md = f.metadata().ok()?;
+        if !md.is_file() || md.len() != size || size == 0 {
+            return None;
         }
-        if off >= s.size() {
-            off -= s.size();
+        let len = usize::try_from(size).ok()?;
+        // SAFETY: a fresh read-only shared mapping of an open file; the kernel picks the
+        // address. The file descriptor may be closed afterwards.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on the mapping just made.
+        unsafe { libc::madvise(ptr, len, libc::MADV_SEQUENTIAL) };
+        Some(Mapping {
+            ptr: ptr as *const u8,
+            len,
+        })
+    }
+
+    fn slice(&self, off: u64, len: u64) -> &[u8] {
+        assert!(off + len <= self.len as u64);
+        // SAFETY: in bounds of a live read-only mapping. The source is opened read-only and
+        // must not be modified or truncated while it is converted (qemu-img's rule too).
+        unsafe { std::slice::from_raw_parts(self.ptr.add(off as usize), len as usize) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no slice outlives `self`.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// The target's storage with `-t unsafe`, qemu-img convert's default: flushes do nothing.
+/// Metadata still reaches the file in the engine's crash-safe order (so an interrupted
+/// convert leaves a consistent image), but nothing is forced to the disk.
+struct NoFlush(qcow2::FileStorage);
+
+impl qcow2::Storage for NoFlush {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.punch_hole(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.allocate(offset, len)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.zero_range(offset, len)
+    }
+    fn raw_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.0.raw_fd()
+    }
+}
+
+/// One source image, with its memory map where it is a raw file.
+struct Source {
+    img: Box<dyn Image>,
+    map: Option<Mapping>,
+    /// The size qemu-img gives it: a raw file's size rounded up to whole sectors (the
+    /// padding reads as zeros).
+    size: u64,
+}
+
+/// What a range of the sources needs in the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Left unallocated: the target's backing file provides it.
+    Skip,
+    /// Reads as zeros.
+    Zero,
+    /// Guest data to copy.
+    Data,
+}
+
+/// How the pipeline treats ranges, fixed for the whole run.
+struct Policy {
+    /// Granularity of zero detection (target cluster, or `-S` for raw).
+    block: u64,
+    /// `-S`: 0 copies everything as data.
+    sparse: u64,
+    /// The target reads as zeros already: zero ranges need no write.
+    fresh: bool,
+    /// The target has a backing file: copy only what the sources' top layers allocate.
+    target_backing: bool,
+    compress: bool,
+    /// Reserve host clusters in guest order (uncompressed writes into a new qcow2 image).
+    reserve: bool,
+    /// The storage of a new raw target, whose data ranges are allocated before writing.
+    raw_storage: Option<Arc<dyn qcow2::Storage>>,
+}
+
+/// The concatenated sources.
+struct Sources {
+    list: Vec<Source>,
+    total: u64,
+}
+
+impl Sources {
+    /// The source holding guest offset `off`, and the offset inside it.
+    fn locate(&self, mut off: u64) -> (&Source, u64) {
+        for s in &self.list {
+            if off < s.size {
+                return (s, off);
+            }
+            off -= s.size;
+        }
+        unreachable!("offset past the sources")
+    }
+
+    /// Kind of the run at `off` (at most `len` bytes) and its length.
+    fn classify(&self, off: u64, len: u64, p: &Policy) -> qcow2::Result<(Kind, u64)> {
+        let (s, at) = self.locate(off);
+        let len = len.min(s.size - at);
+        if at >= s.img.size() {
+            // The sector padding of a raw file.
+            let kind = if p.sparse == 0 {
+                Kind::Data
+            } else {
+                Kind::Zero
+            };
+            return Ok((kind, len));
+        }
+        let len = len.min(s.img.size() - at);
+        if p.sparse == 0 {
+            return Ok((Kind::Data, len));
+        }
+        if p.target_backing {
+            let st = s.img.block_status(at, len)?;
+            let kind = match (st.allocated, st.zero && !st.data) {
+                (false, _) => Kind::Skip,
+                (true, true) => Kind::Zero,
+                (true, false) => Kind::Data,
+            };
+            return Ok((kind, st.len));
+        }
+        let (zero, run) = chain_zero(&*s.img, at, len)?;
+        Ok((if zero { Kind::Zero } else { Kind::Data }, run))
+    }
+
+    /// Data of `[off, off + len)`: a slice of a memory map if one source covers it, else read
+    /// into `buf` (which must be `len` bytes).
+    fn data<'a>(&'a self, off: u64, len: u64, buf: &'a mut [u8]) -> qcow2::Result<&'a [u8]> {
+        let (s, at) = self.locate(off);
+        if let Some(m) = &s.map {
+            if at + len <= s.img.size() {
+                return Ok(m.slice(at, len));
+            }
+        }
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let (s, at) = self.locate(off + pos as u64);
+            let n = ((s.size - at) as usize).min(buf.len() - pos);
+            let real = (s.img.size().saturating_sub(at) as usize).min(n);
+            match &s.map {
+                Some(m) => buf[pos..pos + real].copy_from_slice(m.slice(at, real as u64)),
+                None => s.img.read_at(&mut buf[pos..pos + real], at)?,
+            }
+            buf[pos + real..pos + n].fill(0);
+            pos += n;
+        }
+        Ok(buf)
+    }
+}
+
+/// Whether `[off, off + run)` of `img` (with its backing chain) reads as zeros, for the
+/// longest such `run` up to `len`.
+fn chain_zero(img: &dyn Image, off: u64, len: u64) -> qcow2::Result<(bool, u64)> {
+    let st = img.block_status(off, len)?;
+    if st.allocated {
+        return Ok((st.zero && !st.data, st.len));
+    }
+    match img.backing() {
+        Some(b) if off < b.size() => chain_zero(b, off, st.len.min(b.size() - off)),
+        _ => Ok((true, st.len)),
+    }
+}
+
+/// A run of a chunk to write.
+struct Run<'a> {
+    off: u64,
+    kind: Kind,
+    len: u64,
+    data: &'a [u8],
+}
+
+/// Splits `[off, off + len)` of the sources into runs: block-aligned data spans (got from the
+/// sources and cut further where whole blocks are zeros), zero ranges and skipped ranges.
+fn plan<'a>(
+    src: &'a Sources,
+    off: u64,
+    len: u64,
+    p: &Policy,
+    buf: &'a mut [u8],
+) -> qcow2::Result<Vec<Run<'a>>> {
+    let end = off + len;
+    // Ranges by kind, with data spans rounded out to whole blocks.
+    let mut ranges: Vec<(u64, u64, Kind)> = Vec::new();
+    let mut pos = off;
+    while pos < end {
+        let (kind, run) = src.classify(pos, end - pos, p)?;
+        let (mut s, mut e) = (pos, pos + run);
+        pos = e;
+        if kind == Kind::Data {
+            s = off + (s - off) / p.block * p.block;
+            e = (off + (e - off).next_multiple_of(p.block)).min(end);
+            pos = e;
+        }
+        // A data span rounded down swallows the end of what precedes it.
+        while let Some(last) = ranges.last_mut() {
+            if last.1 <= s {
+                break;
+            }
+            if last.0 >= s {
+                ranges.pop();
+            } else {
+                last.1 = s;
+            }
+        }
+        match ranges.last_mut() {
+            Some((_, le, lk)) if *le == s && *lk == kind => *le = e,
+            _ => ranges.push((s, e, kind)),
+        }
+    }
+    // Read every data span that has no memory map into its place in `buf`, then hand out
+    // slices.
+    let mut runs = Vec::new();
+    let mut rest: &'a mut [u8] = buf;
+    let mut rest_off = off;
+    for (s, e, kind) in ranges {
+        if kind != Kind::Data {
+            runs.push(Run {
+                off: s,
+                kind,
+                len: e - s,
+                data: &[],
+            });
             continue;
         }
-        let n = ((s.size() - off) as usize).min(buf.len() - pos);
-        s.read_at(&mut buf[pos..pos + n], off)?;
-        pos += n;
-        off = 0;
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((s - rest_off) as usize);
+        let (mine, tail) = tail.split_at_mut((e - s) as usize);
+        rest = tail;
+        rest_off = e;
+        let data = src.data(s, e - s, mine)?;
+        split_zero_blocks(&mut runs, s, data, p);
     }
-    Ok(())
+    Ok(runs)
+}
+
+/// Appends `data` (at guest `off`) as runs of non-zero data and zero blocks.
+fn split_zero_blocks<'a>(runs: &mut Vec<Run<'a>>, off: u64, data: &'a [u8], p: &Policy) {
+    let block = p.block as usize;
+    let mut start = 0usize;
+    while start < data.len() {
+        let mut end = start;
+        let zero =
+            |i: usize| p.sparse > 0 && data[i..(i + block).min(data.len())].iter().all(|&b| b == 0);
+        let z = zero(start);
+        while end < data.len() && zero(end) == z {
+            end = (end + block).min(data.len());
+        }
+        runs.push(Run {
+            off: off + start as u64,
+            kind: if z { Kind::Zero } else { Kind::Data },
+            len: (end - start) as u64,
+            data: if z { &[] } else { &data[start..end] },
+        });
+        start = end;
+    }
+}
+
+/// The error of workers stopped because another one failed.
+const FOLLOWER: &str = "another convert worker failed";
+
+/// Lets chunk `i` go after chunk `i - 1` (for reservations in guest order).
+#[derive(Default)]
+struct Turnstile {
+    next: Mutex<u64>,
+    moved: Condvar,
+    failed: AtomicBool,
+}
+
+impl Turnstile {
+    /// Runs `f` in chunk `i`'s turn; fails if another worker failed meanwhile.
+    fn run<T>(&self, i: u64, f: impl FnOnce() -> T) -> anyhow::Result<T> {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        while *next != i {
+            if self.failed.load(Ordering::SeqCst) {
+                bail!(FOLLOWER);
+            }
+            next = self.moved.wait(next).unwrap_or_else(|p| p.into_inner());
+        }
+        let r = f();
+        *next += 1;
+        self.moved.notify_all();
+        Ok(r)
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        let _g = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        self.moved.notify_all();
+    }
 }
 
 /// Runs `qimg convert`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = (a.out_of_order, a.force_share);
+    let flushes = match a.cache.as_str() {
+        "unsafe" => false,
+        "writeback" | "writethrough" | "none" | "directsync" => true,
+        c => bail!("Invalid cache option: {c}"),
+    };
+    if let Some(c) = &a.src_cache {
+        if !["unsafe", "writeback", "writethrough", "none", "directsync"].contains(&c.as_str()) {
+            bail!("Invalid source cache option: {c}");
+        }
+    }
     if !(1..=16).contains(&a.workers) {
         bail!("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
     }
     let sparse = parse_size(&a.sparse)?;
     let (target_name, source_names) = a.files.split_last().context("missing target")?;
-    let sources: Vec<Box<dyn Image>> = source_names
+    let list: Vec<Source> = source_names
         .iter()
-        .map(|s| crate::open(s, a.format.as_deref(), true))
+        .map(|s| -> anyhow::Result<Source> {
+            let img = crate::open(s, a.format.as_deref(), true)?;
+            let map = (img.format() == Format::Raw)
+                .then(|| Mapping::new(s, img.size()))
+                .flatten();
+            let size = img.size().next_multiple_of(512);
+            Ok(Source { img, map, size })
+        })
         .collect::<anyhow::Result<_>>()?;
-    let total: u64 = sources.iter().map(|s| s.size()).sum();
+    let total: u64 = list.iter().map(|s| s.size).sum();
+    let sources = Sources { list, total };
     let out_fmt = crate::parse_format(&a.output_format)?;
     if a.compress && out_fmt != Format::Qcow2 {
         bail!("Compression not supported for this file format");
     }
-    let target_path = std::path::Path::new(target_name);
+    if a.backing.is_some() && out_fmt != Format::Qcow2 {
+        bail!(
+            "Backing file not supported for file format '{}'",
+            out_fmt.name()
+        );
+    }
+    let target_path = Path::new(target_name);
     let mut fresh = a.target_is_zero;
+    let mut target_backing = false;
     if !a.no_create {
         match out_fmt {
             Format::Qcow2 => {
-                let o = qcow2_options(
+                let mut o = qcow2_options(
                     &parse_options(&a.options)?,
                     CreateOptions {
                         size: total,
                         ..Default::default()
                     },
                 )?;
+                if a.backing.is_some() {
+                    o.backing_file.clone_from(&a.backing);
+                }
+                if a.backing_format.is_some() {
+                    o.backing_format.clone_from(&a.backing_format);
+                }
+                if o.backing_file.is_some() && o.backing_format.is_none() {
+                    bail!("Use of backing file requires explicit backing format");
+                }
                 qcow2::create(target_path, &o)
                     .map_err(|e| anyhow::anyhow!("{target_name}: {e}"))?;
-                fresh = o.backing_file.is_none();
+                target_backing = o.backing_file.is_some();
+                fresh = !target_backing;
             }
             Format::Raw => {
                 let f = std::fs::File::create(target_path)
@@ -129,34 +514,59 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 fresh = true;
             }
         }
+    } else if a.backing.is_some() {
+        bail!("Use of -B is not allowed with -n");
     }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(target_path)
+        .with_context(|| format!("Could not open '{target_name}'"))?;
+    let storage: Arc<dyn qcow2::Storage> = if flushes {
+        Arc::new(qcow2::FileStorage::new(file))
+    } else {
+        Arc::new(NoFlush(qcow2::FileStorage::new(file)))
+    };
+    let raw_storage = (out_fmt == Format::Raw && !a.no_create).then(|| storage.clone());
     let target = match out_fmt {
         Format::Qcow2 => {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(target_path)
-                .with_context(|| format!("Could not open '{target_name}'"))?;
-            Target::Qcow2(Box::new(Qcow2::open_storage(
-                Arc::new(qcow2::FileStorage::new(file)),
-                &Default::default(),
-                target_path.parent(),
-            )?))
+            let dir = target_path.parent().map(|d| {
+                if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                }
+            });
+            Target::Qcow2(Box::new(
+                Qcow2::open_storage(storage, &Default::default(), dir)
+                    .map_err(|e| crate::open_error(target_name, e))?,
+            ))
         }
-        Format::Raw => Target::Other(crate::open(target_name, Some("raw"), false)?),
+        Format::Raw => Target::Other(Box::new(
+            qcow2::RawImage::new(storage, false).map_err(|e| crate::open_error(target_name, e))?,
+        )),
     };
-    let chunk: u64 = match &target {
-        Target::Qcow2(q) => q.cluster_size().max(1 << 20),
-        Target::Other(_) => 1 << 20,
-    };
-    let cluster = match &target {
+    if a.no_create && target.image().size() < total {
+        bail!("Target image '{target_name}' is smaller than the source");
+    }
+    let block = match &target {
         Target::Qcow2(q) => q.cluster_size(),
         Target::Other(_) => sparse.max(512),
     };
+    let policy = Policy {
+        block,
+        sparse,
+        fresh,
+        target_backing,
+        compress: a.compress,
+        raw_storage,
+        reserve: matches!(&target, Target::Qcow2(q) if !a.compress && !a.no_create && !q.has_data_file()),
+    };
+    let chunk = (4u64 << 20).next_multiple_of(block);
+    let chunks = sources.total.div_ceil(chunk);
     let next = AtomicU64::new(0);
-    let done = AtomicU64::new(0);
-    let chunks = total.div_ceil(chunk);
-    let show = a.progress && !a.quiet;
+    let turn = Turnstile::default();
+    let progress = Progress::new(a.progress && !a.quiet, sources.total);
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let workers: Vec<_> = (0..a.workers.min(chunks.max(1) as u32))
             .map(|_| {
@@ -168,76 +578,106 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                             return Ok(());
                         }
                         let off = i * chunk;
-                        let len = chunk.min(total - off) as usize;
-                        read_concat(&sources, &mut buf[..len], off)?;
-                        copy_chunk(
-                            &target,
-                            &buf[..len],
-                            off,
-                            cluster,
-                            sparse,
-                            fresh,
-                            a.compress,
-                        )?;
-                        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                        if show {
-                            eprint!("    ({:.2}/100%)\r", d as f64 * 100.0 / chunks as f64);
+                        let len = chunk.min(sources.total - off);
+                        let r =
+                            copy_chunk(&sources, &target, &policy, &turn, i, off, len, &mut buf);
+                        if r.is_err() {
+                            turn.fail();
+                            return r;
                         }
+                        progress.add(len);
                     }
                 })
             })
             .collect();
+        let mut first: Option<anyhow::Error> = None;
         for w in workers {
-            w.join()
-                .map_err(|_| anyhow::anyhow!("a convert worker panicked"))??;
+            let r = w
+                .join()
+                .map_err(|_| anyhow::anyhow!("a convert worker panicked"))
+                .and_then(|r| r);
+            if let Err(e) = r {
+                // Report the first real error, not a follower's.
+                let follower = |e: &anyhow::Error| e.to_string() == FOLLOWER;
+                if first.as_ref().is_none_or(|f| follower(f) && !follower(&e)) {
+                    first = Some(e);
+                }
+            }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     })?;
-    target.image().flush()?;
-    if show {
-        eprintln!("    (100.00/100%)");
-    }
+    target
+        .image()
+        .flush()
+        .with_context(|| format!("Error while flushing '{target_name}'"))?;
+    progress.finish();
     Ok(0)
 }
 
-/// Writes one chunk in pieces of `cluster` bytes, skipping zero pieces on a fresh target.
+/// Copies one chunk (number `i`, at `off`) of the sources into the target.
+#[allow(clippy::too_many_arguments)]
 fn copy_chunk(
+    src: &Sources,
     target: &Target,
-    buf: &[u8],
+    p: &Policy,
+    turn: &Turnstile,
+    i: u64,
     off: u64,
-    cluster: u64,
-    sparse: u64,
-    fresh: bool,
-    compress: bool,
-) -> qcow2::Result<()> {
+    len: u64,
+    buf: &mut [u8],
+) -> anyhow::Result<()> {
+    let runs = plan(src, off, len, p, &mut buf[..len as usize])?;
     let img = target.image();
-    let mut pos = 0usize;
-    while pos < buf.len() {
-        let n = (cluster as usize).min(buf.len() - pos);
-        let piece = &buf[pos..pos + n];
-        let zero = piece.iter().all(|&b| b == 0);
-        let at = off + pos as u64;
-        if zero && sparse > 0 {
-            if !fresh {
-                img.write_zeroes(at, n as u64, true)?;
-            }
-        } else if let (true, Target::Qcow2(q)) = (compress, target) {
-            q.write_compressed(piece, at)?;
-        } else {
-            // Coalesce with following non-zero pieces into one write.
-            let mut end = pos + n;
-            while end < buf.len() && !compress {
-                let m = (cluster as usize).min(buf.len() - end);
-                if buf[end..end + m].iter().all(|&b| b == 0) {
-                    break;
+    for r in runs.iter().filter(|r| r.kind == Kind::Zero && !p.fresh) {
+        img.write_zeroes(r.off, r.len, true)?;
+    }
+    let data = runs.iter().filter(|r| r.kind == Kind::Data);
+    match target {
+        Target::Qcow2(q) if p.reserve => {
+            // Host clusters in guest order (this chunk's turn), then the writes in parallel.
+            let cs = q.cluster_size();
+            let placed = turn.run(i, || -> qcow2::Result<Vec<(u64, &[u8], u64)>> {
+                let mut placed = Vec::new();
+                for r in data {
+                    let mut done = 0u64;
+                    while done < r.len {
+                        let at = r.off + done;
+                        let (host, n) = q.reserve_clusters(at / cs, (r.len - done).div_ceil(cs))?;
+                        let bytes = (n * cs).min(r.len - done);
+                        placed.push((at, &r.data[done as usize..(done + bytes) as usize], host));
+                        done += bytes;
+                    }
                 }
-                end += m;
+                Ok(placed)
+            })??;
+            for (at, bytes, host) in placed {
+                // Allocating the file blocks in one go spares the file system its per-block
+                // delayed allocation in the write (a third less CPU on ext4).
+                q.data_storage()
+                    .allocate(host, bytes.len() as u64)
+                    .with_context(|| format!("allocating {} bytes at 0x{host:x}", bytes.len()))?;
+                q.write_reserved(bytes, at, host)?;
             }
-            img.write_at(&buf[pos..end], at)?;
-            pos = end;
-            continue;
         }
-        pos += n;
+        Target::Qcow2(q) if p.compress => {
+            let cs = q.cluster_size() as usize;
+            for r in data {
+                for (k, piece) in r.data.chunks(cs).enumerate() {
+                    q.write_compressed(piece, r.off + (k * cs) as u64)?;
+                }
+            }
+        }
+        _ => {
+            for r in data {
+                if let (Target::Other(_), Some(storage)) = (target, &p.raw_storage) {
+                    // As for qcow2: allocate the blocks in one go before the write.
+                    storage
+                        .allocate(r.off, r.len)
+                        .with_context(|| format!("allocating {} bytes at 0x{:x}", r.len, r.off))?;
+                }
+                img.write_at(r.data, r.off)?;
+            }
+        }
     }
     Ok(())
 }
