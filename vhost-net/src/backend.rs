@@ -134,9 +134,12 @@ impl NetBackend {
         // No kicks while buffers last; re-enabled when they run out.
         state.get_queue_mut().disable_notification(&*mem)?;
         loop {
+            let old = state.get_queue().next_used();
             let out =
                 datapath::process_rx(&*mem, state.get_queue_mut(), fd, params, &mut slot, stats);
-            if out.used > 0 && state.get_queue_mut().needs_notification(&*mem)? {
+            if out.used > 0
+                && datapath::needs_notification_since(state.get_queue_mut(), &*mem, old)?
+            {
                 signal(&state);
             }
             if out.more {

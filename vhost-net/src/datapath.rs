@@ -6,10 +6,12 @@
 //! counted; nothing the guest puts in a ring makes them panic or fail.
 
 use std::io;
+use std::num::Wrapping;
 use std::os::unix::io::RawFd;
+use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::chain::{parse_rx, parse_tx, to_iovecs, write_at};
 use crate::config::VNET_HDR_LEN;
@@ -37,6 +39,91 @@ fn add_used<M: GuestMemory>(queue: &mut Queue, mem: &M, slot: &mut PairSlot, hea
             tracing::warn!("cannot complete chain {head}: {e}");
         }
     }
+}
+
+/// Writes used ring entry number `pos` (head, len) without moving the used index, so the
+/// driver does not see it yet.
+fn write_used_ahead<M: GuestMemory>(
+    queue: &Queue,
+    mem: &M,
+    slot: &mut PairSlot,
+    pos: u16,
+    head: u16,
+    len: u32,
+) {
+    let mut elem = [0u8; 8];
+    elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+    elem[4..].copy_from_slice(&len.to_le_bytes());
+    let offset = 4 + 8 * u64::from(pos % queue.size().max(1));
+    let written = GuestAddress(queue.used_ring())
+        .checked_add(offset)
+        .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(
+            GuestAddress(queue.used_ring()),
+        ))
+        .and_then(|addr| mem.write_slice(&elem, addr));
+    if let Err(e) = written {
+        slot.errors += 1;
+        if slot.errors.is_power_of_two() {
+            tracing::warn!("cannot complete chain {head}: {e}");
+        }
+    }
+}
+
+/// Puts one packet's chains, `(head, len)` for `count` chains from `entry(i)`, in the used
+/// ring so that the driver sees them all at once.
+///
+/// Virtio 1.x (5.1.6.4): "the device MUST use all buffers used by a single receive packet
+/// together, such that at least `num_buffers` are observed by driver as used". `add_used`
+/// publishes the used index after every entry, and a polling driver (DPDK's virtio PMD) that
+/// sees only the first buffers of a packet drops them and takes the rest for the start of the
+/// next packet. So all entries but the last are written ahead of the index, and the last one
+/// goes through `add_used`, whose release store of the index publishes them together.
+fn add_used_together<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    slot: &mut PairSlot,
+    count: usize,
+    mut entry: impl FnMut(&PairSlot, usize) -> (u16, u32),
+) {
+    let first = queue.next_used();
+    for i in 0..count {
+        let (head, len) = entry(slot, i);
+        let pos = first.wrapping_add(i as u16);
+        if i + 1 < count {
+            write_used_ahead(queue, mem, slot, pos, head, len);
+        } else {
+            queue.set_next_used(pos);
+            add_used(queue, mem, slot, head, len);
+        }
+    }
+}
+
+/// Whether the driver is to be notified of the used entries from index `old` on: with
+/// EVENT_IDX, whether its `used_event` lies among them (the virtio spec's `vring_need_event`);
+/// always without EVENT_IDX.
+///
+/// The queue's own `needs_notification` counts `add_used` calls since it last ran, which is
+/// fewer than the entries when a packet's chains are completed together
+/// (as [`process_rx`] does); this counts from the used index the caller saw before.
+pub fn needs_notification_since<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    old: u16,
+) -> Result<bool, virtio_queue::Error> {
+    // Also resets the queue's count for the next round.
+    let counted = queue.needs_notification(mem)?;
+    if counted || !queue.event_idx_enabled() {
+        return Ok(counted);
+    }
+    // `used_event` follows the available ring's entries.
+    let addr = GuestAddress(queue.avail_ring())
+        .checked_add(4 + 2 * u64::from(queue.size()))
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    let used_event: u16 = mem
+        .load(addr, Ordering::Acquire)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    let new = Wrapping(queue.next_used());
+    Ok(new - Wrapping(u16::from_le(used_event)) - Wrapping(1) < new - Wrapping(old))
 }
 
 /// `readv`/`writev` on `fd`.
@@ -298,12 +385,12 @@ pub fn process_rx<M: GuestMemory>(
         }
         queue.set_next_avail(start.wrapping_add(used as u16));
         let mut remaining = n;
-        for i in 0..used {
-            let (head, cap) = (slot.rx_chains[i].head, slot.rx_chains[i].capacity);
-            let len = remaining.min(cap);
+        add_used_together(queue, mem, slot, used, |slot, i| {
+            let chain = &slot.rx_chains[i];
+            let len = remaining.min(chain.capacity);
             remaining -= len;
-            add_used(queue, mem, slot, head, len as u32);
-        }
+            (chain.head, len as u32)
+        });
         out.used += used;
         out.packets += 1;
         PairStats::add(&stats.rx_packets, 1);

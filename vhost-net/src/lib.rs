@@ -10,7 +10,9 @@
 //! - [`config`] and [`mac`]: what the device tells the driver; [`cli`]: the command line;
 //! - [`device`]: state that outlives connections (TAP, per-pair slots and counters);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per pair;
-//! - [`server`]: the socket and the connection loop; [`shutdown`]: SIGTERM/SIGINT.
+//! - [`server`]: the socket and the connection loop; [`relay`]: the frontend's connection
+//!   relayed to the daemon, with QEMU's early `SET_VRING_ENABLE` put after `SET_FEATURES`;
+//!   [`shutdown`]: SIGTERM/SIGINT.
 
 #![warn(missing_docs)]
 
@@ -23,6 +25,7 @@ pub mod datapath;
 pub mod device;
 pub mod error;
 pub mod mac;
+pub mod relay;
 pub mod server;
 pub mod shutdown;
 pub mod tap;

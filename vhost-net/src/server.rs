@@ -1,6 +1,10 @@
 //! The vhost-user socket and the connection loop: one frontend at a time, and after it
 //! disconnects the next one. As a server the daemon listens on the socket; with `--client` it
 //! connects to a frontend that listens, and reconnects after a disconnect.
+//!
+//! The daemon takes the frontend's connection itself and relays it to `vhost-user-backend`
+//! through a private socket ([`crate::relay`]), which puts QEMU's early `SET_VRING_ENABLE`
+//! after `SET_FEATURES`.
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -9,7 +13,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::Duration;
 
-use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -17,6 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backend::{tap_event, NetBackend};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::relay::{self, Relay};
 
 /// How long `--client` waits between connection attempts.
 pub const RECONNECT_DELAY: Duration = Duration::from_millis(200);
@@ -32,7 +37,7 @@ pub enum Disconnect {
 
 /// Where frontends come from.
 enum Endpoint {
-    Listen(Listener),
+    Listen(UnixListener),
     Connect,
 }
 
@@ -62,7 +67,7 @@ impl Server {
         })?;
         Ok(Server {
             device,
-            endpoint: Endpoint::Listen(Listener::from(listener)),
+            endpoint: Endpoint::Listen(listener),
             path: path.to_path_buf(),
         })
     }
@@ -135,47 +140,29 @@ impl Server {
                     })?;
             }
         }
-        match &mut self.endpoint {
-            Endpoint::Listen(listener) => {
-                tracing::debug!("waiting for a frontend on {}", self.path.display());
-                daemon.start(listener).map_err(|e| match e {
-                    DaemonError::CreateBackendListener(VhostUserError::SocketError(source)) => {
-                        Error::Socket {
-                            path: self.path.clone(),
-                            source,
-                        }
-                    }
-                    e => Error::VhostUser(e.to_string()),
-                })?;
-            }
-            Endpoint::Connect => {
-                let path = self.path.to_str().ok_or_else(|| Error::InvalidSocketPath {
-                    path: self.path.clone(),
-                    reason: "not valid UTF-8".into(),
-                })?;
-                let mut logged = false;
-                loop {
-                    match daemon.start_client(path) {
-                        Ok(()) => break,
-                        Err(e) => {
-                            if !logged {
-                                tracing::info!("waiting for a frontend to listen on {path} ({e})");
-                                logged = true;
-                            }
-                            if self.device.stopping() {
-                                return Ok(Disconnect::Closed);
-                            }
-                            sleep(RECONNECT_DELAY);
-                        }
-                    }
-                }
-            }
-        }
+        let Some(frontend) = self.frontend()? else {
+            return Ok(Disconnect::Closed);
+        };
+        let local = |source| Error::Socket {
+            path: self.path.clone(),
+            source,
+        };
+        let (mut listener, relay_end) = relay::daemon_connection().map_err(local)?;
+        daemon
+            .start(&mut listener)
+            .map_err(|e| Error::VhostUser(e.to_string()))?;
+        let relay = Relay::start(frontend, relay_end, self.device.num_queues()).map_err(local)?;
         tracing::info!("frontend connected");
         let ended = daemon.wait();
+        let relay_error = relay.stop();
         backend.deactivate();
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
+        }
+        if let Some(e) = relay_error {
+            // The relay closed the daemon's connection because the frontend sent something
+            // that is not a vhost-user message.
+            return Ok(Disconnect::Failed(e.to_string()));
         }
         Ok(match ended {
             Ok(()) => Disconnect::Closed,
@@ -191,6 +178,53 @@ impl Server {
             }
             Err(e) => Disconnect::Failed(e.to_string()),
         })
+    }
+
+    /// The next frontend's connection: accepted, or (`--client`) connected to once the
+    /// frontend listens. `None` when the daemon is stopping.
+    fn frontend(&self) -> Result<Option<UnixStream>> {
+        match &self.endpoint {
+            Endpoint::Listen(listener) => {
+                tracing::debug!("waiting for a frontend on {}", self.path.display());
+                loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => return Ok(Some(stream)),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                            ) => {}
+                        Err(source) => {
+                            return Err(Error::Socket {
+                                path: self.path.clone(),
+                                source,
+                            })
+                        }
+                    }
+                }
+            }
+            Endpoint::Connect => {
+                let mut logged = false;
+                loop {
+                    match UnixStream::connect(&self.path) {
+                        Ok(stream) => return Ok(Some(stream)),
+                        Err(e) => {
+                            if !logged {
+                                tracing::info!(
+                                    "waiting for a frontend to listen on {} ({e})",
+                                    self.path.display()
+                                );
+                                logged = true;
+                            }
+                            if self.device.stopping() {
+                                return Ok(None);
+                            }
+                            sleep(RECONNECT_DELAY);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

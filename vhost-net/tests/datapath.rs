@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use vhost_net::datapath::{process_rx, process_tx, RxParams};
+use vhost_net::datapath::{needs_notification_since, process_rx, process_tx, RxParams};
 use vhost_net::device::{PairSlot, PairStats};
 use vhost_net::uring::TxRing;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -294,6 +294,53 @@ fn rx_with_mrg_rxbuf_spans_chains_and_sets_num_buffers() {
     assert_eq!(&got[HDR..], &p[HDR..]);
     // The chains gathered for a next packet that did not come went back to the guest.
     assert_eq!(ring.queue.next_avail(), 3);
+}
+
+#[test]
+fn a_packet_over_several_chains_is_used_together_and_notified_with_event_idx() {
+    for (used_event, notify) in [(0u16, true), (1, true), (2, true), (3, false)] {
+        let mut ring = Ring::new();
+        ring.queue.set_event_idx(true);
+        // The driver wants an interrupt once entry `used_event` is used.
+        ring.mem
+            .write_obj(used_event, GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE)))
+            .unwrap();
+        let (tap, peer) = seqpacket_pair();
+        for i in 0..6u64 {
+            ring.add(&[(0x10_000 + i * 0x1000, 1024, W)]);
+        }
+        send(&peer, &packet(3000, 9));
+        let mut slot = PairSlot::default();
+        let stats = PairStats::default();
+        let old = ring.queue.next_used();
+        let big = RxParams {
+            max_packet: 4000,
+            ..params(true)
+        };
+        let out = process_rx(
+            &ring.mem,
+            &mut ring.queue,
+            tap.as_raw_fd(),
+            big,
+            &mut slot,
+            &stats,
+        );
+        assert_eq!((out.used, out.packets), (3, 1));
+        // All three entries, then one index covering them.
+        assert_eq!(ring.used_idx(), 3);
+        assert_eq!(ring.queue.next_used(), 3);
+        assert_eq!(
+            [ring.used(0), ring.used(1), ring.used(2)],
+            [(0, 1024), (1, 1024), (2, 3012 - 2048)]
+        );
+        // Entries 0..3 were used: the driver asked for 0, 1 or 2 but not 3. (Counting
+        // `add_used` calls, one per packet, would miss 0 and 1.)
+        assert_eq!(
+            needs_notification_since(&mut ring.queue, &ring.mem, old).unwrap(),
+            notify,
+            "used_event {used_event}"
+        );
+    }
 }
 
 #[test]

@@ -119,6 +119,33 @@ fn frontend_reconnects_and_sigterm_removes_the_tap() {
 }
 
 #[test]
+fn client_mode_connects_to_a_listening_frontend() {
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let socket = dir.path().join("net.sock");
+    let mut testpmd = start_testpmd(
+        dir.path(),
+        &socket,
+        Frontend {
+            server: true,
+            ..Frontend::default()
+        },
+    );
+    // testpmd creates the socket; the daemon connects to it.
+    let mut daemon = Daemon::start(&ns, dir.path(), &["--client"]);
+    assert_eq!(daemon.socket, socket);
+    daemon
+        .proc
+        .wait_for_log("negotiated", Duration::from_secs(60));
+    ns.wait_reachable(GUEST_IP, Duration::from_secs(30));
+    let (tx, rx) = ns.ping(GUEST_IP, &["-c", "50", "-i", "0.01", "-W", "2"]);
+    assert_eq!((tx, rx), (50, 50));
+    let _ = testpmd.stop_with(libc::SIGINT);
+    daemon.stop();
+}
+
+#[test]
 fn attaches_to_an_existing_tap_and_leaves_it() {
     require_environment();
     let dir = tempfile::tempdir().unwrap();

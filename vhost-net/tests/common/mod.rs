@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -61,6 +62,14 @@ pub fn require_environment() {
     );
 }
 
+/// Panics with a clear message when `tool` (from Debian package `package`) is not on PATH.
+pub fn require_tool(tool: &str, package: &str) {
+    assert!(
+        on_path(tool),
+        "this test needs {tool} (Debian package {package})"
+    );
+}
+
 fn run(cmd: &mut Command) -> std::process::Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
@@ -92,6 +101,21 @@ impl Netns {
         run(Command::new("ip")
             .args(["netns", "exec", &self.name])
             .args(args))
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets it creates belong to the
+    /// namespace) and returns its result.
+    pub fn run_inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns with a namespace descriptor we own; it moves only this thread.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread inside the namespace panicked")
     }
 
     /// Whether interface `name` exists in the namespace.
@@ -154,10 +178,13 @@ pub struct Proc {
     child: Option<Child>,
     log_path: PathBuf,
     what: &'static str,
+    /// A directory the process leaves behind (DPDK's runtime directory), removed on drop.
+    leftover: Option<PathBuf>,
 }
 
 impl Proc {
-    fn spawn(what: &'static str, mut cmd: Command, log_path: PathBuf) -> Proc {
+    /// Starts `cmd` with stdout and stderr going to `log_path`.
+    pub fn spawn(what: &'static str, mut cmd: Command, log_path: PathBuf) -> Proc {
         let log = std::fs::File::create(&log_path).expect("create log");
         let child = cmd
             .stdin(Stdio::null())
@@ -169,6 +196,7 @@ impl Proc {
             child: Some(child),
             log_path,
             what,
+            leftover: None,
         }
     }
 
@@ -179,6 +207,11 @@ impl Proc {
             let _ = f.read_to_string(&mut s);
         }
         s
+    }
+
+    /// The process id (`ip netns exec` runs its command in place: this is the command's).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("already stopped").id()
     }
 
     /// The exit status, if it has exited.
@@ -239,6 +272,9 @@ impl Drop for Proc {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(dir) = &self.leftover {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -296,6 +332,8 @@ pub struct Frontend {
     pub mrg_rxbuf: bool,
     /// Ask for packed rings.
     pub packed_vq: bool,
+    /// Listen on the socket (the daemon connects with `--client`).
+    pub server: bool,
 }
 
 impl Default for Frontend {
@@ -304,34 +342,66 @@ impl Default for Frontend {
             queues: 1,
             mrg_rxbuf: true,
             packed_vq: false,
+            server: false,
         }
     }
 }
 
 /// Starts dpdk-testpmd in icmpecho mode on a `virtio_user` port connected to `socket`.
 pub fn start_testpmd(dir: &Path, socket: &Path, f: Frontend) -> Proc {
-    let prefix = unique("cowbird-net-");
     let vdev = format!(
-        "net_virtio_user0,path={},queues={},mrg_rxbuf={},packed_vq={},queue_size=256",
+        "net_virtio_user0,path={},queues={},mrg_rxbuf={},packed_vq={},server={},queue_size=256",
         socket.display(),
         f.queues,
         u8::from(f.mrg_rxbuf),
-        u8::from(f.packed_vq)
+        u8::from(f.packed_vq),
+        u8::from(f.server)
     );
-    let mut cmd = Command::new("dpdk-testpmd");
-    cmd.args(["--no-huge", "-m", "256", "--no-pci", "--no-telemetry"])
+    let queues = [format!("--rxq={}", f.queues), format!("--txq={}", f.queues)];
+    spawn_testpmd(
+        dir,
+        None,
+        &["--no-telemetry"],
+        &[vdev],
+        &["--forward-mode=icmpecho", &queues[0], &queues[1]],
+    )
+    .0
+}
+
+/// Starts a non-interactive dpdk-testpmd without hugepages or PCI devices (inside `ns` if
+/// given) with EAL options `eal`, ports `vdevs` and testpmd options `app`; it runs until
+/// signalled. Returns the process and its DPDK file prefix (`/var/run/dpdk/PREFIX`, removed
+/// when the process is dropped).
+pub fn spawn_testpmd(
+    dir: &Path,
+    ns: Option<&Netns>,
+    eal: &[&str],
+    vdevs: &[String],
+    app: &[&str],
+) -> (Proc, String) {
+    let prefix = unique("cowbird-net-");
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &ns.name, "dpdk-testpmd"]);
+            cmd
+        }
+        None => Command::new("dpdk-testpmd"),
+    };
+    cmd.args(["--no-huge", "-m", "256", "--no-pci"])
         .arg(format!("--file-prefix={prefix}"))
-        .args(["--vdev", &vdev, "--"])
-        .args([
-            "--total-num-mbufs=16384",
-            "--forward-mode=icmpecho",
-            // Non-interactive testpmd with a stats period runs until signalled.
-            "--stats-period=3600",
-        ])
-        .arg(format!("--rxq={}", f.queues))
-        .arg(format!("--txq={}", f.queues));
+        .args(eal);
+    for vdev in vdevs {
+        cmd.args(["--vdev", vdev]);
+    }
+    cmd.arg("--")
+        // Non-interactive testpmd with a stats period runs until signalled.
+        .args(["--total-num-mbufs=16384", "--stats-period=3600"])
+        .args(app);
     let log = dir.join(format!("{prefix}.log"));
-    Proc::spawn("dpdk-testpmd", cmd, log)
+    let mut proc = Proc::spawn("dpdk-testpmd", cmd, log);
+    proc.leftover = Some(PathBuf::from(format!("/var/run/dpdk/{prefix}")));
+    (proc, prefix)
 }
 
 /// Ping sizes from the smallest default to the largest unfragmented one at MTU 1500.
