@@ -14,9 +14,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 4 << 20;
@@ -168,7 +166,7 @@ fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
     assert_eq!(words[4], "4", "four hostile chains dropped: {line}");
 
     // Still serving: a new frontend gets through the handshake.
-    let (mut again, _) = handshake(&daemon);
+    let (again, _) = handshake(&daemon);
     again.get_features().unwrap();
     drop(again);
     daemon.stop();
