@@ -42,6 +42,28 @@ fn qemu_io(dir: &Path, img: &str, cmds: &[&str]) {
     assert_eq!(code, 0, "qemu-io: {out}");
 }
 
+/// A 4 MiB lazy-refcounts qcow2 that qemu-io left dirty (killed with `abort` after a write).
+fn make_dirty_qcow2(p: &std::path::Path, name: &str) {
+    qemu(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            name,
+            "4M",
+        ],
+    );
+    let _ = run(
+        p,
+        "qemu-io",
+        &["-c", "write -P 3 0 200k", "-c", "abort", name],
+    );
+}
+
 #[test]
 fn create_prints_the_same_line_and_makes_an_equivalent_image() {
     let d = tempfile::tempdir().unwrap();
@@ -153,24 +175,7 @@ fn check_and_info_match_on_qemu_written_images() {
 fn check_reports_and_repairs_a_dirty_image_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    qemu(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            "a.qcow2",
-            "4M",
-        ],
-    );
-    let _ = run(
-        p,
-        "qemu-io",
-        &["-c", "write -P 3 0 200k", "-c", "abort", "a.qcow2"],
-    );
+    make_dirty_qcow2(p, "a.qcow2");
     std::fs::copy(p.join("a.qcow2"), p.join("b.qcow2")).unwrap();
     same(p, &["check", "--output=json", "a.qcow2"]);
     assert_eq!(
@@ -376,24 +381,7 @@ fn make_zoo(p: &Path) -> Vec<&'static str> {
         &["-f", "raw", "-c", "write -P 1 100k 8k", "q.raw"],
     );
     std::fs::write(p.join("odd.raw"), [1u8; 1000]).unwrap();
-    qemu(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            "dirty.qcow2",
-            "4M",
-        ],
-    );
-    let _ = run(
-        p,
-        "qemu-io",
-        &["-c", "write -P 3 0 200k", "-c", "abort", "dirty.qcow2"],
-    );
+    make_dirty_qcow2(p, "dirty.qcow2");
     vec![
         "a.qcow2",
         "d/base.qcow2",
