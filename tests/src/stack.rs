@@ -164,6 +164,22 @@ impl<'a> Boot<'a> {
     pub fn run(&self, dir: &Path, timeout: Duration) -> VmmOutcome {
         run_vmm(dir, self, timeout)
     }
+
+    /// Runs it on another thread; when the guest starts its `pause` step, runs `during_pause`
+    /// here, then waits for the VM. Returns both results.
+    pub fn run_with_pause<T>(
+        &self,
+        dir: &Path,
+        timeout: Duration,
+        during_pause: impl FnOnce() -> T,
+    ) -> (VmmOutcome, T) {
+        std::thread::scope(|scope| {
+            let vm = scope.spawn(|| self.run(dir, timeout));
+            wait_for_console(&dir.join("serial.log"), "COWBIRD-STEP pause", timeout);
+            let result = during_pause();
+            (vm.join().expect("VM thread"), result)
+        })
+    }
 }
 
 /// Boots the test guest under our VMM as `boot` says; waits up to `timeout`.

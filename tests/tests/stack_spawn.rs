@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use cowbird_tests::stack::{guest, require_kvm, wait_for_console, Boot, NetNs};
+use cowbird_tests::stack::{guest, require_kvm, Boot, NetNs};
 use cowbird_tests::{qemu_check, qemu_img};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -129,21 +129,15 @@ fn a_killed_vhost_blk_child_is_restarted_and_the_guest_carries_on() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     qemu_img(&["create", "-f", "qcow2", image.to_str().unwrap(), "64M"]);
-    let serial = dir.path().join("serial.log");
-    let run = std::thread::scope(|scope| {
-        let vm = scope.spawn(|| {
-            let disk = format!("path={},format=qcow2", image.display());
-            let mut boot = Boot::steps("blk,pause,blk").args(&["--disk", &disk]);
-            boot.kernel_args = "cowbird.pause=15";
-            boot.run(dir.path(), BOOT_TIMEOUT)
-        });
-        wait_for_console(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT);
+    let disk = format!("path={},format=qcow2", image.display());
+    let mut boot = Boot::steps("blk,pause,blk").args(&["--disk", &disk]);
+    boot.kernel_args = "cowbird.pause=15";
+    let (run, ()) = boot.run_with_pause(dir.path(), BOOT_TIMEOUT, || {
         let killed = Command::new("pkill")
             .args(["-KILL", "-f", &format!("vhost-blk.*{}", image.display())])
             .status()
             .unwrap();
         assert!(killed.success(), "no vhost-blk child to kill");
-        vm.join().unwrap()
     });
     run.expect_clean_poweroff();
     assert_eq!(

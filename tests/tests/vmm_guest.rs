@@ -8,9 +8,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use cowbird_tests::stack::{
-    binary, guest, require_kvm, run_vmm_raw, wait_for_console, Backend, Boot, NetNs,
-};
+use cowbird_tests::stack::{binary, guest, require_kvm, run_vmm_raw, Backend, Boot, NetNs};
 use cowbird_tests::{qemu_check, qemu_img};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -131,19 +129,12 @@ fn vhost_blk_killed_and_restarted_while_the_guest_is_idle() {
     qemu_img(&["create", "-f", "raw", image.to_str().unwrap(), "64M"]);
     let mut first = Backend::vhost_blk(dir.path(), "blk", &image, &["--format", "raw"]);
     let socket = first.socket.clone();
-    let serial = dir.path().join("serial.log");
-    let run = std::thread::scope(|scope| {
-        let vm = scope.spawn(|| {
-            let disk = format!("socket={}", socket.display());
-            let mut boot = Boot::steps("blk,pause,blk").args(&["--disk", &disk]);
-            boot.kernel_args = "cowbird.pause=15";
-            boot.run(dir.path(), BOOT_TIMEOUT)
-        });
-        wait_for_console(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT);
+    let disk = format!("socket={}", socket.display());
+    let mut boot = Boot::steps("blk,pause,blk").args(&["--disk", &disk]);
+    boot.kernel_args = "cowbird.pause=15";
+    let run = boot.run_with_pause(dir.path(), BOOT_TIMEOUT, || {
         first.kill();
-        let second = Backend::vhost_blk(dir.path(), "blk", &image, &["--format", "raw"]);
-        let run = vm.join().unwrap();
-        (run, second)
+        Backend::vhost_blk(dir.path(), "blk", &image, &["--format", "raw"])
     });
     let (run, mut second) = run;
     run.expect_clean_poweroff();
@@ -226,21 +217,11 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
     let _pages = HugePages::reserve(128);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
-    let serial = dir.path().join("serial.log");
-    let run = std::thread::scope(|scope| {
-        let vm = scope.spawn(|| {
-            let api_socket = socket.to_str().unwrap();
-            let mut boot = Boot::steps("pause").args(&[
-                "--cpus",
-                "2",
-                "--hugepages",
-                "--api-socket",
-                api_socket,
-            ]);
-            boot.kernel_args = "cowbird.pause=600";
-            boot.run(dir.path(), BOOT_TIMEOUT)
-        });
-        wait_for_console(&serial, "COWBIRD-STEP pause", BOOT_TIMEOUT);
+    let api_socket = socket.to_str().unwrap();
+    let mut boot =
+        Boot::steps("pause").args(&["--cpus", "2", "--hugepages", "--api-socket", api_socket]);
+    boot.kernel_args = "cowbird.pause=600";
+    let (run, ()) = boot.run_with_pause(dir.path(), BOOT_TIMEOUT, || {
         let info = api(&socket, r#"{"command":"info"}"#);
         assert_eq!(
             (info["ok"].as_bool(), info["state"].as_str()),
@@ -267,7 +248,6 @@ fn api_socket_pauses_resumes_counts_and_shuts_down() {
             "{bad}"
         );
         assert_eq!(api(&socket, r#"{"command":"shutdown"}"#)["ok"], true);
-        vm.join().unwrap()
     });
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(
