@@ -383,3 +383,40 @@ fn bad_kernel_and_missing_socket_give_one_clear_error() {
     // The binary exists where the harness looks for it (sanity for the helpers above).
     assert!(binary("vmm").exists());
 }
+
+/// SIGUSR1 dumps every vCPU's registers and the VM keeps running; SIGTERM stops it with
+/// exit status 0.
+#[test]
+fn sigusr1_dumps_registers_and_sigterm_stops_the_vm() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut boot = Boot::steps("pause").args(&["--cpus", "2"]);
+    boot.kernel_args = "cowbird.pause=600";
+    // The VMM is the only process whose command line names this test's serial log.
+    let pattern = format!("file={}", dir.path().join("serial.log").display());
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("pkill")
+            .args([name, "-f", &pattern])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "no vmm to send {name} to");
+    };
+    let (run, ()) = boot.run_with_pause(dir.path(), BOOT_TIMEOUT, || {
+        signal("-USR1");
+        std::thread::sleep(Duration::from_secs(2));
+        signal("-TERM");
+    });
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    for cpu in 0..2 {
+        assert!(
+            run.stderr.contains(&format!("vCPU {cpu} registers:")),
+            "{}",
+            run.stderr
+        );
+    }
+    assert!(
+        run.stderr.contains("terminating on SIGTERM"),
+        "{}",
+        run.stderr
+    );
+}
