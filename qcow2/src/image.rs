@@ -1,6 +1,10 @@
 //! The format-independent image interface that daemons and tools use.
 
+use std::sync::Arc;
+
+use crate::engine::busy::BusyGuard;
 use crate::error::Result;
+use crate::storage::Storage;
 
 /// The on-disk format of an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +74,70 @@ pub trait Image: Send + Sync {
     /// The backing image, if any.
     fn backing(&self) -> Option<&dyn Image> {
         None
+    }
+    /// Maps `len > 0` guest bytes at `offset` to host extents so the caller can do the I/O
+    /// itself (io_uring, straight into guest memory). Only when that needs no allocation and
+    /// no copy-on-write: reads of data and zero clusters, writes in place. `None` means "use
+    /// [`Image::read_at`]/[`Image::write_at`]", which also report any error.
+    fn map_io(&self, _offset: u64, _len: u64, _write: bool) -> Option<IoMapping> {
+        None
+    }
+}
+
+/// A piece of a mapped guest range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes stored at offset `host` of the mapping's storage.
+    Data {
+        /// Offset in [`IoMapping::storage`].
+        host: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `len` bytes that read as zeros (reads only).
+    Zero {
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+impl Extent {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match *self {
+            Extent::Data { len, .. } | Extent::Zero { len } => len,
+        }
+    }
+
+    /// Whether the extent is empty (never true for extents of a mapping).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where a guest range lives, from [`Image::map_io`]. A write mapping keeps the guest
+/// clusters reserved against allocating writes and discards until it is dropped, so drop it
+/// only after the I/O completed.
+pub struct IoMapping {
+    /// The file the [`Extent::Data`] offsets refer to.
+    pub storage: Arc<dyn Storage>,
+    /// The pieces in guest order; their lengths add up to the mapped length.
+    pub extents: Vec<Extent>,
+    _busy: Option<BusyGuard>,
+}
+
+impl IoMapping {
+    /// A mapping of `extents` in `storage`, holding `busy` until dropped.
+    pub(crate) fn new(
+        storage: Arc<dyn Storage>,
+        extents: Vec<Extent>,
+        busy: Option<BusyGuard>,
+    ) -> Self {
+        IoMapping {
+            storage,
+            extents,
+            _busy: busy,
+        }
     }
 }
 

@@ -19,13 +19,14 @@ pub mod image;
 pub mod open;
 pub mod raw;
 pub mod storage;
+pub mod uring;
 
 pub use check::{check, CheckReport};
 pub use create::{create, CreateOptions, Preallocation};
 pub use engine::Qcow2;
 pub use error::{Error, Result};
 pub use format::header::CompressionType;
-pub use image::{BlockStatus, Format, Image};
+pub use image::{BlockStatus, Extent, Format, Image, IoMapping};
 pub use open::{open_image, OpenOptions};
 pub use raw::RawImage;
 pub use storage::{FileStorage, MemStorage, Storage};

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::image::{check_range, BlockStatus, Format, Image};
+use crate::image::{check_range, BlockStatus, Extent, Format, Image, IoMapping};
 use crate::storage::Storage;
 
 /// A raw disk image over any storage.
@@ -117,6 +117,17 @@ impl Image for RawImage {
             data,
             compressed: false,
             host_offset: data.then_some(offset),
+        })
+    }
+
+    fn map_io(&self, offset: u64, len: u64, write: bool) -> Option<IoMapping> {
+        let in_range = len > 0 && check_range(offset, len, self.size).is_ok();
+        (in_range && !(write && self.read_only)).then(|| {
+            IoMapping::new(
+                self.storage.clone(),
+                vec![Extent::Data { host: offset, len }],
+                None,
+            )
         })
     }
 }

@@ -156,12 +156,23 @@ impl BlkBackend {
                             && disk.guards_format_signature()
                             && req.kind == RequestKind::Out);
                     let req = match slot.ring.as_mut() {
-                        Some(ring) if zero_copy => match ring.start(&mem, req) {
-                            Ok(()) => continue,
+                        Some(ring) if zero_copy => match ring.start(&**disk.image(), &mem, req) {
+                            Ok(None) => continue,
+                            Ok(Some(f)) => {
+                                let done = finish_zero_copy(&f);
+                                add_used(queue, &mut state, slot, &mem, done);
+                                completed += 1;
+                                continue;
+                            }
                             Err(req) => req,
                         },
                         _ => req,
                     };
+                    if req.kind != RequestKind::In {
+                        // Zero-copy writes in flight keep their clusters reserved, and the
+                        // slow path may wait for those: finish them first.
+                        completed += self.drain_ring(queue, &mut state, slot, &mem);
+                    }
                     slot.executor.run(&*mem, disk, &req, writethrough)
                 }
             };
@@ -283,9 +294,7 @@ impl BlkBackend {
         }
     }
 
-    /// Writes the status of finished io_uring requests and puts them in the used ring. A
-    /// request the kernel did not fully complete (short transfer, unaligned buffer for
-    /// O_DIRECT, any error) is redone through the bounce buffer, which reports errors.
+    /// Writes the status of finished io_uring requests and puts them in the used ring.
     fn complete_finished(
         &self,
         queue: usize,
@@ -296,28 +305,10 @@ impl BlkBackend {
         if finished.is_empty() {
             return Ok(());
         }
-        let disk = self.device.disk();
-        let writethrough = !self.writeback.load(Ordering::Relaxed);
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         for f in finished {
-            let done = if f.complete() {
-                let data_len = match f.req.kind {
-                    RequestKind::In => u32::try_from(f.expected).unwrap_or(u32::MAX),
-                    _ => 0,
-                };
-                exec::finish(&*f.mem, &f.req, VIRTIO_BLK_S_OK as u8, data_len)
-            } else {
-                tracing::debug!(
-                    "queue {queue}: io_uring request type {} at {} moved {} of {} bytes; \
-                     retrying through the bounce buffer",
-                    f.req.kind.type_code(),
-                    f.req.offset(),
-                    f.result,
-                    f.expected
-                );
-                slot.executor.run(&*f.mem, disk, &f.req, writethrough)
-            };
+            let done = self.complete_ring_request(queue, slot, f);
             add_used(queue, &mut state, slot, &mem, done);
         }
         if state.get_queue_mut().needs_notification(&*mem)? {
@@ -325,6 +316,60 @@ impl BlkBackend {
         }
         Ok(())
     }
+
+    /// Waits for queue `queue`'s requests in the io_uring and puts them in the used ring of
+    /// `state` (held by the caller); returns how many were completed.
+    fn drain_ring(
+        &self,
+        queue: usize,
+        state: &mut VringState,
+        slot: &mut QueueSlot,
+        mem: &GuestMemoryMmap,
+    ) -> usize {
+        let mut finished = Vec::new();
+        match slot.ring.as_mut() {
+            Some(ring) if ring.in_flight() > 0 => ring.wait_all(&mut finished),
+            _ => return 0,
+        }
+        let n = finished.len();
+        for f in finished {
+            let done = self.complete_ring_request(queue, slot, f);
+            add_used(queue, state, slot, mem, done);
+        }
+        n
+    }
+
+    /// The used-ring entry for a request back from the io_uring. One the kernel did not fully
+    /// complete (short transfer, unaligned buffer for O_DIRECT, any error) is redone through
+    /// the bounce buffer, which reports errors.
+    fn complete_ring_request(
+        &self,
+        queue: usize,
+        slot: &mut QueueSlot,
+        f: Finished,
+    ) -> exec::Completion {
+        if f.ok {
+            return finish_zero_copy(&f);
+        }
+        tracing::debug!(
+            "queue {queue}: io_uring request type {} at {} failed; retrying through the bounce \
+             buffer",
+            f.req.kind.type_code(),
+            f.req.offset(),
+        );
+        let writethrough = !self.writeback.load(Ordering::Relaxed);
+        slot.executor
+            .run(&*f.mem, self.device.disk(), &f.req, writethrough)
+    }
+}
+
+/// The used-ring entry of a request the ring moved completely.
+fn finish_zero_copy(f: &Finished) -> exec::Completion {
+    let data_len = match f.req.kind {
+        RequestKind::In => u32::try_from(f.req.data_len()).unwrap_or(u32::MAX),
+        _ => 0,
+    };
+    exec::finish(&*f.mem, &f.req, VIRTIO_BLK_S_OK as u8, data_len)
 }
 
 /// Event id of a queue's io_uring completions: above the vring ids, as vhost-user-backend

@@ -69,18 +69,15 @@ impl Device {
         let mut ring_warned = false;
         let slots = (0..num_queues)
             .map(|_| {
-                let ring = disk.raw_fd().and_then(|fd| {
-                    QueueRing::new(u32::from(queue_size), fd)
-                        .map_err(|e| {
-                            if !std::mem::replace(&mut ring_warned, true) {
-                                tracing::warn!(
-                                    "io_uring unavailable ({e}); raw I/O goes through bounce \
-                                     buffers"
-                                );
-                            }
-                        })
-                        .ok()
-                });
+                let ring = QueueRing::new(u32::from(queue_size))
+                    .map_err(|e| {
+                        if !std::mem::replace(&mut ring_warned, true) {
+                            tracing::warn!(
+                                "io_uring unavailable ({e}); I/O goes through bounce buffers"
+                            );
+                        }
+                    })
+                    .ok();
                 Mutex::new(QueueSlot {
                     executor: Executor::new(),
                     ring,
@@ -147,7 +144,7 @@ impl Device {
         self.lock_slot(queue)?.ring.as_ref().map(QueueRing::eventfd)
     }
 
-    /// Whether reads and writes go through io_uring (raw images).
+    /// Whether reads and writes go through io_uring.
     pub fn uses_io_uring(&self) -> bool {
         self.ring_eventfd(0).is_some()
     }

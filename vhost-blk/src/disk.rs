@@ -2,11 +2,10 @@
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::{FileStorage, Format, Image, RawImage, Storage};
+use qcow2::{FileStorage, Format, Image, RawImage};
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 use crate::error::{Error, Result};
@@ -91,15 +90,13 @@ pub struct Disk {
     discard_alignment: u32,
     topology: Topology,
     probed_raw: bool,
-    /// The file under a raw image, for zero-copy I/O (keeps the descriptor open).
-    raw: Option<Arc<dyn Storage>>,
 }
 
 impl Disk {
     /// Opens the image described by `opts`.
     ///
-    /// Raw images are opened here (not through `qcow2::open_image`) so that the daemon keeps
-    /// the file descriptor for zero-copy io_uring I/O; qcow2 goes through the qcow2 engine.
+    /// Raw images are opened here (not through `qcow2::open_image`) to honour `--direct` and
+    /// the probing rules; qcow2 goes through the qcow2 engine.
     pub fn open(opts: &DiskOptions) -> Result<Disk> {
         let open_error = |source| Error::Open {
             path: opts.path.clone(),
@@ -131,7 +128,7 @@ impl Disk {
                 format
             }
         };
-        let (image, raw): (Arc<dyn Image>, Option<Arc<dyn Storage>>) = match format {
+        let image: Arc<dyn Image> = match format {
             Format::Raw => {
                 let file = open_raw(&opts.path, opts.read_only, opts.direct).map_err(|e| {
                     open_error(qcow2::Error::io(
@@ -139,9 +136,8 @@ impl Disk {
                         e,
                     ))
                 })?;
-                let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
-                let image = RawImage::new(storage.clone(), opts.read_only).map_err(open_error)?;
-                (Arc::new(image), Some(storage))
+                let storage = Arc::new(FileStorage::new(file));
+                Arc::new(RawImage::new(storage, opts.read_only).map_err(open_error)?)
             }
             Format::Qcow2 => {
                 let open_opts = qcow2::OpenOptions {
@@ -150,8 +146,7 @@ impl Disk {
                     direct: opts.direct,
                     ..Default::default()
                 };
-                let image = qcow2::open_image(&opts.path, &open_opts).map_err(open_error)?;
-                (Arc::from(image), None)
+                Arc::from(qcow2::open_image(&opts.path, &open_opts).map_err(open_error)?)
             }
         };
         let cluster_size = (format == Format::Qcow2).then(|| qcow2_cluster_size(&opts.path));
@@ -162,7 +157,6 @@ impl Disk {
         Ok(Disk {
             topology: Topology::new(host_block, cluster_size),
             probed_raw: opts.format.is_none() && format == Format::Raw,
-            raw,
             ..disk
         })
     }
@@ -202,7 +196,6 @@ impl Disk {
                 .max(1),
             topology: Topology::default(),
             probed_raw: false,
-            raw: None,
         })
     }
 
@@ -241,11 +234,6 @@ impl Disk {
     /// turn its disk into a qcow2 image naming any host file as its backing file.
     pub fn guards_format_signature(&self) -> bool {
         self.probed_raw
-    }
-
-    /// The file descriptor of a raw image, for zero-copy I/O at guest offset = file offset.
-    pub fn raw_fd(&self) -> Option<RawFd> {
-        self.raw.as_ref().and_then(|s| s.raw_fd())
     }
 
     /// Makes every completed write durable.

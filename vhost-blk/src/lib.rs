@@ -2,8 +2,8 @@
 //! queues over a vhost-user unix socket.
 //!
 //! - [`request`]: parses and validates untrusted descriptor chains into typed requests;
-//! - [`exec`]: executes requests against the [`disk`] and completes chains; [`uring`]: the
-//!   zero-copy io_uring path for raw images;
+//! - [`exec`]: executes requests against the [`disk`] and completes chains through bounce
+//!   buffers; [`uring`]: the zero-copy io_uring path (raw images, mapped qcow2 clusters);
 //! - [`config`] and [`features`]: what the device tells the driver;
 //! - [`device`]: state that outlives connections (disk, per-queue slots, shutdown);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per queue;

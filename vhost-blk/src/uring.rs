@@ -1,11 +1,13 @@
-//! Zero-copy I/O on raw images: one io_uring per queue, reads and writes go straight between
-//! the image file and guest memory, submitted without waiting and reaped when the ring's
-//! eventfd fires.
+//! Zero-copy I/O: one io_uring per queue. Reads and writes the image can map without
+//! metadata work (raw images; allocated qcow2 clusters, zero and unallocated ones for reads)
+//! go straight between the image file and guest memory through the qcow2 crate's
+//! [`IoRing`], submitted without waiting and reaped when the ring's eventfd fires.
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 
-use io_uring::{opcode, types, IoUring};
+use qcow2::uring::{Completion, IoRing, Start};
+use qcow2::Image;
 use vm_memory::{GuestMemory, GuestMemoryLoadGuard, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
@@ -14,66 +16,46 @@ use crate::request::{Request, RequestKind};
 /// Guest memory as a request in flight holds it: the mapping stays alive until completion.
 pub type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
-/// Most buffers in one readv/writev (the kernel's IOV_MAX); longer requests go the slow way.
-pub const MAX_IOVECS: usize = 1024;
-
-/// A request the kernel is working on.
+/// A request the kernel is working on: its buffers live in `mem`.
 struct InFlight {
     req: Request,
     mem: MemGuard,
-    // The kernel reads this array until the request completes; its heap buffer never moves.
-    _iovecs: Vec<libc::iovec>,
-    expected: u64,
 }
 
-// SAFETY: the raw pointers in the iovecs point into guest memory kept mapped by `mem`; the
-// entry is only used by the queue's own thread or under the queue's lock.
-unsafe impl Send for InFlight {}
-
-/// A finished request: `result` is the kernel's (bytes transferred or -errno).
+/// A finished request.
 pub struct Finished {
     /// The request.
     pub req: Request,
     /// The guest memory it used.
     pub mem: MemGuard,
-    /// Bytes transferred, or a negative errno.
-    pub result: i32,
-    /// Bytes the request asked for.
-    pub expected: u64,
+    /// Whether every byte moved; otherwise the request is redone through the bounce buffer,
+    /// which reports the error precisely.
+    pub ok: bool,
 }
 
-impl Finished {
-    /// Whether the whole transfer succeeded.
-    pub fn complete(&self) -> bool {
-        self.result >= 0 && self.result as u64 == self.expected
+impl From<Completion<InFlight>> for Finished {
+    fn from(c: Completion<InFlight>) -> Self {
+        Finished {
+            req: c.tag.req,
+            mem: c.tag.mem,
+            ok: c.ok,
+        }
     }
 }
 
-/// One queue's ring on a raw image file.
+/// One queue's ring.
 pub struct QueueRing {
-    ring: IoUring,
+    ring: IoRing<InFlight>,
     eventfd: EventFd,
-    fd: RawFd,
-    slots: Vec<Option<InFlight>>,
-    free: Vec<usize>,
-    unsubmitted: bool,
 }
 
 impl QueueRing {
-    /// A ring of `entries` entries (at least the queue size) doing I/O on `fd`, which must
-    /// stay open for the ring's lifetime.
-    pub fn new(entries: u32, fd: RawFd) -> io::Result<QueueRing> {
-        let ring = IoUring::new(entries.next_power_of_two().max(4))?;
+    /// A ring with room for `entries` requests (at least the queue size).
+    pub fn new(entries: u32) -> io::Result<QueueRing> {
+        let ring = IoRing::new(entries)?;
         let eventfd = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
-        Ok(QueueRing {
-            ring,
-            eventfd,
-            fd,
-            slots: Vec::new(),
-            free: Vec::new(),
-            unsubmitted: false,
-        })
+        ring.register_eventfd(eventfd.as_raw_fd())?;
+        Ok(QueueRing { ring, eventfd })
     }
 
     /// The eventfd that becomes readable when completions are ready.
@@ -83,7 +65,7 @@ impl QueueRing {
 
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.ring.in_flight()
     }
 
     /// Whether `req` can go through the ring (a non-empty read or write).
@@ -91,10 +73,16 @@ impl QueueRing {
         matches!(req.kind, RequestKind::In | RequestKind::Out) && !req.data.is_empty()
     }
 
-    /// Queues `req` for zero-copy I/O. Gives it back when it cannot be done that way (buffers
-    /// that do not map to host memory, too many of them, a full ring); the caller then runs it
-    /// through the bounce buffer, which reports any error properly.
-    pub fn start(&mut self, mem: &MemGuard, req: Request) -> Result<(), Request> {
+    /// Starts `req` on `image`: `Ok(None)` when queued, `Ok(Some(..))` when it completed at
+    /// once (reads of zeros). Gives it back when it cannot be done that way (buffers that
+    /// do not map to host memory, ranges needing metadata work, a full ring); the caller
+    /// then runs it through the bounce buffer, which reports any error properly.
+    pub fn start(
+        &mut self,
+        image: &dyn Image,
+        mem: &MemGuard,
+        req: Request,
+    ) -> Result<Option<Finished>, Request> {
         let write = match req.kind {
             RequestKind::Out => true,
             RequestKind::In => false,
@@ -120,89 +108,48 @@ impl QueueRing {
                 });
             }
         }
-        if iovecs.len() > MAX_IOVECS {
-            return Err(req);
-        }
-        let index = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        };
-        let fd = types::Fd(self.fd);
-        let (ptr, n) = (iovecs.as_ptr(), iovecs.len() as u32);
-        let entry = if write {
-            opcode::Writev::new(fd, ptr, n).offset(req.offset()).build()
-        } else {
-            opcode::Readv::new(fd, ptr, n).offset(req.offset()).build()
-        }
-        .user_data(index as u64);
-        // SAFETY: the iovecs and the guest memory they point to live in `slots[index]` until
-        // the completion with this user_data is reaped.
-        let mut pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
-        if !pushed && self.ring.submit().is_ok() {
-            // SAFETY: as above.
-            pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
-        }
-        if !pushed {
-            self.free.push(index);
-            return Err(req);
-        }
-        let expected = req.data_len();
-        self.slots[index] = Some(InFlight {
+        let offset = req.offset();
+        let tag = InFlight {
             req,
             mem: mem.clone(),
-            _iovecs: iovecs,
-            expected,
-        });
-        self.unsubmitted = true;
-        Ok(())
+        };
+        // SAFETY: the iovecs point into guest memory that `tag.mem` keeps mapped until the
+        // ring hands the tag back on completion.
+        match unsafe { self.ring.start(image, offset, write, &iovecs, tag) } {
+            Start::Queued => Ok(None),
+            Start::Done(tag) => Ok(Some(Finished {
+                req: tag.req,
+                mem: tag.mem,
+                ok: true,
+            })),
+            Start::Declined(tag) => Err(tag.req),
+        }
     }
 
     /// Hands queued requests to the kernel.
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.unsubmitted {
-            self.ring.submit()?;
-            self.unsubmitted = false;
-        }
-        Ok(())
+        self.ring.submit()
     }
 
     /// Whether completions are waiting to be reaped (checked without a system call).
     pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        self.ring.has_completions()
     }
 
     /// Collects finished requests without waiting (and resets the eventfd).
     pub fn reap(&mut self, out: &mut Vec<Finished>) {
         let _ = self.eventfd.read();
-        for cqe in self.ring.completion() {
-            let index = cqe.user_data() as usize;
-            let Some(f) = self.slots.get_mut(index).and_then(Option::take) else {
-                continue;
-            };
-            self.free.push(index);
-            out.push(Finished {
-                req: f.req,
-                mem: f.mem,
-                result: cqe.result(),
-                expected: f.expected,
-            });
-        }
+        let mut done = Vec::new();
+        self.ring.reap(&mut done);
+        out.extend(done.into_iter().map(Finished::from));
     }
 
     /// Waits until every submitted request has finished and collects them.
     pub fn wait_all(&mut self, out: &mut Vec<Finished>) {
-        while self.in_flight() > 0 {
-            let _ = self.submit();
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::error!("waiting for io_uring completions failed: {e}");
-                    return;
-                }
-            }
-            self.reap(out);
+        let mut done = Vec::new();
+        if let Err(e) = self.ring.wait_all(&mut done) {
+            tracing::error!("waiting for io_uring completions failed: {e}");
         }
+        out.extend(done.into_iter().map(Finished::from));
     }
 }

@@ -420,7 +420,7 @@ fn many_requests_in_flight() {
         drop(c);
         d.stop();
         let log = d.log();
-        assert_eq!(log.contains("zero-copy io_uring"), format == "raw", "{log}");
+        assert!(log.contains("zero-copy io_uring"), "{log}");
         // Unaligned buffers make O_DIRECT io_uring requests fail; they are redone through the
         // aligned bounce buffer. Without O_DIRECT the kernel takes any alignment.
         let direct = args.contains(&"--direct");

@@ -1,41 +1,64 @@
 //! Guest clusters with a write in progress, so overlapping writes are serialised.
 
 use std::collections::HashSet;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// A set of busy guest cluster ranges with a condition variable to wait on.
+/// A set of busy guest clusters with a condition variable to wait on.
 #[derive(Default)]
 pub struct BusyClusters {
     set: Mutex<HashSet<u64>>,
     freed: Condvar,
 }
 
-/// Marks clusters busy until dropped.
-pub struct BusyGuard<'a> {
-    owner: &'a BusyClusters,
+/// Marks clusters busy until dropped. It owns a reference to the set, so it can travel with
+/// an I/O request that completes later on another call stack (zero-copy writes).
+pub struct BusyGuard {
+    owner: Arc<BusyClusters>,
     first: u64,
     count: u64,
 }
 
 impl BusyClusters {
+    fn lock(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Waits until no cluster of `[first, first + count)` is busy, then marks them busy.
-    pub fn acquire(&self, first: u64, count: u64) -> BusyGuard<'_> {
-        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn acquire(self: &Arc<Self>, first: u64, count: u64) -> BusyGuard {
+        let mut set = self.lock();
         while (first..first + count).any(|c| set.contains(&c)) {
             set = self.freed.wait(set).unwrap_or_else(|p| p.into_inner());
         }
+        self.mark(set, first, count)
+    }
+
+    /// Marks `[first, first + count)` busy if none of it is; never waits.
+    pub fn try_acquire(self: &Arc<Self>, first: u64, count: u64) -> Option<BusyGuard> {
+        let set = self.lock();
+        if (first..first + count).any(|c| set.contains(&c)) {
+            return None;
+        }
+        Some(self.mark(set, first, count))
+    }
+
+    fn mark(
+        self: &Arc<Self>,
+        mut set: MutexGuard<'_, HashSet<u64>>,
+        first: u64,
+        count: u64,
+    ) -> BusyGuard {
         set.extend(first..first + count);
         BusyGuard {
-            owner: self,
+            owner: self.clone(),
             first,
             count,
         }
     }
 }
 
-impl Drop for BusyGuard<'_> {
+impl Drop for BusyGuard {
     fn drop(&mut self) {
-        let mut set = self.owner.set.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = self.owner.lock();
         for c in self.first..self.first + self.count {
             set.remove(&c);
         }
@@ -47,7 +70,6 @@ impl Drop for BusyGuard<'_> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     #[test]
     fn overlapping_ranges_wait_for_each_other() {
@@ -64,5 +86,15 @@ mod tests {
         released.store(true, Ordering::SeqCst);
         drop(g);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn try_acquire_refuses_busy_clusters_without_waiting() {
+        let busy = Arc::new(BusyClusters::default());
+        let g = busy.try_acquire(4, 2).expect("free");
+        assert!(busy.try_acquire(5, 3).is_none());
+        assert!(busy.try_acquire(6, 3).is_some());
+        drop(g);
+        assert!(busy.try_acquire(5, 3).is_some());
     }
 }

@@ -5,13 +5,18 @@
 //! across guest-data I/O. Allocating writes mark their guest clusters busy so overlapping
 //! writes to the same cluster are serialised; everything else runs in parallel.
 
-mod busy;
+pub(crate) mod busy;
 pub(crate) mod cache;
+mod map;
 pub(crate) mod meta;
 mod overlap;
 mod read;
 mod resize;
 mod write;
+
+/// Helpers that create and open scratch images, for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) use resize::tests as test_images;
 
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -20,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::format::header::{CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::tables::{L2Entry, OFFSET_MASK};
-use crate::image::{check_range, BlockStatus, Format, Image};
+use crate::image::{check_range, BlockStatus, Format, Image, IoMapping};
 use crate::open::{open_backing, open_data_file, OpenOptions};
 use crate::storage::Storage;
 
@@ -42,7 +47,7 @@ pub struct Qcow2 {
     /// Bytes of the snapshot table at `header.snapshots_offset`.
     snapshot_table_len: u64,
     meta: RwLock<Meta>,
-    busy: BusyClusters,
+    busy: Arc<BusyClusters>,
     /// Set once an overlap check marked the image corrupt: no more writes.
     marked_corrupt: std::sync::atomic::AtomicBool,
 }
@@ -143,7 +148,7 @@ impl Qcow2 {
             snapshot_table_len: snapshot_table_len as u64,
             marked_corrupt: Default::default(),
             meta: RwLock::new(meta),
-            busy: BusyClusters::default(),
+            busy: Arc::default(),
         };
         if !opts.read_only {
             img.prepare_for_writing()?;
@@ -364,6 +369,10 @@ impl Image for Qcow2 {
 
     fn backing(&self) -> Option<&dyn Image> {
         self.backing.as_deref()
+    }
+
+    fn map_io(&self, offset: u64, len: u64, write: bool) -> Option<IoMapping> {
+        self.map_guest(offset, len, write)
     }
 }
 

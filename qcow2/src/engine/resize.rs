@@ -201,7 +201,7 @@ impl Qcow2 {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -210,7 +210,7 @@ pub(super) mod tests {
     use crate::{check, CreateOptions, OpenOptions};
 
     /// Opens an image read-write (engine tests share it).
-    pub(in crate::engine) fn open(path: &std::path::Path) -> Qcow2 {
+    pub(crate) fn open(path: &std::path::Path) -> Qcow2 {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -220,7 +220,7 @@ pub(super) mod tests {
     }
 
     /// Creates `name` in `dir` (`size` bytes, `cluster_size`) and opens it read-write.
-    pub(in crate::engine) fn create_open(
+    pub(crate) fn create_open(
         dir: &std::path::Path,
         name: &str,
         size: u64,

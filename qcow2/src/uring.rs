@@ -1,0 +1,385 @@
+//! Many guest requests in flight on one thread: ranges mapped by [`Image::map_io`] are read
+//! or written with io_uring straight between the image's host file and the caller's buffers
+//! (guest memory in a daemon). Requests the mapping cannot serve (allocation, copy-on-write,
+//! compressed or backing data) are declined and go through [`Image::read_at`] /
+//! [`Image::write_at`].
+
+use std::io;
+use std::os::unix::io::RawFd;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::image::{Extent, Image, IoMapping};
+
+/// Most buffers in one readv/writev (the kernel's IOV_MAX).
+pub const MAX_IOVECS: usize = 1024;
+
+/// Bits of an entry's user data that number the pieces of one request.
+const PIECE_BITS: u32 = 20;
+
+/// What [`IoRing::start`] did with a request.
+pub enum Start<T> {
+    /// Submitted (or queued for the next [`IoRing::submit`]); [`IoRing::reap`] returns it.
+    Queued,
+    /// Already complete: every byte was a zero read filled in place.
+    Done(T),
+    /// Not mappable without metadata work, or no room in the ring: do it the slow way.
+    Declined(T),
+}
+
+/// A finished request.
+pub struct Completion<T> {
+    /// What the caller attached to the request.
+    pub tag: T,
+    /// Every piece moved all its bytes. Otherwise (an error, a short transfer, an unaligned
+    /// buffer under O_DIRECT) redo it the slow way, which reports the error precisely.
+    pub ok: bool,
+}
+
+/// A request the kernel is working on.
+struct InFlight<T> {
+    tag: T,
+    // Kept until completion: the busy mark of a write, and the storage whose fd is in use.
+    _mapping: IoMapping,
+    // The kernel reads these arrays until the request completes; their heap buffers never move.
+    _iovecs: Vec<Vec<libc::iovec>>,
+    lens: Vec<u64>,
+    remaining: usize,
+    ok: bool,
+}
+
+/// One thread's io_uring for image I/O.
+pub struct IoRing<T> {
+    ring: IoUring,
+    slots: Vec<Option<InFlight<T>>>,
+    free: Vec<usize>,
+    unsubmitted: bool,
+}
+
+// SAFETY: the raw pointers in the iovecs point into memory the caller promised (in `start`)
+// stays valid until completion; the ring is used by one thread at a time.
+unsafe impl<T: Send> Send for IoRing<T> {}
+
+impl<T> IoRing<T> {
+    /// A ring with room for at least `entries` pieces in flight.
+    pub fn new(entries: u32) -> io::Result<IoRing<T>> {
+        Ok(IoRing {
+            ring: IoUring::new(entries.next_power_of_two().max(4))?,
+            slots: Vec::new(),
+            free: Vec::new(),
+            unsubmitted: false,
+        })
+    }
+
+    /// Signals `eventfd` whenever completions arrive.
+    pub fn register_eventfd(&self, eventfd: RawFd) -> io::Result<()> {
+        self.ring.submitter().register_eventfd(eventfd)
+    }
+
+    /// Requests started and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Starts reading (or writing) the guest range at `offset` of `image` into (from) the
+    /// buffers `iovecs`, whose lengths add up to the range's length.
+    ///
+    /// # Safety
+    /// The memory `iovecs` describes must stay valid, and writable for reads, until this
+    /// request is returned by [`IoRing::reap`] or [`IoRing::wait_all`]; `tag` may own it.
+    pub unsafe fn start(
+        &mut self,
+        image: &dyn Image,
+        offset: u64,
+        write: bool,
+        iovecs: &[libc::iovec],
+        tag: T,
+    ) -> Start<T> {
+        let len = iovecs.iter().map(|v| v.iov_len as u64).sum();
+        let Some(mapping) = image.map_io(offset, len, write) else {
+            return Start::Declined(tag);
+        };
+        let Some(fd) = mapping.storage.raw_fd() else {
+            return Start::Declined(tag);
+        };
+        let pieces = split(iovecs, &mapping.extents);
+        let data: Vec<(u64, Vec<libc::iovec>)> = mapping
+            .extents
+            .iter()
+            .zip(pieces)
+            .filter_map(|(e, piece)| match *e {
+                Extent::Data { host, .. } => Some((host, piece)),
+                Extent::Zero { .. } => {
+                    // SAFETY: the caller promised these buffers are writable for a read.
+                    unsafe { fill_zero(&piece) };
+                    None
+                }
+            })
+            .collect();
+        if data.is_empty() {
+            return Start::Done(tag);
+        }
+        if data.iter().any(|(_, v)| v.len() > MAX_IOVECS) || data.len() >= 1 << PIECE_BITS {
+            return Start::Declined(tag);
+        }
+        if !self.make_room(data.len()) {
+            return Start::Declined(tag);
+        }
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        let mut lens = Vec::with_capacity(data.len());
+        for (piece, (host, vecs)) in data.iter().enumerate() {
+            let (ptr, n) = (vecs.as_ptr(), vecs.len() as u32);
+            let entry = if write {
+                opcode::Writev::new(types::Fd(fd), ptr, n)
+                    .offset(*host)
+                    .build()
+            } else {
+                opcode::Readv::new(types::Fd(fd), ptr, n)
+                    .offset(*host)
+                    .build()
+            }
+            .user_data(((index as u64) << PIECE_BITS) | piece as u64);
+            // SAFETY: the iovec arrays and the mapping (which keeps `fd` open) live in
+            // `slots[index]` until every piece's completion is reaped; the caller keeps the
+            // buffers valid. `make_room` guaranteed the space.
+            let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
+            debug_assert!(pushed, "room was made for every piece");
+            lens.push(vecs.iter().map(|v| v.iov_len as u64).sum());
+        }
+        self.slots[index] = Some(InFlight {
+            tag,
+            _mapping: mapping,
+            remaining: data.len(),
+            _iovecs: data.into_iter().map(|(_, v)| v).collect(),
+            lens,
+            ok: true,
+        });
+        self.unsubmitted = true;
+        Start::Queued
+    }
+
+    /// Whether `pieces` more entries fit in the submission queue, submitting to make room.
+    fn make_room(&mut self, pieces: usize) -> bool {
+        let room = |ring: &mut IoUring| {
+            let sq = ring.submission();
+            sq.capacity() - sq.len() >= pieces
+        };
+        if room(&mut self.ring) {
+            return true;
+        }
+        self.ring.submit().is_ok() && room(&mut self.ring)
+    }
+
+    /// Hands queued requests to the kernel.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted {
+            self.ring.submit()?;
+            self.unsubmitted = false;
+        }
+        Ok(())
+    }
+
+    /// Whether completions are waiting to be reaped (checked without a system call).
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Collects finished requests without waiting.
+    pub fn reap(&mut self, out: &mut Vec<Completion<T>>) {
+        for cqe in self.ring.completion() {
+            let index = (cqe.user_data() >> PIECE_BITS) as usize;
+            let piece = (cqe.user_data() & ((1 << PIECE_BITS) - 1)) as usize;
+            let Some(Some(slot)) = self.slots.get_mut(index) else {
+                continue;
+            };
+            let expected = slot.lens.get(piece).copied().unwrap_or(u64::MAX);
+            slot.ok &= u64::try_from(cqe.result()).ok() == Some(expected);
+            slot.remaining -= 1;
+            if slot.remaining == 0 {
+                let slot = self.slots[index].take().expect("checked above");
+                self.free.push(index);
+                out.push(Completion {
+                    tag: slot.tag,
+                    ok: slot.ok,
+                });
+            }
+        }
+    }
+
+    /// Waits until at least one request finishes (if any is in flight) and collects what
+    /// finished.
+    pub fn wait_one(&mut self, out: &mut Vec<Completion<T>>) -> io::Result<()> {
+        let before = out.len();
+        while self.in_flight() > 0 && out.len() == before {
+            self.unsubmitted = false;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            self.reap(out);
+        }
+        Ok(())
+    }
+
+    /// Waits until every request has finished and collects them.
+    pub fn wait_all(&mut self, out: &mut Vec<Completion<T>>) -> io::Result<()> {
+        while self.in_flight() > 0 {
+            self.wait_one(out)?;
+        }
+        Ok(())
+    }
+}
+
+/// Cuts `iovecs` into one list per extent, at the extents' boundaries.
+fn split(iovecs: &[libc::iovec], extents: &[Extent]) -> Vec<Vec<libc::iovec>> {
+    let mut out = Vec::with_capacity(extents.len());
+    let mut vecs = iovecs.iter().copied().filter(|v| v.iov_len > 0);
+    let mut current: Option<libc::iovec> = None;
+    for e in extents {
+        let mut need = e.len() as usize;
+        let mut piece = Vec::new();
+        while need > 0 {
+            let Some(v) = current.take().or_else(|| vecs.next()) else {
+                break;
+            };
+            let take = v.iov_len.min(need);
+            piece.push(libc::iovec {
+                iov_base: v.iov_base,
+                iov_len: take,
+            });
+            if take < v.iov_len {
+                current = Some(libc::iovec {
+                    // SAFETY: `take < iov_len`, so the pointer stays inside the buffer.
+                    iov_base: unsafe { v.iov_base.cast::<u8>().add(take) }.cast(),
+                    iov_len: v.iov_len - take,
+                });
+            }
+            need -= take;
+        }
+        out.push(piece);
+    }
+    out
+}
+
+/// Zeroes the buffers.
+///
+/// # Safety
+/// Every iovec must describe writable memory.
+unsafe fn fill_zero(iovecs: &[libc::iovec]) {
+    for v in iovecs {
+        // SAFETY: the caller guarantees the buffer is writable for `iov_len` bytes.
+        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::test_images::create_open;
+
+    fn iovec(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
+    /// Runs one request through the ring; returns whether it was served there.
+    fn run(
+        ring: &mut IoRing<u32>,
+        image: &dyn Image,
+        offset: u64,
+        write: bool,
+        bufs: &mut [&mut [u8]],
+    ) -> bool {
+        let iovecs: Vec<_> = bufs.iter_mut().map(|b| iovec(b)).collect();
+        // SAFETY: the buffers outlive the wait below.
+        match unsafe { ring.start(image, offset, write, &iovecs, 7) } {
+            Start::Declined(_) => false,
+            Start::Done(tag) => {
+                assert_eq!(tag, 7);
+                true
+            }
+            Start::Queued => {
+                ring.submit().unwrap();
+                let mut done = Vec::new();
+                ring.wait_all(&mut done).unwrap();
+                assert_eq!(done.len(), 1);
+                assert!(done[0].ok && done[0].tag == 7);
+                true
+            }
+        }
+    }
+
+    #[test]
+    fn reads_and_in_place_writes_go_through_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = 4096u64;
+        let (_, img) = create_open(dir.path(), "a.qcow2", 1 << 20, cs);
+        // Clusters 1-2 data, 3 zero, 4.. unallocated.
+        img.write_at(&[0xaa; 8192], cs).unwrap();
+        img.write_zeroes(3 * cs, cs, false).unwrap();
+        let mut ring = IoRing::new(8).unwrap();
+
+        // A read across data, zero and unallocated clusters, split over odd buffers.
+        let mut a = vec![0x55u8; 1000];
+        let mut b = vec![0x55u8; 5 * cs as usize - 1000 - 512];
+        assert!(run(&mut ring, &img, cs + 512, false, &mut [&mut a, &mut b]));
+        let mut expect = vec![0u8; 5 * cs as usize - 512];
+        img.read_at(&mut expect, cs + 512).unwrap();
+        assert_eq!([a, b].concat(), expect);
+        assert!(expect[..8192 - 512].iter().all(|&x| x == 0xaa));
+
+        // In place: allowed; the bytes land in the cluster.
+        let mut w = vec![0x11u8; 3000];
+        assert!(run(&mut ring, &img, cs + 100, true, &mut [&mut w]));
+        let mut back = vec![0u8; 3000];
+        img.read_at(&mut back, cs + 100).unwrap();
+        assert_eq!(back, w);
+
+        // Allocating (unallocated or zero cluster) writes are declined.
+        assert!(!run(&mut ring, &img, 4 * cs, true, &mut [&mut w]));
+        assert!(!run(&mut ring, &img, 3 * cs, true, &mut [&mut w]));
+        assert_eq!(ring.in_flight(), 0);
+    }
+
+    #[test]
+    fn write_mappings_hold_off_overlapping_allocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, img) = create_open(dir.path(), "b.qcow2", 1 << 20, 4096);
+        img.write_at(&[1; 4096], 0).unwrap();
+        let mapping = img.map_io(0, 4096, true).expect("in place");
+        // While the write is "in flight", a second in-place mapping of it is refused.
+        assert!(img.map_io(0, 512, true).is_none());
+        assert!(
+            img.map_io(0, 512, false).is_some(),
+            "reads are not held off"
+        );
+        drop(mapping);
+        assert!(img.map_io(0, 512, true).is_some());
+    }
+
+    #[test]
+    fn split_cuts_buffers_at_extent_boundaries() {
+        let mut a = [0u8; 10];
+        let mut b = [0u8; 6];
+        let pieces = split(
+            &[iovec(&mut a), iovec(&mut b)],
+            &[
+                Extent::Zero { len: 4 },
+                Extent::Data { host: 0, len: 8 },
+                Extent::Zero { len: 4 },
+            ],
+        );
+        let lens: Vec<Vec<usize>> = pieces
+            .iter()
+            .map(|p| p.iter().map(|v| v.iov_len).collect())
+            .collect();
+        assert_eq!(lens, vec![vec![4], vec![6, 2], vec![4]]);
+        assert_eq!(pieces[2][0].iov_base, b[2..].as_ptr() as *mut _);
+    }
+}
