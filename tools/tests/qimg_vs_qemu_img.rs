@@ -911,6 +911,19 @@ fn bench_prints_the_same_header_and_exit_codes() {
             "--pattern=5",
             "X",
         ],
+        // Deep queue: in-place writes through io_uring mixed with allocating ones in the
+        // same clusters.
+        &[
+            "-w",
+            "-c",
+            "400",
+            "-d",
+            "32",
+            "-S",
+            "12k",
+            "--pattern=7",
+            "X",
+        ],
         &["-c", "10", "-s", "1M", "-o", "3M", "base.qcow2"],
         &["-c", "10", "-o", "4M", "base.qcow2"],
         &["-c", "10", "-d", "0", "base.qcow2"],
@@ -952,6 +965,7 @@ fn bench_prints_the_same_header_and_exit_codes() {
             0,
             "{args:?}"
         );
+        assert_eq!(qemu(p, &["check", "ours.qcow2"]).0, 0, "{args:?}");
     }
 }
 

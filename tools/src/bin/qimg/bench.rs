@@ -1,11 +1,14 @@
 //! `qimg bench`: qemu-img's I/O micro-benchmark — `count` requests of `size` bytes, `depth`
-//! of them in flight (one thread each, at most 64), from `offset` in steps of `step`,
-//! wrapping at the end of the image.
+//! of them in flight (at most 1024), from `offset` in steps of `step`, wrapping at the end of
+//! the image. Like qemu-img, one thread keeps the requests in flight: mapped ranges go
+//! through the qcow2 crate's io_uring ring, the rest (allocating writes, metadata misses)
+//! through the engine's synchronous path.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::bail;
+use qcow2::uring::{Completion, IoRing, Start};
+use qcow2::Image;
 
 use crate::size::parse_size;
 
@@ -95,48 +98,45 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if let Some(n) = a.flush_interval {
         println!("Sending flush every {n} requests");
     }
-    let next = AtomicU64::new(0);
-    let done = AtomicU64::new(0);
-    let failed = AtomicBool::new(false);
+    let offset_of = |i: u64| match i {
+        0 => start,
+        _ if size == 0 => 0,
+        _ => (start as u128 + i as u128 * step as u128).rem_euclid(size as u128) as u64,
+    };
     let began = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..a.depth.min(a.count).min(64) {
-            s.spawn(|| {
-                let mut buf = vec![a.pattern; bufsize as usize];
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= a.count || failed.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let off = match i {
-                        0 => start,
-                        _ if size == 0 => 0,
-                        _ => (start as u128 + i as u128 * step as u128).rem_euclid(size as u128)
-                            as u64,
-                    };
-                    let r = if a.write {
-                        img.write_at(&buf, off)
-                    } else {
-                        img.read_at(&mut buf, off)
-                    };
-                    let r = r.and_then(|()| {
-                        let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                        match a.flush_interval {
-                            Some(n) if n > 0 && d % n == 0 => img.flush(),
-                            _ => Ok(()),
-                        }
-                    });
-                    if let Err(e) = r {
-                        if !failed.swap(true, Ordering::Relaxed) {
-                            eprintln!("qimg: Failed request: {e}");
-                        }
-                        return;
-                    }
-                }
-            });
+    let buffers = a.depth.min(a.count).min(1024) as usize;
+    let mut run = Run {
+        img: &*img,
+        write: a.write,
+        flush_interval: a.flush_interval.filter(|&n| n > 0),
+        ring: IoRing::new(buffers.max(1) as u32)?,
+        buffers: vec![vec![a.pattern; bufsize as usize]; buffers],
+        free: (0..buffers).collect(),
+        done: 0,
+    };
+    let outcome = (|| -> qcow2::Result<()> {
+        let mut next = 0;
+        while run.done < a.count {
+            while next < a.count {
+                let Some(b) = run.free.pop() else { break };
+                run.start(b, offset_of(next))?;
+                next += 1;
+            }
+            run.ring
+                .submit()
+                .map_err(|e| qcow2::Error::io("submitting to io_uring", e))?;
+            let mut finished = Vec::new();
+            run.ring
+                .wait_one(&mut finished)
+                .map_err(|e| qcow2::Error::io("waiting for io_uring", e))?;
+            for c in finished {
+                run.complete(c)?;
+            }
         }
-    });
-    if failed.load(Ordering::Relaxed) {
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        eprintln!("qimg: Failed request: {e}");
         return Ok(1);
     }
     if a.write {
@@ -147,4 +147,82 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         began.elapsed().as_secs_f64()
     );
     Ok(0)
+}
+
+/// The requests of one benchmark run: buffer `b` belongs to the request tagged `b`.
+struct Run<'a> {
+    img: &'a dyn Image,
+    write: bool,
+    flush_interval: Option<u64>,
+    ring: IoRing<(usize, u64)>,
+    buffers: Vec<Vec<u8>>,
+    free: Vec<usize>,
+    done: u64,
+}
+
+impl Run<'_> {
+    /// Starts a request on buffer `b` at `offset`.
+    fn start(&mut self, b: usize, offset: u64) -> qcow2::Result<()> {
+        let buf = &mut self.buffers[b];
+        let iovec = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the buffer is neither used nor freed until the ring returns tag `b`.
+        match unsafe {
+            self.ring
+                .start(self.img, offset, self.write, &[iovec], (b, offset))
+        } {
+            Start::Queued => Ok(()),
+            Start::Done((b, _)) => self.finished(b),
+            Start::Declined(tag) => self.synchronous(tag),
+        }
+    }
+
+    /// Completes a request back from the ring; a failed one is redone synchronously, which
+    /// reports the error.
+    fn complete(&mut self, c: Completion<(usize, u64)>) -> qcow2::Result<()> {
+        if c.ok {
+            self.finished(c.tag.0)
+        } else {
+            self.synchronous(c.tag)
+        }
+    }
+
+    /// Runs a request through the engine's blocking path. Writes first wait for the ring:
+    /// a zero-copy write in flight may hold the clusters this one needs.
+    fn synchronous(&mut self, (b, offset): (usize, u64)) -> qcow2::Result<()> {
+        if self.write {
+            self.drain()?;
+            self.img.write_at(&self.buffers[b], offset)?;
+        } else {
+            self.img.read_at(&mut self.buffers[b], offset)?;
+        }
+        self.finished(b)
+    }
+
+    /// Frees buffer `b` of a completed request; flushes every `flush_interval` requests.
+    fn finished(&mut self, b: usize) -> qcow2::Result<()> {
+        self.free.push(b);
+        self.done += 1;
+        if self.flush_interval.is_some_and(|n| self.done % n == 0) {
+            self.drain()?;
+            self.img.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for and completes every request in flight.
+    fn drain(&mut self) -> qcow2::Result<()> {
+        while self.ring.in_flight() > 0 {
+            let mut finished = Vec::new();
+            self.ring
+                .wait_all(&mut finished)
+                .map_err(|e| qcow2::Error::io("waiting for io_uring", e))?;
+            for c in finished {
+                self.complete(c)?;
+            }
+        }
+        Ok(())
+    }
 }
