@@ -2,11 +2,12 @@
 
 use std::ops::Deref;
 
+use aligned_vec::{AVec, ConstAlign};
+
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::bounce::BounceBuffer;
 use crate::disk::{looks_like_image_format, Disk};
 use crate::error::{Error, Result};
 use crate::request::{self, Limits, Rejected, Request, RequestKind, SegmentCursor};
@@ -16,7 +17,8 @@ pub const CHUNK: usize = 1 << 20;
 
 /// Per-queue request executor: owns the queue's bounce buffer.
 pub struct Executor {
-    bounce: BounceBuffer,
+    /// Page aligned, so that I/O through it also works with O_DIRECT.
+    bounce: AVec<u8, ConstAlign<4096>>,
 }
 
 impl Default for Executor {
@@ -40,7 +42,7 @@ impl Executor {
     /// An executor with a [`CHUNK`]-byte bounce buffer.
     pub fn new() -> Self {
         Executor {
-            bounce: BounceBuffer::new(CHUNK),
+            bounce: AVec::from_iter(0, std::iter::repeat_n(0, CHUNK)),
         }
     }
 
@@ -143,7 +145,7 @@ impl Executor {
         while done < total {
             let n = (total - done).min(CHUNK as u64) as usize;
             let offset = req.offset() + done;
-            let buf = self.bounce.slice_mut(n);
+            let buf = &mut self.bounce[..n];
             disk.image()
                 .read_at(buf, offset)
                 .map_err(|source| Error::Image {
@@ -170,7 +172,7 @@ impl Executor {
         while done < total {
             let n = (total - done).min(CHUNK as u64) as usize;
             let offset = req.offset() + done;
-            let buf = self.bounce.slice_mut(n);
+            let buf = &mut self.bounce[..n];
             cursor.read_from_guest(mem, buf)?;
             if offset == 0 && disk.guards_format_signature() && looks_like_image_format(buf) {
                 return Err(Error::ProbedFormatWrite);

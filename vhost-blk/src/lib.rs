@@ -12,7 +12,6 @@
 #![warn(missing_docs)]
 
 pub mod backend;
-pub mod bounce;
 pub mod config;
 pub mod device;
 pub mod disk;

@@ -375,6 +375,7 @@ fn many_requests_in_flight() {
         ("raw", vec!["--format", "raw"]),
         ("raw", vec!["--format", "raw", "--direct"]),
         ("qcow2", vec!["--format", "qcow2"]),
+        ("qcow2", vec!["--format", "qcow2", "--direct"]),
         // Adaptive polling: chains and io_uring completions picked up without notifications.
         ("raw", vec!["--format", "raw", "--poll-us", "200"]),
         ("qcow2", vec!["--format", "qcow2", "--poll-us", "200"]),

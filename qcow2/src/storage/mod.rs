@@ -5,6 +5,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 
+mod direct;
+
+use direct::DirectIo;
+
 /// Byte-addressed storage under an image: a host file, or a test double.
 ///
 /// Implementations are shared between threads; every call is positional.
@@ -42,16 +46,19 @@ pub trait Storage: Send + Sync {
     }
 }
 
-/// A host file accessed with pread/pwrite.
+/// A host file accessed with pread/pwrite. Files opened with O_DIRECT work too: requests
+/// that are not aligned as the kernel wants go through aligned bounce buffers.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    direct: Option<DirectIo>,
 }
 
 impl FileStorage {
     /// Wraps an open file.
     pub fn new(file: File) -> Self {
-        FileStorage { file }
+        let direct = DirectIo::detect(&file);
+        FileStorage { file, direct }
     }
 
     /// The underlying file.
@@ -62,6 +69,9 @@ impl FileStorage {
 
 impl Storage for FileStorage {
     fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        if let Some(direct) = &self.direct {
+            return direct.read(&self.file, buf, offset);
+        }
         while !buf.is_empty() {
             match self.file.read_at(buf, offset) {
                 Ok(0) => {
@@ -80,7 +90,10 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        match &self.direct {
+            Some(direct) => direct.write(&self.file, buf, offset),
+            None => self.file.write_all_at(buf, offset),
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
