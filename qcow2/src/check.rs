@@ -381,7 +381,7 @@ pub fn rebuild_refcounts(img: &Qcow2) -> Result<()> {
     m.free_hint = 0;
     m.pending_frees.clear();
     m.compressed_tail = None;
-    img.write_header(&m)?;
+    m.write_header(&**img.file())?;
     drop(m);
     fix_copied_flags(img)
 }

@@ -1,6 +1,7 @@
 //! Many guest requests in flight on one thread: ranges mapped by [`Image::map_io`] are read
 //! or written with io_uring straight between the image's host file and the caller's buffers
-//! (guest memory in a daemon). Requests the mapping cannot serve (allocation, copy-on-write,
+//! (guest memory in a daemon). Writes to files in the page cache are done at once with
+//! pwritev, still without a copy: io_uring would queue them to a kernel worker. Requests the mapping cannot serve (allocation, copy-on-write,
 //! compressed or backing data) are declined and go through [`Image::read_at`] /
 //! [`Image::write_at`].
 
@@ -118,6 +119,20 @@ impl<T> IoRing<T> {
             .collect();
         if data.is_empty() {
             return Start::Done(tag);
+        }
+        if write && !mapping.storage.is_direct() {
+            // Buffered writes are memory copies into the page cache: io_uring would hand
+            // them to a kernel worker thread, which costs more than doing them here.
+            let written = data.iter().all(|(host, vecs)| {
+                // SAFETY: the caller keeps the buffers valid; pwritev only reads them.
+                unsafe { pwritev_all(fd, vecs, *host) }
+            });
+            return if written {
+                Start::Done(tag)
+            } else {
+                // The slow path redoes the write and reports the error.
+                Start::Declined(tag)
+            };
         }
         if data.iter().any(|(_, v)| v.len() > MAX_IOVECS) || data.len() >= 1 << PIECE_BITS {
             return Start::Declined(tag);
@@ -263,6 +278,31 @@ fn split(iovecs: &[libc::iovec], extents: &[Extent]) -> Vec<Vec<libc::iovec>> {
         out.push(piece);
     }
     out
+}
+
+/// Writes every byte of `iovecs` at `offset` of `fd`; false on an error or a short write.
+///
+/// # Safety
+/// Every iovec must describe readable memory.
+unsafe fn pwritev_all(fd: RawFd, iovecs: &[libc::iovec], offset: u64) -> bool {
+    let expected: usize = iovecs.iter().map(|v| v.iov_len).sum();
+    loop {
+        // SAFETY: the caller guarantees the buffers; the count is at most MAX_IOVECS.
+        let n = unsafe {
+            libc::pwritev(
+                fd,
+                iovecs.as_ptr(),
+                iovecs.len() as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if n >= 0 {
+            return n as usize == expected;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
 }
 
 /// Zeroes the buffers.

@@ -1,6 +1,7 @@
 //! Overlap checks: an L2 entry that points guest data at metadata (here the L1 table, then
-//! the refcount table) makes the engine refuse the write and mark the image corrupt, as
-//! QEMU does, instead of overwriting the metadata.
+//! the refcount table), or an L1 entry that points an L2 table at the refcount table, makes
+//! the engine refuse the write and mark the image corrupt, as QEMU does, instead of
+//! overwriting the metadata.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -66,4 +67,48 @@ fn data_write_onto_metadata_is_refused_and_marks_the_image_corrupt() {
         let info = qemu_img(&["info", path.to_str().unwrap()]);
         assert!(info.contains("corrupt: true"), "{name}: {info}");
     }
+}
+
+#[test]
+fn metadata_write_onto_metadata_is_refused_and_marks_the_image_corrupt() {
+    // The L1 entry of guest cluster 0 points its L2 table at the refcount table: allocating
+    // a cluster there would write that "L2 table" back over the refcount table.
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "l2.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
+    qemu_io(&path, &["write -P 0x11 0 64k"]);
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut header = vec![0u8; 512];
+    file.read_exact_at(&mut header, 0).unwrap();
+    let (l1, reftable) = (be64(&header, 40), be64(&header, 48));
+    file.write_all_at(&((1u64 << 63) | reftable).to_be_bytes(), l1)
+        .unwrap();
+    let before = fs::read(&path).unwrap();
+    {
+        let img = open(&path, false);
+        // The refcount table's second entry is 0: guest cluster 1 reads as unallocated.
+        let err = img
+            .write_at(&[0xee; 4096], 64 << 10)
+            .and_then(|()| img.flush())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("refcount table") && err.contains("marked corrupt"),
+            "{err}"
+        );
+        assert!(img.write_at(&[0xee; 512], 512 << 10).is_err());
+    }
+    let after = fs::read(&path).unwrap();
+    let t = reftable as usize;
+    assert_eq!(
+        before[t..t + 4096],
+        after[t..t + 4096],
+        "refcount table overwritten"
+    );
+    let info = qemu_img(&["info", path.to_str().unwrap()]);
+    assert!(info.contains("corrupt: true"), "{info}");
 }

@@ -8,12 +8,16 @@
 //! 3. refcount decrements are applied only after the L2/L1 updates that dropped the
 //!    reference are durable, so a crash leaks clusters but never frees one in use.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::format::header::{Header, MAX_REFTABLE_BYTES};
 use crate::format::tables::{self, OFFSET_MASK};
 use crate::storage::Storage;
 
 use super::cache::TableCache;
+use super::overlap::{FixedMetadata, Target};
 
 /// Geometry derived from the header, fixed while the image is open.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +67,10 @@ pub struct Meta {
     pub free_hint: u64,
     /// Next free byte in the cluster being filled with compressed data.
     pub compressed_tail: Option<u64>,
+    /// Metadata that does not move while the image is open, for overlap checks.
+    pub fixed: FixedMetadata,
+    /// Set once an overlap check marked the image corrupt (shared with the lock-free paths).
+    pub corrupt: Arc<AtomicBool>,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -152,6 +160,7 @@ impl Meta {
         while self.refblocks.is_full() {
             if let Some((off, e)) = self.refblocks.evict_lru() {
                 if e.dirty {
+                    self.check_write(file, off, e.table.len() as u64, Target::RefBlock(off))?;
                     file.write_at(&e.table, off)
                         .map_err(io(format!("writing refcount block at 0x{off:x}")))?;
                 }
@@ -390,6 +399,7 @@ impl Meta {
         let mut table = self.reftable.clone();
         table.resize(new_len as usize, 0);
         table[(first / per_block) as usize] = block_off;
+        self.check_write(file, block_off, cs * (1 + table_clusters), Target::New)?;
         file.write_at(&block, block_off)
             .map_err(io(format!("writing refcount block at 0x{block_off:x}")))?;
         file.write_at(&encode_u64_table(&table), table_off)
@@ -417,6 +427,7 @@ impl Meta {
     fn writeback_refcounts(&mut self, file: &dyn Storage) -> Result<()> {
         let dirty = self.refblocks.dirty_offsets();
         for off in &dirty {
+            self.check_write(file, *off, self.geo.cluster_size(), Target::RefBlock(*off))?;
             let b = self.refblocks.get(*off).expect("dirty entry is cached");
             file.write_at(b, *off)
                 .map_err(io(format!("writing refcount block at 0x{off:x}")))?;
@@ -427,6 +438,13 @@ impl Meta {
         if self.reftable_dirty {
             file.flush()
                 .map_err(io("flushing refcount blocks".into()))?;
+            let len = self.reftable.len() as u64 * 8;
+            self.check_write(
+                file,
+                self.header.refcount_table_offset,
+                len,
+                Target::RefTable,
+            )?;
             file.write_at(
                 &encode_u64_table(&self.reftable),
                 self.header.refcount_table_offset,
@@ -435,6 +453,14 @@ impl Meta {
             self.reftable_dirty = false;
         }
         Ok(())
+    }
+
+    /// Serialises the header into cluster 0 and flushes.
+    pub fn write_header(&self, file: &dyn Storage) -> Result<()> {
+        let bytes = self.header.serialize()?;
+        file.write_at(&bytes, 0)
+            .map_err(io("writing the header".into()))?;
+        file.flush().map_err(io("flushing the header".into()))
     }
 
     /// Writes all dirty metadata back in crash-safe order (see the module docs).
@@ -451,6 +477,7 @@ impl Meta {
             file.flush()
                 .map_err(io("flushing data and refcounts".into()))?;
             for off in &l2_dirty {
+                self.check_write(file, *off, self.geo.cluster_size(), Target::L2(*off))?;
                 let t = self.l2.get(*off).expect("dirty entry is cached");
                 file.write_at(&encode_u64_table(t), *off)
                     .map_err(io(format!("writing L2 table at 0x{off:x}")))?;
@@ -459,6 +486,8 @@ impl Meta {
                 self.l2.mark_clean(off);
             }
             if self.l1_dirty {
+                let len = self.l1.len() as u64 * 8;
+                self.check_write(file, self.header.l1_table_offset, len, Target::L1)?;
                 file.write_at(&encode_u64_table(&self.l1), self.header.l1_table_offset)
                     .map_err(io("writing L1 table".into()))?;
                 self.l1_dirty = false;

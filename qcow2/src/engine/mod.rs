@@ -32,6 +32,7 @@ use crate::storage::Storage;
 use busy::BusyClusters;
 use cache::TableCache;
 use meta::{read_u64_table, Geometry, Meta};
+use overlap::FixedMetadata;
 
 /// An open qcow2 image.
 pub struct Qcow2 {
@@ -44,12 +45,10 @@ pub struct Qcow2 {
     compression: CompressionType,
     read_only: bool,
     snapshots: Vec<Snapshot>,
-    /// Bytes of the snapshot table at `header.snapshots_offset`.
-    snapshot_table_len: u64,
     meta: RwLock<Meta>,
     busy: Arc<BusyClusters>,
     /// Set once an overlap check marked the image corrupt: no more writes.
-    marked_corrupt: std::sync::atomic::AtomicBool,
+    marked_corrupt: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Qcow2 {
@@ -122,6 +121,7 @@ impl Qcow2 {
             _ => None,
         };
         let l2_tables = (opts.l2_cache_bytes / cs).max(4) as usize;
+        let corrupt = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let meta = Meta {
             geo,
             l1,
@@ -134,6 +134,15 @@ impl Qcow2 {
             free_hint: 0,
             compressed_tail: None,
             header: header.clone(),
+            fixed: FixedMetadata {
+                snapshot_table: (snapshot_table_len > 0)
+                    .then_some((header.snapshots_offset, snapshot_table_len as u64)),
+                snapshot_l1s: snapshots
+                    .iter()
+                    .map(|s| (s.l1_table_offset, u64::from(s.l1_size) * 8))
+                    .collect(),
+            },
+            corrupt: corrupt.clone(),
         };
         let img = Qcow2 {
             file,
@@ -145,8 +154,7 @@ impl Qcow2 {
             compression: header.compression_type,
             read_only: opts.read_only,
             snapshots,
-            snapshot_table_len: snapshot_table_len as u64,
-            marked_corrupt: Default::default(),
+            marked_corrupt: corrupt,
             meta: RwLock::new(meta),
             busy: Arc::default(),
         };
@@ -170,20 +178,9 @@ impl Qcow2 {
         header.autoclear_features &= AUTOCLEAR_DATA_FILE_RAW;
         if header != m.header {
             m.header = header;
-            self.write_header(&m)?;
+            m.write_header(&*self.file)?;
         }
         Ok(())
-    }
-
-    /// Serialises the header into cluster 0 and flushes.
-    pub(crate) fn write_header(&self, m: &Meta) -> Result<()> {
-        let bytes = m.header.serialize()?;
-        self.file
-            .write_at(&bytes, 0)
-            .map_err(|e| Error::io("writing the header", e))?;
-        self.file
-            .flush()
-            .map_err(|e| Error::io("flushing the header", e))
     }
 
     pub(crate) fn meta(&self) -> RwLockReadGuard<'_, Meta> {

@@ -1,8 +1,9 @@
-//! Overlap checks before guest-data writes (QEMU's default "cached" level): a write whose
-//! host range would land on the header, the active or a snapshot's L1 table, an active L2
-//! table, the refcount table, a refcount block or the snapshot table means the metadata
-//! pointing there is corrupt. The write is refused, the image is marked corrupt (so QEMU and
-//! we open it read-only from then on) and no further writes are accepted.
+//! Overlap checks before every write (QEMU's default "cached" level): a write whose host
+//! range would land on the header, the active or a snapshot's L1 table, an active L2 table,
+//! the refcount table, a refcount block or the snapshot table — other than the structure
+//! being written — means the metadata pointing there is corrupt. The write is refused, the
+//! image is marked corrupt (so QEMU and we open it read-only from then on) and no further
+//! writes are accepted.
 
 use std::sync::atomic::Ordering;
 
@@ -11,85 +12,136 @@ use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::format::header::INCOMPAT_CORRUPT;
 use crate::format::tables::OFFSET_MASK;
+use crate::storage::Storage;
 
 /// Refcount table entries keep the block offset in bits 9..63.
 const REFTABLE_OFFSET_MASK: u64 = !0x1ff;
 
-impl Qcow2 {
-    /// Fails with [`Error::Corrupt`], marking the image corrupt, if `len` bytes of guest data
-    /// at host `offset` would overwrite metadata, or if an earlier check already did.
-    pub(super) fn check_data_write(&self, offset: u64, len: u64) -> Result<()> {
-        if self.marked_corrupt.load(Ordering::SeqCst) {
-            return Err(Error::Corrupt(
-                "the image was marked corrupt; no more writes are accepted".into(),
-            ));
-        }
-        if self.data_file.is_some() {
-            return Ok(());
-        }
-        let overlap = {
-            let m = self.meta();
-            self.metadata_overlap(&m, offset, len)
-        };
-        match overlap {
-            None => Ok(()),
-            Some(what) => {
-                self.marked_corrupt.store(true, Ordering::SeqCst);
-                let mut m = self.meta_mut();
-                m.header.incompatible_features |= INCOMPAT_CORRUPT;
-                let marked = self.write_header(&m);
-                tracing::error!(
-                    "qcow2: Marking image as corrupt: Preventing invalid write on metadata \
-                     (overlaps with {what}) at host offset {offset:#x}"
-                );
-                marked?;
-                Err(Error::Corrupt(format!(
-                    "preventing invalid write on metadata at host offset {offset:#x} \
-                     ({len} bytes overlap with {what}); the image is marked corrupt"
-                )))
-            }
-        }
-    }
+/// What a write is meant to update; that structure itself is not an overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Guest data (or compressed guest data): nothing may be hit.
+    Data,
+    /// A new structure not referenced yet (a table being moved or grown).
+    New,
+    /// The active L1 table.
+    L1,
+    /// The active L2 table at this offset.
+    L2(u64),
+    /// The refcount table.
+    RefTable,
+    /// The refcount block at this offset.
+    RefBlock(u64),
+}
 
-    /// The metadata structure `[offset, offset + len)` would overwrite, if any.
-    fn metadata_overlap(&self, m: &Meta, offset: u64, len: u64) -> Option<&'static str> {
-        let cs = m.geo.cluster_size();
+/// Host ranges of metadata that do not change while the image is open: the snapshot table
+/// and the snapshots' L1 tables.
+#[derive(Debug, Default)]
+pub struct FixedMetadata {
+    /// The snapshot table: (offset, length).
+    pub snapshot_table: Option<(u64, u64)>,
+    /// The snapshots' L1 tables: (offset, length).
+    pub snapshot_l1s: Vec<(u64, u64)>,
+}
+
+impl Meta {
+    /// The metadata structure, other than `target`, that `[offset, offset + len)` would
+    /// overwrite, if any.
+    pub fn overlap(&self, offset: u64, len: u64, target: Target) -> Option<&'static str> {
+        let cs = self.geo.cluster_size();
         let end = offset.saturating_add(len);
         let hits = |start: u64, size: u64| start < end && offset < start.saturating_add(size);
         if hits(0, cs) {
             return Some("qcow2_header");
         }
-        if hits(m.header.l1_table_offset, m.l1.len() as u64 * 8) {
+        if target != Target::L1 && hits(self.header.l1_table_offset, self.l1.len() as u64 * 8) {
             return Some("active L1 table");
         }
-        let reftable_len = u64::from(m.header.refcount_table_clusters) * cs;
-        if hits(m.header.refcount_table_offset, reftable_len) {
+        let reftable_len = u64::from(self.header.refcount_table_clusters) * cs;
+        if target != Target::RefTable && hits(self.header.refcount_table_offset, reftable_len) {
             return Some("refcount table");
         }
-        if self.snapshot_table_len > 0 && hits(m.header.snapshots_offset, self.snapshot_table_len) {
-            return Some("snapshot table");
+        if let Some((start, size)) = self.fixed.snapshot_table {
+            if hits(start, size) {
+                return Some("snapshot table");
+            }
         }
-        if self
-            .snapshots
-            .iter()
-            .any(|s| hits(s.l1_table_offset, u64::from(s.l1_size) * 8))
-        {
+        if self.fixed.snapshot_l1s.iter().any(|&(s, n)| hits(s, n)) {
             return Some("inactive L1 table");
         }
-        if m.l1
+        if self
+            .l1
             .iter()
             .map(|e| e & OFFSET_MASK)
-            .any(|l2| l2 != 0 && hits(l2, cs))
+            .any(|l2| l2 != 0 && target != Target::L2(l2) && hits(l2, cs))
         {
             return Some("active L2 table");
         }
-        if m.reftable
+        if self
+            .reftable
             .iter()
             .map(|e| e & REFTABLE_OFFSET_MASK)
-            .any(|block| block != 0 && hits(block, cs))
+            .any(|b| b != 0 && target != Target::RefBlock(b) && hits(b, cs))
         {
             return Some("refcount block");
         }
         None
+    }
+
+    /// Fails, marking the image corrupt, if the write is refused (see the module docs).
+    pub fn check_write(
+        &mut self,
+        file: &dyn Storage,
+        offset: u64,
+        len: u64,
+        target: Target,
+    ) -> Result<()> {
+        if self.corrupt.load(Ordering::SeqCst) {
+            return Err(marked_corrupt());
+        }
+        match self.overlap(offset, len, target) {
+            None => Ok(()),
+            Some(what) => Err(self.mark_corrupt(file, what, offset, len)),
+        }
+    }
+
+    /// Sets the corrupt bit (in memory and on disk) after a refused write and returns the
+    /// error to report.
+    pub fn mark_corrupt(&mut self, file: &dyn Storage, what: &str, offset: u64, len: u64) -> Error {
+        self.corrupt.store(true, Ordering::SeqCst);
+        self.header.incompatible_features |= INCOMPAT_CORRUPT;
+        tracing::error!(
+            "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps \
+             with {what}) at host offset {offset:#x}"
+        );
+        if let Err(e) = self.write_header(file) {
+            tracing::error!("qcow2: could not set the corrupt bit: {e}");
+        }
+        Error::Corrupt(format!(
+            "preventing invalid write on metadata at host offset {offset:#x} ({len} bytes \
+             overlap with {what}); the image is marked corrupt"
+        ))
+    }
+}
+
+/// The error for writes after the image was marked corrupt.
+fn marked_corrupt() -> Error {
+    Error::Corrupt("the image was marked corrupt; no more writes are accepted".into())
+}
+
+impl Qcow2 {
+    /// Fails with [`Error::Corrupt`], marking the image corrupt, if `len` bytes of guest data
+    /// at host `offset` would overwrite metadata, or if an earlier check already failed.
+    pub(super) fn check_data_write(&self, offset: u64, len: u64) -> Result<()> {
+        if self.marked_corrupt.load(Ordering::SeqCst) {
+            return Err(marked_corrupt());
+        }
+        if self.data_file.is_some() {
+            return Ok(());
+        }
+        let Some(what) = self.meta().overlap(offset, len, Target::Data) else {
+            return Ok(());
+        };
+        Err(self.meta_mut().mark_corrupt(&*self.file, what, offset, len))
     }
 }

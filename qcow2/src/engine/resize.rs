@@ -11,6 +11,7 @@ use crate::format::tables::{L2Entry, OFFSET_MASK};
 use crate::storage::Storage;
 
 use super::meta::encode_u64_table;
+use super::overlap::Target;
 use super::Qcow2;
 
 impl Qcow2 {
@@ -42,7 +43,7 @@ impl Qcow2 {
         {
             let mut m = self.meta_mut();
             m.header.size = new_size;
-            self.write_header(&m)?;
+            m.write_header(&*self.file)?;
         }
         self.size = new_size;
         if new_size > old && prealloc != Preallocation::Off {
@@ -120,7 +121,7 @@ impl Qcow2 {
         let old = m.header.clone();
         m.header.backing_file = name.map(str::to_string);
         m.header.backing_format = name.and(format).map(str::to_string);
-        if let Err(e) = self.write_header(&m) {
+        if let Err(e) = m.write_header(&*self.file) {
             m.header = old;
             return Err(e);
         }
@@ -165,6 +166,7 @@ impl Qcow2 {
         table.resize(entries as usize, 0);
         let mut bytes = encode_u64_table(&table);
         bytes.resize(bytes.len().next_multiple_of(cs as usize), 0);
+        m.check_write(file, new_off, bytes.len() as u64, Target::New)?;
         file.write_at(&bytes, new_off)
             .map_err(|e| Error::io(format!("writing the L1 table at 0x{new_off:x}"), e))?;
         file.flush()
@@ -173,7 +175,7 @@ impl Qcow2 {
         m.header.l1_table_offset = new_off;
         m.header.l1_size = entries as u32;
         m.l1 = table;
-        self.write_header(&m)?;
+        m.write_header(&*self.file)?;
         if old_len > 0 {
             m.free_later(old_off, old_len);
         }

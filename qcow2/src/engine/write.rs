@@ -417,6 +417,7 @@ impl Qcow2 {
         let _busy = self.busy.acquire(cluster, 1);
         let old = self.lookup_run(cluster, 1)?[0];
         let host = self.alloc_compressed_bytes(packed.len() as u64)?;
+        self.check_data_write(host, packed.len() as u64)?;
         self.file
             .write_at(&packed, host)
             .map_err(|e| Error::io(format!("writing compressed data at 0x{host:x}"), e))?;

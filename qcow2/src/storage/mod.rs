@@ -44,6 +44,10 @@ pub trait Storage: Send + Sync {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+    /// Whether I/O bypasses the host page cache (O_DIRECT).
+    fn is_direct(&self) -> bool {
+        false
+    }
 }
 
 /// A host file accessed with pread/pwrite. Files opened with O_DIRECT work too: requests
@@ -144,6 +148,10 @@ impl Storage for FileStorage {
 
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
+    }
+
+    fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 }
 
