@@ -375,8 +375,7 @@ pub fn rebuild_refcounts(img: &Qcow2) -> Result<()> {
         .map_err(|e| Error::io("flushing rebuilt refcounts", e))?;
     m.header.refcount_table_offset = table_off;
     m.header.refcount_table_clusters = table_clusters as u32;
-    m.reftable = table;
-    m.reftable_dirty = false;
+    m.replace_reftable(table);
     m.refblocks = crate::engine::cache::TableCache::new(64);
     m.free_hint = 0;
     m.pending_frees.clear();
@@ -405,8 +404,7 @@ fn fix_copied_flags(img: &Qcow2) -> Result<()> {
             m.l1[i] = fixed;
             m.l1_dirty = true;
         }
-        m.load_l2(file, off)?;
-        let table = m.l2.get(off).expect("loaded").clone();
+        let table = m.read_l2_table(file, off)?;
         let mut changed = table.clone();
         for (k, &raw) in table.iter().enumerate() {
             if data_file {
@@ -423,7 +421,7 @@ fn fix_copied_flags(img: &Qcow2) -> Result<()> {
             changed[k] = if one { raw | COPIED } else { raw & !COPIED };
         }
         if changed != table {
-            *m.l2.get_mut(off).expect("loaded") = changed;
+            m.set_l2_entries(file, off, 0, &changed)?;
         }
     }
     drop(m);

@@ -15,7 +15,7 @@ use crate::storage::{FileStorage, Storage};
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
 /// How to open an image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// Open without write access (backing files are always read-only).
     pub read_only: bool,
@@ -23,25 +23,12 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Do not open the backing file (reads of unallocated clusters return zeros).
     pub no_backing: bool,
-    /// Bytes of L2 tables to cache (default covers 64 GiB of guest data with 64 KiB clusters).
-    pub l2_cache_bytes: u64,
+    /// Bytes of L2 table slices to cache; by default enough to map min(disk size, 64 GiB).
+    pub l2_cache_bytes: Option<u64>,
     /// Open with O_DIRECT.
     pub direct: bool,
     /// Images already in this chain (canonical paths), to refuse loops.
     pub chain: Vec<PathBuf>,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        OpenOptions {
-            read_only: false,
-            format: None,
-            no_backing: false,
-            l2_cache_bytes: 8 << 20,
-            direct: false,
-            chain: Vec::new(),
-        }
-    }
 }
 
 fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::File> {

@@ -2,7 +2,6 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::error::Result;
 use crate::format::tables::L2Entry;
 use crate::image::{check_range, Extent, IoMapping};
 
@@ -60,16 +59,6 @@ impl Qcow2 {
             }
         }
         Some(IoMapping::new(self.data_storage().clone(), extents, busy))
-    }
-
-    /// Entries for guest clusters `[first, first + count)`, across L2 tables.
-    fn lookup_all(&self, first: u64, count: u64) -> Result<Vec<L2Entry>> {
-        let mut entries = self.lookup_run(first, count)?;
-        while (entries.len() as u64) < count {
-            let done = entries.len() as u64;
-            entries.extend(self.lookup_run(first + done, count - done)?);
-        }
-        Ok(entries)
     }
 }
 

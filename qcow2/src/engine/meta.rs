@@ -53,12 +53,14 @@ pub struct Meta {
     pub l1: Vec<u64>,
     /// L1 entries changed since the last writeback.
     pub l1_dirty: bool,
-    /// Cache of L2 tables keyed by host offset.
+    /// Cache of L2 table slices keyed by host offset (see `l2.rs`).
     pub l2: TableCache<Vec<u64>>,
     /// Refcount table, host-endian.
     pub reftable: Vec<u64>,
     /// Refcount table changed since the last writeback.
     pub reftable_dirty: bool,
+    /// Entries of the refcount table past this index are zero (bounds overlap checks).
+    pub reftable_used: usize,
     /// Cache of refcount blocks keyed by host offset.
     pub refblocks: TableCache<Vec<u8>>,
     /// Refcount decrements waiting for the L2 updates that justify them: (cluster offset, n).
@@ -88,6 +90,11 @@ pub fn read_u64_table(file: &dyn Storage, offset: u64, entries: usize) -> Result
         .collect())
 }
 
+/// How many leading entries of a table hold every nonzero one.
+pub fn used_entries(table: &[u64]) -> usize {
+    table.iter().rposition(|&e| e != 0).map_or(0, |i| i + 1)
+}
+
 /// Encodes a table of u64 entries big-endian.
 pub fn encode_u64_table(table: &[u64]) -> Vec<u8> {
     table.iter().flat_map(|v| v.to_be_bytes()).collect()
@@ -110,27 +117,8 @@ impl Meta {
         Ok(())
     }
 
-    /// Makes sure the L2 table at `offset` is cached, loading it from `file`.
-    pub fn load_l2(&mut self, file: &dyn Storage, offset: u64) -> Result<()> {
-        if self.l2.contains(offset) {
-            return Ok(());
-        }
-        let len = file.len().map_err(io("getting file size".into()))?;
-        self.check_table_offset("L2 table", offset, len)?;
-        let table = read_u64_table(file, offset, self.geo.l2_entries() as usize)?;
-        self.make_room_l2(file)?;
-        self.l2.insert(offset, table, false);
-        Ok(())
-    }
-
-    /// Inserts a new (dirty) L2 table, evicting if needed.
-    pub fn insert_l2(&mut self, file: &dyn Storage, offset: u64, table: Vec<u64>) -> Result<()> {
-        self.make_room_l2(file)?;
-        self.l2.insert(offset, table, true);
-        Ok(())
-    }
-
-    fn make_room_l2(&mut self, file: &dyn Storage) -> Result<()> {
+    /// Evicts slices until one more fits, writing dirty metadata back first.
+    pub fn make_room_l2(&mut self, file: &dyn Storage) -> Result<()> {
         while self.l2.is_full() {
             if !self.l2.dirty_offsets().is_empty() {
                 self.writeback(file, None)?;
@@ -138,6 +126,22 @@ impl Meta {
             self.l2.evict_lru();
         }
         Ok(())
+    }
+
+    /// Points refcount table entry `r` at a refcount block (0: none).
+    pub fn set_reftable_entry(&mut self, r: usize, block: u64) {
+        self.reftable[r] = block;
+        self.reftable_dirty = true;
+        if block != 0 {
+            self.reftable_used = self.reftable_used.max(r + 1);
+        }
+    }
+
+    /// Installs a refcount table that is already on disk.
+    pub fn replace_reftable(&mut self, table: Vec<u64>) {
+        self.reftable_used = used_entries(&table);
+        self.reftable = table;
+        self.reftable_dirty = false;
     }
 
     fn refblock_offset(&mut self, cluster: u64) -> Option<u64> {
@@ -323,8 +327,7 @@ impl Meta {
             }
             let off = (start + n + i as u64) * cs;
             self.refblocks.insert(off, vec![0u8; cs as usize], true);
-            self.reftable[*r as usize] = off;
-            self.reftable_dirty = true;
+            self.set_reftable_entry(*r as usize, off);
         }
         for c in start..start + n + blocks.len() as u64 {
             self.set_refcount(file, c, 1)?;
@@ -362,8 +365,7 @@ impl Meta {
         let mut block = vec![0u8; self.geo.cluster_size() as usize];
         tables::set_refcount(&mut block, self.geo.refcount_order, 0, 1);
         self.refblocks.insert(off, block, true);
-        self.reftable[r as usize] = off;
-        self.reftable_dirty = true;
+        self.set_reftable_entry(r as usize, off);
         Ok(())
     }
 
@@ -416,8 +418,7 @@ impl Meta {
         let old_clusters = self.header.refcount_table_clusters as u64;
         self.header.refcount_table_offset = table_off;
         self.header.refcount_table_clusters = table_clusters as u32;
-        self.reftable = table;
-        self.reftable_dirty = false;
+        self.replace_reftable(table);
         self.refblocks.insert(block_off, block, false);
         self.free_later(old_off, old_clusters * cs);
         Ok(())
@@ -476,15 +477,7 @@ impl Meta {
             }
             file.flush()
                 .map_err(io("flushing data and refcounts".into()))?;
-            for off in &l2_dirty {
-                self.check_write(file, *off, self.geo.cluster_size(), Target::L2(*off))?;
-                let t = self.l2.get(*off).expect("dirty entry is cached");
-                file.write_at(&encode_u64_table(t), *off)
-                    .map_err(io(format!("writing L2 table at 0x{off:x}")))?;
-            }
-            for off in l2_dirty {
-                self.l2.mark_clean(off);
-            }
+            self.write_l2_slices(file, &l2_dirty)?;
             if self.l1_dirty {
                 let len = self.l1.len() as u64 * 8;
                 self.check_write(file, self.header.l1_table_offset, len, Target::L1)?;
@@ -500,7 +493,7 @@ impl Meta {
             for (off, len) in std::mem::take(&mut self.pending_frees) {
                 self.add_refcount(file, off, len, -1)?;
                 // A freed table must not be served from the cache if the cluster is reused.
-                self.l2.remove(off & OFFSET_MASK);
+                self.forget_l2_table(off & OFFSET_MASK);
             }
             self.writeback_refcounts(file)?;
         }

@@ -7,6 +7,7 @@
 
 pub(crate) mod busy;
 pub(crate) mod cache;
+mod l2;
 mod map;
 pub(crate) mod meta;
 mod overlap;
@@ -120,13 +121,17 @@ impl Qcow2 {
             )?),
             _ => None,
         };
-        let l2_tables = (opts.l2_cache_bytes / cs).max(4) as usize;
         let corrupt = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let meta = Meta {
             geo,
             l1,
             l1_dirty: false,
-            l2: TableCache::new(l2_tables),
+            l2: TableCache::new(l2::l2_cache_slices(
+                opts.l2_cache_bytes,
+                header.size,
+                header.cluster_bits,
+            )),
+            reftable_used: meta::used_entries(&reftable),
             reftable,
             reftable_dirty: false,
             refblocks: TableCache::new(((4 << 20) / cs).max(4) as usize),
@@ -237,38 +242,54 @@ impl Qcow2 {
     }
 
     /// Entries for guest clusters `[cluster, cluster + n)`, stopping at the end of the L2
-    /// table (so possibly fewer than `n`, at least one).
+    /// slice (so possibly fewer than `n`, at least one).
     pub(crate) fn lookup_run(&self, cluster: u64, n: u64) -> Result<Vec<L2Entry>> {
         let per_l2 = self.geo.l2_entries();
         let l1i = (cluster / per_l2) as usize;
-        let l2i = (cluster % per_l2) as usize;
-        let n = n.min(per_l2 - l2i as u64).max(1) as usize;
-        let decode = |t: &Vec<u64>| {
-            t[l2i..l2i + n]
-                .iter()
-                .map(|&e| L2Entry::decode(e, self.geo.cluster_bits))
-                .collect::<Vec<_>>()
+        let l2i = cluster % per_l2;
+        let decode = |m: &Meta, key: u64| {
+            let per = m.l2_slice_entries();
+            let start = (l2i % per) as usize;
+            let n = n.min(per - start as u64).max(1) as usize;
+            let slice = m.l2.get(key)?;
+            Some(
+                slice[start..start + n]
+                    .iter()
+                    .map(|&e| L2Entry::decode(e, self.geo.cluster_bits))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let unallocated = |m: &Meta| {
+            let per = m.l2_slice_entries();
+            vec![L2Entry::Unallocated; n.min(per - l2i % per).max(1) as usize]
         };
         {
             let m = self.meta();
-            let Some(&l1e) = m.l1.get(l1i) else {
-                return Ok(vec![L2Entry::Unallocated; n]);
-            };
-            let off = l1e & OFFSET_MASK;
-            if off == 0 {
-                return Ok(vec![L2Entry::Unallocated; n]);
+            let table = m.l1.get(l1i).map_or(0, |e| e & OFFSET_MASK);
+            if table == 0 {
+                return Ok(unallocated(&m));
             }
-            if let Some(t) = m.l2.get(off) {
-                return Ok(decode(t));
+            if let Some(entries) = decode(&m, m.l2_slice_key(table, l2i)) {
+                return Ok(entries);
             }
         }
         let mut m = self.meta_mut();
-        let off = m.l1[l1i] & OFFSET_MASK;
-        if off == 0 {
-            return Ok(vec![L2Entry::Unallocated; n]);
+        let table = m.l1.get(l1i).map_or(0, |e| e & OFFSET_MASK);
+        if table == 0 {
+            return Ok(unallocated(&m));
         }
-        m.load_l2(&*self.file, off)?;
-        Ok(decode(m.l2.get(off).expect("just loaded")))
+        let key = m.load_l2_slice(&*self.file, table, l2i)?;
+        Ok(decode(&m, key).expect("just loaded"))
+    }
+
+    /// Entries for guest clusters `[first, first + count)`, across slices and tables.
+    pub(crate) fn lookup_all(&self, first: u64, count: u64) -> Result<Vec<L2Entry>> {
+        let mut entries = self.lookup_run(first, count)?;
+        while (entries.len() as u64) < count {
+            let done = entries.len() as u64;
+            entries.extend(self.lookup_run(first + done, count - done)?);
+        }
+        Ok(entries)
     }
 
     /// Writes back all metadata in crash-safe order and flushes the files.

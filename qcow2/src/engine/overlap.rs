@@ -77,8 +77,7 @@ impl Meta {
         {
             return Some("active L2 table");
         }
-        if self
-            .reftable
+        if self.reftable[..self.reftable_used]
             .iter()
             .map(|e| e & REFTABLE_OFFSET_MASK)
             .any(|b| b != 0 && target != Target::RefBlock(b) && hits(b, cs))

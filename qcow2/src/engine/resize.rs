@@ -85,8 +85,7 @@ impl Qcow2 {
                 .filter(|&i| Some(i) != own)
                 .all(|i| crate::format::tables::get_refcount(block, order, i) == 0);
             if unused {
-                m.reftable[r] = 0;
-                m.reftable_dirty = true;
+                m.set_reftable_entry(r, 0);
                 m.refblocks.remove(off);
                 if own.is_none() {
                     freed.push(off);

@@ -183,7 +183,7 @@ impl Qcow2 {
             )));
         }
         let _busy = self.busy.acquire(first, n);
-        let old = self.lookup_run(first, n)?;
+        let old = self.lookup_all(first, n)?;
         self.write_data(data, host)?;
         let tail = data.len() as u64 % cs;
         if tail != 0 {
@@ -238,9 +238,8 @@ impl Qcow2 {
         let mut m = self.meta_mut();
         let l1i = (first / per_l2) as usize;
         let l2i = (first % per_l2) as usize;
-        let l2 = self.l2_for_write(&mut m, l1i)?;
-        let table = m.l2.get_mut(l2).expect("l2_for_write caches the table");
-        table[l2i..l2i + new.len()].copy_from_slice(new);
+        let table = self.l2_for_write(&mut m, l1i)?;
+        m.set_l2_entries(&*self.file, table, l2i as u64, new)?;
         for (k, &o) in old.iter().enumerate() {
             let kept = o.host_cluster() == Some(new[k] & OFFSET_MASK);
             if !kept {
@@ -267,8 +266,8 @@ impl Qcow2 {
         }
     }
 
-    /// Returns the host offset of a cached L2 table for L1 index `l1i` that may be modified:
-    /// allocates a new table, or copies one shared with a snapshot.
+    /// Returns the host offset of the L2 table for L1 index `l1i` that may be modified:
+    /// allocates a new table, or copies one shared with a snapshot (into the cache).
     fn l2_for_write(&self, m: &mut Meta, l1i: usize) -> Result<u64> {
         let file = &*self.file;
         let e = *m
@@ -277,17 +276,15 @@ impl Qcow2 {
             .ok_or_else(|| Error::Corrupt(format!("L1 index {l1i} is beyond the L1 table")))?;
         let off = e & OFFSET_MASK;
         if off != 0 && e & COPIED != 0 {
-            m.load_l2(file, off)?;
             return Ok(off);
         }
         let table = if off == 0 {
             vec![0u64; self.geo.l2_entries() as usize]
         } else {
-            m.load_l2(file, off)?;
-            m.l2.get(off).expect("just loaded").clone()
+            m.read_l2_table(file, off)?
         };
         let new = m.alloc_cluster(file)?;
-        m.insert_l2(file, new, table)?;
+        m.insert_l2_table(file, new, &table)?;
         if off != 0 {
             m.free_later(off, self.geo.cluster_size());
         }
