@@ -17,6 +17,11 @@ fn open_qcow2(path: &Path) -> Qcow2 {
 
 /// Opens read-write with extra open(2) flags (O_DIRECT).
 fn open_qcow2_with(path: &Path, flags: i32) -> Qcow2 {
+    open_qcow2_opts(path, flags, &Default::default())
+}
+
+/// Opens read-write with extra open(2) flags and open options.
+fn open_qcow2_opts(path: &Path, flags: i32, opts: &qcow2::OpenOptions) -> Qcow2 {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -26,7 +31,7 @@ fn open_qcow2_with(path: &Path, flags: i32) -> Qcow2 {
         .unwrap();
     Qcow2::open_storage(
         std::sync::Arc::new(qcow2::FileStorage::new(file)),
-        &Default::default(),
+        opts,
         path.parent(),
     )
     .unwrap()
@@ -144,6 +149,34 @@ fn random_operations_with_o_direct() {
         }
         model_matches(&path, &model, &format!("O_DIRECT case {n}"));
     }
+}
+
+#[test]
+fn a_tiny_l2_cache_evicts_dirty_slices_safely() {
+    // 4 KiB clusters: each L2 table maps 2 MiB, so a 40 MiB disk has 20 tables and the
+    // smallest cache (a few slices) evicts dirty ones all the time.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-cache.qcow2");
+    let size = 40 * 1048576;
+    create(
+        &path,
+        CreateOptions {
+            size,
+            cluster_size: 4096,
+            ..Default::default()
+        },
+    );
+    let mut model = vec![0u8; size as usize];
+    {
+        let opts = qcow2::OpenOptions {
+            l2_cache_bytes: Some(1),
+            ..Default::default()
+        };
+        let img = open_qcow2_opts(&path, 0, &opts);
+        random_ops(&img, &mut model, 7, 400);
+        img.flush().unwrap();
+    }
+    model_matches(&path, &model, "tiny L2 cache");
 }
 
 #[test]

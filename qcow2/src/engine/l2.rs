@@ -127,3 +127,24 @@ pub fn l2_cache_slices(bytes: Option<u64>, disk_size: u64, cluster_bits: u32) ->
     let per_table = l2_entries * 8 / slice_bytes;
     (bytes / slice_bytes).max(2 * per_table).max(4) as usize
 }
+
+#[cfg(test)]
+mod tests {
+    use super::l2_cache_slices;
+
+    #[test]
+    fn default_cache_maps_the_disk_up_to_64_gib() {
+        // 64 KiB clusters: a 4 KiB slice maps 32 MiB; 64 GiB needs 2048 slices (8 MiB).
+        assert_eq!(l2_cache_slices(None, 1 << 40, 16), 2048);
+        assert_eq!(
+            l2_cache_slices(None, 64 << 20, 16),
+            32,
+            "two tables at least"
+        );
+        // 512-byte clusters: one 512-byte table per slice, 64 GiB = 2^27 entries.
+        assert_eq!(l2_cache_slices(None, 1 << 40, 9), 1 << 21);
+        // 2 MiB clusters: 512 slices per table.
+        assert_eq!(l2_cache_slices(None, 1 << 40, 21), 1024);
+        assert_eq!(l2_cache_slices(Some(64 << 20), 1 << 40, 16), 16384);
+    }
+}
