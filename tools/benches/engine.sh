@@ -3,9 +3,10 @@
 # alternating on the same images. 4 KiB requests at a 64 KiB stride (every request hits a
 # different cluster, so writes to an empty image allocate), QD1 and QD32, reads and writes,
 # on a preallocated (metadata) image and on an empty one (recreated before every run).
-# Both go through the host page cache (qemu-img -t writeback -i io_uring; qimg bench does not
-# implement O_DIRECT yet), so this compares the two block layers' CPU paths on the same data,
-# not the disk. Prints median times and ratio qimg/qemu-img (< 1: faster).
+# Both go through the host page cache (qemu-img -t writeback -i io_uring) and keep the
+# requests in flight from one thread with io_uring, so this compares the two block layers'
+# CPU paths on the same data, not the disk. Prints median times and ratio qimg/qemu-img
+# (< 1: faster).
 #
 # Usage: tools/benches/engine.sh [RUNS (default 3)] [REQUESTS (default 20000)]
 set -euo pipefail
