@@ -31,6 +31,8 @@ PACKAGES=(
     bc
     pkg-config
     iputils-ping
+    # dnsmasq binary (no system service) for vhost-net's QEMU/iPXE DHCP test
+    dnsmasq-base
     # test guest kernel build (tests/guest/build.sh)
     linux-source-6.1
     flex

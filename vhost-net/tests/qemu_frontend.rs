@@ -1,9 +1,11 @@
 //! vhost-net with QEMU 10 as the frontend: `qemu-system-x86_64 -accel tcg` with a
 //! `virtio-net-pci` NIC on a vhost-user netdev, guest memory in a shared memfd, and no guest
-//! OS: the NIC's iPXE option ROM drives the device. iPXE's DHCP exchange proves both
-//! directions of the datapath: its DISCOVER must come out of the TAP (guest → TAP), the OFFER
-//! the test sends into the TAP must reach iPXE (TAP → guest), which then sends a REQUEST for
-//! the offered address.
+//! OS: the NIC's iPXE option ROM drives the device. It does DHCP against a real dnsmasq on
+//! the TAP inside the test's namespace, which also serves the boot file over TFTP. dnsmasq's
+//! log proves both directions of the datapath: its DHCPOFFER answers iPXE's DISCOVER (guest
+//! → TAP), its DHCPACK answers the REQUEST iPXE sends only after the OFFER reached it (TAP →
+//! guest), and the TFTP transfer to the leased address shows iPXE took the ACK and finished
+//! DHCP.
 //!
 //! QEMU sends SET_VRING_ENABLE before SET_FEATURES, which `vhost` 0.18 refuses by dropping
 //! the connection; without the daemon's relay putting it after SET_FEATURES this test fails
@@ -11,118 +13,50 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 /// The guest NIC's MAC address (QEMU's `mac=`).
-const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xc0, 0xb1, 0x4d];
-const OFFERED_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const DHCP_COOKIE: [u8; 4] = [99, 130, 83, 99];
-const DHCPDISCOVER: u8 = 1;
-const DHCPOFFER: u8 = 2;
-const DHCPREQUEST: u8 = 3;
+const GUEST_MAC: &str = "52:54:00:c0:b1:4d";
+/// The addresses dnsmasq hands out (the TAP has [`HOST_IP`]/24).
+const DHCP_RANGE: &str = "10.77.0.50,10.77.0.99,255.255.255.0,1h";
+/// The boot file named in the DHCP answer and served over TFTP.
+const BOOT_FILE: &str = "cowbird.ipxe";
 
-/// A DHCP message from the guest, as far as this test needs it.
-#[derive(Debug)]
-struct DhcpRequest {
-    xid: [u8; 4],
-    chaddr: [u8; 6],
-    message_type: u8,
-    requested_ip: Option<Ipv4Addr>,
-    server_id: Option<Ipv4Addr>,
+/// Starts dnsmasq inside `ns` as a DHCP and TFTP server on `tap` only (no DNS), with its
+/// configuration, pid file, lease file and TFTP root in `dir`, logging to `dir/dnsmasq.log`.
+fn start_dnsmasq(ns: &Netns, dir: &Path, tap: &str) -> Proc {
+    let tftp_root = dir.join("tftp");
+    std::fs::create_dir_all(&tftp_root).unwrap();
+    // iPXE fetches the script and runs it; its content does not matter to the test.
+    std::fs::write(tftp_root.join(BOOT_FILE), "#!ipxe\necho cowbird\n").unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, "dnsmasq"])
+        .args(["--no-daemon", "--log-dhcp", "--log-facility=-"])
+        // Nothing from /etc: no configuration file, no hosts, no resolv.conf.
+        .args(["--conf-file=/dev/null", "--no-hosts", "--no-resolv"])
+        .args([
+            "--port=0",
+            &format!("--interface={tap}"),
+            "--bind-interfaces",
+        ])
+        .arg(format!("--dhcp-range={DHCP_RANGE}"))
+        .arg(format!(
+            "--dhcp-leasefile={}",
+            dir.join("dnsmasq.leases").display()
+        ))
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .args(["--enable-tftp", &format!("--dhcp-boot={BOOT_FILE}")])
+        .arg(format!("--tftp-root={}", tftp_root.display()));
+    let mut proc = Proc::spawn("dnsmasq", cmd, dir.join("dnsmasq.log"));
+    proc.wait_for_log("DHCP, IP range", Duration::from_secs(20));
+    proc
 }
 
-fn parse_dhcp(packet: &[u8]) -> Option<DhcpRequest> {
-    // op BOOTREQUEST, Ethernet addresses, the magic cookie after the fixed part.
-    if packet.len() < 240 || packet[0] != 1 || packet[1] != 1 || packet[2] != 6 {
-        return None;
-    }
-    if packet[236..240] != DHCP_COOKIE {
-        return None;
-    }
-    let mut msg = DhcpRequest {
-        xid: packet[4..8].try_into().ok()?,
-        chaddr: packet[28..34].try_into().ok()?,
-        message_type: 0,
-        requested_ip: None,
-        server_id: None,
-    };
-    let addr = |v: &[u8]| <[u8; 4]>::try_from(v).ok().map(Ipv4Addr::from);
-    let mut options = &packet[240..];
-    while let [code, rest @ ..] = options {
-        match code {
-            0 => options = rest,
-            255 => break,
-            _ => {
-                let (&len, rest) = rest.split_first()?;
-                let value = rest.get(..usize::from(len))?;
-                match code {
-                    53 => msg.message_type = *value.first()?,
-                    50 => msg.requested_ip = addr(value),
-                    54 => msg.server_id = addr(value),
-                    _ => {}
-                }
-                options = &rest[usize::from(len)..];
-            }
-        }
-    }
-    Some(msg)
-}
-
-/// A DHCPOFFER of [`OFFERED_IP`] for `discover`, broadcast.
-fn offer(discover: &DhcpRequest) -> Vec<u8> {
-    let mut p = vec![0u8; 236];
-    p[..4].copy_from_slice(&[2, 1, 6, 0]);
-    p[4..8].copy_from_slice(&discover.xid);
-    p[10] = 0x80; // broadcast flag
-    p[16..20].copy_from_slice(&OFFERED_IP.octets());
-    p[20..24].copy_from_slice(&SERVER_IP.octets());
-    p[28..34].copy_from_slice(&discover.chaddr);
-    p.extend_from_slice(&DHCP_COOKIE);
-    p.extend_from_slice(&[53, 1, DHCPOFFER]);
-    p.extend_from_slice(&[54, 4]);
-    p.extend_from_slice(&SERVER_IP.octets());
-    p.extend_from_slice(&[51, 4, 0, 0, 0x0e, 0x10]); // lease: one hour
-    p.extend_from_slice(&[1, 4, 255, 255, 255, 0]);
-    p.push(255);
-    p.resize(300, 0);
-    p
-}
-
-/// A UDP socket on the DHCP server port inside `ns`, sending out of `tap`.
-fn dhcp_server_socket(ns: &Netns, tap: &str) -> UdpSocket {
-    let sock = ns.run_inside(|| {
-        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 67)).expect("bind UDP port 67 in the namespace")
-    });
-    sock.set_broadcast(true).unwrap();
-    // SAFETY: the option value is the interface name's bytes with their length.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            tap.as_ptr().cast(),
-            tap.len() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "SO_BINDTODEVICE: {}",
-        std::io::Error::last_os_error()
-    );
-    sock.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    sock
-}
-
-fn start_qemu(dir: &std::path::Path, socket: &std::path::Path) -> Proc {
-    let mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
+fn start_qemu(dir: &Path, socket: &Path) -> Proc {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-accel",
@@ -139,26 +73,44 @@ fn start_qemu(dir: &std::path::Path, socket: &std::path::Path) -> Proc {
     .arg("-chardev")
     .arg(format!("socket,id=c0,path={}", socket.display()))
     .args(["-netdev", "vhost-user,chardev=c0,id=n0"])
-    .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+    .args([
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"),
+    ])
     .args(["-boot", "n"]);
     Proc::spawn("qemu-system-x86_64", cmd, dir.join("qemu.log"))
 }
 
+/// The address in dnsmasq's first `DHCP<what>(tap) ADDRESS GUEST_MAC` line, if any.
+fn dhcp_address(log: &str, what: &str) -> Option<String> {
+    let tag = format!("{what}(");
+    log.lines()
+        .filter(|l| l.contains(&tag) && l.contains(GUEST_MAC))
+        .find_map(|l| {
+            let rest = &l[l.find(&tag)?..];
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            match words[..] {
+                [_, addr, mac, ..] if mac == GUEST_MAC => Some(addr.to_owned()),
+                _ => None,
+            }
+        })
+}
+
 #[test]
-fn qemu_negotiates_and_ipxe_dhcp_crosses_both_directions() {
+fn qemu_negotiates_and_ipxe_does_dhcp_against_dnsmasq() {
     require_environment();
     require_tool("qemu-system-x86_64", "qemu-system-x86");
+    require_tool("dnsmasq", "dnsmasq-base");
     let dir = tempfile::tempdir().unwrap();
     let ns = Netns::new();
     let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-    let server = dhcp_server_socket(&ns, &daemon.tap);
+    let mut dnsmasq = start_dnsmasq(&ns, dir.path(), &daemon.tap);
     let mut qemu = start_qemu(dir.path(), &daemon.socket);
 
     let deadline = Instant::now() + Duration::from_secs(180);
-    let mut offered = None;
-    let mut buf = [0u8; 1500];
-    let request = loop {
+    let (offered, acked, tftp) = loop {
         let log = daemon.proc.log();
+        let dhcp_log = dnsmasq.log();
         assert!(
             !log.contains("connection failed") && !log.contains("frontend disconnected"),
             "the daemon lost QEMU:\n{log}\nQEMU:\n{}",
@@ -167,37 +119,36 @@ fn qemu_negotiates_and_ipxe_dhcp_crosses_both_directions() {
         if let Some(status) = qemu.try_wait() {
             panic!("QEMU exited with {status}:\n{}\ndaemon:\n{log}", qemu.log());
         }
+        if let Some(status) = dnsmasq.try_wait() {
+            panic!("dnsmasq exited with {status}:\n{dhcp_log}");
+        }
+        let offered = dhcp_address(&dhcp_log, "DHCPOFFER");
+        let acked = dhcp_address(&dhcp_log, "DHCPACK");
+        let tftp = dhcp_log
+            .lines()
+            .find(|l| l.contains("dnsmasq-tftp") && l.contains(" sent ") && l.contains(BOOT_FILE))
+            .map(str::to_owned);
+        if let (Some(o), Some(a), Some(t)) = (&offered, &acked, &tftp) {
+            break (o.clone(), a.clone(), t.clone());
+        }
         assert!(
             Instant::now() < deadline,
-            "no DHCP exchange with iPXE (offer sent: {}):\n{log}\nQEMU:\n{}",
-            offered.is_some(),
+            "iPXE did not finish DHCP and fetch its boot file:\ndnsmasq:\n{dhcp_log}\n\
+             daemon:\n{log}\nQEMU:\n{}",
             qemu.log()
         );
-        let Ok((n, _)) = server.recv_from(&mut buf) else {
-            continue;
-        };
-        let Some(msg) = parse_dhcp(&buf[..n]) else {
-            continue;
-        };
-        assert_eq!(msg.chaddr, GUEST_MAC, "{msg:?}");
-        match msg.message_type {
-            DHCPDISCOVER => {
-                let packet = offer(&msg);
-                server
-                    .send_to(&packet, (Ipv4Addr::BROADCAST, 68))
-                    .expect("send DHCPOFFER");
-                offered = Some(msg.xid);
-            }
-            DHCPREQUEST if offered.is_some() => break msg,
-            _ => {}
-        }
+        std::thread::sleep(Duration::from_millis(200));
     };
-    // The REQUEST names what only the OFFER carried: it reached the guest.
-    assert_eq!(Some(request.xid), offered);
-    assert_eq!(request.requested_ip, Some(OFFERED_IP), "{request:?}");
-    assert_eq!(request.server_id, Some(SERVER_IP), "{request:?}");
+    // iPXE requested what it was offered (the OFFER reached it), got the ACK and used the
+    // leased address for TFTP (the ACK reached it).
+    assert_eq!(offered, acked, "{}", dnsmasq.log());
+    assert!(
+        tftp.ends_with(&format!(" to {acked}")),
+        "TFTP went elsewhere: {tftp}"
+    );
 
     drop(qemu);
+    drop(dnsmasq);
     let log = daemon.stop();
     assert!(
         log.contains("replayed") && log.contains("early SET_VRING_ENABLE"),
@@ -208,9 +159,10 @@ fn qemu_negotiates_and_ipxe_dhcp_crosses_both_directions() {
         .find(|l| l.contains("negotiated"))
         .unwrap_or_else(|| panic!("no negotiation logged:\n{log}"));
     assert!(negotiated.contains("VERSION_1"), "{negotiated}");
+    // DISCOVER, REQUEST and the TFTP read and acks out; OFFER, ACK and TFTP data in.
     let counters = pair_counters(&log);
     assert!(
-        matches!(counters[..], [(0, tx, rx)] if tx >= 2 && rx >= 1),
+        matches!(counters[..], [(0, tx, rx)] if tx >= 3 && rx >= 3),
         "{counters:?}\n{log}"
     );
 }

@@ -1,31 +1,46 @@
 //! A hostile vhost-user frontend written in the test, talking to the real daemon over its
-//! socket: it shares memfd-backed "guest" memory, puts malicious tx chains on the ring (a
-//! buffer outside guest memory, a descriptor loop, a buffer shorter than the vnet header, an
-//! oversized frame) around one valid frame, and kicks. The daemon must complete every chain,
-//! send exactly the valid frame to the TAP, count the rest as dropped, and keep serving.
+//! socket: it shares memfd-backed "guest" memory, puts malicious chains on a ring around valid
+//! ones, and kicks. The daemon must drop and count the bad chains, move exactly the valid
+//! frames, and keep serving.
+//!
+//! - tx: a buffer outside guest memory, a descriptor loop, a buffer shorter than the vnet
+//!   header and an oversized frame around one valid frame, which alone reaches the TAP;
+//! - rx (with and without MRG_RXBUF): a buffer outside guest memory, a loop, a chain shorter
+//!   than the vnet header and a device-readable buffer, around two good buffers; frames
+//!   injected on the TAP side must land intact in the good buffers, the bad chains must come
+//!   back used and empty.
 
 mod common;
 
+use std::ffi::CString;
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use common::{require_environment, Daemon, Netns};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 4 << 20;
+const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const SIZE: u16 = 16;
 const DESC: u64 = 0x0;
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// The vnet header with VERSION_1 (`struct virtio_net_hdr_v1`).
+const HDR_LEN: usize = 12;
+/// A guest address no region covers.
+const OUTSIDE: u64 = 0xdead_0000_0000;
 
 fn shared_memory() -> GuestMemoryMmap {
     let fd = memfd_create(c"raw-frontend", MFdFlags::MFD_CLOEXEC).unwrap();
@@ -47,6 +62,40 @@ fn write_desc(mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16
     mem.write_obj(next, GuestAddress(base + 14)).unwrap();
 }
 
+/// Makes `heads` available, in order, from avail slot 0.
+fn publish(mem: &GuestMemoryMmap, heads: &[u16]) {
+    for (slot, head) in heads.iter().enumerate() {
+        mem.write_obj(*head, GuestAddress(AVAIL + 4 + 2 * slot as u64))
+            .unwrap();
+    }
+    mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2))
+        .unwrap();
+}
+
+/// Used ring entry `i`: (head, length).
+fn used_entry(mem: &GuestMemoryMmap, i: u16) -> (u16, u32) {
+    let addr = USED + 4 + 8 * u64::from(i % SIZE);
+    let id: u32 = mem.read_obj(GuestAddress(addr)).unwrap();
+    let len: u32 = mem.read_obj(GuestAddress(addr + 4)).unwrap();
+    (id as u16, len)
+}
+
+/// Waits (at most 20 s) until the daemon has used `n` chains.
+fn wait_used(mem: &GuestMemoryMmap, n: u16, daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not use {n} chains (used: {:?}):\n{}",
+            (0..mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap())
+                .map(|i| used_entry(mem, i))
+                .collect::<Vec<_>>(),
+            daemon.proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn tap_rx_packets(ns: &Netns, tap: &str) -> u64 {
     let path = format!("/sys/class/net/{tap}/statistics/rx_packets");
     let out = ns.exec(&["cat", &path]);
@@ -56,12 +105,63 @@ fn tap_rx_packets(ns: &Netns, tap: &str) -> u64 {
         .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Connects and negotiates VERSION_1 (plus the protocol features bit when offered).
-fn handshake(daemon: &Daemon) -> (Frontend, u64) {
+/// Sends `frame` out of `tap` inside `ns` with a packet socket: the daemon reads it from the
+/// TAP.
+fn inject(ns: &Netns, tap: &str, frame: Vec<u8>) {
+    let name = CString::new(tap).unwrap();
+    ns.run_inside(move || {
+        // SAFETY: `name` is a NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "{name:?}: {}", std::io::Error::last_os_error());
+        // SAFETY: plain socket creation; protocol 0 receives nothing.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; all zeros is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: the buffer and the address are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            sent,
+            frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+    });
+}
+
+/// A broadcast Ethernet frame with a local experimental ethertype and `len - 14` bytes of a
+/// pattern seeded by `seed`.
+fn test_frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut frame = vec![0xffu8; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, seed]);
+    frame.extend_from_slice(&0x88b5u16.to_be_bytes());
+    frame.extend((0..len - 14).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    frame
+}
+
+/// Connects and negotiates VERSION_1 and `extra` (when offered), plus the protocol features
+/// bit when offered.
+fn handshake(daemon: &Daemon, extra: u64) -> (Frontend, u64) {
     let mut fe = Frontend::connect(&daemon.socket, 3).expect("connect");
     fe.set_owner().unwrap();
     let offered = fe.get_features().unwrap();
-    let features = VIRTIO_F_VERSION_1 | (offered & PROTOCOL_FEATURES);
+    assert_eq!(offered & extra, extra, "features {extra:#x} not offered");
+    let features = VIRTIO_F_VERSION_1 | extra | (offered & PROTOCOL_FEATURES);
     fe.set_features(features).unwrap();
     if features & PROTOCOL_FEATURES != 0 {
         fe.get_protocol_features().unwrap();
@@ -71,44 +171,21 @@ fn handshake(daemon: &Daemon) -> (Frontend, u64) {
     (fe, features)
 }
 
-#[test]
-fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
-    require_environment();
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
-    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-    let mem = shared_memory();
-    let (mut fe, features) = handshake(&daemon);
+/// Hands the daemon the memory table and starts `queue` on the ring at DESC/AVAIL/USED.
+/// Returns the call and kick eventfds (the daemon stops serving the ring when they close).
+fn start_queue(
+    fe: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    features: u64,
+    queue: usize,
+) -> (EventFd, EventFd) {
     let region = mem.iter().next().unwrap();
     fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
         .unwrap();
-
-    // The valid frame: a zero vnet header (12 bytes) and a 60-byte broadcast Ethernet frame.
-    let mut frame = vec![0u8; 12 + 60];
-    frame[12..18].fill(0xff);
-    frame[18..24].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    frame[24..26].copy_from_slice(&0x88b5u16.to_be_bytes()); // local experimental ethertype
-    mem.write_slice(&frame, GuestAddress(0x2_0000)).unwrap();
-    // Chains: outside memory; a loop (1 -> 2 -> 1); shorter than the header; oversized; valid.
-    write_desc(&mem, 0, 0xdead_0000_0000, 72, 0, 0);
-    write_desc(&mem, 1, 0x3_0000, 64, NEXT, 2);
-    write_desc(&mem, 2, 0x3_1000, 64, NEXT, 1);
-    write_desc(&mem, 3, 0x3_2000, 4, 0, 0);
-    write_desc(&mem, 4, 0x4_0000, 128 << 10, 0, 0);
-    write_desc(&mem, 5, 0x2_0000, frame.len() as u32, 0, 0);
-    let heads = [0u16, 1, 3, 4, 5];
-    for (slot, head) in heads.iter().enumerate() {
-        mem.write_obj(*head, GuestAddress(AVAIL + 4 + 2 * slot as u64))
-            .unwrap();
-    }
-    mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2))
-        .unwrap();
-
     let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let before = tap_rx_packets(&ns, &daemon.tap);
-    fe.set_vring_num(TX_QUEUE, SIZE).unwrap();
+    fe.set_vring_num(queue, SIZE).unwrap();
     let rings = VringConfigData {
         queue_max_size: SIZE,
         queue_size: SIZE,
@@ -118,37 +195,19 @@ fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
         avail_ring_addr: host(AVAIL),
         log_addr: None,
     };
-    fe.set_vring_addr(TX_QUEUE, &rings).unwrap();
-    fe.set_vring_base(TX_QUEUE, 0).unwrap();
-    fe.set_vring_call(TX_QUEUE, &call).unwrap();
-    fe.set_vring_kick(TX_QUEUE, &kick).unwrap();
+    fe.set_vring_addr(queue, &rings).unwrap();
+    fe.set_vring_base(queue, 0).unwrap();
+    fe.set_vring_call(queue, &call).unwrap();
+    fe.set_vring_kick(queue, &kick).unwrap();
     if features & PROTOCOL_FEATURES != 0 {
-        fe.set_vring_enable(TX_QUEUE, true).unwrap();
+        fe.set_vring_enable(queue, true).unwrap();
     }
-    kick.write(1).unwrap();
+    (call, kick)
+}
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() < heads.len() as u16 {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not complete all chains:\n{}",
-            daemon.proc.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tap_rx_packets(&ns, &daemon.tap) < before + 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the valid frame never reached the TAP"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        daemon.proc.try_wait().is_none(),
-        "daemon died:\n{}",
-        daemon.proc.log()
-    );
+/// Disconnects `fe` and returns the daemon's counters from its disconnect line: tx packets,
+/// bytes, dropped; rx packets, bytes, dropped, bad chains.
+fn disconnect(daemon: &mut Daemon, fe: Frontend) -> Vec<u64> {
     drop(fe);
     daemon
         .proc
@@ -159,15 +218,148 @@ fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
         .find(|l| l.contains("frontend disconnected"))
         .expect("disconnect line");
     eprintln!("{line}");
-    // "(tx P packets B bytes D dropped, rx ...)": one frame sent, the four hostile chains dropped.
-    let tx = &line[line.find("(tx ").expect("tx counters") + 4..];
-    let words: Vec<&str> = tx.split_whitespace().collect();
-    assert_eq!(words[0], "1", "exactly one frame sent: {line}");
-    assert_eq!(words[4], "4", "four hostile chains dropped: {line}");
+    let counters: Vec<u64> = line[line.find("(tx ").expect("counters")..]
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(counters.len(), 7, "{line}");
+    counters
+}
 
-    // Still serving: a new frontend gets through the handshake.
-    let (again, _) = handshake(&daemon);
+/// The daemon is alive and a new frontend gets through the handshake.
+fn still_serving(daemon: &mut Daemon) {
+    assert!(
+        daemon.proc.try_wait().is_none(),
+        "daemon died:\n{}",
+        daemon.proc.log()
+    );
+    let (again, _) = handshake(daemon, 0);
     again.get_features().unwrap();
     drop(again);
     daemon.stop();
+}
+
+#[test]
+fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
+    let mem = shared_memory();
+    let (mut fe, features) = handshake(&daemon, 0);
+
+    // The valid frame: a zero vnet header and a 60-byte broadcast Ethernet frame.
+    let mut frame = vec![0u8; HDR_LEN];
+    frame.extend(test_frame(60, 1));
+    mem.write_slice(&frame, GuestAddress(0x2_0000)).unwrap();
+    // Chains: outside memory; a loop (1 -> 2 -> 1); shorter than the header; oversized; valid.
+    write_desc(&mem, 0, OUTSIDE, 72, 0, 0);
+    write_desc(&mem, 1, 0x3_0000, 64, NEXT, 2);
+    write_desc(&mem, 2, 0x3_1000, 64, NEXT, 1);
+    write_desc(&mem, 3, 0x3_2000, 4, 0, 0);
+    write_desc(&mem, 4, 0x4_0000, 128 << 10, 0, 0);
+    write_desc(&mem, 5, 0x2_0000, frame.len() as u32, 0, 0);
+    let heads = [0u16, 1, 3, 4, 5];
+    publish(&mem, &heads);
+
+    let before = tap_rx_packets(&ns, &daemon.tap);
+    let (_call, kick) = start_queue(&mut fe, &mem, features, TX_QUEUE);
+    kick.write(1).unwrap();
+
+    wait_used(&mem, heads.len() as u16, &daemon);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tap_rx_packets(&ns, &daemon.tap) < before + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the valid frame never reached the TAP"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let counters = disconnect(&mut daemon, fe);
+    assert_eq!(counters[0], 1, "exactly one frame sent: {counters:?}");
+    assert_eq!(counters[2], 4, "four hostile chains dropped: {counters:?}");
+    still_serving(&mut daemon);
+}
+
+/// Good rx buffers and the hostile chains around them: (head, guest address) of the two good
+/// ones, and the order the chains are made available in.
+const RX_GOOD: [(u16, u64); 2] = [(1, 0x1_0000), (6, 0x2_0000)];
+const RX_HEADS: [u16; 6] = [0, 1, 2, 4, 5, 6];
+const RX_BUF_LEN: u32 = 2048;
+
+fn hostile_rx_chains(mrg_rxbuf: bool) {
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    // No IPv6 on the TAP: the kernel would send neighbour discovery frames into the ring.
+    ns.run_inside(|| {
+        let knob = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
+        if std::path::Path::new(knob).exists() {
+            std::fs::write(knob, "1").unwrap_or_else(|e| panic!("{knob}: {e}"));
+        }
+    });
+    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
+    let mem = shared_memory();
+    let extra = if mrg_rxbuf {
+        1 << VIRTIO_NET_F_MRG_RXBUF
+    } else {
+        0
+    };
+    let (mut fe, features) = handshake(&daemon, extra);
+
+    // Outside memory; good A; a loop (2 -> 3 -> 2); shorter than the header;
+    // device-readable (wrong direction); good B.
+    write_desc(&mem, 0, OUTSIDE, RX_BUF_LEN, WRITE, 0);
+    write_desc(&mem, 1, RX_GOOD[0].1, RX_BUF_LEN, WRITE, 0);
+    write_desc(&mem, 2, 0x3_0000, 64, WRITE | NEXT, 3);
+    write_desc(&mem, 3, 0x3_1000, 64, WRITE | NEXT, 2);
+    write_desc(&mem, 4, 0x3_2000, HDR_LEN as u32 - 8, WRITE, 0);
+    write_desc(&mem, 5, 0x3_3000, RX_BUF_LEN, 0, 0);
+    write_desc(&mem, 6, RX_GOOD[1].1, RX_BUF_LEN, WRITE, 0);
+    // Poison the good buffers so that stale bytes cannot pass for the frame.
+    for (_, addr) in RX_GOOD {
+        mem.write_slice(&[0xa5; RX_BUF_LEN as usize], GuestAddress(addr))
+            .unwrap();
+    }
+    publish(&mem, &RX_HEADS);
+    let (_call, kick) = start_queue(&mut fe, &mem, features, RX_QUEUE);
+    kick.write(1).unwrap();
+
+    // The first frame fills A: the chain before it comes back empty, the three after it too
+    // once the daemon has moved on to B, which waits for the second frame.
+    let frames = [test_frame(200, 1), test_frame(1514, 2)];
+    let used_after = [5u16, 6];
+    for (i, frame) in frames.iter().enumerate() {
+        inject(&ns, &daemon.tap, frame.clone());
+        wait_used(&mem, used_after[i], &daemon);
+        let (head, addr) = RX_GOOD[i];
+        let entry = used_entry(&mem, if i == 0 { 1 } else { 5 });
+        assert_eq!(entry, (head, (HDR_LEN + frame.len()) as u32), "frame {i}");
+        let mut got = vec![0u8; HDR_LEN + frame.len()];
+        mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+        assert_eq!(&got[HDR_LEN..], &frame[..], "frame {i} not intact");
+        // No offloads negotiated: no flags, no GSO; one buffer.
+        assert_eq!(&got[..HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    }
+    for (slot, head) in [(0, 0u16), (2, 2), (3, 4), (4, 5)] {
+        assert_eq!(used_entry(&mem, slot), (head, 0), "bad chain {head}");
+    }
+    let counters = disconnect(&mut daemon, fe);
+    // rx packets, dropped, bad chains.
+    assert_eq!(
+        [counters[3], counters[5], counters[6]],
+        [2, 0, 4],
+        "{counters:?}"
+    );
+    still_serving(&mut daemon);
+}
+
+#[test]
+fn hostile_rx_chains_are_dropped_and_good_buffers_get_frames_intact() {
+    hostile_rx_chains(false);
+}
+
+#[test]
+fn hostile_rx_chains_with_mrg_rxbuf_are_dropped_and_good_buffers_get_frames_intact() {
+    hostile_rx_chains(true);
 }
