@@ -1112,3 +1112,124 @@ fn convert_into_an_existing_target_and_progress_output() {
         1
     );
 }
+
+/// A raw image of `mib` MiB: every other MiB holds compressible text (words from a fixed
+/// pseudo-random sequence), the rest is a hole.
+fn text_raw(dir: &Path, name: &str, mib: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let words = [
+        "qcow2 ",
+        "cluster ",
+        "refcount ",
+        "snapshot ",
+        "L2 ",
+        "zlib ",
+    ];
+    let mut state = 1u64;
+    let mut data = vec![0u8; (mib << 20) as usize];
+    for m in (0..mib as usize).step_by(2) {
+        let mut text = Vec::with_capacity(1 << 20);
+        while text.len() < 1 << 20 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            text.extend_from_slice(words[(state >> 60) as usize % words.len()].as_bytes());
+        }
+        data[m << 20..(m + 1) << 20].copy_from_slice(&text[..1 << 20]);
+    }
+    let f = std::fs::File::create(dir.join(name)).unwrap();
+    f.set_len(mib << 20).unwrap();
+    for m in (0..mib as usize).step_by(2) {
+        f.write_all_at(&data[m << 20..(m + 1) << 20], (m << 20) as u64)
+            .unwrap();
+    }
+    data
+}
+
+/// Runs `qimg convert -p ARGS` and sends `sig` once its progress passed 1%. Returns the
+/// bytes the interrupted convert reports as converted, or `None` if it finished first.
+fn interrupt_convert(dir: &Path, args: &[&str], sig: i32) -> Option<u64> {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qimg"))
+        .current_dir(dir)
+        .args(["convert", "-p"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut byte = [0u8; 1];
+    // Progress lines are `    (P/100%)\r`; wait for one past 1%.
+    while !seen
+        .split('\r')
+        .filter_map(|l| l.trim().strip_prefix('(')?.split('/').next()?.parse().ok())
+        .any(|p: f64| p > 1.0)
+    {
+        if stdout.read(&mut byte).unwrap() == 0 {
+            break;
+        }
+        seen.push(byte[0] as char);
+    }
+    // SAFETY: a signal to our own child, which has not been waited for yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        return None;
+    }
+    assert_eq!(
+        out.status.signal(),
+        Some(sig),
+        "dies of the signal: {stderr}"
+    );
+    let target = args.last().unwrap();
+    let done = stderr
+        .split_once(&format!("'{target}' is consistent and holds the first "))
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok());
+    Some(done.unwrap_or_else(|| panic!("no interruption message: {stderr}")))
+}
+
+#[test]
+fn an_interrupted_convert_leaves_a_consistent_prefix() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let data = text_raw(p, "src.raw", 64);
+    qemu(p, &["convert", "-c", "-O", "qcow2", "src.raw", "src.qcow2"]);
+    for (sig, args) in [
+        (
+            libc::SIGINT,
+            &["-c", "-O", "qcow2", "src.raw", "out.qcow2"][..],
+        ),
+        (
+            libc::SIGTERM,
+            &["-m", "1", "-O", "raw", "src.qcow2", "out.raw"],
+        ),
+    ] {
+        let target = *args.last().unwrap();
+        let done = (0..5)
+            .find_map(|_| {
+                let _ = std::fs::remove_file(p.join(target));
+                interrupt_convert(p, args, sig)
+            })
+            .expect("qimg convert always finished before the signal");
+        assert!(done > 0 && done < data.len() as u64, "{args:?}: {done}");
+        if target.ends_with("qcow2") {
+            let (code, out) = qemu(p, &["check", target]);
+            assert_eq!(code, 0, "{args:?}: {out}");
+        }
+        // The target reads as the first `done` bytes of the source, then zeros.
+        assert_eq!(qemu(p, &["convert", "-O", "raw", target, "got.raw"]).0, 0);
+        let got = std::fs::read(p.join("got.raw")).unwrap();
+        let done = done as usize;
+        assert_eq!(got.len(), data.len(), "{args:?}");
+        assert!(got[..done] == data[..done], "{args:?}: the prefix differs");
+        assert!(
+            got[done..].iter().all(|&b| b == 0),
+            "{args:?}: data past {done}"
+        );
+    }
+}

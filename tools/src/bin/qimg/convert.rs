@@ -9,6 +9,11 @@
 //! Uncompressed writes into a new qcow2 image reserve their host clusters in chunk order (a
 //! turnstile: chunk `i` reserves after chunk `i - 1`) and then write in parallel, so the
 //! target is laid out in guest order like qemu-img's, without a metadata lock per cluster.
+//!
+//! SIGINT or SIGTERM stops the workers from taking new chunks; the chunks in flight are
+//! finished (chunks are taken in guest order, so the target then holds an exact prefix of the
+//! sources), the target's metadata is written back, and qimg dies of the signal as qemu-img
+//! would (see `interrupt.rs`). qemu-img itself leaves its cached metadata unwritten.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +23,7 @@ use anyhow::{bail, Context};
 use qcow2::{CreateOptions, Format, Image, Qcow2};
 
 use crate::create::{parse_options, qcow2_options};
+use crate::interrupt::{signal_name, Interrupt};
 use crate::progress::Progress;
 use crate::size::parse_size;
 
@@ -442,6 +448,7 @@ impl Turnstile {
 /// Runs `qimg convert`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = (a.out_of_order, a.force_share);
+    let interrupt = Interrupt::catch()?;
     let flushes = match a.cache.as_str() {
         "unsafe" => false,
         "writeback" | "writethrough" | "none" | "directsync" => true,
@@ -573,6 +580,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 scope.spawn(|| -> anyhow::Result<()> {
                     let mut buf = vec![0u8; chunk as usize];
                     loop {
+                        // Checked before taking a chunk: every chunk taken is finished, or
+                        // the turnstile would wait for it forever.
+                        if interrupt.caught().is_some() {
+                            return Ok(());
+                        }
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= chunks {
                             return Ok(());
@@ -610,6 +622,17 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .image()
         .flush()
         .with_context(|| format!("Error while flushing '{target_name}'"))?;
+    if let Some(sig) = interrupt.caught() {
+        progress.abandon();
+        let done = (next.load(Ordering::Relaxed).min(chunks) * chunk).min(sources.total);
+        eprintln!(
+            "qimg: convert interrupted by {}: '{target_name}' is consistent and holds the first \
+             {done} of {} bytes",
+            signal_name(sig),
+            sources.total
+        );
+        Interrupt::die(sig);
+    }
     progress.finish();
     Ok(0)
 }

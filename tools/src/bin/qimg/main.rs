@@ -11,6 +11,7 @@ mod convert;
 mod create;
 mod dd;
 mod info;
+mod interrupt;
 mod map;
 mod measure;
 mod progress;
