@@ -1233,3 +1233,100 @@ fn an_interrupted_convert_leaves_a_consistent_prefix() {
         );
     }
 }
+
+/// qimg's stderr for `args`.
+fn qimg_stderr(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_qimg"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn convert_and_measure_read_internal_snapshots_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    // Snapshot "2" has ID 1 and snapshot "b" ID 2, so `-l 2` tells IDs first from names first.
+    qemu(p, &["create", "-q", "-f", "qcow2", "s.qcow2", "64M"]);
+    qemu_io(p, "s.qcow2", &["write -P 1 0 1M", "write -P 2 60M 1M"]);
+    qemu(p, &["snapshot", "-c", "2", "s.qcow2"]);
+    qemu_io(
+        p,
+        "s.qcow2",
+        &["write -P 3 0 512k", "write -c -P 5 8M 128k"],
+    );
+    qemu(p, &["snapshot", "-c", "b", "s.qcow2"]);
+    qemu_io(p, "s.qcow2", &["write -z 0 1M", "write -P 9 30M 64k"]);
+    qemu(p, &["resize", "-q", "s.qcow2", "80M"]);
+    qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    let mut contents = Vec::new();
+    for l in [
+        &["-l", "1"][..],
+        &["-l", "2"],
+        &["-l", "b"],
+        &["-s", "b"],
+        &["-l", "snapshot.id=1"],
+        &["-l", "snapshot.name=2"],
+        &["-l", "snapshot.id=2,snapshot.name=b"],
+        &[],
+    ] {
+        for fmt in ["raw", "qcow2"] {
+            let a = [&["convert", "-O", fmt][..], l, &["s.qcow2"]].concat();
+            assert_eq!(qimg(p, &[&a[..], &["ours"]].concat()).0, 0, "{a:?}");
+            // qemu-img 10 has no -s: its -l takes the same bare ID or name.
+            let theirs = [&a[..], &["theirs"]].concat().join(" ").replace("-s", "-l");
+            let theirs: Vec<&str> = theirs.split(' ').collect();
+            assert_eq!(qemu(p, &theirs).0, 0, "{a:?}");
+            assert_eq!(qemu(p, &["compare", "ours", "theirs"]).0, 0, "{a:?}");
+            if fmt == "raw" {
+                let ours = std::fs::read(p.join("ours")).unwrap();
+                assert!(ours == std::fs::read(p.join("theirs")).unwrap(), "{a:?}");
+                contents.push(ours);
+            } else {
+                assert_eq!(
+                    qemu(p, &["map", "--output=json", "ours"]),
+                    qemu(p, &["map", "--output=json", "theirs"]),
+                    "{a:?}"
+                );
+            }
+        }
+        if !l.is_empty() && l[0] == "-l" {
+            for out in ["--output=human", "--output=json"] {
+                same(p, &["measure", out, "-O", "qcow2", l[0], l[1], "s.qcow2"]);
+            }
+        }
+    }
+    // Which state each case read: snapshot ID 1, ID 2 or the current one, all different.
+    let state = [1, 2, 2, 2, 1, 1, 2, 0];
+    for (i, a) in contents.iter().enumerate() {
+        for (j, b) in contents.iter().enumerate() {
+            assert_eq!(a == b, state[i] == state[j], "cases {i} and {j}");
+        }
+    }
+    for args in [
+        &["convert", "-l", "nosuch", "s.qcow2", "x"][..],
+        &[
+            "convert",
+            "-l",
+            "snapshot.id=1,snapshot.name=b",
+            "s.qcow2",
+            "x",
+        ],
+        &["convert", "-l", "snapshot.foo=1", "s.qcow2", "x"],
+        &["convert", "-l", "1", "s.qcow2", "s.qcow2", "x"],
+        &["convert", "-l", "1", "r.raw", "x"],
+        &["measure", "-l", "nosuch", "s.qcow2"],
+        &["measure", "-l", "1", "r.raw"],
+        &["measure", "-l", "1", "--size", "1G"],
+        &["measure", "-f", "qcow2"],
+    ] {
+        same(p, args);
+    }
+    let err = qimg_stderr(p, &["convert", "-l", "nosuch", "s.qcow2", "x"]);
+    assert!(
+        err.contains("Failed to load snapshot: Can't find snapshot"),
+        "{err}"
+    );
+}

@@ -20,12 +20,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Context};
-use qcow2::{CreateOptions, Format, Image, Qcow2};
+use qcow2::{CreateOptions, Format, Image, Qcow2, SnapshotRef};
 
 use crate::create::{parse_options, qcow2_options};
 use crate::interrupt::{signal_name, Interrupt};
 use crate::progress::Progress;
 use crate::size::parse_size;
+use crate::snapshot_param;
 
 /// Arguments of `qimg convert`.
 #[derive(clap::Args)]
@@ -33,6 +34,11 @@ pub struct Args {
     /// Source format.
     #[arg(short = 'f')]
     format: Option<String>,
+    /// Convert this internal snapshot of the (first) source:
+    /// `snapshot.id=ID[,snapshot.name=NAME]` or an ID or name. `-s ID_OR_NAME` is the older
+    /// spelling (qemu-img 10 dropped it).
+    #[arg(short = 'l', long = "source-snapshot", short_alias = 's')]
+    snapshot: Option<String>,
     /// Output format.
     #[arg(short = 'O', default_value = "raw")]
     output_format: String,
@@ -464,10 +470,20 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     }
     let sparse = parse_size(&a.sparse)?;
     let (target_name, source_names) = a.files.split_last().context("missing target")?;
+    let snapshot = a
+        .snapshot
+        .as_deref()
+        .map(snapshot_param::parse)
+        .transpose()?;
+    if matches!(snapshot, Some(SnapshotRef::IdOrName(_))) && source_names.len() > 1 {
+        bail!("No support for concatenating multiple snapshot");
+    }
     let list: Vec<Source> = source_names
         .iter()
-        .map(|s| -> anyhow::Result<Source> {
-            let img = crate::open(s, a.format.as_deref(), true)?;
+        .enumerate()
+        .map(|(i, s)| -> anyhow::Result<Source> {
+            let view = if i == 0 { snapshot.clone() } else { None };
+            let img = crate::open_at(s, a.format.as_deref(), true, view)?;
             let map = (img.format() == Format::Raw)
                 .then(|| Mapping::new(s, img.size()))
                 .flatten();
