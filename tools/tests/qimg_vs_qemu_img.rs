@@ -974,20 +974,30 @@ fn convert_lays_out_the_target_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     mixed_raw(p, "src.raw");
-    for args in [
-        vec!["-O", "qcow2"],
-        vec!["-O", "qcow2", "-m", "1"],
-        vec!["-O", "qcow2", "-o", "cluster_size=4096"],
-        vec!["-O", "qcow2", "-S", "0"],
-        vec!["-O", "qcow2", "-t", "writeback"],
-        vec!["-O", "raw"],
+    // Whole 4 MiB convert chunks without data between chunks with data.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(p.join("sparse.raw")).unwrap();
+        f.set_len(40 << 20).unwrap();
+        for mib in [5, 13, 14, 29, 39] {
+            f.write_all_at(&[mib as u8; 100 << 10], mib << 20).unwrap();
+        }
+    }
+    for (args, src) in [
+        (vec!["-O", "qcow2"], "src.raw"),
+        (vec!["-O", "qcow2", "-m", "1"], "src.raw"),
+        (vec!["-O", "qcow2", "-o", "cluster_size=4096"], "src.raw"),
+        (vec!["-O", "qcow2", "-S", "0"], "src.raw"),
+        (vec!["-O", "qcow2", "-t", "writeback"], "src.raw"),
+        (vec!["-O", "raw"], "src.raw"),
+        (vec!["-O", "qcow2"], "sparse.raw"),
     ] {
         let mut a = vec!["convert"];
         a.extend(&args);
-        a.push("src.raw");
+        a.push(src);
         assert_eq!(qimg(p, &[&a[..], &["ours"]].concat()).0, 0, "{a:?}");
         assert_eq!(qemu(p, &[&a[..], &["theirs"]].concat()).0, 0, "{a:?}");
-        assert_eq!(qemu(p, &["compare", "src.raw", "ours"]).0, 0, "{a:?}");
+        assert_eq!(qemu(p, &["compare", src, "ours"]).0, 0, "{a:?}");
         // Same allocation, same host offsets: the clusters are laid out in guest order.
         assert_eq!(
             qemu(p, &["map", "--output=json", "ours"]),

@@ -15,6 +15,7 @@
 //! sources), the target's metadata is written back, and qimg dies of the signal as qemu-img
 //! would (see `interrupt.rs`). qemu-img itself leaves its cached metadata unwritten.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -420,33 +421,68 @@ fn split_zero_blocks<'a>(runs: &mut Vec<Run<'a>>, off: u64, data: &'a [u8], p: &
 /// The error of workers stopped because another one failed.
 const FOLLOWER: &str = "another convert worker failed";
 
-/// Lets chunk `i` go after chunk `i - 1` (for reservations in guest order).
+/// Lets chunk `i` go after chunk `i - 1` (for reservations in guest order). Chunks with
+/// nothing to reserve pass without waiting.
 #[derive(Default)]
 struct Turnstile {
-    next: Mutex<u64>,
+    state: Mutex<TurnState>,
     moved: Condvar,
     failed: AtomicBool,
 }
 
+#[derive(Default)]
+struct TurnState {
+    /// The chunk whose turn it is.
+    next: u64,
+    /// Later chunks that passed already (nothing to reserve).
+    passed: BTreeSet<u64>,
+}
+
+impl TurnState {
+    /// Ends the turn of `next` and of the chunks after it that passed already.
+    fn advance(&mut self) {
+        self.next += 1;
+        while self.passed.remove(&self.next) {
+            self.next += 1;
+        }
+    }
+}
+
 impl Turnstile {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TurnState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs `f` in chunk `i`'s turn; fails if another worker failed meanwhile.
     fn run<T>(&self, i: u64, f: impl FnOnce() -> T) -> anyhow::Result<T> {
-        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        while *next != i {
+        let mut st = self.lock();
+        while st.next != i {
             if self.failed.load(Ordering::SeqCst) {
                 bail!(FOLLOWER);
             }
-            next = self.moved.wait(next).unwrap_or_else(|p| p.into_inner());
+            st = self.moved.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         let r = f();
-        *next += 1;
+        st.advance();
         self.moved.notify_all();
         Ok(r)
     }
 
+    /// Chunk `i` has nothing to reserve: its turn needs no waiting. (On a mostly-empty disk
+    /// this spares thousands of sleeps and wake-ups.)
+    fn pass(&self, i: u64) {
+        let mut st = self.lock();
+        if st.next == i {
+            st.advance();
+            self.moved.notify_all();
+        } else {
+            st.passed.insert(i);
+        }
+    }
+
     fn fail(&self) {
         self.failed.store(true, Ordering::SeqCst);
-        let _g = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.lock();
         self.moved.notify_all();
     }
 }
@@ -672,6 +708,9 @@ fn copy_chunk(
     }
     let data = runs.iter().filter(|r| r.kind == Kind::Data);
     match target {
+        Target::Qcow2(_) if p.reserve && !runs.iter().any(|r| r.kind == Kind::Data) => {
+            turn.pass(i);
+        }
         Target::Qcow2(q) if p.reserve => {
             // Host clusters in guest order (this chunk's turn), then the writes in parallel.
             let cs = q.cluster_size();
