@@ -59,6 +59,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// No internal snapshot matches the one asked for (QEMU's wording).
+    #[error("Can't find snapshot")]
+    SnapshotNotFound,
+    /// A snapshot view was asked for with write access; snapshots open read-only.
+    #[error("a snapshot can only be opened read-only")]
+    SnapshotWritable,
+    /// A snapshot view of an image format without internal snapshots.
+    #[error("{0} images have no internal snapshots")]
+    NoSnapshots(&'static str),
     /// Invalid create or resize options.
     #[error("{0}")]
     InvalidOption(String),

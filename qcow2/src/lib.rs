@@ -26,6 +26,7 @@ pub use create::{create, CreateOptions, Preallocation};
 pub use engine::Qcow2;
 pub use error::{Error, Result};
 pub use format::header::CompressionType;
+pub use format::snapshot::SnapshotRef;
 pub use image::{BlockStatus, Extent, Format, Image, IoMapping};
 pub use open::{open_image, OpenOptions};
 pub use raw::RawImage;

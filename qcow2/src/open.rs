@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use crate::engine::Qcow2;
 use crate::error::{Error, Result};
-use crate::format::header::MAGIC;
+use crate::format::header::{MAGIC, MAX_L1_BYTES};
+use crate::format::snapshot::{Snapshot, SnapshotRef};
 use crate::image::{Format, Image};
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, Storage};
@@ -29,6 +30,11 @@ pub struct OpenOptions {
     pub direct: bool,
     /// Images already in this chain (canonical paths), to refuse loops.
     pub chain: Vec<PathBuf>,
+    /// Open this internal snapshot of a qcow2 image instead of its current state (read-only;
+    /// backing files are opened as they are). As with qemu-img's `-l`, the virtual size stays
+    /// the image's current one: guest clusters past the snapshot's L1 table read as
+    /// unallocated.
+    pub snapshot: Option<SnapshotRef>,
 }
 
 fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::File> {
@@ -86,6 +92,7 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Image>> {
     let mut child = opts.clone();
     child.chain.push(canonical);
     Ok(match format {
+        Format::Raw if opts.snapshot.is_some() => return Err(Error::NoSnapshots("raw")),
         Format::Raw => Box::new(RawImage::new(storage, opts.read_only)?),
         Format::Qcow2 => Box::new(Qcow2::open_storage(
             storage,
@@ -127,6 +134,7 @@ pub(crate) fn open_backing(
         l2_cache_bytes: parent.l2_cache_bytes,
         direct: parent.direct,
         chain: parent.chain.clone(),
+        snapshot: None,
     };
     open_image(&path, &opts).map_err(|e| match e {
         Error::Backing { .. } => e,
@@ -150,4 +158,34 @@ pub(crate) fn open_data_file(
     Ok(Arc::new(FileStorage::new(open_file(
         &path, read_only, false,
     )?)))
+}
+
+/// The L1 table of the snapshot `r` names, for a read-only view of it (QEMU's
+/// `qcow2_snapshot_load_tmp`).
+pub(crate) fn snapshot_l1(
+    file: &dyn Storage,
+    table: &[Snapshot],
+    r: &SnapshotRef,
+    read_only: bool,
+    cluster_size: u64,
+) -> Result<Vec<u64>> {
+    if !read_only {
+        return Err(Error::SnapshotWritable);
+    }
+    let s = r.find(table).ok_or(Error::SnapshotNotFound)?;
+    let bytes = s.l1_size as u64 * 8;
+    if bytes > MAX_L1_BYTES {
+        return Err(Error::Corrupt("Snapshot L1 table too large".into()));
+    }
+    let file_len = file
+        .len()
+        .map_err(|e| Error::io("getting the image size", e))?;
+    if s.l1_table_offset % cluster_size != 0
+        || s.l1_table_offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > file_len)
+    {
+        return Err(Error::Corrupt("Snapshot L1 table offset invalid".into()));
+    }
+    crate::engine::meta::read_u64_table(file, s.l1_table_offset, s.l1_size as usize)
 }

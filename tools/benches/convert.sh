@@ -4,6 +4,9 @@
 # qimg/qemu-img (lower is better). Both tools write through the page cache without a final
 # flush (qemu-img convert's default `-t unsafe`, which qimg follows).
 #
+# Cases: a SIZE_GIB disk with every other MiB allocated (raw <-> qcow2, then compressed), and a
+# mostly-empty 100 GiB disk (raw <-> qcow2).
+#
 # Usage: tools/benches/convert.sh [SIZE_GIB (default 2)] [RUNS (default 3)] [CASE_FILTER]
 # CASE_FILTER (a grep -E pattern on the case name) runs only matching cases. The qimg binary
 # is built into $CARGO_TARGET_DIR (default target/).
@@ -33,6 +36,20 @@ with open(path, "wb") as f:
         f.write(bytes(buf[: 1 << 20]))
 PY
 qemu-img convert -O qcow2 "$work/src.raw" "$work/src.qcow2"
+# A mostly-empty 100 GiB disk: 1 MiB of the same kind of data at the start of every GiB
+# (100 MiB in all), the rest a hole.
+python3 - "$work/sparse.raw" "$work/src.raw" <<'PY'
+import sys
+path, src = sys.argv[1], sys.argv[2]
+with open(src, "rb") as f:
+    data = f.read(1 << 20)
+with open(path, "wb") as f:
+    f.truncate(100 << 30)
+    for gib in range(100):
+        f.seek(gib << 30)
+        f.write(data)
+PY
+qemu-img convert -O qcow2 "$work/sparse.raw" "$work/sparse.qcow2"
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # Wall time, then user+sys CPU time, of one run.
@@ -46,6 +63,7 @@ timeit() {
 
 printf '%-28s %10s %10s %8s %10s %10s %8s\n' case qimg_s qemu_s ratio qimg_cpu qemu_cpu ratio
 for case in "raw->qcow2|-O qcow2|src.raw" "qcow2->raw|-O raw|src.qcow2" \
+            "sparse 100G raw->qcow2|-O qcow2|sparse.raw" "sparse 100G qcow2->raw|-O raw|sparse.qcow2" \
             "raw->qcow2 -c zlib|-O qcow2 -c|src.raw" \
             "raw->qcow2 -c zstd|-O qcow2 -c -o compression_type=zstd|src.raw"; do
   IFS='|' read -r name args src <<<"$case"

@@ -1,10 +1,11 @@
 //! qimg and qemu-img run side by side on the same images: same stdout, same exit codes.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
 /// (exit code, stdout) of a tool run in `dir`.
-fn run(dir: &Path, tool: &str, args: &[&str]) -> (i32, String) {
+fn run<S: AsRef<OsStr>>(dir: &Path, tool: &str, args: &[S]) -> (i32, String) {
     let out = Command::new(tool)
         .current_dir(dir)
         .args(args)
@@ -16,11 +17,11 @@ fn run(dir: &Path, tool: &str, args: &[&str]) -> (i32, String) {
     )
 }
 
-fn qimg(dir: &Path, args: &[&str]) -> (i32, String) {
+fn qimg<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> (i32, String) {
     run(dir, env!("CARGO_BIN_EXE_qimg"), args)
 }
 
-fn qemu(dir: &Path, args: &[&str]) -> (i32, String) {
+fn qemu<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> (i32, String) {
     run(dir, "qemu-img", args)
 }
 
@@ -42,21 +43,52 @@ fn qemu_io(dir: &Path, img: &str, cmds: &[&str]) {
     assert_eq!(code, 0, "qemu-io: {out}");
 }
 
-/// A 4 MiB lazy-refcounts qcow2 that qemu-io left dirty (killed with `abort` after a write).
-fn make_dirty_qcow2(p: &std::path::Path, name: &str) {
-    qemu(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            name,
-            "4M",
-        ],
+/// Makes a qcow2 image with `tool` (`create -q -f qcow2 OPTS NAME [SIZE]`: no size when
+/// `size` is empty), then has qemu-io apply `writes` to it.
+fn make_qcow2(dir: &Path, tool: &str, opts: &[&str], name: &str, size: &str, writes: &[&str]) {
+    let create = [&["create", "-q", "-f", "qcow2"], opts, &[name, size]].concat();
+    let (code, _) = run(
+        dir,
+        tool,
+        &create[..create.len() - usize::from(size.is_empty())],
     );
+    assert_eq!(code, 0, "{tool} {create:?}");
+    if !writes.is_empty() {
+        qemu_io(dir, name, writes);
+    }
+}
+
+/// [`make_qcow2`] with qemu-img.
+fn qcow2_image(dir: &Path, opts: &[&str], name: &str, size: &str, writes: &[&str]) {
+    make_qcow2(dir, "qemu-img", opts, name, size, writes);
+}
+
+/// [`make_qcow2`] with qimg.
+fn qimg_qcow2(dir: &Path, opts: &[&str], name: &str, size: &str, writes: &[&str]) {
+    make_qcow2(dir, env!("CARGO_BIN_EXE_qimg"), opts, name, size, writes);
+}
+
+/// `args` with every `X` replaced by `name`.
+fn with_name(args: &[&str], name: &str) -> Vec<String> {
+    args.iter()
+        .map(|a| if *a == "X" { name } else { a }.to_string())
+        .collect()
+}
+
+/// `qemu-img info IMG` with `name` replaced by `X`, without the lines of on-disk sizes.
+fn info_sans_sizes(dir: &Path, img: &str, name: &str) -> String {
+    qemu(dir, &["info", img])
+        .1
+        .replace(name, "X")
+        .lines()
+        .filter(|l| !l.contains("disk size") && !l.contains("file length"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A 4 MiB lazy-refcounts qcow2 that qemu-io left dirty (killed with `abort` after a write).
+fn make_dirty_qcow2(p: &Path, name: &str) {
+    qcow2_image(p, &["-o", "lazy_refcounts=on"], name, "4M", &[]);
     let _ = run(
         p,
         "qemu-io",
@@ -101,21 +133,8 @@ fn create_prints_the_same_line_and_makes_an_equivalent_image() {
     for (i, case) in cases.iter().enumerate() {
         let ours = format!("ours{i}.img");
         let theirs = format!("theirs{i}.img");
-        let with = |name: &str| -> Vec<String> {
-            case.iter()
-                .map(|a| {
-                    if *a == "X" {
-                        name.to_string()
-                    } else {
-                        a.to_string()
-                    }
-                })
-                .collect()
-        };
-        let a: Vec<String> = with(&ours);
-        let b: Vec<String> = with(&theirs);
-        let (c1, o1) = qimg(d.path(), &a.iter().map(String::as_str).collect::<Vec<_>>());
-        let (c2, o2) = qemu(d.path(), &b.iter().map(String::as_str).collect::<Vec<_>>());
+        let (c1, o1) = qimg(d.path(), &with_name(case, &ours));
+        let (c2, o2) = qemu(d.path(), &with_name(case, &theirs));
         assert_eq!(
             (c1, o1.replace(&ours, "X")),
             (c2, o2.replace(&theirs, "X")),
@@ -126,16 +145,9 @@ fn create_prints_the_same_line_and_makes_an_equivalent_image() {
         if case.contains(&"qcow2") {
             assert_eq!(qemu(d.path(), &["check", &ours]).0, 0);
         }
-        let strip = |s: String, n: &str| -> String {
-            s.replace(n, "X")
-                .lines()
-                .filter(|l| !l.contains("disk size") && !l.contains("file length"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
         assert_eq!(
-            strip(qemu(d.path(), &["info", &ours]).1, &ours),
-            strip(qemu(d.path(), &["info", &theirs]).1, &theirs)
+            info_sans_sizes(d.path(), &ours, &ours),
+            info_sans_sizes(d.path(), &theirs, &theirs)
         );
     }
 }
@@ -144,22 +156,18 @@ fn create_prints_the_same_line_and_makes_an_equivalent_image() {
 fn check_and_info_match_on_qemu_written_images() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    qemu(p, &["create", "-q", "-f", "qcow2", "a.qcow2", "64M"]);
-    qemu_io(
+    qcow2_image(
         p,
+        &[],
         "a.qcow2",
+        "64M",
         &[
             "write -P 1 0 100k",
             "write -c -P 2 1M 64k",
             "write -z 2M 64k",
         ],
     );
-    qemu(
-        p,
-        &[
-            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
-        ],
-    );
+    qcow2_image(p, &["-b", "a.qcow2", "-F", "qcow2"], "b.qcow2", "", &[]);
     qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
     for img in ["a.qcow2", "b.qcow2"] {
         same(p, &["check", img]);
@@ -200,10 +208,11 @@ fn check_reports_and_repairs_a_dirty_image_like_qemu_img() {
 fn convert_roundtrips_are_identical_for_qemu_img_compare() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    qemu(p, &["create", "-q", "-f", "qcow2", "src.qcow2", "32M"]);
-    qemu_io(
+    qcow2_image(
         p,
+        &[],
         "src.qcow2",
+        "32M",
         &[
             "write -P 7 0 3M",
             "write -P 9 10M 100k",
@@ -245,9 +254,9 @@ fn convert_roundtrips_are_identical_for_qemu_img_compare() {
 fn compare_exit_codes_match() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    qemu(p, &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]);
-    qemu(p, &["create", "-q", "-f", "qcow2", "b.qcow2", "4M"]);
-    qemu(p, &["create", "-q", "-f", "qcow2", "c.qcow2", "5M"]);
+    qcow2_image(p, &[], "a.qcow2", "4M", &[]);
+    qcow2_image(p, &[], "b.qcow2", "4M", &[]);
+    qcow2_image(p, &[], "c.qcow2", "5M", &[]);
     same(p, &["compare", "a.qcow2", "b.qcow2"]);
     same(p, &["compare", "a.qcow2", "c.qcow2"]);
     same(p, &["compare", "-s", "a.qcow2", "c.qcow2"]);
@@ -263,21 +272,8 @@ fn same_on_copies(dir: &Path, img: &str, args: &[&str]) -> (String, String) {
     let theirs = format!("theirs-{img}");
     std::fs::copy(dir.join(img), dir.join(&ours)).unwrap();
     std::fs::copy(dir.join(img), dir.join(&theirs)).unwrap();
-    let with = |name: &str| -> Vec<String> {
-        args.iter()
-            .map(|a| {
-                if *a == "X" {
-                    name.to_string()
-                } else {
-                    a.to_string()
-                }
-            })
-            .collect()
-    };
-    let a = with(&ours);
-    let b = with(&theirs);
-    let o = qimg(dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
-    let t = qemu(dir, &b.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = qimg(dir, &with_name(args, &ours));
+    let t = qemu(dir, &with_name(args, &theirs));
     assert_eq!(o, t, "qimg vs qemu-img differ for {args:?} on {img}");
     (ours, theirs)
 }
@@ -285,10 +281,11 @@ fn same_on_copies(dir: &Path, img: &str, args: &[&str]) -> (String, String) {
 /// Images of many kinds, made by both tools, in `dir` (some in a subdirectory).
 fn make_zoo(p: &Path) -> Vec<&'static str> {
     std::fs::create_dir(p.join("d")).unwrap();
-    qemu(p, &["create", "-q", "-f", "qcow2", "a.qcow2", "64M"]);
-    qemu_io(
+    qcow2_image(
         p,
+        &[],
         "a.qcow2",
+        "64M",
         &[
             "write -P 1 0 100k",
             "write -c -P 2 1M 64k",
@@ -311,68 +308,35 @@ fn make_zoo(p: &Path) -> Vec<&'static str> {
             "bm1",
         ],
     );
-    qemu(p, &["create", "-q", "-f", "qcow2", "d/base.qcow2", "2M"]);
-    qemu_io(p, "d/base.qcow2", &["write -P 4 0 1M"]);
-    assert_eq!(
-        qimg(
-            p,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "d/top.qcow2",
-                "4M"
-            ]
-        )
-        .0,
-        0
-    );
-    qemu_io(p, "d/top.qcow2", &["write -P 5 512k 64k"]);
-    qimg(
+    qcow2_image(p, &[], "d/base.qcow2", "2M", &["write -P 4 0 1M"]);
+    qimg_qcow2(
         p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10,cluster_size=4096",
-            "v2.qcow2",
-            "1G",
-        ],
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "d/top.qcow2",
+        "4M",
+        &["write -P 5 512k 64k"],
     );
-    qimg(
+    qimg_qcow2(
         p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=ext.data,data_file_raw=on",
-            "ext.qcow2",
-            "1M",
-        ],
+        &["-o", "compat=0.10,cluster_size=4096"],
+        "v2.qcow2",
+        "1G",
+        &[],
     );
-    qimg(
+    qimg_qcow2(
         p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "preallocation=metadata",
-            "pm.qcow2",
-            "3M",
-        ],
+        &["-o", "data_file=ext.data,data_file_raw=on"],
+        "ext.qcow2",
+        "1M",
+        &[],
     );
-    qemu_io(p, "pm.qcow2", &["write -P 1 64k 4k", "write -z 1M 64k"]);
+    qimg_qcow2(
+        p,
+        &["-o", "preallocation=metadata"],
+        "pm.qcow2",
+        "3M",
+        &["write -P 1 64k 4k", "write -z 1M 64k"],
+    );
     qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
     qimg(p, &["create", "-q", "-f", "raw", "q.raw", "2M"]);
     let _ = run(
@@ -496,53 +460,37 @@ fn measure_matches_for_sizes_and_images() {
 fn resize_matches_and_keeps_images_consistent() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    qemu(p, &["create", "-q", "-f", "qcow2", "q.qcow2", "64M"]);
-    qemu_io(
+    qcow2_image(
         p,
+        &[],
         "q.qcow2",
+        "64M",
         &[
             "write -P 5 0 300k",
             "write -P 6 10M 64k",
             "write -c -P 7 20M 64k",
         ],
     );
-    qemu(
+    qcow2_image(
         p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "small.qcow2",
-            "64M",
-        ],
-    );
-    qemu_io(
-        p,
+        &["-o", "cluster_size=512"],
         "small.qcow2",
+        "64M",
         &["write -P 5 0 300k", "write -P 6 10M 64k"],
     );
-    qimg(
+    qimg_qcow2(
         p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "ours.qcow2",
-            "1M",
-        ],
+        &["-o", "cluster_size=4096"],
+        "ours.qcow2",
+        "1M",
+        &["write -P 8 4k 8k"],
     );
-    qemu_io(p, "ours.qcow2", &["write -P 8 4k 8k"]);
     qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
-    qemu(p, &["create", "-q", "-f", "qcow2", "snap.qcow2", "64M"]);
-    qemu_io(
+    qcow2_image(
         p,
+        &[],
         "snap.qcow2",
+        "64M",
         &[
             "write -P 5 0 300k",
             "write -P 6 10M 64k",
@@ -598,16 +546,9 @@ fn resize_matches_and_keeps_images_consistent() {
                 );
             }
         }
-        let strip = |s: String, n: &str| -> String {
-            s.replace(n, "X")
-                .lines()
-                .filter(|l| !l.contains("disk size") && !l.contains("file length"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
         assert_eq!(
-            strip(qemu(p, &["info", &ours]).1, &ours),
-            strip(qemu(p, &["info", &theirs]).1, &theirs),
+            info_sans_sizes(p, &ours, &ours),
+            info_sans_sizes(p, &theirs, &theirs),
             "{a:?} {img}"
         );
     }
@@ -641,7 +582,7 @@ fn resize_matches_and_keeps_images_consistent() {
 fn unknown_subcommands_and_options_fail_with_exit_1() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    qemu(p, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    qcow2_image(p, &[], "a.qcow2", "1M", &[]);
     for args in [
         &["frobnicate", "a.qcow2"][..],
         &["info", "--bogus", "a.qcow2"],
@@ -668,24 +609,25 @@ fn make_chain(dir: &Path, p: &str) {
         format!("{p}mid.qcow2"),
         format!("{p}top.qcow2"),
     );
-    qemu(dir, &["create", "-q", "-f", "qcow2", &base, "4M"]);
-    qemu_io(dir, &base, &["write -P 1 0 1M", "write -P 2 2M 512k"]);
-    qemu(
+    qcow2_image(
         dir,
-        &[
-            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &mid,
-        ],
+        &[],
+        &base,
+        "4M",
+        &["write -P 1 0 1M", "write -P 2 2M 512k"],
     );
-    qemu_io(dir, &mid, &["write -P 3 512k 1M", "write -z 3M 64k"]);
-    qemu(
+    qcow2_image(
         dir,
-        &[
-            "create", "-q", "-f", "qcow2", "-b", &mid, "-F", "qcow2", &top, "6M",
-        ],
+        &["-b", &base, "-F", "qcow2"],
+        &mid,
+        "",
+        &["write -P 3 512k 1M", "write -z 3M 64k"],
     );
-    qemu_io(
+    qcow2_image(
         dir,
+        &["-b", &mid, "-F", "qcow2"],
         &top,
+        "6M",
         &["write -P 4 1M 100k", "write -P 5 5M 64k", "write -z 0 64k"],
     );
 }
@@ -696,16 +638,11 @@ fn chains_agree(dir: &Path, layout_too: bool) {
         let (a, b) = (format!("A-{f}.qcow2"), format!("B-{f}.qcow2"));
         assert_eq!(qemu(dir, &["compare", &a, &b]).0, 0, "{f}");
         assert_eq!(qemu(dir, &["check", &b]).0, 0, "{f}");
-        let info = |img: &str, prefix: &str| -> Vec<String> {
-            qemu(dir, &["info", img])
-                .1
-                .replace(prefix, "X-")
-                .lines()
-                .filter(|l| !l.contains("disk size") && !l.contains("file length"))
-                .map(str::to_string)
-                .collect()
-        };
-        assert_eq!(info(&a, "A-"), info(&b, "B-"), "{f}");
+        assert_eq!(
+            info_sans_sizes(dir, &a, "A-"),
+            info_sans_sizes(dir, &b, "B-"),
+            "{f}"
+        );
         if layout_too {
             assert_eq!(
                 qemu(dir, &["map", "--output=json", &a]),
@@ -726,10 +663,8 @@ fn same_on_chains(dir: &Path, args: &[&str]) {
         make_chain(dir, p);
     }
     let with = |p: &str| -> Vec<String> { args.iter().map(|a| a.replace("X-", p)).collect() };
-    let a = with("A-");
-    let b = with("B-");
-    let t = qemu(dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
-    let o = qimg(dir, &b.iter().map(String::as_str).collect::<Vec<_>>());
+    let t = qemu(dir, &with("A-"));
+    let o = qimg(dir, &with("B-"));
     assert_eq!(o, t, "qimg vs qemu-img differ for {args:?}");
 }
 
@@ -737,26 +672,20 @@ fn same_on_chains(dir: &Path, args: &[&str]) {
 fn rebase_matches_in_safe_and_unsafe_mode() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    qemu(p, &["create", "-q", "-f", "qcow2", "other.qcow2", "4M"]);
-    qemu_io(
+    qcow2_image(
         p,
+        &[],
         "other.qcow2",
+        "4M",
         &["write -P 1 0 512k", "write -P 6 3M 64k"],
     );
-    qemu(
+    qcow2_image(
         p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "small.qcow2",
-            "6M",
-        ],
+        &["-o", "cluster_size=4k"],
+        "small.qcow2",
+        "6M",
+        &["write -P 7 100k 3M"],
     );
-    qemu_io(p, "small.qcow2", &["write -P 7 100k 3M"]);
     for args in [
         &["rebase", "-b", "other.qcow2", "-F", "qcow2", "X-top.qcow2"][..],
         &["rebase", "-b", "X-base.qcow2", "-F", "qcow2", "X-top.qcow2"],
@@ -868,9 +797,8 @@ fn dd_matches() {
                 .chain(args.iter().map(|a| a.replace('X', x)))
                 .collect()
         };
-        let (a, b) = (with("theirs"), with("ours"));
-        let t = qemu(p, &a.iter().map(String::as_str).collect::<Vec<_>>());
-        let o = qimg(p, &b.iter().map(String::as_str).collect::<Vec<_>>());
+        let t = qemu(p, &with("theirs"));
+        let o = qimg(p, &with("ours"));
         assert_eq!(o, t, "{args:?}");
         let Some(out) = args.iter().find_map(|a| a.strip_prefix("of=X")) else {
             continue;
@@ -931,22 +859,11 @@ fn bench_prints_the_same_header_and_exit_codes() {
         &["-c", "10", "-i", "bogus", "base.qcow2"],
         &["-c", "10", "missing.qcow2"],
     ] {
-        let with = |x: &str| -> Vec<String> {
-            std::iter::once("bench".to_string())
-                .chain(args.iter().map(|a| {
-                    if *a == "X" {
-                        x.to_string()
-                    } else {
-                        a.to_string()
-                    }
-                }))
-                .collect()
-        };
         std::fs::copy(p.join("base.qcow2"), p.join("theirs.qcow2")).unwrap();
         std::fs::copy(p.join("base.qcow2"), p.join("ours.qcow2")).unwrap();
-        let (a, b) = (with("theirs.qcow2"), with("ours.qcow2"));
-        let (tc, t) = qemu(p, &a.iter().map(String::as_str).collect::<Vec<_>>());
-        let (oc, o) = qimg(p, &b.iter().map(String::as_str).collect::<Vec<_>>());
+        let args = [&["bench"], args].concat();
+        let (tc, t) = qemu(p, &with_name(&args, "theirs.qcow2"));
+        let (oc, o) = qimg(p, &with_name(&args, "ours.qcow2"));
         // The timing line differs; everything before it must not.
         let head = |s: &str| {
             s.lines()
@@ -988,20 +905,30 @@ fn convert_lays_out_the_target_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     mixed_raw(p, "src.raw");
-    for args in [
-        vec!["-O", "qcow2"],
-        vec!["-O", "qcow2", "-m", "1"],
-        vec!["-O", "qcow2", "-o", "cluster_size=4096"],
-        vec!["-O", "qcow2", "-S", "0"],
-        vec!["-O", "qcow2", "-t", "writeback"],
-        vec!["-O", "raw"],
+    // Whole 4 MiB convert chunks without data between chunks with data.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(p.join("sparse.raw")).unwrap();
+        f.set_len(40 << 20).unwrap();
+        for mib in [5, 13, 14, 29, 39] {
+            f.write_all_at(&[mib as u8; 100 << 10], mib << 20).unwrap();
+        }
+    }
+    for (args, src) in [
+        (vec!["-O", "qcow2"], "src.raw"),
+        (vec!["-O", "qcow2", "-m", "1"], "src.raw"),
+        (vec!["-O", "qcow2", "-o", "cluster_size=4096"], "src.raw"),
+        (vec!["-O", "qcow2", "-S", "0"], "src.raw"),
+        (vec!["-O", "qcow2", "-t", "writeback"], "src.raw"),
+        (vec!["-O", "raw"], "src.raw"),
+        (vec!["-O", "qcow2"], "sparse.raw"),
     ] {
         let mut a = vec!["convert"];
         a.extend(&args);
-        a.push("src.raw");
+        a.push(src);
         assert_eq!(qimg(p, &[&a[..], &["ours"]].concat()).0, 0, "{a:?}");
         assert_eq!(qemu(p, &[&a[..], &["theirs"]].concat()).0, 0, "{a:?}");
-        assert_eq!(qemu(p, &["compare", "src.raw", "ours"]).0, 0, "{a:?}");
+        assert_eq!(qemu(p, &["compare", src, "ours"]).0, 0, "{a:?}");
         // Same allocation, same host offsets: the clusters are laid out in guest order.
         assert_eq!(
             qemu(p, &["map", "--output=json", "ours"]),
@@ -1020,25 +947,12 @@ fn convert_lays_out_the_target_like_qemu_img() {
 fn convert_with_a_backing_file_copies_only_the_top_layer() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    qemu(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
-    qemu_io(p, "base.qcow2", &["write -P 1 0 4M"]);
-    qemu(
+    qcow2_image(p, &[], "base.qcow2", "8M", &["write -P 1 0 4M"]);
+    qcow2_image(
         p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
-    qemu_io(
-        p,
+        &["-b", "base.qcow2", "-F", "qcow2"],
         "top.qcow2",
+        "",
         &["write -P 2 1M 128k", "write -z 2M 64k", "write -P 3 6M 64k"],
     );
     let args = [
@@ -1094,8 +1008,7 @@ fn convert_into_an_existing_target_and_progress_output() {
     let p = d.path();
     mixed_raw(p, "src.raw");
     // -n over an image full of other data: the zeros of the source must be written too.
-    qemu(p, &["create", "-q", "-f", "qcow2", "t.qcow2", "6M"]);
-    qemu_io(p, "t.qcow2", &["write -P 9 0 6M"]);
+    qcow2_image(p, &[], "t.qcow2", "6M", &["write -P 9 0 6M"]);
     assert_eq!(
         qimg(p, &["convert", "-n", "-O", "qcow2", "src.raw", "t.qcow2"]).0,
         0
@@ -1124,5 +1037,228 @@ fn convert_into_an_existing_target_and_progress_output() {
         )
         .0,
         1
+    );
+}
+
+/// A raw image of `mib` MiB: every other MiB holds compressible text (words from a fixed
+/// pseudo-random sequence), the rest is a hole.
+fn text_raw(dir: &Path, name: &str, mib: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let words = [
+        "qcow2 ",
+        "cluster ",
+        "refcount ",
+        "snapshot ",
+        "L2 ",
+        "zlib ",
+    ];
+    let mut state = 1u64;
+    let mut data = vec![0u8; (mib << 20) as usize];
+    for m in (0..mib as usize).step_by(2) {
+        let mut text = Vec::with_capacity(1 << 20);
+        while text.len() < 1 << 20 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            text.extend_from_slice(words[(state >> 60) as usize % words.len()].as_bytes());
+        }
+        data[m << 20..(m + 1) << 20].copy_from_slice(&text[..1 << 20]);
+    }
+    let f = std::fs::File::create(dir.join(name)).unwrap();
+    f.set_len(mib << 20).unwrap();
+    for m in (0..mib as usize).step_by(2) {
+        f.write_all_at(&data[m << 20..(m + 1) << 20], (m << 20) as u64)
+            .unwrap();
+    }
+    data
+}
+
+/// Runs `qimg convert -p ARGS` and sends `sig` once its progress passed 1%. Returns the
+/// bytes the interrupted convert reports as converted, or `None` if it finished first.
+fn interrupt_convert(dir: &Path, args: &[&str], sig: i32) -> Option<u64> {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qimg"))
+        .current_dir(dir)
+        .args(["convert", "-p"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut byte = [0u8; 1];
+    // Progress lines are `    (P/100%)\r`; wait for one past 1%.
+    while !seen
+        .split('\r')
+        .filter_map(|l| l.trim().strip_prefix('(')?.split('/').next()?.parse().ok())
+        .any(|p: f64| p > 1.0)
+    {
+        if stdout.read(&mut byte).unwrap() == 0 {
+            break;
+        }
+        seen.push(byte[0] as char);
+    }
+    // SAFETY: a signal to our own child, which has not been waited for yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        return None;
+    }
+    assert_eq!(
+        out.status.signal(),
+        Some(sig),
+        "dies of the signal: {stderr}"
+    );
+    let target = args.last().unwrap();
+    let done = stderr
+        .split_once(&format!("'{target}' is consistent and holds the first "))
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok());
+    Some(done.unwrap_or_else(|| panic!("no interruption message: {stderr}")))
+}
+
+#[test]
+fn an_interrupted_convert_leaves_a_consistent_prefix() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let data = text_raw(p, "src.raw", 64);
+    qemu(p, &["convert", "-c", "-O", "qcow2", "src.raw", "src.qcow2"]);
+    for (sig, args) in [
+        (
+            libc::SIGINT,
+            &["-c", "-O", "qcow2", "src.raw", "out.qcow2"][..],
+        ),
+        (
+            libc::SIGTERM,
+            &["-m", "1", "-O", "raw", "src.qcow2", "out.raw"],
+        ),
+    ] {
+        let target = *args.last().unwrap();
+        let done = (0..5)
+            .find_map(|_| {
+                let _ = std::fs::remove_file(p.join(target));
+                interrupt_convert(p, args, sig)
+            })
+            .expect("qimg convert always finished before the signal");
+        assert!(done > 0 && done < data.len() as u64, "{args:?}: {done}");
+        if target.ends_with("qcow2") {
+            let (code, out) = qemu(p, &["check", target]);
+            assert_eq!(code, 0, "{args:?}: {out}");
+        }
+        // The target reads as the first `done` bytes of the source, then zeros.
+        assert_eq!(qemu(p, &["convert", "-O", "raw", target, "got.raw"]).0, 0);
+        let got = std::fs::read(p.join("got.raw")).unwrap();
+        let done = done as usize;
+        assert_eq!(got.len(), data.len(), "{args:?}");
+        assert!(got[..done] == data[..done], "{args:?}: the prefix differs");
+        assert!(
+            got[done..].iter().all(|&b| b == 0),
+            "{args:?}: data past {done}"
+        );
+    }
+}
+
+/// qimg's stderr for `args`.
+fn qimg_stderr(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_qimg"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn convert_and_measure_read_internal_snapshots_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    // Snapshot "2" has ID 1 and snapshot "b" ID 2, so `-l 2` tells IDs first from names first.
+    qcow2_image(
+        p,
+        &[],
+        "s.qcow2",
+        "64M",
+        &["write -P 1 0 1M", "write -P 2 60M 1M"],
+    );
+    qemu(p, &["snapshot", "-c", "2", "s.qcow2"]);
+    qemu_io(
+        p,
+        "s.qcow2",
+        &["write -P 3 0 512k", "write -c -P 5 8M 128k"],
+    );
+    qemu(p, &["snapshot", "-c", "b", "s.qcow2"]);
+    qemu_io(p, "s.qcow2", &["write -z 0 1M", "write -P 9 30M 64k"]);
+    qemu(p, &["resize", "-q", "s.qcow2", "80M"]);
+    qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    let mut contents = Vec::new();
+    for l in [
+        &["-l", "1"][..],
+        &["-l", "2"],
+        &["-l", "b"],
+        &["-s", "b"],
+        &["-l", "snapshot.id=1"],
+        &["-l", "snapshot.name=2"],
+        &["-l", "snapshot.id=2,snapshot.name=b"],
+        &[],
+    ] {
+        for fmt in ["raw", "qcow2"] {
+            let a = [&["convert", "-O", fmt][..], l, &["s.qcow2"]].concat();
+            assert_eq!(qimg(p, &[&a[..], &["ours"]].concat()).0, 0, "{a:?}");
+            // qemu-img 10 has no -s: its -l takes the same bare ID or name.
+            let theirs = [&a[..], &["theirs"]].concat().join(" ").replace("-s", "-l");
+            let theirs: Vec<&str> = theirs.split(' ').collect();
+            assert_eq!(qemu(p, &theirs).0, 0, "{a:?}");
+            assert_eq!(qemu(p, &["compare", "ours", "theirs"]).0, 0, "{a:?}");
+            if fmt == "raw" {
+                let ours = std::fs::read(p.join("ours")).unwrap();
+                assert!(ours == std::fs::read(p.join("theirs")).unwrap(), "{a:?}");
+                contents.push(ours);
+            } else {
+                assert_eq!(
+                    qemu(p, &["map", "--output=json", "ours"]),
+                    qemu(p, &["map", "--output=json", "theirs"]),
+                    "{a:?}"
+                );
+            }
+        }
+        if !l.is_empty() && l[0] == "-l" {
+            for out in ["--output=human", "--output=json"] {
+                same(p, &["measure", out, "-O", "qcow2", l[0], l[1], "s.qcow2"]);
+            }
+        }
+    }
+    // Which state each case read: snapshot ID 1, ID 2 or the current one, all different.
+    let state = [1, 2, 2, 2, 1, 1, 2, 0];
+    for (i, a) in contents.iter().enumerate() {
+        for (j, b) in contents.iter().enumerate() {
+            assert_eq!(a == b, state[i] == state[j], "cases {i} and {j}");
+        }
+    }
+    for args in [
+        &["convert", "-l", "nosuch", "s.qcow2", "x"][..],
+        &[
+            "convert",
+            "-l",
+            "snapshot.id=1,snapshot.name=b",
+            "s.qcow2",
+            "x",
+        ],
+        &["convert", "-l", "snapshot.foo=1", "s.qcow2", "x"],
+        &["convert", "-l", "1", "s.qcow2", "s.qcow2", "x"],
+        &["convert", "-l", "1", "r.raw", "x"],
+        &["measure", "-l", "nosuch", "s.qcow2"],
+        &["measure", "-l", "1", "r.raw"],
+        &["measure", "-l", "1", "--size", "1G"],
+        &["measure", "-f", "qcow2"],
+    ] {
+        same(p, args);
+    }
+    let err = qimg_stderr(p, &["convert", "-l", "nosuch", "s.qcow2", "x"]);
+    assert!(
+        err.contains("Failed to load snapshot: Can't find snapshot"),
+        "{err}"
     );
 }

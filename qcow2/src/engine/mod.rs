@@ -108,6 +108,10 @@ impl Qcow2 {
             (reftable_bytes / 8) as usize,
         )?;
         let (snapshots, snapshot_table_len) = read_snapshots(&*file, &header, file_len)?;
+        let l1 = match &opts.snapshot {
+            Some(r) => crate::open::snapshot_l1(&*file, &snapshots, r, opts.read_only, cs)?,
+            None => l1,
+        };
         let data_file = match &header.data_file {
             Some(name) => Some(open_data_file(name, dir, opts.read_only)?),
             None => None,

@@ -31,6 +31,39 @@ pub struct Snapshot {
     pub icount: Option<u64>,
 }
 
+/// Which internal snapshot to open, with QEMU's lookup rules (`bdrv_snapshot_load_tmp`):
+/// the first snapshot in table order that matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotRef {
+    /// The snapshot with this ID.
+    Id(String),
+    /// The snapshot with this name.
+    Name(String),
+    /// The snapshot with both this ID and this name.
+    IdAndName {
+        /// Its ID.
+        id: String,
+        /// Its name.
+        name: String,
+    },
+    /// An ID, or if no snapshot has it, a name (qemu-img's bare `-l ID_OR_NAME`). Every ID is
+    /// tried before any name.
+    IdOrName(String),
+}
+
+impl SnapshotRef {
+    /// The snapshot of `table` this refers to.
+    pub fn find<'a>(&self, table: &'a [Snapshot]) -> Option<&'a Snapshot> {
+        let first = |f: &dyn Fn(&Snapshot) -> bool| table.iter().find(|s| f(s));
+        match self {
+            SnapshotRef::Id(id) => first(&|s| s.id == *id),
+            SnapshotRef::Name(name) => first(&|s| s.name == *name),
+            SnapshotRef::IdAndName { id, name } => first(&|s| s.id == *id && s.name == *name),
+            SnapshotRef::IdOrName(x) => first(&|s| s.id == *x).or_else(|| first(&|s| s.name == *x)),
+        }
+    }
+}
+
 /// Parses `count` snapshot entries from `table`, the bytes at the snapshot table offset.
 ///
 /// Returns the snapshots and the table's length in bytes.
@@ -100,5 +133,33 @@ mod tests {
         assert_eq!(snaps[0].name, "snap");
         assert_eq!(snaps[0].disk_size, Some(1 << 30));
         assert!(parse_table(&e[..50], 1).is_err());
+    }
+
+    #[test]
+    fn lookup_tries_every_id_before_any_name() {
+        let snap = |id: &str, name: &str| Snapshot {
+            l1_table_offset: 0,
+            l1_size: 0,
+            id: id.into(),
+            name: name.into(),
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: None,
+            icount: None,
+        };
+        let table = [snap("1", "2"), snap("2", "b"), snap("3", "b")];
+        let found = |r: SnapshotRef| r.find(&table).map(|s| s.id.as_str());
+        assert_eq!(found(SnapshotRef::IdOrName("2".into())), Some("2"));
+        assert_eq!(found(SnapshotRef::IdOrName("b".into())), Some("2"));
+        assert_eq!(found(SnapshotRef::Name("2".into())), Some("1"));
+        assert_eq!(found(SnapshotRef::Id("b".into())), None);
+        let both = |id: &str, name: &str| SnapshotRef::IdAndName {
+            id: id.into(),
+            name: name.into(),
+        };
+        assert_eq!(found(both("3", "b")), Some("3"));
+        assert_eq!(found(both("1", "b")), None);
     }
 }

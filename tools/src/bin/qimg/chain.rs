@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use qcow2::{BlockStatus, FileStorage, Format, Image, Qcow2, RawImage, Storage};
+use qcow2::{BlockStatus, FileStorage, Format, Image, Qcow2, RawImage, SnapshotRef, Storage};
 
 use crate::info::path_combine;
 
@@ -70,8 +70,13 @@ pub struct Chain {
     nodes: Vec<Node>,
 }
 
-/// Opens one image without its backing file; also returns its backing file.
-pub fn open_layer(name: &str, format: Option<&str>) -> anyhow::Result<(Layer, Backing)> {
+/// Opens one image (or a view of its internal `snapshot`) without its backing file; also
+/// returns its backing file.
+pub fn open_layer(
+    name: &str,
+    format: Option<&str>,
+    snapshot: Option<&SnapshotRef>,
+) -> anyhow::Result<(Layer, Backing)> {
     let path = Path::new(name);
     let file = std::fs::File::open(path).with_context(|| format!("Could not open '{name}'"))?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
@@ -80,11 +85,15 @@ pub fn open_layer(name: &str, format: Option<&str>) -> anyhow::Result<(Layer, Ba
         None => qcow2::open::probe(&*storage)?,
     };
     if fmt == Format::Raw {
+        if snapshot.is_some() {
+            return Err(crate::open_error(name, qcow2::Error::NoSnapshots("raw")));
+        }
         return Ok((Layer::Raw(RawImage::new(storage, true)?), None));
     }
     let opts = qcow2::OpenOptions {
         read_only: true,
         no_backing: true,
+        snapshot: snapshot.cloned(),
         ..Default::default()
     };
     let img = Qcow2::open_storage(
@@ -119,15 +128,20 @@ fn detect_metadata_preallocation(img: &Qcow2, path: &Path) -> anyhow::Result<boo
 }
 
 impl Chain {
-    /// Opens `filename` and its whole backing chain.
-    pub fn open(filename: &str, format: Option<&str>) -> anyhow::Result<Chain> {
+    /// Opens `filename` (or a view of its internal `snapshot`) and its whole backing chain.
+    pub fn open(
+        filename: &str,
+        format: Option<&str>,
+        snapshot: Option<&SnapshotRef>,
+    ) -> anyhow::Result<Chain> {
         let mut nodes: Vec<Node> = Vec::new();
         let mut next = Some((filename.to_string(), format.map(str::to_string)));
         while let Some((name, fmt)) = next.take() {
             if nodes.len() > qcow2::open::MAX_CHAIN_DEPTH || nodes.iter().any(|n| n.name == name) {
                 anyhow::bail!("Backing file '{name}' creates an infinite loop.");
             }
-            let (layer, backing) = open_layer(&name, fmt.as_deref())?;
+            let top = if nodes.is_empty() { snapshot } else { None };
+            let (layer, backing) = open_layer(&name, fmt.as_deref(), top)?;
             let (data_name, preallocated, recorded_backing) = match &layer {
                 Layer::Qcow2(img) => {
                     let h = img.header();

@@ -81,7 +81,7 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
 /// Runs `qimg commit`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = (&a.cache, &a.rate);
-    let chain = Chain::open(&a.filename, a.format.as_deref())?;
+    let chain = Chain::open(&a.filename, a.format.as_deref(), None)?;
     if chain.len() < 2 {
         bail!("Image does not have a backing file");
     }

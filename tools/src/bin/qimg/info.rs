@@ -171,7 +171,7 @@ fn qcow2_specific(h: &Header, bitmaps: Option<QObj>) -> QObj {
 fn node_info(filename: &str, format: Option<&str>) -> anyhow::Result<(NodeInfo, Backing)> {
     let meta =
         std::fs::metadata(filename).with_context(|| format!("Could not open '{filename}'"))?;
-    let (layer, backing) = open_layer(filename, format)?;
+    let (layer, backing) = open_layer(filename, format, None)?;
     let mut node = NodeInfo {
         filename: filename.to_string(),
         format: "raw",

@@ -11,6 +11,7 @@ mod convert;
 mod create;
 mod dd;
 mod info;
+mod interrupt;
 mod map;
 mod measure;
 mod progress;
@@ -18,6 +19,7 @@ mod qjson;
 mod rebase;
 mod resize;
 mod size;
+mod snapshot_param;
 
 use std::process::ExitCode;
 
@@ -104,12 +106,17 @@ pub fn output_is_json(output: &str) -> anyhow::Result<bool> {
     }
 }
 
-/// qemu-img's wording for an open error of a qcow2 image.
+/// qemu-img's wording for an open error of a qcow2 image (or of its snapshot).
 pub fn open_error(path: &str, e: qcow2::Error) -> anyhow::Error {
     match e {
         qcow2::Error::BadMagic(_) => {
             anyhow::anyhow!("Could not open '{path}': Image is not in qcow2 format")
         }
+        qcow2::Error::SnapshotNotFound => anyhow::anyhow!("Failed to load snapshot: {e}"),
+        qcow2::Error::NoSnapshots(format) => anyhow::anyhow!(
+            "Failed to load snapshot: Block format '{format}' used by device '' does not \
+             support temporarily loading internal snapshots"
+        ),
         e => anyhow::anyhow!("Could not open '{path}': {e}"),
     }
 }
@@ -125,9 +132,20 @@ pub fn open(
     format: Option<&str>,
     read_only: bool,
 ) -> anyhow::Result<Box<dyn qcow2::Image>> {
+    open_at(path, format, read_only, None)
+}
+
+/// Opens an image, or a read-only view of one of its internal snapshots, as qemu-img would.
+pub fn open_at(
+    path: &str,
+    format: Option<&str>,
+    read_only: bool,
+    snapshot: Option<qcow2::SnapshotRef>,
+) -> anyhow::Result<Box<dyn qcow2::Image>> {
     let opts = qcow2::OpenOptions {
         read_only,
         format: format.map(parse_format).transpose()?,
+        snapshot,
         ..Default::default()
     };
     qcow2::open_image(std::path::Path::new(path), &opts).map_err(|e| open_error(path, e))

@@ -114,7 +114,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let json = crate::output_is_json(&a.output)?;
     let start = parse_opt(&a.start_offset, "start offset")?.unwrap_or(0);
     let max_length = parse_opt(&a.max_length, "max length")?.unwrap_or(i64::MAX as u64);
-    let chain = Chain::open(&a.filename, a.format.as_deref())?;
+    let chain = Chain::open(&a.filename, a.format.as_deref(), None)?;
     let end = chain.size().min(start.saturating_add(max_length));
     let mut out = String::new();
     if json {

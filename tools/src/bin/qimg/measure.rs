@@ -8,6 +8,7 @@ use crate::chain::Chain;
 use crate::create::{parse_options, qcow2_options};
 use crate::qjson::{dict, QObj};
 use crate::size::parse_size;
+use crate::snapshot_param;
 
 /// Arguments of `qimg measure`.
 #[derive(clap::Args)]
@@ -27,8 +28,9 @@ pub struct Args {
     /// Virtual size of a new image (instead of a source image).
     #[arg(long = "size")]
     size: Option<String>,
-    /// Snapshot of the source (not supported).
-    #[arg(short = 'l')]
+    /// Measure this internal snapshot of the source: `snapshot.id=ID[,snapshot.name=NAME]`
+    /// or an ID or name.
+    #[arg(short = 'l', long = "snapshot")]
     snapshot: Option<String>,
     /// Open without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
@@ -151,13 +153,18 @@ fn measure_qcow2(
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = a.force_share;
     let json = crate::output_is_json(&a.output)?;
-    if a.snapshot.is_some() {
-        bail!("-l is not supported by qimg measure");
-    }
+    let snapshot = a
+        .snapshot
+        .as_deref()
+        .map(snapshot_param::parse)
+        .transpose()?;
     let src = match (&a.size, &a.filename) {
         (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename."),
+        (_, None) if a.format.is_some() || snapshot.is_some() => {
+            bail!("--image-opts, -f, and -l require a filename argument.")
+        }
         (None, None) => bail!("Either --size N or one filename must be specified."),
-        (None, Some(f)) => Some(Chain::open(f, a.format.as_deref())?),
+        (None, Some(f)) => Some(Chain::open(f, a.format.as_deref(), snapshot.as_ref())?),
         (Some(_), None) => None,
     };
     let size = a.size.as_deref().map(parse_size).transpose()?.unwrap_or(0);

@@ -64,6 +64,13 @@ impl Progress {
         }
     }
 
+    /// Leaves the display as it is, without completing it (the operation stopped).
+    pub fn abandon(&self) {
+        if let Mode::Bar(b) = &self.mode {
+            b.abandon();
+        }
+    }
+
     /// Shows completion.
     pub fn finish(&self) {
         match &self.mode {
