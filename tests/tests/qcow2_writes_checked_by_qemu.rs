@@ -152,6 +152,37 @@ fn random_operations_with_o_direct() {
 }
 
 #[test]
+fn lazy_refcounts_mark_the_image_dirty_while_open_and_clean_on_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lazy.qcow2");
+    let size = 8 * 1048576;
+    create(
+        &path,
+        CreateOptions {
+            size,
+            lazy_refcounts: true,
+            ..Default::default()
+        },
+    );
+    let dirty = || std::fs::read(&path).unwrap()[79] & 1 != 0;
+    let mut model = vec![0u8; size as usize];
+    {
+        let img = open_qcow2(&path);
+        random_ops(&img, &mut model, 11, 200);
+        img.flush().unwrap();
+        assert!(
+            dirty(),
+            "refcounts are not on disk yet: the dirty bit must say so"
+        );
+    }
+    assert!(
+        !dirty(),
+        "a clean close writes the refcounts and clears the dirty bit"
+    );
+    model_matches(&path, &model, "lazy refcounts");
+}
+
+#[test]
 fn a_tiny_l2_cache_evicts_dirty_slices_safely() {
     // 4 KiB clusters: each L2 table maps 2 MiB, so a 40 MiB disk has 20 tables and the
     // smallest cache (a few slices) evicts dirty ones all the time.

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::format::header::{Header, MAX_REFTABLE_BYTES};
+use crate::format::header::{Header, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::tables::{self, OFFSET_MASK};
 use crate::storage::Storage;
 
@@ -73,6 +73,8 @@ pub struct Meta {
     pub fixed: FixedMetadata,
     /// Set once an overlap check marked the image corrupt (shared with the lock-free paths).
     pub corrupt: Arc<AtomicBool>,
+    /// The image has lazy refcounts and is open for writing (see `writeback`).
+    pub lazy_refcounts: bool,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -467,9 +469,19 @@ impl Meta {
     /// Writes all dirty metadata back in crash-safe order (see the module docs).
     ///
     /// `data` is the external data file, if any, which is flushed with the first barrier.
+    ///
+    /// With lazy refcounts the refcount structures stay in the cache (they are written on
+    /// close or eviction) and are not ordered before the L2 tables; the image carries the
+    /// dirty bit meanwhile, so a crash is repaired by rebuilding refcounts on the next open.
     pub fn writeback(&mut self, file: &dyn Storage, data: Option<&dyn Storage>) -> Result<()> {
-        self.writeback_refcounts(file)?;
         let l2_dirty = self.l2.dirty_offsets();
+        let changes = !l2_dirty.is_empty() || self.l1_dirty || !self.pending_frees.is_empty();
+        if self.lazy_refcounts && changes {
+            self.set_dirty_bit(file, true)?;
+        }
+        if !self.lazy_refcounts {
+            self.writeback_refcounts(file)?;
+        }
         if !l2_dirty.is_empty() || self.l1_dirty {
             if let Some(d) = data {
                 d.flush()
@@ -495,8 +507,30 @@ impl Meta {
                 // A freed table must not be served from the cache if the cluster is reused.
                 self.forget_l2_table(off & OFFSET_MASK);
             }
-            self.writeback_refcounts(file)?;
+            if !self.lazy_refcounts {
+                self.writeback_refcounts(file)?;
+            }
         }
         Ok(())
+    }
+
+    /// Sets or clears the dirty bit in the header (durably) if it is not already so.
+    fn set_dirty_bit(&mut self, file: &dyn Storage, dirty: bool) -> Result<()> {
+        if self.header.is_dirty() == dirty {
+            return Ok(());
+        }
+        self.header.incompatible_features ^= INCOMPAT_DIRTY;
+        self.write_header(file)
+    }
+
+    /// Lazy refcounts on close: writes the refcount structures, then clears the dirty bit.
+    pub fn close_lazy_refcounts(&mut self, file: &dyn Storage) -> Result<()> {
+        if !self.lazy_refcounts || !self.header.is_dirty() {
+            return Ok(());
+        }
+        self.writeback_refcounts(file)?;
+        file.flush()
+            .map_err(io("flushing refcounts on close".into()))?;
+        self.set_dirty_bit(file, false)
     }
 }

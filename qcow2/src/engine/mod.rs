@@ -152,6 +152,7 @@ impl Qcow2 {
                     .collect(),
             },
             corrupt: corrupt.clone(),
+            lazy_refcounts: header.lazy_refcounts() && !opts.read_only,
         };
         let img = Qcow2 {
             file,
@@ -341,7 +342,10 @@ fn read_snapshots(
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        if let Err(e) = self.flush_metadata() {
+        let closed = self
+            .flush_metadata()
+            .and_then(|()| self.meta_mut().close_lazy_refcounts(&*self.file));
+        if let Err(e) = closed {
             tracing::error!("flushing qcow2 metadata on close failed: {e}");
         }
     }
