@@ -69,6 +69,11 @@ pub trait Image: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// Flushes and leaves the image as a clean close would (qcow2 with lazy refcounts: the
+    /// refcounts written and the dirty bit cleared). Writes after it are still allowed.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
     /// Status of the run starting at `offset`, at most `len` bytes long.
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
     /// The backing image, if any.

@@ -154,7 +154,8 @@ impl Device {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// Stops request processing, waits for requests in progress, and flushes the image.
+    /// Stops request processing, waits for requests in progress, and closes the image
+    /// (flushed and marked clean).
     ///
     /// Afterwards no worker touches the disk again; the process can exit.
     pub fn shutdown(&self) -> Result<()> {
@@ -169,7 +170,7 @@ impl Device {
                 ring.wait_all(&mut Vec::new());
             }
         }
-        let res = self.disk.flush();
+        let res = self.disk.close();
         drop(guards);
         res
     }

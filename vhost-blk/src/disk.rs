@@ -240,6 +240,11 @@ impl Disk {
     pub fn flush(&self) -> Result<()> {
         self.image.flush().map_err(Error::Flush)
     }
+
+    /// Flushes and marks the image clean (qcow2 lazy refcounts), for shutdown.
+    pub fn close(&self) -> Result<()> {
+        self.image.close().map_err(Error::Flush)
+    }
 }
 
 /// Opens a raw image file as `qcow2::open_image` would.

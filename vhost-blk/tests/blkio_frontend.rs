@@ -693,3 +693,27 @@ fn kill_9_during_writes_keeps_every_flushed_write_and_a_consistent_image() {
         }
     }
 }
+
+#[test]
+fn lazy_refcounts_image_is_dirty_while_served_and_clean_after_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("lazy.qcow2");
+    qemu_img_create(&img, "qcow2", "16M", &["-o", "lazy_refcounts=on"]);
+    let dirty = || std::fs::read(&img).unwrap()[79] & 1 != 0;
+    let model = Model::new(dir.path(), 16 * MIB);
+    let mut d = Daemon::start(dir.path(), &img, &["--format", "qcow2"]);
+    let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+    write_pattern_and_verify(&mut c, &model);
+    assert!(
+        dirty(),
+        "refcounts are cached: the image must be marked dirty"
+    );
+    drop(c);
+    d.stop();
+    assert!(
+        !dirty(),
+        "SIGTERM must write the refcounts and clear the dirty bit"
+    );
+    qemu_img_check(&img);
+    qemu_img_compare(&img, "qcow2", &model.path);
+}

@@ -342,10 +342,7 @@ fn read_snapshots(
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        let closed = self
-            .flush_metadata()
-            .and_then(|()| self.meta_mut().close_lazy_refcounts(&*self.file));
-        if let Err(e) = closed {
+        if let Err(e) = Image::close(self) {
             tracing::error!("flushing qcow2 metadata on close failed: {e}");
         }
     }
@@ -386,6 +383,14 @@ impl Image for Qcow2 {
 
     fn flush(&self) -> Result<()> {
         self.flush_metadata()
+    }
+
+    fn close(&self) -> Result<()> {
+        self.flush_metadata()?;
+        if self.read_only {
+            return Ok(());
+        }
+        self.meta_mut().close_lazy_refcounts(&*self.file)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
