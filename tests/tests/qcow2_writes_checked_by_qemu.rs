@@ -12,12 +12,7 @@ fn create(path: &Path, opts: CreateOptions) {
 }
 
 fn open_qcow2(path: &Path) -> Qcow2 {
-    open_qcow2_with(path, 0)
-}
-
-/// Opens read-write with extra open(2) flags (O_DIRECT).
-fn open_qcow2_with(path: &Path, flags: i32) -> Qcow2 {
-    open_qcow2_opts(path, flags, &Default::default())
+    open_qcow2_opts(path, 0, &Default::default())
 }
 
 /// Opens read-write with extra open(2) flags and open options.
@@ -82,6 +77,28 @@ fn random_ops(img: &Qcow2, model: &mut [u8], seed: u64, ops: usize) {
     }
 }
 
+/// Creates `path` with `opts`, applies `ops` random operations (seeded) through a handle
+/// opened with the extra open(2) `flags` and `open_opts`, flushes, runs `before_close` on the
+/// handle, closes it and checks the image against the model.
+fn random_roundtrip(
+    path: &Path,
+    opts: CreateOptions,
+    (flags, open_opts): (i32, &qcow2::OpenOptions),
+    (seed, ops): (u64, usize),
+    before_close: impl FnOnce(&Qcow2),
+    what: &str,
+) {
+    let mut model = vec![0u8; opts.size as usize];
+    create(path, opts);
+    {
+        let img = open_qcow2_opts(path, flags, open_opts);
+        random_ops(&img, &mut model, seed, ops);
+        img.flush().unwrap();
+        before_close(&img);
+    }
+    model_matches(path, &model, what);
+}
+
 fn model_matches(path: &Path, model: &[u8], what: &str) {
     assert_qemu_clean(path);
     assert_same(&qemu_raw(path), model, what);
@@ -101,26 +118,24 @@ fn random_operations_across_the_create_matrix() {
     for (n, (version, cluster_size, refcount_bits, compression_type)) in
         cases.into_iter().enumerate()
     {
+        let opts = CreateOptions {
+            size: 6 * 1048576 + 4 * cluster_size + 1536,
+            version,
+            cluster_size,
+            refcount_bits,
+            compression_type,
+            ..Default::default()
+        };
         let path = dir.path().join(format!("m{n}.qcow2"));
-        let size = 6 * 1048576 + 4 * cluster_size + 1536;
-        create(
+        let open = (0, &Default::default());
+        random_roundtrip(
             &path,
-            CreateOptions {
-                size,
-                version,
-                cluster_size,
-                refcount_bits,
-                compression_type,
-                ..Default::default()
-            },
+            opts,
+            open,
+            (n as u64, 300),
+            |_| {},
+            &format!("case {n}"),
         );
-        let mut model = vec![0u8; size as usize];
-        {
-            let img = open_qcow2(&path);
-            random_ops(&img, &mut model, n as u64, 300);
-            img.flush().unwrap();
-        }
-        model_matches(&path, &model, &format!("case {n}"));
     }
 }
 
@@ -130,24 +145,16 @@ fn random_operations_with_o_direct() {
     // aligned bounce buffers (read-modify-write where needed).
     let dir = tempfile::tempdir().unwrap();
     for (n, cluster_size) in [65536u64, 512].into_iter().enumerate() {
+        let opts = CreateOptions {
+            size: 4 * 1048576 + 3 * cluster_size + 512,
+            cluster_size,
+            compression_type: CompressionType::Zstd,
+            ..Default::default()
+        };
         let path = dir.path().join(format!("d{n}.qcow2"));
-        let size = 4 * 1048576 + 3 * cluster_size + 512;
-        create(
-            &path,
-            CreateOptions {
-                size,
-                cluster_size,
-                compression_type: CompressionType::Zstd,
-                ..Default::default()
-            },
-        );
-        let mut model = vec![0u8; size as usize];
-        {
-            let img = open_qcow2_with(&path, libc::O_DIRECT);
-            random_ops(&img, &mut model, 100 + n as u64, 300);
-            img.flush().unwrap();
-        }
-        model_matches(&path, &model, &format!("O_DIRECT case {n}"));
+        let open = (libc::O_DIRECT, &Default::default());
+        let what = format!("O_DIRECT case {n}");
+        random_roundtrip(&path, opts, open, (100 + n as u64, 300), |_| {}, &what);
     }
 }
 
@@ -155,31 +162,30 @@ fn random_operations_with_o_direct() {
 fn lazy_refcounts_mark_the_image_dirty_while_open_and_clean_on_close() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lazy.qcow2");
-    let size = 8 * 1048576;
-    create(
-        &path,
-        CreateOptions {
-            size,
-            lazy_refcounts: true,
-            ..Default::default()
-        },
-    );
+    let opts = CreateOptions {
+        size: 8 * 1048576,
+        lazy_refcounts: true,
+        ..Default::default()
+    };
     let dirty = || std::fs::read(&path).unwrap()[79] & 1 != 0;
-    let mut model = vec![0u8; size as usize];
-    {
-        let img = open_qcow2(&path);
-        random_ops(&img, &mut model, 11, 200);
-        img.flush().unwrap();
+    let while_open = |_: &Qcow2| {
         assert!(
             dirty(),
             "refcounts are not on disk yet: the dirty bit must say so"
         );
-    }
+    };
+    random_roundtrip(
+        &path,
+        opts,
+        (0, &Default::default()),
+        (11, 200),
+        while_open,
+        "lazy",
+    );
     assert!(
         !dirty(),
         "a clean close writes the refcounts and clears the dirty bit"
     );
-    model_matches(&path, &model, "lazy refcounts");
 }
 
 #[test]
@@ -187,27 +193,17 @@ fn a_tiny_l2_cache_evicts_dirty_slices_safely() {
     // 4 KiB clusters: each L2 table maps 2 MiB, so a 40 MiB disk has 20 tables and the
     // smallest cache (a few slices) evicts dirty ones all the time.
     let dir = tempfile::tempdir().unwrap();
+    let opts = CreateOptions {
+        size: 40 * 1048576,
+        cluster_size: 4096,
+        ..Default::default()
+    };
+    let tiny = qcow2::OpenOptions {
+        l2_cache_bytes: Some(1),
+        ..Default::default()
+    };
     let path = dir.path().join("tiny-cache.qcow2");
-    let size = 40 * 1048576;
-    create(
-        &path,
-        CreateOptions {
-            size,
-            cluster_size: 4096,
-            ..Default::default()
-        },
-    );
-    let mut model = vec![0u8; size as usize];
-    {
-        let opts = qcow2::OpenOptions {
-            l2_cache_bytes: Some(1),
-            ..Default::default()
-        };
-        let img = open_qcow2_opts(&path, 0, &opts);
-        random_ops(&img, &mut model, 7, 400);
-        img.flush().unwrap();
-    }
-    model_matches(&path, &model, "tiny L2 cache");
+    random_roundtrip(&path, opts, (0, &tiny), (7, 400), |_| {}, "tiny L2 cache");
 }
 
 #[test]
