@@ -196,20 +196,16 @@ fn qcow2_with_compressed_clusters() {
     }
     drop(f);
     let img = dir.path().join("compressed.qcow2");
-    let (ok, out) = run(
-        "qemu-img",
-        &[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            src.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "{out}");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     let (_, map) = run("qemu-img", &["map", "--output=json", img.to_str().unwrap()]);
     assert!(
         map.contains("\"compressed\": true"),
@@ -597,19 +593,15 @@ fn sigterm_with_a_connected_frontend_and_requests_in_flight_exits_cleanly() {
             qemu_img_check(&img);
         }
         let check = dir.path().join("check.raw");
-        let (ok, out) = run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                format,
-                "-O",
-                "raw",
-                img.to_str().unwrap(),
-                check.to_str().unwrap(),
-            ],
-        );
-        assert!(ok, "{out}");
+        qemu_img(&[
+            "convert",
+            "-f",
+            format,
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            check.to_str().unwrap(),
+        ]);
         let after = std::fs::read(&check).unwrap();
         assert!(
             after[MIB as usize..MIB as usize + data.len()] == data[..],
@@ -672,17 +664,13 @@ fn kill_9_during_writes_keeps_every_flushed_write_and_a_consistent_image() {
             String::from_utf8_lossy(&check.stdout)
         );
         let raw = dir.path().join("after.raw");
-        let (ok, out) = run(
-            "qemu-img",
-            &[
-                "convert",
-                "-O",
-                "raw",
-                img.to_str().unwrap(),
-                raw.to_str().unwrap(),
-            ],
-        );
-        assert!(ok, "{out}");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ]);
         let after = std::fs::read(&raw).unwrap();
         for slot in (0..SLOTS).step_by(2) {
             let (a, b) = ((slot * SLOT) as usize, ((slot + 1) * SLOT) as usize);

@@ -101,38 +101,30 @@ fn boot_image(dir: &Path, format: &str) -> (PathBuf, Vec<u8>) {
         return (raw, contents);
     }
     let img = dir.join("disk.qcow2");
-    let (ok, out) = run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "{out}");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     (img, contents)
 }
 
 /// Checks that the image holds what the guest wrote, and nothing else changed.
 fn check_guest_wrote(dir: &Path, img: &Path, format: &str, contents: &[u8]) {
     let check = dir.join("check.raw");
-    let (ok, out) = run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            format,
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            check.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "{out}");
+    qemu_img(&[
+        "convert",
+        "-f",
+        format,
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        check.to_str().unwrap(),
+    ]);
     let after = std::fs::read(&check).unwrap();
     let inverted: Vec<u8> = contents[512..512 + 4096].iter().map(|b| !b).collect();
     assert!(

@@ -394,6 +394,13 @@ pub fn qemu_img_create(path: &Path, format: &str, size: &str, extra: &[&str]) {
     assert!(ok, "qemu-img create failed: {out}");
 }
 
+/// Runs qemu-img with `args`, asserting success; returns its output.
+pub fn qemu_img(args: &[&str]) -> String {
+    let (ok, out) = run("qemu-img", args);
+    assert!(ok, "qemu-img {args:?} failed: {out}");
+    out
+}
+
 /// Asserts `qemu-img check` finds no error in a qcow2 image.
 pub fn qemu_img_check(path: &Path) {
     let (ok, out) = run("qemu-img", &["check", path.to_str().expect("utf-8 path")]);

@@ -122,16 +122,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 run.start(b, offset_of(next))?;
                 next += 1;
             }
-            run.ring
-                .submit()
-                .map_err(|e| qcow2::Error::io("submitting to io_uring", e))?;
-            let mut finished = Vec::new();
-            run.ring
-                .wait_one(&mut finished)
-                .map_err(|e| qcow2::Error::io("waiting for io_uring", e))?;
-            for c in finished {
-                run.complete(c)?;
-            }
+            run.reap(false)?;
         }
         Ok(())
     })();
@@ -214,13 +205,23 @@ impl Run<'_> {
     /// Waits for and completes every request in flight.
     fn drain(&mut self) -> qcow2::Result<()> {
         while self.ring.in_flight() > 0 {
-            let mut finished = Vec::new();
-            self.ring
-                .wait_all(&mut finished)
-                .map_err(|e| qcow2::Error::io("waiting for io_uring", e))?;
-            for c in finished {
-                self.complete(c)?;
-            }
+            self.reap(true)?;
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued, waits for one request (or, with `all`, every request) in
+    /// flight and completes what finished.
+    fn reap(&mut self, all: bool) -> qcow2::Result<()> {
+        let mut finished = Vec::new();
+        let waited = if all {
+            self.ring.wait_all(&mut finished)
+        } else {
+            self.ring.wait_one(&mut finished)
+        };
+        waited.map_err(|e| qcow2::Error::io("waiting for io_uring", e))?;
+        for c in finished {
+            self.complete(c)?;
         }
         Ok(())
     }
