@@ -19,7 +19,7 @@
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-net nice -n 10 cargo bench -p vhost-net --bench tap_pps \
-//!     [-- --runs 5 --secs 5 --sizes 64,1514 --directions tx,rx]
+//!     [-- --runs 5 --secs 5 --sizes 64,1514 --directions tx,rx --backends vhost-net,dpdk]
 //! ```
 //!
 //! Needs root, /dev/net/tun, `ip` and `dpdk-testpmd`, like the integration tests.
@@ -73,6 +73,7 @@ struct Options {
     secs: f64,
     sizes: Vec<usize>,
     directions: Vec<Direction>,
+    backends: Vec<Backend>,
 }
 
 impl Options {
@@ -82,6 +83,7 @@ impl Options {
             secs: 5.0,
             sizes: vec![64, 1514],
             directions: vec![Direction::GuestToTap, Direction::TapToGuest],
+            backends: vec![Backend::VhostNet, Backend::Dpdk],
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -105,13 +107,23 @@ impl Options {
                         })
                         .collect()
                 }
+                "--backends" => {
+                    o.backends = value()
+                        .split(',')
+                        .map(|b| match b {
+                            "vhost-net" => Backend::VhostNet,
+                            "dpdk" => Backend::Dpdk,
+                            _ => panic!("--backends takes vhost-net and/or dpdk"),
+                        })
+                        .collect()
+                }
                 // `cargo bench` passes --bench; filters and other harness flags do not apply.
                 _ => {}
             }
         }
         assert!(
-            o.runs > 0 && o.secs > 0.0,
-            "--runs and --secs must be positive"
+            o.runs > 0 && o.secs > 0.0 && !o.backends.is_empty(),
+            "--runs and --secs must be positive, --backends not empty"
         );
         o
     }
@@ -473,7 +485,7 @@ fn main() {
                 } else {
                     [Backend::Dpdk, Backend::VhostNet]
                 };
-                for backend in order {
+                for backend in order.into_iter().filter(|b| o.backends.contains(b)) {
                     let s = measure(backend, direction, size, o.secs);
                     eprintln!(
                         "{} {size} B {} run {run}: {:.0} pps, {:.2} µs/pkt",
@@ -485,12 +497,14 @@ fn main() {
                     samples[usize::from(backend == Backend::Dpdk)].push(s);
                 }
             }
-            let [ours, dpdk] = samples.map(|s| Summary::of(&s));
-            for (backend, m) in [(Backend::VhostNet, &ours), (Backend::Dpdk, &dpdk)] {
-                let ratios = if backend == Backend::VhostNet {
-                    format!("{:.2} | {:.2}", ours.pps / dpdk.pps, ours.cpu / dpdk.cpu)
-                } else {
-                    " | ".to_owned()
+            let summaries = samples.map(|s| (!s.is_empty()).then(|| Summary::of(&s)));
+            for (backend, m) in [Backend::VhostNet, Backend::Dpdk].iter().zip(&summaries) {
+                let Some(m) = m else { continue };
+                let ratios = match (backend, &summaries) {
+                    (Backend::VhostNet, [Some(ours), Some(dpdk)]) => {
+                        format!("{:.2} | {:.2}", ours.pps / dpdk.pps, ours.cpu / dpdk.cpu)
+                    }
+                    _ => " | ".to_owned(),
                 };
                 let offered = match direction {
                     Direction::GuestToTap => "–".to_owned(),

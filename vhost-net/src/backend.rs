@@ -26,8 +26,9 @@ use vmm_sys_util::event::{
 use crate::chain::MAX_FRAME_LEN;
 use crate::config::{self, feature};
 use crate::ctrl::{self, Action, ACK_ERR};
-use crate::datapath::{self, RxParams, BATCH};
+use crate::datapath::{self, BATCH};
 use crate::device::Device;
+use crate::rx::{self, RxParams};
 
 /// Guest memory as the vhost-user machinery shares it with the backend.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -135,8 +136,7 @@ impl NetBackend {
         state.get_queue_mut().disable_notification(&*mem)?;
         loop {
             let old = state.get_queue().next_used();
-            let out =
-                datapath::process_rx(&*mem, state.get_queue_mut(), fd, params, &mut slot, stats);
+            let out = rx::process_rx(&*mem, state.get_queue_mut(), fd, params, &mut slot, stats);
             if out.used > 0
                 && datapath::needs_notification_since(state.get_queue_mut(), &*mem, old)?
             {

@@ -11,7 +11,11 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::bitmap::MS;
+use vm_memory::volatile_memory::VolatileSlice;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, Permissions,
+};
 
 use crate::error::{Error, Result};
 
@@ -141,6 +145,21 @@ where
     Ok(len)
 }
 
+/// The `len` bytes at `addr` as one slice, when they lie inside one region of plain guest
+/// memory (no IOMMU): the common case, without the general slice iterator's cost.
+fn region_slice<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<VolatileSlice<'_, MS<'_, M::PhysicalMemory>>> {
+    let (region, offset) = mem.physical_memory()?.to_region_addr(addr)?;
+    let end = offset.0.checked_add(len as u64)?;
+    if end > region.len() {
+        return None;
+    }
+    region.get_slice(offset, len).ok()
+}
+
 /// Appends `iovec`s covering `segs` in the host mapping of `mem` to `out`. Fails (leaving
 /// `out` as it was) when a buffer no longer maps, or when more than [`MAX_BUFFERS`] would be
 /// needed.
@@ -157,6 +176,13 @@ pub fn to_iovecs<M: GuestMemory + ?Sized>(
         Permissions::Read
     };
     for (index, seg) in segs.iter().enumerate() {
+        if let Some(slice) = region_slice(mem, seg.addr, seg.len as usize) {
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            continue;
+        }
         let bad = || Error::OutOfGuestMemory {
             index,
             addr: seg.addr.0,
@@ -210,10 +236,18 @@ pub fn write_at<M: GuestMemory + ?Sized>(
             continue;
         }
         let n = usize::try_from((len - skip).min(data.len() as u64)).unwrap_or(data.len());
-        let Some(addr) = seg.addr.0.checked_add(skip) else {
+        let Some(addr) = seg.addr.0.checked_add(skip).map(GuestAddress) else {
             return false;
         };
-        if mem.write_slice(&data[..n], GuestAddress(addr)).is_err() {
+        let written = match region_slice(mem, addr, n) {
+            Some(slice) => {
+                // The slice is exactly `n` bytes long.
+                slice.copy_from(&data[..n]);
+                true
+            }
+            None => mem.write_slice(&data[..n], addr).is_ok(),
+        };
+        if !written {
             return false;
         }
         data = &data[n..];
@@ -244,13 +278,14 @@ pub fn read_at<M: GuestMemory + ?Sized>(
         let n = usize::try_from(len - skip)
             .unwrap_or(usize::MAX)
             .min(buf.len() - done);
-        let Some(addr) = seg.addr.0.checked_add(skip) else {
+        let Some(addr) = seg.addr.0.checked_add(skip).map(GuestAddress) else {
             return false;
         };
-        if mem
-            .read_slice(&mut buf[done..done + n], GuestAddress(addr))
-            .is_err()
-        {
+        let read = match region_slice(mem, addr, n) {
+            Some(slice) => slice.copy_to(&mut buf[done..done + n]) == n,
+            None => mem.read_slice(&mut buf[done..done + n], addr).is_ok(),
+        };
+        if !read {
             return false;
         }
         done += n;

@@ -1,5 +1,7 @@
-//! Moving packets: tx chains to the TAP with writev, frames from the TAP into rx chains with
-//! readv, both straight between guest memory and the kernel (no copy in the daemon).
+//! Moving packets: tx chains to the TAP (here) and frames from the TAP into rx chains
+//! ([`crate::rx`]), both straight between guest memory and the kernel, plus what both
+//! directions share: completing chains, publishing a packet's used entries together, and the
+//! EVENT_IDX check.
 //!
 //! The functions work on a bare [`Queue`] and a file descriptor, so they can be tested with a
 //! mock queue and a datagram socket standing in for the TAP. Bad chains are dropped and
@@ -13,26 +15,31 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
-use crate::chain::{parse_rx, parse_tx, to_iovecs, write_at};
-use crate::config::VNET_HDR_LEN;
-use crate::device::{PairSlot, PairStats, RxChain, TxFrame};
+use crate::chain::{parse_tx, to_iovecs};
+use crate::device::{PairSlot, PairStats, TxFrame};
 use crate::error::Error;
 
 /// Most chains completed before the caller gets a chance to notify the guest.
 pub const BATCH: usize = 64;
 
 /// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
-const NUM_BUFFERS_OFFSET: u64 = 10;
+pub(crate) const NUM_BUFFERS_OFFSET: u64 = 10;
 
 /// Logs a dropped chain, rate-limited per pair.
-fn log_bad(slot: &mut PairSlot, what: &str, e: &Error) {
+pub(crate) fn log_bad(slot: &mut PairSlot, what: &str, e: &Error) {
     slot.errors += 1;
     if slot.errors.is_power_of_two() {
         tracing::warn!("{what}: {e} (dropped; {} such drops so far)", slot.errors);
     }
 }
 
-fn add_used<M: GuestMemory>(queue: &mut Queue, mem: &M, slot: &mut PairSlot, head: u16, len: u32) {
+pub(crate) fn add_used<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    slot: &mut PairSlot,
+    head: u16,
+    len: u32,
+) {
     if let Err(e) = queue.add_used(mem, head, len) {
         slot.errors += 1;
         if slot.errors.is_power_of_two() {
@@ -78,7 +85,7 @@ fn write_used_ahead<M: GuestMemory>(
 /// sees only the first buffers of a packet drops them and takes the rest for the start of the
 /// next packet. So all entries but the last are written ahead of the index, and the last one
 /// goes through `add_used`, whose release store of the index publishes them together.
-fn add_used_together<M: GuestMemory>(
+pub(crate) fn add_used_together<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     slot: &mut PairSlot,
@@ -104,7 +111,7 @@ fn add_used_together<M: GuestMemory>(
 ///
 /// The queue's own `needs_notification` counts `add_used` calls since it last ran, which is
 /// fewer than the entries when a packet's chains are completed together
-/// (as [`process_rx`] does); this counts from the used index the caller saw before.
+/// (as [`crate::rx::process_rx`] does); this counts from the used index the caller saw before.
 pub fn needs_notification_since<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
@@ -127,7 +134,7 @@ pub fn needs_notification_since<M: GuestMemory>(
 }
 
 /// `readv`/`writev` on `fd`.
-fn rw(fd: RawFd, iovecs: &[libc::iovec], write: bool) -> io::Result<usize> {
+pub(crate) fn rw(fd: RawFd, iovecs: &[libc::iovec], write: bool) -> io::Result<usize> {
     let n = libc::c_int::try_from(iovecs.len()).unwrap_or(libc::c_int::MAX);
     // SAFETY: the iovecs point into guest memory mapped for the duration of the call (the
     // caller holds the memory guard) and were checked to lie inside it.
@@ -196,8 +203,9 @@ pub fn process_tx<M: GuestMemory>(
         return 0;
     }
     // All iovecs are in place: their addresses no longer move while the kernel reads them.
+    debug_assert!(slot.uring.as_ref().is_none_or(|r| r.fd() == fd));
     if let Some(ring) = slot.uring.as_mut() {
-        if let Err(e) = ring.write_batch(fd, &slot.iovecs.0, &mut slot.tx_frames) {
+        if let Err(e) = ring.write_batch(&slot.iovecs.0, &mut slot.tx_frames) {
             tracing::warn!("io_uring failed ({e}); tx falls back to one writev per frame");
             slot.uring = None;
         }
@@ -233,167 +241,4 @@ pub fn process_tx<M: GuestMemory>(
     }
     slot.iovecs.0.clear();
     done
-}
-
-/// How rx chains are filled, from the negotiated features.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RxParams {
-    /// The vnet header length.
-    pub hdr_len: usize,
-    /// VIRTIO_NET_F_MRG_RXBUF: a packet may span several chains.
-    pub mrg_rxbuf: bool,
-    /// Bytes (header included) the largest packet may need; with MRG_RXBUF, chains are
-    /// gathered until they hold this much.
-    pub max_packet: u64,
-}
-
-/// What [`process_rx`] stopped on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RxOutcome {
-    /// Chains put in the used ring.
-    pub used: usize,
-    /// Packets delivered.
-    pub packets: usize,
-    /// The guest has not made enough buffers available (the TAP may still hold packets).
-    pub out_of_buffers: bool,
-    /// The batch limit was reached (more may be waiting).
-    pub more: bool,
-}
-
-/// Reads up to [`BATCH`] packets from `fd` into available rx chains.
-///
-/// Stops when the TAP has nothing more (EAGAIN), when the guest's buffers run out, or after a
-/// batch. Chains gathered for a packet that did not come are given back to the available ring
-/// (the next-available index is rewound), so they stay the guest's.
-pub fn process_rx<M: GuestMemory>(
-    mem: &M,
-    queue: &mut Queue,
-    fd: RawFd,
-    params: RxParams,
-    slot: &mut PairSlot,
-    stats: &PairStats,
-) -> RxOutcome {
-    let mut out = RxOutcome::default();
-    let ring_size = usize::from(queue.size());
-    loop {
-        if out.packets >= BATCH {
-            out.more = true;
-            return out;
-        }
-        slot.rx_chains.clear();
-        slot.segs.clear();
-        slot.iovecs.0.clear();
-        let mut start = queue.next_avail();
-        let mut capacity = 0u64;
-        let mut stopped_on_bad = false;
-        // Gather chains: one without MRG_RXBUF, enough for the largest packet with it.
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let first = slot.segs.len();
-            match parse_rx(chain, params.hdr_len, &mut slot.segs) {
-                Ok(cap) => {
-                    slot.rx_chains.push(RxChain {
-                        head,
-                        segs: first..slot.segs.len(),
-                        capacity: cap,
-                    });
-                    capacity += cap;
-                }
-                Err(e) if slot.rx_chains.is_empty() => {
-                    // A bad chain is given back used and empty; the driver drops it.
-                    PairStats::add(&stats.rx_bad_chains, 1);
-                    log_bad(slot, "rx", &e);
-                    add_used(queue, mem, slot, head, 0);
-                    out.used += 1;
-                    start = queue.next_avail();
-                    continue;
-                }
-                Err(_) => {
-                    // Deal with it first thing next round, after this packet.
-                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                    stopped_on_bad = true;
-                    break;
-                }
-            }
-            if !params.mrg_rxbuf || capacity >= params.max_packet {
-                break;
-            }
-        }
-        if slot.rx_chains.is_empty() {
-            out.out_of_buffers = true;
-            return out;
-        }
-        if params.mrg_rxbuf
-            && capacity < params.max_packet
-            && slot.rx_chains.len() < ring_size
-            && !stopped_on_bad
-        {
-            // Not enough room for the largest packet yet: wait for the guest (unless it has
-            // given us its whole ring, which is all there will ever be, or a bad chain blocks
-            // the way: then try, and get past it after this packet).
-            queue.set_next_avail(start);
-            out.out_of_buffers = true;
-            return out;
-        }
-        let mapped = slot
-            .rx_chains
-            .iter()
-            .try_for_each(|c| to_iovecs(mem, &slot.segs[c.segs.clone()], true, &mut slot.iovecs.0));
-        if let Err(e) = mapped {
-            // Cannot happen for buffers just checked, unless memory changed under us.
-            queue.set_next_avail(start);
-            log_bad(slot, "rx", &e);
-            return out;
-        }
-        let n = match rw(fd, &slot.iovecs.0, false) {
-            Ok(n) => n as u64,
-            Err(e) => {
-                queue.set_next_avail(start);
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    slot.errors += 1;
-                    if slot.errors.is_power_of_two() {
-                        tracing::warn!("reading the TAP failed: {e}");
-                    }
-                }
-                slot.iovecs.0.clear();
-                return out;
-            }
-        };
-        slot.iovecs.0.clear();
-        // The TUN driver reports the full packet length even when it had to truncate it.
-        if n > capacity || n < params.hdr_len as u64 {
-            queue.set_next_avail(start);
-            PairStats::add(&stats.rx_dropped, 1);
-            continue;
-        }
-        // Split the packet over the chains in order.
-        let mut remaining = n;
-        let mut used = 0usize;
-        for c in &slot.rx_chains {
-            if remaining == 0 {
-                break;
-            }
-            remaining -= remaining.min(c.capacity);
-            used += 1;
-        }
-        if params.hdr_len >= VNET_HDR_LEN {
-            let first = &slot.rx_chains[0];
-            let num_buffers = u16::try_from(used).unwrap_or(u16::MAX).to_le_bytes();
-            let segs = &slot.segs[first.segs.clone()];
-            // Cannot fail: the chain holds at least the header and was checked writable.
-            let _ = write_at(mem, segs, NUM_BUFFERS_OFFSET, &num_buffers);
-        }
-        queue.set_next_avail(start.wrapping_add(used as u16));
-        let mut remaining = n;
-        add_used_together(queue, mem, slot, used, |slot, i| {
-            let chain = &slot.rx_chains[i];
-            let len = remaining.min(chain.capacity);
-            remaining -= len;
-            (chain.head, len as u32)
-        });
-        out.used += used;
-        out.packets += 1;
-        PairStats::add(&stats.rx_packets, 1);
-        PairStats::add(&stats.rx_bytes, n - params.hdr_len as u64);
-    }
 }

@@ -12,7 +12,7 @@ use crate::config::{self, FeatureOptions, NetConfigSpace};
 use crate::error::{Error, Result};
 use crate::mac::MacAddress;
 use crate::tap::Tap;
-use crate::uring::TxRing;
+use crate::uring::{BatchEntry, PairRing};
 
 pub use crate::config::MAX_QUEUE_PAIRS;
 
@@ -110,6 +110,30 @@ pub struct RxChain {
     pub capacity: u64,
 }
 
+/// One rx buffer set of a batch: consecutive gathered chains with room for the largest
+/// packet (a single chain without MRG_RXBUF), read into with one `readv`.
+#[derive(Debug, Clone)]
+pub struct RxSet {
+    /// Its chains: a range of [`PairSlot::rx_chains`].
+    pub chains: std::ops::Range<usize>,
+    /// Their buffers' host mapping: a range of [`PairSlot::iovecs`].
+    pub iovecs: std::ops::Range<usize>,
+    /// Their total length.
+    pub capacity: u64,
+    /// What reading into it returned: bytes or a negative errno (0 before it is read).
+    pub result: i32,
+}
+
+impl BatchEntry for RxSet {
+    fn iovecs(&self) -> std::ops::Range<usize> {
+        self.iovecs.clone()
+    }
+
+    fn result_mut(&mut self) -> &mut i32 {
+        &mut self.result
+    }
+}
+
 /// One tx chain of a batch.
 #[derive(Debug, Clone)]
 pub struct TxFrame {
@@ -124,6 +148,16 @@ pub struct TxFrame {
     pub result: i32,
 }
 
+impl BatchEntry for TxFrame {
+    fn iovecs(&self) -> std::ops::Range<usize> {
+        self.iovecs.clone()
+    }
+
+    fn result_mut(&mut self) -> &mut i32 {
+        &mut self.result
+    }
+}
+
 /// Per-pair state that lives across connections. A worker holds the slot's lock while it
 /// processes a batch, so locking every slot waits for batches in progress.
 #[derive(Debug, Default)]
@@ -132,12 +166,19 @@ pub struct PairSlot {
     pub segs: Vec<Segment>,
     /// Scratch: their host mapping.
     pub iovecs: Iovecs,
-    /// Scratch: rx chains gathered for one packet.
+    /// Scratch: rx chains gathered for a batch of packets.
     pub rx_chains: Vec<RxChain>,
+    /// Scratch: the rx batch's buffer sets.
+    pub rx_sets: Vec<RxSet>,
+    /// Buffer sets the next rx batch reads into: grows while the TAP fills every set, shrinks
+    /// to what it held when it ran dry.
+    pub rx_window: usize,
+    /// Scratch: a packet being moved to earlier rx chains.
+    pub bounce: Vec<u8>,
     /// Scratch: the tx batch.
     pub tx_frames: Vec<TxFrame>,
-    /// The pair's io_uring for tx batches (`None`: one writev per frame).
-    pub uring: Option<TxRing>,
+    /// The pair's io_uring for tx and rx batches (`None`: one writev or readv per packet).
+    pub uring: Option<PairRing>,
     /// Errors seen (for rate-limited logging).
     pub errors: u64,
 }
@@ -195,14 +236,18 @@ impl Device {
         let pairs = usize::from(opts.queue_pairs);
         let mut warned = false;
         let slots = (0..pairs)
-            .map(|_| {
-                let uring = TxRing::new()
+            .map(|pair| {
+                let uring = tap
+                    .queue_fd(pair)
+                    .map(PairRing::new)
+                    .transpose()
                     .map_err(|e| {
                         if !std::mem::replace(&mut warned, true) {
-                            tracing::warn!("io_uring unavailable ({e}); one writev per frame");
+                            tracing::warn!("io_uring unavailable ({e}); one syscall per packet");
                         }
                     })
-                    .ok();
+                    .ok()
+                    .flatten();
                 Mutex::new(PairSlot {
                     uring,
                     ..PairSlot::default()

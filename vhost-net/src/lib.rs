@@ -3,9 +3,9 @@
 //!
 //! - [`tap`]: the TAP device (one queue per pair, vnet headers, offloads, address, MTU);
 //! - [`chain`]: validates untrusted descriptor chains into guest buffers and `iovec`s;
-//! - [`datapath`]: tx chains → TAP with writev, TAP → rx chains with readv (MRG_RXBUF:
-//!   one packet over several chains), zero-copy both ways; [`uring`]: tx batches as one
-//!   io_uring submission;
+//! - [`datapath`]: tx chains → TAP with writev; [`rx`]: TAP → rx chains with readv in
+//!   batches of buffer sets (MRG_RXBUF: one packet over several chains); zero-copy both
+//!   ways; [`uring`]: tx and rx batches as one io_uring submission each;
 //! - [`ctrl`]: the control queue's commands (MQ pairs, receive filters);
 //! - [`config`] and [`mac`]: what the device tells the driver; [`cli`]: the command line;
 //! - [`device`]: state that outlives connections (TAP, per-pair slots and counters);
@@ -26,6 +26,7 @@ pub mod device;
 pub mod error;
 pub mod mac;
 pub mod relay;
+pub mod rx;
 pub mod server;
 pub mod shutdown;
 pub mod tap;
