@@ -71,6 +71,11 @@ pub trait Image: Send + Sync {
     fn backing(&self) -> Option<&dyn Image> {
         None
     }
+    /// The host file that [`BlockStatus::host_offset`]s point into (a raw image's file, a
+    /// qcow2 image's data file), for callers that read plainly stored data from it directly.
+    fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.

@@ -119,6 +119,10 @@ impl Image for RawImage {
             host_offset: data.then_some(offset),
         })
     }
+
+    fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.storage.raw_fd()
+    }
 }
 
 /// Uses SEEK_DATA/SEEK_HOLE to find whether `offset` of file `fd` is data and how long the

@@ -369,6 +369,10 @@ impl Image for Qcow2 {
     fn backing(&self) -> Option<&dyn Image> {
         self.backing.as_deref()
     }
+
+    fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.data_storage().raw_fd()
+    }
 }
 
 impl Qcow2 {
