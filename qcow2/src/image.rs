@@ -80,6 +80,11 @@ pub trait Image: Send + Sync {
     fn backing(&self) -> Option<&dyn Image> {
         None
     }
+    /// The host file that [`BlockStatus::host_offset`]s point into (a raw image's file, a
+    /// qcow2 image's data file), for callers that read plainly stored data from it directly.
+    fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
     /// Maps `len > 0` guest bytes at `offset` to host extents so the caller can do the I/O
     /// itself (io_uring, straight into guest memory). Only when that needs no allocation and
     /// no copy-on-write: reads of data and zero clusters, writes in place. `None` means "use

@@ -130,6 +130,10 @@ impl Image for RawImage {
             )
         })
     }
+
+    fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.storage.raw_fd()
+    }
 }
 
 /// Uses SEEK_DATA/SEEK_HOLE to find whether `offset` of file `fd` is data and how long the

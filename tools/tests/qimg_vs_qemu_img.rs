@@ -248,6 +248,19 @@ fn convert_roundtrips_are_identical_for_qemu_img_compare() {
         std::fs::metadata(p.join("two.raw")).unwrap().len(),
         64 << 20
     );
+    // Guest data in an external data file (read from there, not from the image file).
+    qcow2_image(
+        p,
+        &["-o", "data_file=ext.data"],
+        "ext.qcow2",
+        "8M",
+        &["write -P 3 0 64k", "write -P 5 5M 1M"],
+    );
+    assert_eq!(
+        qimg(p, &["convert", "-O", "raw", "ext.qcow2", "ext.raw"]).0,
+        0
+    );
+    assert_eq!(qemu(p, &["compare", "ext.qcow2", "ext.raw"]).0, 0);
 }
 
 #[test]

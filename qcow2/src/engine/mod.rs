@@ -405,6 +405,10 @@ impl Image for Qcow2 {
     fn map_io(&self, offset: u64, len: u64, write: bool) -> Option<IoMapping> {
         self.map_guest(offset, len, write)
     }
+
+    fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.data_storage().raw_fd()
+    }
 }
 
 impl Qcow2 {

@@ -3,7 +3,8 @@
 //! The concatenated sources are cut into chunks that worker threads take in guest order.
 //! A worker asks the source chain's block status which parts of its chunk read as zeros (so
 //! holes and unallocated clusters are never read), gets the rest — straight from a memory map
-//! for raw source files, else by reading it — drops blocks that are all zeros, and writes the
+//! of the file holding it (a raw file, or a qcow2 image's data file for plainly stored
+//! clusters), else by reading it — drops blocks that are all zeros, and writes the
 //! remaining runs as large writes, plainly or compressed (compression thus runs on all cores).
 //!
 //! Uncompressed writes into a new qcow2 image reserve their host clusters in chunk order (a
@@ -106,8 +107,8 @@ impl Target {
     }
 }
 
-/// A read-only shared memory map of a raw source file: data is written to the target
-/// straight from the page cache, with no copy into a buffer first.
+/// A read-only shared memory map of the file holding a source's data: data is written to
+/// the target straight from the page cache, with no copy into a buffer first.
 struct Mapping {
     ptr: *const u8,
     len: usize,
@@ -119,25 +120,28 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps a regular file of exactly `size` bytes; `None` where that is not possible (the
-    /// caller then reads instead).
-    fn new(path: &str, size: u64) -> Option<Mapping> {
-        use std::os::unix::io::AsRawFd;
-        let f = std::fs::File::open(path).ok()?;
-        let md = f.metadata().ok()?;
-        if !md.is_file() || md.len() != size || size == 0 {
+    /// Maps the whole regular file `fd`; `None` where that is not possible (the caller then
+    /// reads instead).
+    fn new(fd: std::os::unix::io::RawFd) -> Option<Mapping> {
+        // SAFETY: fstat into a zeroed struct of the right type.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `fd` is open for the duration of the call.
+        if unsafe { libc::fstat(fd, &mut st) } != 0
+            || st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || st.st_size <= 0
+        {
             return None;
         }
-        let len = usize::try_from(size).ok()?;
+        let len = usize::try_from(st.st_size).ok()?;
         // SAFETY: a fresh read-only shared mapping of an open file; the kernel picks the
-        // address. The file descriptor may be closed afterwards.
+        // address. The mapping outlives any close of the file descriptor.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
-                f.as_raw_fd(),
+                fd,
                 0,
             )
         };
@@ -157,6 +161,25 @@ impl Mapping {
         // SAFETY: in bounds of a live read-only mapping. The source is opened read-only and
         // must not be modified or truncated while it is converted (qemu-img's rule too).
         unsafe { std::slice::from_raw_parts(self.ptr.add(off as usize), len as usize) }
+    }
+
+    /// Unmaps the whole pages of `data` if it is a slice of this mapping (it stays readable:
+    /// a later access maps the page again). Done as soon as a chunk is written, this spreads
+    /// the unmapping over the workers instead of leaving it all to the end.
+    fn release(&self, data: &[u8]) {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let (base, addr) = (self.ptr as usize, data.as_ptr() as usize);
+        if addr < base || addr + data.len() > base + self.len {
+            return;
+        }
+        let start = addr.next_multiple_of(page);
+        let end = (addr + data.len()) / page * page;
+        if end > start {
+            // SAFETY: whole pages inside this read-only file mapping. Dropping them changes
+            // no byte anyone reads: the page cache still holds the file's data.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
     }
 }
 
@@ -202,13 +225,34 @@ impl qcow2::Storage for NoFlush {
     }
 }
 
-/// One source image, with its memory map where it is a raw file.
+/// One source image, with a memory map of the file holding its data where possible.
 struct Source {
     img: Box<dyn Image>,
     map: Option<Mapping>,
     /// The size qemu-img gives it: a raw file's size rounded up to whole sectors (the
     /// padding reads as zeros).
     size: u64,
+}
+
+impl Source {
+    /// Where the guest bytes `[at, at + len)` lie in `map`, when they are stored there
+    /// plainly and in one piece.
+    fn host(&self, at: u64, len: u64) -> qcow2::Result<Option<(&Mapping, u64)>> {
+        let Some(m) = &self.map else {
+            return Ok(None);
+        };
+        let host = match self.img.format() {
+            Format::Raw => Some(at),
+            Format::Qcow2 => {
+                let st = self.img.block_status(at, len)?;
+                let plain = st.data && !st.zero && !st.compressed && st.len >= len;
+                st.host_offset.filter(|_| plain)
+            }
+        };
+        Ok(host
+            .filter(|h| h.checked_add(len).is_some_and(|end| end <= m.len as u64))
+            .map(|h| (m, h)))
+    }
 }
 
 /// What a range of the sources needs in the target.
@@ -291,9 +335,9 @@ impl Sources {
     /// into `buf` (which must be `len` bytes).
     fn data<'a>(&'a self, off: u64, len: u64, buf: &'a mut [u8]) -> qcow2::Result<&'a [u8]> {
         let (s, at) = self.locate(off);
-        if let Some(m) = &s.map {
-            if at + len <= s.img.size() {
-                return Ok(m.slice(at, len));
+        if at + len <= s.img.size() {
+            if let Some((m, host)) = s.host(at, len)? {
+                return Ok(m.slice(host, len));
             }
         }
         let mut pos = 0usize;
@@ -301,8 +345,10 @@ impl Sources {
             let (s, at) = self.locate(off + pos as u64);
             let n = ((s.size - at) as usize).min(buf.len() - pos);
             let real = (s.img.size().saturating_sub(at) as usize).min(n);
-            match &s.map {
-                Some(m) => buf[pos..pos + real].copy_from_slice(m.slice(at, real as u64)),
+            match s.host(at, real as u64)? {
+                Some((m, host)) => {
+                    buf[pos..pos + real].copy_from_slice(m.slice(host, real as u64));
+                }
                 None => s.img.read_at(&mut buf[pos..pos + real], at)?,
             }
             buf[pos + real..pos + n].fill(0);
@@ -520,9 +566,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .map(|(i, s)| -> anyhow::Result<Source> {
             let view = if i == 0 { snapshot.clone() } else { None };
             let img = crate::open_at(s, a.format.as_deref(), true, view)?;
-            let map = (img.format() == Format::Raw)
-                .then(|| Mapping::new(s, img.size()))
-                .flatten();
+            let map = img.data_fd().and_then(Mapping::new);
             let size = img.size().next_multiple_of(512);
             Ok(Source { img, map, size })
         })
@@ -728,12 +772,17 @@ fn copy_chunk(
                 }
                 Ok(placed)
             })??;
-            for (at, bytes, host) in placed {
-                // Allocating the file blocks in one go spares the file system its per-block
-                // delayed allocation in the write (a third less CPU on ext4).
+            // Allocating the file blocks in one go spares the file system its per-block
+            // delayed allocation in the writes (a third less CPU on ext4). One call covers the
+            // chunk's whole host span: every call takes the inode lock the writes need too.
+            let start = placed.iter().map(|&(_, _, h)| h).min();
+            let end = placed.iter().map(|&(_, b, h)| h + b.len() as u64).max();
+            if let (Some(start), Some(end)) = (start, end) {
                 q.data_storage()
-                    .allocate(host, bytes.len() as u64)
-                    .with_context(|| format!("allocating {} bytes at 0x{host:x}", bytes.len()))?;
+                    .allocate(start, end - start)
+                    .with_context(|| format!("allocating 0x{start:x}..0x{end:x}"))?;
+            }
+            for (at, bytes, host) in placed {
                 q.write_reserved(bytes, at, host)?;
             }
         }
@@ -755,6 +804,11 @@ fn copy_chunk(
                 }
                 img.write_at(r.data, r.off)?;
             }
+        }
+    }
+    for r in &runs {
+        for m in src.list.iter().filter_map(|s| s.map.as_ref()) {
+            m.release(r.data);
         }
     }
     Ok(())
