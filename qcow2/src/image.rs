@@ -87,11 +87,39 @@ pub trait Image: Send + Sync {
     }
     /// Maps `len > 0` guest bytes at `offset` to host extents so the caller can do the I/O
     /// itself (io_uring, straight into guest memory). Only when that needs no allocation and
-    /// no copy-on-write: reads of data and zero clusters, writes in place. `None` means "use
+    /// no copy-on-write: reads of data and zero clusters, writes in place. It never does I/O
+    /// itself: when mapping needs metadata that is not cached, it says which bytes to read
+    /// (then [`Image::install_metadata`] and map again). [`MapOutcome::Declined`] means "use
     /// [`Image::read_at`]/[`Image::write_at`]", which also report any error.
-    fn map_io(&self, _offset: u64, _len: u64, _write: bool) -> Option<IoMapping> {
-        None
+    fn map_io(&self, _offset: u64, _len: u64, _write: bool) -> MapOutcome {
+        MapOutcome::Declined
     }
+    /// Takes metadata read as [`MapOutcome::Load`] asked. Bytes that no longer match the
+    /// image's state (it changed meanwhile) or fail validation are ignored: mapping again then
+    /// asks again, or declines.
+    fn install_metadata(&self, _load: &MetadataLoad, _bytes: &[u8]) {}
+}
+
+/// What [`Image::map_io`] found.
+pub enum MapOutcome {
+    /// The range is mapped.
+    Mapped(IoMapping),
+    /// Metadata has to be read first.
+    Load(MetadataLoad),
+    /// Use [`Image::read_at`]/[`Image::write_at`].
+    Declined,
+}
+
+/// Metadata to read before a range can be mapped: `len` bytes at `offset` of `storage`.
+pub struct MetadataLoad {
+    /// The file to read.
+    pub storage: Arc<dyn Storage>,
+    /// Where.
+    pub offset: u64,
+    /// How many bytes.
+    pub len: usize,
+    /// The image's metadata generation when the load was asked for.
+    pub(crate) generation: u64,
 }
 
 /// A piece of a mapped guest range.

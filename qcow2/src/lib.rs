@@ -27,7 +27,7 @@ pub use engine::Qcow2;
 pub use error::{Error, Result};
 pub use format::header::CompressionType;
 pub use format::snapshot::SnapshotRef;
-pub use image::{BlockStatus, Extent, Format, Image, IoMapping};
+pub use image::{BlockStatus, Extent, Format, Image, IoMapping, MapOutcome, MetadataLoad};
 pub use open::{open_image, OpenOptions};
 pub use raw::RawImage;
 pub use storage::{FileStorage, MemStorage, Storage};

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::image::{check_range, BlockStatus, Extent, Format, Image, IoMapping};
+use crate::image::{check_range, BlockStatus, Extent, Format, Image, IoMapping, MapOutcome};
 use crate::storage::Storage;
 
 /// A raw disk image over any storage.
@@ -120,15 +120,13 @@ impl Image for RawImage {
         })
     }
 
-    fn map_io(&self, offset: u64, len: u64, write: bool) -> Option<IoMapping> {
+    fn map_io(&self, offset: u64, len: u64, write: bool) -> MapOutcome {
         let in_range = len > 0 && check_range(offset, len, self.size).is_ok();
-        (in_range && !(write && self.read_only)).then(|| {
-            IoMapping::new(
-                self.storage.clone(),
-                vec![Extent::Data { host: offset, len }],
-                None,
-            )
-        })
+        if !in_range || (write && self.read_only) {
+            return MapOutcome::Declined;
+        }
+        let extents = vec![Extent::Data { host: offset, len }];
+        MapOutcome::Mapped(IoMapping::new(self.storage.clone(), extents, None))
     }
 
     fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {

@@ -208,7 +208,7 @@ fn ring_batch(ring: &mut IoRing<usize>, img: &dyn Image, reqs: &mut [(u64, Vec<u
             iov_len: buf.len(),
         };
         // SAFETY: the buffers stay in `reqs`, untouched, until `wait_all` below.
-        match unsafe { ring.start(img, *off, write, &[iovec], k) } {
+        match unsafe { ring.start(*off, write, &[iovec], k) } {
             Start::Queued | Start::Done(_) => {}
             Start::Declined(k) => redo.push(k),
         }
@@ -252,7 +252,7 @@ fn threads_with_io_rings_and_the_synchronous_path_match_the_model() {
             let img = img.clone();
             std::thread::spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(100 + t);
-                let mut ring = IoRing::new(16).unwrap();
+                let mut ring = IoRing::new(img.clone(), 16).unwrap();
                 let mut model = vec![0u8; size as usize];
                 for round in 0..40u64 {
                     let mut picked: Vec<u64> =

@@ -156,7 +156,7 @@ impl BlkBackend {
                             && disk.guards_format_signature()
                             && req.kind == RequestKind::Out);
                     let req = match slot.ring.as_mut() {
-                        Some(ring) if zero_copy => match ring.start(&**disk.image(), &mem, req) {
+                        Some(ring) if zero_copy => match ring.start(&mem, req) {
                             Ok(None) => continue,
                             Ok(Some(f)) => {
                                 let done = finish_zero_copy(&f);
@@ -308,8 +308,7 @@ impl BlkBackend {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         for f in finished {
-            let done = self.complete_ring_request(queue, slot, f);
-            add_used(queue, &mut state, slot, &mem, done);
+            self.complete_ring_request(queue, &mut state, slot, &mem, f);
         }
         if state.get_queue_mut().needs_notification(&*mem)? {
             signal(queue, &state);
@@ -333,33 +332,41 @@ impl BlkBackend {
         }
         let n = finished.len();
         for f in finished {
-            let done = self.complete_ring_request(queue, slot, f);
-            add_used(queue, state, slot, mem, done);
+            self.complete_ring_request(queue, state, slot, mem, f);
         }
         n
     }
 
-    /// The used-ring entry for a request back from the io_uring. One the kernel did not fully
-    /// complete (short transfer, unaligned buffer for O_DIRECT, any error) is redone through
-    /// the bounce buffer, which reports errors.
+    /// Puts a request back from the io_uring in the used ring of `state`. One the ring could
+    /// not move completely (short transfer, unaligned buffer for O_DIRECT, any error, or it
+    /// needs allocation after all) is redone through the bounce buffer, which reports errors;
+    /// a write first waits for the rest of the ring, whose in-place writes may hold the
+    /// clusters it needs.
     fn complete_ring_request(
         &self,
         queue: usize,
+        state: &mut VringState,
         slot: &mut QueueSlot,
+        mem: &GuestMemoryMmap,
         f: Finished,
-    ) -> exec::Completion {
-        if f.ok {
-            return finish_zero_copy(&f);
-        }
-        tracing::debug!(
-            "queue {queue}: io_uring request type {} at {} failed; retrying through the bounce \
-             buffer",
-            f.req.kind.type_code(),
-            f.req.offset(),
-        );
-        let writethrough = !self.writeback.load(Ordering::Relaxed);
-        slot.executor
-            .run(&*f.mem, self.device.disk(), &f.req, writethrough)
+    ) {
+        let done = if f.ok {
+            finish_zero_copy(&f)
+        } else {
+            tracing::debug!(
+                "queue {queue}: io_uring request type {} at {} not completed there; running it \
+                 through the bounce buffer",
+                f.req.kind.type_code(),
+                f.req.offset(),
+            );
+            if f.req.kind != RequestKind::In {
+                self.drain_ring(queue, state, slot, mem);
+            }
+            let writethrough = !self.writeback.load(Ordering::Relaxed);
+            slot.executor
+                .run(&*f.mem, self.device.disk(), &f.req, writethrough)
+        };
+        add_used(queue, state, slot, mem, done);
     }
 }
 

@@ -69,7 +69,7 @@ impl Device {
         let mut ring_warned = false;
         let slots = (0..num_queues)
             .map(|_| {
-                let ring = QueueRing::new(u32::from(queue_size))
+                let ring = QueueRing::new(disk.image().clone(), u32::from(queue_size))
                     .map_err(|e| {
                         if !std::mem::replace(&mut ring_warned, true) {
                             tracing::warn!(

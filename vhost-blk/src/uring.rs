@@ -5,6 +5,7 @@
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use qcow2::uring::{Completion, IoRing, Start};
 use qcow2::Image;
@@ -50,9 +51,9 @@ pub struct QueueRing {
 }
 
 impl QueueRing {
-    /// A ring with room for `entries` requests (at least the queue size).
-    pub fn new(entries: u32) -> io::Result<QueueRing> {
-        let ring = IoRing::new(entries)?;
+    /// A ring for I/O on `image` with room for `entries` requests (at least the queue size).
+    pub fn new(image: Arc<dyn Image>, entries: u32) -> io::Result<QueueRing> {
+        let ring = IoRing::new(image, entries)?;
         let eventfd = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         ring.register_eventfd(eventfd.as_raw_fd())?;
         Ok(QueueRing { ring, eventfd })
@@ -73,16 +74,11 @@ impl QueueRing {
         matches!(req.kind, RequestKind::In | RequestKind::Out) && !req.data.is_empty()
     }
 
-    /// Starts `req` on `image`: `Ok(None)` when queued, `Ok(Some(..))` when it completed at
+    /// Starts `req`: `Ok(None)` when queued, `Ok(Some(..))` when it completed at
     /// once (reads of zeros). Gives it back when it cannot be done that way (buffers that
     /// do not map to host memory, ranges needing metadata work, a full ring); the caller
     /// then runs it through the bounce buffer, which reports any error properly.
-    pub fn start(
-        &mut self,
-        image: &dyn Image,
-        mem: &MemGuard,
-        req: Request,
-    ) -> Result<Option<Finished>, Request> {
+    pub fn start(&mut self, mem: &MemGuard, req: Request) -> Result<Option<Finished>, Request> {
         let write = match req.kind {
             RequestKind::Out => true,
             RequestKind::In => false,
@@ -115,7 +111,7 @@ impl QueueRing {
         };
         // SAFETY: the iovecs point into guest memory that `tag.mem` keeps mapped until the
         // ring hands the tag back on completion.
-        match unsafe { self.ring.start(image, offset, write, &iovecs, tag) } {
+        match unsafe { self.ring.start(offset, write, &iovecs, tag) } {
             Start::Queued => Ok(None),
             Start::Done(tag) => Ok(Some(Finished {
                 req: tag.req,

@@ -94,6 +94,7 @@ impl Meta {
 
     /// Drops every cached slice of the table at `table` (the cluster was freed).
     pub fn forget_l2_table(&mut self, table: u64) {
+        self.l2_generation += 1;
         let slice_bytes = self.l2_slice_entries() * 8;
         for k in 0..self.geo.l2_entries() / self.l2_slice_entries() {
             self.l2.remove(table + k * slice_bytes);
@@ -102,6 +103,9 @@ impl Meta {
 
     /// Writes the dirty slices back (no barrier; see `writeback`).
     pub fn write_l2_slices(&mut self, file: &dyn Storage, keys: &[u64]) -> Result<()> {
+        if !keys.is_empty() {
+            self.l2_generation += 1;
+        }
         let cs = self.geo.cluster_size();
         let slice_bytes = self.l2_slice_entries() * 8;
         for &key in keys {

@@ -2,31 +2,37 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::format::tables::L2Entry;
-use crate::image::{check_range, Extent, IoMapping};
+use crate::format::tables::{L2Entry, OFFSET_MASK};
+use crate::image::{check_range, Extent, IoMapping, MapOutcome, MetadataLoad};
 
 use super::Qcow2;
 
 impl Qcow2 {
     /// See [`crate::Image::map_io`]: reads of data, zero and (without a backing file)
     /// unallocated clusters; writes to clusters writable in place, which stay reserved
-    /// against allocating writes and discards while the returned mapping lives.
-    pub(super) fn map_guest(&self, offset: u64, len: u64, write: bool) -> Option<IoMapping> {
+    /// against allocating writes and discards while the returned mapping lives. Only cached
+    /// L2 slices are used; a missing one is asked for as a [`MetadataLoad`].
+    pub(super) fn map_guest(&self, offset: u64, len: u64, write: bool) -> MapOutcome {
         if len == 0 || check_range(offset, len, self.size).is_err() {
-            return None;
+            return MapOutcome::Declined;
         }
         if write && (self.read_only || self.marked_corrupt.load(Ordering::SeqCst)) {
-            return None;
+            return MapOutcome::Declined;
         }
         let cs = self.geo.cluster_size();
         let first = offset / cs;
         let count = (offset + len - 1) / cs - first + 1;
-        let entries = self.lookup_all(first, count).ok()?;
+        let entries = match self.lookup_cached(first, count) {
+            Ok(entries) => entries,
+            Err(load) => return MapOutcome::Load(load),
+        };
         let busy = if write {
-            let guard = self.busy.try_acquire(first, count)?;
+            let Some(guard) = self.busy.try_acquire(first, count) else {
+                return MapOutcome::Declined;
+            };
             // Re-check under the busy mark: a discard or copy-on-write may have raced us.
-            if self.lookup_all(first, count).ok()? != entries {
-                return None;
+            if self.lookup_cached(first, count).ok() != Some(entries.clone()) {
+                return MapOutcome::Declined;
             }
             Some(guard)
         } else {
@@ -46,7 +52,7 @@ impl Qcow2 {
                 L2Entry::Unallocated if !write && self.backing.is_none() => {
                     Extent::Zero { len: piece }
                 }
-                _ => return None,
+                _ => return MapOutcome::Declined,
             };
             push_merged(&mut extents, extent);
             pos = end;
@@ -54,11 +60,77 @@ impl Qcow2 {
         if write {
             for e in &extents {
                 if let Extent::Data { host, len } = *e {
-                    self.check_data_write(host, len).ok()?;
+                    if self.check_data_write(host, len).is_err() {
+                        return MapOutcome::Declined;
+                    }
                 }
             }
         }
-        Some(IoMapping::new(self.data_storage().clone(), extents, busy))
+        MapOutcome::Mapped(IoMapping::new(self.data_storage().clone(), extents, busy))
+    }
+
+    /// Entries for guest clusters `[first, first + count)` from cached L2 slices only; the
+    /// first missing slice is returned as the load to do.
+    fn lookup_cached(&self, first: u64, count: u64) -> Result<Vec<L2Entry>, MetadataLoad> {
+        let m = self.meta();
+        let per_l2 = self.geo.l2_entries();
+        let per_slice = m.l2_slice_entries();
+        let mut entries = Vec::with_capacity(count as usize);
+        while (entries.len() as u64) < count {
+            let cluster = first + entries.len() as u64;
+            let l2i = cluster % per_l2;
+            let start = l2i % per_slice;
+            let n = (count - entries.len() as u64).min(per_slice - start) as usize;
+            let table =
+                m.l1.get((cluster / per_l2) as usize)
+                    .map_or(0, |e| e & OFFSET_MASK);
+            if table == 0 {
+                entries.extend(std::iter::repeat_n(L2Entry::Unallocated, n));
+                continue;
+            }
+            let key = m.l2_slice_key(table, l2i);
+            let Some(slice) = m.l2.get(key) else {
+                return Err(MetadataLoad {
+                    storage: self.file.clone(),
+                    offset: key,
+                    len: (per_slice * 8) as usize,
+                    generation: m.l2_generation,
+                });
+            };
+            let start = start as usize;
+            entries.extend(
+                slice[start..start + n]
+                    .iter()
+                    .map(|&e| L2Entry::decode(e, self.geo.cluster_bits)),
+            );
+        }
+        Ok(entries)
+    }
+
+    /// Caches an L2 slice read as `load` asked, unless the L2 state changed since (a slice
+    /// was written back or a table freed: the bytes may be stale), the slice got cached
+    /// meanwhile, or its table is no longer in the L1 table or fails validation.
+    pub(super) fn install_l2_slice(&self, load: &MetadataLoad, bytes: &[u8]) {
+        let mut m = self.meta_mut();
+        let cs = self.geo.cluster_size();
+        let table = load.offset - load.offset % cs;
+        let current = m.l2_generation == load.generation
+            && !m.l2.contains(load.offset)
+            && bytes.len() as u64 == m.l2_slice_entries() * 8
+            && m.l1.iter().any(|e| e & OFFSET_MASK == table);
+        let valid = current
+            && self
+                .file
+                .len()
+                .is_ok_and(|len| m.check_table_offset("L2 table", table, len).is_ok());
+        if !valid || m.make_room_l2(&*self.file).is_err() {
+            return;
+        }
+        let slice = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        m.l2.insert(load.offset, slice, false);
     }
 }
 

@@ -75,6 +75,9 @@ pub struct Meta {
     pub corrupt: Arc<AtomicBool>,
     /// The image has lazy refcounts and is open for writing (see `writeback`).
     pub lazy_refcounts: bool,
+    /// Bumped whenever L2 slices are written back or tables freed, so that a slice read
+    /// without the lock (by an io_uring ring) is only cached if nothing changed meanwhile.
+    pub l2_generation: u64,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {

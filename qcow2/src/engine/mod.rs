@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::format::header::{CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::tables::{L2Entry, OFFSET_MASK};
-use crate::image::{check_range, BlockStatus, Format, Image, IoMapping};
+use crate::image::{check_range, BlockStatus, Format, Image, MapOutcome, MetadataLoad};
 use crate::open::{open_backing, open_data_file, OpenOptions};
 use crate::storage::Storage;
 
@@ -153,6 +153,7 @@ impl Qcow2 {
             },
             corrupt: corrupt.clone(),
             lazy_refcounts: header.lazy_refcounts() && !opts.read_only,
+            l2_generation: 0,
         };
         let img = Qcow2 {
             file,
@@ -402,8 +403,12 @@ impl Image for Qcow2 {
         self.backing.as_deref()
     }
 
-    fn map_io(&self, offset: u64, len: u64, write: bool) -> Option<IoMapping> {
+    fn map_io(&self, offset: u64, len: u64, write: bool) -> MapOutcome {
         self.map_guest(offset, len, write)
+    }
+
+    fn install_metadata(&self, load: &MetadataLoad, bytes: &[u8]) {
+        self.install_l2_slice(load, bytes)
     }
 
     fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {

@@ -4,6 +4,7 @@
 //! through the qcow2 crate's io_uring ring, the rest (allocating writes, metadata misses)
 //! through the engine's synchronous path.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::bail;
@@ -87,7 +88,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if a.flush_interval.is_some() && !a.write {
         bail!("--flush-interval is only available in write tests");
     }
-    let img = crate::open(&a.filename, a.format.as_deref(), !a.write)?;
+    let img: Arc<dyn Image> = crate::open(&a.filename, a.format.as_deref(), !a.write)?.into();
     let size = img.size();
     println!(
         "Sending {} {} requests, {bufsize} bytes each, {} in parallel (starting at offset {start}, step size {step})",
@@ -109,7 +110,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         img: &*img,
         write: a.write,
         flush_interval: a.flush_interval.filter(|&n| n > 0),
-        ring: IoRing::new(buffers.max(1) as u32)?,
+        ring: IoRing::new(img.clone(), buffers.max(1) as u32)?,
         buffers: vec![vec![a.pattern; bufsize as usize]; buffers],
         free: (0..buffers).collect(),
         done: 0,
@@ -159,10 +160,7 @@ impl Run<'_> {
             iov_len: buf.len(),
         };
         // SAFETY: the buffer is neither used nor freed until the ring returns tag `b`.
-        match unsafe {
-            self.ring
-                .start(self.img, offset, self.write, &[iovec], (b, offset))
-        } {
+        match unsafe { self.ring.start(offset, self.write, &[iovec], (b, offset)) } {
             Start::Queued => Ok(()),
             Start::Done((b, _)) => self.finished(b),
             Start::Declined(tag) => self.synchronous(tag),
