@@ -108,13 +108,16 @@ impl Meta {
         }
         let cs = self.geo.cluster_size();
         let slice_bytes = self.l2_slice_entries() * 8;
+        let mut encoded = Vec::with_capacity(keys.len());
         for &key in keys {
             let table = key - key % cs;
             self.check_write(file, key, slice_bytes, super::overlap::Target::L2(table))?;
             let slice = self.l2.get(key).expect("dirty entry is cached");
-            file.write_at(&encode_u64_table(slice), key)
-                .map_err(|e| crate::Error::io(format!("writing L2 table at 0x{key:x}"), e))?;
+            encoded.push((key, encode_u64_table(slice)));
         }
+        let writes: Vec<(u64, &[u8])> = encoded.iter().map(|(k, b)| (*k, &b[..])).collect();
+        file.write_batch(&writes)
+            .map_err(|e| crate::Error::io(format!("writing {} L2 table slices", keys.len()), e))?;
         for &key in keys {
             self.l2.mark_clean(key);
         }

@@ -434,10 +434,18 @@ impl Meta {
         let dirty = self.refblocks.dirty_offsets();
         for off in &dirty {
             self.check_write(file, *off, self.geo.cluster_size(), Target::RefBlock(*off))?;
-            let b = self.refblocks.get(*off).expect("dirty entry is cached");
-            file.write_at(b, *off)
-                .map_err(io(format!("writing refcount block at 0x{off:x}")))?;
         }
+        let writes: Vec<(u64, &[u8])> = dirty
+            .iter()
+            .map(|&off| {
+                (
+                    off,
+                    &self.refblocks.get(off).expect("dirty entry is cached")[..],
+                )
+            })
+            .collect();
+        file.write_batch(&writes)
+            .map_err(io(format!("writing {} refcount blocks", dirty.len())))?;
         for off in dirty {
             self.refblocks.mark_clean(off);
         }

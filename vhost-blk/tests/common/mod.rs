@@ -79,12 +79,20 @@ impl Daemon {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// Number of threads of the daemon process.
+    /// Number of threads of the daemon process, not counting the kernel's io_uring workers
+    /// (`iou-wrk-*`, which serve the rings and exit on their own when idle).
     pub fn threads(&self) -> usize {
         let pid = self.child.as_ref().expect("daemon stopped").id();
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .filter_map(Result::ok)
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|comm| !comm.starts_with("iou-"))
+            })
+            .count()
     }
 
     /// Whether the process is still running.
