@@ -25,7 +25,7 @@ fn scenario(frontend: Frontend, daemon_args: &[&str]) -> String {
         for last in 3..=20 {
             let ip = format!("10.77.0.{last}");
             ns.wait_reachable(&ip, Duration::from_secs(10));
-            let (tx, rx) = ns.ping(&ip, &["-c", "10", "-i", "0.01", "-W", "2"]);
+            let (tx, rx) = ns.ping_burst(&ip, 10, &[]);
             assert_eq!(tx, rx, "ping {ip}: loss");
         }
     }
@@ -97,7 +97,7 @@ fn frontend_reconnects_and_sigterm_removes_the_tap() {
     for round in 1..=3 {
         let mut testpmd = start_testpmd(dir.path(), &daemon.socket, Frontend::default());
         ns.wait_reachable(GUEST_IP, Duration::from_secs(30));
-        let (tx, rx) = ns.ping(GUEST_IP, &["-c", "50", "-i", "0.01", "-W", "2"]);
+        let (tx, rx) = ns.ping_burst(GUEST_IP, 50, &[]);
         assert_eq!((tx, rx), (50, 50), "round {round}");
         let _ = testpmd.stop_with(libc::SIGINT);
         let disconnects = || daemon.proc.log().matches("frontend disconnected").count();
@@ -139,7 +139,7 @@ fn client_mode_connects_to_a_listening_frontend() {
         .proc
         .wait_for_log("negotiated", Duration::from_secs(60));
     ns.wait_reachable(GUEST_IP, Duration::from_secs(30));
-    let (tx, rx) = ns.ping(GUEST_IP, &["-c", "50", "-i", "0.01", "-W", "2"]);
+    let (tx, rx) = ns.ping_burst(GUEST_IP, 50, &[]);
     assert_eq!((tx, rx), (50, 50));
     let _ = testpmd.stop_with(libc::SIGINT);
     daemon.stop();
