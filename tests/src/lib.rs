@@ -6,6 +6,7 @@
 
 pub mod crash;
 pub mod stack;
+pub mod vring;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

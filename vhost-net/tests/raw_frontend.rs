@@ -13,88 +13,22 @@
 mod common;
 
 use std::ffi::CString;
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use common::{require_environment, Daemon, Netns};
-use nix::sys::memfd::{memfd_create, MFdFlags};
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use cowbird_tests::vring::{handshake, TestRing, NEXT, OUTSIDE, WRITE};
+use vhost::vhost_user::Frontend;
+use vhost::VhostBackend;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 4 << 20;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const SIZE: u16 = 16;
-const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const PROTOCOL_FEATURES: u64 = 1 << 30;
 /// The vnet header with VERSION_1 (`struct virtio_net_hdr_v1`).
 const HDR_LEN: usize = 12;
-/// A guest address no region covers.
-const OUTSIDE: u64 = 0xdead_0000_0000;
-
-fn shared_memory() -> GuestMemoryMmap {
-    let fd = memfd_create(c"raw-frontend", MFdFlags::MFD_CLOEXEC).unwrap();
-    let file = File::from(fd);
-    file.set_len(MEM_SIZE as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM_SIZE,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
-}
-
-fn write_desc(mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-    let base = DESC + 16 * u64::from(index);
-    mem.write_obj(addr, GuestAddress(base)).unwrap();
-    mem.write_obj(len, GuestAddress(base + 8)).unwrap();
-    mem.write_obj(flags, GuestAddress(base + 12)).unwrap();
-    mem.write_obj(next, GuestAddress(base + 14)).unwrap();
-}
-
-/// Makes `heads` available, in order, from avail slot 0.
-fn publish(mem: &GuestMemoryMmap, heads: &[u16]) {
-    for (slot, head) in heads.iter().enumerate() {
-        mem.write_obj(*head, GuestAddress(AVAIL + 4 + 2 * slot as u64))
-            .unwrap();
-    }
-    mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2))
-        .unwrap();
-}
-
-/// Used ring entry `i`: (head, length).
-fn used_entry(mem: &GuestMemoryMmap, i: u16) -> (u16, u32) {
-    let addr = USED + 4 + 8 * u64::from(i % SIZE);
-    let id: u32 = mem.read_obj(GuestAddress(addr)).unwrap();
-    let len: u32 = mem.read_obj(GuestAddress(addr + 4)).unwrap();
-    (id as u16, len)
-}
-
-/// Waits (at most 20 s) until the daemon has used `n` chains.
-fn wait_used(mem: &GuestMemoryMmap, n: u16, daemon: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() < n {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not use {n} chains (used: {:?}):\n{}",
-            (0..mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap())
-                .map(|i| used_entry(mem, i))
-                .collect::<Vec<_>>(),
-            daemon.proc.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn tap_rx_packets(ns: &Netns, tap: &str) -> u64 {
     let path = format!("/sys/class/net/{tap}/statistics/rx_packets");
@@ -154,57 +88,6 @@ fn test_frame(len: usize, seed: u8) -> Vec<u8> {
     frame
 }
 
-/// Connects and negotiates VERSION_1 and `extra` (when offered), plus the protocol features
-/// bit when offered.
-fn handshake(daemon: &Daemon, extra: u64) -> (Frontend, u64) {
-    let mut fe = Frontend::connect(&daemon.socket, 3).expect("connect");
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    assert_eq!(offered & extra, extra, "features {extra:#x} not offered");
-    let features = VIRTIO_F_VERSION_1 | extra | (offered & PROTOCOL_FEATURES);
-    fe.set_features(features).unwrap();
-    if features & PROTOCOL_FEATURES != 0 {
-        fe.get_protocol_features().unwrap();
-        fe.set_protocol_features(VhostUserProtocolFeatures::empty())
-            .unwrap();
-    }
-    (fe, features)
-}
-
-/// Hands the daemon the memory table and starts `queue` on the ring at DESC/AVAIL/USED.
-/// Returns the call and kick eventfds (the daemon stops serving the ring when they close).
-fn start_queue(
-    fe: &mut Frontend,
-    mem: &GuestMemoryMmap,
-    features: u64,
-    queue: usize,
-) -> (EventFd, EventFd) {
-    let region = mem.iter().next().unwrap();
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
-        .unwrap();
-    let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
-    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    fe.set_vring_num(queue, SIZE).unwrap();
-    let rings = VringConfigData {
-        queue_max_size: SIZE,
-        queue_size: SIZE,
-        flags: 0,
-        desc_table_addr: host(DESC),
-        used_ring_addr: host(USED),
-        avail_ring_addr: host(AVAIL),
-        log_addr: None,
-    };
-    fe.set_vring_addr(queue, &rings).unwrap();
-    fe.set_vring_base(queue, 0).unwrap();
-    fe.set_vring_call(queue, &call).unwrap();
-    fe.set_vring_kick(queue, &kick).unwrap();
-    if features & PROTOCOL_FEATURES != 0 {
-        fe.set_vring_enable(queue, true).unwrap();
-    }
-    (call, kick)
-}
-
 /// Disconnects `fe` and returns the daemon's counters from its disconnect line: tx packets,
 /// bytes, dropped; rx packets, bytes, dropped, bad chains.
 fn disconnect(daemon: &mut Daemon, fe: Frontend) -> Vec<u64> {
@@ -233,7 +116,7 @@ fn still_serving(daemon: &mut Daemon) {
         "daemon died:\n{}",
         daemon.proc.log()
     );
-    let (again, _) = handshake(daemon, 0);
+    let (again, _) = handshake(&daemon.socket, 3, 0);
     again.get_features().unwrap();
     drop(again);
     daemon.stop();
@@ -245,28 +128,29 @@ fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let ns = Netns::new();
     let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-    let mem = shared_memory();
-    let (mut fe, features) = handshake(&daemon, 0);
+    let mut ring = TestRing::new(MEM_SIZE, SIZE);
+    let mem = ring.mem.clone();
+    let (mut fe, features) = handshake(&daemon.socket, 3, 0);
 
     // The valid frame: a zero vnet header and a 60-byte broadcast Ethernet frame.
     let mut frame = vec![0u8; HDR_LEN];
     frame.extend(test_frame(60, 1));
     mem.write_slice(&frame, GuestAddress(0x2_0000)).unwrap();
     // Chains: outside memory; a loop (1 -> 2 -> 1); shorter than the header; oversized; valid.
-    write_desc(&mem, 0, OUTSIDE, 72, 0, 0);
-    write_desc(&mem, 1, 0x3_0000, 64, NEXT, 2);
-    write_desc(&mem, 2, 0x3_1000, 64, NEXT, 1);
-    write_desc(&mem, 3, 0x3_2000, 4, 0, 0);
-    write_desc(&mem, 4, 0x4_0000, 128 << 10, 0, 0);
-    write_desc(&mem, 5, 0x2_0000, frame.len() as u32, 0, 0);
+    ring.desc(0, OUTSIDE, 72, 0, 0);
+    ring.desc(1, 0x3_0000, 64, NEXT, 2);
+    ring.desc(2, 0x3_1000, 64, NEXT, 1);
+    ring.desc(3, 0x3_2000, 4, 0, 0);
+    ring.desc(4, 0x4_0000, 128 << 10, 0, 0);
+    ring.desc(5, 0x2_0000, frame.len() as u32, 0, 0);
     let heads = [0u16, 1, 3, 4, 5];
-    publish(&mem, &heads);
+    ring.publish(&heads);
 
     let before = tap_rx_packets(&ns, &daemon.tap);
-    let (_call, kick) = start_queue(&mut fe, &mem, features, TX_QUEUE);
+    let (_call, kick) = ring.start(&mut fe, features, TX_QUEUE);
     kick.write(1).unwrap();
 
-    wait_used(&mem, heads.len() as u16, &daemon);
+    ring.wait_used(heads.len(), || daemon.proc.log());
     let deadline = Instant::now() + Duration::from_secs(10);
     while tap_rx_packets(&ns, &daemon.tap) < before + 1 {
         assert!(
@@ -299,41 +183,42 @@ fn hostile_rx_chains(mrg_rxbuf: bool) {
         }
     });
     let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-    let mem = shared_memory();
+    let mut ring = TestRing::new(MEM_SIZE, SIZE);
+    let mem = ring.mem.clone();
     let extra = if mrg_rxbuf {
         1 << VIRTIO_NET_F_MRG_RXBUF
     } else {
         0
     };
-    let (mut fe, features) = handshake(&daemon, extra);
+    let (mut fe, features) = handshake(&daemon.socket, 3, extra);
 
     // Outside memory; good A; a loop (2 -> 3 -> 2); shorter than the header;
     // device-readable (wrong direction); good B.
-    write_desc(&mem, 0, OUTSIDE, RX_BUF_LEN, WRITE, 0);
-    write_desc(&mem, 1, RX_GOOD[0].1, RX_BUF_LEN, WRITE, 0);
-    write_desc(&mem, 2, 0x3_0000, 64, WRITE | NEXT, 3);
-    write_desc(&mem, 3, 0x3_1000, 64, WRITE | NEXT, 2);
-    write_desc(&mem, 4, 0x3_2000, HDR_LEN as u32 - 8, WRITE, 0);
-    write_desc(&mem, 5, 0x3_3000, RX_BUF_LEN, 0, 0);
-    write_desc(&mem, 6, RX_GOOD[1].1, RX_BUF_LEN, WRITE, 0);
+    ring.desc(0, OUTSIDE, RX_BUF_LEN, WRITE, 0);
+    ring.desc(1, RX_GOOD[0].1, RX_BUF_LEN, WRITE, 0);
+    ring.desc(2, 0x3_0000, 64, WRITE | NEXT, 3);
+    ring.desc(3, 0x3_1000, 64, WRITE | NEXT, 2);
+    ring.desc(4, 0x3_2000, HDR_LEN as u32 - 8, WRITE, 0);
+    ring.desc(5, 0x3_3000, RX_BUF_LEN, 0, 0);
+    ring.desc(6, RX_GOOD[1].1, RX_BUF_LEN, WRITE, 0);
     // Poison the good buffers so that stale bytes cannot pass for the frame.
     for (_, addr) in RX_GOOD {
         mem.write_slice(&[0xa5; RX_BUF_LEN as usize], GuestAddress(addr))
             .unwrap();
     }
-    publish(&mem, &RX_HEADS);
-    let (_call, kick) = start_queue(&mut fe, &mem, features, RX_QUEUE);
+    ring.publish(&RX_HEADS);
+    let (_call, kick) = ring.start(&mut fe, features, RX_QUEUE);
     kick.write(1).unwrap();
 
     // The first frame fills A: the chain before it comes back empty, the three after it too
     // once the daemon has moved on to B, which waits for the second frame.
     let frames = [test_frame(200, 1), test_frame(1514, 2)];
-    let used_after = [5u16, 6];
+    let used_after = [5usize, 6];
     for (i, frame) in frames.iter().enumerate() {
         inject(&ns, &daemon.tap, frame.clone());
-        wait_used(&mem, used_after[i], &daemon);
+        let used = ring.wait_used(used_after[i], || daemon.proc.log());
         let (head, addr) = RX_GOOD[i];
-        let entry = used_entry(&mem, if i == 0 { 1 } else { 5 });
+        let entry = used[if i == 0 { 1 } else { 5 }];
         assert_eq!(entry, (head, (HDR_LEN + frame.len()) as u32), "frame {i}");
         let mut got = vec![0u8; HDR_LEN + frame.len()];
         mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
@@ -342,7 +227,7 @@ fn hostile_rx_chains(mrg_rxbuf: bool) {
         assert_eq!(&got[..HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
     }
     for (slot, head) in [(0, 0u16), (2, 2), (3, 4), (4, 5)] {
-        assert_eq!(used_entry(&mem, slot), (head, 0), "bad chain {head}");
+        assert_eq!(ring.used()[slot], (head, 0), "bad chain {head}");
     }
     let counters = disconnect(&mut daemon, fe);
     // rx packets, dropped, bad chains.
