@@ -588,17 +588,7 @@ fn sigterm_with_a_connected_frontend_and_requests_in_flight_exits_cleanly() {
         if format == "qcow2" {
             qemu_img_check(&img);
         }
-        let check = dir.path().join("check.raw");
-        qemu_img(&[
-            "convert",
-            "-f",
-            format,
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            check.to_str().unwrap(),
-        ]);
-        let after = std::fs::read(&check).unwrap();
+        let after = contents_by_qemu(&img, format);
         assert!(
             after[MIB as usize..MIB as usize + data.len()] == data[..],
             "{format}: completed write lost"
@@ -659,15 +649,7 @@ fn kill_9_during_writes_keeps_every_flushed_write_and_a_consistent_image() {
             "round {round}: {}",
             String::from_utf8_lossy(&check.stdout)
         );
-        let raw = dir.path().join("after.raw");
-        qemu_img(&[
-            "convert",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ]);
-        let after = std::fs::read(&raw).unwrap();
+        let after = contents_by_qemu(&img, "qcow2");
         for slot in (0..SLOTS).step_by(2) {
             let (a, b) = ((slot * SLOT) as usize, ((slot + 1) * SLOT) as usize);
             assert!(

@@ -409,6 +409,16 @@ pub fn qemu_img(args: &[&str]) -> String {
     out
 }
 
+/// The guest-visible contents of `image` as qemu-img reads them (converted to raw next to it).
+pub fn contents_by_qemu(image: &Path, format: &str) -> Vec<u8> {
+    let raw = image.with_extension("contents.raw");
+    let (i, r) = (image.to_str().unwrap(), raw.to_str().unwrap());
+    qemu_img(&["convert", "-f", format, "-O", "raw", i, r]);
+    let bytes = std::fs::read(&raw).expect("read converted image");
+    std::fs::remove_file(&raw).expect("remove converted image");
+    bytes
+}
+
 /// Asserts `qemu-img check` finds no error in a qcow2 image.
 pub fn qemu_img_check(path: &Path) {
     let (ok, out) = run("qemu-img", &["check", path.to_str().expect("utf-8 path")]);
