@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use vhost_net::datapath::{needs_notification_since, process_tx, BATCH};
 use vhost_net::device::{PairSlot, PairStats};
-use vhost_net::rx::{process_rx, RxParams};
+use vhost_net::rx::{process_rx, RxOutcome, RxParams};
 use vhost_net::uring::PairRing;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
@@ -83,6 +83,36 @@ impl Ring {
         }
         self.publish(head);
         head
+    }
+
+    /// Runs the rx loop on this queue with `tap` as the TAP.
+    fn rx(
+        &mut self,
+        tap: &OwnedFd,
+        params: RxParams,
+        slot: &mut PairSlot,
+        stats: &PairStats,
+    ) -> RxOutcome {
+        process_rx(
+            &self.mem,
+            &mut self.queue,
+            tap.as_raw_fd(),
+            params,
+            slot,
+            stats,
+        )
+    }
+
+    /// Runs the tx loop on this queue with `tap` as the TAP; returns the chains completed.
+    fn tx(&mut self, tap: &OwnedFd, hdr: usize, slot: &mut PairSlot, stats: &PairStats) -> usize {
+        process_tx(
+            &self.mem,
+            &mut self.queue,
+            tap.as_raw_fd(),
+            hdr,
+            slot,
+            stats,
+        )
     }
 
     fn used_idx(&self) -> u16 {
@@ -210,14 +240,7 @@ fn tx_with(uring: bool) {
     ring.publish(12);
 
     let stats = PairStats::default();
-    let done = process_tx(
-        &ring.mem,
-        &mut ring.queue,
-        tap.as_raw_fd(),
-        HDR,
-        &mut slot,
-        &stats,
-    );
+    let done = ring.tx(&tap, HDR, &mut slot, &stats);
     assert_eq!(done, 7);
     assert_eq!(ring.used_idx(), 7);
     for i in 0..7 {
@@ -244,14 +267,7 @@ fn rx_without_mrg_rxbuf_one_packet_per_chain() {
         send(&peer, &p1);
         send(&peer, &p2);
         let stats = PairStats::default();
-        let out = process_rx(
-            &ring.mem,
-            &mut ring.queue,
-            tap.as_raw_fd(),
-            params(false),
-            &mut slot,
-            &stats,
-        );
+        let out = ring.rx(&tap, params(false), &mut slot, &stats);
         assert_eq!(
             (out.used, out.packets, out.out_of_buffers),
             (2, 2, false),
@@ -292,14 +308,7 @@ fn rx_with_mrg_rxbuf_spans_chains_and_sets_num_buffers() {
             max_packet: 4000,
             ..params(true)
         };
-        let out = process_rx(
-            &ring.mem,
-            &mut ring.queue,
-            tap.as_raw_fd(),
-            big,
-            &mut slot,
-            &stats,
-        );
+        let out = ring.rx(&tap, big, &mut slot, &stats);
         assert_eq!((out.used, out.packets), (3, 1), "{how}");
         assert_eq!(ring.used(0), (0, 1024), "{how}");
         assert_eq!(ring.used(1), (1, 1024), "{how}");
@@ -344,14 +353,7 @@ fn a_packet_over_several_chains_is_used_together_and_notified_with_event_idx() {
                 max_packet: 4000,
                 ..params(true)
             };
-            let out = process_rx(
-                &ring.mem,
-                &mut ring.queue,
-                tap.as_raw_fd(),
-                big,
-                &mut slot,
-                &stats,
-            );
+            let out = ring.rx(&tap, big, &mut slot, &stats);
             assert_eq!((out.used, out.packets), (3, 1), "{how}");
             // All three entries, then one index covering them.
             assert_eq!(ring.used_idx(), 3, "{how}");
@@ -380,27 +382,13 @@ fn rx_waits_for_enough_buffers_with_mrg_rxbuf() {
         ring.add(&[(0x10_000, 512, W)]);
         send(&peer, &packet(100, 6));
         let stats = PairStats::default();
-        let out = process_rx(
-            &ring.mem,
-            &mut ring.queue,
-            tap.as_raw_fd(),
-            params(true),
-            &mut slot,
-            &stats,
-        );
+        let out = ring.rx(&tap, params(true), &mut slot, &stats);
         assert!(out.out_of_buffers, "{how}");
         assert_eq!(out.used, 0, "{how}");
         assert_eq!(ring.queue.next_avail(), 0, "nothing taken");
         // More buffers: now the packet goes into the first one.
         ring.add(&[(0x11_000, 2048, W)]);
-        let out = process_rx(
-            &ring.mem,
-            &mut ring.queue,
-            tap.as_raw_fd(),
-            params(true),
-            &mut slot,
-            &stats,
-        );
+        let out = ring.rx(&tap, params(true), &mut slot, &stats);
         assert_eq!((out.used, out.packets), (1, 1), "{how}");
         assert_eq!(ring.used(0), (0, 112), "{how}");
     }
@@ -422,14 +410,7 @@ fn hostile_rx_chains_are_returned_empty_and_counted() {
         let p = packet(200, 7);
         send(&peer, &p);
         let stats = PairStats::default();
-        let out = process_rx(
-            &ring.mem,
-            &mut ring.queue,
-            tap.as_raw_fd(),
-            params(true),
-            &mut slot,
-            &stats,
-        );
+        let out = ring.rx(&tap, params(true), &mut slot, &stats);
         assert_eq!((out.used, out.packets), (5, 1), "{how}");
         for i in 0..4 {
             assert_eq!(ring.used(i), (u32::from(i), 0), "{how}");
@@ -452,14 +433,7 @@ fn a_bad_chain_behind_good_ones_waits_for_the_next_packet() {
         send(&peer, &packet(100, 1));
         send(&peer, &packet(100, 2));
         let stats = PairStats::default();
-        let out = process_rx(
-            &ring.mem,
-            &mut ring.queue,
-            tap.as_raw_fd(),
-            params(true),
-            &mut slot,
-            &stats,
-        );
+        let out = ring.rx(&tap, params(true), &mut slot, &stats);
         assert_eq!((out.used, out.packets), (3, 2), "{how}");
         assert_eq!(ring.used(0), (0, 112), "{how}");
         assert_eq!(ring.used(1), (1, 0), "{how}");
@@ -493,14 +467,7 @@ fn a_batch_fills_chains_in_ring_order_and_packets_move_down_into_unused_chains()
             max_packet: 4000,
             ..params(true)
         };
-        let out = process_rx(
-            &ring.mem,
-            &mut ring.queue,
-            tap.as_raw_fd(),
-            big,
-            &mut slot,
-            &stats,
-        );
+        let out = ring.rx(&tap, big, &mut slot, &stats);
         assert_eq!((out.used, out.packets), (7, 4), "{how}");
         let used: Vec<_> = (0..7).map(|i| ring.used(i)).collect();
         assert_eq!(
@@ -553,14 +520,7 @@ fn batched_without_mrg_rxbuf_a_too_small_chain_before_a_packet_is_returned_empty
         send(&peer, p);
     }
     let stats = PairStats::default();
-    let out = process_rx(
-        &ring.mem,
-        &mut ring.queue,
-        tap.as_raw_fd(),
-        params(false),
-        &mut slot,
-        &stats,
-    );
+    let out = ring.rx(&tap, params(false), &mut slot, &stats);
     // The third packet, read into the next chain, cannot move down into the 100-byte one:
     // that goes back empty.
     assert_eq!((out.used, out.packets), (3, 2));
@@ -589,42 +549,14 @@ fn broken_avail_ring_does_not_panic() {
     send(&peer, &packet(100, 1));
     let mut slot = PairSlot::default();
     let stats = PairStats::default();
-    let out = process_rx(
-        &ring.mem,
-        &mut ring.queue,
-        tap.as_raw_fd(),
-        params(true),
-        &mut slot,
-        &stats,
-    );
+    let out = ring.rx(&tap, params(true), &mut slot, &stats);
     assert_eq!(out.packets, 0);
-    let done = process_tx(
-        &ring.mem,
-        &mut ring.queue,
-        tap.as_raw_fd(),
-        HDR,
-        &mut slot,
-        &stats,
-    );
+    let done = ring.tx(&tap, HDR, &mut slot, &stats);
     assert_eq!(done, 0);
     // Head indices past the table.
     let mut ring = Ring::new();
     ring.mem.write_obj(999u16, GuestAddress(AVAIL + 4)).unwrap();
     ring.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
-    let _ = process_tx(
-        &ring.mem,
-        &mut ring.queue,
-        tap.as_raw_fd(),
-        HDR,
-        &mut slot,
-        &stats,
-    );
-    let _ = process_rx(
-        &ring.mem,
-        &mut ring.queue,
-        tap.as_raw_fd(),
-        params(false),
-        &mut slot,
-        &stats,
-    );
+    let _ = ring.tx(&tap, HDR, &mut slot, &stats);
+    let _ = ring.rx(&tap, params(false), &mut slot, &stats);
 }
