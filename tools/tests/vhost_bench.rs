@@ -175,6 +175,8 @@ fn json_report_has_sane_numbers_and_the_writes_reach_the_image() {
     let cpu = f("server_cpu_s");
     let cores = std::thread::available_parallelism().unwrap().get() as f64;
     assert!(cpu > 0.0 && cpu <= cores * 1.1, "{cpu} CPU-s: {out}");
+    let client_cpu = f("client_cpu_s");
+    assert!(client_cpu > 0.0 && client_cpu <= cores * 1.1, "{out}");
     assert!(close(f("iops_per_server_cpu_s"), done / cpu, 1e-9), "{out}");
 
     // The writes went through the daemon into the file.

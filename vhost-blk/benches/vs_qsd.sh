@@ -102,6 +102,7 @@ one() { # SERVER KIND WORKLOAD -> the run's JSON on stdout
     jq '.jobs[0] | (if .write.io_bytes > 0 then .write else .read end) as $d
         | {iops: $d.iops, mib_s: ($d.bw_bytes / 1048576),
            lat_us: {p50: ($d.clat_ns.percentile["50.000000"] / 1000)},
+           client_cpu_s: ((.usr_cpu + .sys_cpu) / 100 * .job_runtime / 1000),
            iops_per_server_cpu_s: null}' "$work/fio.json"
   else
     start_server "$server" "$kind"
@@ -164,7 +165,8 @@ for ((run = 0; run < RUNS; run++)); do
         jq -c --arg s "$server" --arg im "${images[i]}" --arg w "${workloads[w]}" \
             --argjson i "$i" --argjson wi "$w" \
             '{server: $s, image: $im, workload: $w, i: $i, w: $wi, iops, mib_s,
-              p50: .lat_us.p50, per_cpu: .iops_per_server_cpu_s}' "$work/run.json" >>"$results"
+              p50: .lat_us.p50, per_cpu: .iops_per_server_cpu_s, client_cpu: .client_cpu_s}' \
+          "$work/run.json" >>"$results"
         tail -1 "$results" | jq -r --argjson run "$((run + 1))" \
           '"run \($run) \(.workload) \(.image) \(.server): \(.iops | round) IOPS, p50 \(.p50 | round) µs, \(.per_cpu // 0 | round) IOPS/CPU-s"' >&2
       done

@@ -71,9 +71,10 @@ enum OutputFormat {
 ///
 /// Connects to a vhost-user-blk socket, keeps --iodepth requests in flight on each of
 /// --queues queues (one thread each, event-driven completions) for --ramp plus --runtime
-/// seconds, and reports what completed in the --runtime window: IOPS, MiB/s, latency p50/p99
-/// and, with --server-pid, the server's CPU seconds (utime + stime from /proc) and IOPS per
-/// server CPU-second. The device range [0, --size) is split evenly between the queues.
+/// seconds, and reports what completed in the --runtime window: IOPS, MiB/s, latency p50/p99,
+/// vhost-bench's own CPU seconds and, with --server-pid, the server's CPU seconds (utime +
+/// stime from /proc) and IOPS per server CPU-second. The device range [0, --size) is split
+/// evenly between the queues.
 ///
 /// With --verify nothing is timed: write patterns (write, randwrite, randrw) write every
 /// block of the range once, each 512-byte sector stamped with its offset and a fresh

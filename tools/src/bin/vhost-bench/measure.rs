@@ -123,6 +123,7 @@ pub struct Report {
     iops: f64,
     mib_s: f64,
     lat_us: Latency,
+    client_cpu_s: f64,
     server_pid: Option<u32>,
     server_cpu_s: Option<f64>,
     iops_per_server_cpu_s: Option<f64>,
@@ -157,9 +158,9 @@ pub fn run(
             keep_in_flight(q, job.iodepth, &mut load)?;
             Ok(load.stats)
         },
-        || server_pid.map(|pid| window_cpu(pid, &window)).transpose(),
+        || window_cpu(server_pid, &window),
     );
-    let (stats, cpu) = (stats?, cpu?);
+    let (stats, (client_cpu, cpu)) = (stats?, cpu?);
     let mut total = Stats::default();
     for s in &stats {
         total.reads += s.reads;
@@ -188,18 +189,25 @@ pub fn run(
             p99: lat(0.99),
             mean: total.latency.mean() / 1000.0,
         },
+        client_cpu_s: client_cpu,
         server_pid,
         server_cpu_s: cpu,
         iops_per_server_cpu_s: cpu.map(|c| iops * window.seconds() / c),
     })
 }
 
-/// `pid`'s CPU seconds from the window's start to its end.
-fn window_cpu(pid: u32, window: &Window) -> Result<f64> {
+/// The CPU seconds this process and `server_pid` use from the window's start to its end.
+fn window_cpu(server_pid: Option<u32>, window: &Window) -> Result<(f64, Option<f64>)> {
+    let both = || -> Result<(f64, Option<f64>)> {
+        let server = server_pid.map(cpu_seconds).transpose()?;
+        Ok((cpu_seconds(std::process::id())?, server))
+    };
     sleep(window.start.saturating_duration_since(Instant::now()));
-    let before = cpu_seconds(pid)?;
+    let before = both()?;
     sleep(window.end.saturating_duration_since(Instant::now()));
-    Ok(cpu_seconds(pid)? - before)
+    let after = both()?;
+    let server = after.1.zip(before.1).map(|(a, b)| a - b);
+    Ok((after.0 - before.0, server))
 }
 
 impl Report {
@@ -222,11 +230,12 @@ impl Report {
             "  IOPS={:.0} BW={:.1}MiB/s (reads={} writes={})",
             self.iops, self.mib_s, self.reads, self.writes
         )?;
-        write!(
+        writeln!(
             out,
             "  lat (usec): p50={:.1} p99={:.1} mean={:.1}",
             self.lat_us.p50, self.lat_us.p99, self.lat_us.mean
         )?;
+        write!(out, "  vhost-bench: {:.2} CPU-s", self.client_cpu_s)?;
         if let (Some(pid), Some(cpu), Some(per)) = (
             self.server_pid,
             self.server_cpu_s,
