@@ -44,6 +44,9 @@ PACKAGES=(
     perl
     xz-utils
     patch
+    # vhost-blk/benches/vs_qsd.sh: the ceiling on the image file, and its JSON reports
+    fio
+    jq
 )
 
 # Installed together with `-t bookworm-backports` (QEMU 10.0.x).
