@@ -281,6 +281,11 @@ struct Policy {
     reserve: bool,
     /// The storage of a new raw target, whose data ranges are allocated before writing.
     raw_storage: Option<Arc<dyn qcow2::Storage>>,
+    /// Held while uncompressed data goes into the target. The file system serialises
+    /// buffered writes to one file anyway (ext4's inode lock), but a writer waiting there
+    /// spins on its core; waiting here sleeps and leaves the core to the workers that are
+    /// still planning and scanning their chunks.
+    writing: Mutex<()>,
 }
 
 /// The concatenated sources.
@@ -663,6 +668,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         target_backing,
         compress: a.compress,
         raw_storage,
+        writing: Mutex::new(()),
         reserve: matches!(&target, Target::Qcow2(q) if !a.compress && !a.no_create && !q.has_data_file()),
     };
     let chunk = (4u64 << 20).next_multiple_of(block);
@@ -775,6 +781,7 @@ fn copy_chunk(
             // Allocating the file blocks in one go spares the file system its per-block
             // delayed allocation in the writes (a third less CPU on ext4). One call covers the
             // chunk's whole host span: every call takes the inode lock the writes need too.
+            let _writing = p.writing.lock().unwrap_or_else(|e| e.into_inner());
             let start = placed.iter().map(|&(_, _, h)| h).min();
             let end = placed.iter().map(|&(_, b, h)| h + b.len() as u64).max();
             if let (Some(start), Some(end)) = (start, end) {
@@ -795,6 +802,7 @@ fn copy_chunk(
             }
         }
         _ => {
+            let _writing = p.writing.lock().unwrap_or_else(|e| e.into_inner());
             for r in data {
                 if let (Target::Other(_), Some(storage)) = (target, &p.raw_storage) {
                     // As for qcow2: allocate the blocks in one go before the write.
