@@ -8,8 +8,10 @@
 //! remaining runs as large writes, plainly or compressed (compression thus runs on all cores).
 //!
 //! Uncompressed writes into a new qcow2 image reserve their host clusters in chunk order (a
-//! turnstile: chunk `i` reserves after chunk `i - 1`) and then write in parallel, so the
-//! target is laid out in guest order like qemu-img's, without a metadata lock per cluster.
+//! turnstile: chunk `i` reserves after chunk `i - 1`; chunks without data pass) and then
+//! write out of turn, so the target is laid out in guest order like qemu-img's, without a
+//! metadata lock per cluster. Data writes into the target take turns on a plain lock: the file
+//! system serialises buffered writes to one file anyway, and this way waiters sleep.
 //!
 //! SIGINT or SIGTERM stops the workers from taking new chunks; the chunks in flight are
 //! finished (chunks are taken in guest order, so the target then holds an exact prefix of the
@@ -762,7 +764,8 @@ fn copy_chunk(
             turn.pass(i);
         }
         Target::Qcow2(q) if p.reserve => {
-            // Host clusters in guest order (this chunk's turn), then the writes in parallel.
+            // Host clusters in guest order (this chunk's turn), then the writes, which need no
+            // turn (only the `writing` lock).
             let cs = q.cluster_size();
             let placed = turn.run(i, || -> qcow2::Result<Vec<(u64, &[u8], u64)>> {
                 let mut placed = Vec::new();
