@@ -9,7 +9,9 @@
 #
 # Usage: tools/benches/convert.sh [SIZE_GIB (default 2)] [RUNS (default 3)] [CASE_FILTER]
 # CASE_FILTER (a grep -E pattern on the case name) runs only matching cases. The qimg binary
-# is built into $CARGO_TARGET_DIR (default target/).
+# is built into $CARGO_TARGET_DIR (default target/). With QIMG_BASE=/path/to/an/older/qimg,
+# that binary runs too, alternating with the other two, and gets its own rows ("(base)"), for
+# before/after comparisons on a noisy machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 size_gib=${1:-2}
@@ -61,6 +63,18 @@ timeit() {
   echo "$(echo "$e - $s" | bc) $(awk '{print $1 + $2}' "$work/cpu")"
 }
 
+# Prints the medians of the runs in the array named $2 against qemu-img's (`theirs`).
+row() {
+  local -n runs_=$2
+  local o t oc tc
+  o=$(printf '%s\n' "${runs_[@]}" | cut -d' ' -f1 | median)
+  t=$(printf '%s\n' "${theirs[@]}" | cut -d' ' -f1 | median)
+  oc=$(printf '%s\n' "${runs_[@]}" | cut -d' ' -f2 | median)
+  tc=$(printf '%s\n' "${theirs[@]}" | cut -d' ' -f2 | median)
+  printf '%-28s %10.2f %10.2f %8.2f %10.2f %10.2f %8.2f\n' "$1" "$o" "$t" "$(echo "$o / $t" | bc -l)" \
+    "$oc" "$tc" "$(echo "$oc / $tc" | bc -l)"
+}
+
 printf '%-28s %10s %10s %8s %10s %10s %8s\n' case qimg_s qemu_s ratio qimg_cpu qemu_cpu ratio
 for case in "raw->qcow2|-O qcow2|src.raw" "qcow2->raw|-O raw|src.qcow2" \
             "sparse 100G raw->qcow2|-O qcow2|sparse.raw" "sparse 100G qcow2->raw|-O raw|sparse.qcow2" \
@@ -68,7 +82,7 @@ for case in "raw->qcow2|-O qcow2|src.raw" "qcow2->raw|-O raw|src.qcow2" \
             "raw->qcow2 -c zstd|-O qcow2 -c -o compression_type=zstd|src.raw"; do
   IFS='|' read -r name args src <<<"$case"
   grep -qE -- "$filter" <<<"$name" || continue
-  ours=(); theirs=()
+  ours=(); theirs=(); base=()
   for _ in $(seq "$runs"); do
     rm -f "$work/out"; sync
     # shellcheck disable=SC2086
@@ -76,11 +90,12 @@ for case in "raw->qcow2|-O qcow2|src.raw" "qcow2->raw|-O raw|src.qcow2" \
     rm -f "$work/out"; sync
     # shellcheck disable=SC2086
     theirs+=("$(timeit qemu-img convert $args "$work/$src" "$work/out")")
+    if [ -n "${QIMG_BASE:-}" ]; then
+      rm -f "$work/out"; sync
+      # shellcheck disable=SC2086
+      base+=("$(timeit "$QIMG_BASE" convert $args "$work/$src" "$work/out")")
+    fi
   done
-  o=$(printf '%s\n' "${ours[@]}" | cut -d' ' -f1 | median)
-  t=$(printf '%s\n' "${theirs[@]}" | cut -d' ' -f1 | median)
-  oc=$(printf '%s\n' "${ours[@]}" | cut -d' ' -f2 | median)
-  tc=$(printf '%s\n' "${theirs[@]}" | cut -d' ' -f2 | median)
-  printf '%-28s %10.2f %10.2f %8.2f %10.2f %10.2f %8.2f\n' "$name" "$o" "$t" "$(echo "$o / $t" | bc -l)" \
-    "$oc" "$tc" "$(echo "$oc / $tc" | bc -l)"
+  row "$name" ours
+  [ -z "${QIMG_BASE:-}" ] || row "$name (base)" base
 done

@@ -1184,11 +1184,9 @@ fn qimg_stderr(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[test]
-fn convert_and_measure_read_internal_snapshots_like_qemu_img() {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path();
-    // Snapshot "2" has ID 1 and snapshot "b" ID 2, so `-l 2` tells IDs first from names first.
+/// `s.qcow2` (80M) with data, snapshot "2" (ID 1), more data, snapshot "b" (ID 2), more data,
+/// then grown: `-l 2` tells IDs first from names first. Also `r.raw`, without snapshots.
+fn snapshot_images(p: &Path) {
     qcow2_image(
         p,
         &[],
@@ -1206,6 +1204,13 @@ fn convert_and_measure_read_internal_snapshots_like_qemu_img() {
     qemu_io(p, "s.qcow2", &["write -z 0 1M", "write -P 9 30M 64k"]);
     qemu(p, &["resize", "-q", "s.qcow2", "80M"]);
     qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+}
+
+#[test]
+fn convert_and_measure_read_internal_snapshots_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    snapshot_images(p);
     let mut contents = Vec::new();
     for l in [
         &["-l", "1"][..],

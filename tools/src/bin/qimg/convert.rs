@@ -8,8 +8,10 @@
 //! remaining runs as large writes, plainly or compressed (compression thus runs on all cores).
 //!
 //! Uncompressed writes into a new qcow2 image reserve their host clusters in chunk order (a
-//! turnstile: chunk `i` reserves after chunk `i - 1`) and then write in parallel, so the
-//! target is laid out in guest order like qemu-img's, without a metadata lock per cluster.
+//! turnstile: chunk `i` reserves after chunk `i - 1`; chunks without data pass) and then
+//! write out of turn, so the target is laid out in guest order like qemu-img's, without a
+//! metadata lock per cluster. Data writes into the target take turns on a plain lock: the file
+//! system serialises buffered writes to one file anyway, and this way waiters sleep.
 //!
 //! SIGINT or SIGTERM stops the workers from taking new chunks; the chunks in flight are
 //! finished (chunks are taken in guest order, so the target then holds an exact prefix of the
@@ -281,6 +283,11 @@ struct Policy {
     reserve: bool,
     /// The storage of a new raw target, whose data ranges are allocated before writing.
     raw_storage: Option<Arc<dyn qcow2::Storage>>,
+    /// Held while uncompressed data goes into the target. The file system serialises
+    /// buffered writes to one file anyway (ext4's inode lock), but a writer waiting there
+    /// spins on its core; waiting here sleeps and leaves the core to the workers that are
+    /// still planning and scanning their chunks.
+    writing: Mutex<()>,
 }
 
 /// The concatenated sources.
@@ -663,6 +670,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         target_backing,
         compress: a.compress,
         raw_storage,
+        writing: Mutex::new(()),
         reserve: matches!(&target, Target::Qcow2(q) if !a.compress && !a.no_create && !q.has_data_file()),
     };
     let chunk = (4u64 << 20).next_multiple_of(block);
@@ -756,7 +764,8 @@ fn copy_chunk(
             turn.pass(i);
         }
         Target::Qcow2(q) if p.reserve => {
-            // Host clusters in guest order (this chunk's turn), then the writes in parallel.
+            // Host clusters in guest order (this chunk's turn), then the writes, which need no
+            // turn (only the `writing` lock).
             let cs = q.cluster_size();
             let placed = turn.run(i, || -> qcow2::Result<Vec<(u64, &[u8], u64)>> {
                 let mut placed = Vec::new();
@@ -775,6 +784,7 @@ fn copy_chunk(
             // Allocating the file blocks in one go spares the file system its per-block
             // delayed allocation in the writes (a third less CPU on ext4). One call covers the
             // chunk's whole host span: every call takes the inode lock the writes need too.
+            let _writing = p.writing.lock().unwrap_or_else(|e| e.into_inner());
             let start = placed.iter().map(|&(_, _, h)| h).min();
             let end = placed.iter().map(|&(_, b, h)| h + b.len() as u64).max();
             if let (Some(start), Some(end)) = (start, end) {
@@ -795,6 +805,7 @@ fn copy_chunk(
             }
         }
         _ => {
+            let _writing = p.writing.lock().unwrap_or_else(|e| e.into_inner());
             for r in data {
                 if let (Target::Other(_), Some(storage)) = (target, &p.raw_storage) {
                     // As for qcow2: allocate the blocks in one go before the write.
