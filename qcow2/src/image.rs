@@ -86,14 +86,19 @@ pub trait Image: Send + Sync {
         None
     }
     /// Maps `len > 0` guest bytes at `offset` to host extents so the caller can do the I/O
-    /// itself (io_uring, straight into guest memory). Only when that needs no allocation and
-    /// no copy-on-write: reads of data and zero clusters, writes in place. It never does I/O
+    /// itself (io_uring, straight into guest memory), when that needs no copy: reads of data
+    /// and zero clusters, writes in place, and writes that allocate clusters which read as
+    /// zeros (mapped by [`Image::finish_io`] once the data is written). It never does I/O
     /// itself: when mapping needs metadata that is not cached, it says which bytes to read
     /// (then [`Image::install_metadata`] and map again). [`MapOutcome::Declined`] means "use
     /// [`Image::read_at`]/[`Image::write_at`]", which also report any error.
     fn map_io(&self, _offset: u64, _len: u64, _write: bool) -> MapOutcome {
         MapOutcome::Declined
     }
+    /// Hands back a mapping after its I/O: `ok` if every byte moved. A write that allocated
+    /// clusters maps them now (after the data, as crash safety wants), or releases them when
+    /// the I/O failed; then the clusters are free for other writers.
+    fn finish_io(&self, _mapping: IoMapping, _ok: bool) {}
     /// Takes metadata read as [`MapOutcome::Load`] asked. Bytes that no longer match the
     /// image's state (it changed meanwhile) or fail validation are ignored: mapping again then
     /// asks again, or declines.
@@ -154,14 +159,26 @@ impl Extent {
 }
 
 /// Where a guest range lives, from [`Image::map_io`]. A write mapping keeps the guest
-/// clusters reserved against allocating writes and discards until it is dropped, so drop it
-/// only after the I/O completed.
+/// clusters reserved against allocating writes and discards until it is handed back with
+/// [`Image::finish_io`] (or dropped), so keep it until the I/O completed.
 pub struct IoMapping {
     /// The file the [`Extent::Data`] offsets refer to.
     pub storage: Arc<dyn Storage>,
     /// The pieces in guest order; their lengths add up to the mapped length.
     pub extents: Vec<Extent>,
+    /// Host ranges to zero before the data is written: new clusters the write covers only
+    /// partly, whose other bytes must read as zeros.
+    pub zero_first: Vec<(u64, u64)>,
+    /// Guest clusters that get a new host cluster once the data is written.
+    pub(crate) allocated: Vec<Allocated>,
     _busy: Option<BusyGuard>,
+}
+
+/// A guest cluster a write mapping allocated: its entry at mapping time and its new cluster.
+pub(crate) struct Allocated {
+    pub cluster: u64,
+    pub old: crate::format::tables::L2Entry,
+    pub host: u64,
 }
 
 impl IoMapping {
@@ -174,6 +191,8 @@ impl IoMapping {
         IoMapping {
             storage,
             extents,
+            zero_first: Vec::new(),
+            allocated: Vec::new(),
             _busy: busy,
         }
     }

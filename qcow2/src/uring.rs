@@ -61,8 +61,9 @@ struct Request<T> {
 /// Guest data the kernel is moving.
 struct InFlight<T> {
     tag: T,
-    // Kept until completion: the busy mark of a write, and the storage whose fd is in use.
-    _mapping: IoMapping,
+    // Kept until completion: the busy mark of a write, what it allocated, and the storage
+    // whose fd is in use; handed back with `Image::finish_io`.
+    mapping: IoMapping,
     // The kernel reads these arrays until the request completes; their heap buffers never move.
     _iovecs: Vec<Vec<libc::iovec>>,
     lens: Vec<u64>,
@@ -176,8 +177,15 @@ impl<T> IoRing<T> {
     /// Moves the data of a mapped request.
     fn start_data(&mut self, req: Request<T>, mapping: IoMapping) -> Start<T> {
         let Some(fd) = mapping.storage.raw_fd() else {
-            return Start::Declined(req.tag);
+            return self.decline(req.tag, mapping);
         };
+        for &(host, len) in &mapping.zero_first {
+            // New clusters the write covers partly: the rest must read as zeros. A quick
+            // file system operation, done here before the data goes out.
+            if mapping.storage.zero_range(host, len).is_err() {
+                return self.decline(req.tag, mapping);
+            }
+        }
         let write = req.write;
         let pieces = split(&req.iovecs, &mapping.extents);
         let data: Vec<(u64, Vec<libc::iovec>)> = mapping
@@ -194,6 +202,7 @@ impl<T> IoRing<T> {
             })
             .collect();
         if data.is_empty() {
+            self.image.finish_io(mapping, true);
             return Start::Done(req.tag);
         }
         if write && !mapping.storage.is_direct() {
@@ -203,18 +212,18 @@ impl<T> IoRing<T> {
                 // SAFETY: the caller keeps the buffers valid; pwritev only reads them.
                 unsafe { pwritev_all(fd, vecs, *host) }
             });
-            return if written {
-                Start::Done(req.tag)
-            } else {
+            if !written {
                 // The slow path redoes the write and reports the error.
-                Start::Declined(req.tag)
-            };
+                return self.decline(req.tag, mapping);
+            }
+            self.image.finish_io(mapping, true);
+            return Start::Done(req.tag);
         }
-        if data.iter().any(|(_, v)| v.len() > MAX_IOVECS) || data.len() >= 1 << PIECE_BITS {
-            return Start::Declined(req.tag);
-        }
-        if !self.make_room(data.len()) {
-            return Start::Declined(req.tag);
+        if data.iter().any(|(_, v)| v.len() > MAX_IOVECS)
+            || data.len() >= 1 << PIECE_BITS
+            || !self.make_room(data.len())
+        {
+            return self.decline(req.tag, mapping);
         }
         let index = self.free_slot();
         let mut lens = Vec::with_capacity(data.len());
@@ -239,7 +248,7 @@ impl<T> IoRing<T> {
         }
         self.slots[index] = Some(Slot::Data(InFlight {
             tag: req.tag,
-            _mapping: mapping,
+            mapping,
             remaining: data.len(),
             _iovecs: data.into_iter().map(|(_, v)| v).collect(),
             lens,
@@ -247,6 +256,12 @@ impl<T> IoRing<T> {
         }));
         self.unsubmitted = true;
         Start::Queued
+    }
+
+    /// Gives a mapping back unused (releasing what it allocated) and declines the request.
+    fn decline(&self, tag: T, mapping: IoMapping) -> Start<T> {
+        self.image.finish_io(mapping, false);
+        Start::Declined(tag)
     }
 
     /// A free slot index (the slot itself is empty).
@@ -312,6 +327,7 @@ impl<T> IoRing<T> {
                             unreachable!("matched above");
                         };
                         self.free.push(index);
+                        self.image.finish_io(f.mapping, f.ok);
                         out.push(Completion {
                             tag: f.tag,
                             ok: f.ok,
@@ -499,10 +515,24 @@ mod tests {
         img.read_at(&mut back, cs + 100).unwrap();
         assert_eq!(back, w);
 
-        // Allocating (unallocated or zero cluster) writes are declined.
-        assert!(!run(&mut ring, 4 * cs, true, &mut [&mut w]));
-        assert!(!run(&mut ring, 3 * cs, true, &mut [&mut w]));
+        // Writes that allocate clusters reading as zeros (unallocated, zero) go through the
+        // ring too; the rest of a partly written new cluster reads as zeros.
+        let mut w2 = vec![0x22u8; 5000];
+        assert!(run(&mut ring, 4 * cs + 100, true, &mut [&mut w2]));
+        assert!(run(&mut ring, 3 * cs, true, &mut [&mut w]));
         assert_eq!(ring.in_flight(), 0);
+        let mut back = vec![0xffu8; 3 * cs as usize];
+        img.read_at(&mut back, 3 * cs).unwrap();
+        let mut expect = vec![0u8; 3 * cs as usize];
+        expect[..3000].fill(0x11);
+        expect[cs as usize + 100..cs as usize + 5100].fill(0x22);
+        assert!(
+            back == expect,
+            "allocated clusters hold the data and zeros elsewhere"
+        );
+        img.flush().unwrap();
+        let report = crate::check(&img).unwrap();
+        assert!(report.is_clean() && report.leaks == 0, "{report:?}");
     }
 
     #[test]

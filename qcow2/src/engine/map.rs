@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::format::tables::{L2Entry, OFFSET_MASK};
-use crate::image::{check_range, Extent, IoMapping, MapOutcome, MetadataLoad};
+use crate::image::{check_range, Allocated, Extent, IoMapping, MapOutcome, MetadataLoad};
 
 use super::Qcow2;
 
@@ -39,6 +39,8 @@ impl Qcow2 {
             None
         };
         let mut extents: Vec<Extent> = Vec::new();
+        let mut allocated = Vec::new();
+        let mut zero_first = Vec::new();
         let mut pos = offset;
         for (cluster, entry) in (first..).zip(entries) {
             let end = ((cluster + 1) * cs).min(offset + len);
@@ -52,7 +54,28 @@ impl Qcow2 {
                 L2Entry::Unallocated if !write && self.backing.is_none() => {
                     Extent::Zero { len: piece }
                 }
-                _ => return MapOutcome::Declined,
+                _ if write && self.reads_zero(entry) && self.data_file.is_none() => {
+                    let Ok(host) = self.target_cluster(cluster, entry) else {
+                        self.release_allocated(&allocated);
+                        return MapOutcome::Declined;
+                    };
+                    allocated.push(Allocated {
+                        cluster,
+                        old: entry,
+                        host,
+                    });
+                    if piece < cs {
+                        zero_first.push((host, cs));
+                    }
+                    Extent::Data {
+                        host: host + pos % cs,
+                        len: piece,
+                    }
+                }
+                _ => {
+                    self.release_allocated(&allocated);
+                    return MapOutcome::Declined;
+                }
             };
             push_merged(&mut extents, extent);
             pos = end;
@@ -61,12 +84,52 @@ impl Qcow2 {
             for e in &extents {
                 if let Extent::Data { host, len } = *e {
                     if self.check_data_write(host, len).is_err() {
+                        self.release_allocated(&allocated);
                         return MapOutcome::Declined;
                     }
                 }
             }
         }
-        MapOutcome::Mapped(IoMapping::new(self.data_storage().clone(), extents, busy))
+        let mut mapping = IoMapping::new(self.data_storage().clone(), extents, busy);
+        mapping.allocated = allocated;
+        mapping.zero_first = zero_first;
+        MapOutcome::Mapped(mapping)
+    }
+
+    /// Whether a cluster with this entry reads as zeros (so a write may allocate it without
+    /// copying anything).
+    fn reads_zero(&self, entry: L2Entry) -> bool {
+        match entry {
+            L2Entry::Zero { .. } => self.version >= 3,
+            L2Entry::Unallocated => self.backing.is_none(),
+            _ => false,
+        }
+    }
+
+    /// See [`crate::Image::finish_io`].
+    pub(super) fn finish_mapping(&self, mapping: IoMapping, ok: bool) {
+        if ok {
+            for a in &mapping.allocated {
+                if let Err(e) = self.update_l2(a.cluster, &[a.old], &[a.host]) {
+                    tracing::error!("mapping guest cluster {} after its write: {e}", a.cluster);
+                }
+            }
+        } else {
+            self.release_allocated(&mapping.allocated);
+        }
+        // Dropping the mapping releases the busy mark, after the L2 update.
+        drop(mapping);
+    }
+
+    /// Gives back clusters allocated for a write that did not happen (a preallocated zero
+    /// cluster that was reused stays where it is).
+    fn release_allocated(&self, allocated: &[Allocated]) {
+        let mut m = self.meta_mut();
+        for a in allocated {
+            if a.old.host_cluster() != Some(a.host) {
+                m.free_later(a.host, self.geo.cluster_size());
+            }
+        }
     }
 
     /// Entries for guest clusters `[first, first + count)` from cached L2 slices only; the

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::format::header::{CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::tables::{L2Entry, OFFSET_MASK};
-use crate::image::{check_range, BlockStatus, Format, Image, MapOutcome, MetadataLoad};
+use crate::image::{check_range, BlockStatus, Format, Image, IoMapping, MapOutcome, MetadataLoad};
 use crate::open::{open_backing, open_data_file, OpenOptions};
 use crate::storage::Storage;
 
@@ -409,6 +409,10 @@ impl Image for Qcow2 {
 
     fn install_metadata(&self, load: &MetadataLoad, bytes: &[u8]) {
         self.install_l2_slice(load, bytes)
+    }
+
+    fn finish_io(&self, mapping: IoMapping, ok: bool) {
+        self.finish_mapping(mapping, ok)
     }
 
     fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {

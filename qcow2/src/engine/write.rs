@@ -205,7 +205,7 @@ impl Qcow2 {
     }
 
     /// The host cluster a write to `cluster` (currently `entry`) should go to.
-    fn target_cluster(&self, cluster: u64, entry: L2Entry) -> Result<u64> {
+    pub(super) fn target_cluster(&self, cluster: u64, entry: L2Entry) -> Result<u64> {
         if self.data_file.is_some() {
             return Ok(cluster * self.geo.cluster_size());
         }
@@ -226,7 +226,7 @@ impl Qcow2 {
     }
 
     /// Points guest clusters `first..` at `hosts` (COPIED), releasing what `old` referenced.
-    fn update_l2(&self, first: u64, old: &[L2Entry], hosts: &[u64]) -> Result<()> {
+    pub(super) fn update_l2(&self, first: u64, old: &[L2Entry], hosts: &[u64]) -> Result<()> {
         let new: Vec<u64> = hosts.iter().map(|&h| h | COPIED).collect();
         self.set_entries(first, &new, old)
     }
