@@ -172,19 +172,12 @@ fn node_info(filename: &str, format: Option<&str>) -> anyhow::Result<(NodeInfo, 
     let meta =
         std::fs::metadata(filename).with_context(|| format!("Could not open '{filename}'"))?;
     let (layer, backing) = open_layer(filename, format, None)?;
+    // A raw image's node is its file's node with the file as its child.
     let mut node = NodeInfo {
-        filename: filename.to_string(),
         format: "raw",
-        dirty_flag: false,
-        actual_size: meta.blocks() * 512,
-        virtual_size: meta.len().next_multiple_of(512),
-        cluster_size: None,
-        backing_filename: None,
-        full_backing_filename: None,
-        backing_format: None,
-        snapshots: None,
         format_specific: None,
         children: Some(vec![("file", file_node(filename, &meta))]),
+        ..file_node(filename, &meta)
     };
     let Layer::Qcow2(q) = layer else {
         return Ok((node, backing));
