@@ -97,8 +97,12 @@ pub trait Image: Send + Sync {
     }
     /// Hands back a mapping after its I/O: `ok` if every byte moved. A write that allocated
     /// clusters maps them now (after the data, as crash safety wants), or releases them when
-    /// the I/O failed; then the clusters are free for other writers.
-    fn finish_io(&self, _mapping: IoMapping, _ok: bool) {}
+    /// the I/O failed; then the clusters are free for other writers. Returns whether the
+    /// request is complete: false when the I/O failed or its clusters could not be mapped,
+    /// and the caller must redo it through [`Image::write_at`], which reports the error.
+    fn finish_io(&self, _mapping: IoMapping, ok: bool) -> bool {
+        ok
+    }
     /// Takes metadata read as [`MapOutcome::Load`] asked. Bytes that no longer match the
     /// image's state (it changed meanwhile) or fail validation are ignored: mapping again then
     /// asks again, or declines.

@@ -202,8 +202,7 @@ impl<T> IoRing<T> {
             })
             .collect();
         if data.is_empty() {
-            self.image.finish_io(mapping, true);
-            return Start::Done(req.tag);
+            return self.finish_now(req.tag, mapping, true);
         }
         if write && !mapping.storage.is_direct() {
             // Buffered writes are memory copies into the page cache: io_uring would hand
@@ -212,12 +211,8 @@ impl<T> IoRing<T> {
                 // SAFETY: the caller keeps the buffers valid; pwritev only reads them.
                 unsafe { pwritev_all(fd, vecs, *host) }
             });
-            if !written {
-                // The slow path redoes the write and reports the error.
-                return self.decline(req.tag, mapping);
-            }
-            self.image.finish_io(mapping, true);
-            return Start::Done(req.tag);
+            // On failure the slow path redoes the write and reports the error.
+            return self.finish_now(req.tag, mapping, written);
         }
         if data.iter().any(|(_, v)| v.len() > MAX_IOVECS)
             || data.len() >= 1 << PIECE_BITS
@@ -260,8 +255,17 @@ impl<T> IoRing<T> {
 
     /// Gives a mapping back unused (releasing what it allocated) and declines the request.
     fn decline(&self, tag: T, mapping: IoMapping) -> Start<T> {
-        self.image.finish_io(mapping, false);
-        Start::Declined(tag)
+        self.finish_now(tag, mapping, false)
+    }
+
+    /// Hands back the mapping of a request whose I/O is over without the ring: done if it
+    /// moved every byte and its clusters are mapped, declined otherwise.
+    fn finish_now(&self, tag: T, mapping: IoMapping, ok: bool) -> Start<T> {
+        if self.image.finish_io(mapping, ok) {
+            Start::Done(tag)
+        } else {
+            Start::Declined(tag)
+        }
     }
 
     /// A free slot index (the slot itself is empty).
@@ -327,11 +331,8 @@ impl<T> IoRing<T> {
                             unreachable!("matched above");
                         };
                         self.free.push(index);
-                        self.image.finish_io(f.mapping, f.ok);
-                        out.push(Completion {
-                            tag: f.tag,
-                            ok: f.ok,
-                        });
+                        let ok = self.image.finish_io(f.mapping, f.ok);
+                        out.push(Completion { tag: f.tag, ok });
                     }
                 }
                 Some(Some(Slot::Metadata(_))) => {

@@ -107,18 +107,21 @@ impl Qcow2 {
     }
 
     /// See [`crate::Image::finish_io`].
-    pub(super) fn finish_mapping(&self, mapping: IoMapping, ok: bool) {
-        if ok {
-            for a in &mapping.allocated {
-                if let Err(e) = self.update_l2(a.cluster, &[a.old], &[a.host]) {
-                    tracing::error!("mapping guest cluster {} after its write: {e}", a.cluster);
-                }
-            }
-        } else {
+    pub(super) fn finish_mapping(&self, mapping: IoMapping, ok: bool) -> bool {
+        if !ok {
             self.release_allocated(&mapping.allocated);
+            return false;
+        }
+        for (k, a) in mapping.allocated.iter().enumerate() {
+            if let Err(e) = self.update_l2(a.cluster, &[a.old], &[a.host]) {
+                // Never report a write whose data is not mapped as done.
+                tracing::warn!("mapping guest cluster {} after its write: {e}", a.cluster);
+                self.release_allocated(&mapping.allocated[k..]);
+                return false;
+            }
         }
         // Dropping the mapping releases the busy mark, after the L2 update.
-        drop(mapping);
+        true
     }
 
     /// Gives back clusters allocated for a write that did not happen (a preallocated zero
@@ -207,5 +210,38 @@ fn push_merged(extents: &mut Vec<Extent>, next: Extent) {
         }
         (Some(Extent::Zero { len }), Extent::Zero { len: l }) => *len += l,
         _ => extents.push(next),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::test_images::create_open;
+    use crate::format::tables::COPIED;
+    use crate::image::{Image, MapOutcome};
+
+    #[test]
+    fn an_allocating_write_whose_clusters_cannot_be_mapped_is_not_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, img) = create_open(dir.path(), "f.qcow2", 1 << 20, 4096);
+        let MapOutcome::Mapped(mapping) = img.map_io(0, 4096, true) else {
+            panic!("an allocating write of an empty image maps");
+        };
+        assert_eq!(mapping.allocated.len(), 1);
+        // The L2 table the entry would go into turns out unusable (misaligned).
+        img.meta_mut().l1[0] = 0x1234 | COPIED;
+        assert!(
+            !img.finish_io(mapping, true),
+            "reported done without a mapping"
+        );
+        // A failed I/O is never complete either.
+        img.meta_mut().l1[0] = 0;
+        let MapOutcome::Mapped(mapping) = img.map_io(8192, 512, true) else {
+            panic!("maps");
+        };
+        assert!(!img.finish_io(mapping, false));
+        let MapOutcome::Mapped(mapping) = img.map_io(8192, 512, true) else {
+            panic!("the busy mark was released");
+        };
+        assert!(img.finish_io(mapping, true));
     }
 }

@@ -411,7 +411,7 @@ impl Image for Qcow2 {
         self.install_l2_slice(load, bytes)
     }
 
-    fn finish_io(&self, mapping: IoMapping, ok: bool) {
+    fn finish_io(&self, mapping: IoMapping, ok: bool) -> bool {
         self.finish_mapping(mapping, ok)
     }
 
