@@ -28,6 +28,13 @@ const MAX_LOADS: u32 = 4;
 /// Alignment of metadata read buffers (enough for O_DIRECT).
 const LOAD_ALIGN: usize = 4096;
 
+/// User data of the poll armed by [`IoRing::watch_readable`] (no request slot has this
+/// index).
+const WATCH: u64 = u64::MAX;
+
+/// User data of the entry cancelling that poll.
+const CANCEL: u64 = u64::MAX - 1;
+
 /// What [`IoRing::start`] did with a request.
 pub enum Start<T> {
     /// Submitted (or queued for the next [`IoRing::submit`]); [`IoRing::reap`] returns it.
@@ -91,6 +98,12 @@ pub struct IoRing<T> {
     slots: Vec<Option<Slot<T>>>,
     free: Vec<usize>,
     unsubmitted: bool,
+    /// The poll armed by [`IoRing::watch_readable`] is on this descriptor.
+    watching: Option<RawFd>,
+    /// That poll fired since [`IoRing::take_readable`] last looked.
+    readable: bool,
+    /// Requests that finished while [`IoRing::unwatch`] waited, for the next reap.
+    pending: Vec<Completion<T>>,
 }
 
 // SAFETY: the raw pointers in the iovecs point into memory the caller promised (in `start`)
@@ -106,6 +119,9 @@ impl<T> IoRing<T> {
             slots: Vec::new(),
             free: Vec::new(),
             unsubmitted: false,
+            watching: None,
+            readable: false,
+            pending: Vec::new(),
         })
     }
 
@@ -313,12 +329,21 @@ impl<T> IoRing<T> {
     }
 
     fn reap_completions(&mut self, out: &mut Vec<Completion<T>>) {
+        out.append(&mut self.pending);
         let cqes: Vec<(u64, i32)> = self
             .ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (user_data, result) in cqes {
+            if user_data == WATCH {
+                self.watching = None;
+                self.readable |= result >= 0;
+                continue;
+            }
+            if user_data == CANCEL {
+                continue;
+            }
             let index = (user_data >> PIECE_BITS) as usize;
             let piece = (user_data & ((1 << PIECE_BITS) - 1)) as usize;
             match self.slots.get_mut(index) {
@@ -370,6 +395,91 @@ impl<T> IoRing<T> {
             self.reap(out);
         }
         Ok(())
+    }
+
+    /// Keeps a poll for readability of `fd` (say, a queue's kick eventfd) in the ring, so
+    /// that the thread's waits in the ring ([`IoRing::wait_any`]) also end when `fd` becomes
+    /// readable; [`IoRing::take_readable`] tells whether it did. Nothing is read from `fd`.
+    /// Does nothing when the poll is armed already; it is queued for the next submit
+    /// otherwise.
+    pub fn watch_readable(&mut self, fd: RawFd) {
+        if self.watching == Some(fd) {
+            return;
+        }
+        // Another descriptor (a new connection's kick): stop polling the old one.
+        self.unwatch();
+        if !self.make_room(1) {
+            return;
+        }
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(WATCH);
+        // SAFETY: a poll entry refers to no memory.
+        let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
+        debug_assert!(pushed, "room was made");
+        self.watching = Some(fd);
+        self.unsubmitted = true;
+    }
+
+    /// Whether the poll armed by [`IoRing::watch_readable`] fired since the last call (its
+    /// completion was reaped); it is then no longer armed.
+    pub fn take_readable(&mut self) -> bool {
+        std::mem::take(&mut self.readable)
+    }
+
+    /// Cancels the poll armed by [`IoRing::watch_readable`].
+    pub fn unwatch(&mut self) {
+        if self.watching.is_none() {
+            return;
+        }
+        let cancel = opcode::AsyncCancel::new(WATCH).build().user_data(CANCEL);
+        // SAFETY: a cancel entry refers to no memory.
+        if !self.make_room(1) || unsafe { self.ring.submission().push(&cancel).is_err() } {
+            return;
+        }
+        self.unsubmitted = false;
+        let mut out = Vec::new();
+        while self.watching.is_some() {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("cancelling a poll failed: {e}");
+                    return;
+                }
+            }
+            self.reap_completions(&mut out);
+        }
+        self.pending.extend(out);
+    }
+
+    /// Sleeps until anything completes (a request, or the watched descriptor's poll) unless
+    /// something has already, and collects the finished requests. One system call, which also submits.
+    pub fn wait_any(&mut self, out: &mut Vec<Completion<T>>) -> io::Result<()> {
+        if self.ring.completion().is_empty() && self.pending.is_empty() {
+            self.unsubmitted = false;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.reap(out);
+        Ok(())
+    }
+
+    /// Turns notifications through the eventfd given to [`IoRing::register_eventfd`] on or
+    /// off (a flag in shared memory, no system call). A thread that waits in the ring itself
+    /// turns them off meanwhile; after turning them back on it must look for completions
+    /// once more ([`IoRing::has_completions`]): those that arrived while they were off
+    /// signalled nothing.
+    pub fn set_eventfd_notifications(&mut self, on: bool) {
+        let cq = self.ring.completion();
+        if on {
+            cq.enable_eventfd();
+        } else {
+            cq.disable_eventfd();
+        }
     }
 
     /// Waits until every request has finished and collects them.
@@ -609,6 +719,103 @@ mod tests {
         );
         drop(mapping);
         assert!(mapped(img.map_io(0, 512, true)).is_some());
+    }
+
+    /// An eventfd's counter, read without blocking (None when it is zero).
+    fn eventfd_count(fd: RawFd) -> Option<u64> {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into `v`.
+        let n = unsafe { libc::read(fd, (&raw mut v).cast(), 8) };
+        (n == 8).then_some(v)
+    }
+
+    /// Adds 1 to an eventfd's counter.
+    fn signal(fd: RawFd) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local.
+        assert_eq!(unsafe { libc::write(fd, (&raw const one).cast(), 8) }, 8);
+    }
+
+    #[test]
+    fn a_watched_descriptor_ends_a_wait_in_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, img) = create_open(dir.path(), "w.qcow2", 1 << 20, 4096);
+        img.write_at(&[0xaa; 4096], 0).unwrap();
+        let mut ring: IoRing<u32> = IoRing::new(Arc::new(img), 8).unwrap();
+        // SAFETY: plain eventfd creation; closed below.
+        let kick = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
+        let notify = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
+        assert!(kick >= 0 && notify >= 0);
+        ring.register_eventfd(notify).unwrap();
+
+        // A request in flight: the wait collects it; the kick's poll has not fired.
+        let mut buf = vec![0u8; 4096];
+        let iov = [iovec(&mut buf)];
+        // SAFETY: `buf` outlives the waits below.
+        assert!(matches!(
+            unsafe { ring.start(0, false, &iov, 1) },
+            Start::Queued
+        ));
+        ring.set_eventfd_notifications(false);
+        ring.watch_readable(kick);
+        let mut done = Vec::new();
+        while done.is_empty() {
+            ring.wait_any(&mut done).unwrap();
+        }
+        assert!(done[0].ok && buf.iter().all(|&b| b == 0xaa));
+        assert!(!ring.take_readable());
+
+        // Nothing in flight: a kick from another thread ends the wait, and stays in the
+        // eventfd for its owner to read.
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            signal(kick);
+        });
+        let t = std::time::Instant::now();
+        while !ring.take_readable() {
+            ring.wait_any(&mut done).unwrap();
+        }
+        assert!(t.elapsed() >= std::time::Duration::from_millis(40));
+        kicker.join().unwrap();
+        assert_eq!(
+            eventfd_count(kick),
+            Some(1),
+            "the kick was left in the eventfd"
+        );
+        assert_eq!(
+            eventfd_count(notify),
+            None,
+            "notifications were off while the thread waited in the ring"
+        );
+
+        // Armed again with notifications on: the next kick signals the ring's eventfd (the
+        // epoll loop's wake-up).
+        ring.watch_readable(kick);
+        ring.submit().unwrap();
+        ring.set_eventfd_notifications(true);
+        signal(kick);
+        let t = std::time::Instant::now();
+        while eventfd_count(notify).is_none() {
+            assert!(t.elapsed().as_secs() < 5, "no notification for the kick");
+            std::thread::yield_now();
+        }
+        ring.reap(&mut done);
+        assert!(ring.take_readable());
+
+        // After unwatching, a kick completes nothing in the ring.
+        assert_eq!(eventfd_count(kick), Some(1));
+        ring.watch_readable(kick);
+        ring.submit().unwrap();
+        ring.unwatch();
+        ring.take_readable();
+        signal(kick);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!ring.has_completions());
+        // SAFETY: both descriptors are ours.
+        unsafe {
+            libc::close(kick);
+            libc::close(notify);
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Zero-copy I/O: one io_uring per queue. Reads and writes the image can map without
 //! metadata work (raw images; allocated qcow2 clusters, zero and unallocated ones for reads)
 //! go straight between the image file and guest memory through the qcow2 crate's
-//! [`IoRing`], submitted without waiting and reaped when the ring's eventfd fires.
+//! [`IoRing`], submitted without waiting. While requests are at the disk the queue's worker
+//! sleeps in the ring itself, which also polls the queue's kick eventfd; otherwise it sleeps
+//! in its epoll loop, which the ring's eventfd wakes for completions.
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -132,12 +134,49 @@ impl QueueRing {
         self.ring.has_completions()
     }
 
-    /// Collects finished requests without waiting (and resets the eventfd).
-    pub fn reap(&mut self, out: &mut Vec<Finished>) {
+    /// Resets the completion eventfd after it woke the worker.
+    pub fn clear_eventfd(&mut self) {
         let _ = self.eventfd.read();
+    }
+
+    /// Collects finished requests without waiting.
+    pub fn reap(&mut self, out: &mut Vec<Finished>) {
         let mut done = Vec::new();
         self.ring.reap(&mut done);
         out.extend(done.into_iter().map(Finished::from));
+    }
+
+    /// Keeps a poll on the queue's kick eventfd `kick` in the ring, so that
+    /// [`Self::wait_any`] also wakes up for the frontend's next kick; the kick itself stays in
+    /// the eventfd for the epoll loop to read. [`Self::kicked`] tells whether it fired.
+    pub fn watch_kick(&mut self, kick: RawFd) {
+        self.ring.watch_readable(kick);
+    }
+
+    /// Whether the poll on the kick fired since the last call.
+    pub fn kicked(&mut self) -> bool {
+        self.ring.take_readable()
+    }
+
+    /// Stops polling the kick eventfd (before the frontend's descriptors change).
+    pub fn unwatch_kick(&mut self) {
+        self.ring.unwatch();
+    }
+
+    /// Sleeps until a request finishes or the watched kick arrives (one system call, which
+    /// also submits what is queued) and collects the finished requests.
+    pub fn wait_any(&mut self, out: &mut Vec<Finished>) -> io::Result<()> {
+        let mut done = Vec::new();
+        let res = self.ring.wait_any(&mut done);
+        out.extend(done.into_iter().map(Finished::from));
+        res
+    }
+
+    /// Turns the completion eventfd on or off: off while the worker waits in the ring itself,
+    /// on while it sleeps in its epoll loop. After turning it on, check
+    /// [`Self::has_completions`]: what arrived while it was off signalled nothing.
+    pub fn set_eventfd_notifications(&mut self, on: bool) {
+        self.ring.set_eventfd_notifications(on);
     }
 
     /// Waits until every submitted request has finished and collects them.
