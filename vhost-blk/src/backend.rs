@@ -218,22 +218,25 @@ impl BlkBackend {
     /// spares an `epoll_wait` and an eventfd read per completion. Kicks themselves are read
     /// by the epoll loop, which calls back here.
     fn serve(&self, queue: usize, vring: &VringRwLock) {
+        if let Err(e) = self.process_completions(queue) {
+            self.log_queue_error(queue, &e);
+        }
         if let Some(mut slot) = self.device.lock_slot(queue) {
             if let Some(ring) = slot.ring.as_mut() {
-                // A poll that fired before the epoll loop read the kick.
+                // A poll that fired for the kick the epoll loop has just read.
                 ring.kicked();
             }
         }
         loop {
-            if let Err(e) = self.process_completions(queue) {
-                self.log_queue_error(queue, &e);
-            }
             if let Err(e) = self.process_queue(queue, vring) {
                 self.log_queue_error(queue, &e);
             }
             self.poll(queue, vring);
             if !self.wait_in_ring(queue, vring) {
                 return;
+            }
+            if let Err(e) = self.process_completions(queue) {
+                self.log_queue_error(queue, &e);
             }
         }
     }
@@ -253,9 +256,9 @@ impl BlkBackend {
             return false;
         };
         if ring.in_flight() == 0 {
-            ring.set_eventfd_notifications(true);
-            // Completions posted while notifications were off signalled nothing.
-            return ring.has_completions();
+            // Idle: the epoll loop waits for the next kick. Ring notifications stay off: the
+            // only completion still to come is the kick's poll, which must not wake it twice.
+            return false;
         }
         ring.set_eventfd_notifications(false);
         if let Some(kick) = vring.get_ref().get_kick() {
