@@ -386,15 +386,21 @@ impl<T> IoRing<T> {
     pub fn wait_one(&mut self, out: &mut Vec<Completion<T>>) -> io::Result<()> {
         let before = out.len();
         while self.in_flight() > 0 && out.len() == before {
-            self.unsubmitted = false;
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+            self.submit_and_wait_one()?;
             self.reap(out);
         }
         Ok(())
+    }
+
+    /// Submits what is queued and sleeps until at least one completion is posted (an
+    /// interrupted wait counts as done).
+    fn submit_and_wait_one(&mut self) -> io::Result<()> {
+        self.unsubmitted = false;
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Keeps a poll for readability of `fd` (say, a queue's kick eventfd) in the ring, so
@@ -437,16 +443,11 @@ impl<T> IoRing<T> {
         if !self.make_room(1) || unsafe { self.ring.submission().push(&cancel).is_err() } {
             return;
         }
-        self.unsubmitted = false;
         let mut out = Vec::new();
         while self.watching.is_some() {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!("cancelling a poll failed: {e}");
-                    return;
-                }
+            if let Err(e) = self.submit_and_wait_one() {
+                tracing::warn!("cancelling a poll failed: {e}");
+                return;
             }
             self.reap_completions(&mut out);
         }
@@ -454,15 +455,11 @@ impl<T> IoRing<T> {
     }
 
     /// Sleeps until anything completes (a request, or the watched descriptor's poll) unless
-    /// something has already, and collects the finished requests. One system call, which also submits.
+    /// something has already, and collects the finished requests. One system call, which
+    /// also submits.
     pub fn wait_any(&mut self, out: &mut Vec<Completion<T>>) -> io::Result<()> {
         if self.ring.completion().is_empty() && self.pending.is_empty() {
-            self.unsubmitted = false;
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+            self.submit_and_wait_one()?;
         }
         self.reap(out);
         Ok(())
