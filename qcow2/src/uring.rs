@@ -28,6 +28,13 @@ const MAX_LOADS: u32 = 4;
 /// Alignment of metadata read buffers (enough for O_DIRECT).
 const LOAD_ALIGN: usize = 4096;
 
+/// Queued entries handed to the kernel at once while a batch is still being built, without
+/// waiting for [`IoRing::submit`]: the device starts on the first requests meanwhile. One
+/// submit for a whole batch of 32 made this machine's disk serve them as a convoy (the batch
+/// completes together and comes back together): 4 KiB random reads at QD32 through vhost-blk
+/// went from 63k to 76-79k IOPS with groups of 4, for one more system call per 4 requests.
+const SUBMIT_EVERY: usize = 4;
+
 /// User data of the poll armed by [`IoRing::watch_readable`] (no request slot has this
 /// index).
 const WATCH: u64 = u64::MAX;
@@ -97,7 +104,8 @@ pub struct IoRing<T> {
     ring: IoUring,
     slots: Vec<Option<Slot<T>>>,
     free: Vec<usize>,
-    unsubmitted: bool,
+    /// Entries queued since the last submit.
+    unsubmitted: usize,
     /// The poll armed by [`IoRing::watch_readable`] is on this descriptor.
     watching: Option<RawFd>,
     /// That poll fired since [`IoRing::take_readable`] last looked.
@@ -118,7 +126,7 @@ impl<T> IoRing<T> {
             ring: IoUring::new(entries.next_power_of_two().max(4))?,
             slots: Vec::new(),
             free: Vec::new(),
-            unsubmitted: false,
+            unsubmitted: 0,
             watching: None,
             readable: false,
             pending: Vec::new(),
@@ -186,7 +194,7 @@ impl<T> IoRing<T> {
         let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
         debug_assert!(pushed, "room was made");
         self.slots[index] = Some(Slot::Metadata(Loading { request, load, buf }));
-        self.unsubmitted = true;
+        self.queued();
         Start::Queued
     }
 
@@ -265,7 +273,7 @@ impl<T> IoRing<T> {
             lens,
             ok: true,
         }));
-        self.unsubmitted = true;
+        self.queued();
         Start::Queued
     }
 
@@ -306,11 +314,22 @@ impl<T> IoRing<T> {
 
     /// Hands queued requests to the kernel.
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.unsubmitted {
+        if self.unsubmitted > 0 {
             self.ring.submit()?;
-            self.unsubmitted = false;
+            self.unsubmitted = 0;
         }
         Ok(())
+    }
+
+    /// Counts an entry just queued; submits once [`SUBMIT_EVERY`] are waiting.
+    fn queued(&mut self) {
+        self.unsubmitted += 1;
+        if self.unsubmitted >= SUBMIT_EVERY {
+            if let Err(e) = self.submit() {
+                // The entries stay queued; the next submit retries them.
+                tracing::warn!("io_uring submit failed: {e}");
+            }
+        }
     }
 
     /// Whether completions are waiting to be reaped (checked without a system call).
@@ -395,7 +414,7 @@ impl<T> IoRing<T> {
     /// Submits what is queued and sleeps until at least one completion is posted (an
     /// interrupted wait counts as done).
     fn submit_and_wait_one(&mut self) -> io::Result<()> {
-        self.unsubmitted = false;
+        self.unsubmitted = 0;
         match self.ring.submit_and_wait(1) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
@@ -424,7 +443,7 @@ impl<T> IoRing<T> {
         let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
         debug_assert!(pushed, "room was made");
         self.watching = Some(fd);
-        self.unsubmitted = true;
+        self.queued();
     }
 
     /// Whether the poll armed by [`IoRing::watch_readable`] fired since the last call (its
@@ -594,6 +613,39 @@ mod tests {
             MapOutcome::Mapped(m) => Some(m),
             _ => None,
         }
+    }
+
+    #[test]
+    fn queued_requests_go_to_the_kernel_in_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, img) = create_open(dir.path(), "g.qcow2", 1 << 20, 4096);
+        img.write_at(&[0xaa; 4096 * SUBMIT_EVERY], 0).unwrap();
+        let mut ring = IoRing::new(Arc::new(img), 16).unwrap();
+        let mut bufs = vec![[0u8; 4096]; SUBMIT_EVERY];
+        let mut queue = |ring: &mut IoRing<u32>, i: usize| {
+            let iov = [iovec(&mut bufs[i])];
+            // SAFETY: the buffers outlive the waits below.
+            let started = unsafe { ring.start(4096 * i as u64, false, &iov, i as u32) };
+            assert!(matches!(started, Start::Queued));
+        };
+        for i in 0..SUBMIT_EVERY - 1 {
+            queue(&mut ring, i);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!ring.has_completions(), "a short batch waits for submit");
+        // The last request of a group hands the whole group over, no submit call needed.
+        queue(&mut ring, SUBMIT_EVERY - 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut done = Vec::new();
+        while done.len() < SUBMIT_EVERY && std::time::Instant::now() < deadline {
+            if ring.has_completions() {
+                ring.reap_completions(&mut done);
+            }
+        }
+        assert_eq!(done.len(), SUBMIT_EVERY, "the group reached the kernel");
+        assert!(done.iter().all(|c| c.ok));
+        drop(ring);
+        assert!(bufs.iter().all(|b| b.iter().all(|&x| x == 0xaa)));
     }
 
     #[test]
