@@ -12,8 +12,9 @@ use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use aligned_vec::{avec_rt, AVec, RuntimeAlign};
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring, Probe};
 
+use crate::fixed_buffers::FixedBuffers;
 use crate::image::{Extent, Image, IoMapping, MapOutcome, MetadataLoad};
 
 /// Most buffers in one readv/writev (the kernel's IOV_MAX).
@@ -112,6 +113,10 @@ pub struct IoRing<T> {
     readable: bool,
     /// Requests that finished while [`IoRing::unwatch`] waited, for the next reap.
     pending: Vec<Completion<T>>,
+    /// Memory registered by [`IoRing::register_buffers`].
+    fixed: FixedBuffers,
+    /// The kernel has vectored reads and writes of fixed buffers (Linux 6.15).
+    vectored_fixed: bool,
 }
 
 // SAFETY: the raw pointers in the iovecs point into memory the caller promised (in `start`)
@@ -130,7 +135,46 @@ impl<T> IoRing<T> {
             watching: None,
             readable: false,
             pending: Vec::new(),
+            fixed: FixedBuffers::default(),
+            vectored_fixed: false,
         })
+    }
+
+    /// Registers `regions` (`(start address, length)`, say guest memory) as the ring's fixed
+    /// buffers, replacing those registered before: reads and writes whose buffers lie in one
+    /// of them skip the kernel's per-request page pinning. The pages stay pinned (and count
+    /// against RLIMIT_MEMLOCK) until [`IoRing::unregister_buffers`] or the ring is dropped.
+    ///
+    /// # Safety
+    /// The regions must stay mapped until then: a new mapping at the same addresses would be
+    /// taken for the registered pages, and its requests would move the old pages' data.
+    pub unsafe fn register_buffers(&mut self, regions: &[(usize, usize)]) -> io::Result<()> {
+        self.unregister_buffers();
+        let fixed = FixedBuffers::new(regions);
+        if fixed.is_empty() {
+            return Ok(());
+        }
+        let submitter = self.ring.submitter();
+        // SAFETY: the caller keeps the regions mapped while they are registered.
+        unsafe { submitter.register_buffers(&fixed.iovecs())? };
+        let mut probe = Probe::new();
+        self.vectored_fixed = submitter.register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::ReadvFixed::CODE)
+            && probe.is_supported(opcode::WritevFixed::CODE);
+        self.fixed = fixed;
+        Ok(())
+    }
+
+    /// Drops the buffers registered by [`IoRing::register_buffers`] (requests in flight keep
+    /// theirs until they complete).
+    pub fn unregister_buffers(&mut self) {
+        if self.fixed.is_empty() {
+            return;
+        }
+        if let Err(e) = self.ring.submitter().unregister_buffers() {
+            tracing::warn!("unregistering io_uring buffers failed: {e}");
+        }
+        self.fixed = FixedBuffers::default();
     }
 
     /// Signals `eventfd` whenever completions arrive.
@@ -247,17 +291,9 @@ impl<T> IoRing<T> {
         let index = self.free_slot();
         let mut lens = Vec::with_capacity(data.len());
         for (piece, (host, vecs)) in data.iter().enumerate() {
-            let (ptr, n) = (vecs.as_ptr(), vecs.len() as u32);
-            let entry = if write {
-                opcode::Writev::new(types::Fd(fd), ptr, n)
-                    .offset(*host)
-                    .build()
-            } else {
-                opcode::Readv::new(types::Fd(fd), ptr, n)
-                    .offset(*host)
-                    .build()
-            }
-            .user_data(((index as u64) << PIECE_BITS) | piece as u64);
+            let entry = self
+                .data_entry(fd, write, *host, vecs)
+                .user_data(((index as u64) << PIECE_BITS) | piece as u64);
             // SAFETY: the iovec arrays and the mapping (which keeps `fd` open) live in
             // `slots[index]` until every piece's completion is reaped; the caller keeps the
             // buffers valid. `make_room` guaranteed the space.
@@ -275,6 +311,47 @@ impl<T> IoRing<T> {
         }));
         self.queued();
         Start::Queued
+    }
+
+    /// The entry moving `vecs` to or from `offset` of `fd`: from fixed buffers when one holds
+    /// them all.
+    fn data_entry(
+        &self,
+        fd: RawFd,
+        write: bool,
+        offset: u64,
+        vecs: &[libc::iovec],
+    ) -> squeue::Entry {
+        let fd = types::Fd(fd);
+        let (ptr, n) = (vecs.as_ptr(), vecs.len() as u32);
+        match self.fixed.holding(vecs) {
+            Some(index) if vecs.len() == 1 => {
+                // A registered buffer is at most 1 GiB, so the length fits.
+                let (buf, len) = (vecs[0].iov_base.cast::<u8>(), vecs[0].iov_len as u32);
+                if write {
+                    opcode::WriteFixed::new(fd, buf, len, index)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::ReadFixed::new(fd, buf, len, index)
+                        .offset(offset)
+                        .build()
+                }
+            }
+            Some(index) if self.vectored_fixed => {
+                if write {
+                    opcode::WritevFixed::new(fd, ptr, n, index)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::ReadvFixed::new(fd, ptr, n, index)
+                        .offset(offset)
+                        .build()
+                }
+            }
+            _ if write => opcode::Writev::new(fd, ptr, n).offset(offset).build(),
+            _ => opcode::Readv::new(fd, ptr, n).offset(offset).build(),
+        }
     }
 
     /// Gives a mapping back unused (releasing what it allocated) and declines the request.
@@ -613,6 +690,53 @@ mod tests {
             MapOutcome::Mapped(m) => Some(m),
             _ => None,
         }
+    }
+
+    #[test]
+    fn registered_memory_goes_through_fixed_buffer_operations() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, img) = create_open(dir.path(), "f.qcow2", 1 << 20, 4096);
+        img.write_at(&[0x5a; 16384], 0).unwrap();
+        let mut ring = IoRing::<u32>::new(Arc::new(img), 8).unwrap();
+        let mut memory = vec![0u8; 65536];
+        let region = (memory.as_ptr() as usize, memory.len());
+        // SAFETY: `memory` outlives the ring's use of it (unregistered below).
+        unsafe { ring.register_buffers(&[region]).unwrap() };
+        let opcode = |ring: &IoRing<u32>, vecs: &[libc::iovec]| {
+            u8::try_from(ring.data_entry(0, false, 0, vecs).get_opcode()).unwrap()
+        };
+        let (head, tail) = memory.split_at_mut(8192);
+        let (a, b) = (iovec(&mut head[..4096]), iovec(&mut tail[..4096]));
+        let mut outside = [0u8; 512];
+        assert_eq!(opcode(&ring, &[a]), opcode::ReadFixed::CODE);
+        if ring.vectored_fixed {
+            assert_eq!(opcode(&ring, &[a, b]), opcode::ReadvFixed::CODE);
+        }
+        assert_eq!(
+            opcode(&ring, &[a, iovec(&mut outside)]),
+            opcode::Readv::CODE
+        );
+
+        // The kernel takes them: a fixed read, a vectored one, a fixed write read back.
+        assert!(run(&mut ring, 0, false, &mut [&mut head[..4096]]));
+        assert!(run(
+            &mut ring,
+            4096,
+            false,
+            &mut [&mut head[4096..], &mut tail[..4096]]
+        ));
+        assert!(head.iter().chain(&tail[..4096]).all(|&x| x == 0x5a));
+        tail[4096..8192].fill(0xc3);
+        assert!(run(&mut ring, 8192, true, &mut [&mut tail[4096..8192]]));
+        let mut back = [0u8; 4096];
+        assert!(run(&mut ring, 8192, false, &mut [&mut back]));
+        assert_eq!(back, [0xc3; 4096]);
+
+        ring.unregister_buffers();
+        assert_eq!(
+            opcode(&ring, &[iovec(&mut memory[..512])]),
+            opcode::Readv::CODE
+        );
     }
 
     #[test]

@@ -69,6 +69,7 @@ impl BlkBackend {
                 if let Some(ring) = slot.ring.as_mut() {
                     ring.wait_all(&mut Vec::new());
                     ring.unwatch_kick();
+                    ring.unpin_memory();
                 }
                 slot.vring = None;
             }

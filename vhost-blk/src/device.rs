@@ -102,6 +102,15 @@ impl Device {
         self.poll = poll;
     }
 
+    /// Registers each connection's guest memory with the queues' io_uring (`--pin-memory`).
+    pub fn set_pin_memory(&self, on: bool) {
+        for queue in 0..self.slots.len() {
+            if let Some(ring) = self.lock_slot(queue).as_mut().and_then(|s| s.ring.as_mut()) {
+                ring.set_pin_memory(on);
+            }
+        }
+    }
+
     /// How long a worker keeps polling its queue after its last activity.
     pub fn poll(&self) -> Duration {
         self.poll

@@ -65,6 +65,13 @@ struct Cli {
     /// thread, like QEMU's iothread poll-max-ns.
     #[arg(long, value_name = "N", default_value_t = 0)]
     poll_us: u32,
+    /// Pin each connection's guest memory and register it with the queues' io_uring: the
+    /// kernel then skips pinning (and for reads dirtying) the pages of every request, about
+    /// half of the CPU time of 1 MiB requests with --direct. The guest's memory stays
+    /// resident while connected and counts against RLIMIT_MEMLOCK (without CAP_IPC_LOCK);
+    /// if pinning fails, requests pin their pages one by one as without this flag.
+    #[arg(long)]
+    pin_memory: bool,
     /// Serial number the guest reads (GET_ID), at most 20 bytes.
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
@@ -118,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut device =
         Device::new(disk, cli.num_queues, cli.queue_size).context("invalid device options")?;
     device.set_poll(Duration::from_micros(u64::from(cli.poll_us)));
+    device.set_pin_memory(cli.pin_memory);
     let device = Arc::new(device);
     let io_uring = device.uses_io_uring();
     let (mut server, owned_socket) = if cli.client {

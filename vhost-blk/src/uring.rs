@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use qcow2::uring::{Completion, IoRing, Start};
 use qcow2::Image;
-use vm_memory::{GuestMemory, GuestMemoryLoadGuard, GuestMemoryMmap, Permissions};
+use vm_memory::{
+    GuestMemory, GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    Permissions,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::request::{Request, RequestKind};
@@ -50,6 +53,10 @@ impl From<Completion<InFlight>> for Finished {
 pub struct QueueRing {
     ring: IoRing<InFlight>,
     eventfd: EventFd,
+    /// Register guest memory with the ring (`--pin-memory`).
+    pin_memory: bool,
+    /// The guest memory snapshot registered (or tried); holding it keeps its mappings alive.
+    registered: Option<MemGuard>,
 }
 
 impl QueueRing {
@@ -58,7 +65,12 @@ impl QueueRing {
         let ring = IoRing::new(image, entries)?;
         let eventfd = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         ring.register_eventfd(eventfd.as_raw_fd())?;
-        Ok(QueueRing { ring, eventfd })
+        Ok(QueueRing {
+            ring,
+            eventfd,
+            pin_memory: false,
+            registered: None,
+        })
     }
 
     /// The eventfd that becomes readable when completions are ready.
@@ -69,6 +81,49 @@ impl QueueRing {
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
         self.ring.in_flight()
+    }
+
+    /// Whether to register guest memory with the ring (`--pin-memory`): its pages are then
+    /// pinned once per connection instead of once per request.
+    pub fn set_pin_memory(&mut self, on: bool) {
+        self.pin_memory = on;
+        if !on {
+            self.unpin_memory();
+        }
+    }
+
+    /// Registers `mem` with the ring unless it is the snapshot registered already.
+    fn pin(&mut self, mem: &MemGuard) {
+        if let Some(registered) = &self.registered {
+            if std::ptr::eq::<GuestMemoryMmap>(&**registered, &**mem) {
+                return;
+            }
+        }
+        let regions: Vec<(usize, usize)> = vm_memory::GuestMemoryBackend::iter(&**mem)
+            .filter_map(|r| {
+                let start = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some((start as usize, usize::try_from(r.len()).ok()?))
+            })
+            .collect();
+        // SAFETY: `registered` keeps this snapshot, and so its mappings, alive until the next
+        // registration or `unpin_memory`.
+        match unsafe { self.ring.register_buffers(&regions) } {
+            Ok(()) => tracing::debug!(
+                "pinned {} MiB of guest memory for io_uring",
+                regions.iter().map(|r| r.1).sum::<usize>() >> 20
+            ),
+            Err(e) => tracing::warn!(
+                "cannot pin guest memory for io_uring ({e}); requests pin their pages one by \
+                 one (raise RLIMIT_MEMLOCK or drop --pin-memory)"
+            ),
+        }
+        self.registered = Some(mem.clone());
+    }
+
+    /// Unpins the guest memory registered for the ring (the connection is going away).
+    pub fn unpin_memory(&mut self) {
+        self.ring.unregister_buffers();
+        self.registered = None;
     }
 
     /// Whether `req` can go through the ring (a non-empty read or write).
@@ -86,6 +141,9 @@ impl QueueRing {
             RequestKind::In => false,
             _ => return Err(req),
         };
+        if self.pin_memory {
+            self.pin(mem);
+        }
         let access = if write {
             Permissions::Read
         } else {

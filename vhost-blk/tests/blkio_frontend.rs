@@ -372,6 +372,12 @@ fn many_requests_in_flight() {
         ("raw", vec!["--format", "raw", "--direct"]),
         ("qcow2", vec!["--format", "qcow2"]),
         ("qcow2", vec!["--format", "qcow2", "--direct"]),
+        // Guest memory registered with the rings: fixed-buffer reads and writes.
+        ("raw", vec!["--format", "raw", "--direct", "--pin-memory"]),
+        (
+            "qcow2",
+            vec!["--format", "qcow2", "--direct", "--pin-memory"],
+        ),
         // Adaptive polling: chains and io_uring completions picked up without notifications.
         ("raw", vec!["--format", "raw", "--poll-us", "200"]),
         ("qcow2", vec!["--format", "qcow2", "--poll-us", "200"]),
@@ -424,6 +430,59 @@ fn many_requests_in_flight() {
         assert_eq!(log.contains("through the bounce buffer"), direct, "{log}");
         qemu_img_compare(&img, format, &model.path);
     }
+}
+
+/// `--pin-memory`: each connection's memory is pinned while it is connected (the kernel
+/// counts it in VmPin) and released when it disconnects; the next connection's memory is
+/// pinned in turn, and the data written through both is on disk.
+#[test]
+fn pinned_guest_memory_is_released_with_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    raw_file(&img, 16 * MIB);
+    let model = Model::new(dir.path(), 16 * MIB);
+    let args = [
+        "--format",
+        "raw",
+        "--direct",
+        "--pin-memory",
+        "--num-queues",
+        "2",
+    ];
+    let mut d = Daemon::start(dir.path(), &img, &args);
+    assert_eq!(
+        d.pinned_kib(),
+        0,
+        "nothing pinned before a frontend connects"
+    );
+    for round in 0..2u64 {
+        let mut c = connect(&d.socket, 2, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+        for q in 0..2 {
+            let off = (round * 2 + q as u64) * MIB;
+            let data = pattern(round * 10 + q as u64, 64 * 1024);
+            assert_eq!(c.write(q, off, &data), 0);
+            model.write(off, &data);
+            assert_eq!(c.read(q, off, data.len()).unwrap(), data);
+        }
+        assert!(
+            d.pinned_kib() > 0,
+            "round {round}: memory pinned:\n{}",
+            d.log()
+        );
+        drop(c);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while d.pinned_kib() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            d.pinned_kib(),
+            0,
+            "round {round}: unpinned after the disconnect"
+        );
+    }
+    d.stop();
+    assert_eq!(d.log().matches("pinned").count(), 4, "{}", d.log());
+    qemu_img_compare(&img, "raw", &model.path);
 }
 
 /// O_DIRECT on raw images, across chunk and sector boundaries (the daemon's bounce buffers are

@@ -130,15 +130,13 @@ fn check_guest_wrote(img: &Path, format: &str, contents: &[u8]) {
     }
 }
 
-fn qemu_boots_reads_and_writes(format: &str, queues: u32) {
+fn qemu_boots_reads_and_writes(format: &str, queues: u32, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let (img, contents) = boot_image(dir.path(), format);
     let queue_arg = queues.to_string();
-    let mut d = Daemon::start(
-        dir.path(),
-        &img,
-        &["--format", format, "--num-queues", &queue_arg],
-    );
+    let mut args = vec!["--format", format, "--num-queues", &queue_arg];
+    args.extend(extra);
+    let mut d = Daemon::start(dir.path(), &img, &args);
     let qemu = spawn_qemu(dir.path(), &d.socket, queues, false);
     let (code, serial) = wait_qemu(dir.path(), qemu);
     assert!(
@@ -149,17 +147,20 @@ fn qemu_boots_reads_and_writes(format: &str, queues: u32) {
     // QEMU is gone; the daemon serves on.
     assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
     d.stop();
+    if extra.contains(&"--pin-memory") {
+        assert!(d.log().contains("pinned"), "{}", d.log());
+    }
     check_guest_wrote(&img, format, &contents);
 }
 
 #[test]
-fn qemu_seabios_reads_and_writes_a_raw_image() {
-    qemu_boots_reads_and_writes("raw", 1);
+fn qemu_seabios_reads_and_writes_a_raw_image_from_pinned_memory() {
+    qemu_boots_reads_and_writes("raw", 1, &["--pin-memory"]);
 }
 
 #[test]
 fn qemu_seabios_reads_and_writes_a_qcow2_image_with_two_queues() {
-    qemu_boots_reads_and_writes("qcow2", 2);
+    qemu_boots_reads_and_writes("qcow2", 2, &[]);
 }
 
 /// `--client`: QEMU listens (`server=on`), the daemon connects; after QEMU exits the daemon
