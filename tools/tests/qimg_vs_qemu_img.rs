@@ -1033,6 +1033,19 @@ fn convert_into_an_existing_target_and_progress_output() {
     let a = std::fs::read(p.join("src.raw")).unwrap();
     let b = std::fs::read(p.join("t.raw")).unwrap();
     assert_eq!(a[..], b[..a.len()]);
+    // A hole of many convert chunks (4 MiB each) over data: zeroed as a whole.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(p.join("holes.raw")).unwrap();
+        f.set_len(40 << 20).unwrap();
+        f.write_all_at(&[7; 65536], 0).unwrap();
+        f.write_all_at(&[8; 65536], (40 << 20) - 65536).unwrap();
+    }
+    qcow2_image(p, &[], "h.qcow2", "40M", &["write -P 9 0 40M"]);
+    let args = ["convert", "-n", "-O", "qcow2", "holes.raw", "h.qcow2"];
+    assert_eq!(qimg(p, &args).0, 0);
+    assert_eq!(qemu(p, &["check", "h.qcow2"]).0, 0);
+    assert_eq!(qemu(p, &["compare", "holes.raw", "h.qcow2"]).0, 0);
     // -p when stdout is not a terminal: qemu-img's form.
     let (code, out) = qimg(p, &["convert", "-p", "-O", "qcow2", "src.raw", "p.qcow2"]);
     assert_eq!(code, 0);

@@ -54,18 +54,22 @@ impl Meta {
         Ok(entries)
     }
 
-    /// Caches a new table (dirty, so that all of it is written back), slice by slice.
+    /// Caches a new table (dirty, so that all of it is written back), slice by slice:
+    /// `entries`, or all zeros.
     pub fn insert_l2_table(
         &mut self,
         file: &dyn Storage,
         table: u64,
-        entries: &[u64],
+        entries: Option<&[u64]>,
     ) -> Result<()> {
         let per = self.l2_slice_entries() as usize;
-        for (k, slice) in entries.chunks(per).enumerate() {
+        for k in 0..self.geo.l2_entries() as usize / per {
+            let slice = match entries {
+                Some(e) => e[k * per..(k + 1) * per].to_vec(),
+                None => vec![0; per],
+            };
             self.make_room_l2(file)?;
-            self.l2
-                .insert(table + (k * per * 8) as u64, slice.to_vec(), true);
+            self.l2.insert(table + (k * per * 8) as u64, slice, true);
         }
         Ok(())
     }
@@ -108,12 +112,18 @@ impl Meta {
         }
         let cs = self.geo.cluster_size();
         let slice_bytes = self.l2_slice_entries() * 8;
-        let mut encoded = Vec::with_capacity(keys.len());
-        for &key in keys {
+        let mut sorted = keys.to_vec();
+        sorted.sort_unstable();
+        // Adjacent slices (say, the whole of a new table) go out as one write.
+        let mut encoded: Vec<(u64, Vec<u8>)> = Vec::with_capacity(keys.len());
+        for key in sorted {
             let table = key - key % cs;
             self.check_write(file, key, slice_bytes, super::overlap::Target::L2(table))?;
-            let slice = self.l2.get(key).expect("dirty entry is cached");
-            encoded.push((key, encode_u64_table(slice)));
+            let slice = encode_u64_table(self.l2.get(key).expect("dirty entry is cached"));
+            match encoded.last_mut() {
+                Some((at, run)) if *at + run.len() as u64 == key => run.extend_from_slice(&slice),
+                _ => encoded.push((key, slice)),
+            }
         }
         let writes: Vec<(u64, &[u8])> = encoded.iter().map(|(k, b)| (*k, &b[..])).collect();
         file.write_batch(&writes)

@@ -279,12 +279,12 @@ impl Qcow2 {
             return Ok(off);
         }
         let table = if off == 0 {
-            vec![0u64; self.geo.l2_entries() as usize]
+            None
         } else {
-            m.read_l2_table(file, off)?
+            Some(m.read_l2_table(file, off)?)
         };
         let new = m.alloc_cluster(file)?;
-        m.insert_l2_table(file, new, &table)?;
+        m.insert_l2_table(file, new, table.as_deref())?;
         if off != 0 {
             m.free_later(off, self.geo.cluster_size());
         }

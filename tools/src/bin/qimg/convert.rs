@@ -549,15 +549,16 @@ impl Turnstile {
         Ok(r)
     }
 
-    /// Chunk `i` has nothing to reserve: its turn needs no waiting. (On a mostly-empty disk
-    /// this spares thousands of sleeps and wake-ups.)
-    fn pass(&self, i: u64) {
+    /// Chunks `chunks` have nothing to reserve: their turns need no waiting. (On a
+    /// mostly-empty disk this spares thousands of sleeps and wake-ups.)
+    fn pass(&self, chunks: std::ops::Range<u64>) {
         let mut st = self.lock();
-        if st.next == i {
+        if st.next == chunks.start {
+            st.next = chunks.end - 1;
             st.advance();
             self.moved.notify_all();
         } else {
-            st.passed.insert(i);
+            st.passed.extend(chunks);
         }
     }
 
@@ -722,9 +723,30 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                             return Ok(());
                         }
                         let off = i * chunk;
-                        let len = chunk.min(sources.total - off);
-                        let r =
-                            copy_chunk(&sources, &target, &policy, &turn, i, off, len, &mut buf);
+                        let span = claim_empty_span(&sources, &policy, &next, i, chunk, chunks);
+                        let (r, len) = match span {
+                            Ok(Some((kind, end))) => {
+                                let len = (end * chunk).min(sources.total) - off;
+                                let r = fill_empty_span(
+                                    &target,
+                                    &policy,
+                                    &turn,
+                                    kind,
+                                    i..end,
+                                    off,
+                                    len,
+                                );
+                                (r, len)
+                            }
+                            Ok(None) => {
+                                let len = chunk.min(sources.total - off);
+                                let r = copy_chunk(
+                                    &sources, &target, &policy, &turn, i, off, len, &mut buf,
+                                );
+                                (r, len)
+                            }
+                            Err(e) => (Err(e.into()), 0),
+                        };
                         if r.is_err() {
                             turn.fail();
                             return r;
@@ -782,6 +804,58 @@ fn worker_count(requested: u32, chunks: u64) -> u32 {
         .max(1)
 }
 
+/// When chunk `i` (just taken) starts a run without data (zeros, or left to the target's
+/// backing file) that covers whole chunks after it, takes those too, unless another worker
+/// took the next one already; returns the run's kind and the end of the claim (a chunk
+/// number). One block-status query then covers a hole of any size: a sparse 100 GiB disk
+/// would otherwise cost one query and one turn per 4 MiB chunk.
+fn claim_empty_span(
+    src: &Sources,
+    p: &Policy,
+    next: &AtomicU64,
+    i: u64,
+    chunk: u64,
+    chunks: u64,
+) -> qcow2::Result<Option<(Kind, u64)>> {
+    let off = i * chunk;
+    let (kind, run) = src.classify(off, src.total - off, p)?;
+    if kind == Kind::Data {
+        return Ok(None);
+    }
+    let end = if off + run >= src.total {
+        chunks
+    } else {
+        (off + run) / chunk
+    };
+    if end <= i + 1 {
+        return Ok(None);
+    }
+    let claimed = next
+        .compare_exchange(i + 1, end, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok();
+    Ok(claimed.then_some((kind, end)))
+}
+
+/// Writes chunks `chunks` (`[off, off + len)` of the guest), which hold no data: zeros where
+/// the target does not read as zeros already, nothing where its backing file shows through.
+fn fill_empty_span(
+    target: &Target,
+    p: &Policy,
+    turn: &Turnstile,
+    kind: Kind,
+    chunks: std::ops::Range<u64>,
+    off: u64,
+    len: u64,
+) -> anyhow::Result<()> {
+    if kind == Kind::Zero && !p.fresh {
+        target.image().write_zeroes(off, len, true)?;
+    }
+    if p.reserve {
+        turn.pass(chunks);
+    }
+    Ok(())
+}
+
 /// Copies one chunk (number `i`, at `off`) of the sources into the target.
 #[allow(clippy::too_many_arguments)]
 fn copy_chunk(
@@ -802,7 +876,7 @@ fn copy_chunk(
     let data = runs.iter().filter(|r| r.kind == Kind::Data);
     match target {
         Target::Qcow2(_) if p.reserve && !runs.iter().any(|r| r.kind == Kind::Data) => {
-            turn.pass(i);
+            turn.pass(i..i + 1);
         }
         Target::Qcow2(q) if p.reserve => {
             // Host clusters in guest order (this chunk's turn), then the writes, which need no
