@@ -171,9 +171,10 @@ impl BlkBackend {
                         },
                         _ => req,
                     };
-                    if req.kind != RequestKind::In {
+                    if req.kind.changes_the_image() {
                         // Zero-copy writes in flight keep their clusters reserved, and the
-                        // slow path may wait for those: finish them first.
+                        // slow path may wait for those: finish them first. (A GET_ID does
+                        // not wait behind a slow read.)
                         completed += self.drain_ring(queue, &mut state, slot, &mem);
                     }
                     slot.executor.run(&*mem, disk, &req, writethrough)
@@ -445,7 +446,7 @@ impl BlkBackend {
                 f.req.kind.type_code(),
                 f.req.offset(),
             );
-            if f.req.kind != RequestKind::In {
+            if f.req.kind.changes_the_image() {
                 self.drain_ring(queue, state, slot, mem);
             }
             let writethrough = !self.writeback.load(Ordering::Relaxed);

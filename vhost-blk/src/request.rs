@@ -82,6 +82,13 @@ pub enum RequestKind {
 }
 
 impl RequestKind {
+    /// Whether the request changes the image or its durability (everything but reads and
+    /// GET_ID): the slow path runs such a request only once the queue's io_uring requests
+    /// have finished, since their clusters may be the ones it waits for.
+    pub fn changes_the_image(&self) -> bool {
+        !matches!(self, RequestKind::In | RequestKind::GetId)
+    }
+
     /// The virtio request type number.
     pub fn type_code(&self) -> u32 {
         match self {

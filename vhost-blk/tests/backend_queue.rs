@@ -313,3 +313,99 @@ fn io_uring_requests_complete_at_stop_vring() {
         .unwrap();
     assert!(back.iter().all(|&b| b == 0x3c));
 }
+
+/// Image storage whose file is the read end of a pipe: an io_uring read of it stays in
+/// flight until the test writes into the pipe, a request as slow as the test wants.
+struct PipeStorage {
+    read_end: std::os::fd::OwnedFd,
+}
+
+impl qcow2::Storage for PipeStorage {
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("only the io_uring path reads a pipe"))
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("read-only"))
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(1 << 20)
+    }
+    fn set_len(&self, _len: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("fixed size"))
+    }
+    fn raw_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        Some(self.read_end.as_raw_fd())
+    }
+}
+
+/// While a request is at the "disk" (an io_uring read of an empty pipe), the worker sleeps in
+/// its ring, and a kick must still wake it: the next request (GET_ID, served at once) completes
+/// before the slow one, which completes once its data arrives.
+#[test]
+fn a_kick_during_a_slow_request_is_served_before_it_completes() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors, owned below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors from pipe2, owned once each.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    let img = RawImage::new(Arc::new(PipeStorage { read_end }), true).unwrap();
+    let mut r = rig_on(Disk::new(Arc::new(img), Some("slow"), 4096).unwrap());
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: dup returns a new descriptor that the File owns.
+    let dup = unsafe { File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
+    r.vring.set_kick(Some(dup));
+
+    r.header(0x2000, VIRTIO_BLK_T_IN, 0);
+    let slow = r.push(&[(0x2000, 16, 0), (0x4000, 4096, W), (0x3000, 1, W)]);
+    let (returned, woke) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let (write_end, kick) = (&write_end, &kick);
+        s.spawn(move || {
+            // The worker is asleep in its ring with the read in flight.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            kick.write(1).unwrap();
+            if woke
+                .recv_timeout(std::time::Duration::from_secs(3))
+                .is_err()
+            {
+                // The kick did not wake it: release the read so that the test fails below
+                // instead of hanging.
+                std::io::Write::write_all(&mut &*write_end, &[0; 4096]).unwrap();
+            }
+        });
+        // Starts the read and sleeps in the ring; the kick ends the sleep (the epoll loop,
+        // played by this test, reads kicks).
+        r.kick();
+        let _ = returned.send(());
+    });
+    assert_eq!(r.used_idx(), 0, "the kick did not wake the worker");
+    let _ = kick.read();
+    r.header(0x2100, VIRTIO_BLK_T_GET_ID, 0);
+    let id = r.push(&[(0x2100, 16, 0), (0x5000, 20, W), (0x3001, 1, W)]);
+    std::thread::scope(|s| {
+        let r = &r;
+        let feeder = s.spawn(move || {
+            // Wait until GET_ID is in the used ring, then let the read finish.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while r.used_idx() == 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let first = r.used_elem(0);
+            std::io::Write::write_all(&mut &write_end, &[0x5a; 4096]).unwrap();
+            first
+        });
+        // Serves GET_ID at once, then sleeps in the ring until the read completes.
+        r.kick();
+        let first = feeder.join().unwrap();
+        assert_eq!(first.0, u32::from(id), "GET_ID came first");
+    });
+    assert_eq!(r.used_idx(), 2);
+    assert_eq!(r.used_elem(1), (u32::from(slow), 4097));
+    assert_eq!(r.read::<u8>(0x3000), 0);
+    assert_eq!(r.read::<[u8; 4]>(0x4000), [0x5a; 4]);
+}
