@@ -18,7 +18,7 @@
 # Environment (defaults): RUNS=3 RUNTIME=3 RAMP=0.5 (seconds per run) SIZE_MIB=1024
 #   QUEUES=1 IMAGES="raw prealloc empty"
 #   WORKLOADS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-1m-qd8" (RW-BS-qdN)
-#   OURS_ARGS="" (extra vhost-blk flags, e.g. --poll-us=32) QSD=qemu-storage-daemon
+#   OURS_ARGS="" (extra vhost-blk flags, e.g. --pin-memory or --poll-us=0) QSD=qemu-storage-daemon
 #   DIR=/var/tmp (for the images; must support O_DIRECT, so not tmpfs)
 #   RESULTS=FILE (keep every run as a JSON line)
 # Needs qemu-img, qemu-storage-daemon, fio and jq (scripts/install-deps.sh).

@@ -32,6 +32,16 @@ pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 /// The state of a vring as a worker sees it.
 type VringState = vhost_user_backend::VringState<GuestMemory>;
 
+/// What one step of polling a queue found.
+enum PollStep {
+    /// No new chain.
+    Nothing,
+    /// New chains, all completed without the disk.
+    Served,
+    /// New chains, some of them now in the io_uring.
+    ReachedDisk,
+}
+
 /// The backend serving one frontend connection on a [`Device`].
 ///
 /// Every queue has its own worker thread (`queues_per_thread`), so the only lock a worker
@@ -219,7 +229,13 @@ impl BlkBackend {
     /// queue's io_uring, which wakes up for a completion and for the next kick alike. That
     /// spares an `epoll_wait` and an eventfd read per completion. Kicks themselves are read
     /// by the epoll loop, which calls back here.
+    ///
+    /// Polling only follows requests served without the disk (reads of unallocated
+    /// clusters): their next request comes within a round trip to the driver, which a poll
+    /// catches without two wake-ups. Once a request of this pass is at the disk, polling would
+    /// only spin through the disk's latency, so the worker sleeps instead.
     fn serve(&self, queue: usize, vring: &VringRwLock) {
+        let mut reached_disk = self.in_flight(queue) > 0;
         if let Err(e) = self.process_completions(queue) {
             self.log_queue_error(queue, &e);
         }
@@ -233,7 +249,10 @@ impl BlkBackend {
             if let Err(e) = self.process_queue(queue, vring) {
                 self.log_queue_error(queue, &e);
             }
-            self.poll(queue, vring);
+            reached_disk |= self.in_flight(queue) > 0;
+            if !reached_disk {
+                self.poll(queue, vring);
+            }
             if !self.wait_in_ring(queue, vring) {
                 return;
             }
@@ -241,6 +260,14 @@ impl BlkBackend {
                 self.log_queue_error(queue, &e);
             }
         }
+    }
+
+    /// Requests of queue `queue` in its io_uring (queued or at the disk).
+    fn in_flight(&self, queue: usize) -> usize {
+        self.device
+            .lock_slot(queue)
+            .and_then(|slot| slot.ring.as_ref().map(QueueRing::in_flight))
+            .unwrap_or(0)
     }
 
     /// Sleeps in queue `queue`'s io_uring until a request finishes or the frontend kicks, and
@@ -292,11 +319,12 @@ impl BlkBackend {
         go_on
     }
 
-    /// Adaptive polling (`--poll-us`): after a batch, keeps looking at queue `queue`'s
-    /// available ring and io_uring completions, with driver notifications off, until nothing
-    /// has happened for the poll interval; then turns notifications back on and handles what
-    /// arrived in between. Saves the driver's kicks and our wake-ups while requests keep
-    /// coming, at the price of a busy thread.
+    /// Adaptive polling (`--poll-us`): after a batch served without the disk, keeps looking
+    /// at queue `queue`'s available ring, with driver notifications off, until nothing has
+    /// arrived for the poll interval or a request has gone to the io_uring (the worker then
+    /// sleeps in the ring); then turns notifications back on and handles what arrived in
+    /// between. Saves the driver's kicks and our wake-ups while requests keep coming, at the
+    /// price of a busy thread.
     fn poll(&self, queue: usize, vring: &VringRwLock) {
         let interval = self.device.poll();
         if interval.is_zero() || !self.active() || vring.disable_notification().is_err() {
@@ -305,9 +333,11 @@ impl BlkBackend {
         let mut last_progress = Instant::now();
         loop {
             match self.poll_once(queue, vring) {
-                Ok(true) => last_progress = Instant::now(),
-                Ok(false) if last_progress.elapsed() < interval => std::hint::spin_loop(),
-                Ok(false) => break,
+                Ok(PollStep::Served) => last_progress = Instant::now(),
+                Ok(PollStep::Nothing) if last_progress.elapsed() < interval => {
+                    std::hint::spin_loop()
+                }
+                Ok(PollStep::Nothing | PollStep::ReachedDisk) => break,
                 Err(e) => {
                     self.log_queue_error(queue, &e);
                     break;
@@ -326,14 +356,13 @@ impl BlkBackend {
         }
     }
 
-    /// One polling step: starts newly available chains and completes finished io_uring
-    /// requests; returns whether there were any.
-    fn poll_once(&self, queue: usize, vring: &VringRwLock) -> Result<bool> {
+    /// One polling step: starts the chains that became available, if any.
+    fn poll_once(&self, queue: usize, vring: &VringRwLock) -> Result<PollStep> {
         let Some(mut slot) = self.device.lock_slot(queue) else {
-            return Ok(false);
+            return Ok(PollStep::Nothing);
         };
         if !self.active() {
-            return Ok(false);
+            return Ok(PollStep::Nothing);
         }
         let queue_error = |e: virtio_queue::Error| Error::Queue {
             queue,
@@ -347,26 +376,15 @@ impl BlkBackend {
                 && q.avail_idx(&*mem, Ordering::Acquire).map_err(queue_error)?
                     != Wrapping(q.next_avail())
         };
-        if pending {
-            self.process_available(queue, vring, &mut slot)
-                .map_err(queue_error)?;
-            if let Some(ring) = slot.ring.as_mut() {
-                if let Err(e) = ring.submit() {
-                    // The entries stay queued; the next submit retries.
-                    tracing::warn!("queue {queue}: io_uring submit failed: {e}");
-                }
-            }
+        if !pending {
+            return Ok(PollStep::Nothing);
         }
-        let mut finished = Vec::new();
-        if let Some(ring) = slot.ring.as_mut() {
-            if ring.has_completions() {
-                ring.reap(&mut finished);
-            }
-        }
-        let reaped = !finished.is_empty();
-        self.complete_finished(queue, vring, &mut slot, finished)
+        self.process_available(queue, vring, &mut slot)
             .map_err(queue_error)?;
-        Ok(pending || reaped)
+        Ok(match slot.ring.as_ref() {
+            Some(ring) if ring.in_flight() > 0 => PollStep::ReachedDisk,
+            _ => PollStep::Served,
+        })
     }
 
     /// Logs a queue error, rate-limited: a broken ring is the guest's problem, and the worker

@@ -96,8 +96,8 @@ impl Device {
         })
     }
 
-    /// Sets how long a worker keeps polling its queue after its last activity (`--poll-us`);
-    /// zero (the default) never polls.
+    /// Sets how long a worker keeps polling its queue after a batch served without the disk
+    /// (`--poll-us`); zero (the default of a new device) never polls.
     pub fn set_poll(&mut self, poll: Duration) {
         self.poll = poll;
     }
@@ -111,7 +111,7 @@ impl Device {
         }
     }
 
-    /// How long a worker keeps polling its queue after its last activity.
+    /// How long a worker keeps polling its queue after a batch served without the disk.
     pub fn poll(&self) -> Duration {
         self.poll
     }

@@ -59,11 +59,12 @@ struct Cli {
     /// Open the image with O_DIRECT, bypassing the host page cache.
     #[arg(long)]
     direct: bool,
-    /// After a burst of requests, keep polling the queue (available ring and io_uring
-    /// completions, with the driver's notifications off) until it has been idle for N
-    /// microseconds; 0 (the default) never polls. Lowers latency at the price of a busy worker
-    /// thread, like QEMU's iothread poll-max-ns.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    /// After requests served without the disk (reads of unallocated qcow2 clusters, GET_ID,
+    /// ...), keep polling the available ring, with the driver's notifications off, until
+    /// nothing has come for N microseconds or a request goes to the disk; 0 never polls.
+    /// Like QEMU's iothread poll-max-ns (32 us by default there too), but never spinning
+    /// through a disk access: a worker with requests at the disk sleeps in its io_uring.
+    #[arg(long, value_name = "N", default_value_t = 32)]
     poll_us: u32,
     /// Pin each connection's guest memory and register it with the queues' io_uring: the
     /// kernel then skips pinning (and for reads dirtying) the pages of every request, about

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use qcow2::{FileStorage, RawImage};
 use vhost_blk::backend::BlkBackend;
@@ -43,7 +44,14 @@ fn rig() -> Rig {
 }
 
 fn rig_on(disk: Disk) -> Rig {
-    let device = Arc::new(Device::new(disk, 1, SIZE).unwrap());
+    rig_polling(disk, Duration::ZERO)
+}
+
+/// A rig whose worker polls for `poll` after its batches (`--poll-us`).
+fn rig_polling(disk: Disk, poll: Duration) -> Rig {
+    let mut device = Device::new(disk, 1, SIZE).unwrap();
+    device.set_poll(poll);
+    let device = Arc::new(device);
     let mem = GuestMemoryAtomic::new(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
     );
@@ -93,6 +101,13 @@ impl Rig {
     /// Puts a chain of `(addr, len, flags)` buffers in the descriptor table and makes `head`
     /// available; returns the head index.
     fn push(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
+        let head = self.place(bufs);
+        self.push_head(head);
+        head
+    }
+
+    /// Puts a chain in the descriptor table without making it available; returns its head.
+    fn place(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
         let head = self.next_desc;
         for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
             let index = head + i as u16;
@@ -102,7 +117,6 @@ impl Rig {
             self.write(raw, self.desc + 16 * u64::from(index));
         }
         self.next_desc += bufs.len() as u16;
-        self.push_head(head);
         head
     }
 
@@ -341,11 +355,9 @@ impl qcow2::Storage for PipeStorage {
     }
 }
 
-/// While a request is at the "disk" (an io_uring read of an empty pipe), the worker sleeps in
-/// its ring, and a kick must still wake it: the next request (GET_ID, served at once) completes
-/// before the slow one, which completes once its data arrives.
-#[test]
-fn a_kick_during_a_slow_request_is_served_before_it_completes() {
+/// A disk whose reads go through the io_uring and stay in flight until the returned pipe end
+/// is written to.
+fn slow_disk() -> (Disk, File) {
     use std::os::fd::{FromRawFd, OwnedFd};
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two new descriptors, owned below.
@@ -354,7 +366,19 @@ fn a_kick_during_a_slow_request_is_served_before_it_completes() {
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
     let img = RawImage::new(Arc::new(PipeStorage { read_end }), true).unwrap();
-    let mut r = rig_on(Disk::new(Arc::new(img), Some("slow"), 4096).unwrap());
+    (
+        Disk::new(Arc::new(img), Some("slow"), 4096).unwrap(),
+        write_end,
+    )
+}
+
+/// While a request is at the "disk" (an io_uring read of an empty pipe), the worker sleeps in
+/// its ring, and a kick must still wake it: the next request (GET_ID, served at once) completes
+/// before the slow one, which completes once its data arrives.
+#[test]
+fn a_kick_during_a_slow_request_is_served_before_it_completes() {
+    let (disk, write_end) = slow_disk();
+    let mut r = rig_on(disk);
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     // SAFETY: dup returns a new descriptor that the File owns.
     let dup = unsafe { File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
@@ -408,4 +432,55 @@ fn a_kick_during_a_slow_request_is_served_before_it_completes() {
     assert_eq!(r.used_elem(1), (u32::from(slow), 4097));
     assert_eq!(r.read::<u8>(0x3000), 0);
     assert_eq!(r.read::<[u8; 4]>(0x4000), [0x5a; 4]);
+}
+
+/// With `--poll-us`, a worker whose batch was served without the disk keeps watching the
+/// available ring: a chain made available without a kick is served within the window.
+#[test]
+fn polling_serves_chains_that_come_without_a_kick() {
+    let (disk, _write_end) = slow_disk();
+    let mut r = rig_polling(disk, Duration::from_millis(500));
+    r.header(0x2000, VIRTIO_BLK_T_GET_ID, 0);
+    r.push(&[(0x2000, 16, 0), (0x5000, 20, W), (0x3000, 1, W)]);
+    r.header(0x2100, VIRTIO_BLK_T_GET_ID, 0);
+    let unkicked = r.place(&[(0x2100, 16, 0), (0x5100, 20, W), (0x3001, 1, W)]);
+    std::thread::scope(|s| {
+        let r = &r;
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            r.push_head(unkicked);
+        });
+        // Serves the first GET_ID, then polls until nothing came for 500 ms.
+        r.kick();
+    });
+    assert_eq!(
+        r.used_idx(),
+        2,
+        "the chain made available while polling was not served"
+    );
+    assert_eq!(r.used_elem(1), (u32::from(unkicked), 21));
+}
+
+/// Polling stops once a request is at the disk: the worker sleeps in its ring instead of
+/// spinning through the disk's latency, and does not poll after the request completes.
+#[test]
+fn polling_does_not_spin_while_a_request_is_at_the_disk() {
+    let (disk, write_end) = slow_disk();
+    let mut r = rig_polling(disk, Duration::from_secs(5));
+    r.header(0x2000, VIRTIO_BLK_T_IN, 0);
+    let slow = r.push(&[(0x2000, 16, 0), (0x4000, 4096, W), (0x3000, 1, W)]);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            std::io::Write::write_all(&mut &write_end, &[0x5a; 4096]).unwrap();
+        });
+        r.kick();
+    });
+    let took = started.elapsed();
+    assert_eq!(r.used_elem(0), (u32::from(slow), 4097));
+    assert!(
+        took < Duration::from_secs(2),
+        "the worker polled for {took:?} around a request at the disk (window 5 s)"
+    );
 }
