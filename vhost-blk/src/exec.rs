@@ -6,10 +6,11 @@ use aligned_vec::{AVec, ConstAlign};
 
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{GuestAddress, GuestMemory};
 
 use crate::disk::{looks_like_image_format, Disk};
 use crate::error::{Error, Result};
+use crate::guest;
 use crate::request::{self, Limits, Rejected, Request, RequestKind, SegmentCursor};
 
 /// Largest piece of a read or write that goes through the bounce buffer at once.
@@ -232,7 +233,7 @@ fn write_status<M: GuestMemory + ?Sized>(
     let Some(addr) = addr else {
         return dropped;
     };
-    match mem.write_obj(status, addr) {
+    match guest::write(mem, addr, &[status]) {
         Ok(()) => Completion {
             head,
             used_len: data_len.saturating_add(1),

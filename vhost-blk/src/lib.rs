@@ -18,6 +18,7 @@ pub mod disk;
 pub mod error;
 pub mod exec;
 pub mod features;
+pub mod guest;
 pub mod request;
 pub mod server;
 pub mod shutdown;

@@ -14,9 +14,10 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use crate::error::{Error, Result};
+use crate::guest;
 
 /// log2 of the virtio-blk sector size.
 pub const SECTOR_SHIFT: u32 = 9;
@@ -221,7 +222,7 @@ where
         } else {
             Permissions::Read
         };
-        let valid = mem.check_range(desc.addr(), len as usize, access);
+        let valid = guest::check_range(mem, desc.addr(), len as usize, access);
         if !valid {
             first_error.get_or_insert(Error::OutOfGuestMemory {
                 index,
@@ -499,11 +500,10 @@ impl<'a> SegmentCursor<'a> {
                     completed: 0,
                 },
             })?;
-            mem.write_slice(&buf[..n], addr)
-                .map_err(|source| Error::GuestMemory {
-                    addr: addr.0,
-                    source,
-                })?;
+            guest::write(mem, addr, &buf[..n]).map_err(|source| Error::GuestMemory {
+                addr: addr.0,
+                source,
+            })?;
             buf = &buf[n..];
         }
         Ok(())
@@ -523,11 +523,10 @@ impl<'a> SegmentCursor<'a> {
                     completed: 0,
                 },
             })?;
-            mem.read_slice(&mut buf[..n], addr)
-                .map_err(|source| Error::GuestMemory {
-                    addr: addr.0,
-                    source,
-                })?;
+            guest::read(mem, addr, &mut buf[..n]).map_err(|source| Error::GuestMemory {
+                addr: addr.0,
+                source,
+            })?;
             buf = &mut buf[n..];
         }
         Ok(())

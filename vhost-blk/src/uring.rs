@@ -17,6 +17,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
+use crate::guest;
 use crate::request::{Request, RequestKind};
 
 /// Guest memory as a request in flight holds it: the mapping stays alive until completion.
@@ -151,6 +152,13 @@ impl QueueRing {
         };
         let mut iovecs = Vec::with_capacity(req.data.len());
         for seg in &req.data {
+            if let Some(slice) = guest::one_slice(&**mem, seg.addr, seg.len as usize) {
+                iovecs.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+                continue;
+            }
             let Ok(slices) = mem.get_slices(seg.addr, seg.len as usize, access) else {
                 return Err(req);
             };
