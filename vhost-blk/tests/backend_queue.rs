@@ -43,6 +43,19 @@ fn rig() -> Rig {
     rig_on(Disk::new(Arc::new(img), Some("rig"), 4096).unwrap())
 }
 
+/// A 1 MiB raw image in `dir` opened as the daemon opens it: reads and writes go through
+/// the io_uring.
+fn opened_raw_disk(dir: &std::path::Path) -> Disk {
+    let path = dir.join("disk.raw");
+    File::create(&path).unwrap().set_len(1 << 20).unwrap();
+    Disk::open(&DiskOptions {
+        path,
+        format: Some(qcow2::Format::Raw),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 fn rig_on(disk: Disk) -> Rig {
     rig_polling(disk, Duration::ZERO)
 }
@@ -287,15 +300,7 @@ fn wce_is_writable_only_when_negotiated() {
 #[test]
 fn io_uring_requests_complete_at_stop_vring() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.raw");
-    File::create(&path).unwrap().set_len(1 << 20).unwrap();
-    let disk = Disk::open(&DiskOptions {
-        path,
-        format: Some(qcow2::Format::Raw),
-        ..Default::default()
-    })
-    .unwrap();
-    let mut r = rig_on(disk);
+    let mut r = rig_on(opened_raw_disk(dir.path()));
     r.mem
         .memory()
         .write_slice(&[0x3cu8; 8192], GuestAddress(0x4000))
@@ -494,14 +499,7 @@ fn polling_does_not_spin_while_a_request_is_at_the_disk() {
 #[test]
 fn buffers_across_memory_regions_are_served() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.raw");
-    File::create(&path).unwrap().set_len(1 << 20).unwrap();
-    let opened = Disk::open(&DiskOptions {
-        path,
-        format: Some(qcow2::Format::Raw),
-        ..Default::default()
-    })
-    .unwrap();
+    let opened = opened_raw_disk(dir.path());
     let f = tempfile::tempfile().unwrap();
     f.set_len(1 << 20).unwrap();
     let wrapped = RawImage::new(Arc::new(FileStorage::new(f)), false).unwrap();
