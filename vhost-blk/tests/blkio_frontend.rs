@@ -486,6 +486,30 @@ fn pinned_guest_memory_is_released_with_its_connection() {
     qemu_img_compare(&img, "raw", &model.path);
 }
 
+/// `--pin-memory` where the memory cannot be pinned (no CAP_IPC_LOCK, RLIMIT_MEMLOCK far
+/// below the guest's memory): the daemon says so once and serves every request as without
+/// the flag, with nothing left pinned.
+#[test]
+fn pin_memory_beyond_the_memlock_limit_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    raw_file(&img, 16 * MIB);
+    let model = Model::new(dir.path(), 16 * MIB);
+    let args = ["--format", "raw", "--direct", "--pin-memory"];
+    let mut d = Daemon::start_with_memlock(dir.path(), &img, &args, 64 * 1024);
+    let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+    write_pattern_and_verify(&mut c, &model);
+    assert_eq!(d.pinned_kib(), 0, "{}", d.log());
+    drop(c);
+    d.stop();
+    let log = d.log();
+    assert!(
+        log.contains("cannot pin guest memory for io_uring") && log.contains("RLIMIT_MEMLOCK"),
+        "no warning about the failed pinning:\n{log}"
+    );
+    qemu_img_compare(&img, "raw", &model.path);
+}
+
 /// O_DIRECT on raw images, across chunk and sector boundaries (the daemon's bounce buffers are
 /// page aligned). qcow2 is not covered: the qcow2 engine reads its header into unaligned
 /// buffers, so opening a qcow2 image with O_DIRECT fails with EINVAL.

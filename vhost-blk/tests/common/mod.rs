@@ -26,10 +26,44 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon on `image` with extra arguments and waits for its socket.
     pub fn start(dir: &Path, image: &Path, args: &[&str]) -> Daemon {
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_vhost-blk")),
+            dir,
+            image,
+            args,
+        )
+    }
+
+    /// Starts the daemon as an unprivileged user would run it as far as locked memory goes:
+    /// without CAP_IPC_LOCK (dropped with `setpriv`) and with RLIMIT_MEMLOCK at `memlock`
+    /// bytes.
+    pub fn start_with_memlock(dir: &Path, image: &Path, args: &[&str], memlock: u64) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--"])
+            .arg(env!("CARGO_BIN_EXE_vhost-blk"));
+        let limit = libc::rlimit {
+            rlim_cur: memlock,
+            rlim_max: memlock,
+        };
+        // SAFETY: setrlimit is async-signal-safe and only touches the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        Self::spawn(cmd, dir, image, args)
+    }
+
+    fn spawn(mut cmd: Command, dir: &Path, image: &Path, args: &[&str]) -> Daemon {
         let socket = dir.join("vhost-blk.sock");
         let stderr_path = dir.join("daemon.log");
         let stderr = std::fs::File::create(&stderr_path).expect("create daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-blk"))
+        let child = cmd
             .arg("--socket")
             .arg(&socket)
             .arg("--image")
