@@ -69,6 +69,13 @@ pub trait Image: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// Does what [`Image::flush`] does short of the last sync of the image's files, and
+    /// returns the descriptors of the files that sync must cover (open as long as the
+    /// image), for a caller that syncs them itself, say through io_uring, without blocking
+    /// its thread for the disk. `None`: this image cannot split its flush; call `flush`.
+    fn prepare_flush(&self) -> Result<Option<Vec<std::os::unix::io::RawFd>>> {
+        Ok(None)
+    }
     /// Flushes and leaves the image as a clean close would (qcow2 with lazy refcounts: the
     /// refcounts written and the dirty bit cleared). Writes after it are still allowed.
     fn close(&self) -> Result<()> {

@@ -104,6 +104,10 @@ impl Image for RawImage {
             .map_err(|e| Error::io("flushing raw image", e))
     }
 
+    fn prepare_flush(&self) -> Result<Option<Vec<std::os::unix::io::RawFd>>> {
+        Ok(self.storage.raw_fd().map(|fd| vec![fd]))
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         check_range(offset, len.max(1), self.size)?;
         let (data, run) = match self.storage.raw_fd() {

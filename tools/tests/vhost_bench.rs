@@ -210,9 +210,35 @@ fn json_report_has_sane_numbers_and_the_writes_reach_the_image() {
         "{out}"
     );
     assert!(
-        out.contains(" writes=0)") && !out.contains("server pid"),
+        out.contains(" writes=0 flushes=0)") && !out.contains("server pid"),
         "{out}"
     );
+
+    // --fsync 2: a flush after every second write, counted apart.
+    let out = bench_ok(
+        &daemon.socket,
+        &[
+            "--rw",
+            "randwrite",
+            "--iodepth",
+            "4",
+            "--fsync",
+            "2",
+            "--runtime",
+            "0.5",
+            "--output-format",
+            "json",
+        ],
+    );
+    let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {out}"));
+    let (writes, flushes) = (f("writes"), f("flushes"));
+    assert!(writes >= 50.0, "{out}");
+    assert!(
+        (flushes * 2.0 - writes).abs() <= 8.0,
+        "one flush per two writes: {out}"
+    );
+    assert!(close(f("iops"), writes / f("runtime_s"), 1e-9), "{out}");
 }
 
 #[test]

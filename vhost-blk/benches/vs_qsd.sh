@@ -17,7 +17,8 @@
 # Usage: vhost-blk/benches/vs_qsd.sh     (about 8 minutes with the defaults)
 # Environment (defaults): RUNS=3 RUNTIME=3 RAMP=0.5 (seconds per run) SIZE_MIB=1024
 #   QUEUES=1 IMAGES="raw prealloc empty"
-#   WORKLOADS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-1m-qd8" (RW-BS-qdN)
+#   WORKLOADS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 randwrite-4k-qd32-fsync4
+#   read-1m-qd8" (RW-BS-qdN[-fsyncM]: with -fsyncM, a flush after every M writes, fio's fsync)
 #   OURS_ARGS="" (extra vhost-blk flags, e.g. --pin-memory or --poll-us=0) QSD=qemu-storage-daemon
 #   DIR=/var/tmp (for the images; must support O_DIRECT, so not tmpfs)
 #   RESULTS=FILE (keep every run as a JSON line)
@@ -27,7 +28,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 RUNS=${RUNS:-3} RUNTIME=${RUNTIME:-3} RAMP=${RAMP:-0.5} SIZE_MIB=${SIZE_MIB:-1024}
 QUEUES=${QUEUES:-1} IMAGES=${IMAGES:-raw prealloc empty}
-WORKLOADS=${WORKLOADS:-randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 read-1m-qd8}
+WORKLOADS=${WORKLOADS:-randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 randwrite-4k-qd32-fsync4 read-1m-qd8}
 OURS_ARGS=${OURS_ARGS:-} QSD=${QSD:-qemu-storage-daemon}
 
 cargo build --release --quiet -p vhost-blk --bin vhost-blk -p tools --bin vhost-bench
@@ -90,13 +91,14 @@ stop_server() {
 }
 
 one() { # SERVER KIND WORKLOAD -> the run's JSON on stdout
-  local server=$1 kind=$2 rw bs qd
-  IFS=- read -r rw bs qd <<<"$3"
-  qd=${qd#qd}
+  local server=$1 kind=$2 rw bs qd fsync
+  IFS=- read -r rw bs qd fsync <<<"$3"
+  qd=${qd#qd} fsync=${fsync#fsync}
+  fsync=${fsync:-0}
   [ "$kind" != empty ] || qemu-img create -q -f qcow2 "$(image empty)" "$((SIZE_MIB * 16))M"
   if [ "$server" = fio ]; then
     fio --name=ceiling --filename="$(image raw)" --ioengine=io_uring --direct=1 --rw="$rw" \
-      --bs="$bs" --iodepth="$qd" --numjobs="$QUEUES" --group_reporting --time_based \
+      --bs="$bs" --iodepth="$qd" --fsync="$fsync" --numjobs="$QUEUES" --group_reporting --time_based \
       --runtime="$(jq -n "$RUNTIME * 1000 | floor")ms" --ramp_time="$(jq -n "$RAMP * 1000 | floor")ms" \
       --output-format=json >"$work/fio.json"
     jq '.jobs[0] | (if .write.io_bytes > 0 then .write else .read end) as $d
@@ -106,7 +108,7 @@ one() { # SERVER KIND WORKLOAD -> the run's JSON on stdout
            iops_per_server_cpu_s: null}' "$work/fio.json"
   else
     start_server "$server" "$kind"
-    "$BIN/vhost-bench" --socket "$sock" --rw "$rw" --bs "$bs" --iodepth "$qd" \
+    "$BIN/vhost-bench" --socket "$sock" --rw "$rw" --bs "$bs" --iodepth "$qd" --fsync "$fsync" \
       --queues "$QUEUES" --runtime "$RUNTIME" --ramp "$RAMP" --server-pid "$pid" \
       --output-format json || { cat "$work/server.log" >&2; exit 1; }
     stop_server

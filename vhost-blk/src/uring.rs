@@ -50,6 +50,19 @@ impl From<Completion<InFlight>> for Finished {
     }
 }
 
+/// What [`QueueRing::start`] reports for what the ring did with a request.
+fn outcome(start: Start<InFlight>) -> Result<Option<Finished>, Request> {
+    match start {
+        Start::Queued => Ok(None),
+        Start::Done(tag) => Ok(Some(Finished {
+            req: tag.req,
+            mem: tag.mem,
+            ok: true,
+        })),
+        Start::Declined(tag) => Err(tag.req),
+    }
+}
+
 /// One queue's ring.
 pub struct QueueRing {
     ring: IoRing<InFlight>,
@@ -127,9 +140,13 @@ impl QueueRing {
         self.registered = None;
     }
 
-    /// Whether `req` can go through the ring (a non-empty read or write).
+    /// Whether `req` can go through the ring (a non-empty read or write, or a flush).
     pub fn eligible(req: &Request) -> bool {
-        matches!(req.kind, RequestKind::In | RequestKind::Out) && !req.data.is_empty()
+        match req.kind {
+            RequestKind::In | RequestKind::Out => !req.data.is_empty(),
+            RequestKind::Flush => true,
+            _ => false,
+        }
     }
 
     /// Starts `req`: `Ok(None)` when queued, `Ok(Some(..))` when it completed at
@@ -140,6 +157,7 @@ impl QueueRing {
         let write = match req.kind {
             RequestKind::Out => true,
             RequestKind::In => false,
+            RequestKind::Flush => return self.start_flush(mem, req),
             _ => return Err(req),
         };
         if self.pin_memory {
@@ -179,15 +197,18 @@ impl QueueRing {
         };
         // SAFETY: the iovecs point into guest memory that `tag.mem` keeps mapped until the
         // ring hands the tag back on completion.
-        match unsafe { self.ring.start(offset, write, &iovecs, tag) } {
-            Start::Queued => Ok(None),
-            Start::Done(tag) => Ok(Some(Finished {
-                req: tag.req,
-                mem: tag.mem,
-                ok: true,
-            })),
-            Start::Declined(tag) => Err(tag.req),
-        }
+        outcome(unsafe { self.ring.start(offset, write, &iovecs, tag) })
+    }
+
+    /// Starts a flush: metadata written back now, the image's files synced by the kernel
+    /// while the worker goes on with other requests. Writes still in flight need not be
+    /// covered (virtio-blk: a flush covers the writes completed before it).
+    fn start_flush(&mut self, mem: &MemGuard, req: Request) -> Result<Option<Finished>, Request> {
+        let tag = InFlight {
+            req,
+            mem: mem.clone(),
+        };
+        outcome(self.ring.start_flush(tag))
     }
 
     /// Hands queued requests to the kernel.

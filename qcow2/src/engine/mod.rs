@@ -298,16 +298,21 @@ impl Qcow2 {
         Ok(entries)
     }
 
+    /// Writes all dirty metadata back to the files in crash-safe order (syncing in between
+    /// where the order needs it), without the final sync.
+    fn write_back(&self) -> Result<()> {
+        self.meta_mut().writeback(
+            &*self.file,
+            self.data_file.as_deref().map(|d| d as &dyn Storage),
+        )
+    }
+
     /// Writes back all metadata in crash-safe order and flushes the files.
     pub fn flush_metadata(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.meta_mut();
-        m.writeback(
-            &*self.file,
-            self.data_file.as_deref().map(|d| d as &dyn Storage),
-        )?;
+        self.write_back()?;
         if let Some(d) = &self.data_file {
             d.flush()
                 .map_err(|e| Error::io("flushing the external data file", e))?;
@@ -384,6 +389,19 @@ impl Image for Qcow2 {
 
     fn flush(&self) -> Result<()> {
         self.flush_metadata()
+    }
+
+    fn prepare_flush(&self) -> Result<Option<Vec<std::os::unix::io::RawFd>>> {
+        if self.read_only {
+            return Ok(Some(Vec::new()));
+        }
+        // What `flush_metadata` syncs at the end: the data file, then the image file.
+        let files = self.data_file.iter().chain(std::iter::once(&self.file));
+        let Some(fds) = files.map(|f| f.raw_fd()).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        self.write_back()?;
+        Ok(Some(fds))
     }
 
     fn close(&self) -> Result<()> {

@@ -24,6 +24,8 @@ pub struct Job {
     pub bs: usize,
     /// Requests in flight per queue.
     pub iodepth: usize,
+    /// A flush after every this many writes on a queue (0: none), like fio's `fsync`.
+    pub fsync: usize,
 }
 
 /// The range of the device one queue works on, in whole blocks.

@@ -101,6 +101,10 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     iodepth: u16,
+    /// Send a flush after every N writes on each queue, like fio's --fsync (0: never).
+    /// Flushes take a request slot but are not counted in IOPS or latency.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    fsync: u32,
     /// Number of queues, one thread each.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -143,6 +147,7 @@ fn run(cli: &Cli) -> Result<()> {
         rwmixread: cli.rwmixread,
         bs: cli.bs,
         iodepth: usize::from(cli.iodepth),
+        fsync: cli.fsync as usize,
     };
     let mut client = Client::connect(&cli.socket, cli.queues, job.bs * job.iodepth)
         .with_context(|| format!("connecting to {}", cli.socket.display()))?;

@@ -46,7 +46,16 @@ impl Window {
 struct Stats {
     reads: u64,
     writes: u64,
+    flushes: u64,
     latency: Histogram,
+}
+
+/// What a slot's request does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Op {
+    Read,
+    Write,
+    Flush,
 }
 
 /// One queue's load: new requests until the window ends.
@@ -56,8 +65,10 @@ struct Load {
     offsets: Offsets,
     mix: Rng,
     window: Window,
-    /// Per slot: when its request was queued and whether it writes.
-    queued: Vec<(Instant, bool)>,
+    /// Per slot: when its request was queued and what it does.
+    queued: Vec<(Instant, Op)>,
+    /// Writes queued since the last flush (for `--fsync`).
+    unflushed: usize,
     stats: Stats,
 }
 
@@ -67,16 +78,24 @@ impl Requests for Load {
         if now >= self.window.end {
             return false;
         }
+        if self.job.fsync > 0 && self.unflushed >= self.job.fsync {
+            self.unflushed = 0;
+            self.queued[slot] = (now, Op::Flush);
+            q.flush(slot, ReqFlags::empty());
+            return true;
+        }
         let write = match self.job.rw {
             Rw::Randrw => self.mix.next() % 100 >= u64::from(self.job.rwmixread),
             rw => rw.writes(),
         };
         let (offset, bs) = (self.offsets.next(), self.job.bs);
         let ptr = self.buf.slot(slot, bs);
-        self.queued[slot] = (now, write);
         if write {
+            self.unflushed += 1;
+            self.queued[slot] = (now, Op::Write);
             q.write(offset, ptr, bs, slot, ReqFlags::empty());
         } else {
+            self.queued[slot] = (now, Op::Read);
             q.read(offset, ptr, bs, slot, ReqFlags::empty());
         }
         true
@@ -84,11 +103,15 @@ impl Requests for Load {
 
     fn complete(&mut self, slot: usize, now: Instant) -> Result<()> {
         if now >= self.window.start && now < self.window.end {
-            let (queued, write) = self.queued[slot];
-            if write {
-                self.stats.writes += 1;
-            } else {
-                self.stats.reads += 1;
+            let (queued, op) = self.queued[slot];
+            match op {
+                Op::Read => self.stats.reads += 1,
+                Op::Write => self.stats.writes += 1,
+                // Like fio, flushes are counted apart: not in IOPS or latency.
+                Op::Flush => {
+                    self.stats.flushes += 1;
+                    return Ok(());
+                }
             }
             let ns = now.duration_since(queued).as_nanos();
             self.stats
@@ -120,6 +143,7 @@ pub struct Report {
     ramp_s: f64,
     reads: u64,
     writes: u64,
+    flushes: u64,
     iops: f64,
     mib_s: f64,
     lat_us: Latency,
@@ -152,7 +176,8 @@ pub fn run(
                 offsets: Offsets::new(job, area, seed),
                 mix: Rng::new(!seed),
                 window,
-                queued: vec![(window.start, false); job.iodepth],
+                queued: vec![(window.start, Op::Read); job.iodepth],
+                unflushed: 0,
                 stats: Stats::default(),
             };
             keep_in_flight(q, job.iodepth, &mut load)?;
@@ -165,6 +190,7 @@ pub fn run(
     for s in &stats {
         total.reads += s.reads;
         total.writes += s.writes;
+        total.flushes += s.flushes;
         total.latency.merge(&s.latency);
     }
     let done = total.reads + total.writes;
@@ -182,6 +208,7 @@ pub fn run(
         ramp_s: window.ramp.as_secs_f64(),
         reads: total.reads,
         writes: total.writes,
+        flushes: total.flushes,
         iops,
         mib_s: iops * job.bs as f64 / MIB,
         lat_us: Latency {
@@ -227,8 +254,8 @@ impl Report {
         )?;
         writeln!(
             out,
-            "  IOPS={:.0} BW={:.1}MiB/s (reads={} writes={})",
-            self.iops, self.mib_s, self.reads, self.writes
+            "  IOPS={:.0} BW={:.1}MiB/s (reads={} writes={} flushes={})",
+            self.iops, self.mib_s, self.reads, self.writes, self.flushes
         )?;
         writeln!(
             out,
