@@ -363,16 +363,20 @@ impl qcow2::Storage for PipeStorage {
     }
 }
 
-/// A disk whose reads go through the io_uring and stay in flight until the returned pipe end
-/// is written to.
-fn slow_disk() -> (Disk, File) {
+/// A pipe: reads of its read end wait until the test writes into the write end.
+fn pipe() -> (std::os::fd::OwnedFd, File) {
     use std::os::fd::{FromRawFd, OwnedFd};
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two new descriptors, owned below.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // SAFETY: fresh descriptors from pipe2, owned once each.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
+/// A disk whose reads go through the io_uring and stay in flight until the returned pipe end
+/// is written to.
+fn slow_disk() -> (Disk, File) {
+    let (read_end, write_end) = pipe();
     let img = RawImage::new(Arc::new(PipeStorage { read_end }), true).unwrap();
     (
         Disk::new(Arc::new(img), Some("slow"), 4096).unwrap(),
@@ -541,4 +545,86 @@ fn buffers_across_memory_regions_are_served() {
             "data read back across the region boundary differs"
         );
     }
+}
+
+/// The slow pipe-backed raw image, except that flushes sync a real file (an io_uring fsync of
+/// a pipe fails): a flush can then go through the ring while a read waits at the "disk".
+struct SlowReadsRealFlush {
+    inner: RawImage,
+    flushed: File,
+}
+
+impl qcow2::Image for SlowReadsRealFlush {
+    fn format(&self) -> qcow2::Format {
+        self.inner.format()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> qcow2::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> qcow2::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> qcow2::Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> qcow2::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> qcow2::Result<()> {
+        self.inner.flush()
+    }
+    fn prepare_flush(&self) -> qcow2::Result<Option<Vec<std::os::unix::io::RawFd>>> {
+        Ok(Some(vec![self.flushed.as_raw_fd()]))
+    }
+    fn block_status(&self, offset: u64, len: u64) -> qcow2::Result<qcow2::BlockStatus> {
+        self.inner.block_status(offset, len)
+    }
+    fn map_io(&self, offset: u64, len: u64, write: bool) -> qcow2::MapOutcome {
+        self.inner.map_io(offset, len, write)
+    }
+    fn finish_io(&self, mapping: qcow2::IoMapping, ok: bool) -> bool {
+        self.inner.finish_io(mapping, ok)
+    }
+}
+
+/// A flush goes through the ring without waiting for the requests already there: with a
+/// read stuck at the "disk", the flush completes first (it covers only completed writes).
+#[test]
+fn a_flush_does_not_wait_for_requests_in_flight() {
+    let (read_end, write_end) = pipe();
+    let img = SlowReadsRealFlush {
+        inner: RawImage::new(Arc::new(PipeStorage { read_end }), false).unwrap(),
+        flushed: tempfile::tempfile().unwrap(),
+    };
+    let mut r = rig_on(Disk::new(Arc::new(img), Some("slow"), 4096).unwrap());
+    r.header(0x2000, VIRTIO_BLK_T_IN, 0);
+    let slow = r.push(&[(0x2000, 16, 0), (0x4000, 4096, W), (0x3000, 1, W)]);
+    r.header(0x2100, VIRTIO_BLK_T_FLUSH, 0);
+    let flush = r.push(&[(0x2100, 16, 0), (0x3001, 1, W)]);
+    std::thread::scope(|s| {
+        let r = &r;
+        let feeder = s.spawn(move || {
+            // Wait until the flush is in the used ring, then let the read finish.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while r.used_idx() == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let first = r.used_elem(0);
+            std::io::Write::write_all(&mut &write_end, &[0x5a; 4096]).unwrap();
+            first
+        });
+        // Starts both, then sleeps in the ring until both have completed.
+        r.kick();
+        let first = feeder.join().unwrap();
+        assert_eq!(first, (u32::from(flush), 1), "the flush completed first");
+    });
+    assert_eq!(r.used_idx(), 2);
+    assert_eq!(r.used_elem(1), (u32::from(slow), 4097));
+    assert_eq!(r.read::<[u8; 2]>(0x3000), [0, 0], "status bytes");
 }
