@@ -725,11 +725,23 @@ mod tests {
     /// Runs one request through the ring; returns whether it was served there.
     fn run(ring: &mut IoRing<u32>, offset: u64, write: bool, bufs: &mut [&mut [u8]]) -> bool {
         let iovecs: Vec<_> = bufs.iter_mut().map(|b| iovec(b)).collect();
-        // SAFETY: the buffers outlive the wait below.
-        match unsafe { ring.start(offset, write, &iovecs, 7) } {
+        // SAFETY: the buffers outlive the wait in `served`.
+        let start = unsafe { ring.start(offset, write, &iovecs, 7) };
+        served(ring, start, 7)
+    }
+
+    /// Runs a flush through the ring; returns whether it was served there.
+    fn flush(ring: &mut IoRing<u32>) -> bool {
+        let start = ring.start_flush(9);
+        served(ring, start, 9)
+    }
+
+    /// Waits for the request `start` reports on (tagged `tag`); whether the ring served it.
+    fn served(ring: &mut IoRing<u32>, start: Start<u32>, tag: u32) -> bool {
+        match start {
             Start::Declined(_) => false,
-            Start::Done(tag) => {
-                assert_eq!(tag, 7);
+            Start::Done(t) => {
+                assert_eq!(t, tag);
                 true
             }
             Start::Queued => {
@@ -737,7 +749,7 @@ mod tests {
                 let mut done = Vec::new();
                 ring.wait_all(&mut done).unwrap();
                 assert_eq!(done.len(), 1);
-                assert_eq!(done[0].tag, 7);
+                assert_eq!(done[0].tag, tag);
                 done[0].ok
             }
         }
@@ -877,22 +889,6 @@ mod tests {
         assert!(report.is_clean() && report.leaks == 0, "{report:?}");
     }
 
-    /// Runs a flush through the ring; returns whether it was served there.
-    fn flush(ring: &mut IoRing<u32>) -> bool {
-        match ring.start_flush(9) {
-            Start::Declined(_) => false,
-            Start::Done(_) => true,
-            Start::Queued => {
-                ring.submit().unwrap();
-                let mut done = Vec::new();
-                ring.wait_all(&mut done).unwrap();
-                assert_eq!(done.len(), 1);
-                assert_eq!(done[0].tag, 9);
-                done[0].ok
-            }
-        }
-    }
-
     #[test]
     fn a_flush_writes_metadata_back_and_syncs_the_files_through_the_ring() {
         let dir = tempfile::tempdir().unwrap();
@@ -924,7 +920,7 @@ mod tests {
         assert!(matches!(ring.start_flush(9), Start::Queued));
         let mut done = Vec::new();
         ring.wait_all(&mut done).unwrap();
-        assert!(done.len() == 1 && done[0].ok);
+        assert!(done.len() == 1 && done[0].ok, "synced through the ring");
 
         // Storage without a file descriptor cannot be synced by the ring: declined.
         let mem =
