@@ -53,6 +53,16 @@ pub enum Start<T> {
     Declined(T),
 }
 
+/// What [`IoRing::start_sync`] did with a batch of flushes.
+enum SyncStart<T> {
+    /// The sync is in the ring; its completion finishes them.
+    Submitted,
+    /// Nothing to sync (a read-only image): they are done.
+    Done(Vec<T>),
+    /// Not through the ring: do them the slow way.
+    Declined(Vec<T>),
+}
+
 /// A finished request.
 pub struct Completion<T> {
     /// What the caller attached to the request.
@@ -94,9 +104,9 @@ struct Loading<T> {
     buf: AVec<u8, RuntimeAlign>,
 }
 
-/// A flush whose files the kernel is syncing.
+/// Flushes whose files the kernel is syncing (one sync serves them all).
 struct Syncing<T> {
-    tag: T,
+    tags: Vec<T>,
     remaining: usize,
     ok: bool,
 }
@@ -125,6 +135,10 @@ pub struct IoRing<T> {
     fixed: FixedBuffers,
     /// The kernel has vectored reads and writes of fixed buffers (Linux 6.15).
     vectored_fixed: bool,
+    /// A sync of the image's files is in flight.
+    syncing: bool,
+    /// Flushes that came while it was: the next sync serves them all.
+    waiting_flushes: Vec<T>,
 }
 
 // SAFETY: the raw pointers in the iovecs point into memory the caller promised (in `start`)
@@ -143,6 +157,8 @@ impl<T> IoRing<T> {
             watching: None,
             readable: false,
             pending: Vec::new(),
+            syncing: false,
+            waiting_flushes: Vec::new(),
             fixed: FixedBuffers::default(),
             vectored_fixed: false,
         })
@@ -192,7 +208,7 @@ impl<T> IoRing<T> {
 
     /// Requests started and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len() - self.free.len() + self.waiting_flushes.len()
     }
 
     /// Starts reading (or writing) the guest range at `offset` into (from) the buffers
@@ -364,19 +380,34 @@ impl<T> IoRing<T> {
 
     /// Starts a flush of every write completed so far: the image writes its metadata back
     /// here ([`Image::prepare_flush`]), and its files are synced (`fdatasync`) through the
-    /// ring, so the thread does not wait for the disk. Declined when the image cannot split
-    /// its flush, when writing back fails (the slow path reports the error) or when the ring
-    /// is full.
+    /// ring, so the thread does not wait for the disk. Like QEMU, one sync at a time: a
+    /// flush that comes while one is in flight waits for it, and the next sync serves every
+    /// flush that waited (each covers the writes completed before it came, and all of those
+    /// completed before that sync starts). Declined when the image cannot split its flush,
+    /// when writing back fails (the slow path reports the error) or when the ring is full.
     pub fn start_flush(&mut self, tag: T) -> Start<T> {
+        if self.syncing {
+            self.waiting_flushes.push(tag);
+            return Start::Queued;
+        }
+        match self.start_sync(vec![tag]) {
+            SyncStart::Submitted => Start::Queued,
+            SyncStart::Done(mut tags) => Start::Done(tags.pop().expect("one flush")),
+            SyncStart::Declined(mut tags) => Start::Declined(tags.pop().expect("one flush")),
+        }
+    }
+
+    /// Writes metadata back and submits the sync serving the flushes `tags`.
+    fn start_sync(&mut self, tags: Vec<T>) -> SyncStart<T> {
         let fds = match self.image.prepare_flush() {
             Ok(Some(fds)) => fds,
-            Ok(None) | Err(_) => return Start::Declined(tag),
+            Ok(None) | Err(_) => return SyncStart::Declined(tags),
         };
         if fds.is_empty() {
-            return Start::Done(tag);
+            return SyncStart::Done(tags);
         }
         if fds.len() >= 1 << PIECE_BITS || !self.make_room(fds.len()) {
-            return Start::Declined(tag);
+            return SyncStart::Declined(tags);
         }
         let index = self.free_slot();
         for (piece, &fd) in fds.iter().enumerate() {
@@ -390,12 +421,13 @@ impl<T> IoRing<T> {
             debug_assert!(pushed, "room was made for every file");
         }
         self.slots[index] = Some(Slot::Sync(Syncing {
-            tag,
+            tags,
             remaining: fds.len(),
             ok: true,
         }));
+        self.syncing = true;
         self.queued();
-        Start::Queued
+        SyncStart::Submitted
     }
 
     /// Gives a mapping back unused (releasing what it allocated) and declines the request.
@@ -508,10 +540,18 @@ impl<T> IoRing<T> {
                             unreachable!("matched above");
                         };
                         self.free.push(index);
-                        out.push(Completion {
-                            tag: s.tag,
-                            ok: s.ok,
-                        });
+                        self.syncing = false;
+                        out.extend(s.tags.into_iter().map(|tag| Completion { tag, ok: s.ok }));
+                        let waiting = std::mem::take(&mut self.waiting_flushes);
+                        if !waiting.is_empty() {
+                            let (tags, ok) = match self.start_sync(waiting) {
+                                SyncStart::Submitted => (Vec::new(), true),
+                                SyncStart::Done(tags) => (tags, true),
+                                // The slow path redoes them and reports any error.
+                                SyncStart::Declined(tags) => (tags, false),
+                            };
+                            out.extend(tags.into_iter().map(|tag| Completion { tag, ok }));
+                        }
                     }
                 }
                 Some(Some(Slot::Metadata(_))) => {
@@ -927,6 +967,26 @@ mod tests {
             crate::RawImage::new(Arc::new(crate::MemStorage::new(&[0; 4096])), false).unwrap();
         let mut ring = IoRing::<u32>::new(Arc::new(mem), 8).unwrap();
         assert!(matches!(ring.start_flush(9), Start::Declined(9)));
+    }
+
+    #[test]
+    fn flushes_that_come_during_a_sync_wait_for_the_next_one() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let raw = crate::RawImage::new(Arc::new(crate::FileStorage::new(f)), false).unwrap();
+        let mut ring = IoRing::<u32>::new(Arc::new(raw), 8).unwrap();
+        for tag in 1..=3 {
+            assert!(matches!(ring.start_flush(tag), Start::Queued));
+        }
+        assert_eq!(ring.in_flight(), 3, "two flushes wait for the first sync");
+        let mut done = Vec::new();
+        ring.wait_all(&mut done).unwrap();
+        let mut tags: Vec<u32> = done.iter().filter(|c| c.ok).map(|c| c.tag).collect();
+        tags.sort();
+        assert_eq!(tags, [1, 2, 3]);
+        assert_eq!(ring.in_flight(), 0);
+        // After the last sync, a new flush starts one of its own.
+        assert!(flush(&mut ring));
     }
 
     #[test]
