@@ -634,6 +634,11 @@ impl VhostUserBackend for BlkBackend {
                 "unexpected event set {evset:?} on queue {thread_id}"
             )));
         }
+        if !self.active() {
+            // A worker of a connection that has ended, not yet gone: the rings are the
+            // device's and may already serve the next connection; leave them alone.
+            return Ok(());
+        }
         // One queue per thread: the thread index is the queue index, its only vring is event 0
         // and its io_uring's eventfd is `ring_event`.
         if device_event == ring_event(self.device.num_queues()) {

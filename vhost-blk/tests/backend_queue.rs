@@ -26,6 +26,7 @@ const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 
 struct Rig {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    device: Arc<Device>,
     backend: BlkBackend,
     vring: VringRwLock,
     call: EventFd,
@@ -71,7 +72,7 @@ fn rig_with(disk: Disk, poll: Duration, ranges: &[(GuestAddress, usize)]) -> Rig
     device.set_poll(poll);
     let device = Arc::new(device);
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(ranges).unwrap());
-    let backend = BlkBackend::new(device, mem.clone());
+    let backend = BlkBackend::new(device.clone(), mem.clone());
     // Our own ring layout: virtio-queue's MockSplitQueue places its used ring over the end
     // of its avail ring (it adds the entry count, not the byte size, to the avail address).
     let (desc, avail, used) = (0x0, 0x1000, 0x1800);
@@ -88,6 +89,7 @@ fn rig_with(disk: Disk, poll: Duration, ranges: &[(GuestAddress, usize)]) -> Rig
     vring.set_call(Some(dup));
     Rig {
         mem,
+        device,
         backend,
         vring,
         call,
@@ -279,6 +281,36 @@ fn deactivated_backend_leaves_the_ring_alone() {
     r.push(&[(0x2000, 16, 0), (0x3000, 1, W)]);
     r.kick();
     assert_eq!(r.used_idx(), 0);
+}
+
+/// A worker of an ended connection that wakes up late (its epoll loop still watches the
+/// device's io_uring eventfd) leaves the shared ring to the next connection: it does not
+/// consume the eventfd that wakes the new worker.
+#[test]
+fn a_stale_worker_does_not_take_the_next_connections_ring_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = rig_on(opened_raw_disk(dir.path()));
+    let stale = BlkBackend::new(r.device.clone(), r.mem.clone());
+    stale.deactivate();
+    let fd = r.device.ring_eventfd(0).expect("the raw disk has a ring");
+    // SAFETY: an eventfd of the device's ring, open while the device lives.
+    assert_eq!(unsafe { libc::eventfd_write(fd, 1) }, 0);
+    stale
+        .handle_event(
+            vhost_blk::backend::ring_event(1),
+            EventSet::IN,
+            std::slice::from_ref(&r.vring),
+            0,
+        )
+        .unwrap();
+    let mut value = 0;
+    // SAFETY: as above; `value` is a valid out-parameter.
+    assert_eq!(
+        unsafe { libc::eventfd_read(fd, &mut value) },
+        0,
+        "the stale worker consumed the ring's event"
+    );
+    assert_eq!(value, 1);
 }
 
 #[test]
