@@ -978,7 +978,15 @@ mod tests {
         for tag in 1..=3 {
             assert!(matches!(ring.start_flush(tag), Start::Queued));
         }
-        assert_eq!(ring.in_flight(), 3, "two flushes wait for the first sync");
+        assert_eq!(ring.in_flight(), 3);
+        assert_eq!(
+            (
+                ring.slots.len() - ring.free.len(),
+                ring.waiting_flushes.len()
+            ),
+            (1, 2),
+            "one sync in the ring; the other two flushes wait for the next"
+        );
         let mut done = Vec::new();
         ring.wait_all(&mut done).unwrap();
         let mut tags: Vec<u32> = done.iter().filter(|c| c.ok).map(|c| c.tag).collect();
