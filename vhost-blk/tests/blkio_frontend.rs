@@ -351,10 +351,17 @@ fn serves_the_next_frontend_after_a_disconnect() {
         "daemon exited after a disconnect:\n{}",
         d.log()
     );
-    // The workers of finished connections are gone: main, signal thread and the two idle
-    // workers waiting for the next connection remain (those may still be starting).
+    // Once the daemon waits for the fourth frontend, the workers of finished connections are
+    // gone (joined before the next connection's are made): main, signal thread and the two
+    // idle workers of the next connection remain. Counted only then: during the hand-over
+    // the count passes through 4 (a finished connection's workers, not yet joined).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while d.threads() != 4 && std::time::Instant::now() < deadline {
+    while d.log().matches("waiting for a frontend").count() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon not waiting for the next frontend:\n{}",
+            d.log()
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert_eq!(d.threads(), 4, "threads leaked across connections");
