@@ -6,14 +6,15 @@ use std::path::PathBuf;
 /// Everything that can go wrong opening, reading, writing or creating an image.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O error from the host file, with what we were doing.
-    #[error("{what}: {source}")]
+    /// An I/O error from the host file, with what we were doing. The message includes the
+    /// underlying error, so it is not also reported as the error's source (a chain printed
+    /// whole would say it twice).
+    #[error("{what}: {error}")]
     Io {
         /// What the failed operation was doing ("reading L2 table at 0x30000").
         what: String,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The file does not start with the qcow2 magic.
     #[error("not a qcow2 image (bad magic 0x{0:08x})")]
@@ -78,10 +79,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Wraps an I/O error with a description of the operation.
-    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+    pub fn io(what: impl Into<String>, error: io::Error) -> Self {
         Error::Io {
             what: what.into(),
-            source,
+            error,
         }
     }
 }

@@ -1099,6 +1099,49 @@ fn text_raw(dir: &Path, name: &str, mib: u64) -> Vec<u8> {
     data
 }
 
+/// A target on a file system that fills up: both tools exit 1 with nothing on stdout, and
+/// qimg names the target and the failing write the way qemu-img words it ("error while
+/// writing at byte N: No space left on device"). An existing qcow2 target filled with `-n`
+/// stays consistent (leaked clusters at most).
+#[test]
+fn convert_onto_a_full_file_system_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    // Every other MiB is data: 6 MiB of it, on a 4 MiB file system.
+    text_raw(p, "src.raw", 12);
+    let fs = cowbird_tests::small_fs::SmallFs::mount(4 << 20);
+    for fmt in ["qcow2", "raw"] {
+        let target = fs.path().join(format!("t.{fmt}"));
+        let t = target.to_str().unwrap();
+        let args = ["convert", "-O", fmt, "src.raw", t];
+        let mut results = Vec::new();
+        for tool in ["qemu-img", env!("CARGO_BIN_EXE_qimg")] {
+            let _ = std::fs::remove_file(&target);
+            results.push(run(p, tool, &args));
+        }
+        assert_eq!(results[0], (1, String::new()), "qemu-img {args:?}");
+        assert_eq!(results[1], results[0], "qimg vs qemu-img for {args:?}");
+        let _ = std::fs::remove_file(&target);
+        let err = qimg_stderr(p, &args);
+        assert!(
+            err.contains(&format!("{t}: error while writing at byte "))
+                && err.contains("No space left on device")
+                && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+        std::fs::remove_file(&target).unwrap();
+    }
+    let target = fs.path().join("existing.qcow2");
+    let t = target.to_str().unwrap();
+    qemu(p, &["create", "-q", "-f", "qcow2", t, "12M"]);
+    let _filler = fs.fill("filler", 2 << 20);
+    let args = ["convert", "-n", "-O", "qcow2", "src.raw", t];
+    let err = qimg_stderr(p, &args);
+    assert!(err.contains("No space left on device"), "{err}");
+    let (code, out) = cowbird_tests::qemu_check(&target);
+    assert!(matches!(code, 0 | 3), "qemu-img check exit {code}:\n{out}");
+}
+
 /// Runs `qimg convert -p ARGS` and sends `sig` once its progress passed 1%. Returns the
 /// bytes the interrupted convert reports as converted, or `None` if it finished first.
 fn interrupt_convert(dir: &Path, args: &[&str], sig: i32) -> Option<u64> {

@@ -55,13 +55,14 @@ impl Meta {
     }
 
     /// Caches a new table (dirty, so that all of it is written back), slice by slice:
-    /// `entries`, or all zeros.
+    /// `entries`, or all zeros. Its file space is claimed first.
     pub fn insert_l2_table(
         &mut self,
         file: &dyn Storage,
         table: u64,
         entries: Option<&[u64]>,
     ) -> Result<()> {
+        self.claim_space(file, table, self.geo.cluster_size(), "an L2 table")?;
         let per = self.l2_slice_entries() as usize;
         for k in 0..self.geo.l2_entries() as usize / per {
             let slice = match entries {

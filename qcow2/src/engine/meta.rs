@@ -241,6 +241,18 @@ impl Meta {
         self.pending_frees.push((offset, len));
     }
 
+    /// Claims the file space of metadata at `offset` (fallocate) before it is cached dirty.
+    /// Its writeback then cannot fail for lack of space: on a full file system the request
+    /// that needed a new table fails at once, instead of a later flush, which would leave
+    /// the data the table maps unreachable.
+    pub fn claim_space(&self, file: &dyn Storage, offset: u64, len: u64, what: &str) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        file.allocate(offset, len)
+            .map_err(io(format!("reserving space for {what} at 0x{offset:x}")))
+    }
+
     /// Allocates one free cluster with refcount 1; returns its host offset.
     pub fn alloc_cluster(&mut self, file: &dyn Storage) -> Result<u64> {
         Ok(self.alloc_up_to(file, 1)?.0)
@@ -331,6 +343,7 @@ impl Meta {
                 self.refblocks.evict_lru();
             }
             let off = (start + n + i as u64) * cs;
+            self.claim_space(file, off, cs, "a refcount block")?;
             self.refblocks.insert(off, vec![0u8; cs as usize], true);
             self.set_reftable_entry(*r as usize, off);
         }
@@ -367,6 +380,7 @@ impl Meta {
             self.writeback_refcounts(file)?;
             self.refblocks.evict_lru();
         }
+        self.claim_space(file, off, self.geo.cluster_size(), "a refcount block")?;
         let mut block = vec![0u8; self.geo.cluster_size() as usize];
         tables::set_refcount(&mut block, self.geo.refcount_order, 0, 1);
         self.refblocks.insert(off, block, true);

@@ -176,8 +176,17 @@ impl Qcow2 {
     }
 
     /// Repairs a dirty image and clears autoclear bits we do not maintain (as QEMU does).
+    /// The L1 and refcount tables, written back in place, get their file space claimed (an
+    /// image made with truncate may have holes there).
     fn prepare_for_writing(&self) -> Result<()> {
         let mut m = self.meta_mut();
+        let l1 = (m.header.l1_table_offset, m.l1.len() as u64 * 8);
+        let reftable = (
+            m.header.refcount_table_offset,
+            u64::from(m.header.refcount_table_clusters) * self.geo.cluster_size(),
+        );
+        m.claim_space(&*self.file, l1.0, l1.1, "the L1 table")?;
+        m.claim_space(&*self.file, reftable.0, reftable.1, "the refcount table")?;
         let mut header = m.header.clone();
         if header.is_dirty() {
             drop(m);

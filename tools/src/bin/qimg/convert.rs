@@ -272,6 +272,8 @@ enum Kind {
 
 /// How the pipeline treats ranges, fixed for the whole run.
 struct Policy {
+    /// The target's name as given, for error messages.
+    target_name: String,
     /// Granularity of zero detection (target cluster, or `-S` for raw).
     block: u64,
     /// `-S`: 0 copies everything as data.
@@ -693,6 +695,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         Target::Other(_) => sparse.max(512),
     };
     let policy = Policy {
+        target_name: target_name.clone(),
         block,
         sparse,
         fresh,
@@ -848,7 +851,10 @@ fn fill_empty_span(
     len: u64,
 ) -> anyhow::Result<()> {
     if kind == Kind::Zero && !p.fresh {
-        target.image().write_zeroes(off, len, true)?;
+        target
+            .image()
+            .write_zeroes(off, len, true)
+            .with_context(|| format!("{}: error while writing at byte {off}", p.target_name))?;
     }
     if p.reserve {
         turn.pass(chunks);
@@ -869,6 +875,24 @@ fn copy_chunk(
     buf: &mut [u8],
 ) -> anyhow::Result<()> {
     let runs = plan(src, off, len, p, &mut buf[..len as usize])?;
+    write_chunk(target, p, turn, i, &runs)
+        .with_context(|| format!("{}: error while writing at byte {off}", p.target_name))?;
+    for r in &runs {
+        for m in src.list.iter().filter_map(|s| s.map.as_ref()) {
+            m.release(r.data);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the runs of chunk `i` into the target.
+fn write_chunk(
+    target: &Target,
+    p: &Policy,
+    turn: &Turnstile,
+    i: u64,
+    runs: &[Run<'_>],
+) -> anyhow::Result<()> {
     let img = target.image();
     for r in runs.iter().filter(|r| r.kind == Kind::Zero && !p.fresh) {
         img.write_zeroes(r.off, r.len, true)?;
@@ -903,9 +927,7 @@ fn copy_chunk(
             let start = placed.iter().map(|&(_, _, h)| h).min();
             let end = placed.iter().map(|&(_, b, h)| h + b.len() as u64).max();
             if let (Some(start), Some(end)) = (start, end) {
-                q.data_storage()
-                    .allocate(start, end - start)
-                    .with_context(|| format!("allocating 0x{start:x}..0x{end:x}"))?;
+                q.data_storage().allocate(start, end - start)?;
             }
             for (at, bytes, host) in placed {
                 q.write_reserved(bytes, at, host)?;
@@ -924,17 +946,10 @@ fn copy_chunk(
             for r in data {
                 if let (Target::Other(_), Some(storage)) = (target, &p.raw_storage) {
                     // As for qcow2: allocate the blocks in one go before the write.
-                    storage
-                        .allocate(r.off, r.len)
-                        .with_context(|| format!("allocating {} bytes at 0x{:x}", r.len, r.off))?;
+                    storage.allocate(r.off, r.len)?;
                 }
                 img.write_at(r.data, r.off)?;
             }
-        }
-    }
-    for r in &runs {
-        for m in src.list.iter().filter_map(|s| s.map.as_ref()) {
-            m.release(r.data);
         }
     }
     Ok(())
