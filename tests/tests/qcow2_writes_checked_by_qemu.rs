@@ -382,3 +382,38 @@ fn preallocation_modes_and_external_data_file() {
     }
     assert_same(&our_raw(&*open(&path, true)), &model, "external data file");
 }
+
+/// Zeroing or discarding the end of a disk whose last cluster is partial touches only the
+/// range asked for: the bytes before it in that cluster stay (qemu-io reads them back).
+#[test]
+fn zeroing_the_end_of_a_partial_last_cluster_keeps_what_precedes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 65536 + 1024;
+    for mode in ["zero", "zero-unmap", "discard"] {
+        let path = path_in(dir.path(), &format!("{mode}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path.to_str().unwrap(),
+            &size.to_string(),
+        ]);
+        qemu_io(&path, &[&format!("write -P 0xaa 0 {size}")]);
+        {
+            let img = open_qcow2(&path);
+            match mode {
+                "zero" => img.write_zeroes(size - 512, 512, false),
+                "zero-unmap" => img.write_zeroes(size - 512, 512, true),
+                _ => img.discard(size - 512, 512),
+            }
+            .unwrap();
+            img.flush().unwrap();
+        }
+        qemu_io(&path, &[&format!("read -P 0xaa 0 {}", size - 512)]);
+        if mode != "discard" {
+            qemu_io(&path, &[&format!("read -P 0 {} 512", size - 512)]);
+        }
+        assert_qemu_clean(&path);
+    }
+}

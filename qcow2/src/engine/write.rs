@@ -302,20 +302,21 @@ impl Qcow2 {
             return self.write_zeros_literally(offset, len);
         }
         let end = offset + len;
-        let head_end = offset.next_multiple_of(cs).min(end);
-        // The disk's last partial cluster counts as whole.
+        // Whole clusters: [whole_start, whole_end). The disk's last partial cluster counts as
+        // whole when the range covers it from its start.
+        let whole_start = offset.next_multiple_of(cs);
         let whole_end = if end == self.size {
             end.next_multiple_of(cs)
         } else {
             end / cs * cs
         };
-        let whole_start = if offset % cs == 0 { offset } else { head_end };
+        // The partial clusters around them: [offset, head_end) and [tail_start, end).
+        let head_end = whole_start.min(end);
+        let tail_start = whole_end.max(head_end);
         if let ZeroMode::Zero { .. } = mode {
-            if whole_start > offset {
-                self.write_zero_bytes(offset, head_end - offset)?;
-            }
-            if whole_end < end && whole_end >= whole_start {
-                self.write_zero_bytes(whole_end.max(head_end), end - whole_end.max(head_end))?;
+            self.write_zero_bytes(offset, head_end - offset)?;
+            if tail_start < end {
+                self.write_zero_bytes(tail_start, end - tail_start)?;
             }
         }
         let mut cluster = whole_start / cs;
