@@ -26,6 +26,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Bytes of L2 table slices to cache; by default enough to map min(disk size, 64 GiB).
     pub l2_cache_bytes: Option<u64>,
+    /// Bytes of refcount blocks to cache (QEMU's `refcount-cache-size`); 4 MiB by default,
+    /// at least four blocks.
+    pub refcount_cache_bytes: Option<u64>,
     /// Open with O_DIRECT.
     pub direct: bool,
     /// Images already in this chain (canonical paths), to refuse loops.
@@ -132,6 +135,7 @@ pub(crate) fn open_backing(
         format,
         no_backing: false,
         l2_cache_bytes: parent.l2_cache_bytes,
+        refcount_cache_bytes: parent.refcount_cache_bytes,
         direct: parent.direct,
         chain: parent.chain.clone(),
         snapshot: None,

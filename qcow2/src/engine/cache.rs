@@ -80,13 +80,17 @@ impl<T> TableCache<T> {
         self.entries.insert(offset, e);
     }
 
+    /// The least recently used entry and its offset, left in the cache.
+    pub fn lru(&self) -> Option<(u64, &Entry<T>)> {
+        self.entries
+            .iter()
+            .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+            .map(|(&off, e)| (off, e))
+    }
+
     /// Removes the least recently used entry, returning it with its offset.
     pub fn evict_lru(&mut self) -> Option<(u64, Entry<T>)> {
-        let victim = *self
-            .entries
-            .iter()
-            .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))?
-            .0;
+        let (victim, _) = self.lru()?;
         self.entries.remove(&victim).map(|e| (victim, e))
     }
 

@@ -167,13 +167,18 @@ impl Meta {
         file.read_at(&mut block, offset)
             .map_err(io(format!("reading refcount block at 0x{offset:x}")))?;
         while self.refblocks.is_full() {
-            if let Some((off, e)) = self.refblocks.evict_lru() {
-                if e.dirty {
-                    self.check_write(file, off, e.table.len() as u64, Target::RefBlock(off))?;
-                    file.write_at(&e.table, off)
-                        .map_err(io(format!("writing refcount block at 0x{off:x}")))?;
-                }
+            let Some((off, dirty)) = self.refblocks.lru().map(|(off, e)| (off, e.dirty)) else {
+                break;
+            };
+            // Written while still cached: if the write fails, its updates are not lost.
+            if dirty {
+                let len = self.geo.cluster_size();
+                self.check_write(file, off, len, Target::RefBlock(off))?;
+                let table = self.refblocks.get(off).expect("cached");
+                file.write_at(table, off)
+                    .map_err(io(format!("writing refcount block at 0x{off:x}")))?;
             }
+            self.refblocks.remove(off);
         }
         self.refblocks.insert(offset, block, false);
         Ok(())

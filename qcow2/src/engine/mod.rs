@@ -138,7 +138,9 @@ impl Qcow2 {
             reftable_used: meta::used_entries(&reftable),
             reftable,
             reftable_dirty: false,
-            refblocks: TableCache::new(((4 << 20) / cs).max(4) as usize),
+            refblocks: TableCache::new(
+                (opts.refcount_cache_bytes.unwrap_or(4 << 20) / cs).max(4) as usize
+            ),
             pending_frees: Vec::new(),
             free_hint: 0,
             compressed_tail: None,

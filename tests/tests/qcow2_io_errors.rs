@@ -1,0 +1,129 @@
+//! I/O errors from the host file in the middle of metadata work: the request fails, nothing
+//! already done is lost, and once the storage works again the image is consistent
+//! (`qemu-img check`) and reads back what was written (qemu-io).
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use cowbird_tests::*;
+use qcow2::{FileStorage, Image, Qcow2, Storage};
+
+/// A host file whose writes to chosen offsets fail with EIO while armed.
+struct FaultyFile {
+    inner: FileStorage,
+    failing: Mutex<Vec<u64>>,
+}
+
+impl FaultyFile {
+    fn check(&self, offset: u64, len: usize) -> io::Result<()> {
+        let failing = self.failing.lock().unwrap();
+        if failing
+            .iter()
+            .any(|&f| f >= offset && f < offset + len as u64)
+        {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FaultyFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len())?;
+        self.inner.write_at(buf, offset)
+    }
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> io::Result<()> {
+        for (offset, buf) in writes {
+            self.write_at(buf, *offset)?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+}
+
+/// Host offsets of the refcount blocks the image file's refcount table lists.
+fn refcount_blocks(path: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(path).unwrap();
+    let be = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let table = be(48) as usize;
+    let clusters = u32::from_be_bytes(bytes[56..60].try_into().unwrap()) as usize;
+    let cluster_size = 1usize << u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    (0..clusters * cluster_size / 8)
+        .map(|i| be(table + 8 * i) & !0x1ff)
+        .filter(|&off| off != 0)
+        .collect()
+}
+
+/// With lazy refcounts, refcount blocks hold increments that reach the file only when the
+/// block leaves the cache. A block whose write fails on the way out stays cached: the
+/// flush reports the error, a later flush writes it, and no cluster in use ends up with
+/// refcount 0 (which would let it be allocated twice).
+#[test]
+fn a_refcount_block_that_fails_to_leave_the_cache_keeps_its_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "lazy.qcow2");
+    let p = path.to_str().unwrap();
+    // 512-byte clusters and 64-bit refcounts: a refcount block covers 32 KiB of the file, so
+    // 256 KiB of data spread over many blocks, more than the 4-block cache below holds.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512,refcount_bits=64,lazy_refcounts=on",
+        p,
+        "1M",
+    ]);
+    qemu_io(&path, &["write -P 0x11 0 256k"]);
+    let file = Arc::new(FaultyFile {
+        inner: FileStorage::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap(),
+        ),
+        failing: Mutex::new(Vec::new()),
+    });
+    let opts = qcow2::OpenOptions {
+        refcount_cache_bytes: Some(4 * 512),
+        ..Default::default()
+    };
+    {
+        let img = Qcow2::open_storage(file.clone(), &opts, path.parent()).unwrap();
+        // A new cluster: its refcount is an increment in a cached block only.
+        img.write_at(&[0x22; 512], 512 << 10).unwrap();
+        img.flush().unwrap();
+        // Every refcount block write fails now; freeing clusters all over the file makes the
+        // next flush load blocks, evicting the one with the increment.
+        *file.failing.lock().unwrap() = refcount_blocks(&path);
+        for k in 0..8u64 {
+            img.discard(k * 32 << 10, 512).unwrap();
+        }
+        assert!(
+            img.flush().is_err(),
+            "the refcount block writes were to fail"
+        );
+        file.failing.lock().unwrap().clear();
+        img.flush().unwrap();
+    }
+    let (code, out) = qemu_check(&path);
+    assert!(matches!(code, 0 | 3), "qemu-img check exit {code}:\n{out}");
+    qemu_io(&path, &["read -P 0x22 512k 512", "read -P 0x11 512 32256"]);
+}
