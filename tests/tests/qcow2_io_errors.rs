@@ -114,7 +114,7 @@ fn a_refcount_block_that_fails_to_leave_the_cache_keeps_its_updates() {
         // next flush load blocks, evicting the one with the increment.
         *file.failing.lock().unwrap() = refcount_blocks(&path);
         for k in 0..8u64 {
-            img.discard(k * 32 << 10, 512).unwrap();
+            img.discard((k * 32) << 10, 512).unwrap();
         }
         assert!(
             img.flush().is_err(),
