@@ -74,16 +74,13 @@ impl BlkBackend {
     /// frontend is gone).
     pub fn deactivate(&self) {
         self.active.store(false, Ordering::Release);
-        for q in 0..self.device.num_queues() {
-            if let Some(mut slot) = self.device.lock_slot(q) {
-                if let Some(ring) = slot.ring.as_mut() {
-                    ring.wait_all(&mut Vec::new());
-                    ring.unwatch_kick();
-                    ring.unpin_memory();
-                }
-                slot.vring = None;
+        self.device.drain_slots(|slot| {
+            if let Some(ring) = slot.ring.as_mut() {
+                ring.unwatch_kick();
+                ring.unpin_memory();
             }
-        }
+            slot.vring = None;
+        });
     }
 
     /// The config space as this connection sees it.

@@ -3,7 +3,7 @@
 
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
 use crate::config::BlkConfig;
@@ -148,6 +148,52 @@ impl Device {
             .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// Drains every queue's io_uring (completions dropped: no frontend will see them) and
+    /// hands its slot to `visit`, one slot at a time.
+    pub fn drain_slots(&self, visit: impl FnMut(&mut QueueSlot)) {
+        self.drain(visit, false);
+    }
+
+    /// Takes every slot, each drained as it is taken, and returns the guards, all held.
+    ///
+    /// Slots a worker holds are retried after the others rather than waited for: a worker can
+    /// be waiting, its slot locked, for a cluster that a write in another queue's ring holds
+    /// until that ring is reaped, and the workers of a connection going away reap nothing.
+    /// Only one caller may hold several slots at once (else two could each wait for the
+    /// other's): [`Self::drain_slots`] lets each go at once.
+    fn drain(
+        &self,
+        mut visit: impl FnMut(&mut QueueSlot),
+        keep: bool,
+    ) -> Vec<MutexGuard<'_, QueueSlot>> {
+        let mut done = vec![false; self.slots.len()];
+        let mut kept = Vec::new();
+        while done.contains(&false) {
+            for (slot, done) in self.slots.iter().zip(done.iter_mut()) {
+                if *done {
+                    continue;
+                }
+                let mut locked = match slot.try_lock() {
+                    Ok(g) => g,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(TryLockError::WouldBlock) => continue,
+                };
+                if let Some(ring) = locked.ring.as_mut() {
+                    ring.wait_all(&mut Vec::new());
+                }
+                visit(&mut locked);
+                *done = true;
+                if keep {
+                    kept.push(locked);
+                }
+            }
+            if done.contains(&false) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        kept
+    }
+
     /// The eventfd of queue `queue`'s io_uring, if it has one.
     pub fn ring_eventfd(&self, queue: usize) -> Option<RawFd> {
         self.lock_slot(queue)?.ring.as_ref().map(QueueRing::eventfd)
@@ -169,16 +215,10 @@ impl Device {
     /// Afterwards no worker touches the disk again; the process can exit.
     pub fn shutdown(&self) -> Result<()> {
         self.stopping.store(true, Ordering::Release);
-        // Taking every slot waits for batches in progress; later batches see `stopping`.
-        let mut guards: Vec<_> = (0..self.slots.len())
-            .filter_map(|q| self.lock_slot(q))
-            .collect();
-        for slot in &mut guards {
-            if let Some(ring) = slot.ring.as_mut() {
-                // The guest will not see these completions; the data reaches the file.
-                ring.wait_all(&mut Vec::new());
-            }
-        }
+        // Taking every slot waits for batches in progress; later batches see `stopping`. The
+        // guest will not see the completions of requests in the rings; their data reaches
+        // the file.
+        let guards = self.drain(|_| {}, true);
         let res = self.disk.close();
         drop(guards);
         res
