@@ -145,7 +145,9 @@ impl NetBackend {
             if out.more {
                 continue;
             }
-            if out.out_of_buffers && state.get_queue_mut().enable_notification(&*mem)? {
+            if out.out_of_buffers
+                && rx::enable_notification_past(state.get_queue_mut(), &*mem, out.avail_seen)?
+            {
                 // Buffers arrived while notifications were off.
                 continue;
             }

@@ -50,6 +50,9 @@ pub struct RxOutcome {
     pub packets: usize,
     /// The guest has not made enough buffers available (the TAP may still hold packets).
     pub out_of_buffers: bool,
+    /// With `out_of_buffers`: the available index up to which chains were looked at and
+    /// found too few for a packet (left available). Only buffers past it can change that.
+    pub avail_seen: u16,
     /// The batch limit was reached (more may be waiting).
     pub more: bool,
 }
@@ -174,10 +177,27 @@ fn gather<M: GuestMemory>(
         }
     }
     if slot.rx_sets.is_empty() {
+        out.avail_seen = queue.next_avail();
         queue.set_next_avail(start);
         return None;
     }
     Some(start)
+}
+
+/// Turns driver notifications back on for buffers made available past index `seen` (the
+/// chains before it were looked at and cannot hold a packet) and says whether some came
+/// already. With EVENT_IDX the driver is asked to notify once it passes `seen`; asking from
+/// the first chain not taken instead would report those same chains as new, again and again.
+pub fn enable_notification_past<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    seen: u16,
+) -> std::result::Result<bool, virtio_queue::Error> {
+    let next = queue.next_avail();
+    queue.set_next_avail(seen);
+    let more = queue.enable_notification(mem);
+    queue.set_next_avail(next);
+    more
 }
 
 fn push_set(slot: &mut PairSlot, from: usize, capacity: u64) {

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use vhost_net::datapath::{needs_notification_since, process_tx, BATCH};
 use vhost_net::device::{PairSlot, PairStats};
-use vhost_net::rx::{process_rx, RxOutcome, RxParams};
+use vhost_net::rx::{enable_notification_past, process_rx, RxOutcome, RxParams};
 use vhost_net::uring::PairRing;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
@@ -386,6 +386,18 @@ fn rx_waits_for_enough_buffers_with_mrg_rxbuf() {
         assert!(out.out_of_buffers, "{how}");
         assert_eq!(out.used, 0, "{how}");
         assert_eq!(ring.queue.next_avail(), 0, "nothing taken");
+        // Only buffers past the one seen can help: none yet (else the worker would spin).
+        assert_eq!(out.avail_seen, 1, "{how}");
+        ring.queue.set_event_idx(true);
+        let more = enable_notification_past(&mut ring.queue, &ring.mem, out.avail_seen);
+        assert!(!more.unwrap(), "{how}");
+        assert_eq!(ring.queue.next_avail(), 0, "{how}");
+        let avail_event: u16 = ring
+            .mem
+            .read_obj(GuestAddress(USED + 4 + 8 * u64::from(SIZE)))
+            .unwrap();
+        assert_eq!(avail_event, 1, "{how}: notify once past the buffer seen");
+        ring.queue.set_event_idx(false);
         // More buffers: now the packet goes into the first one.
         ring.add(&[(0x11_000, 2048, W)]);
         let out = ring.rx(&tap, params(true), &mut slot, &stats);
