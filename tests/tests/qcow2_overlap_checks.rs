@@ -112,3 +112,52 @@ fn metadata_write_onto_metadata_is_refused_and_marks_the_image_corrupt() {
     let info = qemu_img(&["info", path.to_str().unwrap()]);
     assert!(info.contains("corrupt: true"), "{info}");
 }
+
+/// An L2 entry whose host offset is not cluster-aligned (guest cluster 0 moved 512 bytes into
+/// the host cluster of guest cluster 1) is refused for reads, writes and discards: honouring
+/// it would read the wrong bytes, write into the neighbour, or free the neighbour's cluster.
+/// Guest cluster 1 keeps its data and its refcount.
+#[test]
+fn an_unaligned_l2_entry_is_refused_and_its_neighbour_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "unaligned.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
+    qemu_io(&path, &["write -P 0x11 0 64k", "write -P 0x22 64k 64k"]);
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut header = vec![0u8; 512];
+    file.read_exact_at(&mut header, 0).unwrap();
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, be64(&header, 40)).unwrap();
+    let l2 = u64::from_be_bytes(entry) & 0x00ff_ffff_ffff_fe00;
+    let mut entries = [0u8; 16];
+    file.read_exact_at(&mut entries, l2).unwrap();
+    let neighbour = be64(&entries, 8) & 0x00ff_ffff_ffff_fe00;
+    file.write_all_at(&((1u64 << 63) | (neighbour + 512)).to_be_bytes(), l2)
+        .unwrap();
+    {
+        let img = open(&path, false);
+        let mut buf = vec![0u8; 4096];
+        let err = img.read_at(&mut buf, 0).unwrap_err().to_string();
+        assert!(err.contains("not cluster-aligned"), "{err}");
+        assert!(img.write_at(&[0xee; 4096], 0).is_err(), "write");
+        assert!(img.discard(0, 64 << 10).is_err(), "discard");
+        assert!(img.write_zeroes(0, 64 << 10, true).is_err(), "write zeroes");
+        img.read_at(&mut buf, 64 << 10).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0x22),
+            "guest cluster 1 reads wrong"
+        );
+        img.flush().unwrap();
+    }
+    qemu_io(&path, &["read -P 0x22 64k 64k"]);
+    let check = cowbird_tests::run("qemu-img", &["check", path.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        !out.contains("refcount=0 reference=1"),
+        "the neighbour's cluster lost its reference:\n{out}"
+    );
+}

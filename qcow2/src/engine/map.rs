@@ -26,6 +26,10 @@ impl Qcow2 {
             Ok(entries) => entries,
             Err(load) => return MapOutcome::Load(load),
         };
+        if self.check_aligned(first, &entries).is_err() {
+            // The caller's own path reports the corruption.
+            return MapOutcome::Declined;
+        }
         let busy = if write {
             let Some(guard) = self.busy.try_acquire(first, count) else {
                 return MapOutcome::Declined;

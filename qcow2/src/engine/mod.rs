@@ -287,6 +287,7 @@ impl Qcow2 {
                 return Ok(unallocated(&m));
             }
             if let Some(entries) = decode(&m, m.l2_slice_key(table, l2i)) {
+                self.check_aligned(cluster, &entries)?;
                 return Ok(entries);
             }
         }
@@ -296,7 +297,31 @@ impl Qcow2 {
             return Ok(unallocated(&m));
         }
         let key = m.load_l2_slice(&*self.file, table, l2i)?;
-        Ok(decode(&m, key).expect("just loaded"))
+        let entries = decode(&m, key).expect("just loaded");
+        self.check_aligned(cluster, &entries)?;
+        Ok(entries)
+    }
+
+    /// Refuses entries that map guest clusters (from `first` on) to host offsets not aligned
+    /// to a cluster: the image is corrupt, and using such an entry would read, write or free
+    /// parts of two clusters. QEMU refuses them too.
+    pub(crate) fn check_aligned(&self, first: u64, entries: &[L2Entry]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        for (cluster, entry) in (first..).zip(entries) {
+            if let L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } = *entry
+            {
+                if host % cs != 0 {
+                    return Err(Error::Corrupt(format!(
+                        "the L2 entry of guest cluster {cluster} points at host offset \
+                         {host:#x}, which is not cluster-aligned"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Entries for guest clusters `[first, first + count)`, across slices and tables.
