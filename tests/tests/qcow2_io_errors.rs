@@ -127,3 +127,40 @@ fn a_refcount_block_that_fails_to_leave_the_cache_keeps_its_updates() {
     assert!(matches!(code, 0 | 3), "qemu-img check exit {code}:\n{out}");
     qemu_io(&path, &["read -P 0x22 512k 512", "read -P 0x11 512 32256"]);
 }
+
+/// Growing an image moves its L1 table; if the header write that switches to the new table
+/// fails, the file may point at either table, so the image takes no more writes (each would
+/// land in a table the file might not use). What was there before stays readable and
+/// consistent.
+#[test]
+fn a_failed_l1_table_switch_stops_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "grow.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
+    qemu_io(&path, &["write -P 0x33 0 64k"]);
+    let file = Arc::new(FaultyFile {
+        inner: FileStorage::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap(),
+        ),
+        failing: Mutex::new(Vec::new()),
+    });
+    {
+        let mut img =
+            Qcow2::open_storage(file.clone(), &Default::default(), path.parent()).unwrap();
+        *file.failing.lock().unwrap() = vec![0];
+        assert!(img.resize(4 << 30, qcow2::Preallocation::Off).is_err());
+        file.failing.lock().unwrap().clear();
+        let err = img.write_at(&[0x44; 4096], 128 << 10).unwrap_err();
+        assert!(err.to_string().contains("no more writes"), "{err}");
+        let mut back = vec![0u8; 4096];
+        img.read_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 0x33));
+    }
+    let (code, out) = qemu_check(&path);
+    assert!(matches!(code, 0 | 3), "qemu-img check exit {code}:\n{out}");
+    qemu_io(&path, &["read -P 0x33 0 64k"]);
+}

@@ -435,9 +435,13 @@ impl Meta {
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        file.write_at(&hdr, 48)
-            .map_err(io("updating refcount table pointer in the header".into()))?;
-        file.flush().map_err(io("flushing header".into()))?;
+        let switched = file
+            .write_at(&hdr, 48)
+            .map_err(io("updating refcount table pointer in the header".into()))
+            .and_then(|()| file.flush().map_err(io("flushing header".into())));
+        if let Err(e) = switched {
+            return Err(self.stop_writes_after_failed_switch("refcount table", e));
+        }
         let old_off = self.header.refcount_table_offset;
         let old_clusters = self.header.refcount_table_clusters as u64;
         self.header.refcount_table_offset = table_off;
@@ -544,8 +548,19 @@ impl Meta {
         Ok(())
     }
 
+    /// After a failed write or flush of a header that was to point at a new table: the file
+    /// may point at either table now, so any later metadata write could go to the one the
+    /// file does not use. Refuses all further writes (as after a corruption, but without
+    /// touching the file) and returns `e`.
+    pub fn stop_writes_after_failed_switch(&self, table: &str, e: Error) -> Error {
+        self.corrupt
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::error!("qcow2: moving the {table} failed half-way ({e}); no more writes");
+        e
+    }
+
     /// Sets or clears the dirty bit in the header (durably) if it is not already so.
-    fn set_dirty_bit(&mut self, file: &dyn Storage, dirty: bool) -> Result<()> {
+    pub fn set_dirty_bit(&mut self, file: &dyn Storage, dirty: bool) -> Result<()> {
         if self.header.is_dirty() == dirty {
             return Ok(());
         }

@@ -161,6 +161,11 @@ impl Qcow2 {
         let mut m = self.meta_mut();
         let new_off = m.alloc_contiguous(file, (entries * 8).div_ceil(cs))?;
         m.writeback(file, data)?;
+        if m.lazy_refcounts {
+            // The header will reference clusters whose refcounts are only cached: a crash
+            // must leave an image marked for a refcount rebuild.
+            m.set_dirty_bit(file, true)?;
+        }
         let mut table = m.l1.clone();
         table.resize(entries as usize, 0);
         let mut bytes = encode_u64_table(&table);
@@ -174,7 +179,9 @@ impl Qcow2 {
         m.header.l1_table_offset = new_off;
         m.header.l1_size = entries as u32;
         m.l1 = table;
-        m.write_header(&*self.file)?;
+        if let Err(e) = m.write_header(&*self.file) {
+            return Err(m.stop_writes_after_failed_switch("L1 table", e));
+        }
         if old_len > 0 {
             m.free_later(old_off, old_len);
         }
@@ -194,6 +201,9 @@ impl Qcow2 {
             last -= 1;
         }
         if last * cs < len {
+            // The refcount table must stop pointing past the new end before the end moves.
+            file.flush()
+                .map_err(|e| Error::io("flushing before truncating the image file", e))?;
             file.set_len(last * cs)
                 .map_err(|e| Error::io("truncating the image file", e))?;
         }
