@@ -150,6 +150,10 @@ impl BlkBackend {
         let limits = self.device.limits();
         let writethrough = !self.writeback.load(Ordering::Relaxed);
         let mut state = vring.get_mut();
+        if !state.is_enabled() {
+            // A disabled ring's chains wait (a completion event can bring us here).
+            return Ok(());
+        }
         let chains: Vec<_> = state.get_queue_mut().iter(mem.clone())?.collect();
         if chains.is_empty() {
             return Ok(());
