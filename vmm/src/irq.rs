@@ -48,12 +48,17 @@ impl IrqRouter {
         }
     }
 
-    /// Reserves `count` consecutive GSIs for MSI vectors; returns the first.
-    pub fn allocate(&self, count: u32) -> u32 {
+    /// Reserves `count` consecutive GSIs for MSI vectors; returns the first, or `None` when
+    /// KVM's routing table could not hold them all at once (see [`MAX_MSI_VECTORS`]).
+    pub fn allocate(&self, count: u32) -> Option<u32> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let first = state.next_gsi;
-        state.next_gsi += count;
-        first
+        let end = first.checked_add(count)?;
+        if end - u32::from(IOAPIC_PINS) > MAX_MSI_VECTORS {
+            return None;
+        }
+        state.next_gsi = end;
+        Some(first)
     }
 
     /// Routes `gsi` to `message`, or removes its route (`None`: masked or unprogrammed), and
@@ -64,17 +69,24 @@ impl IrqRouter {
         message: Option<MsiMessage>,
     ) -> Result<(), kvm_ioctls::Error> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut routes = state.msi_routes.clone();
         let changed = match message {
-            Some(m) => state.msi_routes.insert(gsi, m) != Some(m),
-            None => state.msi_routes.remove(&gsi).is_some(),
+            Some(m) => routes.insert(gsi, m) != Some(m),
+            None => routes.remove(&gsi).is_some(),
         };
         if !changed {
             return Ok(());
         }
-        let table = routing_table(&state.msi_routes);
-        self.vm.set_gsi_routing(&table)
+        // Kept only once KVM took it: a table KVM refused must not spoil later updates.
+        self.vm.set_gsi_routing(&routing_table(&routes))?;
+        state.msi_routes = routes;
+        Ok(())
     }
 }
+
+/// Most MSI vectors all devices together may have: KVM's routing table holds 4096 entries
+/// (KVM_MAX_IRQ_ROUTES), of which the PIC and IOAPIC pins take 40, and GSIs stay below 4096.
+pub const MAX_MSI_VECTORS: u32 = 4096 - 40;
 
 /// KVM's default irqchip routes followed by the MSI routes.
 fn routing_table(msi_routes: &BTreeMap<u32, MsiMessage>) -> KvmIrqRouting {
@@ -105,7 +117,7 @@ fn routing_table(msi_routes: &BTreeMap<u32, MsiMessage>) -> KvmIrqRouting {
     for entry in entries {
         table
             .push(entry)
-            .expect("24 irqchip routes plus one per MSI vector stay under KVM_MAX_IRQ_ROUTES");
+            .expect("40 irqchip routes plus MAX_MSI_VECTORS fit in KVM_MAX_IRQ_ROUTES");
     }
     table
 }
@@ -124,6 +136,40 @@ fn irqchip_entry(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MESSAGE: MsiMessage = MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x41,
+    };
+
+    fn router() -> IrqRouter {
+        let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("create a VM");
+        vm.create_irq_chip().expect("create the irqchip");
+        IrqRouter::new(Arc::new(vm))
+    }
+
+    #[test]
+    fn gsis_stop_where_kvm_routing_ends() {
+        let r = router();
+        assert_eq!(r.allocate(MAX_MSI_VECTORS - 8), Some(24));
+        assert_eq!(r.allocate(9), None);
+        assert_eq!(r.allocate(8), Some(24 + MAX_MSI_VECTORS - 8));
+        assert_eq!(r.allocate(1), None);
+        // Every vector routed at once: KVM takes the table.
+        let routes = (24..24 + MAX_MSI_VECTORS)
+            .map(|gsi| (gsi, MESSAGE))
+            .collect();
+        r.vm.set_gsi_routing(&routing_table(&routes)).unwrap();
+    }
+
+    #[test]
+    fn a_route_kvm_refuses_does_not_spoil_later_ones() {
+        let r = router();
+        assert!(r.set_msi_route(5000, Some(MESSAGE)).is_err());
+        r.set_msi_route(24, Some(MESSAGE)).unwrap();
+        r.set_msi_route(24, None).unwrap();
+    }
 
     #[test]
     fn table_keeps_the_legacy_routes_and_adds_msi() {

@@ -156,7 +156,16 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
-                let event = self.run(&platform, &thread_control);
+                // A panic on this thread must still end the VM: the main thread waits for an
+                // event, and a vCPU that is gone would leave the guest hung.
+                let event = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.run(&platform, &thread_control)
+                }))
+                .unwrap_or_else(|panic| VmEvent::VcpuError {
+                    cpu: self.id,
+                    reason: format!("the vCPU thread panicked: {}", panic_message(&*panic)),
+                    registers: self.dump_registers(),
+                });
                 let _ = events.send(event);
             })?;
         Ok(VcpuHandle {
@@ -377,5 +386,30 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u3
     let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
     for (i, b) in value.to_le_bytes().iter().enumerate() {
         regs[offset + i] = *b as std::os::raw::c_char;
+    }
+}
+
+/// The text of a panic payload (`panic!` with a message gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_reach_the_report() {
+        let quiet = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let literal = std::panic::catch_unwind(|| panic!("a literal")).unwrap_err();
+        let formatted = std::panic::catch_unwind(|| panic!("formatted {}", 7)).unwrap_err();
+        std::panic::set_hook(quiet);
+        assert_eq!(panic_message(&*literal), "a literal");
+        assert_eq!(panic_message(&*formatted), "formatted 7");
     }
 }

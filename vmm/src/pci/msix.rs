@@ -40,7 +40,13 @@ impl Msix {
         router: Arc<IrqRouter>,
         vm: &kvm_ioctls::VmFd,
     ) -> std::io::Result<Self> {
-        let first_gsi = router.allocate(u32::from(vectors));
+        let first_gsi = router.allocate(u32::from(vectors)).ok_or_else(|| {
+            std::io::Error::other(format!(
+                "{vectors} more MSI-X vectors do not fit in KVM's interrupt routing table \
+                 (at most {} for all devices; use fewer queues or devices)",
+                crate::irq::MAX_MSI_VECTORS
+            ))
+        })?;
         let mut irqfds = Vec::with_capacity(usize::from(vectors));
         for v in 0..u32::from(vectors) {
             let fd = EventFd::new(libc::EFD_NONBLOCK)?;

@@ -107,6 +107,15 @@ impl Queue {
     }
 }
 
+/// The device status after the driver writes `written` (not 0, which resets) over `current`,
+/// and whether the write starts the device. Only a reset clears bits (a driver must not);
+/// DRIVER_OK in particular stays, so that the reset stops the backend the device started.
+fn next_status(current: u8, written: u8) -> (u8, bool) {
+    let status = written | (current & STATUS_DRIVER_OK);
+    let starting = status & STATUS_DRIVER_OK != 0 && current & STATUS_DRIVER_OK == 0;
+    (status, starting)
+}
+
 /// A virtio-pci function backed by a vhost-user connection.
 pub struct VirtioPciDevice {
     config: PciConfig,
@@ -301,7 +310,7 @@ impl VirtioPciDevice {
             self.reset();
             return;
         }
-        let starting = status & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        let (status, starting) = next_status(self.status, status);
         self.status = status;
         if starting {
             if let Err(e) = self.activate() {
@@ -477,4 +486,21 @@ fn virtio_capability(cfg_type: u8, offset: u64, length: u64, multiplier: Option<
         body.extend_from_slice(&m.to_le_bytes());
     }
     body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_reset_clears_driver_ok() {
+        // ACKNOWLEDGE | DRIVER | FEATURES_OK, then DRIVER_OK: the device starts once.
+        assert_eq!(next_status(0x0b, 0x0f), (0x0f, true));
+        // The driver clears DRIVER_OK: it stays (a later reset must stop the backend), and
+        // setting it again does not start the device a second time.
+        assert_eq!(next_status(0x0f, 0x0b), (0x0f, false));
+        assert_eq!(next_status(0x0f, 0x0f), (0x0f, false));
+        // Other bits as written.
+        assert_eq!(next_status(0x0f, 0x8f), (0x8f, false));
+    }
 }
