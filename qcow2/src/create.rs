@@ -276,7 +276,12 @@ impl Qcow2 {
         let clusters = self.size().div_ceil(cs);
         let per_l2 = cs / 8;
         let mut c = from / cs;
-        if c < clusters && self.l2_entry(c)? != crate::format::tables::L2Entry::Unallocated {
+        // The cluster holding `from` is left alone when it is allocated, or when it is partial
+        // and may show the backing file: before `from` it holds guest data.
+        let partial = from % cs != 0 && self.has_backing_file();
+        if c < clusters
+            && (partial || self.l2_entry(c)? != crate::format::tables::L2Entry::Unallocated)
+        {
             c += 1;
         }
         while c < clusters {

@@ -591,6 +591,108 @@ fn resize_matches_and_keeps_images_consistent() {
     assert_eq!(std::fs::read(p.join("q.qcow2")).unwrap(), before);
 }
 
+/// Growing an image whose backing file is longer than it: the new range reads as zeros, not
+/// as the backing file's data (QEMU zeroes it), also when the growth comes from `commit`
+/// into a shorter backing file, and when preallocating (the old end's partial cluster keeps
+/// what the backing file shows there).
+#[test]
+fn growing_over_a_longer_backing_file_reads_zeros() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "1M", &["write -P 0x11 0 1M"]);
+    qemu(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "over.qcow2",
+            "500k",
+        ],
+    );
+    qemu_io(p, "over.qcow2", &["write -P 0x22 0 64k"]);
+    for (opts, identical) in [(&[][..], true), (&["--preallocation=metadata"][..], false)] {
+        let mut a = vec!["resize"];
+        a.extend(opts);
+        a.extend(["X", "3M"]);
+        let (ours, theirs) = same_on_copies(p, "over.qcow2", &a);
+        assert_eq!(qemu(p, &["compare", &ours, &theirs]).0, 0, "{a:?}");
+        qemu_io(
+            p,
+            &ours,
+            &[
+                "read -P 0x22 0 64k",
+                "read -P 0x11 64k 436k",
+                "read -P 0 500k 2572k",
+            ],
+        );
+        assert_eq!(qemu(p, &["check", &ours]).0, 0, "{a:?}");
+        if identical {
+            assert_eq!(
+                qemu(p, &["map", "--output=json", &ours]),
+                qemu(p, &["map", "--output=json", &theirs]),
+                "{a:?}"
+            );
+        }
+    }
+    // A backing file that ends inside the old end's cluster: preallocating that cluster
+    // would wipe what the backing file shows before the old end.
+    qcow2_image(p, &[], "short.qcow2", "480k", &["write -P 0x11 0 480k"]);
+    qemu(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "short.qcow2",
+            "-F",
+            "qcow2",
+            "over2.qcow2",
+            "500k",
+        ],
+    );
+    let a = ["resize", "--preallocation=metadata", "X", "3M"];
+    let (ours, theirs) = same_on_copies(p, "over2.qcow2", &a);
+    assert_eq!(qemu(p, &["compare", &ours, &theirs]).0, 0);
+    qemu_io(p, &ours, &["read -P 0x11 0 480k", "read -P 0 480k 2592k"]);
+    // commit -d into the shorter image in the middle of base <- over <- top.
+    qemu(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "over.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "3M",
+        ],
+    );
+    qemu_io(p, "top.qcow2", &["write -P 0x44 2M 100k"]);
+    qimg(p, &["commit", "-d", "top.qcow2"]);
+    qemu_io(
+        p,
+        "top.qcow2",
+        &[
+            "read -P 0x22 0 64k",
+            "read -P 0x11 64k 436k",
+            "read -P 0 500k 1548k",
+            "read -P 0x44 2M 100k",
+        ],
+    );
+    assert_eq!(qemu(p, &["check", "over.qcow2"]).0, 0);
+}
+
 #[test]
 fn unknown_subcommands_and_options_fail_with_exit_1() {
     let d = tempfile::tempdir().unwrap();

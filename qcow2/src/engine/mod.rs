@@ -223,6 +223,11 @@ impl Qcow2 {
         self.data_file.as_ref().unwrap_or(&self.file)
     }
 
+    /// Whether a backing file is open under the image.
+    pub fn has_backing_file(&self) -> bool {
+        self.backing.is_some()
+    }
+
     /// Whether guest data lives in an external data file.
     pub fn has_data_file(&self) -> bool {
         self.data_file.is_some()

@@ -12,6 +12,7 @@ use crate::storage::Storage;
 
 use super::meta::encode_u64_table;
 use super::overlap::Target;
+use super::write::ZeroMode;
 use super::Qcow2;
 
 impl Qcow2 {
@@ -46,6 +47,12 @@ impl Qcow2 {
             m.write_header(&*self.file)?;
         }
         self.size = new_size;
+        let backing_len = self.backing.as_ref().map_or(0, |b| b.size());
+        if new_size > old && backing_len > old {
+            // As in QEMU: what the backing file holds past the old end must not show through
+            // the grown disk, which reads as zeros there.
+            self.zero_or_discard(old, new_size - old, ZeroMode::Zero { unmap: true })?;
+        }
         if new_size > old && prealloc != Preallocation::Off {
             self.preallocate_from(prealloc, old)?;
         }

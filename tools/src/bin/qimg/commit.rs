@@ -67,8 +67,10 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
             }
         }
         Format::Qcow2 => {
+            // With its backing file: growing must hide what that holds past the old end.
+            let dir = std::path::Path::new(name).parent();
             let mut q =
-                Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), None)
+                Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), dir)
                     .map_err(|e| crate::open_error(name, e))?;
             if qcow2::Image::size(&q) < size {
                 q.resize(size, Preallocation::Off)?;
