@@ -1115,6 +1115,62 @@ fn convert_with_a_backing_file_copies_only_the_top_layer() {
         ],
     );
     assert_eq!(code, 1);
+    // A target backing file that differs from the source's chain: where the source reads
+    // zeros (no backing file of its own, or past its end), zeros go into the target, except
+    // past the end of the target's backing file; -S 0 writes them as data. Several sources
+    // with -B are refused. Same contents and layout as qemu-img's.
+    qcow2_image(p, &[], "other.qcow2", "12M", &["write -P 4 0 12M"]);
+    qcow2_image(p, &[], "alone.qcow2", "10M", &["write -P 5 100k 100k"]);
+    qcow2_image(p, &[], "short.qcow2", "1M", &["write -P 6 0 1M"]);
+    qcow2_image(
+        p,
+        &["-b", "short.qcow2", "-F", "qcow2"],
+        "over.qcow2",
+        "16M",
+        &["write -P 7 3M 64k"],
+    );
+    for (src, extra) in [
+        ("alone.qcow2", &[][..]),
+        ("over.qcow2", &[][..]),
+        ("alone.qcow2", &["-S", "0"][..]),
+    ] {
+        let mut args = vec!["convert", "-O", "qcow2", "-B", "other.qcow2", "-F", "qcow2"];
+        args.extend(extra);
+        args.push(src);
+        for out in ["ours.qcow2", "theirs.qcow2"] {
+            let _ = std::fs::remove_file(p.join(out));
+        }
+        assert_eq!(qimg(p, &[&args[..], &["ours.qcow2"]].concat()).0, 0);
+        assert_eq!(qemu(p, &[&args[..], &["theirs.qcow2"]].concat()).0, 0);
+        // (Where the source's own backing file shows, the target's shows instead.)
+        assert_eq!(
+            qemu(p, &["compare", "ours.qcow2", "theirs.qcow2"]).0,
+            0,
+            "{args:?}"
+        );
+        if src == "alone.qcow2" {
+            assert_eq!(qemu(p, &["compare", src, "ours.qcow2"]).0, 0, "{args:?}");
+        }
+        assert_eq!(qemu(p, &["check", "ours.qcow2"]).0, 0, "{args:?}");
+        assert_eq!(
+            qemu(p, &["map", "--output=json", "ours.qcow2"]),
+            qemu(p, &["map", "--output=json", "theirs.qcow2"]),
+            "{args:?}"
+        );
+    }
+    let args = [
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "top.qcow2",
+        "y.qcow2",
+    ];
+    same(p, &args);
 }
 
 #[test]

@@ -280,8 +280,9 @@ struct Policy {
     sparse: u64,
     /// The target reads as zeros already: zero ranges need no write.
     fresh: bool,
-    /// The target has a backing file: copy only what the sources' top layers allocate.
-    target_backing: bool,
+    /// The size of the target's backing file, if it has one (`-B`): what the sources' top
+    /// layers leave unallocated is left to it, and zeros past its end need no write.
+    target_backing: Option<u64>,
     compress: bool,
     /// Reserve host clusters in guest order (uncompressed writes into a new qcow2 image).
     reserve: bool,
@@ -352,17 +353,11 @@ impl Sources {
             return Ok((kind, len));
         }
         let len = len.min(s.img.size() - at);
+        if let Some(backing_end) = p.target_backing {
+            return target_backing_kind(&*s.img, off, at, len, backing_end, p.sparse);
+        }
         if p.sparse == 0 {
             return Ok((Kind::Data, len));
-        }
-        if p.target_backing {
-            let st = s.img.block_status(at, len)?;
-            let kind = match (st.allocated, st.zero && !st.data) {
-                (false, _) => Kind::Skip,
-                (true, true) => Kind::Zero,
-                (true, false) => Kind::Data,
-            };
-            return Ok((kind, st.len));
         }
         let (zero, run) = chain_zero(&*s.img, at, len)?;
         Ok((if zero { Kind::Zero } else { Kind::Data }, run))
@@ -393,6 +388,43 @@ impl Sources {
         }
         Ok(buf)
     }
+}
+
+/// Kind of the run at source offset `at` (guest offset `off`, at most `len` bytes) of `img`
+/// when the target has a backing file of `backing_end` bytes, and its length (QEMU's rules):
+/// what the source's top layer leaves to its own backing file is left to the target's; what
+/// it leaves unallocated with no backing file under it reads as zeros, which the target needs
+/// written only where its backing file reaches. With `-S 0` (`sparse` 0) zeros are data.
+fn target_backing_kind(
+    img: &dyn Image,
+    off: u64,
+    at: u64,
+    len: u64,
+    backing_end: u64,
+    sparse: u64,
+) -> qcow2::Result<(Kind, u64)> {
+    let st = img.block_status(at, len)?;
+    let (kind, mut run) = match (st.allocated, img.backing()) {
+        (true, _) if st.zero && !st.data => (Kind::Zero, st.len),
+        (true, _) => (Kind::Data, st.len),
+        // As in QEMU, a run is judged by its start: one that starts inside the source's
+        // backing file is left to the target's as a whole.
+        (false, Some(b)) if at < b.size() => (Kind::Skip, st.len),
+        (false, _) => (Kind::Zero, st.len),
+    };
+    let kind = match kind {
+        Kind::Zero if off >= backing_end => Kind::Skip,
+        Kind::Zero => {
+            run = run.min(backing_end - off);
+            if sparse == 0 {
+                Kind::Data
+            } else {
+                Kind::Zero
+            }
+        }
+        k => k,
+    };
+    Ok((kind, run))
 }
 
 /// Whether `[off, off + run)` of `img` (with its backing chain) reads as zeros, for the
@@ -615,6 +647,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if a.compress && out_fmt != Format::Qcow2 {
         bail!("Compression not supported for this file format");
     }
+    if a.backing.is_some() && sources.list.len() > 1 {
+        bail!(
+            "Having a backing file for the target makes no sense when concatenating multiple \
+             input images"
+        );
+    }
     if a.backing.is_some() && out_fmt != Format::Qcow2 {
         bail!(
             "Backing file not supported for file format '{}'",
@@ -699,7 +737,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         block,
         sparse,
         fresh,
-        target_backing,
+        target_backing: target_backing.then(|| target.image().backing().map_or(0, |b| b.size())),
         compress: a.compress,
         raw_storage,
         writing: WriteLock::default(),
