@@ -129,9 +129,15 @@ impl CreateOptions {
     }
 }
 
-/// Creates a qcow2 image at `path` (truncating any existing file).
+/// Creates a qcow2 image at `path` (truncating any existing file), its size rounded up to a
+/// multiple of 512 as QEMU does.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
+    // QEMU rounds the virtual size up to whole 512-byte sectors.
+    let opts = &CreateOptions {
+        size: opts.size.next_multiple_of(512),
+        ..opts.clone()
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     if let Some(df) = &opts.data_file {
         let df = resolve_relative(df, dir);

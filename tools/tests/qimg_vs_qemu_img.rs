@@ -153,6 +153,73 @@ fn create_prints_the_same_line_and_makes_an_equivalent_image() {
 }
 
 #[test]
+fn create_and_dd_round_sizes_up_to_512_bytes_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let cases: &[&[&str]] = &[
+        &["create", "-f", "qcow2", "X", "15000"],
+        &["create", "-f", "raw", "X", "15000"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "X",
+            "1025",
+        ],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let ours = format!("ours{i}.img");
+        let theirs = format!("theirs{i}.img");
+        let (c1, o1) = qimg(p, &with_name(case, &ours));
+        let (c2, o2) = qemu(p, &with_name(case, &theirs));
+        assert_eq!(
+            (c1, o1.replace(&ours, "X")),
+            (c2, o2.replace(&theirs, "X")),
+            "{case:?}"
+        );
+        assert_eq!(
+            info_sans_sizes(p, &ours, &ours),
+            info_sans_sizes(p, &theirs, &theirs),
+            "{case:?}"
+        );
+        if case.contains(&"raw") {
+            assert_eq!(size_of(p, &ours), size_of(p, &theirs), "{case:?}");
+        } else {
+            assert_eq!(qemu(p, &["check", &ours]).0, 0, "{case:?}");
+        }
+    }
+    // dd into a qcow2 image of 15000 bytes: the last partial sector is kept.
+    qcow2_image(p, &[], "src.qcow2", "1M", &["write -P 9 0 64k"]);
+    for x in ["ours", "theirs"] {
+        let args = [
+            "dd",
+            "-O",
+            "qcow2",
+            "if=src.qcow2",
+            &format!("of={x}.qcow2"),
+            "bs=3000",
+            "count=7",
+            "skip=2",
+        ];
+        let (code, _) = if x == "ours" {
+            qimg(p, &args)
+        } else {
+            qemu(p, &args)
+        };
+        assert_eq!(code, 0, "{x}");
+        assert_eq!(qemu(p, &["check", &format!("{x}.qcow2")]).0, 0, "{x}");
+        let (raw, qcow) = (format!("{x}.raw"), format!("{x}.qcow2"));
+        assert_eq!(qemu(p, &["convert", "-O", "raw", &qcow, &raw]).0, 0);
+    }
+    let ours = std::fs::read(p.join("ours.raw")).unwrap();
+    assert_eq!(ours, std::fs::read(p.join("theirs.raw")).unwrap());
+    assert_eq!(ours.len(), 15360);
+    assert_eq!(ours[..15000], [9u8; 15000]);
+}
+
+#[test]
 fn check_and_info_match_on_qemu_written_images() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();

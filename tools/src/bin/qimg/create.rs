@@ -193,8 +193,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         Format::Qcow2 => {
             qcow2::create(path, &o).map_err(|e| anyhow::anyhow!("{}: {e}", a.filename))?
         }
+        // Like qemu-img: whole 512-byte sectors, the size printed above unrounded.
         Format::Raw => std::fs::File::create(path)
-            .and_then(|f| f.set_len(o.size))
+            .and_then(|f| f.set_len(o.size.next_multiple_of(512)))
             .with_context(|| format!("Could not create '{}'", a.filename))?,
     }
     Ok(0)
