@@ -190,6 +190,19 @@ fn create_and_dd_round_sizes_up_to_512_bytes_like_qemu_img() {
             assert_eq!(qemu(p, &["check", &ours]).0, 0, "{case:?}");
         }
     }
+    // The size taken from a raw backing file of 196616 bytes: whole sectors.
+    std::fs::write(p.join("odd.raw"), vec![5u8; 196616]).unwrap();
+    let case = ["create", "-f", "qcow2", "-b", "odd.raw", "-F", "raw", "X"];
+    let (c1, o1) = qimg(p, &with_name(&case, "ours-b.qcow2"));
+    let (c2, o2) = qemu(p, &with_name(&case, "theirs-b.qcow2"));
+    assert_eq!(
+        (c1, o1.replace("ours-b", "X")),
+        (c2, o2.replace("theirs-b", "X"))
+    );
+    assert_eq!(
+        info_sans_sizes(p, "ours-b.qcow2", "ours-b"),
+        info_sans_sizes(p, "theirs-b.qcow2", "theirs-b")
+    );
     // dd into a qcow2 image of 15000 bytes: the last partial sector is kept.
     qcow2_image(p, &[], "src.qcow2", "1M", &["write -P 9 0 64k"]);
     for x in ["ours", "theirs"] {

@@ -180,7 +180,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             o.backing_format.as_deref(),
             true,
         )?;
-        o.size = backing.size();
+        // QEMU sees a raw file as whole sectors.
+        o.size = match backing.format() {
+            Format::Raw => backing.size().next_multiple_of(512),
+            Format::Qcow2 => backing.size(),
+        };
     }
     if o.backing_file.is_some() && o.backing_format.is_none() {
         bail!("Backing file specified without backing format");
