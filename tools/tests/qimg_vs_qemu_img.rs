@@ -671,6 +671,38 @@ fn resize_matches_and_keeps_images_consistent() {
     assert_eq!(std::fs::read(p.join("q.qcow2")).unwrap(), before);
 }
 
+/// Runs `args` (with `X` for the image) on copies of `img` by both tools: same exit code and
+/// stdout, and both copies still byte for byte equal to `img` when `untouched`.
+fn same_on_copies_untouched(dir: &Path, img: &str, args: &[&str], untouched: bool) {
+    let before = std::fs::read(dir.join(img)).unwrap();
+    let (ours, theirs) = same_on_copies(dir, img, args);
+    if untouched {
+        assert!(
+            std::fs::read(dir.join(theirs)).unwrap() == before,
+            "{args:?}"
+        );
+        assert!(std::fs::read(dir.join(ours)).unwrap() == before, "{args:?}");
+    }
+}
+
+#[test]
+fn resize_refuses_what_qemu_img_refuses_and_leaves_the_image_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "q.qcow2", "1M", &["write -P 1 0 64k"]);
+    for (args, untouched) in [
+        (&["resize", "X", "20001"][..], true),
+        (&["resize", "X", "+1"], true),
+        (&["resize", "--shrink", "X", "20001"], true),
+        (&["resize", "--preallocation=full", "X", "2000001"], true),
+        (&["resize", "X", "2M"], false),
+    ] {
+        same_on_copies_untouched(p, "q.qcow2", args, untouched);
+    }
+    assert!(qimg_stderr(p, &["resize", "q.qcow2", "+1"])
+        .contains("The new size must be a multiple of 512"));
+}
+
 #[test]
 fn unknown_subcommands_and_options_fail_with_exit_1() {
     let d = tempfile::tempdir().unwrap();

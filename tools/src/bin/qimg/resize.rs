@@ -129,6 +129,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if total < current && prealloc != Preallocation::Off {
         bail!("Preallocation can only be used for growing images");
     }
+    if qcow.is_some() && total % 512 != 0 {
+        bail!("The new size must be a multiple of 512");
+    }
     match qcow.as_mut() {
         Some(q) => q
             .resize(total, prealloc)
