@@ -699,6 +699,20 @@ fn resize_refuses_what_qemu_img_refuses_and_leaves_the_image_alone() {
     ] {
         same_on_copies_untouched(p, "q.qcow2", args, untouched);
     }
+    std::fs::write(p.join("r.raw"), vec![3u8; 1 << 20]).unwrap();
+    for (args, untouched) in [
+        (
+            &["resize", "--preallocation=metadata", "-f", "raw", "X", "2M"][..],
+            true,
+        ),
+        (
+            &["resize", "--preallocation=falloc", "-f", "raw", "X", "2M"],
+            false,
+        ),
+        (&["resize", "-f", "raw", "X", "2000001"], false),
+    ] {
+        same_on_copies_untouched(p, "r.raw", args, untouched);
+    }
     assert!(qimg_stderr(p, &["resize", "q.qcow2", "+1"])
         .contains("The new size must be a multiple of 512"));
 }
