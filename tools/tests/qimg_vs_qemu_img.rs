@@ -897,6 +897,34 @@ fn commit_matches_and_empties_the_image() {
 }
 
 #[test]
+fn commit_and_rebase_refuse_bad_options_and_leave_the_chain_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    make_chain(p, "");
+    qcow2_image(p, &[], "new.qcow2", "6M", &["write -P 7 0 1M"]);
+    let files = ["base.qcow2", "mid.qcow2", "top.qcow2", "new.qcow2"];
+    let read = || files.map(|f| std::fs::read(p.join(f)).unwrap());
+    let before = read();
+    for args in [
+        &["commit", "-t", "bogus", "top.qcow2"][..],
+        &["commit", "-r", "xyz", "top.qcow2"],
+        &["commit", "-r", "-5", "top.qcow2"],
+        &["commit", "-r", "10E", "top.qcow2"],
+        &["commit", "-r", "xyz", "-t", "bogus", "top.qcow2"],
+    ] {
+        same(p, args);
+        assert!(read() == before, "{args:?} changed the chain");
+    }
+    let err = qimg_stderr(p, &["commit", "-t", "bogus", "top.qcow2"]);
+    assert!(err.contains("Invalid cache option: bogus"), "{err}");
+    let err = qimg_stderr(p, &["commit", "-r", "xyz", "top.qcow2"]);
+    assert!(
+        err.contains("Invalid rate limit specified: 'xyz'."),
+        "{err}"
+    );
+}
+
+#[test]
 fn dd_matches() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
