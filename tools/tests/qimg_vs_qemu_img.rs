@@ -915,6 +915,53 @@ fn commit_and_rebase_refuse_bad_options_and_leave_the_chain_alone() {
         same(p, args);
         assert!(read() == before, "{args:?} changed the chain");
     }
+    for args in [
+        &[
+            "rebase",
+            "-t",
+            "bogus",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ][..],
+        &[
+            "rebase",
+            "-T",
+            "bogus",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &[
+            "rebase",
+            "-u",
+            "-t",
+            "bogus",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &[
+            "rebase",
+            "-u",
+            "-T",
+            "bogus",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    ] {
+        same(p, args);
+        assert!(read() == before, "{args:?} changed the chain");
+    }
     let err = qimg_stderr(p, &["commit", "-t", "bogus", "top.qcow2"]);
     assert!(err.contains("Invalid cache option: bogus"), "{err}");
     let err = qimg_stderr(p, &["commit", "-r", "xyz", "top.qcow2"]);

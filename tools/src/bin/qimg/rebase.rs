@@ -35,10 +35,10 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Cache mode of the image (accepted; qimg always writes back at the end).
+    /// Cache mode of the image (checked; qimg always writes back at the end).
     #[arg(short = 't')]
     cache: Option<String>,
-    /// Cache mode of the backing files (accepted).
+    /// Cache mode of the backing files (checked).
     #[arg(short = 'T')]
     src_cache: Option<String>,
     /// The image.
@@ -136,10 +136,20 @@ fn copy_differences(
 
 /// Runs `qimg rebase`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = (&a.cache, &a.src_cache);
     let Some(backing) = a.backing.as_deref() else {
         bail!("Must specify backing file (-b) or use unsafe mode (-u)");
     };
+    // Refused before the image is opened, as qemu-img does.
+    if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
+        bail!("Invalid cache option: {c}");
+    }
+    if let Some(c) = a
+        .src_cache
+        .as_deref()
+        .filter(|c| !crate::valid_cache_mode(c))
+    {
+        bail!("Invalid source cache option: {c}");
+    }
     let backing = (!backing.is_empty()).then_some(backing);
     if let (Some(b), None) = (backing, &a.backing_format) {
         bail!("Could not change the backing file to '{b}': backing format must be specified");
