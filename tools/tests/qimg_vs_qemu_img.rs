@@ -962,6 +962,42 @@ fn commit_and_rebase_refuse_bad_options_and_leave_the_chain_alone() {
         same(p, args);
         assert!(read() == before, "{args:?} changed the chain");
     }
+    for args in [
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "vmdkx",
+            "top.qcow2",
+        ][..],
+        &["rebase", "-b", "new.qcow2", "-F", "vmdkx", "top.qcow2"],
+    ] {
+        same(p, args);
+        assert!(read() == before, "{args:?} changed the chain");
+    }
+    let err = qimg_stderr(
+        p,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "vmdkx",
+            "top.qcow2",
+        ],
+    );
+    assert!(err.contains("Invalid format name: 'vmdkx'"), "{err}");
+    // A format qemu-img knows is still written in unsafe mode, as qemu-img does.
+    for tool in [env!("CARGO_BIN_EXE_qimg"), "qemu-img"] {
+        let args = ["rebase", "-u", "-b", "new.qcow2", "-F", "vmdk", "top.qcow2"];
+        assert_eq!(run(p, tool, &args).0, 0, "{tool}");
+        let info = qemu(p, &["info", "top.qcow2"]).1;
+        assert!(info.contains("backing file format: vmdk"), "{tool}: {info}");
+        std::fs::write(p.join("top.qcow2"), &before[2]).unwrap();
+    }
     let err = qimg_stderr(p, &["commit", "-t", "bogus", "top.qcow2"]);
     assert!(err.contains("Invalid cache option: bogus"), "{err}");
     let err = qimg_stderr(p, &["commit", "-r", "xyz", "top.qcow2"]);

@@ -45,6 +45,53 @@ pub struct Args {
     filename: String,
 }
 
+/// The format names qemu-img 10 knows (`qemu-img --help`): `-F` takes any of them, even in
+/// unsafe mode, where qimg only writes the name into the header.
+const QEMU_FORMATS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
 /// Largest run handled at once (qemu-img's IO_BUF_SIZE).
 const CHUNK: u64 = 2 << 20;
 
@@ -172,6 +219,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));
     let img = Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), dir)
         .map_err(|e| crate::open_error(&a.filename, e))?;
+    // In every mode, so an unknown name never reaches the header.
+    if let Some(f) = a.backing_format.as_deref() {
+        if !QEMU_FORMATS.contains(&f) {
+            bail!("Invalid format name: '{f}'");
+        }
+    }
     if !a.unsafe_mode {
         let new = match backing {
             Some(b) => Some(crate::open(
