@@ -233,6 +233,110 @@ fn create_and_dd_round_sizes_up_to_512_bytes_like_qemu_img() {
 }
 
 #[test]
+fn create_opens_the_backing_file_unless_u_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &["write -P 1 0 64k"]);
+    std::fs::write(p.join("r.raw"), vec![0u8; 1 << 20]).unwrap();
+    let a = std::fs::read(p.join("a.qcow2")).unwrap();
+    for args in [
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "/nonexist.qcow2",
+            "-F",
+            "qcow2",
+            "b.qcow2",
+            "1G",
+        ][..],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "nonexist.qcow2",
+            "b.qcow2",
+            "1G",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "r.raw", "-F", "qcow2", "b.qcow2", "1G",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2", "1M",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2",
+        ],
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2", "1M",
+        ],
+    ] {
+        same(p, args);
+        assert!(!p.join("b.qcow2").exists(), "{args:?}");
+        assert!(std::fs::read(p.join("a.qcow2")).unwrap() == a, "{args:?}");
+    }
+    let err = qimg_stderr(
+        p,
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2", "1M",
+        ],
+    );
+    assert!(
+        err.contains(
+            "a.qcow2: Error: Trying to create an image with the same filename as the backing file"
+        ),
+        "{err}"
+    );
+    let err = qimg_stderr(
+        p,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "/nonexist.qcow2",
+            "-F",
+            "qcow2",
+            "b.qcow2",
+            "1G",
+        ],
+    );
+    assert!(err.contains("Could not open backing image."), "{err}");
+    // -u does not open it; a backing file that opens is fine with a size given.
+    for args in [
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "/nonexist.qcow2",
+            "-F",
+            "qcow2",
+            "X",
+            "1G",
+        ][..],
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "raw", "X", "1G",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "X", "2M",
+        ],
+    ] {
+        let (c1, o1) = qimg(p, &with_name(args, "ours.qcow2"));
+        let (c2, o2) = qemu(p, &with_name(args, "theirs.qcow2"));
+        assert_eq!(
+            (c1, o1.replace("ours", "X")),
+            (c2, o2.replace("theirs", "X")),
+            "{args:?}"
+        );
+        assert_eq!(c1, 0, "{args:?}");
+    }
+}
+
+#[test]
 fn check_and_info_match_on_qemu_written_images() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
