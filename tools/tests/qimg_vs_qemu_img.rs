@@ -337,6 +337,37 @@ fn create_opens_the_backing_file_unless_u_like_qemu_img() {
 }
 
 #[test]
+fn empty_qcow2_images_have_no_leaked_cluster() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "src.qcow2", "1M", &["write -P 9 0 64k"]);
+    for args in [
+        &["create", "-q", "-f", "qcow2", "X", "0"][..],
+        &["dd", "-O", "qcow2", "if=src.qcow2", "of=X", "count=0"],
+        &[
+            "dd",
+            "-O",
+            "qcow2",
+            "if=src.qcow2",
+            "of=X",
+            "bs=64k",
+            "skip=100",
+        ],
+    ] {
+        let (c1, o1) = qimg(p, &with_name(args, "ours.qcow2"));
+        let (c2, o2) = qemu(p, &with_name(args, "theirs.qcow2"));
+        assert_eq!((c1, o1), (c2, o2), "{args:?}");
+        same(p, &["check", "ours.qcow2"]);
+        assert_eq!(qemu(p, &["check", "ours.qcow2"]).0, 0, "{args:?}");
+        assert_eq!(
+            info_sans_sizes(p, "ours.qcow2", "ours"),
+            info_sans_sizes(p, "theirs.qcow2", "theirs"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
 fn check_and_info_match_on_qemu_written_images() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
