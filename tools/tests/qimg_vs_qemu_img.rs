@@ -368,6 +368,51 @@ fn empty_qcow2_images_have_no_leaked_cluster() {
 }
 
 #[test]
+fn convert_target_is_zero_requires_n() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "src.qcow2", "1M", &["write -P 9 0 64k"]);
+    for args in [
+        &[
+            "convert",
+            "--target-is-zero",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "out.qcow2",
+        ][..],
+        &[
+            "convert",
+            "--target-is-zero",
+            "-O",
+            "raw",
+            "src.qcow2",
+            "out.raw",
+        ],
+        &[
+            "convert",
+            "--target-is-zero",
+            "-t",
+            "bogus",
+            "src.qcow2",
+            "out.raw",
+        ],
+        &["convert", "--target-is-zero", "missing.qcow2", "out.raw"],
+    ] {
+        same(p, args);
+        assert!(
+            !p.join("out.qcow2").exists() && !p.join("out.raw").exists(),
+            "{args:?}"
+        );
+    }
+    let err = qimg_stderr(p, &["convert", "--target-is-zero", "src.qcow2", "out.raw"]);
+    assert!(
+        err.contains("--target-is-zero requires use of -n flag"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_and_info_match_on_qemu_written_images() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
