@@ -129,9 +129,15 @@ impl CreateOptions {
     }
 }
 
-/// Creates a qcow2 image at `path` (truncating any existing file).
+/// Creates a qcow2 image at `path` (truncating any existing file), its size rounded up to a
+/// multiple of 512 as QEMU does.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
+    // QEMU rounds the virtual size up to whole 512-byte sectors.
+    let opts = &CreateOptions {
+        size: opts.size.next_multiple_of(512),
+        ..opts.clone()
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     if let Some(df) = &opts.data_file {
         let df = resolve_relative(df, dir);
@@ -172,7 +178,8 @@ pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
             "Image size too large for this cluster size".into(),
         ));
     }
-    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    // An empty disk has no L1 table at all (as in QEMU); a cluster for it would leak.
+    let l1_clusters = (l1_size * 8).div_ceil(cs);
     let refcount_order = opts.refcount_bits.trailing_zeros();
     let per_block = cs * 8 / opts.refcount_bits as u64;
     // header, reftable, refblock, L1 — plus extra refblocks if the L1 is huge.

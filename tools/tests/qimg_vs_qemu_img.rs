@@ -153,6 +153,266 @@ fn create_prints_the_same_line_and_makes_an_equivalent_image() {
 }
 
 #[test]
+fn create_and_dd_round_sizes_up_to_512_bytes_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let cases: &[&[&str]] = &[
+        &["create", "-f", "qcow2", "X", "15000"],
+        &["create", "-f", "raw", "X", "15000"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "X",
+            "1025",
+        ],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let ours = format!("ours{i}.img");
+        let theirs = format!("theirs{i}.img");
+        let (c1, o1) = qimg(p, &with_name(case, &ours));
+        let (c2, o2) = qemu(p, &with_name(case, &theirs));
+        assert_eq!(
+            (c1, o1.replace(&ours, "X")),
+            (c2, o2.replace(&theirs, "X")),
+            "{case:?}"
+        );
+        assert_eq!(
+            info_sans_sizes(p, &ours, &ours),
+            info_sans_sizes(p, &theirs, &theirs),
+            "{case:?}"
+        );
+        if case.contains(&"raw") {
+            assert_eq!(size_of(p, &ours), size_of(p, &theirs), "{case:?}");
+        } else {
+            assert_eq!(qemu(p, &["check", &ours]).0, 0, "{case:?}");
+        }
+    }
+    // The size taken from a raw backing file of 196616 bytes: whole sectors.
+    std::fs::write(p.join("odd.raw"), vec![5u8; 196616]).unwrap();
+    let case = ["create", "-f", "qcow2", "-b", "odd.raw", "-F", "raw", "X"];
+    let (c1, o1) = qimg(p, &with_name(&case, "ours-b.qcow2"));
+    let (c2, o2) = qemu(p, &with_name(&case, "theirs-b.qcow2"));
+    assert_eq!(
+        (c1, o1.replace("ours-b", "X")),
+        (c2, o2.replace("theirs-b", "X"))
+    );
+    assert_eq!(
+        info_sans_sizes(p, "ours-b.qcow2", "ours-b"),
+        info_sans_sizes(p, "theirs-b.qcow2", "theirs-b")
+    );
+    // dd into a qcow2 image of 15000 bytes: the last partial sector is kept.
+    qcow2_image(p, &[], "src.qcow2", "1M", &["write -P 9 0 64k"]);
+    for x in ["ours", "theirs"] {
+        let args = [
+            "dd",
+            "-O",
+            "qcow2",
+            "if=src.qcow2",
+            &format!("of={x}.qcow2"),
+            "bs=3000",
+            "count=7",
+            "skip=2",
+        ];
+        let (code, _) = if x == "ours" {
+            qimg(p, &args)
+        } else {
+            qemu(p, &args)
+        };
+        assert_eq!(code, 0, "{x}");
+        assert_eq!(qemu(p, &["check", &format!("{x}.qcow2")]).0, 0, "{x}");
+        let (raw, qcow) = (format!("{x}.raw"), format!("{x}.qcow2"));
+        assert_eq!(qemu(p, &["convert", "-O", "raw", &qcow, &raw]).0, 0);
+    }
+    let ours = std::fs::read(p.join("ours.raw")).unwrap();
+    assert_eq!(ours, std::fs::read(p.join("theirs.raw")).unwrap());
+    assert_eq!(ours.len(), 15360);
+    assert_eq!(ours[..15000], [9u8; 15000]);
+}
+
+#[test]
+fn create_opens_the_backing_file_unless_u_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &["write -P 1 0 64k"]);
+    std::fs::write(p.join("r.raw"), vec![0u8; 1 << 20]).unwrap();
+    let a = std::fs::read(p.join("a.qcow2")).unwrap();
+    for args in [
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "/nonexist.qcow2",
+            "-F",
+            "qcow2",
+            "b.qcow2",
+            "1G",
+        ][..],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "nonexist.qcow2",
+            "b.qcow2",
+            "1G",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "r.raw", "-F", "qcow2", "b.qcow2", "1G",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2", "1M",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2",
+        ],
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2", "1M",
+        ],
+    ] {
+        same(p, args);
+        assert!(!p.join("b.qcow2").exists(), "{args:?}");
+        assert!(std::fs::read(p.join("a.qcow2")).unwrap() == a, "{args:?}");
+    }
+    let err = qimg_stderr(
+        p,
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2", "1M",
+        ],
+    );
+    assert!(
+        err.contains(
+            "a.qcow2: Error: Trying to create an image with the same filename as the backing file"
+        ),
+        "{err}"
+    );
+    let err = qimg_stderr(
+        p,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "/nonexist.qcow2",
+            "-F",
+            "qcow2",
+            "b.qcow2",
+            "1G",
+        ],
+    );
+    assert!(err.contains("Could not open backing image."), "{err}");
+    // -u does not open it; a backing file that opens is fine with a size given.
+    for args in [
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "/nonexist.qcow2",
+            "-F",
+            "qcow2",
+            "X",
+            "1G",
+        ][..],
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "raw", "X", "1G",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "X", "2M",
+        ],
+    ] {
+        let (c1, o1) = qimg(p, &with_name(args, "ours.qcow2"));
+        let (c2, o2) = qemu(p, &with_name(args, "theirs.qcow2"));
+        assert_eq!(
+            (c1, o1.replace("ours", "X")),
+            (c2, o2.replace("theirs", "X")),
+            "{args:?}"
+        );
+        assert_eq!(c1, 0, "{args:?}");
+    }
+}
+
+#[test]
+fn empty_qcow2_images_have_no_leaked_cluster() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "src.qcow2", "1M", &["write -P 9 0 64k"]);
+    for args in [
+        &["create", "-q", "-f", "qcow2", "X", "0"][..],
+        &["dd", "-O", "qcow2", "if=src.qcow2", "of=X", "count=0"],
+        &[
+            "dd",
+            "-O",
+            "qcow2",
+            "if=src.qcow2",
+            "of=X",
+            "bs=64k",
+            "skip=100",
+        ],
+    ] {
+        let (c1, o1) = qimg(p, &with_name(args, "ours.qcow2"));
+        let (c2, o2) = qemu(p, &with_name(args, "theirs.qcow2"));
+        assert_eq!((c1, o1), (c2, o2), "{args:?}");
+        same(p, &["check", "ours.qcow2"]);
+        assert_eq!(qemu(p, &["check", "ours.qcow2"]).0, 0, "{args:?}");
+        assert_eq!(
+            info_sans_sizes(p, "ours.qcow2", "ours"),
+            info_sans_sizes(p, "theirs.qcow2", "theirs"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn convert_target_is_zero_requires_n() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "src.qcow2", "1M", &["write -P 9 0 64k"]);
+    for args in [
+        &[
+            "convert",
+            "--target-is-zero",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "out.qcow2",
+        ][..],
+        &[
+            "convert",
+            "--target-is-zero",
+            "-O",
+            "raw",
+            "src.qcow2",
+            "out.raw",
+        ],
+        &[
+            "convert",
+            "--target-is-zero",
+            "-t",
+            "bogus",
+            "src.qcow2",
+            "out.raw",
+        ],
+        &["convert", "--target-is-zero", "missing.qcow2", "out.raw"],
+    ] {
+        same(p, args);
+        assert!(
+            !p.join("out.qcow2").exists() && !p.join("out.raw").exists(),
+            "{args:?}"
+        );
+    }
+    let err = qimg_stderr(p, &["convert", "--target-is-zero", "src.qcow2", "out.raw"]);
+    assert!(
+        err.contains("--target-is-zero requires use of -n flag"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_and_info_match_on_qemu_written_images() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
@@ -693,6 +953,52 @@ fn growing_over_a_longer_backing_file_reads_zeros() {
     assert_eq!(qemu(p, &["check", "over.qcow2"]).0, 0);
 }
 
+/// Runs `args` (with `X` for the image) on copies of `img` by both tools: same exit code and
+/// stdout, and both copies still byte for byte equal to `img` when `untouched`.
+fn same_on_copies_untouched(dir: &Path, img: &str, args: &[&str], untouched: bool) {
+    let before = std::fs::read(dir.join(img)).unwrap();
+    let (ours, theirs) = same_on_copies(dir, img, args);
+    if untouched {
+        assert!(
+            std::fs::read(dir.join(theirs)).unwrap() == before,
+            "{args:?}"
+        );
+        assert!(std::fs::read(dir.join(ours)).unwrap() == before, "{args:?}");
+    }
+}
+
+#[test]
+fn resize_refuses_what_qemu_img_refuses_and_leaves_the_image_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "q.qcow2", "1M", &["write -P 1 0 64k"]);
+    for (args, untouched) in [
+        (&["resize", "X", "20001"][..], true),
+        (&["resize", "X", "+1"], true),
+        (&["resize", "--shrink", "X", "20001"], true),
+        (&["resize", "--preallocation=full", "X", "2000001"], true),
+        (&["resize", "X", "2M"], false),
+    ] {
+        same_on_copies_untouched(p, "q.qcow2", args, untouched);
+    }
+    std::fs::write(p.join("r.raw"), vec![3u8; 1 << 20]).unwrap();
+    for (args, untouched) in [
+        (
+            &["resize", "--preallocation=metadata", "-f", "raw", "X", "2M"][..],
+            true,
+        ),
+        (
+            &["resize", "--preallocation=falloc", "-f", "raw", "X", "2M"],
+            false,
+        ),
+        (&["resize", "-f", "raw", "X", "2000001"], false),
+    ] {
+        same_on_copies_untouched(p, "r.raw", args, untouched);
+    }
+    assert!(qimg_stderr(p, &["resize", "q.qcow2", "+1"])
+        .contains("The new size must be a multiple of 512"));
+}
+
 #[test]
 fn unknown_subcommands_and_options_fail_with_exit_1() {
     let d = tempfile::tempdir().unwrap();
@@ -870,6 +1176,117 @@ fn commit_matches_and_empties_the_image() {
     );
     same_on_chains(p, &["commit", "-b", "missing.qcow2", "X-top.qcow2"]);
     same_on_chains(p, &["commit", "X-base.qcow2"]);
+}
+
+#[test]
+fn commit_and_rebase_refuse_bad_options_and_leave_the_chain_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    make_chain(p, "");
+    qcow2_image(p, &[], "new.qcow2", "6M", &["write -P 7 0 1M"]);
+    let files = ["base.qcow2", "mid.qcow2", "top.qcow2", "new.qcow2"];
+    let read = || files.map(|f| std::fs::read(p.join(f)).unwrap());
+    let before = read();
+    for args in [
+        &["commit", "-t", "bogus", "top.qcow2"][..],
+        &["commit", "-r", "xyz", "top.qcow2"],
+        &["commit", "-r", "-5", "top.qcow2"],
+        &["commit", "-r", "10E", "top.qcow2"],
+        &["commit", "-r", "xyz", "-t", "bogus", "top.qcow2"],
+    ] {
+        same(p, args);
+        assert!(read() == before, "{args:?} changed the chain");
+    }
+    for args in [
+        &[
+            "rebase",
+            "-t",
+            "bogus",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ][..],
+        &[
+            "rebase",
+            "-T",
+            "bogus",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &[
+            "rebase",
+            "-u",
+            "-t",
+            "bogus",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &[
+            "rebase",
+            "-u",
+            "-T",
+            "bogus",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    ] {
+        same(p, args);
+        assert!(read() == before, "{args:?} changed the chain");
+    }
+    for args in [
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "vmdkx",
+            "top.qcow2",
+        ][..],
+        &["rebase", "-b", "new.qcow2", "-F", "vmdkx", "top.qcow2"],
+    ] {
+        same(p, args);
+        assert!(read() == before, "{args:?} changed the chain");
+    }
+    let err = qimg_stderr(
+        p,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "vmdkx",
+            "top.qcow2",
+        ],
+    );
+    assert!(err.contains("Invalid format name: 'vmdkx'"), "{err}");
+    // A format qemu-img knows is still written in unsafe mode, as qemu-img does.
+    for tool in [env!("CARGO_BIN_EXE_qimg"), "qemu-img"] {
+        let args = ["rebase", "-u", "-b", "new.qcow2", "-F", "vmdk", "top.qcow2"];
+        assert_eq!(run(p, tool, &args).0, 0, "{tool}");
+        let info = qemu(p, &["info", "top.qcow2"]).1;
+        assert!(info.contains("backing file format: vmdk"), "{tool}: {info}");
+        std::fs::write(p.join("top.qcow2"), &before[2]).unwrap();
+    }
+    let err = qimg_stderr(p, &["commit", "-t", "bogus", "top.qcow2"]);
+    assert!(err.contains("Invalid cache option: bogus"), "{err}");
+    let err = qimg_stderr(p, &["commit", "-r", "xyz", "top.qcow2"]);
+    assert!(
+        err.contains("Invalid rate limit specified: 'xyz'."),
+        "{err}"
+    );
 }
 
 #[test]

@@ -481,8 +481,9 @@ mod tests {
     #[test]
     fn reserved_writes_lay_clusters_out_in_reservation_order() {
         let d = tempfile::tempdir().unwrap();
-        // 4 KiB clusters: one L2 table maps 512 clusters (2 MiB). The size ends mid-cluster.
-        let size = (3 << 20) + 1000;
+        // 4 KiB clusters: one L2 table maps 512 clusters (2 MiB). The size ends mid-cluster
+        // (at a sector boundary: qcow2::create rounds sizes up to 512 bytes).
+        let size = (3 << 20) + 1024;
         let (p, img) = create_open(d.path(), "r.qcow2", size, 4096);
         // Reserve 8 clusters at guest cluster 100, 8 at 508 (cut at the L2 end to 4), then
         // write them in reverse order: host offsets follow the reservations.
@@ -495,7 +496,7 @@ mod tests {
         // The disk's last, partial cluster; and an overwrite of an allocated cluster.
         let last = size / 4096;
         let (c, _) = img.reserve_clusters(last, 1).unwrap();
-        img.write_reserved(&[3u8; 1000], last * 4096, c).unwrap();
+        img.write_reserved(&[3u8; 1024], last * 4096, c).unwrap();
         let (e, _) = img.reserve_clusters(100, 1).unwrap();
         img.write_reserved(&[4u8; 4096], 100 * 4096, e).unwrap();
         // Misuse is refused.
@@ -513,9 +514,9 @@ mod tests {
         assert!(buf[4096..].iter().all(|&x| x == 1));
         img.read_at(&mut buf[..4 * 4096], 508 * 4096).unwrap();
         assert!(buf[..4 * 4096].iter().all(|&x| x == 2));
-        let mut tail = vec![9u8; 1000];
+        let mut tail = vec![9u8; 1024];
         img.read_at(&mut tail, last * 4096).unwrap();
-        assert_eq!(tail, vec![3u8; 1000]);
+        assert_eq!(tail, vec![3u8; 1024]);
         let r = check(&img).unwrap();
         assert!(r.is_clean() && r.leaks == 0, "{r:?}");
     }

@@ -28,10 +28,10 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Cache mode (accepted; qimg flushes at the end).
+    /// Cache mode (checked; qimg flushes at the end).
     #[arg(short = 't')]
     cache: Option<String>,
-    /// Rate limit (accepted; qimg does not throttle).
+    /// Rate limit (checked; qimg does not throttle).
     #[arg(short = 'r')]
     rate: Option<String>,
     /// The image.
@@ -82,7 +82,13 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
 
 /// Runs `qimg commit`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = (&a.cache, &a.rate);
+    // Refused before the image is opened, in qemu-img's order.
+    if let Some(r) = &a.rate {
+        crate::size::cvtnum("rate limit", r)?;
+    }
+    if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
+        bail!("Invalid cache option: {c}");
+    }
     let chain = Chain::open(&a.filename, a.format.as_deref(), None)?;
     if chain.len() < 2 {
         bail!("Image does not have a backing file");

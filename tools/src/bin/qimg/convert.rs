@@ -606,6 +606,10 @@ impl Turnstile {
 /// Runs `qimg convert`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = (a.out_of_order, a.force_share);
+    // Checked before anything else, as qemu-img does.
+    if a.target_is_zero && !a.no_create {
+        bail!("--target-is-zero requires use of -n flag");
+    }
     let interrupt = Interrupt::catch()?;
     let flushes = match a.cache.as_str() {
         "unsafe" => false,

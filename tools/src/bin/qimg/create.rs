@@ -164,13 +164,19 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     } else {
         o = qcow2_options(&pairs, o)?;
     }
-    if a.size.is_none() && !pairs.iter().any(|(k, _)| k == "size") {
-        let Some(b) = &o.backing_file else {
-            bail!("Image creation needs a size parameter");
-        };
-        if a.unsafe_backing {
-            bail!("Image creation needs a size parameter");
-        }
+    // qemu-img compares the names as given.
+    if o.backing_file.as_deref() == Some(a.filename.as_str()) {
+        bail!(
+            "{}: Error: Trying to create an image with the same filename as the backing file",
+            a.filename
+        );
+    }
+    let size_given = a.size.is_some() || pairs.iter().any(|(k, _)| k == "size");
+    if !size_given && (o.backing_file.is_none() || a.unsafe_backing) {
+        bail!("Image creation needs a size parameter");
+    }
+    // Without -u the backing file must open, with the size given or not.
+    if let Some(b) = o.backing_file.as_deref().filter(|_| !a.unsafe_backing) {
         let dir = std::path::Path::new(&a.filename)
             .parent()
             .unwrap_or(std::path::Path::new("."));
@@ -179,8 +185,15 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             path.to_str().unwrap_or(b),
             o.backing_format.as_deref(),
             true,
-        )?;
-        o.size = backing.size();
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}\nCould not open backing image.", a.filename))?;
+        if !size_given {
+            // QEMU sees a raw file as whole sectors.
+            o.size = match backing.format() {
+                Format::Raw => backing.size().next_multiple_of(512),
+                Format::Qcow2 => backing.size(),
+            };
+        }
     }
     if o.backing_file.is_some() && o.backing_format.is_none() {
         bail!("Backing file specified without backing format");
@@ -193,8 +206,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         Format::Qcow2 => {
             qcow2::create(path, &o).map_err(|e| anyhow::anyhow!("{}: {e}", a.filename))?
         }
+        // Like qemu-img: whole 512-byte sectors, the size printed above unrounded.
         Format::Raw => std::fs::File::create(path)
-            .and_then(|f| f.set_len(o.size))
+            .and_then(|f| f.set_len(o.size.next_multiple_of(512)))
             .with_context(|| format!("Could not create '{}'", a.filename))?,
     }
     Ok(0)

@@ -121,6 +121,11 @@ pub fn open_error(path: &str, e: qcow2::Error) -> anyhow::Error {
     }
 }
 
+/// Whether qemu-img knows the cache mode `c` (`-t`, `-T`).
+pub fn valid_cache_mode(c: &str) -> bool {
+    ["unsafe", "writeback", "writethrough", "none", "directsync"].contains(&c)
+}
+
 /// Parses a qemu-img format name.
 pub fn parse_format(name: &str) -> anyhow::Result<qcow2::Format> {
     qcow2::Format::from_name(name).ok_or_else(|| anyhow::anyhow!("Unknown file format '{name}'"))

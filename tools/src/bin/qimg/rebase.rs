@@ -35,15 +35,62 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Cache mode of the image (accepted; qimg always writes back at the end).
+    /// Cache mode of the image (checked; qimg always writes back at the end).
     #[arg(short = 't')]
     cache: Option<String>,
-    /// Cache mode of the backing files (accepted).
+    /// Cache mode of the backing files (checked).
     #[arg(short = 'T')]
     src_cache: Option<String>,
     /// The image.
     filename: String,
 }
+
+/// The format names qemu-img 10 knows (`qemu-img --help`): `-F` takes any of them, even in
+/// unsafe mode, where qimg only writes the name into the header.
+const QEMU_FORMATS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
 
 /// Largest run handled at once (qemu-img's IO_BUF_SIZE).
 const CHUNK: u64 = 2 << 20;
@@ -136,10 +183,20 @@ fn copy_differences(
 
 /// Runs `qimg rebase`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = (&a.cache, &a.src_cache);
     let Some(backing) = a.backing.as_deref() else {
         bail!("Must specify backing file (-b) or use unsafe mode (-u)");
     };
+    // Refused before the image is opened, as qemu-img does.
+    if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
+        bail!("Invalid cache option: {c}");
+    }
+    if let Some(c) = a
+        .src_cache
+        .as_deref()
+        .filter(|c| !crate::valid_cache_mode(c))
+    {
+        bail!("Invalid source cache option: {c}");
+    }
     let backing = (!backing.is_empty()).then_some(backing);
     if let (Some(b), None) = (backing, &a.backing_format) {
         bail!("Could not change the backing file to '{b}': backing format must be specified");
@@ -162,6 +219,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));
     let img = Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), dir)
         .map_err(|e| crate::open_error(&a.filename, e))?;
+    // In every mode, so an unknown name never reaches the header.
+    if let Some(f) = a.backing_format.as_deref() {
+        if !QEMU_FORMATS.contains(&f) {
+            bail!("Invalid format name: '{f}'");
+        }
+    }
     if !a.unsafe_mode {
         let new = match backing {
             Some(b) => Some(crate::open(

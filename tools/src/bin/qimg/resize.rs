@@ -52,11 +52,14 @@ fn resize_raw(
     new: u64,
     prealloc: Preallocation,
 ) -> anyhow::Result<()> {
+    // Refused before the file changes, as qemu-img does.
+    if new > old && prealloc == Preallocation::Metadata {
+        bail!("Unsupported preallocation mode: metadata");
+    }
     file.set_len(new)?;
     if new > old {
         match prealloc {
-            Preallocation::Off => {}
-            Preallocation::Metadata => bail!("Unsupported preallocation mode: metadata"),
+            Preallocation::Off | Preallocation::Metadata => {}
             Preallocation::Falloc => file.allocate(old, new - old)?,
             Preallocation::Full => {
                 let zeros = vec![0u8; 1 << 20];
@@ -128,6 +131,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     }
     if total < current && prealloc != Preallocation::Off {
         bail!("Preallocation can only be used for growing images");
+    }
+    if qcow.is_some() && total % 512 != 0 {
+        bail!("The new size must be a multiple of 512");
     }
     match qcow.as_mut() {
         Some(q) => q

@@ -35,6 +35,36 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     Ok(bytes as u64)
 }
 
+/// qemu-img's `cvtnum`: a size for the option called `name`, refused with qemu-img's wording
+/// (out of range for negative integers and sizes past `i64::MAX`).
+pub fn cvtnum(name: &str, v: &str) -> anyhow::Result<u64> {
+    let range = || {
+        anyhow::anyhow!(
+            "Invalid {name} specified. Must be between 0 and {}.",
+            i64::MAX
+        )
+    };
+    match parse_size(v) {
+        Ok(n) if n > i64::MAX as u64 => return Err(range()),
+        Ok(n) => return Ok(n),
+        Err(_) => {}
+    }
+    let negative = v
+        .strip_prefix('-')
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    let (num, unit) = match v.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&v[..i], parse_size(&format!("1{c}")).ok()),
+        _ => (v, Some(1)),
+    };
+    let too_big = unit
+        .zip(num.parse::<f64>().ok())
+        .is_some_and(|(u, n)| n >= 0.0 && n * u as f64 > i64::MAX as f64);
+    if negative || too_big {
+        return Err(range());
+    }
+    anyhow::bail!("Invalid {name} specified: '{v}'.")
+}
+
 /// QEMU's size_to_str: three significant digits and a binary unit ("64 MiB", "1.5 KiB").
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -75,6 +105,24 @@ fn g3(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cvtnum_refuses_like_qemu_img() {
+        assert_eq!(cvtnum("rate limit", "1.5k").unwrap(), 1536);
+        assert_eq!(cvtnum("rate limit", "7E").unwrap(), 7 << 60);
+        let range = "Invalid rate limit specified. Must be between 0 and 9223372036854775807.";
+        for v in ["-5", "8E", "10E"] {
+            assert_eq!(
+                cvtnum("rate limit", v).unwrap_err().to_string(),
+                range,
+                "{v}"
+            );
+        }
+        for v in ["xyz", "-5k", "1.5", ""] {
+            let e = cvtnum("rate limit", v).unwrap_err().to_string();
+            assert_eq!(e, format!("Invalid rate limit specified: '{v}'."));
+        }
+    }
 
     #[test]
     fn parses_and_prints_like_qemu_img() {
