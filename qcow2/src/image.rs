@@ -76,6 +76,9 @@ pub trait Image: Send + Sync {
     fn prepare_flush(&self) -> Result<Option<Vec<std::os::unix::io::RawFd>>> {
         Ok(None)
     }
+    /// Records that a sync of the files [`Image::prepare_flush`] returned failed: every later
+    /// flush fails as well (the kernel reports lost writes only once).
+    fn sync_failed(&self) {}
     /// Flushes and leaves the image as a clean close would (qcow2 with lazy refcounts: the
     /// refcounts written and the dirty bit cleared). Writes after it are still allowed.
     fn close(&self) -> Result<()> {

@@ -105,7 +105,14 @@ impl Image for RawImage {
     }
 
     fn prepare_flush(&self) -> Result<Option<Vec<std::os::unix::io::RawFd>>> {
+        self.storage
+            .check_sync()
+            .map_err(|e| Error::io("flushing the image", e))?;
         Ok(self.storage.raw_fd().map(|fd| vec![fd]))
+    }
+
+    fn sync_failed(&self) {
+        self.storage.mark_sync_failed();
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {

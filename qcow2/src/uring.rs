@@ -541,6 +541,11 @@ impl<T> IoRing<T> {
                         };
                         self.free.push(index);
                         self.syncing = false;
+                        if !s.ok {
+                            // Every later flush fails too: the next sync could succeed
+                            // without the data this one lost.
+                            self.image.sync_failed();
+                        }
                         out.extend(s.tags.into_iter().map(|tag| Completion { tag, ok: s.ok }));
                         let waiting = std::mem::take(&mut self.waiting_flushes);
                         if !waiting.is_empty() {

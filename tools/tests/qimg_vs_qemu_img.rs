@@ -831,12 +831,20 @@ fn resize_matches_and_keeps_images_consistent() {
         &["resize", "X", "--", "-1G"],
         &["resize", "--shrink", "--preallocation=full", "X", "1M"],
         &["resize", "--preallocation=bogus", "X", "+1M"],
+        &["resize", "--preallocation=metadata", "X", "+0"],
         &["resize", "-q", "X", "+1M"],
         &["resize", "X"],
     ] {
         same_on_copies(p, "q.qcow2", args);
     }
     same(p, &["resize", "missing.qcow2", "1G"]);
+    // A raw file of a partial sector: QEMU sees it in whole sectors.
+    std::fs::write(p.join("odd.raw"), [7u8; 1000]).unwrap();
+    let (ours, theirs) = same_on_copies(p, "odd.raw", &["resize", "-f", "raw", "X", "+0"]);
+    assert_eq!(
+        std::fs::read(p.join(ours)).unwrap(),
+        std::fs::read(p.join(theirs)).unwrap()
+    );
     // Snapshots survive a shrink: their data is intact in both.
     let (ours, theirs) = same_on_copies(p, "snap.qcow2", &["resize", "--shrink", "X", "1M"]);
     for img in [&ours, &theirs] {

@@ -660,3 +660,73 @@ fn a_flush_does_not_wait_for_requests_in_flight() {
     assert_eq!(r.used_elem(1), (u32::from(slow), 4097));
     assert_eq!(r.read::<[u8; 2]>(0x3000), [0, 0], "status bytes");
 }
+
+/// A raw image file whose io_uring descriptor is a pipe: the ring's fsync of it fails
+/// (EINVAL), standing in for a sync that hit an I/O error; everything else reaches the file.
+struct SyncFailsInTheRing {
+    inner: FileStorage,
+    pipe: std::os::fd::OwnedFd,
+}
+
+impl qcow2::Storage for SyncFailsInTheRing {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn raw_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        Some(self.pipe.as_raw_fd())
+    }
+    fn mark_sync_failed(&self) {
+        self.inner.mark_sync_failed()
+    }
+    fn check_sync(&self) -> std::io::Result<()> {
+        self.inner.check_sync()
+    }
+}
+
+/// A sync that fails in the ring fails its flush, and every later flush too, although a
+/// plain fdatasync of the file would now succeed: the kernel reports lost writes only once
+/// (fsyncgate), so a retry must not turn the failure into success.
+#[test]
+fn a_failed_sync_fails_that_flush_and_every_later_one() {
+    let f = tempfile::tempfile().unwrap();
+    f.set_len(1 << 20).unwrap();
+    let (pipe, _write_end) = pipe();
+    let storage = SyncFailsInTheRing {
+        inner: FileStorage::new(f),
+        pipe,
+    };
+    let img = RawImage::new(Arc::new(storage), false).unwrap();
+    let mut r = rig_on(Disk::new(Arc::new(img), Some("fsyncgate"), 4096).unwrap());
+    r.mem
+        .memory()
+        .write_slice(&[0x5a; 4096], GuestAddress(0x4000))
+        .unwrap();
+    r.header(0x2000, VIRTIO_BLK_T_OUT, 8);
+    r.push(&[(0x2000, 16, 0), (0x4000, 4096, 0), (0x3000, 1, W)]);
+    r.kick();
+    for (i, status) in [0x3001u64, 0x3002].into_iter().enumerate() {
+        r.header(0x2100 + 0x10 * i as u64, VIRTIO_BLK_T_FLUSH, 0);
+        r.push(&[(0x2100 + 0x10 * i as u64, 16, 0), (status, 1, W)]);
+        r.kick();
+    }
+    r.backend.stop_vring(0).unwrap();
+    assert_eq!(r.used_idx(), 3);
+    assert_eq!(r.read::<u8>(0x3000), VIRTIO_BLK_S_OK as u8, "the write");
+    assert_eq!(
+        r.read::<[u8; 2]>(0x3001),
+        [VIRTIO_BLK_S_IOERR as u8; 2],
+        "both flushes fail"
+    );
+}

@@ -438,11 +438,25 @@ impl Image for Qcow2 {
         }
         // What `flush_metadata` syncs at the end: the data file, then the image file.
         let files = self.data_file.iter().chain(std::iter::once(&self.file));
-        let Some(fds) = files.map(|f| f.raw_fd()).collect::<Option<Vec<_>>>() else {
+        let Some(fds) = files
+            .clone()
+            .map(|f| f.raw_fd())
+            .collect::<Option<Vec<_>>>()
+        else {
             return Ok(None);
         };
+        for f in files {
+            f.check_sync()
+                .map_err(|e| Error::io("flushing the image", e))?;
+        }
         self.write_back()?;
         Ok(Some(fds))
+    }
+
+    fn sync_failed(&self) {
+        for f in self.data_file.iter().chain(std::iter::once(&self.file)) {
+            f.mark_sync_failed();
+        }
     }
 
     fn close(&self) -> Result<()> {

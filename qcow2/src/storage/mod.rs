@@ -8,6 +8,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 mod batch;
 mod direct;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use direct::DirectIo;
@@ -61,6 +62,14 @@ pub trait Storage: Send + Sync {
     fn is_direct(&self) -> bool {
         false
     }
+    /// Records that a sync of this storage failed elsewhere (an io_uring fsync of its fd).
+    /// The kernel may have dropped dirty data and says so only once, so every later
+    /// [`Storage::flush`] fails too, as in QEMU.
+    fn mark_sync_failed(&self) {}
+    /// Fails once a sync of this storage has failed (see [`Storage::mark_sync_failed`]).
+    fn check_sync(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A host file accessed with pread/pwrite. Files opened with O_DIRECT work too: requests
@@ -70,6 +79,8 @@ pub struct FileStorage {
     direct: Option<DirectIo>,
     /// Submits batched writes (metadata writeback) in one system call; created on first use.
     batch_ring: Mutex<Option<IoUring>>,
+    /// A sync failed: later ones must fail too (see [`Storage::mark_sync_failed`]).
+    sync_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for FileStorage {
@@ -89,6 +100,7 @@ impl FileStorage {
             file,
             direct,
             batch_ring: Mutex::new(None),
+            sync_failed: AtomicBool::new(false),
         }
     }
 
@@ -146,7 +158,23 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.check_sync()?;
+        self.file
+            .sync_data()
+            .inspect_err(|_| self.mark_sync_failed())
+    }
+
+    fn mark_sync_failed(&self) {
+        self.sync_failed.store(true, Ordering::SeqCst);
+    }
+
+    fn check_sync(&self) -> io::Result<()> {
+        if self.sync_failed.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "an earlier sync of this file failed: data written before it may be lost",
+            ));
+        }
+        Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -301,6 +329,19 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_a_failed_sync_every_flush_fails() {
+        let s = FileStorage::new(tempfile::tempfile().unwrap());
+        s.write_at(&[1; 512], 0).unwrap();
+        s.flush().unwrap();
+        s.mark_sync_failed();
+        s.write_at(&[2; 512], 0).unwrap();
+        for _ in 0..2 {
+            let e = s.flush().unwrap_err().to_string();
+            assert!(e.contains("earlier sync of this file failed"), "{e}");
+        }
+    }
 
     #[test]
     fn reads_past_eof_as_zeros_and_punches_holes() {

@@ -110,7 +110,8 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     };
     let mut qcow = None;
     let current = match fmt {
-        Format::Raw => storage.len()?,
+        // As QEMU sees it: in whole sectors.
+        Format::Raw => storage.len()?.next_multiple_of(512),
         Format::Qcow2 => {
             refuse_bitmaps(&*storage, &a.filename)?;
             let q = Qcow2::open_storage(
@@ -129,7 +130,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         eprintln!("qimg: Use the --shrink option to perform a shrink operation.");
         bail!("warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
     }
-    if total < current && prealloc != Preallocation::Off {
+    if total <= current && prealloc != Preallocation::Off {
         bail!("Preallocation can only be used for growing images");
     }
     if qcow.is_some() && total % 512 != 0 {
