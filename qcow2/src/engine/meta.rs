@@ -47,6 +47,8 @@ impl Geometry {
 pub struct Meta {
     /// Current header (written back when it changes).
     pub header: Header,
+    /// The external data file, if any: synced before L2 entries that map into it are written.
+    pub data_file: Option<Arc<dyn Storage>>,
     /// Geometry.
     pub geo: Geometry,
     /// Active L1 table, host-endian.
@@ -126,7 +128,7 @@ impl Meta {
     pub fn make_room_l2(&mut self, file: &dyn Storage) -> Result<()> {
         while self.l2.is_full() {
             if !self.l2.dirty_offsets().is_empty() {
-                self.writeback(file, None)?;
+                self.writeback(file)?;
             }
             self.l2.evict_lru();
         }
@@ -507,7 +509,7 @@ impl Meta {
     /// With lazy refcounts the refcount structures stay in the cache (they are written on
     /// close or eviction) and are not ordered before the L2 tables; the image carries the
     /// dirty bit meanwhile, so a crash is repaired by rebuilding refcounts on the next open.
-    pub fn writeback(&mut self, file: &dyn Storage, data: Option<&dyn Storage>) -> Result<()> {
+    pub fn writeback(&mut self, file: &dyn Storage) -> Result<()> {
         let l2_dirty = self.l2.dirty_offsets();
         let changes = !l2_dirty.is_empty() || self.l1_dirty || !self.pending_frees.is_empty();
         if self.lazy_refcounts && changes {
@@ -517,7 +519,7 @@ impl Meta {
             self.writeback_refcounts(file)?;
         }
         if !l2_dirty.is_empty() || self.l1_dirty {
-            if let Some(d) = data {
+            if let Some(d) = &self.data_file {
                 d.flush()
                     .map_err(io("flushing external data file".into()))?;
             }

@@ -127,6 +127,7 @@ impl Qcow2 {
         };
         let corrupt = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let meta = Meta {
+            data_file: data_file.clone(),
             geo,
             l1,
             l1_dirty: false,
@@ -342,10 +343,7 @@ impl Qcow2 {
     /// Writes all dirty metadata back to the files in crash-safe order (syncing in between
     /// where the order needs it), without the final sync.
     fn write_back(&self) -> Result<()> {
-        self.meta_mut().writeback(
-            &*self.file,
-            self.data_file.as_deref().map(|d| d as &dyn Storage),
-        )
+        self.meta_mut().writeback(&*self.file)
     }
 
     /// Writes back all metadata in crash-safe order and flushes the files.

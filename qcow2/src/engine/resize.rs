@@ -8,7 +8,6 @@ use crate::create::Preallocation;
 use crate::error::{Error, Result};
 use crate::format::header::MAX_L1_BYTES;
 use crate::format::tables::{L2Entry, OFFSET_MASK};
-use crate::storage::Storage;
 
 use super::meta::encode_u64_table;
 use super::overlap::Target;
@@ -102,7 +101,7 @@ impl Qcow2 {
         for off in freed {
             m.free_later(off, cs);
         }
-        m.writeback(file, None)
+        m.writeback(file)
     }
 
     /// Makes every guest cluster unallocated, so the image reads as its backing file (QEMU's
@@ -164,10 +163,9 @@ impl Qcow2 {
     fn grow_l1(&self, entries: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         let file = &*self.file;
-        let data = self.data_file.as_deref().map(|d| d as &dyn Storage);
         let mut m = self.meta_mut();
         let new_off = m.alloc_contiguous(file, (entries * 8).div_ceil(cs))?;
-        m.writeback(file, data)?;
+        m.writeback(file)?;
         if m.lazy_refcounts {
             // The header will reference clusters whose refcounts are only cached: a crash
             // must leave an image marked for a refcount rebuild.
@@ -192,7 +190,7 @@ impl Qcow2 {
         if old_len > 0 {
             m.free_later(old_off, old_len);
         }
-        m.writeback(file, data)
+        m.writeback(file)
     }
 
     /// Truncates the image file after its last cluster with a nonzero refcount.
