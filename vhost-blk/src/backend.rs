@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_S_OK};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -148,13 +150,15 @@ impl BlkBackend {
         let mem = self.mem.memory();
         let disk = self.device.disk();
         let limits = self.device.limits();
-        let writethrough = !self.writeback.load(Ordering::Relaxed);
         let mut state = vring.get_mut();
         if !state.is_enabled() {
             // A disabled ring's chains wait (a completion event can bring us here).
             return Ok(());
         }
         let chains: Vec<_> = state.get_queue_mut().iter(mem.clone())?.collect();
+        // Read after the chains: a chain made available after the guest turned its write
+        // cache off must see it off.
+        let writethrough = !self.writeback.load(Ordering::Relaxed);
         if chains.is_empty() {
             return Ok(());
         }
@@ -456,7 +460,18 @@ impl BlkBackend {
         mem: &GuestMemoryMmap,
         f: Finished,
     ) {
-        let done = if f.ok {
+        let writethrough = !self.writeback.load(Ordering::Relaxed);
+        let done = if f.ok && writethrough && f.req.kind == RequestKind::Out {
+            // Started before the guest turned its write cache off, which also stops its
+            // flushes: durable before it is done.
+            match self.device.disk().flush() {
+                Ok(()) => finish_zero_copy(&f),
+                Err(e) => {
+                    tracing::warn!("queue {queue}: flushing a write in writethrough mode: {e}");
+                    exec::finish(&*f.mem, &f.req, VIRTIO_BLK_S_IOERR as u8, 0)
+                }
+            }
+        } else if f.ok {
             finish_zero_copy(&f)
         } else {
             tracing::debug!(
@@ -468,7 +483,6 @@ impl BlkBackend {
             if f.req.kind.changes_the_image() {
                 self.drain_ring(queue, state, slot, mem);
             }
-            let writethrough = !self.writeback.load(Ordering::Relaxed);
             slot.executor
                 .run(&*f.mem, self.device.disk(), &f.req, writethrough)
         };
