@@ -31,6 +31,11 @@ pub struct OpenOptions {
     pub refcount_cache_bytes: Option<u64>,
     /// Open with O_DIRECT.
     pub direct: bool,
+    /// Do not claim file space for new metadata as it is allocated: a full file system then
+    /// shows at the next flush rather than at the write that needed the table. Only for
+    /// writers that fail as a whole on any error, such as a conversion (each claim is a
+    /// system call).
+    pub defer_space_claims: bool,
     /// Images already in this chain (canonical paths), to refuse loops.
     pub chain: Vec<PathBuf>,
     /// Open this internal snapshot of a qcow2 image instead of its current state (read-only;
@@ -137,6 +142,7 @@ pub(crate) fn open_backing(
         l2_cache_bytes: parent.l2_cache_bytes,
         refcount_cache_bytes: parent.refcount_cache_bytes,
         direct: parent.direct,
+        defer_space_claims: parent.defer_space_claims,
         chain: parent.chain.clone(),
         snapshot: None,
     };

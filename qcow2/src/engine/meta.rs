@@ -49,6 +49,8 @@ pub struct Meta {
     pub header: Header,
     /// The external data file, if any: synced before L2 entries that map into it are written.
     pub data_file: Option<Arc<dyn Storage>>,
+    /// Claim file space for new metadata when it is allocated (see [`Meta::claim_space`]).
+    pub claims_space: bool,
     /// Geometry.
     pub geo: Geometry,
     /// Active L1 table, host-endian.
@@ -253,7 +255,7 @@ impl Meta {
     /// that needed a new table fails at once, instead of a later flush, which would leave
     /// the data the table maps unreachable.
     pub fn claim_space(&self, file: &dyn Storage, offset: u64, len: u64, what: &str) -> Result<()> {
-        if len == 0 {
+        if len == 0 || !self.claims_space {
             return Ok(());
         }
         file.allocate(offset, len)

@@ -128,6 +128,7 @@ impl Qcow2 {
         let corrupt = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let meta = Meta {
             data_file: data_file.clone(),
+            claims_space: !opts.defer_space_claims,
             geo,
             l1,
             l1_dirty: false,

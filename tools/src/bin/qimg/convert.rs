@@ -720,8 +720,14 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                     d
                 }
             });
+            // A full file system fails the conversion as a whole, wherever it shows: no need
+            // to claim each new table's space as it is allocated.
+            let opts = qcow2::OpenOptions {
+                defer_space_claims: true,
+                ..Default::default()
+            };
             Target::Qcow2(Box::new(
-                Qcow2::open_storage(storage, &Default::default(), dir)
+                Qcow2::open_storage(storage, &opts, dir)
                     .map_err(|e| crate::open_error(target_name, e))?,
             ))
         }
