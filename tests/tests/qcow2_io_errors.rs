@@ -16,6 +16,19 @@ struct FaultyFile {
 }
 
 impl FaultyFile {
+    /// The image file at `path`, read-write, with no failure armed.
+    fn open(path: &Path) -> Arc<FaultyFile> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        Arc::new(FaultyFile {
+            inner: FileStorage::new(file),
+            failing: Mutex::new(Vec::new()),
+        })
+    }
+
     fn check(&self, offset: u64, len: usize) -> io::Result<()> {
         let failing = self.failing.lock().unwrap();
         if failing
@@ -91,16 +104,7 @@ fn a_refcount_block_that_fails_to_leave_the_cache_keeps_its_updates() {
         "1M",
     ]);
     qemu_io(&path, &["write -P 0x11 0 256k"]);
-    let file = Arc::new(FaultyFile {
-        inner: FileStorage::new(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap(),
-        ),
-        failing: Mutex::new(Vec::new()),
-    });
+    let file = FaultyFile::open(&path);
     let opts = qcow2::OpenOptions {
         refcount_cache_bytes: Some(4 * 512),
         ..Default::default()
@@ -138,16 +142,7 @@ fn a_failed_l1_table_switch_stops_writes() {
     let path = path_in(dir.path(), "grow.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
     qemu_io(&path, &["write -P 0x33 0 64k"]);
-    let file = Arc::new(FaultyFile {
-        inner: FileStorage::new(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap(),
-        ),
-        failing: Mutex::new(Vec::new()),
-    });
+    let file = FaultyFile::open(&path);
     {
         let mut img =
             Qcow2::open_storage(file.clone(), &Default::default(), path.parent()).unwrap();

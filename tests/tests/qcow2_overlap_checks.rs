@@ -12,11 +12,8 @@ fn be64(bytes: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
 }
 
-/// Writes guest cluster 0 with qemu-io, then redirects its L2 entry to the host range the
-/// header field at `field` (40: L1 table, 48: refcount table) points to. Returns that offset.
-fn redirect_cluster0_to(path: &std::path::Path, field: usize) -> u64 {
-    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
-    qemu_io(path, &["write -P 0x11 0 64k"]);
+/// The image file opened read-write, and its first 512 bytes (the header).
+fn open_with_header(path: &std::path::Path) -> (fs::File, Vec<u8>) {
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -24,6 +21,15 @@ fn redirect_cluster0_to(path: &std::path::Path, field: usize) -> u64 {
         .unwrap();
     let mut header = vec![0u8; 512];
     file.read_exact_at(&mut header, 0).unwrap();
+    (file, header)
+}
+
+/// Writes guest cluster 0 with qemu-io, then redirects its L2 entry to the host range the
+/// header field at `field` (40: L1 table, 48: refcount table) points to. Returns that offset.
+fn redirect_cluster0_to(path: &std::path::Path, field: usize) -> u64 {
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
+    qemu_io(path, &["write -P 0x11 0 64k"]);
+    let (file, header) = open_with_header(path);
     let target = be64(&header, field);
     let l1 = be64(&header, 40);
     let mut entry = [0u8; 8];
@@ -77,13 +83,7 @@ fn metadata_write_onto_metadata_is_refused_and_marks_the_image_corrupt() {
     let path = path_in(dir.path(), "l2.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
     qemu_io(&path, &["write -P 0x11 0 64k"]);
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let mut header = vec![0u8; 512];
-    file.read_exact_at(&mut header, 0).unwrap();
+    let (file, header) = open_with_header(&path);
     let (l1, reftable) = (be64(&header, 40), be64(&header, 48));
     file.write_all_at(&((1u64 << 63) | reftable).to_be_bytes(), l1)
         .unwrap();
@@ -123,13 +123,7 @@ fn an_unaligned_l2_entry_is_refused_and_its_neighbour_survives() {
     let path = path_in(dir.path(), "unaligned.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
     qemu_io(&path, &["write -P 0x11 0 64k", "write -P 0x22 64k 64k"]);
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let mut header = vec![0u8; 512];
-    file.read_exact_at(&mut header, 0).unwrap();
+    let (file, header) = open_with_header(&path);
     let mut entry = [0u8; 8];
     file.read_exact_at(&mut entry, be64(&header, 40)).unwrap();
     let l2 = u64::from_be_bytes(entry) & 0x00ff_ffff_ffff_fe00;

@@ -168,6 +168,19 @@ fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
     still_serving(&mut daemon);
 }
 
+/// A network namespace whose new interfaces get no IPv6: the kernel would otherwise send
+/// neighbour discovery frames into the rx ring.
+fn netns_without_ipv6() -> Netns {
+    let ns = Netns::new();
+    ns.run_inside(|| {
+        let knob = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
+        if std::path::Path::new(knob).exists() {
+            std::fs::write(knob, "1").unwrap_or_else(|e| panic!("{knob}: {e}"));
+        }
+    });
+    ns
+}
+
 /// Good rx buffers and the hostile chains around them: (head, guest address) of the two good
 /// ones, and the order the chains are made available in.
 const RX_GOOD: [(u16, u64); 2] = [(1, 0x1_0000), (6, 0x2_0000)];
@@ -177,14 +190,7 @@ const RX_BUF_LEN: u32 = 2048;
 fn hostile_rx_chains(mrg_rxbuf: bool) {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
-    // No IPv6 on the TAP: the kernel would send neighbour discovery frames into the ring.
-    ns.run_inside(|| {
-        let knob = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
-        if std::path::Path::new(knob).exists() {
-            std::fs::write(knob, "1").unwrap_or_else(|e| panic!("{knob}: {e}"));
-        }
-    });
+    let ns = netns_without_ipv6();
     let mut daemon = Daemon::start(&ns, dir.path(), &[]);
     let mut ring = TestRing::new(MEM_SIZE, SIZE);
     let mem = ring.mem.clone();
@@ -269,13 +275,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
-    ns.run_inside(|| {
-        let knob = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
-        if std::path::Path::new(knob).exists() {
-            std::fs::write(knob, "1").unwrap_or_else(|e| panic!("{knob}: {e}"));
-        }
-    });
+    let ns = netns_without_ipv6();
     let mut daemon = Daemon::start(&ns, dir.path(), &[]);
     let mut ring = TestRing::new(MEM_SIZE, SIZE);
     let mem = ring.mem.clone();
