@@ -95,6 +95,13 @@ impl TestRing {
             .collect()
     }
 
+    /// The used ring's `avail_event` (EVENT_IDX): the driver notifies once its available
+    /// index passes it.
+    pub fn avail_event(&self) -> u16 {
+        let at = USED + 4 + 8 * u64::from(self.size);
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
     /// Waits (at most 20 s) until `n` chains are used; returns the used entries. On a
     /// timeout it panics with what `context` says (the backend's log, say).
     pub fn wait_used(&self, n: usize, context: impl Fn() -> String) -> Vec<(u16, u32)> {

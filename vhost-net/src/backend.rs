@@ -7,6 +7,7 @@
 //! (event 2). A worker takes only its own pair's lock.
 
 use std::io;
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -29,6 +30,11 @@ use crate::ctrl::{self, Action, ACK_ERR};
 use crate::datapath::{self, BATCH};
 use crate::device::Device;
 use crate::rx::{self, RxParams};
+
+/// Batches of packets one call moves on a queue before it lets the worker's other events
+/// (the pair's other direction, the control queue, a stop) have their turn, as kernel
+/// vhost's weight limit does.
+const BUDGET: usize = 16;
 
 /// Guest memory as the vhost-user machinery shares it with the backend.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -134,6 +140,7 @@ impl NetBackend {
         }
         // No kicks while buffers last; re-enabled when they run out.
         state.get_queue_mut().disable_notification(&*mem)?;
+        let mut batches = 0;
         loop {
             let old = state.get_queue().next_used();
             let out = rx::process_rx(&*mem, state.get_queue_mut(), fd, params, &mut slot, stats);
@@ -143,7 +150,14 @@ impl NetBackend {
                 signal(&state);
             }
             if out.more {
-                continue;
+                batches += 1;
+                if batches < BUDGET {
+                    continue;
+                }
+                // Enough for one turn: a kick of our own brings the worker back here after
+                // its other events (the TAP's readiness is edge-triggered: it would not).
+                kick_again(&state);
+                return Ok(());
             }
             if out.out_of_buffers
                 && rx::enable_notification_past(state.get_queue_mut(), &*mem, out.avail_seen)?
@@ -170,9 +184,16 @@ impl NetBackend {
         let hdr_len = config::vnet_hdr_len(self.acked.load(Ordering::Relaxed));
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
+        let mut batches = 0;
         loop {
             state.get_queue_mut().disable_notification(&*mem)?;
             loop {
+                if batches == BUDGET {
+                    // Enough for one turn (see the rx side).
+                    kick_again(&state);
+                    return Ok(());
+                }
+                batches += 1;
                 let done = datapath::process_tx(
                     &*mem,
                     state.get_queue_mut(),
@@ -203,8 +224,26 @@ impl NetBackend {
         let mut state = vring.get_mut();
         let mq = self.has(VIRTIO_NET_F_MQ);
         let pairs = self.device.options().queue_pairs;
+        loop {
+            state.get_queue_mut().disable_notification(&*mem)?;
+            self.execute_ctrl_commands(&mut state, &mem, pairs, mq)?;
+            // With EVENT_IDX this also asks the driver to notify for its next command.
+            if !state.get_queue_mut().enable_notification(&*mem)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Executes the commands available on the control vring and completes them.
+    fn execute_ctrl_commands(
+        &self,
+        state: &mut vhost_user_backend::VringState<GuestMemory>,
+        mem: &GuestMemoryMmap,
+        pairs: u16,
+        mq: bool,
+    ) -> Result<(), virtio_queue::Error> {
         let mut completed = 0;
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
             let (head, ack, status) = match ctrl::parse(chain) {
                 Ok(cmd) => {
                     let (mut status, action) = ctrl::handle(&cmd, pairs, mq);
@@ -234,15 +273,25 @@ impl NetBackend {
                 Some(addr) if mem.write_obj(status, addr).is_ok() => 1,
                 _ => 0,
             };
-            if let Err(e) = state.get_queue_mut().add_used(&*mem, head, used_len) {
+            if let Err(e) = state.get_queue_mut().add_used(mem, head, used_len) {
                 tracing::warn!("control queue: cannot complete chain {head}: {e}");
             }
             completed += 1;
         }
-        if completed > 0 && state.get_queue_mut().needs_notification(&*mem)? {
-            signal(&state);
+        if completed > 0 && state.get_queue_mut().needs_notification(mem)? {
+            signal(state);
         }
         Ok(())
+    }
+}
+
+/// Kicks the queue of `state` as the driver would, so that its worker comes back to it after
+/// the other events waiting.
+fn kick_again(state: &vhost_user_backend::VringState<GuestMemory>) {
+    if let Some(kick) = state.get_kick() {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a local buffer to the queue's kick eventfd.
+        unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     }
 }
 
@@ -279,8 +328,10 @@ impl VhostUserBackend for NetBackend {
         if let Err(e) = tap.set_offload(offload) {
             tracing::error!("{e}");
         }
-        // With a control queue and MQ the driver starts on one pair and asks for more.
-        let pairs = if self.has(VIRTIO_NET_F_CTRL_VQ) && self.has(VIRTIO_NET_F_MQ) {
+        // Without MQ the driver uses one pair; with a control queue and MQ it starts on one
+        // and asks for more. (Flows the kernel steers to the TAP queue of a pair nobody
+        // serves would be lost.)
+        let pairs = if !self.has(VIRTIO_NET_F_MQ) || self.has(VIRTIO_NET_F_CTRL_VQ) {
             1
         } else {
             self.device.queue_pairs()

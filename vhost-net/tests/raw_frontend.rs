@@ -10,7 +10,8 @@
 //!   injected on the TAP side must land intact in the good buffers, the bad chains must come
 //!   back used and empty;
 //! - rx with MRG_RXBUF and fewer buffers than a packet needs: the worker waits for more
-//!   without spinning, and the packet lands once they come.
+//!   without spinning, and the packet lands once they come;
+//! - the control queue with EVENT_IDX: the driver notifies only as `avail_event` asks.
 
 mod common;
 
@@ -22,13 +23,14 @@ use common::{require_environment, Daemon, Netns};
 use cowbird_tests::vring::{handshake, TestRing, NEXT, OUTSIDE, WRITE};
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 4 << 20;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
+const CTRL_QUEUE: usize = 2;
 const SIZE: u16 = 16;
 /// The vnet header with VERSION_1 (`struct virtio_net_hdr_v1`).
 const HDR_LEN: usize = 12;
@@ -319,6 +321,48 @@ fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
     );
     // num_buffers: the packet took two chains.
     assert_eq!(&got[10..12], &[2, 0]);
+    disconnect(&mut daemon, fe);
+    still_serving(&mut daemon);
+}
+
+/// With EVENT_IDX a driver notifies the control queue only when its available index passes
+/// the device's `avail_event` (Linux's `virtqueue_kick_prepare`), then busy-waits for the
+/// command's ack. The daemon must keep asking for the next command, or the second one is
+/// never seen.
+#[test]
+fn control_commands_with_event_idx_are_each_notified_and_served() {
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
+    let mut ring = TestRing::new(MEM_SIZE, SIZE);
+    let mem = ring.mem.clone();
+    let extra = 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_RING_F_EVENT_IDX;
+    let (mut fe, features) = handshake(&daemon.socket, 3, extra);
+    let (_call, kick) = ring.start(&mut fe, features, CTRL_QUEUE);
+    for i in 0..3u16 {
+        // VIRTIO_NET_CTRL_RX / VIRTIO_NET_CTRL_RX_PROMISC, on: header, data, ack.
+        let base = 0x1_0000 + 0x100 * u64::from(i);
+        mem.write_slice(&[0u8, 0], GuestAddress(base)).unwrap();
+        mem.write_slice(&[1u8], GuestAddress(base + 0x10)).unwrap();
+        mem.write_slice(&[0xffu8], GuestAddress(base + 0x20))
+            .unwrap();
+        ring.desc(3 * i, base, 2, NEXT, 3 * i + 1);
+        ring.desc(3 * i + 1, base + 0x10, 1, NEXT, 3 * i + 2);
+        ring.desc(3 * i + 2, base + 0x20, 1, WRITE, 0);
+        let old = i;
+        ring.publish(&[3 * i]);
+        // vring_need_event(avail_event, new, old)
+        let event = ring.avail_event();
+        if (i + 1).wrapping_sub(event).wrapping_sub(1) < (i + 1).wrapping_sub(old) {
+            kick.write(1).unwrap();
+        }
+        let used = ring.wait_used(usize::from(i) + 1, || daemon.proc.log());
+        assert_eq!(used[usize::from(i)], (3 * i, 1), "command {i}");
+        let mut ack = [0u8];
+        mem.read_slice(&mut ack, GuestAddress(base + 0x20)).unwrap();
+        assert_eq!(ack, [0], "command {i} acked OK");
+    }
     disconnect(&mut daemon, fe);
     still_serving(&mut daemon);
 }
