@@ -135,7 +135,17 @@ impl NetBackend {
         let params = self.rx_params();
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
+        let serving = state.get_queue().ready() && state.is_enabled();
+        if self.has(VIRTIO_NET_F_MQ) && !self.has(VIRTIO_NET_F_CTRL_VQ) && pair > 0 {
+            // No control queue (QEMU's vhost-user): the frontend picks the pairs in use by
+            // enabling their vrings, so the TAP queue follows the rx vring, or the kernel
+            // would steer flows to a queue nobody reads. Noticed here, on the queue's next
+            // event: its packets, or the driver's first kick.
+            if let Err(e) = self.device.tap().set_queue_attached(pair, serving) {
+                tracing::warn!("TAP queue {pair}: {e}");
+            }
+        }
+        if !serving {
             return Ok(());
         }
         // No kicks while buffers last; re-enabled when they run out.
