@@ -11,7 +11,9 @@
 //!   back used and empty;
 //! - rx with MRG_RXBUF and fewer buffers than a packet needs: the worker waits for more
 //!   without spinning, and the packet lands once they come;
-//! - the control queue with EVENT_IDX: the driver notifies only as `avail_event` asks.
+//! - the control queue with EVENT_IDX: the driver notifies only as `avail_event` asks;
+//! - TAP queue steering with two pairs: without MQ, or with MQ and the second pair's rx
+//!   vring never enabled, every flow the kernel sends lands in the first pair's rx ring.
 
 mod common;
 
@@ -23,7 +25,7 @@ use common::{require_environment, Daemon, Netns};
 use cowbird_tests::vring::{handshake, TestRing, NEXT, OUTSIDE, WRITE};
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -365,4 +367,81 @@ fn control_commands_with_event_idx_are_each_notified_and_served() {
     }
     disconnect(&mut daemon, fe);
     still_serving(&mut daemon);
+}
+
+/// An IPv4/UDP frame from 10.9.0.1:`port` to 10.9.0.2:9 (broadcast MAC): the kernel steers
+/// each source port, a different flow, to a TAP queue by its hash.
+fn udp_frame(port: u16) -> Vec<u8> {
+    let mut frame = vec![0xffu8; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 28 + 8, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip.extend_from_slice(&[10, 9, 0, 1, 10, 9, 0, 2]);
+    let sum = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let sum = !((sum & 0xffff) + (sum >> 16)) as u16;
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    frame.extend(ip);
+    frame.extend_from_slice(&port.to_be_bytes());
+    frame.extend_from_slice(&9u16.to_be_bytes());
+    frame.extend_from_slice(&16u16.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    frame
+}
+
+/// Starts the first rx vring of a daemon with two queue pairs, negotiated with `extra`, and
+/// sends the TAP one UDP frame per source port of each batch in `batches`. Returns how many
+/// frames of each batch reached the rx ring.
+fn flows_reaching_the_first_pair(extra: u64, batches: &[std::ops::Range<u16>]) -> Vec<usize> {
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = netns_without_ipv6();
+    let mut daemon = Daemon::start(&ns, dir.path(), &["--num-queue-pairs", "2"]);
+    let size = 64;
+    let mut ring = TestRing::new(MEM_SIZE, size);
+    for i in 0..size {
+        ring.desc(i, 0x1_0000 + 0x800 * u64::from(i), 2048, WRITE, 0);
+    }
+    ring.publish(&(0..size).collect::<Vec<_>>());
+    let (mut fe, features) = handshake(&daemon.socket, 5, extra);
+    let (_call, kick) = ring.start(&mut fe, features, RX_QUEUE);
+    kick.write(1).unwrap();
+    let mut landed = Vec::new();
+    let mut total = 0;
+    for ports in batches {
+        let sent = ports.len();
+        for port in ports.clone() {
+            inject(&ns, &daemon.tap, udp_frame(port));
+        }
+        // Every frame of the batch, or whatever arrives in half a second.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while ring.used().len() < total + sent && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let now = ring.used().len();
+        landed.push(now - total);
+        total = now;
+    }
+    disconnect(&mut daemon, fe);
+    still_serving(&mut daemon);
+    landed
+}
+
+/// Without MQ the driver serves one pair, so only the first TAP queue may stay attached: the
+/// kernel would steer some flows to the second, which nobody reads.
+#[test]
+fn without_mq_every_flow_reaches_the_only_pair() {
+    let landed = flows_reaching_the_first_pair(0, &[1000..1016]);
+    assert_eq!(landed, [16], "frames of 16 flows that reached rx queue 0");
+}
+
+/// With MQ and no control queue (QEMU's vhost-user), the pairs in use are those whose rx
+/// vring the frontend enables. The second pair's TAP queue is detached on its first event
+/// (the packets already in it are lost); the flows after that all reach the first pair.
+#[test]
+fn with_mq_and_no_control_queue_flows_follow_the_enabled_rx_vrings() {
+    let landed = flows_reaching_the_first_pair(1 << VIRTIO_NET_F_MQ, &[1000..1016, 2000..2016]);
+    assert_eq!(landed[1], 16, "frames of the second 16 flows: {landed:?}");
 }
