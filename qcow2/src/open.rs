@@ -147,7 +147,11 @@ pub(crate) fn open_backing(
         snapshot: None,
     };
     open_image(&path, &opts).map_err(|e| match e {
-        Error::Backing { .. } => e,
+        // Its own backing file failed: one more level, as QEMU nests them.
+        Error::Backing { path, reason } => Error::Backing {
+            path,
+            reason: format!("Could not open backing file: {reason}"),
+        },
         other => Error::Backing {
             path,
             reason: other.to_string(),

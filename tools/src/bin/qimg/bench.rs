@@ -11,23 +11,23 @@ use anyhow::bail;
 use qcow2::uring::{Completion, IoRing, Start};
 use qcow2::Image;
 
-use crate::size::parse_size;
+use crate::size::{cvtint_full, cvtnum, cvtnum_full};
 
 /// Arguments of `qimg bench`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Number of requests.
-    #[arg(short = 'c', default_value_t = 75000)]
-    count: u64,
+    #[arg(short = 'c', default_value = "75000")]
+    count: String,
     /// Requests in flight.
-    #[arg(short = 'd', default_value_t = 64)]
-    depth: u64,
+    #[arg(short = 'd', default_value = "64")]
+    depth: String,
     /// Image format.
     #[arg(short = 'f')]
     format: Option<String>,
     /// Flush after this many write requests.
     #[arg(long = "flush-interval")]
-    flush_interval: Option<u64>,
+    flush_interval: Option<String>,
     /// AIO mode: threads, native or io_uring (accepted).
     #[arg(short = 'i')]
     aio: Option<String>,
@@ -73,30 +73,32 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             bail!("Invalid aio option: {m}");
         }
     }
-    if !(1..=i32::MAX as u64).contains(&a.depth) {
-        bail!("Invalid queue depth specified. Must be between 1 and 2147483647.");
-    }
-    let bufsize = parse_size(&a.size)
-        .ok()
-        .filter(|s| (1..=i32::MAX as u64).contains(s))
-        .ok_or_else(|| anyhow::anyhow!("Invalid buffer size specified"))?;
+    let int_max = i32::MAX as u64;
+    let count = cvtint_full("request count", &a.count, 1, int_max)?;
+    let depth = cvtint_full("queue depth", &a.depth, 1, int_max)?;
+    let flush_interval = a
+        .flush_interval
+        .as_deref()
+        .map(|v| cvtint_full("flush interval", v, 0, int_max))
+        .transpose()?;
+    let bufsize = cvtnum_full("buffer size", &a.size, 1, int_max)?;
     let step = match &a.step {
-        Some(s) => parse_size(s).map_err(|_| anyhow::anyhow!("Invalid step size specified"))?,
+        Some(s) => cvtnum_full("step size", s, 0, int_max)?,
         None => bufsize,
     };
-    let start = parse_size(&a.offset).map_err(|_| anyhow::anyhow!("Invalid offset specified"))?;
-    if a.flush_interval.is_some() && !a.write {
+    let start = cvtnum("offset", &a.offset)?;
+    if flush_interval.is_some() && !a.write {
         bail!("--flush-interval is only available in write tests");
     }
     let img: Arc<dyn Image> = crate::open(&a.filename, a.format.as_deref(), !a.write)?.into();
     let size = img.size();
     println!(
         "Sending {} {} requests, {bufsize} bytes each, {} in parallel (starting at offset {start}, step size {step})",
-        a.count,
+        count,
         if a.write { "write" } else { "read" },
-        a.depth
+        depth
     );
-    if let Some(n) = a.flush_interval {
+    if let Some(n) = flush_interval {
         println!("Sending flush every {n} requests");
     }
     let offset_of = |i: u64| match i {
@@ -105,11 +107,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         _ => (start as u128 + i as u128 * step as u128).rem_euclid(size as u128) as u64,
     };
     let began = Instant::now();
-    let buffers = a.depth.min(a.count).min(1024) as usize;
+    let buffers = depth.min(count).min(1024) as usize;
     let mut run = Run {
         img: &*img,
         write: a.write,
-        flush_interval: a.flush_interval.filter(|&n| n > 0),
+        flush_interval: flush_interval.filter(|&n| n > 0),
         ring: IoRing::new(img.clone(), buffers.max(1) as u32)?,
         buffers: vec![vec![a.pattern; bufsize as usize]; buffers],
         free: (0..buffers).collect(),
@@ -117,8 +119,8 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     };
     let outcome = (|| -> qcow2::Result<()> {
         let mut next = 0;
-        while run.done < a.count {
-            while next < a.count {
+        while run.done < count {
+            while next < count {
                 let Some(b) = run.free.pop() else { break };
                 run.start(b, offset_of(next))?;
                 next += 1;
@@ -128,7 +130,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         Ok(())
     })();
     if let Err(e) = outcome {
-        eprintln!("qimg: Failed request: {e}");
+        crate::print_error(format!("Failed request: {e}"));
         return Ok(1);
     }
     // Like qemu-img, the time covers the requests; the flush on close comes after.

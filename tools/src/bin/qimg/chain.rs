@@ -5,7 +5,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
 use qcow2::{BlockStatus, FileStorage, Format, Image, Qcow2, RawImage, SnapshotRef, Storage};
 
 use crate::info::path_combine;
@@ -78,7 +77,7 @@ pub fn open_layer(
     snapshot: Option<&SnapshotRef>,
 ) -> anyhow::Result<(Layer, Backing)> {
     let path = Path::new(name);
-    let file = std::fs::File::open(path).with_context(|| format!("Could not open '{name}'"))?;
+    let file = std::fs::File::open(path).map_err(|e| crate::file_open_error(name, e))?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
     let fmt = match format {
         Some(f) => crate::parse_format(f)?,
@@ -141,7 +140,19 @@ impl Chain {
                 anyhow::bail!("Backing file '{name}' creates an infinite loop.");
             }
             let top = if nodes.is_empty() { snapshot } else { None };
-            let (layer, backing) = open_layer(&name, fmt.as_deref(), top)?;
+            let opened = match std::fs::metadata(&name) {
+                Err(e) if !nodes.is_empty() => Err(anyhow::anyhow!("Could not open '{name}': {e}")),
+                _ => open_layer(&name, fmt.as_deref(), top),
+            };
+            // qemu-img opens the chain as one: a backing file's error is nested once per
+            // level under the top image's.
+            let (layer, backing) = opened.map_err(|e| match nodes.first() {
+                Some(top) => {
+                    let nested = "Could not open backing file: ".repeat(nodes.len() - 1);
+                    crate::backing_open_error(&top.name, format!("{nested}{e:#}"))
+                }
+                None => e,
+            })?;
             let (data_name, preallocated, recorded_backing) = match &layer {
                 Layer::Qcow2(img) => {
                     let h = img.header();

@@ -39,7 +39,7 @@ fn percent(n: u64, d: u64) -> String {
 /// Runs `qimg check`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = a.force_share;
-    crate::output_is_json(&a.output)?;
+    crate::output_is_json("check", &a.output)?;
     if let Some(r) = &a.repair {
         if r != "leaks" && r != "all" {
             bail!("Unknown option for -r (expecting 'leaks' or 'all'): {r}");
@@ -61,7 +61,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("qimg: Could not open '{}': {e}", a.filename);
+            crate::print_error(crate::file_open_error(&a.filename, e));
             return Ok(1);
         }
     };
@@ -69,16 +69,28 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         std::sync::Arc::new(qcow2::FileStorage::new(file));
     let probed = fmt.map_or_else(|| qcow2::open::probe(&*storage), Ok)?;
     if probed != qcow2::Format::Qcow2 {
-        eprintln!("qimg: This image format does not support checks");
+        crate::print_error("This image format does not support checks");
         return Ok(63);
     }
     let img = match qcow2::Qcow2::open_storage(storage, &opts, None) {
         Ok(i) => i,
         Err(e) => {
-            eprintln!("qimg: Could not open '{}': {e}", a.filename);
+            crate::print_error(format!("Could not open '{}': {e}", a.filename));
             return Ok(1);
         }
     };
+    // qemu-img opens the backing chain too, and fails without it.
+    if img.header().backing_file.is_some() {
+        let chain = qcow2::OpenOptions {
+            read_only: true,
+            format: fmt,
+            ..Default::default()
+        };
+        if let Err(e @ qcow2::Error::Backing { .. }) = qcow2::open_image(path, &chain) {
+            crate::print_error(crate::open_error(&a.filename, e));
+            return Ok(1);
+        }
+    }
     let mut report = qcow2::check(&img)?;
     let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);
     if a.repair.is_some() && !report.is_clean() {

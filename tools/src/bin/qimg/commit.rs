@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(short = 't')]
     cache: Option<String>,
     /// Rate limit (checked; qimg does not throttle).
-    #[arg(short = 'r')]
+    #[arg(short = 'r', allow_hyphen_values = true)]
     rate: Option<String>,
     /// The image.
     filename: String,
@@ -59,7 +59,7 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
         .read(true)
         .write(true)
         .open(name)
-        .with_context(|| format!("Could not open '{name}'"))?;
+        .map_err(|e| crate::file_open_error(name, e))?;
     match format {
         Format::Raw => {
             if file.metadata()?.len() < size {
@@ -136,7 +136,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             .read(true)
             .write(true)
             .open(&a.filename)
-            .with_context(|| format!("Could not open '{}'", a.filename))?;
+            .map_err(|e| crate::file_open_error(&a.filename, e))?;
         let img = Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), None)
             .map_err(|e| crate::open_error(&a.filename, e))?;
         img.make_empty()?;

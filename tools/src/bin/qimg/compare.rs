@@ -79,7 +79,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     ) {
         (Ok(x), Ok(y)) => (x, y),
         (Err(e), _) | (_, Err(e)) => {
-            eprintln!("qimg: {e:#}");
+            crate::print_error(format!("{e:#}"));
             return Ok(2);
         }
     };
@@ -108,7 +108,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     match result {
         Ok(c) => Ok(c),
         Err(e) => {
-            eprintln!("qimg: Error while reading: {e}");
+            crate::print_error(format!("Error while reading: {e}"));
             Ok(4)
         }
     }

@@ -28,10 +28,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use anyhow::{bail, Context};
 use qcow2::{CreateOptions, Format, Image, Qcow2, SnapshotRef};
 
-use crate::create::{parse_options, qcow2_options};
+use crate::create::{parse_options, qcow2_options, OptionError};
 use crate::interrupt::{signal_name, Interrupt};
 use crate::progress::Progress;
-use crate::size::parse_size;
+use crate::size::cvtnum;
 use crate::snapshot_param;
 
 /// Arguments of `qimg convert`.
@@ -533,6 +533,9 @@ fn split_zero_blocks<'a>(runs: &mut Vec<Run<'a>>, off: u64, data: &'a [u8], p: &
     }
 }
 
+/// Largest `-S` qemu-img accepts (its bounce buffer, 32768 sectors).
+const MAX_SPARSE: u64 = 16 << 20;
+
 /// The error of workers stopped because another one failed.
 const FOLLOWER: &str = "another convert worker failed";
 
@@ -624,7 +627,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if !(1..=16).contains(&a.workers) {
         bail!("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
     }
-    let sparse = parse_size(&a.sparse)?;
+    let sparse = cvtnum("buffer size for sparse output", &a.sparse)?;
+    if sparse % 512 != 0 || sparse > MAX_SPARSE {
+        bail!(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output)."
+        );
+    }
     let (target_name, source_names) = a.files.split_last().context("missing target")?;
     let snapshot = a
         .snapshot
@@ -675,7 +683,15 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                         size: total,
                         ..Default::default()
                     },
-                )?;
+                )
+                .map_err(|e| match e {
+                    OptionError::Value { .. } => {
+                        anyhow::anyhow!("{target_name}: error while converting qcow2: {e}")
+                    }
+                    _ => e.into(),
+                })?;
+                // As qemu-img: the target has the sources' size whatever `-o size` says.
+                o.size = total;
                 if a.backing.is_some() {
                     o.backing_file.clone_from(&a.backing);
                 }
@@ -685,8 +701,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 if o.backing_file.is_some() && o.backing_format.is_none() {
                     bail!("Use of backing file requires explicit backing format");
                 }
-                qcow2::create(target_path, &o)
-                    .map_err(|e| anyhow::anyhow!("{target_name}: {e}"))?;
+                qcow2::create(target_path, &o).map_err(|e| {
+                    anyhow::anyhow!("{target_name}: error while converting qcow2: {e}")
+                })?;
                 target_backing = o.backing_file.is_some();
                 fresh = !target_backing;
             }

@@ -1,9 +1,9 @@
 //! `qimg create`.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use qcow2::{CompressionType, CreateOptions, Format, Preallocation};
 
-use crate::size::parse_size;
+use crate::size::{cvtnum, option_size, strtoi64, SizeError};
 
 /// Arguments of `qimg create`, as qemu-img takes them.
 #[derive(clap::Args)]
@@ -44,11 +44,56 @@ pub fn parse_options(opts: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-fn on_off(key: &str, v: &str) -> anyhow::Result<bool> {
+/// Why `-o` options are refused. QEMU parses the options' syntax (sizes, numbers, booleans,
+/// known names) before the driver sees their values, and callers word the two differently.
+#[derive(Debug)]
+pub enum OptionError {
+    /// Not a value of the option's type, or an unknown option: QEMU's wording.
+    Syntax(String),
+    /// A well-formed value the qcow2 driver does not accept (`compat`, `compression_type`).
+    Value {
+        /// QEMU's name of the option.
+        param: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// Something qimg cannot do.
+    Unsupported(String),
+}
+
+impl std::fmt::Display for OptionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OptionError::Syntax(m) | OptionError::Unsupported(m) => f.write_str(m),
+            OptionError::Value { param, value } => {
+                write!(f, "Parameter '{param}' does not accept value '{value}'")
+            }
+        }
+    }
+}
+
+impl std::error::Error for OptionError {}
+
+fn on_off(key: &str, v: &str) -> Result<bool, OptionError> {
     match v {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
-        _ => bail!("Parameter '{key}' expects 'on' or 'off'"),
+        _ => Err(OptionError::Syntax(format!(
+            "Parameter '{key}' expects 'on' or 'off'"
+        ))),
+    }
+}
+
+/// A number-typed `-o` option (QEMU's `parse_option_number`: base 0, unsigned).
+fn option_number(key: &str, v: &str) -> Result<u64, OptionError> {
+    match strtoi64(v) {
+        Ok(n) if n >= 0 => Ok(n as u64),
+        Err(SizeError::OutOfRange) => Err(OptionError::Syntax(format!(
+            "Value '{v}' is too large for parameter '{key}'"
+        ))),
+        _ => Err(OptionError::Syntax(format!(
+            "Parameter '{key}' expects a number"
+        ))),
     }
 }
 
@@ -56,19 +101,26 @@ fn on_off(key: &str, v: &str) -> anyhow::Result<bool> {
 pub fn qcow2_options(
     pairs: &[(String, String)],
     mut o: CreateOptions,
-) -> anyhow::Result<CreateOptions> {
+) -> Result<CreateOptions, OptionError> {
+    let size = |k: &str, v: &str| option_size(k, v).map_err(|e| OptionError::Syntax(e.to_string()));
+    let bad = |param, value: &str| OptionError::Value {
+        param,
+        value: value.to_string(),
+    };
     for (k, v) in pairs {
         match k.as_str() {
-            "size" => o.size = parse_size(v)?,
+            "size" => o.size = size(k, v)?,
             "compat" => {
                 o.version = match v.as_str() {
                     "0.10" | "v2" => 2,
                     "1.1" | "v3" => 3,
-                    _ => bail!("Invalid parameter '{v}'"),
+                    _ => return Err(bad("version", v)),
                 }
             }
-            "cluster_size" => o.cluster_size = parse_size(v)?,
-            "refcount_bits" => o.refcount_bits = v.parse().context("Invalid refcount_bits")?,
+            "cluster_size" => o.cluster_size = size(k, v)?,
+            "refcount_bits" => {
+                o.refcount_bits = u32::try_from(option_number(k, v)?).unwrap_or(u32::MAX)
+            }
             "lazy_refcounts" => o.lazy_refcounts = on_off(k, v)?,
             "backing_file" => o.backing_file = Some(v.clone()),
             "backing_fmt" => o.backing_format = Some(v.clone()),
@@ -78,22 +130,32 @@ pub fn qcow2_options(
                 o.compression_type = match v.as_str() {
                     "zlib" => CompressionType::Deflate,
                     "zstd" => CompressionType::Zstd,
-                    _ => bail!("Invalid parameter '{v}'"),
+                    _ => return Err(bad("compression-type", v)),
                 }
             }
             "preallocation" => {
-                o.preallocation = Preallocation::from_name(v)
-                    .with_context(|| format!("Invalid parameter '{v}'"))?
+                o.preallocation =
+                    Preallocation::from_name(v).ok_or_else(|| bad("preallocation", v))?
             }
             "extended_l2" if !on_off(k, v)? => {}
-            "extended_l2" => bail!("extended_l2=on is not supported by qimg yet"),
-            _ => bail!("Invalid parameter '{k}'"),
+            "extended_l2" => {
+                return Err(OptionError::Unsupported(
+                    "extended_l2=on is not supported by qimg yet".into(),
+                ))
+            }
+            _ => return Err(OptionError::Syntax(format!("Invalid parameter '{k}'"))),
         }
     }
     Ok(o)
 }
 
-/// The "Formatting ..." line qemu-img prints.
+/// qemu-img's error for a size the format or the file system cannot hold (EFBIG); `hint`
+/// follows the format name.
+fn too_large(filename: &str, format: &str, hint: &str) -> anyhow::Error {
+    anyhow::anyhow!("{filename}: The image size is too large for file format '{format}'{hint}")
+}
+
+/// The "Formatting ..." line qemu-img prints (sizes as signed numbers, as QEMU shows them).
 pub fn formatting_line(
     filename: &str,
     fmt: Format,
@@ -101,11 +163,11 @@ pub fn formatting_line(
     compat_given: bool,
 ) -> String {
     if fmt == Format::Raw {
-        return format!("Formatting '{filename}', fmt=raw size={}", o.size);
+        return format!("Formatting '{filename}', fmt=raw size={}", o.size as i64);
     }
     let mut s = format!(
         "Formatting '{filename}', fmt=qcow2 cluster_size={} extended_l2=off",
-        o.cluster_size
+        o.cluster_size as i64
     );
     if o.preallocation != Preallocation::Off {
         let name = match o.preallocation {
@@ -119,7 +181,7 @@ pub fn formatting_line(
     s += &format!(
         " compression_type={} size={}",
         o.compression_type.name(),
-        o.size
+        o.size as i64
     );
     if let Some(b) = &o.backing_file {
         s += &format!(" backing_file={b}");
@@ -155,14 +217,14 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         ..Default::default()
     };
     if let Some(s) = &a.size {
-        o.size = parse_size(s)?;
+        o.size = cvtnum("image size", s)?;
     }
     if fmt == Format::Raw {
         if !pairs.is_empty() || a.backing.is_some() {
             bail!("raw images take no backing file and no -o options except size");
         }
     } else {
-        o = qcow2_options(&pairs, o)?;
+        o = qcow2_options(&pairs, o).map_err(|e| anyhow::anyhow!("{}: {e}", a.filename))?;
     }
     // qemu-img compares the names as given.
     if o.backing_file.as_deref() == Some(a.filename.as_str()) {
@@ -181,12 +243,24 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             .parent()
             .unwrap_or(std::path::Path::new("."));
         let path = qcow2::open::resolve_relative(b, dir);
-        let backing = crate::open(
-            path.to_str().unwrap_or(b),
-            o.backing_format.as_deref(),
-            true,
-        )
-        .map_err(|e| anyhow::anyhow!("{}: {e}\nCould not open backing image.", a.filename))?;
+        let opts = qcow2::OpenOptions {
+            read_only: true,
+            format: o
+                .backing_format
+                .as_deref()
+                .map(crate::parse_format)
+                .transpose()?,
+            ..Default::default()
+        };
+        let backing = qcow2::open_image(&path, &opts).map_err(|e| {
+            // Here only the file driver names a file it cannot open, and the format
+            // driver's errors stand alone.
+            let why = match e {
+                qcow2::Error::BadMagic(_) => "Image is not in qcow2 format".to_string(),
+                e => e.to_string(),
+            };
+            anyhow::anyhow!("{}: {why}\nCould not open backing image.", a.filename)
+        })?;
         if !size_given {
             // QEMU sees a raw file as whole sectors.
             o.size = match backing.format() {
@@ -203,13 +277,28 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     }
     let path = std::path::Path::new(&a.filename);
     match fmt {
-        Format::Qcow2 => {
-            qcow2::create(path, &o).map_err(|e| anyhow::anyhow!("{}: {e}", a.filename))?
-        }
+        Format::Qcow2 => qcow2::create(path, &o).map_err(|e| match e {
+            // QEMU reads a size past i64::MAX as negative.
+            qcow2::Error::InvalidOption(m)
+                if m.starts_with("Image size too large") && o.size > i64::MAX as u64 =>
+            {
+                anyhow::anyhow!(
+                    "{}: Could not resize image: Image size cannot be negative",
+                    a.filename
+                )
+            }
+            qcow2::Error::InvalidOption(m) if m.starts_with("Image size too large") => {
+                too_large(&a.filename, "qcow2", " (try using a larger cluster size)")
+            }
+            e => anyhow::anyhow!("{}: {e}", a.filename),
+        })?,
         // Like qemu-img: whole 512-byte sectors, the size printed above unrounded.
         Format::Raw => std::fs::File::create(path)
             .and_then(|f| f.set_len(o.size.next_multiple_of(512)))
-            .with_context(|| format!("Could not create '{}'", a.filename))?,
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EFBIG) => too_large(&a.filename, "raw", ""),
+                _ => anyhow::Error::new(e).context(format!("Could not create '{}'", a.filename)),
+            })?,
     }
     Ok(0)
 }

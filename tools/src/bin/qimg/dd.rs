@@ -5,7 +5,7 @@
 use anyhow::{bail, Context};
 use qcow2::{CreateOptions, Format};
 
-use crate::size::parse_size;
+use crate::size::{cvtint_full, cvtnum_full};
 
 /// Arguments of `qimg dd`.
 #[derive(clap::Args)]
@@ -34,7 +34,7 @@ struct Operands {
 
 fn parse_operands(ops: &[String]) -> anyhow::Result<Operands> {
     let (mut input, mut output, mut bs, mut count, mut skip) = (None, None, 512, None, 0);
-    let number = |v: &str| parse_size(v).map_err(|_| anyhow::anyhow!("invalid number: '{v}'"));
+    let number = |name, v| cvtint_full(name, v, 0, i64::MAX as u64);
     for op in ops {
         let Some((k, v)) = op.split_once('=') else {
             bail!("unrecognized operand {op}");
@@ -42,14 +42,9 @@ fn parse_operands(ops: &[String]) -> anyhow::Result<Operands> {
         match k {
             "if" => input = Some(v.to_string()),
             "of" => output = Some(v.to_string()),
-            "bs" => {
-                bs = parse_size(v).unwrap_or(0);
-                if !(1..=i32::MAX as u64).contains(&bs) {
-                    bail!("Invalid bs specified. Must be between 1 and 2147483647.");
-                }
-            }
-            "count" => count = Some(number(v)?),
-            "skip" => skip = number(v)?,
+            "bs" => bs = cvtnum_full("bs", v, 1, i32::MAX as u64)?,
+            "count" => count = Some(number("count", v)?),
+            "skip" => skip = number("skip", v)?,
             _ => bail!("unrecognized operand {op}"),
         }
     }
@@ -95,7 +90,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             .with_context(|| format!("{}: Could not create", ops.output))?,
     }
     let Some(mut in_pos) = skip else {
-        eprintln!("qimg: {}: cannot skip to specified offset", ops.input);
+        crate::print_error(format!("{}: cannot skip to specified offset", ops.input));
         return Ok(0);
     };
     let output = crate::open(&ops.output, Some(out_fmt.name()), false)?;

@@ -169,8 +169,7 @@ fn qcow2_specific(h: &Header, bitmaps: Option<QObj>) -> QObj {
 
 /// Gathers the info of one image; also returns its backing file.
 fn node_info(filename: &str, format: Option<&str>) -> anyhow::Result<(NodeInfo, Backing)> {
-    let meta =
-        std::fs::metadata(filename).with_context(|| format!("Could not open '{filename}'"))?;
+    let meta = std::fs::metadata(filename).map_err(|e| crate::file_open_error(filename, e))?;
     let (layer, backing) = open_layer(filename, format, None)?;
     // A raw image's node is its file's node with the file as its child.
     let mut node = NodeInfo {
@@ -385,7 +384,7 @@ fn local_time(secs: i64) -> String {
 /// Runs `qimg info`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = a.force_share;
-    let json = crate::output_is_json(&a.output)?;
+    let json = crate::output_is_json("info", &a.output)?;
     let mut chain = Vec::new();
     let mut next = Some((a.filename.clone(), a.format.clone()));
     while let Some((name, fmt)) = next.take() {

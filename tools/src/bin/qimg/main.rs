@@ -91,24 +91,63 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("qimg: {e:#}");
+            print_error(format!("{e:#}"));
             ExitCode::from(1)
         }
     }
 }
 
-/// Checks an `--output` value; returns whether it asks for JSON.
-pub fn output_is_json(output: &str) -> anyhow::Result<bool> {
+/// Prints an error line as qemu-img does ("qimg: " and the message, system errors as
+/// strerror alone).
+pub fn print_error(message: impl std::fmt::Display) {
+    eprintln!("qimg: {}", without_os_error_numbers(&message.to_string()));
+}
+
+/// Drops Rust's " (os error N)" after system error texts: qemu-img prints strerror alone.
+fn without_os_error_numbers(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(" (os error ") {
+        let tail = &rest[at + " (os error ".len()..];
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && tail[digits..].starts_with(')') {
+            out.push_str(&rest[..at]);
+            rest = &tail[digits + 1..];
+        } else {
+            out.push_str(&rest[..at + 1]);
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Checks the `--output` value of subcommand `command`; returns whether it asks for JSON.
+pub fn output_is_json(command: &str, output: &str) -> anyhow::Result<bool> {
     match output {
         "human" => Ok(false),
         "json" => Ok(true),
-        o => anyhow::bail!("--output expects 'human' or 'json' not '{o}'"),
+        o => anyhow::bail!(
+            "--output expects 'human' or 'json' not '{o}'\nTry 'qimg {command} --help' for more info"
+        ),
     }
+}
+
+/// qemu-img's error when an image's file cannot be opened: the block layer and the file
+/// driver each name it.
+pub fn file_open_error(path: &str, e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!("Could not open '{path}': Could not open '{path}': {e}")
+}
+
+/// qemu-img's error when the backing file of `path` cannot be opened (`why` names it).
+pub fn backing_open_error(path: &str, why: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("Could not open '{path}': Could not open backing file: {why}")
 }
 
 /// qemu-img's wording for an open error of a qcow2 image (or of its snapshot).
 pub fn open_error(path: &str, e: qcow2::Error) -> anyhow::Error {
     match e {
+        qcow2::Error::Backing { reason, .. } => backing_open_error(path, reason),
         qcow2::Error::BadMagic(_) => {
             anyhow::anyhow!("Could not open '{path}': Image is not in qcow2 format")
         }
@@ -154,4 +193,22 @@ pub fn open_at(
         ..Default::default()
     };
     qcow2::open_image(std::path::Path::new(path), &opts).map_err(|e| open_error(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_os_error_numbers;
+
+    #[test]
+    fn errors_print_strerror_without_the_number() {
+        let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(
+            without_os_error_numbers(&format!("t.img: error while writing at byte 0: {e}")),
+            "t.img: error while writing at byte 0: No space left on device"
+        );
+        assert_eq!(
+            without_os_error_numbers("a (os error x) b"),
+            "a (os error x) b"
+        );
+    }
 }

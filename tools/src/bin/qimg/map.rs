@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 
 use crate::chain::{Chain, Extent};
-use crate::size::parse_size;
+use crate::size::cvtnum;
 
 /// Arguments of `qimg map`.
 #[derive(clap::Args)]
@@ -99,19 +99,13 @@ fn dump(
 
 /// An offset or length option ("Invalid <what> specified" on a bad value).
 fn parse_opt(v: &Option<String>, what: &str) -> anyhow::Result<Option<u64>> {
-    v.as_deref()
-        .map(|s| {
-            parse_size(s).map_err(|_| {
-                anyhow::anyhow!("Invalid {what} specified! You may use k, M, G, T, P or E suffixes for \nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-            })
-        })
-        .transpose()
+    v.as_deref().map(|s| cvtnum(what, s)).transpose()
 }
 
 /// Runs `qimg map`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = a.force_share;
-    let json = crate::output_is_json(&a.output)?;
+    let json = crate::output_is_json("map", &a.output)?;
     let start = parse_opt(&a.start_offset, "start offset")?.unwrap_or(0);
     let max_length = parse_opt(&a.max_length, "max length")?.unwrap_or(i64::MAX as u64);
     let chain = Chain::open(&a.filename, a.format.as_deref(), None)?;

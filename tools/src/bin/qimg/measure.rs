@@ -5,9 +5,9 @@ use anyhow::bail;
 use qcow2::{CreateOptions, Format, Preallocation};
 
 use crate::chain::Chain;
-use crate::create::{parse_options, qcow2_options};
+use crate::create::{parse_options, qcow2_options, OptionError};
 use crate::qjson::{dict, QObj};
-use crate::size::parse_size;
+use crate::size::cvtnum;
 use crate::snapshot_param;
 
 /// Arguments of `qimg measure`.
@@ -114,10 +114,25 @@ fn measure_qcow2(
         match k.as_str() {
             "extended_l2" => extended_l2 = matches!(v.as_str(), "on" | "true" | "yes"),
             "encrypt.format" | "encryption" => bail!("qimg does not support encrypted images"),
+            // Not checked by qemu-img measure either: it does not change the size.
+            "compression_type" => {}
             _ => rest.push((k.clone(), v.clone())),
         }
     }
-    let o = qcow2_options(&rest, CreateOptions::default())?;
+    let o = qcow2_options(&rest, CreateOptions::default()).map_err(|e| match e {
+        OptionError::Value {
+            param: "version",
+            value,
+        } => anyhow::anyhow!("Invalid compatibility level: '{value}'"),
+        OptionError::Value {
+            param: "preallocation",
+            value,
+        } => anyhow::anyhow!("invalid parameter value: {value}"),
+        OptionError::Syntax(m) => {
+            anyhow::anyhow!("{m}\nqimg: Invalid options for file format 'qcow2'")
+        }
+        _ => e.into(),
+    })?;
     o.validate()?;
     let cs = o.cluster_size;
     if extended_l2 && cs < 16384 {
@@ -152,7 +167,7 @@ fn measure_qcow2(
 /// Runs `qimg measure`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = a.force_share;
-    let json = crate::output_is_json(&a.output)?;
+    let json = crate::output_is_json("measure", &a.output)?;
     let snapshot = a
         .snapshot
         .as_deref()
@@ -167,7 +182,10 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         (None, Some(f)) => Some(Chain::open(f, a.format.as_deref(), snapshot.as_ref())?),
         (Some(_), None) => None,
     };
-    let size = a.size.as_deref().map(parse_size).transpose()?.unwrap_or(0);
+    let size = (a.size.as_deref())
+        .map(|v| cvtnum("image size", v))
+        .transpose()?
+        .unwrap_or(0);
     let pairs = parse_options(&a.options)?;
     let (required, fully, bitmaps) = match crate::parse_format(&a.output_format)? {
         Format::Raw => {

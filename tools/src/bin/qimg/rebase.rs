@@ -214,7 +214,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .read(true)
         .write(true)
         .open(path)
-        .with_context(|| format!("Could not open '{}'", a.filename))?;
+        .map_err(|e| crate::file_open_error(&a.filename, e))?;
     // Unsafe mode never opens the old backing file.
     let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));
     let img = Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), dir)

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
 use qcow2::{FileStorage, Format, Preallocation, Qcow2, Storage};
 
-use crate::size::parse_size;
+use crate::size::option_size;
 
 /// Arguments of `qimg resize`.
 #[derive(clap::Args)]
@@ -35,9 +35,9 @@ pub struct Args {
 fn new_size(current: u64, arg: &str) -> anyhow::Result<u64> {
     let positive = || anyhow::anyhow!("New image size must be positive");
     let total = match arg.as_bytes().first() {
-        Some(b'+') => current.checked_add(parse_size(&arg[1..])?),
-        Some(b'-') => current.checked_sub(parse_size(&arg[1..])?),
-        _ => Some(parse_size(arg)?),
+        Some(b'+') => current.checked_add(option_size("size", &arg[1..])?),
+        Some(b'-') => current.checked_sub(option_size("size", &arg[1..])?),
+        _ => Some(option_size("size", arg)?),
     };
     match total {
         Some(t) if t > 0 && t <= i64::MAX as u64 => Ok(t),
@@ -56,7 +56,8 @@ fn resize_raw(
     if new > old && prealloc == Preallocation::Metadata {
         bail!("Unsupported preallocation mode: metadata");
     }
-    file.set_len(new)?;
+    file.set_len(new)
+        .map_err(|e| anyhow::anyhow!("Could not resize file: {e}"))?;
     if new > old {
         match prealloc {
             Preallocation::Off | Preallocation::Metadata => {}
@@ -102,7 +103,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .read(true)
         .write(true)
         .open(path)
-        .with_context(|| format!("Could not open '{}'", a.filename))?;
+        .map_err(|e| crate::file_open_error(&a.filename, e))?;
     let storage = Arc::new(FileStorage::new(file));
     let fmt = match &a.format {
         Some(f) => crate::parse_format(f)?,
@@ -127,7 +128,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     };
     let total = new_size(current, &a.size)?;
     if total < current && !a.shrink {
-        eprintln!("qimg: Use the --shrink option to perform a shrink operation.");
+        crate::print_error("Use the --shrink option to perform a shrink operation.");
         bail!("warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
     }
     if total <= current && prealloc != Preallocation::Off {

@@ -1,7 +1,7 @@
 //! qemu-img's `-l SNAPSHOT_PARAM`: `snapshot.id=ID[,snapshot.name=NAME]` or a bare
 //! ID_OR_NAME (an ID first, then a name).
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use qcow2::SnapshotRef;
 
 /// Parses a `-l` argument.
@@ -9,8 +9,9 @@ pub fn parse(param: &str) -> anyhow::Result<SnapshotRef> {
     if !param.starts_with("snapshot.") {
         return Ok(SnapshotRef::IdOrName(param.to_string()));
     }
-    let (id, name) =
-        parse_opts(param).with_context(|| format!("Failed in parsing snapshot param '{param}'"))?;
+    // Two error lines, as qemu-img prints them: the option's, then this one.
+    let (id, name) = parse_opts(param)
+        .map_err(|e| anyhow::anyhow!("{e}\nqimg: Failed in parsing snapshot param '{param}'"))?;
     Ok(match (id, name) {
         (Some(id), Some(name)) => SnapshotRef::IdAndName { id, name },
         (Some(id), None) => SnapshotRef::Id(id),
@@ -81,7 +82,7 @@ mod tests {
         assert_eq!(p("snapshot.id"), Ok(SnapshotRef::Id("on".into())));
         assert_eq!(
             p("snapshot.foo=1"),
-            Err("Failed in parsing snapshot param 'snapshot.foo=1': Invalid parameter 'snapshot.foo'".into())
+            Err("Invalid parameter 'snapshot.foo'\nqimg: Failed in parsing snapshot param 'snapshot.foo=1'".into())
         );
     }
 }
