@@ -12,6 +12,7 @@ use crate::format::header::{
 };
 use crate::format::tables;
 use crate::image::Image;
+use crate::lock::{self, Locking, Perms};
 use crate::open::{resolve_relative, OpenOptions};
 use crate::storage::{FileStorage, Storage};
 
@@ -67,6 +68,8 @@ pub struct CreateOptions {
     pub compression_type: CompressionType,
     /// Preallocation mode.
     pub preallocation: Preallocation,
+    /// QEMU-compatible locks while the files are created (see [`crate::lock`]).
+    pub locking: Locking,
 }
 
 impl Default for CreateOptions {
@@ -83,6 +86,7 @@ impl Default for CreateOptions {
             data_file_raw: false,
             compression_type: CompressionType::Deflate,
             preallocation: Preallocation::Off,
+            locking: Locking::Off,
         }
     }
 }
@@ -141,29 +145,43 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     if let Some(df) = &opts.data_file {
         let df = resolve_relative(df, dir);
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&df)
-            .and_then(|f| f.set_len(opts.size))
+        create_file(&df, opts.locking)?
+            .set_len(opts.size)
             .map_err(|e| Error::io(format!("Could not create '{}'", df.display()), e))?;
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
+    let file = create_file(path, opts.locking)?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
     write_skeleton(&*storage, opts)?;
-    if opts.preallocation != Preallocation::Off {
+    // As QEMU: a raw data file is a standalone image only if every cluster maps onto it.
+    let preallocation = match opts.preallocation {
+        Preallocation::Off if opts.data_file_raw => Preallocation::Metadata,
+        p => p,
+    };
+    if preallocation != Preallocation::Off {
         let img = Qcow2::open_storage(storage, &OpenOptions::default(), None)?;
-        img.preallocate(opts.preallocation)?;
+        img.preallocate(preallocation)?;
         img.flush()?;
     }
     Ok(())
+}
+
+/// Creates (or empties) the file at `path` for a new image, as QEMU does: it is opened
+/// without truncation, locked as a writer and resizer that keeps other resizers out, and
+/// only then truncated, so that an image someone uses is refused, not destroyed.
+pub fn create_file(path: &Path, locking: Locking) -> Result<std::fs::File> {
+    let failed = |e| Error::io(format!("Could not create '{}'", path.display()), e);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(failed)?;
+    if locking != Locking::Off {
+        lock::acquire(&file, path, Perms::WRITE.with(Perms::RESIZE), Perms::RESIZE)?;
+    }
+    file.set_len(0).map_err(failed)?;
+    Ok(file)
 }
 
 /// Writes header, refcount table, one refcount block and an empty L1 table.

@@ -52,6 +52,14 @@ pub enum Error {
         /// What the decompressor said.
         reason: String,
     },
+    /// Another user of the file holds a conflicting QEMU lock (see [`crate::lock`]).
+    #[error("{message}\nIs another process using the image [{}]?", path.display())]
+    Locked {
+        /// The file.
+        path: PathBuf,
+        /// QEMU's wording of the conflict ("Failed to get \"write\" lock").
+        message: String,
+    },
     /// A backing chain problem: missing file, loop, too deep.
     #[error("backing file {path}: {reason}")]
     Backing {

@@ -17,6 +17,7 @@ pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image;
+pub mod lock;
 pub mod open;
 pub mod raw;
 pub mod storage;
@@ -29,6 +30,7 @@ pub use error::{Error, Result};
 pub use format::header::CompressionType;
 pub use format::snapshot::SnapshotRef;
 pub use image::{BlockStatus, Extent, Format, Image, IoMapping, MapOutcome, MetadataLoad};
+pub use lock::Locking;
 pub use open::{open_image, OpenOptions};
 pub use raw::RawImage;
 pub use storage::{FileStorage, MemStorage, Storage};

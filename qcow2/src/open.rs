@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::format::header::{MAGIC, MAX_L1_BYTES};
 use crate::format::snapshot::{Snapshot, SnapshotRef};
 use crate::image::{Format, Image};
+use crate::lock::{self, Locking};
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, Storage};
 
@@ -43,6 +44,8 @@ pub struct OpenOptions {
     /// the image's current one: guest clusters past the snapshot's L1 table read as
     /// unallocated.
     pub snapshot: Option<SnapshotRef>,
+    /// QEMU-compatible locks on the image's files (backing files as readers).
+    pub locking: Locking,
 }
 
 fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::File> {
@@ -88,15 +91,13 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Image>> {
             reason: format!("backing chain is deeper than {MAX_CHAIN_DEPTH} images"),
         });
     }
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(open_file(
-        path,
-        opts.read_only,
-        opts.direct,
-    )?));
+    let file = FileStorage::new(open_file(path, opts.read_only, opts.direct)?);
     let format = match opts.format {
         Some(f) => f,
-        None => probe(&*storage)?,
+        None => probe(&file)?,
     };
+    lock::lock_image_file(file.file(), path, opts.locking, format, !opts.read_only)?;
+    let storage: Arc<dyn Storage> = Arc::new(file);
     let mut child = opts.clone();
     child.chain.push(canonical);
     Ok(match format {
@@ -145,6 +146,7 @@ pub(crate) fn open_backing(
         defer_space_claims: parent.defer_space_claims,
         chain: parent.chain.clone(),
         snapshot: None,
+        locking: parent.locking,
     };
     open_image(&path, &opts).map_err(|e| match e {
         // Its own backing file failed: one more level, as QEMU nests them.
@@ -164,14 +166,16 @@ pub(crate) fn open_data_file(
     name: &str,
     dir: Option<&Path>,
     read_only: bool,
+    locking: Locking,
 ) -> Result<Arc<dyn Storage>> {
     let path = match dir {
         Some(d) => resolve_relative(name, d),
         None => PathBuf::from(name),
     };
-    Ok(Arc::new(FileStorage::new(open_file(
-        &path, read_only, false,
-    )?)))
+    let file = open_file(&path, read_only, false)?;
+    // Locked as a raw file: its bytes are guest data.
+    lock::lock_image_file(&file, &path, locking, Format::Raw, !read_only)?;
+    Ok(Arc::new(FileStorage::new(file)))
 }
 
 /// The L1 table of the snapshot `r` names, for a read-only view of it (QEMU's

@@ -1,6 +1,7 @@
 //! qimg and qemu-img run side by side on the same images: same stdout, same exit codes.
 
 use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -2013,4 +2014,148 @@ fn size_and_count_arguments_are_read_and_refused_like_qemu_img() {
             same(p, &["resize", "-f", "raw", "r.img", size]);
         }
     }
+}
+
+/// A qemu-io holding `img` open (read-write unless `read_only`) until dropped.
+struct QemuIoHolding(std::process::Child);
+
+impl QemuIoHolding {
+    fn new(dir: &Path, img: &str, format: &str, read_only: bool) -> QemuIoHolding {
+        let mut cmd = Command::new("qemu-io");
+        cmd.current_dir(dir).args(["-f", format]);
+        if read_only {
+            cmd.arg("-r");
+        }
+        let child = cmd
+            .arg(img)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io");
+        // Its locks are taken at open; wait until they are there.
+        let ino = std::fs::metadata(dir.join(img)).unwrap().ino();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-io never locked {img}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        QemuIoHolding(child)
+    }
+}
+
+impl Drop for QemuIoHolding {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Images QEMU uses are refused with qemu-img's words (QEMU's byte-range locks are honoured
+/// both ways), `-U` reads anyway, and converting an image onto itself is refused instead of
+/// destroying it.
+#[test]
+fn images_in_use_are_refused_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &["write -P 7 0 64k"]);
+    {
+        let _writer = QemuIoHolding::new(p, "a.qcow2", "qcow2", false);
+        for args in [
+            &["info", "a.qcow2"][..],
+            &["info", "-U", "a.qcow2"],
+            &["check", "a.qcow2"],
+            &["check", "-U", "a.qcow2"],
+            &["map", "a.qcow2"],
+            &["measure", "-O", "qcow2", "a.qcow2"],
+            &["compare", "a.qcow2", "a.qcow2"],
+            &["convert", "-O", "raw", "a.qcow2", "out.raw"],
+            &["resize", "a.qcow2", "2M"],
+            &["rebase", "-u", "-b", "", "a.qcow2"],
+            &["create", "-f", "qcow2", "a.qcow2", "1M"],
+        ] {
+            same(p, args);
+        }
+    }
+    {
+        // A reader keeps writers out.
+        let _reader = QemuIoHolding::new(p, "a.qcow2", "qcow2", true);
+        same(p, &["info", "a.qcow2"]);
+        same(p, &["resize", "a.qcow2", "2M"]);
+        same(p, &["check", "-r", "all", "a.qcow2"]);
+    }
+    // Onto itself: refused before the target is truncated, for both formats.
+    let (code, _) = qemu(p, &["convert", "-O", "raw", "a.qcow2", "a.raw"]);
+    assert_eq!(code, 0);
+    for (img, fmt) in [("a.qcow2", "qcow2"), ("a.raw", "raw")] {
+        let before = std::fs::read(p.join(img)).unwrap();
+        same(p, &["convert", "-O", fmt, img, img]);
+        assert_eq!(std::fs::read(p.join(img)).unwrap(), before, "{img} changed");
+    }
+    // Our own locks keep QEMU out: a qimg check -r in flight would show as a lock conflict,
+    // so hold one the way qimg takes it, through the library, and ask qemu-img.
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(p.join("a.qcow2"))
+        .unwrap();
+    qcow2::lock::lock_image_file(
+        &file,
+        &p.join("a.qcow2"),
+        qcow2::Locking::On,
+        qcow2::Format::Qcow2,
+        true,
+    )
+    .unwrap();
+    let out = Command::new("qemu-img")
+        .current_dir(p)
+        .args(["info", "a.qcow2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Failed to get shared \"write\" lock"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// With `data_file_raw=on` the data file is a standalone raw image, so every cluster maps
+/// onto it from the start (QEMU preallocates the metadata): bytes written into the data file
+/// directly read back through the qcow2 image.
+#[test]
+fn a_raw_data_file_is_mapped_from_creation() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    for (tool, name) in [("qemu-img", "theirs"), (env!("CARGO_BIN_EXE_qimg"), "ours")] {
+        let opts = format!("data_file={name}.raw,data_file_raw=on");
+        let img = format!("{name}.qcow2");
+        let (code, _) = run(
+            p,
+            tool,
+            &["create", "-q", "-f", "qcow2", "-o", &opts, &img, "1M"],
+        );
+        assert_eq!(code, 0, "{tool}");
+        let raw = std::fs::File::options()
+            .write(true)
+            .open(p.join(format!("{name}.raw")))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&raw, &[0x5a; 65536], 1 << 19).unwrap();
+        let (code, out) = run(
+            p,
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0x5a 512k 64k", &img],
+        );
+        assert!(code == 0 && !out.contains("failed"), "{name}: {out}");
+    }
+    let ours = qemu(p, &["map", "--output=json", "ours.qcow2"]);
+    let theirs = qemu(p, &["map", "--output=json", "theirs.qcow2"]);
+    assert_eq!(ours.1.replace("ours", "X"), theirs.1.replace("theirs", "X"));
+    same(p, &["check", "ours.qcow2"]);
 }

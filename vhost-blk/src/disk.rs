@@ -5,7 +5,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::{FileStorage, Format, Image, RawImage};
+use qcow2::{FileStorage, Format, Image, Locking, RawImage};
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 use crate::error::{Error, Result};
@@ -96,7 +96,8 @@ impl Disk {
     /// Opens the image described by `opts`.
     ///
     /// Raw images are opened here (not through `qcow2::open_image`) to honour `--direct` and
-    /// the probing rules; qcow2 goes through the qcow2 engine.
+    /// the probing rules; qcow2 goes through the qcow2 engine. Both are locked as QEMU locks
+    /// them, so that an image QEMU or qemu-img uses is refused, and they refuse ours.
     pub fn open(opts: &DiskOptions) -> Result<Disk> {
         let open_error = |source| Error::Open {
             path: opts.path.clone(),
@@ -136,6 +137,9 @@ impl Disk {
                         e,
                     ))
                 })?;
+                let writable = !opts.read_only;
+                qcow2::lock::lock_image_file(&file, &opts.path, Locking::On, format, writable)
+                    .map_err(open_error)?;
                 let storage = Arc::new(FileStorage::new(file));
                 Arc::new(RawImage::new(storage, opts.read_only).map_err(open_error)?)
             }
@@ -144,6 +148,7 @@ impl Disk {
                     read_only: opts.read_only,
                     format: Some(Format::Qcow2),
                     direct: opts.direct,
+                    locking: Locking::On,
                     ..Default::default()
                 };
                 Arc::from(qcow2::open_image(&opts.path, &open_opts).map_err(open_error)?)

@@ -104,7 +104,8 @@ fn error_line(e: &anyhow::Error) -> String {
             line.push_str(&text);
         }
     }
-    line
+    // One line: a multi-line message (QEMU's lock hint) continues after "; ".
+    line.replace('\n', "; ")
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

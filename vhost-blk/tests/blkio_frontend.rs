@@ -652,6 +652,44 @@ fn start_up_errors_exit_1_with_one_line() {
     ]);
     assert!(err.contains("in use") && err.lines().count() == 1, "{err}");
     assert!(d.running());
+
+    // QEMU's image locks, both ways: qemu-img cannot open an image we serve, and we refuse
+    // an image QEMU has open.
+    let other = dir.path().join("other.sock");
+    let qcow2 = dir.path().join("disk.qcow2");
+    qemu_img_create(&qcow2, "qcow2", "1M", &[]);
+    let sub = dir.path().join("q");
+    std::fs::create_dir(&sub).unwrap();
+    let mut q = Daemon::start(&sub, &qcow2, &["--format", "qcow2"]);
+    let (ok, out) = run("qemu-img", &["info", qcow2.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("Failed to get shared \"write\" lock"),
+        "qemu-img opened an image vhost-blk serves: {out}"
+    );
+    q.stop();
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", qcow2.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let err = failing_start(&[
+        "--socket",
+        other.to_str().unwrap(),
+        "--image",
+        qcow2.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        err.contains("disk.qcow2")
+            && err.contains("Failed to get \"write\" lock")
+            && err.lines().count() == 1,
+        "{err}"
+    );
     d.stop();
 }
 

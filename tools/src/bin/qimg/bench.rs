@@ -67,7 +67,7 @@ pub struct Args {
 
 /// Runs `qimg bench`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = (a.nocache, a.no_drain, a.quiet, &a.cache, a.force_share);
+    let _ = (a.nocache, a.no_drain, a.quiet, &a.cache);
     if let Some(m) = a.aio.as_deref() {
         if !matches!(m, "threads" | "native" | "io_uring") {
             bail!("Invalid aio option: {m}");
@@ -90,7 +90,13 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if flush_interval.is_some() && !a.write {
         bail!("--flush-interval is only available in write tests");
     }
-    let img: Arc<dyn Image> = crate::open(&a.filename, a.format.as_deref(), !a.write)?.into();
+    let img: Arc<dyn Image> = crate::open(
+        &a.filename,
+        a.format.as_deref(),
+        !a.write,
+        crate::locking(a.force_share),
+    )?
+    .into();
     let size = img.size();
     println!(
         "Sending {} {} requests, {bufsize} bytes each, {} in parallel (starting at offset {start}, step size {step})",

@@ -5,7 +5,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use qcow2::{BlockStatus, FileStorage, Format, Image, Qcow2, RawImage, SnapshotRef, Storage};
+use qcow2::{
+    BlockStatus, FileStorage, Format, Image, Locking, Qcow2, RawImage, SnapshotRef, Storage,
+};
 
 use crate::info::path_combine;
 
@@ -75,14 +77,17 @@ pub fn open_layer(
     name: &str,
     format: Option<&str>,
     snapshot: Option<&SnapshotRef>,
+    locking: Locking,
 ) -> anyhow::Result<(Layer, Backing)> {
     let path = Path::new(name);
     let file = std::fs::File::open(path).map_err(|e| crate::file_open_error(name, e))?;
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+    let file = FileStorage::new(file);
     let fmt = match format {
         Some(f) => crate::parse_format(f)?,
-        None => qcow2::open::probe(&*storage)?,
+        None => qcow2::open::probe(&file)?,
     };
+    crate::lock(file.file(), name, locking, fmt, false)?;
+    let storage: Arc<dyn Storage> = Arc::new(file);
     if fmt == Format::Raw {
         if snapshot.is_some() {
             return Err(crate::open_error(name, qcow2::Error::NoSnapshots("raw")));
@@ -93,6 +98,7 @@ pub fn open_layer(
         read_only: true,
         no_backing: true,
         snapshot: snapshot.cloned(),
+        locking,
         ..Default::default()
     };
     let img = Qcow2::open_storage(
@@ -127,11 +133,13 @@ fn detect_metadata_preallocation(img: &Qcow2, path: &Path) -> anyhow::Result<boo
 }
 
 impl Chain {
-    /// Opens `filename` (or a view of its internal `snapshot`) and its whole backing chain.
+    /// Opens `filename` (or a view of its internal `snapshot`) and its whole backing chain,
+    /// each file locked with `locking`.
     pub fn open(
         filename: &str,
         format: Option<&str>,
         snapshot: Option<&SnapshotRef>,
+        locking: Locking,
     ) -> anyhow::Result<Chain> {
         let mut nodes: Vec<Node> = Vec::new();
         let mut next = Some((filename.to_string(), format.map(str::to_string)));
@@ -142,7 +150,7 @@ impl Chain {
             let top = if nodes.is_empty() { snapshot } else { None };
             let opened = match std::fs::metadata(&name) {
                 Err(e) if !nodes.is_empty() => Err(anyhow::anyhow!("Could not open '{name}': {e}")),
-                _ => open_layer(&name, fmt.as_deref(), top),
+                _ => open_layer(&name, fmt.as_deref(), top, locking),
             };
             // qemu-img opens the chain as one: a backing file's error is nested once per
             // level under the top image's.

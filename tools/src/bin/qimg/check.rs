@@ -38,7 +38,6 @@ fn percent(n: u64, d: u64) -> String {
 
 /// Runs `qimg check`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
     crate::output_is_json("check", &a.output)?;
     if let Some(r) = &a.repair {
         if r != "leaks" && r != "all" {
@@ -65,13 +64,18 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             return Ok(1);
         }
     };
-    let storage: std::sync::Arc<dyn qcow2::Storage> =
-        std::sync::Arc::new(qcow2::FileStorage::new(file));
-    let probed = fmt.map_or_else(|| qcow2::open::probe(&*storage), Ok)?;
+    let file = qcow2::FileStorage::new(file);
+    let probed = fmt.map_or_else(|| qcow2::open::probe(&file), Ok)?;
     if probed != qcow2::Format::Qcow2 {
         crate::print_error("This image format does not support checks");
         return Ok(63);
     }
+    let locking = crate::locking(a.force_share);
+    if let Err(e) = crate::lock(file.file(), &a.filename, locking, probed, !read_only) {
+        crate::print_error(e);
+        return Ok(1);
+    }
+    let storage: std::sync::Arc<dyn qcow2::Storage> = std::sync::Arc::new(file);
     let img = match qcow2::Qcow2::open_storage(storage, &opts, None) {
         Ok(i) => i,
         Err(e) => {

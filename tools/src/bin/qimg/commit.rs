@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use qcow2::{FileStorage, Format, Preallocation, Qcow2};
+use qcow2::{FileStorage, Format, Locking, Preallocation, Qcow2};
 
 use crate::chain::Chain;
 use crate::info::path_combine;
@@ -53,13 +53,20 @@ fn find_base(chain: &Chain, name: &str) -> Option<usize> {
     })
 }
 
-/// Grows the base to `size` bytes if it is smaller.
-fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
+/// Opens `name` for writing, locked as a writer of a `format` image.
+fn open_for_writing(name: &str, format: Format) -> anyhow::Result<std::fs::File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(name)
         .map_err(|e| crate::file_open_error(name, e))?;
+    crate::lock(&file, name, Locking::On, format, true)?;
+    Ok(file)
+}
+
+/// Grows the base to `size` bytes if it is smaller.
+fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
+    let file = open_for_writing(name, format)?;
     match format {
         Format::Raw => {
             if file.metadata()?.len() < size {
@@ -89,10 +96,13 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
         bail!("Invalid cache option: {c}");
     }
-    let chain = Chain::open(&a.filename, a.format.as_deref(), None)?;
+    // The chain is read without locks: the images written (the top, emptied at the end, and
+    // the base) are locked as writers, which keeps everyone else out.
+    let chain = Chain::open(&a.filename, a.format.as_deref(), None, Locking::Off)?;
     if chain.len() < 2 {
         bail!("Image does not have a backing file");
     }
+    let top_file = open_for_writing(&a.filename, chain.format(0))?;
     let b = match &a.base {
         None => 1,
         Some(name) => find_base(&chain, name).with_context(|| {
@@ -105,8 +115,8 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let size = chain.size();
     let base_name = chain.name(b);
     grow_base(base_name, chain.format(b), size)?;
-    let top = crate::open(&a.filename, a.format.as_deref(), true)?;
-    let base = crate::open(base_name, Some(chain.format(b).name()), false)?;
+    let top = crate::open(&a.filename, a.format.as_deref(), true, Locking::Off)?;
+    let base = crate::open(base_name, Some(chain.format(b).name()), false, Locking::On)?;
     let show = a.progress && !a.quiet;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut offset = 0;
@@ -132,12 +142,8 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     base.flush()?;
     drop(base);
     if a.base.is_none() && !a.drop_not {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&a.filename)
-            .map_err(|e| crate::file_open_error(&a.filename, e))?;
-        let img = Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), None)
+        let storage = Arc::new(FileStorage::new(top_file));
+        let img = Qcow2::open_storage(storage, &Default::default(), None)
             .map_err(|e| crate::open_error(&a.filename, e))?;
         img.make_empty()?;
     }

@@ -67,15 +67,15 @@ fn first_nonzero(a: &dyn Image, from: u64, to: u64) -> qcow2::Result<Option<u64>
 
 /// Runs `qimg compare`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
+    let locking = crate::locking(a.force_share);
     let say = |s: String| {
         if !a.quiet {
             println!("{s}");
         }
     };
     let (i1, i2) = match (
-        crate::open(&a.image1, a.format1.as_deref(), true),
-        crate::open(&a.image2, a.format2.as_deref(), true),
+        crate::open(&a.image1, a.format1.as_deref(), true, locking),
+        crate::open(&a.image2, a.format2.as_deref(), true, locking),
     ) {
         (Ok(x), Ok(y)) => (x, y),
         (Err(e), _) | (_, Err(e)) => {

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Context};
-use qcow2::{CreateOptions, Format, Image, Qcow2, SnapshotRef};
+use qcow2::{CreateOptions, Format, Image, Locking, Qcow2, SnapshotRef};
 
 use crate::create::{parse_options, qcow2_options, OptionError};
 use crate::interrupt::{signal_name, Interrupt};
@@ -608,7 +608,7 @@ impl Turnstile {
 
 /// Runs `qimg convert`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = (a.out_of_order, a.force_share);
+    let _ = a.out_of_order;
     // Checked before anything else, as qemu-img does.
     if a.target_is_zero && !a.no_create {
         bail!("--target-is-zero requires use of -n flag");
@@ -647,7 +647,8 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .enumerate()
         .map(|(i, s)| -> anyhow::Result<Source> {
             let view = if i == 0 { snapshot.clone() } else { None };
-            let img = crate::open_at(s, a.format.as_deref(), true, view)?;
+            let locking = crate::source_locking(a.force_share);
+            let img = crate::open_at(s, a.format.as_deref(), true, view, locking)?;
             let map = img.data_fd().and_then(Mapping::new);
             let size = img.size().next_multiple_of(512);
             Ok(Source { img, map, size })
@@ -692,6 +693,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 })?;
                 // As qemu-img: the target has the sources' size whatever `-o size` says.
                 o.size = total;
+                o.locking = Locking::On;
                 if a.backing.is_some() {
                     o.backing_file.clone_from(&a.backing);
                 }
@@ -708,8 +710,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 fresh = !target_backing;
             }
             Format::Raw => {
-                let f = std::fs::File::create(target_path)
-                    .with_context(|| format!("Could not create '{target_name}'"))?;
+                let f = qcow2::create::create_file(target_path, Locking::On).map_err(|e| {
+                    anyhow::anyhow!("{target_name}: error while converting raw: {e}")
+                })?;
                 f.set_len(total)?;
                 fresh = true;
             }
@@ -722,6 +725,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .write(true)
         .open(target_path)
         .with_context(|| format!("Could not open '{target_name}'"))?;
+    crate::lock(&file, target_name, Locking::On, out_fmt, true)?;
     let storage: Arc<dyn qcow2::Storage> = if flushes {
         Arc::new(qcow2::FileStorage::new(file))
     } else {

@@ -1,7 +1,7 @@
 //! `qimg create`.
 
 use anyhow::bail;
-use qcow2::{CompressionType, CreateOptions, Format, Preallocation};
+use qcow2::{CompressionType, CreateOptions, Format, Locking, Preallocation};
 
 use crate::size::{cvtnum, option_size, strtoi64, SizeError};
 
@@ -214,6 +214,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let mut o = CreateOptions {
         backing_file: a.backing.clone(),
         backing_format: a.backing_format.clone(),
+        locking: Locking::On,
         ..Default::default()
     };
     if let Some(s) = &a.size {
@@ -293,8 +294,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             e => anyhow::anyhow!("{}: {e}", a.filename),
         })?,
         // Like qemu-img: whole 512-byte sectors, the size printed above unrounded.
-        Format::Raw => std::fs::File::create(path)
-            .and_then(|f| f.set_len(o.size.next_multiple_of(512)))
+        Format::Raw => qcow2::create::create_file(path, Locking::On)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", a.filename))?
+            .set_len(o.size.next_multiple_of(512))
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::EFBIG) => too_large(&a.filename, "raw", ""),
                 _ => anyhow::Error::new(e).context(format!("Could not create '{}'", a.filename)),

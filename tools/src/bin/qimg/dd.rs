@@ -3,7 +3,7 @@
 //! of the input, skipped blocks included).
 
 use anyhow::{bail, Context};
-use qcow2::{CreateOptions, Format};
+use qcow2::{CreateOptions, Format, Locking};
 
 use crate::size::{cvtint_full, cvtnum_full};
 
@@ -62,10 +62,14 @@ fn parse_operands(ops: &[String]) -> anyhow::Result<Operands> {
 
 /// Runs `qimg dd`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
     let ops = parse_operands(&a.operands)?;
     let out_fmt = crate::parse_format(&a.output_format)?;
-    let input = crate::open(&ops.input, a.format.as_deref(), true)?;
+    let input = crate::open(
+        &ops.input,
+        a.format.as_deref(),
+        true,
+        crate::source_locking(a.force_share),
+    )?;
     let mut size = match input.format() {
         Format::Raw => input.size().next_multiple_of(512),
         Format::Qcow2 => input.size(),
@@ -81,19 +85,21 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             out_path,
             &CreateOptions {
                 size: out_size,
+                locking: Locking::On,
                 ..Default::default()
             },
         )
         .map_err(|e| anyhow::anyhow!("{}: {e}", ops.output))?,
-        Format::Raw => std::fs::File::create(out_path)
-            .and_then(|f| f.set_len(out_size.next_multiple_of(512)))
+        Format::Raw => qcow2::create::create_file(out_path, Locking::On)
+            .map_err(|e| crate::open_error(&ops.output, e))?
+            .set_len(out_size.next_multiple_of(512))
             .with_context(|| format!("{}: Could not create", ops.output))?,
     }
     let Some(mut in_pos) = skip else {
         crate::print_error(format!("{}: cannot skip to specified offset", ops.input));
         return Ok(0);
     };
-    let output = crate::open(&ops.output, Some(out_fmt.name()), false)?;
+    let output = crate::open(&ops.output, Some(out_fmt.name()), false, Locking::On)?;
     let mut buf = vec![0u8; ops.bs.min(size - in_pos).max(1) as usize];
     let mut out_pos = 0;
     while in_pos < size {

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use anyhow::{bail, Context};
 use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
 use qcow2::format::snapshot::Snapshot;
-use qcow2::Storage;
+use qcow2::{Locking, Storage};
 
 use crate::chain::{open_layer, Backing, Layer};
 use crate::qjson::{dict, QObj};
@@ -168,9 +168,13 @@ fn qcow2_specific(h: &Header, bitmaps: Option<QObj>) -> QObj {
 }
 
 /// Gathers the info of one image; also returns its backing file.
-fn node_info(filename: &str, format: Option<&str>) -> anyhow::Result<(NodeInfo, Backing)> {
+fn node_info(
+    filename: &str,
+    format: Option<&str>,
+    locking: Locking,
+) -> anyhow::Result<(NodeInfo, Backing)> {
     let meta = std::fs::metadata(filename).map_err(|e| crate::file_open_error(filename, e))?;
-    let (layer, backing) = open_layer(filename, format, None)?;
+    let (layer, backing) = open_layer(filename, format, None, locking)?;
     // A raw image's node is its file's node with the file as its child.
     let mut node = NodeInfo {
         format: "raw",
@@ -383,7 +387,7 @@ fn local_time(secs: i64) -> String {
 
 /// Runs `qimg info`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
+    let locking = crate::locking(a.force_share);
     let json = crate::output_is_json("info", &a.output)?;
     let mut chain = Vec::new();
     let mut next = Some((a.filename.clone(), a.format.clone()));
@@ -393,7 +397,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         {
             bail!("Backing file '{name}' creates an infinite loop.");
         }
-        let (node, backing) = node_info(&name, fmt.as_deref())?;
+        let (node, backing) = node_info(&name, fmt.as_deref(), locking)?;
         chain.push(node);
         if a.backing_chain {
             next = backing;

@@ -24,6 +24,7 @@ mod snapshot_param;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use qcow2::Locking;
 
 /// qimg: QEMU disk image utility, compatible with qemu-img for qcow2 and raw images.
 #[derive(Parser)]
@@ -175,8 +176,39 @@ pub fn open(
     path: &str,
     format: Option<&str>,
     read_only: bool,
+    locking: Locking,
 ) -> anyhow::Result<Box<dyn qcow2::Image>> {
-    open_at(path, format, read_only, None)
+    open_at(path, format, read_only, None, locking)
+}
+
+/// qemu-img's locking of images it opens: QEMU's locks, or none kept out with `-U`.
+pub fn locking(force_share: bool) -> Locking {
+    if force_share {
+        Locking::ForceShare
+    } else {
+        Locking::On
+    }
+}
+
+/// qemu-img's locking of the images it copies from: writers are kept out of raw files too.
+pub fn source_locking(force_share: bool) -> Locking {
+    if force_share {
+        Locking::ForceShare
+    } else {
+        Locking::Consistent
+    }
+}
+
+/// Locks a file qimg opened itself, as `qcow2::open_image` locks the files it opens.
+pub fn lock(
+    file: &std::fs::File,
+    name: &str,
+    locking: Locking,
+    format: qcow2::Format,
+    writable: bool,
+) -> anyhow::Result<()> {
+    qcow2::lock::lock_image_file(file, std::path::Path::new(name), locking, format, writable)
+        .map_err(|e| open_error(name, e))
 }
 
 /// Opens an image, or a read-only view of one of its internal snapshots, as qemu-img would.
@@ -185,11 +217,13 @@ pub fn open_at(
     format: Option<&str>,
     read_only: bool,
     snapshot: Option<qcow2::SnapshotRef>,
+    locking: Locking,
 ) -> anyhow::Result<Box<dyn qcow2::Image>> {
     let opts = qcow2::OpenOptions {
         read_only,
         format: format.map(parse_format).transpose()?,
         snapshot,
+        locking,
         ..Default::default()
     };
     qcow2::open_image(std::path::Path::new(path), &opts).map_err(|e| open_error(path, e))

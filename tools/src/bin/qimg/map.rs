@@ -104,11 +104,15 @@ fn parse_opt(v: &Option<String>, what: &str) -> anyhow::Result<Option<u64>> {
 
 /// Runs `qimg map`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
     let json = crate::output_is_json("map", &a.output)?;
     let start = parse_opt(&a.start_offset, "start offset")?.unwrap_or(0);
     let max_length = parse_opt(&a.max_length, "max length")?.unwrap_or(i64::MAX as u64);
-    let chain = Chain::open(&a.filename, a.format.as_deref(), None)?;
+    let chain = Chain::open(
+        &a.filename,
+        a.format.as_deref(),
+        None,
+        crate::locking(a.force_share),
+    )?;
     let end = chain.size().min(start.saturating_add(max_length));
     let mut out = String::new();
     if json {

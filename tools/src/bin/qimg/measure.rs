@@ -166,7 +166,6 @@ fn measure_qcow2(
 
 /// Runs `qimg measure`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
     let json = crate::output_is_json("measure", &a.output)?;
     let snapshot = a
         .snapshot
@@ -179,7 +178,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             bail!("--image-opts, -f, and -l require a filename argument.")
         }
         (None, None) => bail!("Either --size N or one filename must be specified."),
-        (None, Some(f)) => Some(Chain::open(f, a.format.as_deref(), snapshot.as_ref())?),
+        (None, Some(f)) => Some(Chain::open(
+            f,
+            a.format.as_deref(),
+            snapshot.as_ref(),
+            crate::locking(a.force_share),
+        )?),
         (Some(_), None) => None,
     };
     let size = (a.size.as_deref())

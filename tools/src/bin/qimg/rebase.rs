@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use qcow2::{FileStorage, Image, Qcow2};
+use qcow2::{FileStorage, Image, Locking, Qcow2};
 
 use crate::info::path_combine;
 
@@ -215,6 +215,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .write(true)
         .open(path)
         .map_err(|e| crate::file_open_error(&a.filename, e))?;
+    crate::lock(&file, &a.filename, Locking::On, qcow2::Format::Qcow2, true)?;
     // Unsafe mode never opens the old backing file.
     let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));
     let img = Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), dir)
@@ -231,6 +232,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 &path_combine(&a.filename, b),
                 a.backing_format.as_deref(),
                 true,
+                Locking::On,
             )?),
             None => None,
         };

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
-use qcow2::{FileStorage, Format, Preallocation, Qcow2, Storage};
+use qcow2::{FileStorage, Format, Locking, Preallocation, Qcow2, Storage};
 
 use crate::size::option_size;
 
@@ -109,6 +109,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         Some(f) => crate::parse_format(f)?,
         None => qcow2::open::probe(&*storage)?,
     };
+    crate::lock(storage.file(), &a.filename, Locking::On, fmt, true)?;
     let mut qcow = None;
     let current = match fmt {
         // As QEMU sees it: in whole sectors.
