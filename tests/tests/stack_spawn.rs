@@ -151,4 +151,11 @@ fn a_killed_vhost_blk_child_is_restarted_and_the_guest_carries_on() {
     assert!(processes_using(dir.path()).is_empty());
     let (code, report) = qemu_check(&image);
     assert_eq!(code, 0, "{report}");
+    let flat = dir.path().join("flat.raw");
+    let args = ["convert", "-O", "raw", image.to_str().unwrap()];
+    qemu_img(&[&args[..], &[flat.to_str().unwrap()]].concat());
+    assert!(
+        fs::read(&flat).unwrap()[MIB..2 * MIB] == blk_step_data()[..],
+        "the guest's writes are not in the image"
+    );
 }

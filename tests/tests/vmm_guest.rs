@@ -117,7 +117,11 @@ fn raw_disk_served_by_qemu_storage_daemon_with_a_bzimage_kernel() {
     let run = boot.run(dir.path(), BOOT_TIMEOUT);
     run.expect_marker("COWBIRD-BLK-OK");
     run.expect_clean_poweroff();
-    qsd.stop();
+    assert!(
+        qsd.stop(),
+        "qemu-storage-daemon did not exit cleanly:\n{}",
+        qsd.log()
+    );
     assert_blk_step_landed(&fs::read(&image).unwrap());
 }
 
@@ -134,6 +138,9 @@ fn vhost_blk_killed_and_restarted_while_the_guest_is_idle() {
     boot.kernel_args = "cowbird.pause=15";
     let run = boot.run_with_pause(dir.path(), BOOT_TIMEOUT, || {
         first.kill();
+        // Wipe what the first step wrote: only the second one can put it back.
+        let file = fs::File::options().write(true).open(&image).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &vec![0u8; MIB], MIB as u64).unwrap();
         Backend::vhost_blk(dir.path(), "blk", &image, &["--format", "raw"])
     });
     let (run, mut second) = run;
@@ -150,7 +157,11 @@ fn vhost_blk_killed_and_restarted_while_the_guest_is_idle() {
         "{}",
         second.log()
     );
-    second.stop();
+    assert!(
+        second.stop(),
+        "vhost-blk did not exit cleanly:\n{}",
+        second.log()
+    );
     assert_blk_step_landed(&fs::read(&image).unwrap());
 }
 

@@ -949,10 +949,13 @@ fn growing_over_a_longer_backing_file_reads_zeros() {
         ],
     );
     qemu_io(p, "top.qcow2", &["write -P 0x44 2M 100k"]);
-    qimg(p, &["commit", "-d", "top.qcow2"]);
+    assert_eq!(qimg(p, &["commit", "-d", "top.qcow2"]).0, 0);
+    // The shorter image itself now holds top's data, zeros where it grew.
+    let info = qemu(p, &["info", "--output=json", "over.qcow2"]).1;
+    assert!(info.contains("\"virtual-size\": 3145728"), "{info}");
     qemu_io(
         p,
-        "top.qcow2",
+        "over.qcow2",
         &[
             "read -P 0x22 0 64k",
             "read -P 0x11 64k 436k",

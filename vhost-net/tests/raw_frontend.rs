@@ -292,6 +292,9 @@ fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
     ring.publish(&[0]);
     let (_call, kick) = ring.start(&mut fe, features, RX_QUEUE);
     kick.write(1).unwrap();
+    // A full-size frame is waiting in the TAP while only the one buffer is there.
+    let frame = test_frame(1514, 3);
+    inject(&ns, &daemon.tap, frame.clone());
     std::thread::sleep(Duration::from_millis(200));
     let before = cpu_seconds(daemon.proc.pid());
     std::thread::sleep(Duration::from_millis(500));
@@ -304,8 +307,6 @@ fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
 
     ring.publish(&[1, 2]);
     kick.write(1).unwrap();
-    let frame = test_frame(1514, 3);
-    inject(&ns, &daemon.tap, frame.clone());
     let used = ring.wait_used(2, || daemon.proc.log());
     assert_eq!(
         used[..2],
