@@ -104,9 +104,13 @@ fn parse_err(c: DescriptorChain<&Mem>, l: &Limits) -> request::Rejected {
 }
 
 fn disk(read_only: bool) -> Disk {
-    let f = tempfile::tempfile().unwrap();
-    f.set_len(2048 * 512).unwrap();
-    let img = RawImage::new(Arc::new(FileStorage::new(f)), read_only).unwrap();
+    disk_on(tempfile::tempfile().unwrap(), read_only)
+}
+
+/// A disk on `file` (made 1 MiB long).
+fn disk_on(file: std::fs::File, read_only: bool) -> Disk {
+    file.set_len(2048 * 512).unwrap();
+    let img = RawImage::new(Arc::new(FileStorage::new(file)), read_only).unwrap();
     Disk::new(Arc::new(img), Some("serial-42"), 4096).unwrap()
 }
 
@@ -334,12 +338,19 @@ fn requests_past_the_end_of_the_disk_fail() {
         }
     }
     // The last sector itself is fine, and so is a zero-length read at the very end.
-    put_header(&mem, HDR, VIRTIO_BLK_T_IN, 2047);
-    let c = chain(&mem, &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)]);
-    assert!(request::parse(c, &limits(false)).is_ok());
-    put_header(&mem, HDR, VIRTIO_BLK_T_IN, 2048);
-    let c = chain(&mem, &[d(HDR, 16, 0), d(STATUS, 1, W)]);
-    assert!(request::parse(c, &limits(false)).is_ok());
+    for (sector, len) in [(2047u64, 512u32), (2048, 0)] {
+        put_header(&mem, HDR, VIRTIO_BLK_T_IN, sector);
+        let descs: &[RawDescriptor] = if len > 0 {
+            &[d(HDR, 16, 0), d(DATA, len, W), d(STATUS, 1, W)]
+        } else {
+            &[d(HDR, 16, 0), d(STATUS, 1, W)]
+        };
+        let r = request::parse(chain(&mem, descs), &limits(false)).unwrap();
+        assert_eq!(
+            (r.kind.clone(), r.sector, r.data_len()),
+            (RequestKind::In, sector, u64::from(len))
+        );
+    }
 }
 
 #[test]
@@ -363,17 +374,24 @@ fn unknown_types_are_unsupported() {
 #[test]
 fn read_only_refuses_every_write_kind() {
     let mem = memory();
-    let ro = disk(true);
-    for t in [
-        VIRTIO_BLK_T_OUT,
-        VIRTIO_BLK_T_DISCARD,
-        VIRTIO_BLK_T_WRITE_ZEROES,
-    ] {
+    let file = tempfile::tempfile().unwrap();
+    let pattern = vec![0x5au8; 2048 * 512];
+    std::os::unix::fs::FileExt::write_all_at(&file, &pattern, 0).unwrap();
+    let ro = disk_on(file.try_clone().unwrap(), true);
+    // A non-zero write, then a discard and a write-zeroes of the first 8 sectors.
+    put_header(&mem, HDR, VIRTIO_BLK_T_OUT, 0);
+    mem.write_slice(&[0xeeu8; 512], GuestAddress(DATA)).unwrap();
+    let c = chain(&mem, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)]);
+    assert_eq!(complete(&mem, c, &ro).status, Some(IOERR), "write");
+    for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
         put_header(&mem, HDR, t, 0);
-        mem.write_slice(&[0u8; 16], GuestAddress(DATA)).unwrap();
-        let c = chain(&mem, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)]);
+        let len = put_ranges(&mem, &[(0, 8, 0)]);
+        let c = chain(&mem, &[d(HDR, 16, 0), d(DATA, len, 0), d(STATUS, 1, W)]);
         assert_eq!(complete(&mem, c, &ro).status, Some(IOERR), "type {t}");
     }
+    let mut after = vec![0u8; pattern.len()];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut after, 0).unwrap();
+    assert!(after == pattern, "a refused request changed the disk");
     put_header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
     let c = chain(&mem, &[d(HDR, 16, 0), d(STATUS, 1, W)]);
     assert_eq!(complete(&mem, c, &ro).status, Some(OK));

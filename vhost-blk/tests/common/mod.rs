@@ -132,12 +132,10 @@ impl Daemon {
     /// Memory the daemon has pinned (`VmPin` in /proc/PID/status), in KiB.
     pub fn pinned_kib(&self) -> u64 {
         let pid = self.child.as_ref().expect("daemon stopped").id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmPin:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("VmPin:"));
+        let kib = line.and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        kib.unwrap_or_else(|| panic!("no VmPin in /proc/{pid}/status:\n{status}"))
     }
 
     /// Whether the process is still running.
