@@ -311,7 +311,7 @@ fn scenario(offloads: bool) {
     transfer_both_ways(&s);
     assert_eq!(tcp_checksum_errors(&s.a), 0, "TCP checksum errors in A");
     assert_eq!(tcp_checksum_errors(&s.b), 0, "TCP checksum errors in B");
-    let _ = s.testpmd.stop_with(libc::SIGINT);
+    s.testpmd.stop_frontend();
     s.daemon.stop();
 }
 

@@ -278,6 +278,21 @@ impl Proc {
         }
     }
 
+    /// Stops a frontend (testpmd) that must still be running, with SIGINT, expecting exit 0:
+    /// a frontend crash during the traffic must not go unnoticed.
+    pub fn stop_frontend(&mut self) {
+        if let Some(status) = self.try_wait() {
+            panic!("{} died ({status}):\n{}", self.what, self.log());
+        }
+        let status = self.stop_with(libc::SIGINT);
+        assert!(
+            status.success(),
+            "{} exited with {status}:\n{}",
+            self.what,
+            self.log()
+        );
+    }
+
     /// Sends `signal` and waits (at most 20 s) for the exit status.
     pub fn stop_with(&mut self, signal: libc::c_int) -> ExitStatus {
         let mut child = self.child.take().expect("already stopped");
