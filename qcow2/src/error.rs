@@ -60,6 +60,9 @@ pub enum Error {
         /// QEMU's wording of the conflict ("Failed to get \"write\" lock").
         message: String,
     },
+    /// A directory where an image file was expected (QEMU's wording).
+    #[error("'file' driver requires '{}' to be a regular file", .0.display())]
+    NotAFile(PathBuf),
     /// A backing chain problem: missing file, loop, too deep.
     #[error("backing file {path}: {reason}")]
     Backing {

@@ -48,8 +48,14 @@ pub struct OpenOptions {
     pub locking: Locking,
 }
 
-fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::File> {
+/// Opens an image's file as QEMU's file driver does, for reading or also writing, with
+/// O_DIRECT if `direct`. A directory opens for reading, so that case is refused by name (for
+/// writing, open(2) refuses it).
+pub fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
+    if read_only && std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(Error::NotAFile(path.to_path_buf()));
+    }
     let mut o = FsOpenOptions::new();
     o.read(true).write(!read_only);
     if direct {

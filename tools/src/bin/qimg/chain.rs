@@ -80,8 +80,7 @@ pub fn open_layer(
     locking: Locking,
 ) -> anyhow::Result<(Layer, Backing)> {
     let path = Path::new(name);
-    let file = std::fs::File::open(path).map_err(|e| crate::file_open_error(name, e))?;
-    let file = FileStorage::new(file);
+    let file = FileStorage::new(crate::open_file(name, false)?);
     let fmt = match format {
         Some(f) => crate::parse_format(f)?,
         None => qcow2::open::probe(&file)?,

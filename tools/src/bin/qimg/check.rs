@@ -53,14 +53,10 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         no_backing: true,
         ..Default::default()
     };
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-    {
+    let file = match crate::open_file(&a.filename, !read_only) {
         Ok(f) => f,
         Err(e) => {
-            crate::print_error(crate::file_open_error(&a.filename, e));
+            crate::print_error(format!("{e:#}"));
             return Ok(1);
         }
     };

@@ -55,11 +55,7 @@ fn find_base(chain: &Chain, name: &str) -> Option<usize> {
 
 /// Opens `name` for writing, locked as a writer of a `format` image.
 fn open_for_writing(name: &str, format: Format) -> anyhow::Result<std::fs::File> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(name)
-        .map_err(|e| crate::file_open_error(name, e))?;
+    let file = crate::open_file(name, true)?;
     crate::lock(&file, name, Locking::On, format, true)?;
     Ok(file)
 }
@@ -96,13 +92,15 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
         bail!("Invalid cache option: {c}");
     }
-    // The chain is read without locks: the images written (the top, emptied at the end, and
-    // the base) are locked as writers, which keeps everyone else out.
+    // Opened for writing first, as qemu-img does. The chain is read without locks: the
+    // images written (the top, emptied at the end, and the base) are locked as writers,
+    // which keeps everyone else out.
+    let top_file = crate::open_file(&a.filename, true)?;
     let chain = Chain::open(&a.filename, a.format.as_deref(), None, Locking::Off)?;
+    crate::lock(&top_file, &a.filename, Locking::On, chain.format(0), true)?;
     if chain.len() < 2 {
         bail!("Image does not have a backing file");
     }
-    let top_file = open_for_writing(&a.filename, chain.format(0))?;
     let b = match &a.base {
         None => 1,
         Some(name) => find_base(&chain, name).with_context(|| {

@@ -140,6 +140,12 @@ pub fn file_open_error(path: &str, e: std::io::Error) -> anyhow::Error {
     anyhow::anyhow!("Could not open '{path}': Could not open '{path}': {e}")
 }
 
+/// Opens the file of image `name` for reading, or also writing, with qemu-img's errors.
+pub fn open_file(name: &str, writable: bool) -> anyhow::Result<std::fs::File> {
+    qcow2::open::open_file(std::path::Path::new(name), !writable, false)
+        .map_err(|e| open_error(name, e))
+}
+
 /// qemu-img's error when the backing file of `path` cannot be opened (`why` names it).
 pub fn backing_open_error(path: &str, why: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("Could not open '{path}': Could not open backing file: {why}")

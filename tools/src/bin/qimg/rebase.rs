@@ -210,11 +210,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         }
     }
     let path = Path::new(&a.filename);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| crate::file_open_error(&a.filename, e))?;
+    let file = crate::open_file(&a.filename, true)?;
     crate::lock(&file, &a.filename, Locking::On, qcow2::Format::Qcow2, true)?;
     // Unsafe mode never opens the old backing file.
     let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));

@@ -99,11 +99,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             .with_context(|| format!("Invalid preallocation mode '{p}'"))?,
     };
     let path = Path::new(&a.filename);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| crate::file_open_error(&a.filename, e))?;
+    let file = crate::open_file(&a.filename, true)?;
     let storage = Arc::new(FileStorage::new(file));
     let fmt = match &a.format {
         Some(f) => crate::parse_format(f)?,
