@@ -2162,3 +2162,26 @@ fn a_raw_data_file_is_mapped_from_creation() {
     assert_eq!(ours.1.replace("ours", "X"), theirs.1.replace("theirs", "X"));
     same(p, &["check", "ours.qcow2"]);
 }
+
+/// A directory is not an image: refused with QEMU's words, whatever the subcommand and
+/// whether a format is given.
+#[test]
+fn a_directory_is_refused_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir(p.join("adir")).unwrap();
+    qcow2_image(p, &[], "a.qcow2", "1M", &[]);
+    for args in [
+        &["info", "adir"][..],
+        &["info", "-f", "raw", "adir"],
+        &["map", "adir"],
+        &["check", "adir"],
+        &["measure", "-O", "qcow2", "adir"],
+        &["convert", "adir", "out.img"],
+        &["compare", "adir", "a.qcow2"],
+        &["resize", "adir", "1M"],
+        &["commit", "adir"],
+    ] {
+        same(p, args);
+    }
+}
