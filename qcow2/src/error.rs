@@ -19,14 +19,15 @@ pub enum Error {
     /// The file does not start with the qcow2 magic.
     #[error("not a qcow2 image (bad magic 0x{0:08x})")]
     BadMagic(u32),
-    /// A header field holds a value the format forbids or we cannot handle.
-    #[error("invalid qcow2 header: {0}")]
+    /// A header field holds a value the format forbids or we cannot handle (QEMU's wording
+    /// where QEMU refuses the same).
+    #[error("{0}")]
     InvalidHeader(String),
     /// A version other than 2 or 3.
-    #[error("unsupported qcow2 version {0}")]
+    #[error("Unsupported qcow2 version {0}")]
     UnsupportedVersion(u32),
     /// The image uses a feature we do not implement (named from the feature table if present).
-    #[error("unsupported qcow2 feature: {0}")]
+    #[error("Unsupported qcow2 feature(s): {0}")]
     UnsupportedFeature(String),
     /// Metadata that points somewhere impossible: past EOF, misaligned, overlapping.
     #[error("image is corrupt: {0}")]

@@ -2185,3 +2185,42 @@ fn a_directory_is_refused_like_qemu_img() {
         same(p, args);
     }
 }
+
+/// Damaged headers are refused in qemu-img's words.
+#[test]
+fn damaged_headers_are_refused_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    // (name, byte offset, big-endian u32 written there; or a length to truncate to).
+    let patches: [(&str, u64, u32); 8] = [
+        ("version4", 4, 4),
+        ("cluster_bits22", 20, 22),
+        ("cluster_bits8", 20, 8),
+        ("l1_unaligned", 44, 0x30200),
+        ("reftable_unaligned", 52, 0x10100),
+        ("refcount_order7", 96, 7),
+        ("incompat_bit20", 76, 1 << 20),
+        ("l1_huge", 36, 1 << 28),
+    ];
+    for (name, offset, value) in patches {
+        let img = format!("{name}.qcow2");
+        qcow2_image(p, &[], &img, "1M", &[]);
+        let f = std::fs::File::options()
+            .write(true)
+            .open(p.join(&img))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &value.to_be_bytes(), offset).unwrap();
+        same(p, &["info", &img]);
+    }
+    for len in [0, 3, 50] {
+        let img = format!("short{len}.qcow2");
+        qcow2_image(p, &[], &img, "1M", &[]);
+        std::fs::File::options()
+            .write(true)
+            .open(p.join(&img))
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        same(p, &["info", "-f", "qcow2", &img]);
+    }
+}

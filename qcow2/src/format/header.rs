@@ -221,15 +221,12 @@ impl Header {
     /// `cluster0` should hold the first cluster (or the whole file if shorter) so extensions and
     /// the backing file name can be read.
     pub fn parse(cluster0: &[u8]) -> Result<Header> {
-        if cluster0.len() < V2_HEADER_LEN as usize {
-            return Err(invalid(format!(
-                "file is {} bytes, too short for a header",
-                cluster0.len()
-            )));
-        }
-        let magic = be32(cluster0, 0);
+        let magic = cluster0.get(..4).map_or(0, |_| be32(cluster0, 0));
         if magic != MAGIC {
             return Err(Error::BadMagic(magic));
+        }
+        if cluster0.len() < V2_HEADER_LEN as usize {
+            return Err(invalid("qcow2 header too short"));
         }
         let version = be32(cluster0, 4);
         if version != 2 && version != 3 {
@@ -238,7 +235,7 @@ impl Header {
         let cluster_bits = be32(cluster0, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(invalid(format!(
-                "cluster_bits {cluster_bits} out of range {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"
+                "Unsupported cluster size: 2^{cluster_bits}"
             )));
         }
         let mut h = Header {
@@ -269,32 +266,32 @@ impl Header {
         };
         if version == 3 {
             if cluster0.len() < 104 {
-                return Err(invalid("file too short for a version 3 header"));
+                return Err(invalid("qcow2 header too short"));
             }
             h.incompatible_features = be64(cluster0, 72);
             h.compatible_features = be64(cluster0, 80);
             h.autoclear_features = be64(cluster0, 88);
             h.refcount_order = be32(cluster0, 96);
             h.header_length = be32(cluster0, 100);
-            if h.header_length < 104 || h.header_length % 8 != 0 {
+            if h.header_length < 104 {
+                return Err(invalid("qcow2 header too short"));
+            }
+            if h.header_length % 8 != 0 {
                 return Err(invalid(format!(
-                    "header_length {} is invalid",
+                    "qcow2 header length {} is not a multiple of 8",
                     h.header_length
                 )));
             }
             if h.header_length as u64 > h.cluster_size()
                 || h.header_length as usize > cluster0.len()
             {
-                return Err(invalid(format!(
-                    "header_length {} exceeds the first cluster",
-                    h.header_length
-                )));
+                return Err(invalid("qcow2 header exceeds cluster size"));
             }
             if h.header_length > 104 {
                 h.compression_type = match cluster0[104] {
                     0 => CompressionType::Deflate,
                     1 => CompressionType::Zstd,
-                    t => return Err(invalid(format!("unknown compression type {t}"))),
+                    t => return Err(invalid(format!("Unknown compression type {t}"))),
                 };
             }
             if h.header_length > V3_HEADER_LEN {
@@ -302,17 +299,16 @@ impl Header {
                     cluster0[V3_HEADER_LEN as usize..h.header_length as usize].to_vec();
             }
             if h.refcount_order > 6 {
-                return Err(invalid(format!(
-                    "refcount_order {} is larger than 6",
-                    h.refcount_order
-                )));
+                return Err(invalid(
+                    "Reference count entry width too large; may not exceed 64 bits",
+                ));
             }
         }
         if (h.incompatible_features & INCOMPAT_COMPRESSION != 0)
             != (h.compression_type != CompressionType::Deflate)
         {
             return Err(invalid(
-                "compression type bit does not match the compression_type field",
+                "qcow2 header: the compression type bit does not match the compression_type field",
             ));
         }
         h.parse_extensions(cluster0)?;
@@ -342,7 +338,7 @@ impl Header {
             }
             if off + len > limit {
                 return Err(invalid(format!(
-                    "header extension 0x{kind:08x} of {len} bytes runs past the header area"
+                    "qcow2 header: extension 0x{kind:08x} of {len} bytes runs past the header area"
                 )));
             }
             let data = &cluster0[off..off + len];
@@ -363,7 +359,9 @@ impl Header {
                 }
                 EXT_BITMAPS => {
                     if len < 24 {
-                        return Err(invalid("bitmaps extension shorter than 24 bytes"));
+                        return Err(invalid(
+                            "qcow2 header: the bitmaps extension is shorter than 24 bytes",
+                        ));
                     }
                     self.bitmaps = Some(BitmapsExtension {
                         data: data.to_vec(),
@@ -391,18 +389,18 @@ impl Header {
             return Ok(());
         }
         if len > MAX_BACKING_NAME {
-            return Err(invalid(format!(
-                "backing file name is {len} bytes (at most {MAX_BACKING_NAME})"
-            )));
+            return Err(invalid("Backing file name too long"));
         }
         let end = off
             .checked_add(len as u64)
             .filter(|&e| e <= self.cluster_size() && e <= cluster0.len() as u64)
-            .ok_or_else(|| invalid("backing file name lies outside the first cluster"))?;
+            .ok_or_else(|| {
+                invalid("qcow2 header: the backing file name lies outside the first cluster")
+            })?;
         let name = &cluster0[off as usize..end as usize];
         self.backing_file = Some(
             String::from_utf8(name.to_vec())
-                .map_err(|_| invalid("backing file name is not UTF-8"))?,
+                .map_err(|_| invalid("qcow2 header: the backing file name is not UTF-8"))?,
         );
         Ok(())
     }
@@ -410,44 +408,28 @@ impl Header {
     fn validate_geometry(&self) -> Result<()> {
         let cs = self.cluster_size();
         let aligned = |o: u64| o % cs == 0;
-        if self.l1_size as u64 * 8 > MAX_L1_BYTES {
-            return Err(invalid(format!(
-                "L1 table of {} entries is too large",
-                self.l1_size
-            )));
-        }
-        if self.l1_size as u64 * self.l2_entries() * cs < self.size {
-            return Err(invalid(format!(
-                "L1 table of {} entries is too small for a {}-byte disk",
-                self.l1_size, self.size
-            )));
-        }
-        if !aligned(self.l1_table_offset) || (self.l1_size > 0 && self.l1_table_offset == 0) {
-            return Err(invalid(format!(
-                "L1 table offset 0x{:x} is not cluster aligned",
-                self.l1_table_offset
-            )));
+        // QEMU's checks and words, in its order.
+        if self.refcount_table_clusters as u64 * cs > MAX_REFTABLE_BYTES {
+            return Err(invalid("Reference count table too large"));
         }
         if !aligned(self.refcount_table_offset) || self.refcount_table_offset == 0 {
-            return Err(invalid(format!(
-                "refcount table offset 0x{:x} is invalid",
-                self.refcount_table_offset
-            )));
-        }
-        if self.refcount_table_clusters as u64 * cs > MAX_REFTABLE_BYTES {
-            return Err(invalid(format!(
-                "refcount table of {} clusters is too large",
-                self.refcount_table_clusters
-            )));
+            return Err(invalid("Reference count table offset invalid"));
         }
         if self.nb_snapshots > 0 && !aligned(self.snapshots_offset) {
-            return Err(invalid(format!(
-                "snapshot table offset 0x{:x} is not cluster aligned",
-                self.snapshots_offset
-            )));
+            return Err(invalid("Snapshot table offset invalid"));
         }
-        if self.size > (1u64 << 62) {
-            return Err(invalid(format!("virtual size {} is too large", self.size)));
+        if self.l1_size as u64 * 8 > MAX_L1_BYTES {
+            return Err(invalid("Active L1 table too large"));
+        }
+        let l1_needed = self.size.div_ceil(self.l2_entries() * cs);
+        if self.size > (1u64 << 62) || l1_needed > i32::MAX as u64 {
+            return Err(invalid("Image is too big"));
+        }
+        if (self.l1_size as u64) < l1_needed {
+            return Err(invalid("L1 table is too small"));
+        }
+        if !aligned(self.l1_table_offset) || (self.l1_size > 0 && self.l1_table_offset == 0) {
+            return Err(invalid("Active L1 table offset invalid"));
         }
         Ok(())
     }
@@ -469,15 +451,15 @@ impl Header {
             0 => {}
             1 => return Err(Error::UnsupportedFeature("AES encryption".into())),
             2 => return Err(Error::UnsupportedFeature("LUKS encryption".into())),
-            m => return Err(invalid(format!("unknown crypt_method {m}"))),
+            m => return Err(invalid(format!("Unsupported encryption method: {m}"))),
         }
         if self.version == 2 && self.refcount_order != 4 {
-            return Err(invalid("version 2 images must have 16-bit refcounts"));
+            return Err(invalid(
+                "qcow2 header: version 2 images must have 16-bit refcounts",
+            ));
         }
         if self.incompatible_features & INCOMPAT_DATA_FILE != 0 && self.data_file.is_none() {
-            return Err(invalid(
-                "external data file bit set but no data file name extension",
-            ));
+            return Err(invalid("'data-file' is required for this image"));
         }
         Ok(())
     }
@@ -570,7 +552,7 @@ impl Header {
 fn ext_string(data: &[u8], kind: u32) -> Result<String> {
     String::from_utf8(data.to_vec())
         .map(|s| s.trim_end_matches('\0').to_string())
-        .map_err(|_| invalid(format!("header extension 0x{kind:08x} is not UTF-8")))
+        .map_err(|_| invalid(format!("qcow2 header: extension 0x{kind:08x} is not UTF-8")))
 }
 
 /// The feature name table QEMU writes into new v3 images.
