@@ -274,6 +274,12 @@ fn create_opens_the_backing_file_unless_u_like_qemu_img() {
         &[
             "create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", "a.qcow2", "1M",
         ],
+        // No -F: refused, with the format detected when the backing file was opened.
+        &["create", "-f", "qcow2", "-b", "a.qcow2", "b.qcow2"],
+        &["create", "-f", "qcow2", "-b", "r.raw", "b.qcow2"],
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "a.qcow2", "b.qcow2", "1M",
+        ],
     ] {
         same(p, args);
         assert!(!p.join("b.qcow2").exists(), "{args:?}");

@@ -239,6 +239,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         bail!("Image creation needs a size parameter");
     }
     // Without -u the backing file must open, with the size given or not.
+    let mut detected = None;
     if let Some(b) = o.backing_file.as_deref().filter(|_| !a.unsafe_backing) {
         let dir = std::path::Path::new(&a.filename)
             .parent()
@@ -269,9 +270,16 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 Format::Qcow2 => backing.size(),
             };
         }
+        detected = Some(backing.format());
     }
     if o.backing_file.is_some() && o.backing_format.is_none() {
-        bail!("Backing file specified without backing format");
+        let hint = detected.map_or(String::new(), |f| {
+            format!("\nDetected format of {}.", f.name())
+        });
+        bail!(
+            "{}: Backing file specified without backing format{hint}",
+            a.filename
+        );
     }
     if !a.quiet {
         println!("{}", formatting_line(&a.filename, fmt, &o, compat_given));
