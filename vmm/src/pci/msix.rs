@@ -49,7 +49,7 @@ impl Msix {
         })?;
         let mut irqfds = Vec::with_capacity(usize::from(vectors));
         for v in 0..u32::from(vectors) {
-            let fd = EventFd::new(libc::EFD_NONBLOCK)?;
+            let fd = crate::vm::new_eventfd()?;
             vm.register_irqfd(&fd, first_gsi + v)
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
             irqfds.push(fd);

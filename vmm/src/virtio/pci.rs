@@ -182,7 +182,7 @@ impl VirtioPciDevice {
         let msix_capability = config.add_capability(MSIX_CAPABILITY_ID, &body, &writable);
         let msix = Msix::new(vectors, router, &vm)?;
         let kicks = (0..num_queues)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .map(|_| crate::vm::new_eventfd())
             .collect::<std::io::Result<Vec<_>>>()?;
         let device_features =
             (backend.device_features() | VIRTIO_F_VERSION_1) & !TRANSPORT_UNSUPPORTED;
@@ -194,7 +194,7 @@ impl VirtioPciDevice {
             msix,
             queues: vec![Queue::new(queue_size); usize::from(num_queues)],
             kicks,
-            unrouted_call: EventFd::new(libc::EFD_NONBLOCK)?,
+            unrouted_call: crate::vm::new_eventfd()?,
             device_features,
             device_feature_select: 0,
             driver_features: 0,
