@@ -28,7 +28,7 @@ use crate::platform::Platform;
 use crate::supervisor::Supervisor;
 use crate::vcpu::{PauseGate, Vcpu, Vcpus};
 use crate::virtio::pci::BAR_SIZE;
-use crate::virtio::{reconnect, DeviceType, VhostUserConnection, VirtioPciDevice};
+use crate::virtio::{reconnect, DeviceType, QueueLayout, VhostUserConnection, VirtioPciDevice};
 use crate::vm::Vm;
 
 /// virtio-blk feature bit: the device is read-only.
@@ -188,10 +188,20 @@ fn attach_devices(
                 socket.display()
             );
         }
+        // A disk has the queues asked for (its config space says so too). A NIC has all the
+        // backend's: its control queue follows the last pair the backend serves.
+        let device_queues = match kind {
+            DeviceType::Block => queues,
+            DeviceType::Net => backend.queue_num(),
+        };
+        let layout = QueueLayout {
+            count: device_queues,
+            size: queue_size,
+        };
         let device = VirtioPciDevice::new(
             kind,
             backend,
-            queue_size,
+            layout,
             next_bar as u32,
             vm.fd().clone(),
             router.clone(),
