@@ -414,3 +414,34 @@ fn a_disk_has_the_queues_asked_for_at_most_max_queues() {
         .expect("more queues than the backend");
     assert!(e.to_string().contains("serves (2)"), "{e}");
 }
+
+#[test]
+fn a_device_whose_supervised_backend_is_given_up_needs_a_reset() {
+    use crate::supervisor::tests::{eventually, start_dying_backend};
+    let supervisor = crate::supervisor::Supervisor::new().unwrap();
+    let health = start_dying_backend(&supervisor);
+    let Rig {
+        vm: _vm,
+        backend,
+        mut device,
+    } = Rig::new(Behaviour::block(0, 1));
+    let socket = backend.socket.clone();
+    device.write_config(4, &[0x02, 0]);
+    let device = Arc::new(std::sync::Mutex::new(device));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    crate::virtio::reconnect::watch(
+        device.clone(),
+        DeviceType::Block,
+        socket,
+        stopping,
+        Some(health),
+    )
+    .unwrap();
+    // The backend goes away for good: its socket is gone, its supervisor gives up.
+    drop(backend);
+    eventually("the device needs a reset", || {
+        let mut status = [0u8];
+        device.lock().unwrap().read_bar(0, 0x14, &mut status);
+        status[0] & STATUS_NEEDS_RESET != 0
+    });
+}
