@@ -240,3 +240,53 @@ fn spawned_backends_hold_only_the_eventfds_of_their_own_queues() {
     });
     run.expect_clean_poweroff();
 }
+
+/// How often the VMM's log (with its children's lines) says `text`.
+fn log_count(stderr: &Path, text: &str) -> usize {
+    fs::read_to_string(stderr)
+        .unwrap_or_default()
+        .matches(text)
+        .count()
+}
+
+/// The guest's writethrough setting outlives its backend: the `vhost-blk` child the VMM
+/// restarts starts in writeback and must be told again, or a writethrough guest (which sends
+/// no flushes) would lose acknowledged writes in a host crash.
+#[test]
+fn a_restarted_vhost_blk_child_is_told_the_guests_writethrough_setting() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    qemu_img(&["create", "-f", "raw", image.to_str().unwrap(), "64M"]);
+    let disk = format!("path={},format=raw", image.display());
+    let mut boot = Boot::steps("wt,pause,blk").args(&["--disk", &disk]);
+    boot.kernel_args = "cowbird.pause=20";
+    let stderr = dir.path().join("serial.stderr");
+    let told = "guest set the write cache to writethrough";
+    let (run, ()) = boot.run_with_pause(dir.path(), BOOT_TIMEOUT, || {
+        assert_eq!(
+            log_count(&stderr, told),
+            1,
+            "the first backend was told once"
+        );
+        let killed = Command::new("pkill")
+            .args(["-KILL", "-f", &format!("vhost-blk.*{}", image.display())])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "no vhost-blk child to kill");
+        wait_for_console(&stderr, "backend reconnected", Duration::from_secs(20));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log_count(&stderr, told) < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            log_count(&stderr, told),
+            2,
+            "the restarted backend was not told:\n{}",
+            fs::read_to_string(&stderr).unwrap_or_default()
+        );
+    });
+    run.expect_marker("COWBIRD-WT-OK");
+    run.expect_marker("COWBIRD-BLK-OK");
+    run.expect_clean_poweroff();
+}
