@@ -416,6 +416,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn get_config_gives_up_on_a_backend_that_does_not_answer() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let started = Instant::now();
+        let e = get_config(&ours, 60, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(e, "the backend did not answer in time");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A backend that hangs up instead.
+        drop(theirs);
+        let e = get_config(&ours, 60, Duration::from_secs(5)).unwrap_err();
+        assert!(
+            e.contains("closed the connection") || e.contains("sending"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn hangup_is_seen_when_the_peer_closes() {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let watch = HangupWatch(ours);
