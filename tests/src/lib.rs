@@ -5,6 +5,7 @@
 //! tests never skip silently.
 
 pub mod crash;
+pub mod procfs;
 pub mod small_fs;
 pub mod stack;
 pub mod vring;

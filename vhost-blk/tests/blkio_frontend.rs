@@ -351,18 +351,51 @@ fn serves_the_next_frontend_after_a_disconnect() {
     // gone (joined before the next connection's are made): main, signal thread and the two
     // idle workers of the next connection remain. Counted only then: during the hand-over
     // the count passes through 4 (a finished connection's workers, not yet joined).
+    wait_for_frontend_number(&d, 4);
+    assert_eq!(d.threads(), 4, "threads leaked across connections");
+    d.stop();
+    qemu_img_check(&img);
+}
+
+/// Waits until the daemon logs that it waits for its `n`th frontend: by then the previous
+/// connection's workers are joined and everything it created is released.
+fn wait_for_frontend_number(d: &Daemon, n: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while d.log().matches("waiting for a frontend").count() < 4 {
+    while d.log().matches("waiting for a frontend").count() < n {
         assert!(
             std::time::Instant::now() < deadline,
-            "daemon not waiting for the next frontend:\n{}",
+            "daemon not waiting for frontend {n}:\n{}",
             d.log()
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    assert_eq!(d.threads(), 4, "threads leaked across connections");
-    d.stop();
-    qemu_img_check(&img);
+}
+
+/// A connection leaves no file descriptor behind: the daemon holds as many after 20
+/// connections as after the first (each used to leak its workers' exit eventfds).
+#[test]
+fn reconnects_leak_no_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    raw_file(&img, 8 * MIB);
+    let d = Daemon::start(dir.path(), &img, &["--format", "raw", "--num-queues", "2"]);
+    let mut after_first = Vec::new();
+    for round in 1..=20 {
+        let mut c = connect(&d.socket, 2, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+        assert_eq!(c.write(round % 2, 0, &pattern(round as u64, 4096)), 0);
+        drop(c);
+        wait_for_frontend_number(&d, round + 1);
+        if round == 1 {
+            after_first = d.open_fds();
+        }
+    }
+    let mut now = d.open_fds();
+    after_first.sort();
+    now.sort();
+    assert_eq!(
+        now, after_first,
+        "file descriptors leaked across 19 connections"
+    );
 }
 
 /// Many requests in flight at once on one queue, on raw (the io_uring path, completions in

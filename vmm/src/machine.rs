@@ -25,10 +25,10 @@ use crate::legacy::{ResetPort, SerialPort};
 use crate::memory::PCI_HOLE_START;
 use crate::pci::PciBus;
 use crate::platform::Platform;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{BackendHealth, Supervisor};
 use crate::vcpu::{PauseGate, Vcpu, Vcpus};
 use crate::virtio::pci::BAR_SIZE;
-use crate::virtio::{reconnect, DeviceType, VhostUserConnection, VirtioPciDevice};
+use crate::virtio::{reconnect, DeviceType, QueueLayout, VhostUserConnection, VirtioPciDevice};
 use crate::vm::Vm;
 
 /// virtio-blk feature bit: the device is read-only.
@@ -172,7 +172,8 @@ fn attach_devices(
                     socket: &std::path::Path,
                     queues: u16,
                     queue_size: u16,
-                    readonly: bool|
+                    readonly: bool,
+                    health: Option<BackendHealth>|
      -> anyhow::Result<()> {
         let backend = VhostUserConnection::connect(socket, kind.config_size())?;
         if backend.queue_num() < queues {
@@ -188,10 +189,20 @@ fn attach_devices(
                 socket.display()
             );
         }
+        // A disk has the queues asked for (its config space says so too). A NIC has all the
+        // backend's: its control queue follows the last pair the backend serves.
+        let device_queues = match kind {
+            DeviceType::Block => queues,
+            DeviceType::Net => backend.queue_num(),
+        };
+        let layout = QueueLayout {
+            count: device_queues,
+            size: queue_size,
+        };
         let device = VirtioPciDevice::new(
             kind,
             backend,
-            queue_size,
+            layout,
             next_bar as u32,
             vm.fd().clone(),
             router.clone(),
@@ -200,25 +211,31 @@ fn attach_devices(
         .with_context(|| format!("cannot create the device for {}", socket.display()))?;
         next_bar += BAR_SIZE;
         let device = Arc::new(Mutex::new(device));
-        reconnect::watch(device.clone(), kind, socket.to_owned(), stopping.clone())
-            .context("cannot start the backend watcher")?;
+        reconnect::watch(
+            device.clone(),
+            kind,
+            socket.to_owned(),
+            stopping.clone(),
+            health,
+        )
+        .context("cannot start the backend watcher")?;
         if bus.add(device).is_none() {
             bail!("too many devices: the PCI bus has 31 slots");
         }
         Ok(())
     };
     for (i, disk) in config.disks.iter().enumerate() {
-        let socket = match &disk.backend {
-            DiskBackend::Socket(socket) => socket.clone(),
+        let (socket, health) = match &disk.backend {
+            DiskBackend::Socket(socket) => (socket.clone(), None),
             DiskBackend::Image { path, format } => {
                 let socket = supervisor.socket_path(&format!("disk{i}"));
-                supervisor.start(
+                let health = supervisor.start(
                     &format!("vhost-blk disk{i}"),
                     "vhost-blk",
                     vhost_blk_args(disk, path, *format, &socket),
                     &socket,
                 )?;
-                socket
+                (socket, Some(health))
             }
         };
         plug(
@@ -227,16 +244,18 @@ fn attach_devices(
             disk.num_queues,
             disk.queue_size,
             disk.readonly,
+            health,
         )?;
     }
     for (i, net) in config.nets.iter().enumerate() {
-        let socket = match &net.backend {
-            NetBackend::Socket(socket) => socket.clone(),
+        let (socket, health) = match &net.backend {
+            NetBackend::Socket(socket) => (socket.clone(), None),
             NetBackend::Tap { name, mtu, host_ip } => {
                 let socket = supervisor.socket_path(&format!("net{i}"));
                 let args = vhost_net_args(net, name, *mtu, host_ip.as_deref(), &socket);
-                supervisor.start(&format!("vhost-net net{i}"), "vhost-net", args, &socket)?;
-                socket
+                let health =
+                    supervisor.start(&format!("vhost-net net{i}"), "vhost-net", args, &socket)?;
+                (socket, Some(health))
             }
         };
         plug(
@@ -245,6 +264,7 @@ fn attach_devices(
             net.num_queues,
             net.queue_size,
             false,
+            health,
         )?;
     }
     Ok(bus)

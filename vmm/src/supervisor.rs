@@ -28,6 +28,19 @@ struct Managed {
     name: String,
     command: Vec<String>,
     pid: AtomicI32,
+    gave_up: Arc<AtomicBool>,
+}
+
+/// What the rest of the VMM may learn about a backend the supervisor started.
+#[derive(Debug, Clone)]
+pub struct BackendHealth(Arc<AtomicBool>);
+
+impl BackendHealth {
+    /// Whether the supervisor stopped restarting the backend (it kept dying at once, or
+    /// could not be started again): it will not come back.
+    pub fn gave_up(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// The set of backend processes this VMM started.
@@ -65,7 +78,7 @@ impl Supervisor {
         program: &str,
         args: Vec<String>,
         socket: &Path,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<BackendHealth> {
         let program = find_program(program);
         let mut command = vec![program.display().to_string()];
         command.extend(args);
@@ -73,6 +86,7 @@ impl Supervisor {
             name: name.to_owned(),
             command,
             pid: AtomicI32::new(0),
+            gave_up: Arc::new(AtomicBool::new(false)),
         });
         let _ = std::fs::remove_file(socket);
         let mut child = spawn(&managed)?;
@@ -95,11 +109,17 @@ impl Supervisor {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.lock().push(managed.clone());
+        let health = BackendHealth(managed.gave_up.clone());
         let stopping = self.stopping.clone();
         std::thread::Builder::new()
             .name(format!("supervise-{name}"))
-            .spawn(move || supervise(managed, child, stopping))?;
-        Ok(())
+            .spawn(move || {
+                supervise(&managed, child, &stopping);
+                managed
+                    .gave_up
+                    .store(!stopping.load(Ordering::SeqCst), Ordering::SeqCst);
+            })?;
+        Ok(health)
     }
 
     /// Stops every backend: SIGTERM to its process group, SIGKILL after a grace period.
@@ -139,7 +159,8 @@ impl Drop for Supervisor {
 }
 
 /// Waits for the child; restarts it unless the VMM is stopping or it keeps dying at once.
-fn supervise(managed: Arc<Managed>, mut child: Child, stopping: Arc<AtomicBool>) {
+/// Returns when it will not restart it any more.
+fn supervise(managed: &Managed, mut child: Child, stopping: &AtomicBool) {
     let mut quick_restarts = 0;
     loop {
         let started = Instant::now();
@@ -162,7 +183,7 @@ fn supervise(managed: Arc<Managed>, mut child: Child, stopping: Arc<AtomicBool>)
         }
         tracing::warn!("{} died ({status}); restarting it", managed.name);
         std::thread::sleep(Duration::from_millis(100) * quick_restarts);
-        match spawn(&managed) {
+        match spawn(managed) {
             Ok(c) => child = c,
             Err(e) => {
                 tracing::error!("cannot restart {}: {e:#}", managed.name);
@@ -227,4 +248,59 @@ fn signal_group(pid: i32, signal: libc::c_int) {
 fn alive(pid: i32) -> bool {
     // SAFETY: kill(2) with signal 0 only checks for existence.
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A supervisor whose sockets live in a directory of their own under the temp dir.
+    fn supervisor() -> Supervisor {
+        let dir = std::env::temp_dir().join(format!("cowbird-supervisor-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Supervisor {
+            dir,
+            children: Mutex::new(Vec::new()),
+            stopping: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A backend that creates its socket and dies at once, every time.
+    pub(crate) fn start_dying_backend(supervisor: &Supervisor) -> BackendHealth {
+        let socket = supervisor.socket_path("dying");
+        let script = format!("touch {}; exit 1", socket.display());
+        supervisor
+            .start("dying", "sh", vec!["-c".into(), script], &socket)
+            .unwrap()
+    }
+
+    /// Waits up to 20 s for `condition`.
+    pub(crate) fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !condition() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_backend_that_keeps_dying_is_given_up_and_its_health_says_so() {
+        let s = supervisor();
+        let health = start_dying_backend(&s);
+        assert!(!health.gave_up());
+        eventually("the supervisor gives up", || health.gave_up());
+    }
+
+    #[test]
+    fn stopping_the_vmm_is_not_giving_up() {
+        let s = supervisor();
+        let socket = s.socket_path("sleeper");
+        let script = format!("touch {}; exec sleep 60", socket.display());
+        let health = s
+            .start("sleeper", "sh", vec!["-c".into(), script], &socket)
+            .unwrap();
+        s.shutdown();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!health.gave_up());
+    }
 }

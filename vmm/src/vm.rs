@@ -11,6 +11,13 @@ use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegi
 
 use crate::memory::MemoryLayout;
 
+/// A new eventfd for wiring the VM (an irqfd, an ioeventfd, a call fd): non-blocking and
+/// close-on-exec, so that the backend processes the VMM starts inherit none of them — a
+/// backend holding another device's irqfd could inject that device's interrupts.
+pub fn new_eventfd() -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
+    vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}
+
 /// Guest physical address of the 3-page region KVM needs for the TSS on Intel hosts; inside
 /// the platform range below 4 GiB, never RAM.
 const TSS_ADDR: usize = 0xfffb_d000;

@@ -129,6 +129,19 @@ impl Daemon {
             .count()
     }
 
+    /// The daemon's open file descriptors, each as its `/proc/PID/fd` link target
+    /// (`anon_inode:[eventfd]`, `socket:[...]`, a path).
+    pub fn open_fds(&self) -> Vec<String> {
+        let pid = self.child.as_ref().expect("daemon stopped").id();
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return Vec::new();
+        };
+        fds.filter_map(Result::ok)
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .map(|target| target.display().to_string())
+            .collect()
+    }
+
     /// Memory the daemon has pinned (`VmPin` in /proc/PID/status), in KiB.
     pub fn pinned_kib(&self) -> u64 {
         let pid = self.child.as_ref().expect("daemon stopped").id();

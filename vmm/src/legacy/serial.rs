@@ -37,7 +37,7 @@ pub struct SerialPort(Arc<Mutex<Uart>>);
 impl SerialPort {
     /// A UART writing to `out`, interrupting on GSI [`COM1_IRQ`] of `vm`.
     pub fn new(vm: &VmFd, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
-        let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        let irq = crate::vm::new_eventfd()?;
         vm.register_irqfd(&irq, COM1_IRQ)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         Ok(Self(Arc::new(Mutex::new(Serial::new(

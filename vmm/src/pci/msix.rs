@@ -49,7 +49,7 @@ impl Msix {
         })?;
         let mut irqfds = Vec::with_capacity(usize::from(vectors));
         for v in 0..u32::from(vectors) {
-            let fd = EventFd::new(libc::EFD_NONBLOCK)?;
+            let fd = crate::vm::new_eventfd()?;
             vm.register_irqfd(&fd, first_gsi + v)
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
             irqfds.push(fd);
@@ -84,17 +84,32 @@ impl Msix {
         self.irqfds.get(usize::from(vector))
     }
 
+    /// The GSI of `vector` (tests detach its irqfd from KVM to count what is signalled).
+    #[cfg(test)]
+    pub(crate) fn gsi(&self, vector: u16) -> u32 {
+        self.first_gsi + u32::from(vector)
+    }
+
     /// The guest wrote the capability's message control word.
     pub fn set_control(&mut self, control: u16) {
         let enabled = control & CONTROL_ENABLE != 0;
         let function_masked = control & CONTROL_FUNCTION_MASK != 0;
         if (enabled, function_masked) != (self.enabled, self.function_masked) {
+            let before: Vec<bool> = (0..self.entries.len())
+                .map(|v| self.deliverable(v))
+                .collect();
             self.enabled = enabled;
             self.function_masked = function_masked;
-            for v in 0..self.entries.len() {
-                self.update_route(v, false);
+            for (v, could_deliver) in before.into_iter().enumerate() {
+                self.update_route(v, could_deliver);
             }
         }
+    }
+
+    /// Whether vector `index` reaches the guest: MSI-X enabled, neither the function nor
+    /// the vector masked.
+    fn deliverable(&self, index: usize) -> bool {
+        self.enabled && !self.function_masked && self.entries[index].control & VECTOR_MASKED == 0
     }
 
     /// Guest read from the vector table at byte `offset`.
@@ -114,9 +129,11 @@ impl Msix {
     /// Guest write to the vector table at byte `offset`.
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
         let index = (offset / ENTRY_SIZE) as usize;
-        let Some(entry) = self.entries.get_mut(index) else {
+        if index >= self.entries.len() {
             return;
-        };
+        }
+        let could_deliver = self.deliverable(index);
+        let entry = &mut self.entries[index];
         let mut bytes = [0u8; ENTRY_SIZE as usize];
         bytes[0..8].copy_from_slice(&entry.address.to_le_bytes());
         bytes[8..12].copy_from_slice(&entry.data.to_le_bytes());
@@ -124,19 +141,20 @@ impl Msix {
         let start = (offset % ENTRY_SIZE) as usize;
         let end = (start + data.len()).min(bytes.len());
         bytes[start..end].copy_from_slice(&data[..end - start]);
-        let was_masked = entry.control & VECTOR_MASKED != 0;
         entry.address = u64::from_le_bytes(bytes[0..8].try_into().unwrap());
         entry.data = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
         entry.control = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
-        self.update_route(index, was_masked);
+        self.update_route(index, could_deliver);
     }
 
-    /// Sets the route of vector `index` from its current state. An interrupt signalled while
-    /// the vector was masked is not remembered, so one is raised on unmask: a spurious
-    /// virtio interrupt is harmless, a lost one stalls a queue.
-    fn update_route(&mut self, index: usize, was_masked: bool) {
+    /// Sets the route of vector `index` from its current state; `could_deliver` is whether
+    /// it reached the guest before the change. An interrupt signalled while it could not is
+    /// not remembered, so one is raised when it can again, whether the vector, the function
+    /// or MSI-X as a whole was unmasked: a spurious virtio interrupt is harmless, a lost one
+    /// stalls a queue.
+    fn update_route(&mut self, index: usize, could_deliver: bool) {
         let e = self.entries[index];
-        let deliverable = self.enabled && !self.function_masked && e.control & VECTOR_MASKED == 0;
+        let deliverable = self.deliverable(index);
         let message = deliverable.then_some(MsiMessage {
             address: e.address,
             data: e.data,
@@ -146,7 +164,7 @@ impl Msix {
             tracing::error!(gsi, %err, "cannot update MSI route");
             return;
         }
-        if deliverable && was_masked {
+        if deliverable && !could_deliver {
             let _ = self.irqfds[index].write(1);
         }
     }
@@ -159,7 +177,7 @@ impl Msix {
                 control: VECTOR_MASKED,
                 ..Default::default()
             };
-            self.update_route(v, false);
+            self.update_route(v, true);
         }
     }
 }
@@ -175,4 +193,59 @@ pub fn capability(vectors: u16, bar: u8, table_offset: u32, pba_offset: u32) -> 
     let mut writable = vec![0u8; body.len()];
     writable[1] = ((CONTROL_ENABLE | CONTROL_FUNCTION_MASK) >> 8) as u8;
     (body, writable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ADDRESS: u64 = 0xfee0_0000;
+
+    /// `vectors` MSI-X vectors of a new VM, with vector 0's irqfd detached from KVM so the
+    /// test sees every interrupt raised on it.
+    fn msix(vectors: u16) -> (Msix, EventFd) {
+        let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+        let vm = Arc::new(kvm.create_vm().expect("create a VM"));
+        vm.create_irq_chip().expect("create the irqchip");
+        let msix = Msix::new(vectors, Arc::new(IrqRouter::new(vm.clone())), &vm).unwrap();
+        let irqfd = msix.irqfd(0).unwrap();
+        vm.unregister_irqfd(irqfd, msix.gsi(0)).unwrap();
+        let observed = irqfd.try_clone().unwrap();
+        (msix, observed)
+    }
+
+    fn program(msix: &mut Msix, vector: u16, masked: bool) {
+        let mut entry = ADDRESS.to_le_bytes().to_vec();
+        entry.extend_from_slice(&(0x41 + u32::from(vector)).to_le_bytes());
+        entry.extend_from_slice(&u32::from(masked).to_le_bytes());
+        msix.write_table(u64::from(vector) * ENTRY_SIZE, &entry);
+    }
+
+    fn interrupts(fd: &EventFd) -> u64 {
+        fd.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn a_vector_gets_one_interrupt_whenever_it_can_deliver_again() {
+        let (mut m, irq) = msix(2);
+        // Linux's order: enable with the function masked, program, unmask the function.
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        program(&mut m, 0, false);
+        assert_eq!(interrupts(&irq), 0);
+        m.set_control(CONTROL_ENABLE);
+        assert_eq!(interrupts(&irq), 1, "function unmasked");
+        m.set_control(0);
+        m.set_control(CONTROL_ENABLE);
+        assert_eq!(interrupts(&irq), 1, "MSI-X enabled");
+        program(&mut m, 0, true);
+        program(&mut m, 0, false);
+        assert_eq!(interrupts(&irq), 1, "vector unmasked");
+        // Reprogramming a deliverable vector, or unmasking the function of a masked one,
+        // raises nothing.
+        program(&mut m, 0, false);
+        program(&mut m, 0, true);
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        m.set_control(CONTROL_ENABLE);
+        assert_eq!(interrupts(&irq), 0);
+    }
 }

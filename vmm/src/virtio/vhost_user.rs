@@ -1,12 +1,15 @@
 //! The frontend side of one vhost-user connection: the handshake, the device configuration
-//! space (read from the backend with GET_CONFIG), and handing the guest's rings, memory,
-//! kick and call eventfds to the backend when the driver starts the device.
+//! space (read from the backend once, with GET_CONFIG, when it connects), and handing the
+//! guest's rings, memory, kick and call eventfds to the backend when the driver starts the
+//! device.
 
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use std::path::{Path, PathBuf};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{
@@ -22,6 +25,8 @@ const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFea
     .union(VhostUserProtocolFeatures::CONFIG);
 /// Largest queue index the frontend will address.
 const MAX_QUEUES: u64 = 1024;
+/// How long a backend gets to answer GET_CONFIG when it connects.
+const CONFIG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why talking to a vhost-user backend failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +48,14 @@ pub enum VhostUserError {
         what: &'static str,
         /// What the vhost crate reported.
         source: vhost::Error,
+    },
+    /// The backend's configuration space could not be read.
+    #[error("vhost-user backend at {}: cannot read the device configuration (GET_CONFIG): {reason}", socket.display())]
+    Config {
+        /// The socket path.
+        socket: PathBuf,
+        /// What went wrong.
+        reason: String,
     },
     /// The backend lacks something the device needs.
     #[error("vhost-user backend at {}: {reason}", socket.display())]
@@ -79,12 +92,12 @@ pub struct VhostUserConnection {
     features: u64,
     protocol: VhostUserProtocolFeatures,
     queue_num: u16,
-    config_size: usize,
+    config: Vec<u8>,
 }
 
 impl VhostUserConnection {
-    /// Connects to `socket`, takes ownership (SET_OWNER), reads the backend's features and
-    /// negotiates protocol features. `config_size` is the device type's config space size.
+    /// Connects to `socket`, takes ownership (SET_OWNER), reads the backend's features,
+    /// negotiates protocol features and reads the `config_size`-byte configuration space.
     pub fn connect(socket: &Path, config_size: usize) -> Result<Self, VhostUserError> {
         let stream = UnixStream::connect(socket).map_err(|source| VhostUserError::Connect {
             socket: socket.to_owned(),
@@ -133,6 +146,12 @@ impl VhostUserConnection {
                     .into(),
             });
         }
+        let config = get_config(&watched, config_size, CONFIG_TIMEOUT).map_err(|reason| {
+            VhostUserError::Config {
+                socket: socket.to_owned(),
+                reason,
+            }
+        })?;
         Ok(Self {
             frontend,
             stream: watched,
@@ -140,7 +159,7 @@ impl VhostUserConnection {
             features,
             protocol,
             queue_num,
-            config_size,
+            config,
         })
     }
 
@@ -159,23 +178,9 @@ impl VhostUserConnection {
         self.queue_num
     }
 
-    /// Reads the device configuration space at `offset`. The whole space is fetched each
-    /// time: some backends (qemu-storage-daemon) ignore GET_CONFIG's offset.
-    pub fn read_config(&mut self, offset: usize, data: &mut [u8]) -> Result<(), VhostUserError> {
-        let buf = vec![0u8; self.config_size];
-        let (_, space) = self
-            .frontend
-            .get_config(
-                0,
-                self.config_size as u32,
-                VhostUserConfigFlags::WRITABLE,
-                &buf,
-            )
-            .map_err(self.request_err("GET_CONFIG"))?;
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = space.get(offset + i).copied().unwrap_or(0);
-        }
-        Ok(())
+    /// The configuration space as the backend reported it when it connected.
+    pub fn config(&self) -> &[u8] {
+        &self.config
     }
 
     /// Writes the device configuration space at `offset`.
@@ -185,13 +190,12 @@ impl VhostUserConnection {
             .map_err(self.request_err("SET_CONFIG"))
     }
 
-    /// Starts the device: acks `driver_features`, sends the guest memory table, then each
-    /// queue's size, ring addresses, base, call and kick eventfds, and enables it.
-    pub fn activate(
+    /// Prepares the backend for the driver: acks `driver_features` and sends the guest
+    /// memory table. Configuration writes and [`Self::start_queue`] come after this.
+    pub fn set_features_and_memory(
         &mut self,
         memory: &GuestMemoryMmap,
         driver_features: u64,
-        queues: &[(QueueSetup, &EventFd, &EventFd)],
     ) -> Result<(), VhostUserError> {
         let protocol_bit = self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
@@ -205,49 +209,59 @@ impl VhostUserConnection {
         self.frontend
             .set_mem_table(&regions)
             .map_err(self.request_err("SET_MEM_TABLE"))?;
-        for (queue, call, kick) in queues {
-            let host = |addr: u64| -> Result<u64, VhostUserError> {
-                memory
-                    .get_host_address(GuestAddress(addr))
-                    .map(|p| p as u64)
-                    .map_err(|e| VhostUserError::Unsupported {
-                        socket: self.socket.clone(),
-                        reason: format!(
-                            "queue {} ring at {addr:#x} is not in guest RAM: {e}",
-                            queue.index
-                        ),
-                    })
-            };
-            let rings = VringConfigData {
-                queue_max_size: queue.size,
-                queue_size: queue.size,
-                flags: 0,
-                desc_table_addr: host(queue.desc)?,
-                used_ring_addr: host(queue.used)?,
-                avail_ring_addr: host(queue.avail)?,
-                log_addr: None,
-            };
-            let i = queue.index;
+        Ok(())
+    }
+
+    /// Hands one queue to the backend: its size, ring addresses, base, call and kick
+    /// eventfds, and enables it.
+    pub fn start_queue(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        queue: &QueueSetup,
+        call: &EventFd,
+        kick: &EventFd,
+    ) -> Result<(), VhostUserError> {
+        let host = |addr: u64| -> Result<u64, VhostUserError> {
+            memory
+                .get_host_address(GuestAddress(addr))
+                .map(|p| p as u64)
+                .map_err(|e| VhostUserError::Unsupported {
+                    socket: self.socket.clone(),
+                    reason: format!(
+                        "queue {} ring at {addr:#x} is not in guest RAM: {e}",
+                        queue.index
+                    ),
+                })
+        };
+        let rings = VringConfigData {
+            queue_max_size: queue.size,
+            queue_size: queue.size,
+            flags: 0,
+            desc_table_addr: host(queue.desc)?,
+            used_ring_addr: host(queue.used)?,
+            avail_ring_addr: host(queue.avail)?,
+            log_addr: None,
+        };
+        let i = queue.index;
+        self.frontend
+            .set_vring_num(i, queue.size)
+            .map_err(self.request_err("SET_VRING_NUM"))?;
+        self.frontend
+            .set_vring_addr(i, &rings)
+            .map_err(self.request_err("SET_VRING_ADDR"))?;
+        self.frontend
+            .set_vring_base(i, queue.base)
+            .map_err(self.request_err("SET_VRING_BASE"))?;
+        self.frontend
+            .set_vring_call(i, call)
+            .map_err(self.request_err("SET_VRING_CALL"))?;
+        self.frontend
+            .set_vring_kick(i, kick)
+            .map_err(self.request_err("SET_VRING_KICK"))?;
+        if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             self.frontend
-                .set_vring_num(i, queue.size)
-                .map_err(self.request_err("SET_VRING_NUM"))?;
-            self.frontend
-                .set_vring_addr(i, &rings)
-                .map_err(self.request_err("SET_VRING_ADDR"))?;
-            self.frontend
-                .set_vring_base(i, queue.base)
-                .map_err(self.request_err("SET_VRING_BASE"))?;
-            self.frontend
-                .set_vring_call(i, call)
-                .map_err(self.request_err("SET_VRING_CALL"))?;
-            self.frontend
-                .set_vring_kick(i, kick)
-                .map_err(self.request_err("SET_VRING_KICK"))?;
-            if protocol_bit != 0 {
-                self.frontend
-                    .set_vring_enable(i, true)
-                    .map_err(self.request_err("SET_VRING_ENABLE"))?;
-            }
+                .set_vring_enable(i, true)
+                .map_err(self.request_err("SET_VRING_ENABLE"))?;
         }
         Ok(())
     }
@@ -256,6 +270,11 @@ impl VhostUserConnection {
     /// hangup without holding the device.
     pub fn hangup_watch(&self) -> std::io::Result<HangupWatch> {
         Ok(HangupWatch(self.stream.try_clone()?))
+    }
+
+    /// Whether the backend has closed the connection (it exited, or is being restarted).
+    pub fn is_closed(&self) -> bool {
+        closed(&self.stream, PollTimeout::ZERO).unwrap_or(true)
     }
 
     /// Stops the queues (GET_VRING_BASE), as on a driver reset.
@@ -284,29 +303,133 @@ impl VhostUserConnection {
     }
 }
 
+/// vhost-user's GET_CONFIG request code and header flags.
+const GET_CONFIG: u32 = 24;
+const HEADER_VERSION: u32 = 0x1;
+const HEADER_REPLY: u32 = 0x4;
+/// Size of a message header and of GET_CONFIG's body before the payload.
+const HEADER_SIZE: usize = 12;
+const CONFIG_BODY_SIZE: usize = 12;
+
+/// Reads the whole `size`-byte configuration space with GET_CONFIG on `stream`, waiting at
+/// most `timeout`. Done here rather than by the vhost crate, whose client waits for a
+/// full-size reply forever: a backend answering with the spec's empty error payload (or not
+/// at all) would hang the VMM, and a reply longer than asked for would desynchronise the
+/// connection.
+fn get_config(stream: &UnixStream, size: usize, timeout: Duration) -> Result<Vec<u8>, String> {
+    let body_size = CONFIG_BODY_SIZE + size;
+    let mut request = Vec::with_capacity(HEADER_SIZE + body_size);
+    // Header; body: offset 0, the whole space, no flags; payload: the space (ignored).
+    for word in [
+        GET_CONFIG,
+        HEADER_VERSION,
+        body_size as u32,
+        0,
+        size as u32,
+        0,
+    ] {
+        request.extend_from_slice(&word.to_le_bytes());
+    }
+    request.resize(HEADER_SIZE + body_size, 0);
+    let mut writer = stream;
+    writer
+        .write_all(&request)
+        .map_err(|e| format!("sending the request: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    let mut header = [0u8; HEADER_SIZE];
+    read_until(stream, &mut header, deadline)?;
+    let word = |bytes: &[u8], i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+    let (code, flags, reply_size) = (word(&header, 0), word(&header, 4), word(&header, 8));
+    if code != GET_CONFIG || flags & HEADER_REPLY == 0 {
+        return Err(format!("the reply is request {code} with flags {flags:#x}"));
+    }
+    if reply_size as usize != body_size {
+        // The spec's way to report an error is a payload of size 0.
+        return Err(if reply_size as usize == CONFIG_BODY_SIZE {
+            "the backend reported an error".into()
+        } else {
+            format!("a reply of {reply_size} bytes; expected {body_size}")
+        });
+    }
+    let mut body = vec![0u8; body_size];
+    read_until(stream, &mut body, deadline)?;
+    match word(&body, 4) {
+        0 => Err("the backend reported an error".into()),
+        n if n as usize == size => Ok(body.split_off(CONFIG_BODY_SIZE)),
+        n => Err(format!("the reply says {n} bytes; expected {size}")),
+    }
+}
+
+/// Fills `buf` from `stream`, failing at `deadline` or if the backend closes the connection.
+fn read_until(stream: &UnixStream, buf: &mut [u8], deadline: Instant) -> Result<(), String> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("the backend did not answer in time".into());
+        }
+        let timeout =
+            PollTimeout::try_from(left.max(Duration::from_millis(1))).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(format!("waiting for the reply: {e}")),
+        }
+        let mut reader = stream;
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => return Err("the backend closed the connection".into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading the reply: {e}")),
+        }
+    }
+    Ok(())
+}
+
 /// Waits for a backend connection to close.
 pub struct HangupWatch(UnixStream);
 
 impl HangupWatch {
     /// Blocks until the backend closes the connection (it exited or crashed).
     pub fn wait(&self) -> std::io::Result<()> {
-        // nix has no name for POLLRDHUP (the peer closed its end). Only it, POLLHUP and
-        // POLLERR can be reported, so any ready descriptor means the connection is gone.
-        let peer_closed = PollFlags::from_bits_retain(libc::POLLRDHUP);
-        loop {
-            let mut fds = [PollFd::new(self.0.as_fd(), peer_closed)];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(ready) if ready > 0 => return Ok(()),
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        while !closed(&self.0, PollTimeout::NONE)? {}
+        Ok(())
+    }
+}
+
+/// Whether the peer of `stream` closed its end, waiting up to `timeout` for it.
+fn closed(stream: &UnixStream, timeout: PollTimeout) -> std::io::Result<bool> {
+    // nix has no name for POLLRDHUP (the peer closed its end). Only it, POLLHUP and POLLERR
+    // can be reported, so any ready descriptor means the connection is gone.
+    let peer_closed = PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut fds = [PollFd::new(stream.as_fd(), peer_closed)];
+    match poll(&mut fds, timeout) {
+        Ok(ready) => Ok(ready > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn get_config_gives_up_on_a_backend_that_does_not_answer() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let started = Instant::now();
+        let e = get_config(&ours, 60, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(e, "the backend did not answer in time");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A backend that hangs up instead.
+        drop(theirs);
+        let e = get_config(&ours, 60, Duration::from_secs(5)).unwrap_err();
+        assert!(
+            e.contains("closed the connection") || e.contains("sending"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn hangup_is_seen_when_the_peer_closes() {

@@ -1,0 +1,447 @@
+//! The transport driven as a guest driver would, against a fake backend (see
+//! [`crate::virtio::fake_backend`]) in a real KVM VM.
+
+use vhost::vhost_user::message::FrontendReq;
+use vm_memory::GuestMemoryBackend;
+
+use super::*;
+use crate::memory::{MemoryLayout, MIB};
+use crate::virtio::config_space::VIRTIO_BLK_F_CONFIG_WCE as WCE;
+use crate::virtio::fake_backend::{Behaviour, ConfigReply, FakeBackend};
+use crate::vm::Vm;
+
+const FLUSH: u64 = 1 << 9;
+const BAR: u32 = 0xc000_0000;
+const DESC: u64 = 0x20_0000;
+const AVAIL: u64 = 0x21_0000;
+const USED: u64 = 0x22_0000;
+/// The device's MSI-X vectors as the driver assigns them: queue 0, then configuration.
+const QUEUE_VECTOR: u16 = 0;
+const CONFIG_VECTOR: u16 = 1;
+/// Offset of virtio-blk's `writeback` byte.
+const WRITEBACK: u64 = DEVICE_OFFSET + 0x20;
+
+/// A VM with one virtio-blk device on a fake backend.
+struct Rig {
+    vm: Vm,
+    backend: FakeBackend,
+    device: VirtioPciDevice,
+}
+
+impl Rig {
+    fn new(behaviour: Behaviour) -> Self {
+        Self::try_with_queues(behaviour, 1).expect("device")
+    }
+
+    fn try_with_queues(behaviour: Behaviour, queues: u16) -> std::io::Result<Self> {
+        let vm = Vm::new(&MemoryLayout::new(64 * MIB).unwrap(), false).expect("VM");
+        let backend = FakeBackend::start(behaviour);
+        let connection = connect(&backend).expect("connect to the fake backend");
+        let router = Arc::new(IrqRouter::new(vm.fd().clone()));
+        let mut device = VirtioPciDevice::new(
+            DeviceType::Block,
+            connection,
+            QueueLayout {
+                count: queues,
+                size: 16,
+            },
+            BAR,
+            vm.fd().clone(),
+            router,
+            vm.memory().clone(),
+        )?;
+        device.write_config(4, &[0x02, 0]); // memory space decoding on
+        Ok(Self {
+            vm,
+            backend,
+            device,
+        })
+    }
+
+    fn write(&mut self, offset: u64, bytes: &[u8]) {
+        self.device.write_bar(0, offset, bytes);
+    }
+
+    fn write8(&mut self, offset: u64, value: u8) {
+        self.write(offset, &[value]);
+    }
+
+    fn write16(&mut self, offset: u64, value: u16) {
+        self.write(offset, &value.to_le_bytes());
+    }
+
+    fn write32(&mut self, offset: u64, value: u32) {
+        self.write(offset, &value.to_le_bytes());
+    }
+
+    fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
+        let mut data = vec![0xaa; len];
+        self.device.read_bar(0, offset, &mut data);
+        data
+    }
+
+    fn read16(&mut self, offset: u64) -> u16 {
+        u16::from_le_bytes(self.read(offset, 2).try_into().unwrap())
+    }
+
+    fn status(&mut self) -> u8 {
+        self.read(0x14, 1)[0]
+    }
+
+    /// What a driver does up to FEATURES_OK: negotiates `features` (and VERSION_1), routes
+    /// configuration changes to [`CONFIG_VECTOR`] and sets queue 0 up.
+    fn negotiate(&mut self, features: u64) {
+        for status in [0, 1, 3] {
+            self.write8(0x14, status);
+        }
+        self.write32(0x08, 0);
+        self.write32(0x0c, features as u32);
+        self.write32(0x08, 1);
+        self.write32(0x0c, (features >> 32) as u32 | 1);
+        self.write8(0x14, 0x0b);
+        self.write16(0x10, CONFIG_VECTOR);
+        self.write16(0x16, 0);
+        self.write16(0x18, 16);
+        self.write16(0x1a, QUEUE_VECTOR);
+        for (offset, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+            self.write32(offset, addr as u32);
+            self.write32(offset + 4, (addr >> 32) as u32);
+        }
+        self.write16(0x1c, 1);
+    }
+
+    /// [`Self::negotiate`], then DRIVER_OK.
+    fn start(&mut self, features: u64) {
+        self.negotiate(features);
+        self.write8(0x14, 0x0f);
+    }
+
+    /// Makes the fake backend hang up and hands the device its next connection, as the
+    /// watcher thread does.
+    fn reconnect(&mut self) -> anyhow::Result<()> {
+        self.backend.hang_up();
+        let connection = connect(&self.backend)?;
+        self.device.reconnect(connection)
+    }
+
+    /// Detaches `vector`'s irqfd from KVM and returns it, so the test sees each signal the
+    /// device or backend sends on it.
+    fn observe(&self, vector: u16) -> EventFd {
+        let irqfd = self.device.msix.irqfd(vector).expect("vector");
+        self.vm
+            .fd()
+            .unregister_irqfd(irqfd, self.device.msix.gsi(vector))
+            .expect("detach the irqfd");
+        irqfd.try_clone().unwrap()
+    }
+}
+
+fn connect(backend: &FakeBackend) -> Result<VhostUserConnection, super::super::VhostUserError> {
+    VhostUserConnection::connect(&backend.socket, DeviceType::Block.config_size())
+}
+
+/// How many signals `fd` got since last asked.
+fn signals(fd: &EventFd) -> u64 {
+    fd.read().unwrap_or(0)
+}
+
+fn position(requests: &[FrontendReq], request: FrontendReq) -> usize {
+    requests
+        .iter()
+        .position(|&r| r == request)
+        .unwrap_or_else(|| panic!("no {request:?} in {requests:?}"))
+}
+
+/// The SET_CONFIG requests of connection `index` as (offset, payload).
+fn config_writes(backend: &FakeBackend, index: usize) -> Vec<(u32, Vec<u8>)> {
+    backend
+        .messages(index)
+        .iter()
+        .filter(|m| m.request == FrontendReq::SET_CONFIG)
+        .map(|m| (m.u32_at(0), m.body[12..].to_vec()))
+        .collect()
+}
+
+#[test]
+fn only_a_reset_clears_driver_ok_and_needs_reset() {
+    // ACKNOWLEDGE | DRIVER | FEATURES_OK, then DRIVER_OK: the device starts once.
+    assert_eq!(next_status(0x0b, 0x0f), (0x0f, true));
+    // The driver clears DRIVER_OK: it stays (a later reset must stop the backend), and
+    // setting it again does not start the device a second time.
+    assert_eq!(next_status(0x0f, 0x0b), (0x0f, false));
+    assert_eq!(next_status(0x0f, 0x0f), (0x0f, false));
+    // Other bits as written.
+    assert_eq!(next_status(0x0f, 0x8f), (0x8f, false));
+    // DEVICE_NEEDS_RESET: the driver can neither set nor clear it, and it keeps the device
+    // from starting.
+    assert_eq!(next_status(0x0b, 0x4b), (0x0b, false));
+    assert_eq!(next_status(0x4b, 0x0f), (0x4f, false));
+}
+
+#[test]
+fn guest_config_writes_reach_the_backend_only_for_wce_with_config_wce() {
+    let mut rig = Rig::new(Behaviour::block(FLUSH | WCE, 1));
+    rig.start(FLUSH | WCE);
+    rig.write32(DEVICE_OFFSET, 0); // capacity
+    rig.write8(WRITEBACK + 1, 0); // unused byte after writeback
+    rig.write32(WRITEBACK, 0); // writeback and the next three bytes
+    rig.write8(DEVICE_OFFSET + 0x800, 0); // past the space
+    assert_eq!(config_writes(&rig.backend, 0), vec![]);
+    rig.write8(WRITEBACK, 0);
+    assert_eq!(config_writes(&rig.backend, 0), vec![(0x20, vec![0])]);
+    assert_eq!(rig.read(WRITEBACK, 1), [0]);
+    assert_eq!(rig.read(DEVICE_OFFSET, 4), 2048u32.to_le_bytes());
+    assert_eq!(rig.backend.connections(), 1, "the backend hung up");
+
+    // A driver that did not negotiate CONFIG_WCE writes nothing.
+    let mut rig = Rig::new(Behaviour::block(FLUSH | WCE, 1));
+    rig.start(FLUSH);
+    rig.write8(WRITEBACK, 0);
+    assert_eq!(config_writes(&rig.backend, 0), vec![]);
+    assert_eq!(rig.read(WRITEBACK, 1), [1]);
+}
+
+#[test]
+fn config_reads_are_served_without_the_backend() {
+    let mut rig = Rig::new(Behaviour::block(FLUSH, 1));
+    // The backend stops answering; reads still do, with what it said at connect.
+    rig.backend
+        .set_behaviour(|b| b.config_reply = ConfigReply::Silent);
+    for _ in 0..3 {
+        assert_eq!(rig.read(DEVICE_OFFSET, 4), 2048u32.to_le_bytes());
+        assert_eq!(rig.read(DEVICE_OFFSET + 0x100, 4), [0; 4]);
+    }
+    let fetches = rig
+        .backend
+        .requests(0)
+        .iter()
+        .filter(|&&r| r == FrontendReq::GET_CONFIG)
+        .count();
+    assert_eq!(fetches, 1, "one GET_CONFIG, at connect");
+}
+
+#[test]
+fn a_backend_whose_config_cannot_be_read_is_refused_at_connect() {
+    for (reply, reason) in [
+        (ConfigReply::Error, "the backend reported an error"),
+        (ConfigReply::TooLong, "a reply of 80 bytes; expected 72"),
+    ] {
+        let mut behaviour = Behaviour::block(0, 1);
+        behaviour.config_reply = reply;
+        let backend = FakeBackend::start(behaviour);
+        let e = connect(&backend)
+            .err()
+            .expect("connect must fail")
+            .to_string();
+        assert!(
+            e.contains("cannot read the device configuration (GET_CONFIG)") && e.contains(reason),
+            "{reply:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn the_guests_writethrough_setting_is_replayed_to_a_new_backend_before_its_queues() {
+    let mut rig = Rig::new(Behaviour::block(FLUSH | WCE, 1));
+    rig.start(FLUSH | WCE);
+    rig.write8(WRITEBACK, 0);
+    rig.reconnect().unwrap();
+    assert_eq!(config_writes(&rig.backend, 1), vec![(0x20, vec![0])]);
+    let requests = rig.backend.requests(1);
+    let replayed = position(&requests, FrontendReq::SET_CONFIG);
+    assert!(position(&requests, FrontendReq::SET_FEATURES) < replayed);
+    assert!(replayed < position(&requests, FrontendReq::SET_VRING_KICK));
+    // The new backend said writeback; the guest still sees its writethrough.
+    assert_eq!(rig.read(WRITEBACK, 1), [0]);
+}
+
+#[test]
+fn a_wce_write_before_driver_ok_is_kept_and_written_at_the_start() {
+    let mut rig = Rig::new(Behaviour::block(FLUSH | WCE, 1));
+    rig.negotiate(FLUSH | WCE);
+    rig.write8(WRITEBACK, 0);
+    assert_eq!(config_writes(&rig.backend, 0), vec![]);
+    assert_eq!(rig.read(WRITEBACK, 1), [0]);
+    rig.write8(0x14, 0x0f);
+    assert_eq!(config_writes(&rig.backend, 0), vec![(0x20, vec![0])]);
+}
+
+#[test]
+fn reset_stops_a_queue_whose_enable_the_driver_cleared_after_driver_ok() {
+    let mut rig = Rig::new(Behaviour::block(0, 1));
+    rig.start(0);
+    rig.write16(0x16, 0);
+    rig.write16(0x1c, 0);
+    assert_eq!(
+        rig.read16(0x1c),
+        1,
+        "queue_enable changed on a running device"
+    );
+    rig.write8(0x14, 0);
+    let stops = rig.backend.wait_for(0, FrontendReq::GET_VRING_BASE);
+    assert_eq!(stops.iter().map(|m| m.u32_at(0)).collect::<Vec<_>>(), [0]);
+}
+
+#[test]
+fn queue_setup_is_fixed_while_running_so_a_resume_uses_the_started_rings() {
+    let mut rig = Rig::new(Behaviour::block(0, 1));
+    rig.start(0);
+    rig.write16(0x16, 0);
+    rig.write32(0x30, 0xffff_fffe);
+    rig.write32(0x34, 0xffff_ffff);
+    rig.write16(0x18, 4);
+    assert_eq!(rig.read(0x30, 8), USED.to_le_bytes());
+    rig.reconnect().unwrap();
+    // VhostUserVringAddr: index, flags, then the descriptor, used and available rings.
+    let addr = &rig.backend.wait_for(1, FrontendReq::SET_VRING_ADDR)[0];
+    let used = u64::from_le_bytes(addr.body[16..24].try_into().unwrap());
+    let host = rig
+        .vm
+        .memory()
+        .get_host_address(GuestAddress(USED))
+        .unwrap();
+    assert_eq!(used, host as u64);
+    assert_eq!(
+        rig.backend.wait_for(1, FrontendReq::SET_VRING_NUM)[0].u32_at(4),
+        16
+    );
+}
+
+#[test]
+fn a_used_ring_at_the_top_of_the_address_space_has_no_index_address() {
+    let mut q = Queue::new(16);
+    q.used = u64::MAX - 1;
+    assert_eq!(q.used_index(), None);
+    q.used = USED;
+    assert_eq!(q.used_index(), Some(GuestAddress(USED + 2)));
+}
+
+#[test]
+fn a_device_started_while_its_backend_is_away_starts_when_it_is_back() {
+    let mut rig = Rig::new(Behaviour::block(FLUSH | WCE, 1));
+    rig.negotiate(FLUSH | WCE);
+    rig.backend.hang_up();
+    while !rig.device.backend.is_closed() {
+        std::thread::yield_now();
+    }
+    rig.write8(0x14, 0x0f);
+    rig.write8(WRITEBACK, 0);
+    assert_eq!(rig.status(), 0x0f);
+    let connection = connect(&rig.backend).unwrap();
+    rig.device.reconnect(connection).unwrap();
+    assert_eq!(config_writes(&rig.backend, 1), vec![(0x20, vec![0])]);
+    let base = rig.backend.wait_for(1, FrontendReq::SET_VRING_BASE);
+    assert_eq!((base[0].u32_at(0), base[0].u32_at(4)), (0, 0));
+    rig.backend.wait_for(1, FrontendReq::SET_VRING_ENABLE);
+}
+
+#[test]
+fn a_failed_start_needs_a_reset_and_is_not_retried_on_reconnect() {
+    let mut behaviour = Behaviour::block(0, 1);
+    behaviour.reject = vec![FrontendReq::SET_VRING_ADDR];
+    let mut rig = Rig::new(behaviour);
+    let config_irq = rig.observe(CONFIG_VECTOR);
+    rig.start(0);
+    assert_eq!(rig.status(), 0x4f);
+    assert_eq!(signals(&config_irq), 1);
+    // The backend closed the connection over the rings; the next one is not asked again.
+    rig.backend.set_behaviour(|b| b.reject.clear());
+    rig.reconnect().unwrap();
+    let requests = rig.backend.requests(1);
+    assert!(
+        !requests.contains(&FrontendReq::SET_VRING_ADDR),
+        "{requests:?}"
+    );
+    assert_eq!(rig.status(), 0x4f);
+    // After a reset the driver can start the device again.
+    rig.start(0);
+    assert_eq!(rig.status(), 0x0f);
+    rig.backend.wait_for(1, FrontendReq::SET_VRING_ENABLE);
+}
+
+#[test]
+fn a_backend_that_cannot_resume_the_device_makes_it_need_a_reset() {
+    type Change = fn(&mut Behaviour);
+    let cases: [(&str, Change); 2] = [
+        ("lacks features", |b| b.features = 0),
+        ("serves fewer queues", |b| b.queues = 1),
+    ];
+    for (what, change) in cases {
+        let mut rig = Rig::try_with_queues(Behaviour::block(FLUSH, 2), 2).unwrap();
+        let config_irq = rig.observe(CONFIG_VECTOR);
+        rig.start(FLUSH);
+        assert_eq!(rig.status(), 0x0f, "{what}");
+        rig.backend.set_behaviour(change);
+        assert!(rig.reconnect().is_err(), "{what}");
+        assert_eq!(rig.status(), 0x4f, "{what}");
+        assert_eq!(signals(&config_irq), 1, "{what}");
+    }
+    let mut rig = Rig::new(Behaviour::block(0, 1));
+    let config_irq = rig.observe(CONFIG_VECTOR);
+    rig.start(0);
+    rig.device.backend_lost();
+    assert_eq!((rig.status(), signals(&config_irq)), (0x4f, 1));
+}
+
+#[test]
+fn a_resume_kicks_and_signals_each_started_queue_once() {
+    let mut rig = Rig::new(Behaviour::block(0, 1));
+    let call = rig.observe(QUEUE_VECTOR);
+    rig.start(0);
+    assert_eq!(signals(&call), 0);
+    rig.reconnect().unwrap();
+    assert_eq!(signals(&call), 1);
+    let kick = rig.backend.wait_for(1, FrontendReq::SET_VRING_KICK);
+    let kick = kick[0].fd.as_ref().expect("kick fd");
+    let mut count = [0u8; 8];
+    std::io::Read::read_exact(&mut &**kick, &mut count).unwrap();
+    assert_eq!(u64::from_le_bytes(count), 1);
+}
+
+#[test]
+fn a_disk_has_the_queues_asked_for_at_most_max_queues() {
+    let mut rig = Rig::try_with_queues(Behaviour::block(0, 4), 1).unwrap();
+    assert_eq!(rig.read16(0x12), 1);
+    // virtio-blk's num_queues says the same, whatever the backend's said.
+    assert_eq!(rig.read16(DEVICE_OFFSET + 0x22), 1);
+    assert!(Rig::try_with_queues(Behaviour::block(0, 2000), MAX_QUEUES).is_ok());
+    let e = Rig::try_with_queues(Behaviour::block(0, 2000), MAX_QUEUES + 1)
+        .err()
+        .expect("1024 queues");
+    assert!(e.to_string().contains("a device has 1 to 1023"), "{e}");
+    let e = Rig::try_with_queues(Behaviour::block(0, 2), 3)
+        .err()
+        .expect("more queues than the backend");
+    assert!(e.to_string().contains("serves (2)"), "{e}");
+}
+
+#[test]
+fn a_device_whose_supervised_backend_is_given_up_needs_a_reset() {
+    use crate::supervisor::tests::{eventually, start_dying_backend};
+    let supervisor = crate::supervisor::Supervisor::new().unwrap();
+    let health = start_dying_backend(&supervisor);
+    let Rig {
+        vm: _vm,
+        backend,
+        mut device,
+    } = Rig::new(Behaviour::block(0, 1));
+    let socket = backend.socket.clone();
+    device.write_config(4, &[0x02, 0]);
+    let device = Arc::new(std::sync::Mutex::new(device));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    crate::virtio::reconnect::watch(
+        device.clone(),
+        DeviceType::Block,
+        socket,
+        stopping,
+        Some(health),
+    )
+    .unwrap();
+    // The backend goes away for good: its socket is gone, its supervisor gives up.
+    drop(backend);
+    eventually("the device needs a reset", || {
+        let mut status = [0u8];
+        device.lock().unwrap().read_bar(0, 0x14, &mut status);
+        status[0] & STATUS_NEEDS_RESET != 0
+    });
+}
