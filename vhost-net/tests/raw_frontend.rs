@@ -446,3 +446,55 @@ fn with_mq_and_no_control_queue_flows_follow_the_enabled_rx_vrings() {
     let landed = flows_reaching_the_first_pair(1 << VIRTIO_NET_F_MQ, &[1000, 2000]);
     assert_eq!(landed[1], 16, "frames of the second 16 flows: {landed:?}");
 }
+
+/// The targets of the open descriptors of process `pid`, once their number has settled.
+fn open_fds(pid: u32) -> Vec<String> {
+    let read = || {
+        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|t| t.display().to_string())
+            .collect();
+        fds.sort();
+        fds
+    };
+    let mut last = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = read();
+        if now.len() == last.len() {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// A connection leaves no file descriptor behind: the daemon holds as many after ten
+/// connections as after the first (each used to leak its workers' exit eventfds).
+#[test]
+fn reconnects_leak_no_file_descriptors() {
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let mut daemon = Daemon::start(&ns, dir.path(), &["--num-queue-pairs", "2"]);
+    let mut after_first = Vec::new();
+    for round in 1..=10 {
+        let (fe, _) = handshake(&daemon.socket, 5, 0);
+        fe.get_features().unwrap();
+        drop(fe);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while daemon.proc.log().matches("frontend disconnected").count() < round {
+            assert!(Instant::now() < deadline, "{}", daemon.proc.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if round == 1 {
+            after_first = open_fds(daemon.proc.pid());
+        }
+    }
+    assert_eq!(
+        open_fds(daemon.proc.pid()),
+        after_first,
+        "file descriptors leaked across 9 connections"
+    );
+    daemon.stop();
+}
