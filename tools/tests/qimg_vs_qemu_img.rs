@@ -2014,3 +2014,245 @@ fn size_and_count_arguments_are_read_and_refused_like_qemu_img() {
         }
     }
 }
+
+/// A 64 MiB image laid out as the damaged images below expect: header, refcount table,
+/// refcount block, L1 and L2 table in host clusters 0 to 4 (64 KiB each), guest data at 0
+/// (256 KiB, host clusters 5 to 8) and at 32 MiB (host cluster 9).
+fn layout_qcow2(dir: &Path, name: &str) {
+    qcow2_image(
+        dir,
+        &[],
+        name,
+        "64M",
+        &["write -P 1 0 256k", "write -P 2 32M 64k"],
+    );
+}
+
+const REFTABLE: u64 = 0x10000;
+const REFBLOCK: u64 = 0x20000;
+const L1: u64 = 0x30000;
+const L2: u64 = 0x40000;
+
+/// Writes `bytes` at `offset` of the file `name`.
+fn patch(dir: &Path, name: &str, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(name))
+        .unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+/// A byte patch: (offset, value, width): `value` big-endian in `width` bytes at `offset`.
+type Patch = (u64, u64, usize);
+
+/// A copy of [`layout_qcow2`] with `patches` applied, and the file cut to `len` bytes if
+/// given.
+fn damaged(dir: &Path, name: &str, patches: &[Patch], len: Option<u64>) {
+    layout_qcow2(dir, name);
+    for &(offset, value, width) in patches {
+        patch(dir, name, offset, &value.to_be_bytes()[8 - width..]);
+    }
+    if let Some(len) = len {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(name))
+            .unwrap();
+        f.set_len(len).unwrap();
+    }
+}
+
+/// `check ARGS X` by both tools, each on its own copy of `img`: the same exit code,
+/// stdout and stderr (with the copy named `X`); then `qemu-img check` says the same of
+/// both copies. Returns qimg's exit code and stderr.
+fn same_check_on_copies(dir: &Path, img: &str, args: &[&str]) -> (i32, String) {
+    let mut outcomes = Vec::new();
+    for (tool, prog) in [
+        (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+        ("qemu-img", "qemu-img"),
+    ] {
+        let copy = format!("{prog}-{img}");
+        std::fs::copy(dir.join(img), dir.join(&copy)).unwrap();
+        let a = [&["check"], args, &[copy.as_str()]].concat();
+        let (code, out, err) = run_with_stderr(dir, tool, prog, &a);
+        let after = run_with_stderr(dir, "qemu-img", "qemu-img", &["check", &copy]);
+        let named = |s: String| s.replace(&copy, "X");
+        outcomes.push((code, named(out), named(err), after.0, named(after.1)));
+    }
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "qimg vs qemu-img: check {args:?} {img}"
+    );
+    let (code, _, err, _, _) = outcomes.swap_remove(0);
+    (code, err)
+}
+
+/// An 8-byte L2 entry mapping host `offset` with COPIED set.
+const fn copied(offset: u64) -> u64 {
+    offset | 1 << 63
+}
+
+/// Damaged metadata that `check` reports in QEMU's words and counts: reserved bits in a
+/// refcount table or L2 entry, an L2 table on the refcount block, the L1 table on the
+/// refcount table, unaligned data and preallocated-zero entries (still counted, spanning
+/// two clusters), references past the end of the file.
+#[test]
+fn check_words_damaged_metadata_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let images: &[(&str, &[Patch], Option<u64>)] = &[
+        ("rtentry_unal", &[(REFTABLE, REFBLOCK | 0x100, 8)], None),
+        ("l2resv", &[(L2 + 8, copied(0x50002), 8)], None),
+        ("l2ovl", &[(L1, copied(REFBLOCK), 8)], None),
+        ("l1ovl2", &[(40, REFTABLE, 8)], None),
+        ("l2unal", &[(L2 + 8, copied(0x50200), 8)], None),
+        ("zeroflag_unal", &[(L2 + 8, copied(0x50201), 8)], None),
+        ("l2eof", &[(L2 + 8, copied(0x500000), 8)], None),
+        ("trunc_data", &[], Some(0x60000)),
+        ("trunc_l2", &[], Some(0x40100)),
+    ];
+    for &(name, patches, len) in images {
+        let img = format!("{name}.qcow2");
+        damaged(p, &img, patches, len);
+        same_check_on_copies(p, &img, &[]);
+        same_check_on_copies(p, &img, &["--output=json"]);
+    }
+    let expect = [
+        (
+            "rtentry_unal",
+            "ERROR refcount table entry 0 has reserved bits set",
+        ),
+        (
+            "l2resv",
+            "ERROR found l2 entry with reserved bits set: 8000000000050002",
+        ),
+        ("l2ovl", "ERROR refcount block 0 refcount=2"),
+        ("l1ovl2", "ERROR refcount block 0 refcount=2"),
+        ("l2unal", "Data cluster is not properly aligned"),
+        ("l2unal", "ERROR cluster 5 refcount=1 reference=2"),
+        (
+            "zeroflag_unal",
+            "Preallocated cluster is not properly aligned",
+        ),
+        (
+            "l2eof",
+            "exceeding the end of the file by one cluster or more: offset 0x500000",
+        ),
+        ("trunc_data", "offset 0x60000 size 0x10000"),
+    ];
+    for (name, line) in expect {
+        let (code, err) = same_check_on_copies(p, &format!("{name}.qcow2"), &[]);
+        assert_eq!(code, 2, "{name}");
+        assert!(err.contains(line), "{name}: {err}");
+    }
+}
+
+/// `-r all` on unaligned L2 entries: a preallocated zero cluster loses its allocation,
+/// a data cluster stays counted (so its clusters are not freed); as qemu-img repairs them.
+#[test]
+fn check_repairs_unaligned_l2_entries_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "data.qcow2", &[(L2 + 8, copied(0x50200), 8)], None);
+    damaged(p, "zero.qcow2", &[(L2 + 8, copied(0x50201), 8)], None);
+    for img in ["data.qcow2", "zero.qcow2"] {
+        for r in ["leaks", "all"] {
+            same_check_on_copies(p, img, &["-r", r]);
+        }
+    }
+    let (code, err) = same_check_on_copies(p, "zero.qcow2", &["-r", "all"]);
+    assert_eq!(code, 0);
+    assert!(
+        err.contains("Repairing offset=50200: Preallocated"),
+        "{err}"
+    );
+}
+
+/// `-r leaks` and `-r all` repair what qemu-img repairs with them, with its messages
+/// ("Repairing ...", "Rebuilding refcount structure") and exit codes: `-r leaks` also lowers
+/// refcounts that are too high and fixes COPIED flags when nothing else is wrong; a zero
+/// refcount needs `-r all`.
+#[test]
+fn check_repair_modes_match_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let images: &[(&str, &[Patch])] = &[
+        ("rc0", &[(REFBLOCK + 2 * 5, 0, 2)]),
+        ("rc2", &[(REFBLOCK + 2 * 5, 2, 2)]),
+        ("rcl2", &[(REFBLOCK + 2 * 4, 0, 2)]),
+        (
+            "rcleak",
+            &[(REFBLOCK + 2 * 40, 1, 2), (REFBLOCK + 2 * 41, 3, 2)],
+        ),
+        ("l2dup", &[(L2 + 8, copied(0x50000), 8)]),
+        ("l2eof", &[(L2 + 8, copied(0x500000), 8)]),
+        ("l2resv", &[(L2 + 8, copied(0x50002), 8)]),
+        ("l2ovl", &[(L1, copied(REFBLOCK), 8)]),
+        ("l1ovl2", &[(40, REFTABLE, 8)]),
+        ("copiedwrong", &[(L2, 0x50000, 8)]),
+        ("l1copiedwrong", &[(L1, L2, 8)]),
+    ];
+    for &(name, patches) in images {
+        let img = format!("{name}.qcow2");
+        damaged(p, &img, patches, None);
+        for args in [
+            &["-r", "leaks"][..],
+            &["-r", "all"],
+            &["-r", "all", "--output=json"],
+        ] {
+            same_check_on_copies(p, &img, args);
+        }
+    }
+    let expect = [
+        (
+            "rc2",
+            "leaks",
+            0,
+            "Repairing cluster 5 refcount=2 reference=1",
+        ),
+        (
+            "copiedwrong",
+            "leaks",
+            0,
+            "Repairing OFLAG_COPIED data cluster",
+        ),
+        (
+            "l1copiedwrong",
+            "leaks",
+            0,
+            "Repairing OFLAG_COPIED L2 cluster",
+        ),
+        (
+            "rc0",
+            "leaks",
+            1,
+            "ERROR need to rebuild refcount structures",
+        ),
+        ("rc0", "all", 0, "Rebuilding refcount structure"),
+    ];
+    for (name, r, code, line) in expect {
+        let (c, err) = same_check_on_copies(p, &format!("{name}.qcow2"), &["-r", r]);
+        assert_eq!(c, code, "{name} -r {r}: {err}");
+        assert!(err.contains(line), "{name} -r {r}: {err}");
+    }
+}
+
+/// Rebuilt refcount structures go where qemu-img puts them (the first free clusters, here
+/// clusters nothing references any more), not always at the end of the file.
+#[test]
+fn check_repair_places_rebuilt_refcounts_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "l2ovl.qcow2", &[(L1, copied(REFBLOCK), 8)], None);
+    damaged(p, "rc0.qcow2", &[(REFBLOCK + 2 * 5, 0, 2)], None);
+    for img in ["l2ovl.qcow2", "rc0.qcow2"] {
+        same_check_on_copies(p, img, &["-r", "all"]);
+        let reftable = |f: &str| std::fs::read(p.join(f)).unwrap()[48..60].to_vec();
+        let copy = |tool: &str| format!("{tool}-{img}");
+        assert_eq!(
+            reftable(&copy("qimg")),
+            reftable(&copy("qemu-img")),
+            "{img}"
+        );
+    }
+}

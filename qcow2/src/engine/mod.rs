@@ -10,7 +10,7 @@ pub(crate) mod cache;
 mod l2;
 mod map;
 pub(crate) mod meta;
-mod overlap;
+pub(crate) mod overlap;
 mod read;
 mod resize;
 mod write;
@@ -194,7 +194,7 @@ impl Qcow2 {
         let mut header = m.header.clone();
         if header.is_dirty() {
             drop(m);
-            crate::check::rebuild_refcounts(self)?;
+            crate::check::repair_dirty(self)?;
             m = self.meta_mut();
             header = m.header.clone();
             header.incompatible_features &= !INCOMPAT_DIRTY;
