@@ -43,6 +43,10 @@ pub struct OpenOptions {
     /// the image's current one: guest clusters past the snapshot's L1 table read as
     /// unallocated.
     pub snapshot: Option<SnapshotRef>,
+    /// Open for `qemu-img check` (QEMU's BDRV_O_CHECK): a dirty image is left for the check
+    /// to report and repair, and a writable open is allowed despite the corrupt bit, so
+    /// that a repair can clear it.
+    pub check: bool,
 }
 
 fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::File> {
@@ -145,6 +149,7 @@ pub(crate) fn open_backing(
         defer_space_claims: parent.defer_space_claims,
         chain: parent.chain.clone(),
         snapshot: None,
+        check: false,
     };
     open_image(&path, &opts).map_err(|e| match e {
         // Its own backing file failed: one more level, as QEMU nests them.

@@ -452,12 +452,18 @@ fn check_reports_and_repairs_a_dirty_image_like_qemu_img() {
         2,
         "stale refcounts are corruptions"
     );
+    // The repair itself is shown (not done silently when the image is opened).
+    let (code, err) = same_check_on_copies(p, "a.qcow2", &["-r", "all"]);
+    assert_eq!(code, 0);
+    assert!(err.contains("Rebuilding refcount structure"), "{err}");
+    assert_eq!(same_check_on_copies(p, "a.qcow2", &["-r", "leaks"]).0, 1);
     assert_eq!(qimg(p, &["check", "-r", "all", "a.qcow2"]).0, 0);
     assert_eq!(
         qemu(p, &["check", "a.qcow2"]).0,
         0,
         "qemu-img agrees the repair worked"
     );
+    assert!(!qemu(p, &["info", "a.qcow2"]).1.contains("dirty"));
     assert_eq!(
         qemu(p, &["compare", "a.qcow2", "b.qcow2"]).0,
         0,
@@ -2255,4 +2261,19 @@ fn check_repair_places_rebuilt_refcounts_like_qemu_img() {
             "{img}"
         );
     }
+}
+
+/// An image with the corrupt bit set: `-r` opens it for writing, repairs and clears the bit.
+#[test]
+fn check_repair_clears_the_corrupt_bit_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "a.qcow2", &[(72, 2, 8)], None);
+    for r in ["leaks", "all"] {
+        assert_eq!(same_check_on_copies(p, "a.qcow2", &["-r", r]).0, 0);
+        assert!(qemu(p, &["info", "qimg-a.qcow2"])
+            .1
+            .contains("corrupt: false"));
+    }
+    same_check_on_copies(p, "a.qcow2", &[]);
 }

@@ -59,6 +59,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         read_only,
         format: fmt,
         no_backing: true,
+        check: true,
         ..Default::default()
     };
     let file = match std::fs::OpenOptions::new()
