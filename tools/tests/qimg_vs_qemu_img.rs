@@ -2277,3 +2277,20 @@ fn check_repair_clears_the_corrupt_bit_like_qemu_img() {
     }
     same_check_on_copies(p, "a.qcow2", &[]);
 }
+
+/// Fragmentation is counted within each L2 table, as qemu-img counts it: a cluster that
+/// starts a table's run is not fragmented, whatever the previous table mapped last.
+#[test]
+fn check_counts_fragmentation_per_l2_table_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let writes = ["write 0 64k", "write 1G 64k", "write 64k 64k"];
+    qcow2_image(p, &[], "a.qcow2", "2G", &writes);
+    qcow2_image(p, &["-o", "cluster_size=512"], "b.qcow2", "2G", &writes);
+    for img in ["a.qcow2", "b.qcow2"] {
+        same(p, &["check", img]);
+        same(p, &["check", "--output=json", img]);
+    }
+    assert!(same(p, &["check", "a.qcow2"]).contains("33.33% fragmented"));
+    assert!(!same(p, &["check", "--output=json", "b.qcow2"]).contains("fragmented"));
+}

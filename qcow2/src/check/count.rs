@@ -174,7 +174,6 @@ impl Checker<'_> {
         }
         self.inc(offset, u64::from(entries) * 8);
         let l1 = self.read_table(offset, entries.into(), "check_refcounts_l1")?;
-        let mut next_contiguous = 0;
         for e in l1.into_iter().filter(|&e| e != 0) {
             if e & L1_RESERVED != 0 {
                 self.say(format!(
@@ -190,21 +189,17 @@ impl Checker<'_> {
                 ));
                 self.report.corruptions += 1;
             }
-            self.count_l2(l2, table, mode, &mut next_contiguous)?;
+            self.count_l2(l2, table, mode)?;
         }
         Ok(())
     }
 
-    /// Counts what an L2 table maps (QEMU's check_refcounts_l2).
-    fn count_l2(
-        &mut self,
-        l2: u64,
-        table: Table,
-        mode: Repair,
-        next_contiguous: &mut u64,
-    ) -> Outcome {
+    /// Counts what an L2 table maps (QEMU's check_refcounts_l2). Fragmentation is counted
+    /// within the table: each table starts a new run.
+    fn count_l2(&mut self, l2: u64, table: Table, mode: Repair) -> Outcome {
         let entries = self.read_table(l2, self.cs / 8, "check_refcounts_l2")?;
         let data_file = self.img.has_data_file();
+        let mut next_contiguous = 0;
         for (i, raw) in entries.into_iter().enumerate() {
             let kind = classify(raw, self.bits, data_file);
             if !matches!(kind, Kind::Compressed { .. }) && raw & L2_RESERVED != 0 {
@@ -222,10 +217,10 @@ impl Checker<'_> {
                     }
                     if table == Table::Active {
                         self.report.allocated_clusters += 1;
-                        if *next_contiguous != 0 && host != *next_contiguous {
+                        if next_contiguous != 0 && host != next_contiguous {
                             self.report.fragmented_clusters += 1;
                         }
-                        *next_contiguous = host + self.cs;
+                        next_contiguous = host + self.cs;
                     }
                     if !data_file {
                         self.inc(host, self.cs);
