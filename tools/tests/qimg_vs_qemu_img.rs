@@ -2294,3 +2294,45 @@ fn check_counts_fragmentation_per_l2_table_like_qemu_img() {
     assert!(same(p, &["check", "a.qcow2"]).contains("33.33% fragmented"));
     assert!(!same(p, &["check", "--output=json", "b.qcow2"]).contains("fragmented"));
 }
+
+/// A rebuild (here for a zero refcount) on an image whose file ends before data its L2
+/// table maps: the new refcount structures go past those clusters, which are counted once
+/// inside the file, so the guest never reads refcounts there and the image is clean.
+/// (qemu-img puts the structures on those clusters.)
+#[test]
+fn check_repair_never_puts_refcounts_on_clusters_referenced_past_the_end() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "a.qcow2", &[(REFBLOCK + 2 * 5, 0, 2)], Some(0x60000));
+    let before = cowbird_tests::qemu_raw(&p.join("a.qcow2"));
+    let (code, _, err) = run_with_stderr(
+        p,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &["check", "-r", "all", "a.qcow2"],
+    );
+    assert_eq!(code, 0, "{err}");
+    cowbird_tests::assert_qemu_clean(&p.join("a.qcow2"));
+    let after = cowbird_tests::qemu_raw(&p.join("a.qcow2"));
+    cowbird_tests::assert_same(&after, &before, "guest data");
+}
+
+/// Refcounts with reserved bits in their table entry: qemu-img's rebuild fails there (it
+/// would write over the old block); ours keeps clear of it and leaves a clean image.
+#[test]
+fn check_repair_rebuilds_around_a_refcount_block_with_a_bad_table_entry() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "a.qcow2", &[(REFTABLE, REFBLOCK | 0x100, 8)], None);
+    std::fs::copy(p.join("a.qcow2"), p.join("orig.qcow2")).unwrap();
+    let (code, _, err) = run_with_stderr(
+        p,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &["check", "-r", "all", "a.qcow2"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("Rebuilding refcount structure"), "{err}");
+    assert_eq!(qemu(p, &["check", "a.qcow2"]).0, 0);
+    assert_eq!(qemu(p, &["compare", "a.qcow2", "orig.qcow2"]).0, 0);
+}

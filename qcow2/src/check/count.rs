@@ -70,6 +70,7 @@ impl Checker<'_> {
                  cluster or more: offset 0x{offset:x} size 0x{size:x}"
             ));
             self.report.corruptions += 1;
+            self.past_eof.push((offset, size));
             return;
         }
         let last = (offset + size - 1) / self.cs;

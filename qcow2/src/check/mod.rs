@@ -12,6 +12,8 @@ mod count;
 mod imrt;
 mod rebuild;
 
+use std::collections::BTreeMap;
+
 use crate::engine::meta::Meta;
 use crate::engine::Qcow2;
 use crate::error::{Error, Result};
@@ -137,6 +139,9 @@ struct Checker<'a> {
     file_len: u64,
     /// The refcounts the metadata implies.
     imrt: Imrt,
+    /// Regions referenced past the end of the file, which QEMU does not count:
+    /// (offset, size). A rebuild keeps clear of them.
+    past_eof: Vec<(u64, u64)>,
     /// The refcount structures must be rebuilt.
     rebuild: bool,
     report: CheckReport,
@@ -241,6 +246,7 @@ impl<'a> Checker<'a> {
             bits: geo.cluster_bits,
             file_len,
             imrt: Imrt::new(geo, file_len.div_ceil(cs)),
+            past_eof: Vec::new(),
             rebuild: false,
             report: CheckReport {
                 total_clusters: img.size().div_ceil(cs),
@@ -291,6 +297,7 @@ impl<'a> Checker<'a> {
         self.report.leaks = 0;
         self.rebuild = false;
         self.imrt.clear();
+        self.past_eof.clear();
         self.file_len = file_len(self.file)?;
         self.count_all(Repair::Nothing)?;
         // The old structures are leaked now: free them. Leaks left were made by the rebuild.
@@ -401,4 +408,16 @@ fn set_refcount(
 /// Regions past the end of the file by a cluster or more, as QEMU tells them apart.
 fn exceeds_file(offset: u64, size: u64, file_len: u64, cs: u64) -> bool {
     offset as i128 + size as i128 - file_len as i128 >= cs as i128
+}
+
+/// Counts of each cluster the `regions` touch.
+fn clusters_of(regions: &[(u64, u64)], cs: u64) -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    for &(offset, size) in regions {
+        let last = offset.saturating_add(size - 1) / cs;
+        for c in offset / cs..=last {
+            *out.entry(c).or_insert(0) += 1;
+        }
+    }
+    out
 }

@@ -1,9 +1,17 @@
 //! Rebuilding the refcount structures from the counted refcounts (QEMU's
 //! rebuild_refcount_structure): refcount blocks, then the table, go in the first free
 //! clusters, where QEMU puts them.
+//!
+//! Unlike QEMU, a rebuild never takes a cluster that metadata references past the end of
+//! the file, nor one an old refcount table entry with reserved bits points at: QEMU counts
+//! neither, so it could put the new structures there (and the guest would read refcounts,
+//! or the write would hit the old block). If the new structures end up past such
+//! references, those references are inside the file afterwards and are counted.
+
+use std::collections::BTreeSet;
 
 use super::imrt::Imrt;
-use super::{strerror, Checker, Failed};
+use super::{clusters_of, exceeds_file, strerror, Checker, Failed};
 use crate::engine::meta::encode_u64_table;
 use crate::engine::overlap::Target;
 
@@ -17,17 +25,22 @@ struct Layout {
     table_cluster: u64,
     /// Clusters of the new table.
     table_clusters: u64,
+    /// The cluster after the last new structure.
+    end: u64,
 }
 
 /// Places the new structures, marking the clusters it takes in its copy of the counts.
-struct Planner {
+struct Planner<'a> {
     imrt: Imrt,
+    /// Clusters that must not be taken although nothing counts them.
+    busy: &'a BTreeSet<u64>,
     cs: u64,
+    end: u64,
 }
 
-impl Planner {
+impl Planner<'_> {
     fn is_free(&self, c: u64) -> bool {
-        self.imrt.get(c) == 0
+        self.imrt.get(c) == 0 && !self.busy.contains(&c)
     }
 
     /// Takes the first `n` contiguous free clusters from `*first_free` on (QEMU's
@@ -49,6 +62,7 @@ impl Planner {
         for k in c - n..c {
             self.imrt.set(k, 1);
         }
+        self.end = self.end.max(c);
         c - n
     }
 
@@ -96,6 +110,7 @@ impl Planner {
                     table,
                     table_cluster: at,
                     table_clusters: clusters,
+                    end: self.end,
                 };
                 return (layout, self.imrt);
             }
@@ -107,12 +122,46 @@ impl Checker<'_> {
     /// Writes new refcount structures for the counted refcounts and switches the header
     /// over to them. The old ones stay counted in them, to be freed by the caller.
     pub(super) fn rebuild_refcounts(&mut self) -> Outcome {
-        let planner = Planner {
-            imrt: self.imrt.clone(),
-            cs: self.cs,
-        };
-        let (layout, imrt) = planner.plan();
-        self.write_layout(&layout, &imrt)
+        let mut busy: BTreeSet<u64> = clusters_of(&self.past_eof, self.cs).into_keys().collect();
+        busy.extend(self.old_refblock_clusters());
+        let mut pending = std::mem::take(&mut self.past_eof);
+        loop {
+            let planner = Planner {
+                imrt: self.imrt.clone(),
+                busy: &busy,
+                cs: self.cs,
+                end: 0,
+            };
+            let (layout, imrt) = planner.plan();
+            let new_len = self.file_len.max(layout.end * self.cs);
+            let (inside, outside) = pending
+                .into_iter()
+                .partition::<Vec<_>, _>(|&(o, s)| !exceeds_file(o, s, new_len, self.cs));
+            pending = outside;
+            if inside.is_empty() {
+                return self.write_layout(&layout, &imrt);
+            }
+            self.count_regions(&inside);
+        }
+    }
+
+    /// Counts references to regions that a rebuild brings inside the file.
+    fn count_regions(&mut self, regions: &[(u64, u64)]) {
+        for (c, n) in clusters_of(regions, self.cs) {
+            let sum = self.imrt.get(c).saturating_add(n).min(self.imrt.max());
+            self.imrt.set(c, sum);
+        }
+    }
+
+    /// Clusters the old refcount table points at, usable entries or not.
+    fn old_refblock_clusters(&self) -> Vec<u64> {
+        let m = self.img.meta();
+        m.reftable
+            .iter()
+            .map(|e| e & !0x1ff)
+            .filter(|&b| b != 0)
+            .flat_map(|b| [b / self.cs, b.saturating_add(self.cs - 1) / self.cs])
+            .collect()
     }
 
     /// Writes the blocks and the table, points the header at the table and makes the
