@@ -46,6 +46,10 @@ pub struct OpenOptions {
     pub snapshot: Option<SnapshotRef>,
     /// QEMU-compatible locks on the image's files (backing files as readers).
     pub locking: Locking,
+    /// Open for `qemu-img check` (QEMU's BDRV_O_CHECK): a dirty image is left for the check
+    /// to report and repair, and a writable open is allowed despite the corrupt bit, so
+    /// that a repair can clear it.
+    pub check: bool,
 }
 
 /// Opens an image's file as QEMU's file driver does, for reading or also writing, with
@@ -153,6 +157,7 @@ pub(crate) fn open_backing(
         chain: parent.chain.clone(),
         snapshot: None,
         locking: parent.locking,
+        check: false,
     };
     open_image(&path, &opts).map_err(|e| match e {
         // Its own backing file failed: one more level, as QEMU nests them.

@@ -459,12 +459,18 @@ fn check_reports_and_repairs_a_dirty_image_like_qemu_img() {
         2,
         "stale refcounts are corruptions"
     );
+    // The repair itself is shown (not done silently when the image is opened).
+    let (code, err) = same_check_on_copies(p, "a.qcow2", &["-r", "all"]);
+    assert_eq!(code, 0);
+    assert!(err.contains("Rebuilding refcount structure"), "{err}");
+    assert_eq!(same_check_on_copies(p, "a.qcow2", &["-r", "leaks"]).0, 1);
     assert_eq!(qimg(p, &["check", "-r", "all", "a.qcow2"]).0, 0);
     assert_eq!(
         qemu(p, &["check", "a.qcow2"]).0,
         0,
         "qemu-img agrees the repair worked"
     );
+    assert!(!qemu(p, &["info", "a.qcow2"]).1.contains("dirty"));
     assert_eq!(
         qemu(p, &["compare", "a.qcow2", "b.qcow2"]).0,
         0,
@@ -2229,4 +2235,320 @@ fn damaged_headers_are_refused_like_qemu_img() {
             .unwrap();
         same(p, &["info", "-f", "qcow2", &img]);
     }
+}
+
+/// A 64 MiB image laid out as the damaged images below expect: header, refcount table,
+/// refcount block, L1 and L2 table in host clusters 0 to 4 (64 KiB each), guest data at 0
+/// (256 KiB, host clusters 5 to 8) and at 32 MiB (host cluster 9).
+fn layout_qcow2(dir: &Path, name: &str) {
+    qcow2_image(
+        dir,
+        &[],
+        name,
+        "64M",
+        &["write -P 1 0 256k", "write -P 2 32M 64k"],
+    );
+}
+
+const REFTABLE: u64 = 0x10000;
+const REFBLOCK: u64 = 0x20000;
+const L1: u64 = 0x30000;
+const L2: u64 = 0x40000;
+
+/// Writes `bytes` at `offset` of the file `name`.
+fn patch(dir: &Path, name: &str, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(name))
+        .unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+/// A byte patch: (offset, value, width): `value` big-endian in `width` bytes at `offset`.
+type Patch = (u64, u64, usize);
+
+/// A copy of [`layout_qcow2`] with `patches` applied, and the file cut to `len` bytes if
+/// given.
+fn damaged(dir: &Path, name: &str, patches: &[Patch], len: Option<u64>) {
+    layout_qcow2(dir, name);
+    for &(offset, value, width) in patches {
+        patch(dir, name, offset, &value.to_be_bytes()[8 - width..]);
+    }
+    if let Some(len) = len {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(name))
+            .unwrap();
+        f.set_len(len).unwrap();
+    }
+}
+
+/// `check ARGS X` by both tools, each on its own copy of `img`: the same exit code,
+/// stdout and stderr (with the copy named `X`); then `qemu-img check` says the same of
+/// both copies. Returns qimg's exit code and stderr.
+fn same_check_on_copies(dir: &Path, img: &str, args: &[&str]) -> (i32, String) {
+    let mut outcomes = Vec::new();
+    for (tool, prog) in [
+        (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+        ("qemu-img", "qemu-img"),
+    ] {
+        let copy = format!("{prog}-{img}");
+        std::fs::copy(dir.join(img), dir.join(&copy)).unwrap();
+        let a = [&["check"], args, &[copy.as_str()]].concat();
+        let (code, out, err) = run_with_stderr(dir, tool, prog, &a);
+        let after = run_with_stderr(dir, "qemu-img", "qemu-img", &["check", &copy]);
+        let named = |s: String| s.replace(&copy, "X");
+        outcomes.push((code, named(out), named(err), after.0, named(after.1)));
+    }
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "qimg vs qemu-img: check {args:?} {img}"
+    );
+    let (code, _, err, _, _) = outcomes.swap_remove(0);
+    (code, err)
+}
+
+/// An 8-byte L2 entry mapping host `offset` with COPIED set.
+const fn copied(offset: u64) -> u64 {
+    offset | 1 << 63
+}
+
+/// Damaged metadata that `check` reports in QEMU's words and counts: reserved bits in a
+/// refcount table or L2 entry, an L2 table on the refcount block, the L1 table on the
+/// refcount table, unaligned data and preallocated-zero entries (still counted, spanning
+/// two clusters), references past the end of the file.
+#[test]
+fn check_words_damaged_metadata_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let images: &[(&str, &[Patch], Option<u64>)] = &[
+        ("rtentry_unal", &[(REFTABLE, REFBLOCK | 0x100, 8)], None),
+        ("l2resv", &[(L2 + 8, copied(0x50002), 8)], None),
+        ("l2ovl", &[(L1, copied(REFBLOCK), 8)], None),
+        ("l1ovl2", &[(40, REFTABLE, 8)], None),
+        ("l2unal", &[(L2 + 8, copied(0x50200), 8)], None),
+        ("zeroflag_unal", &[(L2 + 8, copied(0x50201), 8)], None),
+        ("l2eof", &[(L2 + 8, copied(0x500000), 8)], None),
+        ("trunc_data", &[], Some(0x60000)),
+        ("trunc_l2", &[], Some(0x40100)),
+    ];
+    for &(name, patches, len) in images {
+        let img = format!("{name}.qcow2");
+        damaged(p, &img, patches, len);
+        same_check_on_copies(p, &img, &[]);
+        same_check_on_copies(p, &img, &["--output=json"]);
+    }
+    let expect = [
+        (
+            "rtentry_unal",
+            "ERROR refcount table entry 0 has reserved bits set",
+        ),
+        (
+            "l2resv",
+            "ERROR found l2 entry with reserved bits set: 8000000000050002",
+        ),
+        ("l2ovl", "ERROR refcount block 0 refcount=2"),
+        ("l1ovl2", "ERROR refcount block 0 refcount=2"),
+        ("l2unal", "Data cluster is not properly aligned"),
+        ("l2unal", "ERROR cluster 5 refcount=1 reference=2"),
+        (
+            "zeroflag_unal",
+            "Preallocated cluster is not properly aligned",
+        ),
+        (
+            "l2eof",
+            "exceeding the end of the file by one cluster or more: offset 0x500000",
+        ),
+        ("trunc_data", "offset 0x60000 size 0x10000"),
+    ];
+    for (name, line) in expect {
+        let (code, err) = same_check_on_copies(p, &format!("{name}.qcow2"), &[]);
+        assert_eq!(code, 2, "{name}");
+        assert!(err.contains(line), "{name}: {err}");
+    }
+}
+
+/// `-r all` on unaligned L2 entries: a preallocated zero cluster loses its allocation,
+/// a data cluster stays counted (so its clusters are not freed); as qemu-img repairs them.
+#[test]
+fn check_repairs_unaligned_l2_entries_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "data.qcow2", &[(L2 + 8, copied(0x50200), 8)], None);
+    damaged(p, "zero.qcow2", &[(L2 + 8, copied(0x50201), 8)], None);
+    for img in ["data.qcow2", "zero.qcow2"] {
+        for r in ["leaks", "all"] {
+            same_check_on_copies(p, img, &["-r", r]);
+        }
+    }
+    let (code, err) = same_check_on_copies(p, "zero.qcow2", &["-r", "all"]);
+    assert_eq!(code, 0);
+    assert!(
+        err.contains("Repairing offset=50200: Preallocated"),
+        "{err}"
+    );
+}
+
+/// `-r leaks` and `-r all` repair what qemu-img repairs with them, with its messages
+/// ("Repairing ...", "Rebuilding refcount structure") and exit codes: `-r leaks` also lowers
+/// refcounts that are too high and fixes COPIED flags when nothing else is wrong; a zero
+/// refcount needs `-r all`.
+#[test]
+fn check_repair_modes_match_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let images: &[(&str, &[Patch])] = &[
+        ("rc0", &[(REFBLOCK + 2 * 5, 0, 2)]),
+        ("rc2", &[(REFBLOCK + 2 * 5, 2, 2)]),
+        ("rcl2", &[(REFBLOCK + 2 * 4, 0, 2)]),
+        (
+            "rcleak",
+            &[(REFBLOCK + 2 * 40, 1, 2), (REFBLOCK + 2 * 41, 3, 2)],
+        ),
+        ("l2dup", &[(L2 + 8, copied(0x50000), 8)]),
+        ("l2eof", &[(L2 + 8, copied(0x500000), 8)]),
+        ("l2resv", &[(L2 + 8, copied(0x50002), 8)]),
+        ("l2ovl", &[(L1, copied(REFBLOCK), 8)]),
+        ("l1ovl2", &[(40, REFTABLE, 8)]),
+        ("copiedwrong", &[(L2, 0x50000, 8)]),
+        ("l1copiedwrong", &[(L1, L2, 8)]),
+    ];
+    for &(name, patches) in images {
+        let img = format!("{name}.qcow2");
+        damaged(p, &img, patches, None);
+        for args in [
+            &["-r", "leaks"][..],
+            &["-r", "all"],
+            &["-r", "all", "--output=json"],
+        ] {
+            same_check_on_copies(p, &img, args);
+        }
+    }
+    let expect = [
+        (
+            "rc2",
+            "leaks",
+            0,
+            "Repairing cluster 5 refcount=2 reference=1",
+        ),
+        (
+            "copiedwrong",
+            "leaks",
+            0,
+            "Repairing OFLAG_COPIED data cluster",
+        ),
+        (
+            "l1copiedwrong",
+            "leaks",
+            0,
+            "Repairing OFLAG_COPIED L2 cluster",
+        ),
+        (
+            "rc0",
+            "leaks",
+            1,
+            "ERROR need to rebuild refcount structures",
+        ),
+        ("rc0", "all", 0, "Rebuilding refcount structure"),
+    ];
+    for (name, r, code, line) in expect {
+        let (c, err) = same_check_on_copies(p, &format!("{name}.qcow2"), &["-r", r]);
+        assert_eq!(c, code, "{name} -r {r}: {err}");
+        assert!(err.contains(line), "{name} -r {r}: {err}");
+    }
+}
+
+/// Rebuilt refcount structures go where qemu-img puts them (the first free clusters, here
+/// clusters nothing references any more), not always at the end of the file.
+#[test]
+fn check_repair_places_rebuilt_refcounts_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "l2ovl.qcow2", &[(L1, copied(REFBLOCK), 8)], None);
+    damaged(p, "rc0.qcow2", &[(REFBLOCK + 2 * 5, 0, 2)], None);
+    for img in ["l2ovl.qcow2", "rc0.qcow2"] {
+        same_check_on_copies(p, img, &["-r", "all"]);
+        let reftable = |f: &str| std::fs::read(p.join(f)).unwrap()[48..60].to_vec();
+        let copy = |tool: &str| format!("{tool}-{img}");
+        assert_eq!(
+            reftable(&copy("qimg")),
+            reftable(&copy("qemu-img")),
+            "{img}"
+        );
+    }
+}
+
+/// An image with the corrupt bit set: `-r` opens it for writing, repairs and clears the bit.
+#[test]
+fn check_repair_clears_the_corrupt_bit_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "a.qcow2", &[(72, 2, 8)], None);
+    for r in ["leaks", "all"] {
+        assert_eq!(same_check_on_copies(p, "a.qcow2", &["-r", r]).0, 0);
+        assert!(qemu(p, &["info", "qimg-a.qcow2"])
+            .1
+            .contains("corrupt: false"));
+    }
+    same_check_on_copies(p, "a.qcow2", &[]);
+}
+
+/// Fragmentation is counted within each L2 table, as qemu-img counts it: a cluster that
+/// starts a table's run is not fragmented, whatever the previous table mapped last.
+#[test]
+fn check_counts_fragmentation_per_l2_table_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let writes = ["write 0 64k", "write 1G 64k", "write 64k 64k"];
+    qcow2_image(p, &[], "a.qcow2", "2G", &writes);
+    qcow2_image(p, &["-o", "cluster_size=512"], "b.qcow2", "2G", &writes);
+    for img in ["a.qcow2", "b.qcow2"] {
+        same(p, &["check", img]);
+        same(p, &["check", "--output=json", img]);
+    }
+    assert!(same(p, &["check", "a.qcow2"]).contains("33.33% fragmented"));
+    assert!(!same(p, &["check", "--output=json", "b.qcow2"]).contains("fragmented"));
+}
+
+/// A rebuild (here for a zero refcount) on an image whose file ends before data its L2
+/// table maps: the new refcount structures go past those clusters, which are counted once
+/// inside the file, so the guest never reads refcounts there and the image is clean.
+/// (qemu-img puts the structures on those clusters.)
+#[test]
+fn check_repair_never_puts_refcounts_on_clusters_referenced_past_the_end() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "a.qcow2", &[(REFBLOCK + 2 * 5, 0, 2)], Some(0x60000));
+    let before = cowbird_tests::qemu_raw(&p.join("a.qcow2"));
+    let (code, _, err) = run_with_stderr(
+        p,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &["check", "-r", "all", "a.qcow2"],
+    );
+    assert_eq!(code, 0, "{err}");
+    cowbird_tests::assert_qemu_clean(&p.join("a.qcow2"));
+    let after = cowbird_tests::qemu_raw(&p.join("a.qcow2"));
+    cowbird_tests::assert_same(&after, &before, "guest data");
+}
+
+/// Refcounts with reserved bits in their table entry: qemu-img's rebuild fails there (it
+/// would write over the old block); ours keeps clear of it and leaves a clean image.
+#[test]
+fn check_repair_rebuilds_around_a_refcount_block_with_a_bad_table_entry() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "a.qcow2", &[(REFTABLE, REFBLOCK | 0x100, 8)], None);
+    std::fs::copy(p.join("a.qcow2"), p.join("orig.qcow2")).unwrap();
+    let (code, _, err) = run_with_stderr(
+        p,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &["check", "-r", "all", "a.qcow2"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("Rebuilding refcount structure"), "{err}");
+    assert_eq!(qemu(p, &["check", "a.qcow2"]).0, 0);
+    assert_eq!(qemu(p, &["compare", "a.qcow2", "orig.qcow2"]).0, 0);
 }

@@ -25,6 +25,11 @@ pub struct TableCache<T> {
 }
 
 impl<T> TableCache<T> {
+    /// Drops every entry, dirty or not.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Creates a cache holding at most `capacity` tables (at least 2).
     pub fn new(capacity: usize) -> Self {
         TableCache {

@@ -10,7 +10,7 @@ pub(crate) mod cache;
 mod l2;
 mod map;
 pub(crate) mod meta;
-mod overlap;
+pub(crate) mod overlap;
 mod read;
 mod resize;
 mod write;
@@ -68,7 +68,7 @@ impl Qcow2 {
             .map_err(|e| Error::io("reading the header", e))?;
         let header = Header::parse(&first)?;
         header.check_supported()?;
-        if header.is_corrupt() && !opts.read_only {
+        if header.is_corrupt() && !opts.read_only && !opts.check {
             return Err(Error::Corrupt(
                 "the corrupt bit is set; the image can only be opened read-only".into(),
             ));
@@ -156,7 +156,7 @@ impl Qcow2 {
                     .collect(),
             },
             corrupt: corrupt.clone(),
-            lazy_refcounts: header.lazy_refcounts() && !opts.read_only,
+            lazy_refcounts: header.lazy_refcounts() && !opts.read_only && !opts.check,
             l2_generation: 0,
         };
         let img = Qcow2 {
@@ -174,15 +174,19 @@ impl Qcow2 {
             busy: Arc::default(),
         };
         if !opts.read_only {
-            img.prepare_for_writing()?;
+            img.prepare_for_writing(opts.check)?;
         }
         Ok(img)
     }
 
-    /// Repairs a dirty image and clears autoclear bits we do not maintain (as QEMU does).
-    /// The L1 and refcount tables, written back in place, get their file space claimed (an
-    /// image made with truncate may have holes there).
-    fn prepare_for_writing(&self) -> Result<()> {
+    /// Repairs a dirty image and clears autoclear bits we do not maintain (as QEMU does),
+    /// unless the image is opened for a check (which only fixes refcounts and flags, so
+    /// bitmaps stay valid). The L1 and refcount tables, written back in place, get their
+    /// file space claimed (an image made with truncate may have holes there).
+    fn prepare_for_writing(&self, for_check: bool) -> Result<()> {
+        if for_check {
+            return Ok(());
+        }
         let mut m = self.meta_mut();
         let l1 = (m.header.l1_table_offset, m.l1.len() as u64 * 8);
         let reftable = (
@@ -194,7 +198,7 @@ impl Qcow2 {
         let mut header = m.header.clone();
         if header.is_dirty() {
             drop(m);
-            crate::check::rebuild_refcounts(self)?;
+            crate::check::repair_dirty(self)?;
             m = self.meta_mut();
             header = m.header.clone();
             header.incompatible_features &= !INCOMPAT_DIRTY;

@@ -2,6 +2,7 @@
 
 use crate::qjson::{self, QObj};
 use anyhow::bail;
+use qcow2::check::{Message, Repair};
 
 /// Arguments of `qimg check`.
 #[derive(clap::Args)]
@@ -36,21 +37,28 @@ fn percent(n: u64, d: u64) -> String {
     )
 }
 
+/// The repair mode of `-r`.
+fn repair_mode(r: Option<&str>) -> anyhow::Result<Repair> {
+    match r {
+        None => Ok(Repair::Nothing),
+        Some("leaks") => Ok(Repair::Leaks),
+        Some("all") => Ok(Repair::All),
+        Some(r) => bail!("Unknown option for -r (expecting 'leaks' or 'all'): {r}"),
+    }
+}
+
 /// Runs `qimg check`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    crate::output_is_json("check", &a.output)?;
-    if let Some(r) = &a.repair {
-        if r != "leaks" && r != "all" {
-            bail!("Unknown option for -r (expecting 'leaks' or 'all'): {r}");
-        }
-    }
+    let json = crate::output_is_json("check", &a.output)?;
+    let mode = repair_mode(a.repair.as_deref())?;
     let fmt = a.format.as_deref().map(crate::parse_format).transpose()?;
     let path = std::path::Path::new(&a.filename);
-    let read_only = a.repair.is_none();
+    let read_only = mode == Repair::Nothing;
     let opts = qcow2::OpenOptions {
         read_only,
         format: fmt,
         no_backing: true,
+        check: true,
         ..Default::default()
     };
     let file = match crate::open_file(&a.filename, !read_only) {
@@ -91,79 +99,109 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             return Ok(1);
         }
     }
-    let mut report = qcow2::check(&img)?;
-    let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);
-    if a.repair.is_some() && !report.is_clean() {
-        let fix_all = a.repair.as_deref() == Some("all");
-        if report.corruptions == 0 || fix_all {
-            for m in &report.messages {
-                eprintln!("{m}");
-            }
-            qcow2::check::rebuild_refcounts(&img)?;
-            leaks_fixed = report.leaks;
-            corruptions_fixed = if fix_all { report.corruptions } else { 0 };
-            if !a.quiet && a.output == "human" {
-                println!("The following inconsistencies were found and repaired:\n\n    {leaks_fixed} leaked clusters\n    {corruptions_fixed} corruptions\n\nDouble checking the fixed image now...");
-            }
-            report = qcow2::check(&img)?;
-        }
+    let report = check_and_recheck(&img, mode, json || a.quiet);
+    if let Some(why) = &report.failure {
+        crate::print_error(format!("Check failed: {why}"));
+        return Ok(1);
     }
-    if a.output == "json" {
-        let opt = |v: u64| (v != 0).then(|| QObj::from(v));
-        let out = qjson::dict([
-            ("filename", Some(a.filename.as_str().into())),
-            ("format", Some("qcow2".into())),
-            ("check-errors", Some(report.check_errors.into())),
-            ("image-end-offset", opt(report.image_end_offset)),
-            ("corruptions", opt(report.corruptions)),
-            ("leaks", opt(report.leaks)),
-            ("corruptions-fixed", opt(corruptions_fixed)),
-            ("leaks-fixed", opt(leaks_fixed)),
-            ("total-clusters", opt(report.total_clusters)),
-            ("allocated-clusters", opt(report.allocated_clusters)),
-            ("fragmented-clusters", opt(report.fragmented_clusters)),
-            ("compressed-clusters", opt(report.compressed_clusters)),
-        ])
-        .to_json();
-        println!("{out}");
-        for m in &report.messages {
-            eprintln!("{m}");
-        }
+    if json {
+        print_json(&a.filename, &report);
     } else if !a.quiet {
-        for m in &report.messages {
-            eprintln!("{m}");
-        }
-        if report.is_clean() {
-            println!("No errors were found on the image.");
-        }
-        if report.corruptions > 0 {
-            println!("\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.", report.corruptions);
-        }
-        if report.leaks > 0 {
-            println!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", report.leaks);
-        }
-        if report.total_clusters > 0 && report.allocated_clusters > 0 {
-            let alloc = report.allocated_clusters;
-            println!(
-                "{}/{} = {}% allocated, {}% fragmented, {}% compressed clusters",
-                alloc,
-                report.total_clusters,
-                percent(alloc, report.total_clusters),
-                percent(report.fragmented_clusters, alloc),
-                percent(report.compressed_clusters, alloc)
-            );
-        }
-        if report.image_end_offset > 0 {
-            println!("Image end offset: {}", report.image_end_offset);
-        }
+        print_human(&report);
     }
-    Ok(if report.check_errors > 0 {
-        1
-    } else if report.corruptions > 0 {
+    if report.check_errors > 0 {
+        crate::print_error("Check failed");
+        return Ok(1);
+    }
+    Ok(if report.corruptions > 0 {
         2
     } else if report.leaks > 0 {
         3
     } else {
         0
     })
+}
+
+/// Checks with `mode`, printing the messages as qemu-img does; if something was repaired,
+/// says so (unless `silent`) and checks again. Returns the last report, with the counts of
+/// what was fixed.
+fn check_and_recheck(img: &qcow2::Qcow2, mode: Repair, silent: bool) -> qcow2::CheckReport {
+    let first = qcow2::check::check_and_repair(img, mode);
+    print_messages(&first);
+    let (leaks, corruptions) = (first.leaks_fixed, first.corruptions_fixed);
+    if first.failure.is_some() || leaks + corruptions == 0 {
+        return first;
+    }
+    if !silent {
+        println!("The following inconsistencies were found and repaired:\n\n    {leaks} leaked clusters\n    {corruptions} corruptions\n\nDouble checking the fixed image now...");
+    }
+    let mut again = qcow2::check::check_and_repair(img, Repair::Nothing);
+    print_messages(&again);
+    again.leaks_fixed = leaks;
+    again.corruptions_fixed = corruptions;
+    again
+}
+
+/// The check's own lines go to stderr as they come (also with -q, as in qemu-img).
+fn print_messages(report: &qcow2::CheckReport) {
+    for m in &report.messages {
+        match m {
+            Message::Line(line) => eprintln!("{line}"),
+            Message::Error(e) => crate::print_error(e),
+        }
+    }
+}
+
+/// qemu-img's JSON report.
+fn print_json(filename: &str, report: &qcow2::CheckReport) {
+    let opt = |v: u64| (v != 0).then(|| QObj::from(v));
+    let out = qjson::dict([
+        ("filename", Some(filename.into())),
+        ("format", Some("qcow2".into())),
+        ("check-errors", Some(report.check_errors.into())),
+        ("image-end-offset", opt(report.image_end_offset)),
+        ("corruptions", opt(report.corruptions)),
+        ("leaks", opt(report.leaks)),
+        ("corruptions-fixed", opt(report.corruptions_fixed)),
+        ("leaks-fixed", opt(report.leaks_fixed)),
+        ("total-clusters", opt(report.total_clusters)),
+        ("allocated-clusters", opt(report.allocated_clusters)),
+        ("fragmented-clusters", opt(report.fragmented_clusters)),
+        ("compressed-clusters", opt(report.compressed_clusters)),
+    ])
+    .to_json();
+    println!("{out}");
+}
+
+/// qemu-img's human-readable report.
+fn print_human(report: &qcow2::CheckReport) {
+    if report.is_clean() {
+        println!("No errors were found on the image.");
+    }
+    if report.corruptions > 0 {
+        println!("\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.", report.corruptions);
+    }
+    if report.leaks > 0 {
+        println!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", report.leaks);
+    }
+    if report.check_errors > 0 {
+        println!(
+            "\n{} internal errors have occurred during the check.",
+            report.check_errors
+        );
+    }
+    if report.total_clusters > 0 && report.allocated_clusters > 0 {
+        let alloc = report.allocated_clusters;
+        println!(
+            "{}/{} = {}% allocated, {}% fragmented, {}% compressed clusters",
+            alloc,
+            report.total_clusters,
+            percent(alloc, report.total_clusters),
+            percent(report.fragmented_clusters, alloc),
+            percent(report.compressed_clusters, alloc)
+        );
+    }
+    if report.image_end_offset > 0 {
+        println!("Image end offset: {}", report.image_end_offset);
+    }
 }

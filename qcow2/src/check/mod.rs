@@ -1,0 +1,423 @@
+//! Consistency check and repair: recount every reference from the metadata, compare with
+//! the stored refcounts and fix what the repair mode allows, as `qemu-img check [-r]` does
+//! (same steps, same messages, same counts).
+//!
+//! The steps: count references into an in-memory refcount table ([`imrt`], `count`);
+//! compare it with the stored refcounts, fixing them in place where allowed; if a stored
+//! refcount is zero for a cluster in use (or a refcount block is unusable), rebuild the
+//! refcount structures ([`rebuild`]) and recount; last, check the COPIED flags (`copied`).
+
+mod copied;
+mod count;
+mod imrt;
+mod rebuild;
+
+use std::collections::BTreeMap;
+
+use crate::engine::meta::Meta;
+use crate::engine::Qcow2;
+use crate::error::{Error, Result};
+use crate::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::image::Image;
+use crate::storage::Storage;
+
+use imrt::Imrt;
+
+/// What a check found (QEMU's `BdrvCheckResult`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Refcounts lower than the references and other errors in the metadata.
+    pub corruptions: u64,
+    /// Refcounts higher than the references (wasted space only).
+    pub leaks: u64,
+    /// Problems that stopped parts of the check (unreadable tables, failed repairs).
+    pub check_errors: u64,
+    /// Corruptions the repair fixed.
+    pub corruptions_fixed: u64,
+    /// Leaks the repair fixed.
+    pub leaks_fixed: u64,
+    /// Guest clusters allocated in the active L1 (normal, compressed, preallocated zero).
+    pub allocated_clusters: u64,
+    /// Guest clusters in the virtual disk.
+    pub total_clusters: u64,
+    /// Allocated clusters not contiguous with their predecessor in the same L2 table.
+    pub fragmented_clusters: u64,
+    /// Compressed guest clusters.
+    pub compressed_clusters: u64,
+    /// End of the last cluster in use.
+    pub image_end_offset: u64,
+    /// One line per problem or repair, in QEMU's wording and order.
+    pub messages: Vec<Message>,
+    /// Why the check stopped early (QEMU's "Check failed: ..."): no report is shown then.
+    pub failure: Option<String>,
+}
+
+impl CheckReport {
+    /// Whether nothing is wrong.
+    pub fn is_clean(&self) -> bool {
+        self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0
+    }
+}
+
+/// A line a check prints on stderr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Printed as it is ("ERROR cluster 5 refcount=0 reference=1").
+    Line(String),
+    /// An error report, which qemu-img prints after its name ("qemu-img: Could not resize
+    /// file: File too large").
+    Error(String),
+}
+
+impl std::fmt::Display for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Message::Line(s) | Message::Error(s) => f.write_str(s),
+        }
+    }
+}
+
+/// What a check may repair (`qemu-img check -r`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Repair {
+    /// Only report.
+    #[default]
+    Nothing,
+    /// Refcounts that are too high, and COPIED flags if nothing else is wrong.
+    Leaks,
+    /// Everything: also refcounts that are too low, rebuilding the refcount structures if
+    /// needed.
+    All,
+}
+
+impl Repair {
+    fn leaks(self) -> bool {
+        self != Repair::Nothing
+    }
+    fn errors(self) -> bool {
+        self == Repair::All
+    }
+}
+
+/// Why a check stopped: the text qemu-img prints after "Check failed: ".
+struct Failed(String);
+
+impl Failed {
+    /// QEMU's -EIO.
+    fn eio() -> Failed {
+        Failed("Input/output error".into())
+    }
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Failed {
+        match e {
+            Error::Io { error, .. } => Failed(strerror(&error)),
+            e => Failed(e.to_string()),
+        }
+    }
+}
+
+/// An I/O error as C's strerror words it (without Rust's " (os error N)").
+fn strerror(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(at) => s[..at].to_string(),
+        None => s,
+    }
+}
+
+/// Most clusters a check handles (QEMU's limit: `INT_MAX`).
+const MAX_CLUSTERS: u64 = i32::MAX as u64;
+
+/// State of one check run.
+struct Checker<'a> {
+    img: &'a Qcow2,
+    file: &'a dyn Storage,
+    cs: u64,
+    bits: u32,
+    file_len: u64,
+    /// The refcounts the metadata implies.
+    imrt: Imrt,
+    /// Regions referenced past the end of the file, which QEMU does not count:
+    /// (offset, size). A rebuild keeps clear of them.
+    past_eof: Vec<(u64, u64)>,
+    /// The refcount structures must be rebuilt.
+    rebuild: bool,
+    report: CheckReport,
+    messages: Vec<Message>,
+}
+
+/// Checks the image's refcounts and flags against its metadata, changing nothing. A check
+/// that could not finish is an error.
+pub fn check(img: &Qcow2) -> Result<CheckReport> {
+    let report = check_and_repair(img, Repair::Nothing);
+    match &report.failure {
+        Some(why) => Err(Error::Corrupt(format!("the check failed: {why}"))),
+        None => Ok(report),
+    }
+}
+
+/// Checks the image and repairs what `mode` allows (the image must be open for writing
+/// unless `mode` is [`Repair::Nothing`]), as `qemu-img check -r` does. If a repair leaves
+/// no corruption, the dirty and corrupt bits are cleared. A check that could not finish
+/// says why in [`CheckReport::failure`].
+pub fn check_and_repair(img: &Qcow2, mode: Repair) -> CheckReport {
+    let mut lazy = None;
+    if mode.leaks() {
+        // Repairs write refcounts through at once, whatever the image's lazy refcounts.
+        lazy = Some(std::mem::replace(&mut img.meta_mut().lazy_refcounts, false));
+    }
+    let (mut report, messages) = match Checker::new(img) {
+        Ok(mut c) => {
+            if let Err(f) = c.run(mode) {
+                c.report.failure = Some(f.0);
+            }
+            (c.report, c.messages)
+        }
+        Err(f) => (
+            CheckReport {
+                failure: Some(f.0),
+                ..Default::default()
+            },
+            Vec::new(),
+        ),
+    };
+    report.messages = messages;
+    let clean = report.failure.is_none() && report.check_errors == 0 && report.corruptions == 0;
+    if mode.leaks() && clean {
+        if let Err(e) = mark_clean(img) {
+            report.failure = Some(Failed::from(e).0);
+        }
+    }
+    if let Some(lazy) = lazy {
+        img.meta_mut().lazy_refcounts = lazy;
+    }
+    report
+}
+
+/// Repairs a dirty image (lazy refcounts after a crash) on a writable open, as QEMU does.
+pub(crate) fn repair_dirty(img: &Qcow2) -> Result<()> {
+    let report = check_and_repair(img, Repair::All);
+    for m in &report.messages {
+        tracing::debug!("repairing the dirty image: {m}");
+    }
+    tracing::info!(
+        "repaired the dirty image: {} corruptions and {} leaks fixed",
+        report.corruptions_fixed,
+        report.leaks_fixed
+    );
+    match report.failure {
+        Some(f) => Err(Error::Corrupt(format!("Could not repair dirty image: {f}"))),
+        None => Ok(()),
+    }
+}
+
+/// Clears the dirty and corrupt bits after a successful repair.
+fn mark_clean(img: &Qcow2) -> Result<()> {
+    img.flush()?;
+    let mut m = img.meta_mut();
+    let bits = INCOMPAT_DIRTY | INCOMPAT_CORRUPT;
+    if m.header.incompatible_features & bits == 0 {
+        return Ok(());
+    }
+    m.header.incompatible_features &= !bits;
+    let file = &**img.file();
+    // The incompatible feature bits are at byte 72 (version 3 headers only have them).
+    file.write_at(&m.header.incompatible_features.to_be_bytes(), 72)
+        .and_then(|()| file.flush())
+        .map_err(|e| Error::io("clearing the dirty and corrupt bits", e))
+}
+
+impl<'a> Checker<'a> {
+    fn new(img: &'a Qcow2) -> std::result::Result<Checker<'a>, Failed> {
+        img.flush()?;
+        let file = &**img.file();
+        let cs = img.cluster_size();
+        let file_len = file_len(file)?;
+        if file_len.div_ceil(cs) > MAX_CLUSTERS {
+            return Err(Failed("File too large".into()));
+        }
+        let geo = img.meta().geo;
+        Ok(Checker {
+            img,
+            file,
+            cs,
+            bits: geo.cluster_bits,
+            file_len,
+            imrt: Imrt::new(geo, file_len.div_ceil(cs)),
+            past_eof: Vec::new(),
+            rebuild: false,
+            report: CheckReport {
+                total_clusters: img.size().div_ceil(cs),
+                ..Default::default()
+            },
+            messages: Vec::new(),
+        })
+    }
+
+    fn say(&mut self, line: String) {
+        self.messages.push(Message::Line(line));
+    }
+
+    fn report_error(&mut self, error: String) {
+        self.messages.push(Message::Error(error));
+    }
+
+    /// The whole check (QEMU's qcow2_check_refcounts).
+    fn run(&mut self, mode: Repair) -> std::result::Result<(), Failed> {
+        self.count_all(mode)?;
+        let before_compare = self.report.clone();
+        let mut highest = self.compare(Repair::Nothing)?;
+        if self.rebuild && mode.errors() {
+            highest = self.rebuild_and_recount()?;
+        } else if mode.leaks() {
+            if self.rebuild {
+                self.say("ERROR need to rebuild refcount structures".into());
+                self.report.check_errors += 1;
+                return Err(Failed::eio());
+            }
+            if self.report.leaks > 0 || self.report.corruptions > 0 {
+                self.report = before_compare;
+                highest = self.compare(mode)?;
+            }
+        }
+        self.check_copied(mode)?;
+        self.report.image_end_offset = (highest + 1) * self.cs;
+        Ok(())
+    }
+
+    /// Rebuilds the refcount structures, recounts, and frees what the old ones held;
+    /// returns the highest cluster in use.
+    fn rebuild_and_recount(&mut self) -> std::result::Result<u64, Failed> {
+        let before = self.report.clone();
+        self.say("Rebuilding refcount structure".into());
+        self.rebuild_refcounts()?;
+        self.report.corruptions = 0;
+        self.report.leaks = 0;
+        self.rebuild = false;
+        self.imrt.clear();
+        self.past_eof.clear();
+        self.file_len = file_len(self.file)?;
+        self.count_all(Repair::Nothing)?;
+        // The old structures are leaked now: free them. Leaks left were made by the rebuild.
+        let saved = std::mem::take(&mut self.report);
+        let highest = self.compare(Repair::Leaks)?;
+        if self.rebuild {
+            self.say("ERROR rebuilt refcount structure is still broken".into());
+        }
+        let fresh_leaks = self.report.leaks;
+        self.report = saved;
+        let r = &mut self.report;
+        r.corruptions_fixed += before.corruptions.saturating_sub(r.corruptions);
+        r.leaks_fixed += before.leaks.saturating_sub(r.leaks);
+        r.leaks += fresh_leaks;
+        Ok(highest)
+    }
+
+    /// Compares stored with counted refcounts (QEMU's compare_refcounts), fixing what
+    /// `mode` allows: a zero stored refcount needs a rebuild instead. Returns the highest
+    /// cluster in use.
+    fn compare(&mut self, mode: Repair) -> std::result::Result<u64, Failed> {
+        let mut highest = 0;
+        let mut fixed_any = false;
+        let img = self.img;
+        let mut m = img.meta_mut();
+        for c in 0..self.imrt.len() {
+            let Ok(stored) = stored_refcount(&mut m, self.file, self.file_len, c) else {
+                self.say(format!(
+                    "Can't get refcount for cluster {c}: Input/output error"
+                ));
+                self.report.check_errors += 1;
+                continue;
+            };
+            let counted = self.imrt.get(c);
+            if stored > 0 || counted > 0 {
+                highest = c;
+            }
+            if stored == counted {
+                continue;
+            }
+            self.rebuild |= stored == 0;
+            let allowed = if stored > counted {
+                mode.leaks()
+            } else {
+                mode.errors()
+            };
+            let fixing = allowed && stored != 0;
+            let word = match (fixing, stored < counted) {
+                (true, _) => "Repairing",
+                (false, true) => "ERROR",
+                (false, false) => "Leaked",
+            };
+            self.say(format!(
+                "{word} cluster {c} refcount={stored} reference={counted}"
+            ));
+            if fixing && set_refcount(&mut m, self.file, self.cs, c, stored, counted).is_ok() {
+                fixed_any = true;
+                match stored > counted {
+                    true => self.report.leaks_fixed += 1,
+                    false => self.report.corruptions_fixed += 1,
+                }
+                continue;
+            }
+            match stored < counted {
+                true => self.report.corruptions += 1,
+                false => self.report.leaks += 1,
+            }
+        }
+        if fixed_any {
+            m.writeback(self.file)?;
+        }
+        Ok(highest)
+    }
+}
+
+/// The file's length.
+fn file_len(file: &dyn Storage) -> Result<u64> {
+    file.len()
+        .map_err(|e| Error::io("getting the file size", e))
+}
+
+/// Refcount of `cluster` as stored; a refcount block past the end of the file reads as
+/// zeros, as QEMU reads it.
+fn stored_refcount(m: &mut Meta, file: &dyn Storage, file_len: u64, cluster: u64) -> Result<u64> {
+    let cs = m.geo.cluster_size();
+    let r = cluster / m.geo.refblock_entries();
+    let block = m.reftable.get(r as usize).map_or(0, |e| e & !0x1ff);
+    if block >= file_len.next_multiple_of(cs) {
+        return Ok(0);
+    }
+    m.refcount(file, cluster)
+}
+
+/// Changes the stored refcount of `cluster` from `stored` to `counted`.
+fn set_refcount(
+    m: &mut Meta,
+    file: &dyn Storage,
+    cs: u64,
+    cluster: u64,
+    stored: u64,
+    counted: u64,
+) -> Result<()> {
+    let delta = i64::try_from(counted as i128 - stored as i128)
+        .map_err(|_| Error::Corrupt(format!("refcount of cluster {cluster} is out of range")))?;
+    m.add_refcount(file, cluster * cs, cs, delta)
+}
+
+/// Regions past the end of the file by a cluster or more, as QEMU tells them apart.
+fn exceeds_file(offset: u64, size: u64, file_len: u64, cs: u64) -> bool {
+    offset as i128 + size as i128 - file_len as i128 >= cs as i128
+}
+
+/// Counts of each cluster the `regions` touch.
+fn clusters_of(regions: &[(u64, u64)], cs: u64) -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    for &(offset, size) in regions {
+        let last = offset.saturating_add(size - 1) / cs;
+        for c in offset / cs..=last {
+            *out.entry(c).or_insert(0) += 1;
+        }
+    }
+    out
+}
