@@ -2413,6 +2413,8 @@ fn check_repair_modes_match_qemu_img() {
         ("l1ovl2", &[(40, REFTABLE, 8)]),
         ("copiedwrong", &[(L2, 0x50000, 8)]),
         ("l1copiedwrong", &[(L1, L2, 8)]),
+        // -r all grows the file to hold the block, then rebuilds.
+        ("rtentry_eof", &[(REFTABLE, 0x900000, 8)]),
     ];
     for &(name, patches) in images {
         let img = format!("{name}.qcow2");
@@ -2451,6 +2453,12 @@ fn check_repair_modes_match_qemu_img() {
             "ERROR need to rebuild refcount structures",
         ),
         ("rc0", "all", 0, "Rebuilding refcount structure"),
+        (
+            "rtentry_eof",
+            "all",
+            0,
+            "Repairing refcount block 0 is outside image",
+        ),
     ];
     for (name, r, code, line) in expect {
         let (c, err) = same_check_on_copies(p, &format!("{name}.qcow2"), &["-r", r]);

@@ -28,6 +28,15 @@ impl Imrt {
         t
     }
 
+    /// No refcounts, with the same geometry.
+    pub fn empty_like(&self) -> Imrt {
+        Imrt {
+            bytes: Vec::new(),
+            len: 0,
+            ..*self
+        }
+    }
+
     /// Clusters covered (QEMU's `nb_clusters`).
     pub fn len(&self) -> u64 {
         self.len
@@ -79,6 +88,11 @@ impl Imrt {
     pub fn block(&self, index: u64) -> Option<&[u8]> {
         let start = index as usize * self.block_bytes;
         self.bytes.get(start..start + self.block_bytes)
+    }
+
+    /// Whether refcount block `index` holds only zeros.
+    pub fn block_is_zero(&self, index: u64) -> bool {
+        self.block(index).is_none_or(|b| b.iter().all(|&x| x == 0))
     }
 
     /// Refcounts per block.

@@ -319,57 +319,79 @@ impl<'a> Checker<'a> {
     /// `mode` allows: a zero stored refcount needs a rebuild instead. Returns the highest
     /// cluster in use.
     fn compare(&mut self, mode: Repair) -> std::result::Result<u64, Failed> {
-        let mut highest = 0;
-        let mut fixed_any = false;
+        let (mut highest, mut fixed_any) = (0, false);
         let img = self.img;
         let mut m = img.meta_mut();
-        for c in 0..self.imrt.len() {
-            let Ok(stored) = stored_refcount(&mut m, self.file, self.file_len, c) else {
-                self.say(format!(
-                    "Can't get refcount for cluster {c}: Input/output error"
-                ));
-                self.report.check_errors += 1;
-                continue;
-            };
-            let counted = self.imrt.get(c);
-            if stored > 0 || counted > 0 {
-                highest = c;
-            }
-            if stored == counted {
+        let per_block = self.imrt.per_block();
+        let mut c = 0;
+        while c < self.imrt.len() {
+            if c % per_block == 0 && self.nothing_in_range(&m, c) {
+                c += per_block;
                 continue;
             }
-            self.rebuild |= stored == 0;
-            let allowed = if stored > counted {
-                mode.leaks()
-            } else {
-                mode.errors()
-            };
-            let fixing = allowed && stored != 0;
-            let word = match (fixing, stored < counted) {
-                (true, _) => "Repairing",
-                (false, true) => "ERROR",
-                (false, false) => "Leaked",
-            };
-            self.say(format!(
-                "{word} cluster {c} refcount={stored} reference={counted}"
-            ));
-            if fixing && set_refcount(&mut m, self.file, self.cs, c, stored, counted).is_ok() {
-                fixed_any = true;
-                match stored > counted {
-                    true => self.report.leaks_fixed += 1,
-                    false => self.report.corruptions_fixed += 1,
+            match stored_refcount(&mut m, self.file, self.file_len, c) {
+                Ok(stored) => {
+                    let counted = self.imrt.get(c);
+                    if stored > 0 || counted > 0 {
+                        highest = c;
+                    }
+                    if stored != counted {
+                        fixed_any |= self.mismatch(&mut m, c, stored, counted, mode);
+                    }
                 }
-                continue;
+                Err(_) => {
+                    self.say(format!(
+                        "Can't get refcount for cluster {c}: Input/output error"
+                    ));
+                    self.report.check_errors += 1;
+                }
             }
-            match stored < counted {
-                true => self.report.corruptions += 1,
-                false => self.report.leaks += 1,
-            }
+            c += 1;
         }
         if fixed_any {
             m.writeback(self.file)?;
         }
         Ok(highest)
+    }
+
+    /// Whether the refcount block range starting at cluster `first` holds no refcount,
+    /// stored or counted (so the comparison can skip it).
+    fn nothing_in_range(&self, m: &Meta, first: u64) -> bool {
+        let per_block = self.imrt.per_block();
+        stored_block(m, self.file_len, first).is_none()
+            && self.imrt.block_is_zero(first / per_block)
+    }
+
+    /// Reports (and if `mode` allows, fixes) cluster `c`'s stored refcount that differs
+    /// from the counted one; returns whether it was fixed.
+    fn mismatch(&mut self, m: &mut Meta, c: u64, stored: u64, counted: u64, mode: Repair) -> bool {
+        self.rebuild |= stored == 0;
+        let allowed = if stored > counted {
+            mode.leaks()
+        } else {
+            mode.errors()
+        };
+        let fixing = allowed && stored != 0;
+        let word = match (fixing, stored < counted) {
+            (true, _) => "Repairing",
+            (false, true) => "ERROR",
+            (false, false) => "Leaked",
+        };
+        self.say(format!(
+            "{word} cluster {c} refcount={stored} reference={counted}"
+        ));
+        if fixing && set_refcount(m, self.file, self.cs, c, stored, counted).is_ok() {
+            match stored > counted {
+                true => self.report.leaks_fixed += 1,
+                false => self.report.corruptions_fixed += 1,
+            }
+            return true;
+        }
+        match stored < counted {
+            true => self.report.corruptions += 1,
+            false => self.report.leaks += 1,
+        }
+        false
     }
 }
 
@@ -382,13 +404,18 @@ fn file_len(file: &dyn Storage) -> Result<u64> {
 /// Refcount of `cluster` as stored; a refcount block past the end of the file reads as
 /// zeros, as QEMU reads it.
 fn stored_refcount(m: &mut Meta, file: &dyn Storage, file_len: u64, cluster: u64) -> Result<u64> {
-    let cs = m.geo.cluster_size();
+    match stored_block(m, file_len, cluster) {
+        Some(_) => m.refcount(file, cluster),
+        None => Ok(0),
+    }
+}
+
+/// The refcount block that holds `cluster`'s stored refcount, if there is one inside the
+/// file.
+fn stored_block(m: &Meta, file_len: u64, cluster: u64) -> Option<u64> {
     let r = cluster / m.geo.refblock_entries();
     let block = m.reftable.get(r as usize).map_or(0, |e| e & !0x1ff);
-    if block >= file_len.next_multiple_of(cs) {
-        return Ok(0);
-    }
-    m.refcount(file, cluster)
+    (block != 0 && block < file_len.next_multiple_of(m.geo.cluster_size())).then_some(block)
 }
 
 /// Changes the stored refcount of `cluster` from `stored` to `counted`.

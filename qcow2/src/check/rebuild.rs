@@ -73,6 +73,10 @@ impl Planner<'_> {
         let per_block = self.imrt.per_block();
         let (mut first_free, mut grown, mut c) = (0, false, from);
         while c < to {
+            if c % per_block == 0 && self.imrt.block_is_zero(c / per_block) {
+                c += per_block;
+                continue;
+            }
             if self.imrt.get(c) == 0 {
                 c += 1;
                 continue;
@@ -126,8 +130,16 @@ impl Checker<'_> {
         busy.extend(self.old_refblock_clusters());
         let mut pending = std::mem::take(&mut self.past_eof);
         loop {
+            // Planned on a copy while past-the-end references may still have to be counted.
+            let imrt = match pending.is_empty() {
+                true => {
+                    let empty = self.imrt.empty_like();
+                    std::mem::replace(&mut self.imrt, empty)
+                }
+                false => self.imrt.clone(),
+            };
             let planner = Planner {
-                imrt: self.imrt.clone(),
+                imrt,
                 busy: &busy,
                 cs: self.cs,
                 end: 0,
@@ -139,7 +151,8 @@ impl Checker<'_> {
                 .partition::<Vec<_>, _>(|&(o, s)| !exceeds_file(o, s, new_len, self.cs));
             pending = outside;
             if inside.is_empty() {
-                return self.write_layout(&layout, &imrt);
+                self.imrt = imrt;
+                return self.write_layout(&layout);
             }
             self.count_regions(&inside);
         }
@@ -164,9 +177,9 @@ impl Checker<'_> {
             .collect()
     }
 
-    /// Writes the blocks and the table, points the header at the table and makes the
-    /// engine use them.
-    fn write_layout(&mut self, layout: &Layout, imrt: &Imrt) -> Outcome {
+    /// Writes the blocks (from the planned refcounts, which include the new structures)
+    /// and the table, points the header at the table and makes the engine use them.
+    fn write_layout(&mut self, layout: &Layout) -> Outcome {
         let (img, file, cs) = (self.img, self.file, self.cs);
         let table_offset = layout.table_cluster * cs;
         let clusters = u32::try_from(layout.table_clusters).map_err(|_| Failed::eio())?;
@@ -175,7 +188,7 @@ impl Checker<'_> {
         let zeros = vec![0; cs as usize];
         for (index, &block) in blocks {
             m.check_write(file, block, cs, Target::New)?;
-            let bytes = imrt.block(index as u64).unwrap_or(&zeros);
+            let bytes = self.imrt.block(index as u64).unwrap_or(&zeros);
             file.write_at(bytes, block)
                 .map_err(|e| self.write_failed("writing refblock", &e))?;
         }
@@ -197,8 +210,6 @@ impl Checker<'_> {
         m.free_hint = 0;
         m.pending_frees.clear();
         m.compressed_tail = None;
-        // What the rebuild allocated is compared too (and freed if unused).
-        self.imrt.grow(imrt.len());
         Ok(())
     }
 
