@@ -164,3 +164,36 @@ fn an_unaligned_l2_entry_is_refused_and_its_neighbour_survives() {
         "the neighbour's cluster lost its reference:\n{out}"
     );
 }
+
+/// An L2 entry with only the COPIED bit (host offset 0, the header) in an image without a
+/// data file is unallocated, as QEMU reads it: the guest cluster reads as zeros, not as the
+/// header, and a write to it allocates a new cluster instead of going over the header.
+#[test]
+fn a_copied_entry_at_offset_zero_is_unallocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "copied0.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
+    qemu_io(&path, &["write -P 0x11 0 64k"]);
+    let (file, header) = open_with_header(&path);
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, be64(&header, 40)).unwrap();
+    let l2 = u64::from_be_bytes(entry) & 0x00ff_ffff_ffff_fe00;
+    // Guest cluster 1: COPIED and nothing else.
+    file.write_all_at(&(1u64 << 63).to_be_bytes(), l2 + 8)
+        .unwrap();
+    qemu_io(&path, &["read -P 0 64k 64k"]);
+    {
+        let img = open(&path, false);
+        let mut buf = vec![0xffu8; 64 << 10];
+        img.read_at(&mut buf, 64 << 10).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "guest cluster 1 reads the header"
+        );
+        img.write_at(&[0x22; 4096], 64 << 10).unwrap();
+        img.flush().unwrap();
+    }
+    qemu_io(&path, &["read -P 0x11 0 64k", "read -P 0x22 64k 4k"]);
+    let info = qemu_img(&["info", path.to_str().unwrap()]);
+    assert!(!info.contains("corrupt: true"), "{info}");
+}

@@ -168,11 +168,7 @@ impl Qcow2 {
                 });
             };
             let start = start as usize;
-            entries.extend(
-                slice[start..start + n]
-                    .iter()
-                    .map(|&e| L2Entry::decode(e, self.geo.cluster_bits)),
-            );
+            entries.extend(slice[start..start + n].iter().map(|&e| self.decode_l2(e)));
         }
         Ok(entries)
     }

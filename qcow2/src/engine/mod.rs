@@ -283,7 +283,7 @@ impl Qcow2 {
             Some(
                 slice[start..start + n]
                     .iter()
-                    .map(|&e| L2Entry::decode(e, self.geo.cluster_bits))
+                    .map(|&e| self.decode_l2(e))
                     .collect::<Vec<_>>(),
             )
         };
@@ -311,6 +311,16 @@ impl Qcow2 {
         let entries = decode(&m, key).expect("just loaded");
         self.check_aligned(cluster, &entries)?;
         Ok(entries)
+    }
+
+    /// Decodes one of this image's L2 entries. Without an external data file, an entry with
+    /// only the COPIED bit (host offset 0, where the header is) is unallocated, as in QEMU;
+    /// with one, it maps guest data at the start of the data file.
+    pub(crate) fn decode_l2(&self, raw: u64) -> L2Entry {
+        match L2Entry::decode(raw, self.geo.cluster_bits) {
+            L2Entry::Normal { host: 0, .. } if self.data_file.is_none() => L2Entry::Unallocated,
+            entry => entry,
+        }
     }
 
     /// Refuses entries that map guest clusters (from `first` on) to host offsets not aligned
