@@ -1024,15 +1024,15 @@ fn resize_refuses_what_qemu_img_refuses_and_leaves_the_image_alone() {
         .contains("The new size must be a multiple of 512"));
 }
 
+/// What qimg cannot do (formats other than raw and qcow2, options it lacks) fails with exit
+/// code 1 where qemu-img would act. Bad command lines: `command_line_errors_match_qemu_img`.
 #[test]
-fn unknown_subcommands_and_options_fail_with_exit_1() {
+fn unsupported_formats_and_options_fail_with_exit_1() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     qcow2_image(p, &[], "a.qcow2", "1M", &[]);
     for args in [
-        &["frobnicate", "a.qcow2"][..],
-        &["info", "--bogus", "a.qcow2"],
-        &["map", "--output=xml", "a.qcow2"],
+        &["map", "--output=xml", "a.qcow2"][..],
         &["measure", "-O", "vmdk", "--size", "1G"],
         &["resize", "-f", "vmdk", "a.qcow2", "1G"],
         &["rebase", "-f", "vmdk", "-b", "", "a.qcow2"],
@@ -1041,7 +1041,6 @@ fn unknown_subcommands_and_options_fail_with_exit_1() {
         &["bench", "--bogus", "a.qcow2"],
         &["snapshot", "-l", "a.qcow2"],
         &["amend", "-o", "compat=0.10", "a.qcow2"],
-        &[],
     ] {
         let (code, _) = qimg(p, args);
         assert_eq!(code, 1, "{args:?}");
@@ -1950,7 +1949,10 @@ fn run_with_stderr(dir: &Path, tool: &str, prog: &str, args: &[&str]) -> (i32, S
         .lines()
         .map(|l| l.replace(&format!("'{prog} "), "'PROG "))
         .map(|l| match l.strip_prefix(prog) {
-            Some(rest) if rest.starts_with(": ") => format!("PROG{rest}\n"),
+            // "qemu-img: ..." and getopt's "qemu-img info: ...".
+            Some(rest) if rest.starts_with(": ") || rest.starts_with(' ') => {
+                format!("PROG{rest}\n")
+            }
             _ => format!("{l}\n"),
         })
         .collect();
@@ -2559,4 +2561,45 @@ fn check_repair_rebuilds_around_a_refcount_block_with_a_bad_table_entry() {
     assert!(err.contains("Rebuilding refcount structure"), "{err}");
     assert_eq!(qemu(p, &["check", "a.qcow2"]).0, 0);
     assert_eq!(qemu(p, &["compare", "a.qcow2", "orig.qcow2"]).0, 0);
+}
+
+/// Bad command lines (unknown subcommands and options, missing option values, missing or
+/// extra file names) get qemu-img's getopt and per-subcommand messages and exit code 1.
+#[test]
+fn command_line_errors_match_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let cases: &[&[&str]] = &[
+        &[],
+        &["foo"],
+        &["--bogus"],
+        &["-x"],
+        &["info"],
+        &["info", "a", "b"],
+        &["info", "--bogus", "a"],
+        &["info", "--bogus=3", "a"],
+        &["info", "-x", "a"],
+        &["info", "-Uq", "a"],
+        &["info", "-f"],
+        &["info", "--output"],
+        &["info", "--out=json"],
+        &["check", "-r", "bad", "a"],
+        &["create", "-f", "qcow2"],
+        &["create", "-f", "qcow2", "a", "1M", "extra"],
+        &["compare", "a"],
+        &["convert", "a"],
+        &["convert", "-O"],
+        &["resize", "a"],
+        &["measure"],
+        &["measure", "a", "b"],
+        &["map"],
+        &["rebase"],
+        &["commit"],
+        &["bench", "a", "b"],
+        &["dd"],
+    ];
+    for args in cases {
+        let (code, _, err) = run_with_stderr(d.path(), env!("CARGO_BIN_EXE_qimg"), "qimg", args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        same(d.path(), args);
+    }
 }

@@ -43,7 +43,9 @@ fn repair_mode(r: Option<&str>) -> anyhow::Result<Repair> {
         None => Ok(Repair::Nothing),
         Some("leaks") => Ok(Repair::Leaks),
         Some("all") => Ok(Repair::All),
-        Some(r) => bail!("Unknown option for -r (expecting 'leaks' or 'all'): {r}"),
+        Some(r) => bail!(
+            "--repair (-r) expects 'leaks' or 'all' not '{r}'\nTry 'qimg check --help' for more info"
+        ),
     }
 }
 

@@ -5,6 +5,7 @@
 mod bench;
 mod chain;
 mod check;
+mod cli_error;
 mod commit;
 mod compare;
 mod convert;
@@ -23,7 +24,7 @@ mod snapshot_param;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use qcow2::Locking;
 
 /// qimg: QEMU disk image utility, compatible with qemu-img for qcow2 and raw images.
@@ -67,13 +68,15 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let cli = match Cli::try_parse() {
+    let args: Vec<String> = std::env::args().collect();
+    // getopt_long, which qemu-img uses, takes any unambiguous prefix of a long option.
+    let command = Cli::command().mut_subcommands(|s| s.infer_long_args(true));
+    let cli = match command
+        .try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(e) => return ExitCode::from(cli_error::report(&e, &args)),
     };
     let result = match cli.command {
         Command::Create(a) => create::run(a),

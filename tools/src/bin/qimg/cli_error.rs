@@ -1,0 +1,130 @@
+//! Command-line errors in qemu-img's words. clap finds them; this module words them as
+//! qemu-img's getopt and its per-subcommand argument checks do, so scripts that match
+//! qemu-img's messages (and its exit code 1) work unchanged.
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+
+/// Prints clap error `e` for command line `args` (program name first) as qemu-img would and
+/// returns the exit code: 0 for `--help` and `--version`, 1 for every error.
+pub fn report(e: &clap::Error, args: &[String]) -> u8 {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return 0;
+    }
+    let sub = args
+        .get(1)
+        .map(String::as_str)
+        .filter(|a| !a.starts_with('-'));
+    let (message, hint) = qemu_img_words(e, sub, args);
+    eprintln!("{message}");
+    if hint {
+        match sub {
+            Some(s) if e.kind() != ErrorKind::InvalidSubcommand => {
+                eprintln!("Try 'qimg {s} --help' for more info")
+            }
+            _ => eprintln!("Try 'qimg --help' for more info"),
+        }
+    }
+    1
+}
+
+/// The message line for `e` in subcommand `sub`, and whether qemu-img follows it with its
+/// "Try ... --help" hint.
+fn qemu_img_words(e: &clap::Error, sub: Option<&str>, args: &[String]) -> (String, bool) {
+    // getopt names the subcommand in its own errors ("qemu-img info: ...").
+    let getopt = match sub {
+        Some(s) => format!("qimg {s}"),
+        None => "qimg".to_owned(),
+    };
+    let arg = context(e, ContextKind::InvalidArg).unwrap_or_default();
+    match e.kind() {
+        ErrorKind::InvalidSubcommand => (
+            format!(
+                "qimg: Command not found: {}",
+                context(e, ContextKind::InvalidSubcommand).unwrap_or_default()
+            ),
+            true,
+        ),
+        ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            ("qimg: Not enough arguments".to_owned(), true)
+        }
+        ErrorKind::UnknownArgument if arg.starts_with("--") => {
+            // clap drops an "=value" part that getopt repeats.
+            let prefix = format!("{arg}=");
+            let given = args.iter().find(|a| a.starts_with(&prefix)).unwrap_or(&arg);
+            (format!("{getopt}: unrecognized option '{given}'"), true)
+        }
+        ErrorKind::UnknownArgument if arg.len() > 1 && arg.starts_with('-') => {
+            let letter = arg.chars().nth(1).unwrap_or('-');
+            (format!("{getopt}: invalid option -- '{letter}'"), true)
+        }
+        ErrorKind::UnknownArgument => extra_argument(sub.unwrap_or_default(), &arg),
+        ErrorKind::InvalidValue
+            if context(e, ContextKind::InvalidValue).is_some_and(|v| v.is_empty()) =>
+        {
+            // clap names the option with its value placeholder: "-f <FORMAT>".
+            let option = arg.split(' ').next().unwrap_or_default();
+            match option.strip_prefix("--") {
+                Some(_) => (
+                    format!("{getopt}: option '{option}' requires an argument"),
+                    true,
+                ),
+                None => (
+                    format!(
+                        "{getopt}: option requires an argument -- '{}'",
+                        option.trim_start_matches('-')
+                    ),
+                    true,
+                ),
+            }
+        }
+        ErrorKind::MissingRequiredArgument
+        | ErrorKind::WrongNumberOfValues
+        | ErrorKind::TooFewValues => missing_argument(sub.unwrap_or_default()),
+        _ => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            (
+                format!("qimg: {}", first.trim_start_matches("error: ")),
+                true,
+            )
+        }
+    }
+}
+
+/// qemu-img's message when subcommand `sub` lacks a file name (or size).
+fn missing_argument(sub: &str) -> (String, bool) {
+    let (text, hint) = match sub {
+        "create" => ("Expecting image file name", true),
+        "compare" => ("Expecting two image file names", true),
+        "resize" => ("Expecting image file name and size", true),
+        "convert" => ("Must specify image file name", false),
+        "measure" => ("Either --size N or one filename must be specified.", false),
+        "dd" => ("Must specify both input and output files", false),
+        _ => ("Expecting one image file name", true),
+    };
+    (format!("qimg: {text}"), hint)
+}
+
+/// qemu-img's message when subcommand `sub` is given `arg` beyond its last operand.
+fn extra_argument(sub: &str, arg: &str) -> (String, bool) {
+    match sub {
+        "create" => (format!("qimg: Unexpected argument: {arg}"), true),
+        "resize" => ("qimg: Extra argument(s) in command line".to_owned(), true),
+        "measure" => (
+            "qimg: At most one filename argument is allowed.".to_owned(),
+            false,
+        ),
+        "dd" => (format!("qimg: unrecognized operand {arg}"), false),
+        _ => missing_argument(sub),
+    }
+}
+
+/// The string clap recorded for `kind`, if any.
+fn context(e: &clap::Error, kind: ContextKind) -> Option<String> {
+    match e.get(kind)? {
+        ContextValue::String(s) => Some(s.clone()),
+        ContextValue::Strings(v) => v.first().cloned(),
+        _ => None,
+    }
+}
