@@ -188,6 +188,7 @@ mod tests {
         img.write_zeroes(65536, 4096, true).unwrap();
         img.read_at(&mut buf, 65536).unwrap();
         assert_eq!(buf, [0u8; 4096]);
-        assert!(img.write_at(&[0u8; 2], (1 << 20) - 1).is_err());
+        let past_end = img.write_at(&[0u8; 2], (1 << 20) - 1).unwrap_err();
+        assert!(matches!(past_end, Error::OutOfRange { .. }), "{past_end}");
     }
 }

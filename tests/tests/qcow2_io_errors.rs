@@ -147,7 +147,8 @@ fn a_failed_l1_table_switch_stops_writes() {
         let mut img =
             Qcow2::open_storage(file.clone(), &Default::default(), path.parent()).unwrap();
         *file.failing.lock().unwrap() = vec![0];
-        assert!(img.resize(4 << 30, qcow2::Preallocation::Off).is_err());
+        let failed = img.resize(4 << 30, qcow2::Preallocation::Off).unwrap_err();
+        assert!(matches!(failed, qcow2::Error::Io { .. }), "{failed}");
         file.failing.lock().unwrap().clear();
         let err = img.write_at(&[0x44; 4096], 128 << 10).unwrap_err();
         assert!(err.to_string().contains("no more writes"), "{err}");

@@ -100,7 +100,8 @@ fn metadata_write_onto_metadata_is_refused_and_marks_the_image_corrupt() {
             err.contains("refcount table") && err.contains("marked corrupt"),
             "{err}"
         );
-        assert!(img.write_at(&[0xee; 512], 512 << 10).is_err());
+        let again = img.write_at(&[0xee; 512], 512 << 10).unwrap_err();
+        assert!(matches!(again, qcow2::Error::Corrupt(_)), "{again}");
     }
     let after = fs::read(&path).unwrap();
     let t = reftable as usize;

@@ -189,7 +189,13 @@ fn json_report_has_sane_numbers_and_the_writes_reach_the_image() {
         .chunks(4096)
         .filter(|b| b.iter().any(|&x| x != 0))
         .count();
-    assert!(written > 0, "no block of the image was written");
+    // Random offsets repeat, but at least half the measured writes (of at most every block)
+    // must have landed on distinct blocks.
+    let blocks = (32 * MIB / 4096) as f64;
+    assert!(
+        written as f64 >= 0.5 * writes.min(blocks),
+        "{written} blocks written for {writes} writes"
+    );
 
     // Sequential reads without a server PID, in text form.
     let out = bench_ok(

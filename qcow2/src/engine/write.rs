@@ -500,9 +500,10 @@ mod tests {
         let (e, _) = img.reserve_clusters(100, 1).unwrap();
         img.write_reserved(&[4u8; 4096], 100 * 4096, e).unwrap();
         // Misuse is refused.
-        assert!(img.write_reserved(&[0u8; 4096], 10, e).is_err());
-        assert!(img.write_reserved(&[0u8; 8192], 511 * 4096, e).is_err());
-        assert!(img.write_reserved(&[0u8; 100], 0, e).is_err());
+        for (len, at) in [(4096, 10), (8192, 511 * 4096), (100, 0)] {
+            let misuse = img.write_reserved(&vec![0u8; len], at, e).unwrap_err();
+            assert!(matches!(misuse, crate::Error::InvalidOption(_)), "{misuse}");
+        }
         img.flush().unwrap();
         let r = check(&img).unwrap();
         assert!(r.is_clean(), "{r:?}");

@@ -637,7 +637,10 @@ mod tests {
             Header::parse(&[0u8; 512]),
             Err(Error::BadMagic(0))
         ));
-        assert!(Header::parse(&[0u8; 10]).is_err());
+        let mut tiny = [0u8; 10];
+        tiny[..4].copy_from_slice(b"QFI\xfb");
+        let short = Header::parse(&tiny).unwrap_err();
+        assert!(matches!(short, Error::InvalidHeader(_)), "{short}");
     }
 
     #[test]
@@ -646,6 +649,7 @@ mod tests {
         h.size = 1 << 40;
         let mut bytes = h.serialize().unwrap();
         bytes.resize(65536, 0);
-        assert!(Header::parse(&bytes).is_err());
+        let small = Header::parse(&bytes).unwrap_err();
+        assert!(small.to_string().contains("L1"), "{small}");
     }
 }

@@ -33,6 +33,12 @@ mod tests {
         let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
         assert_eq!(parse_stat(line).unwrap(), 300.0 / hz);
         assert!(parse_stat("42 (x) S 1 2").is_err());
-        assert!(cpu_seconds(std::process::id()).is_ok());
+        // Spin for 50 ms (several clock ticks): this process's CPU time is then positive.
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            std::hint::black_box(start.elapsed());
+        }
+        let own = cpu_seconds(std::process::id()).unwrap();
+        assert!(own > 0.0 && own < 3600.0, "{own}");
     }
 }

@@ -149,7 +149,9 @@ fn run(cli: &Cli) -> Result<()> {
         iodepth: usize::from(cli.iodepth),
         fsync: cli.fsync as usize,
     };
-    let mut client = Client::connect(&cli.socket, cli.queues, job.bs * job.iodepth)
+    // Two buffers per request slot: reads land in their own, so writes keep sending the
+    // client's non-zero fill (a read of an empty image would otherwise turn it into zeros).
+    let mut client = Client::connect(&cli.socket, cli.queues, 2 * job.bs * job.iodepth)
         .with_context(|| format!("connecting to {}", cli.socket.display()))?;
     let capacity = client.capacity()?;
     let size = cli.size.unwrap_or(capacity);

@@ -89,13 +89,13 @@ impl Requests for Load {
             rw => rw.writes(),
         };
         let (offset, bs) = (self.offsets.next(), self.job.bs);
-        let ptr = self.buf.slot(slot, bs);
         if write {
             self.unflushed += 1;
             self.queued[slot] = (now, Op::Write);
-            q.write(offset, ptr, bs, slot, ReqFlags::empty());
+            q.write(offset, self.buf.slot(slot, bs), bs, slot, ReqFlags::empty());
         } else {
             self.queued[slot] = (now, Op::Read);
+            let ptr = self.buf.slot(self.job.iodepth + slot, bs);
             q.read(offset, ptr, bs, slot, ReqFlags::empty());
         }
         true
