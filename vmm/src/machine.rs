@@ -33,6 +33,8 @@ use crate::vm::Vm;
 
 /// virtio-blk feature bit: the device is read-only.
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// virtio-net feature bit: the device has a control queue.
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 
 /// Builds the VM described by `config`, runs it, and returns the exit status for how it
 /// ended (see [`crate::exit`]).
@@ -189,11 +191,11 @@ fn attach_devices(
                 socket.display()
             );
         }
-        // A disk has the queues asked for (its config space says so too). A NIC has all the
-        // backend's: its control queue follows the last pair the backend serves.
+        // A device has the queues asked for (its config space says so too), and a NIC whose
+        // backend offers a control queue has that one after its pairs.
         let device_queues = match kind {
-            DeviceType::Block => queues,
-            DeviceType::Net => backend.queue_num(),
+            DeviceType::Net if backend.device_features() & VIRTIO_NET_F_CTRL_VQ != 0 => queues + 1,
+            _ => queues,
         };
         let layout = QueueLayout {
             count: device_queues,

@@ -14,6 +14,8 @@ use super::DeviceType;
 pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
 /// Offset of virtio-blk's `num_queues` (u16).
 const BLK_NUM_QUEUES: usize = 0x22;
+/// Offset of virtio-net's `max_virtqueue_pairs` (u16).
+const NET_MAX_PAIRS: usize = 0x08;
 
 /// A field the guest may write: where, how long, and the feature that makes it writable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,15 +64,17 @@ impl ConfigSpace {
     }
 
     /// The guest-visible bytes for a backend's `bytes`: the device type's size (short
-    /// replies padded with zeros), the queue count the device has rather than the backend's,
-    /// and the fields the guest wrote as it wrote them.
+    /// replies padded with zeros), the queue count the device has rather than the backend's
+    /// (a NIC's pairs: its queues without the control queue), and the fields the guest wrote
+    /// as it wrote them.
     fn guest_view(&self, bytes: &[u8]) -> Vec<u8> {
         let mut space = bytes.to_vec();
         space.resize(self.kind.config_size(), 0);
-        if self.kind == DeviceType::Block {
-            space[BLK_NUM_QUEUES..BLK_NUM_QUEUES + 2]
-                .copy_from_slice(&self.num_queues.to_le_bytes());
-        }
+        let (offset, count) = match self.kind {
+            DeviceType::Block => (BLK_NUM_QUEUES, self.num_queues),
+            DeviceType::Net => (NET_MAX_PAIRS, self.num_queues / 2),
+        };
+        space[offset..offset + 2].copy_from_slice(&count.to_le_bytes());
         for field in &self.written {
             let range = field.offset..field.offset + field.len;
             space[range.clone()].copy_from_slice(&self.bytes[range]);

@@ -170,6 +170,9 @@ pub struct VirtioPciDevice {
     /// a reset stops and a reconnect resumes.
     started: Vec<usize>,
     msix_capability: usize,
+    /// A NIC's last queue is its control queue, which is the backend's last queue however
+    /// many pairs the backend serves beyond the device's.
+    control_queue: bool,
 }
 
 impl VirtioPciDevice {
@@ -252,7 +255,17 @@ impl VirtioPciDevice {
             registered_doorbells: Vec::new(),
             started: Vec::new(),
             msix_capability,
+            control_queue: kind == DeviceType::Net && num_queues % 2 == 1,
         })
+    }
+
+    /// The backend's index of the device's queue `index`.
+    fn backend_queue(&self, index: usize) -> usize {
+        if self.control_queue && index + 1 == self.queues.len() {
+            usize::from(self.backend.queue_num()) - 1
+        } else {
+            index
+        }
     }
 
     fn read_common(&mut self, offset: u64, data: &mut [u8]) {
@@ -412,7 +425,7 @@ impl VirtioPciDevice {
                 .collect()
         };
         let mut setups = Vec::with_capacity(indices.len());
-        for index in indices {
+        for &index in &indices {
             let q = self.queues[index];
             let base = if resume {
                 let at = q
@@ -425,7 +438,7 @@ impl VirtioPciDevice {
                 0
             };
             setups.push(QueueSetup {
-                index,
+                index: self.backend_queue(index),
                 size: q.size,
                 desc: q.desc,
                 avail: q.avail,
@@ -438,14 +451,14 @@ impl VirtioPciDevice {
         for (offset, bytes) in self.device_space.guest_writes(self.driver_features) {
             self.backend.write_config(offset, &bytes)?;
         }
-        for setup in &setups {
+        for (index, setup) in indices.into_iter().zip(&setups) {
             // Recorded first: a queue the backend half took is stopped on reset too.
-            if !self.started.contains(&setup.index) {
-                self.started.push(setup.index);
+            if !self.started.contains(&index) {
+                self.started.push(index);
             }
-            let call = call_fd(&self.msix, &self.unrouted_call, &self.queues[setup.index]);
+            let call = call_fd(&self.msix, &self.unrouted_call, &self.queues[index]);
             self.backend
-                .start_queue(&self.memory, setup, call, &self.kicks[setup.index])?;
+                .start_queue(&self.memory, setup, call, &self.kicks[index])?;
         }
         tracing::debug!(socket = %self.backend.socket().display(), queues = setups.len(), resume, "device started");
         Ok(())
@@ -546,7 +559,10 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
-        let started = std::mem::take(&mut self.started);
+        let started: Vec<usize> = std::mem::take(&mut self.started)
+            .into_iter()
+            .map(|i| self.backend_queue(i))
+            .collect();
         if !started.is_empty() {
             if let Err(e) = self.backend.stop(&started) {
                 tracing::warn!("stopping the backend's queues: {e}");

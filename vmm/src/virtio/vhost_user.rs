@@ -70,7 +70,7 @@ pub enum VhostUserError {
 /// One virtqueue as the driver set it up.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueSetup {
-    /// Queue index.
+    /// The backend's index of the queue.
     pub index: usize,
     /// Number of descriptors.
     pub size: u16,

@@ -34,12 +34,16 @@ impl Rig {
     }
 
     fn try_with_queues(behaviour: Behaviour, queues: u16) -> std::io::Result<Self> {
+        Self::try_device(DeviceType::Block, behaviour, queues)
+    }
+
+    fn try_device(kind: DeviceType, behaviour: Behaviour, queues: u16) -> std::io::Result<Self> {
         let vm = Vm::new(&MemoryLayout::new(64 * MIB).unwrap(), false).expect("VM");
         let backend = FakeBackend::start(behaviour);
         let connection = connect(&backend).expect("connect to the fake backend");
         let router = Arc::new(IrqRouter::new(vm.fd().clone()));
         let mut device = VirtioPciDevice::new(
-            DeviceType::Block,
+            kind,
             connection,
             QueueLayout {
                 count: queues,
@@ -101,6 +105,18 @@ impl Rig {
         self.write8(0x14, 0x0b);
         self.write16(0x10, CONFIG_VECTOR);
         self.write16(0x16, 0);
+        self.write16(0x18, 16);
+        self.write16(0x1a, QUEUE_VECTOR);
+        for (offset, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+            self.write32(offset, addr as u32);
+            self.write32(offset + 4, (addr >> 32) as u32);
+        }
+        self.write16(0x1c, 1);
+    }
+
+    /// Sets queue `index` up as [`Self::negotiate`] does queue 0 (same rings).
+    fn enable_queue(&mut self, index: u16) {
+        self.write16(0x16, index);
         self.write16(0x18, 16);
         self.write16(0x1a, QUEUE_VECTOR);
         for (offset, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
@@ -444,4 +460,37 @@ fn a_device_whose_supervised_backend_is_given_up_needs_a_reset() {
         device.lock().unwrap().read_bar(0, 0x14, &mut status);
         status[0] & STATUS_NEEDS_RESET != 0
     });
+}
+
+/// A NIC using one of its backend's two pairs: the guest sees one pair, and its control
+/// queue (device queue 2) is the backend's (queue 4), for starting and for stopping.
+#[test]
+fn a_nic_with_fewer_pairs_than_its_backend_uses_the_backends_control_queue() {
+    const CTRL_VQ: u64 = 1 << 17;
+    const MQ: u64 = 1 << 22;
+    let mut behaviour = Behaviour::block(CTRL_VQ | MQ, 5);
+    behaviour.config = vec![0u8; 24];
+    behaviour.config[8..10].copy_from_slice(&2u16.to_le_bytes()); // max_virtqueue_pairs
+    let mut rig = Rig::try_device(DeviceType::Net, behaviour, 3).unwrap();
+    assert_eq!(rig.read16(DEVICE_OFFSET + 8), 1, "max_virtqueue_pairs");
+    rig.negotiate(CTRL_VQ | MQ);
+    rig.enable_queue(2);
+    rig.write8(0x14, 0x0f);
+    let started: Vec<u32> = rig
+        .backend
+        .messages(0)
+        .iter()
+        .filter(|m| m.request == FrontendReq::SET_VRING_KICK)
+        .map(|m| m.u32_at(0) & 0xff)
+        .collect();
+    assert_eq!(started, vec![0, 4]);
+    rig.write8(0x14, 0);
+    let stopped: Vec<u32> = rig
+        .backend
+        .wait_for(0, FrontendReq::GET_VRING_BASE)
+        .iter()
+        .filter(|m| m.request == FrontendReq::GET_VRING_BASE)
+        .map(|m| m.u32_at(0))
+        .collect();
+    assert_eq!(stopped, vec![0, 4]);
 }
