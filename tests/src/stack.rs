@@ -334,8 +334,15 @@ impl Backend {
         Backend::start(Path::new("qemu-storage-daemon"), &args, &socket)
     }
 
-    /// `vhost-net` inside network namespace `netns`, on a new TAP `tap` with `host_ip`.
-    pub fn vhost_net(dir: &Path, netns: &NetNs, tap: &str, host_ip: &str) -> Backend {
+    /// `vhost-net` inside network namespace `netns`, on a new TAP `tap` with `host_ip`, with
+    /// `extra` arguments.
+    pub fn vhost_net(
+        dir: &Path,
+        netns: &NetNs,
+        tap: &str,
+        host_ip: &str,
+        extra: &[&str],
+    ) -> Backend {
         let socket = dir.join("net.sock");
         let args = vec![
             "netns".to_string(),
@@ -349,6 +356,7 @@ impl Backend {
             "--host-ip".into(),
             host_ip.into(),
         ];
+        let args = [args, extra.iter().map(|a| a.to_string()).collect()].concat();
         Backend::start(Path::new("ip"), &args, &socket)
     }
 
