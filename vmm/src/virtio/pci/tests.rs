@@ -104,17 +104,11 @@ impl Rig {
         self.write32(0x0c, (features >> 32) as u32 | 1);
         self.write8(0x14, 0x0b);
         self.write16(0x10, CONFIG_VECTOR);
-        self.write16(0x16, 0);
-        self.write16(0x18, 16);
-        self.write16(0x1a, QUEUE_VECTOR);
-        for (offset, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
-            self.write32(offset, addr as u32);
-            self.write32(offset + 4, (addr >> 32) as u32);
-        }
-        self.write16(0x1c, 1);
+        self.enable_queue(0);
     }
 
-    /// Sets queue `index` up as [`Self::negotiate`] does queue 0 (same rings).
+    /// Sets queue `index` up (16 entries, the rings at DESC/AVAIL/USED, QUEUE_VECTOR) and
+    /// enables it.
     fn enable_queue(&mut self, index: u16) {
         self.write16(0x16, index);
         self.write16(0x18, 16);
