@@ -50,6 +50,9 @@ pub struct OpenOptions {
     /// to report and repair, and a writable open is allowed despite the corrupt bit, so
     /// that a repair can clear it.
     pub check: bool,
+    /// Open to read metadata only (QEMU's BDRV_O_NO_IO, as `qemu-img info` does): the
+    /// external data file is not opened (nor needs to exist); guest-data I/O through it fails.
+    pub metadata_only: bool,
 }
 
 /// Opens an image's file as QEMU's file driver does, for reading or also writing, with
@@ -158,6 +161,7 @@ pub(crate) fn open_backing(
         snapshot: None,
         locking: parent.locking,
         check: false,
+        metadata_only: parent.metadata_only,
     };
     open_image(&path, &opts).map_err(|e| match e {
         // Its own backing file failed: one more level, as QEMU nests them.
@@ -172,17 +176,20 @@ pub(crate) fn open_backing(
     })
 }
 
-/// Opens an external data file.
+/// Opens an external data file (only names it, with `opts.metadata_only`).
 pub(crate) fn open_data_file(
     name: &str,
     dir: Option<&Path>,
-    read_only: bool,
-    locking: Locking,
+    opts: &OpenOptions,
 ) -> Result<Arc<dyn Storage>> {
+    let (read_only, locking) = (opts.read_only, opts.locking);
     let path = match dir {
         Some(d) => resolve_relative(name, d),
         None => PathBuf::from(name),
     };
+    if opts.metadata_only {
+        return Ok(Arc::new(crate::storage::Unopened(path)));
+    }
     let file = open_file(&path, read_only, false)?;
     // Locked as a raw file: its bytes are guest data.
     lock::lock_image_file(&file, &path, locking, Format::Raw, !read_only)?;

@@ -537,6 +537,25 @@ fn convert_roundtrips_are_identical_for_qemu_img_compare() {
     assert_eq!(qemu(p, &["compare", "ext.qcow2", "ext.raw"]).0, 0);
 }
 
+/// qemu-img info does not open an external data file (BDRV_O_NO_IO): an image whose data
+/// file is missing still shows its information; what reads data fails naming the file.
+#[test]
+fn info_works_without_the_data_file() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &["-o", "data_file=gone.data"], "a.qcow2", "4M", &[]);
+    std::fs::remove_file(p.join("gone.data")).unwrap();
+    for args in [
+        &["info", "a.qcow2"][..],
+        &["info", "--output=json", "a.qcow2"],
+        &["info", "--backing-chain", "a.qcow2"],
+        &["check", "a.qcow2"],
+        &["map", "a.qcow2"],
+    ] {
+        same(p, args);
+    }
+}
+
 #[test]
 fn compare_exit_codes_match() {
     let d = tempfile::tempdir().unwrap();

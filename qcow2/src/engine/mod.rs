@@ -113,7 +113,7 @@ impl Qcow2 {
             None => l1,
         };
         let data_file = match &header.data_file {
-            Some(name) => Some(open_data_file(name, dir, opts.read_only, opts.locking)?),
+            Some(name) => Some(open_data_file(name, dir, opts)?),
             None => None,
         };
         let backing = match (&header.backing_file, dir) {

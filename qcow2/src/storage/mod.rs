@@ -7,6 +7,9 @@ use std::os::unix::io::{AsRawFd, RawFd};
 
 mod batch;
 mod direct;
+mod unopened;
+
+pub use unopened::Unopened;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;

@@ -72,12 +72,14 @@ pub struct Chain {
 }
 
 /// Opens one image (or a view of its internal `snapshot`) without its backing file; also
-/// returns its backing file.
+/// returns its backing file. With `metadata_only` (qemu-img info's open), an external data
+/// file is not opened: it may be missing.
 pub fn open_layer(
     name: &str,
     format: Option<&str>,
     snapshot: Option<&SnapshotRef>,
     locking: Locking,
+    metadata_only: bool,
 ) -> anyhow::Result<(Layer, Backing)> {
     let path = Path::new(name);
     let file = FileStorage::new(crate::open_file(name, false)?);
@@ -98,6 +100,7 @@ pub fn open_layer(
         no_backing: true,
         snapshot: snapshot.cloned(),
         locking,
+        metadata_only,
         ..Default::default()
     };
     let img = Qcow2::open_storage(
@@ -149,7 +152,7 @@ impl Chain {
             let top = if nodes.is_empty() { snapshot } else { None };
             let opened = match std::fs::metadata(&name) {
                 Err(e) if !nodes.is_empty() => Err(anyhow::anyhow!("Could not open '{name}': {e}")),
-                _ => open_layer(&name, fmt.as_deref(), top, locking),
+                _ => open_layer(&name, fmt.as_deref(), top, locking, false),
             };
             // qemu-img opens the chain as one: a backing file's error is nested once per
             // level under the top image's.

@@ -174,7 +174,7 @@ fn node_info(
     locking: Locking,
 ) -> anyhow::Result<(NodeInfo, Backing)> {
     let meta = std::fs::metadata(filename).map_err(|e| crate::file_open_error(filename, e))?;
-    let (layer, backing) = open_layer(filename, format, None, locking)?;
+    let (layer, backing) = open_layer(filename, format, None, locking, true)?;
     // A raw image's node is its file's node with the file as its child.
     let mut node = NodeInfo {
         format: "raw",
