@@ -45,6 +45,9 @@ pub enum Error {
     /// A write to an image opened read-only.
     #[error("image is read-only")]
     ReadOnly,
+    /// Guest data I/O on an image opened for its metadata only.
+    #[error("the image was opened for its metadata only: guest data cannot be accessed")]
+    MetadataOnly,
     /// A compressed cluster that does not decompress to a whole cluster.
     #[error("compressed cluster at host offset 0x{offset:x} is invalid: {reason}")]
     Decompress {

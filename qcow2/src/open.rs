@@ -50,8 +50,9 @@ pub struct OpenOptions {
     /// to report and repair, and a writable open is allowed despite the corrupt bit, so
     /// that a repair can clear it.
     pub check: bool,
-    /// Open to read metadata only (QEMU's BDRV_O_NO_IO, as `qemu-img info` does): the
-    /// external data file is not opened (nor needs to exist); guest-data I/O through it fails.
+    /// Open to read metadata only (QEMU's BDRV_O_NO_IO, as `qemu-img info` does): read-only,
+    /// guest data cannot be read ([`crate::Error::MetadataOnly`]), the external data file is
+    /// not opened (nor needs to exist), and encrypted images open.
     pub metadata_only: bool,
 }
 

@@ -293,3 +293,44 @@ fn dirty_lazy_refcount_image_reads_read_only_and_is_repaired_on_write_open() {
     assert_qemu_clean(&img);
     assert_same(&qemu_raw(&img), &model, "after repair, read by qemu-img");
 }
+
+/// A metadata-only open (what `qimg info` uses) takes an encrypted image but never hands out
+/// its data (ciphertext); a normal open refuses the image.
+#[test]
+fn metadata_only_opens_encrypted_images_without_their_data() {
+    use qcow2::{Image, OpenOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("aes.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=abc",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+        img.to_str().unwrap(),
+        "1M",
+    ]);
+    let refused = qcow2::open_image(&img, &OpenOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(refused, qcow2::Error::UnsupportedFeature(_)),
+        "{refused}"
+    );
+    let opts = OpenOptions {
+        metadata_only: true,
+        ..Default::default()
+    };
+    let opened = qcow2::open_image(&img, &opts).unwrap();
+    assert!(opened.read_only());
+    let mut buf = [0u8; 512];
+    let err = opened.read_at(&mut buf, 0).unwrap_err();
+    assert!(matches!(err, qcow2::Error::MetadataOnly), "{err}");
+    assert!(matches!(
+        opened.map_io(0, 512, false),
+        qcow2::MapOutcome::Declined
+    ));
+}

@@ -556,6 +556,38 @@ fn info_works_without_the_data_file() {
     }
 }
 
+/// Encrypted images: info shows the encryption (LUKS header, key slots) without a key, as
+/// qemu-img does; what needs the data is refused.
+#[test]
+fn info_shows_encryption_without_a_key() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let secret = "secret,id=sec0,data=abc";
+    let luks = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
+    for (name, opts) in [
+        ("luks.qcow2", luks.to_string()),
+        (
+            "essiv.qcow2",
+            format!(
+                "{luks},encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,\
+                 encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha512"
+            ),
+        ),
+        (
+            "aes.qcow2",
+            "encrypt.format=aes,encrypt.key-secret=sec0".to_string(),
+        ),
+    ] {
+        let create = [
+            "create", "-q", "-f", "qcow2", "--object", secret, "-o", &opts, name, "4M",
+        ];
+        assert_eq!(qemu(p, &create).0, 0, "{name}");
+        same(p, &["info", name]);
+        same(p, &["info", "--output=json", name]);
+    }
+    assert_eq!(qimg(p, &["check", "luks.qcow2"]).0, 1);
+}
+
 #[test]
 fn compare_exit_codes_match() {
     let d = tempfile::tempdir().unwrap();

@@ -45,6 +45,8 @@ pub struct Qcow2 {
     version: u32,
     compression: CompressionType,
     read_only: bool,
+    /// Opened with `OpenOptions::metadata_only`: no guest data I/O at all.
+    metadata_only: bool,
     snapshots: Vec<Snapshot>,
     meta: RwLock<Meta>,
     busy: Arc<BusyClusters>,
@@ -60,6 +62,16 @@ impl Qcow2 {
         opts: &OpenOptions,
         dir: Option<&Path>,
     ) -> Result<Qcow2> {
+        let read_only_opts;
+        let opts = if opts.metadata_only && !opts.read_only {
+            read_only_opts = OpenOptions {
+                read_only: true,
+                ..opts.clone()
+            };
+            &read_only_opts
+        } else {
+            opts
+        };
         let file_len = file
             .len()
             .map_err(|e| Error::io("getting the image size", e))?;
@@ -68,6 +80,9 @@ impl Qcow2 {
             .map_err(|e| Error::io("reading the header", e))?;
         let header = Header::parse(&first)?;
         header.check_supported()?;
+        if !opts.metadata_only {
+            header.check_unencrypted()?;
+        }
         if header.is_corrupt() && !opts.read_only && !opts.check {
             return Err(Error::Corrupt(
                 "the corrupt bit is set; the image can only be opened read-only".into(),
@@ -168,6 +183,7 @@ impl Qcow2 {
             version: header.version,
             compression: header.compression_type,
             read_only: opts.read_only,
+            metadata_only: opts.metadata_only,
             snapshots,
             marked_corrupt: corrupt,
             meta: RwLock::new(meta),
@@ -423,6 +439,9 @@ impl Image for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
+        if self.metadata_only {
+            return Err(Error::MetadataOnly);
+        }
         self.read_guest(buf, offset)
     }
 
@@ -490,6 +509,9 @@ impl Image for Qcow2 {
     }
 
     fn map_io(&self, offset: u64, len: u64, write: bool) -> MapOutcome {
+        if self.metadata_only {
+            return MapOutcome::Declined;
+        }
         self.map_guest(offset, len, write)
     }
 

@@ -447,11 +447,11 @@ impl Header {
                 .unwrap_or_else(|| format!("Unknown incompatible feature: {:x}", unknown));
             return Err(Error::UnsupportedFeature(name));
         }
-        match self.crypt_method {
-            0 => {}
-            1 => return Err(Error::UnsupportedFeature("AES encryption".into())),
-            2 => return Err(Error::UnsupportedFeature("LUKS encryption".into())),
-            m => return Err(invalid(format!("Unsupported encryption method: {m}"))),
+        if self.crypt_method > 2 {
+            return Err(invalid(format!(
+                "Unsupported encryption method: {}",
+                self.crypt_method
+            )));
         }
         if self.version == 2 && self.refcount_order != 4 {
             return Err(invalid(
@@ -462,6 +462,23 @@ impl Header {
             return Err(invalid("'data-file' is required for this image"));
         }
         Ok(())
+    }
+
+    /// Refuses an encrypted image: the engine cannot decrypt (metadata-only opens skip this).
+    pub fn check_unencrypted(&self) -> Result<()> {
+        match self.crypt_method {
+            0 => Ok(()),
+            1 => Err(Error::UnsupportedFeature("AES encryption".into())),
+            _ => Err(Error::UnsupportedFeature("LUKS encryption".into())),
+        }
+    }
+
+    /// Where the LUKS header of an image encrypted with LUKS lies: (offset, length) from
+    /// the full disk encryption header extension.
+    pub fn luks_header_location(&self) -> Option<(u64, u64)> {
+        let ext = self.crypto.as_ref().filter(|c| c.len() >= 16)?;
+        let be64 = |at: usize| u64::from_be_bytes(ext[at..at + 8].try_into().expect("8 bytes"));
+        (self.crypt_method == 2).then(|| (be64(0), be64(8)))
     }
 
     /// Serialises the header and its extensions into a buffer of at most one cluster.

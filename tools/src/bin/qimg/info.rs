@@ -41,6 +41,7 @@ struct NodeInfo {
     actual_size: u64,
     virtual_size: u64,
     cluster_size: Option<u64>,
+    encrypted: bool,
     backing_filename: Option<String>,
     full_backing_filename: Option<String>,
     backing_format: Option<String>,
@@ -71,6 +72,7 @@ fn file_node(filename: &str, meta: &std::fs::Metadata) -> NodeInfo {
         actual_size: meta.blocks() * 512,
         virtual_size: meta.len().next_multiple_of(512),
         cluster_size: None,
+        encrypted: false,
         backing_filename: None,
         full_backing_filename: None,
         backing_format: None,
@@ -149,7 +151,7 @@ fn bitmaps(file: &dyn Storage, h: &Header) -> anyhow::Result<Option<QObj>> {
 }
 
 /// `ImageInfoSpecificQCow2`.
-fn qcow2_specific(h: &Header, bitmaps: Option<QObj>) -> QObj {
+fn qcow2_specific(h: &Header, encrypt: Option<QObj>, bitmaps: Option<QObj>) -> QObj {
     let v3 = h.version >= 3;
     dict([
         ("compat", Some(if v3 { "1.1" } else { "0.10" }.into())),
@@ -162,6 +164,7 @@ fn qcow2_specific(h: &Header, bitmaps: Option<QObj>) -> QObj {
         ("lazy-refcounts", v3.then(|| h.lazy_refcounts().into())),
         ("corrupt", v3.then(|| h.is_corrupt().into())),
         ("refcount-bits", Some(h.refcount_bits().into())),
+        ("encrypt", encrypt),
         ("bitmaps", bitmaps),
         ("compression-type", Some(h.compression_type.name().into())),
     ])
@@ -196,7 +199,11 @@ fn node_info(
     if !q.snapshots().is_empty() {
         node.snapshots = Some(q.snapshots().to_vec());
     }
-    node.format_specific = Some(("qcow2", qcow2_specific(&h, bitmaps(&**q.file(), &h)?)));
+    node.encrypted = h.crypt_method != 0;
+    let encrypt = crate::encryption::encrypt_info(&**q.file(), &h)
+        .map_err(|e| anyhow::anyhow!("Could not open '{filename}': {e:#}"))?;
+    let bitmaps = bitmaps(&**q.file(), &h)?;
+    node.format_specific = Some(("qcow2", qcow2_specific(&h, encrypt, bitmaps)));
     Ok((node, backing))
 }
 
@@ -240,6 +247,7 @@ impl NodeInfo {
             ("actual-size", Some(self.actual_size.into())),
             ("virtual-size", Some(self.virtual_size.into())),
             ("cluster-size", self.cluster_size.map(QObj::from)),
+            ("encrypted", self.encrypted.then(|| true.into())),
             (
                 "backing-filename",
                 self.backing_filename.clone().map(QObj::from),
@@ -285,6 +293,9 @@ impl NodeInfo {
             self.virtual_size,
             human(self.actual_size)
         ));
+        if self.encrypted {
+            out.push_str(&format!("{ind}encrypted: yes\n"));
+        }
         if let Some(cs) = self.cluster_size {
             out.push_str(&format!("{ind}cluster_size: {cs}\n"));
         }

@@ -11,6 +11,7 @@ mod compare;
 mod convert;
 mod create;
 mod dd;
+mod encryption;
 mod info;
 mod interrupt;
 mod map;
