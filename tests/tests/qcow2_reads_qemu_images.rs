@@ -298,7 +298,7 @@ fn dirty_lazy_refcount_image_reads_read_only_and_is_repaired_on_write_open() {
 /// its data (ciphertext); a normal open refuses the image.
 #[test]
 fn metadata_only_opens_encrypted_images_without_their_data() {
-    use qcow2::{Image, OpenOptions};
+    use qcow2::OpenOptions;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("aes.qcow2");
     qemu_img(&[
