@@ -223,3 +223,212 @@ fn invalid_bitmaps_are_corruption_not_panics() {
         assert_eq!(code, 2, "qemu-img check agrees it is corrupt");
     }
 }
+
+/// One operation of a write test, applied to our image and to a raw model of its contents.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Write(u64, u64),
+    Zero(u64, u64, bool),
+    Discard(u64, u64),
+    Compressed(u64),
+}
+
+/// Applies `op` to `img` and to `model` (QEMU's semantics: discards cover whole clusters).
+fn apply(img: &qcow2::Qcow2, model: &mut [u8], op: Op, seed: u8) {
+    match op {
+        Op::Write(off, len) => {
+            let data = pattern(len as usize, off, seed);
+            img.write_at(&data, off).unwrap();
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        Op::Zero(off, len, unmap) => {
+            img.write_zeroes(off, len, unmap).unwrap();
+            model[off as usize..(off + len) as usize].fill(0);
+        }
+        Op::Discard(off, len) => {
+            img.discard(off, len).unwrap();
+            let start = off.next_multiple_of(CLUSTER);
+            let end = (off + len) / CLUSTER * CLUSTER;
+            if start < end {
+                model[start as usize..end as usize].fill(0);
+            }
+        }
+        Op::Compressed(off) => {
+            let data = vec![seed; CLUSTER as usize];
+            img.write_compressed(&data, off).unwrap();
+            model[off as usize..(off + CLUSTER) as usize].copy_from_slice(&data);
+        }
+    }
+}
+
+/// Opens `path` writable with our engine (its backing file too).
+fn open_rw(path: &Path) -> qcow2::Qcow2 {
+    let dir = path.parent().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    qcow2::Qcow2::open_storage(
+        std::sync::Arc::new(qcow2::FileStorage::new(file)),
+        &Default::default(),
+        Some(dir),
+    )
+    .unwrap()
+}
+
+/// Runs `ops` through our engine on an extended-L2 image (over the patterned base if
+/// `backing`), then has QEMU judge: check clean, contents identical to the model.
+fn write_and_judge(dir: &Path, name: &str, backing: bool, ops: &[Op]) -> std::path::PathBuf {
+    let base = backing.then(|| patterned_base(dir));
+    let path = dir.join(name);
+    create_ext(&path, base.as_deref(), CLUSTER);
+    // A compressed cluster QEMU wrote, for our writes to copy.
+    qemu_io(&path, &["write -c -P 0x3c 3M 64k"]);
+    let mut model = match &base {
+        Some(b) => std::fs::read(b).unwrap(),
+        None => vec![0u8; SIZE as usize],
+    };
+    model[3 << 20..(3 << 20) + CLUSTER as usize].fill(0x3c);
+    let img = open_rw(&path);
+    for (k, &op) in ops.iter().enumerate() {
+        apply(&img, &mut model, op, k as u8 + 1);
+    }
+    assert_same(&our_raw(&img), &model, "our reads after our writes");
+    img.flush().unwrap();
+    drop(img);
+    assert_qemu_clean(&path);
+    let raw = dir.join(format!("{name}.model"));
+    std::fs::write(&raw, &model).unwrap();
+    let (p, m) = (path.to_str().unwrap(), raw.to_str().unwrap());
+    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", p, m]);
+    path
+}
+
+/// The extents of `qemu-img map --output=json`: (start, length, depth, data).
+fn qemu_map(path: &Path) -> Vec<(u64, u64, u64, bool)> {
+    let out = qemu_img(&["map", "--output=json", path.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["depth"].as_u64().unwrap(),
+                e["data"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The map extent holding guest byte `at`.
+fn extent_at(map: &[(u64, u64, u64, bool)], at: u64) -> (u64, u64, u64, bool) {
+    *map.iter()
+        .find(|e| e.0 <= at && at < e.0 + e.1)
+        .unwrap_or_else(|| panic!("no extent at {at}: {map:?}"))
+}
+
+#[test]
+fn subcluster_writes_leave_the_rest_to_the_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let c5 = 5 * CLUSTER;
+    let path = write_and_judge(
+        dir.path(),
+        "w.qcow2",
+        true,
+        &[
+            // Subclusters 2 and 3 of an unallocated cluster.
+            Op::Write(4096, 4096),
+            // Unaligned, inside subclusters 2 and 3 of cluster 1: their edges are copied.
+            Op::Write(70000, 3000),
+            // Into a cluster already allocated (COPIED): in place, edges from the backing.
+            Op::Write(c5 + 100, 1000),
+            Op::Write(c5 + 10000, 1000),
+            Op::Write(c5 + 2048, 2048),
+        ],
+    );
+    let map = qemu_map(&path);
+    // Untouched subclusters still come from the backing file (depth 1).
+    assert_eq!(extent_at(&map, 0), (0, 4096, 1, true));
+    assert_eq!(extent_at(&map, 4096).2, 0);
+    assert_eq!(extent_at(&map, 8192).2, 1);
+    assert_eq!(extent_at(&map, CLUSTER).2, 1);
+    assert_eq!(extent_at(&map, 70000), (CLUSTER + 4096, 4096, 0, true));
+    assert_eq!(extent_at(&map, CLUSTER + 8192).2, 1);
+    assert_eq!(extent_at(&map, c5), (c5, 4096, 0, true));
+    assert_eq!(extent_at(&map, c5 + 4096).2, 1);
+    assert_eq!(extent_at(&map, c5 + 10000), (c5 + 8192, 4096, 0, true));
+    assert_eq!(extent_at(&map, c5 + 12288).2, 1);
+}
+
+#[test]
+fn zeroes_discards_and_copies_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = CLUSTER;
+    for backing in [true, false] {
+        write_and_judge(
+            dir.path(),
+            &format!("z{backing}.qcow2"),
+            backing,
+            &[
+                Op::Write(0, 3 * c + 5000),
+                // Whole subclusters get zero bits; partial ones literal zeros.
+                Op::Zero(6144, 2048, false),
+                Op::Zero(8192 + 100, 3000, false),
+                Op::Zero(c + 1000, 20000, true),
+                // Whole clusters, kept and unmapped; unallocated ones.
+                Op::Zero(2 * c, c, false),
+                Op::Zero(8 * c, 2 * c, true),
+                Op::Discard(c / 2, 3 * c),
+                Op::Discard(20 * c + 5, 4096),
+                // A write into a zeroed subcluster and into a partly zeroed cluster.
+                Op::Write(6144 + 10, 100),
+                Op::Write(2 * c + 3000, 5000),
+                // Compressed clusters (ours and QEMU's) are copied on a partial write.
+                Op::Compressed(12 * c),
+                Op::Write(12 * c + 7000, 3000),
+                Op::Write((3 << 20) + 4096, 100),
+                Op::Zero((3 << 20) + c + 2048, 2048, false),
+                Op::Compressed(14 * c),
+                Op::Zero(14 * c + 4096, 4096, false),
+                // Whole clusters over partly allocated ones, and across the disk's end.
+                Op::Write(5 * c, 3 * c),
+                Op::Write(SIZE - 3000, 3000),
+                Op::Zero(SIZE - c - 1000, c + 1000, false),
+            ],
+        );
+    }
+}
+
+#[test]
+fn random_subcluster_io_matches_a_model() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    for seed in 0..4u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let ops: Vec<Op> = (0..60)
+            .map(|_| {
+                let off = rng.random_range(0..SIZE - 1);
+                let len = rng
+                    .random_range(1..(3 * CLUSTER).min(SIZE - off))
+                    .min(SIZE - off);
+                let sub = |x: u64| x / 2048 * 2048;
+                match rng.random_range(0..10) {
+                    0..=4 => Op::Write(off, len),
+                    5 => Op::Write(sub(off), 2048 * rng.random_range(1..8)),
+                    6 => Op::Zero(off, len, rng.random_bool(0.5)),
+                    7 => Op::Zero(sub(off), 2048 * rng.random_range(1..8), false),
+                    8 => Op::Discard(off, len),
+                    _ => Op::Compressed(off / CLUSTER * CLUSTER),
+                }
+            })
+            .map(|op| match op {
+                Op::Write(o, l) | Op::Zero(o, l, _) if o + l > SIZE => Op::Write(o, SIZE - o),
+                op => op,
+            })
+            .collect();
+        write_and_judge(dir.path(), &format!("r{seed}.qcow2"), seed % 2 == 0, &ops);
+    }
+}

@@ -68,11 +68,6 @@ impl Qcow2 {
             .map_err(|e| Error::io("reading the header", e))?;
         let header = Header::parse(&first)?;
         header.check_supported()?;
-        if header.extended_l2() && !opts.read_only {
-            return Err(Error::UnsupportedFeature(
-                "writing images with extended L2 entries".into(),
-            ));
-        }
         if header.is_corrupt() && !opts.read_only && !opts.check {
             return Err(Error::Corrupt(
                 "the corrupt bit is set; the image can only be opened read-only".into(),
