@@ -368,7 +368,7 @@ fn zeroes_discards_and_copies_match_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let c = CLUSTER;
     for backing in [true, false] {
-        write_and_judge(
+        let path = write_and_judge(
             dir.path(),
             &format!("z{backing}.qcow2"),
             backing,
@@ -397,8 +397,17 @@ fn zeroes_discards_and_copies_match_qemu() {
                 Op::Write(5 * c, 3 * c),
                 Op::Write(SIZE - 3000, 3000),
                 Op::Zero(SIZE - c - 1000, c + 1000, false),
+                Op::Write(16 * c, c),
+                Op::Zero(16 * c + 2048, 4096, false),
             ],
         );
+        // Whole subclusters were zeroed with their zero bits, not by writing zeros.
+        let map = qemu_map(&path);
+        assert_eq!(
+            extent_at(&map, 16 * c + 2048),
+            (16 * c + 2048, 4096, 0, false)
+        );
+        assert_eq!(extent_at(&map, 16 * c + 6144).3, true);
     }
 }
 
