@@ -246,6 +246,11 @@ impl Qcow2 {
         self.geo.cluster_size()
     }
 
+    /// Subcluster size in bytes: the cluster size without extended L2 entries.
+    pub fn subcluster_size(&self) -> u64 {
+        self.geo.unit_size()
+    }
+
     /// The internal snapshots.
     pub fn snapshots(&self) -> &[Snapshot] {
         &self.snapshots
