@@ -131,6 +131,16 @@ fn create_prints_the_same_line_and_makes_an_equivalent_image() {
             "5G",
         ],
         &["create", "-f", "raw", "X", "1M"],
+        &["create", "-f", "qcow2", "-o", "extended_l2=on", "X", "3G"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=16k,preallocation=metadata",
+            "X",
+            "3M",
+        ],
     ];
     for (i, case) in cases.iter().enumerate() {
         let ours = format!("ours{i}.img");
@@ -448,6 +458,70 @@ fn check_and_info_match_on_qemu_written_images() {
 }
 
 #[test]
+fn extended_l2_images_check_and_fail_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    make_extended_l2(p);
+    for img in ["xl2.qcow2", "d/xl2top.qcow2"] {
+        same(p, &["check", img]);
+        same(p, &["check", "--output=json", img]);
+    }
+    // Corrupt bitmaps: a subcluster allocated and zero (cluster 0), allocated subclusters
+    // in an unallocated cluster (cluster 5), a bitmap on a compressed cluster (cluster 32).
+    let data = std::fs::read(p.join("xl2.qcow2")).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(data[at..at + 8].try_into().unwrap());
+    let l2 = (be64(be64(40) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    let mut bad = data.clone();
+    for (cluster, bits) in [(0usize, 1u64 << 9 | 1 << 41), (5, 1 << 2), (32, 1 << 40)] {
+        let at = l2 + cluster * 16 + 8;
+        let old = u64::from_be_bytes(bad[at..at + 8].try_into().unwrap());
+        bad[at..at + 8].copy_from_slice(&(old | bits).to_be_bytes());
+    }
+    std::fs::write(p.join("bad.qcow2"), &bad).unwrap();
+    same(p, &["check", "bad.qcow2"]);
+    same(p, &["check", "--output=json", "bad.qcow2"]);
+    same(p, &["info", "bad.qcow2"]);
+    // What qemu-img refuses to create.
+    for o in [
+        "extended_l2=on,cluster_size=8k",
+        "extended_l2=on,compat=0.10",
+    ] {
+        same(p, &["create", "-f", "qcow2", "-o", o, "e.qcow2", "1M"]);
+    }
+    // Copies into extended-L2 images, with and without a backing file for the target.
+    for (args, out) in [
+        (&["-O", "qcow2", "-o", "extended_l2=on"][..], "c.qcow2"),
+        (&["-O", "qcow2", "-c", "-o", "extended_l2=on"], "cc.qcow2"),
+        (
+            &[
+                "-O",
+                "qcow2",
+                "-o",
+                "extended_l2=on",
+                "-B",
+                "xbase.qcow2",
+                "-F",
+                "qcow2",
+            ],
+            "d/cb.qcow2",
+        ),
+    ] {
+        let src = if out.starts_with("d/") {
+            "d/xl2top.qcow2"
+        } else {
+            "xl2.qcow2"
+        };
+        let mut a = vec!["convert"];
+        a.extend(args);
+        a.extend([src, out]);
+        assert_eq!(qimg(p, &a).0, 0, "{a:?}");
+        assert_eq!(qemu(p, &["check", out]).0, 0, "{a:?}");
+        assert_eq!(qemu(p, &["compare", src, out]).0, 0, "{a:?}");
+        same(p, &["map", "--output=json", out]);
+    }
+}
+
+#[test]
 fn check_reports_and_repairs_a_dirty_image_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
@@ -633,6 +707,7 @@ fn make_zoo(p: &Path) -> Vec<&'static str> {
     );
     std::fs::write(p.join("odd.raw"), [1u8; 1000]).unwrap();
     make_dirty_qcow2(p, "dirty.qcow2");
+    make_extended_l2(p);
     vec![
         "a.qcow2",
         "d/base.qcow2",
@@ -644,7 +719,42 @@ fn make_zoo(p: &Path) -> Vec<&'static str> {
         "q.raw",
         "odd.raw",
         "dirty.qcow2",
+        "xl2.qcow2",
+        "d/xl2top.qcow2",
     ]
+}
+
+/// Images with extended L2 entries: `xl2.qcow2` (qemu-img's, with subcluster writes, zero
+/// subclusters and a compressed cluster) and `d/xl2top.qcow2` (ours, over `d/xbase.qcow2`:
+/// its untouched subclusters show the backing file).
+fn make_extended_l2(p: &Path) {
+    std::fs::create_dir_all(p.join("d")).unwrap();
+    qcow2_image(p, &[], "d/xbase.qcow2", "2M", &["write -P 4 0 1M"]);
+    qcow2_image(
+        p,
+        &["-o", "extended_l2=on"],
+        "xl2.qcow2",
+        "4M",
+        &[
+            "write -P 1 4k 4k",
+            "write -P 2 70000 3000",
+            "write -z 6k 2k",
+            "write -z 1M 64k",
+            "write -c -P 3 2M 64k",
+            "write -P 4 3M 1k",
+        ],
+    );
+    qimg_qcow2(
+        p,
+        &["-o", "extended_l2=on", "-b", "xbase.qcow2", "-F", "qcow2"],
+        "d/xl2top.qcow2",
+        "4M",
+        &[
+            "write -P 5 4k 2k",
+            "write -z 100k 8k",
+            "write -P 6 1500k 1M",
+        ],
+    );
 }
 
 #[test]
