@@ -441,3 +441,51 @@ fn random_subcluster_io_matches_a_model() {
         write_and_judge(dir.path(), &format!("r{seed}.qcow2"), seed % 2 == 0, &ops);
     }
 }
+
+#[test]
+fn snapshots_of_extended_l2_images_read_and_are_copied_on_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = patterned_base(dir.path());
+    let path = dir.path().join("s.qcow2");
+    create_ext(&path, Some(&base), CLUSTER);
+    scribble(&path);
+    qemu_img(&["snapshot", "-c", "s1", path.to_str().unwrap()]);
+    let at_snapshot = qemu_raw(&path);
+    // Our writes into clusters (and an L2 table) shared with the snapshot.
+    let img = open_rw(&path);
+    let mut model = at_snapshot.clone();
+    for (k, op) in [
+        Op::Write(4096 + 100, 1000),
+        Op::Write(200 << 10, 3000),
+        Op::Zero(1088 << 10, 4096, false),
+        Op::Write((2 << 20) + 10, 10),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        apply(&img, &mut model, op, k as u8 + 1);
+    }
+    img.flush().unwrap();
+    drop(img);
+    assert_qemu_clean(&path);
+    assert_same(&qemu_raw(&path), &model, "after our writes");
+    // The snapshot still reads as it was taken, through QEMU and through our snapshot view.
+    let flat = dir.path().join("s1.raw");
+    let (src, dst) = (path.to_str().unwrap(), flat.to_str().unwrap());
+    qemu_img(&["convert", "-l", "s1", "-O", "raw", src, dst]);
+    assert_same(
+        &std::fs::read(&flat).unwrap(),
+        &at_snapshot,
+        "qemu's snapshot s1",
+    );
+    let snap = qcow2::open_image(
+        &path,
+        &qcow2::OpenOptions {
+            read_only: true,
+            snapshot: Some(qcow2::SnapshotRef::Name("s1".into())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_same(&our_raw(&*snap), &at_snapshot, "our snapshot view");
+}

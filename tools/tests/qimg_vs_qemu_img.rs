@@ -522,6 +522,50 @@ fn extended_l2_images_check_and_fail_like_qemu_img() {
 }
 
 #[test]
+fn extended_l2_snapshots_copied_flags_and_resize_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    make_extended_l2(p);
+    qemu(p, &["snapshot", "-c", "s1", "xl2.qcow2"]);
+    qemu_io(p, "xl2.qcow2", &["write -P 7 5k 1k", "write -z 3M 2k"]);
+    same(p, &["check", "xl2.qcow2"]);
+    same(p, &["map", "--output=json", "xl2.qcow2"]);
+    for (tool, out) in [("qimg", "ours.raw"), ("qemu-img", "theirs.raw")] {
+        let args = ["convert", "-l", "s1", "-O", "raw", "xl2.qcow2", out];
+        let code = match tool {
+            "qimg" => qimg(p, &args).0,
+            _ => qemu(p, &args).0,
+        };
+        assert_eq!(code, 0, "{tool}");
+    }
+    assert!(
+        std::fs::read(p.join("ours.raw")).unwrap() == std::fs::read(p.join("theirs.raw")).unwrap()
+    );
+    // A COPIED flag missing on a cluster whose refcount is 1 (the L2 table after the
+    // snapshot's copy-on-write): reported and repaired alike.
+    let data = std::fs::read(p.join("xl2.qcow2")).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(data[at..at + 8].try_into().unwrap());
+    let l2 = (be64(be64(40) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    let mut bad = data.clone();
+    let entry = be64(l2) & !(1 << 63);
+    bad[l2..l2 + 8].copy_from_slice(&entry.to_be_bytes());
+    std::fs::write(p.join("copied.qcow2"), &bad).unwrap();
+    same(p, &["check", "copied.qcow2"]);
+    assert_eq!(qemu(p, &["check", "copied.qcow2"]).0, 2, "a corruption");
+    let (ours, theirs) = same_on_copies(p, "copied.qcow2", &["check", "-r", "all", "X"]);
+    assert!(std::fs::read(p.join(ours)).unwrap() == std::fs::read(p.join(theirs)).unwrap());
+    // Growing and shrinking.
+    for args in [
+        &["resize", "X", "+3M"][..],
+        &["resize", "--shrink", "X", "1M"],
+    ] {
+        let (ours, _) = same_on_copies(p, "xl2.qcow2", args);
+        assert_eq!(qemu(p, &["check", &ours]).0, 0, "{args:?}");
+        same(p, &["map", "--output=json", &ours]);
+    }
+}
+
+#[test]
 fn check_reports_and_repairs_a_dirty_image_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();

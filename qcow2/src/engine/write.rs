@@ -95,7 +95,7 @@ impl Qcow2 {
         let base = cluster * cs;
         let (entry, bitmap) = self.lookup_bitmaps(cluster, 1)?[0];
         let in_place = match entry {
-            L2Entry::Normal { copied, .. } => copied,
+            L2Entry::Normal { copied: true, .. } => true,
             L2Entry::Unallocated => false,
             _ => {
                 let mut full = vec![0u8; cs as usize];
