@@ -171,13 +171,26 @@ fn crashes_with_extended_l2_entries() {
 
 #[test]
 fn many_threads_on_one_image_match_the_model() {
+    threads_match_the_model(4096, false);
+}
+
+#[test]
+fn many_threads_on_subclusters_match_the_model() {
+    // 512-byte subclusters: each 6 KiB write allocates some and fills partial ones.
+    threads_match_the_model(16384, true);
+}
+
+/// Six threads write interleaved stripes into one image with clusters of `cluster_size`
+/// bytes (extended L2 entries if `extended_l2`); the result must match the model.
+fn threads_match_the_model(cluster_size: u64, extended_l2: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mt.qcow2");
     qcow2::create(
         &path,
         &CreateOptions {
             size: SIZE * 4,
-            cluster_size: 4096,
+            cluster_size,
+            extended_l2,
             ..Default::default()
         },
     )
