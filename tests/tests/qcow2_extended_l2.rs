@@ -489,3 +489,82 @@ fn snapshots_of_extended_l2_images_read_and_are_copied_on_write() {
     .unwrap();
     assert_same(&our_raw(&*snap), &at_snapshot, "our snapshot view");
 }
+
+/// Writes `data` at `offset` through `map_io` only; false if the write is declined.
+fn map_write(img: &dyn Image, data: &[u8], offset: u64) -> bool {
+    let mapping = loop {
+        match img.map_io(offset, data.len() as u64, true) {
+            MapOutcome::Mapped(m) => break m,
+            MapOutcome::Load(load) => {
+                let mut bytes = vec![0u8; load.len];
+                load.storage.read_at(&mut bytes, load.offset).unwrap();
+                img.install_metadata(&load, &bytes);
+            }
+            MapOutcome::Declined => return false,
+        }
+    };
+    for &(host, len) in &mapping.zero_first {
+        mapping.storage.zero_range(host, len).unwrap();
+    }
+    let mut pos = 0usize;
+    for e in &mapping.extents {
+        let Extent::Data { host, len } = *e else {
+            panic!("a write maps to data only");
+        };
+        let len = len as usize;
+        mapping
+            .storage
+            .write_at(&data[pos..pos + len], host)
+            .unwrap();
+        pos += len;
+    }
+    assert_eq!(pos, data.len());
+    assert!(img.finish_io(mapping, true));
+    true
+}
+
+#[test]
+fn map_io_writes_unallocated_subclusters_of_copied_clusters_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    for backing in [true, false] {
+        let base = backing.then(|| patterned_base(dir.path()));
+        let path = dir.path().join(format!("mw{backing}.qcow2"));
+        create_ext(&path, base.as_deref(), CLUSTER);
+        // Cluster 0: subclusters 2-3 allocated, 5 zero, the rest unallocated.
+        qemu_io(&path, &["write -P 0x55 4k 4k", "write -z 10k 2k"]);
+        let mut model = qemu_raw(&path);
+        let img = open_rw(&path);
+        let mut write = |data: Vec<u8>, off: u64, expect: bool| {
+            assert_eq!(
+                map_write(&img, &data, off),
+                expect,
+                "{} bytes at {off}",
+                data.len()
+            );
+            if !expect {
+                img.write_at(&data, off).unwrap();
+            }
+            model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        };
+        // Whole unallocated subclusters 4 and 6-7, with the allocated ones between.
+        write(pattern(2048, 8192, 1), 8192, true);
+        write(pattern(3 * 2048, 12288, 2), 12288, true);
+        write(pattern(5000, 5000, 3), 5000, true);
+        // Part of the zero subcluster 5: the rest reads as zeros.
+        write(pattern(100, 10300, 4), 10300, true);
+        // Part of an unallocated subcluster reads the backing file: the engine's job then.
+        write(pattern(100, 20000, 5), 20000, !backing);
+        // An unallocated cluster: allocation is the engine's.
+        write(pattern(2048, 2 * CLUSTER, 6), 2 * CLUSTER, false);
+        assert_same(&our_raw(&img), &model, "our reads");
+        img.flush().unwrap();
+        drop(img);
+        assert_qemu_clean(&path);
+        assert_same(&qemu_raw(&path), &model, "qemu's reads");
+        let map = qemu_map(&path);
+        // Subclusters 2-9 hold data now; 10 on is still unallocated.
+        assert_eq!(extent_at(&map, 8192), (4096, 16384, 0, true));
+        let rest = extent_at(&map, 20480);
+        assert!(rest.0 == 20480 && !(rest.2 == 0 && rest.3), "{rest:?}");
+    }
+}

@@ -48,6 +48,7 @@ impl Qcow2 {
         let mut extents: Vec<Extent> = Vec::new();
         let mut allocated = Vec::new();
         let mut zero_first = Vec::new();
+        let mut subclusters: Vec<(u64, u64)> = Vec::new();
         let mut pos = offset;
         for (unit, entry) in (unit..).zip(entries) {
             let end = ((unit + 1) * us).min(offset + len);
@@ -57,6 +58,34 @@ impl Qcow2 {
                     host: host + pos % us,
                     len: piece,
                 },
+                // A subcluster of a COPIED cluster that is not allocated: written in place,
+                // its bit set once the data is written. Nothing to copy if the write covers
+                // it, or if it reads as zeros (the rest is zeroed first).
+                _ if write && self.geo.extended_l2 => {
+                    let cluster = unit / self.geo.subclusters();
+                    let copied = match clusters[(cluster - first) as usize].0 {
+                        L2Entry::Normal { host, copied: true } => Some(host),
+                        _ => None,
+                    };
+                    let Some(host) = copied.filter(|_| piece == us || self.reads_zero(entry))
+                    else {
+                        self.release_allocated(&allocated);
+                        return MapOutcome::Declined;
+                    };
+                    let at = host + unit % self.geo.subclusters() * us;
+                    if piece < us {
+                        zero_first.push((at, us));
+                    }
+                    let bit = 1 << (unit % self.geo.subclusters());
+                    match subclusters.last_mut() {
+                        Some((c, bits)) if *c == cluster => *bits |= bit,
+                        _ => subclusters.push((cluster, bit)),
+                    }
+                    Extent::Data {
+                        host: at + pos % us,
+                        len: piece,
+                    }
+                }
                 L2Entry::Zero { .. } if !write => Extent::Zero { len: piece },
                 L2Entry::Unallocated if !write && self.backing.is_none() => {
                     Extent::Zero { len: piece }
@@ -106,6 +135,7 @@ impl Qcow2 {
         let mut mapping = IoMapping::new(self.data_storage().clone(), extents, busy);
         mapping.allocated = allocated;
         mapping.zero_first = zero_first;
+        mapping.subclusters = subclusters;
         MapOutcome::Mapped(mapping)
     }
 
@@ -143,8 +173,22 @@ impl Qcow2 {
                 return false;
             }
         }
+        for &(cluster, bits) in &mapping.subclusters {
+            if let Err(e) = self.allocate_subclusters(cluster, bits) {
+                tracing::warn!("mapping subclusters of guest cluster {cluster}: {e}");
+                return false;
+            }
+        }
         // Dropping the mapping releases the busy mark, after the L2 update.
         true
+    }
+
+    /// Marks the subclusters `bits` of COPIED guest cluster `cluster` allocated (the caller
+    /// holds the cluster busy and wrote their data).
+    fn allocate_subclusters(&self, cluster: u64, bits: u64) -> crate::Result<()> {
+        let (entry, bitmap) = self.lookup_bitmaps(cluster, 1)?[0];
+        let new = (bitmap | bits) & !(bits << 32);
+        self.set_entries(cluster, &[entry.encode(), new], &[entry])
     }
 
     /// Gives back clusters allocated for a write that did not happen (a preallocated zero
