@@ -268,6 +268,18 @@ fn threads_with_io_rings_and_the_synchronous_path_match_the_model() {
     // Like the test above, but each thread keeps 16 requests in flight through its own
     // io_uring: in-place writes go through the ring, allocating ones through the engine,
     // in the same clusters as other threads' requests.
+    rings_match_the_model(4096, false);
+}
+
+#[test]
+fn threads_with_io_rings_on_subclusters_match_the_model() {
+    // The ring also writes unallocated subclusters of COPIED clusters in place.
+    rings_match_the_model(16384, true);
+}
+
+/// Four threads with an io_uring each write and read back interleaved stripes of an image
+/// with clusters of `cluster_size` bytes (extended L2 entries if `extended_l2`).
+fn rings_match_the_model(cluster_size: u64, extended_l2: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rings.qcow2");
     let size = SIZE * 4;
@@ -275,7 +287,8 @@ fn threads_with_io_rings_and_the_synchronous_path_match_the_model() {
         &path,
         &CreateOptions {
             size,
-            cluster_size: 4096,
+            cluster_size,
+            extended_l2,
             ..Default::default()
         },
     )
