@@ -142,8 +142,7 @@ impl Qcow2 {
     /// Whether entries (clusters from `first` on) may be used: host offsets aligned and, with
     /// extended L2 entries, valid bitmaps.
     fn valid_entries(&self, first: u64, entries: &[(L2Entry, u64)]) -> bool {
-        let plain: Vec<L2Entry> = entries.iter().map(|&(e, _)| e).collect();
-        self.check_aligned(first, &plain).is_ok()
+        self.check_aligned(first, entries).is_ok()
             && entries
                 .iter()
                 .all(|&(e, bitmap)| e.subcluster(bitmap, 0, 0).is_some())

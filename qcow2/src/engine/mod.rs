@@ -364,8 +364,7 @@ impl Qcow2 {
         m: &Meta,
         entries: &[(L2Entry, u64)],
     ) -> Result<()> {
-        let plain: Vec<L2Entry> = entries.iter().map(|&(e, _)| e).collect();
-        self.check_aligned(first, &plain)?;
+        self.check_aligned(first, entries)?;
         if !self.geo.extended_l2 {
             return Ok(());
         }
@@ -426,16 +425,16 @@ impl Qcow2 {
             .collect()
     }
 
-    /// Refuses entries that map guest clusters (from `first` on) to host offsets not aligned
-    /// to a cluster: the image is corrupt, and using such an entry would read, write or free
-    /// parts of two clusters. QEMU refuses them too.
-    pub(crate) fn check_aligned(&self, first: u64, entries: &[L2Entry]) -> Result<()> {
+    /// Refuses entries (with their bitmaps) that map guest clusters (from `first` on) to host
+    /// offsets not aligned to a cluster: the image is corrupt, and using such an entry would
+    /// read, write or free parts of two clusters. QEMU refuses them too.
+    pub(crate) fn check_aligned(&self, first: u64, entries: &[(L2Entry, u64)]) -> Result<()> {
         let cs = self.geo.cluster_size();
-        for (cluster, entry) in (first..).zip(entries) {
+        for (cluster, &(entry, _)) in (first..).zip(entries) {
             if let L2Entry::Normal { host, .. }
             | L2Entry::Zero {
                 host: Some(host), ..
-            } = *entry
+            } = entry
             {
                 if host % cs != 0 {
                     return Err(Error::Corrupt(format!(
