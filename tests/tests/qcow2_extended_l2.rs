@@ -451,6 +451,18 @@ fn snapshots_of_extended_l2_images_read_and_are_copied_on_write() {
     scribble(&path);
     qemu_img(&["snapshot", "-c", "s1", path.to_str().unwrap()]);
     let at_snapshot = qemu_raw(&path);
+    // QEMU makes the same writes on a copy, for the allocation to compare with.
+    let theirs = dir.path().join("t.qcow2");
+    std::fs::copy(&path, &theirs).unwrap();
+    qemu_io(
+        &theirs,
+        &[
+            "write -P 1 4196 1000",
+            "write -P 2 204800 3000",
+            "write -z 1114112 4096",
+            "write -P 4 2097162 10",
+        ],
+    );
     // Our writes into clusters (and an L2 table) shared with the snapshot.
     let img = open_rw(&path);
     let mut model = at_snapshot.clone();
@@ -469,6 +481,9 @@ fn snapshots_of_extended_l2_images_read_and_are_copied_on_write() {
     drop(img);
     assert_qemu_clean(&path);
     assert_same(&qemu_raw(&path), &model, "after our writes");
+    // Shared clusters were copied as QEMU copies them: from the first to the last allocated
+    // subcluster (and over the write), the rest left to the backing file.
+    assert_eq!(qemu_map(&path), qemu_map(&theirs));
     // The snapshot still reads as it was taken, through QEMU and through our snapshot view.
     let flat = dir.path().join("s1.raw");
     let (src, dst) = (path.to_str().unwrap(), flat.to_str().unwrap());

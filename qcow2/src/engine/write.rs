@@ -87,35 +87,40 @@ impl Qcow2 {
     /// as QEMU does it: into an unallocated cluster or one writable in place, only the
     /// subclusters written get allocated, and only the partly written ones at the edges are
     /// filled from their current contents (the backing file, or zeros); the others keep
-    /// reading as before. The data is written before the L2 entry changes. A shared or
-    /// compressed cluster is copied whole.
+    /// reading as before. A cluster shared with a snapshot is copied from its first to its
+    /// last allocated subcluster (and over the write); a compressed one is copied whole. The
+    /// data is written before the L2 entry changes.
     fn write_subclusters(&self, cluster: u64, in_cluster: u64, data: &[u8]) -> Result<()> {
         let cs = self.geo.cluster_size();
         let sc = self.geo.unit_size();
         let base = cluster * cs;
         let (entry, bitmap) = self.lookup_bitmaps(cluster, 1)?[0];
+        let (a, b) = (in_cluster, in_cluster + data.len() as u64);
+        let (mut first, mut last) = (a / sc, (b - 1) / sc);
         let in_place = match entry {
             L2Entry::Normal { copied: true, .. } => true,
             L2Entry::Unallocated => false,
+            L2Entry::Normal { copied: false, .. } => {
+                let alloc = bitmap & ALL_ALLOC;
+                if alloc != 0 {
+                    first = first.min(u64::from(alloc.trailing_zeros()));
+                    last = last.max(63 - u64::from(alloc.leading_zeros()));
+                }
+                false
+            }
             _ => {
-                let mut full = vec![0u8; cs as usize];
-                self.read_guest(&mut full, base)?;
-                full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-                let host = self.target_cluster(cluster, entry)?;
-                self.write_data(&full, host)?;
-                return self.set_entries(cluster, &[host | COPIED, ALL_ALLOC], &[entry]);
+                (first, last) = (0, self.geo.subclusters() - 1);
+                false
             }
         };
-        let (a, b) = (in_cluster, in_cluster + data.len() as u64);
-        let (first, last) = (a / sc, (b - 1) / sc);
         let allocated = |i: u64| in_place && bitmap & 1 << i != 0;
         // The written range, widened to whole subclusters where they must be filled.
-        let start = if a % sc != 0 && !allocated(first) {
+        let start = if first * sc < a && !allocated(first) {
             first * sc
         } else {
             a
         };
-        let end = if b % sc != 0 && !allocated(last) {
+        let end = if b < (last + 1) * sc && !allocated(last) {
             (last + 1) * sc
         } else {
             b
