@@ -478,6 +478,24 @@ fn extended_l2_images_check_and_fail_like_qemu_img() {
         bad[at..at + 8].copy_from_slice(&(old | bits).to_be_bytes());
     }
     std::fs::write(p.join("bad.qcow2"), &bad).unwrap();
+    // Misaligned host offsets: with data (cluster 0), and with zero subclusters only
+    // (cluster 16, "preallocated": the repair drops the host cluster, keeps the zero bits).
+    let mut misaligned = data.clone();
+    for (cluster, host) in [(0usize, None), (16, Some(0x50200u64 | 1 << 63))] {
+        let at = l2 + cluster * 16;
+        let old = u64::from_be_bytes(misaligned[at..at + 8].try_into().unwrap());
+        let new = host.unwrap_or(old + 0x200);
+        misaligned[at..at + 8].copy_from_slice(&new.to_be_bytes());
+    }
+    std::fs::write(p.join("misaligned.qcow2"), &misaligned).unwrap();
+    for r in ["leaks", "all"] {
+        same_check_on_copies(p, "misaligned.qcow2", &["-r", r]);
+    }
+    let (_, err) = same_check_on_copies(p, "misaligned.qcow2", &["-r", "all"]);
+    assert!(
+        err.contains("Repairing offset=50200: Preallocated"),
+        "{err}"
+    );
     same(p, &["check", "bad.qcow2"]);
     same(p, &["check", "--output=json", "bad.qcow2"]);
     same(p, &["info", "bad.qcow2"]);
