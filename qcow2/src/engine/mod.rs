@@ -393,36 +393,30 @@ impl Qcow2 {
         let first = unit / per;
         let clusters = (unit % per + n).div_ceil(per);
         let entries = self.lookup_bitmaps(first, clusters)?;
-        Ok(self.expand_units(first, &entries, unit, n))
+        Ok(self.expand_units(first, &entries, unit, n).collect())
     }
 
     /// The per-unit entries `[unit, unit + n)` of `entries` (clusters from `first` on,
     /// validated), cut at the end of `entries`.
-    pub(crate) fn expand_units(
-        &self,
+    pub(crate) fn expand_units<'a>(
+        &'a self,
         first: u64,
-        entries: &[(L2Entry, u64)],
+        entries: &'a [(L2Entry, u64)],
         unit: u64,
         n: u64,
-    ) -> Vec<L2Entry> {
+    ) -> impl Iterator<Item = L2Entry> + 'a {
         let per = self.geo.subclusters();
         let sc = self.geo.unit_size();
         let end = (unit + n).min((first + entries.len() as u64) * per);
-        if per == 1 {
-            let from = (unit - first) as usize;
-            return entries[from..(end - first) as usize]
-                .iter()
-                .map(|&(e, _)| e)
-                .collect();
-        }
-        (unit..end)
-            .map(|u| {
-                let (entry, bitmap) = entries[(u / per - first) as usize];
-                entry
+        (unit..end).map(move |u| {
+            let (entry, bitmap) = entries[(u / per - first) as usize];
+            match per {
+                1 => entry,
+                _ => entry
                     .subcluster(bitmap, u % per, sc)
-                    .expect("bitmaps are checked at lookup")
-            })
-            .collect()
+                    .expect("bitmaps are checked at lookup"),
+            }
+        })
     }
 
     /// Refuses entries (with their bitmaps) that map guest clusters (from `first` on) to host
