@@ -143,9 +143,7 @@ impl Qcow2 {
     /// extended L2 entries, valid bitmaps.
     fn valid_entries(&self, first: u64, entries: &[(L2Entry, u64)]) -> bool {
         self.check_aligned(first, entries).is_ok()
-            && entries
-                .iter()
-                .all(|&(e, bitmap)| e.subcluster(bitmap, 0, 0).is_some())
+            && entries.iter().all(|&(e, bitmap)| e.valid_bitmap(bitmap))
     }
 
     /// Whether a cluster with this entry reads as zeros (so a write may allocate it without

@@ -370,7 +370,7 @@ impl Qcow2 {
         }
         let per = m.l2_slice_entries();
         for (cluster, &(entry, bitmap)) in (first..).zip(entries) {
-            if entry.subcluster(bitmap, 0, 0).is_none() {
+            if !entry.valid_bitmap(bitmap) {
                 let index = cluster % self.geo.l2_entries() % per;
                 return Err(Error::Corrupt(format!(
                     "Invalid cluster entry found  (L2 offset: {}, L2 index: {})",

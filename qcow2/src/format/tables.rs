@@ -97,13 +97,14 @@ impl L2Entry {
     /// [`L2Entry::Unallocated`]. `None`: the bitmap is invalid for the entry (a subcluster
     /// both allocated and zero, or allocated bits without a host cluster).
     pub fn subcluster(self, bitmap: u64, i: u64, sc: u64) -> Option<L2Entry> {
+        if !self.valid_bitmap(bitmap) {
+            return None;
+        }
         let zero = bitmap >> 32 & 1 << i != 0;
         let alloc = bitmap & 1 << i != 0;
         match self {
             L2Entry::Normal { host, copied } => {
-                if (bitmap >> 32) & bitmap != 0 {
-                    None
-                } else if zero {
+                if zero {
                     Some(L2Entry::Zero {
                         host: Some(host + i * sc),
                         copied,
@@ -117,12 +118,23 @@ impl L2Entry {
                     Some(L2Entry::Unallocated)
                 }
             }
-            L2Entry::Unallocated if bitmap & ALL_ALLOC != 0 => None,
             L2Entry::Unallocated if zero => Some(L2Entry::Zero {
                 host: None,
                 copied: false,
             }),
             e => Some(e),
+        }
+    }
+
+    /// Whether `bitmap` is valid for this (extended) entry, as QEMU judges it: no subcluster
+    /// both allocated and zero in an allocated cluster, no allocated subcluster in an
+    /// unallocated one. Compressed clusters read whatever their bitmap (the check reports
+    /// a nonzero one).
+    pub fn valid_bitmap(self, bitmap: u64) -> bool {
+        match self {
+            L2Entry::Normal { .. } => (bitmap >> 32) & bitmap == 0,
+            L2Entry::Unallocated => bitmap & ALL_ALLOC == 0,
+            _ => true,
         }
     }
 
