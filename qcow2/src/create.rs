@@ -8,7 +8,7 @@ use crate::engine::Qcow2;
 use crate::error::{Error, Result};
 use crate::format::header::{
     default_feature_names, CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
-    INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, V2_HEADER_LEN, V3_HEADER_LEN,
+    INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, V2_HEADER_LEN, V3_HEADER_LEN,
 };
 use crate::format::tables;
 use crate::image::Image;
@@ -66,6 +66,8 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// Compression algorithm for compressed clusters.
     pub compression_type: CompressionType,
+    /// Extended L2 entries (32 subclusters per cluster; v3, clusters of 16 KiB or more).
+    pub extended_l2: bool,
     /// Preallocation mode.
     pub preallocation: Preallocation,
     /// QEMU-compatible locks while the files are created (see [`crate::lock`]).
@@ -85,6 +87,7 @@ impl Default for CreateOptions {
             data_file: None,
             data_file_raw: false,
             compression_type: CompressionType::Deflate,
+            extended_l2: false,
             preallocation: Preallocation::Off,
             locking: Locking::Off,
         }
@@ -114,8 +117,16 @@ impl CreateOptions {
             if self.data_file.is_some() {
                 return bad("data-file can only be used with compatibility level 1.1 and above (use version=v3 or greater)");
             }
+            if self.extended_l2 {
+                return bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+            }
         } else if self.version != 3 {
             return bad("Invalid compatibility level");
+        }
+        if self.extended_l2 && self.cluster_size < 16384 {
+            return bad(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            );
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return bad("Backing format cannot be used without backing file");
@@ -189,7 +200,7 @@ pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
     let cs = opts.cluster_size;
     let cluster_bits = cs.trailing_zeros();
-    let l2_entries = cs / 8;
+    let l2_entries = cs / if opts.extended_l2 { 16 } else { 8 };
     let l1_size = opts.size.div_ceil(cs * l2_entries);
     if l1_size * 8 > crate::format::header::MAX_L1_BYTES {
         return Err(Error::InvalidOption(
@@ -218,6 +229,9 @@ pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
     }
     if opts.data_file.is_some() {
         incompat |= INCOMPAT_DATA_FILE;
+    }
+    if opts.extended_l2 {
+        incompat |= INCOMPAT_EXTL2;
     }
     if opts.lazy_refcounts {
         compat |= COMPAT_LAZY_REFCOUNTS;
@@ -299,7 +313,7 @@ impl Qcow2 {
     pub fn preallocate_from(&self, mode: Preallocation, from: u64) -> Result<()> {
         let cs = self.cluster_size();
         let clusters = self.size().div_ceil(cs);
-        let per_l2 = cs / 8;
+        let per_l2 = self.meta().geo.l2_entries();
         let mut c = from / cs;
         // The cluster holding `from` is left alone when it is allocated, or when it is partial
         // and may show the backing file: before `from` it holds guest data.

@@ -185,6 +185,9 @@ pub struct IoMapping {
     pub zero_first: Vec<(u64, u64)>,
     /// Guest clusters that get a new host cluster once the data is written.
     pub(crate) allocated: Vec<Allocated>,
+    /// Subclusters of COPIED clusters (extended L2 entries) written in place that become
+    /// allocated once the data is written: (guest cluster, their allocation bits).
+    pub(crate) subclusters: Vec<(u64, u64)>,
     _busy: Option<BusyGuard>,
 }
 
@@ -207,6 +210,7 @@ impl IoMapping {
             extents,
             zero_first: Vec::new(),
             allocated: Vec::new(),
+            subclusters: Vec::new(),
             _busy: busy,
         }
     }

@@ -181,6 +181,30 @@ fn qcow2_with_backing_file_copies_on_write() {
 }
 
 #[test]
+fn qcow2_with_extended_l2_entries_over_a_backing_file() {
+    // Subclusters: partial writes allocate only what they touch, the rest of each cluster
+    // keeps reading the backing file; allocated subclusters are read and written through
+    // io_uring.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let f = raw_file(&base, 16 * MIB);
+    for (i, off) in [0, 64 * 1024, 3 * MIB, 15 * MIB].into_iter().enumerate() {
+        f.write_all_at(&pattern(100 + i as u64, 256 * 1024), off)
+            .unwrap();
+    }
+    drop(f);
+    let img = dir.path().join("overlay.qcow2");
+    qemu_img_create(
+        &img,
+        "qcow2",
+        "16M",
+        &["-o", "extended_l2=on", "-b", "base.raw", "-F", "raw"],
+    );
+    let model = Model::copy_of(dir.path(), &base);
+    roundtrip(dir.path(), &img, "qcow2", &model, 2);
+}
+
+#[test]
 fn qcow2_with_compressed_clusters() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");

@@ -87,8 +87,10 @@ impl Checker<'_> {
         };
         let data_file = self.img.has_data_file();
         let mut dirty = 0;
-        for raw in table.iter_mut() {
-            let Kind::Allocated(host) = classify(*raw, self.bits, data_file) else {
+        let extended = self.words == 2;
+        for entry in table.chunks_exact_mut(self.words as usize) {
+            let raw = &mut entry[0];
+            let Kind::Allocated(host) = classify(*raw, self.bits, data_file, extended) else {
                 continue;
             };
             let rc = match data_file {

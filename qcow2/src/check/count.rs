@@ -4,7 +4,9 @@
 use super::{exceeds_file, strerror, Checker, Failed, Repair, MAX_CLUSTERS};
 use crate::engine::overlap::Target;
 use crate::format::header::{be16, be32, be64, AUTOCLEAR_BITMAPS, MAX_L1_BYTES};
-use crate::format::tables::{L2Entry, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK, ZERO};
+use crate::format::tables::{
+    L2Entry, ALL_ALLOC, ALL_ZERO, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK, ZERO,
+};
 
 type Outcome<T = ()> = std::result::Result<T, Failed>;
 
@@ -23,12 +25,12 @@ pub(super) enum Kind {
 }
 
 /// QEMU's cluster type of `raw` (offset 0 is a real cluster only in an external data file,
-/// and only with COPIED set).
-pub(super) fn classify(raw: u64, cluster_bits: u32, data_file: bool) -> Kind {
+/// and only with COPIED set; with `extended` L2 entries, bit 0 is no zero flag).
+pub(super) fn classify(raw: u64, cluster_bits: u32, data_file: bool, extended: bool) -> Kind {
     let host = raw & OFFSET_MASK;
     if let L2Entry::Compressed { host, len } = L2Entry::decode(raw, cluster_bits) {
         Kind::Compressed { host, len }
-    } else if raw & ZERO != 0 {
+    } else if raw & ZERO != 0 && !extended {
         match host {
             0 => Kind::ZeroPlain,
             _ => Kind::Allocated(host),
@@ -198,11 +200,14 @@ impl Checker<'_> {
     /// Counts what an L2 table maps (QEMU's check_refcounts_l2). Fragmentation is counted
     /// within the table: each table starts a new run.
     fn count_l2(&mut self, l2: u64, table: Table, mode: Repair) -> Outcome {
-        let entries = self.read_table(l2, self.cs / 8, "check_refcounts_l2")?;
+        let words = self.read_table(l2, self.cs / 8, "check_refcounts_l2")?;
         let data_file = self.img.has_data_file();
+        let extended = self.words == 2;
         let mut next_contiguous = 0;
-        for (i, raw) in entries.into_iter().enumerate() {
-            let kind = classify(raw, self.bits, data_file);
+        for (i, entry) in words.chunks_exact(self.words as usize).enumerate() {
+            let raw = entry[0];
+            let bitmap = if extended { entry[1] } else { 0 };
+            let kind = classify(raw, self.bits, data_file, extended);
             if !matches!(kind, Kind::Compressed { .. }) && raw & L2_RESERVED != 0 {
                 self.say(format!(
                     "ERROR found l2 entry with reserved bits set: {raw:x}"
@@ -210,10 +215,23 @@ impl Checker<'_> {
                 self.report.corruptions += 1;
             }
             match kind {
-                Kind::Compressed { host, len } => self.count_compressed(i, raw, host, len, table),
+                Kind::Compressed { host, len } => {
+                    self.count_compressed(i, raw, bitmap, host, len, table)
+                }
                 Kind::Allocated(host) => {
-                    let at = l2 + i as u64 * 8;
-                    if self.check_alignment(at, raw, host, mode)? {
+                    if (bitmap >> 32) & bitmap != 0 {
+                        self.report.corruptions += 1;
+                        self.say(format!(
+                            "ERROR offset={host:x}: Allocated cluster has corrupted subcluster \
+                             allocation bitmap"
+                        ));
+                    }
+                    let at = l2 + i as u64 * self.words * 8;
+                    let has_data = match extended {
+                        true => bitmap & ALL_ALLOC != 0,
+                        false => raw & ZERO == 0,
+                    };
+                    if self.check_alignment(at, host, has_data, bitmap, mode)? {
                         continue;
                     }
                     if table == Table::Active {
@@ -227,14 +245,29 @@ impl Checker<'_> {
                         self.inc(host, self.cs);
                     }
                 }
+                Kind::Unallocated if bitmap & ALL_ALLOC != 0 => {
+                    self.report.corruptions += 1;
+                    self.say(
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
+                    );
+                }
                 Kind::Unallocated | Kind::ZeroPlain => {}
             }
         }
         Ok(())
     }
 
-    /// Counts compressed data of `len` bytes at `host` (entry `i` of its table, `raw`).
-    fn count_compressed(&mut self, i: usize, raw: u64, host: u64, len: u64, table: Table) {
+    /// Counts compressed data of `len` bytes at `host` (entry `i` of its table, `raw`, with
+    /// subcluster `bitmap`).
+    fn count_compressed(
+        &mut self,
+        i: usize,
+        raw: u64,
+        bitmap: u64,
+        host: u64,
+        len: u64,
+        table: Table,
+    ) {
         if raw & COPIED != 0 {
             self.say(format!(
                 "ERROR: coffset=0x{host:x}: copied flag must never be set for compressed \
@@ -242,9 +275,18 @@ impl Checker<'_> {
             ));
             self.report.corruptions += 1;
         }
+        let raw = raw & !COPIED;
         if self.img.has_data_file() {
             self.say(format!(
                 "ERROR compressed cluster {i} with data file, entry=0x{raw:x}"
+            ));
+            self.report.corruptions += 1;
+            return;
+        }
+        if bitmap != 0 {
+            self.say(format!(
+                "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, \
+                 entry=0x{raw:x}"
             ));
             self.report.corruptions += 1;
             return;
@@ -258,15 +300,22 @@ impl Checker<'_> {
         }
     }
 
-    /// Reports an entry (at file offset `at`) whose host offset is not cluster aligned.
-    /// A preallocated zero cluster loses its allocation if `mode` repairs errors; returns
-    /// whether it did (the entry then references nothing).
-    fn check_alignment(&mut self, at: u64, raw: u64, host: u64, mode: Repair) -> Outcome<bool> {
+    /// Reports an entry (at file offset `at`, with subcluster `bitmap`) whose host offset is
+    /// not cluster aligned. A preallocated cluster without data loses its allocation if
+    /// `mode` repairs errors; returns whether it did (the entry then references nothing).
+    fn check_alignment(
+        &mut self,
+        at: u64,
+        host: u64,
+        has_data: bool,
+        bitmap: u64,
+        mode: Repair,
+    ) -> Outcome<bool> {
         if host % self.cs == 0 {
             return Ok(false);
         }
         self.report.corruptions += 1;
-        if raw & ZERO == 0 {
+        if has_data {
             self.say(format!(
                 "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."
             ));
@@ -280,17 +329,26 @@ impl Checker<'_> {
         if !mode.errors() {
             return Ok(false);
         }
-        self.overwrite_l2_entry(at, ZERO)?;
+        // With extended L2 entries: no host cluster, and what was allocated reads as zeros.
+        let zeroed = match self.words {
+            2 => vec![0, (bitmap | bitmap << 32) & ALL_ZERO],
+            _ => vec![ZERO],
+        };
+        self.overwrite_l2_entry(at, &zeroed)?;
         self.report.corruptions -= 1;
         self.report.corruptions_fixed += 1;
         Ok(true)
     }
 
-    /// Writes one L2 entry at file offset `at` (a repair) and drops the cached table.
-    fn overwrite_l2_entry(&mut self, at: u64, value: u64) -> Outcome {
+    /// Writes one L2 entry (its words) at file offset `at` (a repair) and drops the cached
+    /// table.
+    fn overwrite_l2_entry(&mut self, at: u64, words: &[u64]) -> Outcome {
         let table = at - at % self.cs;
+        let bytes = crate::engine::meta::encode_u64_table(words);
         let mut m = self.img.meta_mut();
-        if m.check_write(self.file, at, 8, Target::L2(table)).is_err() {
+        if m.check_write(self.file, at, bytes.len() as u64, Target::L2(table))
+            .is_err()
+        {
             drop(m);
             self.say("ERROR: Overlap check failed".into());
             self.report.check_errors += 1;
@@ -299,7 +357,7 @@ impl Checker<'_> {
         m.forget_l2_table(table);
         let written = self
             .file
-            .write_at(&value.to_be_bytes(), at)
+            .write_at(&bytes, at)
             .and_then(|()| self.file.flush());
         drop(m);
         if let Err(e) = written {

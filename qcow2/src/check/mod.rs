@@ -136,6 +136,8 @@ struct Checker<'a> {
     file: &'a dyn Storage,
     cs: u64,
     bits: u32,
+    /// 64-bit words per L2 entry (2 with extended L2 entries).
+    words: u64,
     file_len: u64,
     /// The refcounts the metadata implies.
     imrt: Imrt,
@@ -244,6 +246,7 @@ impl<'a> Checker<'a> {
             file,
             cs,
             bits: geo.cluster_bits,
+            words: geo.l2_words(),
             file_len,
             imrt: Imrt::new(geo, file_len.div_ceil(cs)),
             past_eof: Vec::new(),

@@ -20,13 +20,14 @@ impl Qcow2 {
             return MapOutcome::Declined;
         }
         let cs = self.geo.cluster_size();
+        let us = self.geo.unit_size();
         let first = offset / cs;
         let count = (offset + len - 1) / cs - first + 1;
-        let entries = match self.lookup_cached(first, count) {
+        let clusters = match self.lookup_cached(first, count) {
             Ok(entries) => entries,
             Err(load) => return MapOutcome::Load(load),
         };
-        if self.check_aligned(first, &entries).is_err() {
+        if !self.valid_entries(first, &clusters) {
             // The caller's own path reports the corruption.
             return MapOutcome::Declined;
         }
@@ -35,30 +36,67 @@ impl Qcow2 {
                 return MapOutcome::Declined;
             };
             // Re-check under the busy mark: a discard or copy-on-write may have raced us.
-            if self.lookup_cached(first, count).ok() != Some(entries.clone()) {
+            if self.lookup_cached(first, count).ok() != Some(clusters.clone()) {
                 return MapOutcome::Declined;
             }
             Some(guard)
         } else {
             None
         };
+        let unit = offset / us;
+        let entries = self.expand_units(first, &clusters, unit, (offset + len - 1) / us - unit + 1);
         let mut extents: Vec<Extent> = Vec::new();
         let mut allocated = Vec::new();
         let mut zero_first = Vec::new();
+        let mut subclusters: Vec<(u64, u64)> = Vec::new();
         let mut pos = offset;
-        for (cluster, entry) in (first..).zip(entries) {
-            let end = ((cluster + 1) * cs).min(offset + len);
+        for (unit, entry) in (unit..).zip(entries) {
+            let end = ((unit + 1) * us).min(offset + len);
             let piece = end - pos;
             let extent = match entry {
                 L2Entry::Normal { host, copied } if copied || !write => Extent::Data {
-                    host: host + pos % cs,
+                    host: host + pos % us,
                     len: piece,
                 },
+                // A subcluster of a COPIED cluster that is not allocated: written in place,
+                // its bit set once the data is written. Nothing to copy if the write covers
+                // it, or if it reads as zeros (the rest is zeroed first).
+                _ if write && self.geo.extended_l2 => {
+                    let cluster = unit / self.geo.subclusters();
+                    let copied = match clusters[(cluster - first) as usize].0 {
+                        L2Entry::Normal { host, copied: true } => Some(host),
+                        _ => None,
+                    };
+                    let Some(host) = copied.filter(|_| piece == us || self.reads_zero(entry))
+                    else {
+                        self.release_allocated(&allocated);
+                        return MapOutcome::Declined;
+                    };
+                    let at = host + unit % self.geo.subclusters() * us;
+                    if piece < us {
+                        zero_first.push((at, us));
+                    }
+                    let bit = 1 << (unit % self.geo.subclusters());
+                    match subclusters.last_mut() {
+                        Some((c, bits)) if *c == cluster => *bits |= bit,
+                        _ => subclusters.push((cluster, bit)),
+                    }
+                    Extent::Data {
+                        host: at + pos % us,
+                        len: piece,
+                    }
+                }
                 L2Entry::Zero { .. } if !write => Extent::Zero { len: piece },
                 L2Entry::Unallocated if !write && self.backing.is_none() => {
                     Extent::Zero { len: piece }
                 }
-                _ if write && self.reads_zero(entry) && self.data_file.is_none() => {
+                // Allocation here is per cluster: subclusters go through the engine.
+                _ if write
+                    && !self.geo.extended_l2
+                    && self.reads_zero(entry)
+                    && self.data_file.is_none() =>
+                {
+                    let cluster = unit;
                     let Ok(host) = self.target_cluster(cluster, entry) else {
                         self.release_allocated(&allocated);
                         return MapOutcome::Declined;
@@ -97,7 +135,15 @@ impl Qcow2 {
         let mut mapping = IoMapping::new(self.data_storage().clone(), extents, busy);
         mapping.allocated = allocated;
         mapping.zero_first = zero_first;
+        mapping.subclusters = subclusters;
         MapOutcome::Mapped(mapping)
+    }
+
+    /// Whether entries (clusters from `first` on) may be used: host offsets aligned and, with
+    /// extended L2 entries, valid bitmaps.
+    fn valid_entries(&self, first: u64, entries: &[(L2Entry, u64)]) -> bool {
+        self.check_aligned(first, entries).is_ok()
+            && entries.iter().all(|&(e, bitmap)| e.valid_bitmap(bitmap))
     }
 
     /// Whether a cluster with this entry reads as zeros (so a write may allocate it without
@@ -124,8 +170,22 @@ impl Qcow2 {
                 return false;
             }
         }
+        for &(cluster, bits) in &mapping.subclusters {
+            if let Err(e) = self.allocate_subclusters(cluster, bits) {
+                tracing::warn!("mapping subclusters of guest cluster {cluster}: {e}");
+                return false;
+            }
+        }
         // Dropping the mapping releases the busy mark, after the L2 update.
         true
+    }
+
+    /// Marks the subclusters `bits` of COPIED guest cluster `cluster` allocated (the caller
+    /// holds the cluster busy and wrote their data).
+    fn allocate_subclusters(&self, cluster: u64, bits: u64) -> crate::Result<()> {
+        let (entry, bitmap) = self.lookup_bitmaps(cluster, 1)?[0];
+        let new = (bitmap | bits) & !(bits << 32);
+        self.set_entries(cluster, &[entry.encode(), new], &[entry])
     }
 
     /// Gives back clusters allocated for a write that did not happen (a preallocated zero
@@ -139,36 +199,34 @@ impl Qcow2 {
         }
     }
 
-    /// Entries for guest clusters `[first, first + count)` from cached L2 slices only; the
-    /// first missing slice is returned as the load to do.
-    fn lookup_cached(&self, first: u64, count: u64) -> Result<Vec<L2Entry>, MetadataLoad> {
+    /// Entries (with bitmaps) for guest clusters `[first, first + count)` from cached L2
+    /// slices only; the first missing slice is returned as the load to do.
+    fn lookup_cached(&self, first: u64, count: u64) -> Result<Vec<(L2Entry, u64)>, MetadataLoad> {
         let m = self.meta();
         let per_l2 = self.geo.l2_entries();
-        let per_slice = m.l2_slice_entries();
         let mut entries = Vec::with_capacity(count as usize);
         while (entries.len() as u64) < count {
             let cluster = first + entries.len() as u64;
             let l2i = cluster % per_l2;
-            let start = l2i % per_slice;
-            let n = (count - entries.len() as u64).min(per_slice - start) as usize;
+            let left = count - entries.len() as u64;
             let table =
                 m.l1.get((cluster / per_l2) as usize)
                     .map_or(0, |e| e & OFFSET_MASK);
             if table == 0 {
-                entries.extend(std::iter::repeat_n(L2Entry::Unallocated, n));
+                let per_slice = m.l2_slice_entries();
+                let n = left.min(per_slice - l2i % per_slice) as usize;
+                entries.extend(std::iter::repeat_n((L2Entry::Unallocated, 0), n));
                 continue;
             }
-            let key = m.l2_slice_key(table, l2i);
-            let Some(slice) = m.l2.get(key) else {
+            let Some(slice) = self.decode_slice(&m, table, l2i, left) else {
                 return Err(MetadataLoad {
                     storage: self.file.clone(),
-                    offset: key,
-                    len: (per_slice * 8) as usize,
+                    offset: m.l2_slice_key(table, l2i),
+                    len: m.l2_slice_bytes() as usize,
                     generation: m.l2_generation,
                 });
             };
-            let start = start as usize;
-            entries.extend(slice[start..start + n].iter().map(|&e| self.decode_l2(e)));
+            entries.extend(slice);
         }
         Ok(entries)
     }
@@ -182,7 +240,7 @@ impl Qcow2 {
         let table = load.offset - load.offset % cs;
         let current = m.l2_generation == load.generation
             && !m.l2.contains(load.offset)
-            && bytes.len() as u64 == m.l2_slice_entries() * 8
+            && bytes.len() as u64 == m.l2_slice_bytes()
             && m.l1.iter().any(|e| e & OFFSET_MASK == table);
         let valid = current
             && self

@@ -26,6 +26,8 @@ pub struct Geometry {
     pub cluster_bits: u32,
     /// log2 refcount width.
     pub refcount_order: u32,
+    /// Extended L2 entries: 128 bits, 32 subclusters per cluster.
+    pub extended_l2: bool,
 }
 
 impl Geometry {
@@ -33,9 +35,30 @@ impl Geometry {
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
+    /// 64-bit words per L2 entry: 2 with extended L2 entries (entry and bitmap), else 1.
+    pub fn l2_words(&self) -> u64 {
+        if self.extended_l2 {
+            2
+        } else {
+            1
+        }
+    }
     /// Entries per L2 table.
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
+        self.cluster_size() / 8 / self.l2_words()
+    }
+    /// Subclusters per cluster (1 without extended L2 entries).
+    pub fn subclusters(&self) -> u64 {
+        if self.extended_l2 {
+            crate::format::tables::SUBCLUSTERS
+        } else {
+            1
+        }
+    }
+    /// Bytes of the unit reads and writes are mapped in: the subcluster (the cluster
+    /// without extended L2 entries).
+    pub fn unit_size(&self) -> u64 {
+        self.cluster_size() / self.subclusters()
     }
     /// Refcount entries per refcount block.
     pub fn refblock_entries(&self) -> u64 {

@@ -91,6 +91,7 @@ impl Qcow2 {
         let geo = Geometry {
             cluster_bits: header.cluster_bits,
             refcount_order: header.refcount_order,
+            extended_l2: header.extended_l2(),
         };
         let cs = geo.cluster_size();
         let within = |what: &str, off: u64, len: u64| {
@@ -147,11 +148,7 @@ impl Qcow2 {
             geo,
             l1,
             l1_dirty: false,
-            l2: TableCache::new(l2::l2_cache_slices(
-                opts.l2_cache_bytes,
-                header.size,
-                header.cluster_bits,
-            )),
+            l2: TableCache::new(l2::l2_cache_slices(opts.l2_cache_bytes, header.size, &geo)),
             reftable_used: meta::used_entries(&reftable),
             reftable,
             reftable_dirty: false,
@@ -265,6 +262,11 @@ impl Qcow2 {
         self.geo.cluster_size()
     }
 
+    /// Subcluster size in bytes: the cluster size without extended L2 entries.
+    pub fn subcluster_size(&self) -> u64 {
+        self.geo.unit_size()
+    }
+
     /// The internal snapshots.
     pub fn snapshots(&self) -> &[Snapshot] {
         &self.snapshots
@@ -288,24 +290,22 @@ impl Qcow2 {
     /// Entries for guest clusters `[cluster, cluster + n)`, stopping at the end of the L2
     /// slice (so possibly fewer than `n`, at least one).
     pub(crate) fn lookup_run(&self, cluster: u64, n: u64) -> Result<Vec<L2Entry>> {
+        Ok(self
+            .lookup_bitmaps(cluster, n)?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect())
+    }
+
+    /// [`Qcow2::lookup_run`] with each entry's subcluster bitmap (0 without extended L2
+    /// entries). Entries whose bitmap is invalid are refused as corrupt, as QEMU does.
+    pub(crate) fn lookup_bitmaps(&self, cluster: u64, n: u64) -> Result<Vec<(L2Entry, u64)>> {
         let per_l2 = self.geo.l2_entries();
         let l1i = (cluster / per_l2) as usize;
         let l2i = cluster % per_l2;
-        let decode = |m: &Meta, key: u64| {
-            let per = m.l2_slice_entries();
-            let start = (l2i % per) as usize;
-            let n = n.min(per - start as u64).max(1) as usize;
-            let slice = m.l2.get(key)?;
-            Some(
-                slice[start..start + n]
-                    .iter()
-                    .map(|&e| self.decode_l2(e))
-                    .collect::<Vec<_>>(),
-            )
-        };
         let unallocated = |m: &Meta| {
             let per = m.l2_slice_entries();
-            vec![L2Entry::Unallocated; n.min(per - l2i % per).max(1) as usize]
+            vec![(L2Entry::Unallocated, 0); n.min(per - l2i % per).max(1) as usize]
         };
         {
             let m = self.meta();
@@ -313,8 +313,8 @@ impl Qcow2 {
             if table == 0 {
                 return Ok(unallocated(&m));
             }
-            if let Some(entries) = decode(&m, m.l2_slice_key(table, l2i)) {
-                self.check_aligned(cluster, &entries)?;
+            if let Some(entries) = self.decode_slice(&m, table, l2i, n) {
+                self.check_entries(cluster, table, &m, &entries)?;
                 return Ok(entries);
             }
         }
@@ -323,32 +323,128 @@ impl Qcow2 {
         if table == 0 {
             return Ok(unallocated(&m));
         }
-        let key = m.load_l2_slice(&*self.file, table, l2i)?;
-        let entries = decode(&m, key).expect("just loaded");
-        self.check_aligned(cluster, &entries)?;
+        m.load_l2_slice(&*self.file, table, l2i)?;
+        let entries = self.decode_slice(&m, table, l2i, n).expect("just loaded");
+        self.check_entries(cluster, table, &m, &entries)?;
         Ok(entries)
     }
 
-    /// Decodes one of this image's L2 entries. Without an external data file, an entry with
-    /// only the COPIED bit (host offset 0, where the header is) is unallocated, as in QEMU;
-    /// with one, it maps guest data at the start of the data file.
+    /// Entries `l2i..` (at most `n`, at least one, to the end of the slice) of the table at
+    /// `table` with their bitmaps, if its slice is cached.
+    pub(crate) fn decode_slice(
+        &self,
+        m: &Meta,
+        table: u64,
+        l2i: u64,
+        n: u64,
+    ) -> Option<Vec<(L2Entry, u64)>> {
+        let per = m.l2_slice_entries();
+        let start = (l2i % per) as usize;
+        let n = n.min(per - start as u64).max(1) as usize;
+        let slice = m.l2.get(m.l2_slice_key(table, l2i))?;
+        let w = self.geo.l2_words() as usize;
+        Some(
+            (start..start + n)
+                .map(|k| {
+                    let bitmap = if w == 2 { slice[k * 2 + 1] } else { 0 };
+                    (self.decode_l2(slice[k * w]), bitmap)
+                })
+                .collect(),
+        )
+    }
+
+    /// Decodes one of this image's L2 entries (the first word of an extended one). Without
+    /// an external data file, an entry with only the COPIED bit (host offset 0, where the
+    /// header is) is unallocated, as in QEMU; with one, it maps guest data at the start of
+    /// the data file.
     pub(crate) fn decode_l2(&self, raw: u64) -> L2Entry {
-        match L2Entry::decode(raw, self.geo.cluster_bits) {
+        let entry = if self.geo.extended_l2 {
+            L2Entry::decode_extended(raw, self.geo.cluster_bits)
+        } else {
+            L2Entry::decode(raw, self.geo.cluster_bits)
+        };
+        match entry {
             L2Entry::Normal { host: 0, .. } if self.data_file.is_none() => L2Entry::Unallocated,
             entry => entry,
         }
     }
 
-    /// Refuses entries that map guest clusters (from `first` on) to host offsets not aligned
-    /// to a cluster: the image is corrupt, and using such an entry would read, write or free
-    /// parts of two clusters. QEMU refuses them too.
-    pub(crate) fn check_aligned(&self, first: u64, entries: &[L2Entry]) -> Result<()> {
+    /// [`Qcow2::check_aligned`], and with extended L2 entries refuses invalid bitmaps (a
+    /// subcluster both allocated and zero; allocated subclusters without a host cluster)
+    /// with QEMU's words. `first` is the guest cluster of `entries[0]`, in the table at
+    /// `table`.
+    fn check_entries(
+        &self,
+        first: u64,
+        table: u64,
+        m: &Meta,
+        entries: &[(L2Entry, u64)],
+    ) -> Result<()> {
+        self.check_aligned(first, entries)?;
+        if !self.geo.extended_l2 {
+            return Ok(());
+        }
+        let per = m.l2_slice_entries();
+        for (cluster, &(entry, bitmap)) in (first..).zip(entries) {
+            if !entry.valid_bitmap(bitmap) {
+                let index = cluster % self.geo.l2_entries() % per;
+                return Err(Error::Corrupt(format!(
+                    "Invalid cluster entry found  (L2 offset: {}, L2 index: {})",
+                    c_hex(table),
+                    c_hex(index)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Guest units (subclusters; clusters without extended L2 entries) `[unit, unit + n)`,
+    /// each as the entry a cluster of one unit would have (see [`L2Entry::subcluster`]),
+    /// stopping at the end of an L2 slice (at least one).
+    pub(crate) fn lookup_units(&self, unit: u64, n: u64) -> Result<Vec<L2Entry>> {
+        let per = self.geo.subclusters();
+        if per == 1 {
+            return self.lookup_run(unit, n);
+        }
+        let first = unit / per;
+        let clusters = (unit % per + n).div_ceil(per);
+        let entries = self.lookup_bitmaps(first, clusters)?;
+        Ok(self.expand_units(first, &entries, unit, n).collect())
+    }
+
+    /// The per-unit entries `[unit, unit + n)` of `entries` (clusters from `first` on,
+    /// validated), cut at the end of `entries`.
+    pub(crate) fn expand_units<'a>(
+        &'a self,
+        first: u64,
+        entries: &'a [(L2Entry, u64)],
+        unit: u64,
+        n: u64,
+    ) -> impl Iterator<Item = L2Entry> + 'a {
+        let per = self.geo.subclusters();
+        let sc = self.geo.unit_size();
+        let end = (unit + n).min((first + entries.len() as u64) * per);
+        (unit..end).map(move |u| {
+            let (entry, bitmap) = entries[(u / per - first) as usize];
+            match per {
+                1 => entry,
+                _ => entry
+                    .subcluster(bitmap, u % per, sc)
+                    .expect("bitmaps are checked at lookup"),
+            }
+        })
+    }
+
+    /// Refuses entries (with their bitmaps) that map guest clusters (from `first` on) to host
+    /// offsets not aligned to a cluster: the image is corrupt, and using such an entry would
+    /// read, write or free parts of two clusters. QEMU refuses them too.
+    pub(crate) fn check_aligned(&self, first: u64, entries: &[(L2Entry, u64)]) -> Result<()> {
         let cs = self.geo.cluster_size();
-        for (cluster, entry) in (first..).zip(entries) {
+        for (cluster, &(entry, _)) in (first..).zip(entries) {
             if let L2Entry::Normal { host, .. }
             | L2Entry::Zero {
                 host: Some(host), ..
-            } = *entry
+            } = entry
             {
                 if host % cs != 0 {
                     return Err(Error::Corrupt(format!(
@@ -390,6 +486,14 @@ impl Qcow2 {
         self.file
             .flush()
             .map_err(|e| Error::io("flushing the image file", e))
+    }
+}
+
+/// A number as C's `%#x` prints it (0 without the prefix), for QEMU's messages.
+pub(crate) fn c_hex(n: u64) -> String {
+    match n {
+        0 => "0".into(),
+        n => format!("{n:#x}"),
     }
 }
 

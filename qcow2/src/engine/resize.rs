@@ -139,9 +139,11 @@ impl Qcow2 {
         let end = self.size.div_ceil(self.geo.cluster_size());
         let mut c = first;
         while c < end {
-            let entries = self.lookup_run(c, end - c)?;
-            if entries.iter().any(|&e| e != L2Entry::Unallocated) {
-                self.set_entries(c, &vec![0; entries.len()], &entries)?;
+            let entries = self.lookup_bitmaps(c, end - c)?;
+            if entries.iter().any(|&e| e != (L2Entry::Unallocated, 0)) {
+                let old: Vec<L2Entry> = entries.iter().map(|&(e, _)| e).collect();
+                let words = entries.len() * self.geo.l2_words() as usize;
+                self.set_entries(c, &vec![0; words], &old)?;
             }
             c += entries.len() as u64;
         }

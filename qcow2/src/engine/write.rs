@@ -3,7 +3,7 @@
 
 use crate::compress;
 use crate::error::{Error, Result};
-use crate::format::tables::{self, L2Entry, COPIED, OFFSET_MASK};
+use crate::format::tables::{self, alloc_bits, L2Entry, ALL_ALLOC, ALL_ZERO, COPIED, OFFSET_MASK};
 
 use super::meta::Meta;
 use super::Qcow2;
@@ -52,6 +52,9 @@ impl Qcow2 {
     fn write_partial(&self, cluster: u64, in_cluster: u64, data: &[u8]) -> Result<()> {
         let cs = self.geo.cluster_size();
         let _busy = self.busy.acquire(cluster, 1);
+        if self.geo.extended_l2 {
+            return self.write_subclusters(cluster, in_cluster, data);
+        }
         let entry = self.lookup_run(cluster, 1)?[0];
         if let L2Entry::Normal { host, copied: true } = entry {
             return self.write_data(data, host + in_cluster);
@@ -80,34 +83,104 @@ impl Qcow2 {
         self.update_l2(cluster, &[entry], &[host])
     }
 
+    /// [`Qcow2::write_partial`] with extended L2 entries (the caller holds the cluster busy),
+    /// as QEMU does it: into an unallocated cluster or one writable in place, only the
+    /// subclusters written get allocated, and only the partly written ones at the edges are
+    /// filled from their current contents (the backing file, or zeros); the others keep
+    /// reading as before. A cluster shared with a snapshot is copied from its first to its
+    /// last allocated subcluster (and over the write); a compressed one is copied whole. The
+    /// data is written before the L2 entry changes.
+    fn write_subclusters(&self, cluster: u64, in_cluster: u64, data: &[u8]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let sc = self.geo.unit_size();
+        let base = cluster * cs;
+        let (entry, bitmap) = self.lookup_bitmaps(cluster, 1)?[0];
+        let (a, b) = (in_cluster, in_cluster + data.len() as u64);
+        let (mut first, mut last) = (a / sc, (b - 1) / sc);
+        let in_place = match entry {
+            L2Entry::Normal { copied: true, .. } => true,
+            L2Entry::Unallocated => false,
+            L2Entry::Normal { copied: false, .. } => {
+                let alloc = bitmap & ALL_ALLOC;
+                if alloc != 0 {
+                    first = first.min(u64::from(alloc.trailing_zeros()));
+                    last = last.max(63 - u64::from(alloc.leading_zeros()));
+                }
+                false
+            }
+            _ => {
+                (first, last) = (0, self.geo.subclusters() - 1);
+                false
+            }
+        };
+        let allocated = |i: u64| in_place && bitmap & 1 << i != 0;
+        // The written range, widened to whole subclusters where they must be filled.
+        let start = if first * sc < a && !allocated(first) {
+            first * sc
+        } else {
+            a
+        };
+        let end = if b < (last + 1) * sc && !allocated(last) {
+            (last + 1) * sc
+        } else {
+            b
+        };
+        let mut buf = vec![0u8; (end - start) as usize];
+        let (head, rest) = buf.split_at_mut((a - start) as usize);
+        let (middle, tail) = rest.split_at_mut(data.len());
+        self.read_guest(head, base + start)?;
+        self.read_guest(tail, base + b)?;
+        middle.copy_from_slice(data);
+        let host = match entry {
+            L2Entry::Normal { host, .. } if in_place => host,
+            _ => self.target_cluster(cluster, entry)?,
+        };
+        self.write_data(&buf, host + start)?;
+        let written = alloc_bits(first, last + 1);
+        let new = (bitmap | written) & !(written << 32);
+        if in_place && new == bitmap {
+            return Ok(());
+        }
+        self.set_entries(cluster, &[host | COPIED, new], &[entry])
+    }
+
     /// Writes up to `max` whole clusters from `data`; returns how many were written.
     ///
     /// A run is either clusters writable in place with contiguous host offsets (one I/O), or
     /// clusters that all need a new cluster (allocated contiguously, one I/O).
     fn write_whole(&self, first: u64, max: u64, data: &[u8]) -> Result<u64> {
         let cs = self.geo.cluster_size();
-        let entries = self.lookup_run(first, max)?;
-        let in_place = |e: L2Entry| matches!(e, L2Entry::Normal { copied: true, .. });
+        let entries = self.lookup_bitmaps(first, max)?;
+        // Written in place: COPIED clusters all of whose subclusters are allocated (a write
+        // into others must set their bits).
+        let full = if self.geo.extended_l2 { ALL_ALLOC } else { 0 };
+        let in_place = |(e, bitmap): (L2Entry, u64)| {
+            matches!(e, L2Entry::Normal { copied: true, .. }) && bitmap == full
+        };
         let mut n = 1;
-        if let L2Entry::Normal { host, copied: true } = entries[0] {
+        if let (L2Entry::Normal { host, copied: true }, true) = (entries[0].0, in_place(entries[0]))
+        {
             while n < entries.len()
                 && entries[n]
-                    == (L2Entry::Normal {
-                        host: host + n as u64 * cs,
-                        copied: true,
-                    })
+                    == (
+                        L2Entry::Normal {
+                            host: host + n as u64 * cs,
+                            copied: true,
+                        },
+                        full,
+                    )
             {
                 n += 1;
             }
             let _busy = self.busy.acquire(first, n as u64);
             // Re-check under the busy mark: a discard may have raced us.
-            if self.lookup_run(first, n as u64)?[..n] == entries[..n] {
+            if self.lookup_bitmaps(first, n as u64)?[..n] == entries[..n] {
                 self.write_data(&data[..n * cs as usize], host)?;
                 return Ok(n as u64);
             }
             return Ok(0);
         }
-        while n < entries.len() && !in_place(entries[n]) && !is_zero_alloc(entries[n]) {
+        while n < entries.len() && !in_place(entries[n]) && !is_zero_alloc(entries[n].0) {
             n += 1;
         }
         let _busy = self.busy.acquire(first, n as u64);
@@ -197,11 +270,23 @@ impl Qcow2 {
         self.update_l2(first, &old, &hosts)
     }
 
-    /// Maps `n` unallocated guest clusters from `first` to contiguous host clusters at `host`.
+    /// Maps `n` unallocated guest clusters from `first` to contiguous host clusters at `host`
+    /// (their subclusters, with extended L2 entries, stay unallocated, as in QEMU).
     pub(crate) fn map_preallocated(&self, first: u64, n: u64, host: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         let hosts: Vec<u64> = (0..n).map(|k| host + k * cs).collect();
-        self.update_l2(first, &vec![L2Entry::Unallocated; n as usize], &hosts)
+        let new = self.entry_words(&hosts, 0);
+        self.set_entries(first, &new, &vec![L2Entry::Unallocated; n as usize])
+    }
+
+    /// The L2 words mapping guest clusters to `hosts` (COPIED), with subcluster `bitmap`
+    /// when entries are extended.
+    fn entry_words(&self, hosts: &[u64], bitmap: u64) -> Vec<u64> {
+        hosts
+            .iter()
+            .flat_map(|&h| [h | COPIED, bitmap])
+            .step_by(if self.geo.extended_l2 { 1 } else { 2 })
+            .collect()
     }
 
     /// The host cluster a write to `cluster` (currently `entry`) should go to.
@@ -225,14 +310,15 @@ impl Qcow2 {
             .map_err(|e| Error::io(format!("writing data at host offset 0x{host:x}"), e))
     }
 
-    /// Points guest clusters `first..` at `hosts` (COPIED), releasing what `old` referenced.
+    /// Points guest clusters `first..` at `hosts` (COPIED, all subclusters allocated),
+    /// releasing what `old` referenced.
     pub(super) fn update_l2(&self, first: u64, old: &[L2Entry], hosts: &[u64]) -> Result<()> {
-        let new: Vec<u64> = hosts.iter().map(|&h| h | COPIED).collect();
-        self.set_entries(first, &new, old)
+        self.set_entries(first, &self.entry_words(hosts, ALL_ALLOC), old)
     }
 
-    /// Stores raw L2 entries for guest clusters `first..` and frees what `old` referenced
-    /// unless the new entry keeps the same host cluster.
+    /// Stores raw L2 entries (their words: two per entry when extended) for guest clusters
+    /// `first..` and frees what `old` referenced unless the new entry keeps the same host
+    /// cluster.
     pub(super) fn set_entries(&self, first: u64, new: &[u64], old: &[L2Entry]) -> Result<()> {
         let per_l2 = self.geo.l2_entries();
         let mut m = self.meta_mut();
@@ -240,8 +326,9 @@ impl Qcow2 {
         let l2i = (first % per_l2) as usize;
         let table = self.l2_for_write(&mut m, l1i)?;
         m.set_l2_entries(&*self.file, table, l2i as u64, new)?;
+        let w = self.geo.l2_words() as usize;
         for (k, &o) in old.iter().enumerate() {
-            let kept = o.host_cluster() == Some(new[k] & OFFSET_MASK);
+            let kept = o.host_cluster() == Some(new[k * w] & OFFSET_MASK);
             if !kept {
                 self.release(&mut m, o);
             }
@@ -294,23 +381,30 @@ impl Qcow2 {
     }
 
     /// Zeroes or discards a range: whole clusters become metadata, partial ones are
-    /// written with zeros (zeroing) or left alone (discard).
+    /// written with zeros (zeroing) or left alone (discard). With extended L2 entries,
+    /// zeroing works in subclusters: whole subclusters of a partly zeroed cluster get their
+    /// zero bits, only partial subclusters are written.
     pub(super) fn zero_or_discard(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
         let cs = self.geo.cluster_size();
         if self.version < 3 && self.backing.is_some() && mode != ZeroMode::Discard {
             // v2 has no zero flag: an unallocated cluster would show the backing file.
             return self.write_zeros_literally(offset, len);
         }
-        let end = offset + len;
-        // Whole clusters: [whole_start, whole_end). The disk's last partial cluster counts as
-        // whole when the range covers it from its start.
-        let whole_start = offset.next_multiple_of(cs);
-        let whole_end = if end == self.size {
-            end.next_multiple_of(cs)
-        } else {
-            end / cs * cs
+        // Discards are whole clusters only, as in QEMU.
+        let unit = match mode {
+            ZeroMode::Discard => cs,
+            ZeroMode::Zero { .. } => self.geo.unit_size(),
         };
-        // The partial clusters around them: [offset, head_end) and [tail_start, end).
+        let end = offset + len;
+        // Whole units: [whole_start, whole_end). The disk's last partial unit counts as
+        // whole when the range covers it from its start.
+        let whole_start = offset.next_multiple_of(unit);
+        let whole_end = if end == self.size {
+            end.next_multiple_of(unit)
+        } else {
+            end / unit * unit
+        };
+        // The partial units around them: [offset, head_end) and [tail_start, end).
         let head_end = whole_start.min(end);
         let tail_start = whole_end.max(head_end);
         if let ZeroMode::Zero { .. } = mode {
@@ -319,29 +413,71 @@ impl Qcow2 {
                 self.write_zero_bytes(tail_start, end - tail_start)?;
             }
         }
-        let mut cluster = whole_start / cs;
-        while cluster * cs < whole_end {
-            let count = whole_end / cs - cluster;
+        if whole_start >= whole_end {
+            return Ok(());
+        }
+        // Whole subclusters of partly covered clusters, then whole clusters.
+        let clusters_start = whole_start.next_multiple_of(cs).min(whole_end);
+        let clusters_end = (whole_end / cs * cs).max(clusters_start);
+        self.zero_subclusters(whole_start, clusters_start)?;
+        self.zero_subclusters(clusters_end, whole_end)?;
+        let mut cluster = clusters_start.div_ceil(cs);
+        while cluster * cs < clusters_end {
+            let count = clusters_end / cs - cluster;
             let _busy = self.busy.acquire(cluster, count.min(self.geo.l2_entries()));
-            let entries = self.lookup_run(cluster, count)?;
-            let new: Vec<u64> = entries
-                .iter()
-                .map(|&e| self.zeroed_entry(e, mode))
-                .collect();
-            if new.iter().zip(&entries).any(|(&n, &o)| n != raw_of(o)) {
-                self.set_entries(cluster, &new, &entries)?;
+            let entries = self.lookup_bitmaps(cluster, count)?;
+            let old: Vec<L2Entry> = entries.iter().map(|&(e, _)| e).collect();
+            let mut new = Vec::with_capacity(entries.len() * 2);
+            let mut changed = false;
+            for &(e, bitmap) in &entries {
+                let (word, new_bitmap) = self.zeroed_entry(e, bitmap, mode);
+                changed |= (word, new_bitmap) != (raw_of(e), bitmap);
+                new.push(word);
+                if self.geo.extended_l2 {
+                    new.push(new_bitmap);
+                }
+            }
+            if changed {
+                self.set_entries(cluster, &new, &old)?;
             }
             cluster += entries.len() as u64;
         }
         Ok(())
     }
 
-    /// Writes literal zeros into part of a cluster, skipping clusters that already read zero.
+    /// Makes the whole subclusters of `[start, end)` (within one cluster, subcluster
+    /// aligned; empty without extended L2 entries) read as zeros: their zero bits are set
+    /// and allocation bits cleared (QEMU's zero_l2_subclusters). A compressed cluster has no
+    /// subclusters: zeros are written into it.
+    fn zero_subclusters(&self, start: u64, end: u64) -> Result<()> {
+        if start >= end {
+            return Ok(());
+        }
+        let cs = self.geo.cluster_size();
+        let sc = self.geo.unit_size();
+        let cluster = start / cs;
+        {
+            let _busy = self.busy.acquire(cluster, 1);
+            let (entry, bitmap) = self.lookup_bitmaps(cluster, 1)?[0];
+            if !matches!(entry, L2Entry::Compressed { .. }) {
+                let (from, to) = (start % cs / sc, (end - 1) % cs / sc + 1);
+                let new = (bitmap | alloc_bits(from, to) << 32) & !alloc_bits(from, to);
+                if new != bitmap {
+                    self.set_entries(cluster, &[entry.encode(), new], &[entry])?;
+                }
+                return Ok(());
+            }
+        }
+        self.write_zeros_literally(start, end - start)
+    }
+
+    /// Writes literal zeros into part of a unit (a cluster, or a subcluster with extended L2
+    /// entries), unless it already reads as zeros.
     fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
-        let entry = self.lookup_run(offset / self.geo.cluster_size(), 1)?[0];
+        let entry = self.lookup_units(offset / self.geo.unit_size(), 1)?[0];
         let reads_zero = match entry {
             L2Entry::Zero { .. } => true,
             L2Entry::Unallocated => self.backing.is_none(),
@@ -364,10 +500,21 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The raw L2 entry a whole cluster gets when zeroed or discarded.
-    fn zeroed_entry(&self, e: L2Entry, mode: ZeroMode) -> u64 {
+    /// The raw L2 entry (and subcluster bitmap) a whole cluster gets when zeroed or
+    /// discarded; its bitmap is `bitmap` (extended L2 entries only).
+    fn zeroed_entry(&self, e: L2Entry, bitmap: u64, mode: ZeroMode) -> (u64, u64) {
+        if self.geo.extended_l2 {
+            // QEMU's zero_in_l2_slice / discard_in_l2_slice with subclusters.
+            return match (mode, e) {
+                (ZeroMode::Zero { unmap: false }, L2Entry::Normal { host, copied: true }) => {
+                    (host | COPIED, ALL_ZERO)
+                }
+                (ZeroMode::Discard, L2Entry::Unallocated) if self.backing.is_none() => (0, bitmap),
+                _ => (0, ALL_ZERO),
+            };
+        }
         let v3 = self.version >= 3;
-        match (mode, e) {
+        let word = match (mode, e) {
             (ZeroMode::Zero { unmap: false }, L2Entry::Normal { host, copied: true })
             | (
                 ZeroMode::Zero { unmap: false },
@@ -379,7 +526,8 @@ impl Qcow2 {
             (ZeroMode::Discard, L2Entry::Unallocated) if self.backing.is_none() => 0,
             _ if v3 => tables::ZERO,
             _ => 0,
-        }
+        };
+        (word, 0)
     }
 
     /// Writes one whole cluster compressed (falls back to a normal write if it does not
@@ -420,7 +568,9 @@ impl Qcow2 {
             .write_at(&packed, host)
             .map_err(|e| Error::io(format!("writing compressed data at 0x{host:x}"), e))?;
         let entry = tables::compressed_entry(host, packed.len() as u64, self.geo.cluster_bits);
-        self.set_entries(cluster, &[entry], &[old])
+        // A compressed cluster has no subclusters: its bitmap is 0.
+        let new = [entry, 0];
+        self.set_entries(cluster, &new[..self.geo.l2_words() as usize], &[old])
     }
 
     /// Reserves `len` bytes for compressed data, packing several clusters' data into one

@@ -29,7 +29,7 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Incompatible bits this crate implements.
 pub const INCOMPAT_SUPPORTED: u64 =
-    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION;
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 /// Compatible bit 0: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear bit 0: the bitmaps extension is consistent.
@@ -211,9 +211,32 @@ impl Header {
         self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
     }
 
-    /// Number of 8-byte entries in one L2 table.
+    /// Whether L2 entries are extended (128 bits, with subclusters).
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & INCOMPAT_EXTL2 != 0
+    }
+
+    /// Bytes of one L2 entry: 16 with extended L2 entries, else 8.
+    pub fn l2_entry_bytes(&self) -> u64 {
+        if self.extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Subclusters per cluster: 32 with extended L2 entries, else 1.
+    pub fn subclusters(&self) -> u64 {
+        if self.extended_l2() {
+            crate::format::tables::SUBCLUSTERS
+        } else {
+            1
+        }
+    }
+
+    /// Number of entries in one L2 table.
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
+        self.cluster_size() / self.l2_entry_bytes()
     }
 
     /// Parses the fixed header from the first bytes of the file (at least 72, up to a cluster).
@@ -461,6 +484,12 @@ impl Header {
         if self.incompatible_features & INCOMPAT_DATA_FILE != 0 && self.data_file.is_none() {
             return Err(invalid("'data-file' is required for this image"));
         }
+        let subcluster = self.cluster_size() / self.subclusters();
+        if subcluster < 1 << MIN_CLUSTER_BITS {
+            return Err(invalid(format!(
+                "Unsupported subcluster size: {subcluster}"
+            )));
+        }
         Ok(())
     }
 
@@ -636,16 +665,35 @@ mod tests {
     }
 
     #[test]
-    fn unknown_incompatible_bit_is_named_from_feature_table() {
+    fn extended_l2_needs_subclusters_of_512_bytes() {
         let mut h = sample();
         h.incompatible_features = INCOMPAT_EXTL2;
+        assert_eq!(h.l2_entries(), 4096);
+        h.check_supported().unwrap();
+        h.cluster_bits = 13;
+        let err = h.check_supported().unwrap_err();
+        assert!(
+            err.to_string().contains("Unsupported subcluster size: 256"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_incompatible_bit_is_named_from_feature_table() {
+        let mut h = sample();
+        h.incompatible_features = 1 << 5;
+        h.feature_names.push(FeatureName {
+            kind: 0,
+            bit: 5,
+            name: "future feature".into(),
+        });
         let mut bytes = h.serialize().unwrap();
         bytes.resize(65536, 0);
         let err = Header::parse(&bytes)
             .unwrap()
             .check_supported()
             .unwrap_err();
-        assert!(err.to_string().contains("extended L2 entries"), "{err}");
+        assert!(err.to_string().contains("future feature"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,21 @@ pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits of a standard L2 entry.
 pub const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
+/// Subclusters per cluster with extended L2 entries.
+pub const SUBCLUSTERS: u64 = 32;
+/// Bits 0-31 of an extended L2 entry's bitmap: subcluster `i` is allocated (bit `i`).
+pub const ALL_ALLOC: u64 = 0xffff_ffff;
+/// Bits 32-63 of an extended L2 entry's bitmap: subcluster `i` reads as zeros (bit `32 + i`).
+pub const ALL_ZERO: u64 = ALL_ALLOC << 32;
+
+/// Bitmap bits marking subclusters `from..to` allocated.
+pub fn alloc_bits(from: u64, to: u64) -> u64 {
+    if from >= to {
+        return 0;
+    }
+    (ALL_ALLOC >> (SUBCLUSTERS - (to - from))) << from
+}
+
 /// What an L2 entry says about one guest cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L2Entry {
@@ -64,6 +79,62 @@ impl L2Entry {
             L2Entry::Unallocated
         } else {
             L2Entry::Normal { host, copied }
+        }
+    }
+
+    /// Decodes the first word of an extended L2 entry: as [`L2Entry::decode`], but bit 0 is
+    /// not a zero flag (QEMU ignores it), so there are no cluster-level zero entries.
+    pub fn decode_extended(raw: u64, cluster_bits: u32) -> L2Entry {
+        match raw & COMPRESSED {
+            0 => L2Entry::decode(raw & !ZERO, cluster_bits),
+            _ => L2Entry::decode(raw, cluster_bits),
+        }
+    }
+
+    /// What subcluster `i` of a cluster with this (extended) entry and `bitmap` is, as the
+    /// entry a cluster of one subcluster (`sc` bytes) would have (QEMU's
+    /// qcow2_get_subcluster_type). An unallocated subcluster of an allocated cluster reads as
+    /// [`L2Entry::Unallocated`]. `None`: the bitmap is invalid for the entry (a subcluster
+    /// both allocated and zero, or allocated bits without a host cluster).
+    pub fn subcluster(self, bitmap: u64, i: u64, sc: u64) -> Option<L2Entry> {
+        if !self.valid_bitmap(bitmap) {
+            return None;
+        }
+        let zero = bitmap >> 32 & 1 << i != 0;
+        let alloc = bitmap & 1 << i != 0;
+        match self {
+            L2Entry::Normal { host, copied } => {
+                if zero {
+                    Some(L2Entry::Zero {
+                        host: Some(host + i * sc),
+                        copied,
+                    })
+                } else if alloc {
+                    Some(L2Entry::Normal {
+                        host: host + i * sc,
+                        copied,
+                    })
+                } else {
+                    Some(L2Entry::Unallocated)
+                }
+            }
+            L2Entry::Unallocated if zero => Some(L2Entry::Zero {
+                host: None,
+                copied: false,
+            }),
+            e => Some(e),
+        }
+    }
+
+    /// Whether `bitmap` is valid for this (extended) entry, as QEMU judges it: no subcluster
+    /// both allocated and zero in an allocated cluster, no allocated subcluster in an
+    /// unallocated one. Compressed clusters read whatever their bitmap (the check reports
+    /// a nonzero one).
+    pub fn valid_bitmap(self, bitmap: u64) -> bool {
+        match self {
+            L2Entry::Normal { .. } => (bitmap >> 32) & bitmap == 0,
+            L2Entry::Unallocated => bitmap & ALL_ALLOC == 0,
+            _ => true,
         }
     }
 
@@ -179,6 +250,51 @@ mod tests {
     }
 
     #[test]
+    fn subclusters_decode_like_qemu() {
+        let sc = 2048;
+        let normal = L2Entry::decode_extended(0x50000 | 1 | COPIED, 16);
+        assert_eq!(
+            normal,
+            L2Entry::Normal {
+                host: 0x50000,
+                copied: true
+            },
+            "bit 0 is no zero flag"
+        );
+        let bitmap = alloc_bits(1, 3) | 1 << 35;
+        assert_eq!(bitmap, 0b110 | 1 << 35);
+        assert_eq!(normal.subcluster(bitmap, 0, sc), Some(L2Entry::Unallocated));
+        assert_eq!(
+            normal.subcluster(bitmap, 2, sc),
+            Some(L2Entry::Normal {
+                host: 0x50000 + 2 * sc,
+                copied: true
+            })
+        );
+        assert_eq!(
+            normal.subcluster(bitmap, 3, sc),
+            Some(L2Entry::Zero {
+                host: Some(0x50000 + 3 * sc),
+                copied: true
+            })
+        );
+        // Allocated and zero at once, anywhere in the bitmap: invalid for every subcluster.
+        assert_eq!(normal.subcluster(1 << 7 | 1 << 39, 0, sc), None);
+        let none = L2Entry::Unallocated;
+        assert_eq!(
+            none.subcluster(1 << 32, 0, sc),
+            Some(L2Entry::Zero {
+                host: None,
+                copied: false
+            })
+        );
+        assert_eq!(none.subcluster(1 << 32, 1, sc), Some(L2Entry::Unallocated));
+        assert_eq!(none.subcluster(1 << 5, 1, sc), None);
+        assert_eq!(alloc_bits(0, 32), ALL_ALLOC);
+        assert_eq!(alloc_bits(4, 4), 0);
+    }
+
+    #[test]
     fn l2_entries_decode_like_qemu() {
         assert_eq!(L2Entry::decode(0, 16), L2Entry::Unallocated);
         assert_eq!(
@@ -203,6 +319,7 @@ mod tests {
             }
         );
         let raw = compressed_entry(0x50010, 1000, 16);
+        assert_eq!(L2Entry::decode_extended(raw, 16), L2Entry::decode(raw, 16));
         assert_eq!(
             L2Entry::decode(raw, 16),
             L2Entry::Compressed {

@@ -759,8 +759,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if a.no_create && target.image().size() < total {
         bail!("Target image '{target_name}' is smaller than the source");
     }
+    // Subclusters of a target with extended L2 entries are allocated one by one (compressed
+    // clusters have none).
     let block = match &target {
-        Target::Qcow2(q) => q.cluster_size(),
+        Target::Qcow2(q) if a.compress => q.cluster_size(),
+        Target::Qcow2(q) => q.subcluster_size(),
         Target::Other(_) => sparse.max(512),
     };
     let policy = Policy {
@@ -772,7 +775,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         compress: a.compress,
         raw_storage,
         writing: WriteLock::default(),
-        reserve: matches!(&target, Target::Qcow2(q) if !a.compress && !a.no_create && !q.has_data_file()),
+        // Reservations are of whole clusters: not for runs of subclusters.
+        reserve: matches!(&target, Target::Qcow2(q)
+            if !a.compress && !a.no_create && !q.has_data_file() && block == q.cluster_size()),
     };
     let chunk = (4u64 << 20).next_multiple_of(block);
     let chunks = sources.total.div_ceil(chunk);

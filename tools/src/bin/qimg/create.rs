@@ -57,14 +57,12 @@ pub enum OptionError {
         /// The value given.
         value: String,
     },
-    /// Something qimg cannot do.
-    Unsupported(String),
 }
 
 impl std::fmt::Display for OptionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            OptionError::Syntax(m) | OptionError::Unsupported(m) => f.write_str(m),
+            OptionError::Syntax(m) => f.write_str(m),
             OptionError::Value { param, value } => {
                 write!(f, "Parameter '{param}' does not accept value '{value}'")
             }
@@ -137,12 +135,7 @@ pub fn qcow2_options(
                 o.preallocation =
                     Preallocation::from_name(v).ok_or_else(|| bad("preallocation", v))?
             }
-            "extended_l2" if !on_off(k, v)? => {}
-            "extended_l2" => {
-                return Err(OptionError::Unsupported(
-                    "extended_l2=on is not supported by qimg yet".into(),
-                ))
-            }
+            "extended_l2" => o.extended_l2 = on_off(k, v)?,
             _ => return Err(OptionError::Syntax(format!("Invalid parameter '{k}'"))),
         }
     }
@@ -166,8 +159,9 @@ pub fn formatting_line(
         return format!("Formatting '{filename}', fmt=raw size={}", o.size as i64);
     }
     let mut s = format!(
-        "Formatting '{filename}', fmt=qcow2 cluster_size={} extended_l2=off",
-        o.cluster_size as i64
+        "Formatting '{filename}', fmt=qcow2 cluster_size={} extended_l2={}",
+        o.cluster_size as i64,
+        if o.extended_l2 { "on" } else { "off" }
     );
     if o.preallocation != Preallocation::Off {
         let name = match o.preallocation {

@@ -160,7 +160,7 @@ fn qcow2_specific(h: &Header, encrypt: Option<QObj>, bitmaps: Option<QObj>) -> Q
             "data-file-raw",
             h.data_file.as_ref().map(|_| h.data_file_raw().into()),
         ),
-        ("extended-l2", v3.then_some(false.into())),
+        ("extended-l2", v3.then(|| h.extended_l2().into())),
         ("lazy-refcounts", v3.then(|| h.lazy_refcounts().into())),
         ("corrupt", v3.then(|| h.is_corrupt().into())),
         ("refcount-bits", Some(h.refcount_bits().into())),

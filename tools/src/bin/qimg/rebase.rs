@@ -1,6 +1,7 @@
 //! `qimg rebase`: change an image's backing file. Safe mode (the default) first copies into
 //! the image every cluster where the old and new backing files differ, as qemu-img 10 does
-//! (whole clusters, old data, zero clusters past the old backing file's end); `-u` only
+//! (whole clusters, or subclusters with extended L2 entries; old data, zero clusters past
+//! the old backing file's end); `-u` only
 //! rewrites the header; `-b ""` makes the image standalone.
 
 use std::path::Path;
@@ -130,6 +131,9 @@ fn copy_differences(
 ) -> anyhow::Result<()> {
     let size = img.size();
     let cs = img.cluster_size();
+    // The unit of allocation: subclusters with extended L2 entries (compressed clusters
+    // have none).
+    let unit = if compress { cs } else { img.subcluster_size() };
     let old = img.backing();
     let old_size = old.map_or(0, |o| o.size());
     let mut buf_old = vec![0u8; (CHUNK + 2 * cs) as usize];
@@ -141,9 +145,9 @@ fn copy_differences(
             offset += st.len;
             continue;
         }
-        // Whole clusters, so writes never copy-on-write a partial cluster.
-        let start = offset / cs * cs;
-        let end = (offset + st.len).next_multiple_of(cs).min(size);
+        // Whole units, so writes never copy-on-write a partial one.
+        let start = offset / unit * unit;
+        let end = (offset + st.len).next_multiple_of(unit).min(size);
         let n = (end - start) as usize;
         read_padded(old, &mut buf_old[..n], start)
             .context("error while reading from old backing file")?;
@@ -153,7 +157,7 @@ fn copy_differences(
         let mut written = 0;
         while written < n {
             let (differ, len) =
-                compare_buffers(&buf_old[written..n], &buf_new[written..n], cs as usize);
+                compare_buffers(&buf_old[written..n], &buf_new[written..n], unit as usize);
             let at = start + written as u64;
             if differ {
                 if old_eof {
