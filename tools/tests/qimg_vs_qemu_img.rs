@@ -2856,3 +2856,34 @@ fn command_line_errors_match_qemu_img() {
         same(d.path(), args);
     }
 }
+
+/// A reader that goes away early (`qimg map | head -1`) ends qimg quietly with status 0, as
+/// qemu-img (which ignores SIGPIPE and print errors); it panicked on the closed stdout.
+#[test]
+fn a_closed_stdout_is_not_an_error() {
+    use std::io::{BufRead, BufReader};
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("holes.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(8192 * 20_000).unwrap();
+    for i in 0..20_000u64 {
+        std::os::unix::fs::FileExt::write_at(&f, &[1u8; 4096], i * 8192).unwrap();
+    }
+    for tool in [env!("CARGO_BIN_EXE_qimg"), "qemu-img"] {
+        let mut child = Command::new(tool)
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(&raw)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.starts_with("[{"), "{tool}: {first}");
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!((out.status.code(), err.as_ref()), (Some(0), ""), "{tool}");
+    }
+}

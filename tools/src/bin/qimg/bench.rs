@@ -98,14 +98,14 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     )?
     .into();
     let size = img.size();
-    println!(
+    outln!(
         "Sending {} {} requests, {bufsize} bytes each, {} in parallel (starting at offset {start}, step size {step})",
         count,
         if a.write { "write" } else { "read" },
         depth
     );
     if let Some(n) = flush_interval {
-        println!("Sending flush every {n} requests");
+        outln!("Sending flush every {n} requests");
     }
     let offset_of = |i: u64| match i {
         0 => start,
@@ -144,7 +144,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if a.write {
         img.flush()?;
     }
-    println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
+    outln!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
     Ok(0)
 }
 

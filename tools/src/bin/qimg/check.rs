@@ -135,7 +135,7 @@ fn check_and_recheck(img: &qcow2::Qcow2, mode: Repair, silent: bool) -> qcow2::C
         return first;
     }
     if !silent {
-        println!("The following inconsistencies were found and repaired:\n\n    {leaks} leaked clusters\n    {corruptions} corruptions\n\nDouble checking the fixed image now...");
+        outln!("The following inconsistencies were found and repaired:\n\n    {leaks} leaked clusters\n    {corruptions} corruptions\n\nDouble checking the fixed image now...");
     }
     let mut again = qcow2::check::check_and_repair(img, Repair::Nothing);
     print_messages(&again);
@@ -172,29 +172,29 @@ fn print_json(filename: &str, report: &qcow2::CheckReport) {
         ("compressed-clusters", opt(report.compressed_clusters)),
     ])
     .to_json();
-    println!("{out}");
+    outln!("{out}");
 }
 
 /// qemu-img's human-readable report.
 fn print_human(report: &qcow2::CheckReport) {
     if report.is_clean() {
-        println!("No errors were found on the image.");
+        outln!("No errors were found on the image.");
     }
     if report.corruptions > 0 {
-        println!("\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.", report.corruptions);
+        outln!("\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.", report.corruptions);
     }
     if report.leaks > 0 {
-        println!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", report.leaks);
+        outln!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", report.leaks);
     }
     if report.check_errors > 0 {
-        println!(
+        outln!(
             "\n{} internal errors have occurred during the check.",
             report.check_errors
         );
     }
     if report.total_clusters > 0 && report.allocated_clusters > 0 {
         let alloc = report.allocated_clusters;
-        println!(
+        outln!(
             "{}/{} = {}% allocated, {}% fragmented, {}% compressed clusters",
             alloc,
             report.total_clusters,
@@ -204,6 +204,6 @@ fn print_human(report: &qcow2::CheckReport) {
         );
     }
     if report.image_end_offset > 0 {
-        println!("Image end offset: {}", report.image_end_offset);
+        outln!("Image end offset: {}", report.image_end_offset);
     }
 }

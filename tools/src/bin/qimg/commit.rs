@@ -149,7 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         eprintln!("    (100.00/100%)");
     }
     if !a.quiet {
-        println!("Image committed.");
+        outln!("Image committed.");
     }
     Ok(0)
 }

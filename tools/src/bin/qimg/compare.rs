@@ -70,7 +70,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let locking = crate::locking(a.force_share);
     let say = |s: String| {
         if !a.quiet {
-            println!("{s}");
+            outln!("{s}");
         }
     };
     let (i1, i2) = match (

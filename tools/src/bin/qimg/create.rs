@@ -276,7 +276,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         );
     }
     if !a.quiet {
-        println!("{}", formatting_line(&a.filename, fmt, &o, compat_given));
+        outln!("{}", formatting_line(&a.filename, fmt, &o, compat_given));
     }
     let path = std::path::Path::new(&a.filename);
     match fmt {

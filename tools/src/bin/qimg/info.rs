@@ -431,6 +431,6 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             node.dump_human(0, "/", &mut out);
         }
     }
-    print!("{out}");
+    out!("{out}");
     Ok(0)
 }

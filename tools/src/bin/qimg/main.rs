@@ -2,6 +2,23 @@
 //!
 //! Subcommands follow qemu-img's syntax, output and exit codes; each lives in its own module.
 
+/// `println!` that ignores a closed stdout, as qemu-img does (it ignores SIGPIPE and
+/// print errors): `qimg map | head` ends quietly instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` that ignores a closed stdout (see `outln!`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod chain;
 mod check;

@@ -153,6 +153,6 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if json {
         out.push_str("]\n");
     }
-    print!("{out}");
+    out!("{out}");
     result.map(|()| 0)
 }

@@ -204,11 +204,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             ("fully-allocated", Some(fully.into())),
             ("bitmaps", bitmaps.map(QObj::from)),
         ]);
-        println!("{}", obj.to_json());
+        outln!("{}", obj.to_json());
     } else {
-        println!("required size: {required}\nfully allocated size: {fully}");
+        outln!("required size: {required}\nfully allocated size: {fully}");
         if let Some(b) = bitmaps {
-            println!("bitmaps size: {b}");
+            outln!("bitmaps size: {b}");
         }
     }
     Ok(0)

@@ -141,7 +141,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         None => resize_raw(&storage, current, total, prealloc)?,
     }
     if !a.quiet {
-        println!("Image resized.");
+        outln!("Image resized.");
     }
     Ok(0)
 }
