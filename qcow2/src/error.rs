@@ -30,7 +30,7 @@ pub enum Error {
     #[error("Unsupported qcow2 feature(s): {0}")]
     UnsupportedFeature(String),
     /// Metadata that points somewhere impossible: past EOF, misaligned, overlapping.
-    #[error("image is corrupt: {0}")]
+    #[error("Image is corrupt: {0}")]
     Corrupt(String),
     /// A guest request that falls outside the virtual disk.
     #[error("request at offset {offset} length {len} is past the end of the {size}-byte image")]

@@ -2887,3 +2887,21 @@ fn a_closed_stdout_is_not_an_error() {
         assert_eq!((out.status.code(), err.as_ref()), (Some(0), ""), "{tool}");
     }
 }
+
+/// Corruption found while reading (an unaligned L2 entry) is reported in QEMU's words: the
+/// qcow2 driver's "Image is corrupt: ..." line, then the command's error as an I/O error.
+#[test]
+fn corruption_found_while_reading_is_reported_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "u.qcow2", &[(L2, (1 << 63) | 0x50200, 8)], None);
+    for args in [
+        &["convert", "-O", "raw", "u.qcow2", "out.raw"][..],
+        &["map", "u.qcow2"],
+        &["map", "--output=json", "u.qcow2"],
+        &["dd", "if=u.qcow2", "of=dd.raw", "bs=64k"],
+        &["info", "u.qcow2"],
+    ] {
+        same(p, args);
+    }
+}

@@ -369,7 +369,8 @@ impl Qcow2 {
         }
     }
 
-    /// [`Qcow2::check_aligned`], and with extended L2 entries refuses invalid bitmaps (a
+    /// Refuses unaligned host offsets ([`Qcow2::first_unaligned`]) and, with extended L2
+    /// entries, invalid bitmaps (a
     /// subcluster both allocated and zero; allocated subclusters without a host cluster)
     /// with QEMU's words. `first` is the guest cluster of `entries[0]`, in the table at
     /// `table`.
@@ -380,11 +381,19 @@ impl Qcow2 {
         m: &Meta,
         entries: &[(L2Entry, u64)],
     ) -> Result<()> {
-        self.check_aligned(first, entries)?;
+        let per = m.l2_slice_entries();
+        if let Some((i, host)) = self.first_unaligned(entries) {
+            let index = (first + i as u64) % self.geo.l2_entries() % per;
+            return Err(Error::Corrupt(format!(
+                "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+                c_hex(host),
+                c_hex(table),
+                c_hex(index)
+            )));
+        }
         if !self.geo.extended_l2 {
             return Ok(());
         }
-        let per = m.l2_slice_entries();
         for (cluster, &(entry, bitmap)) in (first..).zip(entries) {
             if !entry.valid_bitmap(bitmap) {
                 let index = cluster % self.geo.l2_entries() % per;
@@ -435,26 +444,22 @@ impl Qcow2 {
         })
     }
 
-    /// Refuses entries (with their bitmaps) that map guest clusters (from `first` on) to host
-    /// offsets not aligned to a cluster: the image is corrupt, and using such an entry would
-    /// read, write or free parts of two clusters. QEMU refuses them too.
-    pub(crate) fn check_aligned(&self, first: u64, entries: &[(L2Entry, u64)]) -> Result<()> {
+    /// Finds entries (with their bitmaps) that map guest clusters to host offsets not
+    /// aligned to a cluster: the image is corrupt, and using such an entry would read, write
+    /// or free parts of two clusters; QEMU refuses them too. Returns the first one's
+    /// position in `entries` and its host offset.
+    pub(crate) fn first_unaligned(&self, entries: &[(L2Entry, u64)]) -> Option<(usize, u64)> {
         let cs = self.geo.cluster_size();
-        for (cluster, &(entry, _)) in (first..).zip(entries) {
-            if let L2Entry::Normal { host, .. }
-            | L2Entry::Zero {
-                host: Some(host), ..
-            } = entry
-            {
-                if host % cs != 0 {
-                    return Err(Error::Corrupt(format!(
-                        "the L2 entry of guest cluster {cluster} points at host offset \
-                         {host:#x}, which is not cluster-aligned"
-                    )));
-                }
-            }
-        }
-        Ok(())
+        entries
+            .iter()
+            .enumerate()
+            .find_map(|(i, &(entry, _))| match entry {
+                L2Entry::Normal { host, .. }
+                | L2Entry::Zero {
+                    host: Some(host), ..
+                } if host % cs != 0 => Some((i, host)),
+                _ => None,
+            })
     }
 
     /// Entries for guest clusters `[first, first + count)`, across slices and tables.

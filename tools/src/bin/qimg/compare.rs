@@ -108,7 +108,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     match result {
         Ok(c) => Ok(c),
         Err(e) => {
-            crate::print_error(format!("Error while reading: {e}"));
+            crate::report_error(&anyhow::Error::new(e).context("Error while reading"));
             Ok(4)
         }
     }

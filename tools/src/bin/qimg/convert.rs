@@ -456,13 +456,15 @@ fn plan<'a>(
     len: u64,
     p: &Policy,
     buf: &'a mut [u8],
-) -> qcow2::Result<Vec<Run<'a>>> {
+) -> anyhow::Result<Vec<Run<'a>>> {
     let end = off + len;
     // Ranges by kind, with data spans rounded out to whole blocks.
     let mut ranges: Vec<(u64, u64, Kind)> = Vec::new();
     let mut pos = off;
     while pos < end {
-        let (kind, run) = src.classify(pos, end - pos, p)?;
+        let (kind, run) = src
+            .classify(pos, end - pos, p)
+            .with_context(|| format!("error while reading block status at offset {pos}"))?;
         let (mut s, mut e) = (pos, pos + run);
         pos = e;
         if kind == Kind::Data {
@@ -505,7 +507,9 @@ fn plan<'a>(
         let (mine, tail) = tail.split_at_mut((e - s) as usize);
         rest = tail;
         rest_off = e;
-        let data = src.data(s, e - s, mine)?;
+        let data = src
+            .data(s, e - s, mine)
+            .with_context(|| format!("error while reading at byte {s}"))?;
         split_zero_blocks(&mut runs, s, data, p);
     }
     Ok(runs)
@@ -822,7 +826,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                                 );
                                 (r, len)
                             }
-                            Err(e) => (Err(e.into()), 0),
+                            Err(e) => (Err(e), 0),
                         };
                         if r.is_err() {
                             turn.fail();
@@ -893,9 +897,11 @@ fn claim_empty_span(
     i: u64,
     chunk: u64,
     chunks: u64,
-) -> qcow2::Result<Option<(Kind, u64)>> {
+) -> anyhow::Result<Option<(Kind, u64)>> {
     let off = i * chunk;
-    let (kind, run) = src.classify(off, src.total - off, p)?;
+    let (kind, run) = src
+        .classify(off, src.total - off, p)
+        .with_context(|| format!("error while reading block status at offset {off}"))?;
     if kind == Kind::Data {
         return Ok(None);
     }

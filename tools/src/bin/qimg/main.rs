@@ -113,7 +113,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            print_error(format!("{e:#}"));
+            report_error(&e);
             ExitCode::from(1)
         }
     }
@@ -123,6 +123,25 @@ fn main() -> ExitCode {
 /// strerror alone).
 pub fn print_error(message: impl std::fmt::Display) {
     eprintln!("qimg: {}", without_os_error_numbers(&message.to_string()));
+}
+
+/// Prints a command's error as qemu-img does. Corruption found on the way is reported first
+/// as QEMU's qcow2 driver reports it (on a line of its own, "qcow2: Image is corrupt: ..."),
+/// and the command's error then names it an I/O error, as the block layer does.
+pub fn report_error(e: &anyhow::Error) {
+    let mut parts = Vec::new();
+    for cause in e.chain() {
+        if let Some(qcow2::Error::Corrupt(what)) = cause.downcast_ref::<qcow2::Error>() {
+            eprintln!(
+                "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
+                 suppressed"
+            );
+            parts.push("Input/output error".to_owned());
+            break;
+        }
+        parts.push(cause.to_string());
+    }
+    print_error(parts.join(": "));
 }
 
 /// Drops Rust's " (os error N)" after system error texts: qemu-img prints strerror alone.

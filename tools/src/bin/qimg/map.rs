@@ -150,7 +150,8 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         }
         dump(json, &curr, None, &chain, &mut out)
     })();
-    if json {
+    // qemu-img closes the list only when the whole map was read.
+    if json && result.is_ok() {
         out.push_str("]\n");
     }
     out!("{out}");
