@@ -81,6 +81,10 @@ pub enum Error {
     /// A snapshot view of an image format without internal snapshots.
     #[error("{0} images have no internal snapshots")]
     NoSnapshots(&'static str),
+    /// An operation the image's setup rules out, where QEMU fails with ENOTSUP (the
+    /// message says which setup).
+    #[error("Operation not supported: {0}")]
+    NotSupported(String),
     /// Invalid create or resize options.
     #[error("{0}")]
     InvalidOption(String),

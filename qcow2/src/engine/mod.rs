@@ -13,6 +13,7 @@ pub(crate) mod meta;
 pub(crate) mod overlap;
 mod read;
 mod resize;
+mod snapshot_ops;
 mod write;
 
 /// Helpers that create and open scratch images, for tests elsewhere in the crate.

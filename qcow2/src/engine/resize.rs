@@ -160,7 +160,7 @@ impl Qcow2 {
     /// Moves the L1 table to a new allocation with `entries` entries (QEMU's
     /// `qcow2_grow_l1_table` with an exact size): the new table is durable before the header
     /// points to it, and the old one is freed afterwards.
-    fn grow_l1(&self, entries: u64) -> Result<()> {
+    pub(super) fn grow_l1(&self, entries: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         let file = &*self.file;
         let mut m = self.meta_mut();

@@ -19,6 +19,7 @@ mod qjson;
 mod rebase;
 mod resize;
 mod size;
+mod snapshot;
 mod snapshot_param;
 
 use std::process::ExitCode;
@@ -60,6 +61,8 @@ enum Command {
     Dd(dd::Args),
     /// Run an I/O benchmark on an image.
     Bench(bench::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::Args),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Commit(a) => commit::run(a),
         Command::Dd(a) => dd::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
