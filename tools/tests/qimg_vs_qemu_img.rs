@@ -1039,7 +1039,7 @@ fn unknown_subcommands_and_options_fail_with_exit_1() {
         &["commit", "--bogus", "a.qcow2"],
         &["dd", "if=a.qcow2", "of=b.raw", "conv=notrunc"],
         &["bench", "--bogus", "a.qcow2"],
-        &["snapshot", "-l", "a.qcow2"],
+        &["snapshot", "-l", "-c", "x", "a.qcow2"],
         &["amend", "-o", "compat=0.10", "a.qcow2"],
         &[],
     ] {
@@ -2559,4 +2559,253 @@ fn check_repair_rebuilds_around_a_refcount_block_with_a_bad_table_entry() {
     assert!(err.contains("Rebuilding refcount structure"), "{err}");
     assert_eq!(qemu(p, &["check", "a.qcow2"]).0, 0);
     assert_eq!(qemu(p, &["compare", "a.qcow2", "orig.qcow2"]).0, 0);
+}
+
+/// `qemu-img check IMG` finds nothing wrong: no errors, no leaks.
+fn assert_check_clean(dir: &Path, img: &str) {
+    let (code, out) = qemu(dir, &["check", img]);
+    assert_eq!(code, 0, "qemu-img check {img}: {out}");
+    assert!(out.contains("No errors were found on the image."), "{out}");
+}
+
+/// The guest contents of `img` (or of its internal snapshot `snap`), as qemu-img reads them.
+fn qemu_contents(dir: &Path, img: &str, snap: Option<&str>) -> Vec<u8> {
+    let out = dir.join("contents.raw");
+    let mut args = vec!["convert", "-O", "raw"];
+    if let Some(s) = snap {
+        args.extend(["-l", s]);
+    }
+    args.extend([img, "contents.raw"]);
+    let (code, _) = qemu(dir, &args);
+    assert_eq!(code, 0, "qemu-img {args:?}");
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(out).unwrap();
+    bytes
+}
+
+/// Writes `byte` over `len` bytes at `offset` of `img` through our engine.
+fn engine_write(dir: &Path, img: &str, offset: u64, len: usize, byte: u8) {
+    let opts = qcow2::OpenOptions::default();
+    let image = qcow2::open_image(&dir.join(img), &opts).unwrap();
+    image.write_at(&vec![byte; len], offset).unwrap();
+    image.close().unwrap();
+}
+
+/// A 64M qcow2 with data, a compressed cluster and a preallocated zero cluster.
+fn snapshot_base(p: &Path, name: &str, opts: &[&str]) {
+    qcow2_image(
+        p,
+        opts,
+        name,
+        "64M",
+        &[
+            "write -P 1 0 1M",
+            "write -c -P 7 4M 64k",
+            "write -P 8 8M 64k",
+            "write -z 8M 64k",
+            "write -P 9 40M 2M",
+        ],
+    );
+}
+
+#[test]
+fn snapshots_made_by_either_tool_are_read_listed_applied_and_deleted_by_the_other() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    snapshot_base(p, "a.qcow2", &[]);
+    // qemu-img's snapshot, our list.
+    qemu(p, &["snapshot", "-c", "q1", "a.qcow2"]);
+    let listed = same(p, &["snapshot", "-l", "a.qcow2"]);
+    assert!(
+        listed.starts_with("Snapshot list:\n") && listed.contains(" q1 "),
+        "{listed}"
+    );
+    assert_eq!(listed, same(p, &["snapshot", "a.qcow2"]));
+    let q1 = qemu_contents(p, "a.qcow2", None);
+    // Our engine writes after qemu-img's snapshot: copy-on-write of shared clusters.
+    engine_write(p, "a.qcow2", 512 << 10, 1 << 20, 2);
+    engine_write(p, "a.qcow2", 4 << 20, 4096, 3);
+    assert_check_clean(p, "a.qcow2");
+    assert!(qemu_contents(p, "a.qcow2", Some("q1")) == q1);
+    // Our snapshot, qemu-img's list; qemu-io writes after it.
+    let o1 = qemu_contents(p, "a.qcow2", None);
+    assert_eq!(
+        qimg(p, &["snapshot", "-c", "o1", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert_check_clean(p, "a.qcow2");
+    let listed = same(p, &["snapshot", "-l", "a.qcow2"]);
+    assert!(
+        listed.contains(" q1 ") && listed.contains("\n2       o1 "),
+        "{listed}"
+    );
+    qemu_io(
+        p,
+        "a.qcow2",
+        &[
+            "write -P 4 0 256k",
+            "write -P 5 20M 1M",
+            "write -z 40M 1M",
+            "discard 8M 64k",
+        ],
+    );
+    assert_check_clean(p, "a.qcow2");
+    assert!(qemu_contents(p, "a.qcow2", Some("o1")) == o1);
+    assert!(qemu_contents(p, "a.qcow2", Some("q1")) == q1);
+    // Ours applies qemu-img's snapshot, qemu-img applies ours.
+    std::fs::copy(p.join("a.qcow2"), p.join("b.qcow2")).unwrap();
+    assert_eq!(
+        qimg(p, &["snapshot", "-a", "q1", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert_check_clean(p, "a.qcow2");
+    assert!(qemu_contents(p, "a.qcow2", None) == q1);
+    assert_eq!(qemu(p, &["snapshot", "-a", "1", "b.qcow2"]).0, 0);
+    assert_eq!(qemu(p, &["compare", "a.qcow2", "b.qcow2"]).0, 0);
+    // The applied state changes on its own; the snapshots keep theirs.
+    engine_write(p, "a.qcow2", 0, 64 << 10, 6);
+    qemu_io(p, "a.qcow2", &["write -P 7 41M 64k"]);
+    assert_check_clean(p, "a.qcow2");
+    assert!(qemu_contents(p, "a.qcow2", Some("q1")) == q1);
+    assert_eq!(
+        qimg(p, &["snapshot", "-a", "2", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert!(qemu_contents(p, "a.qcow2", None) == o1);
+    // Deleting: qemu-img deletes ours, we delete qemu-img's; what is left still reads.
+    qimg(p, &["snapshot", "-c", "o2", "a.qcow2"]);
+    qemu_io(p, "a.qcow2", &["write -P 8 0 2M"]);
+    assert_eq!(qemu(p, &["snapshot", "-d", "o1", "a.qcow2"]).0, 0);
+    assert_check_clean(p, "a.qcow2");
+    assert_eq!(
+        qimg(p, &["snapshot", "-d", "q1", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert_check_clean(p, "a.qcow2");
+    same(p, &["snapshot", "-l", "a.qcow2"]);
+    assert!(qemu_contents(p, "a.qcow2", Some("o2")) == o1);
+    // What only the last snapshot held is freed (no leak either: the check is clean).
+    let used = |img: &str| {
+        let file = std::fs::File::open(p.join(img)).unwrap();
+        let len = file.metadata().unwrap().len();
+        let storage = std::sync::Arc::new(qcow2::FileStorage::new(file));
+        let opts = qcow2::OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let q = qcow2::Qcow2::open_storage(storage, &opts, None).unwrap();
+        let clusters = len.div_ceil(q.cluster_size());
+        (0..clusters)
+            .filter(|&c| q.refcount(c).unwrap() > 0)
+            .count()
+    };
+    let before = used("a.qcow2");
+    std::fs::copy(p.join("a.qcow2"), p.join("b.qcow2")).unwrap();
+    assert_eq!(
+        qimg(p, &["snapshot", "-d", "o2", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert_check_clean(p, "a.qcow2");
+    assert_eq!(same(p, &["snapshot", "-l", "a.qcow2"]), "");
+    // o2 alone held 1.5M of data (overwritten by qemu-io), an L2 table, its L1 table and
+    // the snapshot table: qemu-img frees as many.
+    assert_eq!(qemu(p, &["snapshot", "-d", "o2", "b.qcow2"]).0, 0);
+    assert_eq!(before - used("a.qcow2"), 24 + 3);
+    assert_eq!(used("a.qcow2"), used("b.qcow2"));
+}
+
+#[test]
+fn snapshot_ids_duplicates_and_lookups_follow_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    snapshot_base(p, "a.qcow2", &[]);
+    // Names "2", "x", "x", "1": IDs 1..4; -a looks up IDs first, -d names only.
+    for (i, name) in ["2", "x", "x", "1"].iter().enumerate() {
+        let tool = if i % 2 == 0 {
+            "qemu-img"
+        } else {
+            env!("CARGO_BIN_EXE_qimg")
+        };
+        assert_eq!(run(p, tool, &["snapshot", "-c", name, "a.qcow2"]).0, 0);
+        qemu_io(p, "a.qcow2", &[&format!("write -P {} 0 64k", 10 + i)]);
+    }
+    same(p, &["snapshot", "-l", "a.qcow2"]);
+    for args in [
+        &["snapshot", "-a", "2", "X"][..],
+        &["snapshot", "-a", "x", "X"],
+        &["snapshot", "-d", "2", "X"],
+        &["snapshot", "-d", "x", "X"],
+        &["snapshot", "-d", "4", "X"],
+        &["snapshot", "-c", "x", "X"],
+    ] {
+        let (ours, theirs) = same_on_copies(p, "a.qcow2", args);
+        assert_check_clean(p, &ours);
+        // A snapshot made now may get another second in each copy.
+        let list = |img: &str| sans_dates(&qemu(p, &["snapshot", "-l", img]).1);
+        assert_eq!(list(&ours), list(&theirs), "{args:?}");
+        assert_eq!(qemu(p, &["compare", &ours, &theirs]).0, 0, "{args:?}");
+    }
+}
+
+/// A snapshot list with the DATE column blanked (names up to 16 characters).
+fn sans_dates(list: &str) -> String {
+    list.lines()
+        .map(|l| match l.get(34..53) {
+            Some(date) if date.as_bytes()[4] == b'-' => format!("{}{}", &l[..34], &l[53..]),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn snapshot_refuses_what_qemu_img_refuses_with_its_words() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    snapshot_base(p, "a.qcow2", &[]);
+    qemu(p, &["snapshot", "-c", "s", "a.qcow2"]);
+    qcow2_image(p, &["-o", "data_file=d.raw"], "df.qcow2", "1M", &[]);
+    qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    for args in [
+        &["snapshot", "-c", "x", "df.qcow2"][..],
+        &["snapshot", "-a", "x", "df.qcow2"],
+        &["snapshot", "-d", "x", "df.qcow2"],
+        &["snapshot", "-l", "df.qcow2"],
+        &["snapshot", "-f", "raw", "-c", "x", "r.raw"],
+        &["snapshot", "-f", "raw", "-a", "x", "r.raw"],
+        &["snapshot", "-f", "raw", "-d", "x", "r.raw"],
+        &["snapshot", "-f", "raw", "-l", "r.raw"],
+        &["snapshot", "-a", "nope", "a.qcow2"],
+        &["snapshot", "-d", "nope", "a.qcow2"],
+        &["snapshot", "-d", "1", "a.qcow2"],
+        &["snapshot", "-U", "-c", "x", "a.qcow2"],
+        &["snapshot", "-U", "-l", "a.qcow2"],
+        &["snapshot", "-l", "-l", "a.qcow2"],
+        &["snapshot", "-c", "x", "-d", "y", "a.qcow2"],
+        &["snapshot", "-a", "x", "-a", "x", "a.qcow2"],
+        &["snapshot", "a.qcow2", "b"],
+        &["snapshot", "-l"],
+        &["snapshot", "-l", "missing.qcow2"],
+        &["snapshot", "-c", "x", "missing.qcow2"],
+    ] {
+        let before = std::fs::read(p.join("a.qcow2")).unwrap();
+        same(p, args);
+        assert!(
+            std::fs::read(p.join("a.qcow2")).unwrap() == before,
+            "{args:?}"
+        );
+    }
+    // An image in use: the lock keeps both tools out.
+    let mut holder = Command::new("qemu-io")
+        .current_dir(p)
+        .args(["-f", "qcow2", "a.qcow2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    same(p, &["snapshot", "-c", "x", "a.qcow2"]);
+    same(p, &["snapshot", "-l", "a.qcow2"]);
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
 }
