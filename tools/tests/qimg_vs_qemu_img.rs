@@ -2591,6 +2591,22 @@ fn engine_write(dir: &Path, img: &str, offset: u64, len: usize, byte: u8) {
     image.close().unwrap();
 }
 
+/// How many host clusters of qcow2 image `img` have a nonzero refcount.
+fn host_clusters_in_use(dir: &Path, img: &str) -> usize {
+    let file = std::fs::File::open(dir.join(img)).unwrap();
+    let len = file.metadata().unwrap().len();
+    let storage = std::sync::Arc::new(qcow2::FileStorage::new(file));
+    let opts = qcow2::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let q = qcow2::Qcow2::open_storage(storage, &opts, None).unwrap();
+    let clusters = len.div_ceil(q.cluster_size());
+    (0..clusters)
+        .filter(|&c| q.refcount(c).unwrap() > 0)
+        .count()
+}
+
 /// A 64M qcow2 with data, a compressed cluster and a preallocated zero cluster.
 fn snapshot_base(p: &Path, name: &str, opts: &[&str]) {
     qcow2_image(
@@ -2685,20 +2701,7 @@ fn snapshots_made_by_either_tool_are_read_listed_applied_and_deleted_by_the_othe
     same(p, &["snapshot", "-l", "a.qcow2"]);
     assert!(qemu_contents(p, "a.qcow2", Some("o2")) == o1);
     // What only the last snapshot held is freed (no leak either: the check is clean).
-    let used = |img: &str| {
-        let file = std::fs::File::open(p.join(img)).unwrap();
-        let len = file.metadata().unwrap().len();
-        let storage = std::sync::Arc::new(qcow2::FileStorage::new(file));
-        let opts = qcow2::OpenOptions {
-            read_only: true,
-            ..Default::default()
-        };
-        let q = qcow2::Qcow2::open_storage(storage, &opts, None).unwrap();
-        let clusters = len.div_ceil(q.cluster_size());
-        (0..clusters)
-            .filter(|&c| q.refcount(c).unwrap() > 0)
-            .count()
-    };
+    let used = |img: &str| host_clusters_in_use(p, img);
     let before = used("a.qcow2");
     std::fs::copy(p.join("a.qcow2"), p.join("b.qcow2")).unwrap();
     assert_eq!(
@@ -2808,4 +2811,101 @@ fn snapshot_refuses_what_qemu_img_refuses_with_its_words() {
     same(p, &["snapshot", "-l", "a.qcow2"]);
     drop(holder.stdin.take());
     holder.wait().unwrap();
+}
+
+#[test]
+fn snapshot_sequences_on_copies_end_like_qemu_img_on_every_kind_of_image() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "64M", &["write -P 11 0 4M"]);
+    let kinds: [(&str, &[&str]); 6] = [
+        ("v3.qcow2", &[]),
+        ("v2.qcow2", &["-o", "compat=0.10"]),
+        ("lazy.qcow2", &["-o", "lazy_refcounts=on"]),
+        ("small.qcow2", &["-o", "cluster_size=512,refcount_bits=8"]),
+        ("wide.qcow2", &["-o", "refcount_bits=64"]),
+        ("top.qcow2", &["-b", "base.qcow2", "-F", "qcow2"]),
+    ];
+    for (img, opts) in kinds {
+        let v2 = img.starts_with("v2");
+        snapshot_base(p, img, opts);
+        let (ours, theirs) = same_on_copies(p, img, &["snapshot", "-c", "s", "X"]);
+        let both = [ours.as_str(), theirs.as_str()];
+        let at_s = qemu_contents(p, &ours, None);
+        let mut writes = vec![
+            "write -P 21 512k 1M",
+            "write -z 4M 64k",
+            "write -P 22 60M 64k",
+        ];
+        if !v2 {
+            writes.push("write -z -u 40M 1M");
+        }
+        for i in both {
+            qemu_io(p, i, &writes);
+            if !v2 {
+                qemu(p, &["resize", "-q", i, "80M"]);
+                qemu_io(p, i, &["write -P 23 70M 1M"]);
+            }
+        }
+        assert_eq!(qimg(p, &["snapshot", "-c", "t", &ours]), (0, String::new()));
+        assert_eq!(
+            qemu(p, &["snapshot", "-c", "t", &theirs]),
+            (0, String::new())
+        );
+        let at_t = qemu_contents(p, &ours, None);
+        for (args, active) in [
+            (["snapshot", "-a", "s"], &at_s),
+            (["snapshot", "-a", "2"], &at_t),
+            (["snapshot", "-d", "t"], &at_t),
+            (["snapshot", "-d", "s"], &at_t),
+        ] {
+            let [o, t] = [&ours, &theirs].map(|i| [&args[..], &[i.as_str()]].concat());
+            let mine = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &o);
+            let reference = run_with_stderr(p, "qemu-img", "qemu-img", &t);
+            assert_eq!(mine, reference, "{img}: {args:?}");
+            for i in both {
+                assert_check_clean(p, i);
+            }
+            assert!(qemu_contents(p, &ours, None) == *active, "{img}: {args:?}");
+            assert_eq!(
+                qemu(p, &["compare", &ours, &theirs]).0,
+                0,
+                "{img}: {args:?}"
+            );
+            assert_eq!(
+                sans_dates(&qemu(p, &["snapshot", "-l", &ours]).1),
+                sans_dates(&qemu(p, &["snapshot", "-l", &theirs]).1),
+                "{img}: {args:?}"
+            );
+            assert_eq!(
+                sans_dates(&info_sans_sizes(p, &ours, &ours)),
+                sans_dates(&info_sans_sizes(p, &theirs, &theirs)),
+                "{img}: {args:?}"
+            );
+        }
+        assert_eq!(
+            host_clusters_in_use(p, &ours),
+            host_clusters_in_use(p, &theirs),
+            "{img}"
+        );
+    }
+}
+
+#[test]
+fn a_snapshot_that_overflows_a_refcount_fails_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(
+        p,
+        &["-o", "refcount_bits=1"],
+        "r.qcow2",
+        "1M",
+        &["write 0 64k"],
+    );
+    let (ours, theirs) = same_on_copies(p, "r.qcow2", &["snapshot", "-c", "x", "X"]);
+    let o = run_with_stderr(p, "qemu-img", "qemu-img", &["check", &ours]);
+    let t = run_with_stderr(p, "qemu-img", "qemu-img", &["check", &theirs]);
+    assert_eq!(o, t);
+    assert_eq!(o.0, 3, "one leaked cluster: {o:?}");
+    same(p, &["snapshot", "-c", "x", "r.qcow2"]);
 }

@@ -202,10 +202,10 @@ impl Meta {
     /// Sets the refcount of a cluster whose refcount block exists.
     fn set_refcount(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
         if value > tables::max_refcount(self.geo.refcount_order) {
-            return Err(Error::Corrupt(format!(
-                "refcount of cluster {cluster} would overflow {} bits",
-                1 << self.geo.refcount_order
-            )));
+            return Err(Error::RefcountOverflow {
+                cluster,
+                bits: 1 << self.geo.refcount_order,
+            });
         }
         let block = self
             .refblock_offset(cluster)

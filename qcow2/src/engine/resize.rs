@@ -22,6 +22,11 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        if self.version < 3 && !self.snapshots.is_empty() {
+            return Err(Error::InvalidOption(
+                "Can't resize a v2 image which has snapshots".into(),
+            ));
+        }
         let old = self.size;
         if new_size < old && prealloc != Preallocation::Off {
             return Err(Error::InvalidOption(

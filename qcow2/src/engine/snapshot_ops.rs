@@ -91,15 +91,16 @@ impl Qcow2 {
             icount: Some(0),
             unknown_extra: Vec::new(),
         };
-        let l1 = self.update_tree(&mut m, &active, 1)?;
+        let mut freed = Vec::new();
+        let l1 = self.update_tree(&mut m, &active, 1, &mut freed)?;
         m.set_active_l1(l1);
         let mut table = self.snapshots.clone();
         table.push(snap.clone());
-        self.switch_snapshot_table(&mut m, &table)?;
+        self.switch_snapshot_table(&mut m, &table, &mut freed)?;
         m.fixed
             .snapshot_l1s
             .push((l1_offset, active.len() as u64 * 8));
-        m.writeback(file)?;
+        discard_freed(&mut m, file, freed)?;
         drop(m);
         self.snapshots = table;
         self.flush_metadata()?;
@@ -129,18 +130,19 @@ impl Qcow2 {
         let mut m = self.meta_mut();
         let mut new = snap_l1;
         new.resize(m.l1.len(), 0);
-        let new = self.update_tree(&mut m, &new, 1)?;
+        let mut freed = Vec::new();
+        let new = self.update_tree(&mut m, &new, 1, &mut freed)?;
         // Increments first, then the switch of the whole table in place.
         let old = std::mem::replace(&mut m.l1, new);
         m.l1_dirty = true;
         m.writeback(file)?;
         file.flush()
             .map_err(|e| Error::io("flushing the new active L1 table", e))?;
-        self.update_tree(&mut m, &old, -1)?;
+        self.update_tree(&mut m, &old, -1, &mut freed)?;
         let active = m.l1.clone();
-        let l1 = self.update_tree(&mut m, &active, 0)?;
+        let l1 = self.update_tree(&mut m, &active, 0, &mut freed)?;
         m.set_active_l1(l1);
-        m.writeback(file)?;
+        discard_freed(&mut m, file, freed)?;
         drop(m);
         self.flush_metadata()
     }
@@ -163,17 +165,18 @@ impl Qcow2 {
         let mut m = self.meta_mut();
         let mut table = self.snapshots.clone();
         table.remove(index);
-        self.switch_snapshot_table(&mut m, &table)?;
+        let mut freed = Vec::new();
+        self.switch_snapshot_table(&mut m, &table, &mut freed)?;
         let l1_range = (snap.l1_table_offset, u64::from(snap.l1_size) * 8);
         m.fixed.snapshot_l1s.retain(|&t| t != l1_range);
-        self.update_tree(&mut m, &snap_l1, -1)?;
+        self.update_tree(&mut m, &snap_l1, -1, &mut freed)?;
         if l1_range.1 > 0 {
-            m.add_refcount(file, l1_range.0, l1_range.1, -1)?;
+            add_refcount(&mut m, file, l1_range, -1, &mut freed)?;
         }
         let active = m.l1.clone();
-        let l1 = self.update_tree(&mut m, &active, 0)?;
+        let l1 = self.update_tree(&mut m, &active, 0, &mut freed)?;
         m.set_active_l1(l1);
-        m.writeback(file)?;
+        discard_freed(&mut m, file, freed)?;
         drop(m);
         self.snapshots = table;
         self.flush_metadata()?;
@@ -201,7 +204,13 @@ impl Qcow2 {
 
     /// Writes `table` to new clusters, makes everything so far durable, points the header
     /// at the new table and frees the old one (QEMU's `qcow2_write_snapshots`).
-    fn switch_snapshot_table(&self, m: &mut Meta, table: &[Snapshot]) -> Result<()> {
+    /// The old table's clusters go to `freed`.
+    fn switch_snapshot_table(
+        &self,
+        m: &mut Meta,
+        table: &[Snapshot],
+        freed: &mut Vec<u64>,
+    ) -> Result<()> {
         let file = &*self.file;
         let bytes = snapshot::serialize_table(table, self.size);
         let offset = match bytes.is_empty() {
@@ -218,8 +227,8 @@ impl Qcow2 {
             return Err(m.stop_writes_after_failed_switch("snapshot table", e));
         }
         m.fixed.snapshot_table = (!bytes.is_empty()).then_some((offset, bytes.len() as u64));
-        if let Some((off, len)) = old {
-            m.add_refcount(file, off, len, -1)?;
+        if let Some(range) = old {
+            add_refcount(m, file, range, -1, freed)?;
         }
         Ok(())
     }
@@ -232,7 +241,14 @@ impl Qcow2 {
     ///
     /// Increments reach the disk before the entries changed here (writeback's order);
     /// decrements must only be asked for once nothing durable references `l1` any more.
-    fn update_tree(&self, m: &mut Meta, l1: &[u64], delta: i64) -> Result<Vec<u64>> {
+    /// Clusters whose refcount drops to zero are added to `freed`.
+    fn update_tree(
+        &self,
+        m: &mut Meta,
+        l1: &[u64],
+        delta: i64,
+        freed: &mut Vec<u64>,
+    ) -> Result<Vec<u64>> {
         let file = &*self.file;
         let cs = self.geo.cluster_size();
         let per_l2 = self.geo.l2_entries();
@@ -256,7 +272,7 @@ impl Qcow2 {
                 let entry = self.decode_l2(raw);
                 self.check_aligned(i as u64 * per_l2 + j as u64, &[entry])?;
                 if let (Some((off, len)), true) = (referenced_range(entry, cs), delta != 0) {
-                    m.add_refcount(file, off, len, delta)?;
+                    add_refcount(m, file, (off, len), delta, freed)?;
                 }
                 if table_rc == 0 {
                     continue;
@@ -271,7 +287,7 @@ impl Qcow2 {
                 }
             }
             if delta != 0 {
-                m.add_refcount(file, table, cs, delta)?;
+                add_refcount(m, file, (table, cs), delta, freed)?;
             }
             if table_rc == 0 {
                 m.forget_l2_table(table);
@@ -290,12 +306,56 @@ impl Qcow2 {
     }
 }
 
+/// Adds `delta` to the refcounts of the clusters of `range` (offset, length), noting those
+/// that drop to zero in `freed`.
+fn add_refcount(
+    m: &mut Meta,
+    file: &dyn Storage,
+    (offset, len): (u64, u64),
+    delta: i64,
+    freed: &mut Vec<u64>,
+) -> Result<()> {
+    m.add_refcount(file, offset, len, delta)?;
+    let cs = m.geo.cluster_size();
+    for c in offset / cs..=(offset + len - 1) / cs {
+        if delta < 0 && m.refcount(file, c)? == 0 {
+            freed.push(c);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the refcounts back, then punches holes where `freed` clusters (still free) lie, as
+/// QEMU passes discards of snapshot clusters down to the file (`pass-discard-snapshot`).
+/// A failed discard only leaves the space allocated.
+fn discard_freed(m: &mut Meta, file: &dyn Storage, mut freed: Vec<u64>) -> Result<()> {
+    m.writeback(file)?;
+    freed.sort_unstable();
+    freed.dedup();
+    let cs = m.geo.cluster_size();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for c in freed {
+        if m.refcount(file, c)? != 0 {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n == c => *n += 1,
+            _ => runs.push((c, 1)),
+        }
+    }
+    for (start, n) in runs {
+        if let Err(e) = file.punch_hole(start * cs, n * cs) {
+            tracing::debug!("discarding freed clusters at {:#x}: {e}", start * cs);
+        }
+    }
+    Ok(())
+}
+
 /// Allocates clusters for `bytes` of new metadata and writes them there; returns the offset.
 fn write_new_table(m: &mut Meta, file: &dyn Storage, bytes: &[u8], what: &str) -> Result<u64> {
     let cs = m.geo.cluster_size();
     let len = (bytes.len() as u64).max(1);
     let offset = m.alloc_contiguous(file, len.div_ceil(cs))?;
-    m.claim_space(file, offset, len.next_multiple_of(cs), what)?;
     m.check_write(file, offset, bytes.len() as u64, Target::New)?;
     file.write_at(bytes, offset)
         .map_err(|e| Error::io(format!("writing {what} at {offset:#x}"), e))?;

@@ -70,11 +70,13 @@ impl SnapshotRef {
 const KNOWN_EXTRA: usize = 24;
 
 /// Serialises a snapshot table as QEMU's `qcow2_write_snapshots` does: every entry gets the
-/// 24 bytes of known extra data (plus what it had beyond them), and starts 8-byte aligned.
+/// 24 bytes of known extra data (plus what it had beyond them), and starts 8-byte aligned;
+/// the last one is not padded.
 /// `current_size` stands in for a disk size the entry does not record (QEMU's reading).
 pub fn serialize_table(table: &[Snapshot], current_size: u64) -> Vec<u8> {
     let mut out = Vec::new();
     for s in table {
+        out.resize(out.len().next_multiple_of(8), 0);
         let extra_len = KNOWN_EXTRA + s.unknown_extra.len();
         out.extend_from_slice(&s.l1_table_offset.to_be_bytes());
         out.extend_from_slice(&s.l1_size.to_be_bytes());
@@ -92,7 +94,6 @@ pub fn serialize_table(table: &[Snapshot], current_size: u64) -> Vec<u8> {
         out.extend_from_slice(&s.unknown_extra);
         out.extend_from_slice(s.id.as_bytes());
         out.extend_from_slice(s.name.as_bytes());
-        out.resize(out.len().next_multiple_of(8), 0);
     }
     out
 }
@@ -181,7 +182,7 @@ mod tests {
         let (old, _) = parse_table(&e, 1).unwrap();
         let bytes = serialize_table(&old, 5 << 20);
         let (new, len) = parse_table(&bytes, 1).unwrap();
-        assert_eq!(len, bytes.len());
+        assert_eq!((bytes.len(), len), (40 + 24 + 3, 72));
         assert_eq!(new[0].vm_state_size, 77);
         assert_eq!(new[0].disk_size, Some(5 << 20));
         assert_eq!(new[0].icount, Some(u64::MAX));

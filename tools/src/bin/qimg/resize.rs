@@ -135,9 +135,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         bail!("The new size must be a multiple of 512");
     }
     match qcow.as_mut() {
-        Some(q) => q
-            .resize(total, prealloc)
-            .map_err(|e| anyhow::anyhow!("Error resizing image: {e}"))?,
+        Some(q) => q.resize(total, prealloc).map_err(|e| match e {
+            // QEMU's own refusals come as they are.
+            qcow2::Error::InvalidOption(why) => anyhow::anyhow!(why),
+            e => anyhow::anyhow!("Error resizing image: {e}"),
+        })?,
         None => resize_raw(&storage, current, total, prealloc)?,
     }
     if !a.quiet {

@@ -128,6 +128,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
 fn errno_text(e: &qcow2::Error) -> String {
     match e {
         qcow2::Error::NotSupported(_) => "Operation not supported".into(),
+        qcow2::Error::RefcountOverflow { .. } => "Invalid argument".into(),
         qcow2::Error::Io { error, .. } => error.to_string(),
         e => e.to_string(),
     }
