@@ -5,6 +5,7 @@
 //! across guest-data I/O. Allocating writes mark their guest clusters busy so overlapping
 //! writes to the same cluster are serialised; everything else runs in parallel.
 
+mod amend;
 pub(crate) mod busy;
 pub(crate) mod cache;
 mod l2;
@@ -12,6 +13,7 @@ mod map;
 pub(crate) mod meta;
 pub(crate) mod overlap;
 mod read;
+mod refcount_order;
 mod resize;
 mod snapshot_ops;
 mod write;

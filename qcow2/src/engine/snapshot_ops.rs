@@ -205,7 +205,7 @@ impl Qcow2 {
     /// Writes `table` to new clusters, makes everything so far durable, points the header
     /// at the new table and frees the old one (QEMU's `qcow2_write_snapshots`).
     /// The old table's clusters go to `freed`.
-    fn switch_snapshot_table(
+    pub(super) fn switch_snapshot_table(
         &self,
         m: &mut Meta,
         table: &[Snapshot],

@@ -2,6 +2,7 @@
 //!
 //! Subcommands follow qemu-img's syntax, output and exit codes; each lives in its own module.
 
+mod amend;
 mod bench;
 mod chain;
 mod check;
@@ -61,6 +62,8 @@ enum Command {
     Dd(dd::Args),
     /// Run an I/O benchmark on an image.
     Bench(bench::Args),
+    /// Change format options of an image in place.
+    Amend(amend::Args),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::Args),
 }
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::Dd(a) => dd::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Snapshot(a) => snapshot::run(a),
+        Command::Amend(a) => amend::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
