@@ -1040,7 +1040,7 @@ fn unknown_subcommands_and_options_fail_with_exit_1() {
         &["dd", "if=a.qcow2", "of=b.raw", "conv=notrunc"],
         &["bench", "--bogus", "a.qcow2"],
         &["snapshot", "-l", "-c", "x", "a.qcow2"],
-        &["amend", "-o", "compat=0.10", "a.qcow2"],
+        &["amend", "-o", "bogus=1", "a.qcow2"],
         &[],
     ] {
         let (code, _) = qimg(p, args);
@@ -2908,4 +2908,200 @@ fn a_snapshot_that_overflows_a_refcount_fails_like_qemu_img() {
     assert_eq!(o, t);
     assert_eq!(o.0, 3, "one leaked cluster: {o:?}");
     same(p, &["snapshot", "-c", "x", "r.qcow2"]);
+}
+
+/// `qemu-img info` of `img` without sizes, file names and the file length.
+fn info_sans_layout(dir: &Path, img: &str) -> String {
+    qemu(dir, &["info", img])
+        .1
+        .lines()
+        .filter(|l| {
+            !["disk size", "file length", "image:", "filename:"]
+                .iter()
+                .any(|s| l.contains(s))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `amend -o OPTS` on copies of `img` by both tools: same exit code, stdout and
+/// stderr; ours is check-clean, and both read the same (disk and every snapshot) and show
+/// the same info. Returns the exit code.
+fn amend_both(dir: &Path, img: &str, opts: &str) -> i32 {
+    let [ours, theirs] = ["ours", "theirs"].map(|w| format!("{w}-{img}"));
+    std::fs::copy(dir.join(img), dir.join(&ours)).unwrap();
+    std::fs::copy(dir.join(img), dir.join(&theirs)).unwrap();
+    let mine = run_with_stderr(
+        dir,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &["amend", "-o", opts, &ours],
+    );
+    let reference = run_with_stderr(dir, "qemu-img", "qemu-img", &["amend", "-o", opts, &theirs]);
+    assert_eq!(mine, reference, "amend -o {opts} on {img}");
+    assert_check_clean(dir, &ours);
+    assert_eq!(
+        qemu(dir, &["compare", &ours, &theirs]).0,
+        0,
+        "{opts} on {img}"
+    );
+    assert_eq!(
+        info_sans_layout(dir, &ours),
+        info_sans_layout(dir, &theirs),
+        "{opts} on {img}"
+    );
+    let listed = qemu(dir, &["snapshot", "-l", &theirs]).1;
+    for name in listed
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1))
+    {
+        assert!(
+            qemu_contents(dir, &ours, Some(name)) == qemu_contents(dir, &theirs, Some(name)),
+            "snapshot {name} after {opts} on {img}"
+        );
+    }
+    mine.0
+}
+
+#[test]
+fn amend_changes_every_option_as_qemu_img_does() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    // v3 with a snapshot, zero clusters (plain and preallocated, some shared with the
+    // snapshot) and a compressed cluster.
+    snapshot_base(p, "a.qcow2", &[]);
+    qemu(p, &["snapshot", "-c", "s", "a.qcow2"]);
+    qemu_io(
+        p,
+        "a.qcow2",
+        &["write -z 1M 64k", "write -P 7 0 64k", "write -z -u 40M 64k"],
+    );
+    qcow2_image(
+        p,
+        &["-o", "compat=0.10"],
+        "v2.qcow2",
+        "64M",
+        &["write -P 1 0 1M"],
+    );
+    qemu(p, &["snapshot", "-c", "s", "v2.qcow2"]);
+    qcow2_image(p, &[], "base.qcow2", "64M", &["write -P 9 0 8M"]);
+    qcow2_image(
+        p,
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "top.qcow2",
+        "64M",
+        &[
+            "write -z 0 64k",
+            "write -z 1M 1M",
+            "write -P 3 2M 64k",
+            "write -z 2M 64k",
+        ],
+    );
+    qemu(p, &["snapshot", "-c", "s", "top.qcow2"]);
+    qemu_io(p, "top.qcow2", &["write -z 3M 64k"]);
+    qcow2_image(
+        p,
+        &["-o", "cluster_size=512"],
+        "small.qcow2",
+        "64M",
+        &["write -P 1 0 3M", "write -P 2 60M 1M"],
+    );
+    qemu(p, &["snapshot", "-c", "s", "small.qcow2"]);
+    qcow2_image(
+        p,
+        &["-o", "data_file=a.raw,data_file_raw=on"],
+        "df.qcow2",
+        "1M",
+        &[],
+    );
+    let options = [
+        "compat=1.1",
+        "compat=0.10",
+        "compat=v3",
+        "compat=0.10,compat=1.1",
+        "lazy_refcounts=on",
+        "lazy_refcounts=off",
+        "compat=0.10,lazy_refcounts=on",
+        "compat=1.1,lazy_refcounts=on",
+        "refcount_bits=1",
+        "refcount_bits=2",
+        "refcount_bits=8",
+        "refcount_bits=64",
+        "compat=0.10,refcount_bits=8",
+        "compat=1.1,refcount_bits=32",
+        "size=32M",
+        "size=128M",
+        "size=128M,compat=0.10",
+        "size=1000",
+        "backing_file=b.qcow2",
+        "backing_fmt=raw",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "data_file=x",
+        "data_file_raw=on",
+        "data_file_raw=off",
+    ];
+    let mut changed = 0;
+    for img in ["a.qcow2", "v2.qcow2", "top.qcow2", "small.qcow2"] {
+        for o in options {
+            changed += usize::from(amend_both(p, img, o) == 0);
+        }
+    }
+    std::fs::copy(p.join("a.raw"), p.join("b.raw")).unwrap();
+    for o in [
+        "data_file=b.raw",
+        "data_file_raw=off",
+        "data_file_raw=on",
+        "compat=0.10",
+    ] {
+        amend_both(p, "df.qcow2", o);
+    }
+    assert!(changed > 40, "{changed} amends succeeded");
+}
+
+#[test]
+fn amend_refuses_and_helps_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "64M", &["write -P 1 0 1M"]);
+    qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    for o in [
+        "help",
+        "?",
+        "help,compat=1.1",
+        "cluster_size=4096",
+        "cluster_size=4096,foo=bar",
+        "encryption=on",
+        "encrypt.format=luks",
+        "preallocation=full",
+        "compression_type=zstd",
+        "extended_l2=on",
+        "nocow=on",
+        "foo=bar",
+        "compat=foo",
+        "compat",
+        "lazy_refcounts=foo",
+        "size=foo",
+        "refcount_bits=foo",
+        "refcount_bits=3",
+        "refcount_bits=128",
+        "encrypt.new-secret=x",
+    ] {
+        amend_both(p, "a.qcow2", o);
+    }
+    for args in [
+        &["amend", "a.qcow2"][..],
+        &["amend", "-o", "help"],
+        &["amend", "-f", "qcow2", "-o", "help"],
+        &["amend", "-f", "raw", "-o", "help"],
+        &["amend", "-o", "compat=1.1"],
+        &["amend", "-o", "compat=1.1", "a.qcow2", "b"],
+        &["amend", "-f", "raw", "-o", "compat=1.1", "r.raw"],
+        &["amend", "-f", "raw", "-o", "help", "r.raw"],
+        &["amend", "-o", "compat=1.1", "missing.qcow2"],
+        &["amend", "-t", "bogus", "-o", "compat=1.1", "a.qcow2"],
+        &["amend", "-q", "-o", "compat=1.1", "a.qcow2"],
+    ] {
+        same(p, args);
+    }
 }
