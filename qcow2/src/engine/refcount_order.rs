@@ -132,7 +132,7 @@ struct Layout {
 impl Layout {
     /// Grows the table and the set of blocks until they describe themselves.
     fn plan(counts: &[u64], start: u64, cs: u64, order: u32) -> Result<Layout> {
-        let per_block = cs * 8 >> order;
+        let per_block = (cs * 8) >> order;
         let used: Vec<u64> = {
             let mut v: Vec<u64> = (0..start)
                 .filter(|&c| counts[c as usize] != 0)
