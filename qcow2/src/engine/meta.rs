@@ -73,7 +73,7 @@ pub struct Meta {
     pub free_hint: u64,
     /// Next free byte in the cluster being filled with compressed data.
     pub compressed_tail: Option<u64>,
-    /// Metadata that does not move while the image is open, for overlap checks.
+    /// Snapshot metadata (moved only by snapshot operations), for overlap checks.
     pub fixed: FixedMetadata,
     /// Set once an overlap check marked the image corrupt (shared with the lock-free paths).
     pub corrupt: Arc<AtomicBool>,

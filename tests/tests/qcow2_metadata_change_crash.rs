@@ -1,6 +1,7 @@
-//! Crashes while internal snapshots are created, applied or deleted: the disk keeps its
-//! data (or, for apply, becomes the snapshot's), each snapshot is whole or gone, and
-//! qemu-img check finds leaks at most. Create and delete have the window QEMU's ordering
+//! Crashes while internal snapshots are created, applied or deleted, and while `amend`
+//! downgrades an image or changes its refcount width: the disk keeps its data (or, for
+//! apply, becomes the snapshot's), each snapshot is whole or gone, and qemu-img check finds
+//! leaks at most. Create and delete have the window QEMU's ordering
 //! has too, between refcounts and the COPIED flags that follow them: flags that only cost
 //! a copy or mark a leaked reference, which `qemu-img check -r all` repairs.
 
@@ -20,6 +21,8 @@ enum Op {
     Create,
     Apply,
     Delete,
+    Downgrade,
+    RefcountWidth(u32),
 }
 
 /// Random writes: data, compressed clusters, zeroes.
@@ -74,6 +77,8 @@ fn crash_in(op: Op, seed: u64, n: usize) -> bool {
         Op::Create => img.create_snapshot("second").map(drop),
         Op::Apply => img.apply_snapshot(&first_ref),
         Op::Delete => img.delete_snapshot(&first_ref).map(drop),
+        Op::Downgrade => img.downgrade_to_v2(),
+        Op::RefcountWidth(order) => img.change_refcount_order(order),
     }
     .unwrap();
     if !storage.has_crashed() {
@@ -143,4 +148,16 @@ fn a_crash_while_a_snapshot_is_applied_leaves_the_old_or_the_new_disk() {
 #[test]
 fn a_crash_while_a_snapshot_is_deleted_loses_nothing() {
     crash_everywhere(Op::Delete);
+}
+
+#[test]
+fn a_crash_while_an_image_is_downgraded_loses_nothing() {
+    crash_everywhere(Op::Downgrade);
+}
+
+#[test]
+fn a_crash_while_the_refcount_width_changes_loses_nothing() {
+    for order in [3, 6] {
+        crash_everywhere(Op::RefcountWidth(order));
+    }
 }
