@@ -2769,8 +2769,19 @@ fn snapshot_refuses_what_qemu_img_refuses_with_its_words() {
     qemu(p, &["snapshot", "-c", "s", "a.qcow2"]);
     qcow2_image(p, &["-o", "data_file=d.raw"], "df.qcow2", "1M", &[]);
     qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    qcow2_image(p, &[], "gone.qcow2", "1M", &[]);
+    qcow2_image(
+        p,
+        &["-b", "gone.qcow2", "-F", "qcow2"],
+        "orphan.qcow2",
+        "1M",
+        &[],
+    );
+    std::fs::remove_file(p.join("gone.qcow2")).unwrap();
     for args in [
-        &["snapshot", "-c", "x", "df.qcow2"][..],
+        &["snapshot", "-l", "orphan.qcow2"][..],
+        &["snapshot", "-c", "x", "orphan.qcow2"],
+        &["snapshot", "-c", "x", "df.qcow2"],
         &["snapshot", "-a", "x", "df.qcow2"],
         &["snapshot", "-d", "x", "df.qcow2"],
         &["snapshot", "-l", "df.qcow2"],

@@ -65,20 +65,16 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     };
     let format = a.format.as_deref();
     if let Action::List = action {
-        let locking = crate::locking(a.force_share);
-        if let (crate::chain::Layer::Qcow2(q), _) =
-            crate::chain::open_layer(name, format, None, locking)?
-        {
-            if !q.snapshots().is_empty() {
-                print!("{}", crate::info::snapshot_list(q.snapshots(), ""));
-            }
+        let image = open(name, format, false, crate::locking(a.force_share))?;
+        if let Some(q) = image.filter(|q| !q.snapshots().is_empty()) {
+            print!("{}", crate::info::snapshot_list(q.snapshots(), ""));
         }
         return Ok(0);
     }
     if a.force_share {
         bail!("Could not open '{name}': force-share=on can only be used with read-only images");
     }
-    let image = open_writable(name, format)?;
+    let image = open(name, format, true, Locking::On)?;
     match action {
         Action::List => unreachable!("listed above"),
         Action::Create(snap) => {
@@ -134,20 +130,33 @@ fn errno_text(e: &qcow2::Error) -> String {
     }
 }
 
-/// Opens an image for writing with QEMU's locks: a qcow2 image, or `None` for a raw one.
-fn open_writable(name: &str, format: Option<&str>) -> anyhow::Result<Option<Qcow2>> {
-    let storage = Arc::new(FileStorage::new(crate::open_file(name, true)?));
+/// Opens an image with its backing chain, as qemu-img does: a qcow2 image, or `None` for a
+/// raw one.
+fn open(
+    name: &str,
+    format: Option<&str>,
+    writable: bool,
+    locking: Locking,
+) -> anyhow::Result<Option<Qcow2>> {
+    let storage = Arc::new(FileStorage::new(crate::open_file(name, writable)?));
     let fmt = match format {
         Some(f) => crate::parse_format(f)?,
         None => qcow2::open::probe(&*storage)?,
     };
-    crate::lock(storage.file(), name, Locking::On, fmt, true)?;
+    crate::lock(storage.file(), name, locking, fmt, writable)?;
     if fmt == Format::Raw {
         return Ok(None);
     }
-    crate::resize::refuse_bitmaps(&*storage, name, "change snapshots of")?;
+    if writable {
+        crate::resize::refuse_bitmaps(&*storage, name, "change snapshots of")?;
+    }
+    let opts = qcow2::OpenOptions {
+        read_only: !writable,
+        locking,
+        ..Default::default()
+    };
     let dir = Path::new(name).parent().unwrap_or(Path::new("."));
-    Qcow2::open_storage(storage, &Default::default(), Some(dir))
+    Qcow2::open_storage(storage, &opts, Some(dir))
         .map(Some)
         .map_err(|e| crate::open_error(name, e))
 }
