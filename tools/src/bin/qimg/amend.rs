@@ -88,17 +88,12 @@ struct Changes {
 /// names (with QEMU's hint when every option is one `create` knows) and malformed values.
 fn parse(pairs: &[(String, String)]) -> anyhow::Result<Changes> {
     let mut c = Changes::default();
+    let mut compat = None;
     for (k, v) in pairs {
         let k = k.as_str();
         match k {
             "size" => c.size = Some(option_size(k, v)?),
-            "compat" => {
-                c.version = Some(match v.as_str() {
-                    "0.10" | "v2" => 2,
-                    "1.1" | "v3" => 3,
-                    _ => 0,
-                })
-            }
+            "compat" => compat = Some(v.as_str()),
             "backing_file" => c.backing_file = Some(v.clone()),
             "backing_fmt" => c.backing_fmt = Some(v.clone()),
             "data_file" => c.data_file = Some(v.clone()),
@@ -122,14 +117,12 @@ fn parse(pairs: &[(String, String)]) -> anyhow::Result<Changes> {
             }
         }
     }
-    if c.version == Some(0) {
-        let v = pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "compat")
-            .expect("set");
-        bail!("Unknown compatibility level {}", v.1);
-    }
+    c.version = match compat {
+        None => None,
+        Some("0.10" | "v2") => Some(2),
+        Some("1.1" | "v3") => Some(3),
+        Some(v) => bail!("Unknown compatibility level {v}"),
+    };
     Ok(c)
 }
 
