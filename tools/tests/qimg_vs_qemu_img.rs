@@ -3115,4 +3115,16 @@ fn amend_refuses_and_helps_like_qemu_img() {
     ] {
         same(p, args);
     }
+    // An image in use: the lock keeps both tools out.
+    let mut holder = Command::new("qemu-io")
+        .current_dir(p)
+        .args(["-f", "qcow2", "a.qcow2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    same(p, &["amend", "-o", "compat=0.10", "a.qcow2"]);
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
 }
