@@ -2748,6 +2748,26 @@ fn snapshot_ids_duplicates_and_lookups_follow_qemu_img() {
         assert_eq!(list(&ours), list(&theirs), "{args:?}");
         assert_eq!(qemu(p, &["compare", &ours, &theirs]).0, 0, "{args:?}");
     }
+    // qemu-img keeps 255 bytes of a name, so the whole one is not found afterwards.
+    let long = "n".repeat(300);
+    let (ours, theirs) = same_on_copies(p, "a.qcow2", &["snapshot", "-c", &long, "X"]);
+    let names = |img: &str| {
+        let info = qemu(p, &["info", "--output=json", img]).1;
+        info.lines()
+            .filter(|l| l.contains("\"name\""))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&ours), names(&theirs));
+    assert!(names(&ours)
+        .iter()
+        .any(|n| n.contains(&"n".repeat(255)) && !n.contains(&long)));
+    let delete = |tool: &str, prog: &str, img: &str| {
+        run_with_stderr(p, tool, prog, &["snapshot", "-d", &long, img])
+    };
+    let mine = delete(env!("CARGO_BIN_EXE_qimg"), "qimg", &ours);
+    assert_eq!(mine, delete("qemu-img", "qemu-img", &theirs));
+    assert_eq!(mine.0, 1);
 }
 
 /// A snapshot list with the DATE column blanked (names up to 16 characters).
