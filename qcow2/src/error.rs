@@ -84,6 +84,19 @@ pub enum Error {
     /// A snapshot view of an image format without internal snapshots.
     #[error("{0} images have no internal snapshots")]
     NoSnapshots(&'static str),
+    /// An operation the image's setup rules out, where QEMU fails with ENOTSUP (the
+    /// message says which setup).
+    #[error("Operation not supported: {0}")]
+    NotSupported(String),
+    /// A cluster would get more references than its refcount width holds (QEMU: ERANGE
+    /// within a write, EINVAL when a snapshot is taken).
+    #[error("the refcount of cluster {cluster} would overflow {bits} bits")]
+    RefcountOverflow {
+        /// Host cluster index.
+        cluster: u64,
+        /// Refcount width.
+        bits: u32,
+    },
     /// Invalid create or resize options.
     #[error("{0}")]
     InvalidOption(String),

@@ -209,7 +209,20 @@ pub(crate) fn snapshot_l1(
     if !read_only {
         return Err(Error::SnapshotWritable);
     }
-    let s = r.find(table).ok_or(Error::SnapshotNotFound)?;
+    read_snapshot_l1(
+        file,
+        r.find(table).ok_or(Error::SnapshotNotFound)?,
+        cluster_size,
+    )
+}
+
+/// Reads the L1 table of snapshot `s` after checking that it lies where one can (QEMU's
+/// `qcow2_validate_table`).
+pub(crate) fn read_snapshot_l1(
+    file: &dyn Storage,
+    s: &Snapshot,
+    cluster_size: u64,
+) -> Result<Vec<u64>> {
     let bytes = s.l1_size as u64 * 8;
     if bytes > MAX_L1_BYTES {
         return Err(Error::Corrupt("Snapshot L1 table too large".into()));

@@ -1262,8 +1262,8 @@ fn unsupported_formats_and_options_fail_with_exit_1() {
         &["commit", "--bogus", "a.qcow2"],
         &["dd", "if=a.qcow2", "of=b.raw", "conv=notrunc"],
         &["bench", "--bogus", "a.qcow2"],
-        &["snapshot", "-l", "a.qcow2"],
-        &["amend", "-o", "compat=0.10", "a.qcow2"],
+        &["snapshot", "-l", "-c", "x", "a.qcow2"],
+        &["amend", "-o", "bogus=1", "a.qcow2"],
     ] {
         let (code, _) = qimg(p, args);
         assert_eq!(code, 1, "{args:?}");
@@ -2904,4 +2904,592 @@ fn corruption_found_while_reading_is_reported_like_qemu_img() {
     ] {
         same(p, args);
     }
+}
+
+/// `qemu-img check IMG` finds nothing wrong: no errors, no leaks.
+fn assert_check_clean(dir: &Path, img: &str) {
+    let (code, out) = qemu(dir, &["check", img]);
+    assert_eq!(code, 0, "qemu-img check {img}: {out}");
+    assert!(out.contains("No errors were found on the image."), "{out}");
+}
+
+/// The guest contents of `img` (or of its internal snapshot `snap`), as qemu-img reads them.
+fn qemu_contents(dir: &Path, img: &str, snap: Option<&str>) -> Vec<u8> {
+    let out = dir.join("contents.raw");
+    let mut args = vec!["convert", "-O", "raw"];
+    if let Some(s) = snap {
+        args.extend(["-l", s]);
+    }
+    args.extend([img, "contents.raw"]);
+    let (code, _) = qemu(dir, &args);
+    assert_eq!(code, 0, "qemu-img {args:?}");
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(out).unwrap();
+    bytes
+}
+
+/// Writes `byte` over `len` bytes at `offset` of `img` through our engine.
+fn engine_write(dir: &Path, img: &str, offset: u64, len: usize, byte: u8) {
+    let opts = qcow2::OpenOptions::default();
+    let image = qcow2::open_image(&dir.join(img), &opts).unwrap();
+    image.write_at(&vec![byte; len], offset).unwrap();
+    image.close().unwrap();
+}
+
+/// How many host clusters of qcow2 image `img` have a nonzero refcount.
+fn host_clusters_in_use(dir: &Path, img: &str) -> usize {
+    let file = std::fs::File::open(dir.join(img)).unwrap();
+    let len = file.metadata().unwrap().len();
+    let storage = std::sync::Arc::new(qcow2::FileStorage::new(file));
+    let opts = qcow2::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let q = qcow2::Qcow2::open_storage(storage, &opts, None).unwrap();
+    let clusters = len.div_ceil(q.cluster_size());
+    (0..clusters)
+        .filter(|&c| q.refcount(c).unwrap() > 0)
+        .count()
+}
+
+/// A 64M qcow2 with data, a compressed cluster and a preallocated zero cluster.
+fn snapshot_base(p: &Path, name: &str, opts: &[&str]) {
+    qcow2_image(
+        p,
+        opts,
+        name,
+        "64M",
+        &[
+            "write -P 1 0 1M",
+            "write -c -P 7 4M 64k",
+            "write -P 8 8M 64k",
+            "write -z 8M 64k",
+            "write -P 9 40M 2M",
+        ],
+    );
+}
+
+#[test]
+fn snapshots_made_by_either_tool_are_read_listed_applied_and_deleted_by_the_other() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    snapshot_base(p, "a.qcow2", &[]);
+    // qemu-img's snapshot, our list.
+    qemu(p, &["snapshot", "-c", "q1", "a.qcow2"]);
+    let listed = same(p, &["snapshot", "-l", "a.qcow2"]);
+    assert!(
+        listed.starts_with("Snapshot list:\n") && listed.contains(" q1 "),
+        "{listed}"
+    );
+    assert_eq!(listed, same(p, &["snapshot", "a.qcow2"]));
+    let q1 = qemu_contents(p, "a.qcow2", None);
+    // Our engine writes after qemu-img's snapshot: copy-on-write of shared clusters.
+    engine_write(p, "a.qcow2", 512 << 10, 1 << 20, 2);
+    engine_write(p, "a.qcow2", 4 << 20, 4096, 3);
+    assert_check_clean(p, "a.qcow2");
+    assert!(qemu_contents(p, "a.qcow2", Some("q1")) == q1);
+    // Our snapshot, qemu-img's list; qemu-io writes after it.
+    let o1 = qemu_contents(p, "a.qcow2", None);
+    assert_eq!(
+        qimg(p, &["snapshot", "-c", "o1", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert_check_clean(p, "a.qcow2");
+    let listed = same(p, &["snapshot", "-l", "a.qcow2"]);
+    assert!(
+        listed.contains(" q1 ") && listed.contains("\n2       o1 "),
+        "{listed}"
+    );
+    qemu_io(
+        p,
+        "a.qcow2",
+        &[
+            "write -P 4 0 256k",
+            "write -P 5 20M 1M",
+            "write -z 40M 1M",
+            "discard 8M 64k",
+        ],
+    );
+    assert_check_clean(p, "a.qcow2");
+    assert!(qemu_contents(p, "a.qcow2", Some("o1")) == o1);
+    assert!(qemu_contents(p, "a.qcow2", Some("q1")) == q1);
+    // Ours applies qemu-img's snapshot, qemu-img applies ours.
+    std::fs::copy(p.join("a.qcow2"), p.join("b.qcow2")).unwrap();
+    assert_eq!(
+        qimg(p, &["snapshot", "-a", "q1", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert_check_clean(p, "a.qcow2");
+    assert!(qemu_contents(p, "a.qcow2", None) == q1);
+    assert_eq!(qemu(p, &["snapshot", "-a", "1", "b.qcow2"]).0, 0);
+    assert_eq!(qemu(p, &["compare", "a.qcow2", "b.qcow2"]).0, 0);
+    // The applied state changes on its own; the snapshots keep theirs.
+    engine_write(p, "a.qcow2", 0, 64 << 10, 6);
+    qemu_io(p, "a.qcow2", &["write -P 7 41M 64k"]);
+    assert_check_clean(p, "a.qcow2");
+    assert!(qemu_contents(p, "a.qcow2", Some("q1")) == q1);
+    assert_eq!(
+        qimg(p, &["snapshot", "-a", "2", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert!(qemu_contents(p, "a.qcow2", None) == o1);
+    // Deleting: qemu-img deletes ours, we delete qemu-img's; what is left still reads.
+    qimg(p, &["snapshot", "-c", "o2", "a.qcow2"]);
+    qemu_io(p, "a.qcow2", &["write -P 8 0 2M"]);
+    assert_eq!(qemu(p, &["snapshot", "-d", "o1", "a.qcow2"]).0, 0);
+    assert_check_clean(p, "a.qcow2");
+    assert_eq!(
+        qimg(p, &["snapshot", "-d", "q1", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert_check_clean(p, "a.qcow2");
+    same(p, &["snapshot", "-l", "a.qcow2"]);
+    assert!(qemu_contents(p, "a.qcow2", Some("o2")) == o1);
+    // What only the last snapshot held is freed (no leak either: the check is clean).
+    let used = |img: &str| host_clusters_in_use(p, img);
+    let before = used("a.qcow2");
+    std::fs::copy(p.join("a.qcow2"), p.join("b.qcow2")).unwrap();
+    assert_eq!(
+        qimg(p, &["snapshot", "-d", "o2", "a.qcow2"]),
+        (0, String::new())
+    );
+    assert_check_clean(p, "a.qcow2");
+    assert_eq!(same(p, &["snapshot", "-l", "a.qcow2"]), "");
+    // o2 alone held 1.5M of data (overwritten by qemu-io), an L2 table, its L1 table and
+    // the snapshot table: qemu-img frees as many.
+    assert_eq!(qemu(p, &["snapshot", "-d", "o2", "b.qcow2"]).0, 0);
+    assert_eq!(before - used("a.qcow2"), 24 + 3);
+    assert_eq!(used("a.qcow2"), used("b.qcow2"));
+}
+
+#[test]
+fn snapshot_ids_duplicates_and_lookups_follow_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    snapshot_base(p, "a.qcow2", &[]);
+    // Names "2", "x", "x", "1": IDs 1..4; -a looks up IDs first, -d names only.
+    for (i, name) in ["2", "x", "x", "1"].iter().enumerate() {
+        let tool = if i % 2 == 0 {
+            "qemu-img"
+        } else {
+            env!("CARGO_BIN_EXE_qimg")
+        };
+        assert_eq!(run(p, tool, &["snapshot", "-c", name, "a.qcow2"]).0, 0);
+        qemu_io(p, "a.qcow2", &[&format!("write -P {} 0 64k", 10 + i)]);
+    }
+    same(p, &["snapshot", "-l", "a.qcow2"]);
+    for args in [
+        &["snapshot", "-a", "2", "X"][..],
+        &["snapshot", "-a", "x", "X"],
+        &["snapshot", "-d", "2", "X"],
+        &["snapshot", "-d", "x", "X"],
+        &["snapshot", "-d", "4", "X"],
+        &["snapshot", "-c", "x", "X"],
+    ] {
+        let (ours, theirs) = same_on_copies(p, "a.qcow2", args);
+        assert_check_clean(p, &ours);
+        // A snapshot made now may get another second in each copy.
+        let list = |img: &str| sans_dates(&qemu(p, &["snapshot", "-l", img]).1);
+        assert_eq!(list(&ours), list(&theirs), "{args:?}");
+        assert_eq!(qemu(p, &["compare", &ours, &theirs]).0, 0, "{args:?}");
+    }
+    // qemu-img keeps 255 bytes of a name, so the whole one is not found afterwards.
+    let long = "n".repeat(300);
+    let (ours, theirs) = same_on_copies(p, "a.qcow2", &["snapshot", "-c", &long, "X"]);
+    let names = |img: &str| {
+        let info = qemu(p, &["info", "--output=json", img]).1;
+        info.lines()
+            .filter(|l| l.contains("\"name\""))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&ours), names(&theirs));
+    assert!(names(&ours)
+        .iter()
+        .any(|n| n.contains(&"n".repeat(255)) && !n.contains(&long)));
+    let delete = |tool: &str, prog: &str, img: &str| {
+        run_with_stderr(p, tool, prog, &["snapshot", "-d", &long, img])
+    };
+    let mine = delete(env!("CARGO_BIN_EXE_qimg"), "qimg", &ours);
+    assert_eq!(mine, delete("qemu-img", "qemu-img", &theirs));
+    assert_eq!(mine.0, 1);
+}
+
+/// A snapshot list with the DATE column blanked (names up to 16 characters).
+fn sans_dates(list: &str) -> String {
+    list.lines()
+        .map(|l| match l.get(34..53) {
+            Some(date) if date.as_bytes()[4] == b'-' => format!("{}{}", &l[..34], &l[53..]),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn snapshot_refuses_what_qemu_img_refuses_with_its_words() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    snapshot_base(p, "a.qcow2", &[]);
+    qemu(p, &["snapshot", "-c", "s", "a.qcow2"]);
+    qcow2_image(p, &["-o", "data_file=d.raw"], "df.qcow2", "1M", &[]);
+    qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    qcow2_image(p, &[], "gone.qcow2", "1M", &[]);
+    qcow2_image(
+        p,
+        &["-b", "gone.qcow2", "-F", "qcow2"],
+        "orphan.qcow2",
+        "1M",
+        &[],
+    );
+    std::fs::remove_file(p.join("gone.qcow2")).unwrap();
+    for args in [
+        &["snapshot", "-l", "orphan.qcow2"][..],
+        &["snapshot", "-c", "x", "orphan.qcow2"],
+        &["snapshot", "-c", "x", "df.qcow2"],
+        &["snapshot", "-a", "x", "df.qcow2"],
+        &["snapshot", "-d", "x", "df.qcow2"],
+        &["snapshot", "-l", "df.qcow2"],
+        &["snapshot", "-f", "raw", "-c", "x", "r.raw"],
+        &["snapshot", "-f", "raw", "-a", "x", "r.raw"],
+        &["snapshot", "-f", "raw", "-d", "x", "r.raw"],
+        &["snapshot", "-f", "raw", "-l", "r.raw"],
+        &["snapshot", "-a", "nope", "a.qcow2"],
+        &["snapshot", "-d", "nope", "a.qcow2"],
+        &["snapshot", "-d", "1", "a.qcow2"],
+        &["snapshot", "-U", "-c", "x", "a.qcow2"],
+        &["snapshot", "-U", "-l", "a.qcow2"],
+        &["snapshot", "-l", "-l", "a.qcow2"],
+        &["snapshot", "-c", "x", "-d", "y", "a.qcow2"],
+        &["snapshot", "-a", "x", "-a", "x", "a.qcow2"],
+        &["snapshot", "a.qcow2", "b"],
+        &["snapshot", "-l"],
+        &["snapshot", "-l", "missing.qcow2"],
+        &["snapshot", "-c", "x", "missing.qcow2"],
+    ] {
+        let before = std::fs::read(p.join("a.qcow2")).unwrap();
+        same(p, args);
+        assert!(
+            std::fs::read(p.join("a.qcow2")).unwrap() == before,
+            "{args:?}"
+        );
+    }
+    // An image in use: the lock keeps both tools out.
+    let mut holder = Command::new("qemu-io")
+        .current_dir(p)
+        .args(["-f", "qcow2", "a.qcow2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    same(p, &["snapshot", "-c", "x", "a.qcow2"]);
+    same(p, &["snapshot", "-l", "a.qcow2"]);
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+}
+
+#[test]
+fn snapshot_sequences_on_copies_end_like_qemu_img_on_every_kind_of_image() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "64M", &["write -P 11 0 4M"]);
+    let kinds: [(&str, &[&str]); 6] = [
+        ("v3.qcow2", &[]),
+        ("v2.qcow2", &["-o", "compat=0.10"]),
+        ("lazy.qcow2", &["-o", "lazy_refcounts=on"]),
+        ("small.qcow2", &["-o", "cluster_size=512,refcount_bits=8"]),
+        ("wide.qcow2", &["-o", "refcount_bits=64"]),
+        ("top.qcow2", &["-b", "base.qcow2", "-F", "qcow2"]),
+    ];
+    for (img, opts) in kinds {
+        let v2 = img.starts_with("v2");
+        snapshot_base(p, img, opts);
+        let (ours, theirs) = same_on_copies(p, img, &["snapshot", "-c", "s", "X"]);
+        let both = [ours.as_str(), theirs.as_str()];
+        let at_s = qemu_contents(p, &ours, None);
+        let mut writes = vec![
+            "write -P 21 512k 1M",
+            "write -z 4M 64k",
+            "write -P 22 60M 64k",
+        ];
+        if !v2 {
+            writes.push("write -z -u 40M 1M");
+        }
+        for i in both {
+            qemu_io(p, i, &writes);
+            if !v2 {
+                qemu(p, &["resize", "-q", i, "80M"]);
+                qemu_io(p, i, &["write -P 23 70M 1M"]);
+            }
+        }
+        assert_eq!(qimg(p, &["snapshot", "-c", "t", &ours]), (0, String::new()));
+        assert_eq!(
+            qemu(p, &["snapshot", "-c", "t", &theirs]),
+            (0, String::new())
+        );
+        let at_t = qemu_contents(p, &ours, None);
+        for (args, active) in [
+            (["snapshot", "-a", "s"], &at_s),
+            (["snapshot", "-a", "2"], &at_t),
+            (["snapshot", "-d", "t"], &at_t),
+            (["snapshot", "-d", "s"], &at_t),
+        ] {
+            let [o, t] = [&ours, &theirs].map(|i| [&args[..], &[i.as_str()]].concat());
+            let mine = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &o);
+            let reference = run_with_stderr(p, "qemu-img", "qemu-img", &t);
+            assert_eq!(mine, reference, "{img}: {args:?}");
+            for i in both {
+                assert_check_clean(p, i);
+            }
+            assert!(qemu_contents(p, &ours, None) == *active, "{img}: {args:?}");
+            assert_eq!(
+                qemu(p, &["compare", &ours, &theirs]).0,
+                0,
+                "{img}: {args:?}"
+            );
+            assert_eq!(
+                sans_dates(&qemu(p, &["snapshot", "-l", &ours]).1),
+                sans_dates(&qemu(p, &["snapshot", "-l", &theirs]).1),
+                "{img}: {args:?}"
+            );
+            assert_eq!(
+                sans_dates(&info_sans_sizes(p, &ours, &ours)),
+                sans_dates(&info_sans_sizes(p, &theirs, &theirs)),
+                "{img}: {args:?}"
+            );
+        }
+        assert_eq!(
+            host_clusters_in_use(p, &ours),
+            host_clusters_in_use(p, &theirs),
+            "{img}"
+        );
+    }
+}
+
+#[test]
+fn a_snapshot_that_overflows_a_refcount_fails_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(
+        p,
+        &["-o", "refcount_bits=1"],
+        "r.qcow2",
+        "1M",
+        &["write 0 64k"],
+    );
+    let (ours, theirs) = same_on_copies(p, "r.qcow2", &["snapshot", "-c", "x", "X"]);
+    let o = run_with_stderr(p, "qemu-img", "qemu-img", &["check", &ours]);
+    let t = run_with_stderr(p, "qemu-img", "qemu-img", &["check", &theirs]);
+    assert_eq!(o, t);
+    assert_eq!(o.0, 3, "one leaked cluster: {o:?}");
+    same(p, &["snapshot", "-c", "x", "r.qcow2"]);
+}
+
+/// `qemu-img info` of `img` without sizes, file names and the file length.
+fn info_sans_layout(dir: &Path, img: &str) -> String {
+    qemu(dir, &["info", img])
+        .1
+        .lines()
+        .filter(|l| {
+            !["disk size", "file length", "image:", "filename:"]
+                .iter()
+                .any(|s| l.contains(s))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `amend -o OPTS` on copies of `img` by both tools: same exit code, stdout and
+/// stderr; ours is check-clean, and both read the same (disk and every snapshot) and show
+/// the same info. Returns the exit code.
+fn amend_both(dir: &Path, img: &str, opts: &str) -> i32 {
+    let [ours, theirs] = ["ours", "theirs"].map(|w| format!("{w}-{img}"));
+    std::fs::copy(dir.join(img), dir.join(&ours)).unwrap();
+    std::fs::copy(dir.join(img), dir.join(&theirs)).unwrap();
+    let mine = run_with_stderr(
+        dir,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &["amend", "-o", opts, &ours],
+    );
+    let reference = run_with_stderr(dir, "qemu-img", "qemu-img", &["amend", "-o", opts, &theirs]);
+    assert_eq!(mine, reference, "amend -o {opts} on {img}");
+    assert_check_clean(dir, &ours);
+    assert_eq!(
+        qemu(dir, &["compare", &ours, &theirs]).0,
+        0,
+        "{opts} on {img}"
+    );
+    assert_eq!(
+        info_sans_layout(dir, &ours),
+        info_sans_layout(dir, &theirs),
+        "{opts} on {img}"
+    );
+    let listed = qemu(dir, &["snapshot", "-l", &theirs]).1;
+    for name in listed
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1))
+    {
+        assert!(
+            qemu_contents(dir, &ours, Some(name)) == qemu_contents(dir, &theirs, Some(name)),
+            "snapshot {name} after {opts} on {img}"
+        );
+    }
+    mine.0
+}
+
+#[test]
+fn amend_changes_every_option_as_qemu_img_does() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    // v3 with a snapshot, zero clusters (plain and preallocated, some shared with the
+    // snapshot) and a compressed cluster.
+    snapshot_base(p, "a.qcow2", &[]);
+    qemu(p, &["snapshot", "-c", "s", "a.qcow2"]);
+    qemu_io(
+        p,
+        "a.qcow2",
+        &["write -z 1M 64k", "write -P 7 0 64k", "write -z -u 40M 64k"],
+    );
+    qcow2_image(
+        p,
+        &["-o", "compat=0.10"],
+        "v2.qcow2",
+        "64M",
+        &["write -P 1 0 1M"],
+    );
+    qemu(p, &["snapshot", "-c", "s", "v2.qcow2"]);
+    qcow2_image(p, &[], "base.qcow2", "64M", &["write -P 9 0 8M"]);
+    qcow2_image(
+        p,
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "top.qcow2",
+        "64M",
+        &[
+            "write -z 0 64k",
+            "write -z 1M 1M",
+            "write -P 3 2M 64k",
+            "write -z 2M 64k",
+        ],
+    );
+    qemu(p, &["snapshot", "-c", "s", "top.qcow2"]);
+    qemu_io(p, "top.qcow2", &["write -z 3M 64k"]);
+    qcow2_image(
+        p,
+        &["-o", "cluster_size=512"],
+        "small.qcow2",
+        "64M",
+        &["write -P 1 0 3M", "write -P 2 60M 1M"],
+    );
+    qemu(p, &["snapshot", "-c", "s", "small.qcow2"]);
+    qcow2_image(
+        p,
+        &["-o", "data_file=a.raw,data_file_raw=on"],
+        "df.qcow2",
+        "1M",
+        &[],
+    );
+    let options = [
+        "compat=1.1",
+        "compat=0.10",
+        "compat=v3",
+        "compat=0.10,compat=1.1",
+        "lazy_refcounts=on",
+        "lazy_refcounts=off",
+        "compat=0.10,lazy_refcounts=on",
+        "compat=1.1,lazy_refcounts=on",
+        "refcount_bits=1",
+        "refcount_bits=2",
+        "refcount_bits=8",
+        "refcount_bits=64",
+        "compat=0.10,refcount_bits=8",
+        "compat=1.1,refcount_bits=32",
+        "size=32M",
+        "size=128M",
+        "size=128M,compat=0.10",
+        "size=1000",
+        "backing_file=b.qcow2",
+        "backing_fmt=raw",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "data_file=x",
+        "data_file_raw=on",
+        "data_file_raw=off",
+    ];
+    let mut changed = 0;
+    for img in ["a.qcow2", "v2.qcow2", "top.qcow2", "small.qcow2"] {
+        for o in options {
+            changed += usize::from(amend_both(p, img, o) == 0);
+        }
+    }
+    std::fs::copy(p.join("a.raw"), p.join("b.raw")).unwrap();
+    for o in [
+        "data_file=b.raw",
+        "data_file_raw=off",
+        "data_file_raw=on",
+        "compat=0.10",
+    ] {
+        amend_both(p, "df.qcow2", o);
+    }
+    assert!(changed > 40, "{changed} amends succeeded");
+}
+
+#[test]
+fn amend_refuses_and_helps_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "64M", &["write -P 1 0 1M"]);
+    qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    for o in [
+        "help",
+        "?",
+        "help,compat=1.1",
+        "cluster_size=4096",
+        "cluster_size=4096,foo=bar",
+        "encryption=on",
+        "encrypt.format=luks",
+        "preallocation=full",
+        "compression_type=zstd",
+        "extended_l2=on",
+        "nocow=on",
+        "foo=bar",
+        "compat=foo",
+        "compat",
+        "lazy_refcounts=foo",
+        "size=foo",
+        "refcount_bits=foo",
+        "refcount_bits=3",
+        "refcount_bits=128",
+        "encrypt.new-secret=x",
+    ] {
+        amend_both(p, "a.qcow2", o);
+    }
+    for args in [
+        &["amend", "a.qcow2"][..],
+        &["amend", "-o", "help"],
+        &["amend", "-f", "qcow2", "-o", "help"],
+        &["amend", "-f", "raw", "-o", "help"],
+        &["amend", "-o", "compat=1.1"],
+        &["amend", "-o", "compat=1.1", "a.qcow2", "b"],
+        &["amend", "-f", "raw", "-o", "compat=1.1", "r.raw"],
+        &["amend", "-f", "raw", "-o", "help", "r.raw"],
+        &["amend", "-o", "compat=1.1", "missing.qcow2"],
+        &["amend", "-t", "bogus", "-o", "compat=1.1", "a.qcow2"],
+        &["amend", "-q", "-o", "compat=1.1", "a.qcow2"],
+    ] {
+        same(p, args);
+    }
+    // An image in use: the lock keeps both tools out.
+    let mut holder = Command::new("qemu-io")
+        .current_dir(p)
+        .args(["-f", "qcow2", "a.qcow2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    same(p, &["amend", "-o", "compat=0.10", "a.qcow2"]);
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
 }

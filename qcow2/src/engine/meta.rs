@@ -96,7 +96,7 @@ pub struct Meta {
     pub free_hint: u64,
     /// Next free byte in the cluster being filled with compressed data.
     pub compressed_tail: Option<u64>,
-    /// Metadata that does not move while the image is open, for overlap checks.
+    /// Snapshot metadata (moved only by snapshot operations), for overlap checks.
     pub fixed: FixedMetadata,
     /// Set once an overlap check marked the image corrupt (shared with the lock-free paths).
     pub corrupt: Arc<AtomicBool>,
@@ -225,10 +225,10 @@ impl Meta {
     /// Sets the refcount of a cluster whose refcount block exists.
     fn set_refcount(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
         if value > tables::max_refcount(self.geo.refcount_order) {
-            return Err(Error::Corrupt(format!(
-                "refcount of cluster {cluster} would overflow {} bits",
-                1 << self.geo.refcount_order
-            )));
+            return Err(Error::RefcountOverflow {
+                cluster,
+                bits: 1 << self.geo.refcount_order,
+            });
         }
         let block = self
             .refblock_offset(cluster)

@@ -5,6 +5,7 @@
 //! across guest-data I/O. Allocating writes mark their guest clusters busy so overlapping
 //! writes to the same cluster are serialised; everything else runs in parallel.
 
+mod amend;
 pub(crate) mod busy;
 pub(crate) mod cache;
 mod l2;
@@ -12,7 +13,9 @@ mod map;
 pub(crate) mod meta;
 pub(crate) mod overlap;
 mod read;
+mod refcount_order;
 mod resize;
+mod snapshot_ops;
 mod write;
 
 /// Helpers that create and open scratch images, for tests elsewhere in the crate.
@@ -384,12 +387,7 @@ impl Qcow2 {
         let per = m.l2_slice_entries();
         if let Some((i, host)) = self.first_unaligned(entries) {
             let index = (first + i as u64) % self.geo.l2_entries() % per;
-            return Err(Error::Corrupt(format!(
-                "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
-                c_hex(host),
-                c_hex(table),
-                c_hex(index)
-            )));
+            return Err(unaligned_entry(host, table, index));
         }
         if !self.geo.extended_l2 {
             return Ok(());
@@ -495,6 +493,17 @@ impl Qcow2 {
 }
 
 /// A number as C's `%#x` prints it (0 without the prefix), for QEMU's messages.
+/// QEMU's error for an L2 entry (`index` in the table at `table`) whose host offset `host`
+/// is not cluster-aligned.
+pub(crate) fn unaligned_entry(host: u64, table: u64, index: u64) -> Error {
+    Error::Corrupt(format!(
+        "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+        c_hex(host),
+        c_hex(table),
+        c_hex(index)
+    ))
+}
+
 pub(crate) fn c_hex(n: u64) -> String {
     match n {
         0 => "0".into(),

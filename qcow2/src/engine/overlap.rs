@@ -34,8 +34,8 @@ pub enum Target {
     RefBlock(u64),
 }
 
-/// Host ranges of metadata that do not change while the image is open: the snapshot table
-/// and the snapshots' L1 tables.
+/// Host ranges of metadata that only snapshot operations change: the snapshot table and
+/// the snapshots' L1 tables.
 #[derive(Debug, Default)]
 pub struct FixedMetadata {
     /// The snapshot table: (offset, length).

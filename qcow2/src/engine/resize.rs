@@ -22,6 +22,11 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        if self.version < 3 && !self.snapshots.is_empty() {
+            return Err(Error::InvalidOption(
+                "Can't resize a v2 image which has snapshots".into(),
+            ));
+        }
         let old = self.size;
         if new_size < old && prealloc != Preallocation::Off {
             return Err(Error::InvalidOption(
@@ -162,7 +167,7 @@ impl Qcow2 {
     /// Moves the L1 table to a new allocation with `entries` entries (QEMU's
     /// `qcow2_grow_l1_table` with an exact size): the new table is durable before the header
     /// points to it, and the old one is freed afterwards.
-    fn grow_l1(&self, entries: u64) -> Result<()> {
+    pub(super) fn grow_l1(&self, entries: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         let file = &*self.file;
         let mut m = self.meta_mut();

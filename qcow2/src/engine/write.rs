@@ -338,18 +338,12 @@ impl Qcow2 {
 
     /// Queues the refcount decrement for whatever `entry` referenced.
     fn release(&self, m: &mut Meta, entry: L2Entry) {
-        match entry {
-            L2Entry::Compressed { host, len } => {
-                let start = host & !511;
-                m.free_later(start, len + (host - start));
-            }
-            e => {
-                if let Some(h) = e.host_cluster() {
-                    if self.data_file.is_none() {
-                        m.free_later(h, self.geo.cluster_size());
-                    }
-                }
-            }
+        let in_data_file = self.data_file.is_some() && entry.host_cluster().is_some();
+        if let (Some((off, len)), false) = (
+            super::snapshot_ops::referenced_range(entry, self.geo.cluster_size()),
+            in_data_file,
+        ) {
+            m.free_later(off, len);
         }
     }
 

@@ -1,4 +1,4 @@
-//! The internal snapshot table: parsing only (we keep it intact and read it for refcounts).
+//! The internal snapshot table: parsing and serialising (unknown extra data is kept).
 
 use super::header::{be16, be32, be64};
 use crate::error::{Error, Result};
@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub disk_size: Option<u64>,
     /// Instruction count, if recorded (-1 = off).
     pub icount: Option<u64>,
+    /// Extra data past the fields we know (a later QEMU's), kept byte for byte.
+    pub unknown_extra: Vec<u8>,
 }
 
 /// Which internal snapshot to open, with QEMU's lookup rules (`bdrv_snapshot_load_tmp`):
@@ -62,6 +64,38 @@ impl SnapshotRef {
             SnapshotRef::IdOrName(x) => first(&|s| s.id == *x).or_else(|| first(&|s| s.name == *x)),
         }
     }
+}
+
+/// Bytes of extra data whose fields we know: VM state size, disk size, icount.
+const KNOWN_EXTRA: usize = 24;
+
+/// Serialises a snapshot table as QEMU's `qcow2_write_snapshots` does: every entry gets the
+/// 24 bytes of known extra data (plus what it had beyond them), and starts 8-byte aligned;
+/// the last one is not padded.
+/// `current_size` stands in for a disk size the entry does not record (QEMU's reading).
+pub fn serialize_table(table: &[Snapshot], current_size: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in table {
+        out.resize(out.len().next_multiple_of(8), 0);
+        let extra_len = KNOWN_EXTRA + s.unknown_extra.len();
+        out.extend_from_slice(&s.l1_table_offset.to_be_bytes());
+        out.extend_from_slice(&s.l1_size.to_be_bytes());
+        out.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&s.date_sec.to_be_bytes());
+        out.extend_from_slice(&s.date_nsec.to_be_bytes());
+        out.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
+        let small_state = u32::try_from(s.vm_state_size).unwrap_or(0);
+        out.extend_from_slice(&small_state.to_be_bytes());
+        out.extend_from_slice(&(extra_len as u32).to_be_bytes());
+        out.extend_from_slice(&s.vm_state_size.to_be_bytes());
+        out.extend_from_slice(&s.disk_size.unwrap_or(current_size).to_be_bytes());
+        out.extend_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
+        out.extend_from_slice(&s.unknown_extra);
+        out.extend_from_slice(s.id.as_bytes());
+        out.extend_from_slice(s.name.as_bytes());
+    }
+    out
 }
 
 /// Parses `count` snapshot entries from `table`, the bytes at the snapshot table offset.
@@ -104,6 +138,7 @@ pub fn parse_table(table: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize)> {
             },
             disk_size: (extra_len >= 16).then(|| be64(extra, 8)),
             icount: (extra_len >= 24).then(|| be64(extra, 16)),
+            unknown_extra: extra.get(KNOWN_EXTRA..).unwrap_or_default().to_vec(),
         });
         off += total.div_ceil(8) * 8;
     }
@@ -140,6 +175,30 @@ mod tests {
     }
 
     #[test]
+    fn serialising_adds_the_known_extra_data_and_keeps_unknown_bytes() {
+        let mut e = vec![0u8; 40];
+        e[0..8].copy_from_slice(&0x70000u64.to_be_bytes());
+        e[12..14].copy_from_slice(&2u16.to_be_bytes());
+        e[14..16].copy_from_slice(&1u16.to_be_bytes());
+        e[32..36].copy_from_slice(&77u32.to_be_bytes());
+        e.extend_from_slice(b"12x");
+        e.resize(48, 0);
+        let (old, _) = parse_table(&e, 1).unwrap();
+        let bytes = serialize_table(&old, 5 << 20);
+        let (new, len) = parse_table(&bytes, 1).unwrap();
+        assert_eq!((bytes.len(), len), (40 + 24 + 3, 72));
+        assert_eq!(new[0].vm_state_size, 77);
+        assert_eq!(new[0].disk_size, Some(5 << 20));
+        assert_eq!(new[0].icount, Some(u64::MAX));
+        assert_eq!((new[0].id.as_str(), new[0].name.as_str()), ("12", "x"));
+        let mut later = new[0].clone();
+        later.unknown_extra = vec![1, 2, 3, 4, 5, 6, 7, 8];
+        let bytes = serialize_table(&[later.clone(), new[0].clone()], 0);
+        let (both, _) = parse_table(&bytes, 2).unwrap();
+        assert_eq!(both, vec![later, new[0].clone()]);
+    }
+
+    #[test]
     fn lookup_tries_every_id_before_any_name() {
         let snap = |id: &str, name: &str| Snapshot {
             l1_table_offset: 0,
@@ -152,6 +211,7 @@ mod tests {
             vm_state_size: 0,
             disk_size: None,
             icount: None,
+            unknown_extra: Vec::new(),
         };
         let table = [snap("1", "2"), snap("2", "b"), snap("3", "b")];
         let found = |r: SnapshotRef| r.find(&table).map(|s| s.id.as_str());

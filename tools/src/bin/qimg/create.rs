@@ -72,7 +72,8 @@ impl std::fmt::Display for OptionError {
 
 impl std::error::Error for OptionError {}
 
-fn on_off(key: &str, v: &str) -> Result<bool, OptionError> {
+/// A boolean `-o` option (QEMU's on/off, true/false, yes/no).
+pub fn on_off(key: &str, v: &str) -> Result<bool, OptionError> {
     match v {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
@@ -83,7 +84,7 @@ fn on_off(key: &str, v: &str) -> Result<bool, OptionError> {
 }
 
 /// A number-typed `-o` option (QEMU's `parse_option_number`: base 0, unsigned).
-fn option_number(key: &str, v: &str) -> Result<u64, OptionError> {
+pub fn option_number(key: &str, v: &str) -> Result<u64, OptionError> {
     match strtoi64(v) {
         Ok(n) if n >= 0 => Ok(n as u64),
         Err(SizeError::OutOfRange) => Err(OptionError::Syntax(format!(

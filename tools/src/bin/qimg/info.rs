@@ -315,14 +315,7 @@ impl NodeInfo {
             }
         }
         if let Some(snaps) = &self.snapshots {
-            out.push_str(&format!("{ind}Snapshot list:\n{ind}"));
-            out.push_str(&snapshot_line([
-                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT",
-            ]));
-            for s in snaps {
-                out.push_str(&ind);
-                out.push_str(&snapshot_row(s));
-            }
+            out.push_str(&snapshot_list(snaps, &ind));
         }
         if let Some((_, data)) = &self.format_specific {
             if data.has_content() {
@@ -353,8 +346,22 @@ fn snapshot_line(f: [&str; 6]) -> String {
     )
 }
 
+/// QEMU's "Snapshot list:" table, every line indented by `ind` (`qemu-img info` and
+/// `qemu-img snapshot -l` print it).
+pub fn snapshot_list(snaps: &[Snapshot], ind: &str) -> String {
+    let mut out = format!("{ind}Snapshot list:\n{ind}");
+    out.push_str(&snapshot_line([
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT",
+    ]));
+    for s in snaps {
+        out.push_str(ind);
+        out.push_str(&snapshot_row(s));
+    }
+    out
+}
+
 /// A snapshot as QEMU's `bdrv_snapshot_dump` prints it (date in local time).
-pub fn snapshot_row(s: &Snapshot) -> String {
+fn snapshot_row(s: &Snapshot) -> String {
     let secs = s.vm_clock_nsec / 1_000_000_000;
     let clock = format!(
         "{:04}:{:02}:{:02}.{:03}",

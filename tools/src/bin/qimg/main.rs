@@ -19,6 +19,7 @@ macro_rules! out {
     }};
 }
 
+mod amend;
 mod bench;
 mod chain;
 mod check;
@@ -38,6 +39,7 @@ mod qjson;
 mod rebase;
 mod resize;
 mod size;
+mod snapshot;
 mod snapshot_param;
 
 use std::process::ExitCode;
@@ -79,6 +81,10 @@ enum Command {
     Dd(dd::Args),
     /// Run an I/O benchmark on an image.
     Bench(bench::Args),
+    /// Change format options of an image in place.
+    Amend(amend::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::Args),
 }
 
 fn main() -> ExitCode {
@@ -109,6 +115,8 @@ fn main() -> ExitCode {
         Command::Commit(a) => commit::run(a),
         Command::Dd(a) => dd::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
+        Command::Amend(a) => amend::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -78,15 +78,15 @@ fn resize_raw(
 }
 
 /// Fails on images with persistent bitmaps: opening them for writing would drop the bitmaps,
-/// where qemu-img resizes them.
-fn refuse_bitmaps(file: &dyn Storage, name: &str) -> anyhow::Result<()> {
+/// where qemu-img keeps them up to date. `what` names the refused action ("resize").
+pub fn refuse_bitmaps(file: &dyn Storage, name: &str, what: &str) -> anyhow::Result<()> {
     let mut first = vec![0u8; file.len()?.min(2 << 20) as usize];
     file.read_at(&mut first, 0)?;
     let h = Header::parse(&first).map_err(|e| crate::open_error(name, e))?;
     if h.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps() > 0)
         && h.autoclear_features & AUTOCLEAR_BITMAPS != 0
     {
-        bail!("{name}: qimg cannot resize images with persistent dirty bitmaps yet");
+        bail!("{name}: qimg cannot {what} images with persistent dirty bitmaps yet");
     }
     Ok(())
 }
@@ -111,7 +111,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         // As QEMU sees it: in whole sectors.
         Format::Raw => storage.len()?.next_multiple_of(512),
         Format::Qcow2 => {
-            refuse_bitmaps(&*storage, &a.filename)?;
+            refuse_bitmaps(&*storage, &a.filename, "resize")?;
             let q = Qcow2::open_storage(
                 storage.clone(),
                 &Default::default(),
@@ -135,9 +135,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         bail!("The new size must be a multiple of 512");
     }
     match qcow.as_mut() {
-        Some(q) => q
-            .resize(total, prealloc)
-            .map_err(|e| anyhow::anyhow!("Error resizing image: {e}"))?,
+        Some(q) => q.resize(total, prealloc).map_err(|e| match e {
+            // QEMU's own refusals come as they are.
+            qcow2::Error::InvalidOption(why) => anyhow::anyhow!(why),
+            e => anyhow::anyhow!("Error resizing image: {e}"),
+        })?,
         None => resize_raw(&storage, current, total, prealloc)?,
     }
     if !a.quiet {

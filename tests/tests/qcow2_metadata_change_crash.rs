@@ -1,0 +1,163 @@
+//! Crashes while internal snapshots are created, applied or deleted, and while `amend`
+//! downgrades an image or changes its refcount width: the disk keeps its data (or, for
+//! apply, becomes the snapshot's), each snapshot is whole or gone, and qemu-img check finds
+//! leaks at most. Create and delete have the window QEMU's ordering
+//! has too, between refcounts and the COPIED flags that follow them: flags that only cost
+//! a copy or mark a leaked reference, which `qemu-img check -r all` repairs.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cowbird_tests::crash::CrashStorage;
+use cowbird_tests::*;
+use qcow2::{CreateOptions, Image, Qcow2, SnapshotRef};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const SIZE: u64 = 4 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Create,
+    Apply,
+    Delete,
+    Downgrade,
+    RefcountWidth(u32),
+}
+
+/// Random writes: data, compressed clusters, zeroes.
+fn write_some(img: &Qcow2, rng: &mut StdRng) {
+    for i in 0..rng.random_range(5..30) {
+        let off = rng.random_range(0..SIZE - 20000);
+        match rng.random_range(0..5) {
+            0 => img
+                .write_compressed(&[i | 1; 4096], off / 4096 * 4096)
+                .unwrap(),
+            1 => img.write_zeroes(off, 9000, rng.random()).unwrap(),
+            _ => img.write_at(&pattern(13000, off, i), off).unwrap(),
+        }
+    }
+}
+
+/// Whether every error `qemu-img check` reports is a COPIED flag `op` may leave behind.
+fn only_copied_flags(op: Op, text: &str) -> bool {
+    text.lines().filter(|l| l.starts_with("ERROR")).all(|line| {
+        let refcount = line
+            .strip_prefix("ERROR OFLAG_COPIED")
+            .and_then(|rest| rest.rsplit("refcount=").next()?.parse::<u64>().ok());
+        match (op, refcount) {
+            (Op::Create, Some(r)) => r > 1,
+            (Op::Delete, Some(r)) => r == 1,
+            _ => false,
+        }
+    })
+}
+
+/// Snapshot "first" of some data, more data, then a crash at flush `n` of `op`. Returns
+/// false if `op` had fewer flushes.
+fn crash_in(op: Op, seed: u64, n: usize) -> bool {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let storage = Arc::new(CrashStorage::default());
+    let opts = CreateOptions {
+        size: SIZE,
+        cluster_size: 4096,
+        ..Default::default()
+    };
+    qcow2::create::write_skeleton(&*storage, &opts).unwrap();
+    let mut img = Qcow2::open_storage(storage.clone(), &Default::default(), None).unwrap();
+    write_some(&img, &mut rng);
+    let first = our_raw(&img);
+    img.create_snapshot("first").unwrap();
+    write_some(&img, &mut rng);
+    img.flush().unwrap();
+    let now = our_raw(&img);
+    storage.crash_at_flush(n, seed);
+    let first_ref = SnapshotRef::Name("first".into());
+    match op {
+        Op::Create => img.create_snapshot("second").map(drop),
+        Op::Apply => img.apply_snapshot(&first_ref),
+        Op::Delete => img.delete_snapshot(&first_ref).map(drop),
+        Op::Downgrade => img.downgrade_to_v2(),
+        Op::RefcountWidth(order) => img.change_refcount_order(order),
+    }
+    .unwrap();
+    if !storage.has_crashed() {
+        return false;
+    }
+    let crashed = storage.crash_image(&mut rng);
+    std::mem::forget(img);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crashed.qcow2");
+    std::fs::write(&path, &crashed).unwrap();
+    let what = format!("{op:?}, seed {seed}, flush {n}");
+    let (code, text) = qemu_check(&path);
+    if code == 2 && only_copied_flags(op, &text) {
+        let repaired = run("qemu-img", &["check", "-r", "all", path.to_str().unwrap()]);
+        assert!(repaired.status.success(), "{what}");
+        assert_qemu_clean(&path);
+    } else {
+        assert!(code == 0 || code == 3, "{what}:\n{text}");
+    }
+    let disk = qemu_raw(&path);
+    assert!(
+        disk == now || (op == Op::Apply && disk == first),
+        "{what}: the disk"
+    );
+    for (name, contents) in [("first", &first), ("second", &now)] {
+        if listed(&path).contains(&format!(" {name} ")) {
+            assert_same(&snapshot_raw(&path, name), contents, &what);
+        }
+    }
+    true
+}
+
+/// `qemu-img snapshot -l`.
+fn listed(path: &Path) -> String {
+    qemu_img(&["snapshot", "-l", path.to_str().unwrap()])
+}
+
+/// The contents of internal snapshot `name`, read by qemu-img.
+fn snapshot_raw(path: &Path, name: &str) -> Vec<u8> {
+    let out = path.with_extension("snap.raw");
+    let p = path.to_str().unwrap();
+    qemu_img(&["convert", "-l", name, "-O", "raw", p, out.to_str().unwrap()]);
+    std::fs::read(out).unwrap()
+}
+
+/// Crashes `op` at each of its flushes, for a few seeds.
+fn crash_everywhere(op: Op) {
+    for seed in 0..4 {
+        let mut n = 1;
+        while crash_in(op, seed, n) {
+            n += 1;
+        }
+        assert!(n > 3, "{op:?} has only {} flushes", n - 1);
+    }
+}
+
+#[test]
+fn a_crash_while_a_snapshot_is_created_loses_nothing() {
+    crash_everywhere(Op::Create);
+}
+
+#[test]
+fn a_crash_while_a_snapshot_is_applied_leaves_the_old_or_the_new_disk() {
+    crash_everywhere(Op::Apply);
+}
+
+#[test]
+fn a_crash_while_a_snapshot_is_deleted_loses_nothing() {
+    crash_everywhere(Op::Delete);
+}
+
+#[test]
+fn a_crash_while_an_image_is_downgraded_loses_nothing() {
+    crash_everywhere(Op::Downgrade);
+}
+
+#[test]
+fn a_crash_while_the_refcount_width_changes_loses_nothing() {
+    for order in [3, 6] {
+        crash_everywhere(Op::RefcountWidth(order));
+    }
+}

@@ -1,0 +1,162 @@
+//! `qimg snapshot`: list (`-l`, the default), create (`-c`), apply (`-a`) and delete (`-d`)
+//! internal snapshots, with qemu-img's messages and exit codes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::bail;
+use qcow2::{FileStorage, Format, Locking, Qcow2, SnapshotRef};
+
+/// Arguments of `qimg snapshot`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// List the snapshots (the default).
+    #[arg(short = 'l', long = "list", action = clap::ArgAction::Count)]
+    list: u8,
+    /// Apply the snapshot with this ID or name.
+    #[arg(short = 'a', long = "apply")]
+    apply: Vec<String>,
+    /// Create a snapshot with this name.
+    #[arg(short = 'c', long = "create")]
+    create: Vec<String>,
+    /// Delete the snapshot with this name.
+    #[arg(short = 'd', long = "delete")]
+    delete: Vec<String>,
+    /// Open without taking locks (listing only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// The image.
+    filename: Vec<String>,
+}
+
+/// What `qimg snapshot` was asked to do.
+enum Action {
+    List,
+    Create(String),
+    Apply(String),
+    Delete(String),
+}
+
+impl Args {
+    /// The one action asked for (qemu-img refuses two, even the same one twice).
+    fn action(&self) -> anyhow::Result<Action> {
+        let mut all: Vec<Action> = (0..self.list).map(|_| Action::List).collect();
+        all.extend(self.apply.iter().cloned().map(Action::Apply));
+        all.extend(self.create.iter().cloned().map(Action::Create));
+        all.extend(self.delete.iter().cloned().map(Action::Delete));
+        if all.len() > 1 {
+            bail!("Cannot mix '-l', '-a', '-c', '-d'\nTry 'qimg snapshot --help' for more info");
+        }
+        Ok(all.pop().unwrap_or(Action::List))
+    }
+}
+
+/// Runs `qimg snapshot`.
+pub fn run(a: Args) -> anyhow::Result<u8> {
+    let action = a.action()?;
+    let [name] = &a.filename[..] else {
+        bail!("Expecting one image file name\nTry 'qimg snapshot --help' for more info");
+    };
+    let format = a.format.as_deref();
+    if let Action::List = action {
+        let image = open(name, format, false, crate::locking(a.force_share))?;
+        if let Some(q) = image.filter(|q| !q.snapshots().is_empty()) {
+            out!("{}", crate::info::snapshot_list(q.snapshots(), ""));
+        }
+        return Ok(0);
+    }
+    if a.force_share {
+        bail!("Could not open '{name}': force-share=on can only be used with read-only images");
+    }
+    let image = open(name, format, true, Locking::On)?;
+    match action {
+        Action::List => unreachable!("listed above"),
+        Action::Create(snap) => {
+            // qemu-img keeps at most 255 bytes of the name.
+            let mut snap_name = snap.clone();
+            while snap_name.len() > 255 {
+                snap_name.pop();
+            }
+            let created = match image {
+                Some(mut q) => q.create_snapshot(&snap_name).map(drop),
+                None => Err(qcow2::Error::NotSupported("raw images".into())),
+            };
+            created.map_err(|e| {
+                anyhow::anyhow!("Could not create snapshot '{snap}': {}", errno_text(&e))
+            })
+        }
+        Action::Apply(snap) => {
+            let Some(mut q) = image else {
+                bail!("Could not apply snapshot '{snap}': Block driver does not support snapshots");
+            };
+            q.apply_snapshot(&SnapshotRef::IdOrName(snap.clone()))
+                .map_err(|e| {
+                    let why = match e {
+                        qcow2::Error::SnapshotNotFound => "No such file or directory".into(),
+                        e => errno_text(&e),
+                    };
+                    anyhow::anyhow!(
+                        "Could not apply snapshot '{snap}': Failed to load snapshot: {why}"
+                    )
+                })
+        }
+        Action::Delete(snap) => {
+            let by_name = SnapshotRef::Name(snap.clone());
+            let found = image.filter(|q| by_name.find(q.snapshots()).is_some());
+            let Some(mut q) = found else {
+                bail!("Could not delete snapshot '{snap}': snapshot not found");
+            };
+            q.delete_snapshot(&by_name)
+                .map(drop)
+                .map_err(|e| anyhow::anyhow!("Could not delete snapshot '{snap}': {e}"))
+        }
+    }?;
+    Ok(0)
+}
+
+/// The words qemu-img's `strerror` gives for what an engine error stands for.
+fn errno_text(e: &qcow2::Error) -> String {
+    match e {
+        qcow2::Error::NotSupported(_) => "Operation not supported".into(),
+        qcow2::Error::RefcountOverflow { .. } => "Invalid argument".into(),
+        qcow2::Error::Io { error, .. } => error.to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// Opens an image with its backing chain, as qemu-img does: a qcow2 image, or `None` for a
+/// raw one.
+fn open(
+    name: &str,
+    format: Option<&str>,
+    writable: bool,
+    locking: Locking,
+) -> anyhow::Result<Option<Qcow2>> {
+    let storage = Arc::new(FileStorage::new(crate::open_file(name, writable)?));
+    let fmt = match format {
+        Some(f) => crate::parse_format(f)?,
+        None => qcow2::open::probe(&*storage)?,
+    };
+    crate::lock(storage.file(), name, locking, fmt, writable)?;
+    if fmt == Format::Raw {
+        return Ok(None);
+    }
+    if writable {
+        crate::resize::refuse_bitmaps(&*storage, name, "change snapshots of")?;
+    }
+    let opts = qcow2::OpenOptions {
+        read_only: !writable,
+        locking,
+        ..Default::default()
+    };
+    let dir = Path::new(name).parent().unwrap_or(Path::new("."));
+    Qcow2::open_storage(storage, &opts, Some(dir))
+        .map(Some)
+        .map_err(|e| crate::open_error(name, e))
+}
