@@ -376,23 +376,11 @@ impl Meta {
 #[cfg(test)]
 mod tests {
     use super::next_id;
-    use crate::format::snapshot::Snapshot;
+    use crate::format::snapshot::test_snapshot;
 
     #[test]
     fn ids_continue_after_the_largest_number() {
-        let snap = |id: &str| Snapshot {
-            l1_table_offset: 0,
-            l1_size: 0,
-            id: id.into(),
-            name: String::new(),
-            date_sec: 0,
-            date_nsec: 0,
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
-            disk_size: None,
-            icount: None,
-            unknown_extra: Vec::new(),
-        };
+        let snap = |id: &str| test_snapshot(id, "");
         assert_eq!(next_id(&[]), "1");
         assert_eq!(next_id(&[snap("3"), snap("10"), snap("x")]), "11");
         assert_eq!(next_id(&[snap("7abc")]), "8");

@@ -145,6 +145,24 @@ pub fn parse_table(table: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize)> {
     Ok((out, off))
 }
 
+/// A table entry with only an ID and a name, for tests of lookups and numbering.
+#[cfg(test)]
+pub(crate) fn test_snapshot(id: &str, name: &str) -> Snapshot {
+    Snapshot {
+        l1_table_offset: 0,
+        l1_size: 0,
+        id: id.into(),
+        name: name.into(),
+        date_sec: 0,
+        date_nsec: 0,
+        vm_clock_nsec: 0,
+        vm_state_size: 0,
+        disk_size: None,
+        icount: None,
+        unknown_extra: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,19 +218,7 @@ mod tests {
 
     #[test]
     fn lookup_tries_every_id_before_any_name() {
-        let snap = |id: &str, name: &str| Snapshot {
-            l1_table_offset: 0,
-            l1_size: 0,
-            id: id.into(),
-            name: name.into(),
-            date_sec: 0,
-            date_nsec: 0,
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
-            disk_size: None,
-            icount: None,
-            unknown_extra: Vec::new(),
-        };
+        let snap = test_snapshot;
         let table = [snap("1", "2"), snap("2", "b"), snap("3", "b")];
         let found = |r: SnapshotRef| r.find(&table).map(|s| s.id.as_str());
         assert_eq!(found(SnapshotRef::IdOrName("2".into())), Some("2"));
