@@ -369,21 +369,35 @@ impl Meta {
             }
             break missing;
         };
-        for (i, r) in blocks.iter().enumerate() {
-            while self.refblocks.is_full() {
-                self.writeback_refcounts(file)?;
-                self.refblocks.evict_lru();
+        let end = start + n + blocks.len() as u64;
+        // Nothing changes until every step that can fail is behind us, except refcounts
+        // raised in existing blocks (leaks at worst): a refcount block never enters the
+        // table without the refcounts of the run and of the blocks themselves.
+        self.claim_space(
+            file,
+            (start + n) * cs,
+            blocks.len() as u64 * cs,
+            "refcount blocks",
+        )?;
+        for c in start..end {
+            if self.refblock_offset(c).is_some() {
+                self.set_refcount(file, c, 1)?;
+            }
+        }
+        // The new blocks go in together, complete, without evictions in between (the cache
+        // holds more than its capacity until its next insert).
+        for (i, &r) in blocks.iter().enumerate() {
+            let mut block = vec![0u8; cs as usize];
+            let first = r * per_block;
+            for c in start.max(first)..end.min(first + per_block) {
+                tables::set_refcount(&mut block, self.geo.refcount_order, (c - first) as usize, 1);
             }
             let off = (start + n + i as u64) * cs;
-            self.claim_space(file, off, cs, "a refcount block")?;
-            self.refblocks.insert(off, vec![0u8; cs as usize], true);
-            self.set_reftable_entry(*r as usize, off);
-        }
-        for c in start..start + n + blocks.len() as u64 {
-            self.set_refcount(file, c, 1)?;
+            self.refblocks.insert(off, block, true);
+            self.set_reftable_entry(r as usize, off);
         }
         if start == self.free_hint {
-            self.free_hint = start + n + blocks.len() as u64;
+            self.free_hint = end;
         }
         Ok(start * cs)
     }
