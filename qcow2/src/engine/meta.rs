@@ -5,7 +5,9 @@
 //! 1. refcount increments (and new refcount blocks, before the table that points to them)
 //!    are durable before any L2/L1 entry that references the new cluster;
 //! 2. guest data is durable before the L2 entry that maps it (same barrier as rule 1);
-//! 3. refcount decrements are applied only after the L2/L1 updates that dropped the
+//! 3. a new L2 table is durable before the L1 entry that points at it (a barrier between
+//!    them, only when the L1 table changed);
+//! 4. refcount decrements are applied only after the L2/L1 updates that dropped the
 //!    reference are durable, so a crash leaks clusters but never frees one in use.
 
 use std::sync::atomic::AtomicBool;
@@ -566,6 +568,11 @@ impl Meta {
                 .map_err(io("flushing data and refcounts".into()))?;
             self.write_l2_slices(file, &l2_dirty)?;
             if self.l1_dirty {
+                // An L1 entry may point at a table just written: the table is durable
+                // first (QEMU's l2_allocate), or a crash could keep the entry alone.
+                if !l2_dirty.is_empty() {
+                    file.flush().map_err(io("flushing new L2 tables".into()))?;
+                }
                 let len = self.l1.len() as u64 * 8;
                 self.check_write(file, self.header.l1_table_offset, len, Target::L1)?;
                 file.write_at(&encode_u64_table(&self.l1), self.header.l1_table_offset)
