@@ -537,10 +537,21 @@ impl Meta {
 
     /// Serialises the header into cluster 0 and flushes.
     pub fn write_header(&self, file: &dyn Storage) -> Result<()> {
-        let bytes = self.header.serialize()?;
-        file.write_at(&bytes, 0)
-            .map_err(io("writing the header".into()))?;
-        file.flush().map_err(io("flushing the header".into()))
+        write_header(file, &self.header)
+    }
+
+    /// Writes the header with `change` applied and flushes; the header in memory changes
+    /// only if that succeeded, so it never claims what the file may not hold.
+    pub fn update_header(
+        &mut self,
+        file: &dyn Storage,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<()> {
+        let mut header = self.header.clone();
+        change(&mut header);
+        write_header(file, &header)?;
+        self.header = header;
+        Ok(())
     }
 
     /// Writes all dirty metadata back in crash-safe order (see the module docs).
@@ -612,8 +623,7 @@ impl Meta {
         if self.header.is_dirty() == dirty {
             return Ok(());
         }
-        self.header.incompatible_features ^= INCOMPAT_DIRTY;
-        self.write_header(file)
+        self.update_header(file, |h| h.incompatible_features ^= INCOMPAT_DIRTY)
     }
 
     /// Lazy refcounts on close: writes the refcount structures, then clears the dirty bit.
@@ -626,4 +636,12 @@ impl Meta {
             .map_err(io("flushing refcounts on close".into()))?;
         self.set_dirty_bit(file, false)
     }
+}
+
+/// Serialises `header` into cluster 0 and flushes.
+fn write_header(file: &dyn Storage, header: &Header) -> Result<()> {
+    let bytes = header.serialize()?;
+    file.write_at(&bytes, 0)
+        .map_err(io("writing the header".into()))?;
+    file.flush().map_err(io("flushing the header".into()))
 }
