@@ -492,3 +492,50 @@ fn a_crash_never_keeps_an_l1_entry_without_its_new_l2_table() {
         qemu_io(&crashed, &["read -P 0x5a 0 1M"]);
     }
 }
+
+#[test]
+fn a_zero_copy_read_in_flight_holds_off_a_discard_that_would_reuse_its_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("read.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "64M"]);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let storage = Arc::new(qcow2::FileStorage::new(file));
+    let img = Arc::new(Qcow2::open_storage(storage, &Default::default(), None).unwrap());
+    let cs = img.cluster_size();
+    img.write_at(&vec![0x11; cs as usize], 0).unwrap();
+    img.flush().unwrap();
+    // A read of guest cluster 0 is mapped; its I/O has not run yet.
+    let qcow2::MapOutcome::Mapped(read) = img.map_io(0, cs, false) else {
+        panic!("a read of cached data is mapped")
+    };
+    let qcow2::Extent::Data { host, .. } = read.extents[0] else {
+        panic!("cluster 0 holds data")
+    };
+    // Meanwhile another queue discards the cluster, flushes (freeing its host cluster) and
+    // writes another guest cluster, which could take the freed host cluster.
+    let other = img.clone();
+    let discarding = std::thread::spawn(move || {
+        other.discard(0, cs).unwrap();
+        other.flush().unwrap();
+        other.write_at(&vec![0x5e; cs as usize], 7 * cs).unwrap();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(300);
+    while !discarding.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut buf = vec![0u8; cs as usize];
+    qcow2::Storage::read_at(&*read.storage, &mut buf, host).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0x11),
+        "the read returned another cluster's data"
+    );
+    assert!(img.finish_io(read, true));
+    discarding.join().unwrap();
+    let mut buf = vec![0u8; cs as usize];
+    img.read_at(&mut buf, 7 * cs).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5e));
+}
