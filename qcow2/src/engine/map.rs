@@ -10,8 +10,8 @@ use super::Qcow2;
 impl Qcow2 {
     /// See [`crate::Image::map_io`]: reads of data, zero and (without a backing file)
     /// unallocated clusters; writes to clusters writable in place. The clusters stay
-    /// reserved against allocating writes and discards while the returned mapping lives. Only cached
-    /// L2 slices are used; a missing one is asked for as a [`MetadataLoad`].
+    /// reserved against allocating writes and discards while the returned mapping lives.
+    /// Only cached L2 slices are used; a missing one is asked for as a [`MetadataLoad`].
     pub(super) fn map_guest(&self, offset: u64, len: u64, write: bool) -> MapOutcome {
         if len == 0 || check_range(offset, len, self.size).is_err() {
             return MapOutcome::Declined;
