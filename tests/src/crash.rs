@@ -11,8 +11,17 @@ struct State {
     pending: Vec<(u64, Vec<u8>)>,
     len: u64,
     flushes: usize,
-    crash_at_flush: Option<(usize, u64)>,
+    crash_at_flush: Option<(usize, Survivors)>,
     crashed: Option<Vec<u8>>,
+}
+
+/// Which unflushed writes an armed crash keeps.
+#[derive(Clone)]
+enum Survivors {
+    /// A random subset, from this seed.
+    Random(u64),
+    /// Exactly the writes at these offsets.
+    At(Vec<u64>),
 }
 
 /// In-memory `qcow2::Storage` whose writes become durable only at `flush`.
@@ -59,9 +68,19 @@ impl CrashStorage {
     /// Arms a crash at the start of the `n`th flush from now (the flush's barrier never
     /// completes): the crash image is taken then, with unflushed writes kept at random.
     pub fn crash_at_flush(&self, n: usize, seed: u64) {
+        self.arm(n, Survivors::Random(seed));
+    }
+
+    /// Like [`CrashStorage::crash_at_flush`], but of the unflushed writes exactly those at
+    /// `offsets` survive (the worst subset a test has in mind).
+    pub fn crash_at_flush_keeping(&self, n: usize, offsets: &[u64]) {
+        self.arm(n, Survivors::At(offsets.to_vec()));
+    }
+
+    fn arm(&self, n: usize, survivors: Survivors) {
         let mut s = self.state.lock().expect("lock");
         let at = s.flushes + n;
-        s.crash_at_flush = Some((at, seed));
+        s.crash_at_flush = Some((at, survivors));
     }
 
     /// Whether the armed crash has happened.
@@ -94,10 +113,20 @@ impl qcow2::Storage for CrashStorage {
     fn flush(&self) -> io::Result<()> {
         let mut s = self.state.lock().expect("lock");
         s.flushes += 1;
-        if let Some((at, seed)) = s.crash_at_flush {
+        if let Some((at, survivors)) = s.crash_at_flush.clone() {
             if s.flushes == at && s.crashed.is_none() {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                s.crashed = Some(crash_view(&s, &mut rng));
+                s.crashed = Some(match survivors {
+                    Survivors::Random(seed) => {
+                        crash_view(&s, &mut rand::rngs::StdRng::seed_from_u64(seed))
+                    }
+                    Survivors::At(offsets) => {
+                        let mut img = s.durable.clone();
+                        for (off, data) in s.pending.iter().filter(|(o, _)| offsets.contains(o)) {
+                            apply(&mut img, *off, data);
+                        }
+                        img
+                    }
+                });
             }
         }
         let pending = std::mem::take(&mut s.pending);

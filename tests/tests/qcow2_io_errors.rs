@@ -9,10 +9,13 @@ use std::sync::{Arc, Mutex};
 use cowbird_tests::*;
 use qcow2::{FileStorage, Image, Qcow2, Storage};
 
-/// A host file whose writes to chosen offsets fail with EIO while armed.
+/// A host file whose writes to chosen offsets fail with EIO while armed, and whose space
+/// claims (fallocate) can be made to run out.
 struct FaultyFile {
     inner: FileStorage,
     failing: Mutex<Vec<u64>>,
+    /// Space claims that succeed before one fails with ENOSPC (then disarmed).
+    claims_before_enospc: Mutex<Option<usize>>,
 }
 
 impl FaultyFile {
@@ -26,6 +29,7 @@ impl FaultyFile {
         Arc::new(FaultyFile {
             inner: FileStorage::new(file),
             failing: Mutex::new(Vec::new()),
+            claims_before_enospc: Mutex::new(None),
         })
     }
 
@@ -65,6 +69,15 @@ impl Storage for FaultyFile {
         self.inner.set_len(len)
     }
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut armed = self.claims_before_enospc.lock().unwrap();
+        match armed.as_mut() {
+            Some(0) => {
+                *armed = None;
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            Some(n) => *n -= 1,
+            None => {}
+        }
         self.inner.allocate(offset, len)
     }
 }
@@ -159,4 +172,116 @@ fn a_failed_l1_table_switch_stops_writes() {
     let (code, out) = qemu_check(&path);
     assert!(matches!(code, 0 | 3), "qemu-img check exit {code}:\n{out}");
     qemu_io(&path, &["read -P 0x33 0 64k"]);
+}
+
+/// Growing the L1 table of a large resize takes a long run of clusters and new refcount
+/// blocks after it; running out of space for any of its claims fails the resize and leaves
+/// a consistent image (no refcount block in the table without its own refcount).
+#[test]
+fn running_out_of_space_while_growing_the_l1_table_leaves_a_consistent_image() {
+    let dir = tempfile::tempdir().unwrap();
+    for claims in 0..4 {
+        let path = path_in(dir.path(), &format!("grow{claims}.qcow2"));
+        let p = path.to_str().unwrap();
+        // 512-byte clusters: a refcount block covers 128 KiB, and a 2 GiB disk needs a
+        // 1 MiB L1 table, whose run needs new refcount blocks.
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            p,
+            "1M",
+        ]);
+        let file = FaultyFile::open(&path);
+        {
+            let mut img = Qcow2::open_storage(file.clone(), &Default::default(), None).unwrap();
+            *file.claims_before_enospc.lock().unwrap() = Some(claims);
+            // Whether later claims fail depends on how many the resize makes.
+            let grown = img.resize(2 << 30, qcow2::Preallocation::Off);
+            assert!(
+                claims > 0 || grown.is_err(),
+                "the first claim fails the resize"
+            );
+            *file.claims_before_enospc.lock().unwrap() = None;
+            img.write_at(&[0x33; 512], 0).unwrap();
+            img.flush().unwrap();
+        }
+        assert_qemu_clean(&path);
+        qemu_io(&path, &["read -P 0x33 0 512"]);
+    }
+}
+
+/// With lazy refcounts, the dirty bit must be on disk before L2 tables whose clusters have
+/// no refcount there yet. A failed header write must leave the bit unset in memory too, so
+/// that the next writeback sets it again rather than believe it is set.
+#[test]
+fn a_failed_dirty_bit_write_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "dirty.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        p,
+        "64M",
+    ]);
+    let file = FaultyFile::open(&path);
+    let img = Qcow2::open_storage(file.clone(), &Default::default(), None).unwrap();
+    *file.failing.lock().unwrap() = vec![0];
+    img.write_at(&[0x42; 65536], 0).unwrap();
+    assert!(img.flush().is_err(), "the header write fails");
+    file.failing.lock().unwrap().clear();
+    img.write_at(&[0x43; 65536], 65536).unwrap();
+    img.flush().unwrap();
+    // A power loss now: the image as the file holds it, before the close.
+    let crashed = path_in(dir.path(), "crashed.qcow2");
+    std::fs::copy(&path, &crashed).unwrap();
+    drop(img);
+    let bytes = std::fs::read(&crashed).unwrap();
+    let incompatible = u64::from_be_bytes(bytes[72..80].try_into().unwrap());
+    assert_eq!(
+        incompatible & 1,
+        1,
+        "the dirty bit is set while refcounts lag"
+    );
+    // QEMU repairs the dirty image when it opens it.
+    qemu_io(&crashed, &["read -P 0x42 0 64k", "read -P 0x43 64k 64k"]);
+    assert_qemu_clean(&crashed);
+}
+
+/// A resize whose header write fails leaves the size in memory as it was: a later header
+/// write (here the dirty bit of lazy refcounts) must not record the size that failed.
+#[test]
+fn a_failed_resize_header_write_keeps_the_old_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "resize.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        p,
+        "64M",
+    ]);
+    let file = FaultyFile::open(&path);
+    let mut img = Qcow2::open_storage(file.clone(), &Default::default(), None).unwrap();
+    *file.failing.lock().unwrap() = vec![0];
+    assert!(img.resize(128 << 20, qcow2::Preallocation::Off).is_err());
+    file.failing.lock().unwrap().clear();
+    img.write_at(&[0x44; 512], 0).unwrap();
+    img.flush().unwrap();
+    assert_eq!(img.header().size, 64 << 20);
+    drop(img);
+    assert_qemu_clean(&path);
+    assert!(qemu_img(&["info", p]).contains("virtual size: 64 MiB"));
 }

@@ -439,3 +439,61 @@ fn zeroing_the_end_of_a_partial_last_cluster_keeps_what_precedes_it() {
         assert_qemu_clean(&path);
     }
 }
+
+/// `len` pseudo-random bytes (incompressible) followed by zeros up to `size`.
+fn noise_then_zeros(seed: u64, len: usize, size: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+    v.resize(size, 0);
+    v
+}
+
+#[test]
+fn compressed_data_filling_a_host_cluster_exactly_leaves_the_next_one_alone() {
+    let cs = 4096usize;
+    let packed = |d: &[u8]| qcow2::compress::compress(CompressionType::Deflate, d).map(|c| c.len());
+    // Two clusters whose deflate sizes add up to exactly one cluster.
+    let first = noise_then_zeros(1, 1900, cs);
+    let rest = cs - packed(&first).unwrap();
+    let second = (1..3000)
+        .map(|k| noise_then_zeros(2, k, cs))
+        .find(|d| packed(d) == Some(rest))
+        .expect("a cluster of the right compressed size");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tail.qcow2");
+    let p = path.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        p,
+        "1M",
+    ]);
+    let mut model = vec![0u8; 1 << 20];
+    {
+        let img = open_qcow2(&path);
+        let mut write = |data: &[u8], cluster: usize, compressed: bool| {
+            let off = cluster * cs;
+            if compressed {
+                img.write_compressed(data, off as u64).unwrap();
+            } else {
+                img.write_at(data, off as u64).unwrap();
+            }
+            model[off..off + cs].copy_from_slice(data);
+        };
+        write(&[0xaa; 4096], 10, false); // the L2 table, then data
+        write(&first, 0, true); // host cluster C
+        write(&[0xbb; 4096], 11, false); // host cluster C + 1
+        write(&second, 1, true); // fills C exactly
+        write(&noise_then_zeros(3, 500, cs), 2, true); // must not go into C + 1
+        img.flush().unwrap();
+    }
+    model_matches(
+        &path,
+        &model,
+        "compressed data after an exactly filled cluster",
+    );
+}

@@ -74,7 +74,8 @@ impl<T> TableCache<T> {
         self.entries.len() >= self.capacity
     }
 
-    /// Inserts a table. The caller evicts first when [`TableCache::is_full`].
+    /// Inserts a table. The caller evicts first when [`TableCache::is_full`] (or, to insert
+    /// several tables at once, lets the next insert do it).
     pub fn insert(&mut self, offset: u64, table: T, dirty: bool) {
         let e = Entry {
             table,

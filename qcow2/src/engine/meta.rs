@@ -5,7 +5,9 @@
 //! 1. refcount increments (and new refcount blocks, before the table that points to them)
 //!    are durable before any L2/L1 entry that references the new cluster;
 //! 2. guest data is durable before the L2 entry that maps it (same barrier as rule 1);
-//! 3. refcount decrements are applied only after the L2/L1 updates that dropped the
+//! 3. a new L2 table is durable before the L1 entry that points at it (a barrier between
+//!    them, only when the L1 table changed);
+//! 4. refcount decrements are applied only after the L2/L1 updates that dropped the
 //!    reference are durable, so a crash leaks clusters but never frees one in use.
 
 use std::sync::atomic::AtomicBool;
@@ -369,21 +371,35 @@ impl Meta {
             }
             break missing;
         };
-        for (i, r) in blocks.iter().enumerate() {
-            while self.refblocks.is_full() {
-                self.writeback_refcounts(file)?;
-                self.refblocks.evict_lru();
+        let end = start + n + blocks.len() as u64;
+        // Nothing changes until every step that can fail is behind us, except refcounts
+        // raised in existing blocks (leaks at worst): a refcount block never enters the
+        // table without the refcounts of the run and of the blocks themselves.
+        self.claim_space(
+            file,
+            (start + n) * cs,
+            blocks.len() as u64 * cs,
+            "refcount blocks",
+        )?;
+        for c in start..end {
+            if self.refblock_offset(c).is_some() {
+                self.set_refcount(file, c, 1)?;
+            }
+        }
+        // The new blocks go in together, complete, without evictions in between (the cache
+        // holds more than its capacity until its next insert).
+        for (i, &r) in blocks.iter().enumerate() {
+            let mut block = vec![0u8; cs as usize];
+            let first = r * per_block;
+            for c in start.max(first)..end.min(first + per_block) {
+                tables::set_refcount(&mut block, self.geo.refcount_order, (c - first) as usize, 1);
             }
             let off = (start + n + i as u64) * cs;
-            self.claim_space(file, off, cs, "a refcount block")?;
-            self.refblocks.insert(off, vec![0u8; cs as usize], true);
-            self.set_reftable_entry(*r as usize, off);
-        }
-        for c in start..start + n + blocks.len() as u64 {
-            self.set_refcount(file, c, 1)?;
+            self.refblocks.insert(off, block, true);
+            self.set_reftable_entry(r as usize, off);
         }
         if start == self.free_hint {
-            self.free_hint = start + n + blocks.len() as u64;
+            self.free_hint = end;
         }
         Ok(start * cs)
     }
@@ -521,10 +537,21 @@ impl Meta {
 
     /// Serialises the header into cluster 0 and flushes.
     pub fn write_header(&self, file: &dyn Storage) -> Result<()> {
-        let bytes = self.header.serialize()?;
-        file.write_at(&bytes, 0)
-            .map_err(io("writing the header".into()))?;
-        file.flush().map_err(io("flushing the header".into()))
+        write_header(file, &self.header)
+    }
+
+    /// Writes the header with `change` applied and flushes; the header in memory changes
+    /// only if that succeeded, so it never claims what the file may not hold.
+    pub fn update_header(
+        &mut self,
+        file: &dyn Storage,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<()> {
+        let mut header = self.header.clone();
+        change(&mut header);
+        write_header(file, &header)?;
+        self.header = header;
+        Ok(())
     }
 
     /// Writes all dirty metadata back in crash-safe order (see the module docs).
@@ -552,6 +579,11 @@ impl Meta {
                 .map_err(io("flushing data and refcounts".into()))?;
             self.write_l2_slices(file, &l2_dirty)?;
             if self.l1_dirty {
+                // An L1 entry may point at a table just written: the table is durable
+                // first (QEMU's l2_allocate), or a crash could keep the entry alone.
+                if !l2_dirty.is_empty() {
+                    file.flush().map_err(io("flushing new L2 tables".into()))?;
+                }
                 let len = self.l1.len() as u64 * 8;
                 self.check_write(file, self.header.l1_table_offset, len, Target::L1)?;
                 file.write_at(&encode_u64_table(&self.l1), self.header.l1_table_offset)
@@ -591,8 +623,7 @@ impl Meta {
         if self.header.is_dirty() == dirty {
             return Ok(());
         }
-        self.header.incompatible_features ^= INCOMPAT_DIRTY;
-        self.write_header(file)
+        self.update_header(file, |h| h.incompatible_features ^= INCOMPAT_DIRTY)
     }
 
     /// Lazy refcounts on close: writes the refcount structures, then clears the dirty bit.
@@ -605,4 +636,12 @@ impl Meta {
             .map_err(io("flushing refcounts on close".into()))?;
         self.set_dirty_bit(file, false)
     }
+}
+
+/// Serialises `header` into cluster 0 and flushes.
+fn write_header(file: &dyn Storage, header: &Header) -> Result<()> {
+    let bytes = header.serialize()?;
+    file.write_at(&bytes, 0)
+        .map_err(io("writing the header".into()))?;
+    file.flush().map_err(io("flushing the header".into()))
 }

@@ -47,8 +47,7 @@ impl Qcow2 {
         }
         {
             let mut m = self.meta_mut();
-            m.header.size = new_size;
-            m.write_header(&*self.file)?;
+            m.update_header(&*self.file, |h| h.size = new_size)?;
         }
         self.size = new_size;
         let backing_len = self.backing.as_ref().map_or(0, |b| b.size());
@@ -127,15 +126,10 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        let mut m = self.meta_mut();
-        let old = m.header.clone();
-        m.header.backing_file = name.map(str::to_string);
-        m.header.backing_format = name.and(format).map(str::to_string);
-        if let Err(e) = m.write_header(&*self.file) {
-            m.header = old;
-            return Err(e);
-        }
-        Ok(())
+        self.meta_mut().update_header(&*self.file, |h| {
+            h.backing_file = name.map(str::to_string);
+            h.backing_format = name.and(format).map(str::to_string);
+        })
     }
 
     /// Makes guest clusters from `first` on unallocated and frees the L2 tables at L1

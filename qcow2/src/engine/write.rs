@@ -573,11 +573,13 @@ impl Qcow2 {
         let cs = self.geo.cluster_size();
         full_cluster_guard(len, cs)?;
         let mut m = self.meta_mut();
-        if let Some(tail) = m.compressed_tail {
-            let sector_start = tail & !511;
+        // The tail's cluster is reused only while it has room; a tail at a cluster boundary
+        // means that cluster was filled exactly, and the next one is not ours (QEMU's
+        // qcow2_alloc_bytes).
+        if let Some(tail) = m.compressed_tail.filter(|t| t % cs != 0) {
             let full = m.refcount(&*self.file, tail / cs)?
                 >= tables::max_refcount(self.geo.refcount_order);
-            if !full && (tail % cs) + len <= cs && sector_start / cs == tail / cs {
+            if !full && (tail % cs) + len <= cs {
                 m.add_refcount(&*self.file, tail, 1, 1)?;
                 m.compressed_tail = Some(tail + len);
                 return Ok(tail);

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::sync::Mutex;
+use std::sync::{RwLock, RwLockReadGuard};
 
 use aligned_vec::{avec_rt, AVec, RuntimeAlign};
 
@@ -15,9 +15,11 @@ use aligned_vec::{avec_rt, AVec, RuntimeAlign};
 pub(super) struct DirectIo {
     mem_align: usize,
     offset_align: u64,
-    /// Serialises read-modify-write cycles: two unaligned writes sharing a block (compressed
-    /// clusters packed into one sector, say) must not undo each other.
-    rmw: Mutex<()>,
+    /// Taken exclusively by a read-modify-write cycle, shared by everything else that writes
+    /// or grows the file: two writes sharing a block (compressed clusters packed into one
+    /// sector, say) must not undo each other, and the length a cycle restores must not cut
+    /// off what was appended meanwhile.
+    rmw: RwLock<()>,
 }
 
 impl DirectIo {
@@ -51,7 +53,7 @@ impl DirectIo {
         Some(DirectIo {
             mem_align: mem as usize,
             offset_align: u64::from(offset),
-            rmw: Mutex::new(()),
+            rmw: RwLock::new(()),
         })
     }
 
@@ -104,9 +106,16 @@ impl DirectIo {
         Ok(())
     }
 
+    /// Holds off read-modify-write cycles while the caller writes or resizes the file by
+    /// other means than [`DirectIo::write`].
+    pub(super) fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.rmw.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Writes all of `buf` at `offset`.
     pub(super) fn write(&self, file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
         if self.offset_aligned(offset, buf.len()) {
+            let _shared = self.shared();
             if buf.as_ptr() as usize % self.mem_align == 0 {
                 return file.write_all_at(buf, offset);
             }
@@ -114,7 +123,7 @@ impl DirectIo {
             bounce.copy_from_slice(buf);
             return file.write_all_at(&bounce, offset);
         }
-        let _rmw = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        let _rmw = self.rmw.write().unwrap_or_else(|p| p.into_inner());
         let old_len = file.metadata()?.len();
         let (start, len) = self.covering(offset, buf.len());
         let mut bounce = self.bounce(len);

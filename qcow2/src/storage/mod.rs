@@ -12,7 +12,7 @@ mod unopened;
 pub use unopened::Unopened;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLockReadGuard};
 
 use direct::DirectIo;
 use io_uring::IoUring;
@@ -111,6 +111,12 @@ impl FileStorage {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Under O_DIRECT, holds off read-modify-write cycles while the file is resized or
+    /// written to by other means than `write_at`.
+    fn shared(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        self.direct.as_ref().map(DirectIo::shared)
+    }
 }
 
 impl Storage for FileStorage {
@@ -185,10 +191,12 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        let _shared = self.shared();
         self.file.set_len(len)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _shared = self.shared();
         fallocate(
             &self.file,
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -198,10 +206,12 @@ impl Storage for FileStorage {
     }
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _shared = self.shared();
         fallocate(&self.file, 0, offset, len)
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let shared = self.shared();
         // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`.
         let r = unsafe {
             libc::fallocate(
@@ -211,10 +221,11 @@ impl Storage for FileStorage {
                 len as i64,
             )
         };
+        let e = io::Error::last_os_error();
+        drop(shared);
         if r == 0 {
             return Ok(());
         }
-        let e = io::Error::last_os_error();
         match e.raw_os_error() {
             // File systems without unwritten extents: write the zeros.
             Some(libc::EOPNOTSUPP) => write_zeros(self, offset, len),
