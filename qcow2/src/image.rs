@@ -172,10 +172,9 @@ impl Extent {
     }
 }
 
-/// Where a guest range lives, from [`Image::map_io`]. A mapping keeps the guest clusters
-/// reserved against allocating writes and discards (a write mapping also against other
-/// writes in place) until it is handed back with [`Image::finish_io`] (or dropped), so keep
-/// it until the I/O completed.
+/// Where a guest range lives, from [`Image::map_io`]. A write mapping keeps the guest
+/// clusters reserved against allocating writes and discards until it is handed back with
+/// [`Image::finish_io`] (or dropped), so keep it until the I/O completed.
 pub struct IoMapping {
     /// The file the [`Extent::Data`] offsets refer to.
     pub storage: Arc<dyn Storage>,

@@ -192,8 +192,8 @@ impl BlkBackend {
                         _ => req,
                     };
                     if req.kind.changes_the_image() {
-                        // Zero-copy requests in flight keep their clusters reserved, and
-                        // the slow path may wait for those: finish them first. (A GET_ID does
+                        // Zero-copy writes in flight keep their clusters reserved, and the
+                        // slow path may wait for those: finish them first. (A GET_ID does
                         // not wait behind a slow read.)
                         completed += self.drain_ring(queue, &mut state, slot, &mem);
                     }

@@ -9,9 +9,9 @@ use super::Qcow2;
 
 impl Qcow2 {
     /// See [`crate::Image::map_io`]: reads of data, zero and (without a backing file)
-    /// unallocated clusters; writes to clusters writable in place. The clusters stay
-    /// reserved against allocating writes and discards while the returned mapping lives.
-    /// Only cached L2 slices are used; a missing one is asked for as a [`MetadataLoad`].
+    /// unallocated clusters; writes to clusters writable in place, which stay reserved
+    /// against allocating writes and discards while the returned mapping lives. Only cached
+    /// L2 slices are used; a missing one is asked for as a [`MetadataLoad`].
     pub(super) fn map_guest(&self, offset: u64, len: u64, write: bool) -> MapOutcome {
         if len == 0 || check_range(offset, len, self.size).is_err() {
             return MapOutcome::Declined;
@@ -31,19 +31,8 @@ impl Qcow2 {
             // The caller's own path reports the corruption.
             return MapOutcome::Declined;
         }
-        // Writes hold their clusters busy, and so do reads of data: a discard or
-        // copy-on-write waits for them, so host clusters are not freed and reused before
-        // the I/O is done.
-        let data = clusters
-            .iter()
-            .any(|(e, _)| matches!(e, L2Entry::Normal { .. }));
-        let busy = if write || data {
-            let guard = if write {
-                self.busy.try_acquire(first, count)
-            } else {
-                self.busy.try_acquire_read(first, count)
-            };
-            let Some(guard) = guard else {
+        let busy = if write {
+            let Some(guard) = self.busy.try_acquire(first, count) else {
                 return MapOutcome::Declined;
             };
             // Re-check under the busy mark: a discard or copy-on-write may have raced us.
