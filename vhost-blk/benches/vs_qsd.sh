@@ -22,6 +22,9 @@
 #   OURS_ARGS="" (extra vhost-blk flags, e.g. --pin-memory or --poll-us=0) QSD=qemu-storage-daemon
 #   DIR=/var/tmp (for the images; must support O_DIRECT, so not tmpfs)
 #   RESULTS=FILE (keep every run as a JSON line)
+#   OURS_BASE=/path/to/an/older/vhost-blk: that binary runs too, alternating with the others
+#   (same flags), and a second table compares the two builds (before/after A/B on a noisy
+#   machine)
 # Needs qemu-img, qemu-storage-daemon, fio and jq (scripts/install-deps.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -64,9 +67,11 @@ start_server() { # SERVER KIND -> $pid, listening on $sock
   img=$(image "$2")
   [ "$2" = raw ] || { fmt=qcow2 node=fmt0 fmtdev=(--blockdev driver=qcow2,node-name=fmt0,file=file0); }
   rm -f "$sock"
-  if [ "$1" = vhost-blk ]; then
+  if [ "$1" = vhost-blk ] || [ "$1" = base ]; then
+    local bin=$BIN/vhost-blk
+    [ "$1" = vhost-blk ] || bin=$OURS_BASE
     # shellcheck disable=SC2086 # OURS_ARGS is a list of flags
-    RUST_LOG=warn "$BIN/vhost-blk" --socket "$sock" --image "$img" --format "$fmt" \
+    RUST_LOG=warn "$bin" --socket "$sock" --image "$img" --format "$fmt" \
       --num-queues "$QUEUES" --direct $OURS_ARGS 2>"$work/server.log" &
   else
     "$QSD" --blockdev "driver=file,node-name=file0,filename=$img,cache.direct=on,aio=io_uring" \
@@ -150,6 +155,24 @@ report() {
   ' "$results"
 }
 
+# With OURS_BASE: this build against that one, per case.
+report_base() {
+  jq -s -r '
+    def median: sort | if length == 0 then null
+      elif length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+    def of($s; f): map(select(.server == $s) | f) | median;
+    def r0: if . == null then "–" else round | tostring end;
+    def r2: if . == null then "–" else . * 100 | round / 100 | tostring end;
+    "\nvhost-blk against the OURS_BASE build (medians):\n",
+    "| workload | image | IOPS ours / base | ratio | IOPS per server CPU-s ours / base | ratio |",
+    "|---|---|---|---|---|---|",
+    (group_by([.i, .w])[] | {w: .[0].workload, im: .[0].image,
+        o: of("vhost-blk"; .iops), b: of("base"; .iops),
+        oc: of("vhost-blk"; .per_cpu), bc: of("base"; .per_cpu)}
+      | "| \(.w) | \(.im) | \(.o | r0) / \(.b | r0) | \(.o / .b | r2) | \(.oc | r0) / \(.bc | r0) | \(.oc / .bc | r2) |")
+  ' "$results"
+}
+
 prepare_images
 read -ra images <<<"$IMAGES"
 read -ra workloads <<<"$WORKLOADS"
@@ -159,6 +182,7 @@ for ((run = 0; run < RUNS; run++)); do
   for i in "${!images[@]}"; do
     for w in "${!workloads[@]}"; do
       servers=(vhost-blk qsd)
+      [ -z "${OURS_BASE:-}" ] || servers+=(base)
       [ "${images[i]}" != raw ] || servers+=(fio)
       shift_by=$(((run + case_no) % ${#servers[@]}))
       servers=("${servers[@]:shift_by}" "${servers[@]:0:shift_by}")
@@ -179,3 +203,4 @@ done
 echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 [ -z "${RESULTS:-}" ] || cp "$results" "$RESULTS"
 report
+[ -z "${OURS_BASE:-}" ] || report_base
