@@ -40,6 +40,13 @@ pub fn qemu_img(args: &[&str]) -> String {
     run_ok("qemu-img", args)
 }
 
+/// `qemu-img create -q -f qcow2 ARGS IMAGE SIZE`: a qcow2 image made by qemu-img, `args`
+/// being its options (`-o ...`, `-b ... -F ...`, `--object ...`).
+pub fn qemu_img_create_qcow2(image: &str, args: &[&str], size: &str) {
+    let create = [&["create", "-q", "-f", "qcow2"], args, &[image, size]].concat();
+    qemu_img(&create);
+}
+
 /// Runs qemu-io commands on a qcow2 image; each command must succeed.
 pub fn qemu_io(image: &Path, cmds: &[&str]) {
     let mut args = vec!["-f", "qcow2"];

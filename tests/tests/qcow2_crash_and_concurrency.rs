@@ -408,16 +408,7 @@ fn o_direct_read_modify_writes_keep_what_other_threads_appended() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("direct.qcow2");
     let p = path.to_str().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p,
-        "16M",
-    ]);
+    qemu_img_create_qcow2(p, &["-o", "cluster_size=4096"], "16M");
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

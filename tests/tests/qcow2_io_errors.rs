@@ -106,16 +106,11 @@ fn a_refcount_block_that_fails_to_leave_the_cache_keeps_its_updates() {
     let p = path.to_str().unwrap();
     // 512-byte clusters and 64-bit refcounts: a refcount block covers 32 KiB of the file, so
     // 256 KiB of data spread over many blocks, more than the 4-block cache below holds.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512,refcount_bits=64,lazy_refcounts=on",
+    qemu_img_create_qcow2(
         p,
+        &["-o", "cluster_size=512,refcount_bits=64,lazy_refcounts=on"],
         "1M",
-    ]);
+    );
     qemu_io(&path, &["write -P 0x11 0 256k"]);
     let file = FaultyFile::open(&path);
     let opts = qcow2::OpenOptions {
@@ -185,16 +180,7 @@ fn running_out_of_space_while_growing_the_l1_table_leaves_a_consistent_image() {
         let p = path.to_str().unwrap();
         // 512-byte clusters: a refcount block covers 128 KiB, and a 2 GiB disk needs a
         // 1 MiB L1 table, whose run needs new refcount blocks.
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            p,
-            "1M",
-        ]);
+        qemu_img_create_qcow2(p, &["-o", "cluster_size=512"], "1M");
         let file = FaultyFile::open(&path);
         {
             let mut img = Qcow2::open_storage(file.clone(), &Default::default(), None).unwrap();
@@ -222,16 +208,7 @@ fn a_failed_dirty_bit_write_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let path = path_in(dir.path(), "dirty.qcow2");
     let p = path.to_str().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        p,
-        "64M",
-    ]);
+    qemu_img_create_qcow2(p, &["-o", "lazy_refcounts=on"], "64M");
     let file = FaultyFile::open(&path);
     let img = Qcow2::open_storage(file.clone(), &Default::default(), None).unwrap();
     *file.failing.lock().unwrap() = vec![0];
@@ -263,16 +240,7 @@ fn a_failed_resize_header_write_keeps_the_old_size() {
     let dir = tempfile::tempdir().unwrap();
     let path = path_in(dir.path(), "resize.qcow2");
     let p = path.to_str().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        p,
-        "64M",
-    ]);
+    qemu_img_create_qcow2(p, &["-o", "lazy_refcounts=on"], "64M");
     let file = FaultyFile::open(&path);
     let mut img = Qcow2::open_storage(file.clone(), &Default::default(), None).unwrap();
     *file.failing.lock().unwrap() = vec![0];

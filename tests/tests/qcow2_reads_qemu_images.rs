@@ -44,16 +44,11 @@ fn check_matrix(version: &str, cluster: u64, refcount_bits: u32, compression: &s
             String::new()
         }
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &opts,
+    qemu_img_create_qcow2(
         img.to_str().unwrap(),
+        &["-o", &opts],
         &(8 * 1048576 + 24 * cluster).to_string(),
-    ]);
+    );
     scribble(&img, cluster);
     let ours = our_raw(&*open(&img, true));
     assert_same(&ours, &qemu_raw(&img), &opts);
@@ -125,31 +120,17 @@ fn backing_chain_with_relative_names_and_raw_base() {
     std::fs::write(&raw, pattern(3 << 20, 0, 9)).unwrap();
     let mid = d.join("mid.qcow2");
     let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
+    qemu_img_create_qcow2(
         mid.to_str().unwrap(),
+        &["-b", "base.raw", "-F", "raw"],
         "4M",
-    ]);
+    );
     qemu_io(&mid, &["write -P 0x77 100000 200000"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
+    qemu_img_create_qcow2(
         top.to_str().unwrap(),
+        &["-b", "mid.qcow2", "-F", "qcow2"],
         "4M",
-    ]);
+    );
     qemu_io(
         &top,
         &["write -P 0x88 150000 1000", "write -z 3000000 65536"],
@@ -165,18 +146,7 @@ fn backing_loop_is_refused() {
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", a.to_str().unwrap(), "1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        b.to_str().unwrap(),
-        "1M",
-    ]);
+    qemu_img_create_qcow2(b.to_str().unwrap(), &["-b", "a.qcow2", "-F", "qcow2"], "1M");
     qemu_img(&[
         "rebase",
         "-u",
@@ -202,16 +172,14 @@ fn backing_loop_is_refused() {
 fn external_data_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("x.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={}", dir.path().join("x.data").display()),
+    qemu_img_create_qcow2(
         img.to_str().unwrap(),
+        &[
+            "-o",
+            &format!("data_file={}", dir.path().join("x.data").display()),
+        ],
         "4M",
-    ]);
+    );
     qemu_io(
         &img,
         &["write -P 0x99 4096 300000", "write -z 1048576 65536"],
@@ -224,18 +192,16 @@ fn external_data_file() {
 fn refuses_luks_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let luks = dir.path().join("l.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=s0,data=pw",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+    qemu_img_create_qcow2(
         luks.to_str().unwrap(),
+        &[
+            "--object",
+            "secret,id=s0,data=pw",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        ],
         "1M",
-    ]);
+    );
     let err = qcow2::open_image(&luks, &Default::default()).err().unwrap();
     assert!(err.to_string().contains("LUKS"), "{err}");
 }
@@ -244,16 +210,7 @@ fn refuses_luks_by_name() {
 fn dirty_lazy_refcount_image_reads_read_only_and_is_repaired_on_write_open() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        img.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_img_create_qcow2(img.to_str().unwrap(), &["-o", "lazy_refcounts=on"], "4M");
     // qemu-io's abort leaves the dirty bit set and refcounts stale.
     let _ = run(
         "qemu-io",
@@ -288,18 +245,16 @@ fn metadata_only_opens_encrypted_images_without_their_data() {
     use qcow2::OpenOptions;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("aes.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=sec0,data=abc",
-        "-o",
-        "encrypt.format=aes,encrypt.key-secret=sec0",
+    qemu_img_create_qcow2(
         img.to_str().unwrap(),
+        &[
+            "--object",
+            "secret,id=sec0,data=abc",
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=sec0",
+        ],
         "1M",
-    ]);
+    );
     let refused = qcow2::open_image(&img, &OpenOptions::default())
         .err()
         .unwrap();

@@ -343,16 +343,7 @@ fn preallocation_modes_and_external_data_file() {
         let theirs = dir.path().join(format!("q{i}.qcow2"));
         let prealloc = format!("preallocation={name}");
         let theirs_name = theirs.to_str().unwrap();
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &prealloc,
-            theirs_name,
-            "3M",
-        ]);
+        qemu_img_create_qcow2(theirs_name, &["-o", &prealloc], "3M");
         let map = |p: &std::path::Path| {
             let out = qemu_img(&["map", "--output=json", p.to_str().unwrap()]);
             let mut pieces = out.split(", \"offset\": ");
@@ -413,14 +404,7 @@ fn zeroing_the_end_of_a_partial_last_cluster_keeps_what_precedes_it() {
     let size = 65536 + 1024;
     for mode in ["zero", "zero-unmap", "discard"] {
         let path = path_in(dir.path(), &format!("{mode}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            path.to_str().unwrap(),
-            &size.to_string(),
-        ]);
+        qemu_img_create_qcow2(path.to_str().unwrap(), &[], &size.to_string());
         qemu_io(&path, &[&format!("write -P 0xaa 0 {size}")]);
         {
             let img = open_qcow2(&path);
@@ -462,16 +446,7 @@ fn compressed_data_filling_a_host_cluster_exactly_leaves_the_next_one_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tail.qcow2");
     let p = path.to_str().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p,
-        "1M",
-    ]);
+    qemu_img_create_qcow2(p, &["-o", "cluster_size=4096"], "1M");
     let mut model = vec![0u8; 1 << 20];
     {
         let img = open_qcow2(&path);
