@@ -2857,6 +2857,39 @@ fn command_line_errors_match_qemu_img() {
     }
 }
 
+/// qimg names itself in its errors as it was called, as qemu-img does: a `qemu-img` link to
+/// qimg (a drop-in for scripts) prints exactly what qemu-img prints, byte for byte.
+#[test]
+fn a_qemu_img_link_to_qimg_prints_qemu_img_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let link = d.path().join("qemu-img");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_qimg"), &link).unwrap();
+    let cases: &[&[&str]] = &[
+        &["foo"],
+        &["info", "--bogus", "a"],
+        &["info", "-f"],
+        &["create", "-f", "qcow2"],
+        &["info", "missing.qcow2"],
+    ];
+    for args in cases {
+        let run = |tool: &Path| {
+            let out = Command::new(tool)
+                .current_dir(d.path())
+                .args(*args)
+                .output()
+                .unwrap();
+            (out.status.code(), out.stderr)
+        };
+        let (code, err) = run(&link);
+        let (qemu_code, qemu_err) = run(Path::new("qemu-img"));
+        assert_eq!(
+            (code, String::from_utf8_lossy(&err)),
+            (qemu_code, String::from_utf8_lossy(&qemu_err)),
+            "{args:?}"
+        );
+    }
+}
+
 /// A reader that goes away early (`qimg map | head -1`) ends qimg quietly with status 0, as
 /// qemu-img (which ignores SIGPIPE and print errors); it panicked on the closed stdout.
 #[test]

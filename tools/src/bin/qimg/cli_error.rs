@@ -4,6 +4,8 @@
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 
+use crate::progname;
+
 /// Prints clap error `e` for command line `args` (program name first) as qemu-img would and
 /// returns the exit code: 0 for `--help` and `--version`, 1 for every error.
 pub fn report(e: &clap::Error, args: &[String]) -> u8 {
@@ -20,9 +22,9 @@ pub fn report(e: &clap::Error, args: &[String]) -> u8 {
     if hint {
         match sub {
             Some(s) if e.kind() != ErrorKind::InvalidSubcommand => {
-                eprintln!("Try 'qimg {s} --help' for more info")
+                eprintln!("Try '{} {s} --help' for more info", progname())
             }
-            _ => eprintln!("Try 'qimg --help' for more info"),
+            _ => eprintln!("Try '{} --help' for more info", progname()),
         }
     }
     1
@@ -33,20 +35,21 @@ pub fn report(e: &clap::Error, args: &[String]) -> u8 {
 fn qemu_img_words(e: &clap::Error, sub: Option<&str>, args: &[String]) -> (String, bool) {
     // getopt names the subcommand in its own errors ("qemu-img info: ...").
     let getopt = match sub {
-        Some(s) => format!("qimg {s}"),
-        None => "qimg".to_owned(),
+        Some(s) => format!("{} {s}", progname()),
+        None => progname().to_owned(),
     };
     let arg = context(e, ContextKind::InvalidArg).unwrap_or_default();
     match e.kind() {
         ErrorKind::InvalidSubcommand => (
             format!(
-                "qimg: Command not found: {}",
+                "{}: Command not found: {}",
+                progname(),
                 context(e, ContextKind::InvalidSubcommand).unwrap_or_default()
             ),
             true,
         ),
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            ("qimg: Not enough arguments".to_owned(), true)
+            (format!("{}: Not enough arguments", progname()), true)
         }
         ErrorKind::UnknownArgument if arg.starts_with("--") => {
             // clap drops an "=value" part that getopt repeats.
@@ -85,7 +88,7 @@ fn qemu_img_words(e: &clap::Error, sub: Option<&str>, args: &[String]) -> (Strin
             let rendered = e.render().to_string();
             let first = rendered.lines().next().unwrap_or_default();
             (
-                format!("qimg: {}", first.trim_start_matches("error: ")),
+                format!("{}: {}", progname(), first.trim_start_matches("error: ")),
                 true,
             )
         }
@@ -103,19 +106,20 @@ fn missing_argument(sub: &str) -> (String, bool) {
         "dd" => ("Must specify both input and output files", false),
         _ => ("Expecting one image file name", true),
     };
-    (format!("qimg: {text}"), hint)
+    (format!("{}: {text}", progname()), hint)
 }
 
 /// qemu-img's message when subcommand `sub` is given `arg` beyond its last operand.
 fn extra_argument(sub: &str, arg: &str) -> (String, bool) {
+    let name = progname();
     match sub {
-        "create" => (format!("qimg: Unexpected argument: {arg}"), true),
-        "resize" => ("qimg: Extra argument(s) in command line".to_owned(), true),
+        "create" => (format!("{name}: Unexpected argument: {arg}"), true),
+        "resize" => (format!("{name}: Extra argument(s) in command line"), true),
         "measure" => (
-            "qimg: At most one filename argument is allowed.".to_owned(),
+            format!("{name}: At most one filename argument is allowed."),
             false,
         ),
-        "dd" => (format!("qimg: unrecognized operand {arg}"), false),
+        "dd" => (format!("{name}: unrecognized operand {arg}"), false),
         _ => missing_argument(sub),
     }
 }

@@ -861,8 +861,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         progress.abandon();
         let done = (next.load(Ordering::Relaxed).min(chunks) * chunk).min(sources.total);
         eprintln!(
-            "qimg: convert interrupted by {}: '{target_name}' is consistent and holds the first \
+            "{}: convert interrupted by {}: '{target_name}' is consistent and holds the first \
              {done} of {} bytes",
+            crate::progname(),
             signal_name(sig),
             sources.total
         );

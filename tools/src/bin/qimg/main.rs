@@ -43,6 +43,7 @@ mod snapshot;
 mod snapshot_param;
 
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use qcow2::Locking;
@@ -87,6 +88,20 @@ enum Command {
     Snapshot(snapshot::Args),
 }
 
+/// The name this program was started under (the last part of `argv[0]`), which prefixes
+/// every error line as qemu-img's do: a `qemu-img` link to qimg prints "qemu-img: ...".
+pub fn progname() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args_os()
+            .next()
+            .as_deref()
+            .and_then(|a| std::path::Path::new(a).file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "qimg".to_owned())
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -127,10 +142,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints an error line as qemu-img does ("qimg: " and the message, system errors as
-/// strerror alone).
+/// Prints an error line as qemu-img does (the program name, ": " and the message, system
+/// errors as strerror alone).
 pub fn print_error(message: impl std::fmt::Display) {
-    eprintln!("qimg: {}", without_os_error_numbers(&message.to_string()));
+    eprintln!(
+        "{}: {}",
+        progname(),
+        without_os_error_numbers(&message.to_string())
+    );
 }
 
 /// Prints a command's error as qemu-img does. Corruption found on the way is reported first
