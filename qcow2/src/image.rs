@@ -90,6 +90,12 @@ pub trait Image: Send + Sync {
     fn backing(&self) -> Option<&dyn Image> {
         None
     }
+    /// What the open repaired: a qcow2 image opened for writing while dirty (lazy refcounts
+    /// after a crash) is checked and repaired first, as QEMU does; the report's messages are
+    /// the ones QEMU prints then.
+    fn dirty_repair(&self) -> Option<&crate::check::CheckReport> {
+        None
+    }
     /// The host file that [`BlockStatus::host_offset`]s point into (a raw image's file, a
     /// qcow2 image's data file), for callers that read plainly stored data from it directly.
     fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {

@@ -583,6 +583,40 @@ fn extended_l2_snapshots_copied_flags_and_resize_like_qemu_img() {
     }
 }
 
+/// Commands that open a dirty image for writing repair it first and print the repair on
+/// stderr as qemu-img does (it was done silently), then do their work on a clean image.
+#[test]
+fn writing_commands_show_the_repair_of_a_dirty_image_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    make_dirty_qcow2(p, "dirty.qcow2");
+    let cases: &[&[&str]] = &[
+        &["resize", "X", "+1M"],
+        &["snapshot", "-c", "s", "X"],
+        &["amend", "-o", "lazy_refcounts=off", "X"],
+        &["rebase", "-u", "-b", "", "X"],
+        &["bench", "-w", "-c", "1", "X"],
+    ];
+    for args in cases {
+        let mut outcomes = Vec::new();
+        for (tool, prog) in [
+            (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+            ("qemu-img", "qemu-img"),
+        ] {
+            let copy = format!("{prog}-dirty.qcow2");
+            std::fs::copy(p.join("dirty.qcow2"), p.join(&copy)).unwrap();
+            let a: Vec<&str> = args
+                .iter()
+                .map(|&x| if x == "X" { &copy } else { x })
+                .collect();
+            outcomes.push(run_with_stderr(p, tool, prog, &a));
+            assert_eq!(qemu(p, &["check", &copy]).0, 0, "{args:?} by {prog}");
+        }
+        assert_eq!(outcomes[0], outcomes[1], "qimg vs qemu-img: {args:?}");
+        assert!(outcomes[0].2.contains("Repairing cluster"), "{args:?}");
+    }
+}
+
 #[test]
 fn check_reports_and_repairs_a_dirty_image_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();

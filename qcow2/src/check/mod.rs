@@ -198,8 +198,9 @@ pub fn check_and_repair(img: &Qcow2, mode: Repair) -> CheckReport {
     report
 }
 
-/// Repairs a dirty image (lazy refcounts after a crash) on a writable open, as QEMU does.
-pub(crate) fn repair_dirty(img: &Qcow2) -> Result<()> {
+/// Repairs a dirty image (lazy refcounts after a crash) on a writable open, as QEMU does,
+/// and returns what the repair found.
+pub(crate) fn repair_dirty(img: &Qcow2) -> Result<CheckReport> {
     let report = check_and_repair(img, Repair::All);
     for m in &report.messages {
         tracing::debug!("repairing the dirty image: {m}");
@@ -211,7 +212,7 @@ pub(crate) fn repair_dirty(img: &Qcow2) -> Result<()> {
     );
     match report.failure {
         Some(f) => Err(Error::Corrupt(format!("Could not repair dirty image: {f}"))),
-        None => Ok(()),
+        None => Ok(report),
     }
 }
 

@@ -55,6 +55,8 @@ pub struct Qcow2 {
     busy: Arc<BusyClusters>,
     /// Set once an overlap check marked the image corrupt: no more writes.
     marked_corrupt: Arc<std::sync::atomic::AtomicBool>,
+    /// The repair of a dirty image done when it was opened for writing.
+    dirty_repair: Option<crate::check::CheckReport>,
 }
 
 impl Qcow2 {
@@ -174,7 +176,7 @@ impl Qcow2 {
             lazy_refcounts: header.lazy_refcounts() && !opts.read_only && !opts.check,
             l2_generation: 0,
         };
-        let img = Qcow2 {
+        let mut img = Qcow2 {
             file,
             data_file,
             backing,
@@ -188,20 +190,22 @@ impl Qcow2 {
             marked_corrupt: corrupt,
             meta: RwLock::new(meta),
             busy: Arc::default(),
+            dirty_repair: None,
         };
         if !opts.read_only {
-            img.prepare_for_writing(opts.check)?;
+            img.dirty_repair = img.prepare_for_writing(opts.check)?;
         }
         Ok(img)
     }
 
-    /// Repairs a dirty image and clears autoclear bits we do not maintain (as QEMU does),
-    /// unless the image is opened for a check (which only fixes refcounts and flags, so
-    /// bitmaps stay valid). The L1 and refcount tables, written back in place, get their
-    /// file space claimed (an image made with truncate may have holes there).
-    fn prepare_for_writing(&self, for_check: bool) -> Result<()> {
+    /// Repairs a dirty image (returning what the repair found) and clears autoclear bits we
+    /// do not maintain (as QEMU does), unless the image is opened for a check (which only
+    /// fixes refcounts and flags, so bitmaps stay valid). The L1 and refcount tables, written
+    /// back in place, get their file space claimed (an image made with truncate may have
+    /// holes there).
+    fn prepare_for_writing(&self, for_check: bool) -> Result<Option<crate::check::CheckReport>> {
         if for_check {
-            return Ok(());
+            return Ok(None);
         }
         let mut m = self.meta_mut();
         let l1 = (m.header.l1_table_offset, m.l1.len() as u64 * 8);
@@ -212,9 +216,10 @@ impl Qcow2 {
         m.claim_space(&*self.file, l1.0, l1.1, "the L1 table")?;
         m.claim_space(&*self.file, reftable.0, reftable.1, "the refcount table")?;
         let mut header = m.header.clone();
+        let mut repair = None;
         if header.is_dirty() {
             drop(m);
-            crate::check::repair_dirty(self)?;
+            repair = Some(crate::check::repair_dirty(self)?);
             m = self.meta_mut();
             header = m.header.clone();
             header.incompatible_features &= !INCOMPAT_DIRTY;
@@ -224,7 +229,7 @@ impl Qcow2 {
             m.header = header;
             m.write_header(&*self.file)?;
         }
-        Ok(())
+        Ok(repair)
     }
 
     pub(crate) fn meta(&self) -> RwLockReadGuard<'_, Meta> {
@@ -545,6 +550,10 @@ impl Drop for Qcow2 {
 impl Image for Qcow2 {
     fn format(&self) -> Format {
         Format::Qcow2
+    }
+
+    fn dirty_repair(&self) -> Option<&crate::check::CheckReport> {
+        self.dirty_repair.as_ref()
     }
 
     fn size(&self) -> u64 {

@@ -171,8 +171,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let changes = parse(&parse_options(&a.options)?)?;
     crate::resize::refuse_bitmaps(&*storage, name, "amend")?;
     let dir = Path::new(name).parent().unwrap_or(Path::new("."));
-    let mut img = Qcow2::open_storage(storage, &Default::default(), Some(dir))
-        .map_err(|e| crate::open_error(name, e))?;
+    let mut img = crate::open_qcow2(storage, &Default::default(), Some(dir), name)?;
     let progress = crate::progress::Progress::new(a.progress && !a.quiet, 1);
     let result = amend(&mut img, &changes);
     progress.add(1);

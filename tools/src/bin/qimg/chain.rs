@@ -103,12 +103,12 @@ pub fn open_layer(
         metadata_only,
         ..Default::default()
     };
-    let img = Qcow2::open_storage(
+    let img = crate::open_qcow2(
         storage,
         &opts,
         Some(path.parent().unwrap_or(Path::new("."))),
-    )
-    .map_err(|e| crate::open_error(name, e))?;
+        name,
+    )?;
     let h = img.header();
     let backing = h
         .backing_file

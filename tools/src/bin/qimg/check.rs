@@ -145,7 +145,7 @@ fn check_and_recheck(img: &qcow2::Qcow2, mode: Repair, silent: bool) -> qcow2::C
 }
 
 /// The check's own lines go to stderr as they come (also with -q, as in qemu-img).
-fn print_messages(report: &qcow2::CheckReport) {
+pub fn print_messages(report: &qcow2::CheckReport) {
     for m in &report.messages {
         match m {
             Message::Line(line) => eprintln!("{line}"),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use qcow2::{FileStorage, Format, Locking, Preallocation, Qcow2};
+use qcow2::{FileStorage, Format, Locking, Preallocation};
 
 use crate::chain::Chain;
 use crate::info::path_combine;
@@ -72,9 +72,12 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
         Format::Qcow2 => {
             // With its backing file: growing must hide what that holds past the old end.
             let dir = std::path::Path::new(name).parent();
-            let mut q =
-                Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), dir)
-                    .map_err(|e| crate::open_error(name, e))?;
+            let mut q = crate::open_qcow2(
+                Arc::new(FileStorage::new(file)),
+                &Default::default(),
+                dir,
+                name,
+            )?;
             if qcow2::Image::size(&q) < size {
                 q.resize(size, Preallocation::Off)?;
             }
@@ -141,8 +144,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     drop(base);
     if a.base.is_none() && !a.drop_not {
         let storage = Arc::new(FileStorage::new(top_file));
-        let img = Qcow2::open_storage(storage, &Default::default(), None)
-            .map_err(|e| crate::open_error(&a.filename, e))?;
+        let img = crate::open_qcow2(storage, &Default::default(), None, &a.filename)?;
         img.make_empty()?;
     }
     if show {

@@ -751,10 +751,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 defer_space_claims: true,
                 ..Default::default()
             };
-            Target::Qcow2(Box::new(
-                Qcow2::open_storage(storage, &opts, dir)
-                    .map_err(|e| crate::open_error(target_name, e))?,
-            ))
+            Target::Qcow2(Box::new(crate::open_qcow2(
+                storage,
+                &opts,
+                dir,
+                target_name,
+            )?))
         }
         Format::Raw => Target::Other(Box::new(
             qcow2::RawImage::new(storage, false).map_err(|e| crate::open_error(target_name, e))?,

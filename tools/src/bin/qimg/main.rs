@@ -299,7 +299,31 @@ pub fn open_at(
         locking,
         ..Default::default()
     };
-    qcow2::open_image(std::path::Path::new(path), &opts).map_err(|e| open_error(path, e))
+    let img =
+        qcow2::open_image(std::path::Path::new(path), &opts).map_err(|e| open_error(path, e))?;
+    report_dirty_repair(&*img);
+    Ok(img)
+}
+
+/// Opens qcow2 image `name` from `storage` (`dir` resolves its backing and data file
+/// names) with qemu-img's error wording.
+pub fn open_qcow2(
+    storage: std::sync::Arc<dyn qcow2::Storage>,
+    opts: &qcow2::OpenOptions,
+    dir: Option<&std::path::Path>,
+    name: &str,
+) -> anyhow::Result<qcow2::Qcow2> {
+    let img = qcow2::Qcow2::open_storage(storage, opts, dir).map_err(|e| open_error(name, e))?;
+    report_dirty_repair(&img);
+    Ok(img)
+}
+
+/// Prints what opening `img` repaired (a dirty image after a crash), as QEMU's qcow2 driver
+/// does on stderr.
+fn report_dirty_repair(img: &dyn qcow2::Image) {
+    if let Some(report) = img.dirty_repair() {
+        check::print_messages(report);
+    }
 }
 
 #[cfg(test)]

@@ -218,8 +218,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     crate::lock(&file, &a.filename, Locking::On, qcow2::Format::Qcow2, true)?;
     // Unsafe mode never opens the old backing file.
     let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));
-    let img = Qcow2::open_storage(Arc::new(FileStorage::new(file)), &Default::default(), dir)
-        .map_err(|e| crate::open_error(&a.filename, e))?;
+    let img = crate::open_qcow2(
+        Arc::new(FileStorage::new(file)),
+        &Default::default(),
+        dir,
+        &a.filename,
+    )?;
     // In every mode, so an unknown name never reaches the header.
     if let Some(f) = a.backing_format.as_deref() {
         if !QEMU_FORMATS.contains(&f) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
-use qcow2::{FileStorage, Format, Locking, Preallocation, Qcow2, Storage};
+use qcow2::{FileStorage, Format, Locking, Preallocation, Storage};
 
 use crate::size::option_size;
 
@@ -112,12 +112,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         Format::Raw => storage.len()?.next_multiple_of(512),
         Format::Qcow2 => {
             refuse_bitmaps(&*storage, &a.filename, "resize")?;
-            let q = Qcow2::open_storage(
+            let q = crate::open_qcow2(
                 storage.clone(),
                 &Default::default(),
                 Some(path.parent().unwrap_or(Path::new("."))),
-            )
-            .map_err(|e| crate::open_error(&a.filename, e))?;
+                &a.filename,
+            )?;
             let size = qcow2::Image::size(&q);
             qcow = Some(q);
             size

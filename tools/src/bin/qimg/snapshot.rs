@@ -156,7 +156,5 @@ fn open(
         ..Default::default()
     };
     let dir = Path::new(name).parent().unwrap_or(Path::new("."));
-    Qcow2::open_storage(storage, &opts, Some(dir))
-        .map(Some)
-        .map_err(|e| crate::open_error(name, e))
+    crate::open_qcow2(storage, &opts, Some(dir), name).map(Some)
 }
