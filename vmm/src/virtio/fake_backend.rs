@@ -48,6 +48,8 @@ pub struct Behaviour {
     pub config_reply: ConfigReply,
     /// Requests it closes the connection on instead of answering.
     pub reject: Vec<FrontendReq>,
+    /// Requests it never answers, keeping the connection open (a hung backend).
+    pub ignore: Vec<FrontendReq>,
 }
 
 impl Behaviour {
@@ -62,6 +64,7 @@ impl Behaviour {
             config,
             config_reply: ConfigReply::Space,
             reject: Vec::new(),
+            ignore: Vec::new(),
         }
     }
 }
@@ -224,6 +227,9 @@ impl Shared {
             let behaviour = self.behaviour.lock().unwrap().clone();
             if behaviour.reject.contains(&request) {
                 break;
+            }
+            if behaviour.ignore.contains(&request) {
+                continue;
             }
             let reply = match request {
                 FrontendReq::GET_FEATURES => Some(u64_payload(

@@ -7,6 +7,7 @@ mod fake_backend;
 pub mod pci;
 pub mod reconnect;
 pub mod vhost_user;
+pub mod watchdog;
 
 pub use pci::{DeviceType, QueueLayout, VirtioPciDevice};
 pub use vhost_user::{VhostUserConnection, VhostUserError};

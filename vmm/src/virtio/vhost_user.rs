@@ -19,6 +19,8 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::watchdog::{Watchdog, REQUEST_TIMEOUT};
+
 /// Protocol features the VMM uses when the backend has them.
 const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::REPLY_ACK)
@@ -57,6 +59,16 @@ pub enum VhostUserError {
         /// What went wrong.
         reason: String,
     },
+    /// The backend did not answer a request in time; the connection was shut down.
+    #[error("vhost-user backend at {}: no answer to {what} within {after:?}; the connection was closed", socket.display())]
+    Timeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// The request.
+        what: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
     /// The backend lacks something the device needs.
     #[error("vhost-user backend at {}: {reason}", socket.display())]
     Unsupported {
@@ -89,6 +101,7 @@ pub struct VhostUserConnection {
     frontend: Frontend,
     stream: UnixStream,
     socket: PathBuf,
+    watchdog: Watchdog,
     features: u64,
     protocol: VhostUserProtocolFeatures,
     queue_num: u16,
@@ -98,69 +111,77 @@ pub struct VhostUserConnection {
 impl VhostUserConnection {
     /// Connects to `socket`, takes ownership (SET_OWNER), reads the backend's features,
     /// negotiates protocol features and reads the `config_size`-byte configuration space.
+    /// Every request waits at most [`REQUEST_TIMEOUT`] for the backend.
     pub fn connect(socket: &Path, config_size: usize) -> Result<Self, VhostUserError> {
-        let stream = UnixStream::connect(socket).map_err(|source| VhostUserError::Connect {
+        Self::connect_with_timeout(socket, config_size, REQUEST_TIMEOUT)
+    }
+
+    /// [`Self::connect`] with `timeout` per request.
+    pub(crate) fn connect_with_timeout(
+        socket: &Path,
+        config_size: usize,
+        timeout: Duration,
+    ) -> Result<Self, VhostUserError> {
+        let connect_err = |source| VhostUserError::Connect {
             socket: socket.to_owned(),
             source,
-        })?;
-        let watched = stream
-            .try_clone()
-            .map_err(|source| VhostUserError::Connect {
-                socket: socket.to_owned(),
-                source,
-            })?;
-        let mut frontend = Frontend::from_stream(stream, MAX_QUEUES);
-        let request = |what| {
-            let socket = socket.to_owned();
-            move |source| VhostUserError::Request {
-                socket,
-                what,
-                source,
-            }
         };
-        frontend.set_owner().map_err(request("SET_OWNER"))?;
-        let features = frontend.get_features().map_err(request("GET_FEATURES"))?;
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        let mut queue_num = 1;
-        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(request("GET_PROTOCOL_FEATURES"))?;
-            protocol = offered & WANTED_PROTOCOL_FEATURES;
-            frontend
-                .set_protocol_features(protocol)
-                .map_err(request("SET_PROTOCOL_FEATURES"))?;
+        let stream = UnixStream::connect(socket).map_err(connect_err)?;
+        let watched = stream.try_clone().map_err(connect_err)?;
+        let watchdog = Watchdog::new(
+            stream.try_clone().map_err(connect_err)?,
+            socket.to_owned(),
+            timeout,
+        )
+        .map_err(connect_err)?;
+        let mut connection = Self {
+            frontend: Frontend::from_stream(stream, MAX_QUEUES),
+            stream: watched,
+            socket: socket.to_owned(),
+            watchdog,
+            features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            queue_num: 1,
+            config: Vec::new(),
+        };
+        connection.handshake(config_size)?;
+        Ok(connection)
+    }
+
+    /// Takes ownership, negotiates features and reads the configuration space.
+    fn handshake(&mut self, config_size: usize) -> Result<(), VhostUserError> {
+        self.request("SET_OWNER", |f| f.set_owner())?;
+        self.features = self.request("GET_FEATURES", |f| f.get_features())?;
+        if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let offered = self.request("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
+            let protocol = offered & WANTED_PROTOCOL_FEATURES;
+            self.request("SET_PROTOCOL_FEATURES", |f| {
+                f.set_protocol_features(protocol)
+            })?;
+            self.protocol = protocol;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
             if protocol.contains(VhostUserProtocolFeatures::MQ) {
-                let n = frontend.get_queue_num().map_err(request("GET_QUEUE_NUM"))?;
-                queue_num = n.min(MAX_QUEUES) as u16;
+                let n = self.request("GET_QUEUE_NUM", |f| f.get_queue_num())?;
+                self.queue_num = n.min(MAX_QUEUES) as u16;
             }
         }
-        if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(VhostUserError::Unsupported {
-                socket: socket.to_owned(),
+                socket: self.socket.clone(),
                 reason: "it does not offer VHOST_USER_PROTOCOL_F_CONFIG, so the device's \
                          configuration space cannot be read"
                     .into(),
             });
         }
-        let config = get_config(&watched, config_size, CONFIG_TIMEOUT).map_err(|reason| {
+        self.config = get_config(&self.stream, config_size, CONFIG_TIMEOUT).map_err(|reason| {
             VhostUserError::Config {
-                socket: socket.to_owned(),
+                socket: self.socket.clone(),
                 reason,
             }
         })?;
-        Ok(Self {
-            frontend,
-            stream: watched,
-            socket: socket.to_owned(),
-            features,
-            protocol,
-            queue_num,
-            config,
-        })
+        Ok(())
     }
 
     /// The socket this connection uses.
@@ -185,9 +206,10 @@ impl VhostUserConnection {
 
     /// Writes the device configuration space at `offset`.
     pub fn write_config(&mut self, offset: usize, data: &[u8]) -> Result<(), VhostUserError> {
-        self.frontend
-            .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(self.request_err("SET_CONFIG"))
+        self.request("SET_CONFIG", |f| {
+            f.set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
+        })
+        .map(drop)
     }
 
     /// Prepares the backend for the driver: acks `driver_features` and sends the guest
@@ -198,18 +220,16 @@ impl VhostUserConnection {
         driver_features: u64,
     ) -> Result<(), VhostUserError> {
         let protocol_bit = self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.frontend
-            .set_features(driver_features | protocol_bit)
-            .map_err(self.request_err("SET_FEATURES"))?;
+        self.request("SET_FEATURES", |f| {
+            f.set_features(driver_features | protocol_bit)
+        })?;
         let regions = memory
             .iter()
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(self.request_err("SET_MEM_TABLE"))?;
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(self.request_err("SET_MEM_TABLE"))?;
-        Ok(())
+            .map_err(|source| self.error("SET_MEM_TABLE", source))?;
+        self.request("SET_MEM_TABLE", |f| f.set_mem_table(&regions))
+            .map(drop)
     }
 
     /// Hands one queue to the backend: its size, ring addresses, base, call and kick
@@ -243,25 +263,13 @@ impl VhostUserConnection {
             log_addr: None,
         };
         let i = queue.index;
-        self.frontend
-            .set_vring_num(i, queue.size)
-            .map_err(self.request_err("SET_VRING_NUM"))?;
-        self.frontend
-            .set_vring_addr(i, &rings)
-            .map_err(self.request_err("SET_VRING_ADDR"))?;
-        self.frontend
-            .set_vring_base(i, queue.base)
-            .map_err(self.request_err("SET_VRING_BASE"))?;
-        self.frontend
-            .set_vring_call(i, call)
-            .map_err(self.request_err("SET_VRING_CALL"))?;
-        self.frontend
-            .set_vring_kick(i, kick)
-            .map_err(self.request_err("SET_VRING_KICK"))?;
+        self.request("SET_VRING_NUM", |f| f.set_vring_num(i, queue.size))?;
+        self.request("SET_VRING_ADDR", |f| f.set_vring_addr(i, &rings))?;
+        self.request("SET_VRING_BASE", |f| f.set_vring_base(i, queue.base))?;
+        self.request("SET_VRING_CALL", |f| f.set_vring_call(i, call))?;
+        self.request("SET_VRING_KICK", |f| f.set_vring_kick(i, kick))?;
         if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            self.frontend
-                .set_vring_enable(i, true)
-                .map_err(self.request_err("SET_VRING_ENABLE"))?;
+            self.request("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))?;
         }
         Ok(())
     }
@@ -280,9 +288,7 @@ impl VhostUserConnection {
     /// Stops the queues (GET_VRING_BASE), as on a driver reset.
     pub fn stop(&mut self, queues: &[usize]) -> Result<(), VhostUserError> {
         for &i in queues {
-            self.frontend
-                .get_vring_base(i)
-                .map_err(self.request_err("GET_VRING_BASE"))?;
+            self.request("GET_VRING_BASE", |f| f.get_vring_base(i))?;
         }
         Ok(())
     }
@@ -293,12 +299,34 @@ impl VhostUserConnection {
         self.protocol
     }
 
-    fn request_err(&self, what: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserError {
+    /// Sends request `what` through `send`, with the watchdog bounding the wait for the
+    /// backend's answer.
+    fn request<T, E: Into<vhost::Error>>(
+        &mut self,
+        what: &'static str,
+        send: impl FnOnce(&mut Frontend) -> Result<T, E>,
+    ) -> Result<T, VhostUserError> {
+        let frontend = &mut self.frontend;
+        let result = self.watchdog.run(what, || send(frontend));
+        result.map_err(|e| self.error(what, e.into()))
+    }
+
+    /// The error for request `what` that failed with `source`: a timeout if the watchdog
+    /// shut the connection down.
+    fn error(&self, what: &'static str, source: vhost::Error) -> VhostUserError {
         let socket = self.socket.clone();
-        move |source| VhostUserError::Request {
-            socket,
-            what,
-            source,
+        if self.watchdog.fired() {
+            VhostUserError::Timeout {
+                socket,
+                what,
+                after: self.watchdog.timeout(),
+            }
+        } else {
+            VhostUserError::Request {
+                socket,
+                what,
+                source,
+            }
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The transport driven as a guest driver would, against a fake backend (see
 //! [`crate::virtio::fake_backend`]) in a real KVM VM.
 
+use std::time::{Duration, Instant};
 use vhost::vhost_user::message::FrontendReq;
+
 use vm_memory::GuestMemoryBackend;
 
 use super::*;
@@ -38,9 +40,19 @@ impl Rig {
     }
 
     fn try_device(kind: DeviceType, behaviour: Behaviour, queues: u16) -> std::io::Result<Self> {
-        let vm = Vm::new(&MemoryLayout::new(64 * MIB).unwrap(), false).expect("VM");
         let backend = FakeBackend::start(behaviour);
         let connection = connect(&backend).expect("connect to the fake backend");
+        Self::attach(kind, backend, connection, queues)
+    }
+
+    /// A VM with a `kind` device with `queues` queues on `connection` to `backend`.
+    fn attach(
+        kind: DeviceType,
+        backend: FakeBackend,
+        connection: VhostUserConnection,
+        queues: u16,
+    ) -> std::io::Result<Self> {
+        let vm = Vm::new(&MemoryLayout::new(64 * MIB).unwrap(), false).expect("VM");
         let router = Arc::new(IrqRouter::new(vm.fd().clone()));
         let mut device = VirtioPciDevice::new(
             kind,
@@ -367,6 +379,39 @@ fn a_failed_start_needs_a_reset_and_is_not_retried_on_reconnect() {
     rig.start(0);
     assert_eq!(rig.status(), 0x0f);
     rig.backend.wait_for(1, FrontendReq::SET_VRING_ENABLE);
+}
+
+#[test]
+fn a_backend_that_stops_answering_is_cut_off_and_the_device_needs_a_reset() {
+    let mut behaviour = Behaviour::block(0, 1);
+    behaviour.ignore = vec![FrontendReq::SET_VRING_ADDR];
+    let backend = FakeBackend::start(behaviour);
+    let connection = VhostUserConnection::connect_with_timeout(
+        &backend.socket,
+        DeviceType::Block.config_size(),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let mut rig = Rig::attach(DeviceType::Block, backend, connection, 1).unwrap();
+    // DRIVER_OK waits for the backend's ack of SET_VRING_ADDR, which never comes: the
+    // vCPU doing it must get it back, not hang.
+    let (done, finished) = std::sync::mpsc::channel();
+    let driver = std::thread::spawn(move || {
+        let started = Instant::now();
+        rig.start(0);
+        let _ = done.send(started.elapsed());
+        rig
+    });
+    let took = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("DRIVER_OK hung on a backend that stopped answering");
+    let mut rig = driver.join().unwrap();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(rig.status(), 0x4f, "DRIVER_OK with NEEDS_RESET");
+    assert!(
+        rig.device.backend.is_closed(),
+        "the connection was shut down"
+    );
 }
 
 #[test]
