@@ -727,6 +727,8 @@ enum Step {
 fn mixed_snapshot_sequences_match_models() {
     use rand::{Rng, SeedableRng};
     let dir = tempfile::tempdir().unwrap();
+    // Which (step, tool) pairs ran, so that the sequences cannot miss one silently.
+    let mut ran = std::collections::HashSet::new();
     for seed in 0..4u64 {
         let cluster = if seed % 2 == 0 { 16384 } else { CLUSTER };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -766,10 +768,9 @@ fn mixed_snapshot_sequences_match_models() {
                 }
                 Step::Write => random_writes(&path, &mut active, ours, &mut rng, n as u8),
             }
-            let what = format!(
-                "seed {seed}, step {n}: {step:?} by {}",
-                ["qemu", "us"][ours as usize]
-            );
+            let tool = ["qemu", "us"][ours as usize];
+            let what = format!("seed {seed}, step {n}: {step:?} by {tool}");
+            ran.insert((std::mem::discriminant(&step), ours));
             let (code, text) = qemu_check(&path);
             assert_eq!(code, 0, "{what}:\n{text}");
             assert_same(&qemu_raw(&path), &active, &what);
@@ -791,6 +792,7 @@ fn mixed_snapshot_sequences_match_models() {
         assert_same(&qemu_raw(&path), &active, "after deleting all");
         assert_eq!(host_clusters_in_use(&path), host_clusters_in_use(&theirs));
     }
+    assert_eq!(ran.len(), 8, "every kind of step by both tools");
 }
 
 /// A few random writes to `path` (and the model `disk`): through our engine (data, zeroes,
