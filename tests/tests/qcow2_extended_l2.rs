@@ -773,6 +773,8 @@ fn mixed_snapshot_sequences_match_models() {
             ran.insert((std::mem::discriminant(&step), ours));
             let (code, text) = qemu_check(&path);
             assert_eq!(code, 0, "{what}:\n{text}");
+            let report = qcow2::check(&open_rw(&path)).unwrap();
+            assert!(report.is_clean(), "{what}: our check: {report:?}");
             assert_same(&qemu_raw(&path), &active, &what);
             for (name, contents) in &snaps {
                 assert_same(
