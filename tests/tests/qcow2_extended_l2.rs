@@ -842,3 +842,34 @@ fn random_writes(path: &Path, disk: &mut [u8], ours: bool, rng: &mut impl rand::
         None => qemu_io(path, &cmds.iter().map(String::as_str).collect::<Vec<_>>()),
     }
 }
+
+#[test]
+fn a_misaligned_entry_stops_a_snapshot_with_qemu_s_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u.qcow2");
+    create_ext(&path, None, 16384);
+    qemu_io(&path, &["write -P 1 0 4k", "write -P 2 16k 1k"]);
+    // Guest cluster 1's entry (the word before its bitmap) points 512 bytes into a cluster.
+    let entry = bitmap_at(&path, 1) - 8;
+    let data = std::fs::read(&path).unwrap();
+    let raw = u64::from_be_bytes(data[entry as usize..][..8].try_into().unwrap());
+    poke(&path, entry, raw + 512);
+    let theirs = copy(&path, "theirs.qcow2");
+    let out = run(
+        "qemu-img",
+        &["snapshot", "-c", "s", theirs.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let words = stderr
+        .split("Marking image as corrupt: ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("qemu-img: {stderr}"));
+    let err = open_rw(&path).create_snapshot("s").unwrap_err();
+    assert!(matches!(err, qcow2::Error::Corrupt(_)), "{err:?}");
+    assert!(
+        err.to_string().contains(words),
+        "ours: {err}; qemu-img: {words}"
+    );
+}
