@@ -612,7 +612,8 @@ const SHARED_WRITES: [&str; 7] = [
     "write -P 0xa5 3M 100",
 ];
 
-/// Our engine's counterpart of [`SHARED_WRITES`] for `cluster`-byte clusters.
+/// Our engine's writes into the same shared clusters as [`SHARED_WRITES`] for
+/// `cluster`-byte clusters; the last one replaces a shared cluster with a compressed one.
 fn shared_ops(cluster: u64) -> [Op; 7] {
     [
         Op::Write(4096 + 100, 1000),
