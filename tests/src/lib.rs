@@ -71,6 +71,34 @@ pub fn qemu_raw(image: &Path) -> Vec<u8> {
     std::fs::read(out.path()).expect("read converted image")
 }
 
+/// The contents of internal snapshot `name` of `image` according to QEMU (`qemu-img
+/// convert -l NAME -O raw`).
+pub fn qemu_snapshot_raw(image: &Path, name: &str) -> Vec<u8> {
+    let out = tempfile::NamedTempFile::new().expect("temp file");
+    let (src, dst) = (
+        image.to_str().expect("utf-8"),
+        out.path().to_str().expect("utf-8"),
+    );
+    qemu_img(&["convert", "-l", name, "-O", "raw", src, dst]);
+    std::fs::read(out.path()).expect("read converted snapshot")
+}
+
+/// How many host clusters of the qcow2 image `image` have a nonzero refcount (read by our
+/// engine, read-only).
+pub fn host_clusters_in_use(image: &Path) -> usize {
+    let file = std::fs::File::open(image).expect("open image");
+    let len = file.metadata().expect("image size").len();
+    let storage = std::sync::Arc::new(qcow2::FileStorage::new(file));
+    let opts = qcow2::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let q = qcow2::Qcow2::open_storage(storage, &opts, None).expect("open qcow2");
+    (0..len.div_ceil(q.cluster_size()))
+        .filter(|&c| q.refcount(c).expect("refcount") > 0)
+        .count()
+}
+
 /// The guest-visible contents according to our engine.
 pub fn our_raw(img: &dyn Image) -> Vec<u8> {
     let mut buf = vec![0u8; img.size() as usize];

@@ -1,7 +1,7 @@
 //! Images with extended L2 entries (subclusters): what qemu-io writes we read identically,
 //! through the synchronous engine and through `map_io` (the zero-copy path).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cowbird_tests::*;
 use qcow2::{Extent, Image, MapOutcome};
@@ -11,7 +11,7 @@ const CLUSTER: u64 = 65536;
 const SIZE: u64 = 4 << 20;
 
 /// A raw base file with a pattern everywhere, so reads of the backing file show.
-fn patterned_base(dir: &Path) -> std::path::PathBuf {
+fn patterned_base(dir: &Path) -> PathBuf {
     let base = dir.join("base.raw");
     std::fs::write(&base, pattern(SIZE as usize, 0, 0x5a)).unwrap();
     base
@@ -235,6 +235,7 @@ enum Op {
 
 /// Applies `op` to `img` and to `model` (QEMU's semantics: discards cover whole clusters).
 fn apply(img: &qcow2::Qcow2, model: &mut [u8], op: Op, seed: u8) {
+    let cluster = img.cluster_size();
     match op {
         Op::Write(off, len) => {
             let data = pattern(len as usize, off, seed);
@@ -247,16 +248,16 @@ fn apply(img: &qcow2::Qcow2, model: &mut [u8], op: Op, seed: u8) {
         }
         Op::Discard(off, len) => {
             img.discard(off, len).unwrap();
-            let start = off.next_multiple_of(CLUSTER);
-            let end = (off + len) / CLUSTER * CLUSTER;
+            let start = off.next_multiple_of(cluster);
+            let end = (off + len) / cluster * cluster;
             if start < end {
                 model[start as usize..end as usize].fill(0);
             }
         }
         Op::Compressed(off) => {
-            let data = vec![seed; CLUSTER as usize];
+            let data = vec![seed; cluster as usize];
             img.write_compressed(&data, off).unwrap();
-            model[off as usize..(off + CLUSTER) as usize].copy_from_slice(&data);
+            model[off as usize..(off + cluster) as usize].copy_from_slice(&data);
         }
     }
 }
@@ -279,7 +280,7 @@ fn open_rw(path: &Path) -> qcow2::Qcow2 {
 
 /// Runs `ops` through our engine on an extended-L2 image (over the patterned base if
 /// `backing`), then has QEMU judge: check clean, contents identical to the model.
-fn write_and_judge(dir: &Path, name: &str, backing: bool, ops: &[Op]) -> std::path::PathBuf {
+fn write_and_judge(dir: &Path, name: &str, backing: bool, ops: &[Op]) -> PathBuf {
     let base = backing.then(|| patterned_base(dir));
     let path = dir.join(name);
     create_ext(&path, base.as_deref(), CLUSTER);
@@ -485,11 +486,8 @@ fn snapshots_of_extended_l2_images_read_and_are_copied_on_write() {
     // subcluster (and over the write), the rest left to the backing file.
     assert_eq!(qemu_map(&path), qemu_map(&theirs));
     // The snapshot still reads as it was taken, through QEMU and through our snapshot view.
-    let flat = dir.path().join("s1.raw");
-    let (src, dst) = (path.to_str().unwrap(), flat.to_str().unwrap());
-    qemu_img(&["convert", "-l", "s1", "-O", "raw", src, dst]);
     assert_same(
-        &std::fs::read(&flat).unwrap(),
+        &qemu_snapshot_raw(&path, "s1"),
         &at_snapshot,
         "qemu's snapshot s1",
     );
@@ -582,4 +580,297 @@ fn map_io_writes_unallocated_subclusters_of_copied_clusters_in_place() {
         let rest = extent_at(&map, 20480);
         assert!(rest.0 == 20480 && !(rest.2 == 0 && rest.3), "{rest:?}");
     }
+}
+
+/// An extended-L2 image with `cluster`-byte clusters over the patterned base, written in
+/// pieces by qemu-io ([`scribble`]): allocated subclusters next to ones the backing file
+/// shows, zero bits, compressed clusters.
+fn partly_written(dir: &Path, name: &str, cluster: u64) -> PathBuf {
+    let base = patterned_base(dir);
+    let path = dir.join(name);
+    create_ext(&path, Some(&base), cluster);
+    scribble(&path);
+    path
+}
+
+/// Copies `path` to a sibling named `name`.
+fn copy(path: &Path, name: &str) -> PathBuf {
+    let to = path.with_file_name(name);
+    std::fs::copy(path, &to).unwrap();
+    to
+}
+
+/// qemu-io writes that reach clusters shared with a snapshot of [`partly_written`] in part:
+/// allocated and backing-file subclusters, a zeroed one, compressed clusters.
+const SHARED_WRITES: [&str; 7] = [
+    "write -P 0xa1 4196 1000",
+    "write -P 0xa2 10k 1k",
+    "write -z 200k 2k",
+    "write -P 0xa3 1090k 100",
+    "write -P 0xa4 2097162 10",
+    "discard 2112k 128k",
+    "write -P 0xa5 3M 100",
+];
+
+/// Our engine's writes into the same shared clusters as [`SHARED_WRITES`] for
+/// `cluster`-byte clusters; the last one replaces a shared cluster with a compressed one.
+fn shared_ops(cluster: u64) -> [Op; 7] {
+    [
+        Op::Write(4096 + 100, 1000),
+        Op::Write(10 << 10, 1024),
+        Op::Zero(200 << 10, 2048, false),
+        Op::Write((1090 << 10) + 10, 100),
+        Op::Write((2 << 20) + 10, 10),
+        Op::Discard(2112 << 10, 2 * cluster),
+        Op::Compressed(3 << 20),
+    ]
+}
+
+/// Our engine makes snapshot `name` of `path`.
+fn our_create(path: &Path, name: &str) {
+    open_rw(path).create_snapshot(name).unwrap();
+}
+
+/// Our engine applies snapshot `name` of `path`.
+fn our_apply(path: &Path, name: &str) {
+    open_rw(path)
+        .apply_snapshot(&qcow2::SnapshotRef::Name(name.into()))
+        .unwrap();
+}
+
+/// Our engine deletes snapshot `name` of `path`.
+fn our_delete(path: &Path, name: &str) {
+    open_rw(path)
+        .delete_snapshot(&qcow2::SnapshotRef::Name(name.into()))
+        .unwrap();
+}
+
+/// `qemu-img snapshot FLAG NAME PATH`.
+fn qemu_snapshot(path: &Path, flag: &str, name: &str) {
+    qemu_img(&["snapshot", flag, name, path.to_str().unwrap()]);
+}
+
+#[test]
+fn our_snapshots_keep_their_contents_under_qemu_io_writes_and_delete_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in [16384, CLUSTER] {
+        let path = partly_written(dir.path(), &format!("o{cluster}.qcow2"), cluster);
+        let at_snapshot = qemu_raw(&path);
+        // The same writes without a snapshot give the active layer's model; with
+        // qemu-img's snapshot, the allocation to compare with.
+        let plain = copy(&path, "plain.qcow2");
+        let theirs = copy(&path, "theirs.qcow2");
+        our_create(&path, "s1");
+        qemu_snapshot(&theirs, "-c", "s1");
+        assert_qemu_clean(&path);
+        assert_eq!(host_clusters_in_use(&path), host_clusters_in_use(&theirs));
+        for img in [&path, &plain, &theirs] {
+            qemu_io(img, &SHARED_WRITES);
+        }
+        assert_qemu_clean(&path);
+        let what = format!("{cluster}-byte clusters");
+        assert_same(&qemu_raw(&path), &qemu_raw(&plain), &what);
+        assert_same(&qemu_snapshot_raw(&path, "s1"), &at_snapshot, &what);
+        assert_eq!(qemu_map(&path), qemu_map(&theirs), "{what}");
+        assert_eq!(host_clusters_in_use(&path), host_clusters_in_use(&theirs));
+        // Deleting frees what only the snapshot held, as much as qemu-img frees.
+        our_delete(&path, "s1");
+        qemu_snapshot(&theirs, "-d", "s1");
+        assert_qemu_clean(&path);
+        assert_same(&qemu_raw(&path), &qemu_raw(&plain), &what);
+        assert_eq!(host_clusters_in_use(&path), host_clusters_in_use(&theirs));
+        assert_eq!(host_clusters_in_use(&path), host_clusters_in_use(&plain));
+    }
+}
+
+#[test]
+fn qemu_img_snapshots_are_applied_by_us_after_our_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in [16384, CLUSTER] {
+        let path = partly_written(dir.path(), &format!("a{cluster}.qcow2"), cluster);
+        qemu_snapshot(&path, "-c", "q1");
+        let at_q1 = qemu_raw(&path);
+        let img = open_rw(&path);
+        let mut model = at_q1.clone();
+        for (k, op) in shared_ops(cluster).into_iter().enumerate() {
+            apply(&img, &mut model, op, k as u8 + 1);
+        }
+        img.flush().unwrap();
+        drop(img);
+        let what = format!("{cluster}-byte clusters");
+        assert_qemu_clean(&path);
+        assert_same(&qemu_raw(&path), &model, &what);
+        // Ours applies it on the image, qemu-img on a copy: the same disk and allocation.
+        let theirs = copy(&path, "theirs.qcow2");
+        our_apply(&path, "q1");
+        qemu_snapshot(&theirs, "-a", "q1");
+        assert_qemu_clean(&path);
+        assert_same(&qemu_raw(&path), &at_q1, &what);
+        assert_eq!(qemu_map(&path), qemu_map(&theirs), "{what}");
+        assert_eq!(host_clusters_in_use(&path), host_clusters_in_use(&theirs));
+        // The applied disk changes on its own; the snapshot keeps its contents.
+        qemu_io(&path, &SHARED_WRITES);
+        assert_qemu_clean(&path);
+        assert_same(&qemu_snapshot_raw(&path, "q1"), &at_q1, &what);
+    }
+}
+
+/// One random step of [`mixed_snapshot_sequences_match_models`], by our engine or by QEMU.
+#[derive(Debug)]
+enum Step {
+    Create,
+    Apply(usize),
+    Delete(usize),
+    Write,
+}
+
+#[test]
+fn mixed_snapshot_sequences_match_models() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    // Which (step, tool) pairs ran, so that the sequences cannot miss one silently.
+    let mut ran = std::collections::HashSet::new();
+    for seed in 0..4u64 {
+        let cluster = if seed % 2 == 0 { 16384 } else { CLUSTER };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let path = partly_written(dir.path(), &format!("m{seed}.qcow2"), cluster);
+        let mut active = qemu_raw(&path);
+        let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+        for n in 0..14 {
+            let ours = rng.random_bool(0.5);
+            let step = match rng.random_range(0..5) {
+                0 | 1 if snaps.len() < 4 => Step::Create,
+                2 if !snaps.is_empty() => Step::Apply(rng.random_range(0..snaps.len())),
+                3 if !snaps.is_empty() => Step::Delete(rng.random_range(0..snaps.len())),
+                _ => Step::Write,
+            };
+            match step {
+                Step::Create => {
+                    let name = format!("s{n}");
+                    match ours {
+                        true => our_create(&path, &name),
+                        false => qemu_snapshot(&path, "-c", &name),
+                    }
+                    snaps.push((name, active.clone()));
+                }
+                Step::Apply(i) => {
+                    match ours {
+                        true => our_apply(&path, &snaps[i].0),
+                        false => qemu_snapshot(&path, "-a", &snaps[i].0),
+                    }
+                    active = snaps[i].1.clone();
+                }
+                Step::Delete(i) => {
+                    let (name, _) = snaps.remove(i);
+                    match ours {
+                        true => our_delete(&path, &name),
+                        false => qemu_snapshot(&path, "-d", &name),
+                    }
+                }
+                Step::Write => random_writes(&path, &mut active, ours, &mut rng, n as u8),
+            }
+            let tool = ["qemu", "us"][ours as usize];
+            let what = format!("seed {seed}, step {n}: {step:?} by {tool}");
+            ran.insert((std::mem::discriminant(&step), ours));
+            let (code, text) = qemu_check(&path);
+            assert_eq!(code, 0, "{what}:\n{text}");
+            let report = qcow2::check(&open_rw(&path)).unwrap();
+            assert!(report.is_clean(), "{what}: our check: {report:?}");
+            assert_same(&qemu_raw(&path), &active, &what);
+            for (name, contents) in &snaps {
+                assert_same(
+                    &qemu_snapshot_raw(&path, name),
+                    contents,
+                    &format!("{what}, {name}"),
+                );
+            }
+        }
+        // Deleting what is left (ours and qemu-img's on a copy) frees as much.
+        let theirs = copy(&path, "theirs.qcow2");
+        for (name, _) in &snaps {
+            our_delete(&path, name);
+            qemu_snapshot(&theirs, "-d", name);
+        }
+        assert_qemu_clean(&path);
+        assert_same(&qemu_raw(&path), &active, "after deleting all");
+        assert_eq!(host_clusters_in_use(&path), host_clusters_in_use(&theirs));
+    }
+    assert_eq!(ran.len(), 8, "every kind of step by both tools");
+}
+
+/// A few random writes to `path` (and the model `disk`): through our engine (data, zeroes,
+/// discards, compressed clusters) or through qemu-io (data, zeroes), half of them
+/// subcluster-aligned.
+fn random_writes(path: &Path, disk: &mut [u8], ours: bool, rng: &mut impl rand::Rng, seed: u8) {
+    let img = ours.then(|| open_rw(path));
+    let cluster = img.as_ref().map_or(0, |i| i.cluster_size());
+    let mut cmds = Vec::new();
+    for k in 0..rng.random_range(1..6u8) {
+        let (off, len) = match rng.random_bool(0.5) {
+            true => (
+                rng.random_range(0..SIZE / 2048) * 2048,
+                2048 * rng.random_range(1..8),
+            ),
+            false => (rng.random_range(0..SIZE - 1), rng.random_range(1..100_000)),
+        };
+        let len = len.min(SIZE - off);
+        let byte = seed.wrapping_mul(16).wrapping_add(k) | 1;
+        let zero = rng.random_range(0..4) == 0;
+        match &img {
+            Some(img) => {
+                let op = match rng.random_range(0..8) {
+                    0 => Op::Discard(off, len),
+                    1 => Op::Compressed(off / cluster * cluster),
+                    _ if zero => Op::Zero(off, len, rng.random_bool(0.5)),
+                    _ => Op::Write(off, len),
+                };
+                apply(img, disk, op, byte);
+            }
+            None => {
+                let range = off as usize..(off + len) as usize;
+                if zero {
+                    cmds.push(format!("write -z {off} {len}"));
+                    disk[range].fill(0);
+                } else {
+                    cmds.push(format!("write -P {byte} {off} {len}"));
+                    disk[range].fill(byte);
+                }
+            }
+        }
+    }
+    match img {
+        Some(img) => img.flush().unwrap(),
+        None => qemu_io(path, &cmds.iter().map(String::as_str).collect::<Vec<_>>()),
+    }
+}
+
+#[test]
+fn a_misaligned_entry_stops_a_snapshot_with_qemu_s_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u.qcow2");
+    create_ext(&path, None, 16384);
+    qemu_io(&path, &["write -P 1 0 4k", "write -P 2 16k 1k"]);
+    // Guest cluster 1's entry (the word before its bitmap) points 512 bytes into a cluster.
+    let entry = bitmap_at(&path, 1) - 8;
+    let data = std::fs::read(&path).unwrap();
+    let raw = u64::from_be_bytes(data[entry as usize..][..8].try_into().unwrap());
+    poke(&path, entry, raw + 512);
+    let theirs = copy(&path, "theirs.qcow2");
+    let out = run(
+        "qemu-img",
+        &["snapshot", "-c", "s", theirs.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let words = stderr
+        .split("Marking image as corrupt: ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("qemu-img: {stderr}"));
+    let err = open_rw(&path).create_snapshot("s").unwrap_err();
+    assert!(matches!(err, qcow2::Error::Corrupt(_)), "{err:?}");
+    assert!(
+        err.to_string().contains(words),
+        "ours: {err}; qemu-img: {words}"
+    );
 }

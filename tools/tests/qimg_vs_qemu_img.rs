@@ -3003,20 +3003,9 @@ fn engine_write(dir: &Path, img: &str, offset: u64, len: usize, byte: u8) {
     image.close().unwrap();
 }
 
-/// How many host clusters of qcow2 image `img` have a nonzero refcount.
+/// How many host clusters of qcow2 image `img` (in `dir`) have a nonzero refcount.
 fn host_clusters_in_use(dir: &Path, img: &str) -> usize {
-    let file = std::fs::File::open(dir.join(img)).unwrap();
-    let len = file.metadata().unwrap().len();
-    let storage = std::sync::Arc::new(qcow2::FileStorage::new(file));
-    let opts = qcow2::OpenOptions {
-        read_only: true,
-        ..Default::default()
-    };
-    let q = qcow2::Qcow2::open_storage(storage, &opts, None).unwrap();
-    let clusters = len.div_ceil(q.cluster_size());
-    (0..clusters)
-        .filter(|&c| q.refcount(c).unwrap() > 0)
-        .count()
+    cowbird_tests::host_clusters_in_use(&dir.join(img))
 }
 
 /// A 64M qcow2 with data, a compressed cluster and a preallocated zero cluster.
@@ -3261,13 +3250,19 @@ fn snapshot_sequences_on_copies_end_like_qemu_img_on_every_kind_of_image() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     qcow2_image(p, &[], "base.qcow2", "64M", &["write -P 11 0 4M"]);
-    let kinds: [(&str, &[&str]); 6] = [
+    let kinds: [(&str, &[&str]); 9] = [
         ("v3.qcow2", &[]),
         ("v2.qcow2", &["-o", "compat=0.10"]),
         ("lazy.qcow2", &["-o", "lazy_refcounts=on"]),
         ("small.qcow2", &["-o", "cluster_size=512,refcount_bits=8"]),
         ("wide.qcow2", &["-o", "refcount_bits=64"]),
         ("top.qcow2", &["-b", "base.qcow2", "-F", "qcow2"]),
+        ("xl2.qcow2", &["-o", "extended_l2=on"]),
+        ("xl2small.qcow2", &["-o", "extended_l2=on,cluster_size=16k"]),
+        (
+            "xl2top.qcow2",
+            &["-o", "extended_l2=on", "-b", "base.qcow2", "-F", "qcow2"],
+        ),
     ];
     for (img, opts) in kinds {
         let v2 = img.starts_with("v2");
@@ -3275,10 +3270,14 @@ fn snapshot_sequences_on_copies_end_like_qemu_img_on_every_kind_of_image() {
         let (ours, theirs) = same_on_copies(p, img, &["snapshot", "-c", "s", "X"]);
         let both = [ours.as_str(), theirs.as_str()];
         let at_s = qemu_contents(p, &ours, None);
+        // Whole clusters, and pieces of clusters and subclusters shared with "s".
         let mut writes = vec![
             "write -P 21 512k 1M",
             "write -z 4M 64k",
             "write -P 22 60M 64k",
+            "write -P 24 4100 3000",
+            "write -P 25 8200k 3k",
+            "write -z 40966k 2k",
         ];
         if !v2 {
             writes.push("write -z -u 40M 1M");

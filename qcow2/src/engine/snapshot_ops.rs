@@ -24,7 +24,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::create::Preallocation;
 use crate::error::{Error, Result};
-use crate::format::header::INCOMPAT_EXTL2;
 use crate::format::snapshot::{self, Snapshot, SnapshotRef, MAX_SNAPSHOTS};
 use crate::format::tables::{L2Entry, COPIED, OFFSET_MASK};
 use crate::open::read_snapshot_l1;
@@ -183,8 +182,7 @@ impl Qcow2 {
         Ok(snap)
     }
 
-    /// Refuses snapshot changes QEMU refuses (read-only, external data file) and those the
-    /// tree walk cannot do yet (extended L2 entries).
+    /// Refuses snapshot changes QEMU refuses: read-only images, external data files.
     fn check_snapshot_support(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -192,11 +190,6 @@ impl Qcow2 {
         if self.data_file.is_some() {
             return Err(Error::NotSupported(
                 "internal snapshots of an image with an external data file".into(),
-            ));
-        }
-        if self.meta().header.incompatible_features & INCOMPAT_EXTL2 != 0 {
-            return Err(Error::NotSupported(
-                "internal snapshots of an image with extended L2 entries".into(),
             ));
         }
         Ok(())
@@ -239,6 +232,10 @@ impl Qcow2 {
     /// whose refcount drops to zero is freed as it is. Returns `l1` with its COPIED flags
     /// set the same way; writing it is the caller's business.
     ///
+    /// With extended L2 entries, an entry with a host cluster holds one reference to all of
+    /// it whatever its subcluster bitmap says (bit 0 is no zero flag there, so QEMU counts
+    /// such entries as normal clusters), and bitmaps are left as they are.
+    ///
     /// Increments reach the disk before the entries changed here (writeback's order);
     /// decrements must only be asked for once nothing durable references `l1` any more.
     /// Clusters whose refcount drops to zero are added to `freed`.
@@ -251,6 +248,7 @@ impl Qcow2 {
     ) -> Result<Vec<u64>> {
         let file = &*self.file;
         let cs = self.geo.cluster_size();
+        let w = self.geo.l2_words() as usize;
         let mut out = Vec::with_capacity(l1.len());
         for (i, &l1e) in l1.iter().enumerate() {
             let table = l1e & OFFSET_MASK;
@@ -266,8 +264,11 @@ impl Qcow2 {
                         "the L2 table at {table:#x} (L1 index {i}) has refcount 0"
                     ))
                 })?;
-            let entries = m.read_l2_table(file, table)?;
-            for (j, &raw) in entries.iter().enumerate() {
+            // With extended L2 entries each entry is two words: the entry, whose
+            // COPIED flag changes here, and its subcluster bitmap, which stays as it is.
+            let words = m.read_l2_table(file, table)?;
+            for (j, entry_words) in words.chunks_exact(w).enumerate() {
+                let raw = entry_words[0];
                 let entry = self.decode_l2(raw);
                 if let Some((_, host)) = self.first_unaligned(&[(entry, 0)]) {
                     return Err(super::unaligned_entry(host, table, j as u64));
@@ -284,7 +285,9 @@ impl Qcow2 {
                 };
                 let new = if copied { raw | COPIED } else { raw & !COPIED };
                 if new != raw {
-                    m.set_l2_entries(file, table, j as u64, &[new])?;
+                    let mut changed = entry_words.to_vec();
+                    changed[0] = new;
+                    m.set_l2_entries(file, table, j as u64, &changed)?;
                 }
             }
             if delta != 0 {
