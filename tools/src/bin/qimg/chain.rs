@@ -234,6 +234,12 @@ impl Chain {
         }
     }
 
+    /// Reads guest bytes of layer `i` alone, without what lies under it: for runs that
+    /// [`Chain::status`] found allocated in that layer.
+    pub fn read_layer(&self, i: usize, buf: &mut [u8], offset: u64) -> qcow2::Result<()> {
+        self.nodes[i].layer.image().read_at(buf, offset)
+    }
+
     /// Status of one layer at `offset` (at most `len` bytes): QEMU's `bdrv_block_status`.
     fn layer_status(&self, i: usize, offset: u64, len: u64) -> anyhow::Result<Extent> {
         let layer = &self.nodes[i].layer;

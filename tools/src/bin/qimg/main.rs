@@ -158,17 +158,27 @@ pub fn print_error(message: impl std::fmt::Display) {
 pub fn report_error(e: &anyhow::Error) {
     let mut parts = Vec::new();
     for cause in e.chain() {
-        if let Some(qcow2::Error::Corrupt(what)) = cause.downcast_ref::<qcow2::Error>() {
-            eprintln!(
-                "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
-                 suppressed"
-            );
+        if report_corruption(cause) {
             parts.push("Input/output error".to_owned());
             break;
         }
         parts.push(cause.to_string());
     }
     print_error(parts.join(": "));
+}
+
+/// If `cause` is corruption found in a qcow2 image, prints it as QEMU's qcow2 driver does
+/// (a line of its own, "qcow2: Image is corrupt: ...") and returns true; the block layer then
+/// calls the failure an I/O error.
+pub fn report_corruption(cause: &(dyn std::error::Error + 'static)) -> bool {
+    let Some(qcow2::Error::Corrupt(what)) = cause.downcast_ref::<qcow2::Error>() else {
+        return false;
+    };
+    eprintln!(
+        "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
+         suppressed"
+    );
+    true
 }
 
 /// Drops Rust's " (os error N)" after system error texts: qemu-img prints strerror alone.

@@ -81,6 +81,62 @@ impl Progress {
     }
 }
 
+/// qemu-img's own accounting (`util/qemu-progress.c`) for commands that report progress in
+/// steps (`compare`): single-precision percentages, a line on stdout at 0 %, at 100 % and
+/// whenever the total moved more than `min_skip` points from the last line, and a newline at
+/// the end. Nothing is printed unless enabled.
+pub struct Steps {
+    enabled: bool,
+    min_skip: f32,
+    current: f32,
+    last: f32,
+}
+
+impl Steps {
+    /// qemu_progress_init.
+    pub fn new(enabled: bool, min_skip: f32) -> Steps {
+        Steps {
+            enabled,
+            min_skip,
+            current: 0.0,
+            last: 0.0,
+        }
+    }
+
+    /// Shows the start (0 %).
+    pub fn start(&mut self) {
+        self.step(0.0);
+    }
+
+    /// Records `part` more units of `whole` done.
+    pub fn advance(&mut self, part: u64, whole: u64) {
+        self.step(part as f32 / whole as f32 * 100.0);
+    }
+
+    /// qemu_progress_print(delta, 100), in C's `float`.
+    fn step(&mut self, delta: f32) {
+        let current = (self.current + delta / 100.0 * 100.0).min(100.0);
+        self.current = current;
+        if current > self.last + self.min_skip
+            || current < self.last - self.min_skip
+            || current == 100.0
+            || current == 0.0
+        {
+            self.last = current;
+            if self.enabled {
+                print_plain(f64::from(current), "\r");
+            }
+        }
+    }
+
+    /// qemu_progress_end.
+    pub fn end(&self) {
+        if self.enabled {
+            outln!();
+        }
+    }
+}
+
 fn print_plain(pct: f64, end: &str) {
     let mut out = std::io::stdout().lock();
     let _ = write!(out, "    ({pct:.2}/100%){end}");
