@@ -64,6 +64,8 @@ struct Node {
     preallocated: bool,
     /// The backing file name the header records.
     recorded_backing: Option<String>,
+    /// Guest bytes one L2 table maps (qcow2), where QEMU's runs end.
+    table_span: u64,
 }
 
 /// An image and its backing files, top first.
@@ -117,6 +119,18 @@ pub fn open_layer(
     Ok((Layer::Qcow2(Box::new(img)), backing))
 }
 
+/// Whether run `next` goes on where `prev` ends with the same status (QEMU's qcow2 reports
+/// both as one).
+fn continues(prev: &BlockStatus, next: &BlockStatus) -> bool {
+    (prev.allocated, prev.zero, prev.data, prev.compressed)
+        == (next.allocated, next.zero, next.data, next.compressed)
+        && match (prev.host_offset, next.host_offset) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a + prev.len == b,
+            _ => false,
+        }
+}
+
 /// Whether more clusters are in use than the file has allocated (QEMU's heuristic for an
 /// image created with preallocation=metadata).
 fn detect_metadata_preallocation(img: &Qcow2, path: &Path) -> anyhow::Result<bool> {
@@ -163,16 +177,17 @@ impl Chain {
                 }
                 None => e,
             })?;
-            let (data_name, preallocated, recorded_backing) = match &layer {
+            let (data_name, preallocated, recorded_backing, table_span) = match &layer {
                 Layer::Qcow2(img) => {
                     let h = img.header();
                     (
-                        h.data_file.map(|d| path_combine(&name, &d)),
+                        h.data_file.clone().map(|d| path_combine(&name, &d)),
                         detect_metadata_preallocation(img, Path::new(&name))?,
-                        h.backing_file,
+                        h.backing_file.clone(),
+                        h.l2_entries() * h.cluster_size(),
                     )
                 }
-                Layer::Raw(_) => (None, false, None),
+                Layer::Raw(_) => (None, false, None, u64::MAX),
             };
             nodes.push(Node {
                 layer,
@@ -180,6 +195,7 @@ impl Chain {
                 name,
                 preallocated,
                 recorded_backing,
+                table_span,
             });
             next = backing;
         }
@@ -227,7 +243,8 @@ impl Chain {
         self.layer_size(0)
     }
 
-    fn layer_size(&self, i: usize) -> u64 {
+    /// Virtual size of layer `i` (raw sizes rounded up to sectors).
+    pub fn layer_size(&self, i: usize) -> u64 {
         match &self.nodes[i].layer {
             Layer::Raw(r) => r.size().next_multiple_of(512),
             Layer::Qcow2(img) => img.size(),
@@ -261,7 +278,23 @@ impl Chain {
             e.offset = Some(offset);
             return Ok(e);
         }
-        let st: BlockStatus = img.block_status(offset, len.min(img.size() - offset))?;
+        let len = len.min(img.size() - offset);
+        let mut st: BlockStatus = img.block_status(offset, len)?;
+        if let Layer::Qcow2(_) = layer {
+            // QEMU's qcow2 runs end at the end of an L2 table (its L2 cache holds whole
+            // tables by default), ours at the end of a cached slice: go on to the table's end.
+            let span = self.nodes[i].table_span;
+            let end = (offset + len)
+                .min((offset / span + 1) * span)
+                .min(offset + i32::MAX as u64);
+            while offset + st.len < end {
+                let next = img.block_status(offset + st.len, end - offset - st.len)?;
+                if !continues(&st, &next) {
+                    break;
+                }
+                st.len += next.len;
+            }
+        }
         e.length = st.len;
         e.present = st.allocated;
         e.zero = st.zero;

@@ -133,7 +133,11 @@ impl Side<'_> {
             .filter(|(set, _)| *set)
             .fold(0, |f, (_, bit)| f | bit)
         };
-        if e.start + e.length == self.size() {
+        // The run ends the image, or (unallocated through the chain) the bottom image, whose
+        // status is the answer.
+        let end = e.start + e.length;
+        let bottom_end = !e.present && !below_backing && end == self.chain.layer_size(e.depth);
+        if end == self.size() || bottom_end {
             flags |= EOF;
         }
         Ok(Run { extent: e, flags })
