@@ -280,7 +280,10 @@ impl Chain {
         }
         let len = len.min(img.size() - offset);
         let mut st: BlockStatus = img.block_status(offset, len)?;
-        if let Layer::Qcow2(_) = layer {
+        if let (Layer::Qcow2(q), true) = (layer, st.compressed) {
+            // QEMU reports compressed clusters one by one.
+            st.len = st.len.min(q.cluster_size() - offset % q.cluster_size());
+        } else if let Layer::Qcow2(_) = layer {
             // QEMU's qcow2 runs end at the end of an L2 table (its L2 cache holds whole
             // tables by default), ours at the end of a cached slice: go on to the table's end.
             let span = self.nodes[i].table_span;
