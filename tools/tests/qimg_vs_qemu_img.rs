@@ -758,19 +758,221 @@ fn info_shows_encryption_without_a_key() {
     assert_eq!(qimg(p, &["check", "luks.qcow2"]).0, 1);
 }
 
+/// `qemu-img convert -O raw SRC DST`.
+fn raw_copy(dir: &Path, src: &str, dst: &str) {
+    assert_eq!(qemu(dir, &["convert", "-O", "raw", src, dst]).0, 0, "{src}");
+}
+
+/// Identical and different images, of the same size or not (the extra part zeros or data),
+/// qcow2 against raw, plain and strict: the same verdict, words and exit code as qemu-img.
 #[test]
-fn compare_exit_codes_match() {
+fn compare_matches_on_contents_sizes_and_formats() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    qcow2_image(p, &[], "a.qcow2", "4M", &[]);
-    qcow2_image(p, &[], "b.qcow2", "4M", &[]);
-    qcow2_image(p, &[], "c.qcow2", "5M", &[]);
-    same(p, &["compare", "a.qcow2", "b.qcow2"]);
-    same(p, &["compare", "a.qcow2", "c.qcow2"]);
-    same(p, &["compare", "-s", "a.qcow2", "c.qcow2"]);
-    qemu_io(p, "b.qcow2", &["write -P 1 12345 1"]);
-    same(p, &["compare", "a.qcow2", "b.qcow2"]);
-    assert_eq!(qimg(p, &["compare", "a.qcow2", "missing.qcow2"]).0, 2);
+    let data = ["write -P 1 0 1M", "write -P 2 3M 100k", "write -z 5M 64k"];
+    qcow2_image(p, &[], "a.qcow2", "8M", &data);
+    qcow2_image(p, &[], "b.qcow2", "8M", &[&data[..], &["write -P 9 3100k 1"]].concat());
+    qcow2_image(p, &[], "z.qcow2", "8M", &[&data[..], &["write -P 7 7M 512"]].concat());
+    // 12 MiB: the same first 8 MiB, then zeros (unallocated, a zero cluster) or data.
+    qcow2_image(p, &[], "long.qcow2", "12M", &[&data[..], &["write -z 9M 64k"]].concat());
+    qcow2_image(p, &[], "longx.qcow2", "12M", &[&data[..], &["write -P 3 10M 4k"]].concat());
+    qcow2_image(p, &[], "e.qcow2", "8M", &[]);
+    qcow2_image(p, &[], "x.qcow2", "8M", &[]);
+    qemu_io(p, "x.qcow2", &["write -P 1 0 1M", "write -P 2 3M 100k"]);
+    for (src, dst) in [("a.qcow2", "a.raw"), ("b.qcow2", "b.raw"), ("longx.qcow2", "longx.raw")] {
+        raw_copy(p, src, dst);
+    }
+    let cases: &[&[&str]] = &[
+        &["a.qcow2", "a.qcow2"],
+        &["a.qcow2", "b.qcow2"],
+        &["b.qcow2", "a.qcow2"],
+        &["a.qcow2", "z.qcow2"],
+        &["-q", "a.qcow2", "z.qcow2"],
+        &["a.qcow2", "a.raw"],
+        &["a.raw", "a.qcow2"],
+        &["b.raw", "a.qcow2"],
+        &["z.qcow2", "a.raw"],
+        &["a.qcow2", "x.qcow2"],
+        &["a.qcow2", "e.qcow2"],
+        &["a.qcow2", "long.qcow2"],
+        &["long.qcow2", "a.qcow2"],
+        &["a.qcow2", "longx.qcow2"],
+        &["longx.raw", "a.raw"],
+        &["-f", "raw", "a.qcow2", "a.raw"],
+        &["-s", "a.qcow2", "long.qcow2"],
+        &["-s", "a.qcow2", "a.qcow2"],
+        &["-s", "a.raw", "a.raw"],
+        &["-s", "a.qcow2", "a.raw"],
+        &["-s", "a.qcow2", "x.qcow2"],
+        &["-s", "a.qcow2", "z.qcow2"],
+        &["-s", "-f", "raw", "-F", "raw", "a.qcow2", "a.qcow2"],
+        &["--strict", "--a-format=qcow2", "--b-format", "raw", "a.qcow2", "a.raw"],
+        &["a.qcow2", "missing.qcow2"],
+        &["missing.qcow2", "a.qcow2"],
+        &["-F", "qcow2", "a.raw", "a.raw"],
+    ];
+    for args in cases {
+        same(p, &[&["compare"], *args].concat());
+    }
+}
+
+/// Backing chains are compared through: a difference only in a backing file, a zero cluster
+/// over data of the backing file, an image longer than its backing file (whose zeros the
+/// block layer counts as allocated), a raw backing file.
+#[test]
+fn compare_reads_backing_chains_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for x in ["A", "B", "Z"] {
+        let base = format!("{x}base.qcow2");
+        qcow2_image(p, &[], &base, "4M", &["write -P 1 0 1M", "write -P 2 2M 512k"]);
+        let top = &format!("{x}top.qcow2");
+        let opts = ["-b", &base, "-F", "qcow2"];
+        qcow2_image(p, &opts, top, "6M", &["write -P 4 1M 100k", "write -P 5 5M 64k"]);
+    }
+    qemu_io(p, "Bbase.qcow2", &["write -P 9 2500k 1"]);
+    qemu_io(p, "Ztop.qcow2", &["write -z 0 64k"]);
+    raw_copy(p, "Atop.qcow2", "Atop.raw");
+    raw_copy(p, "Abase.qcow2", "rbase.raw");
+    let opts = ["-b", "rbase.raw", "-F", "raw"];
+    qcow2_image(p, &opts, "rtop.qcow2", "6M", &["write -P 4 1M 100k", "write -P 5 5M 64k"]);
+    // Nothing but a backing file shorter than the image, against an empty image.
+    qcow2_image(p, &[], "ebase.qcow2", "4M", &[]);
+    qcow2_image(p, &["-b", "ebase.qcow2", "-F", "qcow2"], "etop.qcow2", "6M", &[]);
+    qcow2_image(p, &[], "empty.qcow2", "6M", &[]);
+    let cases: &[&[&str]] = &[
+        &["Atop.qcow2", "Btop.qcow2"],
+        &["Atop.qcow2", "Ztop.qcow2"],
+        &["Ztop.qcow2", "Atop.raw"],
+        &["Atop.qcow2", "Atop.raw"],
+        &["rtop.qcow2", "Atop.qcow2"],
+        &["Abase.qcow2", "Atop.qcow2"],
+        &["Atop.qcow2", "Abase.qcow2"],
+        &["-s", "Atop.qcow2", "Atop.qcow2"],
+        &["-s", "Ztop.qcow2", "Ztop.qcow2"],
+        &["-s", "Atop.qcow2", "Btop.qcow2"],
+        &["-s", "Atop.qcow2", "Atop.raw"],
+        &["-s", "rtop.qcow2", "Atop.qcow2"],
+        &["etop.qcow2", "empty.qcow2"],
+        &["-s", "etop.qcow2", "empty.qcow2"],
+        &["-s", "empty.qcow2", "etop.qcow2"],
+    ];
+    for args in cases {
+        same(p, &[&["compare"], *args].concat());
+    }
+}
+
+/// The host offset of the compressed data of guest cluster 0 of a qcow2 image.
+fn compressed_cluster_offset(dir: &Path, img: &str) -> u64 {
+    let f = std::fs::read(dir.join(img)).unwrap();
+    let be = |at: u64| u64::from_be_bytes(f[at as usize..at as usize + 8].try_into().unwrap());
+    let cluster_bits = be(16) & 0xffff_ffff;
+    let l2 = be(be(40)) & 0x00ff_ffff_ffff_fe00;
+    let entry = be(l2);
+    assert_ne!(entry & (1 << 62), 0, "cluster 0 of {img} is not compressed");
+    entry & ((1 << (62 - (cluster_bits - 8))) - 1)
+}
+
+/// Block status that fails (corrupt metadata: an unaligned L2 entry) ends the comparison with
+/// exit code 3, a read that fails (a compressed cluster that does not decompress) with 4,
+/// in qemu-img's words, whichever image is the broken one.
+#[test]
+fn compare_fails_on_corrupt_images_with_qemu_img_exit_codes() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    layout_qcow2(p, "good.qcow2");
+    damaged(p, "u.qcow2", &[(L2, (1 << 63) | 0x50200, 8)], None);
+    qcow2_image(p, &[], "text.qcow2", "1M", &["write -P 1 0 1M"]);
+    raw_copy(p, "text.qcow2", "text.raw");
+    assert_eq!(qemu(p, &["convert", "-c", "-O", "qcow2", "text.raw", "c.qcow2"]).0, 0);
+    patch(p, "c.qcow2", compressed_cluster_offset(p, "c.qcow2"), &[0xff; 64]);
+    qcow2_image(p, &[], "e.qcow2", "1M", &[]);
+    let cases: &[&[&str]] = &[
+        &["u.qcow2", "good.qcow2"],
+        &["good.qcow2", "u.qcow2"],
+        &["-s", "u.qcow2", "good.qcow2"],
+        &["-q", "good.qcow2", "u.qcow2"],
+        &["c.qcow2", "text.raw"],
+        &["text.raw", "c.qcow2"],
+        &["e.qcow2", "c.qcow2"],
+    ];
+    for args in cases {
+        same(p, &[&["compare"], *args].concat());
+    }
+    let (code, _, err) = run_with_stderr(p, "qemu-img", "qemu-img", &["compare", "u.qcow2", "good.qcow2"]);
+    assert_eq!(code, 3, "{err}");
+}
+
+/// `-p` prints qemu-img's progress lines (in its steps, whatever stdout is), `-T` checks the
+/// cache mode, and what qimg cannot do (`--object`, `--image-opts`) is refused with exit 2.
+#[test]
+fn compare_progress_and_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let data = ["write -P 1 0 1M", "write -P 2 3M 100k", "write -z 5M 64k"];
+    qcow2_image(p, &[], "a.qcow2", "8M", &data);
+    qcow2_image(p, &[], "b.qcow2", "8M", &[&data[..], &["write -P 9 3100k 1"]].concat());
+    qcow2_image(p, &[], "long.qcow2", "12M", &[&data[..], &["write -P 3 10M 4k"]].concat());
+    raw_copy(p, "a.qcow2", "a.raw");
+    // 64 MiB of compressed clusters: qemu-img's runs are one cluster each.
+    qcow2_image(p, &[], "t.qcow2", "64M", &["write -P 6 0 40M"]);
+    raw_copy(p, "t.qcow2", "t.raw");
+    assert_eq!(qemu(p, &["convert", "-c", "-O", "qcow2", "t.raw", "c.qcow2"]).0, 0);
+    let cases: &[&[&str]] = &[
+        &["-p", "a.qcow2", "a.qcow2"],
+        &["-p", "a.qcow2", "a.raw"],
+        &["-p", "a.qcow2", "b.qcow2"],
+        &["-p", "a.raw", "long.qcow2"],
+        &["-p", "-s", "a.raw", "a.raw"],
+        &["-p", "-s", "a.qcow2", "long.qcow2"],
+        &["-p", "c.qcow2", "t.raw"],
+        &["--progress", "t.qcow2", "c.qcow2"],
+        &["-pq", "a.qcow2", "long.qcow2"],
+        &["-p", "a.qcow2", "missing.qcow2"],
+        &["-T", "bogus", "a.qcow2", "a.qcow2"],
+        &["-p", "--cache=bogus", "a.qcow2", "a.qcow2"],
+        &["-T", "none", "-U", "a.qcow2", "a.raw"],
+        &["--image-opts", "-f", "qcow2", "a.qcow2", "a.qcow2"],
+    ];
+    for args in cases {
+        same(p, &[&["compare"], *args].concat());
+    }
+    for refused in [
+        &["--object", "secret,id=s0,data=x", "a.qcow2", "a.qcow2"][..],
+        &["--image-opts", "file.filename=a.qcow2", "file.filename=a.qcow2"],
+    ] {
+        let args = [&["compare"], refused].concat();
+        let (code, out, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &args);
+        assert_eq!((code, out.as_str()), (2, ""), "{args:?}");
+        assert!(err.contains("is not supported"), "{err}");
+    }
+}
+
+/// Sparse 100 GiB images are compared through their block status: only their few MiB of data
+/// are read (reading them whole took minutes).
+#[test]
+fn compare_skips_the_holes_of_sparse_100g_images() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let data = ["write -P 1 0 1M", "write -P 2 50G 1M", "write -P 3 99G 64k"];
+    qcow2_image(p, &[], "s.qcow2", "100G", &data);
+    qcow2_image(p, &[], "t.qcow2", "100G", &[&data[..], &["write -P 9 70G 512"]].concat());
+    // Extended L2 entries (runs of subclusters): 10 GiB, then the rest of the others.
+    qcow2_image(p, &["-o", "extended_l2=on"], "x.qcow2", "10G", &data[..1]);
+    raw_copy(p, "s.qcow2", "s.raw");
+    let cases: &[&[&str]] = &[
+        &["s.qcow2", "s.raw"],
+        &["s.raw", "x.qcow2"],
+        &["s.qcow2", "t.qcow2"],
+        &["-p", "s.qcow2", "s.raw"],
+        &["x.qcow2", "s.qcow2"],
+        &["-p", "t.qcow2", "x.qcow2"],
+        &["-s", "s.qcow2", "s.qcow2"],
+        &["-s", "s.qcow2", "t.qcow2"],
+    ];
+    for args in cases {
+        same(p, &[&["compare"], *args].concat());
+    }
 }
 
 /// Runs `args` through both tools with `X` replaced by a per-tool copy of `img` (made
