@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Benchmark: `qimg convert` vs `qemu-img convert`, alternating on the same inputs.
+# Benchmark: `qimg convert` and `qimg compare` vs qemu-img's, alternating on the same inputs.
 # Prints the median wall time and the median user+sys CPU time of each, and the ratios
 # qimg/qemu-img (lower is better). Both tools write through the page cache without a final
 # flush (qemu-img convert's default `-t unsafe`, which qimg follows).
 #
 # Cases: a SIZE_GIB disk with every other MiB allocated (raw <-> qcow2, then compressed), and a
-# mostly-empty 100 GiB disk (raw <-> qcow2).
+# mostly-empty 100 GiB disk (raw <-> qcow2); then the qcow2 and raw forms of each compared
+# (case names "compare ...").
 #
 # Usage: tools/benches/convert.sh [SIZE_GIB (default 2)] [RUNS (default 3)] [CASE_FILTER]
 # CASE_FILTER (a grep -E pattern on the case name) runs only matching cases. The qimg binary
@@ -76,24 +77,27 @@ row() {
 }
 
 printf '%-28s %10s %10s %8s %10s %10s %8s\n' case qimg_s qemu_s ratio qimg_cpu qemu_cpu ratio
-for case in "raw->qcow2|-O qcow2|src.raw" "qcow2->raw|-O raw|src.qcow2" \
-            "sparse 100G raw->qcow2|-O qcow2|sparse.raw" "sparse 100G qcow2->raw|-O raw|sparse.qcow2" \
-            "raw->qcow2 -c zlib|-O qcow2 -c|src.raw" \
-            "raw->qcow2 -c zstd|-O qcow2 -c -o compression_type=zstd|src.raw"; do
-  IFS='|' read -r name args src <<<"$case"
+# Each case: its name and the subcommand's arguments, where @NAME is the file NAME in $work.
+for case in "raw->qcow2|convert -O qcow2 @src.raw @out" "qcow2->raw|convert -O raw @src.qcow2 @out" \
+            "sparse 100G raw->qcow2|convert -O qcow2 @sparse.raw @out" \
+            "sparse 100G qcow2->raw|convert -O raw @sparse.qcow2 @out" \
+            "raw->qcow2 -c zlib|convert -O qcow2 -c @src.raw @out" \
+            "raw->qcow2 -c zstd|convert -O qcow2 -c -o compression_type=zstd @src.raw @out" \
+            "compare qcow2 raw|compare @src.qcow2 @src.raw" \
+            "compare sparse 100G qcow2 raw|compare @sparse.qcow2 @sparse.raw"; do
+  IFS='|' read -r name args <<<"$case"
   grep -qE -- "$filter" <<<"$name" || continue
+  argv=()
+  for a in $args; do argv+=("${a/#@/$work/}"); done
   ours=(); theirs=(); base=()
   for _ in $(seq "$runs"); do
     rm -f "$work/out"; sync
-    # shellcheck disable=SC2086
-    ours+=("$(timeit "$QIMG" convert $args "$work/$src" "$work/out")")
+    ours+=("$(timeit "$QIMG" "${argv[@]}")")
     rm -f "$work/out"; sync
-    # shellcheck disable=SC2086
-    theirs+=("$(timeit qemu-img convert $args "$work/$src" "$work/out")")
+    theirs+=("$(timeit qemu-img "${argv[@]}")")
     if [ -n "${QIMG_BASE:-}" ]; then
       rm -f "$work/out"; sync
-      # shellcheck disable=SC2086
-      base+=("$(timeit "$QIMG_BASE" convert $args "$work/$src" "$work/out")")
+      base+=("$(timeit "$QIMG_BASE" "${argv[@]}")")
     fi
   done
   row "$name" ours
