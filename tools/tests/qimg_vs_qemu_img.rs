@@ -771,15 +771,43 @@ fn compare_matches_on_contents_sizes_and_formats() {
     let p = d.path();
     let data = ["write -P 1 0 1M", "write -P 2 3M 100k", "write -z 5M 64k"];
     qcow2_image(p, &[], "a.qcow2", "8M", &data);
-    qcow2_image(p, &[], "b.qcow2", "8M", &[&data[..], &["write -P 9 3100k 1"]].concat());
-    qcow2_image(p, &[], "z.qcow2", "8M", &[&data[..], &["write -P 7 7M 512"]].concat());
+    qcow2_image(
+        p,
+        &[],
+        "b.qcow2",
+        "8M",
+        &[&data[..], &["write -P 9 3100k 1"]].concat(),
+    );
+    qcow2_image(
+        p,
+        &[],
+        "z.qcow2",
+        "8M",
+        &[&data[..], &["write -P 7 7M 512"]].concat(),
+    );
     // 12 MiB: the same first 8 MiB, then zeros (unallocated, a zero cluster) or data.
-    qcow2_image(p, &[], "long.qcow2", "12M", &[&data[..], &["write -z 9M 64k"]].concat());
-    qcow2_image(p, &[], "longx.qcow2", "12M", &[&data[..], &["write -P 3 10M 4k"]].concat());
+    qcow2_image(
+        p,
+        &[],
+        "long.qcow2",
+        "12M",
+        &[&data[..], &["write -z 9M 64k"]].concat(),
+    );
+    qcow2_image(
+        p,
+        &[],
+        "longx.qcow2",
+        "12M",
+        &[&data[..], &["write -P 3 10M 4k"]].concat(),
+    );
     qcow2_image(p, &[], "e.qcow2", "8M", &[]);
     qcow2_image(p, &[], "x.qcow2", "8M", &[]);
     qemu_io(p, "x.qcow2", &["write -P 1 0 1M", "write -P 2 3M 100k"]);
-    for (src, dst) in [("a.qcow2", "a.raw"), ("b.qcow2", "b.raw"), ("longx.qcow2", "longx.raw")] {
+    for (src, dst) in [
+        ("a.qcow2", "a.raw"),
+        ("b.qcow2", "b.raw"),
+        ("longx.qcow2", "longx.raw"),
+    ] {
         raw_copy(p, src, dst);
     }
     let cases: &[&[&str]] = &[
@@ -806,7 +834,14 @@ fn compare_matches_on_contents_sizes_and_formats() {
         &["-s", "a.qcow2", "x.qcow2"],
         &["-s", "a.qcow2", "z.qcow2"],
         &["-s", "-f", "raw", "-F", "raw", "a.qcow2", "a.qcow2"],
-        &["--strict", "--a-format=qcow2", "--b-format", "raw", "a.qcow2", "a.raw"],
+        &[
+            "--strict",
+            "--a-format=qcow2",
+            "--b-format",
+            "raw",
+            "a.qcow2",
+            "a.raw",
+        ],
         &["a.qcow2", "missing.qcow2"],
         &["missing.qcow2", "a.qcow2"],
         &["-F", "qcow2", "a.raw", "a.raw"],
@@ -825,20 +860,44 @@ fn compare_reads_backing_chains_like_qemu_img() {
     let p = d.path();
     for x in ["A", "B", "Z"] {
         let base = format!("{x}base.qcow2");
-        qcow2_image(p, &[], &base, "4M", &["write -P 1 0 1M", "write -P 2 2M 512k"]);
+        qcow2_image(
+            p,
+            &[],
+            &base,
+            "4M",
+            &["write -P 1 0 1M", "write -P 2 2M 512k"],
+        );
         let top = &format!("{x}top.qcow2");
         let opts = ["-b", &base, "-F", "qcow2"];
-        qcow2_image(p, &opts, top, "6M", &["write -P 4 1M 100k", "write -P 5 5M 64k"]);
+        qcow2_image(
+            p,
+            &opts,
+            top,
+            "6M",
+            &["write -P 4 1M 100k", "write -P 5 5M 64k"],
+        );
     }
     qemu_io(p, "Bbase.qcow2", &["write -P 9 2500k 1"]);
     qemu_io(p, "Ztop.qcow2", &["write -z 0 64k"]);
     raw_copy(p, "Atop.qcow2", "Atop.raw");
     raw_copy(p, "Abase.qcow2", "rbase.raw");
     let opts = ["-b", "rbase.raw", "-F", "raw"];
-    qcow2_image(p, &opts, "rtop.qcow2", "6M", &["write -P 4 1M 100k", "write -P 5 5M 64k"]);
+    qcow2_image(
+        p,
+        &opts,
+        "rtop.qcow2",
+        "6M",
+        &["write -P 4 1M 100k", "write -P 5 5M 64k"],
+    );
     // Nothing but a backing file shorter than the image, against an empty image.
     qcow2_image(p, &[], "ebase.qcow2", "4M", &[]);
-    qcow2_image(p, &["-b", "ebase.qcow2", "-F", "qcow2"], "etop.qcow2", "6M", &[]);
+    qcow2_image(
+        p,
+        &["-b", "ebase.qcow2", "-F", "qcow2"],
+        "etop.qcow2",
+        "6M",
+        &[],
+    );
     qcow2_image(p, &[], "empty.qcow2", "6M", &[]);
     let cases: &[&[&str]] = &[
         &["Atop.qcow2", "Btop.qcow2"],
@@ -884,8 +943,16 @@ fn compare_fails_on_corrupt_images_with_qemu_img_exit_codes() {
     damaged(p, "u.qcow2", &[(L2, (1 << 63) | 0x50200, 8)], None);
     qcow2_image(p, &[], "text.qcow2", "1M", &["write -P 1 0 1M"]);
     raw_copy(p, "text.qcow2", "text.raw");
-    assert_eq!(qemu(p, &["convert", "-c", "-O", "qcow2", "text.raw", "c.qcow2"]).0, 0);
-    patch(p, "c.qcow2", compressed_cluster_offset(p, "c.qcow2"), &[0xff; 64]);
+    assert_eq!(
+        qemu(p, &["convert", "-c", "-O", "qcow2", "text.raw", "c.qcow2"]).0,
+        0
+    );
+    patch(
+        p,
+        "c.qcow2",
+        compressed_cluster_offset(p, "c.qcow2"),
+        &[0xff; 64],
+    );
     qcow2_image(p, &[], "e.qcow2", "1M", &[]);
     let cases: &[&[&str]] = &[
         &["u.qcow2", "good.qcow2"],
@@ -899,7 +966,12 @@ fn compare_fails_on_corrupt_images_with_qemu_img_exit_codes() {
     for args in cases {
         same(p, &[&["compare"], *args].concat());
     }
-    let (code, _, err) = run_with_stderr(p, "qemu-img", "qemu-img", &["compare", "u.qcow2", "good.qcow2"]);
+    let (code, _, err) = run_with_stderr(
+        p,
+        "qemu-img",
+        "qemu-img",
+        &["compare", "u.qcow2", "good.qcow2"],
+    );
     assert_eq!(code, 3, "{err}");
 }
 
@@ -911,13 +983,28 @@ fn compare_progress_and_options_like_qemu_img() {
     let p = d.path();
     let data = ["write -P 1 0 1M", "write -P 2 3M 100k", "write -z 5M 64k"];
     qcow2_image(p, &[], "a.qcow2", "8M", &data);
-    qcow2_image(p, &[], "b.qcow2", "8M", &[&data[..], &["write -P 9 3100k 1"]].concat());
-    qcow2_image(p, &[], "long.qcow2", "12M", &[&data[..], &["write -P 3 10M 4k"]].concat());
+    qcow2_image(
+        p,
+        &[],
+        "b.qcow2",
+        "8M",
+        &[&data[..], &["write -P 9 3100k 1"]].concat(),
+    );
+    qcow2_image(
+        p,
+        &[],
+        "long.qcow2",
+        "12M",
+        &[&data[..], &["write -P 3 10M 4k"]].concat(),
+    );
     raw_copy(p, "a.qcow2", "a.raw");
     // 64 MiB of compressed clusters: qemu-img's runs are one cluster each.
     qcow2_image(p, &[], "t.qcow2", "64M", &["write -P 6 0 40M"]);
     raw_copy(p, "t.qcow2", "t.raw");
-    assert_eq!(qemu(p, &["convert", "-c", "-O", "qcow2", "t.raw", "c.qcow2"]).0, 0);
+    assert_eq!(
+        qemu(p, &["convert", "-c", "-O", "qcow2", "t.raw", "c.qcow2"]).0,
+        0
+    );
     let cases: &[&[&str]] = &[
         &["-p", "a.qcow2", "a.qcow2"],
         &["-p", "a.qcow2", "a.raw"],
@@ -939,7 +1026,11 @@ fn compare_progress_and_options_like_qemu_img() {
     }
     for refused in [
         &["--object", "secret,id=s0,data=x", "a.qcow2", "a.qcow2"][..],
-        &["--image-opts", "file.filename=a.qcow2", "file.filename=a.qcow2"],
+        &[
+            "--image-opts",
+            "file.filename=a.qcow2",
+            "file.filename=a.qcow2",
+        ],
     ] {
         let args = [&["compare"], refused].concat();
         let (code, out, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &args);
@@ -956,7 +1047,13 @@ fn compare_skips_the_holes_of_sparse_100g_images() {
     let p = d.path();
     let data = ["write -P 1 0 1M", "write -P 2 50G 1M", "write -P 3 99G 64k"];
     qcow2_image(p, &[], "s.qcow2", "100G", &data);
-    qcow2_image(p, &[], "t.qcow2", "100G", &[&data[..], &["write -P 9 70G 512"]].concat());
+    qcow2_image(
+        p,
+        &[],
+        "t.qcow2",
+        "100G",
+        &[&data[..], &["write -P 9 70G 512"]].concat(),
+    );
     // Extended L2 entries (runs of subclusters): 10 GiB, then the rest of the others.
     qcow2_image(p, &["-o", "extended_l2=on"], "x.qcow2", "10G", &data[..1]);
     raw_copy(p, "s.qcow2", "s.raw");

@@ -79,7 +79,9 @@ impl Failed {
                         "Input/output error".to_owned()
                     }
                 };
-                crate::print_error(format!("Error while reading offset {offset} of {name}: {why}"));
+                crate::print_error(format!(
+                    "Error while reading offset {offset} of {name}: {why}"
+                ));
                 4
             }
         }
@@ -230,7 +232,9 @@ fn compare(a: &Args, progress: &mut Steps) -> u8 {
             let (r1, r2) = (one.status(offset)?, two.status(offset)?);
             let mut chunk = r1.extent.length.min(r2.extent.length);
             if a.strict && r1.flags != r2.flags {
-                say(format!("Strict mode: Offset {offset} block status mismatch!"));
+                say(format!(
+                    "Strict mode: Offset {offset} block status mismatch!"
+                ));
                 return Ok(1);
             }
             if !(r1.zero() && r2.zero()) {
