@@ -810,6 +810,14 @@ fn compare_matches_on_contents_sizes_and_formats() {
     ] {
         raw_copy(p, src, dst);
     }
+    // Raw files of 1000 bytes (read as 1024): the last 24 bytes zeros, or not.
+    let text: Vec<u8> = (0..1024u32).map(|i| (i % 251 + 1) as u8).collect();
+    std::fs::write(p.join("odd.raw"), &text[..1000]).unwrap();
+    std::fs::write(
+        p.join("odd24.raw"),
+        [&text[..1000], &[0; 10], &[1], &[0; 13]].concat(),
+    )
+    .unwrap();
     let cases: &[&[&str]] = &[
         &["a.qcow2", "a.qcow2"],
         &["a.qcow2", "b.qcow2"],
@@ -845,6 +853,8 @@ fn compare_matches_on_contents_sizes_and_formats() {
         &["a.qcow2", "missing.qcow2"],
         &["missing.qcow2", "a.qcow2"],
         &["-F", "qcow2", "a.raw", "a.raw"],
+        &["odd.raw", "odd24.raw"],
+        &["-s", "odd.raw", "odd24.raw"],
     ];
     for args in cases {
         same(p, &[&["compare"], *args].concat());
@@ -1005,7 +1015,15 @@ fn compare_progress_and_options_like_qemu_img() {
         qemu(p, &["convert", "-c", "-O", "qcow2", "t.raw", "c.qcow2"]).0,
         0
     );
+    // A hole of 1000 bytes (read as 1024), and an empty file.
+    std::fs::File::create(p.join("hole.raw"))
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    std::fs::File::create(p.join("empty.raw")).unwrap();
     let cases: &[&[&str]] = &[
+        &["-p", "empty.raw", "hole.raw"],
+        &["-p", "-s", "empty.raw", "empty.raw"],
         &["-p", "a.qcow2", "a.qcow2"],
         &["-p", "a.qcow2", "a.raw"],
         &["-p", "a.qcow2", "b.qcow2"],

@@ -278,9 +278,15 @@ impl Chain {
             e.offset = Some(offset);
             return Ok(e);
         }
+        let wanted = len.min(self.layer_size(i) - offset);
         let len = len.min(img.size() - offset);
         let mut st: BlockStatus = img.block_status(offset, len)?;
-        if let (Layer::Qcow2(q), true) = (layer, st.compressed) {
+        if let (Layer::Raw(_), false) = (layer, st.data) {
+            if offset + st.len == img.size() {
+                // A hole to the end of the file goes on over the sector-rounded tail.
+                st.len = wanted;
+            }
+        } else if let (Layer::Qcow2(q), true) = (layer, st.compressed) {
             // QEMU reports compressed clusters one by one.
             st.len = st.len.min(q.cluster_size() - offset % q.cluster_size());
         } else if let Layer::Qcow2(_) = layer {
