@@ -191,27 +191,102 @@ fn open<'a>(name: &'a str, format: Option<&str>, a: &Args) -> Option<Side<'a>> {
     }
 }
 
-/// Compares the images; returns the exit code (errors reported).
-fn compare(a: &Args, progress: &mut Steps) -> u8 {
-    let say = |s: String| {
-        if !a.quiet {
-            outln!("{s}");
-        }
-    };
+/// Prints a verdict line unless quiet.
+fn say(a: &Args, line: std::fmt::Arguments) {
+    if !a.quiet {
+        outln!("{line}");
+    }
+}
+
+/// qemu-img's checks of the options that come before opening the images: the exit code if
+/// one fails (reported).
+fn check_options(a: &Args) -> Result<(), u8> {
     if !a.object.is_empty() {
         crate::print_error("--object is not supported");
-        return 2;
+        return Err(2);
     }
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
         crate::print_error(format!("Invalid source cache option: {c}"));
-        return 2;
+        return Err(2);
     }
     if a.image_opts {
         crate::print_error(match a.format1 {
             Some(_) => "--image-opts and --format are mutually exclusive",
             None => "--image-opts is not supported",
         });
-        return 2;
+        return Err(2);
+    }
+    Ok(())
+}
+
+/// Compares the contents of the two images: the exit code.
+fn contents<'a>(
+    a: &Args,
+    one: &mut Side<'a>,
+    two: &mut Side<'a>,
+    progress: &mut Steps,
+) -> Result<u8, Failed> {
+    let (size1, size2) = (one.size(), two.size());
+    let (common, whole) = (size1.min(size2), size1.max(size2));
+    progress.start();
+    if a.strict && size1 != size2 {
+        say(a, format_args!("Strict mode: Image size mismatch!"));
+        return Ok(1);
+    }
+    let mut offset = 0;
+    while offset < common {
+        let (r1, r2) = (one.status(offset)?, two.status(offset)?);
+        let mut chunk = r1.extent.length.min(r2.extent.length);
+        if a.strict && r1.flags != r2.flags {
+            say(
+                a,
+                format_args!("Strict mode: Offset {offset} block status mismatch!"),
+            );
+            return Ok(1);
+        }
+        if !(r1.zero() && r2.zero()) {
+            chunk = chunk.min(IO_BUF);
+            let x = one.read(&r1, chunk)?;
+            if let Some(at) = first_difference(x, two.read(&r2, chunk)?) {
+                say(
+                    a,
+                    format_args!("Content mismatch at offset {}!", offset + at),
+                );
+                return Ok(1);
+            }
+        }
+        offset += chunk;
+        progress.advance(chunk, whole);
+    }
+    if size1 != size2 {
+        // The longer image's extra part must read as zeros.
+        say(a, format_args!("Warning: Image size mismatch!"));
+        let over = if size1 > size2 { one } else { two };
+        while offset < whole {
+            let run = over.status(offset)?;
+            let mut chunk = run.extent.length;
+            if !run.zero() {
+                chunk = chunk.min(IO_BUF);
+                if let Some(at) = first_difference(over.read(&run, chunk)?, None) {
+                    say(
+                        a,
+                        format_args!("Content mismatch at offset {}!", offset + at),
+                    );
+                    return Ok(1);
+                }
+            }
+            offset += chunk;
+            progress.advance(chunk, whole);
+        }
+    }
+    say(a, format_args!("Images are identical."));
+    Ok(0)
+}
+
+/// Compares the images; returns the exit code (errors reported).
+fn compare(a: &Args, progress: &mut Steps) -> u8 {
+    if let Err(code) = check_options(a) {
+        return code;
     }
     let Some(mut one) = open(&a.image1, a.format1.as_deref(), a) else {
         return 2;
@@ -219,57 +294,7 @@ fn compare(a: &Args, progress: &mut Steps) -> u8 {
     let Some(mut two) = open(&a.image2, a.format2.as_deref(), a) else {
         return 2;
     };
-    let (size1, size2) = (one.size(), two.size());
-    let (common, whole) = (size1.min(size2), size1.max(size2));
-    progress.start();
-    if a.strict && size1 != size2 {
-        say("Strict mode: Image size mismatch!".into());
-        return 1;
-    }
-    let result = (|| -> Result<u8, Failed> {
-        let mut offset = 0;
-        while offset < common {
-            let (r1, r2) = (one.status(offset)?, two.status(offset)?);
-            let mut chunk = r1.extent.length.min(r2.extent.length);
-            if a.strict && r1.flags != r2.flags {
-                say(format!(
-                    "Strict mode: Offset {offset} block status mismatch!"
-                ));
-                return Ok(1);
-            }
-            if !(r1.zero() && r2.zero()) {
-                chunk = chunk.min(IO_BUF);
-                let x = one.read(&r1, chunk)?;
-                let y = two.read(&r2, chunk)?;
-                if let Some(at) = first_difference(x, y) {
-                    say(format!("Content mismatch at offset {}!", offset + at));
-                    return Ok(1);
-                }
-            }
-            offset += chunk;
-            progress.advance(chunk, whole);
-        }
-        if size1 != size2 {
-            say("Warning: Image size mismatch!".into());
-            let over = if size1 > size2 { &mut one } else { &mut two };
-            while offset < whole {
-                let run = over.status(offset)?;
-                let mut chunk = run.extent.length;
-                if !run.zero() {
-                    chunk = chunk.min(IO_BUF);
-                    if let Some(at) = first_difference(over.read(&run, chunk)?, None) {
-                        say(format!("Content mismatch at offset {}!", offset + at));
-                        return Ok(1);
-                    }
-                }
-                offset += chunk;
-                progress.advance(chunk, whole);
-            }
-        }
-        say("Images are identical.".into());
-        Ok(0)
-    })();
-    result.unwrap_or_else(Failed::report)
+    contents(a, &mut one, &mut two, progress).unwrap_or_else(Failed::report)
 }
 
 /// Runs `qimg compare`.
