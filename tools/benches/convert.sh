@@ -88,6 +88,7 @@ for case in "raw->qcow2|convert -O qcow2 @src.raw @out" "qcow2->raw|convert -O r
   IFS='|' read -r name args <<<"$case"
   grep -qE -- "$filter" <<<"$name" || continue
   argv=()
+  # shellcheck disable=SC2086
   for a in $args; do argv+=("${a/#@/$work/}"); done
   ours=(); theirs=(); base=()
   for _ in $(seq "$runs"); do
