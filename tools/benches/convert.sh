@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Benchmark: `qimg convert` and `qimg compare` vs qemu-img's, alternating on the same inputs.
+# Benchmark: `qimg convert`, `compare` and `map` vs qemu-img's, alternating on the same inputs.
 # Prints the median wall time and the median user+sys CPU time of each, and the ratios
 # qimg/qemu-img (lower is better). Both tools write through the page cache without a final
 # flush (qemu-img convert's default `-t unsafe`, which qimg follows).
 #
 # Cases: a SIZE_GIB disk with every other MiB allocated (raw <-> qcow2, then compressed), and a
 # mostly-empty 100 GiB disk (raw <-> qcow2); then the qcow2 and raw forms of each compared
-# (case names "compare ...").
+# (case names "compare ..."), and the 100 GiB disk with extended L2 entries (subclusters)
+# mapped and compared.
 #
 # Usage: tools/benches/convert.sh [SIZE_GIB (default 2)] [RUNS (default 3)] [CASE_FILTER]
 # CASE_FILTER (a grep -E pattern on the case name) runs only matching cases. The qimg binary
@@ -53,6 +54,7 @@ with open(path, "wb") as f:
         f.write(data)
 PY
 qemu-img convert -O qcow2 "$work/sparse.raw" "$work/sparse.qcow2"
+qemu-img convert -O qcow2 -o extended_l2=on "$work/sparse.raw" "$work/sparse-xl2.qcow2"
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # Wall time, then user+sys CPU time, of one run.
@@ -84,7 +86,9 @@ for case in "raw->qcow2|convert -O qcow2 @src.raw @out" "qcow2->raw|convert -O r
             "raw->qcow2 -c zlib|convert -O qcow2 -c @src.raw @out" \
             "raw->qcow2 -c zstd|convert -O qcow2 -c -o compression_type=zstd @src.raw @out" \
             "compare qcow2 raw|compare @src.qcow2 @src.raw" \
-            "compare sparse 100G qcow2 raw|compare @sparse.qcow2 @sparse.raw"; do
+            "compare sparse 100G qcow2 raw|compare @sparse.qcow2 @sparse.raw" \
+            "map sparse 100G extended L2|map @sparse-xl2.qcow2" \
+            "compare sparse 100G extended L2|compare @sparse-xl2.qcow2 @sparse.raw"; do
   IFS='|' read -r name args <<<"$case"
   grep -qE -- "$filter" <<<"$name" || continue
   argv=()

@@ -111,12 +111,8 @@ impl Qcow2 {
         let len = len.min(self.size - offset).max(1);
         let first = offset / us;
         let last = (offset + len - 1) / us;
-        let entries = self.status_units(first, last - first + 1)?;
-        let mut run = 1;
-        while run < entries.len() && same_status(entries[run - 1], entries[run], us) {
-            run += 1;
-        }
-        let end = ((first + run as u64) * us).min(offset + len);
+        let (head, run) = self.status_run(first, last - first + 1)?;
+        let end = ((first + run) * us).min(offset + len);
         let in_unit = offset % us;
         let mut st = BlockStatus {
             len: end - offset,
@@ -126,7 +122,7 @@ impl Qcow2 {
             compressed: false,
             host_offset: None,
         };
-        match entries[0] {
+        match head {
             (L2Entry::Unallocated, host) => {
                 // An unallocated subcluster of an allocated cluster has an offset in QEMU.
                 st.allocated = false;
@@ -148,31 +144,66 @@ impl Qcow2 {
         Ok(st)
     }
 
-    /// [`Qcow2::lookup_units`], with the host offset of each unallocated subcluster of an
-    /// allocated cluster.
-    fn status_units(&self, unit: u64, n: u64) -> Result<Vec<(L2Entry, Option<u64>)>> {
+    /// The status of unit `unit` and how many of the units `[unit, unit + n)` report the
+    /// same (at least one; stopping at the end of an L2 slice). Clusters whose units all
+    /// report alike are crossed whole, so a run costs its clusters, not its subclusters.
+    fn status_run(&self, unit: u64, n: u64) -> Result<(UnitStatus, u64)> {
         let per = self.geo.subclusters();
-        if per == 1 {
-            return Ok(self
-                .lookup_run(unit, n)?
-                .into_iter()
-                .map(|e| (e, None))
-                .collect());
-        }
+        let us = self.geo.unit_size();
         let first = unit / per;
         let clusters = self.lookup_bitmaps(first, (unit % per + n).div_ceil(per))?;
-        let units = self.expand_units(first, &clusters, unit, n);
-        let sc = self.geo.unit_size();
-        Ok((unit..)
-            .zip(units)
-            .map(|(u, e)| match (e, clusters[(u / per - first) as usize].0) {
-                (L2Entry::Unallocated, L2Entry::Normal { host, .. }) => {
-                    (e, Some(host + u % per * sc))
-                }
-                _ => (e, None),
-            })
-            .collect())
+        let end = (unit + n).min((first + clusters.len() as u64) * per);
+        let at = |u: u64| {
+            let (entry, bitmap) = clusters[(u / per - first) as usize];
+            self.unit_status(entry, bitmap, u % per)
+        };
+        let head = at(unit);
+        let (mut prev, mut u) = (head, unit + 1);
+        while u < end {
+            if !same_status(prev, at(u), us) {
+                break;
+            }
+            let (entry, bitmap) = clusters[(u / per - first) as usize];
+            let step = match u % per == 0 && uniform(entry, bitmap, per) {
+                true => per.min(end - u),
+                false => 1,
+            };
+            prev = at(u + step - 1);
+            u += step;
+        }
+        Ok((head, u - unit))
     }
+
+    /// What unit `i` of a cluster with `entry` and `bitmap` reports: its entry as a
+    /// one-unit cluster (see [`L2Entry::subcluster`]), with the host offset of an
+    /// unallocated subcluster of an allocated cluster (QEMU reports one).
+    fn unit_status(&self, entry: L2Entry, bitmap: u64, i: u64) -> UnitStatus {
+        if self.geo.subclusters() == 1 {
+            return (entry, None);
+        }
+        let sc = self.geo.unit_size();
+        let unit = entry
+            .subcluster(bitmap, i, sc)
+            .expect("bitmaps are checked at lookup");
+        match (unit, entry) {
+            (L2Entry::Unallocated, L2Entry::Normal { host, .. }) => (unit, Some(host + i * sc)),
+            _ => (unit, None),
+        }
+    }
+}
+
+/// A unit's entry, with the host offset of an unallocated subcluster of an allocated
+/// cluster.
+type UnitStatus = (L2Entry, Option<u64>);
+
+/// Whether all `per` units of a cluster with `entry` and `bitmap` report the same status,
+/// host offsets following on: all unallocated, all zero or all allocated, or compressed.
+fn uniform(entry: L2Entry, bitmap: u64, per: u64) -> bool {
+    let all = (1u64 << per) - 1;
+    let (alloc, zero) = (bitmap & all, bitmap >> 32 & all);
+    matches!(entry, L2Entry::Compressed { .. })
+        || (alloc == 0 && (zero == 0 || zero == all))
+        || (zero == 0 && alloc == all)
 }
 
 /// Whether `next` can be read in the same I/O as `prev`.
@@ -187,7 +218,7 @@ fn continues(prev: L2Entry, next: L2Entry, cs: u64) -> bool {
 
 /// Whether two neighbouring units (with the host offsets of unallocated subclusters)
 /// report the same block status.
-fn same_status(prev: (L2Entry, Option<u64>), next: (L2Entry, Option<u64>), cs: u64) -> bool {
+fn same_status(prev: UnitStatus, next: UnitStatus, cs: u64) -> bool {
     match (prev.1, next.1) {
         (None, None) => {}
         (Some(a), Some(b)) if a + cs == b => {}
