@@ -32,6 +32,10 @@ pub enum Error {
     /// Metadata that points somewhere impossible: past EOF, misaligned, overlapping.
     #[error("Image is corrupt: {0}")]
     Corrupt(String),
+    /// Corruption found in an image opened for writing: as QEMU does, the image is now
+    /// marked corrupt (the header's corrupt bit) and takes no more writes until repaired.
+    #[error("Image is corrupt: {0}; the image is now marked corrupt")]
+    MarkedCorrupt(String),
     /// A guest request that falls outside the virtual disk.
     #[error("request at offset {offset} length {len} is past the end of the {size}-byte image")]
     OutOfRange {

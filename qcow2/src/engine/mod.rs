@@ -57,6 +57,9 @@ pub struct Qcow2 {
     marked_corrupt: Arc<std::sync::atomic::AtomicBool>,
     /// The repair of a dirty image done when it was opened for writing.
     dirty_repair: Option<crate::check::CheckReport>,
+    /// Corruption found in the metadata marks the image corrupt (opened for writing, not
+    /// for a check), as QEMU's fatal corruption events do.
+    fatal_corruption: bool,
 }
 
 impl Qcow2 {
@@ -191,6 +194,7 @@ impl Qcow2 {
             meta: RwLock::new(meta),
             busy: Arc::default(),
             dirty_repair: None,
+            fatal_corruption: !opts.read_only && !opts.check,
         };
         if !opts.read_only {
             img.dirty_repair = img.prepare_for_writing(opts.check)?;
@@ -322,8 +326,9 @@ impl Qcow2 {
                 return Ok(unallocated(&m));
             }
             if let Some(entries) = self.decode_slice(&m, table, l2i, n) {
-                self.check_entries(cluster, table, &m, &entries)?;
-                return Ok(entries);
+                let checked = self.check_entries(cluster, table, &m, &entries);
+                drop(m);
+                return checked.map(|()| entries).map_err(|e| self.fatal(e));
             }
         }
         let mut m = self.meta_mut();
@@ -333,8 +338,28 @@ impl Qcow2 {
         }
         m.load_l2_slice(&*self.file, table, l2i)?;
         let entries = self.decode_slice(&m, table, l2i, n).expect("just loaded");
-        self.check_entries(cluster, table, &m, &entries)?;
-        Ok(entries)
+        let checked = self.check_entries(cluster, table, &m, &entries);
+        drop(m);
+        checked.map(|()| entries).map_err(|e| self.fatal(e))
+    }
+
+    /// Makes corruption `e` found in the metadata fatal, as QEMU does in an image opened
+    /// for writing (not for a check): the image is marked corrupt, in memory and in its
+    /// header, and takes no more writes. Other errors, and read-only images, pass unchanged.
+    fn fatal(&self, e: Error) -> Error {
+        match e {
+            Error::Corrupt(what) if self.fatal_corruption => {
+                if !self
+                    .marked_corrupt
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    tracing::warn!("qcow2: Marking image as corrupt: {what}");
+                    self.meta_mut().set_corrupt_bit(&*self.file);
+                }
+                Error::MarkedCorrupt(what)
+            }
+            e => e,
+        }
     }
 
     /// Entries `l2i..` (at most `n`, at least one, to the end of the slice) of the table at

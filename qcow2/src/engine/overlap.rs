@@ -105,21 +105,26 @@ impl Meta {
     }
 
     /// Sets the corrupt bit (in memory and on disk) after a refused write and returns the
-    /// error to report.
+    /// error to report, in QEMU's words.
     pub fn mark_corrupt(&mut self, file: &dyn Storage, what: &str, offset: u64, len: u64) -> Error {
+        tracing::warn!(
+            "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps \
+             with {what}) at host offset {offset:#x} ({len} bytes)"
+        );
+        self.set_corrupt_bit(file);
+        Error::MarkedCorrupt(format!(
+            "Preventing invalid write on metadata (overlaps with {what})"
+        ))
+    }
+
+    /// Sets the corrupt bit, in memory and in the header (QEMU's qcow2_mark_corrupt): no
+    /// more writes, and QEMU opens the image read-only until it is repaired.
+    pub fn set_corrupt_bit(&mut self, file: &dyn Storage) {
         self.corrupt.store(true, Ordering::SeqCst);
         self.header.incompatible_features |= INCOMPAT_CORRUPT;
-        tracing::error!(
-            "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps \
-             with {what}) at host offset {offset:#x}"
-        );
         if let Err(e) = self.write_header(file) {
             tracing::error!("qcow2: could not set the corrupt bit: {e}");
         }
-        Error::Corrupt(format!(
-            "preventing invalid write on metadata at host offset {offset:#x} ({len} bytes \
-             overlap with {what}); the image is marked corrupt"
-        ))
     }
 }
 

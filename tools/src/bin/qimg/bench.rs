@@ -136,7 +136,10 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         Ok(())
     })();
     if let Err(e) = outcome {
-        crate::print_error(format!("Failed request: {e}"));
+        match crate::report_corruption(&e) {
+            true => crate::print_error("Failed request: Input/output error"),
+            false => crate::print_error(format!("Failed request: {e}")),
+        }
         return Ok(1);
     }
     // Like qemu-img, the time covers the requests; the flush on close comes after.

@@ -168,16 +168,21 @@ pub fn report_error(e: &anyhow::Error) {
 }
 
 /// If `cause` is corruption found in a qcow2 image, prints it as QEMU's qcow2 driver does
-/// (a line of its own, "qcow2: Image is corrupt: ...") and returns true; the block layer then
-/// calls the failure an I/O error.
+/// (a line of its own: "qcow2: Image is corrupt: ...", or "qcow2: Marking image as corrupt:
+/// ..." when the image was open for writing) and returns true; the block layer then calls
+/// the failure an I/O error.
 pub fn report_corruption(cause: &(dyn std::error::Error + 'static)) -> bool {
-    let Some(qcow2::Error::Corrupt(what)) = cause.downcast_ref::<qcow2::Error>() else {
-        return false;
-    };
-    eprintln!(
-        "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
-         suppressed"
-    );
+    match cause.downcast_ref::<qcow2::Error>() {
+        Some(qcow2::Error::Corrupt(what)) => eprintln!(
+            "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
+             suppressed"
+        ),
+        Some(qcow2::Error::MarkedCorrupt(what)) => eprintln!(
+            "qcow2: Marking image as corrupt: {what}; further corruption events will be \
+             suppressed"
+        ),
+        _ => return false,
+    }
     true
 }
 
