@@ -309,6 +309,15 @@ impl Qcow2 {
             .collect())
     }
 
+    /// Whether guest cluster `cluster`'s L2 table is allocated (its L1 entry is set).
+    pub(crate) fn has_l2_table(&self, cluster: u64) -> bool {
+        let l1i = (cluster / self.geo.l2_entries()) as usize;
+        self.meta()
+            .l1
+            .get(l1i)
+            .is_some_and(|e| e & OFFSET_MASK != 0)
+    }
+
     /// [`Qcow2::lookup_run`] with each entry's subcluster bitmap (0 without extended L2
     /// entries). Entries whose bitmap is invalid are refused as corrupt, as QEMU does.
     pub(crate) fn lookup_bitmaps(&self, cluster: u64, n: u64) -> Result<Vec<(L2Entry, u64)>> {

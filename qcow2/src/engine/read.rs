@@ -151,7 +151,17 @@ impl Qcow2 {
         let per = self.geo.subclusters();
         let us = self.geo.unit_size();
         let first = unit / per;
+        let per_table = self.geo.l2_entries() * per;
+        if !self.has_l2_table(first) {
+            let to_table_end = per_table - unit % per_table;
+            return Ok(((L2Entry::Unallocated, None), to_table_end.min(n)));
+        }
         let clusters = self.lookup_bitmaps(first, (unit % per + n).div_ceil(per))?;
+        if per == 1 {
+            let same = |w: &[(L2Entry, u64)]| same_status((w[0].0, None), (w[1].0, None), us);
+            let run = 1 + clusters.windows(2).take_while(|w| same(w)).count();
+            return Ok(((clusters[0].0, None), run as u64));
+        }
         let end = (unit + n).min((first + clusters.len() as u64) * per);
         let at = |u: u64| {
             let (entry, bitmap) = clusters[(u / per - first) as usize];
