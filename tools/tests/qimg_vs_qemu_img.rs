@@ -1806,6 +1806,51 @@ fn commit_and_rebase_chains_with_extended_l2_entries() {
     }
 }
 
+/// `rebase -c` on an extended-L2 image whose clusters are partly allocated: only clusters
+/// unallocated as a whole are written compressed, the rest of a partly allocated one
+/// uncompressed, and the image's own subclusters keep their data (qemu-img 10 asserts).
+#[test]
+fn rebase_compressed_keeps_allocated_subclusters() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "old.qcow2", "1M", &["write -P 0xaa 0 1M"]);
+    qcow2_image(p, &[], "new.qcow2", "1M", &["write -P 0xbb 0 1M"]);
+    qcow2_image(
+        p,
+        &["-o", "extended_l2=on", "-b", "old.qcow2", "-F", "qcow2"],
+        "top.qcow2",
+        "",
+        &["write -P 0x11 0 2k", "write -P 0x22 200k 4k"],
+    );
+    assert_eq!(
+        qemu(p, &["convert", "-O", "raw", "top.qcow2", "before.raw"]).0,
+        0
+    );
+    let (code, _) = qimg(
+        p,
+        &[
+            "rebase",
+            "-c",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(qemu(p, &["compare", "before.raw", "top.qcow2"]).0, 0);
+    qemu_io(
+        p,
+        "top.qcow2",
+        &["read -P 0x11 0 2k", "read -P 0x22 200k 4k"],
+    );
+    let (code, check) = qemu(p, &["check", "top.qcow2"]);
+    assert_eq!(code, 0, "{check}");
+    // 14 of the 16 clusters were unallocated as a whole.
+    assert!(check.contains("87.50% compressed clusters"), "{check}");
+}
+
 #[test]
 fn commit_and_rebase_refuse_bad_options_and_leave_the_chain_alone() {
     let d = tempfile::tempdir().unwrap();
