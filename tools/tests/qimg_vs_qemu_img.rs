@@ -1552,6 +1552,56 @@ fn growing_over_a_longer_backing_file_reads_zeros() {
     assert_eq!(qemu(p, &["check", "over.qcow2"]).0, 0);
 }
 
+/// Grows copies of `img` (old size 999k, over a longer backing file of 0xaa) to 3M with
+/// `prealloc` by both tools. Ours keeps the backing data before the old end, reads zeros
+/// after it and is check-clean (no leaked cluster); it reads as qemu-img's copy when
+/// qemu-img grows it too.
+fn grow_preallocated_over_backing(dir: &Path, img: &str, prealloc: &str) {
+    let pre = format!("--preallocation={prealloc}");
+    let [ours, theirs] = ["ours", "theirs"].map(|w| format!("{w}-{prealloc}-{img}"));
+    std::fs::copy(dir.join(img), dir.join(&ours)).unwrap();
+    std::fs::copy(dir.join(img), dir.join(&theirs)).unwrap();
+    assert_eq!(
+        qimg(dir, &["resize", &pre, &ours, "3M"]).0,
+        0,
+        "{pre} {img}"
+    );
+    qemu_io(dir, &ours, &["read -P 0xaa 0 999k", "read -P 0 999k 2073k"]);
+    assert_check_clean(dir, &ours);
+    if qemu(dir, &["resize", &pre, &theirs, "3M"]).0 == 0 {
+        assert_eq!(qemu(dir, &["compare", &ours, &theirs]).0, 0, "{pre} {img}");
+    }
+}
+
+/// An extended-L2 image grown with preallocation over a longer backing file reads zeros
+/// where it grew: the preallocated clusters get zero bits, not an all-unallocated bitmap.
+#[test]
+fn growing_an_extended_l2_image_with_preallocation_hides_the_backing_file() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &["write -P 0xaa 0 4M"]);
+    let opts = ["-o", "extended_l2=on", "-b", "base.qcow2", "-F", "qcow2"];
+    qcow2_image(p, &opts, "x.qcow2", "999k", &[]);
+    for prealloc in ["metadata", "falloc", "full"] {
+        grow_preallocated_over_backing(p, "x.qcow2", prealloc);
+    }
+}
+
+/// A v2 image (no zero flag) grown with preallocation over a longer backing file: the
+/// preallocated clusters read as zeros and none leaks. qemu-img refuses metadata ("Failed
+/// to zero out new clusters") and grows with falloc and full.
+#[test]
+fn growing_a_v2_image_with_preallocation_over_a_backing_file_leaks_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &["write -P 0xaa 0 4M"]);
+    let opts = ["-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2"];
+    qcow2_image(p, &opts, "v2.qcow2", "999k", &[]);
+    for prealloc in ["off", "metadata", "falloc", "full"] {
+        grow_preallocated_over_backing(p, "v2.qcow2", prealloc);
+    }
+}
+
 /// Runs `args` (with `X` for the image) on copies of `img` by both tools: same exit code and
 /// stdout, and both copies still byte for byte equal to `img` when `untouched`.
 fn same_on_copies_untouched(dir: &Path, img: &str, args: &[&str], untouched: bool) {
