@@ -3913,6 +3913,24 @@ fn amend_changes_every_option_as_qemu_img_does() {
     assert!(changed > 40, "{changed} amends succeeded");
 }
 
+/// Downgrading an image whose preallocated zero cluster is shared with a snapshot that
+/// maps it as data: the disk gets a cluster of zeros of its own and the snapshot keeps its
+/// data (qemu-img 10 writes the zeros into the shared cluster).
+#[test]
+fn downgrade_keeps_a_snapshot_s_data_under_a_shared_zero_cluster() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "z.qcow2", "1M", &["write -P 0x33 0 64k"]);
+    assert_eq!(qemu(p, &["snapshot", "-c", "s1", "z.qcow2"]).0, 0);
+    // The zero flag over the host cluster the snapshot shares (refcount 2).
+    qemu_io(p, "z.qcow2", &["write -z 0 64k"]);
+    let s1 = qemu_contents(p, "z.qcow2", Some("s1"));
+    assert_eq!(qimg(p, &["amend", "-o", "compat=0.10", "z.qcow2"]).0, 0);
+    assert_check_clean(p, "z.qcow2");
+    assert!(qemu_contents(p, "z.qcow2", Some("s1")) == s1, "snapshot s1");
+    qemu_io(p, "z.qcow2", &["read -P 0 0 1M"]);
+}
+
 #[test]
 fn amend_refuses_and_helps_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();

@@ -223,7 +223,10 @@ impl Qcow2 {
         self.flush_metadata()
     }
 
-    /// Expands the zero entries of the L2 table at `table`.
+    /// Expands the zero entries of the L2 table at `table`. A preallocated zero cluster is
+    /// zeroed in place only when nothing but this table references it; one shared with
+    /// other tables (a snapshot's data) is replaced by a new cluster of zeros, and this
+    /// table's references to it are dropped once the new entry is written back.
     fn expand_table(&self, m: &mut Meta, table: u64) -> Result<()> {
         let file = &*self.file;
         let cs = self.geo.cluster_size();
@@ -233,18 +236,22 @@ impl Qcow2 {
             let L2Entry::Zero { host, .. } = self.decode_l2(raw) else {
                 continue;
             };
-            let host = match host {
-                Some(h) => h,
+            let own = match host {
+                Some(h) => m.refcount(file, h / cs)? == table_rc,
+                None => false,
+            };
+            let (host, shared) = match host {
+                Some(h) if own => (h, None),
                 None if self.backing.is_none() => {
                     m.set_l2_entries(file, table, j as u64, &[0])?;
                     continue;
                 }
-                None => {
+                shared => {
                     let h = m.alloc_cluster(file)?;
                     if table_rc > 1 {
                         m.add_refcount(file, h, cs, table_rc as i64 - 1)?;
                     }
-                    h
+                    (h, shared)
                 }
             };
             m.check_write(file, host, cs, super::overlap::Target::Data)?;
@@ -253,6 +260,11 @@ impl Qcow2 {
             let copied = m.refcount(file, host / cs)? == 1;
             let new = if copied { host | COPIED } else { host };
             m.set_l2_entries(file, table, j as u64, &[new])?;
+            if let Some(old) = shared {
+                for _ in 0..table_rc {
+                    m.free_later(old, cs);
+                }
+            }
         }
         Ok(())
     }
