@@ -3931,6 +3931,40 @@ fn downgrade_keeps_a_snapshot_s_data_under_a_shared_zero_cluster() {
     qemu_io(p, "z.qcow2", &["read -P 0 0 1M"]);
 }
 
+/// A zstd image whose compressed clusters are all in a snapshot cannot be downgraded
+/// either (v2 would read them as deflate): qimg refuses as qemu-img does for compressed
+/// clusters of the active disk, and leaves the image alone.
+#[test]
+fn downgrade_refuses_zstd_clusters_of_snapshots() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let zstd = ["-o", "compression_type=zstd"];
+    qcow2_image(p, &zstd, "active.qcow2", "1M", &["write -c -P 0x11 0 64k"]);
+    qcow2_image(p, &zstd, "snap.qcow2", "1M", &["write -c -P 0x11 0 64k"]);
+    assert_eq!(qemu(p, &["snapshot", "-c", "s1", "snap.qcow2"]).0, 0);
+    qemu_io(p, "snap.qcow2", &["write -P 0x22 0 64k"]);
+    let before = std::fs::read(p.join("snap.qcow2")).unwrap();
+    let amend = ["amend", "-o", "compat=0.10"];
+    let theirs = run_with_stderr(
+        p,
+        "qemu-img",
+        "qemu-img",
+        &[&amend[..], &["active.qcow2"]].concat(),
+    );
+    let ours = run_with_stderr(
+        p,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &[&amend[..], &["snap.qcow2"]].concat(),
+    );
+    assert_ne!(theirs.0, 0);
+    assert_eq!(ours, theirs);
+    assert!(
+        std::fs::read(p.join("snap.qcow2")).unwrap() == before,
+        "image changed"
+    );
+}
+
 #[test]
 fn amend_refuses_and_helps_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
