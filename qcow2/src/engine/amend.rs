@@ -236,6 +236,9 @@ impl Qcow2 {
         let file = &*self.file;
         let cs = self.geo.cluster_size();
         let table_rc = m.refcount(file, table / cs)?;
+        // The header decides, not whether the backing file was opened: an unallocated
+        // cluster of an image with a backing file reads that file.
+        let backed = m.header.backing_file.is_some();
         let entries = m.read_l2_table(file, table)?;
         for (j, &raw) in entries.iter().enumerate() {
             let L2Entry::Zero { host, .. } = self.decode_l2(raw) else {
@@ -247,7 +250,7 @@ impl Qcow2 {
             };
             let (host, shared) = match host {
                 Some(h) if own => (h, None),
-                None if self.backing.is_none() => {
+                None if !backed => {
                     m.set_l2_entries(file, table, j as u64, &[0])?;
                     continue;
                 }

@@ -17,7 +17,9 @@ use super::Qcow2;
 impl Qcow2 {
     /// Sets the virtual size to `new_size` bytes, preallocating any added range as `prealloc`
     /// says. Shrinking discards the data past the new end (internal snapshots keep theirs,
-    /// as in QEMU 10).
+    /// as in QEMU 10). Growing an image whose header names a backing file that this handle
+    /// did not open (`OpenOptions::no_backing`, or no directory) fails with
+    /// [`Error::Backing`]: that file's length decides whether the grown range is zeroed.
     pub fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -41,7 +43,19 @@ impl Qcow2 {
             ));
         }
         let grow = new_size > old;
-        let backing_len = self.backing.as_ref().map_or(0, |b| b.size());
+        let backing_len = match (&self.backing, self.meta().header.backing_file.as_deref()) {
+            (Some(b), _) => b.size(),
+            (None, Some(name)) if grow => {
+                // Its length decides whether the grown range must be zeroed.
+                return Err(Error::Backing {
+                    path: name.into(),
+                    reason: "not opened: growing the image must hide what it holds past the \
+                             old end"
+                        .into(),
+                });
+            }
+            (None, _) => 0,
+        };
         if new_size < old {
             self.unmap_from(new_size.div_ceil(cs), new_l1)?;
         } else if new_l1 > self.meta().l1.len() as u64 {
