@@ -3965,6 +3965,45 @@ fn downgrade_refuses_zstd_clusters_of_snapshots() {
     );
 }
 
+/// v3 images with clusters of 4 KiB or less get no feature name table, as QEMU writes
+/// them: a v2 image with 512-byte clusters and a backing file upgrades (the table left no
+/// room for the backing file name in the header cluster), and new images with a backing
+/// file get qemu-img's header cluster byte for byte.
+#[test]
+fn small_cluster_images_with_a_backing_file_upgrade_and_are_created_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(
+        p,
+        &["-o", "compat=0.10"],
+        "old.qcow2",
+        "1M",
+        &["write -P 1 0 1M"],
+    );
+    let opts = [
+        "-o",
+        "compat=0.10,cluster_size=512",
+        "-b",
+        "old.qcow2",
+        "-F",
+        "qcow2",
+    ];
+    qcow2_image(p, &opts, "top.qcow2", "1M", &["write -P 2 0 64k"]);
+    assert_eq!(amend_both(p, "top.qcow2", "compat=1.1"), 0);
+    for cs in ["512", "4096", "65536"] {
+        let o = format!("cluster_size={cs}");
+        let opts = ["-o", &o, "-b", "old.qcow2", "-F", "qcow2"];
+        let [ours, theirs] = ["ours", "theirs"].map(|w| format!("{w}-{cs}.qcow2"));
+        qimg_qcow2(p, &opts, &ours, "1M", &[]);
+        qcow2_image(p, &opts, &theirs, "1M", &[]);
+        let header = |f: &str| std::fs::read(p.join(f)).unwrap()[..cs.parse().unwrap()].to_vec();
+        assert!(
+            header(&ours) == header(&theirs),
+            "header cluster of {cs}-byte clusters"
+        );
+    }
+}
+
 #[test]
 fn amend_refuses_and_helps_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();

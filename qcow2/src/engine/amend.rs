@@ -34,7 +34,7 @@ impl Qcow2 {
         let old = m.header.clone();
         m.header.version = 3;
         m.header.header_length = V3_HEADER_LEN;
-        m.header.feature_names = default_feature_names();
+        m.header.feature_names = default_feature_names(self.geo.cluster_size());
         if let Err(e) = m.write_header(file) {
             m.header = old;
             return Err(e);
