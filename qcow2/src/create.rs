@@ -265,7 +265,7 @@ pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         backing_format: opts.backing_format.clone(),
         data_file: opts.data_file.clone(),
         feature_names: if opts.version >= 3 {
-            default_feature_names()
+            default_feature_names(cs)
         } else {
             Vec::new()
         },

@@ -81,6 +81,13 @@ fn crash_in(kind: Kind, op: Op, seed: u64, n: usize) -> bool {
     qcow2::create::write_skeleton(&*storage, &opts).unwrap();
     let mut img = Qcow2::open_storage(storage.clone(), &Default::default(), None).unwrap();
     write_some(&img, &mut rng);
+    if op == Op::Downgrade {
+        // A preallocated zero cluster the snapshot will share: a downgrade gives each table
+        // a new cluster of zeros and drops the shared one.
+        let cs = img.cluster_size();
+        img.write_at(&vec![5; cs as usize], 0).unwrap();
+        img.write_zeroes(0, cs, false).unwrap();
+    }
     let first = our_raw(&img);
     img.create_snapshot("first").unwrap();
     write_some(&img, &mut rng);

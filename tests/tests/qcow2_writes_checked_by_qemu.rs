@@ -472,3 +472,41 @@ fn compressed_data_filling_a_host_cluster_exactly_leaves_the_next_one_alone() {
         "compressed data after an exactly filled cluster",
     );
 }
+
+/// A handle opened without its backing file (`no_backing`) still works for the header's
+/// backing file: a downgrade turns zero clusters into clusters of zeros (not unallocated
+/// ones, which would read that file), and growing is refused, since the backing file's
+/// length decides whether the grown range must be zeroed.
+#[test]
+fn a_handle_without_its_backing_file_keeps_zero_clusters_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("b.qcow2");
+    let top = dir.path().join("t.qcow2");
+    qemu_img_create_qcow2(base.to_str().unwrap(), &[], "1M");
+    qemu_io(&base, &["write -P 0xaa 0 1M"]);
+    let backed = ["-b", "b.qcow2", "-F", "qcow2"];
+    qemu_img_create_qcow2(top.to_str().unwrap(), &backed, "1M");
+    qemu_io(&top, &["write -z 0 64k"]);
+    let opts = qcow2::OpenOptions {
+        no_backing: true,
+        ..Default::default()
+    };
+    let mut img = open_qcow2_opts(&top, 0, &opts);
+    let grown = img.resize(2 << 20, Preallocation::Off);
+    assert!(
+        matches!(grown, Err(qcow2::Error::Backing { .. })),
+        "{grown:?}"
+    );
+    img.downgrade_to_v2().unwrap();
+    drop(img);
+    assert_qemu_clean(&top);
+    let disk = qemu_raw(&top);
+    assert!(
+        disk[..64 << 10].iter().all(|&b| b == 0),
+        "zeros read the backing file"
+    );
+    assert!(
+        disk[64 << 10..].iter().all(|&b| b == 0xaa),
+        "the backing file"
+    );
+}

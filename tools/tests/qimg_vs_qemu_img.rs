@@ -1552,6 +1552,56 @@ fn growing_over_a_longer_backing_file_reads_zeros() {
     assert_eq!(qemu(p, &["check", "over.qcow2"]).0, 0);
 }
 
+/// Grows copies of `img` (old size 999k, over a longer backing file of 0xaa) to 3M with
+/// `prealloc` by both tools. Ours keeps the backing data before the old end, reads zeros
+/// after it and is check-clean (no leaked cluster); it reads as qemu-img's copy when
+/// qemu-img grows it too.
+fn grow_preallocated_over_backing(dir: &Path, img: &str, prealloc: &str) {
+    let pre = format!("--preallocation={prealloc}");
+    let [ours, theirs] = ["ours", "theirs"].map(|w| format!("{w}-{prealloc}-{img}"));
+    std::fs::copy(dir.join(img), dir.join(&ours)).unwrap();
+    std::fs::copy(dir.join(img), dir.join(&theirs)).unwrap();
+    assert_eq!(
+        qimg(dir, &["resize", &pre, &ours, "3M"]).0,
+        0,
+        "{pre} {img}"
+    );
+    qemu_io(dir, &ours, &["read -P 0xaa 0 999k", "read -P 0 999k 2073k"]);
+    assert_check_clean(dir, &ours);
+    if qemu(dir, &["resize", &pre, &theirs, "3M"]).0 == 0 {
+        assert_eq!(qemu(dir, &["compare", &ours, &theirs]).0, 0, "{pre} {img}");
+    }
+}
+
+/// An extended-L2 image grown with preallocation over a longer backing file reads zeros
+/// where it grew: the preallocated clusters get zero bits, not an all-unallocated bitmap.
+#[test]
+fn growing_an_extended_l2_image_with_preallocation_hides_the_backing_file() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &["write -P 0xaa 0 4M"]);
+    let opts = ["-o", "extended_l2=on", "-b", "base.qcow2", "-F", "qcow2"];
+    qcow2_image(p, &opts, "x.qcow2", "999k", &[]);
+    for prealloc in ["metadata", "falloc", "full"] {
+        grow_preallocated_over_backing(p, "x.qcow2", prealloc);
+    }
+}
+
+/// A v2 image (no zero flag) grown with preallocation over a longer backing file: the
+/// preallocated clusters read as zeros and none leaks. qemu-img refuses metadata ("Failed
+/// to zero out new clusters") and grows with falloc and full.
+#[test]
+fn growing_a_v2_image_with_preallocation_over_a_backing_file_leaks_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &["write -P 0xaa 0 4M"]);
+    let opts = ["-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2"];
+    qcow2_image(p, &opts, "v2.qcow2", "999k", &[]);
+    for prealloc in ["off", "metadata", "falloc", "full"] {
+        grow_preallocated_over_backing(p, "v2.qcow2", prealloc);
+    }
+}
+
 /// Runs `args` (with `X` for the image) on copies of `img` by both tools: same exit code and
 /// stdout, and both copies still byte for byte equal to `img` when `untouched`.
 fn same_on_copies_untouched(dir: &Path, img: &str, args: &[&str], untouched: bool) {
@@ -1804,6 +1854,51 @@ fn commit_and_rebase_chains_with_extended_l2_entries() {
         // another order.
         chains_agree(p, false);
     }
+}
+
+/// `rebase -c` on an extended-L2 image whose clusters are partly allocated: only clusters
+/// unallocated as a whole are written compressed, the rest of a partly allocated one
+/// uncompressed, and the image's own subclusters keep their data (qemu-img 10 asserts).
+#[test]
+fn rebase_compressed_keeps_allocated_subclusters() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "old.qcow2", "1M", &["write -P 0xaa 0 1M"]);
+    qcow2_image(p, &[], "new.qcow2", "1M", &["write -P 0xbb 0 1M"]);
+    qcow2_image(
+        p,
+        &["-o", "extended_l2=on", "-b", "old.qcow2", "-F", "qcow2"],
+        "top.qcow2",
+        "",
+        &["write -P 0x11 0 2k", "write -P 0x22 200k 4k"],
+    );
+    assert_eq!(
+        qemu(p, &["convert", "-O", "raw", "top.qcow2", "before.raw"]).0,
+        0
+    );
+    let (code, _) = qimg(
+        p,
+        &[
+            "rebase",
+            "-c",
+            "-b",
+            "new.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(qemu(p, &["compare", "before.raw", "top.qcow2"]).0, 0);
+    qemu_io(
+        p,
+        "top.qcow2",
+        &["read -P 0x11 0 2k", "read -P 0x22 200k 4k"],
+    );
+    let (code, check) = qemu(p, &["check", "top.qcow2"]);
+    assert_eq!(code, 0, "{check}");
+    // 14 of the 16 clusters were unallocated as a whole.
+    assert!(check.contains("87.50% compressed clusters"), "{check}");
 }
 
 #[test]
@@ -3879,6 +3974,97 @@ fn amend_changes_every_option_as_qemu_img_does() {
         amend_both(p, "df.qcow2", o);
     }
     assert!(changed > 40, "{changed} amends succeeded");
+}
+
+/// Downgrading an image whose preallocated zero cluster is shared with a snapshot that
+/// maps it as data: the disk gets a cluster of zeros of its own and the snapshot keeps its
+/// data (qemu-img 10 writes the zeros into the shared cluster).
+#[test]
+fn downgrade_keeps_a_snapshot_s_data_under_a_shared_zero_cluster() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "z.qcow2", "1M", &["write -P 0x33 0 64k"]);
+    assert_eq!(qemu(p, &["snapshot", "-c", "s1", "z.qcow2"]).0, 0);
+    // The zero flag over the host cluster the snapshot shares (refcount 2).
+    qemu_io(p, "z.qcow2", &["write -z 0 64k"]);
+    let s1 = qemu_contents(p, "z.qcow2", Some("s1"));
+    assert_eq!(qimg(p, &["amend", "-o", "compat=0.10", "z.qcow2"]).0, 0);
+    assert_check_clean(p, "z.qcow2");
+    assert!(qemu_contents(p, "z.qcow2", Some("s1")) == s1, "snapshot s1");
+    qemu_io(p, "z.qcow2", &["read -P 0 0 1M"]);
+}
+
+/// A zstd image whose compressed clusters are all in a snapshot cannot be downgraded
+/// either (v2 would read them as deflate): qimg refuses as qemu-img does for compressed
+/// clusters of the active disk, and leaves the image alone.
+#[test]
+fn downgrade_refuses_zstd_clusters_of_snapshots() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let zstd = ["-o", "compression_type=zstd"];
+    qcow2_image(p, &zstd, "active.qcow2", "1M", &["write -c -P 0x11 0 64k"]);
+    qcow2_image(p, &zstd, "snap.qcow2", "1M", &["write -c -P 0x11 0 64k"]);
+    assert_eq!(qemu(p, &["snapshot", "-c", "s1", "snap.qcow2"]).0, 0);
+    qemu_io(p, "snap.qcow2", &["write -P 0x22 0 64k"]);
+    let before = std::fs::read(p.join("snap.qcow2")).unwrap();
+    let amend = ["amend", "-o", "compat=0.10"];
+    let theirs = run_with_stderr(
+        p,
+        "qemu-img",
+        "qemu-img",
+        &[&amend[..], &["active.qcow2"]].concat(),
+    );
+    let ours = run_with_stderr(
+        p,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &[&amend[..], &["snap.qcow2"]].concat(),
+    );
+    assert_ne!(theirs.0, 0);
+    assert_eq!(ours, theirs);
+    assert!(
+        std::fs::read(p.join("snap.qcow2")).unwrap() == before,
+        "image changed"
+    );
+}
+
+/// v3 images with clusters of 4 KiB or less get no feature name table, as QEMU writes
+/// them: a v2 image with 512-byte clusters and a backing file upgrades (the table left no
+/// room for the backing file name in the header cluster), and new images with a backing
+/// file get qemu-img's header cluster byte for byte.
+#[test]
+fn small_cluster_images_with_a_backing_file_upgrade_and_are_created_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(
+        p,
+        &["-o", "compat=0.10"],
+        "old.qcow2",
+        "1M",
+        &["write -P 1 0 1M"],
+    );
+    let opts = [
+        "-o",
+        "compat=0.10,cluster_size=512",
+        "-b",
+        "old.qcow2",
+        "-F",
+        "qcow2",
+    ];
+    qcow2_image(p, &opts, "top.qcow2", "1M", &["write -P 2 0 64k"]);
+    assert_eq!(amend_both(p, "top.qcow2", "compat=1.1"), 0);
+    for cs in ["512", "4096", "65536"] {
+        let o = format!("cluster_size={cs}");
+        let opts = ["-o", &o, "-b", "old.qcow2", "-F", "qcow2"];
+        let [ours, theirs] = ["ours", "theirs"].map(|w| format!("{w}-{cs}.qcow2"));
+        qimg_qcow2(p, &opts, &ours, "1M", &[]);
+        qcow2_image(p, &opts, &theirs, "1M", &[]);
+        let header = |f: &str| std::fs::read(p.join(f)).unwrap()[..cs.parse().unwrap()].to_vec();
+        assert!(
+            header(&ours) == header(&theirs),
+            "header cluster of {cs}-byte clusters"
+        );
+    }
 }
 
 #[test]

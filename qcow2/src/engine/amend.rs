@@ -34,7 +34,7 @@ impl Qcow2 {
         let old = m.header.clone();
         m.header.version = 3;
         m.header.header_length = V3_HEADER_LEN;
-        m.header.feature_names = default_feature_names();
+        m.header.feature_names = default_feature_names(self.geo.cluster_size());
         if let Err(e) = m.write_header(file) {
             m.header = old;
             return Err(e);
@@ -74,7 +74,7 @@ impl Qcow2 {
                 "Cannot downgrade an image with incompatible features {incompatible:#x} set"
             ));
         }
-        self.expand_zero_clusters()?;
+        // Before any cluster changes (QEMU checks after expanding, and only the active disk).
         if incompatible & INCOMPAT_COMPRESSION != 0 && self.has_compressed_clusters()? {
             return refuse(
                 "Cannot downgrade an image with zstd compression type and existing compressed \
@@ -82,6 +82,7 @@ impl Qcow2 {
                     .into(),
             );
         }
+        self.expand_zero_clusters()?;
         let file = &*self.file;
         let mut m = self.meta_mut();
         let old = m.header.clone();
@@ -196,24 +197,28 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// QEMU's `qcow2_expand_zero_clusters`: every zero entry of every L2 table (active and
-    /// snapshots') becomes a cluster of zeros, or unallocated without a backing file.
-    /// New clusters get as many references as their table has; zeros and refcounts are
-    /// durable before the entries that point at them (writeback's order).
-    fn expand_zero_clusters(&self) -> Result<()> {
+    /// Every L2 table of the image (the active one's and the snapshots'), each once.
+    fn all_l2_tables(&self) -> Result<Vec<u64>> {
         let cs = self.geo.cluster_size();
-        let mut tables = Vec::new();
         let mut l1s = vec![self.meta().l1.clone()];
         for s in &self.snapshots {
             l1s.push(read_snapshot_l1(&*self.file, s, cs)?);
         }
         let mut seen = HashSet::new();
-        for e in l1s.into_iter().flatten() {
-            let t = e & OFFSET_MASK;
-            if t != 0 && seen.insert(t) {
-                tables.push(t);
-            }
-        }
+        Ok(l1s
+            .into_iter()
+            .flatten()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&t| t != 0 && seen.insert(t))
+            .collect())
+    }
+
+    /// QEMU's `qcow2_expand_zero_clusters`: every zero entry of every L2 table (active and
+    /// snapshots') becomes a cluster of zeros, or unallocated without a backing file.
+    /// New clusters get as many references as their table has; zeros and refcounts are
+    /// durable before the entries that point at them (writeback's order).
+    fn expand_zero_clusters(&self) -> Result<()> {
+        let tables = self.all_l2_tables()?;
         let mut m = self.meta_mut();
         for table in tables {
             self.expand_table(&mut m, table)?;
@@ -223,28 +228,38 @@ impl Qcow2 {
         self.flush_metadata()
     }
 
-    /// Expands the zero entries of the L2 table at `table`.
+    /// Expands the zero entries of the L2 table at `table`. A preallocated zero cluster is
+    /// zeroed in place only when nothing but this table references it; one shared with
+    /// other tables (a snapshot's data) is replaced by a new cluster of zeros, and this
+    /// table's references to it are dropped once the new entry is written back.
     fn expand_table(&self, m: &mut Meta, table: u64) -> Result<()> {
         let file = &*self.file;
         let cs = self.geo.cluster_size();
         let table_rc = m.refcount(file, table / cs)?;
+        // The header decides, not whether the backing file was opened: an unallocated
+        // cluster of an image with a backing file reads that file.
+        let backed = m.header.backing_file.is_some();
         let entries = m.read_l2_table(file, table)?;
         for (j, &raw) in entries.iter().enumerate() {
             let L2Entry::Zero { host, .. } = self.decode_l2(raw) else {
                 continue;
             };
-            let host = match host {
-                Some(h) => h,
-                None if self.backing.is_none() => {
+            let own = match host {
+                Some(h) => m.refcount(file, h / cs)? == table_rc,
+                None => false,
+            };
+            let (host, shared) = match host {
+                Some(h) if own => (h, None),
+                None if !backed => {
                     m.set_l2_entries(file, table, j as u64, &[0])?;
                     continue;
                 }
-                None => {
+                shared => {
                     let h = m.alloc_cluster(file)?;
                     if table_rc > 1 {
                         m.add_refcount(file, h, cs, table_rc as i64 - 1)?;
                     }
-                    h
+                    (h, shared)
                 }
             };
             m.check_write(file, host, cs, super::overlap::Target::Data)?;
@@ -253,20 +268,29 @@ impl Qcow2 {
             let copied = m.refcount(file, host / cs)? == 1;
             let new = if copied { host | COPIED } else { host };
             m.set_l2_entries(file, table, j as u64, &[new])?;
+            if let Some(old) = shared {
+                for _ in 0..table_rc {
+                    m.free_later(old, cs);
+                }
+            }
         }
         Ok(())
     }
 
-    /// Whether any guest cluster of the active disk is compressed.
+    /// Whether any L2 table (the active disk's or a snapshot's) maps a compressed cluster.
     fn has_compressed_clusters(&self) -> Result<bool> {
-        let clusters = self.size.div_ceil(self.geo.cluster_size());
-        let mut c = 0;
-        while c < clusters {
-            let run = self.lookup_run(c, clusters - c)?;
-            if run.iter().any(|e| matches!(e, L2Entry::Compressed { .. })) {
+        let tables = self.all_l2_tables()?;
+        let step = self.geo.l2_words() as usize;
+        let mut m = self.meta_mut();
+        for table in tables {
+            let entries = m.read_l2_table(&*self.file, table)?;
+            if entries
+                .iter()
+                .step_by(step)
+                .any(|&raw| matches!(self.decode_l2(raw), L2Entry::Compressed { .. }))
+            {
                 return Ok(true);
             }
-            c += run.len() as u64;
         }
         Ok(false)
     }

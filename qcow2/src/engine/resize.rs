@@ -17,7 +17,9 @@ use super::Qcow2;
 impl Qcow2 {
     /// Sets the virtual size to `new_size` bytes, preallocating any added range as `prealloc`
     /// says. Shrinking discards the data past the new end (internal snapshots keep theirs,
-    /// as in QEMU 10).
+    /// as in QEMU 10). Growing an image whose header names a backing file that this handle
+    /// did not open (`OpenOptions::no_backing`, or no directory) fails with
+    /// [`Error::Backing`]: that file's length decides whether the grown range is zeroed.
     pub fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -40,6 +42,20 @@ impl Qcow2 {
                 "Failed to grow the L1 table: File too large".into(),
             ));
         }
+        let grow = new_size > old;
+        let backing_len = match (&self.backing, self.meta().header.backing_file.as_deref()) {
+            (Some(b), _) => b.size(),
+            (None, Some(name)) if grow => {
+                // Its length decides whether the grown range must be zeroed.
+                return Err(Error::Backing {
+                    path: name.into(),
+                    reason: "not opened: growing the image must hide what it holds past the \
+                             old end"
+                        .into(),
+                });
+            }
+            (None, _) => 0,
+        };
         if new_size < old {
             self.unmap_from(new_size.div_ceil(cs), new_l1)?;
         } else if new_l1 > self.meta().l1.len() as u64 {
@@ -50,16 +66,25 @@ impl Qcow2 {
             m.update_header(&*self.file, |h| h.size = new_size)?;
         }
         self.size = new_size;
-        let backing_len = self.backing.as_ref().map_or(0, |b| b.size());
-        if new_size > old && backing_len > old {
-            // As in QEMU: what the backing file holds past the old end must not show through
-            // the grown disk, which reads as zeros there.
-            self.zero_or_discard(old, new_size - old, ZeroMode::Zero { unmap: true })?;
-        }
-        if new_size > old && prealloc != Preallocation::Off {
+        if grow && prealloc != Preallocation::Off {
             self.preallocate_from(prealloc, old)?;
         }
-        if let (Some(d), true) = (&self.data_file, new_size > old) {
+        if grow && backing_len > old {
+            // As in QEMU: what the backing file holds past the old end must not show through
+            // the grown disk, which reads as zeros there. Preallocated clusters keep their
+            // hosts (zero flags or subcluster zero bits over them); v2 has no zero flag, but
+            // its preallocated clusters read as zeros already: only the cluster holding the
+            // old end, which preallocation leaves alone, is left.
+            let unmap = prealloc == Preallocation::Off;
+            let end = match self.version < 3 && !unmap {
+                true => old.next_multiple_of(cs).min(new_size),
+                false => new_size,
+            };
+            if end > old {
+                self.zero_or_discard(old, end - old, ZeroMode::Zero { unmap })?;
+            }
+        }
+        if let (Some(d), true) = (&self.data_file, grow) {
             let len = d
                 .len()
                 .map_err(|e| Error::io("getting the data file size", e))?;

@@ -601,8 +601,13 @@ fn ext_string(data: &[u8], kind: u32) -> Result<String> {
         .map_err(|_| invalid(format!("qcow2 header: extension 0x{kind:08x} is not UTF-8")))
 }
 
-/// The feature name table QEMU writes into new v3 images.
-pub fn default_feature_names() -> Vec<FeatureName> {
+/// The feature name table QEMU writes into v3 images with `cluster_size`-byte clusters:
+/// none up to 4 KiB (QEMU leaves it out so that a backing file name still fits into a
+/// 512-byte cluster's header).
+pub fn default_feature_names(cluster_size: u64) -> Vec<FeatureName> {
+    if cluster_size <= 4096 {
+        return Vec::new();
+    }
     let f = |kind, bit, name: &str| FeatureName {
         kind,
         bit,
@@ -646,7 +651,7 @@ mod tests {
             backing_file: Some("base.qcow2".into()),
             backing_format: Some("qcow2".into()),
             data_file: None,
-            feature_names: default_feature_names(),
+            feature_names: default_feature_names(1 << 16),
             bitmaps: None,
             crypto: None,
             unknown_extensions: vec![UnknownExtension {

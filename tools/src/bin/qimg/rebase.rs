@@ -122,42 +122,42 @@ fn read_padded(img: Option<&dyn Image>, buf: &mut [u8], offset: u64) -> qcow2::R
     Ok(())
 }
 
-/// Copies into `img` what differs between its old backing chain and `new`.
-fn copy_differences(
-    img: &Qcow2,
-    new: Option<&dyn Image>,
-    compress: bool,
-    progress: bool,
-) -> anyhow::Result<()> {
-    let size = img.size();
-    let cs = img.cluster_size();
-    // The unit of allocation: subclusters with extended L2 entries (compressed clusters
-    // have none).
-    let unit = if compress { cs } else { img.subcluster_size() };
-    let old = img.backing();
-    let old_size = old.map_or(0, |o| o.size());
-    let mut buf_old = vec![0u8; (CHUNK + 2 * cs) as usize];
-    let mut buf_new = buf_old.clone();
-    let mut offset = 0;
-    while offset < size {
-        let st = img.block_status(offset, CHUNK.min(size - offset))?;
-        if st.allocated {
-            offset += st.len;
-            continue;
+/// The two backing files a rebase compares, with buffers for one run.
+struct Backings<'a> {
+    old: Option<&'a dyn Image>,
+    new: Option<&'a dyn Image>,
+    buf_old: Vec<u8>,
+    buf_new: Vec<u8>,
+}
+
+impl Backings<'_> {
+    /// Copies into `img` what differs between the old and the new backing file in the
+    /// unallocated range `[start, end)`, compared and written in `unit`s (whole clusters
+    /// written compressed when `compress`: the range then covers whole clusters only).
+    fn copy(
+        &mut self,
+        img: &Qcow2,
+        start: u64,
+        end: u64,
+        unit: u64,
+        compress: bool,
+    ) -> anyhow::Result<()> {
+        if start >= end {
+            return Ok(());
         }
-        // Whole units, so writes never copy-on-write a partial one.
-        let start = offset / unit * unit;
-        let end = (offset + st.len).next_multiple_of(unit).min(size);
+        let cs = img.cluster_size();
+        let old_size = self.old.map_or(0, |o| o.size());
         let n = (end - start) as usize;
-        read_padded(old, &mut buf_old[..n], start)
+        let (buf_old, buf_new) = (&mut self.buf_old[..n], &mut self.buf_new[..n]);
+        read_padded(self.old, buf_old, start)
             .context("error while reading from old backing file")?;
-        read_padded(new, &mut buf_new[..n], start)
+        read_padded(self.new, buf_new, start)
             .context("error while reading from new backing file")?;
         let mut old_eof = start >= old_size;
         let mut written = 0;
         while written < n {
             let (differ, len) =
-                compare_buffers(&buf_old[written..n], &buf_new[written..n], unit as usize);
+                compare_buffers(&buf_old[written..], &buf_new[written..], unit as usize);
             let at = start + written as u64;
             if differ {
                 if old_eof {
@@ -176,6 +176,54 @@ fn copy_differences(
             if at + len as u64 >= old_size {
                 old_eof = true;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Copies into `img` what differs between its old backing chain and `new`.
+fn copy_differences(
+    img: &Qcow2,
+    new: Option<&dyn Image>,
+    compress: bool,
+    progress: bool,
+) -> anyhow::Result<()> {
+    let size = img.size();
+    let cs = img.cluster_size();
+    // The unit of allocation: subclusters with extended L2 entries.
+    let sc = img.subcluster_size();
+    let mut b = Backings {
+        old: img.backing(),
+        new,
+        buf_old: vec![0u8; (CHUNK + 2 * cs) as usize],
+        buf_new: vec![0u8; (CHUNK + 2 * cs) as usize],
+    };
+    let mut offset = 0;
+    while offset < size {
+        // Queries end on a cluster boundary, so no unallocated cluster is split in two runs.
+        let query_end = ((offset + CHUNK) / cs * cs).min(size);
+        let st = img.block_status(offset, query_end - offset)?;
+        if st.allocated {
+            offset += st.len;
+            continue;
+        }
+        // Whole subclusters, so writes never copy-on-write a partial one.
+        let start = offset / sc * sc;
+        let end = (offset + st.len).next_multiple_of(sc).min(size);
+        if compress {
+            // Compressed clusters have no subclusters: only clusters unallocated as a whole
+            // are written compressed (qemu-img 10 asserts when a cluster is partly
+            // allocated), the subclusters around them uncompressed.
+            let whole_start = start.next_multiple_of(cs).min(end);
+            let whole_end = match end == size {
+                true => end,
+                false => (end / cs * cs).max(whole_start),
+            };
+            b.copy(img, start, whole_start, sc, false)?;
+            b.copy(img, whole_start, whole_end, cs, true)?;
+            b.copy(img, whole_end, end, sc, false)?;
+        } else {
+            b.copy(img, start, end, sc, false)?;
         }
         offset = end;
         if progress {
