@@ -763,21 +763,36 @@ fn raw_copy(dir: &Path, src: &str, dst: &str) {
     assert_eq!(qemu(dir, &["convert", "-O", "raw", src, dst]).0, 0, "{src}");
 }
 
+/// Images for the compare tests, in `dir`: a.qcow2 (8 MiB: data, a zero cluster), b.qcow2
+/// (the same but one byte), longx.qcow2 (a.qcow2's contents, 12 MiB, data past 8 MiB).
+/// Returns the qemu-io writes that made a.qcow2.
+fn compare_images(dir: &Path) -> [&'static str; 3] {
+    let data = ["write -P 1 0 1M", "write -P 2 3M 100k", "write -z 5M 64k"];
+    qcow2_image(dir, &[], "a.qcow2", "8M", &data);
+    qcow2_image(
+        dir,
+        &[],
+        "b.qcow2",
+        "8M",
+        &[&data[..], &["write -P 9 3100k 1"]].concat(),
+    );
+    qcow2_image(
+        dir,
+        &[],
+        "longx.qcow2",
+        "12M",
+        &[&data[..], &["write -P 3 10M 4k"]].concat(),
+    );
+    data
+}
+
 /// Identical and different images, of the same size or not (the extra part zeros or data),
 /// qcow2 against raw, plain and strict: the same verdict, words and exit code as qemu-img.
 #[test]
 fn compare_matches_on_contents_sizes_and_formats() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    let data = ["write -P 1 0 1M", "write -P 2 3M 100k", "write -z 5M 64k"];
-    qcow2_image(p, &[], "a.qcow2", "8M", &data);
-    qcow2_image(
-        p,
-        &[],
-        "b.qcow2",
-        "8M",
-        &[&data[..], &["write -P 9 3100k 1"]].concat(),
-    );
+    let data = compare_images(p);
     qcow2_image(
         p,
         &[],
@@ -785,20 +800,14 @@ fn compare_matches_on_contents_sizes_and_formats() {
         "8M",
         &[&data[..], &["write -P 7 7M 512"]].concat(),
     );
-    // 12 MiB: the same first 8 MiB, then zeros (unallocated, a zero cluster) or data.
+    // 12 MiB: the same first 8 MiB, then zeros (unallocated, a zero cluster); longx.qcow2
+    // has data there.
     qcow2_image(
         p,
         &[],
         "long.qcow2",
         "12M",
         &[&data[..], &["write -z 9M 64k"]].concat(),
-    );
-    qcow2_image(
-        p,
-        &[],
-        "longx.qcow2",
-        "12M",
-        &[&data[..], &["write -P 3 10M 4k"]].concat(),
     );
     qcow2_image(p, &[], "e.qcow2", "8M", &[]);
     qcow2_image(p, &[], "x.qcow2", "8M", &[]);
@@ -991,22 +1000,7 @@ fn compare_fails_on_corrupt_images_with_qemu_img_exit_codes() {
 fn compare_progress_and_options_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    let data = ["write -P 1 0 1M", "write -P 2 3M 100k", "write -z 5M 64k"];
-    qcow2_image(p, &[], "a.qcow2", "8M", &data);
-    qcow2_image(
-        p,
-        &[],
-        "b.qcow2",
-        "8M",
-        &[&data[..], &["write -P 9 3100k 1"]].concat(),
-    );
-    qcow2_image(
-        p,
-        &[],
-        "long.qcow2",
-        "12M",
-        &[&data[..], &["write -P 3 10M 4k"]].concat(),
-    );
+    compare_images(p);
     raw_copy(p, "a.qcow2", "a.raw");
     // 64 MiB of compressed clusters: qemu-img's runs are one cluster each.
     qcow2_image(p, &[], "t.qcow2", "64M", &["write -P 6 0 40M"]);
@@ -1027,12 +1021,12 @@ fn compare_progress_and_options_like_qemu_img() {
         &["-p", "a.qcow2", "a.qcow2"],
         &["-p", "a.qcow2", "a.raw"],
         &["-p", "a.qcow2", "b.qcow2"],
-        &["-p", "a.raw", "long.qcow2"],
+        &["-p", "a.raw", "longx.qcow2"],
         &["-p", "-s", "a.raw", "a.raw"],
-        &["-p", "-s", "a.qcow2", "long.qcow2"],
+        &["-p", "-s", "a.qcow2", "longx.qcow2"],
         &["-p", "c.qcow2", "t.raw"],
         &["--progress", "t.qcow2", "c.qcow2"],
-        &["-pq", "a.qcow2", "long.qcow2"],
+        &["-pq", "a.qcow2", "longx.qcow2"],
         &["-p", "a.qcow2", "missing.qcow2"],
         &["-T", "bogus", "a.qcow2", "a.qcow2"],
         &["-p", "--cache=bogus", "a.qcow2", "a.qcow2"],
