@@ -76,6 +76,10 @@ pub struct Meta {
     pub data_file: Option<Arc<dyn Storage>>,
     /// Claim file space for new metadata when it is allocated (see [`Meta::claim_space`]).
     pub claims_space: bool,
+    /// The file's length when last asked: tables below it need no new `stat` to be checked
+    /// against the end of the file. (Stale after a truncation, a table past the real end
+    /// then fails its read instead.)
+    pub file_len_seen: u64,
     /// Geometry.
     pub geo: Geometry,
     /// Active L1 table, host-endian.

@@ -153,6 +153,7 @@ impl Qcow2 {
         let meta = Meta {
             data_file: data_file.clone(),
             claims_space: !opts.defer_space_claims,
+            file_len_seen: file_len,
             geo,
             l1,
             l1_dirty: false,
