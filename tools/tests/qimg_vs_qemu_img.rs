@@ -598,23 +598,37 @@ fn writing_commands_show_the_repair_of_a_dirty_image_like_qemu_img() {
         &["bench", "-w", "-c", "1", "X"],
     ];
     for args in cases {
-        let mut outcomes = Vec::new();
-        for (tool, prog) in [
-            (env!("CARGO_BIN_EXE_qimg"), "qimg"),
-            ("qemu-img", "qemu-img"),
-        ] {
-            let copy = format!("{prog}-dirty.qcow2");
-            std::fs::copy(p.join("dirty.qcow2"), p.join(&copy)).unwrap();
-            let a: Vec<&str> = args
-                .iter()
-                .map(|&x| if x == "X" { &copy } else { x })
-                .collect();
-            outcomes.push(run_with_stderr(p, tool, prog, &a));
-            assert_eq!(qemu(p, &["check", &copy]).0, 0, "{args:?} by {prog}");
-        }
+        let outcomes = run_on_copies(p, "dirty.qcow2", args, |copy| qemu(p, &["check", copy]).0);
         assert_eq!(outcomes[0], outcomes[1], "qimg vs qemu-img: {args:?}");
         assert!(outcomes[0].2.contains("Repairing cluster"), "{args:?}");
+        assert_eq!(outcomes[0].3, 0, "qemu-img check after {args:?}");
     }
+}
+
+/// Runs `args` (`X` standing for the image) through qimg and qemu-img, each on its own copy
+/// of `img` in `dir`, and `after` on each copy once its tool is done. Returns, qimg's first,
+/// each tool's exit code, stdout, stderr (the copy named `X`) and what `after` found.
+fn run_on_copies<T>(
+    dir: &Path,
+    img: &str,
+    args: &[&str],
+    after: impl Fn(&str) -> T,
+) -> Vec<(i32, String, String, T)> {
+    let mut outcomes = Vec::new();
+    for (tool, prog) in [
+        (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+        ("qemu-img", "qemu-img"),
+    ] {
+        let copy = format!("{prog}-{img}");
+        std::fs::copy(dir.join(img), dir.join(&copy)).unwrap();
+        let a: Vec<&str> = args
+            .iter()
+            .map(|&x| if x == "X" { &copy } else { x })
+            .collect();
+        let (code, out, err) = run_with_stderr(dir, tool, prog, &a);
+        outcomes.push((code, out, err.replace(&copy, "X"), after(&copy)));
+    }
+    outcomes
 }
 
 #[test]
@@ -3393,42 +3407,33 @@ fn corruption_found_in_an_image_open_for_writing_marks_it_corrupt_like_qemu_img(
         &["bench", "-w", "-c", "1", "-s", "4k", "X"],
         &["convert", "-n", "-O", "qcow2", "src.raw", "X"],
     ];
+    // QEMU words an unaligned entry met by a write differently from one met by a read
+    // ("Data cluster offset ..."); qimg gives the read's words for both, and names the file
+    // in a write error.
+    let normalised = |err: &str| -> String {
+        err.replace("PROG: X: ", "PROG: ")
+            .lines()
+            .map(
+                |l| match l.strip_prefix("qcow2: Marking image as corrupt: ") {
+                    Some(rest) => format!(
+                        "qcow2: Marking image as corrupt: DETAIL;{}\n",
+                        rest.split_once(';').map_or("", |(_, tail)| tail)
+                    ),
+                    None => format!("{l}\n"),
+                },
+            )
+            .collect()
+    };
     for args in cases {
-        let mut outcomes = Vec::new();
-        for (tool, prog) in [
-            (env!("CARGO_BIN_EXE_qimg"), "qimg"),
-            ("qemu-img", "qemu-img"),
-        ] {
-            let copy = format!("{prog}-u.qcow2");
-            std::fs::copy(p.join("u.qcow2"), p.join(&copy)).unwrap();
-            let a: Vec<&str> = args
-                .iter()
-                .map(|&x| if x == "X" { &copy } else { x })
-                .collect();
-            let (code, out, err) = run_with_stderr(p, tool, prog, &a);
-            let info = qemu(p, &["info", &copy]).1;
-            let corrupt = info
-                .lines()
+        let outcomes: Vec<_> = run_on_copies(p, "u.qcow2", args, |copy| {
+            let info = qemu(p, &["info", copy]).1;
+            info.lines()
                 .find(|l| l.contains("corrupt:"))
-                .map(str::to_owned);
-            // QEMU words an unaligned entry met by a write differently from one met by a
-            // read ("Data cluster offset ..."); qimg gives the read's words for both, and
-            // names the file in a write error.
-            let err: String = err
-                .replace(&format!("PROG: {copy}: "), "PROG: ")
-                .lines()
-                .map(
-                    |l| match l.strip_prefix("qcow2: Marking image as corrupt: ") {
-                        Some(rest) => format!(
-                            "qcow2: Marking image as corrupt: DETAIL;{}\n",
-                            rest.split_once(';').map_or("", |(_, tail)| tail)
-                        ),
-                        None => format!("{l}\n"),
-                    },
-                )
-                .collect();
-            outcomes.push((code, out, err, corrupt));
-        }
+                .map(str::to_owned)
+        })
+        .into_iter()
+        .map(|(code, out, err, corrupt)| (code, out, normalised(&err), corrupt))
+        .collect();
         assert_eq!(outcomes[0], outcomes[1], "qimg vs qemu-img: {args:?}");
         assert!(
             outcomes[0].2.contains("Marking image as corrupt"),
