@@ -170,10 +170,18 @@ impl Qcow2 {
         let head = at(unit);
         let (mut prev, mut u) = (head, unit + 1);
         while u < end {
+            let c = (u / per - first) as usize;
+            let (entry, bitmap) = clusters[c];
+            // A uniform cluster without a host, equal to the one before it, reports what the
+            // last unit crossed did all through (the common case: a table's empty clusters).
+            let repeat = c > 0 && clusters[c - 1] == (entry, bitmap);
+            if u % per == 0 && repeat && hostless(entry) && uniform(entry, bitmap, per) {
+                u += per.min(end - u);
+                continue;
+            }
             if !same_status(prev, at(u), us) {
                 break;
             }
-            let (entry, bitmap) = clusters[(u / per - first) as usize];
             let step = match u % per == 0 && uniform(entry, bitmap, per) {
                 true => per.min(end - u),
                 false => 1,
@@ -214,6 +222,14 @@ fn uniform(entry: L2Entry, bitmap: u64, per: u64) -> bool {
     matches!(entry, L2Entry::Compressed { .. })
         || (alloc == 0 && (zero == 0 || zero == all))
         || (zero == 0 && alloc == all)
+}
+
+/// Whether `entry` names no host cluster (its units' statuses carry no host offset).
+fn hostless(entry: L2Entry) -> bool {
+    matches!(
+        entry,
+        L2Entry::Unallocated | L2Entry::Zero { host: None, .. }
+    )
 }
 
 /// Whether `next` can be read in the same I/O as `prev`.
