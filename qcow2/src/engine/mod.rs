@@ -322,6 +322,27 @@ impl Qcow2 {
     /// [`Qcow2::lookup_run`] with each entry's subcluster bitmap (0 without extended L2
     /// entries). Entries whose bitmap is invalid are refused as corrupt, as QEMU does.
     pub(crate) fn lookup_bitmaps(&self, cluster: u64, n: u64) -> Result<Vec<(L2Entry, u64)>> {
+        self.lookup_checked(cluster, n, None)
+    }
+
+    /// [`Qcow2::lookup_bitmaps`] for a write from guest byte `offset` on (in `cluster`): an
+    /// unaligned entry is refused with QEMU's words for a write.
+    pub(crate) fn lookup_for_write(
+        &self,
+        cluster: u64,
+        n: u64,
+        offset: u64,
+    ) -> Result<Vec<(L2Entry, u64)>> {
+        self.lookup_checked(cluster, n, Some(offset))
+    }
+
+    /// [`Qcow2::lookup_bitmaps`], for a write from guest byte `write` on if given.
+    fn lookup_checked(
+        &self,
+        cluster: u64,
+        n: u64,
+        write: Option<u64>,
+    ) -> Result<Vec<(L2Entry, u64)>> {
         let per_l2 = self.geo.l2_entries();
         let l1i = (cluster / per_l2) as usize;
         let l2i = cluster % per_l2;
@@ -336,7 +357,7 @@ impl Qcow2 {
                 return Ok(unallocated(&m));
             }
             if let Some(entries) = self.decode_slice(&m, table, l2i, n) {
-                let checked = self.check_entries(cluster, table, &m, &entries);
+                let checked = self.check_entries(cluster, table, &m, &entries, write);
                 drop(m);
                 return checked.map(|()| entries).map_err(|e| self.fatal(e));
             }
@@ -348,7 +369,7 @@ impl Qcow2 {
         }
         m.load_l2_slice(&*self.file, table, l2i)?;
         let entries = self.decode_slice(&m, table, l2i, n).expect("just loaded");
-        let checked = self.check_entries(cluster, table, &m, &entries);
+        let checked = self.check_entries(cluster, table, &m, &entries, write);
         drop(m);
         checked.map(|()| entries).map_err(|e| self.fatal(e))
     }
@@ -415,19 +436,26 @@ impl Qcow2 {
     /// Refuses unaligned host offsets ([`Qcow2::first_unaligned`]) and, with extended L2
     /// entries, invalid bitmaps (a
     /// subcluster both allocated and zero; allocated subclusters without a host cluster)
-    /// with QEMU's words. `first` is the guest cluster of `entries[0]`, in the table at
-    /// `table`.
+    /// with QEMU's words (for a write from guest byte `write` on, if given). `first` is the
+    /// guest cluster of `entries[0]`, in the table at `table`.
     fn check_entries(
         &self,
         first: u64,
         table: u64,
         m: &Meta,
         entries: &[(L2Entry, u64)],
+        write: Option<u64>,
     ) -> Result<()> {
         let per = m.l2_slice_entries();
         if let Some((i, host)) = self.first_unaligned(entries) {
-            let index = (first + i as u64) % self.geo.l2_entries() % per;
-            return Err(unaligned_entry(host, table, index));
+            let cluster = first + i as u64;
+            return Err(match write {
+                Some(offset) => {
+                    let guest = offset.max(cluster * self.geo.cluster_size());
+                    unaligned_write(entries[i].0, host, guest)
+                }
+                None => unaligned_entry(host, table, cluster % self.geo.l2_entries() % per),
+            });
         }
         if !self.geo.extended_l2 {
             return Ok(());
@@ -530,6 +558,20 @@ impl Qcow2 {
             .flush()
             .map_err(|e| Error::io("flushing the image file", e))
     }
+}
+
+/// QEMU's error for an unaligned host offset `host` met by a write at guest byte `guest`
+/// into a cluster with `entry`.
+fn unaligned_write(entry: L2Entry, host: u64, guest: u64) -> Error {
+    let kind = match entry {
+        L2Entry::Zero { .. } => "Preallocated zero",
+        _ => "Data",
+    };
+    Error::Corrupt(format!(
+        "{kind} cluster offset {} unaligned (guest offset: {})",
+        c_hex(host),
+        c_hex(guest)
+    ))
 }
 
 /// A number as C's `%#x` prints it (0 without the prefix), for QEMU's messages.

@@ -55,7 +55,8 @@ impl Qcow2 {
         if self.geo.extended_l2 {
             return self.write_subclusters(cluster, in_cluster, data);
         }
-        let entry = self.lookup_run(cluster, 1)?[0];
+        let offset = cluster * cs + in_cluster;
+        let (entry, _) = self.lookup_for_write(cluster, 1, offset)?[0];
         if let L2Entry::Normal { host, copied: true } = entry {
             return self.write_data(data, host + in_cluster);
         }
@@ -94,7 +95,7 @@ impl Qcow2 {
         let cs = self.geo.cluster_size();
         let sc = self.geo.unit_size();
         let base = cluster * cs;
-        let (entry, bitmap) = self.lookup_bitmaps(cluster, 1)?[0];
+        let (entry, bitmap) = self.lookup_for_write(cluster, 1, base + in_cluster)?[0];
         let (a, b) = (in_cluster, in_cluster + data.len() as u64);
         let (mut first, mut last) = (a / sc, (b - 1) / sc);
         let in_place = match entry {
@@ -150,7 +151,7 @@ impl Qcow2 {
     /// clusters that all need a new cluster (allocated contiguously, one I/O).
     fn write_whole(&self, first: u64, max: u64, data: &[u8]) -> Result<u64> {
         let cs = self.geo.cluster_size();
-        let entries = self.lookup_bitmaps(first, max)?;
+        let entries = self.lookup_for_write(first, max, first * cs)?;
         // Written in place: COPIED clusters all of whose subclusters are allocated (a write
         // into others must set their bits).
         let full = if self.geo.extended_l2 { ALL_ALLOC } else { 0 };
