@@ -3404,6 +3404,10 @@ fn corruption_found_in_an_image_open_for_writing_marks_it_corrupt_like_qemu_img(
     // A data cluster and a preallocated zero cluster at unaligned host offsets.
     damaged(p, "u.qcow2", &[(L2, (1 << 63) | 0x50200, 8)], None);
     damaged(p, "z.qcow2", &[(L2, (1 << 63) | 0x50200 | 1, 8)], None);
+    // A snapshot sharing an L2 table whose entry is then unaligned.
+    layout_qcow2(p, "s.qcow2");
+    assert_eq!(qemu(p, &["snapshot", "-c", "s0", "s.qcow2"]).0, 0);
+    patch(p, "s.qcow2", L2, &0x50200u64.to_be_bytes());
     std::fs::write(p.join("src.raw"), vec![7u8; 1 << 20]).unwrap();
     let cases: &[(&str, &[&str])] = &[
         ("u.qcow2", &["bench", "-w", "-c", "1", "-s", "4k", "X"]),
@@ -3416,6 +3420,9 @@ fn corruption_found_in_an_image_open_for_writing_marks_it_corrupt_like_qemu_img(
             "z.qcow2",
             &["bench", "-w", "-c", "1", "-s", "4k", "-o", "8k", "X"],
         ),
+        ("u.qcow2", &["snapshot", "-c", "s1", "X"]),
+        ("s.qcow2", &["snapshot", "-a", "s0", "X"]),
+        ("s.qcow2", &["snapshot", "-d", "s0", "X"]),
     ];
     // qimg names the file in a write error; qemu-img does not.
     let normalised = |err: &str| err.replace("PROG: X: ", "PROG: ");

@@ -379,13 +379,21 @@ impl Qcow2 {
     /// header, and takes no more writes. Other errors, and read-only images, pass unchanged.
     fn fatal(&self, e: Error) -> Error {
         match e {
+            Error::Corrupt(_) if self.fatal_corruption => self.fatal_in(&mut self.meta_mut(), e),
+            e => e,
+        }
+    }
+
+    /// [`Qcow2::fatal`] for a caller holding the metadata `m`.
+    pub(crate) fn fatal_in(&self, m: &mut Meta, e: Error) -> Error {
+        match e {
             Error::Corrupt(what) if self.fatal_corruption => {
                 if !self
                     .marked_corrupt
                     .load(std::sync::atomic::Ordering::SeqCst)
                 {
                     tracing::warn!("qcow2: Marking image as corrupt: {what}");
-                    self.meta_mut().set_corrupt_bit(&*self.file);
+                    m.set_corrupt_bit(&*self.file);
                 }
                 Error::MarkedCorrupt(what)
             }
@@ -617,7 +625,12 @@ fn read_snapshots(
 }
 
 impl Drop for Qcow2 {
+    /// Writes the metadata back, unless the image was marked corrupt: then, as in QEMU, the
+    /// image takes nothing more (the event was reported when it happened).
     fn drop(&mut self) {
+        if self.marked_corrupt.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if let Err(e) = Image::close(self) {
             tracing::error!("flushing qcow2 metadata on close failed: {e}");
         }

@@ -271,7 +271,8 @@ impl Qcow2 {
                 let raw = entry_words[0];
                 let entry = self.decode_l2(raw);
                 if let Some((_, host)) = self.first_unaligned(&[(entry, 0)]) {
-                    return Err(super::unaligned_entry(host, table, j as u64));
+                    let e = super::unaligned_entry(host, table, j as u64);
+                    return Err(self.fatal_in(m, e));
                 }
                 if let (Some((off, len)), true) = (referenced_range(entry, cs), delta != 0) {
                     add_refcount(m, file, (off, len), delta, freed)?;

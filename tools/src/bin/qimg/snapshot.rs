@@ -87,23 +87,26 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 Some(mut q) => q.create_snapshot(&snap_name).map(drop),
                 None => Err(qcow2::Error::NotSupported("raw images".into())),
             };
+            let what = format!("Could not create snapshot '{snap}'");
             created.map_err(|e| {
-                anyhow::anyhow!("Could not create snapshot '{snap}': {}", errno_text(&e))
+                corruption(e, &what)
+                    .unwrap_or_else(|e| anyhow::anyhow!("{what}: {}", errno_text(&e)))
             })
         }
         Action::Apply(snap) => {
             let Some(mut q) = image else {
                 bail!("Could not apply snapshot '{snap}': Block driver does not support snapshots");
             };
+            let what = format!("Could not apply snapshot '{snap}': Failed to load snapshot");
             q.apply_snapshot(&SnapshotRef::IdOrName(snap.clone()))
                 .map_err(|e| {
-                    let why = match e {
-                        qcow2::Error::SnapshotNotFound => "No such file or directory".into(),
-                        e => errno_text(&e),
-                    };
-                    anyhow::anyhow!(
-                        "Could not apply snapshot '{snap}': Failed to load snapshot: {why}"
-                    )
+                    corruption(e, &what).unwrap_or_else(|e| {
+                        let why = match e {
+                            qcow2::Error::SnapshotNotFound => "No such file or directory".into(),
+                            e => errno_text(&e),
+                        };
+                        anyhow::anyhow!("{what}: {why}")
+                    })
                 })
         }
         Action::Delete(snap) => {
@@ -112,12 +115,28 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             let Some(mut q) = found else {
                 bail!("Could not delete snapshot '{snap}': snapshot not found");
             };
-            q.delete_snapshot(&by_name)
-                .map(drop)
-                .map_err(|e| anyhow::anyhow!("Could not delete snapshot '{snap}': {e}"))
+            let what = format!("Could not delete snapshot '{snap}'");
+            q.delete_snapshot(&by_name).map(drop).map_err(|e| {
+                corruption(
+                    e,
+                    &format!("{what}: Failed to free the cluster and L1 table"),
+                )
+                .unwrap_or_else(|e| anyhow::anyhow!("{what}: {e}"))
+            })
         }
     }?;
     Ok(0)
+}
+
+/// Corruption `e` as the cause of `what`: qimg then reports it as QEMU's qcow2 driver does and
+/// names it an I/O error (see [`crate::report_error`]). Any other error comes back.
+fn corruption(e: qcow2::Error, what: &str) -> Result<anyhow::Error, qcow2::Error> {
+    match e {
+        qcow2::Error::Corrupt(_) | qcow2::Error::MarkedCorrupt(_) => {
+            Ok(anyhow::Error::new(e).context(what.to_owned()))
+        }
+        e => Err(e),
+    }
 }
 
 /// The words qemu-img's `strerror` gives for what an engine error stands for.
