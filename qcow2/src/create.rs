@@ -128,6 +128,14 @@ impl CreateOptions {
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             );
         }
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
+            // The preallocated clusters would hide the backing file (subclusters can stay
+            // unallocated in a preallocated cluster).
+            return bad("Backing file and preallocation can only be used at the same time if extended_l2 is on");
+        }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return bad("Backing format cannot be used without backing file");
         }
@@ -325,10 +333,11 @@ impl Qcow2 {
         }
         while c < clusters {
             let n = (per_l2 - c % per_l2).min(clusters - c);
+            // As QEMU lays them out: each L2 table before the clusters it maps.
             let (host, n) = if self.has_data_file() {
                 (c * cs, n)
             } else {
-                self.meta_mut().alloc_up_to(&**self.file(), n)?
+                self.reserve_clusters(c, n)?
             };
             let data = self.data_storage();
             let len = data.len().map_err(|e| Error::io("getting file size", e))?;

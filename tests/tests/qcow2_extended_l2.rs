@@ -868,9 +868,14 @@ fn a_misaligned_entry_stops_a_snapshot_with_qemu_s_words() {
         .and_then(|rest| rest.split(';').next())
         .unwrap_or_else(|| panic!("qemu-img: {stderr}"));
     let err = open_rw(&path).create_snapshot("s").unwrap_err();
-    assert!(matches!(err, qcow2::Error::Corrupt(_)), "{err:?}");
+    assert!(matches!(err, qcow2::Error::MarkedCorrupt(_)), "{err:?}");
     assert!(
         err.to_string().contains(words),
         "ours: {err}; qemu-img: {words}"
     );
+    // Both images are now marked corrupt.
+    for image in [&path, &theirs] {
+        let info = qemu_img(&["info", image.to_str().unwrap()]);
+        assert!(info.contains("corrupt: true"), "{info}");
+    }
 }

@@ -4126,3 +4126,109 @@ fn amend_refuses_and_helps_like_qemu_img() {
     drop(holder.stdin.take());
     holder.wait().unwrap();
 }
+
+#[test]
+fn preallocation_fills_its_own_clusters_and_never_hides_a_backing_file_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "20M", &["write -P 17 0 3M"]);
+    qcow2_image(
+        p,
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "top.qcow2",
+        "24M",
+        &["write -P 34 4M 1M", "write -P 51 21M 64k"],
+    );
+    // Preallocated clusters would hide the backing file (without subclusters), and
+    // compressed clusters cannot be preallocated: refused before any file is made.
+    let refused: [&[&str]; 4] = [
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "n.img",
+            "20M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=full",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "n.img",
+            "20M",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "preallocation=falloc",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "n.img",
+        ],
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "top.qcow2",
+            "n.img",
+        ],
+    ];
+    for args in refused {
+        let (code, _, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(!p.join("n.img").exists(), "{args:?}");
+        same(p, args);
+    }
+    // Conversions into a preallocated target (with extended L2 entries over a backing file
+    // too): the data goes into the preallocated clusters, so both tools lay the image out
+    // alike, with no cluster allocated twice.
+    let cases: [&[&str]; 4] = [
+        &["-o", "preallocation=metadata"],
+        &["-o", "preallocation=falloc"],
+        &["-o", "preallocation=full"],
+        &[
+            "-o",
+            "preallocation=metadata,extended_l2=on",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+        ],
+    ];
+    for opts in cases {
+        let mut layouts = Vec::new();
+        for (tool, out) in [
+            (env!("CARGO_BIN_EXE_qimg"), "ours.img"),
+            ("qemu-img", "theirs.img"),
+        ] {
+            let mut args = vec!["convert", "-O", "qcow2"];
+            args.extend(opts);
+            args.extend(["top.qcow2", out]);
+            assert_eq!(run(p, tool, &args).0, 0, "{tool} {args:?}");
+            assert_eq!(qemu(p, &["compare", "top.qcow2", out]).0, 0, "{opts:?}");
+            assert_check_clean(p, out);
+            let len = std::fs::metadata(p.join(out)).unwrap().len();
+            layouts.push((len, qemu(p, &["map", "--output=json", out]).1));
+        }
+        assert_eq!(layouts[0], layouts[1], "{opts:?}");
+    }
+}

@@ -152,34 +152,31 @@ impl Qcow2 {
     fn write_whole(&self, first: u64, max: u64, data: &[u8]) -> Result<u64> {
         let cs = self.geo.cluster_size();
         let entries = self.lookup_for_write(first, max, first * cs)?;
-        // Written in place: COPIED clusters all of whose subclusters are allocated (a write
-        // into others must set their bits).
+        // Written in place: COPIED clusters (with extended L2 entries, their subclusters not
+        // allocated yet become so, as in QEMU).
+        let in_place = |(e, _): (L2Entry, u64)| matches!(e, L2Entry::Normal { copied: true, .. });
         let full = if self.geo.extended_l2 { ALL_ALLOC } else { 0 };
-        let in_place = |(e, bitmap): (L2Entry, u64)| {
-            matches!(e, L2Entry::Normal { copied: true, .. }) && bitmap == full
-        };
         let mut n = 1;
-        if let (L2Entry::Normal { host, copied: true }, true) = (entries[0].0, in_place(entries[0]))
-        {
-            while n < entries.len()
-                && entries[n]
-                    == (
-                        L2Entry::Normal {
-                            host: host + n as u64 * cs,
-                            copied: true,
-                        },
-                        full,
-                    )
-            {
+        if let L2Entry::Normal { host, copied: true } = entries[0].0 {
+            let follows = |k: usize| L2Entry::Normal {
+                host: host + k as u64 * cs,
+                copied: true,
+            };
+            while n < entries.len() && entries[n].0 == follows(n) {
                 n += 1;
             }
             let _busy = self.busy.acquire(first, n as u64);
             // Re-check under the busy mark: a discard may have raced us.
-            if self.lookup_bitmaps(first, n as u64)?[..n] == entries[..n] {
-                self.write_data(&data[..n * cs as usize], host)?;
-                return Ok(n as u64);
+            if self.lookup_bitmaps(first, n as u64)?[..n] != entries[..n] {
+                return Ok(0);
             }
-            return Ok(0);
+            self.write_data(&data[..n * cs as usize], host)?;
+            if entries[..n].iter().any(|&(_, bitmap)| bitmap != full) {
+                let old: Vec<L2Entry> = entries[..n].iter().map(|&(e, _)| e).collect();
+                let hosts: Vec<u64> = (0..n).map(|k| host + k as u64 * cs).collect();
+                self.update_l2(first, &old, &hosts)?;
+            }
+            return Ok(n as u64);
         }
         while n < entries.len() && !in_place(entries[n]) && !is_zero_alloc(entries[n].0) {
             n += 1;

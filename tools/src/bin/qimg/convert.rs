@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Context};
-use qcow2::{CreateOptions, Format, Image, Locking, Qcow2, SnapshotRef};
+use qcow2::{CreateOptions, Format, Image, Locking, Preallocation, Qcow2, SnapshotRef};
 
 use crate::create::{parse_options, qcow2_options, OptionError};
 use crate::interrupt::{signal_name, Interrupt};
@@ -679,6 +679,8 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let target_path = Path::new(target_name);
     let mut fresh = a.target_is_zero;
     let mut target_backing = false;
+    // A target created preallocated has its clusters: the data goes into them.
+    let mut preallocated = false;
     if !a.no_create {
         match out_fmt {
             Format::Qcow2 => {
@@ -707,6 +709,10 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 if o.backing_file.is_some() && o.backing_format.is_none() {
                     bail!("Use of backing file requires explicit backing format");
                 }
+                if a.compress && o.preallocation != Preallocation::Off {
+                    bail!("Compression and preallocation not supported at the same time");
+                }
+                preallocated = o.preallocation != Preallocation::Off;
                 qcow2::create(target_path, &o).map_err(|e| {
                     anyhow::anyhow!("{target_name}: error while converting qcow2: {e}")
                 })?;
@@ -781,9 +787,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         compress: a.compress,
         raw_storage,
         writing: WriteLock::default(),
-        // Reservations are of whole clusters: not for runs of subclusters.
+        // Reservations are of whole clusters: not for runs of subclusters, nor where the
+        // clusters are there already.
         reserve: matches!(&target, Target::Qcow2(q)
-            if !a.compress && !a.no_create && !q.has_data_file() && block == q.cluster_size()),
+            if !a.compress && !a.no_create && !preallocated && !q.has_data_file()
+                && block == q.cluster_size()),
     };
     let chunk = (4u64 << 20).next_multiple_of(block);
     let chunks = sources.total.div_ceil(chunk);
