@@ -697,15 +697,18 @@ fn convert_roundtrips_are_identical_for_qemu_img_compare() {
             assert_eq!(qemu(p, &["check", out]).0, 0, "{a:?}");
         }
     }
-    // Several sources are concatenated.
+    // Several sources are concatenated: the same bytes as qemu-img's.
     assert_eq!(
         qimg(p, &["convert", "-O", "raw", "o.raw", "o.raw", "two.raw"]).0,
         0
     );
     assert_eq!(
-        std::fs::metadata(p.join("two.raw")).unwrap().len(),
-        64 << 20
+        qemu(p, &["convert", "-O", "raw", "o.raw", "o.raw", "theirs.raw"]).0,
+        0
     );
+    let two = std::fs::read(p.join("two.raw")).unwrap();
+    assert_eq!(two.len(), 64 << 20);
+    assert!(two == std::fs::read(p.join("theirs.raw")).unwrap());
     // Guest data in an external data file (read from there, not from the image file).
     qcow2_image(
         p,
@@ -1094,8 +1097,30 @@ fn compare_skips_the_holes_of_sparse_100g_images() {
         &["-s", "s.qcow2", "t.qcow2"],
     ];
     for args in cases {
-        same(p, &[&["compare"], *args].concat());
+        let args = [&["compare"], *args].concat();
+        same(p, &args);
+        // Reading 100 GiB, even of holes, takes tens of CPU seconds.
+        let cpu = qimg_cpu_seconds(p, &args);
+        assert!(cpu < 2.0, "{args:?} took {cpu} CPU seconds");
     }
+}
+
+/// The user and system CPU seconds qimg takes to run `args`.
+fn qimg_cpu_seconds(dir: &Path, args: &[&str]) -> f64 {
+    let children = || {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) },
+            0
+        );
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        secs(ru.ru_utime) + secs(ru.ru_stime)
+    };
+    let before = children();
+    qimg(dir, args);
+    children() - before
 }
 
 /// Runs `args` through both tools with `X` replaced by a per-tool copy of `img` (made
@@ -2724,10 +2749,7 @@ fn size_and_count_arguments_are_read_and_refused_like_qemu_img() {
             &["commit", "-r", v, "a.qcow2"],
         ];
         for args in cases {
-            for f in ["new.img", "out.img"] {
-                let _ = std::fs::remove_file(p.join(f));
-            }
-            same(p, args);
+            same_outputs(p, args, &["new.img", "out.img"]);
         }
         // resize: sizes are QEMU options here (`Parameter 'size' expects ...`); a growth
         // prints the same line for both tools.
@@ -2735,7 +2757,64 @@ fn size_and_count_arguments_are_read_and_refused_like_qemu_img() {
         for size in [v, plus.as_str()] {
             let (code, _) = qemu(p, &["create", "-q", "-f", "raw", "r.img", "1M"]);
             assert_eq!(code, 0);
-            same(p, &["resize", "-f", "raw", "r.img", size]);
+            let outcomes = run_on_copies(p, "r.img", &["resize", "-f", "raw", "X", size], |c| {
+                std::fs::metadata(p.join(c)).unwrap().len()
+            });
+            assert_eq!(outcomes[0], outcomes[1], "resize {size}");
+        }
+    }
+}
+
+/// Runs `args` through both tools, each writing its own copies of the files named in
+/// `outputs` (names replaced inside the arguments too): the same exit code, stdout and
+/// stderr, and the same files: none, or equal in format, virtual size and contents (and
+/// length for raw files; qimg pads a new qcow2 file to whole clusters).
+fn same_outputs(dir: &Path, args: &[&str], outputs: &[&str]) {
+    let mut results = Vec::new();
+    for (tool, prog, prefix) in [
+        (env!("CARGO_BIN_EXE_qimg"), "qimg", "ours-"),
+        ("qemu-img", "qemu-img", "theirs-"),
+    ] {
+        let renamed = |a: &str| {
+            outputs
+                .iter()
+                .fold(a.to_owned(), |a, o| a.replace(o, &format!("{prefix}{o}")))
+        };
+        for o in outputs {
+            let _ = std::fs::remove_file(dir.join(renamed(o)));
+        }
+        let a: Vec<String> = args.iter().map(|a| renamed(a)).collect();
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let (code, out, err) = run_with_stderr(dir, tool, prog, &a);
+        let files: Vec<Option<(Option<u64>, String)>> = outputs
+            .iter()
+            .map(|o| {
+                let f = renamed(o);
+                let len = std::fs::metadata(dir.join(&f)).ok()?.len();
+                let info = qemu(dir, &["info", "-U", &f]).1;
+                let raw = info.contains("file format: raw");
+                let lines = info
+                    .lines()
+                    .filter(|l| l.starts_with("virtual size") || l.starts_with("file format"));
+                Some((raw.then_some(len), lines.collect::<Vec<_>>().join("\n")))
+            })
+            .collect();
+        results.push((
+            code,
+            out.replace(prefix, ""),
+            err.replace(prefix, ""),
+            files,
+        ));
+    }
+    assert_eq!(
+        results[0], results[1],
+        "qimg vs qemu-img differ for {args:?}"
+    );
+    for (o, file) in outputs.iter().zip(&results[0].3) {
+        if file.is_some() {
+            let (ours, theirs) = (format!("ours-{o}"), format!("theirs-{o}"));
+            let (code, out) = qemu(dir, &["compare", "-U", &ours, &theirs]);
+            assert_eq!(code, 0, "{args:?}: {out}");
         }
     }
 }
