@@ -65,6 +65,11 @@ fn qcow2_image(dir: &Path, opts: &[&str], name: &str, size: &str, writes: &[&str
     make_qcow2(dir, "qemu-img", opts, name, size, writes);
 }
 
+/// [`qcow2_image`] over the qcow2 image `backing`.
+fn qcow2_over(dir: &Path, backing: &str, name: &str, size: &str, writes: &[&str]) {
+    qcow2_image(dir, &["-b", backing, "-F", "qcow2"], name, size, writes);
+}
+
 /// [`make_qcow2`] with qimg.
 fn qimg_qcow2(dir: &Path, opts: &[&str], name: &str, size: &str, writes: &[&str]) {
     make_qcow2(dir, env!("CARGO_BIN_EXE_qimg"), opts, name, size, writes);
@@ -927,13 +932,7 @@ fn compare_reads_backing_chains_like_qemu_img() {
     );
     // Nothing but a backing file shorter than the image, against an empty image.
     qcow2_image(p, &[], "ebase.qcow2", "4M", &[]);
-    qcow2_image(
-        p,
-        &["-b", "ebase.qcow2", "-F", "qcow2"],
-        "etop.qcow2",
-        "6M",
-        &[],
-    );
+    qcow2_over(p, "ebase.qcow2", "etop.qcow2", "6M", &[]);
     qcow2_image(p, &[], "empty.qcow2", "6M", &[]);
     let cases: &[&[&str]] = &[
         &["Atop.qcow2", "Btop.qcow2"],
@@ -2236,9 +2235,9 @@ fn convert_with_a_backing_file_copies_only_the_top_layer() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     qcow2_image(p, &[], "base.qcow2", "8M", &["write -P 1 0 4M"]);
-    qcow2_image(
+    qcow2_over(
         p,
-        &["-b", "base.qcow2", "-F", "qcow2"],
+        "base.qcow2",
         "top.qcow2",
         "",
         &["write -P 2 1M 128k", "write -z 2M 64k", "write -P 3 6M 64k"],
@@ -2295,9 +2294,9 @@ fn convert_with_a_backing_file_copies_only_the_top_layer() {
     qcow2_image(p, &[], "other.qcow2", "12M", &["write -P 4 0 12M"]);
     qcow2_image(p, &[], "alone.qcow2", "10M", &["write -P 5 100k 100k"]);
     qcow2_image(p, &[], "short.qcow2", "1M", &["write -P 6 0 1M"]);
-    qcow2_image(
+    qcow2_over(
         p,
-        &["-b", "short.qcow2", "-F", "qcow2"],
+        "short.qcow2",
         "over.qcow2",
         "16M",
         &["write -P 7 3M 64k"],
@@ -3746,13 +3745,7 @@ fn snapshot_refuses_what_qemu_img_refuses_with_its_words() {
     qcow2_image(p, &["-o", "data_file=d.raw"], "df.qcow2", "1M", &[]);
     qemu(p, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
     qcow2_image(p, &[], "gone.qcow2", "1M", &[]);
-    qcow2_image(
-        p,
-        &["-b", "gone.qcow2", "-F", "qcow2"],
-        "orphan.qcow2",
-        "1M",
-        &[],
-    );
+    qcow2_over(p, "gone.qcow2", "orphan.qcow2", "1M", &[]);
     std::fs::remove_file(p.join("gone.qcow2")).unwrap();
     for args in [
         &["snapshot", "-l", "orphan.qcow2"][..],
@@ -3983,9 +3976,9 @@ fn amend_changes_every_option_as_qemu_img_does() {
     );
     qemu(p, &["snapshot", "-c", "s", "v2.qcow2"]);
     qcow2_image(p, &[], "base.qcow2", "64M", &["write -P 9 0 8M"]);
-    qcow2_image(
+    qcow2_over(
         p,
-        &["-b", "base.qcow2", "-F", "qcow2"],
+        "base.qcow2",
         "top.qcow2",
         "64M",
         &[
@@ -4211,9 +4204,9 @@ fn preallocation_fills_its_own_clusters_and_never_hides_a_backing_file_like_qemu
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     qcow2_image(p, &[], "base.qcow2", "20M", &["write -P 17 0 3M"]);
-    qcow2_image(
+    qcow2_over(
         p,
-        &["-b", "base.qcow2", "-F", "qcow2"],
+        "base.qcow2",
         "top.qcow2",
         "24M",
         &["write -P 34 4M 1M", "write -P 51 21M 64k"],
