@@ -4126,3 +4126,205 @@ fn amend_refuses_and_helps_like_qemu_img() {
     drop(holder.stdin.take());
     holder.wait().unwrap();
 }
+
+/// Disk blocks a file takes (`du`).
+fn blocks_of(dir: &Path, f: &str) -> u64 {
+    std::fs::metadata(dir.join(f)).unwrap().blocks()
+}
+
+/// `-o` follows QEMU's option syntax: `,,` is a comma in a value, an `-o` that cannot be
+/// joined to others (empty, a leading comma, an odd number of trailing commas) is refused,
+/// a bare `key` is `key=on` and `nokey` is `key=off`, names are taken as written (no `-`
+/// for `_`), and `help` or `?` anywhere lists the options instead of creating anything.
+#[test]
+fn create_reads_option_lists_and_lists_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "b,c.qcow2", "1M", &[]);
+    for args in [
+        &["create", "-f", "qcow2", "-o", ",", "x.qcow2", "1M"][..],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            ",cluster_size=4k",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=64k,,",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=64k,,,",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k,,,lazy_refcounts=on",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster-size=4k",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "nolazy_refcounts,id=1",
+            "x.qcow2",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "-o", "nocow", "x.qcow2", "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=x,compat=1.1",
+            "x.qcow2",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "-o", "size=4M", "x.qcow2", "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=new,,x.d",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "backing_file=b,,c.qcow2,backing_fmt=qcow2",
+            "x.qcow2",
+        ],
+        &["create", "-f", "qcow2", "x.qcow2"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "b,c.qcow2",
+            "-F",
+            "foo",
+            "x.qcow2",
+        ],
+        // The "Formatting" line shows values as given, -b over -o backing_file.
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=off,extended_l2=yes,lazy_refcounts=true,cluster_size=0x10000",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "b,c.qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "backing_file=c",
+            "x.qcow2",
+        ],
+        &["create", "-f", "foo", "x.qcow2", "1M"],
+        &["create", "-f", "qcow2", "-o", "help", "x.qcow2", "1M"],
+        &["create", "-f", "qcow2", "-o", "foo,?", "x.qcow2"],
+        &["create", "-f", "qcow2", "-o", "help"],
+        &["create", "-o", "help"],
+        &["create", "-o", "cluster_size=4k", "-o", "help", "x.raw"],
+        &["create", "-f", "foo", "-o", "help"],
+    ] {
+        same(p, args);
+        if args.contains(&"data_file=new,,x.d") {
+            assert!(p.join("new,x.d").exists());
+        }
+    }
+    let info = qemu(p, &["info", "--output=json", "x.qcow2"]).1;
+    assert!(
+        info.contains("\"backing-filename\": \"b,c.qcow2\""),
+        "{info}"
+    );
+}
+
+/// Raw images take QEMU's file options: `preallocation` (off, falloc, full; metadata is
+/// refused once the file exists), `nocow` and `extent_size_hint`, and nothing else.
+#[test]
+fn create_raw_takes_the_file_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for opts in [
+        "preallocation=full",
+        "preallocation=falloc",
+        "preallocation=off",
+        "preallocation=metadata",
+        "preallocation=bad",
+        "nocow=on,extent_size_hint=2M",
+        "nocow=yes,preallocation=full,preallocation=off,extent_size_hint=0x10",
+        "nocow=x",
+        "extent_size_hint=5G",
+        "extent_size_hint=-1",
+        "foo=1",
+        "compat=1.1",
+        "size=2M",
+    ] {
+        let case = ["create", "-f", "raw", "-o", opts, "X", "1000k"];
+        let (ours, theirs) = (format!("ours-{opts}"), format!("theirs-{opts}"));
+        let (a1, a2) = (with_name(&case, &ours), with_name(&case, &theirs));
+        let (a1, a2): (Vec<&str>, Vec<&str>) = (
+            a1.iter().map(String::as_str).collect(),
+            a2.iter().map(String::as_str).collect(),
+        );
+        let (c1, o1, e1) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &a1);
+        let (c2, o2, e2) = run_with_stderr(p, "qemu-img", "qemu-img", &a2);
+        assert_eq!(
+            (c1, o1.replace(&ours, "X"), e1.replace(&ours, "X")),
+            (c2, o2.replace(&theirs, "X"), e2.replace(&theirs, "X")),
+            "{opts}"
+        );
+        assert_eq!(p.join(&ours).exists(), p.join(&theirs).exists(), "{opts}");
+        if p.join(&ours).exists() {
+            assert_eq!(size_of(p, &ours), size_of(p, &theirs), "{opts}");
+            assert_eq!(blocks_of(p, &ours), blocks_of(p, &theirs), "{opts}");
+        }
+    }
+    for args in [
+        &["create", "-f", "raw", "-b", "x", "r.raw", "1M"][..],
+        &["create", "-f", "raw", "-F", "qcow2", "r.raw", "1M"],
+        &["create", "-f", "raw", "-o", "size=1M", "r.raw", "1M"],
+        &["create", "-f", "raw", "r.raw"],
+    ] {
+        same(p, args);
+    }
+}

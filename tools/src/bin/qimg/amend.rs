@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::bail;
 use qcow2::{FileStorage, Format, Locking, Qcow2};
 
-use crate::create::{on_off, option_number, parse_options};
+use crate::create::{on_off, option_number, parse_options, wants_help};
 use crate::size::option_size;
 
 /// Arguments of `qimg amend`.
@@ -100,15 +100,13 @@ fn parse(pairs: &[(String, String)]) -> anyhow::Result<Changes> {
             "data_file_raw" => c.data_file_raw = Some(on_off(k, v)?),
             "lazy_refcounts" => c.lazy_refcounts = Some(on_off(k, v)?),
             "refcount_bits" => c.refcount_bits = Some(option_number(k, v)?),
-            "encrypt.iter_time" | "encrypt.keyslot" => {
+            "encrypt.iter-time" | "encrypt.keyslot" => {
                 option_number(k, v)?;
                 c.encryption = true;
             }
-            "encrypt.new_secret" | "encrypt.old_secret" | "encrypt.state" => c.encryption = true,
+            "encrypt.new-secret" | "encrypt.old-secret" | "encrypt.state" => c.encryption = true,
             _ => {
-                let create_only = |k: &str| {
-                    CREATE_ONLY.iter().any(|c| c.replace('-', "_") == k) || is_amend_option(k)
-                };
+                let create_only = |k: &str| CREATE_ONLY.contains(&k) || is_amend_option(k);
                 let hint = match pairs.iter().all(|(k, _)| create_only(k)) {
                     true => "\nThis option is only supported for image creation",
                     false => "",
@@ -126,19 +124,11 @@ fn parse(pairs: &[(String, String)]) -> anyhow::Result<Changes> {
     Ok(c)
 }
 
-/// Whether `k` (with `_` for `-`, as `-o` keys are read) is one of qcow2's amend options.
+/// Whether `k` is one of qcow2's amend options.
 fn is_amend_option(k: &str) -> bool {
     HELP.lines()
         .filter_map(|l| l.trim_start().split_once('='))
-        .any(|(name, _)| name.replace('-', "_") == k)
-}
-
-/// Whether the options ask for help (`help` or `?`).
-fn wants_help(options: &[String]) -> bool {
-    options
-        .iter()
-        .flat_map(|o| o.split(','))
-        .any(|o| o == "help" || o == "?")
+        .any(|(name, _)| name == k)
 }
 
 /// Runs `qimg amend`.
@@ -146,7 +136,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if a.options.is_empty() {
         bail!("Must specify options (-o)\nTry 'qimg amend --help' for more info");
     }
-    let help = wants_help(&a.options);
+    let help = wants_help(&a.options)?;
     if let (Some(f), true) = (&a.format, help) {
         return print_help(f);
     }

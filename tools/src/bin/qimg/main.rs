@@ -35,6 +35,7 @@ mod interrupt;
 mod map;
 mod measure;
 mod progress;
+mod qemu_opts;
 mod qjson;
 mod rebase;
 mod resize;

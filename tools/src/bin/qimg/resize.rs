@@ -53,26 +53,7 @@ fn resize_raw(
     prealloc: Preallocation,
 ) -> anyhow::Result<()> {
     // Refused before the file changes, as qemu-img does.
-    if new > old && prealloc == Preallocation::Metadata {
-        bail!("Unsupported preallocation mode: metadata");
-    }
-    file.set_len(new)
-        .map_err(|e| anyhow::anyhow!("Could not resize file: {e}"))?;
-    if new > old {
-        match prealloc {
-            Preallocation::Off | Preallocation::Metadata => {}
-            Preallocation::Falloc => file.allocate(old, new - old)?,
-            Preallocation::Full => {
-                let zeros = vec![0u8; 1 << 20];
-                let mut off = old;
-                while off < new {
-                    let n = (new - off).min(zeros.len() as u64);
-                    file.write_at(&zeros[..n as usize], off)?;
-                    off += n;
-                }
-            }
-        }
-    }
+    crate::create::truncate_raw(file, old, new, prealloc)?;
     file.flush()?;
     Ok(())
 }
