@@ -1673,6 +1673,18 @@ fn unsupported_formats_and_options_fail_with_exit_1() {
         &["bench", "--bogus", "a.qcow2"],
         &["snapshot", "-l", "-c", "x", "a.qcow2"],
         &["amend", "-o", "bogus=1", "a.qcow2"],
+        &["convert", "--salvage", "a.qcow2", "b.raw"],
+        &["convert", "--bitmaps", "-O", "qcow2", "a.qcow2", "b.qcow2"],
+        &["convert", "--image-opts", "a.qcow2", "b.raw"],
+        &[
+            "convert",
+            "--object",
+            "secret,id=s,data=x",
+            "a.qcow2",
+            "b.raw",
+        ],
+        &["convert", "-r", "1M", "a.qcow2", "b.raw"],
+        &["convert", "-n", "--target-image-opts", "a.qcow2", "b.raw"],
     ] {
         let (code, _) = qimg(p, args);
         assert_eq!(code, 1, "{args:?}");
@@ -4327,4 +4339,254 @@ fn create_raw_takes_the_file_options_like_qemu_img() {
     ] {
         same(p, args);
     }
+}
+
+/// convert reads its options as qemu-img does: values may start with `-`, `-m` and `-S` are
+/// numbers and sizes in qemu-img's ranges, `-o help` lists the target format's options,
+/// `-o` with `-n` is refused, and errors about the target use qemu-img's words.
+#[test]
+fn convert_reads_options_and_words_errors_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "top.qcow2", "1M", &["write -P 1 0 64k"]);
+    qcow2_image(p, &[], "small.qcow2", "512k", &[]);
+    qcow2_image(p, &[], "big.qcow2", "4M", &[]);
+    std::fs::write(p.join("small.raw"), vec![0u8; 1000]).unwrap();
+    for args in [
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "help",
+            "top.qcow2",
+            "o.qcow2",
+        ][..],
+        &["convert", "-O", "qcow2", "-o", "?", "top.qcow2", "o.qcow2"],
+        &["convert", "-o", "help", "top.qcow2", "o.raw"],
+        &["convert", "-o", "help", "top.qcow2"],
+        &["convert", "-O", "qcow2", "-o", "help"],
+        &["convert", "-O", "foo", "-o", "help", "top.qcow2", "o.raw"],
+        &["convert", "-O", "qcow2", "-o", ",", "top.qcow2", "o.qcow2"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster-size=4k",
+            "top.qcow2",
+            "o.qcow2",
+        ],
+        &["convert", "-O", "qcow2", "-o", "-x", "top.qcow2", "o.qcow2"],
+        &[
+            "convert",
+            "-n",
+            "-o",
+            "cluster_size=4k",
+            "top.qcow2",
+            "big.qcow2",
+        ],
+        &[
+            "convert",
+            "-n",
+            "-O",
+            "qcow2",
+            "-o",
+            "help",
+            "top.qcow2",
+            "big.qcow2",
+        ],
+        &["convert", "top.qcow2"],
+        &["convert", "-m", "0", "top.qcow2", "o.raw"],
+        &["convert", "-m", "17", "top.qcow2", "o.raw"],
+        &["convert", "-m", "x", "top.qcow2", "o.raw"],
+        &["convert", "-m", "-1", "top.qcow2", "o.raw"],
+        &["convert", "-m", "0x2", "-m", "3", "top.qcow2", "o.raw"],
+        &["convert", "--parallel=1k", "top.qcow2", "o.raw"],
+        &["convert", "-S", "-1", "top.qcow2", "o.raw"],
+        &["convert", "-l", "-1", "top.qcow2", "o.raw"],
+        &["convert", "-C", "-c", "-O", "qcow2", "top.qcow2", "o.qcow2"],
+        &["convert", "-C", "-S", "0", "top.qcow2", "o.raw"],
+        &["convert", "--skip-broken-bitmaps", "top.qcow2", "o.raw"],
+        &["convert", "--target-image-opts", "top.qcow2", "o.raw"],
+        &["convert", "-n", "top.qcow2", "nosuch.img"],
+        &["convert", "-n", "-O", "foo", "top.qcow2", "big.qcow2"],
+        &["convert", "-n", "-O", "qcow2", "top.qcow2", "small.qcow2"],
+        &["convert", "-n", "top.qcow2", "small.raw"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "nosuch.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "o.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "./nosuch.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "o.qcow2",
+        ],
+        &["convert", "-O", "raw", "-F", "qcow2", "top.qcow2", "o.raw"],
+    ] {
+        same(p, args);
+    }
+}
+
+/// A raw target takes the file driver's options as `create -f raw` does: a preallocated
+/// target is as big on disk as qemu-img's, and what raw images do not take is refused.
+#[test]
+fn convert_to_raw_takes_the_file_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "top.qcow2", "4M", &["write -P 1 1M 64k"]);
+    for opts in [
+        "preallocation=full",
+        "preallocation=falloc",
+        "preallocation=off",
+        "nocow=on,extent_size_hint=0",
+        "size=1M",
+    ] {
+        let ours = same(
+            p,
+            &["convert", "-O", "raw", "-o", opts, "top.qcow2", "ours.raw"],
+        );
+        assert_eq!(ours, "");
+        assert_eq!(
+            qemu(
+                p,
+                &[
+                    "convert",
+                    "-O",
+                    "raw",
+                    "-o",
+                    opts,
+                    "top.qcow2",
+                    "theirs.raw"
+                ]
+            )
+            .0,
+            0
+        );
+        assert_eq!(
+            qimg(
+                p,
+                &["convert", "-O", "raw", "-o", opts, "top.qcow2", "ours.raw"]
+            )
+            .0,
+            0
+        );
+        assert_eq!(size_of(p, "ours.raw"), size_of(p, "theirs.raw"), "{opts}");
+        assert_eq!(
+            blocks_of(p, "ours.raw"),
+            blocks_of(p, "theirs.raw"),
+            "{opts}"
+        );
+        assert_eq!(
+            std::fs::read(p.join("ours.raw")).unwrap(),
+            std::fs::read(p.join("theirs.raw")).unwrap()
+        );
+    }
+    for opts in [
+        "preallocation=metadata",
+        "preallocation=bad",
+        "foo=1",
+        "compat=1.1",
+        "backing_file=x",
+        "extent_size_hint=5G",
+        "help",
+    ] {
+        same(
+            p,
+            &["convert", "-O", "raw", "-o", opts, "top.qcow2", "o.raw"],
+        );
+    }
+}
+
+/// `convert -n -B BASE` writes what the sources' top layers hold into an existing target
+/// and leaves the rest of it alone: the target keeps its own backing file (if any), and
+/// BASE itself is not opened.
+#[test]
+fn convert_n_with_a_backing_file_copies_only_the_top_layer_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &["write -P 1 0 4M"]);
+    qcow2_image(
+        p,
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "top.qcow2",
+        "4M",
+        &["write -P 2 1M 1M", "write -z 3M 512k"],
+    );
+    qcow2_image(p, &[], "old.qcow2", "4M", &["write -P 7 0 4M"]);
+    for extra in [&[][..], &["-S", "0"]] {
+        for (target, fmt) in [("t.qcow2", "qcow2"), ("t.raw", "raw")] {
+            let (ours, theirs) = (format!("ours-{target}"), format!("theirs-{target}"));
+            for name in [&ours, &theirs] {
+                match fmt {
+                    "qcow2" => qcow2_image(
+                        p,
+                        &["-b", "old.qcow2", "-F", "qcow2"],
+                        name,
+                        "4M",
+                        &["write -P 9 0 2M"],
+                    ),
+                    _ => std::fs::write(p.join(name), vec![9u8; 4 << 20]).unwrap(),
+                }
+            }
+            let args = |t: &str| {
+                let mut v = vec!["convert", "-n", "-O", fmt, "-B", "nosuch.qcow2"];
+                v.extend(extra);
+                v.extend(["top.qcow2", t]);
+                v.into_iter().map(String::from).collect::<Vec<_>>()
+            };
+            assert_eq!(qimg(p, &args(&ours)), (0, String::new()));
+            assert_eq!(qemu(p, &args(&theirs)), (0, String::new()));
+            assert_eq!(
+                qemu(p, &["compare", "-f", fmt, "-F", fmt, &ours, &theirs]).0,
+                0,
+                "{target} {extra:?}"
+            );
+            if fmt == "qcow2" {
+                let map = |f: &str| qemu(p, &["map", "--output=json", f]).1;
+                assert_eq!(map(&ours), map(&theirs), "{extra:?}");
+                assert_eq!(
+                    info_sans_sizes(p, &ours, &ours),
+                    info_sans_sizes(p, &theirs, &theirs)
+                );
+            }
+        }
+    }
+    same(
+        p,
+        &[
+            "convert",
+            "-n",
+            "-B",
+            "base.qcow2",
+            "--target-is-zero",
+            "top.qcow2",
+            "ours-t.raw",
+        ],
+    );
+    same(
+        p,
+        &[
+            "convert",
+            "-n",
+            "-B",
+            "base.qcow2",
+            "top.qcow2",
+            "top.qcow2",
+            "ours-t.raw",
+        ],
+    );
 }

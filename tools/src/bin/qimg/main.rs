@@ -109,8 +109,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().collect();
-    // getopt_long, which qemu-img uses, takes any unambiguous prefix of a long option.
-    let command = Cli::command().mut_subcommands(|s| s.infer_long_args(true));
+    // getopt_long, which qemu-img uses, takes any unambiguous prefix of a long option, and
+    // an option given twice counts with its last value.
+    let command =
+        Cli::command().mut_subcommands(|s| s.infer_long_args(true).args_override_self(true));
     let cli = match command
         .try_get_matches_from(&args)
         .and_then(|m| Cli::from_arg_matches(&m))
