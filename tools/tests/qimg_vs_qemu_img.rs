@@ -4439,6 +4439,18 @@ fn convert_reads_options_and_words_errors_like_qemu_img() {
     ] {
         same(p, args);
     }
+    // -C copies data ranges whole: zeros written in them stay allocated, as with qemu-img.
+    let mut data = vec![7u8; 1 << 20];
+    data.resize(3 << 20, 0);
+    std::fs::write(p.join("src.raw"), data).unwrap();
+    for fmt in ["raw", "qcow2"] {
+        let (ours, theirs) = (format!("ours.{fmt}"), format!("theirs.{fmt}"));
+        assert_eq!(qimg(p, &["convert", "-C", "-O", fmt, "src.raw", &ours]).0, 0);
+        assert_eq!(qemu(p, &["convert", "-C", "-O", fmt, "src.raw", &theirs]).0, 0);
+        let map = |f: &str| qemu(p, &["map", "--output=json", f]).1.replace(f, "X");
+        assert_eq!(map(&ours), map(&theirs), "{fmt}");
+        assert_eq!(blocks_of(p, &ours), blocks_of(p, &theirs), "{fmt}");
+    }
 }
 
 /// A raw target takes the file driver's options as `create -f raw` does: a preallocated

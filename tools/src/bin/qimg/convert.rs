@@ -364,6 +364,9 @@ struct Policy {
     block: u64,
     /// `-S`: 0 copies everything as data.
     sparse: u64,
+    /// `-C`: data ranges are copied whole, without looking for zeros in them (as
+    /// qemu-img's copy offloading does).
+    copy_range: bool,
     /// The target reads as zeros already: zero ranges need no write.
     fresh: bool,
     /// The size of the target's backing file, if it has one (`-B`): what the sources' top
@@ -607,8 +610,11 @@ fn split_zero_blocks<'a>(runs: &mut Vec<Run<'a>>, off: u64, data: &'a [u8], p: &
     let mut start = 0usize;
     while start < data.len() {
         let mut end = start;
-        let zero =
-            |i: usize| p.sparse > 0 && data[i..(i + block).min(data.len())].iter().all(|&b| b == 0);
+        let zero = |i: usize| {
+            p.sparse > 0
+                && !p.copy_range
+                && data[i..(i + block).min(data.len())].iter().all(|&b| b == 0)
+        };
         let z = zero(start);
         while end < data.len() && zero(end) == z {
             end = (end + block).min(data.len());
@@ -926,6 +932,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         target_name: target_name.clone(),
         block,
         sparse,
+        copy_range: a.copy_range,
         fresh,
         target_backing: target_backing.map(|end| match end {
             0 => target.image().backing().map_or(0, |b| b.size()),
