@@ -4445,8 +4445,14 @@ fn convert_reads_options_and_words_errors_like_qemu_img() {
     std::fs::write(p.join("src.raw"), data).unwrap();
     for fmt in ["raw", "qcow2"] {
         let (ours, theirs) = (format!("ours.{fmt}"), format!("theirs.{fmt}"));
-        assert_eq!(qimg(p, &["convert", "-C", "-O", fmt, "src.raw", &ours]).0, 0);
-        assert_eq!(qemu(p, &["convert", "-C", "-O", fmt, "src.raw", &theirs]).0, 0);
+        assert_eq!(
+            qimg(p, &["convert", "-C", "-O", fmt, "src.raw", &ours]).0,
+            0
+        );
+        assert_eq!(
+            qemu(p, &["convert", "-C", "-O", fmt, "src.raw", &theirs]).0,
+            0
+        );
         let map = |f: &str| qemu(p, &["map", "--output=json", f]).1.replace(f, "X");
         assert_eq!(map(&ours), map(&theirs), "{fmt}");
         assert_eq!(blocks_of(p, &ours), blocks_of(p, &theirs), "{fmt}");
@@ -4601,4 +4607,58 @@ fn convert_n_with_a_backing_file_copies_only_the_top_layer_like_qemu_img() {
             "ours-t.raw",
         ],
     );
+}
+
+/// measure checks the `-o` options as QEMU's `qcow2_measure` and `raw_measure` do: every
+/// name and value type of the format and file drivers, then only what changes the size
+/// (combinations only `create` refuses pass), with QEMU's words.
+#[test]
+fn measure_checks_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &[]);
+    for o in [
+        "nocow=on,extent_size_hint=1M",
+        "compat=0.10,lazy_refcounts=on",
+        "data_file_raw=on",
+        "backing_fmt=qcow2",
+        "compat=0.10,data_file=x",
+        "compat=0.10,extended_l2=on",
+        "backing_file=x,data_file_raw=on,data_file=y",
+        "compat=0.10,refcount_bits=8",
+        "compat=v3",
+        "extended_l2=maybe",
+        "preallocation=bad",
+        "encryption=on",
+        "encrypt.format=luks",
+        "refcount_bits=0",
+        "cluster_size=0",
+        "compat=x,foo=1",
+        "help",
+        ",",
+    ] {
+        same(p, &["measure", "--size", "1G", "-O", "qcow2", "-o", o]);
+    }
+    for o in [
+        "foo=bar",
+        "cluster_size=4k",
+        "preallocation=metadata",
+        "nocow=on",
+    ] {
+        same(p, &["measure", "--size", "1G", "-O", "raw", "-o", o]);
+    }
+    for args in [
+        &["measure", "--size", "-1"][..],
+        &["measure", "--size", "-1", "-O", "qcow2"],
+        &[
+            "measure",
+            "--target-format=qcow2",
+            "--options=cluster_size=4k",
+            "--size=1G",
+        ],
+        &["measure", "--format=qcow2", "a.qcow2"],
+        &["measure", "-f", "qcow2"],
+    ] {
+        same(p, args);
+    }
 }

@@ -129,9 +129,10 @@ pub struct Args {
 
 /// Options of qemu-img convert for features qimg lacks: refused with exit code 1.
 #[derive(clap::Args)]
+#[group(skip)]
 struct Lacking {
-    #[arg(long = "image-opts", hide = true)]
-    image_opts: bool,
+    #[command(flatten)]
+    common: crate::Lacking,
     #[arg(long = "source-image-opts", hide = true)]
     source_image_opts: bool,
     #[arg(long = "target-image-opts", hide = true)]
@@ -142,8 +143,6 @@ struct Lacking {
     bitmaps: bool,
     #[arg(long = "skip-broken-bitmaps", hide = true)]
     skip_broken_bitmaps: bool,
-    #[arg(long = "object", hide = true, allow_hyphen_values = true)]
-    object: Vec<String>,
 }
 
 impl Args {
@@ -166,13 +165,12 @@ impl Args {
         if l.target_image_opts && !self.no_create {
             bail!("--target-image-opts requires use of -n flag");
         }
+        l.common.refuse()?;
         let lacking = [
-            (l.image_opts, "--image-opts"),
             (l.source_image_opts, "--source-image-opts"),
             (l.target_image_opts, "--target-image-opts"),
             (l.salvage, "--salvage"),
             (l.bitmaps, "--bitmaps"),
-            (!l.object.is_empty(), "--object"),
             (self.rate.is_some(), "-r (--rate)"),
         ];
         if let Some((_, name)) = lacking.iter().find(|(given, _)| *given) {

@@ -208,6 +208,30 @@ fn without_os_error_numbers(message: &str) -> String {
     out
 }
 
+/// Options of qemu-img for features qimg lacks (an image given as a QEMU option string, QEMU
+/// objects such as secrets): accepted by the command line and refused with exit code 1.
+#[derive(clap::Args)]
+#[group(skip)]
+pub struct Lacking {
+    #[arg(long = "image-opts", hide = true)]
+    image_opts: bool,
+    #[arg(long = "object", hide = true, allow_hyphen_values = true)]
+    object: Vec<String>,
+}
+
+impl Lacking {
+    /// Fails if any option was given.
+    pub fn refuse(&self) -> anyhow::Result<()> {
+        if self.image_opts {
+            anyhow::bail!("qimg does not support --image-opts yet");
+        }
+        if !self.object.is_empty() {
+            anyhow::bail!("qimg does not support --object yet");
+        }
+        Ok(())
+    }
+}
+
 /// Checks the `--output` value of subcommand `command`; returns whether it asks for JSON.
 pub fn output_is_json(command: &str, output: &str) -> anyhow::Result<bool> {
     match output {
