@@ -1685,6 +1685,10 @@ fn unsupported_formats_and_options_fail_with_exit_1() {
         ],
         &["convert", "-r", "1M", "a.qcow2", "b.raw"],
         &["convert", "-n", "--target-image-opts", "a.qcow2", "b.raw"],
+        &["info", "--image-opts", "a.qcow2"],
+        &["check", "--object", "secret,id=s,data=x", "a.qcow2"],
+        &["measure", "--image-opts", "a.qcow2"],
+        &["dd", "--image-opts", "if=a.qcow2", "of=b.raw"],
     ] {
         let (code, _) = qimg(p, args);
         assert_eq!(code, 1, "{args:?}");
@@ -3336,6 +3340,15 @@ fn a_qemu_img_link_to_qimg_prints_qemu_img_errors() {
         &["info", "-f"],
         &["create", "-f", "qcow2"],
         &["info", "missing.qcow2"],
+        // Messages that name the program, or its subcommand's help.
+        &["convert", "-l", "snapshot.foo=1", "missing.qcow2", "x"],
+        &["measure", "-O", "qcow2", "--size", "1G", "-o", "foo=1"],
+        &["info", "--output=xml", "missing.qcow2"],
+        &["check", "-r", "bad", "missing.qcow2"],
+        &["amend", "missing.qcow2"],
+        &["snapshot", "-l", "-c", "x", "missing.qcow2"],
+        &["snapshot", "a", "b"],
+        &["create", "-o", "help", "-f", "qcow2"],
     ];
     for args in cases {
         let run = |tool: &Path| {
@@ -4661,4 +4674,141 @@ fn measure_checks_options_like_qemu_img() {
     ] {
         same(p, args);
     }
+}
+
+/// check takes `-T`, prints nothing with `-q` in either output form, refuses `-U` with `-r`
+/// (a repair writes), and words a file that is not what `-f` says as qemu-img does; `-r`
+/// and `--output` are refused in the order they come.
+#[test]
+fn check_options_and_open_errors_match_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &["write -P 1 0 64k"]);
+    std::fs::write(p.join("odd.raw"), vec![0x5au8; 100_000]).unwrap();
+    qcow2_image(p, &[], "t.qcow2", "1M", &[]);
+    for args in [
+        &["check", "-T", "none", "a.qcow2"][..],
+        &["check", "-T", "bogus", "a.qcow2"],
+        &["check", "--output=json", "-q", "a.qcow2"],
+        &["check", "-q", "a.qcow2"],
+        &["check", "-U", "-r", "all", "a.qcow2"],
+        &["check", "-U", "-r", "leaks", "missing.qcow2"],
+        &["check", "-U", "-f", "raw", "-r", "all", "odd.raw"],
+        &["check", "-U", "a.qcow2"],
+        &["check", "-f", "qcow2", "odd.raw"],
+        &["check", "-r", "bad", "--output=xml", "a.qcow2"],
+        &["check", "--output=xml", "-r", "bad", "a.qcow2"],
+        &[
+            "convert", "-O", "qcow2", "-B", "odd.raw", "-F", "qcow2", "a.qcow2", "t.qcow2",
+        ],
+        &[
+            "convert", "-O", "qcow2", "-B", "a.qcow2", "-F", "foo", "a.qcow2", "t.qcow2",
+        ],
+    ] {
+        same(p, args);
+    }
+}
+
+/// A format name qimg (and QEMU) does not know is refused with the block layer's words,
+/// naming the image it was to open; dd words its own refusals (operands, an output it cannot
+/// create) as qemu-img does.
+#[test]
+fn unknown_formats_and_dd_refusals_are_worded_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &["write -P 1 0 64k"]);
+    qcow2_image(p, &[], "big.qcow2", "4M", &[]);
+    for args in [
+        &["info", "-f", "foo", "a.qcow2"][..],
+        &["info", "-f", "foo", "missing.qcow2"],
+        &["check", "-f", "foo", "a.qcow2"],
+        &["check", "-f", "foo", "missing.qcow2"],
+        &["measure", "-f", "foo", "a.qcow2"],
+        &["convert", "-f", "foo", "a.qcow2", "o.raw"],
+        &["convert", "-O", "foo", "a.qcow2", "o.raw"],
+        &["convert", "-n", "-O", "foo", "a.qcow2", "big.qcow2"],
+        &["dd", "-f", "foo", "if=a.qcow2", "of=o.raw"],
+        &["dd", "-O", "foo", "if=a.qcow2", "of=o.raw"],
+        &["dd", "-O", "foo", "if=missing.qcow2", "of=o.raw"],
+        &["map", "-f", "foo", "a.qcow2"],
+        &["compare", "-F", "foo", "a.qcow2", "a.qcow2"],
+        &["resize", "-f", "foo", "missing.qcow2", "2M"],
+        &["rebase", "-f", "foo", "-u", "-b", "x", "a.qcow2"],
+        &["commit", "-f", "foo", "a.qcow2"],
+        &["amend", "-f", "foo", "-o", "size=1M", "missing.qcow2"],
+        &["bench", "-f", "foo", "a.qcow2"],
+        &["snapshot", "-f", "foo", "-l", "missing.qcow2"],
+        &["create", "-f", "foo", "o.raw", "1M"],
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "foo", "o.qcow2", "1M",
+        ],
+        &["dd", "foo=1", "if=a.qcow2", "of=o.raw"],
+        &["dd", "foo", "if=a.qcow2", "of=o.raw"],
+        &["dd", "if=a.qcow2", "of=nodir/x.raw"],
+        &["dd", "-O", "qcow2", "if=a.qcow2", "of=nodir/x.qcow2"],
+    ] {
+        same(p, args);
+    }
+}
+
+/// The long options of qemu-img 10.0 that name options qimg has work as their short forms.
+#[test]
+fn long_options_of_qemu_img_10_work_like_their_short_forms() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "1M", &["write -P 1 0 1M"]);
+    qcow2_image(
+        p,
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "a.qcow2",
+        "1M",
+        &["write -P 2 0 64k"],
+    );
+    for args in [
+        &["check", "--quiet", "a.qcow2"][..],
+        &["check", "--format=qcow2", "--cache=none", "a.qcow2"],
+        &["check", "--repair=leaks", "--format", "qcow2", "a.qcow2"],
+        &["info", "--format=qcow2", "-b", "a.qcow2"],
+        &[
+            "measure",
+            "--format=qcow2",
+            "--target-format=qcow2",
+            "a.qcow2",
+        ],
+        &[
+            "measure",
+            "--target-format",
+            "qcow2",
+            "--options",
+            "cluster_size=4k",
+            "--size=1G",
+        ],
+        &[
+            "dd",
+            "--format=qcow2",
+            "--output-format=qcow2",
+            "if=a.qcow2",
+            "of=o.qcow2",
+        ],
+        &[
+            "convert",
+            "--quiet",
+            "--source-format=qcow2",
+            "--sparse-size=8k",
+            "--parallel=2",
+            "--source-cache=none",
+            "--output-format=qcow2",
+            "--options=cluster_size=4k",
+            "--output-cache=none",
+            "--backing=base.qcow2",
+            "--backing-format=qcow2",
+            "--oob-writes",
+            "a.qcow2",
+            "o.qcow2",
+        ],
+    ] {
+        same(p, args);
+    }
+    assert_eq!(qemu(p, &["compare", "a.qcow2", "o.qcow2"]).0, 0);
+    same(p, &["info", "o.qcow2"]);
 }

@@ -134,7 +134,10 @@ fn is_amend_option(k: &str) -> bool {
 /// Runs `qimg amend`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     if a.options.is_empty() {
-        bail!("Must specify options (-o)\nTry 'qimg amend --help' for more info");
+        bail!(
+            "Must specify options (-o)\nTry '{} amend --help' for more info",
+            crate::progname()
+        );
     }
     let help = wants_help(&a.options)?;
     if let (Some(f), true) = (&a.format, help) {
@@ -146,9 +149,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
         bail!("Invalid cache option: {c}");
     }
+    let given = (a.format.as_deref())
+        .map(|f| crate::parse_driver(name, f))
+        .transpose()?;
     let storage = Arc::new(FileStorage::new(crate::open_file(name, true)?));
-    let fmt = match &a.format {
-        Some(f) => crate::parse_format(f)?,
+    let fmt = match given {
+        Some(f) => f,
         None => qcow2::open::probe(&*storage)?,
     };
     crate::lock(storage.file(), name, Locking::On, fmt, true)?;
@@ -207,7 +213,10 @@ fn amend(img: &mut Qcow2, c: &Changes) -> qcow2::Result<()> {
     if (c.backing_file.is_some() || c.backing_fmt.is_some())
         && (c.backing_file != h.backing_file || c.backing_fmt != h.backing_format)
     {
-        return invalid("Cannot amend the backing file\nYou can use 'qimg rebase' instead.");
+        return invalid(&format!(
+            "Cannot amend the backing file\nYou can use '{} rebase' instead.",
+            crate::progname()
+        ));
     }
     if let Some(on) = c.lazy_refcounts {
         if on && version < 3 && !h.lazy_refcounts() {

@@ -88,6 +88,10 @@ fn qemu_img_words(e: &clap::Error, sub: Option<&str>, args: &[String]) -> (Strin
                 ),
             }
         }
+        ErrorKind::ValueValidation if bad_value(e).is_some() => (
+            format!("{}: {}", progname(), bad_value(e).unwrap_or_default()),
+            true,
+        ),
         ErrorKind::MissingRequiredArgument
         | ErrorKind::WrongNumberOfValues
         | ErrorKind::TooFewValues => missing_argument(sub.unwrap_or_default()),
@@ -129,6 +133,14 @@ fn extra_argument(sub: &str, arg: &str) -> (String, bool) {
         "dd" => (format!("{name}: unrecognized operand {arg}"), false),
         _ => missing_argument(sub),
     }
+}
+
+/// The words of a value refused in qemu-img's words (`crate::BadValue`), if `e` is one.
+fn bad_value(e: &clap::Error) -> Option<String> {
+    let source = std::error::Error::source(e)?;
+    source
+        .downcast_ref::<crate::BadValue>()
+        .map(|b| b.0.clone())
 }
 
 /// The string clap recorded for `kind`, if any.

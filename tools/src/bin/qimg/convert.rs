@@ -846,6 +846,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         }
         match created {
             Creation::Qcow2(o) => {
+                crate::create::check_backing_format(&o).map_err(|e| {
+                    anyhow::anyhow!("{target_name}: error while converting qcow2: {e}")
+                })?;
                 qcow2::create(target_path, &o).map_err(|e| {
                     anyhow::anyhow!("{target_name}: error while converting qcow2: {e}")
                 })?;

@@ -147,6 +147,17 @@ pub fn qcow2_options(
     Ok(o)
 }
 
+/// QEMU's qcow2 driver takes as backing format only the name of a block driver it has.
+pub fn check_backing_format(o: &CreateOptions) -> Result<(), OptionError> {
+    match o.backing_format.as_deref() {
+        Some(f) if !crate::rebase::QEMU_FORMATS.contains(&f) => Err(OptionError::Value {
+            param: "backing-fmt",
+            value: f.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The options of a new raw image: `size` and the file driver's `nocow`, `preallocation` and
 /// `extent_size_hint` (the last value of each counts).
 #[derive(Default)]
@@ -472,6 +483,7 @@ fn create_qcow2(
             qemu_opts::formatting_line(filename, Format::Qcow2, &pairs, o.size)
         );
     }
+    check_backing_format(&o).map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;
     qcow2::create(std::path::Path::new(filename), &o).map_err(|e| match e {
         // QEMU reads a size past i64::MAX as negative.
         qcow2::Error::InvalidOption(m)

@@ -232,14 +232,32 @@ impl Lacking {
     }
 }
 
-/// Checks the `--output` value of subcommand `command`; returns whether it asks for JSON.
-pub fn output_is_json(command: &str, output: &str) -> anyhow::Result<bool> {
+/// A command-line value refused in qemu-img's words. Refused by a clap value parser, it is
+/// reported where getopt would (in the order of the command line), followed by qemu-img's
+/// "Try ... --help" line.
+#[derive(Debug)]
+pub struct BadValue(pub String);
+
+impl std::fmt::Display for BadValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadValue {}
+
+/// The `--output` value: whether it asks for JSON.
+#[derive(Clone, Copy)]
+pub struct Json(pub bool);
+
+/// Parses an `--output` value as qemu-img does.
+pub fn parse_output(output: &str) -> Result<Json, BadValue> {
     match output {
-        "human" => Ok(false),
-        "json" => Ok(true),
-        o => anyhow::bail!(
-            "--output expects 'human' or 'json' not '{o}'\nTry 'qimg {command} --help' for more info"
-        ),
+        "human" => Ok(Json(false)),
+        "json" => Ok(Json(true)),
+        o => Err(BadValue(format!(
+            "--output expects 'human' or 'json' not '{o}'"
+        ))),
     }
 }
 
@@ -284,6 +302,13 @@ pub fn valid_cache_mode(c: &str) -> bool {
 /// Parses a qemu-img format name.
 pub fn parse_format(name: &str) -> anyhow::Result<qcow2::Format> {
     qcow2::Format::from_name(name).ok_or_else(|| anyhow::anyhow!("Unknown file format '{name}'"))
+}
+
+/// Parses the format `name` given for the image `path`, with the block layer's error (it
+/// names the image it was to open).
+pub fn parse_driver(path: &str, name: &str) -> anyhow::Result<qcow2::Format> {
+    qcow2::Format::from_name(name)
+        .ok_or_else(|| anyhow::anyhow!("Could not open '{path}': Unknown driver '{name}'"))
 }
 
 /// Opens an image as qemu-img would, with its error wording.
@@ -336,7 +361,7 @@ pub fn open_at(
 ) -> anyhow::Result<Box<dyn qcow2::Image>> {
     let opts = qcow2::OpenOptions {
         read_only,
-        format: format.map(parse_format).transpose()?,
+        format: format.map(|f| parse_driver(path, f)).transpose()?,
         snapshot,
         locking,
         ..Default::default()

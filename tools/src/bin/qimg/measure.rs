@@ -14,8 +14,13 @@ use crate::snapshot_param;
 #[derive(clap::Args)]
 pub struct Args {
     /// Output format: human or json.
-    #[arg(long = "output", default_value = "human", allow_hyphen_values = true)]
-    output: String,
+    #[arg(
+        long = "output",
+        default_value = "human",
+        value_parser = crate::parse_output,
+        allow_hyphen_values = true
+    )]
+    output: crate::Json,
     /// Source image format.
     #[arg(short = 'f', long = "format", allow_hyphen_values = true)]
     format: Option<String>,
@@ -184,7 +189,7 @@ fn measure_qcow2(
 /// Runs `qimg measure`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     a.lacking.refuse()?;
-    let json = crate::output_is_json("measure", &a.output)?;
+    let json = a.output.0;
     let options = qemu_opts::accumulate(&a.options)?;
     let snapshot = a
         .snapshot

@@ -80,10 +80,13 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             .with_context(|| format!("Invalid preallocation mode '{p}'"))?,
     };
     let path = Path::new(&a.filename);
+    let given = (a.format.as_deref())
+        .map(|f| crate::parse_driver(&a.filename, f))
+        .transpose()?;
     let file = crate::open_file(&a.filename, true)?;
     let storage = Arc::new(FileStorage::new(file));
-    let fmt = match &a.format {
-        Some(f) => crate::parse_format(f)?,
+    let fmt = match given {
+        Some(f) => f,
         None => qcow2::open::probe(&*storage)?,
     };
     crate::lock(storage.file(), &a.filename, Locking::On, fmt, true)?;
