@@ -3319,6 +3319,14 @@ fn command_line_errors_match_qemu_img() {
         &["commit"],
         &["bench", "a", "b"],
         &["dd"],
+        // An option's value may start with '-'.
+        &["create", "-f", "-x", "x", "1M"],
+        &["info", "-f", "-x", "a"],
+        &["commit", "-r", "-1", "a"],
+        &["map", "--start-offset", "-1", "a"],
+        &["bench", "-c", "-1", "a"],
+        &["measure", "--size", "-1"],
+        &["convert", "-m", "-1", "a", "b"],
     ];
     for args in cases {
         let (code, _, err) = run_with_stderr(d.path(), env!("CARGO_BIN_EXE_qimg"), "qimg", args);

@@ -4,30 +4,28 @@ use crate::qjson::{self, QObj};
 use anyhow::bail;
 use qcow2::check::{Message, Repair};
 
-/// Arguments of `qimg check` (values may start with `-`, as getopt takes them).
+/// Arguments of `qimg check`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format.
-    #[arg(short = 'f', long = "format", allow_hyphen_values = true)]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Output format: human or json.
     #[arg(
         long = "output",
         default_value = "human",
-        value_parser = crate::parse_output,
-        allow_hyphen_values = true
+        value_parser = crate::parse_output
     )]
     output: crate::Json,
     /// Repair: leaks or all.
     #[arg(
         short = 'r',
         long = "repair",
-        value_parser = parse_repair,
-        allow_hyphen_values = true
+        value_parser = parse_repair
     )]
     repair: Option<Repair>,
     /// Cache mode (checked; qimg reads through the page cache whatever it is).
-    #[arg(short = 'T', long = "cache", allow_hyphen_values = true)]
+    #[arg(short = 'T', long = "cache")]
     cache: Option<String>,
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]

@@ -35,39 +35,28 @@ use crate::qemu_opts;
 use crate::size::{cvtint_full, cvtnum};
 use crate::snapshot_param;
 
-/// Arguments of `qimg convert`, with qemu-img 10.0's long names. Values may start with `-`
-/// (getopt takes the next argument whatever it is).
+/// Arguments of `qimg convert`, with qemu-img 10.0's long names.
 #[derive(clap::Args)]
 pub struct Args {
     /// Source format.
-    #[arg(short = 'f', long = "source-format", allow_hyphen_values = true)]
+    #[arg(short = 'f', long = "source-format")]
     format: Option<String>,
     /// Convert this internal snapshot of the (first) source:
     /// `snapshot.id=ID[,snapshot.name=NAME]` or an ID or name. `-s ID_OR_NAME` is the older
     /// spelling (qemu-img 10 dropped it).
-    #[arg(
-        short = 'l',
-        long = "snapshot",
-        short_alias = 's',
-        allow_hyphen_values = true
-    )]
+    #[arg(short = 'l', long = "snapshot", short_alias = 's')]
     snapshot: Option<String>,
     /// Output format.
-    #[arg(
-        short = 'O',
-        long = "output-format",
-        default_value = "raw",
-        allow_hyphen_values = true
-    )]
+    #[arg(short = 'O', long = "output-format", default_value = "raw")]
     output_format: String,
     /// Output format options.
-    #[arg(short = 'o', long = "options", allow_hyphen_values = true)]
+    #[arg(short = 'o', long = "options")]
     options: Vec<String>,
     /// Backing file of the target: only what the sources' top layers allocate is copied.
-    #[arg(short = 'B', long = "backing", allow_hyphen_values = true)]
+    #[arg(short = 'B', long = "backing")]
     backing: Option<String>,
     /// Format of the target's backing file.
-    #[arg(short = 'F', long = "backing-format", allow_hyphen_values = true)]
+    #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
     /// Compress the output (qcow2 only).
     #[arg(short = 'c')]
@@ -92,33 +81,23 @@ pub struct Args {
     #[arg(short = 'C', long = "copy-range-offloading")]
     copy_range: bool,
     /// Number of parallel workers (1..16); at most one per CPU runs.
-    #[arg(
-        short = 'm',
-        long = "parallel",
-        default_value = "8",
-        allow_hyphen_values = true
-    )]
+    #[arg(short = 'm', long = "parallel", default_value = "8")]
     workers: String,
     /// Minimum run of zero bytes to leave sparse (default 4k).
-    #[arg(short = 'S', long = "sparse-size", allow_hyphen_values = true)]
+    #[arg(short = 'S', long = "sparse-size")]
     sparse: Option<String>,
     /// Cache mode of the target: unsafe (the default, as qemu-img's) ignores flushes;
     /// writeback, writethrough, none and directsync flush at the end.
-    #[arg(
-        short = 't',
-        long = "output-cache",
-        default_value = "unsafe",
-        allow_hyphen_values = true
-    )]
+    #[arg(short = 't', long = "output-cache", default_value = "unsafe")]
     cache: String,
     /// Cache mode of the sources (accepted for compatibility).
-    #[arg(short = 'T', long = "source-cache", allow_hyphen_values = true)]
+    #[arg(short = 'T', long = "source-cache")]
     src_cache: Option<String>,
     /// Open sources without taking the write lock (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Rate limit (qimg has none: refused).
-    #[arg(short = 'r', long = "rate", allow_hyphen_values = true)]
+    #[arg(short = 'r', long = "rate")]
     rate: Option<String>,
     /// Options for features qimg lacks (refused).
     #[command(flatten)]

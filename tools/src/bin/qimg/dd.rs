@@ -11,15 +11,10 @@ use crate::size::{cvtint_full, cvtnum_full};
 #[derive(clap::Args)]
 pub struct Args {
     /// Input format.
-    #[arg(short = 'f', long = "format", allow_hyphen_values = true)]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Output format.
-    #[arg(
-        short = 'O',
-        long = "output-format",
-        default_value = "raw",
-        allow_hyphen_values = true
-    )]
+    #[arg(short = 'O', long = "output-format", default_value = "raw")]
     output_format: String,
     /// Open the input without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]

@@ -18,14 +18,13 @@ use crate::size::human;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format.
-    #[arg(short = 'f', long = "format", allow_hyphen_values = true)]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Output format: human or json.
     #[arg(
         long = "output",
         default_value = "human",
-        value_parser = crate::parse_output,
-        allow_hyphen_values = true
+        value_parser = crate::parse_output
     )]
     output: crate::Json,
     /// Show the whole backing chain.

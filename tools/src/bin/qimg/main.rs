@@ -109,10 +109,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().collect();
-    // getopt_long, which qemu-img uses, takes any unambiguous prefix of a long option, and
-    // an option given twice counts with its last value.
-    let command =
-        Cli::command().mut_subcommands(|s| s.infer_long_args(true).args_override_self(true));
+    // getopt_long, which qemu-img uses, takes any unambiguous prefix of a long option; an
+    // option given twice counts with its last value; the word after an option that needs a
+    // value is its value, even one that starts with '-'.
+    let command = Cli::command().mut_subcommands(|s| {
+        s.infer_long_args(true)
+            .args_override_self(true)
+            .mut_args(
+                |a| match !a.is_positional() && a.get_action().takes_values() {
+                    true => a.allow_hyphen_values(true),
+                    false => a,
+                },
+            )
+    });
     let cli = match command
         .try_get_matches_from(&args)
         .and_then(|m| Cli::from_arg_matches(&m))
@@ -215,7 +224,7 @@ fn without_os_error_numbers(message: &str) -> String {
 pub struct Lacking {
     #[arg(long = "image-opts", hide = true)]
     image_opts: bool,
-    #[arg(long = "object", hide = true, allow_hyphen_values = true)]
+    #[arg(long = "object", hide = true)]
     object: Vec<String>,
 }
 

@@ -16,8 +16,7 @@ pub struct Args {
     #[arg(
         long = "output",
         default_value = "human",
-        value_parser = crate::parse_output,
-        allow_hyphen_values = true
+        value_parser = crate::parse_output
     )]
     output: crate::Json,
     /// First guest byte to map.

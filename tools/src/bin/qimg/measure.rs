@@ -10,37 +10,31 @@ use crate::qjson::{dict, QObj};
 use crate::size::cvtnum;
 use crate::snapshot_param;
 
-/// Arguments of `qimg measure` (values may start with `-`, as getopt takes them).
+/// Arguments of `qimg measure`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Output format: human or json.
     #[arg(
         long = "output",
         default_value = "human",
-        value_parser = crate::parse_output,
-        allow_hyphen_values = true
+        value_parser = crate::parse_output
     )]
     output: crate::Json,
     /// Source image format.
-    #[arg(short = 'f', long = "format", allow_hyphen_values = true)]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Target image format.
-    #[arg(
-        short = 'O',
-        long = "target-format",
-        default_value = "raw",
-        allow_hyphen_values = true
-    )]
+    #[arg(short = 'O', long = "target-format", default_value = "raw")]
     output_format: String,
     /// Target format options.
-    #[arg(short = 'o', long = "options", allow_hyphen_values = true)]
+    #[arg(short = 'o', long = "options")]
     options: Vec<String>,
     /// Virtual size of a new image (instead of a source image).
-    #[arg(long = "size", allow_hyphen_values = true)]
+    #[arg(long = "size")]
     size: Option<String>,
     /// Measure this internal snapshot of the source: `snapshot.id=ID[,snapshot.name=NAME]`
     /// or an ID or name.
-    #[arg(short = 'l', long = "snapshot", allow_hyphen_values = true)]
+    #[arg(short = 'l', long = "snapshot")]
     snapshot: Option<String>,
     /// Open without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
