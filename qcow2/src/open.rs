@@ -170,6 +170,11 @@ pub(crate) fn open_backing(
             path,
             reason: format!("Could not open backing file: {reason}"),
         },
+        // QEMU's qcow2 driver words it so.
+        Error::BadMagic(_) => Error::Backing {
+            path,
+            reason: "Image is not in qcow2 format".into(),
+        },
         other => Error::Backing {
             path,
             reason: other.to_string(),

@@ -1697,6 +1697,22 @@ fn unsupported_formats_and_options_fail_with_exit_1() {
         &["bench", "--bogus", "a.qcow2"],
         &["snapshot", "-l", "-c", "x", "a.qcow2"],
         &["amend", "-o", "bogus=1", "a.qcow2"],
+        &["convert", "--salvage", "a.qcow2", "b.raw"],
+        &["convert", "--bitmaps", "-O", "qcow2", "a.qcow2", "b.qcow2"],
+        &["convert", "--image-opts", "a.qcow2", "b.raw"],
+        &[
+            "convert",
+            "--object",
+            "secret,id=s,data=x",
+            "a.qcow2",
+            "b.raw",
+        ],
+        &["convert", "-r", "1M", "a.qcow2", "b.raw"],
+        &["convert", "-n", "--target-image-opts", "a.qcow2", "b.raw"],
+        &["info", "--image-opts", "a.qcow2"],
+        &["check", "--object", "secret,id=s,data=x", "a.qcow2"],
+        &["measure", "--image-opts", "a.qcow2"],
+        &["dd", "--image-opts", "if=a.qcow2", "of=b.raw"],
     ] {
         let (code, _) = qimg(p, args);
         assert_eq!(code, 1, "{args:?}");
@@ -3381,6 +3397,14 @@ fn command_line_errors_match_qemu_img() {
         &["commit"],
         &["bench", "a", "b"],
         &["dd"],
+        // An option's value may start with '-'.
+        &["create", "-f", "-x", "x", "1M"],
+        &["info", "-f", "-x", "a"],
+        &["commit", "-r", "-1", "a"],
+        &["map", "--start-offset", "-1", "a"],
+        &["bench", "-c", "-1", "a"],
+        &["measure", "--size", "-1"],
+        &["convert", "-m", "-1", "a", "b"],
     ];
     for args in cases {
         let (code, _, err) = run_with_stderr(d.path(), env!("CARGO_BIN_EXE_qimg"), "qimg", args);
@@ -3402,6 +3426,15 @@ fn a_qemu_img_link_to_qimg_prints_qemu_img_errors() {
         &["info", "-f"],
         &["create", "-f", "qcow2"],
         &["info", "missing.qcow2"],
+        // Messages that name the program, or its subcommand's help.
+        &["convert", "-l", "snapshot.foo=1", "missing.qcow2", "x"],
+        &["measure", "-O", "qcow2", "--size", "1G", "-o", "foo=1"],
+        &["info", "--output=xml", "missing.qcow2"],
+        &["check", "-r", "bad", "missing.qcow2"],
+        &["amend", "missing.qcow2"],
+        &["snapshot", "-l", "-c", "x", "missing.qcow2"],
+        &["snapshot", "a", "b"],
+        &["create", "-o", "help", "-f", "qcow2"],
     ];
     for args in cases {
         let run = |tool: &Path| {
@@ -4303,4 +4336,665 @@ fn preallocation_fills_its_own_clusters_and_never_hides_a_backing_file_like_qemu
         }
         assert_eq!(layouts[0], layouts[1], "{opts:?}");
     }
+}
+
+/// Disk blocks a file takes (`du`).
+fn blocks_of(dir: &Path, f: &str) -> u64 {
+    std::fs::metadata(dir.join(f)).unwrap().blocks()
+}
+
+/// `-o` follows QEMU's option syntax: `,,` is a comma in a value, an `-o` that cannot be
+/// joined to others (empty, a leading comma, an odd number of trailing commas) is refused,
+/// a bare `key` is `key=on` and `nokey` is `key=off`, names are taken as written (no `-`
+/// for `_`), and `help` or `?` anywhere lists the options instead of creating anything.
+#[test]
+fn create_reads_option_lists_and_lists_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "b,c.qcow2", "1M", &[]);
+    for args in [
+        &["create", "-f", "qcow2", "-o", ",", "x.qcow2", "1M"][..],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            ",cluster_size=4k",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=64k,,",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=64k,,,",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k,,,lazy_refcounts=on",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster-size=4k",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "nolazy_refcounts,id=1",
+            "x.qcow2",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "-o", "nocow", "x.qcow2", "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=x,compat=1.1",
+            "x.qcow2",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "-o", "size=4M", "x.qcow2", "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=new,,x.d",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "backing_file=b,,c.qcow2,backing_fmt=qcow2",
+            "x.qcow2",
+        ],
+        &["create", "-f", "qcow2", "x.qcow2"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "b,c.qcow2",
+            "-F",
+            "foo",
+            "x.qcow2",
+        ],
+        // The "Formatting" line shows values as given, -b over -o backing_file.
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=off,extended_l2=yes,lazy_refcounts=true,cluster_size=0x10000",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "b,c.qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "backing_file=c",
+            "x.qcow2",
+        ],
+        &["create", "-f", "foo", "x.qcow2", "1M"],
+        &["create", "-f", "qcow2", "-o", "help", "x.qcow2", "1M"],
+        &["create", "-f", "qcow2", "-o", "foo,?", "x.qcow2"],
+        &["create", "-f", "qcow2", "-o", "help"],
+        &["create", "-o", "help"],
+        &["create", "-o", "cluster_size=4k", "-o", "help", "x.raw"],
+        &["create", "-f", "foo", "-o", "help"],
+    ] {
+        same(p, args);
+        if args.contains(&"data_file=new,,x.d") {
+            assert!(p.join("new,x.d").exists());
+        }
+    }
+    let info = qemu(p, &["info", "--output=json", "x.qcow2"]).1;
+    assert!(
+        info.contains("\"backing-filename\": \"b,c.qcow2\""),
+        "{info}"
+    );
+}
+
+/// Raw images take QEMU's file options: `preallocation` (off, falloc, full; metadata is
+/// refused once the file exists), `nocow` and `extent_size_hint`, and nothing else.
+#[test]
+fn create_raw_takes_the_file_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for opts in [
+        "preallocation=full",
+        "preallocation=falloc",
+        "preallocation=off",
+        "preallocation=metadata",
+        "preallocation=bad",
+        "nocow=on,extent_size_hint=2M",
+        "nocow=yes,preallocation=full,preallocation=off,extent_size_hint=0x10",
+        "nocow=x",
+        "extent_size_hint=5G",
+        "extent_size_hint=-1",
+        "foo=1",
+        "compat=1.1",
+        "size=2M",
+    ] {
+        let case = ["create", "-f", "raw", "-o", opts, "X", "1000k"];
+        let (ours, theirs) = (format!("ours-{opts}"), format!("theirs-{opts}"));
+        let (a1, a2) = (with_name(&case, &ours), with_name(&case, &theirs));
+        let (a1, a2): (Vec<&str>, Vec<&str>) = (
+            a1.iter().map(String::as_str).collect(),
+            a2.iter().map(String::as_str).collect(),
+        );
+        let (c1, o1, e1) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &a1);
+        let (c2, o2, e2) = run_with_stderr(p, "qemu-img", "qemu-img", &a2);
+        assert_eq!(
+            (c1, o1.replace(&ours, "X"), e1.replace(&ours, "X")),
+            (c2, o2.replace(&theirs, "X"), e2.replace(&theirs, "X")),
+            "{opts}"
+        );
+        assert_eq!(p.join(&ours).exists(), p.join(&theirs).exists(), "{opts}");
+        if p.join(&ours).exists() {
+            assert_eq!(size_of(p, &ours), size_of(p, &theirs), "{opts}");
+            assert_eq!(blocks_of(p, &ours), blocks_of(p, &theirs), "{opts}");
+        }
+    }
+    for args in [
+        &["create", "-f", "raw", "-b", "x", "r.raw", "1M"][..],
+        &["create", "-f", "raw", "-F", "qcow2", "r.raw", "1M"],
+        &["create", "-f", "raw", "-o", "size=1M", "r.raw", "1M"],
+        &["create", "-f", "raw", "r.raw"],
+    ] {
+        same(p, args);
+    }
+}
+
+/// convert reads its options as qemu-img does: values may start with `-`, `-m` and `-S` are
+/// numbers and sizes in qemu-img's ranges, `-o help` lists the target format's options,
+/// `-o` with `-n` is refused, and errors about the target use qemu-img's words.
+#[test]
+fn convert_reads_options_and_words_errors_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "top.qcow2", "1M", &["write -P 1 0 64k"]);
+    qcow2_image(p, &[], "small.qcow2", "512k", &[]);
+    qcow2_image(p, &[], "big.qcow2", "4M", &[]);
+    std::fs::write(p.join("small.raw"), vec![0u8; 1000]).unwrap();
+    for args in [
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "help",
+            "top.qcow2",
+            "o.qcow2",
+        ][..],
+        &["convert", "-O", "qcow2", "-o", "?", "top.qcow2", "o.qcow2"],
+        &["convert", "-o", "help", "top.qcow2", "o.raw"],
+        &["convert", "-o", "help", "top.qcow2"],
+        &["convert", "-O", "qcow2", "-o", "help"],
+        &["convert", "-O", "foo", "-o", "help", "top.qcow2", "o.raw"],
+        &["convert", "-O", "qcow2", "-o", ",", "top.qcow2", "o.qcow2"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster-size=4k",
+            "top.qcow2",
+            "o.qcow2",
+        ],
+        &["convert", "-O", "qcow2", "-o", "-x", "top.qcow2", "o.qcow2"],
+        &[
+            "convert",
+            "-n",
+            "-o",
+            "cluster_size=4k",
+            "top.qcow2",
+            "big.qcow2",
+        ],
+        &[
+            "convert",
+            "-n",
+            "-O",
+            "qcow2",
+            "-o",
+            "help",
+            "top.qcow2",
+            "big.qcow2",
+        ],
+        &["convert", "top.qcow2"],
+        &["convert", "-m", "0", "top.qcow2", "o.raw"],
+        &["convert", "-m", "17", "top.qcow2", "o.raw"],
+        &["convert", "-m", "x", "top.qcow2", "o.raw"],
+        &["convert", "-m", "-1", "top.qcow2", "o.raw"],
+        &["convert", "-m", "0x2", "-m", "3", "top.qcow2", "o.raw"],
+        &["convert", "--parallel=1k", "top.qcow2", "o.raw"],
+        &["convert", "-S", "-1", "top.qcow2", "o.raw"],
+        &["convert", "-l", "-1", "top.qcow2", "o.raw"],
+        &["convert", "-C", "-c", "-O", "qcow2", "top.qcow2", "o.qcow2"],
+        &["convert", "-C", "-S", "0", "top.qcow2", "o.raw"],
+        &["convert", "--skip-broken-bitmaps", "top.qcow2", "o.raw"],
+        &["convert", "--target-image-opts", "top.qcow2", "o.raw"],
+        &["convert", "-n", "top.qcow2", "nosuch.img"],
+        &["convert", "-n", "-O", "foo", "top.qcow2", "big.qcow2"],
+        &["convert", "-n", "-O", "qcow2", "top.qcow2", "small.qcow2"],
+        &["convert", "-n", "top.qcow2", "small.raw"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "nosuch.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "o.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "./nosuch.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "o.qcow2",
+        ],
+        &["convert", "-O", "raw", "-F", "qcow2", "top.qcow2", "o.raw"],
+    ] {
+        same(p, args);
+    }
+    // -C copies data ranges whole: zeros written in them stay allocated, as with qemu-img.
+    let mut data = vec![7u8; 1 << 20];
+    data.resize(3 << 20, 0);
+    std::fs::write(p.join("src.raw"), data).unwrap();
+    for fmt in ["raw", "qcow2"] {
+        let (ours, theirs) = (format!("ours.{fmt}"), format!("theirs.{fmt}"));
+        assert_eq!(
+            qimg(p, &["convert", "-C", "-O", fmt, "src.raw", &ours]).0,
+            0
+        );
+        assert_eq!(
+            qemu(p, &["convert", "-C", "-O", fmt, "src.raw", &theirs]).0,
+            0
+        );
+        let map = |f: &str| qemu(p, &["map", "--output=json", f]).1.replace(f, "X");
+        assert_eq!(map(&ours), map(&theirs), "{fmt}");
+        assert_eq!(blocks_of(p, &ours), blocks_of(p, &theirs), "{fmt}");
+    }
+}
+
+/// A raw target takes the file driver's options as `create -f raw` does: a preallocated
+/// target is as big on disk as qemu-img's, and what raw images do not take is refused.
+#[test]
+fn convert_to_raw_takes_the_file_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "top.qcow2", "4M", &["write -P 1 1M 64k"]);
+    for opts in [
+        "preallocation=full",
+        "preallocation=falloc",
+        "preallocation=off",
+        "nocow=on,extent_size_hint=0",
+        "size=1M",
+    ] {
+        let ours = same(
+            p,
+            &["convert", "-O", "raw", "-o", opts, "top.qcow2", "ours.raw"],
+        );
+        assert_eq!(ours, "");
+        assert_eq!(
+            qemu(
+                p,
+                &[
+                    "convert",
+                    "-O",
+                    "raw",
+                    "-o",
+                    opts,
+                    "top.qcow2",
+                    "theirs.raw"
+                ]
+            )
+            .0,
+            0
+        );
+        assert_eq!(
+            qimg(
+                p,
+                &["convert", "-O", "raw", "-o", opts, "top.qcow2", "ours.raw"]
+            )
+            .0,
+            0
+        );
+        assert_eq!(size_of(p, "ours.raw"), size_of(p, "theirs.raw"), "{opts}");
+        assert_eq!(
+            blocks_of(p, "ours.raw"),
+            blocks_of(p, "theirs.raw"),
+            "{opts}"
+        );
+        assert_eq!(
+            std::fs::read(p.join("ours.raw")).unwrap(),
+            std::fs::read(p.join("theirs.raw")).unwrap()
+        );
+    }
+    for opts in [
+        "preallocation=metadata",
+        "preallocation=bad",
+        "foo=1",
+        "compat=1.1",
+        "backing_file=x",
+        "extent_size_hint=5G",
+        "help",
+    ] {
+        same(
+            p,
+            &["convert", "-O", "raw", "-o", opts, "top.qcow2", "o.raw"],
+        );
+    }
+}
+
+/// `convert -n -B BASE` writes what the sources' top layers hold into an existing target
+/// and leaves the rest of it alone: the target keeps its own backing file (if any), and
+/// BASE itself is not opened.
+#[test]
+fn convert_n_with_a_backing_file_copies_only_the_top_layer_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &["write -P 1 0 4M"]);
+    qcow2_image(
+        p,
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "top.qcow2",
+        "4M",
+        &["write -P 2 1M 1M", "write -z 3M 512k"],
+    );
+    qcow2_image(p, &[], "old.qcow2", "4M", &["write -P 7 0 4M"]);
+    for extra in [&[][..], &["-S", "0"]] {
+        for (target, fmt) in [("t.qcow2", "qcow2"), ("t.raw", "raw")] {
+            let (ours, theirs) = (format!("ours-{target}"), format!("theirs-{target}"));
+            for name in [&ours, &theirs] {
+                match fmt {
+                    "qcow2" => qcow2_image(
+                        p,
+                        &["-b", "old.qcow2", "-F", "qcow2"],
+                        name,
+                        "4M",
+                        &["write -P 9 0 2M"],
+                    ),
+                    _ => std::fs::write(p.join(name), vec![9u8; 4 << 20]).unwrap(),
+                }
+            }
+            let args = |t: &str| {
+                let mut v = vec!["convert", "-n", "-O", fmt, "-B", "nosuch.qcow2"];
+                v.extend(extra);
+                v.extend(["top.qcow2", t]);
+                v.into_iter().map(String::from).collect::<Vec<_>>()
+            };
+            assert_eq!(qimg(p, &args(&ours)), (0, String::new()));
+            assert_eq!(qemu(p, &args(&theirs)), (0, String::new()));
+            assert_eq!(
+                qemu(p, &["compare", "-f", fmt, "-F", fmt, &ours, &theirs]).0,
+                0,
+                "{target} {extra:?}"
+            );
+            if fmt == "qcow2" {
+                let map = |f: &str| qemu(p, &["map", "--output=json", f]).1;
+                assert_eq!(map(&ours), map(&theirs), "{extra:?}");
+                assert_eq!(
+                    info_sans_sizes(p, &ours, &ours),
+                    info_sans_sizes(p, &theirs, &theirs)
+                );
+            }
+        }
+    }
+    same(
+        p,
+        &[
+            "convert",
+            "-n",
+            "-B",
+            "base.qcow2",
+            "--target-is-zero",
+            "top.qcow2",
+            "ours-t.raw",
+        ],
+    );
+    same(
+        p,
+        &[
+            "convert",
+            "-n",
+            "-B",
+            "base.qcow2",
+            "top.qcow2",
+            "top.qcow2",
+            "ours-t.raw",
+        ],
+    );
+}
+
+/// measure checks the `-o` options as QEMU's `qcow2_measure` and `raw_measure` do: every
+/// name and value type of the format and file drivers, then only what changes the size
+/// (combinations only `create` refuses pass), with QEMU's words.
+#[test]
+fn measure_checks_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &[]);
+    for o in [
+        "nocow=on,extent_size_hint=1M",
+        "compat=0.10,lazy_refcounts=on",
+        "data_file_raw=on",
+        "backing_fmt=qcow2",
+        "compat=0.10,data_file=x",
+        "compat=0.10,extended_l2=on",
+        "backing_file=x,data_file_raw=on,data_file=y",
+        "compat=0.10,refcount_bits=8",
+        "compat=v3",
+        "extended_l2=maybe",
+        "preallocation=bad",
+        "encryption=on",
+        "encrypt.format=luks",
+        "refcount_bits=0",
+        "cluster_size=0",
+        "compat=x,foo=1",
+        "help",
+        ",",
+    ] {
+        same(p, &["measure", "--size", "1G", "-O", "qcow2", "-o", o]);
+    }
+    for o in [
+        "foo=bar",
+        "cluster_size=4k",
+        "preallocation=metadata",
+        "nocow=on",
+    ] {
+        same(p, &["measure", "--size", "1G", "-O", "raw", "-o", o]);
+    }
+    for args in [
+        &["measure", "--size", "-1"][..],
+        &["measure", "--size", "-1", "-O", "qcow2"],
+        &[
+            "measure",
+            "--target-format=qcow2",
+            "--options=cluster_size=4k",
+            "--size=1G",
+        ],
+        &["measure", "--format=qcow2", "a.qcow2"],
+        &["measure", "-f", "qcow2"],
+    ] {
+        same(p, args);
+    }
+}
+
+/// check takes `-T`, prints nothing with `-q` in either output form, refuses `-U` with `-r`
+/// (a repair writes), and words a file that is not what `-f` says as qemu-img does; `-r`
+/// and `--output` are refused in the order they come.
+#[test]
+fn check_options_and_open_errors_match_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &["write -P 1 0 64k"]);
+    std::fs::write(p.join("odd.raw"), vec![0x5au8; 100_000]).unwrap();
+    qcow2_image(p, &[], "t.qcow2", "1M", &[]);
+    for args in [
+        &["check", "-T", "none", "a.qcow2"][..],
+        &["check", "-T", "bogus", "a.qcow2"],
+        &["check", "--output=json", "-q", "a.qcow2"],
+        &["check", "-q", "a.qcow2"],
+        &["check", "-U", "-r", "all", "a.qcow2"],
+        &["check", "-U", "-r", "leaks", "missing.qcow2"],
+        &["check", "-U", "-f", "raw", "-r", "all", "odd.raw"],
+        &["check", "-U", "a.qcow2"],
+        &["check", "-f", "qcow2", "odd.raw"],
+        &["check", "-r", "bad", "--output=xml", "a.qcow2"],
+        &["check", "--output=xml", "-r", "bad", "a.qcow2"],
+        &[
+            "convert", "-O", "qcow2", "-B", "odd.raw", "-F", "qcow2", "a.qcow2", "t.qcow2",
+        ],
+        &[
+            "convert", "-O", "qcow2", "-B", "a.qcow2", "-F", "foo", "a.qcow2", "t.qcow2",
+        ],
+    ] {
+        same(p, args);
+    }
+}
+
+/// A format name qimg (and QEMU) does not know is refused with the block layer's words,
+/// naming the image it was to open; dd words its own refusals (operands, an output it cannot
+/// create) as qemu-img does.
+#[test]
+fn unknown_formats_and_dd_refusals_are_worded_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &["write -P 1 0 64k"]);
+    qcow2_image(p, &[], "big.qcow2", "4M", &[]);
+    for args in [
+        &["info", "-f", "foo", "a.qcow2"][..],
+        &["info", "-f", "foo", "missing.qcow2"],
+        &["check", "-f", "foo", "a.qcow2"],
+        &["check", "-f", "foo", "missing.qcow2"],
+        &["measure", "-f", "foo", "a.qcow2"],
+        &["convert", "-f", "foo", "a.qcow2", "o.raw"],
+        &["convert", "-O", "foo", "a.qcow2", "o.raw"],
+        &["convert", "-n", "-O", "foo", "a.qcow2", "big.qcow2"],
+        &["dd", "-f", "foo", "if=a.qcow2", "of=o.raw"],
+        &["dd", "-O", "foo", "if=a.qcow2", "of=o.raw"],
+        &["dd", "-O", "foo", "if=missing.qcow2", "of=o.raw"],
+        &["map", "-f", "foo", "a.qcow2"],
+        &["compare", "-F", "foo", "a.qcow2", "a.qcow2"],
+        &["resize", "-f", "foo", "missing.qcow2", "2M"],
+        &["rebase", "-f", "foo", "-u", "-b", "x", "a.qcow2"],
+        &["commit", "-f", "foo", "a.qcow2"],
+        &["amend", "-f", "foo", "-o", "size=1M", "missing.qcow2"],
+        &["bench", "-f", "foo", "a.qcow2"],
+        &["snapshot", "-f", "foo", "-l", "missing.qcow2"],
+        &["create", "-f", "foo", "o.raw", "1M"],
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "foo", "o.qcow2", "1M",
+        ],
+        &["dd", "foo=1", "if=a.qcow2", "of=o.raw"],
+        &["dd", "foo", "if=a.qcow2", "of=o.raw"],
+        &["dd", "if=a.qcow2", "of=nodir/x.raw"],
+        &["dd", "-O", "qcow2", "if=a.qcow2", "of=nodir/x.qcow2"],
+    ] {
+        same(p, args);
+    }
+}
+
+/// The long options of qemu-img 10.0 that name options qimg has work as their short forms.
+#[test]
+fn long_options_of_qemu_img_10_work_like_their_short_forms() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "1M", &["write -P 1 0 1M"]);
+    qcow2_image(
+        p,
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "a.qcow2",
+        "1M",
+        &["write -P 2 0 64k"],
+    );
+    for args in [
+        &["check", "--quiet", "a.qcow2"][..],
+        &["check", "--format=qcow2", "--cache=none", "a.qcow2"],
+        &["check", "--repair=leaks", "--format", "qcow2", "a.qcow2"],
+        &["info", "--format=qcow2", "-b", "a.qcow2"],
+        &[
+            "measure",
+            "--format=qcow2",
+            "--target-format=qcow2",
+            "a.qcow2",
+        ],
+        &[
+            "measure",
+            "--target-format",
+            "qcow2",
+            "--options",
+            "cluster_size=4k",
+            "--size=1G",
+        ],
+        &[
+            "dd",
+            "--format=qcow2",
+            "--output-format=qcow2",
+            "if=a.qcow2",
+            "of=o.qcow2",
+        ],
+        &[
+            "convert",
+            "--quiet",
+            "--source-format=qcow2",
+            "--sparse-size=8k",
+            "--parallel=2",
+            "--source-cache=none",
+            "--output-format=qcow2",
+            "--options=cluster_size=4k",
+            "--output-cache=none",
+            "--backing=base.qcow2",
+            "--backing-format=qcow2",
+            "--oob-writes",
+            "a.qcow2",
+            "o.qcow2",
+        ],
+    ] {
+        same(p, args);
+    }
+    assert_eq!(qemu(p, &["compare", "a.qcow2", "o.qcow2"]).0, 0);
+    same(p, &["info", "o.qcow2"]);
 }

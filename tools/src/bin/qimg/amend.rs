@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::bail;
 use qcow2::{FileStorage, Format, Locking, Qcow2};
 
-use crate::create::{on_off, option_number, parse_options};
+use crate::create::{on_off, option_number, parse_options, wants_help};
 use crate::size::option_size;
 
 /// Arguments of `qimg amend`.
@@ -100,15 +100,13 @@ fn parse(pairs: &[(String, String)]) -> anyhow::Result<Changes> {
             "data_file_raw" => c.data_file_raw = Some(on_off(k, v)?),
             "lazy_refcounts" => c.lazy_refcounts = Some(on_off(k, v)?),
             "refcount_bits" => c.refcount_bits = Some(option_number(k, v)?),
-            "encrypt.iter_time" | "encrypt.keyslot" => {
+            "encrypt.iter-time" | "encrypt.keyslot" => {
                 option_number(k, v)?;
                 c.encryption = true;
             }
-            "encrypt.new_secret" | "encrypt.old_secret" | "encrypt.state" => c.encryption = true,
+            "encrypt.new-secret" | "encrypt.old-secret" | "encrypt.state" => c.encryption = true,
             _ => {
-                let create_only = |k: &str| {
-                    CREATE_ONLY.iter().any(|c| c.replace('-', "_") == k) || is_amend_option(k)
-                };
+                let create_only = |k: &str| CREATE_ONLY.contains(&k) || is_amend_option(k);
                 let hint = match pairs.iter().all(|(k, _)| create_only(k)) {
                     true => "\nThis option is only supported for image creation",
                     false => "",
@@ -126,27 +124,22 @@ fn parse(pairs: &[(String, String)]) -> anyhow::Result<Changes> {
     Ok(c)
 }
 
-/// Whether `k` (with `_` for `-`, as `-o` keys are read) is one of qcow2's amend options.
+/// Whether `k` is one of qcow2's amend options.
 fn is_amend_option(k: &str) -> bool {
     HELP.lines()
         .filter_map(|l| l.trim_start().split_once('='))
-        .any(|(name, _)| name.replace('-', "_") == k)
-}
-
-/// Whether the options ask for help (`help` or `?`).
-fn wants_help(options: &[String]) -> bool {
-    options
-        .iter()
-        .flat_map(|o| o.split(','))
-        .any(|o| o == "help" || o == "?")
+        .any(|(name, _)| name == k)
 }
 
 /// Runs `qimg amend`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     if a.options.is_empty() {
-        bail!("Must specify options (-o)\nTry 'qimg amend --help' for more info");
+        bail!(
+            "Must specify options (-o)\nTry '{} amend --help' for more info",
+            crate::progname()
+        );
     }
-    let help = wants_help(&a.options);
+    let help = wants_help(&a.options)?;
     if let (Some(f), true) = (&a.format, help) {
         return print_help(f);
     }
@@ -156,9 +149,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
         bail!("Invalid cache option: {c}");
     }
+    let given = (a.format.as_deref())
+        .map(|f| crate::parse_driver(name, f))
+        .transpose()?;
     let storage = Arc::new(FileStorage::new(crate::open_file(name, true)?));
-    let fmt = match &a.format {
-        Some(f) => crate::parse_format(f)?,
+    let fmt = match given {
+        Some(f) => f,
         None => qcow2::open::probe(&*storage)?,
     };
     crate::lock(storage.file(), name, Locking::On, fmt, true)?;
@@ -217,7 +213,10 @@ fn amend(img: &mut Qcow2, c: &Changes) -> qcow2::Result<()> {
     if (c.backing_file.is_some() || c.backing_fmt.is_some())
         && (c.backing_file != h.backing_file || c.backing_fmt != h.backing_format)
     {
-        return invalid("Cannot amend the backing file\nYou can use 'qimg rebase' instead.");
+        return invalid(&format!(
+            "Cannot amend the backing file\nYou can use '{} rebase' instead.",
+            crate::progname()
+        ));
     }
     if let Some(on) = c.lazy_refcounts {
         if on && version < 3 && !h.lazy_refcounts() {

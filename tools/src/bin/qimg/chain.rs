@@ -84,9 +84,10 @@ pub fn open_layer(
     metadata_only: bool,
 ) -> anyhow::Result<(Layer, Backing)> {
     let path = Path::new(name);
+    let given = format.map(|f| crate::parse_driver(name, f)).transpose()?;
     let file = FileStorage::new(crate::open_file(name, false)?);
-    let fmt = match format {
-        Some(f) => crate::parse_format(f)?,
+    let fmt = match given {
+        Some(f) => f,
         None => qcow2::open::probe(&file)?,
     };
     crate::lock(file.file(), name, locking, fmt, false)?;

@@ -8,20 +8,34 @@ use qcow2::check::{Message, Repair};
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
+    #[arg(
+        long = "output",
+        default_value = "human",
+        value_parser = crate::parse_output
+    )]
+    output: crate::Json,
     /// Repair: leaks or all.
-    #[arg(short = 'r')]
-    repair: Option<String>,
+    #[arg(
+        short = 'r',
+        long = "repair",
+        value_parser = parse_repair
+    )]
+    repair: Option<Repair>,
+    /// Cache mode (checked; qimg reads through the page cache whatever it is).
+    #[arg(short = 'T', long = "cache")]
+    cache: Option<String>,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Open without taking the write lock (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Options for features qimg lacks (refused).
+    #[command(flatten)]
+    lacking: crate::Lacking,
     /// The image.
     filename: String,
 }
@@ -37,25 +51,36 @@ fn percent(n: u64, d: u64) -> String {
     )
 }
 
-/// The repair mode of `-r`.
-fn repair_mode(r: Option<&str>) -> anyhow::Result<Repair> {
+/// Parses the repair mode of `-r` as qemu-img does.
+fn parse_repair(r: &str) -> Result<Repair, crate::BadValue> {
     match r {
-        None => Ok(Repair::Nothing),
-        Some("leaks") => Ok(Repair::Leaks),
-        Some("all") => Ok(Repair::All),
-        Some(r) => bail!(
-            "--repair (-r) expects 'leaks' or 'all' not '{r}'\nTry 'qimg check --help' for more info"
-        ),
+        "leaks" => Ok(Repair::Leaks),
+        "all" => Ok(Repair::All),
+        r => Err(crate::BadValue(format!(
+            "--repair (-r) expects 'leaks' or 'all' not '{r}'"
+        ))),
     }
 }
 
 /// Runs `qimg check`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let json = crate::output_is_json("check", &a.output)?;
-    let mode = repair_mode(a.repair.as_deref())?;
-    let fmt = a.format.as_deref().map(crate::parse_format).transpose()?;
+    a.lacking.refuse()?;
+    let json = a.output.0;
+    let mode = a.repair.unwrap_or_default();
+    if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
+        bail!("Invalid source cache option: {c}");
+    }
+    let fmt = (a.format.as_deref())
+        .map(|f| crate::parse_driver(&a.filename, f))
+        .transpose()?;
     let path = std::path::Path::new(&a.filename);
     let read_only = mode == Repair::Nothing;
+    if a.force_share && !read_only {
+        bail!(
+            "Could not open '{}': force-share=on can only be used with read-only images",
+            a.filename
+        );
+    }
     let opts = qcow2::OpenOptions {
         read_only,
         format: fmt,
@@ -85,7 +110,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let img = match qcow2::Qcow2::open_storage(storage, &opts, None) {
         Ok(i) => i,
         Err(e) => {
-            crate::print_error(format!("Could not open '{}': {e}", a.filename));
+            crate::print_error(crate::open_error(&a.filename, e));
             return Ok(1);
         }
     };
@@ -106,9 +131,10 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         crate::print_error(format!("Check failed: {why}"));
         return Ok(1);
     }
-    if json {
+    if a.quiet {
+    } else if json {
         print_json(&a.filename, &report);
-    } else if !a.quiet {
+    } else {
         print_human(&report);
     }
     if report.check_errors > 0 {

@@ -65,8 +65,15 @@ fn qemu_img_words(e: &clap::Error, sub: Option<&str>, args: &[String]) -> (Strin
         ErrorKind::InvalidValue
             if context(e, ContextKind::InvalidValue).is_some_and(|v| v.is_empty()) =>
         {
-            // clap names the option with its value placeholder: "-f <FORMAT>".
-            let option = arg.split(' ').next().unwrap_or_default();
+            // clap names the option with its value placeholder: "-f <FORMAT>", and by its
+            // long name when it has one. A value can only be missing at the end of the
+            // command line: the last word tells which form was used.
+            let mut option = arg.split(' ').next().unwrap_or_default().to_string();
+            if let Some(last) = args.last().filter(|l| !l.starts_with("--")) {
+                if let Some(letter) = last.chars().last().filter(|_| last.starts_with('-')) {
+                    option = format!("-{letter}");
+                }
+            }
             match option.strip_prefix("--") {
                 Some(_) => (
                     format!("{getopt}: option '{option}' requires an argument"),
@@ -81,6 +88,10 @@ fn qemu_img_words(e: &clap::Error, sub: Option<&str>, args: &[String]) -> (Strin
                 ),
             }
         }
+        ErrorKind::ValueValidation if bad_value(e).is_some() => (
+            format!("{}: {}", progname(), bad_value(e).unwrap_or_default()),
+            true,
+        ),
         ErrorKind::MissingRequiredArgument
         | ErrorKind::WrongNumberOfValues
         | ErrorKind::TooFewValues => missing_argument(sub.unwrap_or_default()),
@@ -122,6 +133,14 @@ fn extra_argument(sub: &str, arg: &str) -> (String, bool) {
         "dd" => (format!("{name}: unrecognized operand {arg}"), false),
         _ => missing_argument(sub),
     }
+}
+
+/// The words of a value refused in qemu-img's words (`crate::BadValue`), if `e` is one.
+fn bad_value(e: &clap::Error) -> Option<String> {
+    let source = std::error::Error::source(e)?;
+    source
+        .downcast_ref::<crate::BadValue>()
+        .map(|b| b.0.clone())
 }
 
 /// The string clap recorded for `kind`, if any.

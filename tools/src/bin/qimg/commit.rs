@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(short = 't')]
     cache: Option<String>,
     /// Rate limit (checked; qimg does not throttle).
-    #[arg(short = 'r', allow_hyphen_values = true)]
+    #[arg(short = 'r')]
     rate: Option<String>,
     /// The image.
     filename: String,

@@ -28,34 +28,35 @@ use std::sync::{Arc, Condvar, Mutex};
 use anyhow::{bail, Context};
 use qcow2::{CreateOptions, Format, Image, Locking, Preallocation, Qcow2, SnapshotRef};
 
-use crate::create::{parse_options, qcow2_options, OptionError};
+use crate::create::{qcow2_options, raw_options, OptionError, RawOptions};
 use crate::interrupt::{signal_name, Interrupt};
 use crate::progress::Progress;
-use crate::size::cvtnum;
+use crate::qemu_opts;
+use crate::size::{cvtint_full, cvtnum};
 use crate::snapshot_param;
 
-/// Arguments of `qimg convert`.
+/// Arguments of `qimg convert`, with qemu-img 10.0's long names.
 #[derive(clap::Args)]
 pub struct Args {
     /// Source format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "source-format")]
     format: Option<String>,
     /// Convert this internal snapshot of the (first) source:
     /// `snapshot.id=ID[,snapshot.name=NAME]` or an ID or name. `-s ID_OR_NAME` is the older
     /// spelling (qemu-img 10 dropped it).
-    #[arg(short = 'l', long = "source-snapshot", short_alias = 's')]
+    #[arg(short = 'l', long = "snapshot", short_alias = 's')]
     snapshot: Option<String>,
     /// Output format.
-    #[arg(short = 'O', default_value = "raw")]
+    #[arg(short = 'O', long = "output-format", default_value = "raw")]
     output_format: String,
     /// Output format options.
-    #[arg(short = 'o')]
+    #[arg(short = 'o', long = "options")]
     options: Vec<String>,
     /// Backing file of the target: only what the sources' top layers allocate is copied.
-    #[arg(short = 'B')]
+    #[arg(short = 'B', long = "backing")]
     backing: Option<String>,
     /// Format of the target's backing file.
-    #[arg(short = 'F')]
+    #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
     /// Compress the output (qcow2 only).
     #[arg(short = 'c')]
@@ -64,7 +65,7 @@ pub struct Args {
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Do not create the target; write into an existing image.
     #[arg(short = 'n')]
@@ -73,27 +74,89 @@ pub struct Args {
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
     /// Allow out-of-order writes (always done; accepted for compatibility).
-    #[arg(short = 'W')]
+    #[arg(short = 'W', long = "oob-writes")]
     out_of_order: bool,
+    /// Copy offloading (copy_file_range): it changes how bytes are copied, not which, and
+    /// qimg copies as it always does.
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    copy_range: bool,
     /// Number of parallel workers (1..16); at most one per CPU runs.
-    #[arg(short = 'm', default_value_t = 8)]
-    workers: u32,
+    #[arg(short = 'm', long = "parallel", default_value = "8")]
+    workers: String,
     /// Minimum run of zero bytes to leave sparse (default 4k).
-    #[arg(short = 'S', default_value = "4k")]
-    sparse: String,
+    #[arg(short = 'S', long = "sparse-size")]
+    sparse: Option<String>,
     /// Cache mode of the target: unsafe (the default, as qemu-img's) ignores flushes;
     /// writeback, writethrough, none and directsync flush at the end.
-    #[arg(short = 't', default_value = "unsafe")]
+    #[arg(short = 't', long = "output-cache", default_value = "unsafe")]
     cache: String,
     /// Cache mode of the sources (accepted for compatibility).
-    #[arg(short = 'T')]
+    #[arg(short = 'T', long = "source-cache")]
     src_cache: Option<String>,
     /// Open sources without taking the write lock (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Rate limit (qimg has none: refused).
+    #[arg(short = 'r', long = "rate")]
+    rate: Option<String>,
+    /// Options for features qimg lacks (refused).
+    #[command(flatten)]
+    lacking: Lacking,
     /// Source image(s), concatenated, then the target.
-    #[arg(required = true, num_args = 2..)]
     files: Vec<String>,
+}
+
+/// Options of qemu-img convert for features qimg lacks: refused with exit code 1.
+#[derive(clap::Args)]
+#[group(skip)]
+struct Lacking {
+    #[command(flatten)]
+    common: crate::Lacking,
+    #[arg(long = "source-image-opts", hide = true)]
+    source_image_opts: bool,
+    #[arg(long = "target-image-opts", hide = true)]
+    target_image_opts: bool,
+    #[arg(long = "salvage", hide = true)]
+    salvage: bool,
+    #[arg(long = "bitmaps", hide = true)]
+    bitmaps: bool,
+    #[arg(long = "skip-broken-bitmaps", hide = true)]
+    skip_broken_bitmaps: bool,
+}
+
+impl Args {
+    /// qemu-img's checks of the options together that come before any file is opened, and
+    /// the refusal of the options qimg lacks.
+    fn check_combinations(&self) -> anyhow::Result<()> {
+        let l = &self.lacking;
+        if l.skip_broken_bitmaps && !l.bitmaps {
+            bail!("Use of --skip-broken-bitmaps requires --bitmaps");
+        }
+        if self.compress && self.copy_range {
+            bail!("Cannot enable copy offloading when -c is used");
+        }
+        if self.sparse.is_some() && self.copy_range {
+            bail!("Cannot enable copy offloading when -S is used");
+        }
+        if self.copy_range && l.salvage {
+            bail!("Cannot use copy offloading in salvaging mode");
+        }
+        if l.target_image_opts && !self.no_create {
+            bail!("--target-image-opts requires use of -n flag");
+        }
+        l.common.refuse()?;
+        let lacking = [
+            (l.source_image_opts, "--source-image-opts"),
+            (l.target_image_opts, "--target-image-opts"),
+            (l.salvage, "--salvage"),
+            (l.bitmaps, "--bitmaps"),
+            (self.rate.is_some(), "-r (--rate)"),
+        ];
+        if let Some((_, name)) = lacking.iter().find(|(given, _)| *given) {
+            bail!("qimg does not support {name} yet");
+        }
+        Ok(())
+    }
 }
 
 /// A target the workers write to.
@@ -278,6 +341,9 @@ struct Policy {
     block: u64,
     /// `-S`: 0 copies everything as data.
     sparse: u64,
+    /// `-C`: data ranges are copied whole, without looking for zeros in them (as
+    /// qemu-img's copy offloading does).
+    copy_range: bool,
     /// The target reads as zeros already: zero ranges need no write.
     fresh: bool,
     /// The size of the target's backing file, if it has one (`-B`): what the sources' top
@@ -521,8 +587,11 @@ fn split_zero_blocks<'a>(runs: &mut Vec<Run<'a>>, off: u64, data: &'a [u8], p: &
     let mut start = 0usize;
     while start < data.len() {
         let mut end = start;
-        let zero =
-            |i: usize| p.sparse > 0 && data[i..(i + block).min(data.len())].iter().all(|&b| b == 0);
+        let zero = |i: usize| {
+            p.sparse > 0
+                && !p.copy_range
+                && data[i..(i + block).min(data.len())].iter().all(|&b| b == 0)
+        };
         let z = zero(start);
         while end < data.len() && zero(end) == z {
             end = (end + block).min(data.len());
@@ -610,12 +679,56 @@ impl Turnstile {
     }
 }
 
+/// How the target is to be created.
+enum Creation {
+    Qcow2(CreateOptions),
+    Raw(RawOptions),
+}
+
 /// Runs `qimg convert`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = a.out_of_order;
-    // Checked before anything else, as qemu-img does.
+    // What getopt's loop checks, as it reads the options.
+    let options = qemu_opts::accumulate(&a.options)?;
+    let snapshot = a
+        .snapshot
+        .as_deref()
+        .map(snapshot_param::parse)
+        .transpose()?;
+    let sparse =
+        (a.sparse.as_deref()).map_or(Ok(4096), |s| cvtnum("buffer size for sparse output", s))?;
+    if sparse % 512 != 0 || sparse > MAX_SPARSE {
+        bail!(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output)."
+        );
+    }
+    let workers = cvtint_full("number of coroutines", &a.workers, 1, 16)? as u32;
+    // Then, in qemu-img's order, the checks of the options together.
+    a.check_combinations()?;
+    if a.no_create && options.is_some() {
+        bail!("-o has no effect when skipping image creation");
+    }
     if a.target_is_zero && !a.no_create {
         bail!("--target-is-zero requires use of -n flag");
+    }
+    if options.as_deref().is_some_and(qemu_opts::has_help) {
+        let target = a.files.last().filter(|_| a.files.len() > 1);
+        qemu_opts::print_help(
+            crate::parse_format(&a.output_format)?,
+            target.map(|t| t.as_str()),
+        );
+        return Ok(0);
+    }
+    let (Some(target_name), [_, ..]) =
+        (a.files.last(), &a.files[..a.files.len().saturating_sub(1)])
+    else {
+        bail!("Must specify image file name");
+    };
+    let source_names = &a.files[..a.files.len() - 1];
+    if let Some(c) = &a.src_cache {
+        if !crate::valid_cache_mode(c) {
+            bail!("Invalid source cache option: {c}");
+        }
     }
     let interrupt = Interrupt::catch()?;
     let flushes = match a.cache.as_str() {
@@ -623,26 +736,6 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         "writeback" | "writethrough" | "none" | "directsync" => true,
         c => bail!("Invalid cache option: {c}"),
     };
-    if let Some(c) = &a.src_cache {
-        if !["unsafe", "writeback", "writethrough", "none", "directsync"].contains(&c.as_str()) {
-            bail!("Invalid source cache option: {c}");
-        }
-    }
-    if !(1..=16).contains(&a.workers) {
-        bail!("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
-    }
-    let sparse = cvtnum("buffer size for sparse output", &a.sparse)?;
-    if sparse % 512 != 0 || sparse > MAX_SPARSE {
-        bail!(
-            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output)."
-        );
-    }
-    let (target_name, source_names) = a.files.split_last().context("missing target")?;
-    let snapshot = a
-        .snapshot
-        .as_deref()
-        .map(snapshot_param::parse)
-        .transpose()?;
     if matches!(snapshot, Some(SnapshotRef::IdOrName(_))) && source_names.len() > 1 {
         bail!("No support for concatenating multiple snapshot");
     }
@@ -660,32 +753,31 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .collect::<anyhow::Result<_>>()?;
     let total: u64 = list.iter().map(|s| s.size).sum();
     let sources = Sources { list, total };
-    let out_fmt = crate::parse_format(&a.output_format)?;
-    if a.compress && out_fmt != Format::Qcow2 {
-        bail!("Compression not supported for this file format");
-    }
-    if a.backing.is_some() && sources.list.len() > 1 {
-        bail!(
-            "Having a backing file for the target makes no sense when concatenating multiple \
-             input images"
-        );
-    }
-    if a.backing.is_some() && out_fmt != Format::Qcow2 {
-        bail!(
-            "Backing file not supported for file format '{}'",
-            out_fmt.name()
-        );
-    }
+    let pairs = options.map_or_else(Vec::new, |o| qemu_opts::parse(&o));
     let target_path = Path::new(target_name);
+    // The format the target is created in (or, with -n, opened as).
+    let out_fmt = match (Format::from_name(&a.output_format), a.no_create) {
+        (Some(f), _) => f,
+        (None, false) => bail!("Unknown file format '{}'", a.output_format),
+        (None, true) => bail!(
+            "Could not open '{target_name}': Unknown driver '{}'",
+            a.output_format
+        ),
+    };
     let mut fresh = a.target_is_zero;
-    let mut target_backing = false;
+    let mut target_backing = None;
     // A target created preallocated has its clusters: the data goes into them.
     let mut preallocated = false;
     if !a.no_create {
-        match out_fmt {
+        // The backing file of the target: -B, or else -o backing_file.
+        let backing = a
+            .backing
+            .as_deref()
+            .or(qemu_opts::last(&pairs, "backing_file"));
+        let created = match out_fmt {
             Format::Qcow2 => {
                 let mut o = qcow2_options(
-                    &parse_options(&a.options)?,
+                    &pairs,
                     CreateOptions {
                         size: total,
                         ..Default::default()
@@ -706,35 +798,82 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 if a.backing_format.is_some() {
                     o.backing_format.clone_from(&a.backing_format);
                 }
-                if o.backing_file.is_some() && o.backing_format.is_none() {
-                    bail!("Use of backing file requires explicit backing format");
+                Creation::Qcow2(o)
+            }
+            Format::Raw => {
+                let o = raw_options(&pairs)?;
+                if a.backing.is_some() {
+                    bail!("Backing file not supported for file format 'raw'");
                 }
-                if a.compress && o.preallocation != Preallocation::Off {
-                    bail!("Compression and preallocation not supported at the same time");
+                if a.backing_format.is_some() {
+                    bail!("Backing file format not supported for file format 'raw'");
                 }
-                preallocated = o.preallocation != Preallocation::Off;
+                Creation::Raw(o)
+            }
+        };
+        if backing.is_some() && sources.list.len() > 1 {
+            bail!(
+                "Having a backing file for the target makes no sense when concatenating \
+                 multiple input images"
+            );
+        }
+        if let Creation::Qcow2(o) = &created {
+            if o.backing_file.is_some() && o.backing_format.is_none() {
+                bail!("Use of backing file requires explicit backing format");
+            }
+        }
+        if a.compress && out_fmt != Format::Qcow2 {
+            bail!("Compression not supported for this file format");
+        }
+        if let Creation::Qcow2(o) = &created {
+            if a.compress && o.preallocation != Preallocation::Off {
+                bail!("Compression and preallocation not supported at the same time");
+            }
+            preallocated = o.preallocation != Preallocation::Off;
+        }
+        match created {
+            Creation::Qcow2(o) => {
+                crate::create::check_backing_format(&o).map_err(|e| {
+                    anyhow::anyhow!("{target_name}: error while converting qcow2: {e}")
+                })?;
                 qcow2::create(target_path, &o).map_err(|e| {
                     anyhow::anyhow!("{target_name}: error while converting qcow2: {e}")
                 })?;
-                target_backing = o.backing_file.is_some();
-                fresh = !target_backing;
+                // Filled in once the target is open: the size of its backing file.
+                target_backing = o.backing_file.is_some().then_some(0);
+                fresh = target_backing.is_none();
             }
-            Format::Raw => {
-                let f = qcow2::create::create_file(target_path, Locking::On).map_err(|e| {
-                    anyhow::anyhow!("{target_name}: error while converting raw: {e}")
+            Creation::Raw(o) => {
+                crate::create::create_raw(target_path, total, &o).map_err(|e| {
+                    anyhow::anyhow!("{target_name}: error while converting raw: {e:#}")
                 })?;
-                f.set_len(total)?;
                 fresh = true;
             }
         }
     } else if a.backing.is_some() {
-        bail!("Use of -B is not allowed with -n");
+        // The target is left as it is: the sources' top layers are copied over whatever it
+        // shows where they leave clusters unallocated, and zeros are written wherever they
+        // read as zeros (the end of the target's backing file is not known).
+        if a.target_is_zero {
+            // qemu-img says so, but exits with 0.
+            crate::print_error(
+                "Cannot use --target-is-zero when the destination image has a backing file",
+            );
+            return Ok(0);
+        }
+        if sources.list.len() > 1 {
+            bail!(
+                "Having a backing file for the target makes no sense when concatenating \
+                 multiple input images"
+            );
+        }
+        target_backing = Some(u64::MAX);
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(target_path)
-        .with_context(|| format!("Could not open '{target_name}'"))?;
+        .map_err(|e| crate::file_open_error(target_name, e))?;
     crate::lock(&file, target_name, Locking::On, out_fmt, true)?;
     let storage: Arc<dyn qcow2::Storage> = if flushes {
         Arc::new(qcow2::FileStorage::new(file))
@@ -744,13 +883,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let raw_storage = (out_fmt == Format::Raw && !a.no_create).then(|| storage.clone());
     let target = match out_fmt {
         Format::Qcow2 => {
-            let dir = target_path.parent().map(|d| {
-                if d.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    d
-                }
-            });
+            // Backing and data file names are relative to the target's directory (none
+            // for a bare file name, as QEMU's `path_combine`).
+            let dir = target_path.parent();
             // A full file system fails the conversion as a whole, wherever it shows: no need
             // to claim each new table's space as it is allocated.
             let opts = qcow2::OpenOptions {
@@ -768,8 +903,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             qcow2::RawImage::new(storage, false).map_err(|e| crate::open_error(target_name, e))?,
         )),
     };
-    if a.no_create && target.image().size() < total {
-        bail!("Target image '{target_name}' is smaller than the source");
+    if a.no_create && target.image().size().next_multiple_of(512) < total {
+        bail!("output file is smaller than input file");
+    }
+    if a.compress && !matches!(target, Target::Qcow2(_)) {
+        bail!("Compression not supported for this file format");
     }
     // Subclusters of a target with extended L2 entries are allocated one by one (compressed
     // clusters have none).
@@ -782,8 +920,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         target_name: target_name.clone(),
         block,
         sparse,
+        copy_range: a.copy_range,
         fresh,
-        target_backing: target_backing.then(|| target.image().backing().map_or(0, |b| b.size())),
+        target_backing: target_backing.map(|end| match end {
+            0 => target.image().backing().map_or(0, |b| b.size()),
+            end => end,
+        }),
         compress: a.compress,
         raw_storage,
         writing: WriteLock::default(),
@@ -799,7 +941,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let turn = Turnstile::default();
     let progress = Progress::new(a.progress && !a.quiet, sources.total);
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..worker_count(a.workers, chunks))
+        let workers: Vec<_> = (0..worker_count(workers, chunks))
             .map(|_| {
                 scope.spawn(|| -> anyhow::Result<()> {
                     let mut buf = vec![0u8; chunk as usize];

@@ -3,7 +3,8 @@
 use anyhow::bail;
 use qcow2::{CompressionType, CreateOptions, Format, Locking, Preallocation};
 
-use crate::size::{cvtnum, option_size, strtoi64, SizeError};
+use crate::qemu_opts;
+use crate::size::cvtnum;
 
 /// Arguments of `qimg create`, as qemu-img takes them.
 #[derive(clap::Args)]
@@ -27,21 +28,19 @@ pub struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     /// The new image.
-    filename: String,
+    filename: Option<String>,
     /// Virtual size (k, M, G, T, P, E suffixes).
     size: Option<String>,
 }
 
-/// Parsed `-o` options, in the order given.
+/// Parsed `-o` options, in the order given (QEMU's syntax: see `qemu_opts`).
 pub fn parse_options(opts: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for o in opts {
-        for kv in o.split(',').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
-            out.push((k.replace('-', "_"), v.to_string()));
-        }
-    }
-    Ok(out)
+    Ok(qemu_opts::accumulate(opts)?.map_or_else(Vec::new, |s| qemu_opts::parse(&s)))
+}
+
+/// Whether the `-o` options ask for help (`help` or `?`); fails if they cannot be joined.
+pub fn wants_help(opts: &[String]) -> anyhow::Result<bool> {
+    Ok(qemu_opts::accumulate(opts)?.is_some_and(|s| qemu_opts::has_help(&s)))
 }
 
 /// Why `-o` options are refused. QEMU parses the options' syntax (sizes, numbers, booleans,
@@ -57,12 +56,14 @@ pub enum OptionError {
         /// The value given.
         value: String,
     },
+    /// An option QEMU takes that qimg cannot honour.
+    Unsupported(String),
 }
 
 impl std::fmt::Display for OptionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            OptionError::Syntax(m) => f.write_str(m),
+            OptionError::Syntax(m) | OptionError::Unsupported(m) => f.write_str(m),
             OptionError::Value { param, value } => {
                 write!(f, "Parameter '{param}' does not accept value '{value}'")
             }
@@ -74,26 +75,18 @@ impl std::error::Error for OptionError {}
 
 /// A boolean `-o` option (QEMU's on/off, true/false, yes/no).
 pub fn on_off(key: &str, v: &str) -> Result<bool, OptionError> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(OptionError::Syntax(format!(
-            "Parameter '{key}' expects 'on' or 'off'"
-        ))),
-    }
+    qemu_opts::bool_value(key, v).map_err(OptionError::Syntax)
 }
 
 /// A number-typed `-o` option (QEMU's `parse_option_number`: base 0, unsigned).
 pub fn option_number(key: &str, v: &str) -> Result<u64, OptionError> {
-    match strtoi64(v) {
-        Ok(n) if n >= 0 => Ok(n as u64),
-        Err(SizeError::OutOfRange) => Err(OptionError::Syntax(format!(
-            "Value '{v}' is too large for parameter '{key}'"
-        ))),
-        _ => Err(OptionError::Syntax(format!(
-            "Parameter '{key}' expects a number"
-        ))),
-    }
+    qemu_opts::number_value(key, v).map_err(OptionError::Syntax)
+}
+
+/// Checks the syntax of `-o` pairs for a new image of format `fmt` in a file: the names the
+/// format and the file driver know, with values of their types.
+pub fn check_syntax(pairs: &[(String, String)], fmt: Format) -> Result<(), OptionError> {
+    qemu_opts::validate(pairs, &qemu_opts::create_options(fmt, true)).map_err(OptionError::Syntax)
 }
 
 /// Builds qcow2 create options from `-o` pairs (applied on top of `base`).
@@ -101,7 +94,9 @@ pub fn qcow2_options(
     pairs: &[(String, String)],
     mut o: CreateOptions,
 ) -> Result<CreateOptions, OptionError> {
-    let size = |k: &str, v: &str| option_size(k, v).map_err(|e| OptionError::Syntax(e.to_string()));
+    check_syntax(pairs, Format::Qcow2)?;
+    let unsupported = |what: &str| OptionError::Unsupported(format!("qimg cannot {what}"));
+    let size = |k: &str, v: &str| qemu_opts::size_value(k, v).map_err(OptionError::Syntax);
     let bad = |param, value: &str| OptionError::Value {
         param,
         value: value.to_string(),
@@ -109,13 +104,6 @@ pub fn qcow2_options(
     for (k, v) in pairs {
         match k.as_str() {
             "size" => o.size = size(k, v)?,
-            "compat" => {
-                o.version = match v.as_str() {
-                    "0.10" | "v2" => 2,
-                    "1.1" | "v3" => 3,
-                    _ => return Err(bad("version", v)),
-                }
-            }
             "cluster_size" => o.cluster_size = size(k, v)?,
             "refcount_bits" => {
                 o.refcount_bits = u32::try_from(option_number(k, v)?).unwrap_or(u32::MAX)
@@ -125,22 +113,214 @@ pub fn qcow2_options(
             "backing_fmt" => o.backing_format = Some(v.clone()),
             "data_file" => o.data_file = Some(v.clone()),
             "data_file_raw" => o.data_file_raw = on_off(k, v)?,
-            "compression_type" => {
-                o.compression_type = match v.as_str() {
-                    "zlib" => CompressionType::Deflate,
-                    "zstd" => CompressionType::Zstd,
-                    _ => return Err(bad("compression-type", v)),
-                }
-            }
-            "preallocation" => {
-                o.preallocation =
-                    Preallocation::from_name(v).ok_or_else(|| bad("preallocation", v))?
-            }
             "extended_l2" => o.extended_l2 = on_off(k, v)?,
+            // Read below (the last value counts).
+            "compat" | "compression_type" | "preallocation" => {}
+            "encryption" if !on_off(k, v)? => {}
+            "encryption" => return Err(unsupported("create encrypted images")),
+            k if k.starts_with("encrypt.") => return Err(unsupported("create encrypted images")),
+            "nocow" | "extent_size_hint" => {
+                return Err(unsupported(&format!(
+                    "set '{k}' on the file of a qcow2 image"
+                )))
+            }
+            _ => return Err(OptionError::Syntax(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    if let Some(v) = qemu_opts::last(pairs, "compat") {
+        o.version = match v {
+            "0.10" | "v2" => 2,
+            "1.1" | "v3" => 3,
+            _ => return Err(bad("version", v)),
+        }
+    }
+    if let Some(v) = qemu_opts::last(pairs, "compression_type") {
+        o.compression_type = match v {
+            "zlib" => CompressionType::Deflate,
+            "zstd" => CompressionType::Zstd,
+            _ => return Err(bad("compression-type", v)),
+        }
+    }
+    if let Some(v) = qemu_opts::last(pairs, "preallocation") {
+        o.preallocation = Preallocation::from_name(v).ok_or_else(|| bad("preallocation", v))?;
+    }
+    Ok(o)
+}
+
+/// QEMU's qcow2 driver takes as backing format only the name of a block driver it has.
+pub fn check_backing_format(o: &CreateOptions) -> Result<(), OptionError> {
+    match o.backing_format.as_deref() {
+        Some(f) if !crate::rebase::QEMU_FORMATS.contains(&f) => Err(OptionError::Value {
+            param: "backing-fmt",
+            value: f.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The options of a new raw image: `size` and the file driver's `nocow`, `preallocation` and
+/// `extent_size_hint` (the last value of each counts).
+#[derive(Default)]
+pub struct RawOptions {
+    /// `-o size`.
+    pub size: Option<u64>,
+    /// Turn off copy-on-write (btrfs).
+    pub nocow: bool,
+    /// The preallocation mode as given (checked when the file is created, as QEMU does).
+    pub preallocation: Option<String>,
+    /// The extent size hint asked for (QEMU sets 1 MiB when none is).
+    pub extent_size_hint: Option<u64>,
+}
+
+/// Reads `-o` pairs for a new raw image (QEMU's syntax checks first).
+pub fn raw_options(pairs: &[(String, String)]) -> Result<RawOptions, OptionError> {
+    check_syntax(pairs, Format::Raw)?;
+    let mut o = RawOptions::default();
+    let size = |k: &str, v: &str| qemu_opts::size_value(k, v).map_err(OptionError::Syntax);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "size" => o.size = Some(size(k, v)?),
+            "nocow" => o.nocow = on_off(k, v)?,
+            "preallocation" => o.preallocation = Some(v.clone()),
+            "extent_size_hint" => o.extent_size_hint = Some(size(k, v)?),
             _ => return Err(OptionError::Syntax(format!("Invalid parameter '{k}'"))),
         }
     }
     Ok(o)
+}
+
+/// Creates the raw image `path` of `size` bytes (rounded up to whole sectors) as QEMU's file
+/// driver does: bad values are refused before the file is made; then it is created empty
+/// and locked, gets its attributes (copy-on-write off, the extent size hint, where the file
+/// system has them) and is grown with the preallocation asked for. Errors carry no file name.
+pub fn create_raw(path: &std::path::Path, size: u64, o: &RawOptions) -> anyhow::Result<()> {
+    let mode = match o.preallocation.as_deref() {
+        None => Some(Preallocation::Off),
+        Some(p) => match Preallocation::from_name(p) {
+            // A mode QEMU knows, but not one for files: refused once the file exists.
+            Some(Preallocation::Metadata) => None,
+            Some(m) => Some(m),
+            None => bail!("invalid parameter value: {p}"),
+        },
+    };
+    let hint = o.extent_size_hint.unwrap_or(1 << 20);
+    if hint > u64::from(u32::MAX) {
+        bail!("Extent size hint is too large");
+    }
+    let file = qcow2::create::create_file(path, Locking::On)?;
+    if o.nocow {
+        set_nocow(&file);
+    }
+    if let Err(e) = set_extent_size_hint(&file, hint as u32) {
+        if o.extent_size_hint.is_some() {
+            crate::print_error(format!("warning: Failed to set extent size hint: {e}"));
+        }
+    }
+    let Some(mode) = mode else {
+        bail!("Unsupported preallocation mode: metadata");
+    };
+    let file = qcow2::FileStorage::new(file);
+    truncate_raw(&file, 0, size.next_multiple_of(512), mode)
+}
+
+/// QEMU's `raw_regular_truncate`: grows the raw file `file` from `current` to `size` bytes
+/// (or shrinks it, without preallocation), preallocating the new part as `mode` asks.
+pub fn truncate_raw(
+    file: &qcow2::FileStorage,
+    current: u64,
+    size: u64,
+    mode: Preallocation,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use qcow2::Storage as _;
+    // QEMU writes the first block of a new file (to speed up its probing of the alignment
+    // later); failures do not matter.
+    let first_block = || {
+        if current == 0 && size > 0 {
+            let n = if size < 4096 { 512 } else { 4096 };
+            let _ = file.write_at(&[0u8; 4096][..n], 0);
+        }
+    };
+    match mode {
+        Preallocation::Metadata => bail!("Unsupported preallocation mode: metadata"),
+        Preallocation::Off => {
+            file.set_len(size).context("Could not resize file")?;
+            first_block();
+            Ok(())
+        }
+        Preallocation::Falloc if size > current => {
+            file.allocate(current, size - current)
+                .context("Could not preallocate new data")?;
+            first_block();
+            Ok(())
+        }
+        Preallocation::Falloc => Ok(()),
+        Preallocation::Full => {
+            file.set_len(size).context("Could not resize file")?;
+            let zeros = vec![0u8; 1 << 20];
+            let mut off = current;
+            while off < size {
+                let n = (size - off).min(zeros.len() as u64);
+                file.write_at(&zeros[..n as usize], off)
+                    .context("Could not write zeros for preallocation")?;
+                off += n;
+            }
+            file.flush().context("Could not flush file to disk")
+        }
+    }
+}
+
+/// Turns copy-on-write off for `file` (btrfs), ignoring failure as QEMU does.
+fn set_nocow(file: &std::fs::File) {
+    use std::os::unix::io::AsRawFd;
+    const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS and FS_IOC_SETFLAGS read and write one long at the address
+    // given, which points to `flags`; the descriptor is open.
+    unsafe {
+        if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) == 0 {
+            flags |= FS_NOCOW_FL;
+            libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags);
+        }
+    }
+}
+
+/// Linux's `struct fsxattr` (`FS_IOC_FSGETXATTR`, `FS_IOC_FSSETXATTR`).
+#[repr(C)]
+#[derive(Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+/// Sets the extent size hint of `file` (XFS; other file systems may ignore it).
+fn set_extent_size_hint(file: &std::fs::File, hint: u32) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+    const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+    const FS_XFLAG_EXTSIZE: u32 = 0x800;
+    let mut attr = FsXattr::default();
+    // SAFETY: the ioctls read and write a `struct fsxattr`, which `FsXattr` lays out; the
+    // descriptor is open.
+    let r = unsafe {
+        let fd = file.as_raw_fd();
+        if libc::ioctl(fd, FS_IOC_FSGETXATTR as _, &mut attr) == 0 {
+            attr.xflags |= FS_XFLAG_EXTSIZE;
+            attr.extsize = hint;
+            libc::ioctl(fd, FS_IOC_FSSETXATTR as _, &attr)
+        } else {
+            -1
+        }
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// qemu-img's error for a size the format or the file system cannot hold (EFBIG); `hint`
@@ -149,104 +329,128 @@ fn too_large(filename: &str, format: &str, hint: &str) -> anyhow::Error {
     anyhow::anyhow!("{filename}: The image size is too large for file format '{format}'{hint}")
 }
 
-/// The "Formatting ..." line qemu-img prints (sizes as signed numbers, as QEMU shows them).
-pub fn formatting_line(
-    filename: &str,
-    fmt: Format,
-    o: &CreateOptions,
-    compat_given: bool,
-) -> String {
-    if fmt == Format::Raw {
-        return format!("Formatting '{filename}', fmt=raw size={}", o.size as i64);
-    }
-    let mut s = format!(
-        "Formatting '{filename}', fmt=qcow2 cluster_size={} extended_l2={}",
-        o.cluster_size as i64,
-        if o.extended_l2 { "on" } else { "off" }
-    );
-    if o.preallocation != Preallocation::Off {
-        let name = match o.preallocation {
-            Preallocation::Metadata => "metadata",
-            Preallocation::Falloc => "falloc",
-            Preallocation::Full => "full",
-            Preallocation::Off => "off",
-        };
-        s += &format!(" preallocation={name}");
-    }
-    s += &format!(
-        " compression_type={} size={}",
-        o.compression_type.name(),
-        o.size as i64
-    );
-    if let Some(b) = &o.backing_file {
-        s += &format!(" backing_file={b}");
-    }
-    if let Some(b) = &o.backing_format {
-        s += &format!(" backing_fmt={b}");
-    }
-    if let Some(d) = &o.data_file {
-        s += &format!(" data_file={d}");
-    }
-    if o.data_file_raw {
-        s += " data_file_raw=on";
-    }
-    if compat_given {
-        s += &format!(" compat={}", if o.version == 2 { "0.10" } else { "1.1" });
-    }
-    s += &format!(
-        " lazy_refcounts={} refcount_bits={}",
-        if o.lazy_refcounts { "on" } else { "off" },
-        o.refcount_bits
-    );
-    s
-}
-
 /// Runs `qimg create`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let fmt = crate::parse_format(&a.format)?;
-    let pairs = parse_options(&a.options)?;
-    let compat_given = pairs.iter().any(|(k, _)| k == "compat");
-    let mut o = CreateOptions {
-        backing_file: a.backing.clone(),
-        backing_format: a.backing_format.clone(),
-        locking: Locking::On,
-        ..Default::default()
-    };
-    if let Some(s) = &a.size {
-        o.size = cvtnum("image size", s)?;
+    let options = qemu_opts::accumulate(&a.options)?;
+    if options.as_deref().is_some_and(qemu_opts::has_help) {
+        qemu_opts::print_help(crate::parse_format(&a.format)?, a.filename.as_deref());
+        return Ok(0);
     }
-    if fmt == Format::Raw {
-        if !pairs.is_empty() || a.backing.is_some() {
-            bail!("raw images take no backing file and no -o options except size");
-        }
-    } else {
-        o = qcow2_options(&pairs, o).map_err(|e| anyhow::anyhow!("{}: {e}", a.filename))?;
-    }
-    // qemu-img compares the names as given.
-    if o.backing_file.as_deref() == Some(a.filename.as_str()) {
+    let Some(filename) = a.filename.as_deref() else {
         bail!(
-            "{}: Error: Trying to create an image with the same filename as the backing file",
-            a.filename
+            "Expecting image file name\nTry '{} create --help' for more info",
+            crate::progname()
+        );
+    };
+    let pairs = options.map_or_else(Vec::new, |s| qemu_opts::parse(&s));
+    let size = a
+        .size
+        .as_deref()
+        .map(|s| cvtnum("image size", s))
+        .transpose()?;
+    let fmt = Format::from_name(&a.format)
+        .ok_or_else(|| anyhow::anyhow!("{filename}: Unknown file format '{}'", a.format))?;
+    match fmt {
+        Format::Raw => create_raw_image(&a, filename, size, &pairs),
+        Format::Qcow2 => create_qcow2(&a, filename, size, &pairs),
+    }
+}
+
+/// `qimg create -f raw`.
+fn create_raw_image(
+    a: &Args,
+    filename: &str,
+    size: Option<u64>,
+    pairs: &[(String, String)],
+) -> anyhow::Result<u8> {
+    let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("{filename}: {e}");
+    let o = raw_options(pairs).map_err(|e| fail(&e))?;
+    if o.size.is_some() && size.is_some() {
+        return Err(fail(&"The image size must be specified only once"));
+    }
+    if a.backing.is_some() {
+        return Err(fail(&"Backing file not supported for file format 'raw'"));
+    }
+    if a.backing_format.is_some() {
+        return Err(fail(
+            &"Backing file format not supported for file format 'raw'",
+        ));
+    }
+    let Some(size) = o.size.or(size) else {
+        return Err(fail(&"Image creation needs a size parameter"));
+    };
+    if !a.quiet {
+        outln!(
+            "{}",
+            qemu_opts::formatting_line(filename, Format::Raw, pairs, size)
         );
     }
-    let size_given = a.size.is_some() || pairs.iter().any(|(k, _)| k == "size");
+    // Like qemu-img: whole 512-byte sectors, the size printed above unrounded.
+    create_raw(std::path::Path::new(filename), size, &o).map_err(|e| {
+        let efbig = e
+            .root_cause()
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            == Some(libc::EFBIG);
+        match efbig {
+            true => too_large(filename, "raw", ""),
+            false => fail(&format!("{e:#}")),
+        }
+    })?;
+    Ok(0)
+}
+
+/// `qimg create -f qcow2`.
+fn create_qcow2(
+    a: &Args,
+    filename: &str,
+    size: Option<u64>,
+    pairs: &[(String, String)],
+) -> anyhow::Result<u8> {
+    let mut o = CreateOptions {
+        locking: Locking::On,
+        size: size.unwrap_or(0),
+        ..Default::default()
+    };
+    o = qcow2_options(pairs, o).map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;
+    // -b and -F are set after the -o options, so they count over theirs.
+    let mut pairs = pairs.to_vec();
+    if let Some(b) = &a.backing {
+        o.backing_file = Some(b.clone());
+        pairs.push(("backing_file".into(), b.clone()));
+    }
+    if let Some(f) = &a.backing_format {
+        o.backing_format = Some(f.clone());
+        pairs.push(("backing_fmt".into(), f.clone()));
+    }
+    let size_option = pairs.iter().any(|(k, _)| k == "size");
+    if size_option && size.is_some() {
+        bail!("{filename}: The image size must be specified only once");
+    }
+    // qemu-img compares the names as given.
+    if o.backing_file.as_deref() == Some(filename) {
+        bail!("{filename}: Error: Trying to create an image with the same filename as the backing file");
+    }
+    let size_given = size.is_some() || size_option;
     if !size_given && (o.backing_file.is_none() || a.unsafe_backing) {
-        bail!("Image creation needs a size parameter");
+        bail!("{filename}: Image creation needs a size parameter");
     }
     // Without -u the backing file must open, with the size given or not.
     let mut detected = None;
     if let Some(b) = o.backing_file.as_deref().filter(|_| !a.unsafe_backing) {
-        let dir = std::path::Path::new(&a.filename)
+        let dir = std::path::Path::new(filename)
             .parent()
             .unwrap_or(std::path::Path::new("."));
         let path = qcow2::open::resolve_relative(b, dir);
+        let format = match o.backing_format.as_deref() {
+            None => None,
+            Some(f) => Some(Format::from_name(f).ok_or_else(|| {
+                anyhow::anyhow!("{filename}: Unknown driver '{f}'\nCould not open backing image.")
+            })?),
+        };
         let opts = qcow2::OpenOptions {
             read_only: true,
-            format: o
-                .backing_format
-                .as_deref()
-                .map(crate::parse_format)
-                .transpose()?,
+            format,
             ..Default::default()
         };
         let backing = qcow2::open_image(&path, &opts).map_err(|e| {
@@ -256,7 +460,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 qcow2::Error::BadMagic(_) => "Image is not in qcow2 format".to_string(),
                 e => e.to_string(),
             };
-            anyhow::anyhow!("{}: {why}\nCould not open backing image.", a.filename)
+            anyhow::anyhow!("{filename}: {why}\nCould not open backing image.")
         })?;
         if !size_given {
             // QEMU sees a raw file as whole sectors.
@@ -271,39 +475,26 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         let hint = detected.map_or(String::new(), |f| {
             format!("\nDetected format of {}.", f.name())
         });
-        bail!(
-            "{}: Backing file specified without backing format{hint}",
-            a.filename
-        );
+        bail!("{filename}: Backing file specified without backing format{hint}");
     }
     if !a.quiet {
-        outln!("{}", formatting_line(&a.filename, fmt, &o, compat_given));
+        outln!(
+            "{}",
+            qemu_opts::formatting_line(filename, Format::Qcow2, &pairs, o.size)
+        );
     }
-    let path = std::path::Path::new(&a.filename);
-    match fmt {
-        Format::Qcow2 => qcow2::create(path, &o).map_err(|e| match e {
-            // QEMU reads a size past i64::MAX as negative.
-            qcow2::Error::InvalidOption(m)
-                if m.starts_with("Image size too large") && o.size > i64::MAX as u64 =>
-            {
-                anyhow::anyhow!(
-                    "{}: Could not resize image: Image size cannot be negative",
-                    a.filename
-                )
-            }
-            qcow2::Error::InvalidOption(m) if m.starts_with("Image size too large") => {
-                too_large(&a.filename, "qcow2", " (try using a larger cluster size)")
-            }
-            e => anyhow::anyhow!("{}: {e}", a.filename),
-        })?,
-        // Like qemu-img: whole 512-byte sectors, the size printed above unrounded.
-        Format::Raw => qcow2::create::create_file(path, Locking::On)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", a.filename))?
-            .set_len(o.size.next_multiple_of(512))
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EFBIG) => too_large(&a.filename, "raw", ""),
-                _ => anyhow::Error::new(e).context(format!("Could not create '{}'", a.filename)),
-            })?,
-    }
+    check_backing_format(&o).map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;
+    qcow2::create(std::path::Path::new(filename), &o).map_err(|e| match e {
+        // QEMU reads a size past i64::MAX as negative.
+        qcow2::Error::InvalidOption(m)
+            if m.starts_with("Image size too large") && o.size > i64::MAX as u64 =>
+        {
+            anyhow::anyhow!("{filename}: Could not resize image: Image size cannot be negative")
+        }
+        qcow2::Error::InvalidOption(m) if m.starts_with("Image size too large") => {
+            too_large(filename, "qcow2", " (try using a larger cluster size)")
+        }
+        e => anyhow::anyhow!("{filename}: {e}"),
+    })?;
     Ok(0)
 }

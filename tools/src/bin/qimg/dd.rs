@@ -11,14 +11,17 @@ use crate::size::{cvtint_full, cvtnum_full};
 #[derive(clap::Args)]
 pub struct Args {
     /// Input format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Output format.
-    #[arg(short = 'O', default_value = "raw")]
+    #[arg(short = 'O', long = "output-format", default_value = "raw")]
     output_format: String,
     /// Open the input without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Options for features qimg lacks (refused).
+    #[command(flatten)]
+    lacking: crate::Lacking,
     /// Operands: if=FILE of=FILE bs=SIZE count=N skip=N.
     operands: Vec<String>,
 }
@@ -36,6 +39,7 @@ fn parse_operands(ops: &[String]) -> anyhow::Result<Operands> {
     let (mut input, mut output, mut bs, mut count, mut skip) = (None, None, 512, None, 0);
     let number = |name, v| cvtint_full(name, v, 0, i64::MAX as u64);
     for op in ops {
+        // An unknown operand is named without its value.
         let Some((k, v)) = op.split_once('=') else {
             bail!("unrecognized operand {op}");
         };
@@ -45,7 +49,7 @@ fn parse_operands(ops: &[String]) -> anyhow::Result<Operands> {
             "bs" => bs = cvtnum_full("bs", v, 1, i32::MAX as u64)?,
             "count" => count = Some(number("count", v)?),
             "skip" => skip = number("skip", v)?,
-            _ => bail!("unrecognized operand {op}"),
+            _ => bail!("unrecognized operand {k}"),
         }
     }
     let (Some(input), Some(output)) = (input, output) else {
@@ -62,14 +66,16 @@ fn parse_operands(ops: &[String]) -> anyhow::Result<Operands> {
 
 /// Runs `qimg dd`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
+    a.lacking.refuse()?;
     let ops = parse_operands(&a.operands)?;
-    let out_fmt = crate::parse_format(&a.output_format)?;
     let input = crate::open(
         &ops.input,
         a.format.as_deref(),
         true,
         crate::source_locking(a.force_share),
     )?;
+    let out_fmt = qcow2::Format::from_name(&a.output_format)
+        .ok_or_else(|| anyhow::anyhow!("Unknown file format"))?;
     let mut size = match input.format() {
         Format::Raw => input.size().next_multiple_of(512),
         Format::Qcow2 => input.size(),
@@ -80,7 +86,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let skip = ops.skip.checked_mul(ops.bs).filter(|&s| s <= size);
     let out_size = skip.map_or(0, |s| size - s);
     let out_path = std::path::Path::new(&ops.output);
-    match out_fmt {
+    let created = match out_fmt {
         Format::Qcow2 => qcow2::create(
             out_path,
             &CreateOptions {
@@ -89,12 +95,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 ..Default::default()
             },
         )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", ops.output))?,
-        Format::Raw => qcow2::create::create_file(out_path, Locking::On)
-            .map_err(|e| crate::open_error(&ops.output, e))?
-            .set_len(out_size.next_multiple_of(512))
-            .with_context(|| format!("{}: Could not create", ops.output))?,
-    }
+        .map_err(anyhow::Error::from),
+        Format::Raw => crate::create::create_raw(out_path, out_size, &Default::default()),
+    };
+    created
+        .map_err(|e| anyhow::anyhow!("{}: error while creating output image: {e:#}", ops.output))?;
     let Some(mut in_pos) = skip else {
         crate::print_error(format!("{}: cannot skip to specified offset", ops.input));
         return Ok(0);

@@ -18,17 +18,24 @@ use crate::size::human;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
+    #[arg(
+        long = "output",
+        default_value = "human",
+        value_parser = crate::parse_output
+    )]
+    output: crate::Json,
     /// Show the whole backing chain.
-    #[arg(long = "backing-chain")]
+    #[arg(short = 'b', long = "backing-chain")]
     backing_chain: bool,
     /// Open without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Options for features qimg lacks (refused).
+    #[command(flatten)]
+    lacking: crate::Lacking,
     /// The image.
     filename: String,
 }
@@ -176,6 +183,9 @@ fn node_info(
     format: Option<&str>,
     locking: Locking,
 ) -> anyhow::Result<(NodeInfo, Backing)> {
+    if let Some(f) = format {
+        crate::parse_driver(filename, f)?;
+    }
     let meta = std::fs::metadata(filename).map_err(|e| crate::file_open_error(filename, e))?;
     let (layer, backing) = open_layer(filename, format, None, locking, true)?;
     // A raw image's node is its file's node with the file as its child.
@@ -405,8 +415,9 @@ fn local_time(secs: i64) -> String {
 
 /// Runs `qimg info`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
+    a.lacking.refuse()?;
     let locking = crate::locking(a.force_share);
-    let json = crate::output_is_json("info", &a.output)?;
+    let json = a.output.0;
     let mut chain = Vec::new();
     let mut next = Some((a.filename.clone(), a.format.clone()));
     while let Some((name, fmt)) = next.take() {

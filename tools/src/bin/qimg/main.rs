@@ -35,6 +35,7 @@ mod interrupt;
 mod map;
 mod measure;
 mod progress;
+mod qemu_opts;
 mod qjson;
 mod rebase;
 mod resize;
@@ -108,8 +109,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().collect();
-    // getopt_long, which qemu-img uses, takes any unambiguous prefix of a long option.
-    let command = Cli::command().mut_subcommands(|s| s.infer_long_args(true));
+    // getopt_long, which qemu-img uses, takes any unambiguous prefix of a long option; an
+    // option given twice counts with its last value; the word after an option that needs a
+    // value is its value, even one that starts with '-'.
+    let command = Cli::command().mut_subcommands(|s| {
+        s.infer_long_args(true)
+            .args_override_self(true)
+            .mut_args(
+                |a| match !a.is_positional() && a.get_action().takes_values() {
+                    true => a.allow_hyphen_values(true),
+                    false => a,
+                },
+            )
+    });
     let cli = match command
         .try_get_matches_from(&args)
         .and_then(|m| Cli::from_arg_matches(&m))
@@ -205,14 +217,56 @@ fn without_os_error_numbers(message: &str) -> String {
     out
 }
 
-/// Checks the `--output` value of subcommand `command`; returns whether it asks for JSON.
-pub fn output_is_json(command: &str, output: &str) -> anyhow::Result<bool> {
+/// Options of qemu-img for features qimg lacks (an image given as a QEMU option string, QEMU
+/// objects such as secrets): accepted by the command line and refused with exit code 1.
+#[derive(clap::Args)]
+#[group(skip)]
+pub struct Lacking {
+    #[arg(long = "image-opts", hide = true)]
+    image_opts: bool,
+    #[arg(long = "object", hide = true)]
+    object: Vec<String>,
+}
+
+impl Lacking {
+    /// Fails if any option was given.
+    pub fn refuse(&self) -> anyhow::Result<()> {
+        if self.image_opts {
+            anyhow::bail!("qimg does not support --image-opts yet");
+        }
+        if !self.object.is_empty() {
+            anyhow::bail!("qimg does not support --object yet");
+        }
+        Ok(())
+    }
+}
+
+/// A command-line value refused in qemu-img's words. Refused by a clap value parser, it is
+/// reported where getopt would (in the order of the command line), followed by qemu-img's
+/// "Try ... --help" line.
+#[derive(Debug)]
+pub struct BadValue(pub String);
+
+impl std::fmt::Display for BadValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadValue {}
+
+/// The `--output` value: whether it asks for JSON.
+#[derive(Clone, Copy)]
+pub struct Json(pub bool);
+
+/// Parses an `--output` value as qemu-img does.
+pub fn parse_output(output: &str) -> Result<Json, BadValue> {
     match output {
-        "human" => Ok(false),
-        "json" => Ok(true),
-        o => anyhow::bail!(
-            "--output expects 'human' or 'json' not '{o}'\nTry 'qimg {command} --help' for more info"
-        ),
+        "human" => Ok(Json(false)),
+        "json" => Ok(Json(true)),
+        o => Err(BadValue(format!(
+            "--output expects 'human' or 'json' not '{o}'"
+        ))),
     }
 }
 
@@ -257,6 +311,13 @@ pub fn valid_cache_mode(c: &str) -> bool {
 /// Parses a qemu-img format name.
 pub fn parse_format(name: &str) -> anyhow::Result<qcow2::Format> {
     qcow2::Format::from_name(name).ok_or_else(|| anyhow::anyhow!("Unknown file format '{name}'"))
+}
+
+/// Parses the format `name` given for the image `path`, with the block layer's error (it
+/// names the image it was to open).
+pub fn parse_driver(path: &str, name: &str) -> anyhow::Result<qcow2::Format> {
+    qcow2::Format::from_name(name)
+        .ok_or_else(|| anyhow::anyhow!("Could not open '{path}': Unknown driver '{name}'"))
 }
 
 /// Opens an image as qemu-img would, with its error wording.
@@ -309,7 +370,7 @@ pub fn open_at(
 ) -> anyhow::Result<Box<dyn qcow2::Image>> {
     let opts = qcow2::OpenOptions {
         read_only,
-        format: format.map(parse_format).transpose()?,
+        format: format.map(|f| parse_driver(path, f)).transpose()?,
         snapshot,
         locking,
         ..Default::default()

@@ -13,8 +13,12 @@ pub struct Args {
     #[arg(short = 'f')]
     format: Option<String>,
     /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
+    #[arg(
+        long = "output",
+        default_value = "human",
+        value_parser = crate::parse_output
+    )]
+    output: crate::Json,
     /// First guest byte to map.
     #[arg(short = 's', long = "start-offset")]
     start_offset: Option<String>,
@@ -104,7 +108,7 @@ fn parse_opt(v: &Option<String>, what: &str) -> anyhow::Result<Option<u64>> {
 
 /// Runs `qimg map`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let json = crate::output_is_json("map", &a.output)?;
+    let json = a.output.0;
     let start = parse_opt(&a.start_offset, "start offset")?.unwrap_or(0);
     let max_length = parse_opt(&a.max_length, "max length")?.unwrap_or(i64::MAX as u64);
     let chain = Chain::open(

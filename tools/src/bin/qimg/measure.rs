@@ -2,10 +2,10 @@
 //! for a given virtual size or for the contents of an existing image.
 
 use anyhow::bail;
-use qcow2::{CreateOptions, Format, Preallocation};
+use qcow2::{Format, Preallocation};
 
 use crate::chain::Chain;
-use crate::create::{parse_options, qcow2_options, OptionError};
+use crate::qemu_opts;
 use crate::qjson::{dict, QObj};
 use crate::size::cvtnum;
 use crate::snapshot_param;
@@ -14,16 +14,20 @@ use crate::snapshot_param;
 #[derive(clap::Args)]
 pub struct Args {
     /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
+    #[arg(
+        long = "output",
+        default_value = "human",
+        value_parser = crate::parse_output
+    )]
+    output: crate::Json,
     /// Source image format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Target image format.
-    #[arg(short = 'O', default_value = "raw")]
+    #[arg(short = 'O', long = "target-format", default_value = "raw")]
     output_format: String,
     /// Target format options.
-    #[arg(short = 'o')]
+    #[arg(short = 'o', long = "options")]
     options: Vec<String>,
     /// Virtual size of a new image (instead of a source image).
     #[arg(long = "size")]
@@ -35,6 +39,9 @@ pub struct Args {
     /// Open without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Options for features qimg lacks (refused).
+    #[command(flatten)]
+    lacking: crate::Lacking,
     /// The source image.
     filename: Option<String>,
 }
@@ -102,41 +109,50 @@ fn bitmaps_size(src: &Chain, cs: u64) -> anyhow::Result<u64> {
     Ok(total + dir.next_multiple_of(cs))
 }
 
-/// (required, fully allocated, bitmaps) for a qcow2 target.
+/// (required, fully allocated, bitmaps) for a qcow2 target: QEMU's `qcow2_measure`, which
+/// reads only the options that change the size (and checks only those).
 fn measure_qcow2(
     pairs: &[(String, String)],
     size: u64,
     src: Option<&Chain>,
 ) -> anyhow::Result<(u64, u64, Option<u64>)> {
-    let mut extended_l2 = false;
-    let mut rest = Vec::new();
-    for (k, v) in pairs {
-        match k.as_str() {
-            "extended_l2" => extended_l2 = matches!(v.as_str(), "on" | "true" | "yes"),
-            "encrypt.format" | "encryption" => bail!("qimg does not support encrypted images"),
-            // Not checked by qemu-img measure either: it does not change the size.
-            "compression_type" => {}
-            _ => rest.push((k.clone(), v.clone())),
-        }
+    // The values were checked against their types already.
+    let get = |k: &str| qemu_opts::last(pairs, k);
+    let extended_l2 = get("extended_l2").is_some_and(|v| qemu_opts::bool_value("", v) == Ok(true));
+    let cs = get("cluster_size").map_or(65536, |v| qemu_opts::size_value("", v).unwrap_or(0));
+    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+        bail!("Cluster size must be a power of two between 512 and 2048k");
     }
-    let o = qcow2_options(&rest, CreateOptions::default()).map_err(|e| match e {
-        OptionError::Value {
-            param: "version",
-            value,
-        } => anyhow::anyhow!("Invalid compatibility level: '{value}'"),
-        OptionError::Value {
-            param: "preallocation",
-            value,
-        } => anyhow::anyhow!("invalid parameter value: {value}"),
-        OptionError::Syntax(m) => {
-            anyhow::anyhow!("{m}\nqimg: Invalid options for file format 'qcow2'")
-        }
-        _ => e.into(),
-    })?;
-    o.validate()?;
-    let cs = o.cluster_size;
     if extended_l2 && cs < 16384 {
         bail!("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+    }
+    let version = match get("compat") {
+        None | Some("1.1") => 3,
+        Some("0.10") => 2,
+        Some(v) => bail!("Invalid compatibility level: '{v}'"),
+    };
+    let refcount_bits =
+        get("refcount_bits").map_or(16, |v| qemu_opts::number_value("", v).unwrap_or(0));
+    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
+        bail!("Refcount width must be a power of two and may not exceed 64 bits");
+    }
+    if version < 3 && refcount_bits != 16 {
+        bail!(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above \
+             (use compat=1.1 or greater)"
+        );
+    }
+    let preallocation = match get("preallocation") {
+        None => Preallocation::Off,
+        Some(v) => Preallocation::from_name(v)
+            .ok_or_else(|| anyhow::anyhow!("invalid parameter value: {v}"))?,
+    };
+    let has_backing_file = get("backing_file").is_some();
+    if get("encrypt.format") == Some("luks") {
+        if get("encrypt.key-secret").is_none() {
+            bail!("Parameter 'encrypt.key-secret' is required for cipher");
+        }
+        bail!("qimg does not support encrypted images");
     }
     let l2e_size = if extended_l2 { 16 } else { 8 };
     let mut virtual_size = size.next_multiple_of(cs);
@@ -147,32 +163,37 @@ fn measure_qcow2(
     let mut bitmaps = None;
     if let Some(src) = src {
         virtual_size = src.size().next_multiple_of(cs);
-        required = if o.backing_file.is_some() {
+        required = if has_backing_file {
             virtual_size
         } else {
             data_clusters_bytes(src, cs)?
         };
         let supports = src.top_qcow2().is_some_and(|q| q.header().version >= 3);
-        if o.version >= 3 && supports {
+        if version >= 3 && supports {
             bitmaps = Some(bitmaps_size(src, cs)?);
         }
     }
-    if matches!(o.preallocation, Preallocation::Full | Preallocation::Falloc) {
+    if matches!(preallocation, Preallocation::Full | Preallocation::Falloc) {
         required = virtual_size;
     }
-    let fully = prealloc_size(virtual_size, cs, o.refcount_bits.trailing_zeros(), l2e_size);
+    let fully = prealloc_size(virtual_size, cs, refcount_bits.trailing_zeros(), l2e_size);
     Ok((fully - virtual_size + required, fully, bitmaps))
 }
 
 /// Runs `qimg measure`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let json = crate::output_is_json("measure", &a.output)?;
+    a.lacking.refuse()?;
+    let json = a.output.0;
+    let options = qemu_opts::accumulate(&a.options)?;
     let snapshot = a
         .snapshot
         .as_deref()
         .map(snapshot_param::parse)
         .transpose()?;
-    let src = match (&a.size, &a.filename) {
+    let size = (a.size.as_deref())
+        .map(|v| cvtnum("image size", v))
+        .transpose()?;
+    let src = match (size, &a.filename) {
         (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename."),
         (_, None) if a.format.is_some() || snapshot.is_some() => {
             bail!("--image-opts, -f, and -l require a filename argument.")
@@ -186,12 +207,14 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         )?),
         (Some(_), None) => None,
     };
-    let size = (a.size.as_deref())
-        .map(|v| cvtnum("image size", v))
-        .transpose()?
-        .unwrap_or(0);
-    let pairs = parse_options(&a.options)?;
-    let (required, fully, bitmaps) = match crate::parse_format(&a.output_format)? {
+    let size = size.unwrap_or(0);
+    let fmt = crate::parse_format(&a.output_format)?;
+    let pairs = options.map_or_else(Vec::new, |o| qemu_opts::parse(&o));
+    if let Err(e) = qemu_opts::validate(&pairs, &qemu_opts::create_options(fmt, true)) {
+        crate::print_error(e);
+        bail!("Invalid options for file format '{}'", fmt.name());
+    }
+    let (required, fully, bitmaps) = match fmt {
         Format::Raw => {
             let r = src.as_ref().map_or(size.next_multiple_of(512), Chain::size);
             (r, r, None)

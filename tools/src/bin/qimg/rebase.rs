@@ -48,7 +48,7 @@ pub struct Args {
 
 /// The format names qemu-img 10 knows (`qemu-img --help`): `-F` takes any of them, even in
 /// unsafe mode, where qimg only writes the name into the header.
-const QEMU_FORMATS: &[&str] = &[
+pub const QEMU_FORMATS: &[&str] = &[
     "blkdebug",
     "blklogwrites",
     "blkverify",
@@ -249,12 +249,15 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     {
         bail!("Invalid source cache option: {c}");
     }
+    let given = (a.format.as_deref())
+        .map(|f| crate::parse_driver(&a.filename, f))
+        .transpose()?;
     let backing = (!backing.is_empty()).then_some(backing);
     if let (Some(b), None) = (backing, &a.backing_format) {
         bail!("Could not change the backing file to '{b}': backing format must be specified");
     }
-    if let Some(f) = &a.format {
-        if crate::parse_format(f)? != qcow2::Format::Qcow2 {
+    if let Some(f) = given {
+        if f != qcow2::Format::Qcow2 {
             bail!(
                 "Could not change the backing file to '{}': Operation not supported",
                 backing.unwrap_or("")

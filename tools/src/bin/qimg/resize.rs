@@ -53,26 +53,7 @@ fn resize_raw(
     prealloc: Preallocation,
 ) -> anyhow::Result<()> {
     // Refused before the file changes, as qemu-img does.
-    if new > old && prealloc == Preallocation::Metadata {
-        bail!("Unsupported preallocation mode: metadata");
-    }
-    file.set_len(new)
-        .map_err(|e| anyhow::anyhow!("Could not resize file: {e}"))?;
-    if new > old {
-        match prealloc {
-            Preallocation::Off | Preallocation::Metadata => {}
-            Preallocation::Falloc => file.allocate(old, new - old)?,
-            Preallocation::Full => {
-                let zeros = vec![0u8; 1 << 20];
-                let mut off = old;
-                while off < new {
-                    let n = (new - off).min(zeros.len() as u64);
-                    file.write_at(&zeros[..n as usize], off)?;
-                    off += n;
-                }
-            }
-        }
-    }
+    crate::create::truncate_raw(file, old, new, prealloc)?;
     file.flush()?;
     Ok(())
 }
@@ -99,10 +80,13 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             .with_context(|| format!("Invalid preallocation mode '{p}'"))?,
     };
     let path = Path::new(&a.filename);
+    let given = (a.format.as_deref())
+        .map(|f| crate::parse_driver(&a.filename, f))
+        .transpose()?;
     let file = crate::open_file(&a.filename, true)?;
     let storage = Arc::new(FileStorage::new(file));
-    let fmt = match &a.format {
-        Some(f) => crate::parse_format(f)?,
+    let fmt = match given {
+        Some(f) => f,
         None => qcow2::open::probe(&*storage)?,
     };
     crate::lock(storage.file(), &a.filename, Locking::On, fmt, true)?;

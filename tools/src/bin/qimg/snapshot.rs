@@ -51,7 +51,10 @@ impl Args {
         all.extend(self.create.iter().cloned().map(Action::Create));
         all.extend(self.delete.iter().cloned().map(Action::Delete));
         if all.len() > 1 {
-            bail!("Cannot mix '-l', '-a', '-c', '-d'\nTry 'qimg snapshot --help' for more info");
+            bail!(
+                "Cannot mix '-l', '-a', '-c', '-d'\nTry '{} snapshot --help' for more info",
+                crate::progname()
+            );
         }
         Ok(all.pop().unwrap_or(Action::List))
     }
@@ -61,7 +64,10 @@ impl Args {
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let action = a.action()?;
     let [name] = &a.filename[..] else {
-        bail!("Expecting one image file name\nTry 'qimg snapshot --help' for more info");
+        bail!(
+            "Expecting one image file name\nTry '{} snapshot --help' for more info",
+            crate::progname()
+        );
     };
     let format = a.format.as_deref();
     if let Action::List = action {
@@ -157,9 +163,10 @@ fn open(
     writable: bool,
     locking: Locking,
 ) -> anyhow::Result<Option<Qcow2>> {
+    let given = format.map(|f| crate::parse_driver(name, f)).transpose()?;
     let storage = Arc::new(FileStorage::new(crate::open_file(name, writable)?));
-    let fmt = match format {
-        Some(f) => crate::parse_format(f)?,
+    let fmt = match given {
+        Some(f) => f,
         None => qcow2::open::probe(&*storage)?,
     };
     crate::lock(storage.file(), name, locking, fmt, writable)?;

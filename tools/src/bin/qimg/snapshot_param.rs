@@ -10,8 +10,12 @@ pub fn parse(param: &str) -> anyhow::Result<SnapshotRef> {
         return Ok(SnapshotRef::IdOrName(param.to_string()));
     }
     // Two error lines, as qemu-img prints them: the option's, then this one.
-    let (id, name) = parse_opts(param)
-        .map_err(|e| anyhow::anyhow!("{e}\nqimg: Failed in parsing snapshot param '{param}'"))?;
+    let (id, name) = parse_opts(param).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\n{}: Failed in parsing snapshot param '{param}'",
+            crate::progname()
+        )
+    })?;
     Ok(match (id, name) {
         (Some(id), Some(name)) => SnapshotRef::IdAndName { id, name },
         (Some(id), None) => SnapshotRef::Id(id),
@@ -82,7 +86,11 @@ mod tests {
         assert_eq!(p("snapshot.id"), Ok(SnapshotRef::Id("on".into())));
         assert_eq!(
             p("snapshot.foo=1"),
-            Err("Invalid parameter 'snapshot.foo'\nqimg: Failed in parsing snapshot param 'snapshot.foo=1'".into())
+            Err(format!(
+                "Invalid parameter 'snapshot.foo'\n{}: Failed in parsing snapshot param \
+                 'snapshot.foo=1'",
+                crate::progname()
+            ))
         );
     }
 }

@@ -33,10 +33,20 @@ mod tests {
         let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
         assert_eq!(parse_stat(line).unwrap(), 300.0 / hz);
         assert!(parse_stat("42 (x) S 1 2").is_err());
-        // Spin for 50 ms (several clock ticks): this process's CPU time is then positive.
-        let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_millis(50) {
-            std::hint::black_box(start.elapsed());
+        // Spin until this thread has had 50 ms of CPU (several clock ticks, however loaded
+        // the machine): this process's CPU time is then positive.
+        let thread_cpu = || {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime fills the timespec it is given.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+            t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+        };
+        let start = thread_cpu();
+        while thread_cpu() - start < 0.05 {
+            std::hint::black_box(start);
         }
         let own = cpu_seconds(std::process::id()).unwrap();
         assert!(own > 0.0 && own < 3600.0, "{own}");
