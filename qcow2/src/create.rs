@@ -105,20 +105,21 @@ impl CreateOptions {
             return bad("Refcount width must be a power of two and may not exceed 64 bits");
         }
         if self.version == 2 {
-            if self.refcount_bits != 16 {
-                return bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)");
+            // In QEMU's order.
+            if self.extended_l2 {
+                return bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
             if self.lazy_refcounts {
                 return bad("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
-            if self.compression_type != CompressionType::Deflate {
-                return bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+            if self.refcount_bits != 16 {
+                return bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)");
             }
             if self.data_file.is_some() {
-                return bad("data-file can only be used with compatibility level 1.1 and above (use version=v3 or greater)");
+                return bad("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
-            if self.extended_l2 {
-                return bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+            if self.compression_type != CompressionType::Deflate {
+                return bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
         } else if self.version != 3 {
             return bad("Invalid compatibility level");

@@ -4998,3 +4998,26 @@ fn long_options_of_qemu_img_10_work_like_their_short_forms() {
     assert_eq!(qemu(p, &["compare", "a.qcow2", "o.qcow2"]).0, 0);
     same(p, &["info", "o.qcow2"]);
 }
+
+/// Options that cannot go together are refused with QEMU's words, the first one in QEMU's
+/// order when several clash.
+#[test]
+fn clashing_create_options_are_refused_in_qemu_s_order() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for o in [
+        "compat=0.10,data_file=x",
+        "compat=0.10,data_file=x,compression_type=zstd",
+        "compat=0.10,refcount_bits=8,data_file=x,compression_type=zstd",
+        "compat=0.10,lazy_refcounts=on,refcount_bits=8,data_file=x",
+        "compat=0.10,extended_l2=on,lazy_refcounts=on",
+        "compat=0.10,extended_l2=on,cluster_size=4k",
+        "extended_l2=on,cluster_size=4k,preallocation=metadata,backing_file=b,backing_fmt=raw",
+        "preallocation=falloc,backing_file=b,backing_fmt=raw,backing_fmt=qcow2",
+        "backing_fmt=qcow2,preallocation=metadata",
+        "data_file_raw=on,backing_file=b,backing_fmt=raw",
+    ] {
+        same(p, &["create", "-f", "qcow2", "-o", o, "n.qcow2", "1M"]);
+        assert!(!p.join("n.qcow2").exists(), "{o}");
+    }
+}
