@@ -155,6 +155,9 @@ pub enum Error {
     /// The socket path is already served by a running process.
     #[error("socket '{0}' is in use by another process")]
     SocketInUse(PathBuf),
+    /// The socket path names something other than a socket.
+    #[error("'{0}' exists and is not a socket; it is left alone")]
+    NotASocket(PathBuf),
     /// Creating or using the listening socket failed.
     #[error("socket '{path}': {source}")]
     Socket {

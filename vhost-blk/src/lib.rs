@@ -7,7 +7,7 @@
 //! - [`config`] and [`features`]: what the device tells the driver;
 //! - [`device`]: state that outlives connections (disk, per-queue slots, shutdown);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per queue;
-//! - [`server`]: the socket and the connection loop; [`shutdown`]: SIGTERM/SIGINT.
+//! - [`server`]: the socket and the connection loop; [`shutdown`]: SIGTERM/SIGINT/SIGHUP.
 
 #![warn(missing_docs)]
 

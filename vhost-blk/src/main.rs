@@ -109,7 +109,7 @@ fn error_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    // Before any thread exists, so that only the signal thread receives SIGTERM/SIGINT.
+    // Before any thread exists, so that only the signal thread receives SIGTERM/SIGINT/SIGHUP.
     shutdown::block_signals()?;
     let opts = DiskOptions {
         path: cli.image.clone(),

@@ -5,9 +5,11 @@
 mod common;
 
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
@@ -645,14 +647,24 @@ fn config_space_is_truthful() {
     d.stop();
 }
 
-/// Runs the daemon expecting it to fail at start-up; returns its stderr.
+/// Runs the daemon expecting it to fail at start-up (within 20 s, not serving); returns its
+/// stderr.
 fn failing_start(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_vhost-blk"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-blk"))
         .args(args)
-        .output()
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "expected exit code 1");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let code = cowbird_tests::stack::wait_timeout(&mut child, Duration::from_secs(20));
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(code, Some(1), "expected exit code 1: {err}");
+    err
 }
 
 #[test]
@@ -695,6 +707,24 @@ fn start_up_errors_exit_1_with_one_line() {
     ]);
     assert!(err.contains("in use") && err.lines().count() == 1, "{err}");
     assert!(d.running());
+    // A socket path naming a file that is not a socket (say, a mistyped image name) is
+    // refused and the file left as it was.
+    let before = std::fs::read(&img).unwrap();
+    let second = dir.path().join("second.raw");
+    raw_file(&second, MIB);
+    let err = failing_start(&[
+        "--socket",
+        img.to_str().unwrap(),
+        "--image",
+        second.to_str().unwrap(),
+        "--format",
+        "raw",
+    ]);
+    assert!(
+        err.contains("not a socket") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(std::fs::read(&img).unwrap() == before);
 
     // QEMU's image locks, both ways: qemu-img cannot open an image we serve, and we refuse
     // an image QEMU has open.

@@ -173,6 +173,9 @@ pub enum Error {
     /// Another process is listening on the socket.
     #[error("socket {} is in use by another process", .0.display())]
     SocketInUse(PathBuf),
+    /// The socket path names something other than a socket.
+    #[error("{} exists and is not a socket; it is left alone", .0.display())]
+    NotASocket(PathBuf),
     /// The vhost-user machinery failed (daemon creation, protocol error).
     #[error("vhost-user: {0}")]
     VhostUser(String),

@@ -12,7 +12,7 @@
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per pair;
 //! - [`server`]: the socket and the connection loop; [`relay`]: the frontend's connection
 //!   relayed to the daemon, with QEMU's early `SET_VRING_ENABLE` put after `SET_FEATURES`;
-//!   [`shutdown`]: SIGTERM/SIGINT.
+//!   [`shutdown`]: SIGTERM/SIGINT/SIGHUP.
 
 #![warn(missing_docs)]
 

@@ -50,7 +50,7 @@ fn error_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    // Before any thread exists, so that only the signal thread receives SIGTERM/SIGINT.
+    // Before any thread exists, so that only the signal thread receives SIGTERM/SIGINT/SIGHUP.
     shutdown::block_signals()?;
     let mac = match cli.mac {
         Some(mac) => mac,

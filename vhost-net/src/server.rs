@@ -52,7 +52,11 @@ impl Server {
     /// Binds `path` to listen for frontends. A stale socket file is replaced; one a live
     /// process listens on is not.
     pub fn bind(path: &Path, device: Arc<Device>) -> Result<Server> {
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            // Only a socket is ours to replace: never a file someone typed by mistake.
+            if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+                return Err(Error::NotASocket(path.to_path_buf()));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(Error::SocketInUse(path.to_path_buf()));
             }

@@ -1,4 +1,4 @@
-//! SIGTERM/SIGINT handling: stop moving packets, remove the socket, exit 0. A TAP the daemon
+//! SIGTERM/SIGINT/SIGHUP handling: stop moving packets, remove the socket, exit 0. A TAP the daemon
 //! created is not persistent, so the kernel deletes it when the process's descriptors close.
 
 use std::path::PathBuf;
@@ -9,25 +9,26 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::device::Device;
 use crate::error::{Error, Result};
 
-/// The signals that stop the daemon.
+/// The signals that stop the daemon: SIGHUP too (a closed terminal), as for QEMU.
 fn stop_signals() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
     set
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread and every thread it creates later.
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and every thread it creates later.
 ///
 /// Call it first thing in `main`, before any thread exists, so that only the thread started
 /// by [`spawn_handler`] ever receives them.
 pub fn block_signals() -> Result<()> {
     stop_signals()
         .thread_block()
-        .map_err(|e| Error::Signal(format!("cannot block SIGTERM/SIGINT: {e}")))
+        .map_err(|e| Error::Signal(format!("cannot block SIGTERM/SIGINT/SIGHUP: {e}")))
 }
 
-/// Starts the thread that waits for SIGTERM/SIGINT, then stops `device`, removes the socket
+/// Starts the thread that waits for SIGTERM/SIGINT/SIGHUP, then stops `device`, removes the socket
 /// file `socket` (when the daemon listens on it) and exits the process with status 0.
 pub fn spawn_handler(device: Arc<Device>, socket: Option<PathBuf>) -> Result<()> {
     std::thread::Builder::new()
