@@ -139,6 +139,23 @@ pub fn assert_same(ours: &[u8], theirs: &[u8], what: &str) {
     }
 }
 
+/// Whether the qcow2 header at the start of `image_bytes` has the dirty bit set (bit 0 of
+/// the big-endian incompatible features at bytes 72..80): refcounts lag, lazy refcounts.
+pub fn qcow2_dirty_bit(image_bytes: &[u8]) -> bool {
+    let incompatible = image_bytes.get(72..80).expect("a qcow2 header (v3)");
+    u64::from_be_bytes(incompatible.try_into().expect("8 bytes")) & 1 != 0
+}
+
+/// Whether the qcow2 image file `image` is marked dirty now (see [`qcow2_dirty_bit`]).
+pub fn qcow2_file_dirty(image: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut header = [0u8; 80];
+    std::fs::File::open(image)
+        .and_then(|f| f.read_exact_at(&mut header, 0))
+        .unwrap_or_else(|e| panic!("reading the header of {}: {e}", image.display()));
+    qcow2_dirty_bit(&header)
+}
+
 /// A path inside a temp dir, as a String for command lines.
 pub fn path_in(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
