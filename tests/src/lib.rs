@@ -139,6 +139,52 @@ pub fn assert_same(ours: &[u8], theirs: &[u8], what: &str) {
     }
 }
 
+/// Makes the guest bytes `[offset, offset + len)` of `image` read as zeros without touching
+/// its metadata: zeroes the host clusters that hold them (as `qemu-img map` finds them);
+/// parts not allocated read as zeros already. Safe while a backend has the image open (it
+/// caches metadata, not data), so a test that then has the same bytes written again can tell
+/// whether that write landed. Checks the result with `qemu-io`.
+pub fn wipe_guest_range_in_place(image: &Path, format: &str, offset: u64, len: u64) {
+    use std::os::unix::fs::FileExt;
+    let path = image.to_str().expect("utf-8 path");
+    let map = qemu_img(&["map", "-U", "--output=json", "-f", format, path]);
+    let map: serde_json::Value = serde_json::from_str(&map).expect("qemu-img map JSON");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(image)
+        .expect("open image");
+    let end = offset + len;
+    let mut covered = 0;
+    for extent in map.as_array().expect("qemu-img map: a list") {
+        let field = |name: &str| extent[name].as_u64().expect("start and length");
+        let (start, length) = (field("start"), field("length"));
+        let (from, to) = (start.max(offset), (start + length).min(end));
+        if from >= to {
+            continue;
+        }
+        covered += to - from;
+        let local_data = extent["data"] == true && extent["depth"] == 0;
+        match extent["offset"].as_u64() {
+            Some(host) if local_data && extent["compressed"] == false => {
+                let zeroes = vec![0u8; (to - from) as usize];
+                file.write_all_at(&zeroes, host + (from - start))
+                    .expect("wipe image data");
+            }
+            _ if !local_data && extent["zero"] == true => {}
+            _ => panic!("cannot wipe [{from:#x}, {to:#x}) of {path} in place: {extent}"),
+        }
+    }
+    assert_eq!(
+        covered, len,
+        "qemu-img map of {path} does not cover the range"
+    );
+    let read_zeros = format!("read -P 0 {offset} {len}");
+    run_ok(
+        "qemu-io",
+        &["-U", "-r", "-f", format, "-c", &read_zeros, path],
+    );
+}
+
 /// Whether the qcow2 header at the start of `image_bytes` has the dirty bit set (bit 0 of
 /// the big-endian incompatible features at bytes 72..80): refcounts lag, lazy refcounts.
 pub fn qcow2_dirty_bit(image_bytes: &[u8]) -> bool {
