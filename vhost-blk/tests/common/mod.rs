@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests: start the real daemon binary, drive it with
-//! libblkio's `virtio-blk-vhost-user` driver, and check images with qemu-img.
+//! libblkio's `virtio-blk-vhost-user` driver, and compare images with a model file (the other
+//! qemu-img helpers are cowbird_tests').
 
 #![allow(dead_code)]
 
@@ -117,10 +118,8 @@ impl Daemon {
     /// (`iou-wrk-*`, which serve the rings and exit on their own when idle).
     pub fn threads(&self) -> usize {
         let pid = self.child.as_ref().expect("daemon stopped").id();
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return 0;
-        };
-        tasks
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap_or_else(|e| panic!("threads of vhost-blk {pid}: {e}"))
             .filter_map(Result::ok)
             .filter(|t| {
                 std::fs::read_to_string(t.path().join("comm"))
@@ -133,10 +132,9 @@ impl Daemon {
     /// (`anon_inode:[eventfd]`, `socket:[...]`, a path).
     pub fn open_fds(&self) -> Vec<String> {
         let pid = self.child.as_ref().expect("daemon stopped").id();
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            return Vec::new();
-        };
-        fds.filter_map(Result::ok)
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap_or_else(|e| panic!("descriptors of vhost-blk {pid}: {e}"))
+            .filter_map(Result::ok)
             .filter_map(|fd| std::fs::read_link(fd.path()).ok())
             .map(|target| target.display().to_string())
             .collect()
@@ -437,53 +435,9 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Runs a command, returning (success, stdout + stderr).
-pub fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} (is it installed?): {e}"));
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
-/// `qemu-img create -f FORMAT path size` (with extra options).
-pub fn qemu_img_create(path: &Path, format: &str, size: &str, extra: &[&str]) {
-    let p = path.to_str().expect("utf-8 path");
-    let mut args = vec!["create", "-q", "-f", format];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[p, size]);
-    let (ok, out) = run("qemu-img", &args);
-    assert!(ok, "qemu-img create failed: {out}");
-}
-
-/// Runs qemu-img with `args`, asserting success; returns its output.
-pub fn qemu_img(args: &[&str]) -> String {
-    let (ok, out) = run("qemu-img", args);
-    assert!(ok, "qemu-img {args:?} failed: {out}");
-    out
-}
-
-/// The guest-visible contents of `image` as qemu-img reads them (converted to raw next to it).
-pub fn contents_by_qemu(image: &Path, format: &str) -> Vec<u8> {
-    let raw = image.with_extension("contents.raw");
-    let (i, r) = (image.to_str().unwrap(), raw.to_str().unwrap());
-    qemu_img(&["convert", "-f", format, "-O", "raw", i, r]);
-    let bytes = std::fs::read(&raw).expect("read converted image");
-    std::fs::remove_file(&raw).expect("remove converted image");
-    bytes
-}
-
-/// Asserts `qemu-img check` finds no error in a qcow2 image.
-pub fn qemu_img_check(path: &Path) {
-    let (ok, out) = run("qemu-img", &["check", path.to_str().expect("utf-8 path")]);
-    assert!(ok, "qemu-img check failed:\n{out}");
-}
-
 /// Asserts the guest-visible content of `image` equals the raw file `model`.
 pub fn qemu_img_compare(image: &Path, format: &str, model: &Path) {
-    let (ok, out) = run(
+    let out = cowbird_tests::run(
         "qemu-img",
         &[
             "compare",
@@ -495,5 +449,10 @@ pub fn qemu_img_compare(image: &Path, format: &str, model: &Path) {
             model.to_str().expect("utf-8 path"),
         ],
     );
-    assert!(ok, "qemu-img compare: image differs from the model:\n{out}");
+    assert!(
+        out.status.success(),
+        "qemu-img compare: image differs from the model:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
