@@ -628,7 +628,10 @@ impl Drop for Qcow2 {
     /// Writes the metadata back, unless the image was marked corrupt: then, as in QEMU, the
     /// image takes nothing more (the event was reported when it happened).
     fn drop(&mut self) {
-        if self.marked_corrupt.load(std::sync::atomic::Ordering::SeqCst) {
+        if self
+            .marked_corrupt
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             return;
         }
         if let Err(e) = Image::close(self) {
