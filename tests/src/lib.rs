@@ -5,6 +5,8 @@
 //! tests never skip silently.
 
 pub mod crash;
+pub mod netns;
+pub mod process;
 pub mod procfs;
 pub mod small_fs;
 pub mod stack;

@@ -8,7 +8,8 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use cowbird_tests::stack::{guest, require_kvm, run_vmm_raw, Backend, Boot, NetNs};
+use cowbird_tests::netns::NetNs;
+use cowbird_tests::stack::{guest, require_kvm, run_vmm_raw, Backend, Boot};
 use cowbird_tests::{qemu_check, qemu_img, wipe_guest_range_in_place};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);

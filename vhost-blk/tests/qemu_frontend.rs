@@ -11,6 +11,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
+use cowbird_tests::stack::wait_timeout;
 use cowbird_tests::{assert_qemu_clean, qemu_img, qemu_raw, wipe_guest_range_in_place};
 
 /// `tests/data/qemu-boot-sector.S`, assembled (the rest of the sector is zero up to the
@@ -77,18 +78,7 @@ fn spawn_qemu(dir: &Path, socket: &Path, queues: u32, listen: bool) -> Child {
 
 /// Waits (at most 120 s) for QEMU to exit; returns its exit code and serial output.
 fn wait_qemu(dir: &Path, mut child: Child) -> (Option<i32>, String) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_timeout(&mut child, Duration::from_secs(120));
     let serial = dir.join("serial.log");
     (status, std::fs::read_to_string(&serial).unwrap_or_default())
 }

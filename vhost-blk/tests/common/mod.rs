@@ -4,24 +4,23 @@
 
 #![allow(dead_code)]
 
-use std::io::Read;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use cowbird_tests::process::Proc;
 
 /// Bytes of the shared buffer each client maps.
 pub const BUF_LEN: usize = 4 << 20;
 
 /// A running `vhost-blk` process on a socket in a temporary directory.
 pub struct Daemon {
-    child: Option<Child>,
+    proc: Proc,
     /// The socket path.
     pub socket: PathBuf,
-    stderr_path: PathBuf,
 }
 
 impl Daemon {
@@ -62,62 +61,26 @@ impl Daemon {
 
     fn spawn(mut cmd: Command, dir: &Path, image: &Path, args: &[&str]) -> Daemon {
         let socket = dir.join("vhost-blk.sock");
-        let stderr_path = dir.join("daemon.log");
-        let stderr = std::fs::File::create(&stderr_path).expect("create daemon log");
-        let child = cmd
-            .arg("--socket")
+        cmd.arg("--socket")
             .arg(&socket)
             .arg("--image")
             .arg(image)
             .args(args)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start vhost-blk");
-        let mut d = Daemon {
-            child: Some(child),
-            socket,
-            stderr_path,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.socket.exists() {
-            if let Some(status) = d.try_wait() {
-                panic!(
-                    "vhost-blk exited with {status} before listening:\n{}",
-                    d.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no socket after 20 s:\n{}",
-                d.log()
-            );
-            sleep(Duration::from_millis(10));
-        }
-        d
+            .env("RUST_LOG", "debug");
+        let mut proc = Proc::spawn("vhost-blk", cmd, dir.join("daemon.log"));
+        proc.wait_for_path(&socket, Duration::from_secs(20));
+        Daemon { proc, socket }
     }
 
     /// The daemon's log so far.
     pub fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.proc.log()
     }
 
     /// Number of threads of the daemon process, not counting the kernel's io_uring workers
     /// (`iou-wrk-*`, which serve the rings and exit on their own when idle).
     pub fn threads(&self) -> usize {
-        let pid = self.child.as_ref().expect("daemon stopped").id();
+        let pid = self.proc.pid();
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap_or_else(|e| panic!("threads of vhost-blk {pid}: {e}"))
             .filter_map(Result::ok)
@@ -131,7 +94,7 @@ impl Daemon {
     /// The daemon's open file descriptors, each as its `/proc/PID/fd` link target
     /// (`anon_inode:[eventfd]`, `socket:[...]`, a path).
     pub fn open_fds(&self) -> Vec<String> {
-        let pid = self.child.as_ref().expect("daemon stopped").id();
+        let pid = self.proc.pid();
         std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap_or_else(|e| panic!("descriptors of vhost-blk {pid}: {e}"))
             .filter_map(Result::ok)
@@ -142,7 +105,7 @@ impl Daemon {
 
     /// Memory the daemon has pinned (`VmPin` in /proc/PID/status), in KiB.
     pub fn pinned_kib(&self) -> u64 {
-        let pid = self.child.as_ref().expect("daemon stopped").id();
+        let pid = self.proc.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let line = status.lines().find_map(|l| l.strip_prefix("VmPin:"));
         let kib = line.and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
@@ -151,28 +114,12 @@ impl Daemon {
 
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
-        self.try_wait().is_none()
+        self.proc.try_wait().is_none()
     }
 
     /// Sends `signal` and waits (at most 20 s) for the exit status.
     pub fn stop_with(&mut self, signal: libc::c_int) -> ExitStatus {
-        let mut child = self.child.take().expect("daemon already stopped");
-        // SAFETY: kill only sends a signal to our own child process.
-        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for vhost-blk") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "vhost-blk did not exit after signal {signal}:\n{}",
-                    self.log()
-                );
-            }
-            sleep(Duration::from_millis(10));
-        }
+        self.proc.stop_with(signal)
     }
 
     /// SIGTERM, expecting a clean exit 0.
@@ -183,15 +130,6 @@ impl Daemon {
             "vhost-blk exited with {status}:\n{}",
             self.log()
         );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
