@@ -5,6 +5,8 @@
 //! tests never skip silently.
 
 pub mod crash;
+pub mod netns;
+pub mod process;
 pub mod procfs;
 pub mod small_fs;
 pub mod stack;
@@ -137,6 +139,69 @@ pub fn assert_same(ours: &[u8], theirs: &[u8], what: &str) {
             ours[i], theirs[i]
         );
     }
+}
+
+/// Makes the guest bytes `[offset, offset + len)` of `image` read as zeros without touching
+/// its metadata: zeroes the host clusters that hold them (as `qemu-img map` finds them);
+/// parts not allocated read as zeros already. Safe while a backend has the image open (it
+/// caches metadata, not data), so a test that then has the same bytes written again can tell
+/// whether that write landed. Checks the result with `qemu-io`.
+pub fn wipe_guest_range_in_place(image: &Path, format: &str, offset: u64, len: u64) {
+    use std::os::unix::fs::FileExt;
+    let path = image.to_str().expect("utf-8 path");
+    let map = qemu_img(&["map", "-U", "--output=json", "-f", format, path]);
+    let map: serde_json::Value = serde_json::from_str(&map).expect("qemu-img map JSON");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(image)
+        .expect("open image");
+    let end = offset + len;
+    let mut covered = 0;
+    for extent in map.as_array().expect("qemu-img map: a list") {
+        let field = |name: &str| extent[name].as_u64().expect("start and length");
+        let (start, length) = (field("start"), field("length"));
+        let (from, to) = (start.max(offset), (start + length).min(end));
+        if from >= to {
+            continue;
+        }
+        covered += to - from;
+        let local_data = extent["data"] == true && extent["depth"] == 0;
+        match extent["offset"].as_u64() {
+            Some(host) if local_data && extent["compressed"] == false => {
+                let zeroes = vec![0u8; (to - from) as usize];
+                file.write_all_at(&zeroes, host + (from - start))
+                    .expect("wipe image data");
+            }
+            _ if !local_data && extent["zero"] == true => {}
+            _ => panic!("cannot wipe [{from:#x}, {to:#x}) of {path} in place: {extent}"),
+        }
+    }
+    assert_eq!(
+        covered, len,
+        "qemu-img map of {path} does not cover the range"
+    );
+    let read_zeros = format!("read -P 0 {offset} {len}");
+    run_ok(
+        "qemu-io",
+        &["-U", "-r", "-f", format, "-c", &read_zeros, path],
+    );
+}
+
+/// Whether the qcow2 header at the start of `image_bytes` has the dirty bit set (bit 0 of
+/// the big-endian incompatible features at bytes 72..80): refcounts lag, lazy refcounts.
+pub fn qcow2_dirty_bit(image_bytes: &[u8]) -> bool {
+    let incompatible = image_bytes.get(72..80).expect("a qcow2 header (v3)");
+    u64::from_be_bytes(incompatible.try_into().expect("8 bytes")) & 1 != 0
+}
+
+/// Whether the qcow2 image file `image` is marked dirty now (see [`qcow2_dirty_bit`]).
+pub fn qcow2_file_dirty(image: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut header = [0u8; 80];
+    std::fs::File::open(image)
+        .and_then(|f| f.read_exact_at(&mut header, 0))
+        .unwrap_or_else(|e| panic!("reading the header of {}: {e}", image.display()));
+    qcow2_dirty_bit(&header)
 }
 
 /// A path inside a temp dir, as a String for command lines.

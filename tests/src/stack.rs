@@ -8,6 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::netns::NetNs;
+use crate::process::Proc;
+
 /// The test guest's artefacts.
 #[derive(Debug, Clone)]
 pub struct Guest {
@@ -262,46 +265,23 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<i32> {
 
 /// A backend process serving a vhost-user socket; killed on drop.
 pub struct Backend {
-    child: Child,
+    proc: Proc,
     /// The socket it listens on.
     pub socket: PathBuf,
-    log: PathBuf,
 }
 
 impl Backend {
     /// Starts `program args...`, logging to `<socket>.log`, and waits until `socket` exists.
     pub fn start(program: &Path, args: &[String], socket: &Path) -> Backend {
-        let log = socket.with_extension("log");
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log).expect("log file"))
-            .stderr(fs::File::create(log.with_extension("err")).expect("log file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        let mut backend = Backend {
-            child,
+        let mut command = Command::new(program);
+        command.args(args);
+        let what = program.display().to_string();
+        let mut proc = Proc::spawn(&what, command, socket.with_extension("log"));
+        proc.wait_for_path(socket, Duration::from_secs(20));
+        Backend {
+            proc,
             socket: socket.to_owned(),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
-            if let Some(status) = backend.child.try_wait().expect("wait") {
-                panic!(
-                    "{} exited ({status}) before listening:\n{}",
-                    program.display(),
-                    backend.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never created {}",
-                program.display(),
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        backend
     }
 
     /// `vhost-blk --socket <dir>/<name>.sock --image IMAGE extra...`.
@@ -362,60 +342,17 @@ impl Backend {
 
     /// The backend's stdout and stderr so far.
     pub fn log(&self) -> String {
-        let out = fs::read_to_string(&self.log).unwrap_or_default();
-        let err = fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
-        format!("{out}{err}")
+        self.proc.log()
     }
 
-    /// Sends SIGTERM and waits; returns whether it exited 0.
+    /// Sends SIGTERM and waits (at most 20 s); returns whether it exited 0.
     pub fn stop(&mut self) -> bool {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().expect("wait").code() == Some(0)
+        self.proc.stop_with(libc::SIGTERM).success()
     }
 
     /// Kills the process with SIGKILL (a crash) and waits for it.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A network namespace made for one test and deleted when dropped.
-pub struct NetNs {
-    /// Its name (`ip netns` name).
-    pub name: String,
-}
-
-impl NetNs {
-    /// Creates a namespace with a name unique to this process and `tag`.
-    pub fn new(tag: &str) -> NetNs {
-        let name = format!("cowbird-{}-{tag}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run ip (package iproute2): {e}"));
-        assert!(
-            out.status.success(),
-            "ip netns add {name} failed (these tests need root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        NetNs { name }
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        self.proc.kill();
     }
 }
 

@@ -24,6 +24,20 @@ pub const OUTSIDE: u64 = 0xdead_0000_0000;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// VHOST_USER_F_PROTOCOL_FEATURES.
 pub const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// What a status byte holds until the device writes it (see [`preset_status`]).
+pub const STATUS_CANARY: u8 = 0xee;
+
+/// Presets the `count` status bytes at guest address `addr` to [`STATUS_CANARY`]. Guest
+/// memory starts zeroed and `VIRTIO_BLK_S_OK` is 0: a check for OK on a byte not preset
+/// passes even when the device never wrote the status.
+pub fn preset_status<M>(mem: &M, addr: u64, count: usize)
+where
+    M: Bytes<GuestAddress> + ?Sized,
+    M::E: std::fmt::Debug,
+{
+    mem.write_slice(&vec![STATUS_CANARY; count], GuestAddress(addr))
+        .expect("status bytes in guest memory");
+}
 
 /// Guest address of the descriptor table; the avail and used rings follow at 4 KiB steps.
 const DESC: u64 = 0x0;

@@ -73,7 +73,7 @@ fn crash_round(seed: u64, opts: &CreateOptions, base: Option<&std::path::Path>) 
     if let Some(b) = base {
         std::fs::copy(b.join("base.qcow2"), dir.path().join("base.qcow2")).unwrap();
     }
-    let dirty = u64::from_be_bytes(crashed[72..80].try_into().unwrap()) & 1 != 0;
+    let dirty = qcow2_dirty_bit(&crashed);
     if dirty {
         // Dirty (lazy refcounts): a writable open repairs the refcounts, as QEMU's does.
         assert!(
@@ -381,7 +381,7 @@ fn a_crash_while_growing_a_lazy_refcount_image_leaves_it_repairable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("crashed.qcow2");
         std::fs::write(&path, &crashed).unwrap();
-        if u64::from_be_bytes(crashed[72..80].try_into().unwrap()) & 1 != 0 {
+        if qcow2_dirty_bit(&crashed) {
             dirty += 1;
             drop(open(&path, false));
         }
@@ -464,6 +464,8 @@ fn a_crash_never_keeps_an_l1_entry_without_its_new_l2_table() {
     qemu_io(&path, &["write -P 0x5a 0 1M"]);
     qemu_img(&["snapshot", "-c", "snap", p]);
     let original = std::fs::read(&path).unwrap();
+    let mut crashes = 0;
+    let mut ran_out_of_flushes = false;
     for n in 1..=6 {
         let storage = Arc::new(CrashStorage::default());
         qcow2::Storage::write_at(&*storage, &original, 0).unwrap();
@@ -474,12 +476,24 @@ fn a_crash_never_keeps_an_l1_entry_without_its_new_l2_table() {
         img.flush().unwrap();
         drop(img);
         if !storage.has_crashed() {
+            ran_out_of_flushes = true;
             break;
         }
+        crashes += 1;
         let crashed = dir.path().join(format!("crashed{n}.qcow2"));
         std::fs::write(&crashed, storage.crash_image(&mut rand::rng())).unwrap();
         let (code, text) = qemu_check(&crashed);
         assert!(code == 0 || code == 3, "crash at flush {n}: {text}");
         qemu_io(&crashed, &["read -P 0x5a 0 1M"]);
     }
+    // Every flush of the copy was crashed at: the write and its flush has some, and fewer
+    // than the loop tries.
+    assert!(
+        crashes > 0,
+        "the write and flush never flushed: nothing was tested"
+    );
+    assert!(
+        ran_out_of_flushes,
+        "the write and flush has more than {crashes} flushes: crash at the later ones too"
+    );
 }

@@ -167,7 +167,7 @@ fn lazy_refcounts_mark_the_image_dirty_while_open_and_clean_on_close() {
         lazy_refcounts: true,
         ..Default::default()
     };
-    let dirty = || std::fs::read(&path).unwrap()[79] & 1 != 0;
+    let dirty = || qcow2_file_dirty(&path);
     let while_open = |_: &Qcow2| {
         assert!(
             dirty(),

@@ -8,8 +8,9 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use cowbird_tests::stack::{binary, guest, require_kvm, run_vmm_raw, Backend, Boot, NetNs};
-use cowbird_tests::{qemu_check, qemu_img};
+use cowbird_tests::netns::NetNs;
+use cowbird_tests::stack::{guest, require_kvm, run_vmm_raw, Backend, Boot};
+use cowbird_tests::{qemu_check, qemu_img, wipe_guest_range_in_place};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const MIB: usize = 1 << 20;
@@ -139,8 +140,7 @@ fn vhost_blk_killed_and_restarted_while_the_guest_is_idle() {
     let run = boot.run_with_pause(dir.path(), BOOT_TIMEOUT, || {
         first.kill();
         // Wipe what the first step wrote: only the second one can put it back.
-        let file = fs::File::options().write(true).open(&image).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&file, &vec![0u8; MIB], MIB as u64).unwrap();
+        wipe_guest_range_in_place(&image, "raw", MIB as u64, MIB as u64);
         Backend::vhost_blk(dir.path(), "blk", &image, &["--format", "raw"])
     });
     let (run, mut second) = run;
@@ -394,8 +394,6 @@ fn bad_kernel_and_missing_socket_give_one_clear_error() {
             socket.display()
         )
     );
-    // The binary exists where the harness looks for it (sanity for the helpers above).
-    assert!(binary("vmm").exists());
 }
 
 /// SIGUSR1 dumps every vCPU's registers and the VM keeps running; SIGTERM stops it with

@@ -7,6 +7,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cowbird_tests::vring::preset_status;
 use qcow2::{FileStorage, RawImage};
 use vhost_blk::backend::BlkBackend;
 use vhost_blk::config::WCE_OFFSET;
@@ -177,6 +178,11 @@ impl Rig {
         self.call.read().is_ok()
     }
 
+    /// Presets `count` status bytes from `addr` (see [`preset_status`]).
+    fn preset_status(&self, addr: u64, count: usize) {
+        preset_status(&*self.mem.memory(), addr, count);
+    }
+
     fn kick(&self) {
         self.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
@@ -196,6 +202,7 @@ fn completes_chains_with_event_idx() {
         .memory()
         .write_slice(&[0xeeu8; 4096], GuestAddress(0x8000))
         .unwrap();
+    r.preset_status(0x3000, 5);
     let h0 = r.push(&[(0x2000, 16, 0), (0x4000, 4096, 0), (0x3000, 1, W)]);
     // Requests in flight together are not ordered (as on real disks): this read does not
     // overlap the write. The flush completes after both (it waits for the writes before it).
@@ -213,7 +220,7 @@ fn completes_chains_with_event_idx() {
     assert_eq!(first_two, expected);
     assert_eq!(r.used_elem(2), (u32::from(h2), 1));
     let statuses: [u8; 3] = r.read(0x3000);
-    assert_eq!(statuses, [0, 0, 0]);
+    assert_eq!(statuses, [VIRTIO_BLK_S_OK as u8; 3]);
     let read_back = |r: &Rig, addr| {
         let mut back = [0u8; 4096];
         r.mem
@@ -240,6 +247,7 @@ fn completes_chains_with_event_idx() {
     r.push(&[(0x2300, 16, 0), (0x3003, 1, W)]);
     r.kick();
     assert_eq!(r.used_idx(), 4);
+    assert_eq!(r.read::<u8>(0x3003), VIRTIO_BLK_S_OK as u8);
     assert!(
         !r.notified(),
         "notification sent although used_event says not yet"
@@ -250,6 +258,7 @@ fn completes_chains_with_event_idx() {
     r.push(&[(0x2400, 16, 0), (0x9000, 4096, W), (0x3004, 1, W)]);
     r.kick();
     r.backend.stop_vring(0).unwrap();
+    assert_eq!(r.read::<u8>(0x3004), VIRTIO_BLK_S_OK as u8);
     assert_eq!(read_back(&r, 0x9000), [0x5au8; 4096]);
 }
 
@@ -326,6 +335,7 @@ fn wce_is_writable_only_when_negotiated() {
         "capacity is read-only"
     );
     r.backend.set_config(WCE_OFFSET as u32, &[1]).unwrap();
+    assert_eq!(r.backend.get_config(WCE_OFFSET as u32, 1), vec![1]);
     assert_eq!(r.backend.get_config(0, 8), (2048u64).to_le_bytes());
 }
 
@@ -341,10 +351,7 @@ fn io_uring_requests_complete_at_stop_vring() {
     r.push(&[(0x2000, 16, 0), (0x4000, 8192, 0), (0x3000, 1, W)]);
     r.header(0x2100, VIRTIO_BLK_T_FLUSH, 0);
     let flush = r.push(&[(0x2100, 16, 0), (0x3001, 1, W)]);
-    r.mem
-        .memory()
-        .write_obj(0xeeu8, GuestAddress(0x3000))
-        .unwrap();
+    r.preset_status(0x3000, 3);
     r.kick();
     // The flush completed at once; the write is in the ring (or already done).
     assert!(r.used_idx() >= 1);
@@ -352,7 +359,7 @@ fn io_uring_requests_complete_at_stop_vring() {
     // GET_VRING_BASE: the backend waits for the write and completes it.
     r.backend.stop_vring(0).unwrap();
     assert_eq!(r.used_idx(), 2);
-    assert_eq!(r.read::<u8>(0x3000), 0);
+    assert_eq!(r.read::<[u8; 2]>(0x3000), [VIRTIO_BLK_S_OK as u8; 2]);
     // Read it back through the ring.
     r.header(0x2200, VIRTIO_BLK_T_IN, 16);
     r.push(&[(0x2200, 16, 0), (0x8000, 8192, W), (0x3002, 1, W)]);
@@ -360,6 +367,7 @@ fn io_uring_requests_complete_at_stop_vring() {
     r.backend.stop_vring(0).unwrap();
     assert_eq!(r.used_idx(), 3);
     assert_eq!(r.used_elem(2).1, 8193);
+    assert_eq!(r.read::<u8>(0x3002), VIRTIO_BLK_S_OK as u8);
     let mut back = [0u8; 8192];
     r.mem
         .memory()
@@ -428,6 +436,7 @@ fn a_kick_during_a_slow_request_is_served_before_it_completes() {
     let dup = unsafe { File::from_raw_fd(libc::dup(kick.as_raw_fd())) };
     r.vring.set_kick(Some(dup));
 
+    r.preset_status(0x3000, 2);
     r.header(0x2000, VIRTIO_BLK_T_IN, 0);
     let slow = r.push(&[(0x2000, 16, 0), (0x4000, 4096, W), (0x3000, 1, W)]);
     let (returned, woke) = std::sync::mpsc::channel();
@@ -474,7 +483,7 @@ fn a_kick_during_a_slow_request_is_served_before_it_completes() {
     });
     assert_eq!(r.used_idx(), 2);
     assert_eq!(r.used_elem(1), (u32::from(slow), 4097));
-    assert_eq!(r.read::<u8>(0x3000), 0);
+    assert_eq!(r.read::<[u8; 2]>(0x3000), [VIRTIO_BLK_S_OK as u8; 2]);
     assert_eq!(r.read::<[u8; 4]>(0x4000), [0x5a; 4]);
 }
 
@@ -547,6 +556,7 @@ fn buffers_across_memory_regions_are_served() {
     ];
     for disk in [wrapped, opened] {
         let mut r = rig_with(disk, Duration::ZERO, &ranges);
+        r.preset_status(0x3000, 2);
         let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
         r.mem
             .memory()
@@ -565,7 +575,11 @@ fn buffers_across_memory_regions_are_served() {
         r.kick();
         r.backend.stop_vring(0).unwrap();
         assert_eq!(r.used_idx(), 2);
-        assert_eq!(r.read::<[u8; 2]>(0x3000), [0, 0], "status bytes");
+        assert_eq!(
+            r.read::<[u8; 2]>(0x3000),
+            [VIRTIO_BLK_S_OK as u8; 2],
+            "status bytes"
+        );
         assert_eq!(r.used_elem(1).1, 8193);
         let mut back = vec![0u8; 8192];
         r.mem
@@ -635,6 +649,7 @@ fn a_flush_does_not_wait_for_requests_in_flight() {
         flushed: tempfile::tempfile().unwrap(),
     };
     let mut r = rig_on(Disk::new(Arc::new(img), Some("slow"), 4096).unwrap());
+    r.preset_status(0x3000, 2);
     r.header(0x2000, VIRTIO_BLK_T_IN, 0);
     let slow = r.push(&[(0x2000, 16, 0), (0x4000, 4096, W), (0x3000, 1, W)]);
     r.header(0x2100, VIRTIO_BLK_T_FLUSH, 0);
@@ -658,7 +673,11 @@ fn a_flush_does_not_wait_for_requests_in_flight() {
     });
     assert_eq!(r.used_idx(), 2);
     assert_eq!(r.used_elem(1), (u32::from(slow), 4097));
-    assert_eq!(r.read::<[u8; 2]>(0x3000), [0, 0], "status bytes");
+    assert_eq!(
+        r.read::<[u8; 2]>(0x3000),
+        [VIRTIO_BLK_S_OK as u8; 2],
+        "status bytes"
+    );
 }
 
 /// A raw image file whose io_uring descriptor is a pipe: the ring's fsync of it fails
@@ -709,6 +728,7 @@ fn a_failed_sync_fails_that_flush_and_every_later_one() {
     };
     let img = RawImage::new(Arc::new(storage), false).unwrap();
     let mut r = rig_on(Disk::new(Arc::new(img), Some("fsyncgate"), 4096).unwrap());
+    r.preset_status(0x3000, 3);
     r.mem
         .memory()
         .write_slice(&[0x5a; 4096], GuestAddress(0x4000))

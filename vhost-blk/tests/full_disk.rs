@@ -8,6 +8,7 @@ use std::path::Path;
 
 use common::*;
 use cowbird_tests::small_fs::SmallFs;
+use cowbird_tests::{qemu_check, qemu_img_create_qcow2, qemu_raw};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -66,13 +67,13 @@ fn fill_then_free(fs: &SmallFs, image: &Path, format: &str) -> Vec<u8> {
 fn qcow2_on_a_full_file_system_fails_writes_and_loses_nothing() {
     let fs = SmallFs::mount(4 * MIB);
     let image = fs.path().join("disk.qcow2");
-    qemu_img_create(&image, "qcow2", "64M", &["-o", "cluster_size=4096"]);
+    qemu_img_create_qcow2(image.to_str().unwrap(), &["-o", "cluster_size=4096"], "64M");
     let model = fill_then_free(&fs, &image, "qcow2");
     // 0: clean; 3: leaked clusters only (a cluster allocated for a write that then failed).
-    let (code, out) = cowbird_tests::qemu_check(&image);
+    let (code, out) = qemu_check(&image);
     assert!(matches!(code, 0 | 3), "qemu-img check exit {code}:\n{out}");
     assert!(
-        cowbird_tests::qemu_raw(&image) == model,
+        qemu_raw(&image) == model,
         "the image differs from what the guest wrote"
     );
 }

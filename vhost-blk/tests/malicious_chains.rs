@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use cowbird_tests::vring::{preset_status, STATUS_CANARY};
 use qcow2::{FileStorage, RawImage};
 use vhost_blk::disk::Disk;
 use vhost_blk::exec::{Completion, Executor};
@@ -30,7 +31,6 @@ const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
-const STATUS_UNTOUCHED: u8 = 0xee;
 
 fn memory() -> Mem {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
@@ -60,8 +60,7 @@ fn put_header(mem: &Mem, addr: u64, request_type: u32, sector: u64) {
     h[..4].copy_from_slice(&request_type.to_le_bytes());
     h[8..].copy_from_slice(&sector.to_le_bytes());
     mem.write_slice(&h, GuestAddress(addr)).unwrap();
-    mem.write_obj(STATUS_UNTOUCHED, GuestAddress(STATUS))
-        .unwrap();
+    preset_status(mem, STATUS, 1);
 }
 
 /// A chain of `descs` linked in order (NEXT flags and indices set for you).
@@ -219,7 +218,7 @@ fn looping_and_overlong_chains_are_dropped() {
         let c = raw_chain(&mem, &descs);
         let done = complete(&mem, c.clone(), &disk(false));
         assert_eq!(done.status, None);
-        assert_eq!(status(&mem), STATUS_UNTOUCHED);
+        assert_eq!(status(&mem), STATUS_CANARY);
         let e = parse_err(c, &limits(false));
         assert!(
             matches!(e.error, Error::BrokenChain { .. }),
@@ -248,7 +247,7 @@ fn wrong_directions_are_rejected() {
     let c = chain(&mem, &[d(HDR, 16, 0), d(STATUS, 1, 0)]);
     let e = parse_err(c, &limits(false));
     assert!(matches!(e.error, Error::NoStatus { .. }) && e.status.is_none());
-    assert_eq!(status(&mem), STATUS_UNTOUCHED);
+    assert_eq!(status(&mem), STATUS_CANARY);
 
     // Readable after writable.
     let c = chain(
@@ -563,6 +562,8 @@ fn executor_reads_writes_zeroes_and_identifies() {
     // Read them back scattered differently.
     let out = 0x20000;
     put_header(&mem, HDR, VIRTIO_BLK_T_IN, 10);
+    // The status byte follows the data in the last descriptor.
+    preset_status(&mem, out + 3072, 1);
     let c = chain(
         &mem,
         &[d(HDR, 16, 0), d(out, 3000, W), d(out + 3000, 72 + 1, W)],

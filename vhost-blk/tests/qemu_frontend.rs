@@ -11,6 +11,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
+use cowbird_tests::stack::wait_timeout;
+use cowbird_tests::{assert_qemu_clean, qemu_img, qemu_raw, wipe_guest_range_in_place};
 
 /// `tests/data/qemu-boot-sector.S`, assembled (the rest of the sector is zero up to the
 /// 0x55 0xaa signature).
@@ -29,6 +31,9 @@ const BOOT_CODE: &[u8] = &[
     0x2d, 0x4f, 0x4b, 0x0d, 0x0a, 0x00, 0x56, 0x48, 0x4f, 0x53, 0x54, 0x42, //
     0x4c, 0x4b, 0x2d, 0x46, 0x41, 0x49, 0x4c, 0x0d, 0x0a,
 ];
+
+/// Where the guest writes the sectors it read, inverted (sectors 16..24).
+const GUEST_WRITE: std::ops::Range<usize> = 16 * 512..24 * 512;
 
 /// `isa-debug-exit` turns the guest's success code 0x10 into this exit status.
 const QEMU_SUCCESS: i32 = (0x10 << 1) | 1;
@@ -73,18 +78,7 @@ fn spawn_qemu(dir: &Path, socket: &Path, queues: u32, listen: bool) -> Child {
 
 /// Waits (at most 120 s) for QEMU to exit; returns its exit code and serial output.
 fn wait_qemu(dir: &Path, mut child: Child) -> (Option<i32>, String) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_timeout(&mut child, Duration::from_secs(120));
     let serial = dir.join("serial.log");
     (status, std::fs::read_to_string(&serial).unwrap_or_default())
 }
@@ -115,10 +109,10 @@ fn boot_image(dir: &Path, format: &str) -> (PathBuf, Vec<u8>) {
 
 /// Checks that the image holds what the guest wrote, and nothing else changed.
 fn check_guest_wrote(img: &Path, format: &str, contents: &[u8]) {
-    let after = contents_by_qemu(img, format);
+    let after = qemu_raw(img);
     let inverted: Vec<u8> = contents[512..512 + 4096].iter().map(|b| !b).collect();
     assert!(
-        after[16 * 512..24 * 512] == inverted[..],
+        after[GUEST_WRITE] == inverted[..],
         "the guest's write is not in the image"
     );
     assert!(
@@ -126,7 +120,7 @@ fn check_guest_wrote(img: &Path, format: &str, contents: &[u8]) {
         "the guest's read sectors changed"
     );
     if format == "qcow2" {
-        qemu_img_check(img);
+        assert_qemu_clean(img);
     }
 }
 
@@ -189,6 +183,11 @@ fn qemu_listens_and_the_client_daemon_connects_and_reconnects() {
             d.log()
         );
         assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
+        if round == 0 {
+            // Wipe what this guest wrote: only the next one can put it back.
+            let (at, len) = (GUEST_WRITE.start as u64, GUEST_WRITE.len() as u64);
+            wipe_guest_range_in_place(&img, "qcow2", at, len);
+        }
     }
     let mut d = daemon.unwrap();
     d.stop();

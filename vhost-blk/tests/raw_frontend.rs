@@ -7,7 +7,10 @@
 mod common;
 
 use common::{pattern, Daemon};
-use cowbird_tests::vring::{handshake, TestRing, NEXT, OUTSIDE, WRITE};
+use cowbird_tests::vring::{
+    handshake, preset_status, TestRing, NEXT, OUTSIDE, STATUS_CANARY, WRITE,
+};
+use cowbird_tests::{assert_qemu_clean, qemu_img};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
@@ -16,9 +19,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM_SIZE: usize = 4 << 20;
 const SIZE: u16 = 32;
-/// Status bytes live here, one per request, preset to this canary.
+/// Status bytes live here, one per request, preset to `STATUS_CANARY`.
 const STATUS: u64 = 0x3_0000;
-const CANARY: u8 = 0xaa;
 /// Sectors of the test disk.
 const SECTORS: u64 = 2048;
 
@@ -38,7 +40,7 @@ fn hostile_chains_fail_alone_and_the_daemon_keeps_serving() {
     for format in ["raw", "qcow2"] {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join(format!("disk.{format}"));
-        common::qemu_img(&[
+        qemu_img(&[
             "create",
             "-q",
             "-f",
@@ -49,8 +51,7 @@ fn hostile_chains_fail_alone_and_the_daemon_keeps_serving() {
         let mut daemon = Daemon::start(dir.path(), &image, &["--format", format]);
         let mut ring = TestRing::new(MEM_SIZE, SIZE);
         let mem = ring.mem.clone();
-        mem.write_slice(&[CANARY; 64], GuestAddress(STATUS))
-            .unwrap();
+        preset_status(&mem, STATUS, 64);
         mem.write_slice(&[0x77; 0x8000], GuestAddress(0x2_0000))
             .unwrap();
         let (mut fe, features) = handshake(&daemon.socket, 1, 0);
@@ -124,12 +125,12 @@ fn hostile_chains_fail_alone_and_the_daemon_keeps_serving() {
         assert_eq!(used_len(15), 0, "{format}: no writable status byte");
         assert_eq!(
             status(&mem, 6),
-            CANARY,
+            STATUS_CANARY,
             "{format}: read-only status written"
         );
         assert_eq!(
             status(&mem, 2),
-            CANARY,
+            STATUS_CANARY,
             "{format}: no status byte in the loop"
         );
         let mut untouched = vec![0u8; 0x1000];
@@ -157,7 +158,7 @@ fn hostile_chains_fail_alone_and_the_daemon_keeps_serving() {
         assert!(daemon.running(), "{format}: daemon died:\n{}", daemon.log());
         daemon.stop();
         if format == "qcow2" {
-            common::qemu_img_check(&image);
+            assert_qemu_clean(&image);
         }
     }
 }

@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use cowbird_tests::qemu_img_create_qcow2;
 
 /// Writes in flight on both queues, all to 4 KiB blocks of the first 64 KiB cluster.
 fn writes_on_both_queues(c: &mut Client) {
@@ -18,7 +19,7 @@ fn writes_on_both_queues(c: &mut Client) {
 
 fn start(dir: &std::path::Path) -> Daemon {
     let img = dir.join("disk.qcow2");
-    qemu_img_create(&img, "qcow2", "16M", &[]);
+    qemu_img_create_qcow2(img.to_str().unwrap(), &[], "16M");
     Daemon::start(
         dir,
         &img,

@@ -201,7 +201,7 @@ impl Telemetry {
 struct NetDev(File);
 
 impl NetDev {
-    fn open(ns: &Netns) -> NetDev {
+    fn open(ns: &NetNs) -> NetDev {
         NetDev(ns.run_inside(|| File::open("/proc/thread-self/net/dev").expect("/proc/net/dev")))
     }
 
@@ -246,7 +246,7 @@ struct Generator {
 }
 
 impl Generator {
-    fn start(ns: &Netns, tap: &str, size: usize) -> Generator {
+    fn start(ns: &NetNs, tap: &str, size: usize) -> Generator {
         let name = std::ffi::CString::new(tap).unwrap();
         let sock = ns.run_inside(move || {
             // SAFETY: plain socket calls with valid arguments; the result is checked.
@@ -328,7 +328,7 @@ struct RunningBackend {
     stop_signal: libc::c_int,
 }
 
-fn start_backend(backend: Backend, ns: &Netns, dir: &Path) -> RunningBackend {
+fn start_backend(backend: Backend, ns: &NetNs, dir: &Path) -> RunningBackend {
     match backend {
         Backend::VhostNet => {
             let daemon = Daemon::start(ns, dir, &["--queue-size", "1024"]);
@@ -372,7 +372,7 @@ fn start_backend(backend: Backend, ns: &Netns, dir: &Path) -> RunningBackend {
 
 fn measure(backend: Backend, direction: Direction, size: usize, secs: f64) -> Sample {
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("bench");
     let mut be = start_backend(backend, &ns, dir.path());
     let mode = match direction {
         Direction::GuestToTap => "--forward-mode=txonly",

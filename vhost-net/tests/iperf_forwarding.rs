@@ -31,8 +31,8 @@ const A_IP: &str = "10.77.0.2";
 const A_MAC: &str = "02:00:00:00:0a:02";
 
 struct Setup {
-    a: Netns,
-    b: Netns,
+    a: NetNs,
+    b: NetNs,
     daemon: Daemon,
     testpmd: Proc,
     dir: tempfile::TempDir,
@@ -42,7 +42,7 @@ fn setup(offloads: bool) -> Setup {
     require_environment();
     require_tool("iperf3", "iperf3");
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (Netns::new(), Netns::new());
+    let (a, b) = (NetNs::new("net"), NetNs::new("net"));
     let mut daemon = Daemon::start(&b, dir.path(), &[]);
     let tap_a = unique("ta");
     let vdevs = [
@@ -255,7 +255,7 @@ fn transfer_both_ways(s: &Setup) {
 }
 
 /// TCP's InCsumErrors in namespace `ns`.
-fn tcp_checksum_errors(ns: &Netns) -> u64 {
+fn tcp_checksum_errors(ns: &NetNs) -> u64 {
     let out = ns.exec(&["cat", "/proc/net/snmp"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
@@ -311,7 +311,7 @@ fn scenario(offloads: bool) {
     transfer_both_ways(&s);
     assert_eq!(tcp_checksum_errors(&s.a), 0, "TCP checksum errors in A");
     assert_eq!(tcp_checksum_errors(&s.b), 0, "TCP checksum errors in B");
-    s.testpmd.stop_frontend();
+    s.testpmd.stop_running(libc::SIGINT);
     s.daemon.stop();
 }
 

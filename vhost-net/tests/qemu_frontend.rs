@@ -28,7 +28,7 @@ const BOOT_FILE: &str = "cowbird.ipxe";
 
 /// Starts dnsmasq inside `ns` as a DHCP and TFTP server on `tap` only (no DNS), with its
 /// configuration, pid file, lease file and TFTP root in `dir`, logging to `dir/dnsmasq.log`.
-fn start_dnsmasq(ns: &Netns, dir: &Path, tap: &str) -> Proc {
+fn start_dnsmasq(ns: &NetNs, dir: &Path, tap: &str) -> Proc {
     let tftp_root = dir.join("tftp");
     std::fs::create_dir_all(&tftp_root).unwrap();
     // iPXE fetches the script and runs it; its content does not matter to the test.
@@ -102,7 +102,7 @@ fn qemu_negotiates_and_ipxe_does_dhcp_against_dnsmasq() {
     require_tool("qemu-system-x86_64", "qemu-system-x86");
     require_tool("dnsmasq", "dnsmasq-base");
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("net");
     let mut daemon = Daemon::start(&ns, dir.path(), &[]);
     let mut dnsmasq = start_dnsmasq(&ns, dir.path(), &daemon.tap);
     let mut qemu = start_qemu(dir.path(), &daemon.socket);

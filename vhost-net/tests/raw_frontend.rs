@@ -21,7 +21,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use common::{require_environment, Daemon, Netns};
+use common::{require_environment, Daemon, NetNs};
 use cowbird_tests::vring::{handshake, TestRing, NEXT, OUTSIDE, WRITE};
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
@@ -37,7 +37,7 @@ const SIZE: u16 = 16;
 /// The vnet header with VERSION_1 (`struct virtio_net_hdr_v1`).
 const HDR_LEN: usize = 12;
 
-fn tap_rx_packets(ns: &Netns, tap: &str) -> u64 {
+fn tap_rx_packets(ns: &NetNs, tap: &str) -> u64 {
     let path = format!("/sys/class/net/{tap}/statistics/rx_packets");
     let out = ns.exec(&["cat", &path]);
     String::from_utf8_lossy(&out.stdout)
@@ -48,7 +48,7 @@ fn tap_rx_packets(ns: &Netns, tap: &str) -> u64 {
 
 /// Sends `frame` out of `tap` inside `ns` with a packet socket: the daemon reads it from the
 /// TAP.
-fn inject(ns: &Netns, tap: &str, frame: Vec<u8>) {
+fn inject(ns: &NetNs, tap: &str, frame: Vec<u8>) {
     let name = CString::new(tap).unwrap();
     ns.run_inside(move || {
         // SAFETY: `name` is a NUL-terminated string.
@@ -133,7 +133,7 @@ fn still_serving(daemon: &mut Daemon) {
 fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("net");
     let mut daemon = Daemon::start(&ns, dir.path(), &[]);
     let mut ring = TestRing::new(MEM_SIZE, SIZE);
     let mem = ring.mem.clone();
@@ -174,8 +174,8 @@ fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
 
 /// A network namespace whose new interfaces get no IPv6: the kernel would otherwise send
 /// neighbour discovery frames into the rx ring.
-fn netns_without_ipv6() -> Netns {
-    let ns = Netns::new();
+fn netns_without_ipv6() -> NetNs {
+    let ns = NetNs::new("net");
     ns.run_inside(|| {
         let knob = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
         if std::path::Path::new(knob).exists() {
@@ -336,7 +336,7 @@ fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
 fn control_commands_with_event_idx_are_each_notified_and_served() {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("net");
     let mut daemon = Daemon::start(&ns, dir.path(), &[]);
     let mut ring = TestRing::new(MEM_SIZE, SIZE);
     let mem = ring.mem.clone();
@@ -475,7 +475,7 @@ fn open_fds(pid: u32) -> Vec<String> {
 fn reconnects_leak_no_file_descriptors() {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::new();
+    let ns = NetNs::new("net");
     let mut daemon = Daemon::start(&ns, dir.path(), &["--num-queue-pairs", "2"]);
     let mut after_first = Vec::new();
     for round in 1..=10 {

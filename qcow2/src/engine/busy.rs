@@ -8,6 +8,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 pub struct BusyClusters {
     set: Mutex<HashSet<u64>>,
     freed: Condvar,
+    /// How often `acquire` found a cluster busy and went to wait: lets a test know, without
+    /// sleeping, that a waiter is blocked.
+    #[cfg(test)]
+    waits: std::sync::atomic::AtomicUsize,
 }
 
 /// Marks clusters busy until dropped. It owns a reference to the set, so it can travel with
@@ -27,6 +31,8 @@ impl BusyClusters {
     pub fn acquire(self: &Arc<Self>, first: u64, count: u64) -> BusyGuard {
         let mut set = self.lock();
         while (first..first + count).any(|c| set.contains(&c)) {
+            #[cfg(test)]
+            self.waits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             set = self.freed.wait(set).unwrap_or_else(|p| p.into_inner());
         }
         self.mark(set, first, count)
@@ -69,22 +75,36 @@ impl Drop for BusyGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc;
+    use std::time::Duration;
 
     #[test]
     fn overlapping_ranges_wait_for_each_other() {
         let busy = Arc::new(BusyClusters::default());
-        let released = Arc::new(AtomicBool::new(false));
         let g = busy.acquire(10, 5);
         let _other = busy.acquire(15, 1); // disjoint: does not block
-        let (b, r) = (busy.clone(), released.clone());
+        assert_eq!(busy.waits.load(Ordering::SeqCst), 0);
+        let (acquired, done) = mpsc::channel();
+        let b = busy.clone();
         let t = std::thread::spawn(move || {
             let _g = b.acquire(12, 1);
-            assert!(r.load(Ordering::SeqCst), "acquired while still busy");
+            acquired.send(()).unwrap();
         });
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        released.store(true, Ordering::SeqCst);
+        // The waiter either goes to wait (counted under the lock, which it then releases
+        // only in the wait) or gets through: no timing decides which this test sees.
+        while busy.waits.load(Ordering::SeqCst) == 0 {
+            assert_eq!(
+                done.try_recv(),
+                Err(mpsc::TryRecvError::Empty),
+                "acquired while still busy"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(done.try_recv(), Err(mpsc::TryRecvError::Empty));
         drop(g);
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("not acquired after the release");
         t.join().unwrap();
     }
 

@@ -1,26 +1,26 @@
 //! Shared helpers for the integration tests: start the real daemon binary, drive it with
-//! libblkio's `virtio-blk-vhost-user` driver, and check images with qemu-img.
+//! libblkio's `virtio-blk-vhost-user` driver, and compare images with a model file (the other
+//! qemu-img helpers are cowbird_tests').
 
 #![allow(dead_code)]
 
-use std::io::Read;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use cowbird_tests::process::Proc;
 
 /// Bytes of the shared buffer each client maps.
 pub const BUF_LEN: usize = 4 << 20;
 
 /// A running `vhost-blk` process on a socket in a temporary directory.
 pub struct Daemon {
-    child: Option<Child>,
+    proc: Proc,
     /// The socket path.
     pub socket: PathBuf,
-    stderr_path: PathBuf,
 }
 
 impl Daemon {
@@ -61,66 +61,28 @@ impl Daemon {
 
     fn spawn(mut cmd: Command, dir: &Path, image: &Path, args: &[&str]) -> Daemon {
         let socket = dir.join("vhost-blk.sock");
-        let stderr_path = dir.join("daemon.log");
-        let stderr = std::fs::File::create(&stderr_path).expect("create daemon log");
-        let child = cmd
-            .arg("--socket")
+        cmd.arg("--socket")
             .arg(&socket)
             .arg("--image")
             .arg(image)
             .args(args)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start vhost-blk");
-        let mut d = Daemon {
-            child: Some(child),
-            socket,
-            stderr_path,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !d.socket.exists() {
-            if let Some(status) = d.try_wait() {
-                panic!(
-                    "vhost-blk exited with {status} before listening:\n{}",
-                    d.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no socket after 20 s:\n{}",
-                d.log()
-            );
-            sleep(Duration::from_millis(10));
-        }
-        d
+            .env("RUST_LOG", "debug");
+        let mut proc = Proc::spawn("vhost-blk", cmd, dir.join("daemon.log"));
+        proc.wait_for_path(&socket, Duration::from_secs(20));
+        Daemon { proc, socket }
     }
 
     /// The daemon's log so far.
     pub fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.proc.log()
     }
 
     /// Number of threads of the daemon process, not counting the kernel's io_uring workers
     /// (`iou-wrk-*`, which serve the rings and exit on their own when idle).
     pub fn threads(&self) -> usize {
-        let pid = self.child.as_ref().expect("daemon stopped").id();
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return 0;
-        };
-        tasks
+        let pid = self.proc.pid();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap_or_else(|e| panic!("threads of vhost-blk {pid}: {e}"))
             .filter_map(Result::ok)
             .filter(|t| {
                 std::fs::read_to_string(t.path().join("comm"))
@@ -132,11 +94,10 @@ impl Daemon {
     /// The daemon's open file descriptors, each as its `/proc/PID/fd` link target
     /// (`anon_inode:[eventfd]`, `socket:[...]`, a path).
     pub fn open_fds(&self) -> Vec<String> {
-        let pid = self.child.as_ref().expect("daemon stopped").id();
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            return Vec::new();
-        };
-        fds.filter_map(Result::ok)
+        let pid = self.proc.pid();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap_or_else(|e| panic!("descriptors of vhost-blk {pid}: {e}"))
+            .filter_map(Result::ok)
             .filter_map(|fd| std::fs::read_link(fd.path()).ok())
             .map(|target| target.display().to_string())
             .collect()
@@ -144,7 +105,7 @@ impl Daemon {
 
     /// Memory the daemon has pinned (`VmPin` in /proc/PID/status), in KiB.
     pub fn pinned_kib(&self) -> u64 {
-        let pid = self.child.as_ref().expect("daemon stopped").id();
+        let pid = self.proc.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let line = status.lines().find_map(|l| l.strip_prefix("VmPin:"));
         let kib = line.and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
@@ -153,28 +114,12 @@ impl Daemon {
 
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
-        self.try_wait().is_none()
+        self.proc.try_wait().is_none()
     }
 
     /// Sends `signal` and waits (at most 20 s) for the exit status.
     pub fn stop_with(&mut self, signal: libc::c_int) -> ExitStatus {
-        let mut child = self.child.take().expect("daemon already stopped");
-        // SAFETY: kill only sends a signal to our own child process.
-        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for vhost-blk") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "vhost-blk did not exit after signal {signal}:\n{}",
-                    self.log()
-                );
-            }
-            sleep(Duration::from_millis(10));
-        }
+        self.proc.stop_with(signal)
     }
 
     /// SIGTERM, expecting a clean exit 0.
@@ -185,15 +130,6 @@ impl Daemon {
             "vhost-blk exited with {status}:\n{}",
             self.log()
         );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -437,53 +373,9 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Runs a command, returning (success, stdout + stderr).
-pub fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} (is it installed?): {e}"));
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
-/// `qemu-img create -f FORMAT path size` (with extra options).
-pub fn qemu_img_create(path: &Path, format: &str, size: &str, extra: &[&str]) {
-    let p = path.to_str().expect("utf-8 path");
-    let mut args = vec!["create", "-q", "-f", format];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[p, size]);
-    let (ok, out) = run("qemu-img", &args);
-    assert!(ok, "qemu-img create failed: {out}");
-}
-
-/// Runs qemu-img with `args`, asserting success; returns its output.
-pub fn qemu_img(args: &[&str]) -> String {
-    let (ok, out) = run("qemu-img", args);
-    assert!(ok, "qemu-img {args:?} failed: {out}");
-    out
-}
-
-/// The guest-visible contents of `image` as qemu-img reads them (converted to raw next to it).
-pub fn contents_by_qemu(image: &Path, format: &str) -> Vec<u8> {
-    let raw = image.with_extension("contents.raw");
-    let (i, r) = (image.to_str().unwrap(), raw.to_str().unwrap());
-    qemu_img(&["convert", "-f", format, "-O", "raw", i, r]);
-    let bytes = std::fs::read(&raw).expect("read converted image");
-    std::fs::remove_file(&raw).expect("remove converted image");
-    bytes
-}
-
-/// Asserts `qemu-img check` finds no error in a qcow2 image.
-pub fn qemu_img_check(path: &Path) {
-    let (ok, out) = run("qemu-img", &["check", path.to_str().expect("utf-8 path")]);
-    assert!(ok, "qemu-img check failed:\n{out}");
-}
-
 /// Asserts the guest-visible content of `image` equals the raw file `model`.
 pub fn qemu_img_compare(image: &Path, format: &str, model: &Path) {
-    let (ok, out) = run(
+    let out = cowbird_tests::run(
         "qemu-img",
         &[
             "compare",
@@ -495,5 +387,10 @@ pub fn qemu_img_compare(image: &Path, format: &str, model: &Path) {
             model.to_str().expect("utf-8 path"),
         ],
     );
-    assert!(ok, "qemu-img compare: image differs from the model:\n{out}");
+    assert!(
+        out.status.success(),
+        "qemu-img compare: image differs from the model:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
