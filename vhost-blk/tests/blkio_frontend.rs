@@ -876,25 +876,30 @@ fn kill_9_during_writes_keeps_every_flushed_write_and_a_consistent_image() {
 }
 
 #[test]
-fn lazy_refcounts_image_is_dirty_while_served_and_clean_after_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("lazy.qcow2");
-    qemu_img_create_qcow2(img.to_str().unwrap(), &["-o", "lazy_refcounts=on"], "16M");
-    let dirty = || qcow2_file_dirty(&img);
-    let model = Model::new(dir.path(), 16 * MIB);
-    let mut d = Daemon::start(dir.path(), &img, &["--format", "qcow2"]);
-    let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
-    write_pattern_and_verify(&mut c, &model);
-    assert!(
-        dirty(),
-        "refcounts are cached: the image must be marked dirty"
-    );
-    drop(c);
-    d.stop();
-    assert!(
-        !dirty(),
-        "SIGTERM must write the refcounts and clear the dirty bit"
-    );
-    assert_qemu_clean(&img);
-    qemu_img_compare(&img, "qcow2", &model.path);
+fn lazy_refcounts_image_is_dirty_while_served_and_clean_after_sigterm_or_sighup() {
+    // SIGHUP (a closed terminal) stops the daemon as SIGTERM does, as QEMU's.
+    for signal in [libc::SIGTERM, libc::SIGHUP] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("lazy.qcow2");
+        qemu_img_create_qcow2(img.to_str().unwrap(), &["-o", "lazy_refcounts=on"], "16M");
+        let dirty = || qcow2_file_dirty(&img);
+        let model = Model::new(dir.path(), 16 * MIB);
+        let mut d = Daemon::start(dir.path(), &img, &["--format", "qcow2"]);
+        let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+        write_pattern_and_verify(&mut c, &model);
+        assert!(
+            dirty(),
+            "refcounts are cached: the image must be marked dirty"
+        );
+        drop(c);
+        let status = d.stop_with(signal);
+        assert!(status.success(), "signal {signal}: exit status {status}");
+        assert!(
+            !dirty(),
+            "signal {signal} must write the refcounts and clear the dirty bit"
+        );
+        assert!(!d.socket.exists(), "signal {signal}: the socket stays");
+        assert_qemu_clean(&img);
+        qemu_img_compare(&img, "qcow2", &model.path);
+    }
 }

@@ -498,3 +498,34 @@ fn reconnects_leak_no_file_descriptors() {
     );
     daemon.stop();
 }
+
+/// A file where the socket should go is refused and left as it was (a mistyped path must not
+/// cost the file), and SIGHUP stops the daemon as SIGTERM does: exit 0, socket removed.
+#[test]
+fn a_file_in_the_socket_s_place_is_kept_and_sighup_stops_the_daemon() {
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new("net");
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, "important").unwrap();
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(env!("CARGO_BIN_EXE_vhost-net"))
+        .arg("--socket")
+        .arg(&precious)
+        .args(["--tap", &common::unique("vn")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = cowbird_tests::stack::wait_timeout(&mut child, Duration::from_secs(20));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "important");
+
+    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
+    let status = daemon.proc.stop_with(libc::SIGHUP);
+    assert!(status.success(), "{status}:\n{}", daemon.proc.log());
+    assert!(!daemon.socket.exists());
+}
