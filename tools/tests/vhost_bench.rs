@@ -48,7 +48,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: &Path, image: &Path, queues: u16) -> Daemon {
+    fn start(dir: &Path, image: &Path, queues: u16, extra: &[&str]) -> Daemon {
         let socket = dir.join("blk.sock");
         let child = Command::new(vhost_blk_binary())
             .arg("--socket")
@@ -56,6 +56,7 @@ impl Daemon {
             .arg("--image")
             .arg(image)
             .args(["--format", "raw", "--num-queues", &queues.to_string()])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
@@ -122,7 +123,7 @@ fn close(a: f64, b: f64, rel: f64) -> bool {
 fn json_report_has_sane_numbers_and_the_writes_reach_the_image() {
     let dir = tempfile::tempdir().unwrap();
     let image = raw_image(dir.path(), 32 * MIB);
-    let daemon = Daemon::start(dir.path(), &image, 2);
+    let daemon = Daemon::start(dir.path(), &image, 2, &[]);
     let pid = daemon.pid();
     let out = bench_ok(
         &daemon.socket,
@@ -251,7 +252,7 @@ fn json_report_has_sane_numbers_and_the_writes_reach_the_image() {
 fn verify_passes_on_a_healthy_daemon_and_fails_on_corruption_behind_its_back() {
     let dir = tempfile::tempdir().unwrap();
     let image = raw_image(dir.path(), 16 * MIB);
-    let daemon = Daemon::start(dir.path(), &image, 2);
+    let daemon = Daemon::start(dir.path(), &image, 2, &[]);
     let size = ["--size", "8m"];
     let out = bench_ok(
         &daemon.socket,
@@ -362,7 +363,7 @@ fn run_time_errors_exit_1_with_a_message() {
     );
 
     let image = raw_image(dir.path(), 4 * MIB);
-    let daemon = Daemon::start(dir.path(), &image, 1);
+    let daemon = Daemon::start(dir.path(), &image, 1, &[]);
     for (args, message) in [
         (
             &["--size", "8m"][..],
@@ -384,6 +385,27 @@ fn run_time_errors_exit_1_with_a_message() {
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
+/// Workloads without writes run on a read-only device; writes are refused at the start.
+#[test]
+fn reads_run_on_a_read_only_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path(), 4 * MIB);
+    let daemon = Daemon::start(dir.path(), &image, 1, &["--read-only"]);
+    for rw in ["randread", "read"] {
+        let out = bench_ok(&daemon.socket, &["--rw", rw, "--runtime", "0.2"]);
+        assert!(out.contains("IOPS"), "{rw}: {out}");
+    }
+    for args in [&["--rw", "randwrite"][..], &["--rw", "write", "--verify"]] {
+        let out = bench(
+            Some(&daemon.socket),
+            &[args, &["--runtime", "0.2"]].concat(),
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("read-only"), "{args:?}: {stderr}");
     }
 }
 

@@ -46,9 +46,15 @@ impl Buffer {
 }
 
 impl Client {
-    /// Connects to `socket` (retrying while nothing listens there yet), starts `queues`
-    /// queues and maps a buffer of `per_queue` bytes for each.
-    pub fn connect(socket: &Path, queues: u16, per_queue: usize) -> Result<Client> {
+    /// Connects to `socket` (retrying while nothing listens there yet), read-only if asked
+    /// (as a read-only device requires), starts `queues` queues and maps a buffer of
+    /// `per_queue` bytes for each.
+    pub fn connect(
+        socket: &Path,
+        read_only: bool,
+        queues: u16,
+        per_queue: usize,
+    ) -> Result<Client> {
         let path = socket
             .to_str()
             .with_context(|| format!("{} is not UTF-8", socket.display()))?;
@@ -56,6 +62,7 @@ impl Client {
         let mut blkio = loop {
             let mut b = Blkio::new("virtio-blk-vhost-user")?;
             b.set_str("path", path)?;
+            b.set_bool("read-only", read_only)?;
             match b.connect() {
                 Ok(()) => break b,
                 Err(e)

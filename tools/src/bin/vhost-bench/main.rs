@@ -151,7 +151,9 @@ fn run(cli: &Cli) -> Result<()> {
     };
     // Two buffers per request slot: reads land in their own, so writes keep sending the
     // client's non-zero fill (a read of an empty image would otherwise turn it into zeros).
-    let mut client = Client::connect(&cli.socket, cli.queues, 2 * job.bs * job.iodepth)
+    // Workloads without writes open the device read-only, so they run on read-only devices.
+    let read_only = !cli.rw.writes() && cli.fsync == 0;
+    let mut client = Client::connect(&cli.socket, read_only, cli.queues, 2 * job.bs * job.iodepth)
         .with_context(|| format!("connecting to {}", cli.socket.display()))?;
     let capacity = client.capacity()?;
     let size = cli.size.unwrap_or(capacity);
