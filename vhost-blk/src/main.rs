@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use vhost_blk::device::Device;
-use vhost_blk::disk::{Disk, DiskOptions};
+use vhost_blk::device::{Device, MAX_QUEUES, MAX_QUEUE_SIZE};
+use vhost_blk::disk::{Disk, DiskOptions, ID_BYTES};
 use vhost_blk::server::Server;
 use vhost_blk::shutdown;
 
@@ -48,10 +48,11 @@ struct Cli {
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
     /// Number of request queues (one worker thread each), 1 to 64.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
     num_queues: u16,
     /// Largest virtqueue size a frontend may use: a power of two, 4 to 32768.
-    #[arg(long, value_name = "N", default_value_t = 256)]
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
     /// Serve the image read-only (the guest sees VIRTIO_BLK_F_RO).
     #[arg(long)]
@@ -74,8 +75,25 @@ struct Cli {
     #[arg(long)]
     pin_memory: bool,
     /// Serial number the guest reads (GET_ID), at most 20 bytes.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = parse_serial)]
     serial: Option<String>,
+}
+
+/// `--queue-size`: a power of two from 4 to [`MAX_QUEUE_SIZE`] (checked with the other
+/// options, before the image is opened).
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(n) if n.is_power_of_two() && (4..=MAX_QUEUE_SIZE).contains(&n) => Ok(n),
+        _ => Err(format!("must be a power of two from 4 to {MAX_QUEUE_SIZE}")),
+    }
+}
+
+/// `--serial`: at most [`ID_BYTES`] bytes.
+fn parse_serial(s: &str) -> Result<String, String> {
+    match s.len() <= ID_BYTES {
+        true => Ok(s.to_owned()),
+        false => Err(format!("at most {ID_BYTES} bytes, not {}", s.len())),
+    }
 }
 
 fn main() {

@@ -903,3 +903,34 @@ fn lazy_refcounts_image_is_dirty_while_served_and_clean_after_sigterm_or_sighup(
         qemu_img_compare(&img, "qcow2", &model.path);
     }
 }
+
+/// Bad option values are usage errors (exit 2, naming the option), found before the image is
+/// opened: a missing image does not hide them.
+#[test]
+fn bad_option_values_are_usage_errors_before_the_image_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let missing = dir.path().join("missing.raw");
+    for (option, value) in [
+        ("--num-queues", "0"),
+        ("--num-queues", "65"),
+        ("--queue-size", "100"),
+        ("--queue-size", "2"),
+        ("--serial", "123456789012345678901"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vhost-blk"))
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--image")
+            .arg(&missing)
+            .args([option, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{option} {value}: {err}");
+        assert!(
+            err.contains(option) && !err.contains("missing.raw"),
+            "{option} {value}: {err}"
+        );
+    }
+}
