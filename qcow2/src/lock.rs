@@ -60,6 +60,9 @@ pub enum Locking {
     Consistent,
     /// qemu-img's `-U` (force share), read-only: keep nobody out.
     ForceShare,
+    /// As a QEMU guest device opens its disk (`share-rw=off`): [`Locking::On`], and keep
+    /// other writers out of raw files too (resizers may stay: the device follows a resize).
+    Device,
 }
 
 impl Locking {
@@ -78,7 +81,8 @@ impl Locking {
             (Locking::Off, _) => None,
             (Locking::ForceShare, _) => Some((Perms::CONSISTENT_READ, Perms::NONE)),
             (Locking::On, Format::Raw) => Some((take, Perms::NONE)),
-            (Locking::On | Locking::Consistent, _) => Some((take, no_writers)),
+            (Locking::Device, Format::Raw) => Some((take, Perms::WRITE)),
+            (Locking::On | Locking::Consistent | Locking::Device, _) => Some((take, no_writers)),
         }
     }
 }
@@ -178,6 +182,9 @@ mod tests {
         assert_eq!((ro.0 .0, ro.1 .0), (0b0001, 0b1010));
         let raw = on.perms(Format::Raw, true).unwrap();
         assert_eq!((raw.0 .0, raw.1 .0), (0b0011, 0));
+        // A guest device on a raw file (QEMU's virtio-blk): 100, 101 and unshares 201.
+        let device = Locking::Device.perms(Format::Raw, true).unwrap();
+        assert_eq!((device.0 .0, device.1 .0), (0b0011, 0b0010));
         assert_eq!(Locking::Off.perms(Format::Qcow2, true), None);
     }
 

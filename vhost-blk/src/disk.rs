@@ -138,7 +138,7 @@ impl Disk {
                     ))
                 })?;
                 let writable = !opts.read_only;
-                qcow2::lock::lock_image_file(&file, &opts.path, Locking::On, format, writable)
+                qcow2::lock::lock_image_file(&file, &opts.path, Locking::Device, format, writable)
                     .map_err(open_error)?;
                 let storage = Arc::new(FileStorage::new(file));
                 Arc::new(RawImage::new(storage, opts.read_only).map_err(open_error)?)
@@ -148,7 +148,7 @@ impl Disk {
                     read_only: opts.read_only,
                     format: Some(Format::Qcow2),
                     direct: opts.direct,
-                    locking: Locking::On,
+                    locking: Locking::Device,
                     ..Default::default()
                 };
                 Arc::from(qcow2::open_image(&opts.path, &open_opts).map_err(open_error)?)

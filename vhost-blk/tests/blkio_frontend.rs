@@ -709,21 +709,32 @@ fn start_up_errors_exit_1_with_one_line() {
     let img = dir.path().join("disk.raw");
     raw_file(&img, MIB);
     let mut d = Daemon::start(dir.path(), &img, &["--format", "raw"]);
+    let second = dir.path().join("second.raw");
+    raw_file(&second, MIB);
     let err = failing_start(&[
         "--socket",
         d.socket.to_str().unwrap(),
         "--image",
-        img.to_str().unwrap(),
+        second.to_str().unwrap(),
         "--format",
         "raw",
     ]);
     assert!(err.contains("in use") && err.lines().count() == 1, "{err}");
     assert!(d.running());
+    // A raw image has one writer, as a QEMU guest device's: a second daemon is refused.
+    let elsewhere = dir.path().join("elsewhere.sock");
+    let err = failing_start(&[
+        "--socket",
+        elsewhere.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--format",
+        "raw",
+    ]);
+    assert!(err.contains("\"write\" lock"), "{err}");
     // A socket path naming a file that is not a socket (say, a mistyped image name) is
     // refused and the file left as it was.
     let before = std::fs::read(&img).unwrap();
-    let second = dir.path().join("second.raw");
-    raw_file(&second, MIB);
     let err = failing_start(&[
         "--socket",
         img.to_str().unwrap(),
