@@ -690,11 +690,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let _ = a.out_of_order;
     // What getopt's loop checks, as it reads the options.
     let options = qemu_opts::accumulate(&a.options)?;
-    let snapshot = a
-        .snapshot
-        .as_deref()
-        .map(snapshot_param::parse)
-        .transpose()?;
+    let snapshot = snapshot_param::parse_given(a.snapshot.as_deref())?;
     let sparse =
         (a.sparse.as_deref()).map_or(Ok(4096), |s| cvtnum("buffer size for sparse output", s))?;
     if sparse % 512 != 0 || sparse > MAX_SPARSE {

@@ -185,11 +185,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     a.lacking.refuse()?;
     let json = a.output.0;
     let options = qemu_opts::accumulate(&a.options)?;
-    let snapshot = a
-        .snapshot
-        .as_deref()
-        .map(snapshot_param::parse)
-        .transpose()?;
+    let snapshot = snapshot_param::parse_given(a.snapshot.as_deref())?;
     let size = (a.size.as_deref())
         .map(|v| cvtnum("image size", v))
         .transpose()?;

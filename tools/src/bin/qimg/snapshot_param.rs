@@ -4,8 +4,13 @@
 use anyhow::bail;
 use qcow2::SnapshotRef;
 
+/// Parses the `-l` argument, if given.
+pub fn parse_given(param: Option<&str>) -> anyhow::Result<Option<SnapshotRef>> {
+    param.map(parse).transpose()
+}
+
 /// Parses a `-l` argument.
-pub fn parse(param: &str) -> anyhow::Result<SnapshotRef> {
+fn parse(param: &str) -> anyhow::Result<SnapshotRef> {
     if !param.starts_with("snapshot.") {
         return Ok(SnapshotRef::IdOrName(param.to_string()));
     }
