@@ -60,6 +60,8 @@ prepare_images() {
   if [[ " $IMAGES " == *" prealloc "* ]]; then
     qemu-img convert -f raw -O qcow2 -o preallocation=metadata "$(image raw)" "$(image prealloc)"
   fi
+  # The first runs would otherwise read from the disk while it writes the new images back.
+  sync
 }
 
 start_server() { # SERVER KIND -> $pid, listening on $sock
@@ -141,7 +143,7 @@ report() {
       "|---|---|---|---|---|---|---|---|---|---|---|",
       ($rows[] | . as $r
         | def rate($iops; $mib): if $r.big then "\($mib | fmt(0)) MiB/s" else "\($iops | fmt(0))" end;
-        "| \(.workload) | \(.image) | \(rate(.o; .om)) | \(rate(.q; .qm)) | \(ratio(.o; .q) | fmt(2)) | \(.oc | fmt(0)) / \(.qc | fmt(0)) | \(ratio(.oc; .qc) | fmt(2)) | \(.ol | fmt(1)) / \(.ql | fmt(1)) | \(ratio(.ol; .ql) | fmt(2)) | \(if .f == null then "–" else rate(.f; .fm) end) | \(ratio(.o; .f) | fmt(2)) |"),
+        "| \(.workload) | \(.image) | \(rate(.o; .om)) | \(rate(.q; .qm)) | \(ratio(.o; .q) | fmt(2)) | \(.oc | fmt(0)) / \(.qc | fmt(0)) | \(ratio(.oc; .qc) | fmt(2)) | \(.ol | fmt(1)) / \(.ql | fmt(1)) | \(ratio(.ol; .ql) | fmt(2)) | \(if .f == null then "–" else "\(rate(.f; .fm)), p50 \(.fl | fmt(1)) µs" end) | \(ratio(.o; .f) | fmt(2)) |"),
       "\n| target | workload | image | measured | met |", "|---|---|---|---|---|",
       ($rows[] | select(.image != "raw") | (
         {t: "IOPS >= 1.2x qsd (qcow2)", v: ratio(.o; .q), ok: (ratio(.o; .q) >= 1.2)},
