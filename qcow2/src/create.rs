@@ -289,7 +289,10 @@ pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
     };
     file.set_len(0)
         .map_err(|e| Error::io("truncating the new image", e))?;
-    w(&bytes, 0, "header")?;
+    // A whole header cluster, as QEMU writes it (so the file's blocks match too).
+    let mut first_cluster = bytes;
+    first_cluster.resize(first_cluster.len().max(cs as usize), 0);
+    w(&first_cluster, 0, "header")?;
     let mut reftable = vec![0u64; (reftable_clusters * cs / 8) as usize];
     for b in 0..blocks {
         let mut block = vec![0u8; cs as usize];
@@ -304,9 +307,8 @@ pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         reftable[b as usize] = off;
     }
     w(&encode_u64_table(&reftable), reftable_off, "refcount table")?;
-    // QEMU's files end right after the L1 table's entries; pad to a whole cluster instead so
-    // the file length is a multiple of the cluster size.
-    w(&vec![0u8; (l1_clusters * cs) as usize], l1_off, "L1 table")?;
+    // As in QEMU, the file ends right after the L1 table's entries (its cluster is counted).
+    w(&vec![0u8; (l1_size * 8) as usize], l1_off, "L1 table")?;
     file.flush()
         .map_err(|e| Error::io("flushing the new image", e))
 }

@@ -73,19 +73,25 @@ pub fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::
         .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))
 }
 
-/// Guesses the format from the first bytes of a file, as QEMU does (qcow2 magic or raw).
+/// Guesses the format from the first bytes of a file, as QEMU's probes do: qcow2 for its
+/// magic followed by version 2 or later in a file that holds a whole header (104 bytes), or
+/// by version 1 (QEMU's older qcow format, which opening then refuses by name); raw otherwise.
 pub fn probe(file: &dyn Storage) -> Result<Format> {
-    let mut magic = [0u8; 4];
-    if file.len().map_err(|e| Error::io("probing format", e))? < 4 {
+    /// QEMU's `sizeof(QCowHeader)`, the shortest file its qcow2 probe looks at.
+    const QCOW2_PROBE_LEN: u64 = 104;
+    /// The same for the version 1 header of QEMU's qcow driver.
+    const QCOW1_PROBE_LEN: u64 = 48;
+    let len = file.len().map_err(|e| Error::io("probing format", e))?;
+    if len < QCOW1_PROBE_LEN {
         return Ok(Format::Raw);
     }
-    file.read_at(&mut magic, 0)
+    let mut start = [0u8; 8];
+    file.read_at(&mut start, 0)
         .map_err(|e| Error::io("probing format", e))?;
-    Ok(if u32::from_be_bytes(magic) == MAGIC {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+    let magic = u32::from_be_bytes(start[..4].try_into().expect("4 bytes"));
+    let version = u32::from_be_bytes(start[4..].try_into().expect("4 bytes"));
+    let qcow = magic == MAGIC && (version == 1 || (version >= 2 && len >= QCOW2_PROBE_LEN));
+    Ok(if qcow { Format::Qcow2 } else { Format::Raw })
 }
 
 /// Opens the image at `path` with its backing chain.
@@ -243,4 +249,30 @@ pub(crate) fn read_snapshot_l1(
         return Err(Error::Corrupt("Snapshot L1 table offset invalid".into()));
     }
     crate::engine::meta::read_u64_table(file, s.l1_table_offset, s.l1_size as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    /// A file of `len` bytes starting with the qcow2 magic and `version`.
+    fn file(version: u32, len: usize) -> MemStorage {
+        let mut data = vec![0u8; len];
+        data[..4].copy_from_slice(&MAGIC.to_be_bytes());
+        data[4..8].copy_from_slice(&version.to_be_bytes());
+        MemStorage::new(&data)
+    }
+
+    #[test]
+    fn probing_takes_the_version_and_length_into_account_as_qemu_does() {
+        assert_eq!(probe(&file(3, 65536)).unwrap(), Format::Qcow2);
+        assert_eq!(probe(&file(2, 104)).unwrap(), Format::Qcow2);
+        // Refused by name when opened, rather than served as raw.
+        assert_eq!(probe(&file(1, 48)).unwrap(), Format::Qcow2);
+        assert_eq!(probe(&file(0, 65536)).unwrap(), Format::Raw);
+        assert_eq!(probe(&file(3, 103)).unwrap(), Format::Raw);
+        assert_eq!(probe(&file(1, 47)).unwrap(), Format::Raw);
+        assert_eq!(probe(&MemStorage::new(&[0u8; 4096])).unwrap(), Format::Raw);
+    }
 }

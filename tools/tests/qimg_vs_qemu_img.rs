@@ -166,6 +166,13 @@ fn create_prints_the_same_line_and_makes_an_equivalent_image() {
             info_sans_sizes(d.path(), &ours, &ours),
             info_sans_sizes(d.path(), &theirs, &theirs)
         );
+        // Down to the file's length (QEMU's ends right after the L1 table's entries) and its
+        // allocated blocks (QEMU writes the whole header cluster).
+        assert_eq!(
+            (size_of(d.path(), &ours), blocks_of(d.path(), &ours)),
+            (size_of(d.path(), &theirs), blocks_of(d.path(), &theirs)),
+            "{case:?}"
+        );
     }
 }
 
@@ -1658,6 +1665,8 @@ fn resize_refuses_what_qemu_img_refuses_and_leaves_the_image_alone() {
         (&["resize", "X", "+1"], true),
         (&["resize", "--shrink", "X", "20001"], true),
         (&["resize", "--preallocation=full", "X", "2000001"], true),
+        (&["resize", "X", "9223372036854775807"], true),
+        (&["resize", "X", "9223372035781034496"], true),
         (&["resize", "X", "2M"], false),
     ] {
         same_on_copies_untouched(p, "q.qcow2", args, untouched);
@@ -1673,6 +1682,7 @@ fn resize_refuses_what_qemu_img_refuses_and_leaves_the_image_alone() {
             false,
         ),
         (&["resize", "-f", "raw", "X", "2000001"], false),
+        (&["resize", "-f", "raw", "X", "9223372036854775807"], true),
     ] {
         same_on_copies_untouched(p, "r.raw", args, untouched);
     }
@@ -2161,6 +2171,29 @@ fn bench_prints_the_same_header_and_exit_codes() {
         &["-c", "10", "--flush-interval=10", "base.qcow2"],
         &["-c", "10", "-i", "bogus", "base.qcow2"],
         &["-c", "10", "missing.qcow2"],
+        &["-c", "10", "-t", "bogus", "X"],
+        &["-c", "10", "-w", "-U", "X"],
+        &["-c", "10", "-n", "X"],
+        &["-c", "10", "-i", "native", "X"],
+        &["-c", "10", "-i", "native", "-t", "none", "X"],
+        &["-c", "10", "-w", "--flush-interval=1", "--no-drain", "X"],
+        &["-c", "10", "-s", "64k", "-S", "0", "X"],
+        &["-c", "10", "-w", "--pattern=foo", "X"],
+        &["-c", "10", "-w", "--pattern=300", "X"],
+        &["-c", "10", "-w", "--pattern=0x10", "X"],
+        &["-c", "1", "-s", "8M", "X"],
+        &[
+            "--count=10",
+            "--depth=2",
+            "--buffer-size=8k",
+            "--offset=64k",
+            "--step-size=16k",
+            "--aio=threads",
+            "--cache=writeback",
+            "--format=qcow2",
+            "--write",
+            "X",
+        ],
     ] {
         std::fs::copy(p.join("base.qcow2"), p.join("theirs.qcow2")).unwrap();
         std::fs::copy(p.join("base.qcow2"), p.join("ours.qcow2")).unwrap();
@@ -2175,6 +2208,16 @@ fn bench_prints_the_same_header_and_exit_codes() {
                 .join("\n")
         };
         assert_eq!((oc, head(&o)), (tc, head(&t)), "{args:?}");
+        let errors = |tool: &str, prog: &str, img: &str| {
+            run_with_stderr(p, tool, prog, &with_name(&args, img))
+                .2
+                .replace(img, "X")
+        };
+        assert_eq!(
+            errors(env!("CARGO_BIN_EXE_qimg"), "qimg", "ours.qcow2"),
+            errors("qemu-img", "qemu-img", "theirs.qcow2"),
+            "{args:?}"
+        );
         assert_eq!(
             o.contains("Run completed in "),
             t.contains("Run completed in "),
@@ -2686,7 +2729,12 @@ fn convert_and_measure_read_internal_snapshots_like_qemu_img() {
 /// Exit code, stdout and stderr of `tool` in `dir`, with the program name at the start of
 /// stderr lines (and in "Try 'PROG info --help'") written as `PROG` and `bench`'s run time
 /// as `T`.
-fn run_with_stderr(dir: &Path, tool: &str, prog: &str, args: &[&str]) -> (i32, String, String) {
+fn run_with_stderr<S: AsRef<OsStr>>(
+    dir: &Path,
+    tool: &str,
+    prog: &str,
+    args: &[S],
+) -> (i32, String, String) {
     let out = Command::new(tool)
         .current_dir(dir)
         .args(args)
@@ -2902,6 +2950,35 @@ fn images_in_use_are_refused_like_qemu_img() {
         }
     }
     {
+        // A writer of a backing file keeps out whoever opens the chain to write its top.
+        qcow2_over(p, "a.qcow2", "t.qcow2", "1M", &[]);
+        qcow2_image(p, &[], "n.qcow2", "1M", &[]);
+        let _writer = QemuIoHolding::new(p, "a.qcow2", "qcow2", false);
+        for args in [
+            &["rebase", "-b", "", "t.qcow2"][..],
+            &["rebase", "-b", "n.qcow2", "-F", "qcow2", "t.qcow2"],
+            &["resize", "t.qcow2", "2M"],
+            &["amend", "-o", "lazy_refcounts=on", "t.qcow2"],
+            &["snapshot", "-c", "s", "t.qcow2"],
+            &["commit", "-d", "t.qcow2"],
+        ] {
+            let (code, _, _) = run_with_stderr(p, "qemu-img", "qemu-img", args);
+            assert_eq!(code, 1, "{args:?}");
+            same(p, args);
+        }
+        // -U shares the new backing file only.
+        assert_eq!(same_code(p, &["rebase", "-U", "-b", "", "t.qcow2"]), 1);
+        qcow2_over(p, "n.qcow2", "u.qcow2", "1M", &[]);
+        same(p, &["rebase", "-b", "a.qcow2", "-F", "qcow2", "u.qcow2"]);
+        assert_eq!(
+            same_code(
+                p,
+                &["rebase", "-U", "-b", "a.qcow2", "-F", "qcow2", "u.qcow2"]
+            ),
+            0
+        );
+    }
+    {
         // A reader keeps writers out.
         let _reader = QemuIoHolding::new(p, "a.qcow2", "qcow2", true);
         same(p, &["info", "a.qcow2"]);
@@ -2942,6 +3019,25 @@ fn images_in_use_are_refused_like_qemu_img() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs `args` with both tools, each on a copy of the image named last, checks that they
+/// exit with the same code and returns it.
+fn same_code(dir: &Path, args: &[&str]) -> i32 {
+    let image = *args.last().expect("an image");
+    let codes: Vec<i32> = ["qemu-img", env!("CARGO_BIN_EXE_qimg")]
+        .iter()
+        .map(|tool| {
+            std::fs::copy(dir.join(image), dir.join("copy.qcow2")).unwrap();
+            let args: Vec<&str> = args
+                .iter()
+                .map(|a| if *a == image { "copy.qcow2" } else { a })
+                .collect();
+            run(dir, tool, &args).0
+        })
+        .collect();
+    assert_eq!(codes[0], codes[1], "{args:?}");
+    codes[0]
 }
 
 /// With `data_file_raw=on` the data file is a standalone raw image, so every cluster maps
@@ -3520,7 +3616,12 @@ fn corruption_found_in_an_image_open_for_writing_marks_it_corrupt_like_qemu_img(
     assert_eq!(qemu(p, &["snapshot", "-c", "s0", "s.qcow2"]).0, 0);
     patch(p, "s.qcow2", L2, &0x50200u64.to_be_bytes());
     std::fs::write(p.join("src.raw"), vec![7u8; 1 << 20]).unwrap();
+    // The same unaligned data cluster in an image over a backing file.
+    qcow2_image(p, &[], "b.qcow2", "64M", &[]);
+    qcow2_over(p, "b.qcow2", "ub.qcow2", "64M", &["write -P 1 0 256k"]);
+    patch(p, "ub.qcow2", L2, &((1u64 << 63) | 0x50200).to_be_bytes());
     let cases: &[(&str, &[&str])] = &[
+        ("ub.qcow2", &["rebase", "-b", "", "X"]),
         ("u.qcow2", &["bench", "-w", "-c", "1", "-s", "4k", "X"]),
         (
             "u.qcow2",
@@ -4997,6 +5098,69 @@ fn long_options_of_qemu_img_10_work_like_their_short_forms() {
     }
     assert_eq!(qemu(p, &["compare", "a.qcow2", "o.qcow2"]).0, 0);
     same(p, &["info", "o.qcow2"]);
+    same(p, &["map", "--format=qcow2", "a.qcow2"]);
+    // Commands that change the image, each on copies made by either tool.
+    for args in [
+        &[
+            "create",
+            "--quiet",
+            "--format=qcow2",
+            "--options=cluster_size=4k",
+            "--backing=base.qcow2",
+            "--backing-format=qcow2",
+            "--backing-unsafe",
+            "X",
+            "1M",
+        ][..],
+        &["resize", "--quiet", "--format=qcow2", "X", "2M"],
+        &["amend", "--options=compat=0.10", "X"],
+        &[
+            "rebase",
+            "--quiet",
+            "--progress",
+            "--format=qcow2",
+            "--cache=writeback",
+            "--backing-cache=writeback",
+            "--compress",
+            "--force-share",
+            "--backing=",
+            "X",
+        ],
+        &[
+            "rebase",
+            "--backing-unsafe",
+            "--backing=base.qcow2",
+            "--backing-format=qcow2",
+            "X",
+        ],
+        &[
+            "commit",
+            "--quiet",
+            "--progress",
+            "--format=qcow2",
+            "--cache=writeback",
+            "--rate=1G",
+            "--drop",
+            "X",
+        ],
+    ] {
+        // (commit --drop writes the same data into base.qcow2 twice.)
+        for img in ["theirs.qcow2", "ours.qcow2"] {
+            std::fs::copy(p.join("a.qcow2"), p.join(img)).unwrap();
+        }
+        let (theirs, ours) = (
+            run_with_stderr(p, "qemu-img", "qemu-img", &with_name(args, "theirs.qcow2")),
+            run_with_stderr(
+                p,
+                env!("CARGO_BIN_EXE_qimg"),
+                "qimg",
+                &with_name(args, "ours.qcow2"),
+            ),
+        );
+        assert_eq!(ours.0, 0, "{args:?}: {ours:?}");
+        assert_eq!(ours, theirs, "{args:?}");
+        same(p, &["compare", "theirs.qcow2", "ours.qcow2"]);
+    }
 }
 
 /// Options that cannot go together are refused with QEMU's words, the first one in QEMU's
@@ -5020,4 +5184,93 @@ fn clashing_create_options_are_refused_in_qemu_s_order() {
         same(p, &["create", "-f", "qcow2", "-o", o, "n.qcow2", "1M"]);
         assert!(!p.join("n.qcow2").exists(), "{o}");
     }
+}
+
+/// A raw image opened for writing without `-f` gets QEMU's warning from every command, and a
+/// file with the qcow2 magic but version 0 probes as raw, as in QEMU.
+#[test]
+fn probing_and_its_warnings_follow_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let (code, _) = qemu(p, &["create", "-q", "-f", "raw", "a.raw", "4M"]);
+    assert_eq!(code, 0);
+    let mut v0 = vec![0u8; 1 << 20];
+    v0[..8].copy_from_slice(b"QFI\xfb\0\0\0\0");
+    std::fs::write(p.join("v0.img"), v0).unwrap();
+    for args in [
+        &["resize", "X", "+1M"][..],
+        &["snapshot", "-c", "s", "X"],
+        &["snapshot", "-l", "X"],
+        &["amend", "-o", "size=8M", "X"],
+        &["commit", "X"],
+        &["rebase", "-b", "", "X"],
+        &["map", "X"],
+        &["info", "X"],
+    ] {
+        for img in ["a.raw", "v0.img"] {
+            std::fs::copy(p.join(img), p.join("copy.img")).unwrap();
+            let theirs = run_with_stderr(p, "qemu-img", "qemu-img", &with_name(args, "copy.img"));
+            std::fs::copy(p.join(img), p.join("copy.img")).unwrap();
+            let ours = run_with_stderr(
+                p,
+                env!("CARGO_BIN_EXE_qimg"),
+                "qimg",
+                &with_name(args, "copy.img"),
+            );
+            assert_eq!(ours, theirs, "{args:?} on {img}");
+        }
+    }
+}
+
+/// `rebase -p` and `commit -p` show qemu-img's progress lines on stdout, from 0 to 100 %.
+#[test]
+fn rebase_and_commit_progress_goes_to_stdout_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "8M", &["write -P 1 0 2M"]);
+    qcow2_over(p, "base.qcow2", "top.qcow2", "8M", &["write -P 2 4M 2M"]);
+    for args in [
+        &["rebase", "-p", "-b", "", "X"][..],
+        &["rebase", "-p", "-u", "-b", "", "X"],
+        &["commit", "-p", "-d", "X"],
+    ] {
+        for (tool, prog) in [
+            ("qemu-img", "qemu-img"),
+            (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+        ] {
+            std::fs::copy(p.join("top.qcow2"), p.join("copy.qcow2")).unwrap();
+            let run = Command::new(tool)
+                .current_dir(p)
+                .args(with_name(args, "copy.qcow2"))
+                .output()
+                .unwrap();
+            let (out, err) = (
+                String::from_utf8_lossy(&run.stdout),
+                String::from_utf8_lossy(&run.stderr),
+            );
+            assert_eq!((run.status.code(), &*err), (Some(0), ""), "{prog} {args:?}");
+            let lines: Vec<&str> = out.split('\r').collect();
+            assert_eq!(
+                lines.first(),
+                Some(&"    (0.00/100%)"),
+                "{prog} {args:?}: {out:?}"
+            );
+            let end = match args[0] {
+                "commit" => "\nImage committed.\n",
+                _ => "\n",
+            };
+            assert_eq!(lines.last(), Some(&end), "{prog} {args:?}: {out:?}");
+            assert_eq!(
+                lines[lines.len() - 2],
+                "    (100.00/100%)",
+                "{prog} {args:?}: {out:?}"
+            );
+        }
+    }
+    // Without -b, and with a new backing file that cannot be opened.
+    same(p, &["rebase", "top.qcow2"]);
+    same(
+        p,
+        &["rebase", "-b", "missing.qcow2", "-F", "qcow2", "top.qcow2"],
+    );
 }

@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Options to change (`-o help` lists them).
-    #[arg(short = 'o')]
+    #[arg(short = 'o', long = "options")]
     options: Vec<String>,
     /// Cache mode (accepted for compatibility).
     #[arg(short = 't', long = "cache")]
@@ -153,10 +153,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .map(|f| crate::parse_driver(name, f))
         .transpose()?;
     let storage = Arc::new(FileStorage::new(crate::open_file(name, true)?));
-    let fmt = match given {
-        Some(f) => f,
-        None => qcow2::open::probe(&*storage)?,
-    };
+    let fmt = crate::writable_format(&*storage, name, given)?;
     crate::lock(storage.file(), name, Locking::On, fmt, true)?;
     if help {
         return print_help(fmt.name());
@@ -167,7 +164,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let changes = parse(&parse_options(&a.options)?)?;
     crate::resize::refuse_bitmaps(&*storage, name, "amend")?;
     let dir = Path::new(name).parent().unwrap_or(Path::new("."));
-    let mut img = crate::open_qcow2(storage, &Default::default(), Some(dir), name)?;
+    let mut img = crate::open_qcow2(storage, &crate::writer_options(), Some(dir), name)?;
     let progress = crate::progress::Progress::new(a.progress && !a.quiet, 1);
     let result = amend(&mut img, &changes);
     progress.add(1);

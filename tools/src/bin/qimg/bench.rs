@@ -17,49 +17,49 @@ use crate::size::{cvtint_full, cvtnum, cvtnum_full};
 #[derive(clap::Args)]
 pub struct Args {
     /// Number of requests.
-    #[arg(short = 'c', default_value = "75000")]
+    #[arg(short = 'c', long = "count", default_value = "75000")]
     count: String,
     /// Requests in flight.
-    #[arg(short = 'd', default_value = "64")]
+    #[arg(short = 'd', long = "depth", default_value = "64")]
     depth: String,
     /// Image format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Flush after this many write requests.
     #[arg(long = "flush-interval")]
     flush_interval: Option<String>,
     /// AIO mode: threads, native or io_uring (accepted).
-    #[arg(short = 'i')]
+    #[arg(short = 'i', long = "aio")]
     aio: Option<String>,
-    /// Bypass the host page cache (accepted).
-    #[arg(short = 'n')]
-    nocache: bool,
+    /// Native AIO (checked as qemu-img does: needs an O_DIRECT cache mode).
+    #[arg(short = 'n', long = "native")]
+    native: bool,
     /// Do not wait for requests in flight before a flush (accepted).
     #[arg(long = "no-drain")]
     no_drain: bool,
     /// Offset of the first request.
-    #[arg(short = 'o', default_value = "0")]
+    #[arg(short = 'o', long = "offset", default_value = "0")]
     offset: String,
     /// Byte written by write requests.
-    #[arg(long = "pattern", default_value_t = 0)]
-    pattern: u8,
+    #[arg(long = "pattern")]
+    pattern: Option<String>,
     /// Quiet (accepted; qemu-img prints its report anyway).
     #[arg(short = 'q')]
     quiet: bool,
     /// Request size.
-    #[arg(short = 's', default_value = "4096")]
+    #[arg(short = 's', long = "buffer-size", default_value = "4096")]
     size: String,
     /// Distance between request offsets (default: the request size).
-    #[arg(short = 'S')]
+    #[arg(short = 'S', long = "step-size")]
     step: Option<String>,
-    /// Cache mode (accepted).
-    #[arg(short = 't')]
+    /// Cache mode (checked; qimg reads and writes through the page cache).
+    #[arg(short = 't', long = "cache")]
     cache: Option<String>,
-    /// Open without taking the write lock (qimg takes no locks).
+    /// Open a read-only benchmark's image without keeping writers out (force share).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Write instead of read.
-    #[arg(short = 'w')]
+    #[arg(short = 'w', long = "write")]
     write: bool,
     /// The image.
     filename: String,
@@ -67,12 +67,22 @@ pub struct Args {
 
 /// Runs `qimg bench`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let _ = (a.nocache, a.no_drain, a.quiet, &a.cache);
+    let _ = (a.no_drain, a.quiet);
     if let Some(m) = a.aio.as_deref() {
         if !matches!(m, "threads" | "native" | "io_uring") {
             bail!("Invalid aio option: {m}");
         }
     }
+    if a.cache
+        .as_deref()
+        .is_some_and(|c| !crate::valid_cache_mode(c))
+    {
+        bail!("Invalid cache mode");
+    }
+    let pattern = match a.pattern.as_deref() {
+        Some(p) => cvtint_full("pattern byte", p, 0, 0xff)? as u8,
+        None => 0,
+    };
     let int_max = i32::MAX as u64;
     let count = cvtint_full("request count", &a.count, 1, int_max)?;
     let depth = cvtint_full("queue depth", &a.depth, 1, int_max)?;
@@ -83,12 +93,31 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .transpose()?;
     let bufsize = cvtnum_full("buffer size", &a.size, 1, int_max)?;
     let step = match &a.step {
-        Some(s) => cvtnum_full("step size", s, 0, int_max)?,
-        None => bufsize,
-    };
+        // As in qemu-img, a step of 0 is the request size.
+        Some(s) => Some(cvtnum_full("step size", s, 0, int_max)?).filter(|&s| s > 0),
+        None => None,
+    }
+    .unwrap_or(bufsize);
     let start = cvtnum("offset", &a.offset)?;
     if flush_interval.is_some() && !a.write {
         bail!("--flush-interval is only available in write tests");
+    }
+    if flush_interval.is_some_and(|n| n > 0 && n < depth) {
+        bail!("Flush interval can't be smaller than depth");
+    }
+    // Refused when the image is opened, in the block layer's words.
+    let refuse = |why: &str| anyhow::anyhow!("Could not open '{}': {why}", a.filename);
+    if a.write && a.force_share {
+        return Err(refuse(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    let direct = matches!(a.cache.as_deref(), Some("none" | "directsync"));
+    if (a.native || a.aio.as_deref() == Some("native")) && !direct {
+        return Err(refuse(
+            "aio=native was specified, but it requires cache.direct=on, which was not \
+             specified.",
+        ));
     }
     let img: Arc<dyn Image> = crate::open(
         &a.filename,
@@ -119,7 +148,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         write: a.write,
         flush_interval: flush_interval.filter(|&n| n > 0),
         ring: IoRing::new(img.clone(), buffers.max(1) as u32)?,
-        buffers: vec![vec![a.pattern; bufsize as usize]; buffers],
+        buffers: vec![vec![pattern; bufsize as usize]; buffers],
         free: (0..buffers).collect(),
         done: 0,
     };
@@ -136,7 +165,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         Ok(())
     })();
     if let Err(e) = outcome {
-        match crate::report_corruption(&e) {
+        // The block layer fails requests past the end, as corrupt metadata, with EIO.
+        let eio = matches!(e, qcow2::Error::OutOfRange { .. }) || crate::report_corruption(&e);
+        match eio {
             true => crate::print_error("Failed request: Input/output error"),
             false => crate::print_error(format!("Failed request: {e}")),
         }

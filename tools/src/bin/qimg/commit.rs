@@ -9,30 +9,31 @@ use qcow2::{FileStorage, Format, Locking, Preallocation};
 
 use crate::chain::Chain;
 use crate::info::path_combine;
+use crate::progress::Progress;
 
 /// Arguments of `qimg commit`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// The backing file to commit into (default: the image's own backing file).
-    #[arg(short = 'b')]
+    #[arg(short = 'b', long = "base")]
     base: Option<String>,
     /// Do not empty the image afterwards.
-    #[arg(short = 'd')]
+    #[arg(short = 'd', long = "drop")]
     drop_not: bool,
     /// Show progress.
-    #[arg(short = 'p')]
+    #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Cache mode (checked; qimg flushes at the end).
-    #[arg(short = 't')]
+    #[arg(short = 't', long = "cache")]
     cache: Option<String>,
     /// Rate limit (checked; qimg does not throttle).
-    #[arg(short = 'r')]
+    #[arg(short = 'r', long = "rate")]
     rate: Option<String>,
     /// The image.
     filename: String,
@@ -60,6 +61,23 @@ fn open_for_writing(name: &str, format: Format) -> anyhow::Result<std::fs::File>
     Ok(file)
 }
 
+/// Fails, as qemu-img's open of the chain does, when another process writes one of the
+/// top's backing files. The locks are dropped again: the base is then opened for writing.
+fn refuse_backing_writers(top: &std::fs::File, chain: &Chain, name: &str) -> anyhow::Result<()> {
+    if chain.format(0) != Format::Qcow2 {
+        return Ok(());
+    }
+    let opts = qcow2::OpenOptions {
+        read_only: true,
+        ..crate::writer_options()
+    };
+    let storage = Arc::new(FileStorage::new(top.try_clone()?));
+    let dir = std::path::Path::new(name).parent();
+    qcow2::Qcow2::open_storage(storage, &opts, dir)
+        .map(drop)
+        .map_err(|e| crate::open_error(name, e))
+}
+
 /// Grows the base to `size` bytes if it is smaller.
 fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
     let file = open_for_writing(name, format)?;
@@ -74,7 +92,7 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
             let dir = std::path::Path::new(name).parent();
             let mut q = crate::open_qcow2(
                 Arc::new(FileStorage::new(file)),
-                &Default::default(),
+                &crate::writer_options(),
                 dir,
                 name,
             )?;
@@ -100,7 +118,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     // which keeps everyone else out.
     let top_file = crate::open_file(&a.filename, true)?;
     let chain = Chain::open(&a.filename, a.format.as_deref(), None, Locking::Off)?;
+    if a.format.is_none() && chain.format(0) == Format::Raw {
+        crate::warn_probed_raw(&a.filename);
+    }
     crate::lock(&top_file, &a.filename, Locking::On, chain.format(0), true)?;
+    refuse_backing_writers(&top_file, &chain, &a.filename)?;
     if chain.len() < 2 {
         bail!("Image does not have a backing file");
     }
@@ -118,7 +140,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     grow_base(base_name, chain.format(b), size)?;
     let top = crate::open(&a.filename, a.format.as_deref(), true, Locking::Off)?;
     let base = crate::open(base_name, Some(chain.format(b).name()), false, Locking::On)?;
-    let show = a.progress && !a.quiet;
+    let progress = Progress::new(a.progress && !a.quiet, size);
     let mut buf = vec![0u8; CHUNK as usize];
     let mut offset = 0;
     while offset < size {
@@ -136,20 +158,16 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             }
         }
         offset += e.length;
-        if show {
-            eprint!("    ({:.2}/100%)\r", offset as f64 * 100.0 / size as f64);
-        }
+        progress.add(e.length);
     }
     base.flush()?;
     drop(base);
     if a.base.is_none() && !a.drop_not {
         let storage = Arc::new(FileStorage::new(top_file));
-        let img = crate::open_qcow2(storage, &Default::default(), None, &a.filename)?;
+        let img = crate::open_qcow2(storage, &crate::writer_options(), None, &a.filename)?;
         img.make_empty()?;
     }
-    if show {
-        eprintln!("    (100.00/100%)");
-    }
+    progress.finish();
     if !a.quiet {
         outln!("Image committed.");
     }

@@ -10,22 +10,22 @@ use crate::size::cvtnum;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format (qcow2 or raw).
-    #[arg(short = 'f', default_value = "raw")]
+    #[arg(short = 'f', long = "format", default_value = "raw")]
     format: String,
     /// Backing file.
-    #[arg(short = 'b')]
+    #[arg(short = 'b', long = "backing")]
     backing: Option<String>,
     /// Backing file format.
-    #[arg(short = 'F')]
+    #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
     /// Do not open the backing file (size must be given).
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_backing: bool,
     /// Format options: key=value[,key=value...].
-    #[arg(short = 'o')]
+    #[arg(short = 'o', long = "options")]
     options: Vec<String>,
     /// Quiet: do not print the "Formatting" line.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The new image.
     filename: Option<String>,

@@ -320,6 +320,44 @@ pub fn parse_driver(path: &str, name: &str) -> anyhow::Result<qcow2::Format> {
         .ok_or_else(|| anyhow::anyhow!("Could not open '{path}': Unknown driver '{name}'"))
 }
 
+/// The format of the image `name`, open in `storage`, for a command that writes to it:
+/// `given`, or probed; when probing guessed raw, QEMU's warning (block 0 of a probed raw image
+/// could be turned into another format's header).
+pub fn writable_format(
+    storage: &dyn qcow2::Storage,
+    name: &str,
+    given: Option<qcow2::Format>,
+) -> anyhow::Result<qcow2::Format> {
+    if let Some(f) = given {
+        return Ok(f);
+    }
+    let probed = qcow2::open::probe(storage)?;
+    if probed == qcow2::Format::Raw {
+        warn_probed_raw(name);
+    }
+    Ok(probed)
+}
+
+/// Options to open a qcow2 image whose own file the caller opened for writing and locked:
+/// its backing files are locked as QEMU locks a writer's backing chain (readers that keep
+/// other writers out of qcow2 files).
+pub fn writer_options() -> qcow2::OpenOptions {
+    qcow2::OpenOptions {
+        locking: Locking::On,
+        ..Default::default()
+    }
+}
+
+/// QEMU's warning for a raw image opened for writing without its format given.
+pub fn warn_probed_raw(name: &str) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove \
+         the restrictions."
+    );
+}
+
 /// Opens an image as qemu-img would, with its error wording.
 pub fn open(
     path: &str,

@@ -10,7 +10,7 @@ use crate::size::cvtnum;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Output format: human or json.
     #[arg(

@@ -11,37 +11,41 @@ use anyhow::{bail, Context};
 use qcow2::{FileStorage, Image, Locking, Qcow2};
 
 use crate::info::path_combine;
+use crate::progress::Progress;
 
 /// Arguments of `qimg rebase`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// New backing file ("" for none).
-    #[arg(short = 'b')]
+    #[arg(short = 'b', long = "backing")]
     backing: Option<String>,
     /// Format of the new backing file.
-    #[arg(short = 'F')]
+    #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
     /// Unsafe: only rewrite the header (the contents are assumed to match).
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_mode: bool,
     /// Write the copied clusters compressed.
-    #[arg(short = 'c')]
+    #[arg(short = 'c', long = "compress")]
     compress: bool,
     /// Show progress.
-    #[arg(short = 'p')]
+    #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Cache mode of the image (checked; qimg always writes back at the end).
-    #[arg(short = 't')]
+    #[arg(short = 't', long = "cache")]
     cache: Option<String>,
     /// Cache mode of the backing files (checked).
-    #[arg(short = 'T')]
+    #[arg(short = 'T', long = "backing-cache")]
     src_cache: Option<String>,
+    /// Open the new backing file without keeping writers out (force share).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image.
     filename: String,
 }
@@ -186,7 +190,7 @@ fn copy_differences(
     img: &Qcow2,
     new: Option<&dyn Image>,
     compress: bool,
-    progress: bool,
+    progress: &Progress,
 ) -> anyhow::Result<()> {
     let size = img.size();
     let cs = img.cluster_size();
@@ -202,9 +206,12 @@ fn copy_differences(
     while offset < size {
         // Queries end on a cluster boundary, so no unallocated cluster is split in two runs.
         let query_end = ((offset + CHUNK) / cs * cs).min(size);
-        let st = img.block_status(offset, query_end - offset)?;
+        let st = img
+            .block_status(offset, query_end - offset)
+            .context("error while reading image metadata")?;
         if st.allocated {
             offset += st.len;
+            progress.add(st.len);
             continue;
         }
         // Whole subclusters, so writes never copy-on-write a partial one.
@@ -225,10 +232,8 @@ fn copy_differences(
         } else {
             b.copy(img, start, end, sc, false)?;
         }
+        progress.add(end - offset);
         offset = end;
-        if progress {
-            eprint!("    ({:.2}/100%)\r", offset as f64 * 100.0 / size as f64);
-        }
     }
     Ok(())
 }
@@ -236,7 +241,11 @@ fn copy_differences(
 /// Runs `qimg rebase`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let Some(backing) = a.backing.as_deref() else {
-        bail!("Must specify backing file (-b) or use unsafe mode (-u)");
+        bail!(
+            "Must specify backing file (-b) or use unsafe mode (-u)\nTry '{} rebase --help' for \
+             more info",
+            crate::progname()
+        );
     };
     // Refused before the image is opened, as qemu-img does.
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
@@ -256,22 +265,21 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if let (Some(b), None) = (backing, &a.backing_format) {
         bail!("Could not change the backing file to '{b}': backing format must be specified");
     }
-    if let Some(f) = given {
-        if f != qcow2::Format::Qcow2 {
-            bail!(
-                "Could not change the backing file to '{}': Operation not supported",
-                backing.unwrap_or("")
-            );
-        }
-    }
     let path = Path::new(&a.filename);
-    let file = crate::open_file(&a.filename, true)?;
-    crate::lock(&file, &a.filename, Locking::On, qcow2::Format::Qcow2, true)?;
+    let storage = FileStorage::new(crate::open_file(&a.filename, true)?);
+    let format = crate::writable_format(&storage, &a.filename, given)?;
+    crate::lock(storage.file(), &a.filename, Locking::On, format, true)?;
+    if format != qcow2::Format::Qcow2 {
+        bail!(
+            "Could not change the backing file to '{}': Operation not supported",
+            backing.unwrap_or("")
+        );
+    }
     // Unsafe mode never opens the old backing file.
     let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));
     let img = crate::open_qcow2(
-        Arc::new(FileStorage::new(file)),
-        &Default::default(),
+        Arc::new(storage),
+        &crate::writer_options(),
         dir,
         &a.filename,
     )?;
@@ -281,17 +289,30 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             bail!("Invalid format name: '{f}'");
         }
     }
+    let progress = Progress::new(a.progress && !a.quiet, img.size());
     if !a.unsafe_mode {
         let new = match backing {
-            Some(b) => Some(crate::open(
-                &path_combine(&a.filename, b),
-                a.backing_format.as_deref(),
-                true,
-                Locking::On,
-            )?),
+            Some(b) => {
+                let path = path_combine(&a.filename, b);
+                // As in qemu-img, -U shares only the new backing file.
+                let opened = crate::open(
+                    &path,
+                    a.backing_format.as_deref(),
+                    true,
+                    crate::locking(a.force_share),
+                );
+                // qemu-img names the file once, in its own words.
+                Some(opened.map_err(|e| {
+                    let e = e.to_string();
+                    let why = e
+                        .strip_prefix(&format!("Could not open '{path}': "))
+                        .unwrap_or(&e);
+                    anyhow::anyhow!("Could not open new backing file '{b}': {why}")
+                })?)
+            }
             None => None,
         };
-        copy_differences(&img, new.as_deref(), a.compress, a.progress && !a.quiet)?;
+        copy_differences(&img, new.as_deref(), a.compress, &progress)?;
         img.flush()?;
     }
     img.set_backing_file(backing, a.backing_format.as_deref())
@@ -301,8 +322,6 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 backing.unwrap_or("")
             )
         })?;
-    if a.progress && !a.quiet {
-        eprintln!("    (100.00/100%)");
-    }
+    progress.finish();
     Ok(0)
 }

@@ -13,7 +13,7 @@ use crate::size::option_size;
 #[derive(clap::Args)]
 pub struct Args {
     /// Image format.
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Preallocation of the added range: off, metadata, falloc or full.
     #[arg(long = "preallocation")]
@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long = "shrink")]
     shrink: bool,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image.
     filename: String,
@@ -85,10 +85,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .transpose()?;
     let file = crate::open_file(&a.filename, true)?;
     let storage = Arc::new(FileStorage::new(file));
-    let fmt = match given {
-        Some(f) => f,
-        None => qcow2::open::probe(&*storage)?,
-    };
+    let fmt = crate::writable_format(&*storage, &a.filename, given)?;
     crate::lock(storage.file(), &a.filename, Locking::On, fmt, true)?;
     let mut qcow = None;
     let current = match fmt {
@@ -98,7 +95,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             refuse_bitmaps(&*storage, &a.filename, "resize")?;
             let q = crate::open_qcow2(
                 storage.clone(),
-                &Default::default(),
+                &crate::writer_options(),
                 Some(path.parent().unwrap_or(Path::new("."))),
                 &a.filename,
             )?;
@@ -114,6 +111,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     }
     if total <= current && prealloc != Preallocation::Off {
         bail!("Preallocation can only be used for growing images");
+    }
+    // QEMU's BDRV_MAX_LENGTH: the largest size its block layer handles.
+    const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+    if total > MAX_LENGTH {
+        bail!("offset({total}) exceeds maximum({MAX_LENGTH})");
     }
     if qcow.is_some() && total % 512 != 0 {
         bail!("The new size must be a multiple of 512");

@@ -165,9 +165,10 @@ fn open(
 ) -> anyhow::Result<Option<Qcow2>> {
     let given = format.map(|f| crate::parse_driver(name, f)).transpose()?;
     let storage = Arc::new(FileStorage::new(crate::open_file(name, writable)?));
-    let fmt = match given {
-        Some(f) => f,
-        None => qcow2::open::probe(&*storage)?,
+    let fmt = match (given, writable) {
+        (given, true) => crate::writable_format(&*storage, name, given)?,
+        (Some(f), false) => f,
+        (None, false) => qcow2::open::probe(&*storage)?,
     };
     crate::lock(storage.file(), name, locking, fmt, writable)?;
     if fmt == Format::Raw {
