@@ -55,9 +55,12 @@ impl Supervisor {
     pub fn new() -> anyhow::Result<Self> {
         let base =
             std::env::var_os("XDG_RUNTIME_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
-        let dir = base.join(format!("cowbird-vmm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        // A new directory only this user can enter, with a name nobody can create first
+        // (mkdtemp): whoever owned it could swap a backend's socket and be handed the
+        // guest's memory.
+        let template = base.join(format!("cowbird-vmm-{}-XXXXXX", std::process::id()));
+        let dir = nix::unistd::mkdtemp(&template)
+            .with_context(|| format!("cannot create a directory like {}", template.display()))?;
         Ok(Self {
             dir,
             children: Mutex::new(Vec::new()),
@@ -263,6 +266,29 @@ pub(crate) mod tests {
             children: Mutex::new(Vec::new()),
             stopping: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    #[test]
+    fn the_socket_directory_is_a_new_one_only_its_owner_enters() {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let base = std::env::temp_dir().join(format!("cowbird-xdg-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        // Someone else got there first with the name the directory once had.
+        let planted = base.join(format!("cowbird-vmm-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o777)
+            .create(&planted)
+            .unwrap();
+        // nextest runs each test in a process of its own.
+        std::env::set_var("XDG_RUNTIME_DIR", &base);
+        let supervisor = Supervisor::new().unwrap();
+        let dir = supervisor.socket_path("x").parent().unwrap().to_path_buf();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        drop(supervisor);
+        std::fs::remove_dir_all(&base).unwrap();
+        assert_ne!(dir, planted);
+        assert!(dir.starts_with(&base), "{}", dir.display());
+        assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
     }
 
     /// A backend that creates its socket and dies at once, every time.

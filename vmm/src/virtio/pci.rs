@@ -58,10 +58,20 @@ pub const MAX_QUEUES: u16 = ((MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) / msix::ENTRY
 
 /// Transport features the VMM can offer whatever the backend: VERSION_1 is required.
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Features whose support depends on the transport or an IOMMU, never offered: ACCESS_PLATFORM,
-/// ORDER_PLATFORM, SR_IOV, NOTIFICATION_DATA, NOTIF_CONFIG_DATA, RING_RESET, ADMIN_VQ.
-const TRANSPORT_UNSUPPORTED: u64 =
-    (1 << 33) | (1 << 36) | (1 << 37) | (1 << 38) | (1 << 39) | (1 << 40) | (1 << 41);
+/// Features a backend may offer that are never passed on to the guest: those whose support
+/// depends on the transport or an IOMMU (ACCESS_PLATFORM, ORDER_PLATFORM, SR_IOV,
+/// NOTIFICATION_DATA, NOTIF_CONFIG_DATA, RING_RESET, ADMIN_VQ), packed rings (RING_PACKED: the
+/// VMM starts and resumes queues as split rings) and vhost's dirty-page logging (LOG_ALL,
+/// for migration, which the VMM does not do).
+const NEVER_OFFERED: u64 = (1 << 26)
+    | (1 << 33)
+    | (1 << 34)
+    | (1 << 36)
+    | (1 << 37)
+    | (1 << 38)
+    | (1 << 39)
+    | (1 << 40)
+    | (1 << 41);
 
 /// The kinds of device the VMM attaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +183,8 @@ pub struct VirtioPciDevice {
     /// A NIC's last queue is its control queue, which is the backend's last queue however
     /// many pairs the backend serves beyond the device's.
     control_queue: bool,
+    /// The backend is gone for good (its supervisor gave up): the device never starts again.
+    lost: bool,
 }
 
 impl VirtioPciDevice {
@@ -233,8 +245,7 @@ impl VirtioPciDevice {
         let kicks = (0..num_queues)
             .map(|_| crate::vm::new_eventfd())
             .collect::<std::io::Result<Vec<_>>>()?;
-        let device_features =
-            (backend.device_features() | VIRTIO_F_VERSION_1) & !TRANSPORT_UNSUPPORTED;
+        let device_features = (backend.device_features() | VIRTIO_F_VERSION_1) & !NEVER_OFFERED;
         Ok(Self {
             config,
             device_space: ConfigSpace::new(kind, num_queues, backend.config()),
@@ -256,13 +267,15 @@ impl VirtioPciDevice {
             started: Vec::new(),
             msix_capability,
             control_queue: kind == DeviceType::Net && num_queues % 2 == 1,
+            lost: false,
         })
     }
 
     /// The backend's index of the device's queue `index`.
     fn backend_queue(&self, index: usize) -> usize {
         if self.control_queue && index + 1 == self.queues.len() {
-            usize::from(self.backend.queue_num()) - 1
+            // A backend with no queue at all (refused at resume) maps it nowhere.
+            usize::from(self.backend.queue_num().saturating_sub(1))
         } else {
             index
         }
@@ -323,7 +336,10 @@ impl VirtioPciDevice {
                     _ => {}
                 }
             }
-            0x10 => self.config_vector = value as u16,
+            0x10 => {
+                let v = value as u16;
+                self.config_vector = if v < self.msix.len() { v } else { NO_VECTOR };
+            }
             0x14 => self.set_status(value as u8),
             0x16 => self.queue_select = value as u16,
             0x18 => self.update_queue(|q| {
@@ -387,6 +403,9 @@ impl VirtioPciDevice {
     /// Registers the doorbells of the enabled queues as ioeventfds and hands the queues to
     /// the backend.
     fn activate(&mut self) -> anyhow::Result<()> {
+        if self.lost {
+            anyhow::bail!("its backend is gone for good");
+        }
         let Some(bar) = self.config.bar_range(0) else {
             anyhow::bail!("driver started the device with BAR 0 disabled");
         };
@@ -510,6 +529,7 @@ impl VirtioPciDevice {
     /// The backend is gone for good (its supervisor stopped restarting it): the device
     /// needs a reset, which the driver is told.
     pub fn backend_lost(&mut self) {
+        self.lost = true;
         self.needs_reset("its backend is gone for good");
     }
 

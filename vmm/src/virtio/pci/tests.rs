@@ -185,6 +185,33 @@ fn config_writes(backend: &FakeBackend, index: usize) -> Vec<(u32, Vec<u8>)> {
 }
 
 #[test]
+fn features_the_vmm_cannot_carry_are_not_offered_to_the_guest() {
+    const RING_PACKED: u64 = 1 << 34;
+    const LOG_ALL: u64 = 1 << 26;
+    const ACCESS_PLATFORM: u64 = 1 << 33;
+    let mut rig = Rig::new(Behaviour::block(
+        FLUSH | RING_PACKED | LOG_ALL | ACCESS_PLATFORM,
+        1,
+    ));
+    let mut offered = 0u64;
+    for select in 0..2u32 {
+        rig.write32(0x00, select);
+        let word = u32::from_le_bytes(rig.read(0x04, 4).try_into().unwrap());
+        offered |= u64::from(word) << (32 * select);
+    }
+    assert_eq!(offered, FLUSH | 1 << 32, "{offered:#x}");
+}
+
+#[test]
+fn a_config_vector_past_the_table_reads_back_as_no_vector() {
+    let mut rig = Rig::new(Behaviour::block(0, 1));
+    rig.write16(0x10, CONFIG_VECTOR);
+    assert_eq!(rig.read16(0x10), CONFIG_VECTOR);
+    rig.write16(0x10, 2);
+    assert_eq!(rig.read16(0x10), NO_VECTOR);
+}
+
+#[test]
 fn only_a_reset_clears_driver_ok_and_needs_reset() {
     // ACKNOWLEDGE | DRIVER | FEATURES_OK, then DRIVER_OK: the device starts once.
     assert_eq!(next_status(0x0b, 0x0f), (0x0f, true));
@@ -494,11 +521,30 @@ fn a_device_whose_supervised_backend_is_given_up_needs_a_reset() {
     .unwrap();
     // The backend goes away for good: its socket is gone, its supervisor gives up.
     drop(backend);
-    eventually("the device needs a reset", || {
+    let status = || {
         let mut status = [0u8];
         device.lock().unwrap().read_bar(0, 0x14, &mut status);
-        status[0] & STATUS_NEEDS_RESET != 0
+        status[0]
+    };
+    eventually("the device needs a reset", || {
+        status() & STATUS_NEEDS_RESET != 0
     });
+    // A reset clears it, and the next start, which nothing can serve, sets it again.
+    let mut device_guard = device.lock().unwrap();
+    for (offset, bytes) in [
+        (0x14, &[0u8][..]),
+        (0x14, &[1]),
+        (0x14, &[3]),
+        (0x08, &[1, 0, 0, 0]),
+        (0x0c, &[1, 0, 0, 0]),
+        (0x14, &[0x0b]),
+    ] {
+        device_guard.write_bar(0, offset, bytes);
+    }
+    drop(device_guard);
+    assert_eq!(status(), 0x0b);
+    device.lock().unwrap().write_bar(0, 0x14, &[0x0f]);
+    assert_ne!(status() & STATUS_NEEDS_RESET, 0, "{:#x}", status());
 }
 
 /// A NIC using one of its backend's two pairs: the guest sees one pair, and its control
