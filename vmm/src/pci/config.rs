@@ -15,6 +15,8 @@ const CAPABILITIES_POINTER: usize = 0x34;
 const STATUS_CAPABILITIES_LIST: u16 = 1 << 4;
 /// Command register bit: memory space decoding on.
 pub const COMMAND_MEMORY_SPACE: u16 = 1 << 1;
+/// Command register bit: the function may access memory (bus master).
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
 /// Command bits a guest may change: I/O space, memory space, bus master, INTx disable.
 const COMMAND_WRITABLE: u16 = 0x0407;
 
@@ -127,6 +129,11 @@ impl PciConfig {
         }
         let base = u64::from(self.u32_at(BAR0 + 4 * index) & !0xf);
         Some(base..base + size)
+    }
+
+    /// Whether the driver lets the function access memory (command register, bus master).
+    pub fn bus_master(&self) -> bool {
+        self.u16_at(COMMAND) & COMMAND_BUS_MASTER != 0
     }
 
     /// A little-endian u16 of the space.

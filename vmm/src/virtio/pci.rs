@@ -579,6 +579,18 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
+        self.stop_queues();
+        for q in &mut self.queues {
+            *q = Queue::new(q.max_size);
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.config_vector = NO_VECTOR;
+        self.queue_select = 0;
+    }
+
+    /// Takes the started queues back from the backend and stops listening to their doorbells.
+    fn stop_queues(&mut self) {
         let started: Vec<usize> = std::mem::take(&mut self.started)
             .into_iter()
             .map(|i| self.backend_queue(i))
@@ -595,13 +607,6 @@ impl VirtioPciDevice {
                 NoDatamatch,
             );
         }
-        for q in &mut self.queues {
-            *q = Queue::new(q.max_size);
-        }
-        self.status = 0;
-        self.driver_features = 0;
-        self.config_vector = NO_VECTOR;
-        self.queue_select = 0;
     }
 }
 
@@ -611,10 +616,23 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn write_config(&mut self, offset: usize, data: &[u8]) {
+        let was_master = self.config.bus_master();
         self.config.write(offset, data);
         let control = self.msix_capability + MSIX_CONTROL_OFFSET;
         if offset <= control + 1 && offset + data.len() > control {
             self.msix.set_control(self.config.u16_at(control));
+        }
+        if was_master
+            && !self.config.bus_master()
+            && self.running()
+            && self.status & STATUS_NEEDS_RESET == 0
+        {
+            // The device must stop touching memory (Linux turns bus mastering off for every
+            // device before a kexec, whose next kernel owns the rings' memory): its queues
+            // are stopped, and it needs a reset before it runs again, as QEMU stops it.
+            self.stop_queues();
+            self.status |= STATUS_NEEDS_RESET;
+            tracing::info!(socket = %self.backend.socket().display(), "bus mastering turned off: the device stopped");
         }
     }
 

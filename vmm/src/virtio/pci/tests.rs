@@ -212,6 +212,28 @@ fn a_config_vector_past_the_table_reads_back_as_no_vector() {
 }
 
 #[test]
+fn turning_bus_mastering_off_stops_a_running_device_until_a_reset() {
+    let mut rig = Rig::new(Behaviour::block(0, 1));
+    rig.device.write_config(4, &[0x06, 0]); // memory space and bus master on
+    rig.start(0);
+    rig.device.write_config(4, &[0x02, 0]);
+    let stops = rig.backend.wait_for(0, FrontendReq::GET_VRING_BASE);
+    assert_eq!(stops.iter().map(|m| m.u32_at(0)).collect::<Vec<_>>(), [0]);
+    assert_eq!(rig.status(), 0x0f | STATUS_NEEDS_RESET);
+    // Turned on again, the device stays stopped until the driver resets it; then it starts.
+    rig.device.write_config(4, &[0x06, 0]);
+    rig.write8(0x14, 0x0f);
+    assert_eq!(rig.status(), 0x0f | STATUS_NEEDS_RESET);
+    rig.start(0);
+    assert_eq!(rig.status(), 0x0f);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.backend.wait_for(0, FrontendReq::SET_VRING_KICK).len() < 2 {
+        assert!(Instant::now() < deadline, "the queue was not started again");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn only_a_reset_clears_driver_ok_and_needs_reset() {
     // ACKNOWLEDGE | DRIVER | FEATURES_OK, then DRIVER_OK: the device starts once.
     assert_eq!(next_status(0x0b, 0x0f), (0x0f, true));
