@@ -349,11 +349,11 @@ impl VirtioPciDevice {
                 }
             }),
             0x1a => {
+                // Fixed while running too: the backend signals the vector's eventfd it was
+                // given at the start.
                 let vectors = self.msix.len();
-                if let Some(q) = self.queues.get_mut(usize::from(self.queue_select)) {
-                    let v = value as u16;
-                    q.vector = if v < vectors { v } else { NO_VECTOR };
-                }
+                let v = value as u16;
+                self.update_queue(|q| q.vector = if v < vectors { v } else { NO_VECTOR });
             }
             0x1c => self.update_queue(|q| q.enabled = value & 1 == 1),
             0x20 => self.update_queue(|q| q.desc = low(q.desc)),

@@ -361,7 +361,9 @@ fn queue_setup_is_fixed_while_running_so_a_resume_uses_the_started_rings() {
     rig.write32(0x30, 0xffff_fffe);
     rig.write32(0x34, 0xffff_ffff);
     rig.write16(0x18, 4);
+    rig.write16(0x1a, NO_VECTOR);
     assert_eq!(rig.read(0x30, 8), USED.to_le_bytes());
+    assert_eq!(rig.read16(0x1a), QUEUE_VECTOR);
     rig.reconnect().unwrap();
     // VhostUserVringAddr: index, flags, then the descriptor, used and available rings.
     let addr = &rig.backend.wait_for(1, FrontendReq::SET_VRING_ADDR)[0];
