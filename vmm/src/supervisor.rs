@@ -24,6 +24,7 @@ const MAX_QUICK_RESTARTS: u32 = 5;
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// One backend process and what it takes to start it again.
+#[derive(Debug)]
 struct Managed {
     name: String,
     command: Vec<String>,
@@ -31,15 +32,25 @@ struct Managed {
     gave_up: Arc<AtomicBool>,
 }
 
-/// What the rest of the VMM may learn about a backend the supervisor started.
+/// What the rest of the VMM may learn about, and do to, a backend the supervisor started.
 #[derive(Debug, Clone)]
-pub struct BackendHealth(Arc<AtomicBool>);
+pub struct BackendHealth(Arc<Managed>);
 
 impl BackendHealth {
     /// Whether the supervisor stopped restarting the backend (it kept dying at once, or
     /// could not be started again): it will not come back.
     pub fn gave_up(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.gave_up.load(Ordering::SeqCst)
+    }
+
+    /// Kills the backend's process group, for a backend that stopped answering: its
+    /// supervisor then starts it again, as after a crash.
+    pub fn kill_hung(&self) {
+        tracing::warn!(
+            "{} stopped answering; killing it so that it is restarted",
+            self.0.name
+        );
+        signal_group(self.0.pid.load(Ordering::SeqCst), libc::SIGKILL);
     }
 }
 
@@ -112,7 +123,7 @@ impl Supervisor {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.lock().push(managed.clone());
-        let health = BackendHealth(managed.gave_up.clone());
+        let health = BackendHealth(managed.clone());
         let stopping = self.stopping.clone();
         std::thread::Builder::new()
             .name(format!("supervise-{name}"))

@@ -547,6 +547,11 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Whether the connection to the backend was cut off because it stopped answering.
+    pub fn backend_timed_out(&self) -> bool {
+        self.backend.timed_out()
+    }
+
     /// The backend connection's hangup watch (see [`VhostUserConnection::hangup_watch`]).
     pub fn hangup_watch(&self) -> std::io::Result<HangupWatch> {
         self.backend.hangup_watch()

@@ -3,8 +3,10 @@
 //! socket as soon as it accepts again and hands the device's running queues to the new
 //! process. The guest sees its requests stall meanwhile, not fail.
 //!
-//! A backend that keeps failing — it refuses the handshake, or hangs up again soon after each
-//! reconnect — is retried less and less often (up to every [`MAX_RETRY_INTERVAL`]). One its
+//! A backend the VMM started that stopped answering (its connection was cut off by the
+//! watchdog) is killed, so that its supervisor starts it again. A backend that keeps
+//! failing — it refuses the handshake, or hangs up again soon after each reconnect — is
+//! retried less and less often (up to every [`MAX_RETRY_INTERVAL`]). One its
 //! supervisor gave up on leaves the device needing a reset.
 
 use std::path::PathBuf;
@@ -71,6 +73,13 @@ pub fn watch(
                     return;
                 }
                 tracing::warn!(socket = %socket.display(), "backend disconnected; waiting for it to come back");
+                if let Some(health) = &health {
+                    // Cut off for not answering: the process is still there, stuck, and its
+                    // socket would take the next connection and never answer it either.
+                    if lock(&device).backend_timed_out() {
+                        health.kill_hung();
+                    }
+                }
                 if connected.elapsed() < HEALTHY_AFTER {
                     backoff.failed();
                 } else {

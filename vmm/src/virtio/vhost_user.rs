@@ -285,6 +285,11 @@ impl VhostUserConnection {
         closed(&self.stream, PollTimeout::ZERO).unwrap_or(true)
     }
 
+    /// Whether the watchdog cut the connection off: a request went unanswered.
+    pub fn timed_out(&self) -> bool {
+        self.watchdog.fired()
+    }
+
     /// Stops the queues (GET_VRING_BASE), as on a driver reset.
     pub fn stop(&mut self, queues: &[usize]) -> Result<(), VhostUserError> {
         for &i in queues {

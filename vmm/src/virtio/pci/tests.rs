@@ -466,6 +466,55 @@ fn a_backend_that_stops_answering_is_cut_off_and_the_device_needs_a_reset() {
 }
 
 #[test]
+fn a_supervised_backend_that_stops_answering_is_killed_and_started_again() {
+    use crate::supervisor::tests::eventually;
+    let supervisor = crate::supervisor::Supervisor::new().unwrap();
+    // The supervised process counts its starts and then hangs.
+    let starts = supervisor.socket_path("starts");
+    let socket = supervisor.socket_path("hung");
+    let script = format!(
+        "echo >> {}; touch {}; exec sleep 1000",
+        starts.display(),
+        socket.display()
+    );
+    let health = supervisor
+        .start("hung", "sh", vec!["-c".into(), script], &socket)
+        .unwrap();
+    // The device's connection stops being answered at DRIVER_OK; the watchdog cuts it off.
+    let mut behaviour = Behaviour::block(0, 1);
+    behaviour.ignore = vec![FrontendReq::SET_VRING_ADDR];
+    let backend = FakeBackend::start(behaviour);
+    let connection = VhostUserConnection::connect_with_timeout(
+        &backend.socket,
+        DeviceType::Block.config_size(),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let mut rig = Rig::attach(DeviceType::Block, backend, connection, 1).unwrap();
+    rig.start(0);
+    assert_eq!(rig.status(), 0x4f, "DRIVER_OK with NEEDS_RESET");
+    let Rig {
+        vm: _vm,
+        backend,
+        device,
+    } = rig;
+    let device = Arc::new(std::sync::Mutex::new(device));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    crate::virtio::reconnect::watch(
+        device,
+        DeviceType::Block,
+        backend.socket.clone(),
+        stopping.clone(),
+        Some(health),
+    )
+    .unwrap();
+    eventually("the hung backend was killed and started again", || {
+        std::fs::read_to_string(&starts).is_ok_and(|s| s.lines().count() >= 2)
+    });
+    stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
 fn a_backend_that_cannot_resume_the_device_makes_it_need_a_reset() {
     type Change = fn(&mut Behaviour);
     let cases: [(&str, Change); 2] = [
