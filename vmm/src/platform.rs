@@ -5,7 +5,7 @@
 //! LAPICs are in KVM. Accesses nobody decodes read as all ones and writes are dropped, as on
 //! a real bus.
 
-use std::sync::Mutex;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::legacy::i8042::{COMMAND_PORT, DATA_PORT};
 use crate::legacy::serial::{COM1_PORT, COM1_PORTS};
@@ -16,7 +16,9 @@ use crate::pci::{PciBus, CONFIG_ADDRESS_PORT};
 pub struct Platform {
     serial: Option<SerialPort>,
     reset: ResetPort,
-    pci: Mutex<PciBus>,
+    /// Configuration accesses change the bus (its address register, the BAR windows) and
+    /// take it alone; MMIO shares it, each access locking only the device it is for.
+    pci: RwLock<PciBus>,
 }
 
 const PCI_PORTS: std::ops::RangeInclusive<u16> = CONFIG_ADDRESS_PORT..=CONFIG_ADDRESS_PORT + 7;
@@ -27,7 +29,7 @@ impl Platform {
         Self {
             serial,
             reset,
-            pci: Mutex::new(pci),
+            pci: RwLock::new(pci),
         }
     }
 
@@ -40,7 +42,7 @@ impl Platform {
                 }
             }
             DATA_PORT | COMMAND_PORT => data[0] = self.reset.read(port),
-            p if PCI_PORTS.contains(&p) => self.pci().read_port(p, data),
+            p if PCI_PORTS.contains(&p) => self.pci_config().read_port(p, data),
             _ => data.fill(0xff),
         }
     }
@@ -54,7 +56,7 @@ impl Platform {
                 }
             }
             DATA_PORT | COMMAND_PORT => self.reset.write(port, data[0]),
-            p if PCI_PORTS.contains(&p) => self.pci().write_port(p, data),
+            p if PCI_PORTS.contains(&p) => self.pci_config().write_port(p, data),
             _ => {}
         }
     }
@@ -75,7 +77,11 @@ impl Platform {
         self.serial.is_some() && (COM1_PORT..COM1_PORT + COM1_PORTS).contains(&port)
     }
 
-    fn pci(&self) -> std::sync::MutexGuard<'_, PciBus> {
-        self.pci.lock().unwrap_or_else(|e| e.into_inner())
+    fn pci(&self) -> RwLockReadGuard<'_, PciBus> {
+        self.pci.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pci_config(&self) -> RwLockWriteGuard<'_, PciBus> {
+        self.pci.write().unwrap_or_else(|e| e.into_inner())
     }
 }

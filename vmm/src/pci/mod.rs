@@ -51,6 +51,10 @@ pub type SharedDevice = Arc<Mutex<dyn PciDevice>>;
 pub struct PciBus {
     config_address: u32,
     slots: Vec<SharedDevice>,
+    /// The decoded BARs: (address range, slot, BAR), refreshed at every configuration write,
+    /// so that an MMIO access locks only the device it is for (another one may be busy with
+    /// its backend for a while).
+    windows: Vec<(std::ops::Range<u64>, usize, usize)>,
 }
 
 impl Default for PciBus {
@@ -73,6 +77,7 @@ impl PciBus {
         Self {
             config_address: 0,
             slots: vec![Arc::new(Mutex::new(bridge))],
+            windows: Vec::new(),
         }
     }
 
@@ -83,7 +88,20 @@ impl PciBus {
             return None;
         }
         self.slots.push(device);
-        Some(self.slots.len() - 1)
+        let slot = self.slots.len() - 1;
+        let config = lock(&self.slots[slot]).config().clone();
+        self.refresh_windows(slot, &config);
+        Some(slot)
+    }
+
+    /// Records where slot `slot`'s BARs decode now, from its configuration `config`.
+    fn refresh_windows(&mut self, slot: usize, config: &PciConfig) {
+        self.windows.retain(|&(_, s, _)| s != slot);
+        for bar in 0..NUM_BARS {
+            if let Some(range) = config.bar_range(bar) {
+                self.windows.push((range, slot, bar));
+            }
+        }
     }
 
     /// Guest read from the configuration ports.
@@ -96,7 +114,9 @@ impl PciBus {
         }
         let offset = usize::from(port - CONFIG_DATA_PORT);
         match self.addressed() {
-            Some((device, register)) => lock(device).config().read(register + offset, data),
+            Some((slot, register)) => lock(&self.slots[slot])
+                .config()
+                .read(register + offset, data),
             None => data.fill(0xff),
         }
     }
@@ -111,8 +131,13 @@ impl PciBus {
             return;
         }
         let offset = usize::from(port - CONFIG_DATA_PORT);
-        if let Some((device, register)) = self.addressed() {
-            lock(device).write_config(register + offset, data);
+        if let Some((slot, register)) = self.addressed() {
+            let config = {
+                let mut device = lock(&self.slots[slot]);
+                device.write_config(register + offset, data);
+                device.config().clone()
+            };
+            self.refresh_windows(slot, &config);
         }
     }
 
@@ -131,26 +156,24 @@ impl PciBus {
     }
 
     fn with_bar(&self, addr: u64, f: impl FnOnce(&mut dyn PciDevice, usize, u64)) -> bool {
-        for device in &self.slots[1..] {
-            let mut device = lock(device);
-            let hit = (0..NUM_BARS).find_map(|bar| {
-                device
-                    .config()
-                    .bar_range(bar)
-                    .filter(|r| r.contains(&addr))
-                    .map(|r| (bar, addr - r.start))
-            });
-            if let Some((bar, offset)) = hit {
-                f(&mut *device, bar, offset);
-                return true;
+        // The first slot's BAR wins where guest-placed BARs overlap.
+        let hit = self
+            .windows
+            .iter()
+            .filter(|(range, _, _)| range.contains(&addr))
+            .min_by_key(|&&(_, slot, bar)| (slot, bar));
+        match hit {
+            Some((range, slot, bar)) => {
+                f(&mut *lock(&self.slots[*slot]), *bar, addr - range.start);
+                true
             }
+            None => false,
         }
-        false
     }
 
     /// The device and register the address register selects, if it is enabled, on bus 0,
     /// function 0 and a populated slot.
-    fn addressed(&self) -> Option<(&SharedDevice, usize)> {
+    fn addressed(&self) -> Option<(usize, usize)> {
         let a = self.config_address;
         let enabled = a & 0x8000_0000 != 0;
         let bus = (a >> 16) & 0xff;
@@ -160,7 +183,7 @@ impl PciBus {
         if !enabled || bus != 0 || function != 0 {
             return None;
         }
-        self.slots.get(slot).map(|d| (d, register))
+        (slot < self.slots.len()).then_some((slot, register))
     }
 }
 
@@ -184,6 +207,69 @@ mod tests {
         let mut data = [0; 4];
         bus.read_port(CONFIG_DATA_PORT, &mut data);
         u32::from_le_bytes(data)
+    }
+
+    /// A device with one 4 KiB memory BAR at `addr` that answers reads with `byte`.
+    struct Plain(PciConfig, u8);
+
+    impl PciDevice for Plain {
+        fn config(&self) -> &PciConfig {
+            &self.0
+        }
+        fn write_config(&mut self, offset: usize, data: &[u8]) {
+            self.0.write(offset, data);
+        }
+        fn read_bar(&mut self, _: usize, _: u64, data: &mut [u8]) {
+            data.fill(self.1);
+        }
+        fn write_bar(&mut self, _: usize, _: u64, _: &[u8]) {}
+    }
+
+    fn plain(addr: u32, byte: u8) -> SharedDevice {
+        let mut config = PciConfig::new(PciIds {
+            vendor: 0x1af4,
+            device: 0x1042,
+            class: 0x01_8000,
+            revision: 1,
+            subsystem_vendor: 0,
+            subsystem: 0,
+        });
+        config.add_memory_bar(0, 4096, addr);
+        config.write(4, &[0x02, 0]);
+        Arc::new(Mutex::new(Plain(config, byte)))
+    }
+
+    #[test]
+    fn mmio_locks_only_the_device_it_is_for_and_follows_moved_bars() {
+        let busy = plain(0xc000_0000, 1);
+        let mut bus = PciBus::new();
+        bus.add(busy.clone()).unwrap();
+        let slot = bus.add(plain(0xc000_1000, 2)).unwrap();
+        let bus = Arc::new(bus);
+        // The first device is busy (say, waiting for its backend): the second still answers.
+        let held = busy.lock().unwrap();
+        let (done, answered) = std::sync::mpsc::channel();
+        let reader = bus.clone();
+        std::thread::spawn(move || {
+            let mut data = [0u8; 4];
+            let hit = reader.read_mmio(0xc000_1004, &mut data);
+            let _ = done.send((hit, data));
+        });
+        let answer = answered.recv_timeout(std::time::Duration::from_secs(10));
+        drop(held);
+        assert_eq!(
+            answer.expect("MMIO waited for an unrelated device"),
+            (true, [2; 4])
+        );
+        // The guest moves the second BAR; the bus decodes the new place only.
+        let mut bus = Arc::into_inner(bus).unwrap();
+        let address = 0x8000_0000u32 | ((slot as u32) << 11) | 0x10;
+        bus.write_port(CONFIG_ADDRESS_PORT, &address.to_le_bytes());
+        bus.write_port(CONFIG_DATA_PORT, &0xc000_8000u32.to_le_bytes());
+        let mut data = [0u8; 1];
+        assert!(!bus.read_mmio(0xc000_1000, &mut data));
+        assert!(bus.read_mmio(0xc000_8000, &mut data));
+        assert_eq!(data, [2]);
     }
 
     #[test]
