@@ -6,7 +6,8 @@
 //! with the feature that makes them so negotiated (virtio-blk: the `writeback` byte with
 //! VIRTIO_BLK_F_CONFIG_WCE; virtio-net: nothing), as in QEMU; other writes are dropped
 //! instead of reaching a backend that would close the connection over them. What the guest
-//! wrote is kept and written again to every new backend, which starts from its defaults.
+//! wrote is kept and written again to every new backend, which starts from its defaults,
+//! until a device reset puts the backend's defaults back (QEMU restores the original wce).
 
 use super::DeviceType;
 
@@ -129,6 +130,25 @@ impl ConfigSpace {
             .filter(|f| driver_features & f.feature != 0)
             .map(|f| (f.offset, self.bytes[f.offset..f.offset + f.len].to_vec()))
             .collect()
+    }
+
+    /// The fields the guest wrote that differ from the backend's `bytes` (its defaults), as
+    /// (offset, default bytes): what a reset must tell the backend.
+    pub fn changed_from(&self, bytes: &[u8]) -> Vec<(usize, Vec<u8>)> {
+        let defaults = Self::new(self.kind, self.num_queues, bytes).bytes;
+        self.written
+            .iter()
+            .map(|f| f.offset..f.offset + f.len)
+            .filter(|range| defaults[range.clone()] != self.bytes[range.clone()])
+            .map(|range| (range.start, defaults[range].to_vec()))
+            .collect()
+    }
+
+    /// Forgets what the guest wrote (a device reset, as QEMU restores the original wce):
+    /// the space is the backend's `bytes` again.
+    pub fn forget_writes(&mut self, bytes: &[u8]) {
+        self.written.clear();
+        self.refresh(bytes);
     }
 
     /// Takes a new backend's `bytes`, keeping what the guest wrote. Returns whether the

@@ -585,6 +585,7 @@ impl VirtioPciDevice {
 
     fn reset(&mut self) {
         self.stop_queues();
+        self.restore_config();
         for q in &mut self.queues {
             *q = Queue::new(q.max_size);
         }
@@ -592,6 +593,22 @@ impl VirtioPciDevice {
         self.driver_features = 0;
         self.config_vector = NO_VECTOR;
         self.queue_select = 0;
+    }
+
+    /// Puts the configuration fields the guest wrote back to the backend's defaults, in the
+    /// backend too (a reset restores the original write cache setting, as in QEMU). A backend
+    /// that is away starts from its defaults anyway; one that refuses keeps the guest's
+    /// values, and so does the space.
+    fn restore_config(&mut self) {
+        if !self.backend.is_closed() {
+            for (offset, bytes) in self.device_space.changed_from(self.backend.config()) {
+                if let Err(e) = self.backend.write_config(offset, &bytes) {
+                    tracing::warn!("restoring the configuration at a reset: {e}");
+                    return;
+                }
+            }
+        }
+        self.device_space.forget_writes(self.backend.config());
     }
 
     /// Takes the started queues back from the backend and stops listening to their doorbells.

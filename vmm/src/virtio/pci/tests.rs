@@ -312,6 +312,22 @@ fn a_backend_whose_config_cannot_be_read_is_refused_at_connect() {
 }
 
 #[test]
+fn a_reset_restores_the_backends_write_cache_setting() {
+    let mut rig = Rig::new(Behaviour::block(FLUSH | WCE, 1));
+    rig.start(FLUSH | WCE);
+    rig.write8(WRITEBACK, 0);
+    rig.write8(0x14, 0);
+    assert_eq!(
+        config_writes(&rig.backend, 0),
+        vec![(0x20, vec![0]), (0x20, vec![1])]
+    );
+    assert_eq!(rig.read(WRITEBACK, 1), [1]);
+    // Nothing to replay at the next start.
+    rig.start(FLUSH | WCE);
+    assert_eq!(config_writes(&rig.backend, 0).len(), 2);
+}
+
+#[test]
 fn the_guests_writethrough_setting_is_replayed_to_a_new_backend_before_its_queues() {
     let mut rig = Rig::new(Behaviour::block(FLUSH | WCE, 1));
     rig.start(FLUSH | WCE);
