@@ -96,6 +96,12 @@ impl TestRing {
             .unwrap();
     }
 
+    /// Sets the available index to `idx` without publishing anything (a hostile driver's
+    /// jump past the ring).
+    pub fn set_avail_idx(&self, idx: u16) {
+        self.mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
     /// Every used-ring entry so far: (head, length).
     pub fn used(&self) -> Vec<(u16, u32)> {
         let idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();

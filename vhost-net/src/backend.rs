@@ -150,7 +150,7 @@ impl NetBackend {
                 tracing::warn!("TAP queue {pair}: {e}");
             }
         }
-        if !serving {
+        if !serving || !datapath::check_ring(state.get_queue(), &*mem)? {
             return Ok(());
         }
         // No kicks while buffers last; re-enabled when they run out.
@@ -176,6 +176,7 @@ impl NetBackend {
             }
             if out.out_of_buffers
                 && rx::enable_notification_past(state.get_queue_mut(), &*mem, out.avail_seen)?
+                && datapath::check_ring(state.get_queue(), &*mem)?
             {
                 // Buffers arrived while notifications were off.
                 continue;
@@ -201,6 +202,11 @@ impl NetBackend {
         let mut state = vring.get_mut();
         let mut batches = 0;
         loop {
+            // Checked on every pass: a stopped ring (GET_VRING_BASE) or a broken one is left
+            // alone.
+            if !state.is_enabled() || !datapath::check_ring(state.get_queue(), &*mem)? {
+                return Ok(());
+            }
             state.get_queue_mut().disable_notification(&*mem)?;
             loop {
                 if batches == BUDGET {
@@ -239,7 +245,11 @@ impl NetBackend {
         let mut state = vring.get_mut();
         let mq = self.has(VIRTIO_NET_F_MQ);
         let pairs = self.device.options().queue_pairs;
-        loop {
+        for _ in 0..BUDGET {
+            // As on the tx side: a stopped or broken ring is left alone.
+            if !state.is_enabled() || !datapath::check_ring(state.get_queue(), &*mem)? {
+                return Ok(());
+            }
             state.get_queue_mut().disable_notification(&*mem)?;
             self.execute_ctrl_commands(&mut state, &mem, pairs, mq)?;
             // With EVENT_IDX this also asks the driver to notify for its next command.
@@ -247,6 +257,9 @@ impl NetBackend {
                 return Ok(());
             }
         }
+        // Enough for one turn: a kick of our own brings the worker back.
+        kick_again(&state);
+        Ok(())
     }
 
     /// Executes the commands available on the control vring and completes them.

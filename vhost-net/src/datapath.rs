@@ -25,6 +25,21 @@ pub const BATCH: usize = 64;
 /// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
 pub(crate) const NUM_BUFFERS_OFFSET: u64 = 10;
 
+/// Whether `queue` can be served: the driver set it up (its rings' addresses; `ready`) and
+/// its available index is at most a ring's size ahead of ours. A larger jump is an error:
+/// virtio-queue refuses to iterate such a ring, and serving it would go round without end
+/// (the index never catches up); it waits for the ring to be set up again.
+pub fn check_ring<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<bool, virtio_queue::Error> {
+    if !queue.ready() {
+        return Ok(false);
+    }
+    let pending = queue.avail_idx(mem, Ordering::Acquire)? - Wrapping(queue.next_avail());
+    if pending.0 > queue.size() {
+        return Err(virtio_queue::Error::InvalidAvailRingIndex);
+    }
+    Ok(true)
+}
+
 /// Logs a dropped chain, rate-limited per pair.
 pub(crate) fn log_bad(slot: &mut PairSlot, what: &str, e: &Error) {
     slot.errors += 1;

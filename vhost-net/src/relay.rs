@@ -192,7 +192,9 @@ fn recv_exact(
                 );
             }
         }
-        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        // One message in many pieces must not gather more descriptors than one message may
+        // carry (each piece could bring its own).
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) || fds.len() > MAX_ATTACHED_FD_ENTRIES {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("more than {MAX_ATTACHED_FD_ENTRIES} descriptors with one message"),
@@ -522,6 +524,30 @@ mod tests {
         // A clean close between messages is the end, not an error.
         drop(writer.join().unwrap());
         assert!(Message::read_from(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_message_in_pieces_brings_no_more_descriptors_than_one_message_may() {
+        let (a, b) = pair();
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(FrontendReq::SET_VRING_KICK as u32).to_ne_bytes());
+        bytes.extend_from_slice(&VERSION_1.to_ne_bytes());
+        bytes.extend_from_slice(&8u32.to_ne_bytes());
+        bytes.extend_from_slice(&0u64.to_ne_bytes());
+        // Each byte of the message with two descriptors: 40 in all.
+        let (_r, w) = pipe();
+        let sent = std::thread::spawn(move || {
+            let fds = [w.as_raw_fd(); 2];
+            for byte in &bytes {
+                let cmsg = [ControlMessage::ScmRights(&fds)];
+                let iov = [IoSlice::new(std::slice::from_ref(byte))];
+                sendmsg::<()>(a.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+            }
+            a
+        });
+        let e = Message::read_from(&b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        drop(sent.join().unwrap());
     }
 
     #[test]

@@ -328,6 +328,40 @@ fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
     still_serving(&mut daemon);
 }
 
+/// A driver whose available index jumps more than a ring's size ahead (virtio-queue refuses
+/// to iterate such a ring) gets neither a spinning worker nor a wedged daemon, on any queue:
+/// the worker leaves the ring alone until it is set up again.
+#[test]
+fn an_available_index_past_the_ring_neither_spins_nor_wedges_the_daemon() {
+    require_environment();
+    for queue in [RX_QUEUE, TX_QUEUE, CTRL_QUEUE] {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = netns_without_ipv6();
+        let mut daemon = Daemon::start(&ns, dir.path(), &[]);
+        let ring = TestRing::new(MEM_SIZE, SIZE);
+        let extra = 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_RING_F_EVENT_IDX;
+        let (mut fe, features) = handshake(&daemon.socket, 3, extra);
+        let (_call, kick) = ring.start(&mut fe, features, queue);
+        ring.set_avail_idx(0x8000);
+        kick.write(1).unwrap();
+        if queue == RX_QUEUE {
+            inject(&ns, &daemon.tap, test_frame(100, 1));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let before = cpu_seconds(daemon.proc.pid());
+        std::thread::sleep(Duration::from_millis(500));
+        let spent = cpu_seconds(daemon.proc.pid()) - before;
+        assert!(
+            spent < 0.2,
+            "queue {queue}: the daemon used {spent:.2} CPU-s in 0.5 s on a broken ring"
+        );
+        // GET_VRING_BASE answers (the worker does not hold the ring), and a new frontend is
+        // served.
+        disconnect(&mut daemon, fe);
+        still_serving(&mut daemon);
+    }
+}
+
 /// With EVENT_IDX a driver notifies the control queue only when its available index passes
 /// the device's `avail_event` (Linux's `virtqueue_kick_prepare`), then busy-waits for the
 /// command's ack. The daemon must keep asking for the next command, or the second one is
