@@ -1,20 +1,27 @@
-//! The fuzz corpus (qcow2/fuzz/corpus/open_image: small images made by qemu-img and qemu-io)
-//! run through the fuzz target's body on stable Rust, plus single-byte corruptions of their
-//! first 512 bytes (the header and, with 512-byte clusters, the start of the tables): no
-//! input may panic or hang. The images qemu-img made (all but the `crash-*` inputs) must also
-//! open, check clean and read as qemu-img reads them, so the harness cannot pass by refusing
-//! everything.
+//! The fuzz corpora run through the fuzz targets' bodies on stable Rust: open_image (small
+//! images made by qemu-img and qemu-io) plus single-byte corruptions of their first 512 bytes
+//! (the header and, with 512-byte clusters, the start of the tables), and mutate_image (such
+//! images followed by the bytes that choose the operations): no input may panic or hang. The
+//! images qemu-img made (all but the `crash-*` inputs) must also open, check clean and read as
+//! qemu-img reads them, so the harness cannot pass by refusing everything.
 
 use std::path::Path;
 
 use std::process::Command;
 use std::sync::Arc;
 
-use qcow2::fuzzing::open_read_check_write;
+use qcow2::fuzzing::{open_mutate_check, open_read_check_write, MUTATE_CONTROL_BYTES};
 use qcow2::{Image, MemStorage, Qcow2};
 
 fn corpus() -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/open_image");
+    corpus_of("open_image")
+}
+
+/// The inputs in the corpus of fuzz target `target`, by name.
+fn corpus_of(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -32,6 +39,43 @@ fn corpus_inputs_do_not_panic() {
     for (_, data) in corpus() {
         open_read_check_write(&data);
     }
+}
+
+#[test]
+fn mutate_corpus_inputs_do_not_panic() {
+    for (_, data) in corpus_of("mutate_image") {
+        open_mutate_check(&data);
+    }
+}
+
+/// The qemu-made images of the mutate_image corpus open writable, check clean, and take the
+/// operations their control bytes choose, so that target's harness reaches the engine.
+#[test]
+fn mutate_corpus_seeds_open_writable() {
+    let mut opened = 0;
+    for (name, data) in corpus_of("mutate_image") {
+        if Path::new(&name)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("crash-")
+        {
+            continue;
+        }
+        let image = &data[..data.len() - MUTATE_CONTROL_BYTES];
+        let opts = qcow2::OpenOptions {
+            check: true,
+            ..Default::default()
+        };
+        let img = Qcow2::open_storage(Arc::new(MemStorage::new(image)), &opts, None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let report = qcow2::check(&img).unwrap();
+        // The lazy-refcount image was left dirty by a crash: it needs its repair.
+        let dirty = img.header().is_dirty();
+        assert!(report.is_clean() || dirty, "{name}: {report:?}");
+        opened += 1;
+    }
+    assert!(opened >= 10, "only {opened} qemu-made images");
 }
 
 #[test]

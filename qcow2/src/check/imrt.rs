@@ -4,6 +4,13 @@
 use crate::engine::meta::Geometry;
 use crate::format::tables;
 
+/// Most bytes [`Imrt::can_grow`] lets the table grow by. A repair grows the file (and so the
+/// table) to hold a refcount block past its end: without a bound, one corrupt refcount table
+/// entry in a small image would have the repair allocate gigabytes (the table for 2^31
+/// clusters of 64-bit refcounts is 16 GiB). 256 MiB covers a block 8 TiB past the end with
+/// 64 KiB clusters and 16-bit refcounts.
+pub(super) const MAX_GROWTH: u64 = 256 << 20;
+
 /// In-memory refcounts of clusters `0..len`.
 #[derive(Clone)]
 pub(super) struct Imrt {
@@ -71,12 +78,14 @@ impl Imrt {
         self.bytes.resize(blocks * self.block_bytes, 0);
     }
 
-    /// Whether memory for `len` clusters can be had (without growing yet).
+    /// Whether memory for `len` clusters can be had (without growing yet): at most
+    /// [`MAX_GROWTH`] more bytes than now, which the allocator must grant.
     pub fn can_grow(&mut self, len: u64) -> bool {
-        let bytes = len.div_ceil(self.per_block) as usize * self.block_bytes;
-        self.bytes
-            .try_reserve(bytes.saturating_sub(self.bytes.len()))
-            .is_ok()
+        let bytes = len
+            .div_ceil(self.per_block)
+            .saturating_mul(self.block_bytes as u64);
+        let more = bytes.saturating_sub(self.bytes.len() as u64);
+        more <= MAX_GROWTH && self.bytes.try_reserve(more as usize).is_ok()
     }
 
     /// Zeroes every refcount, keeping the length.

@@ -452,3 +452,55 @@ fn clusters_of(regions: &[(u64, u64)], cs: u64) -> BTreeMap<u64, u64> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::format::header::Header;
+    use crate::storage::MemStorage;
+    use crate::{CreateOptions, OpenOptions};
+
+    /// A 1 MiB image with 512-byte clusters and `refcount_bits`-bit refcounts whose
+    /// refcount table entry 1 is `entry`, in memory.
+    fn with_reftable_entry(refcount_bits: u32, entry: u64) -> Vec<u8> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.qcow2");
+        let o = CreateOptions {
+            size: 1 << 20,
+            cluster_size: 512,
+            refcount_bits,
+            ..Default::default()
+        };
+        crate::create(&p, &o).unwrap();
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = Header::parse(&bytes).unwrap().refcount_table_offset as usize + 8;
+        bytes[at..at + 8].copy_from_slice(&entry.to_be_bytes());
+        bytes
+    }
+
+    #[test]
+    fn repairing_a_refcount_block_far_past_the_end_allocates_boundedly() {
+        // Cluster 2^30: the file would grow to 512 GiB and the in-memory refcounts (64-bit)
+        // to 8 GiB; the repair refuses, as when memory runs out, before growing the file.
+        let bytes = with_reftable_entry(64, 1 << 39);
+        let storage = Arc::new(MemStorage::new(&bytes));
+        let opts = OpenOptions {
+            check: true,
+            ..Default::default()
+        };
+        let img = Qcow2::open_storage(storage.clone(), &opts, None).unwrap();
+        let report = check_and_repair(&img, Repair::All);
+        let lines: Vec<String> = report.messages.iter().map(|m| m.to_string()).collect();
+        assert!(
+            lines.contains(&"Repairing refcount block 1 is outside image".to_string()),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&"Could not resize file: Cannot allocate memory".to_string()),
+            "{lines:?}"
+        );
+        assert!(storage.len().unwrap() < 1 << 20, "the file grew");
+    }
+}
