@@ -3,10 +3,9 @@
 
 use std::io;
 use std::num::Wrapping;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -17,9 +16,9 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use cowbird_daemon::exit_events::ExitEvents;
 
 use crate::config::{BlkConfig, WCE_OFFSET};
 use crate::device::{Device, QueueSlot};
@@ -56,9 +55,8 @@ pub struct BlkBackend {
     acked_features: AtomicU64,
     writeback: AtomicBool,
     active: AtomicBool,
-    /// The read ends of the workers' exit events, closed when the connection's backend goes
-    /// (see [`BlkBackend::drop`]).
-    exit_consumers: Mutex<Vec<RawFd>>,
+    /// The workers' exit events, closed when the connection's backend goes.
+    exit_events: ExitEvents,
 }
 
 impl BlkBackend {
@@ -72,7 +70,7 @@ impl BlkBackend {
             acked_features: AtomicU64::new(0),
             writeback: AtomicBool::new(writeback),
             active: AtomicBool::new(true),
-            exit_consumers: Mutex::new(Vec::new()),
+            exit_events: ExitEvents::default(),
         }
     }
 
@@ -537,25 +535,6 @@ fn signal(queue: usize, state: &VringState) {
     }
 }
 
-impl Drop for BlkBackend {
-    /// Closes the workers' exit events. `vhost-user-backend` 0.24 takes each read end with
-    /// `into_raw_fd` for its epoll set and never closes it, which leaked one eventfd per queue
-    /// and connection.
-    fn drop(&mut self) {
-        let consumers = std::mem::take(
-            self.exit_consumers
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for fd in consumers {
-            // SAFETY: `fd` is the read end of an exit event made in `exit_event`, whose
-            // ownership the library gave up. Every worker of this connection holds a clone of
-            // this backend, so they have all ended before this runs: nothing uses the number.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
-}
-
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -652,19 +631,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => {
-                self.exit_consumers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(pair.0.as_raw_fd());
-                Some(pair)
-            }
-            Err(e) => {
-                tracing::error!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
+        self.exit_events.make()
     }
 
     fn handle_event(

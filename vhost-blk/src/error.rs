@@ -1,6 +1,5 @@
 //! The crate's error type: every variant names the object (descriptor, sector, file) it is about.
 
-use std::io;
 use std::path::PathBuf;
 
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
@@ -152,24 +151,12 @@ pub enum Error {
     /// An invalid daemon option.
     #[error("{0}")]
     InvalidOption(String),
-    /// The socket path is already served by a running process.
-    #[error("socket '{0}' is in use by another process")]
-    SocketInUse(PathBuf),
-    /// The socket path names something other than a socket.
-    #[error("'{0}' exists and is not a socket; it is left alone")]
-    NotASocket(PathBuf),
-    /// Creating or using the listening socket failed.
-    #[error("socket '{path}': {source}")]
-    Socket {
-        /// Socket path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    /// The vhost-user socket cannot be used.
+    #[error(transparent)]
+    Socket(#[from] cowbird_daemon::socket::SocketError),
     /// Setting up signal handling failed.
-    #[error("signal handling: {0}")]
-    Signal(String),
+    #[error(transparent)]
+    Signal(#[from] cowbird_daemon::signals::SignalError),
     /// The vhost-user daemon machinery failed.
     #[error("vhost-user: {0}")]
     VhostUser(String),

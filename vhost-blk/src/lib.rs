@@ -7,7 +7,8 @@
 //! - [`config`] and [`features`]: what the device tells the driver;
 //! - [`device`]: state that outlives connections (disk, per-queue slots, shutdown);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per queue;
-//! - [`server`]: the socket and the connection loop; [`shutdown`]: SIGTERM/SIGINT/SIGHUP.
+//! - [`server`]: the socket and the connection loop (SIGTERM/SIGINT/SIGHUP are `main`'s, through
+//!   `cowbird_daemon::signals`).
 
 #![warn(missing_docs)]
 
@@ -21,7 +22,6 @@ pub mod features;
 pub mod guest;
 pub mod request;
 pub mod server;
-pub mod shutdown;
 pub mod uring;
 
 pub use error::{Error, Result};

@@ -1,18 +1,18 @@
 //! `vhost-blk`: a vhost-user-blk daemon serving a raw or qcow2 image.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use tracing_subscriber::EnvFilter;
+use cowbird_daemon::logging::{self, error_line};
+use cowbird_daemon::signals;
+use tracing::level_filters::LevelFilter;
 
 use vhost_blk::device::{Device, MAX_QUEUES, MAX_QUEUE_SIZE};
 use vhost_blk::disk::{Disk, DiskOptions, ID_BYTES};
 use vhost_blk::server::Server;
-use vhost_blk::shutdown;
 
 /// Image formats accepted by `--format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -98,37 +98,16 @@ fn parse_serial(s: &str) -> Result<String, String> {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    logging::init(LevelFilter::INFO);
     if let Err(e) = run(cli) {
         tracing::error!("{}", error_line(&e));
         std::process::exit(1);
     }
 }
 
-/// The error and its causes on one line, without repeating causes whose text the message
-/// already contains (several error types print their source in their own message).
-fn error_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    // One line: a multi-line message (QEMU's lock hint) continues after "; ".
-    line.replace('\n', "; ")
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     // Before any thread exists, so that only the signal thread receives SIGTERM/SIGINT/SIGHUP.
-    shutdown::block_signals()?;
+    signals::block()?;
     let opts = DiskOptions {
         path: cli.image.clone(),
         format: cli.format.map(|f| match f {
@@ -156,7 +135,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Some(cli.socket.clone()),
         )
     };
-    shutdown::spawn_handler(device, owned_socket)?;
+    // Stopping finishes requests in progress and flushes the image: exit 0 when that worked.
+    signals::on_stop(owned_socket, move || match device.shutdown() {
+        Ok(()) => {
+            tracing::info!("image flushed, exiting");
+            0
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            1
+        }
+    })?;
     tracing::info!(
         "serving {} ({}, {} sectors{}{}) {} {} with {} queue(s) of up to {} entries",
         cli.image.display(),

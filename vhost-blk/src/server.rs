@@ -3,11 +3,11 @@
 //! frontend and reconnects after every disconnect.
 
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cowbird_daemon::socket::{self, SocketError};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -35,38 +35,14 @@ enum Endpoint {
     Connect,
 }
 
-/// How a connection ended.
-#[derive(Debug)]
-pub enum Disconnect {
-    /// The frontend closed the connection.
-    Closed,
-    /// The connection failed (protocol error from the frontend, or a local failure).
-    Failed(String),
-}
+pub use cowbird_daemon::socket::Disconnect;
 
 impl Server {
     /// Binds `path`. A stale socket file is replaced; one a live process listens on is not.
     pub fn bind(path: &Path, device: Arc<Device>) -> Result<Server> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            // Only a socket is ours to replace: never a file someone typed by mistake.
-            if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-                return Err(Error::NotASocket(path.to_path_buf()));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(Error::SocketInUse(path.to_path_buf()));
-            }
-            std::fs::remove_file(path).map_err(|source| Error::Socket {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        }
-        let listener = UnixListener::bind(path).map_err(|source| Error::Socket {
-            path: path.to_path_buf(),
-            source,
-        })?;
         Ok(Server {
             device,
-            endpoint: Endpoint::Listen(Listener::from(listener)),
+            endpoint: Endpoint::Listen(Listener::from(socket::listen(path)?)),
             path: path.to_path_buf(),
         })
     }
@@ -77,10 +53,10 @@ impl Server {
     /// frontend after a disconnect.
     pub fn connect(path: &Path, device: Arc<Device>) -> Result<Server> {
         if path.to_str().is_none() {
-            return Err(Error::Socket {
+            return Err(Error::Socket(SocketError::Io {
                 path: path.to_path_buf(),
                 source: io::Error::new(io::ErrorKind::InvalidInput, "the path is not UTF-8"),
-            });
+            }));
         }
         Ok(Server {
             device,
@@ -141,10 +117,10 @@ impl Server {
                 tracing::debug!("waiting for a frontend on {}", self.path.display());
                 daemon.start(listener).map_err(|e| match e {
                     DaemonError::CreateBackendListener(VhostUserError::SocketError(source)) => {
-                        Error::Socket {
+                        Error::Socket(SocketError::Io {
                             path: self.path.clone(),
                             source,
-                        }
+                        })
                     }
                     e => Error::VhostUser(e.to_string()),
                 })?;
@@ -162,20 +138,7 @@ impl Server {
         if let Err(e) = self.device.disk().flush() {
             tracing::error!("flushing after disconnect: {e}");
         }
-        Ok(match ended {
-            Ok(()) => Disconnect::Closed,
-            Err(DaemonError::HandleRequest(
-                VhostUserError::Disconnected
-                | VhostUserError::PartialMessage
-                | VhostUserError::SocketBroken(_),
-            )) => Disconnect::Closed,
-            Err(DaemonError::HandleRequest(VhostUserError::SocketError(e)))
-                if e.kind() == io::ErrorKind::ConnectionReset =>
-            {
-                Disconnect::Closed
-            }
-            Err(e) => Disconnect::Failed(e.to_string()),
-        })
+        Ok(Disconnect::from_wait(ended))
     }
 
     /// Connects `daemon` to the frontend's socket, waiting while nothing listens there.
@@ -202,10 +165,10 @@ impl Server {
                 Err(DaemonError::CreateBackendReqHandler(VhostUserError::SocketConnect(
                     source,
                 ))) => {
-                    return Err(Error::Socket {
+                    return Err(Error::Socket(SocketError::Io {
                         path: self.path.clone(),
                         source,
-                    })
+                    }))
                 }
                 Err(e) => return Err(Error::VhostUser(e.to_string())),
             }

@@ -7,10 +7,9 @@
 //! (event 2). A worker takes only its own pair's lock.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -21,9 +20,9 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use cowbird_daemon::exit_events::ExitEvents;
 
 use crate::chain::MAX_FRAME_LEN;
 use crate::config::{self, feature};
@@ -61,9 +60,8 @@ pub struct NetBackend {
     acked: AtomicU64,
     event_idx: AtomicBool,
     active: AtomicBool,
-    /// The read ends of the workers' exit events, closed when the connection's backend goes
-    /// (see [`NetBackend::drop`]).
-    exit_consumers: Mutex<Vec<RawFd>>,
+    /// The workers' exit events, closed when the connection's backend goes.
+    exit_events: ExitEvents,
 }
 
 impl NetBackend {
@@ -75,7 +73,7 @@ impl NetBackend {
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             active: AtomicBool::new(true),
-            exit_consumers: Mutex::new(Vec::new()),
+            exit_events: ExitEvents::default(),
         }
     }
 
@@ -329,25 +327,6 @@ fn signal(state: &vhost_user_backend::VringState<GuestMemory>) {
     }
 }
 
-impl Drop for NetBackend {
-    /// Closes the workers' exit events. `vhost-user-backend` 0.24 takes each read end with
-    /// `into_raw_fd` for its epoll set and never closes it, which leaked one eventfd per
-    /// worker and connection.
-    fn drop(&mut self) {
-        let consumers = std::mem::take(
-            self.exit_consumers
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for fd in consumers {
-            // SAFETY: `fd` is the read end of an exit event made in `exit_event`, whose
-            // ownership the library gave up. Every worker of this connection holds a clone of
-            // this backend, so they have all ended before this runs: nothing uses the number.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
-}
-
 impl VhostUserBackend for NetBackend {
     type Bitmap = ();
     type Vring = VringRwLock;
@@ -429,19 +408,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => {
-                self.exit_consumers
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(pair.0.as_raw_fd());
-                Some(pair)
-            }
-            Err(e) => {
-                tracing::error!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
+        self.exit_events.make()
     }
 
     fn handle_event(

@@ -161,27 +161,15 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
-    /// A vhost-user socket cannot be bound, connected or accepted on.
-    #[error("socket {}: {source}", path.display())]
-    Socket {
-        /// The socket path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// Another process is listening on the socket.
-    #[error("socket {} is in use by another process", .0.display())]
-    SocketInUse(PathBuf),
-    /// The socket path names something other than a socket.
-    #[error("{} exists and is not a socket; it is left alone", .0.display())]
-    NotASocket(PathBuf),
+    /// The vhost-user socket cannot be bound, connected or accepted on.
+    #[error(transparent)]
+    Socket(#[from] cowbird_daemon::socket::SocketError),
     /// The vhost-user machinery failed (daemon creation, protocol error).
     #[error("vhost-user: {0}")]
     VhostUser(String),
     /// Signal setup failed.
-    #[error("signals: {0}")]
-    Signal(String),
+    #[error(transparent)]
+    Signal(#[from] cowbird_daemon::signals::SignalError),
 }
 
 /// Shorthand for results carrying this crate's [`Error`].

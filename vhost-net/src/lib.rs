@@ -11,8 +11,8 @@
 //! - [`device`]: state that outlives connections (TAP, per-pair slots and counters);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per pair;
 //! - [`server`]: the socket and the connection loop; [`relay`]: the frontend's connection
-//!   relayed to the daemon, with QEMU's early `SET_VRING_ENABLE` put after `SET_FEATURES`;
-//!   [`shutdown`]: SIGTERM/SIGINT/SIGHUP.
+//!   relayed to the daemon, with QEMU's early `SET_VRING_ENABLE` put after `SET_FEATURES`
+//!   (SIGTERM/SIGINT/SIGHUP are `main`'s, through `cowbird_daemon::signals`).
 
 #![warn(missing_docs)]
 
@@ -28,7 +28,6 @@ pub mod mac;
 pub mod relay;
 pub mod rx;
 pub mod server;
-pub mod shutdown;
 pub mod tap;
 pub mod uring;
 

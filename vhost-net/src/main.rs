@@ -1,31 +1,23 @@
 //! `vhost-net`: Cowbird's vhost-user-net backend daemon, moving packets between a guest's
 //! virtio-net queues and a Linux TAP device.
 
-use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use cowbird_daemon::logging::{self, error_line};
+use cowbird_daemon::signals;
+use tracing::level_filters::LevelFilter;
 
 use vhost_net::cli::Cli;
 use vhost_net::device::{Device, DeviceOptions};
 use vhost_net::mac::MacAddress;
 use vhost_net::server::Server;
-use vhost_net::shutdown;
 use vhost_net::tap::Tap;
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::builder()
-                .with_default_directive(LevelFilter::INFO.into())
-                .from_env_lossy(),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    logging::init(LevelFilter::INFO);
     tracing::debug!(?cli, "command line");
     if let Err(e) = run(cli) {
         tracing::error!("{}", error_line(&e));
@@ -33,25 +25,9 @@ fn main() {
     }
 }
 
-/// The error and its causes on one line, without repeating causes whose text the message
-/// already contains.
-fn error_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    line
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     // Before any thread exists, so that only the signal thread receives SIGTERM/SIGINT/SIGHUP.
-    shutdown::block_signals()?;
+    signals::block()?;
     let mac = match cli.mac {
         Some(mac) => mac,
         None => MacAddress::random_local().context("choosing a MAC address")?,
@@ -83,7 +59,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         Server::bind(&cli.socket, device.clone())?
     };
-    shutdown::spawn_handler(device, (!cli.client).then(|| cli.socket.clone()))?;
+    // Stopping stops the queues and exits 0; a TAP the daemon created is not persistent, so
+    // the kernel deletes it when the process's descriptors close.
+    signals::on_stop((!cli.client).then(|| cli.socket.clone()), move || {
+        device.shutdown();
+        for pair in 0..device.queue_pairs() {
+            if let Some(stats) = device.stats(pair) {
+                tracing::info!("pair {pair}: {}", stats.snapshot());
+            }
+        }
+        if device.tap().created() {
+            tracing::info!("removing TAP device {}", device.tap().name());
+        }
+        0
+    })?;
     tracing::info!(
         "{} TAP {tap_name}{} for guest MAC {mac}, {} queue pair(s) of up to {} entries, {} {}",
         if created { "created" } else { "attached to" },

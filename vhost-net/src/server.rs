@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::Duration;
 
-use vhost::vhost_user::Error as VhostUserError;
-use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use cowbird_daemon::socket::{self, SocketError};
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -26,14 +26,7 @@ use crate::relay::{self, Relay};
 /// How long `--client` waits between connection attempts.
 pub const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
-/// How a connection ended.
-#[derive(Debug)]
-pub enum Disconnect {
-    /// The frontend closed the connection.
-    Closed,
-    /// The connection failed (protocol error from the frontend, or a local failure).
-    Failed(String),
-}
+pub use cowbird_daemon::socket::Disconnect;
 
 /// Where frontends come from.
 enum Endpoint {
@@ -52,26 +45,9 @@ impl Server {
     /// Binds `path` to listen for frontends. A stale socket file is replaced; one a live
     /// process listens on is not.
     pub fn bind(path: &Path, device: Arc<Device>) -> Result<Server> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            // Only a socket is ours to replace: never a file someone typed by mistake.
-            if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-                return Err(Error::NotASocket(path.to_path_buf()));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(Error::SocketInUse(path.to_path_buf()));
-            }
-            std::fs::remove_file(path).map_err(|source| Error::Socket {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        }
-        let listener = UnixListener::bind(path).map_err(|source| Error::Socket {
-            path: path.to_path_buf(),
-            source,
-        })?;
         Ok(Server {
             device,
-            endpoint: Endpoint::Listen(listener),
+            endpoint: Endpoint::Listen(socket::listen(path)?),
             path: path.to_path_buf(),
         })
     }
@@ -147,9 +123,11 @@ impl Server {
         let Some(frontend) = self.frontend()? else {
             return Ok(Disconnect::Closed);
         };
-        let local = |source| Error::Socket {
-            path: self.path.clone(),
-            source,
+        let local = |source| {
+            Error::Socket(SocketError::Io {
+                path: self.path.clone(),
+                source,
+            })
         };
         let (mut listener, relay_end) = relay::daemon_connection().map_err(local)?;
         daemon
@@ -168,20 +146,7 @@ impl Server {
             // that is not a vhost-user message.
             return Ok(Disconnect::Failed(e.to_string()));
         }
-        Ok(match ended {
-            Ok(()) => Disconnect::Closed,
-            Err(DaemonError::HandleRequest(
-                VhostUserError::Disconnected
-                | VhostUserError::PartialMessage
-                | VhostUserError::SocketBroken(_),
-            )) => Disconnect::Closed,
-            Err(DaemonError::HandleRequest(VhostUserError::SocketError(e)))
-                if e.kind() == io::ErrorKind::ConnectionReset =>
-            {
-                Disconnect::Closed
-            }
-            Err(e) => Disconnect::Failed(e.to_string()),
-        })
+        Ok(Disconnect::from_wait(ended))
     }
 
     /// The next frontend's connection: accepted, or (`--client`) connected to once the
@@ -199,10 +164,10 @@ impl Server {
                                 io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
                             ) => {}
                         Err(source) => {
-                            return Err(Error::Socket {
+                            return Err(Error::Socket(SocketError::Io {
                                 path: self.path.clone(),
                                 source,
-                            })
+                            }))
                         }
                     }
                 }

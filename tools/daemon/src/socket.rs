@@ -1,0 +1,135 @@
+//! The vhost-user socket a daemon listens on, and how a frontend's connection ended.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vhost::vhost_user::Error as VhostUserError;
+use vhost_user_backend::Error as DaemonError;
+
+/// Why a daemon's socket cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Another process is listening on the socket.
+    #[error("socket '{}' is in use by another process", .0.display())]
+    InUse(PathBuf),
+    /// The socket path names something other than a socket.
+    #[error("'{}' exists and is not a socket; it is left alone", .0.display())]
+    NotASocket(PathBuf),
+    /// Binding, connecting or accepting failed.
+    #[error("socket '{}': {source}", path.display())]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds `path` to listen for frontends. A stale socket file (nobody accepts on it) is
+/// replaced; one a live process listens on is not, nor anything that is not a socket.
+pub fn listen(path: &Path) -> Result<UnixListener, SocketError> {
+    let io = |source| SocketError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a socket is ours to replace: never a file someone typed by mistake.
+        if !meta.file_type().is_socket() {
+            return Err(SocketError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(SocketError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    UnixListener::bind(path).map_err(io)
+}
+
+/// How a frontend's connection ended.
+#[derive(Debug)]
+pub enum Disconnect {
+    /// The frontend closed the connection.
+    Closed,
+    /// The connection failed (protocol error from the frontend, or a local failure).
+    Failed(String),
+}
+
+impl Disconnect {
+    /// What `VhostUserDaemon::wait` returning `ended` means: the frontend going away in any
+    /// of the ways a socket reports it is a close, anything else a failure.
+    pub fn from_wait(ended: Result<(), DaemonError>) -> Disconnect {
+        match ended {
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected
+                | VhostUserError::PartialMessage
+                | VhostUserError::SocketBroken(_),
+            )) => Disconnect::Closed,
+            Err(DaemonError::HandleRequest(VhostUserError::SocketError(e)))
+                if e.kind() == io::ErrorKind::ConnectionReset =>
+            {
+                Disconnect::Closed
+            }
+            Err(e) => Disconnect::Failed(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_socket_is_replaced_a_live_one_and_other_files_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let live = listen(&path).unwrap();
+        assert!(matches!(listen(&path), Err(SocketError::InUse(p)) if p == path));
+        drop(live);
+        // The file stays behind, with nobody accepting: stale.
+        assert!(path.exists());
+        let _again = listen(&path).unwrap();
+
+        let file = dir.path().join("disk.img");
+        std::fs::write(&file, b"data").unwrap();
+        let err = listen(&file).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "'{}' exists and is not a socket; it is left alone",
+                file.display()
+            )
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    }
+
+    #[test]
+    fn a_frontend_going_away_is_a_close_and_a_protocol_error_a_failure() {
+        let closed = [
+            Ok(()),
+            Err(DaemonError::HandleRequest(VhostUserError::Disconnected)),
+            Err(DaemonError::HandleRequest(VhostUserError::PartialMessage)),
+            Err(DaemonError::HandleRequest(VhostUserError::SocketError(
+                io::ErrorKind::ConnectionReset.into(),
+            ))),
+        ];
+        for ended in closed {
+            assert!(matches!(Disconnect::from_wait(ended), Disconnect::Closed));
+        }
+        let failed = [
+            DaemonError::HandleRequest(VhostUserError::InvalidMessage),
+            DaemonError::HandleRequest(VhostUserError::SocketError(
+                io::ErrorKind::PermissionDenied.into(),
+            )),
+        ];
+        for ended in failed {
+            assert!(matches!(
+                Disconnect::from_wait(Err(ended)),
+                Disconnect::Failed(_)
+            ));
+        }
+    }
+}
