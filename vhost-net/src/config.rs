@@ -15,7 +15,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-use crate::mac::MacAddress;
+use crate::MacAddress;
 
 /// Size in bytes of the whole virtio-net configuration space (`struct virtio_net_config`).
 pub const CONFIG_SPACE_SIZE: usize = size_of::<virtio_net_config>();

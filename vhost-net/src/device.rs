@@ -10,9 +10,9 @@ use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use crate::chain::Segment;
 use crate::config::{self, FeatureOptions, NetConfigSpace};
 use crate::error::{Error, Result};
-use crate::mac::MacAddress;
 use crate::tap::Tap;
 use crate::uring::{BatchEntry, PairRing};
+use crate::MacAddress;
 
 pub use crate::config::MAX_QUEUE_PAIRS;
 

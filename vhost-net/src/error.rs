@@ -3,36 +3,12 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::mac::MacAddress;
-
 /// Everything the vhost-net building blocks can reject or fail at.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A string that is not six colon-separated pairs of hex digits.
-    #[error("invalid MAC address '{input}': {reason}")]
-    InvalidMac {
-        /// The text as given.
-        input: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// A well-formed MAC address that a NIC cannot use as its own address.
-    #[error("MAC address {mac} cannot be a NIC's address: {reason}")]
-    UnusableMac {
-        /// The rejected address.
-        mac: MacAddress,
-        /// Why (multicast, all zeros).
-        reason: &'static str,
-    },
-    /// Reading the host's random source failed.
-    #[error("cannot read random bytes from {path}: {source}")]
-    Random {
-        /// The random source that failed.
-        path: &'static str,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    /// A MAC address or interface name that cannot be used.
+    #[error(transparent)]
+    Net(#[from] cowbird_daemon::net::Error),
     /// A command-line value that should be a decimal number is not one.
     #[error("'{input}' is not a number: {reason}")]
     InvalidNumber {
@@ -55,14 +31,6 @@ pub enum Error {
     /// An MTU outside 68..=65535.
     #[error("MTU {0} is outside 68..=65535")]
     InvalidMtu(u64),
-    /// A network interface name the kernel would refuse.
-    #[error("invalid interface name '{name}': {reason}")]
-    InvalidTapName {
-        /// The name as given.
-        name: String,
-        /// What the kernel would object to.
-        reason: &'static str,
-    },
     /// A unix socket path that cannot be bound or connected.
     #[error("invalid socket path '{}': {reason}", path.display())]
     InvalidSocketPath {

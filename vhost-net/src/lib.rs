@@ -7,7 +7,7 @@
 //!   batches of buffer sets (MRG_RXBUF: one packet over several chains); zero-copy both
 //!   ways; [`uring`]: tx and rx batches as one io_uring submission each;
 //! - [`ctrl`]: the control queue's commands (MQ pairs, receive filters);
-//! - [`config`] and [`mac`]: what the device tells the driver; [`cli`]: the command line;
+//! - [`config`]: what the device tells the driver (MAC addresses: `cowbird_daemon::net`); [`cli`]: the command line;
 //! - [`device`]: state that outlives connections (TAP, per-pair slots and counters);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per pair;
 //! - [`server`]: the socket and the connection loop; [`relay`]: the frontend's connection
@@ -24,12 +24,11 @@ pub mod ctrl;
 pub mod datapath;
 pub mod device;
 pub mod error;
-pub mod mac;
 pub mod relay;
 pub mod rx;
 pub mod server;
 pub mod tap;
 pub mod uring;
 
+pub use cowbird_daemon::net::MacAddress;
 pub use error::{Error, Result};
-pub use mac::MacAddress;

@@ -11,9 +11,9 @@ use tracing::level_filters::LevelFilter;
 
 use vhost_net::cli::Cli;
 use vhost_net::device::{Device, DeviceOptions};
-use vhost_net::mac::MacAddress;
 use vhost_net::server::Server;
 use vhost_net::tap::Tap;
+use vhost_net::MacAddress;
 
 fn main() {
     let cli = Cli::parse();

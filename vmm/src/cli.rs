@@ -19,8 +19,8 @@ use clap::Parser;
 
 use crate::error::{Error, Result};
 use crate::kv::{parse_decimal, OptionList};
-use crate::mac::MacAddress;
 use crate::memory::{parse_size, MemoryLayout};
+use cowbird_daemon::net::{parse_tap_name, MacAddress};
 
 /// Kernel command line used when `--cmdline` is not given: console on the 8250 at 0x3f8,
 /// reboot through the keyboard controller (which ends the VMM), reboot at once on panic.
@@ -43,8 +43,6 @@ pub const DEFAULT_NET_QUEUE_SIZE: u16 = 256;
 pub const MAX_DISK_QUEUES: u16 = 256;
 /// Most queues per NIC: 256 queue pairs, the Linux TUN driver's limit (`MAX_TAP_QUEUES`).
 pub const MAX_NET_QUEUES: u16 = 512;
-/// Longest interface name Linux accepts (IFNAMSIZ minus the terminating NUL).
-pub const MAX_IFNAME_LEN: usize = 15;
 /// Longest unix socket path that fits `sockaddr_un.sun_path` with its terminating NUL.
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
@@ -415,10 +413,7 @@ impl FromStr for NetConfig {
                 name: parse_tap_name(tap).map_err(|e| Error::InvalidValue {
                     key: "tap".into(),
                     value: tap.to_owned(),
-                    reason: match e {
-                        Error::InvalidTapName { reason, .. } => reason.to_owned(),
-                        other => other.to_string(),
-                    },
+                    reason: e.reason(),
                 })?,
                 mtu: list.parsed("mtu", |v| bounded(v, 68, u16::MAX, "MTU"))?,
                 host_ip: list.parsed("ip", |v| match v.split_once('/') {
@@ -438,10 +433,9 @@ impl FromStr for NetConfig {
             }
         };
         let mac = list.parsed("mac", |v| {
-            v.parse::<MacAddress>().map_err(|e| match e {
-                Error::InvalidMac { reason, .. } => reason.to_owned(),
-                other => other.to_string(),
-            })
+            v.parse::<MacAddress>()
+                .and_then(MacAddress::check_unicast)
+                .map_err(|e| e.reason())
         })?;
         let num_queues = list
             .parsed("num_queues", |v| {
@@ -578,32 +572,6 @@ pub fn parse_socket_path(s: &str) -> Result<PathBuf> {
         )));
     }
     Ok(PathBuf::from(s))
-}
-
-/// A name Linux accepts for a network interface (the kernel's `dev_valid_name`): 1 to 15
-/// bytes, not `.` or `..`, no `/`, `:`, whitespace or control characters. `%d` templates are
-/// allowed.
-pub fn parse_tap_name(s: &str) -> Result<String> {
-    let invalid = |reason| Error::InvalidTapName {
-        name: s.to_owned(),
-        reason,
-    };
-    if s.is_empty() {
-        return Err(invalid("it is empty"));
-    }
-    if s.len() > MAX_IFNAME_LEN {
-        return Err(invalid("longer than 15 bytes"));
-    }
-    if s == "." || s == ".." {
-        return Err(invalid("'.' and '..' are reserved"));
-    }
-    if s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
-        return Err(invalid("'/', ':' and whitespace are not allowed"));
-    }
-    if s.chars().any(char::is_control) {
-        return Err(invalid("control characters are not allowed"));
-    }
-    Ok(s.to_owned())
 }
 
 #[cfg(test)]

@@ -89,14 +89,6 @@ pub enum Error {
     /// An empty string where a file path is expected.
     #[error("expected a file path, got an empty string")]
     EmptyPath,
-    /// A MAC address that does not parse or cannot be a NIC's address.
-    #[error("invalid MAC address '{input}': {reason}")]
-    InvalidMac {
-        /// The text as given.
-        input: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
     /// A `--serial` value other than stdio, file=PATH or off.
     #[error("invalid serial mode '{input}' (expected stdio, file=PATH or off)")]
     InvalidSerial {
@@ -118,14 +110,6 @@ pub enum Error {
         path: PathBuf,
         /// Why it cannot be used.
         reason: String,
-    },
-    /// A network interface name the kernel would refuse.
-    #[error("invalid interface name '{name}': {reason}")]
-    InvalidTapName {
-        /// The name as given.
-        name: String,
-        /// What the kernel would object to.
-        reason: &'static str,
     },
     /// The same unix socket given to two devices (or to a device and --api-socket).
     #[error("socket '{}' is used by both {first} and {second}", path.display())]

@@ -24,7 +24,6 @@ pub mod exit;
 pub mod irq;
 mod kv;
 pub mod legacy;
-pub mod mac;
 pub mod machine;
 pub mod memory;
 pub mod pci;

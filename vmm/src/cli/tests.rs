@@ -433,7 +433,7 @@ fn net_errors_are_precise() {
             invalid_value(
                 "mac",
                 "ff:ff:ff:ff:ff:ff",
-                "a NIC address must be unicast (first octet even)",
+                "it is a multicast address (lowest bit of the first octet set)",
             ),
         ),
         (
@@ -472,28 +472,6 @@ fn net_errors_are_precise() {
     ];
     for (input, expected) in cases {
         assert_eq!(&net(input).unwrap_err(), expected, "{input:?}");
-    }
-}
-
-#[test]
-fn tap_names() {
-    for ok in ["tap0", "vnet%d", "123456789012345", "a.b-c_d"] {
-        assert_eq!(parse_tap_name(ok).unwrap(), ok);
-    }
-    for bad in [
-        "",
-        ".",
-        "..",
-        "a:b",
-        "a b",
-        "a\tb",
-        "a\u{7f}",
-        "1234567890123456",
-    ] {
-        assert!(
-            matches!(parse_tap_name(bad), Err(Error::InvalidTapName { .. })),
-            "{bad:?}"
-        );
     }
 }
 

@@ -250,7 +250,7 @@ mod tests {
         let held = busy.lock().unwrap();
         let (done, answered) = std::sync::mpsc::channel();
         let reader = bus.clone();
-        std::thread::spawn(move || {
+        let reading = std::thread::spawn(move || {
             let mut data = [0u8; 4];
             let hit = reader.read_mmio(0xc000_1004, &mut data);
             let _ = done.send((hit, data));
@@ -261,7 +261,9 @@ mod tests {
             answer.expect("MMIO waited for an unrelated device"),
             (true, [2; 4])
         );
-        // The guest moves the second BAR; the bus decodes the new place only.
+        // The guest moves the second BAR; the bus decodes the new place only. (The reader
+        // drops its clone of the bus when it ends, after it answered.)
+        reading.join().unwrap();
         let mut bus = Arc::into_inner(bus).unwrap();
         let address = 0x8000_0000u32 | ((slot as u32) << 11) | 0x10;
         bus.write_port(CONFIG_ADDRESS_PORT, &address.to_le_bytes());

@@ -1,12 +1,67 @@
-//! Ethernet MAC addresses: parsing and printing in the usual `52:54:00:12:34:56` form, and
-//! random locally administered unicast addresses for NICs given no `--mac`.
+//! Network names a NIC is given on a command line (`vhost-net`'s and `vmm`'s): Ethernet MAC
+//! addresses, parsed and printed in the usual `52:54:00:12:34:56` form, random locally
+//! administered unicast addresses for NICs given none, and TAP interface names.
 
 use std::fmt;
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read};
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
+/// A rejected MAC address or interface name.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A string that is not six colon-separated pairs of hex digits.
+    #[error("invalid MAC address '{input}': {reason}")]
+    InvalidMac {
+        /// The text as given.
+        input: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A well-formed MAC address that a NIC cannot use as its own address.
+    #[error("MAC address {mac} cannot be a NIC's address: {reason}")]
+    UnusableMac {
+        /// The rejected address.
+        mac: MacAddress,
+        /// Why (multicast, all zeros).
+        reason: &'static str,
+    },
+    /// Reading the host's random source failed.
+    #[error("cannot read random bytes from {path}: {source}")]
+    Random {
+        /// The random source that failed.
+        path: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A network interface name the kernel would refuse.
+    #[error("invalid interface name '{name}': {reason}")]
+    InvalidTapName {
+        /// The name as given.
+        name: String,
+        /// What the kernel would object to.
+        reason: &'static str,
+    },
+}
+
+impl Error {
+    /// What is wrong, without the value (for messages that name it already).
+    pub fn reason(&self) -> String {
+        match self {
+            Error::InvalidMac { reason, .. }
+            | Error::UnusableMac { reason, .. }
+            | Error::InvalidTapName { reason, .. } => (*reason).to_owned(),
+            Error::Random { .. } => self.to_string(),
+        }
+    }
+}
+
+/// Shorthand for results carrying this module's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Longest interface name Linux accepts (IFNAMSIZ minus the terminating NUL).
+pub const MAX_IFNAME_LEN: usize = 15;
 
 /// Bit 0 of the first octet: set for multicast (and broadcast) addresses.
 const MULTICAST_BIT: u8 = 0x01;
@@ -125,6 +180,32 @@ impl From<[u8; 6]> for MacAddress {
     fn from(octets: [u8; 6]) -> Self {
         Self(octets)
     }
+}
+
+/// A name Linux accepts for a network interface (the kernel's `dev_valid_name`): 1 to 15
+/// bytes, not `.` or `..`, no `/`, `:`, whitespace or control characters. A `%d` template
+/// such as `tap%d` is allowed; the kernel picks the number.
+pub fn parse_tap_name(s: &str) -> Result<String> {
+    let invalid = |reason| Error::InvalidTapName {
+        name: s.to_owned(),
+        reason,
+    };
+    if s.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if s.len() > MAX_IFNAME_LEN {
+        return Err(invalid("longer than 15 bytes"));
+    }
+    if s == "." || s == ".." {
+        return Err(invalid("'.' and '..' are reserved"));
+    }
+    if s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err(invalid("'/', ':' and whitespace are not allowed"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(invalid("control characters are not allowed"));
+    }
+    Ok(s.to_owned())
 }
 
 #[cfg(test)]
@@ -253,5 +334,28 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), macs.len(), "{macs:?}");
+    }
+
+    #[test]
+    fn tap_names_follow_the_kernel_rules() {
+        for ok in ["tap0", "t", "vnet%d", "a-b_c.d", "123456789012345"] {
+            assert_eq!(parse_tap_name(ok).unwrap(), ok);
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a:1",
+            "a b",
+            "tab\there",
+            "1234567890123456",
+            "nul\0x",
+        ] {
+            match parse_tap_name(bad) {
+                Err(e @ Error::InvalidTapName { .. }) => assert!(!e.reason().is_empty()),
+                other => panic!("{bad:?} gave {other:?}"),
+            }
+        }
     }
 }
