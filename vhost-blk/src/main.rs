@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use cowbird_daemon::logging::{self, error_line};
-use cowbird_daemon::signals;
+use cowbird_daemon::{signals, socket};
 use tracing::level_filters::LevelFilter;
 
 use vhost_blk::device::{Device, MAX_QUEUES, MAX_QUEUE_SIZE};
@@ -34,7 +34,7 @@ enum FormatArg {
 struct Cli {
     /// Unix socket to listen on (a stale socket file is replaced), or with --client the
     /// frontend's socket to connect to.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = socket::parse_path)]
     socket: PathBuf,
     /// Connect to a frontend listening on --socket (e.g. QEMU's `-chardev
     /// socket,server=on,...`) instead of listening; retried every second at most while nothing

@@ -944,4 +944,19 @@ fn bad_option_values_are_usage_errors_before_the_image_is_opened() {
             "{option} {value}: {err}"
         );
     }
+    // A socket path no `sockaddr_un` holds.
+    let long = dir.path().join("s".repeat(120));
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-blk"))
+        .arg("--socket")
+        .arg(&long)
+        .arg("--image")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--socket") && err.contains("unix socket paths hold at most 107"),
+        "{err}"
+    );
 }

@@ -1,7 +1,6 @@
 //! The crate's error type: each variant names the value that was rejected and why.
 
 use std::io;
-use std::path::PathBuf;
 
 /// Everything the vhost-net building blocks can reject or fail at.
 #[derive(Debug, thiserror::Error)]
@@ -31,14 +30,6 @@ pub enum Error {
     /// An MTU outside 68..=65535.
     #[error("MTU {0} is outside 68..=65535")]
     InvalidMtu(u64),
-    /// A unix socket path that cannot be bound or connected.
-    #[error("invalid socket path '{}': {reason}", path.display())]
-    InvalidSocketPath {
-        /// The path as given.
-        path: PathBuf,
-        /// Why it cannot be used.
-        reason: String,
-    },
     /// An address/prefix pair that does not parse or whose prefix is too long.
     #[error("invalid address '{input}': {reason}")]
     InvalidCidr {

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::kv::{parse_decimal, OptionList};
 use crate::memory::{parse_size, MemoryLayout};
 use cowbird_daemon::net::{parse_tap_name, MacAddress};
+use cowbird_daemon::socket::{self, SocketError};
 
 /// Kernel command line used when `--cmdline` is not given: console on the 8250 at 0x3f8,
 /// reboot through the keyboard controller (which ends the VMM), reboot at once on panic.
@@ -43,8 +44,6 @@ pub const DEFAULT_NET_QUEUE_SIZE: u16 = 256;
 pub const MAX_DISK_QUEUES: u16 = 256;
 /// Most queues per NIC: 256 queue pairs, the Linux TUN driver's limit (`MAX_TAP_QUEUES`).
 pub const MAX_NET_QUEUES: u16 = 512;
-/// Longest unix socket path that fits `sockaddr_un.sun_path` with its terminating NUL.
-pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
 /// A lean KVM virtual machine monitor whose disks and NICs are vhost-user devices.
 #[derive(Debug, Clone, Parser)]
@@ -103,7 +102,7 @@ pub struct Cli {
     pub serial: SerialConfig,
 
     /// Unix socket for the JSON control plane (info, pause, resume, shutdown, counters).
-    #[arg(long, value_name = "PATH", value_parser = parse_socket_path)]
+    #[arg(long, value_name = "PATH", value_parser = socket::parse_path)]
     pub api_socket: Option<PathBuf>,
 }
 
@@ -506,11 +505,11 @@ fn queue_size(s: &str) -> std::result::Result<u16, String> {
 
 /// A `socket=` value, with the socket path checks as the reason.
 fn socket_key(s: &str) -> Result<PathBuf> {
-    parse_socket_path(s).map_err(|e| Error::InvalidValue {
+    socket::parse_path(s).map_err(|e| Error::InvalidValue {
         key: "socket".into(),
         value: s.to_owned(),
         reason: match e {
-            Error::InvalidSocketPath { reason, .. } => reason,
+            SocketError::InvalidPath { reason, .. } => reason,
             other => other.to_string(),
         },
     })
@@ -554,24 +553,6 @@ pub fn parse_cpus(s: &str) -> Result<u8> {
 /// `--memory`: a size (see [`parse_size`]) the guest layout can use.
 pub fn parse_memory(s: &str) -> Result<MemoryLayout> {
     MemoryLayout::new(parse_size(s)?)
-}
-
-/// A unix socket path: non-empty and short enough for `sockaddr_un`.
-pub fn parse_socket_path(s: &str) -> Result<PathBuf> {
-    let invalid = |reason: String| Error::InvalidSocketPath {
-        path: PathBuf::from(s),
-        reason,
-    };
-    if s.is_empty() {
-        return Err(invalid("it is empty".into()));
-    }
-    if s.len() > MAX_SOCKET_PATH_LEN {
-        return Err(invalid(format!(
-            "{} bytes long; unix socket paths hold at most {MAX_SOCKET_PATH_LEN}",
-            s.len()
-        )));
-    }
-    Ok(PathBuf::from(s))
 }
 
 #[cfg(test)]

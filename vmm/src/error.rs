@@ -103,14 +103,6 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
-    /// A unix socket path that cannot be bound or connected.
-    #[error("invalid socket path '{}': {reason}", path.display())]
-    InvalidSocketPath {
-        /// The path as given.
-        path: PathBuf,
-        /// Why it cannot be used.
-        reason: String,
-    },
     /// The same unix socket given to two devices (or to a device and --api-socket).
     #[error("socket '{}' is used by both {first} and {second}", path.display())]
     DuplicateSocket {

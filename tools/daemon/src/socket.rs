@@ -8,9 +8,20 @@ use std::path::{Path, PathBuf};
 use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::Error as DaemonError;
 
+/// Longest unix socket path that fits `sockaddr_un.sun_path` with its terminating NUL.
+pub const MAX_PATH_LEN: usize = 107;
+
 /// Why a daemon's socket cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
+    /// A path no unix socket can have.
+    #[error("invalid socket path '{}': {reason}", path.display())]
+    InvalidPath {
+        /// The path as given.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// Another process is listening on the socket.
     #[error("socket '{}' is in use by another process", .0.display())]
     InUse(PathBuf),
@@ -26,6 +37,24 @@ pub enum SocketError {
         #[source]
         source: io::Error,
     },
+}
+
+/// A unix socket path from the command line: non-empty and short enough for `sockaddr_un`.
+pub fn parse_path(s: &str) -> Result<PathBuf, SocketError> {
+    let invalid = |reason: String| SocketError::InvalidPath {
+        path: PathBuf::from(s),
+        reason,
+    };
+    if s.is_empty() {
+        return Err(invalid("it is empty".into()));
+    }
+    if s.len() > MAX_PATH_LEN {
+        return Err(invalid(format!(
+            "{} bytes long; unix socket paths hold at most {MAX_PATH_LEN}",
+            s.len()
+        )));
+    }
+    Ok(PathBuf::from(s))
 }
 
 /// Binds `path` to listen for frontends. A stale socket file (nobody accepts on it) is
@@ -81,6 +110,24 @@ impl Disconnect {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_paths_must_fit_sockaddr_un() {
+        let longest = format!("/{}", "a".repeat(MAX_PATH_LEN - 1));
+        assert_eq!(parse_path(&longest).unwrap(), PathBuf::from(&longest));
+        let too_long = format!("{longest}a");
+        let err = parse_path(&too_long).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "invalid socket path '{too_long}': 108 bytes long; unix socket paths hold at most 107"
+            )
+        );
+        assert!(matches!(
+            parse_path(""),
+            Err(SocketError::InvalidPath { reason, .. }) if reason == "it is empty"
+        ));
+    }
 
     #[test]
     fn a_stale_socket_is_replaced_a_live_one_and_other_files_are_not() {

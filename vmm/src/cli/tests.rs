@@ -347,7 +347,7 @@ fn disk_errors_are_precise() {
 
 #[test]
 fn disk_socket_path_must_fit_sockaddr_un() {
-    let long = format!("/{}", "s".repeat(MAX_SOCKET_PATH_LEN));
+    let long = format!("/{}", "s".repeat(cowbird_daemon::socket::MAX_PATH_LEN));
     assert_eq!(
         disk(&format!("socket={long}")).unwrap_err(),
         invalid_value(
