@@ -3,6 +3,7 @@
 use std::ops::Deref;
 
 use aligned_vec::{AVec, ConstAlign};
+use cowbird_daemon::logging::Occurrences;
 
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::DescriptorChain;
@@ -20,6 +21,9 @@ pub const CHUNK: usize = 1 << 20;
 pub struct Executor {
     /// Page aligned, so that I/O through it also works with O_DIRECT.
     bounce: AVec<u8, ConstAlign<4096>>,
+    /// Requests the image failed (a full disk, an I/O error): logged at powers of two only,
+    /// since the guest may retry them without end.
+    image_errors: Occurrences,
 }
 
 impl Default for Executor {
@@ -44,6 +48,7 @@ impl Executor {
     pub fn new() -> Self {
         Executor {
             bounce: AVec::from_iter(0, std::iter::repeat_n(0, CHUNK)),
+            image_errors: Occurrences::default(),
         }
     }
 
@@ -79,7 +84,12 @@ impl Executor {
             Ok(n) => finish(mem, req, VIRTIO_BLK_S_OK as u8, n),
             Err(e) => {
                 if matches!(e, Error::Image { .. } | Error::Flush(_)) {
-                    tracing::warn!("request type {}: {e}", req.kind.type_code());
+                    if let Some(n) = self.image_errors.count() {
+                        tracing::warn!(
+                            "request type {}: {e} (failed request {n} on this queue)",
+                            req.kind.type_code()
+                        );
+                    }
                 } else {
                     tracing::debug!("request type {}: {e}", req.kind.type_code());
                 }

@@ -43,6 +43,18 @@ fn fill_then_free(fs: &SmallFs, image: &Path, format: &str) -> Vec<u8> {
     }
     let failed = failed.expect("the file system never filled up");
     assert!(failed > 0, "not even the first write fitted");
+    // A guest retrying without end gets the error each time, and the log does not grow with
+    // every retry: the first failure and then every power of two are reported.
+    let (off, data) = piece(failed);
+    for retry in 0..40 {
+        assert_eq!(c.write(0, off, &data), -libc::EIO, "retry {retry}");
+    }
+    let reported = d.log().matches("No space left on device").count();
+    assert!(
+        (1..=8).contains(&reported),
+        "41 failed writes, {reported} log lines:\n{}",
+        d.log()
+    );
     assert_eq!(c.flush(0), 0, "flush on the full file system:\n{}", d.log());
     for i in 0..failed {
         let (off, data) = piece(i);

@@ -23,6 +23,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use cowbird_daemon::exit_events::ExitEvents;
+use cowbird_daemon::logging::Occurrences;
 
 use crate::chain::MAX_FRAME_LEN;
 use crate::config::{self, feature};
@@ -62,6 +63,10 @@ pub struct NetBackend {
     active: AtomicBool,
     /// The workers' exit events, closed when the connection's backend goes.
     exit_events: ExitEvents,
+    /// Queue-pair changes the guest asked for, and malformed control commands: each logged
+    /// at powers of two only (a guest could repeat them without end).
+    ctrl_events: Occurrences,
+    ctrl_errors: Occurrences,
 }
 
 impl NetBackend {
@@ -74,6 +79,8 @@ impl NetBackend {
             event_idx: AtomicBool::new(false),
             active: AtomicBool::new(true),
             exit_events: ExitEvents::default(),
+            ctrl_events: Occurrences::default(),
+            ctrl_errors: Occurrences::default(),
         }
     }
 
@@ -274,10 +281,18 @@ impl NetBackend {
                 Ok(cmd) => {
                     let (mut status, action) = ctrl::handle(&cmd, pairs, mq);
                     if let Action::SetQueuePairs(n) = action {
-                        match self.device.tap().set_active_queues(usize::from(n)) {
-                            Ok(()) => tracing::info!("guest uses {n} queue pair(s)"),
+                        let result = self.device.tap().set_active_queues(usize::from(n));
+                        let logged = self.ctrl_events.count();
+                        match result {
+                            Ok(()) => {
+                                if let Some(k) = logged {
+                                    tracing::info!("guest uses {n} queue pair(s) (change {k})");
+                                }
+                            }
                             Err(e) => {
-                                tracing::warn!("cannot use {n} queue pairs: {e}");
+                                if let Some(k) = logged {
+                                    tracing::warn!("cannot use {n} queue pairs: {e} (change {k})");
+                                }
                                 status = ACK_ERR;
                             }
                         }
@@ -291,7 +306,9 @@ impl NetBackend {
                     (cmd.head, Some(cmd.ack), status)
                 }
                 Err((head, ack, e)) => {
-                    tracing::warn!("control queue: {e}");
+                    if let Some(k) = self.ctrl_errors.count() {
+                        tracing::warn!("control queue: {e} (bad command {k})");
+                    }
                     (head, ack, ACK_ERR)
                 }
             };

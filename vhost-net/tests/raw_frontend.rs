@@ -404,6 +404,51 @@ fn control_commands_with_event_idx_are_each_notified_and_served() {
     still_serving(&mut daemon);
 }
 
+/// A guest repeating a malformed control command cannot flood the host's log: each one is
+/// answered with an error, and the log names the first and then every power of two.
+#[test]
+fn malformed_control_commands_are_refused_without_flooding_the_log() {
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new("net");
+    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
+    let mut ring = TestRing::new(MEM_SIZE, SIZE);
+    let mem = ring.mem.clone();
+    let (mut fe, features) = handshake(&daemon.socket, 3, 1 << VIRTIO_NET_F_CTRL_VQ);
+    let (_call, kick) = ring.start(&mut fe, features, CTRL_QUEUE);
+    // A one-byte header (two are needed), then the ack byte.
+    let chains = SIZE / 2;
+    for c in 0..chains {
+        let base = 0x1_0000 + 0x100 * u64::from(c);
+        ring.desc(2 * c, base, 1, NEXT, 2 * c + 1);
+        ring.desc(2 * c + 1, base + 0x10, 1, WRITE, 0);
+    }
+    let rounds = 25;
+    for round in 1..=rounds {
+        for c in 0..chains {
+            mem.write_slice(&[0x55u8], GuestAddress(0x1_0010 + 0x100 * u64::from(c)))
+                .unwrap();
+        }
+        ring.publish(&(0..chains).map(|c| 2 * c).collect::<Vec<_>>());
+        kick.write(1).unwrap();
+        ring.wait_used(usize::from(chains * round), || daemon.proc.log());
+        for c in 0..chains {
+            let mut ack = [0u8];
+            mem.read_slice(&mut ack, GuestAddress(0x1_0010 + 0x100 * u64::from(c)))
+                .unwrap();
+            assert_eq!(ack, [1], "round {round}, command {c}: VIRTIO_NET_ERR");
+        }
+    }
+    let commands = chains * rounds;
+    let log = daemon.proc.log();
+    let lines = log.matches("control queue:").count();
+    // 1, 2, 4, ..., 128 of 200.
+    assert_eq!(lines, 8, "{commands} bad commands:\n{log}");
+    assert!(log.contains("(bad command 128)"), "{log}");
+    disconnect(&mut daemon, fe);
+    still_serving(&mut daemon);
+}
+
 /// An IPv4/UDP frame from 10.9.0.1:`port` to 10.9.0.2:9 (broadcast MAC): the kernel steers
 /// each source port, a different flow, to a TAP queue by its hash.
 fn udp_frame(port: u16) -> Vec<u8> {

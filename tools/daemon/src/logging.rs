@@ -1,6 +1,7 @@
 //! Logging to stderr and the one-line error report of a failed run.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
@@ -35,6 +36,20 @@ pub fn error_line(e: &anyhow::Error) -> String {
     line.replace('\n', "; ")
 }
 
+/// Counts occurrences of an event a guest can repeat at will (a bad command, a request that
+/// fails) and picks the ones worth a log line: the 1st, 2nd, 4th, 8th, ... so that a guest
+/// cannot flood the host's log while the first occurrence is still reported at once.
+#[derive(Debug, Default)]
+pub struct Occurrences(AtomicU64);
+
+impl Occurrences {
+    /// Counts one occurrence; its number when it should be logged.
+    pub fn count(&self) -> Option<u64> {
+        let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        n.is_power_of_two().then_some(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +65,12 @@ mod tests {
             error_line(&lines),
             "Failed to get lock; Is another process using it?"
         );
+    }
+
+    #[test]
+    fn occurrences_log_at_powers_of_two() {
+        let seen = Occurrences::default();
+        let logged: Vec<u64> = (0..1000).filter_map(|_| seen.count()).collect();
+        assert_eq!(logged, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
     }
 }
