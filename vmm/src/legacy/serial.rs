@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
+use cowbird_daemon::logging::Occurrences;
 use kvm_ioctls::VmFd;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -32,7 +33,12 @@ type Uart = Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>;
 
 /// The serial port, shared by the vCPU threads and the input thread.
 #[derive(Clone)]
-pub struct SerialPort(Arc<Mutex<Uart>>);
+pub struct SerialPort {
+    uart: Arc<Mutex<Uart>>,
+    /// Output the UART could not write (a closed stdout, a full disk): logged at powers of
+    /// two only, since the guest goes on printing.
+    output_errors: Arc<Occurrences>,
+}
 
 impl SerialPort {
     /// A UART writing to `out`, interrupting on GSI [`COM1_IRQ`] of `vm`.
@@ -40,10 +46,10 @@ impl SerialPort {
         let irq = crate::vm::new_eventfd()?;
         vm.register_irqfd(&irq, COM1_IRQ)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        Ok(Self(Arc::new(Mutex::new(Serial::new(
-            IrqTrigger(irq),
-            out,
-        )))))
+        Ok(Self {
+            uart: Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out))),
+            output_errors: Arc::default(),
+        })
     }
 
     /// Guest read of register `offset`.
@@ -54,7 +60,9 @@ impl SerialPort {
     /// Guest write of register `offset`.
     pub fn write(&self, offset: u16, value: u8) {
         if let Err(e) = self.lock().write(offset as u8, value) {
-            tracing::warn!("serial output: {e:?}");
+            if let Some(n) = self.output_errors.count() {
+                tracing::warn!("serial output: {e:?} (error {n})");
+            }
         }
     }
 
@@ -90,6 +98,6 @@ impl SerialPort {
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.uart.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

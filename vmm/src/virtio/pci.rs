@@ -16,6 +16,7 @@
 
 use std::sync::Arc;
 
+use cowbird_daemon::logging::Occurrences;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -185,6 +186,10 @@ pub struct VirtioPciDevice {
     control_queue: bool,
     /// The backend is gone for good (its supervisor gave up): the device never starts again.
     lost: bool,
+    /// Resets the device asked for, and configuration writes its backend refused: logged at
+    /// powers of two only (a guest can repeat both without end).
+    needs_reset_events: Occurrences,
+    config_errors: Occurrences,
 }
 
 impl VirtioPciDevice {
@@ -268,6 +273,8 @@ impl VirtioPciDevice {
             msix_capability,
             control_queue: kind == DeviceType::Net && num_queues % 2 == 1,
             lost: false,
+            needs_reset_events: Occurrences::default(),
+            config_errors: Occurrences::default(),
         })
     }
 
@@ -536,7 +543,9 @@ impl VirtioPciDevice {
     /// Sets DEVICE_NEEDS_RESET and sends the configuration-change interrupt: the device
     /// stays stopped until the driver resets it.
     fn needs_reset(&mut self, why: &str) {
-        tracing::error!(socket = %self.backend.socket().display(), "{why}; the device needs a reset");
+        if let Some(n) = self.needs_reset_events.count() {
+            tracing::error!(socket = %self.backend.socket().display(), "{why}; the device needs a reset (time {n})");
+        }
         self.status |= STATUS_NEEDS_RESET;
         self.signal_config();
     }
@@ -576,7 +585,9 @@ impl VirtioPciDevice {
         }
         if self.running() && self.status & STATUS_NEEDS_RESET == 0 && !self.backend.is_closed() {
             if let Err(e) = self.backend.write_config(offset as usize, data) {
-                tracing::error!("{e}");
+                if let Some(n) = self.config_errors.count() {
+                    tracing::error!("{e} (refused configuration write {n})");
+                }
                 return;
             }
         }
