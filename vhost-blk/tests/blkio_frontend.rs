@@ -19,6 +19,17 @@ use cowbird_tests::{
 const MIB: u64 = 1 << 20;
 const EIO: i32 = -libc::EIO;
 
+/// A new zero-filled disk of `size` bytes in `format` (raw or qcow2), `disk.<format>` in `dir`.
+fn empty_disk(dir: &Path, format: &str, size: u64) -> PathBuf {
+    let img = dir.join(format!("disk.{format}"));
+    if format == "raw" {
+        raw_file(&img, size);
+    } else {
+        qemu_img_create_qcow2(img.to_str().unwrap(), &[], &size.to_string());
+    }
+    img
+}
+
 /// A sparse raw file of `size` bytes.
 fn raw_file(path: &Path, size: u64) -> File {
     let f = File::options()
@@ -233,12 +244,7 @@ fn qcow2_with_compressed_clusters() {
 fn discard_and_write_zeroes_read_back_zeros() {
     for format in ["raw", "qcow2"] {
         let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join(format!("disk.{format}"));
-        if format == "raw" {
-            raw_file(&img, 8 * MIB);
-        } else {
-            qemu_img_create_qcow2(img.to_str().unwrap(), &[], "8M");
-        }
+        let img = empty_disk(dir.path(), format, 8 * MIB);
         let model = Model::new(dir.path(), 8 * MIB);
         let mut d = Daemon::start(dir.path(), &img, &["--format", format]);
         let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
@@ -438,12 +444,7 @@ fn many_requests_in_flight() {
         ("qcow2", vec!["--format", "qcow2", "--poll-us", "200"]),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join(format!("disk.{format}"));
-        if format == "raw" {
-            raw_file(&img, 16 * MIB);
-        } else {
-            qemu_img_create_qcow2(img.to_str().unwrap(), &[], "16M");
-        }
+        let img = empty_disk(dir.path(), format, 16 * MIB);
         let model = Model::new(dir.path(), 16 * MIB);
         let mut d = Daemon::start(dir.path(), &img, &args);
         let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
@@ -794,12 +795,7 @@ fn start_up_errors_exit_1_with_one_line() {
 fn sigterm_with_a_connected_frontend_and_requests_in_flight_exits_cleanly() {
     for format in ["raw", "qcow2"] {
         let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join(format!("disk.{format}"));
-        if format == "raw" {
-            raw_file(&img, 16 * MIB);
-        } else {
-            qemu_img_create_qcow2(img.to_str().unwrap(), &[], "16M");
-        }
+        let img = empty_disk(dir.path(), format, 16 * MIB);
         let model = Model::new(dir.path(), 16 * MIB);
         let mut d = Daemon::start(dir.path(), &img, &["--format", format]);
         let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
