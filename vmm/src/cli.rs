@@ -229,9 +229,31 @@ impl VmConfig {
                 });
             }
         }
+        // The queues a Linux guest starts: a disk's up to one per vCPU, every queue of a NIC
+        // and the control queue its backend may add.
+        let queues = self
+            .disks
+            .iter()
+            .map(|d| usize::from(d.num_queues.min(u16::from(self.cpus))))
+            .sum::<usize>()
+            + self
+                .nets
+                .iter()
+                .map(|n| usize::from(n.num_queues) + 1)
+                .sum::<usize>();
+        if queues > MAX_DOORBELLS {
+            return Err(Error::TooManyQueues {
+                queues,
+                max: MAX_DOORBELLS,
+            });
+        }
         Ok(())
     }
 }
+
+/// Queue doorbells (KVM ioeventfds, one per queue) a VM can have: KVM's MMIO bus takes 1000
+/// devices (`NR_IOBUS_DEVS`), one of them the in-kernel IOAPIC.
+pub const MAX_DOORBELLS: usize = 999;
 
 /// Size of the huge pages `--hugepages` uses.
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;

@@ -133,6 +133,14 @@ pub enum Error {
         /// The second user.
         second: String,
     },
+    /// More queues in all than KVM has doorbells for.
+    #[error("the devices have {queues} queues a guest starts (a disk's up to one per vCPU, a NIC's all and its control queue); KVM takes at most {max} queue doorbells per VM")]
+    TooManyQueues {
+        /// Queues of every disk and NIC that a Linux guest starts.
+        queues: usize,
+        /// The limit.
+        max: usize,
+    },
     /// One image file given to two `--disk` options, at least one of them writable.
     #[error("image '{}' is used by both {first} and {second}; only read-only disks may share an image", path.display())]
     SharedWritableImage {

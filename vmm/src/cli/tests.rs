@@ -573,6 +573,27 @@ fn taps_and_macs_must_be_unique() {
 }
 
 #[test]
+fn the_queues_of_all_devices_must_fit_kvms_doorbells() {
+    let nic = "tap=t%d,num_queues=512";
+    assert!(config(&[
+        "--kernel",
+        "k",
+        "--net",
+        nic,
+        "--disk",
+        "socket=/d,num_queues=256"
+    ])
+    .is_ok());
+    assert_eq!(
+        config(&["--kernel", "k", "--net", nic, "--net", nic]).unwrap_err(),
+        Error::TooManyQueues {
+            queues: 1026,
+            max: MAX_DOORBELLS,
+        }
+    );
+}
+
+#[test]
 fn only_read_only_disks_share_an_image() {
     assert!(config(&[
         "--kernel",
