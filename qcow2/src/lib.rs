@@ -1,7 +1,7 @@
 //! qcow2 and raw disk images for Cowbird.
 //!
 //! Two layers:
-//! - [`format`]: pure parsing and serialisation of headers, tables and snapshots;
+//! - [`format`](mod@format): pure parsing and serialisation of headers, tables and snapshots;
 //! - the engine ([`Qcow2`]): caches, cluster allocation, copy-on-write and crash-safe
 //!   metadata ordering, doing its I/O through the [`Storage`] trait.
 //!

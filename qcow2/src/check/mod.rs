@@ -2,10 +2,10 @@
 //! the stored refcounts and fix what the repair mode allows, as `qemu-img check [-r]` does
 //! (same steps, same messages, same counts).
 //!
-//! The steps: count references into an in-memory refcount table ([`imrt`], `count`);
+//! The steps: count references into an in-memory refcount table (`imrt`, `count`);
 //! compare it with the stored refcounts, fixing them in place where allowed; if a stored
 //! refcount is zero for a cluster in use (or a refcount block is unusable), rebuild the
-//! refcount structures ([`rebuild`]) and recount; last, check the COPIED flags (`copied`).
+//! refcount structures (`rebuild`) and recount; last, check the COPIED flags (`copied`).
 
 mod copied;
 mod count;

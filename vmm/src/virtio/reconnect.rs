@@ -6,7 +6,7 @@
 //! A backend the VMM started that stopped answering (its connection was cut off by the
 //! watchdog) is killed, so that its supervisor starts it again. A backend that keeps
 //! failing — it refuses the handshake, or hangs up again soon after each reconnect — is
-//! retried less and less often (up to every [`MAX_RETRY_INTERVAL`]). One its
+//! retried less and less often (up to every `MAX_RETRY_INTERVAL`, 5 s). One its
 //! supervisor gave up on leaves the device needing a reset.
 
 use std::path::PathBuf;

@@ -101,7 +101,7 @@ fn dump(
     Ok(())
 }
 
-/// An offset or length option ("Invalid <what> specified" on a bad value).
+/// An offset or length option ("Invalid `what` specified" on a bad value).
 fn parse_opt(v: &Option<String>, what: &str) -> anyhow::Result<Option<u64>> {
     v.as_deref().map(|s| cvtnum(what, s)).transpose()
 }
