@@ -11,7 +11,7 @@ use std::time::Instant;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use cowbird_daemon::exit_events::ExitEvents;
+use cowbird_daemon::logging::Occurrences;
 
 use crate::config::{BlkConfig, WCE_OFFSET};
 use crate::device::{Device, QueueSlot};
@@ -57,6 +58,8 @@ pub struct BlkBackend {
     active: AtomicBool,
     /// The workers' exit events, closed when the connection's backend goes.
     exit_events: ExitEvents,
+    /// Write cache changes by the guest: logged at powers of two only.
+    cache_changes: Occurrences,
 }
 
 impl BlkBackend {
@@ -71,6 +74,7 @@ impl BlkBackend {
             writeback: AtomicBool::new(writeback),
             active: AtomicBool::new(true),
             exit_events: ExitEvents::default(),
+            cache_changes: Occurrences::default(),
         }
     }
 
@@ -553,6 +557,11 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
+        // A driver without FLUSH never sends one and takes a write as durable once it is
+        // complete (virtio 1.x 5.2.6.2; QEMU's virtio-blk turns its cache off for it too).
+        let flushes = features::has(features, VIRTIO_BLK_F_FLUSH);
+        self.writeback
+            .store(flushes && self.device.config().writeback, Ordering::Relaxed);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -581,14 +590,16 @@ impl VhostUserBackend for BlkBackend {
                     self.device.disk().flush().map_err(io::Error::other)?;
                 }
                 self.writeback.store(writeback, Ordering::Relaxed);
-                tracing::info!(
-                    "guest set the write cache to {}",
-                    if writeback {
-                        "writeback"
-                    } else {
-                        "writethrough"
-                    }
-                );
+                if let Some(n) = self.cache_changes.count() {
+                    tracing::info!(
+                        "guest set the write cache to {} (change {n})",
+                        if writeback {
+                            "writeback"
+                        } else {
+                            "writethrough"
+                        }
+                    );
+                }
                 Ok(())
             }
             _ => Err(io::Error::new(

@@ -339,6 +339,81 @@ fn wce_is_writable_only_when_negotiated() {
     assert_eq!(r.backend.get_config(0, 8), (2048u64).to_le_bytes());
 }
 
+/// Image storage that counts its flushes (`fdatasync`s).
+struct CountingFlushes {
+    inner: FileStorage,
+    flushes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl qcow2::Storage for CountingFlushes {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// A driver that does not negotiate FLUSH never sends one: each of its writes is made
+/// durable before it completes (and the configuration shows the cache off). One that
+/// negotiates FLUSH gets the write cache, and its writes complete without a sync.
+#[test]
+fn a_driver_without_flush_gets_every_write_synced_before_it_completes() {
+    for with_flush in [true, false] {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let flushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let storage = CountingFlushes {
+            inner: FileStorage::new(f),
+            flushes: flushes.clone(),
+        };
+        let img = RawImage::new(Arc::new(storage), false).unwrap();
+        let mut r = rig_on(Disk::new(Arc::new(img), Some("wt"), 4096).unwrap());
+        let mut features = r.backend.features();
+        if !with_flush {
+            features &= !(1 << VIRTIO_BLK_F_FLUSH);
+        }
+        r.backend.acked_features(features);
+        let wce = r.backend.get_config(WCE_OFFSET as u32, 1);
+        assert_eq!(wce, vec![u8::from(with_flush)], "with FLUSH: {with_flush}");
+        r.preset_status(0x3000, 2);
+        r.mem
+            .memory()
+            .write_slice(&[0x5a; 8192], GuestAddress(0x4000))
+            .unwrap();
+        let before = flushes.load(std::sync::atomic::Ordering::SeqCst);
+        for (i, status) in [0x3000u64, 0x3001].into_iter().enumerate() {
+            r.header(0x2000 + 0x10 * i as u64, VIRTIO_BLK_T_OUT, 8 * i as u64);
+            r.push(&[
+                (0x2000 + 0x10 * i as u64, 16, 0),
+                (0x4000 + 4096 * i as u64, 4096, 0),
+                (status, 1, W),
+            ]);
+        }
+        r.kick();
+        r.backend.stop_vring(0).unwrap();
+        assert_eq!(r.used_idx(), 2);
+        assert_eq!(r.read::<[u8; 2]>(0x3000), [VIRTIO_BLK_S_OK as u8; 2]);
+        let synced = flushes.load(std::sync::atomic::Ordering::SeqCst) - before;
+        let expected = if with_flush { 0 } else { 2 };
+        assert_eq!(
+            synced, expected,
+            "syncs for 2 writes, with FLUSH: {with_flush}"
+        );
+    }
+}
+
 #[test]
 fn io_uring_requests_complete_at_stop_vring() {
     let dir = tempfile::tempdir().unwrap();
