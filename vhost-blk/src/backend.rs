@@ -54,7 +54,8 @@ pub struct BlkBackend {
     mem: GuestMemory,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
-    writeback: AtomicBool,
+    /// Whether the driver negotiated FLUSH (assumed until its features arrive).
+    flushes: AtomicBool,
     active: AtomicBool,
     /// The workers' exit events, closed when the connection's backend goes.
     exit_events: ExitEvents,
@@ -65,13 +66,12 @@ pub struct BlkBackend {
 impl BlkBackend {
     /// A backend for a new connection. `mem` must be the memory handed to the daemon.
     pub fn new(device: Arc<Device>, mem: GuestMemory) -> Self {
-        let writeback = device.config().writeback;
         BlkBackend {
             device,
             mem,
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
-            writeback: AtomicBool::new(writeback),
+            flushes: AtomicBool::new(true),
             active: AtomicBool::new(true),
             exit_events: ExitEvents::default(),
             cache_changes: Occurrences::default(),
@@ -92,12 +92,10 @@ impl BlkBackend {
         });
     }
 
-    /// The config space as this connection sees it.
-    fn config(&self) -> BlkConfig {
-        BlkConfig {
-            writeback: self.writeback.load(Ordering::Relaxed),
-            ..self.device.config()
-        }
+    /// Whether every write must be durable before it completes: the write cache is off, or
+    /// the driver never flushes (virtio 1.x 5.2.6.2; QEMU's virtio-blk does the same).
+    fn writethrough(&self) -> bool {
+        !(self.flushes.load(Ordering::Relaxed) && self.device.write_cache())
     }
 
     fn active(&self) -> bool {
@@ -165,7 +163,7 @@ impl BlkBackend {
         let chains: Vec<_> = state.get_queue_mut().iter(mem.clone())?.collect();
         // Read after the chains: a chain made available after the guest turned its write
         // cache off must see it off.
-        let writethrough = !self.writeback.load(Ordering::Relaxed);
+        let writethrough = self.writethrough();
         if chains.is_empty() {
             return Ok(());
         }
@@ -174,8 +172,8 @@ impl BlkBackend {
             let done = match request::parse(chain, &limits) {
                 Err(rejected) => exec::reject(&*mem, &rejected),
                 Ok(req) => {
-                    let zero_copy = !writethrough
-                        && QueueRing::eligible(&req)
+                    // In writethrough, a write through the ring is synced as it completes.
+                    let zero_copy = QueueRing::eligible(&req)
                         // Writes to sector 0 of a probed raw image are inspected first.
                         && !(req.sector == 0
                             && disk.guards_format_signature()
@@ -467,10 +465,9 @@ impl BlkBackend {
         mem: &GuestMemoryMmap,
         f: Finished,
     ) {
-        let writethrough = !self.writeback.load(Ordering::Relaxed);
+        let writethrough = self.writethrough();
         let done = if f.ok && writethrough && f.req.kind == RequestKind::Out {
-            // Started before the guest turned its write cache off, which also stops its
-            // flushes: durable before it is done.
+            // Durable before it is done.
             match self.device.disk().flush() {
                 Ok(()) => finish_zero_copy(&f),
                 Err(e) => {
@@ -557,11 +554,13 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
-        // A driver without FLUSH never sends one and takes a write as durable once it is
-        // complete (virtio 1.x 5.2.6.2; QEMU's virtio-blk turns its cache off for it too).
         let flushes = features::has(features, VIRTIO_BLK_F_FLUSH);
-        self.writeback
-            .store(flushes && self.device.config().writeback, Ordering::Relaxed);
+        self.flushes.store(flushes, Ordering::Relaxed);
+        // A driver that cannot set the cache gets it on exactly when it flushes; one that
+        // can keeps the setting it (or the driver before it) chose, as QEMU does.
+        if !features::has(features, VIRTIO_BLK_F_CONFIG_WCE) {
+            self.device.set_write_cache(flushes);
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -573,7 +572,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.config().read(offset, size)
+        let config = BlkConfig {
+            writeback: !self.writethrough(),
+            ..self.device.config()
+        };
+        config.read(offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -585,11 +588,10 @@ impl VhostUserBackend for BlkBackend {
         match (offset as usize, buf) {
             (WCE_OFFSET, [wce]) if wce_negotiated => {
                 let writeback = *wce != 0;
-                if !writeback && self.writeback.load(Ordering::Relaxed) {
-                    // Switching to writethrough: make earlier writes durable too.
+                if self.device.set_write_cache(writeback) && !writeback {
+                    // Switched to writethrough: make earlier writes durable too.
                     self.device.disk().flush().map_err(io::Error::other)?;
                 }
-                self.writeback.store(writeback, Ordering::Relaxed);
                 if let Some(n) = self.cache_changes.count() {
                     tracing::info!(
                         "guest set the write cache to {} (change {n})",

@@ -41,6 +41,9 @@ pub struct Device {
     slots: Vec<Mutex<QueueSlot>>,
     stopping: AtomicBool,
     poll: Duration,
+    /// The write cache setting (`wce`): on for a new device, then the last driver's choice.
+    /// Kept across connections, as QEMU keeps it across reconnects and never reads it back.
+    write_cache: AtomicBool,
 }
 
 impl Device {
@@ -93,6 +96,7 @@ impl Device {
             slots,
             stopping: AtomicBool::new(false),
             poll: Duration::ZERO,
+            write_cache: AtomicBool::new(config.writeback),
         })
     }
 
@@ -121,9 +125,22 @@ impl Device {
         &self.disk
     }
 
-    /// The configuration space as a fresh connection sees it.
+    /// The configuration space, with the current write cache setting.
     pub fn config(&self) -> BlkConfig {
-        self.config
+        BlkConfig {
+            writeback: self.write_cache(),
+            ..self.config
+        }
+    }
+
+    /// Whether the write cache is on (the `wce` the driver sees).
+    pub fn write_cache(&self) -> bool {
+        self.write_cache.load(Ordering::Relaxed)
+    }
+
+    /// Turns the write cache on or off; returns the previous setting.
+    pub fn set_write_cache(&self, on: bool) -> bool {
+        self.write_cache.swap(on, Ordering::Relaxed)
     }
 
     /// What the request parser enforces.

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -342,7 +343,7 @@ fn wce_is_writable_only_when_negotiated() {
 /// Image storage that counts its flushes (`fdatasync`s).
 struct CountingFlushes {
     inner: FileStorage,
-    flushes: Arc<std::sync::atomic::AtomicUsize>,
+    flushes: Arc<AtomicUsize>,
 }
 
 impl qcow2::Storage for CountingFlushes {
@@ -353,8 +354,7 @@ impl qcow2::Storage for CountingFlushes {
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> std::io::Result<()> {
-        self.flushes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.flushes.fetch_add(1, SeqCst);
         self.inner.flush()
     }
     fn len(&self) -> std::io::Result<u64> {
@@ -365,21 +365,52 @@ impl qcow2::Storage for CountingFlushes {
     }
 }
 
+/// A rig on a raw image whose storage counts its syncs, with the counter.
+fn counting_rig() -> (Rig, Arc<AtomicUsize>) {
+    let f = tempfile::tempfile().unwrap();
+    f.set_len(1 << 20).unwrap();
+    let flushes = Arc::new(AtomicUsize::new(0));
+    let storage = CountingFlushes {
+        inner: FileStorage::new(f),
+        flushes: flushes.clone(),
+    };
+    let img = RawImage::new(Arc::new(storage), false).unwrap();
+    (
+        rig_on(Disk::new(Arc::new(img), Some("wt"), 4096).unwrap()),
+        flushes,
+    )
+}
+
+/// Has the guest write two 4 KiB blocks and stops the queue; returns the syncs they took.
+fn syncs_for_two_writes(r: &mut Rig, flushes: &AtomicUsize) -> usize {
+    r.preset_status(0x3000, 2);
+    r.mem
+        .memory()
+        .write_slice(&[0x5a; 8192], GuestAddress(0x4000))
+        .unwrap();
+    let before = flushes.load(SeqCst);
+    for (i, status) in [0x3000u64, 0x3001].into_iter().enumerate() {
+        r.header(0x2000 + 0x10 * i as u64, VIRTIO_BLK_T_OUT, 8 * i as u64);
+        r.push(&[
+            (0x2000 + 0x10 * i as u64, 16, 0),
+            (0x4000 + 4096 * i as u64, 4096, 0),
+            (status, 1, W),
+        ]);
+    }
+    r.kick();
+    r.backend.stop_vring(0).unwrap();
+    assert_eq!(r.used_idx(), 2);
+    assert_eq!(r.read::<[u8; 2]>(0x3000), [VIRTIO_BLK_S_OK as u8; 2]);
+    flushes.load(SeqCst) - before
+}
+
 /// A driver that does not negotiate FLUSH never sends one: each of its writes is made
 /// durable before it completes (and the configuration shows the cache off). One that
 /// negotiates FLUSH gets the write cache, and its writes complete without a sync.
 #[test]
 fn a_driver_without_flush_gets_every_write_synced_before_it_completes() {
     for with_flush in [true, false] {
-        let f = tempfile::tempfile().unwrap();
-        f.set_len(1 << 20).unwrap();
-        let flushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let storage = CountingFlushes {
-            inner: FileStorage::new(f),
-            flushes: flushes.clone(),
-        };
-        let img = RawImage::new(Arc::new(storage), false).unwrap();
-        let mut r = rig_on(Disk::new(Arc::new(img), Some("wt"), 4096).unwrap());
+        let (mut r, flushes) = counting_rig();
         let mut features = r.backend.features();
         if !with_flush {
             features &= !(1 << VIRTIO_BLK_F_FLUSH);
@@ -387,31 +418,33 @@ fn a_driver_without_flush_gets_every_write_synced_before_it_completes() {
         r.backend.acked_features(features);
         let wce = r.backend.get_config(WCE_OFFSET as u32, 1);
         assert_eq!(wce, vec![u8::from(with_flush)], "with FLUSH: {with_flush}");
-        r.preset_status(0x3000, 2);
-        r.mem
-            .memory()
-            .write_slice(&[0x5a; 8192], GuestAddress(0x4000))
-            .unwrap();
-        let before = flushes.load(std::sync::atomic::Ordering::SeqCst);
-        for (i, status) in [0x3000u64, 0x3001].into_iter().enumerate() {
-            r.header(0x2000 + 0x10 * i as u64, VIRTIO_BLK_T_OUT, 8 * i as u64);
-            r.push(&[
-                (0x2000 + 0x10 * i as u64, 16, 0),
-                (0x4000 + 4096 * i as u64, 4096, 0),
-                (status, 1, W),
-            ]);
-        }
-        r.kick();
-        r.backend.stop_vring(0).unwrap();
-        assert_eq!(r.used_idx(), 2);
-        assert_eq!(r.read::<[u8; 2]>(0x3000), [VIRTIO_BLK_S_OK as u8; 2]);
-        let synced = flushes.load(std::sync::atomic::Ordering::SeqCst) - before;
         let expected = if with_flush { 0 } else { 2 };
         assert_eq!(
-            synced, expected,
+            syncs_for_two_writes(&mut r, &flushes),
+            expected,
             "syncs for 2 writes, with FLUSH: {with_flush}"
         );
     }
+}
+
+/// The guest's write cache choice outlives renegotiation and reconnection: QEMU sends
+/// SET_FEATURES again on every start and reconnect but never reads `wce` back, so a guest
+/// that turned the cache off (and so stopped flushing) must keep getting writethrough.
+#[test]
+fn the_guests_write_cache_choice_survives_renegotiation_and_reconnection() {
+    let (mut r, flushes) = counting_rig();
+    let all = r.backend.features();
+    r.backend.acked_features(all);
+    r.backend.set_config(WCE_OFFSET as u32, &[0]).unwrap();
+    r.backend.acked_features(all);
+    assert_eq!(r.backend.get_config(WCE_OFFSET as u32, 1), vec![0]);
+    let next = BlkBackend::new(r.device.clone(), r.mem.clone());
+    next.acked_features(all);
+    assert_eq!(next.get_config(WCE_OFFSET as u32, 1), vec![0]);
+    assert_eq!(syncs_for_two_writes(&mut r, &flushes), 2);
+    // A driver that cannot set the cache gets it exactly when it flushes (as in QEMU).
+    next.acked_features(all & !(1 << VIRTIO_BLK_F_CONFIG_WCE));
+    assert_eq!(next.get_config(WCE_OFFSET as u32, 1), vec![1]);
 }
 
 #[test]
