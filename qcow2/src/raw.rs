@@ -1,5 +1,6 @@
 //! Raw images: guest offset = file offset.
 
+use std::io;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -66,36 +67,31 @@ impl Image for RawImage {
             .map_err(|e| Error::io(format!("writing {} bytes at {offset}", buf.len()), e))
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.writable(offset, len)?;
-        // A punched hole reads as zeros; fall back to writing zeros where holes are unsupported.
-        let punched = self.storage.punch_hole(offset, len).is_ok();
-        let mut check = vec![0u8; len.min(4096) as usize];
-        if punched {
-            self.storage
-                .read_at(&mut check, offset)
-                .map_err(|e| Error::io("verifying punched hole", e))?;
-            if check.iter().all(|&b| b == 0) {
-                return Ok(());
+        // A punched hole reads as zeros and frees the space, as the guest allowed; where
+        // holes are unsupported (and without `unmap`) the range is zeroed in place.
+        if unmap {
+            match self.storage.punch_hole(offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+                Err(e) => return Err(Error::io(format!("unmapping {len} bytes at {offset}"), e)),
             }
         }
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.storage
-                .write_at(&zeros[..n], offset + done)
-                .map_err(|e| Error::io(format!("writing zeros at {}", offset + done), e))?;
-            done += n as u64;
-        }
-        Ok(())
+        self.storage
+            .zero_range(offset, len)
+            .map_err(|e| Error::io(format!("writing {len} zero bytes at {offset}"), e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable(offset, len)?;
-        self.storage
-            .punch_hole(offset, len)
-            .map_err(|e| Error::io(format!("discarding {len} bytes at {offset}"), e))
+        // Discarding is a hint: storage without holes keeps the data.
+        match self.storage.punch_hole(offset, len) {
+            Err(e) if e.kind() != io::ErrorKind::Unsupported => {
+                Err(Error::io(format!("discarding {len} bytes at {offset}"), e))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn flush(&self) -> Result<()> {
@@ -170,7 +166,8 @@ pub fn seek_data_run(fd: i32, offset: u64, len: u64) -> (bool, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::FileStorage;
+    use crate::storage::{FileStorage, MemStorage};
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn raw_roundtrip_and_hole_status() {
@@ -190,5 +187,47 @@ mod tests {
         assert_eq!(buf, [0u8; 4096]);
         let past_end = img.write_at(&[0u8; 2], (1 << 20) - 1).unwrap_err();
         assert!(matches!(past_end, Error::OutOfRange { .. }), "{past_end}");
+    }
+
+    /// Storage without holes (memory) reads zeros after a zero write, all of the range.
+    #[test]
+    fn zero_writes_zero_the_whole_range_where_holes_are_unsupported() {
+        for unmap in [false, true] {
+            let storage = MemStorage::default();
+            storage.set_len(1 << 20).unwrap();
+            let img = RawImage::new(Arc::new(storage), false).unwrap();
+            // The range starts with zeros: every byte of it must be checked or zeroed.
+            img.write_at(&[0xff; 60 << 10], 8192).unwrap();
+            img.write_zeroes(4096, 64 << 10, unmap).unwrap();
+            let mut buf = vec![1u8; 72 << 10];
+            img.read_at(&mut buf, 0).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "unmap: {unmap}");
+        }
+    }
+
+    /// With `unmap` the zeroed range is freed; without it, it stays allocated (as in QEMU:
+    /// a guest that did not allow unmapping may count on the space).
+    #[test]
+    fn zero_writes_free_space_only_when_unmapping_is_allowed() {
+        for unmap in [false, true] {
+            let f = tempfile::NamedTempFile::new().unwrap();
+            f.as_file().set_len(1 << 20).unwrap();
+            let storage = FileStorage::new(f.reopen().unwrap());
+            let img = RawImage::new(Arc::new(storage), false).unwrap();
+            img.write_at(&[0xff; 256 << 10], 0).unwrap();
+            img.flush().unwrap();
+            let before = f.as_file().metadata().unwrap().blocks();
+            img.write_zeroes(0, 256 << 10, unmap).unwrap();
+            img.flush().unwrap();
+            let after = f.as_file().metadata().unwrap().blocks();
+            let mut buf = vec![1u8; 256 << 10];
+            img.read_at(&mut buf, 0).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "unmap: {unmap}");
+            if unmap {
+                assert!(after + 256 <= before, "{before} -> {after} blocks");
+            } else {
+                assert_eq!(after, before, "unmap: {unmap}");
+            }
+        }
     }
 }

@@ -44,9 +44,10 @@ pub trait Storage: Send + Sync {
     }
     /// Truncates or extends to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// Deallocates a range so it reads as zeros (punch hole); a no-op where unsupported.
+    /// Deallocates a range so it reads as zeros (punch hole); fails with
+    /// [`io::ErrorKind::Unsupported`] where the storage cannot (the range is then unchanged).
     fn punch_hole(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Ok(())
+        Err(io::ErrorKind::Unsupported.into())
     }
     /// Allocates a range without writing it (fallocate); a no-op where unsupported.
     fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
@@ -207,7 +208,10 @@ impl Storage for FileStorage {
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         let _shared = self.shared();
-        fallocate(&self.file, 0, offset, len)
+        match fallocate(&self.file, 0, offset, len) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(()),
+            other => other,
+        }
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -332,11 +336,8 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Resul
     if r == 0 {
         Ok(())
     } else {
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) => Ok(()),
-            _ => Err(e),
-        }
+        // EOPNOTSUPP is `ErrorKind::Unsupported`.
+        Err(io::Error::last_os_error())
     }
 }
 
