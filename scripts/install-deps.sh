@@ -47,6 +47,8 @@ PACKAGES=(
     # vhost-blk/benches/vs_qsd.sh: the ceiling on the image file, and its JSON reports
     fio
     jq
+    # losetup: vhost-blk serves a loop device in its block-device test
+    mount
 )
 
 # Installed together with `-t bookworm-backports` (QEMU 10.0.x).

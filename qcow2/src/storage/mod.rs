@@ -1,8 +1,8 @@
 //! The storage trait the engine does its I/O through, and its file implementation.
 
 use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Seek};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 
 mod batch;
@@ -188,7 +188,12 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        let meta = self.file.metadata()?;
+        if meta.file_type().is_block_device() {
+            // A block device's st_size is 0; its end is its size (as QEMU finds it).
+            return (&self.file).seek(io::SeekFrom::End(0));
+        }
+        Ok(meta.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
