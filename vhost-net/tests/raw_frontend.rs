@@ -129,15 +129,22 @@ fn still_serving(daemon: &mut Daemon) {
     daemon.stop();
 }
 
+/// Starts the daemon in `ns` and connects a frontend that acks `extra` features on top of the
+/// defaults; returns them with a fresh ring for it.
+fn connect(ns: &NetNs, dir: &std::path::Path, extra: u64) -> (Daemon, TestRing, Frontend, u64) {
+    let daemon = Daemon::start(ns, dir, &[]);
+    let ring = TestRing::new(MEM_SIZE, SIZE);
+    let (fe, features) = handshake(&daemon.socket, 3, extra);
+    (daemon, ring, fe, features)
+}
+
 #[test]
 fn hostile_tx_chains_are_dropped_and_the_daemon_keeps_serving() {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("net");
-    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-    let mut ring = TestRing::new(MEM_SIZE, SIZE);
+    let (mut daemon, mut ring, mut fe, features) = connect(&ns, dir.path(), 0);
     let mem = ring.mem.clone();
-    let (mut fe, features) = handshake(&daemon.socket, 3, 0);
 
     // The valid frame: a zero vnet header and a 60-byte broadcast Ethernet frame.
     let mut frame = vec![0u8; HDR_LEN];
@@ -195,15 +202,13 @@ fn hostile_rx_chains(mrg_rxbuf: bool) {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
     let ns = netns_without_ipv6();
-    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-    let mut ring = TestRing::new(MEM_SIZE, SIZE);
-    let mem = ring.mem.clone();
     let extra = if mrg_rxbuf {
         1 << VIRTIO_NET_F_MRG_RXBUF
     } else {
         0
     };
-    let (mut fe, features) = handshake(&daemon.socket, 3, extra);
+    let (mut daemon, mut ring, mut fe, features) = connect(&ns, dir.path(), extra);
+    let mem = ring.mem.clone();
 
     // Outside memory; good A; a loop (2 -> 3 -> 2); shorter than the header;
     // device-readable (wrong direction); good B.
@@ -280,11 +285,9 @@ fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
     let ns = netns_without_ipv6();
-    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-    let mut ring = TestRing::new(MEM_SIZE, SIZE);
-    let mem = ring.mem.clone();
     let extra = 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_RING_F_EVENT_IDX;
-    let (mut fe, features) = handshake(&daemon.socket, 3, extra);
+    let (mut daemon, mut ring, mut fe, features) = connect(&ns, dir.path(), extra);
+    let mem = ring.mem.clone();
     let bufs = [0x1_0000u64, 0x2_0000, 0x3_0000];
     for (i, addr) in bufs.iter().enumerate() {
         ring.desc(i as u16, *addr, 1024, WRITE, 0);
@@ -337,10 +340,8 @@ fn an_available_index_past_the_ring_neither_spins_nor_wedges_the_daemon() {
     for queue in [RX_QUEUE, TX_QUEUE, CTRL_QUEUE] {
         let dir = tempfile::tempdir().unwrap();
         let ns = netns_without_ipv6();
-        let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-        let ring = TestRing::new(MEM_SIZE, SIZE);
         let extra = 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_RING_F_EVENT_IDX;
-        let (mut fe, features) = handshake(&daemon.socket, 3, extra);
+        let (mut daemon, ring, mut fe, features) = connect(&ns, dir.path(), extra);
         let (_call, kick) = ring.start(&mut fe, features, queue);
         ring.set_avail_idx(0x8000);
         kick.write(1).unwrap();
@@ -371,11 +372,9 @@ fn control_commands_with_event_idx_are_each_notified_and_served() {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("net");
-    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-    let mut ring = TestRing::new(MEM_SIZE, SIZE);
-    let mem = ring.mem.clone();
     let extra = 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_RING_F_EVENT_IDX;
-    let (mut fe, features) = handshake(&daemon.socket, 3, extra);
+    let (mut daemon, mut ring, mut fe, features) = connect(&ns, dir.path(), extra);
+    let mem = ring.mem.clone();
     let (_call, kick) = ring.start(&mut fe, features, CTRL_QUEUE);
     for i in 0..3u16 {
         // VIRTIO_NET_CTRL_RX / VIRTIO_NET_CTRL_RX_PROMISC, on: header, data, ack.
@@ -411,10 +410,9 @@ fn malformed_control_commands_are_refused_without_flooding_the_log() {
     require_environment();
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new("net");
-    let mut daemon = Daemon::start(&ns, dir.path(), &[]);
-    let mut ring = TestRing::new(MEM_SIZE, SIZE);
+    let (mut daemon, mut ring, mut fe, features) =
+        connect(&ns, dir.path(), 1 << VIRTIO_NET_F_CTRL_VQ);
     let mem = ring.mem.clone();
-    let (mut fe, features) = handshake(&daemon.socket, 3, 1 << VIRTIO_NET_F_CTRL_VQ);
     let (_call, kick) = ring.start(&mut fe, features, CTRL_QUEUE);
     // A one-byte header (two are needed), then the ack byte.
     let chains = SIZE / 2;
