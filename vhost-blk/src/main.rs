@@ -74,6 +74,10 @@ struct Cli {
     /// if pinning fails, requests pin their pages one by one as without this flag.
     #[arg(long)]
     pin_memory: bool,
+    /// Start with the write cache off (`wce` = 0, as qemu-storage-daemon's `writethrough=on`):
+    /// every write is synced before it completes. A driver with CONFIG_WCE may turn it on.
+    #[arg(long)]
+    writethrough: bool,
     /// Serial number the guest reads (GET_ID), at most 20 bytes.
     #[arg(long, value_name = "ID", value_parser = parse_serial)]
     serial: Option<String>,
@@ -125,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Device::new(disk, cli.num_queues, cli.queue_size).context("invalid device options")?;
     device.set_poll(Duration::from_micros(u64::from(cli.poll_us)));
     device.set_pin_memory(cli.pin_memory);
+    device.set_write_cache(!cli.writethrough);
     let device = Arc::new(device);
     let io_uring = device.uses_io_uring();
     let (mut server, owned_socket) = if cli.client {

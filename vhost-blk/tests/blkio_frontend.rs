@@ -698,6 +698,20 @@ fn config_space_is_truthful() {
     d.stop();
 }
 
+/// `--writethrough` starts with the write cache off: the driver is told no flush is needed.
+#[test]
+fn writethrough_daemon_reports_no_write_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = empty_disk(dir.path(), "raw", MIB);
+    let mut d = Daemon::start(dir.path(), &img, &["--format", "raw", "--writethrough"]);
+    let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+    assert!(!c.get_bool("flush-needed"), "the write cache must be off");
+    assert_eq!(c.write(0, 0, &[7; 4096]), 0);
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![7; 4096]);
+    drop(c);
+    d.stop();
+}
+
 /// Runs the daemon expecting it to fail at start-up (within 20 s, not serving); returns its
 /// stderr.
 fn failing_start(args: &[&str]) -> String {
