@@ -154,8 +154,20 @@ impl CreateOptions {
 }
 
 /// Creates a qcow2 image at `path` (truncating any existing file), its size rounded up to a
-/// multiple of 512 as QEMU does.
+/// multiple of 512 as QEMU does. As QEMU's qcow2 driver, the options are checked once the
+/// file is created (and locked, so that an image in use is refused, not destroyed), and a file
+/// emptied for an image that cannot be made is removed.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    let file = create_file(path, opts.locking)?;
+    let made = make(file, path, opts);
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
+
+/// Checks `opts` and makes the image in `file`, the new file at `path`.
+fn make(file: std::fs::File, path: &Path, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
     // QEMU rounds the virtual size up to whole 512-byte sectors.
     let opts = &CreateOptions {
@@ -169,7 +181,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             .set_len(opts.size)
             .map_err(|e| Error::io(format!("Could not create '{}'", df.display()), e))?;
     }
-    let file = create_file(path, opts.locking)?;
+    fill(file, opts)
+}
+
+/// Writes the new image `opts` describes into `file`, preallocating as asked.
+fn fill(file: std::fs::File, opts: &CreateOptions) -> Result<()> {
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
     write_skeleton(&*storage, opts)?;
     // As QEMU: a raw data file is a standalone image only if every cluster maps onto it.

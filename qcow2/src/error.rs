@@ -32,6 +32,10 @@ pub enum Error {
     /// Metadata that points somewhere impossible: past EOF, misaligned, overlapping.
     #[error("Image is corrupt: {0}")]
     Corrupt(String),
+    /// An image whose corrupt bit is set, opened for writing (QEMU's wording: it opens such
+    /// an image read-only, or for `check -r`, only).
+    #[error("qcow2: Image is corrupt; cannot be opened read/write")]
+    CorruptBitSet,
     /// Corruption found in an image opened for writing: as QEMU does, the image is now
     /// marked corrupt (the header's corrupt bit) and takes no more writes until repaired.
     #[error("Image is corrupt: {0}; the image is now marked corrupt")]

@@ -176,6 +176,75 @@ fn create_prints_the_same_line_and_makes_an_equivalent_image() {
     }
 }
 
+/// Option values QEMU's qcow2 driver refuses only once it creates the image: the
+/// "Formatting" line first, then the error; a file emptied for an image that cannot be made
+/// (here too large) is removed, one refused before that is left alone.
+#[test]
+fn create_fails_on_bad_option_values_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let cases: &[&[&str]] = &[
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=bogus",
+            "X",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "-o", "compat=2", "X", "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compression_type=lz4",
+            "X",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "-o", "cluster_size=3k", "X", "1M"],
+        &["create", "-f", "qcow2", "-o", "bogus=1", "X", "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,lazy_refcounts=on",
+            "X",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=missing/d.raw",
+            "X",
+            "1M",
+        ],
+        &[
+            "create", "-f", "qcow2", "-b", "b", "-F", "bogus", "-u", "X", "1M",
+        ],
+        &["create", "-f", "qcow2", "X", "1E"],
+    ];
+    for case in cases {
+        let outcomes: Vec<_> = [
+            (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+            ("qemu-img", "qemu-img"),
+        ]
+        .into_iter()
+        .map(|(tool, prog)| {
+            std::fs::write(p.join("X"), "old contents").unwrap();
+            let outcome = run_with_stderr(p, tool, prog, case);
+            (outcome, std::fs::read(p.join("X")).ok())
+        })
+        .collect();
+        assert_eq!(outcomes[0], outcomes[1], "{case:?}");
+        assert_ne!(outcomes[0].0 .0, 0, "{case:?}");
+    }
+}
+
 #[test]
 fn create_and_dd_round_sizes_up_to_512_bytes_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
@@ -467,6 +536,8 @@ fn check_and_info_match_on_qemu_written_images() {
     same(p, &["info", "r.raw"]);
     assert_eq!(same(p, &["check", "r.raw"]), "");
     assert_eq!(qimg(p, &["check", "r.raw"]).0, 63);
+    // A repair opens it for writing: the probing warning as well.
+    same(p, &["check", "-r", "leaks", "r.raw"]);
 }
 
 #[test]
@@ -1839,6 +1910,7 @@ fn rebase_matches_in_safe_and_unsafe_mode() {
             "X-top.qcow2",
         ],
         &["rebase", "-u", "-b", "", "X-top.qcow2"],
+        &["rebase", "-u", "X-top.qcow2"],
     ] {
         same_on_chains(p, args);
         chains_agree(p, true);
@@ -3399,6 +3471,25 @@ fn check_repair_clears_the_corrupt_bit_like_qemu_img() {
             .contains("corrupt: false"));
     }
     same_check_on_copies(p, "a.qcow2", &[]);
+}
+
+/// An image with the corrupt bit set cannot be opened for writing: the same message as
+/// qemu-img's (users grep for it), and the image is left alone.
+#[test]
+fn writing_commands_refuse_an_image_marked_corrupt_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(p, "a.qcow2", &[(72, 2, 8)], None);
+    let before = std::fs::read(p.join("a.qcow2")).unwrap();
+    for args in [
+        &["resize", "a.qcow2", "+1M"][..],
+        &["snapshot", "-c", "s", "a.qcow2"],
+        &["amend", "-o", "lazy_refcounts=on", "a.qcow2"],
+        &["rebase", "-u", "-b", "", "a.qcow2"],
+    ] {
+        same(p, args);
+    }
+    assert!(std::fs::read(p.join("a.qcow2")).unwrap() == before);
 }
 
 /// Fragmentation is counted within each L2 table, as qemu-img counts it: a cluster that

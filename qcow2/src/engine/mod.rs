@@ -92,9 +92,7 @@ impl Qcow2 {
             header.check_unencrypted()?;
         }
         if header.is_corrupt() && !opts.read_only && !opts.check {
-            return Err(Error::Corrupt(
-                "the corrupt bit is set; the image can only be opened read-only".into(),
-            ));
+            return Err(Error::CorruptBitSet);
         }
         let geo = Geometry {
             cluster_bits: header.cluster_bits,

@@ -96,7 +96,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         }
     };
     let file = qcow2::FileStorage::new(file);
-    let probed = fmt.map_or_else(|| qcow2::open::probe(&file), Ok)?;
+    let probed = match read_only {
+        true => fmt.map_or_else(|| qcow2::open::probe(&file), Ok)?,
+        // A repair opens the image for writing: QEMU warns of a probed raw image then.
+        false => crate::writable_format(&file, &a.filename, fmt)?,
+    };
     if probed != qcow2::Format::Qcow2 {
         crate::print_error("This image format does not support checks");
         return Ok(63);

@@ -92,15 +92,22 @@ pub fn check_syntax(pairs: &[(String, String)], fmt: Format) -> Result<(), Optio
 /// Builds qcow2 create options from `-o` pairs (applied on top of `base`).
 pub fn qcow2_options(
     pairs: &[(String, String)],
+    o: CreateOptions,
+) -> Result<CreateOptions, OptionError> {
+    let mut o = qcow2_option_fields(pairs, o)?;
+    qcow2_option_choices(pairs, &mut o)?;
+    Ok(o)
+}
+
+/// Applies the `-o` pairs QEMU checks as it parses them (names, numbers, sizes, flags) on
+/// top of `o`; the named choices are left to [`qcow2_option_choices`].
+fn qcow2_option_fields(
+    pairs: &[(String, String)],
     mut o: CreateOptions,
 ) -> Result<CreateOptions, OptionError> {
     check_syntax(pairs, Format::Qcow2)?;
     let unsupported = |what: &str| OptionError::Unsupported(format!("qimg cannot {what}"));
     let size = |k: &str, v: &str| qemu_opts::size_value(k, v).map_err(OptionError::Syntax);
-    let bad = |param, value: &str| OptionError::Value {
-        param,
-        value: value.to_string(),
-    };
     for (k, v) in pairs {
         match k.as_str() {
             "size" => o.size = size(k, v)?,
@@ -127,6 +134,19 @@ pub fn qcow2_options(
             _ => return Err(OptionError::Syntax(format!("Invalid parameter '{k}'"))),
         }
     }
+    Ok(o)
+}
+
+/// Applies the `-o` choices (compat, compression_type, preallocation) QEMU's qcow2 driver
+/// checks only once it creates the image, after the "Formatting" line.
+fn qcow2_option_choices(
+    pairs: &[(String, String)],
+    o: &mut CreateOptions,
+) -> Result<(), OptionError> {
+    let bad = |param, value: &str| OptionError::Value {
+        param,
+        value: value.to_string(),
+    };
     if let Some(v) = qemu_opts::last(pairs, "compat") {
         o.version = match v {
             "0.10" | "v2" => 2,
@@ -144,7 +164,7 @@ pub fn qcow2_options(
     if let Some(v) = qemu_opts::last(pairs, "preallocation") {
         o.preallocation = Preallocation::from_name(v).ok_or_else(|| bad("preallocation", v))?;
     }
-    Ok(o)
+    Ok(())
 }
 
 /// QEMU's qcow2 driver takes as backing format only the name of a block driver it has.
@@ -412,7 +432,8 @@ fn create_qcow2(
         size: size.unwrap_or(0),
         ..Default::default()
     };
-    o = qcow2_options(pairs, o).map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;
+    let fail = |e: OptionError| anyhow::anyhow!("{filename}: {e}");
+    o = qcow2_option_fields(pairs, o).map_err(fail)?;
     // -b and -F are set after the -o options, so they count over theirs.
     let mut pairs = pairs.to_vec();
     if let Some(b) = &a.backing {
@@ -483,7 +504,16 @@ fn create_qcow2(
             qemu_opts::formatting_line(filename, Format::Qcow2, &pairs, o.size)
         );
     }
-    check_backing_format(&o).map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;
+    let choices = qcow2_option_choices(&pairs, &mut o).and_then(|()| check_backing_format(&o));
+    if let Err(e) = choices {
+        // QEMU's qcow2 driver refuses these once it has created (and emptied) the file, which
+        // it then removes.
+        let path = std::path::Path::new(filename);
+        qcow2::create::create_file(path, o.locking)
+            .map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;
+        let _ = std::fs::remove_file(path);
+        return Err(fail(e));
+    }
     qcow2::create(std::path::Path::new(filename), &o).map_err(|e| match e {
         // QEMU reads a size past i64::MAX as negative.
         qcow2::Error::InvalidOption(m)

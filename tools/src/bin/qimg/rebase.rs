@@ -240,7 +240,8 @@ fn copy_differences(
 
 /// Runs `qimg rebase`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
-    let Some(backing) = a.backing.as_deref() else {
+    // `-u` without `-b` removes the backing file, as `-b ""` does (qemu-img 10).
+    let Some(backing) = a.backing.as_deref().or(a.unsafe_mode.then_some("")) else {
         bail!(
             "Must specify backing file (-b) or use unsafe mode (-u)\nTry '{} rebase --help' for \
              more info",
