@@ -3559,6 +3559,7 @@ fn command_line_errors_match_qemu_img() {
     let cases: &[&[&str]] = &[
         &[],
         &["foo"],
+        &["help"],
         &["--bogus"],
         &["-x"],
         &["info"],
@@ -3597,6 +3598,39 @@ fn command_line_errors_match_qemu_img() {
         let (code, _, err) = run_with_stderr(d.path(), env!("CARGO_BIN_EXE_qimg"), "qimg", args);
         assert_eq!(code, 1, "{args:?}: {err}");
         same(d.path(), args);
+    }
+}
+
+/// Every subcommand has its `--help` (exit 0, as qemu-img's); the top-level help ends as
+/// qemu-img's does, with the formats it supports, for scripts that look for one there.
+#[test]
+fn help_for_every_subcommand_and_the_supported_formats() {
+    let d = tempfile::tempdir().unwrap();
+    let subcommands = [
+        "amend", "bench", "check", "commit", "compare", "convert", "create", "dd", "info", "map",
+        "measure", "rebase", "resize", "snapshot",
+    ];
+    for sub in subcommands {
+        let (code, out) = qimg(d.path(), &[sub, "--help"]);
+        assert_eq!((code, qemu(d.path(), &[sub, "--help"]).0), (0, 0), "{sub}");
+        assert!(out.contains("Usage: qimg"), "{sub}: {out}");
+    }
+    let (code, out) = qimg(d.path(), &["--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.ends_with("Supported image formats:\n\n  qcow2 raw\n"),
+        "{out}"
+    );
+    for sub in subcommands {
+        assert!(
+            out.contains(&format!("  {sub} ")),
+            "{sub} missing from:\n{out}"
+        );
+    }
+    let (_, theirs) = qemu(d.path(), &["--help"]);
+    let formats = theirs.split("Supported image formats:").nth(1).unwrap();
+    for f in ["qcow2", "raw"] {
+        assert!(formats.split_whitespace().any(|w| w == f), "{f}");
     }
 }
 

@@ -51,7 +51,14 @@ use qcow2::Locking;
 
 /// qimg: QEMU disk image utility, compatible with qemu-img for qcow2 and raw images.
 #[derive(Parser)]
-#[command(name = "qimg", version, about)]
+#[command(
+    name = "qimg",
+    version,
+    about,
+    // As qemu-img: `help` is no command, and the help ends with the formats.
+    disable_help_subcommand = true,
+    after_help = "Supported image formats:\n\n  qcow2 raw"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
