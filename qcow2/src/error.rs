@@ -72,6 +72,9 @@ pub enum Error {
         /// QEMU's wording of the conflict ("Failed to get \"write\" lock").
         message: String,
     },
+    /// An empty file name (QEMU's wording).
+    #[error("The 'file' block driver requires a file name")]
+    NoFileName,
     /// A directory where an image file was expected (QEMU's wording).
     #[error("'file' driver requires '{}' to be a regular file", .0.display())]
     NotAFile(PathBuf),

@@ -61,6 +61,9 @@ pub struct OpenOptions {
 /// writing, open(2) refuses it).
 pub fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
+    if path.as_os_str().is_empty() {
+        return Err(Error::NoFileName);
+    }
     if read_only && std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
         return Err(Error::NotAFile(path.to_path_buf()));
     }
@@ -96,6 +99,9 @@ pub fn probe(file: &dyn Storage) -> Result<Format> {
 
 /// Opens the image at `path` with its backing chain.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Image>> {
+    if path.as_os_str().is_empty() {
+        return Err(Error::NoFileName);
+    }
     let canonical = path
         .canonicalize()
         .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;

@@ -3601,6 +3601,64 @@ fn command_line_errors_match_qemu_img() {
     }
 }
 
+/// Host devices (a loop device, /dev/null) are QEMU's `host_device` nodes, with their size
+/// (a block device's `st_size` is 0).
+#[test]
+fn host_devices_are_read_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu(p, &["create", "-q", "-f", "raw", "disk.raw", "4M"]);
+    let f = std::fs::File::options()
+        .write(true)
+        .open(p.join("disk.raw"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[7; 65536], 1 << 20).unwrap();
+    let device = cowbird_tests::loop_device::LoopDevice::attach(&p.join("disk.raw"));
+    let dev = device.path().to_str().unwrap();
+    for args in [
+        &["info", dev][..],
+        &["info", "--output=json", dev],
+        &["info", "/dev/null"],
+        &["map", "--output=json", dev],
+        &["measure", "-O", "qcow2", dev],
+        &["compare", dev, "disk.raw"],
+    ] {
+        same(p, args);
+    }
+    assert!(same(p, &["info", dev]).contains("virtual size: 4 MiB"));
+}
+
+/// An empty file name, wherever an image is named, gets QEMU's file driver's refusal.
+#[test]
+fn empty_file_names_are_refused_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &[]);
+    let cases: &[&[&str]] = &[
+        &["info", ""],
+        &["info", "-f", "qcow2", ""],
+        &["check", ""],
+        &["map", ""],
+        &["measure", "-O", "qcow2", ""],
+        &["compare", "", "a.qcow2"],
+        &["convert", "-O", "raw", "", "x"],
+        &["convert", "-O", "raw", "a.qcow2", ""],
+        &["dd", "if=", "of=x"],
+        &["dd", "if=a.qcow2", "of="],
+        &["resize", "", "1M"],
+        &["commit", ""],
+        &["amend", "-o", "lazy_refcounts=on", ""],
+        &["snapshot", "-l", ""],
+        &["bench", ""],
+        &["create", "-f", "qcow2", "-b", "", "x", "1M"],
+        &["create", "-f", "qcow2", "-o", "backing_file=", "x", "1M"],
+    ];
+    for args in cases {
+        same(p, args);
+    }
+    assert!(!p.join("x").exists());
+}
+
 /// Every subcommand has its `--help` (exit 0, as qemu-img's); the top-level help ends as
 /// qemu-img's does, with the formats it supports, for scripts that look for one there.
 #[test]

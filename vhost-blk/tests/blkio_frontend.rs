@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use cowbird_tests::loop_device::LoopDevice;
 use cowbird_tests::{
     assert_qemu_clean, qcow2_file_dirty, qemu_img, qemu_img_create_qcow2, qemu_raw, run,
 };
@@ -152,31 +153,6 @@ fn raw_pattern_across_queues_matches_model() {
     roundtrip(dir.path(), &img, "raw", &model, 4);
 }
 
-/// A loop device over a file, detached when dropped.
-struct LoopDevice(PathBuf);
-
-impl LoopDevice {
-    fn attach(file: &Path) -> LoopDevice {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .expect("run losetup (util-linux)");
-        assert!(
-            out.status.success(),
-            "losetup (needs root and /dev/loop-control): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        LoopDevice(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 /// A host block device (whose `st_size` is 0) is served with its whole size.
 #[test]
 fn raw_host_block_device_is_served_with_its_size() {
@@ -185,7 +161,7 @@ fn raw_host_block_device_is_served_with_its_size() {
     raw_file(&backing, 16 * MIB);
     let device = LoopDevice::attach(&backing);
     let model = Model::new(dir.path(), 16 * MIB);
-    roundtrip(dir.path(), &device.0, "raw", &model, 2);
+    roundtrip(dir.path(), device.path(), "raw", &model, 2);
     drop(device);
     qemu_img_compare(&backing, "raw", &model.path);
 }

@@ -444,6 +444,9 @@ fn create_qcow2(
         o.backing_format = Some(f.clone());
         pairs.push(("backing_fmt".into(), f.clone()));
     }
+    if o.backing_file.as_deref() == Some("") {
+        bail!("{filename}: Expected backing file name, got empty string");
+    }
     let size_option = pairs.iter().any(|(k, _)| k == "size");
     if size_option && size.is_some() {
         bail!("{filename}: The image size must be specified only once");

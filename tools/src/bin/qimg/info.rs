@@ -3,7 +3,8 @@
 //! Each image becomes a [`NodeInfo`] (QAPI `BlockGraphInfo`) with one child, the protocol
 //! node `file`; both output forms are printed from it.
 
-use std::os::unix::fs::MetadataExt;
+use std::io::Seek;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use anyhow::{bail, Context};
 use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
@@ -70,14 +71,16 @@ pub fn path_combine(base: &str, name: &str) -> String {
     }
 }
 
-/// The protocol (`file`) node under an image.
+/// The protocol node under an image: QEMU's `file`, or `host_device` for a device node.
 fn file_node(filename: &str, meta: &std::fs::Metadata) -> NodeInfo {
+    let kind = meta.file_type();
+    let device = kind.is_block_device() || kind.is_char_device();
     NodeInfo {
         filename: filename.to_string(),
-        format: "file",
+        format: if device { "host_device" } else { "file" },
         dirty_flag: false,
         actual_size: meta.blocks() * 512,
-        virtual_size: meta.len().next_multiple_of(512),
+        virtual_size: file_length(filename, meta).next_multiple_of(512),
         cluster_size: None,
         encrypted: false,
         backing_filename: None,
@@ -87,6 +90,17 @@ fn file_node(filename: &str, meta: &std::fs::Metadata) -> NodeInfo {
         format_specific: Some(("file", QObj::Dict(Vec::new()))),
         children: None,
     }
+}
+
+/// The length of the file `filename`: for a block device (whose `st_size` is 0), where its
+/// end is.
+fn file_length(filename: &str, meta: &std::fs::Metadata) -> u64 {
+    if !meta.file_type().is_block_device() {
+        return meta.len();
+    }
+    std::fs::File::open(filename)
+        .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+        .unwrap_or(0)
 }
 
 /// A persistent dirty bitmap from the bitmap directory.

@@ -280,6 +280,9 @@ pub fn parse_output(output: &str) -> Result<Json, BadValue> {
 /// qemu-img's error when an image's file cannot be opened: the block layer and the file
 /// driver each name it.
 pub fn file_open_error(path: &str, e: std::io::Error) -> anyhow::Error {
+    if path.is_empty() {
+        return open_error(path, qcow2::Error::NoFileName);
+    }
     anyhow::anyhow!("Could not open '{path}': Could not open '{path}': {e}")
 }
 
