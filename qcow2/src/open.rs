@@ -54,6 +54,11 @@ pub struct OpenOptions {
     /// guest data cannot be read ([`crate::Error::MetadataOnly`]), the external data file is
     /// not opened (nor needs to exist), and encrypted images open.
     pub metadata_only: bool,
+    /// A writer that changes neither the guest's data nor the disk size (internal snapshots
+    /// taken or deleted, format options amended): persistent dirty bitmaps stay valid, so
+    /// their autoclear bit is kept. Any other writer clears it, as QEMU's drivers that do
+    /// not maintain the bitmaps do.
+    pub keep_bitmaps: bool,
 }
 
 /// Opens an image's file as QEMU's file driver does, for reading or also writing, with
@@ -175,6 +180,7 @@ pub(crate) fn open_backing(
         locking: parent.locking,
         check: false,
         metadata_only: parent.metadata_only,
+        keep_bitmaps: false,
     };
     open_image(&path, &opts).map_err(|e| match e {
         // Its own backing file failed: one more level, as QEMU nests them.

@@ -26,7 +26,9 @@ use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
-use crate::format::header::{CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY};
+use crate::format::header::{
+    CompressionType, Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY,
+};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::tables::{L2Entry, OFFSET_MASK};
 use crate::image::{check_range, BlockStatus, Format, Image, IoMapping, MapOutcome, MetadataLoad};
@@ -196,18 +198,21 @@ impl Qcow2 {
             fatal_corruption: !opts.read_only && !opts.check,
         };
         if !opts.read_only {
-            img.dirty_repair = img.prepare_for_writing(opts.check)?;
+            img.dirty_repair = img.prepare_for_writing(opts)?;
         }
         Ok(img)
     }
 
     /// Repairs a dirty image (returning what the repair found) and clears autoclear bits we
-    /// do not maintain (as QEMU does), unless the image is opened for a check (which only
-    /// fixes refcounts and flags, so bitmaps stay valid). The L1 and refcount tables, written
-    /// back in place, get their file space claimed (an image made with truncate may have
-    /// holes there).
-    fn prepare_for_writing(&self, for_check: bool) -> Result<Option<crate::check::CheckReport>> {
-        if for_check {
+    /// do not maintain (as QEMU does; the bitmaps' bit stays with `keep_bitmaps`), unless
+    /// the image is opened for a check (which only fixes refcounts and flags, so bitmaps stay
+    /// valid). The L1 and refcount tables, written back in place, get their file space
+    /// claimed (an image made with truncate may have holes there).
+    fn prepare_for_writing(
+        &self,
+        opts: &crate::OpenOptions,
+    ) -> Result<Option<crate::check::CheckReport>> {
+        if opts.check {
             return Ok(None);
         }
         let mut m = self.meta_mut();
@@ -227,7 +232,11 @@ impl Qcow2 {
             header = m.header.clone();
             header.incompatible_features &= !INCOMPAT_DIRTY;
         }
-        header.autoclear_features &= AUTOCLEAR_DATA_FILE_RAW;
+        let kept = match opts.keep_bitmaps {
+            true => AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS,
+            false => AUTOCLEAR_DATA_FILE_RAW,
+        };
+        header.autoclear_features &= kept;
         if header != m.header {
             m.header = header;
             m.write_header(&*self.file)?;

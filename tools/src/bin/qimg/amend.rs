@@ -162,9 +162,16 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         bail!("Format driver 'raw' does not support option amendment");
     }
     let changes = parse(&parse_options(&a.options)?)?;
-    crate::resize::refuse_bitmaps(&*storage, name, "amend")?;
+    if changes.size.is_some() {
+        crate::resize::refuse_bitmaps(&*storage, name)?;
+    }
     let dir = Path::new(name).parent().unwrap_or(Path::new("."));
-    let mut img = crate::open_qcow2(storage, &crate::writer_options(), Some(dir), name)?;
+    // The guest's data and (but for `size`) the disk size stay: so do the bitmaps.
+    let opts = qcow2::OpenOptions {
+        keep_bitmaps: true,
+        ..crate::writer_options()
+    };
+    let mut img = crate::open_qcow2(storage, &opts, Some(dir), name)?;
     let progress = crate::progress::Progress::new(a.progress && !a.quiet, 1);
     let result = amend(&mut img, &changes);
     progress.add(1);

@@ -58,16 +58,21 @@ fn resize_raw(
     Ok(())
 }
 
-/// Fails on images with persistent bitmaps: opening them for writing would drop the bitmaps,
-/// where qemu-img keeps them up to date. `what` names the refused action ("resize").
-pub fn refuse_bitmaps(file: &dyn Storage, name: &str, what: &str) -> anyhow::Result<()> {
+/// Whether the qcow2 image in `file` has persistent dirty bitmaps (valid ones: their
+/// autoclear bit is set).
+pub fn has_bitmaps(file: &dyn Storage, name: &str) -> anyhow::Result<bool> {
     let mut first = vec![0u8; file.len()?.min(2 << 20) as usize];
     file.read_at(&mut first, 0)?;
     let h = Header::parse(&first).map_err(|e| crate::open_error(name, e))?;
-    if h.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps() > 0)
-        && h.autoclear_features & AUTOCLEAR_BITMAPS != 0
-    {
-        bail!("{name}: qimg cannot {what} images with persistent dirty bitmaps yet");
+    Ok(h.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps() > 0)
+        && h.autoclear_features & AUTOCLEAR_BITMAPS != 0)
+}
+
+/// Fails on images with persistent bitmaps, which a resize would invalidate where qemu-img
+/// resizes them.
+pub fn refuse_bitmaps(file: &dyn Storage, name: &str) -> anyhow::Result<()> {
+    if has_bitmaps(file, name)? {
+        bail!("{name}: qimg cannot resize images with persistent dirty bitmaps yet");
     }
     Ok(())
 }
@@ -92,7 +97,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         // As QEMU sees it: in whole sectors.
         Format::Raw => storage.len()?.next_multiple_of(512),
         Format::Qcow2 => {
-            refuse_bitmaps(&*storage, &a.filename, "resize")?;
+            refuse_bitmaps(&*storage, &a.filename)?;
             let q = crate::open_qcow2(
                 storage.clone(),
                 &crate::writer_options(),

@@ -71,7 +71,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     };
     let format = a.format.as_deref();
     if let Action::List = action {
-        let image = open(name, format, false, crate::locking(a.force_share))?;
+        let image = open(name, format, false, crate::locking(a.force_share), None)?;
         if let Some(q) = image.filter(|q| !q.snapshots().is_empty()) {
             out!("{}", crate::info::snapshot_list(q.snapshots(), ""));
         }
@@ -80,7 +80,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if a.force_share {
         bail!("Could not open '{name}': force-share=on can only be used with read-only images");
     }
-    let image = open(name, format, true, Locking::On)?;
+    let applying = match &action {
+        Action::Apply(snap) => Some(snap.as_str()),
+        _ => None,
+    };
+    let image = open(name, format, true, Locking::On, applying)?;
     match action {
         Action::List => unreachable!("listed above"),
         Action::Create(snap) => {
@@ -156,12 +160,14 @@ fn errno_text(e: &qcow2::Error) -> String {
 }
 
 /// Opens an image with its backing chain, as qemu-img does: a qcow2 image, or `None` for a
-/// raw one.
+/// raw one. `applying` names the snapshot about to be applied, refused while the image has
+/// persistent dirty bitmaps, as QEMU does.
 fn open(
     name: &str,
     format: Option<&str>,
     writable: bool,
     locking: Locking,
+    applying: Option<&str>,
 ) -> anyhow::Result<Option<Qcow2>> {
     let given = format.map(|f| crate::parse_driver(name, f)).transpose()?;
     let storage = Arc::new(FileStorage::new(crate::open_file(name, writable)?));
@@ -174,12 +180,16 @@ fn open(
     if fmt == Format::Raw {
         return Ok(None);
     }
-    if writable {
-        crate::resize::refuse_bitmaps(&*storage, name, "change snapshots of")?;
+    if let Some(snap) = applying {
+        if crate::resize::has_bitmaps(&*storage, name)? {
+            bail!("Could not apply snapshot '{snap}': Device has active dirty bitmaps");
+        }
     }
+    // Taking or deleting a snapshot leaves the guest's data alone: the bitmaps stay valid.
     let opts = qcow2::OpenOptions {
         read_only: !writable,
         locking,
+        keep_bitmaps: true,
         ..Default::default()
     };
     let dir = Path::new(name).parent().unwrap_or(Path::new("."));
