@@ -54,10 +54,10 @@ pub struct OpenOptions {
     /// guest data cannot be read ([`crate::Error::MetadataOnly`]), the external data file is
     /// not opened (nor needs to exist), and encrypted images open.
     pub metadata_only: bool,
-    /// A writer that changes neither the guest's data nor the disk size (internal snapshots
-    /// taken or deleted, format options amended): persistent dirty bitmaps stay valid, so
-    /// their autoclear bit is kept. Any other writer clears it, as QEMU's drivers that do
-    /// not maintain the bitmaps do.
+    /// A writer that changes no guest data (internal snapshots taken or deleted, format
+    /// options amended, the disk resized, which resizes the bitmaps): persistent dirty
+    /// bitmaps stay valid, so their autoclear bit is kept. Any other writer clears it, as
+    /// QEMU's drivers that do not maintain the bitmaps do.
     pub keep_bitmaps: bool,
 }
 

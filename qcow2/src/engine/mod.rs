@@ -6,6 +6,7 @@
 //! writes to the same cluster are serialised; everything else runs in parallel.
 
 mod amend;
+mod bitmaps;
 pub(crate) mod busy;
 pub(crate) mod cache;
 mod l2;

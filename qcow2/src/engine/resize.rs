@@ -20,6 +20,7 @@ impl Qcow2 {
     /// as in QEMU 10). Growing an image whose header names a backing file that this handle
     /// did not open (`OpenOptions::no_backing`, or no directory) fails with
     /// [`Error::Backing`]: that file's length decides whether the grown range is zeroed.
+    /// Persistent dirty bitmaps, if still valid, are resized too (see `bitmaps.rs`).
     pub fn resize(&mut self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -56,6 +57,7 @@ impl Qcow2 {
             }
             (None, _) => 0,
         };
+        let bitmaps = self.begin_bitmap_resize(old, new_size)?;
         if new_size < old {
             self.unmap_from(new_size.div_ceil(cs), new_l1)?;
         } else if new_l1 > self.meta().l1.len() as u64 {
@@ -92,6 +94,9 @@ impl Qcow2 {
                 .map_err(|e| Error::io("growing the external data file", e))?;
         }
         self.flush_metadata()?;
+        if let Some(dir) = bitmaps {
+            self.finish_bitmap_resize(dir, old, new_size)?;
+        }
         if new_size < old {
             self.drop_unused_refblocks()?;
             self.truncate_file_tail()?;

@@ -162,11 +162,8 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         bail!("Format driver 'raw' does not support option amendment");
     }
     let changes = parse(&parse_options(&a.options)?)?;
-    if changes.size.is_some() {
-        crate::resize::refuse_bitmaps(&*storage, name)?;
-    }
     let dir = Path::new(name).parent().unwrap_or(Path::new("."));
-    // The guest's data and (but for `size`) the disk size stay: so do the bitmaps.
+    // The guest's data stays, and a new size resizes the bitmaps: they stay valid.
     let opts = qcow2::OpenOptions {
         keep_bitmaps: true,
         ..crate::writer_options()

@@ -68,15 +68,6 @@ pub fn has_bitmaps(file: &dyn Storage, name: &str) -> anyhow::Result<bool> {
         && h.autoclear_features & AUTOCLEAR_BITMAPS != 0)
 }
 
-/// Fails on images with persistent bitmaps, which a resize would invalidate where qemu-img
-/// resizes them.
-pub fn refuse_bitmaps(file: &dyn Storage, name: &str) -> anyhow::Result<()> {
-    if has_bitmaps(file, name)? {
-        bail!("{name}: qimg cannot resize images with persistent dirty bitmaps yet");
-    }
-    Ok(())
-}
-
 /// Runs `qimg resize`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let prealloc = match &a.preallocation {
@@ -97,10 +88,14 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         // As QEMU sees it: in whole sectors.
         Format::Raw => storage.len()?.next_multiple_of(512),
         Format::Qcow2 => {
-            refuse_bitmaps(&*storage, &a.filename)?;
+            // The engine resizes persistent bitmaps with the disk, as QEMU does.
+            let opts = qcow2::OpenOptions {
+                keep_bitmaps: true,
+                ..crate::writer_options()
+            };
             let q = crate::open_qcow2(
                 storage.clone(),
-                &crate::writer_options(),
+                &opts,
                 Some(path.parent().unwrap_or(Path::new("."))),
                 &a.filename,
             )?;
