@@ -25,7 +25,7 @@ pub mod uring;
 
 pub use check::{check, CheckReport};
 pub use create::{create, CreateOptions, Preallocation};
-pub use engine::Qcow2;
+pub use engine::{BitmapBits, Qcow2};
 pub use error::{Error, Result};
 pub use format::header::CompressionType;
 pub use format::snapshot::SnapshotRef;

@@ -1589,6 +1589,80 @@ fn dirty_map(dir: &Path, img: &str, bitmap: &str) -> String {
     map.1
 }
 
+/// `qimg bitmap` adds, removes, clears, enables, disables and merges bitmaps as qemu-img
+/// does, its actions in command-line order: the same output and exit code, the same
+/// bitmaps (names, granularities, flags, and the dirty ranges QEMU reads from them), and
+/// images that check clean.
+#[test]
+fn bitmap_changes_bitmaps_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &["-o", "cluster_size=4k"], "bm.qcow2", "64M", &[]);
+    qemu(p, &["bitmap", "--add", "-g", "4k", "bm.qcow2", "some"]);
+    let writes = [
+        "write 0 1k",
+        "write 5M 300k",
+        "write 40M 4k",
+        "write 64508k 4k",
+    ];
+    qemu_io(p, "bm.qcow2", &writes);
+    qemu(p, &["bitmap", "--disable", "bm.qcow2", "some"]);
+    qemu(p, &["bitmap", "--add", "-g", "64k", "bm.qcow2", "all"]);
+    qemu_io(p, "bm.qcow2", &["write 0 64M"]);
+    qcow2_image(p, &[], "other.qcow2", "64M", &[]);
+    qemu(p, &["bitmap", "--add", "other.qcow2", "elsewhere"]);
+    qemu_io(p, "other.qcow2", &["write 1M 1M"]);
+    let cases: &[(&[&str], &str)] = &[
+        (&["--add", "-g", "128k", "--merge", "some"], "new"),
+        (
+            &["--add", "-g", "512", "--merge", "some", "--merge", "all"],
+            "new",
+        ),
+        (
+            &["--add", "--merge", "elsewhere", "-b", "other.qcow2"],
+            "new",
+        ),
+        (&["--merge", "some", "--disable"], "all"),
+        (&["--clear", "--enable"], "some"),
+        (&["--add", "--remove", "--add", "--disable"], "new"),
+        (&["--remove"], "all"),
+        (&["--add", "--add"], "new"),
+        (&["--merge", "missing"], "some"),
+        (
+            &["--merge", "elsewhere", "-b", "other.qcow2", "-F", "qcow2"],
+            "some",
+        ),
+        (&["--enable"], "missing"),
+        (&["--add", "-g", "3k"], "new"),
+        (&["-g", "64k", "--clear"], "some"),
+        (&[], "some"),
+        (&["--add"], ""),
+    ];
+    for (ops, bitmap) in cases {
+        let mut results = Vec::new();
+        for (tool, prog) in [
+            (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+            ("qemu-img", "qemu-img"),
+        ] {
+            let img = format!("{prog}.qcow2");
+            std::fs::copy(p.join("bm.qcow2"), p.join(&img)).unwrap();
+            let args = [&["bitmap"], *ops, &[img.as_str(), bitmap]].concat();
+            let outcome = run_with_stderr(p, tool, prog, &args);
+            let bitmaps: Vec<String> = ["some", "all", "new"]
+                .iter()
+                .filter(|b| info_sans_sizes(p, &img, &img).contains(&format!("name: {b}\n")))
+                .map(|b| format!("{b}: {}", dirty_map(p, &img, b)))
+                .collect();
+            assert_eq!(qemu(p, &["check", &img]).0, 0, "{ops:?} by {prog}");
+            results.push((outcome, info_sans_sizes(p, &img, &img), bitmaps));
+        }
+        assert_eq!(results[0], results[1], "{ops:?} on {bitmap}");
+    }
+    // The merges had dirty ranges to merge.
+    assert!(dirty_map(p, "bm.qcow2", "some")
+        .contains("\"start\": 5242880, \"length\": 307200, \"depth\": 0, \"present\": false"));
+}
+
 /// Persistent dirty bitmaps are resized with the disk as qemu-img resizes them: dropped
 /// bits past a smaller end, clear bits in a grown range (also after shrinking through a set
 /// range and growing back), tables that grow past a cluster; QEMU reads the same dirty map

@@ -1,41 +1,69 @@
-//! Persistent dirty bitmaps resized with the disk, as QEMU resizes them (`qemu-img resize`,
-//! `amend -o size`): the bits past a smaller end are dropped, a grown disk's new bits are
-//! clear. While their tables change the bitmaps are marked in use on disk, so a crash leaves
-//! them inconsistent (QEMU then refuses to use them) rather than wrong. A table covers at
-//! least the disk's size at every step: it grows before the disk does and shrinks after.
+//! Persistent dirty bitmaps, changed as QEMU changes them (`qemu-img bitmap`, `resize`):
+//! added, removed, cleared, enabled or disabled, merged, and resized with the disk (the bits
+//! past a smaller end dropped, a grown disk's new bits clear).
+//!
+//! Guest writes do not maintain them: writers other than these clear the bitmaps' autoclear
+//! bit (see `OpenOptions::keep_bitmaps`). New tables, data clusters and directories are
+//! written to new clusters, made durable, then switched to; the old ones are freed after, so
+//! a crash leaks at worst. A resize marks the bitmaps in use meanwhile (a crash leaves them
+//! inconsistent, which QEMU refuses to use, rather than wrong), and keeps every table large
+//! enough for the disk at every step: it grows before the disk does and shrinks after.
 
 use crate::error::{Error, Result};
-use crate::format::header::{be16, be32, be64, AUTOCLEAR_BITMAPS};
+use crate::format::bitmaps::{
+    encode_directory, parse_directory, DirEntry, AUTO, IN_USE, MAX_DIRECTORY_BYTES, MAX_NAME_LEN,
+};
+use crate::format::header::{BitmapsExtension, AUTOCLEAR_BITMAPS};
 
 use super::meta::{encode_u64_table, read_u64_table};
 use super::overlap::Target;
 use super::Qcow2;
 
-/// Directory entry flag: the bitmap is being changed and may be inconsistent.
-const IN_USE: u32 = 1;
 /// Bits 9-55 of a bitmap table entry: the host offset of a data cluster.
 const DATA_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
-/// Largest bitmap directory QEMU reads.
-const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
+/// A table entry without a data cluster whose bits are all set.
+const ALL_ONES: u64 = 1;
 
-/// One entry of the bitmap directory.
-struct Entry {
-    /// Byte position of the entry in the directory.
-    pos: usize,
-    name: String,
-    table_offset: u64,
-    table_size: u64,
-    flags: u32,
-    granularity_bits: u32,
+/// A bitmap's bits, one per `granularity` bytes of a `disk_size`-byte disk, least
+/// significant bit first (as stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapBits {
+    /// Bytes of disk per bit.
+    pub granularity: u64,
+    /// The disk size the bits cover.
+    pub disk_size: u64,
+    /// The bits, `ceil(ceil(disk_size / granularity) / 8)` bytes.
+    pub bits: Vec<u8>,
+}
+
+impl BitmapBits {
+    fn len(&self) -> u64 {
+        self.disk_size.div_ceil(self.granularity)
+    }
+
+    fn get(&self, i: u64) -> bool {
+        self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
+    }
+
+    fn set(&mut self, i: u64) {
+        self.bits[(i / 8) as usize] |= 1 << (i % 8);
+    }
 }
 
 /// The bitmap directory of an image whose bitmaps are valid (autoclear bit set).
 pub(super) struct BitmapDirectory {
     offset: u64,
-    bytes: Vec<u8>,
-    entries: Vec<Entry>,
+    entries: Vec<DirEntry>,
     /// Host ranges to free once the directory no longer references them.
     freed: Vec<(u64, u64)>,
+}
+
+/// QEMU's refusal of a bitmap a crash left in use.
+fn inconsistent(name: &str) -> Error {
+    Error::InvalidOption(format!(
+        "Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to \
+         delete this bitmap from disk"
+    ))
 }
 
 impl Qcow2 {
@@ -48,60 +76,300 @@ impl Qcow2 {
         if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 || ext.nb_bitmaps() == 0 {
             return Ok(None);
         }
-        let corrupt = |what: &str| Error::Corrupt(format!("bitmap directory: {what}"));
         if ext.directory_size() > MAX_DIRECTORY_BYTES {
-            return Err(corrupt("larger than 64 MiB"));
+            return Err(Error::Corrupt(
+                "the bitmap directory is larger than 64 MiB".into(),
+            ));
         }
         let mut bytes = vec![0u8; ext.directory_size() as usize];
         self.file
             .read_at(&mut bytes, ext.directory_offset())
             .map_err(|e| Error::io("reading the bitmap directory", e))?;
-        let mut entries = Vec::new();
-        let mut pos = 0;
-        for _ in 0..ext.nb_bitmaps() {
-            if pos + 24 > bytes.len() {
-                return Err(corrupt("truncated"));
-            }
-            let name_len = usize::from(be16(&bytes, pos + 18));
-            let extra = be32(&bytes, pos + 20) as usize;
-            let name_at = pos + 24 + extra;
-            let name = bytes
-                .get(name_at..name_at + name_len)
-                .ok_or_else(|| corrupt("truncated"))?;
-            entries.push(Entry {
-                pos,
-                name: String::from_utf8_lossy(name).into_owned(),
-                table_offset: be64(&bytes, pos),
-                table_size: u64::from(be32(&bytes, pos + 8)),
-                flags: be32(&bytes, pos + 12),
-                granularity_bits: u32::from(bytes[pos + 17]),
-            });
-            pos = (name_at + name_len).next_multiple_of(8);
-        }
         Ok(Some(BitmapDirectory {
             offset: ext.directory_offset(),
-            bytes,
-            entries,
+            entries: parse_directory(&bytes, ext.nb_bitmaps())?,
             freed: Vec::new(),
         }))
     }
 
-    /// Writes `dir` back in place (its entries keep their sizes) and flushes.
-    fn write_bitmap_directory(&self, dir: &mut BitmapDirectory) -> Result<()> {
-        for e in &dir.entries {
-            let at = e.pos;
-            dir.bytes[at..at + 8].copy_from_slice(&e.table_offset.to_be_bytes());
-            let size = u32::try_from(e.table_size).expect("tables are sized from a u32");
-            dir.bytes[at + 8..at + 12].copy_from_slice(&size.to_be_bytes());
-            dir.bytes[at + 12..at + 16].copy_from_slice(&e.flags.to_be_bytes());
-        }
+    /// The bitmap directory, empty if the image has no bitmaps.
+    fn bitmaps_or_none(&self) -> Result<BitmapDirectory> {
+        Ok(self.bitmap_directory()?.unwrap_or(BitmapDirectory {
+            offset: 0,
+            entries: Vec::new(),
+            freed: Vec::new(),
+        }))
+    }
+
+    /// The names of the image's persistent bitmaps.
+    pub fn bitmap_names(&self) -> Result<Vec<String>> {
+        let dir = self.bitmaps_or_none()?;
+        Ok(dir.entries.into_iter().map(|e| e.name).collect())
+    }
+
+    /// Writes the entries of `dir` over the directory (whose entries keep their sizes) and
+    /// flushes.
+    fn write_directory_in_place(&self, dir: &BitmapDirectory) -> Result<()> {
+        let bytes = encode_directory(&dir.entries);
         let file = &*self.file;
         let mut m = self.meta_mut();
-        m.check_write(file, dir.offset, dir.bytes.len() as u64, Target::New)?;
-        file.write_at(&dir.bytes, dir.offset)
+        m.check_write(file, dir.offset, bytes.len() as u64, Target::New)?;
+        file.write_at(&bytes, dir.offset)
             .map_err(|e| Error::io("writing the bitmap directory", e))?;
         file.flush()
             .map_err(|e| Error::io("flushing the bitmap directory", e))
+    }
+
+    /// Writes the entries of `dir` as a new directory (none: the bitmaps extension goes, as
+    /// QEMU drops it) and points the header to it; then frees the old directory and what
+    /// `dir` no longer uses.
+    fn replace_directory(&self, dir: BitmapDirectory) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let file = &*self.file;
+        let bytes = encode_directory(&dir.entries);
+        let new_offset = match bytes.is_empty() {
+            true => 0,
+            false => self.write_new_clusters(&bytes, "the bitmap directory")?,
+        };
+        let mut m = self.meta_mut();
+        let old = m.header.bitmaps.clone();
+        m.update_header(file, |h| {
+            if dir.entries.is_empty() {
+                h.bitmaps = None;
+                h.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            } else {
+                let count = u32::try_from(dir.entries.len()).expect("at most 65535 bitmaps");
+                h.bitmaps = Some(BitmapsExtension::new(count, bytes.len() as u64, new_offset));
+                h.autoclear_features |= AUTOCLEAR_BITMAPS;
+            }
+        })?;
+        if let Some(old) = old.filter(|o| o.directory_size() > 0) {
+            m.free_later(
+                old.directory_offset(),
+                old.directory_size().next_multiple_of(cs),
+            );
+        }
+        for (offset, len) in dir.freed {
+            m.free_later(offset, len);
+        }
+        m.writeback(file)
+    }
+
+    /// Writes `bytes` (padded to whole clusters) to newly allocated clusters, made durable
+    /// with their refcounts; returns their offset. `what` names them in errors.
+    fn write_new_clusters(&self, bytes: &[u8], what: &str) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let file = &*self.file;
+        let mut m = self.meta_mut();
+        let mut padded = bytes.to_vec();
+        padded.resize(
+            bytes.len().next_multiple_of(cs as usize).max(cs as usize),
+            0,
+        );
+        let offset = m.alloc_contiguous(file, padded.len() as u64 / cs)?;
+        m.writeback(file)?;
+        m.check_write(file, offset, padded.len() as u64, Target::New)?;
+        file.write_at(&padded, offset)
+            .map_err(|e| Error::io(format!("writing {what} at 0x{offset:x}"), e))?;
+        file.flush()
+            .map_err(|e| Error::io(format!("flushing {what}"), e))?;
+        Ok(offset)
+    }
+
+    /// Entries in the table of a bitmap with `granularity` over the current disk.
+    fn table_entries(&self, granularity: u64) -> u64 {
+        let bits_per_cluster = self.geo.cluster_size() * 8;
+        self.size
+            .div_ceil(granularity)
+            .div_ceil(bits_per_cluster)
+            .max(1)
+    }
+
+    /// Adds an empty bitmap `name` of `granularity` bytes per bit, recording writes
+    /// (enabled) or not. QEMU's checks and words.
+    pub fn add_bitmap(&self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidOption("Bitmap name cannot be empty".into()));
+        }
+        if !(512..=1 << 31).contains(&granularity) || !granularity.is_power_of_two() {
+            return Err(Error::InvalidOption(
+                "Granularity must be power of 2 and at least 512".into(),
+            ));
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(Error::InvalidOption(format!(
+                "Can't make bitmap '{name}' persistent: Name length exceeds maximum (1023 \
+                 characters)"
+            )));
+        }
+        let mut dir = self.bitmaps_or_none()?;
+        if dir.entries.iter().any(|e| e.name == name) {
+            return Err(Error::InvalidOption(format!(
+                "Bitmap already exists: {name}"
+            )));
+        }
+        let entries = self.table_entries(granularity);
+        let table = vec![0u64; entries as usize];
+        let table_offset = self.write_new_clusters(&encode_u64_table(&table), "a bitmap table")?;
+        dir.entries.push(DirEntry {
+            table_offset,
+            table_size: u32::try_from(entries).expect("a bitmap table fits a u32"),
+            flags: if enabled { AUTO } else { 0 },
+            granularity_bits: granularity.trailing_zeros() as u8,
+            name: name.to_string(),
+            extra: Vec::new(),
+        });
+        self.replace_directory(dir)
+    }
+
+    /// The directory and the index of bitmap `name` in it.
+    fn find_bitmap(&self, name: &str) -> Result<(BitmapDirectory, usize)> {
+        let dir = self.bitmaps_or_none()?;
+        match dir.entries.iter().position(|e| e.name == name) {
+            Some(i) => Ok((dir, i)),
+            None => Err(Error::InvalidOption(format!(
+                "Dirty bitmap '{name}' not found"
+            ))),
+        }
+    }
+
+    /// The data clusters and table of `e`, to free once nothing references them.
+    fn bitmap_clusters(&self, e: &DirEntry) -> Result<Vec<(u64, u64)>> {
+        let cs = self.geo.cluster_size();
+        let table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
+        let mut out: Vec<(u64, u64)> = table
+            .iter()
+            .filter(|&&t| t & DATA_OFFSET != 0)
+            .map(|&t| (t & DATA_OFFSET, cs))
+            .collect();
+        if e.table_size > 0 {
+            out.push((
+                e.table_offset,
+                (u64::from(e.table_size) * 8).next_multiple_of(cs),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Removes bitmap `name` (also an inconsistent one) and frees its clusters.
+    pub fn remove_bitmap(&self, name: &str) -> Result<()> {
+        let (mut dir, i) = self.find_bitmap(name)?;
+        let e = dir.entries.remove(i);
+        dir.freed = self.bitmap_clusters(&e)?;
+        self.replace_directory(dir)
+    }
+
+    /// Starts (`true`) or stops recording writes in bitmap `name`.
+    pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        let (mut dir, i) = self.find_bitmap(name)?;
+        let e = &mut dir.entries[i];
+        if e.flags & IN_USE != 0 {
+            return Err(inconsistent(name));
+        }
+        e.flags = if enabled {
+            e.flags | AUTO
+        } else {
+            e.flags & !AUTO
+        };
+        self.write_directory_in_place(&dir)
+    }
+
+    /// The bits of bitmap `name`.
+    pub fn bitmap_bits(&self, name: &str) -> Result<BitmapBits> {
+        let (dir, i) = self.find_bitmap(name)?;
+        let e = &dir.entries[i];
+        if e.flags & IN_USE != 0 {
+            return Err(inconsistent(name));
+        }
+        let cs = self.geo.cluster_size() as usize;
+        let mut out = BitmapBits {
+            granularity: e.granularity(),
+            disk_size: self.size,
+            bits: Vec::new(),
+        };
+        let bytes = out.len().div_ceil(8) as usize;
+        let table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
+        if table.len() * cs < bytes {
+            return Err(Error::Corrupt(format!(
+                "the table of bitmap '{name}' is too small for the disk"
+            )));
+        }
+        let mut bits = vec![0u8; table.len() * cs];
+        for (chunk, &t) in bits.chunks_mut(cs).zip(&table) {
+            match t & DATA_OFFSET {
+                0 if t == ALL_ONES => chunk.fill(0xff),
+                0 => {}
+                host => self
+                    .file
+                    .read_at(chunk, host)
+                    .map_err(|e| Error::io(format!("reading bitmap '{name}'"), e))?,
+            }
+        }
+        bits.truncate(bytes);
+        let tail = out.len() % 8;
+        if let (Some(last), true) = (bits.last_mut(), tail != 0) {
+            *last &= (1u8 << tail) - 1;
+        }
+        out.bits = bits;
+        Ok(out)
+    }
+
+    /// Replaces the bits of bitmap `i` of `dir` with `bits` (same size and granularity).
+    fn store_bitmap_bits(
+        &self,
+        mut dir: BitmapDirectory,
+        i: usize,
+        bits: &BitmapBits,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size() as usize;
+        let old = self.bitmap_clusters(&dir.entries[i])?;
+        let mut table = Vec::new();
+        for chunk in bits.bits.chunks(cs) {
+            if chunk.iter().all(|&b| b == 0) {
+                table.push(0);
+            } else {
+                table.push(self.write_new_clusters(chunk, "bitmap data")?);
+            }
+        }
+        table.resize(dir.entries[i].table_size as usize, 0);
+        dir.entries[i].table_offset =
+            self.write_new_clusters(&encode_u64_table(&table), "a bitmap table")?;
+        self.write_directory_in_place(&dir)?;
+        let mut m = self.meta_mut();
+        for (offset, len) in old {
+            m.free_later(offset, len);
+        }
+        m.writeback(&*self.file)
+    }
+
+    /// Clears every bit of bitmap `name`.
+    pub fn clear_bitmap(&self, name: &str) -> Result<()> {
+        let mut bits = self.bitmap_bits(name)?;
+        bits.bits.fill(0);
+        let (dir, i) = self.find_bitmap(name)?;
+        self.store_bitmap_bits(dir, i, &bits)
+    }
+
+    /// Sets in bitmap `name` the bits of every range dirty in `source` (a bitmap of a disk
+    /// of the same size; its granularity may differ).
+    pub fn merge_into_bitmap(&self, name: &str, source: &BitmapBits) -> Result<()> {
+        let mut bits = self.bitmap_bits(name)?;
+        if source.disk_size != bits.disk_size {
+            return Err(Error::InvalidOption(format!(
+                "Bitmaps are of different sizes (destination size is {}, source size is {}) \
+                 and can't be merged",
+                bits.disk_size, source.disk_size
+            )));
+        }
+        for j in (0..source.len()).filter(|&j| source.get(j)) {
+            let start = j * source.granularity;
+            let end = ((j + 1) * source.granularity).min(source.disk_size);
+            for k in start / bits.granularity..=(end - 1) / bits.granularity {
+                bits.set(k);
+            }
+        }
+        let (dir, i) = self.find_bitmap(name)?;
+        self.store_bitmap_bits(dir, i, &bits)
     }
 
     /// Starts resizing the bitmaps from `old` to `new` bytes: refuses inconsistent ones (as
@@ -116,16 +384,12 @@ impl Qcow2 {
             return Ok(None);
         };
         if let Some(e) = dir.entries.iter().find(|e| e.flags & IN_USE != 0) {
-            return Err(Error::InvalidOption(format!(
-                "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove \
-                 to delete this bitmap from disk",
-                e.name
-            )));
+            return Err(inconsistent(&e.name));
         }
         for e in &mut dir.entries {
             e.flags |= IN_USE;
         }
-        self.write_bitmap_directory(&mut dir)?;
+        self.write_directory_in_place(&dir)?;
         if new > old {
             self.resize_bitmap_tables(&mut dir, old, new)?;
         }
@@ -147,7 +411,7 @@ impl Qcow2 {
         for e in &mut dir.entries {
             e.flags &= !IN_USE;
         }
-        self.write_bitmap_directory(&mut dir)?;
+        self.write_directory_in_place(&dir)?;
         let mut m = self.meta_mut();
         for (offset, len) in dir.freed {
             m.free_later(offset, len);
@@ -162,7 +426,7 @@ impl Qcow2 {
         let cs = self.geo.cluster_size();
         let bits_per_cluster = cs * 8;
         for e in &mut dir.entries {
-            let granularity = 1u64 << e.granularity_bits.min(63);
+            let granularity = e.granularity();
             let keep_bits = old.min(new).div_ceil(granularity);
             let entries = new.div_ceil(granularity).div_ceil(bits_per_cluster).max(1);
             let mut table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
@@ -181,15 +445,18 @@ impl Qcow2 {
             if first != 0 && k < table.len() {
                 table[k] = self.clear_bitmap_bits_from(table[k], first)?;
             }
-            let new_offset = self.write_new_table(&table)?;
+            let new_offset =
+                self.write_new_clusters(&encode_u64_table(&table), "a bitmap table")?;
             if e.table_size > 0 {
-                dir.freed
-                    .push((e.table_offset, (e.table_size * 8).next_multiple_of(cs)));
+                dir.freed.push((
+                    e.table_offset,
+                    (u64::from(e.table_size) * 8).next_multiple_of(cs),
+                ));
             }
             e.table_offset = new_offset;
-            e.table_size = entries;
+            e.table_size = u32::try_from(entries).expect("a bitmap table fits a u32");
         }
-        self.write_bitmap_directory(dir)
+        self.write_directory_in_place(dir)
     }
 
     /// The table entry for the data cluster of `entry` with its bits from `first` on clear:
@@ -210,39 +477,17 @@ impl Qcow2 {
         let before = data.clone();
         data[byte] &= (1u8 << (first % 8)) - 1;
         data[byte + 1..].fill(0);
-        if host != 0 && data == before {
-            return Ok(entry);
-        }
-        let file = &*self.file;
-        let mut m = self.meta_mut();
-        let target = match host {
-            0 => {
-                let at = m.alloc_cluster(file)?;
-                m.writeback(file)?;
-                at
+        match host {
+            0 => self.write_new_clusters(&data, "bitmap data"),
+            _ if data == before => Ok(entry),
+            _ => {
+                let file = &*self.file;
+                let mut m = self.meta_mut();
+                m.check_write(file, host, cs, Target::New)?;
+                file.write_at(&data, host)
+                    .map_err(|e| Error::io(format!("writing a bitmap cluster at 0x{host:x}"), e))?;
+                Ok(entry)
             }
-            h => h,
-        };
-        m.check_write(file, target, cs, Target::New)?;
-        file.write_at(&data, target)
-            .map_err(|e| Error::io(format!("writing a bitmap cluster at 0x{target:x}"), e))?;
-        Ok(target)
-    }
-
-    /// Writes `table` to newly allocated clusters (made durable); returns their offset.
-    fn write_new_table(&self, table: &[u64]) -> Result<u64> {
-        let cs = self.geo.cluster_size();
-        let file = &*self.file;
-        let mut m = self.meta_mut();
-        let mut bytes = encode_u64_table(table);
-        bytes.resize(bytes.len().next_multiple_of(cs as usize), 0);
-        let offset = m.alloc_contiguous(file, bytes.len() as u64 / cs)?;
-        m.writeback(file)?;
-        m.check_write(file, offset, bytes.len() as u64, Target::New)?;
-        file.write_at(&bytes, offset)
-            .map_err(|e| Error::io(format!("writing a bitmap table at 0x{offset:x}"), e))?;
-        file.flush()
-            .map_err(|e| Error::io("flushing a bitmap table", e))?;
-        Ok(offset)
+        }
     }
 }

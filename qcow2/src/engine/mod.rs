@@ -19,6 +19,7 @@ mod resize;
 mod snapshot_ops;
 mod write;
 
+pub use bitmaps::BitmapBits;
 /// Helpers that create and open scratch images, for tests elsewhere in the crate.
 #[cfg(test)]
 pub(crate) use resize::tests as test_images;

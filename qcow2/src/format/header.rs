@@ -91,7 +91,7 @@ pub struct UnknownExtension {
     pub data: Vec<u8>,
 }
 
-/// The bitmaps header extension, kept intact (we do not maintain bitmaps).
+/// The bitmaps header extension: where the bitmap directory is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapsExtension {
     /// Raw extension payload.
@@ -99,6 +99,15 @@ pub struct BitmapsExtension {
 }
 
 impl BitmapsExtension {
+    /// The extension for a directory of `count` bitmaps, `size` bytes at `offset`.
+    pub fn new(count: u32, size: u64, offset: u64) -> Self {
+        let mut data = Vec::with_capacity(24);
+        data.extend_from_slice(&count.to_be_bytes());
+        data.extend_from_slice(&[0; 4]);
+        data.extend_from_slice(&size.to_be_bytes());
+        data.extend_from_slice(&offset.to_be_bytes());
+        BitmapsExtension { data }
+    }
     /// Number of bitmaps in the directory.
     pub fn nb_bitmaps(&self) -> u32 {
         be32(&self.data, 0)

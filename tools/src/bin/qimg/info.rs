@@ -7,6 +7,7 @@ use std::io::Seek;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use anyhow::{bail, Context};
+use qcow2::format::bitmaps::{parse_directory, DirEntry, AUTO, IN_USE, MAX_DIRECTORY_BYTES};
 use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
 use qcow2::format::snapshot::Snapshot;
 use qcow2::{Locking, Storage};
@@ -103,46 +104,18 @@ fn file_length(filename: &str, meta: &std::fs::Metadata) -> u64 {
         .unwrap_or(0)
 }
 
-/// A persistent dirty bitmap from the bitmap directory.
-pub struct Bitmap {
-    /// Name.
-    pub name: String,
-    /// Bytes per bit.
-    pub granularity: u64,
-    /// Directory flags (bit 0 in-use, bit 1 auto).
-    pub flags: u32,
-}
-
 /// The persistent bitmaps QEMU would load (none unless the bitmaps autoclear bit is set).
-pub fn read_bitmaps(file: &dyn Storage, h: &Header) -> anyhow::Result<Vec<Bitmap>> {
+pub fn read_bitmaps(file: &dyn Storage, h: &Header) -> anyhow::Result<Vec<DirEntry>> {
     let Some(ext) = &h.bitmaps else {
         return Ok(Vec::new());
     };
     if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
         return Ok(Vec::new());
     }
-    let mut dir = vec![0u8; ext.directory_size().min(64 << 20) as usize];
+    let mut dir = vec![0u8; ext.directory_size().min(MAX_DIRECTORY_BYTES) as usize];
     file.read_at(&mut dir, ext.directory_offset())
         .context("reading the bitmap directory")?;
-    let mut out = Vec::new();
-    let mut off = 0usize;
-    for _ in 0..ext.nb_bitmaps() {
-        let e = dir
-            .get(off..off + 24)
-            .context("bitmap directory is truncated")?;
-        let name_len = u16::from_be_bytes(e[18..20].try_into()?) as usize;
-        let extra = u32::from_be_bytes(e[20..24].try_into()?) as usize;
-        let name = dir
-            .get(off + 24 + extra..off + 24 + extra + name_len)
-            .context("bitmap directory is truncated")?;
-        out.push(Bitmap {
-            name: String::from_utf8_lossy(name).into_owned(),
-            granularity: 1u64 << (e[17] as u32).min(63),
-            flags: u32::from_be_bytes(e[12..16].try_into()?),
-        });
-        off += (24 + extra + name_len).next_multiple_of(8);
-    }
-    Ok(out)
+    Ok(parse_directory(&dir, ext.nb_bitmaps())?)
 }
 
 /// Persistent bitmaps as a list of `Qcow2BitmapInfo` (absent when there are none).
@@ -155,15 +128,15 @@ fn bitmaps(file: &dyn Storage, h: &Header) -> anyhow::Result<Option<QObj>> {
         list.iter()
             .map(|b| {
                 let mut f = Vec::new();
-                if b.flags & 1 != 0 {
+                if b.flags & IN_USE != 0 {
                     f.push("in-use".into());
                 }
-                if b.flags & 2 != 0 {
+                if b.flags & AUTO != 0 {
                     f.push("auto".into());
                 }
                 dict([
                     ("name", Some(b.name.as_str().into())),
-                    ("granularity", Some(b.granularity.into())),
+                    ("granularity", Some(b.granularity().into())),
                     ("flags", Some(QObj::List(f))),
                 ])
             })

@@ -21,6 +21,7 @@ macro_rules! out {
 
 mod amend;
 mod bench;
+mod bitmap;
 mod chain;
 mod check;
 mod cli_error;
@@ -94,6 +95,8 @@ enum Command {
     Amend(amend::Args),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
+    Bitmap(bitmap::Args),
 }
 
 /// The name this program was started under (the last part of `argv[0]`), which prefixes
@@ -122,18 +125,21 @@ fn main() -> ExitCode {
     let command = Cli::command().mut_subcommands(|s| {
         s.infer_long_args(true)
             .args_override_self(true)
-            .mut_args(
-                |a| match !a.is_positional() && a.get_action().takes_values() {
+            .mut_args(|a| {
+                match !a.is_positional()
+                    && a.get_action().takes_values()
+                    && a.get_num_args().is_none_or(|n| n.takes_values())
+                {
                     true => a.allow_hyphen_values(true),
                     false => a,
-                },
-            )
+                }
+            })
     });
-    let cli = match command
+    let (cli, matches) = match command
         .try_get_matches_from(&args)
-        .and_then(|m| Cli::from_arg_matches(&m))
+        .and_then(|m| Ok((Cli::from_arg_matches(&m)?, m)))
     {
-        Ok(c) => c,
+        Ok(parsed) => parsed,
         Err(e) => return ExitCode::from(cli_error::report(&e, &args)),
     };
     let result = match cli.command {
@@ -151,6 +157,11 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Snapshot(a) => snapshot::run(a),
         Command::Amend(a) => amend::run(a),
+        // Its actions apply in command-line order, which only the matches keep.
+        Command::Bitmap(a) => match matches.subcommand_matches("bitmap") {
+            Some(m) => bitmap::run(a, m),
+            None => unreachable!("the bitmap subcommand was parsed"),
+        },
     };
     match result {
         Ok(code) => ExitCode::from(code),

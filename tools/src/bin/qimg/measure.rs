@@ -101,7 +101,7 @@ fn bitmaps_size(src: &Chain, cs: u64) -> anyhow::Result<u64> {
     let mut total = 0;
     let mut dir = 0;
     for b in crate::info::read_bitmaps(&**q.file(), &q.header())? {
-        let bytes = size.div_ceil(b.granularity).div_ceil(8);
+        let bytes = size.div_ceil(b.granularity()).div_ceil(8);
         let clusters = bytes.div_ceil(cs);
         total += clusters * cs + (clusters * 8).next_multiple_of(cs);
         dir += (24 + b.name.len() as u64).next_multiple_of(8);

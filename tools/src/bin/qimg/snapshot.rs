@@ -160,9 +160,9 @@ fn errno_text(e: &qcow2::Error) -> String {
 }
 
 /// Opens an image with its backing chain, as qemu-img does: a qcow2 image, or `None` for a
-/// raw one. `applying` names the snapshot about to be applied, refused while the image has
+/// raw one (`qimg bitmap` opens its merge source so too). `applying` names the snapshot about to be applied, refused while the image has
 /// persistent dirty bitmaps, as QEMU does.
-fn open(
+pub fn open(
     name: &str,
     format: Option<&str>,
     writable: bool,

@@ -1,0 +1,206 @@
+//! `qimg bitmap`: changes an image's persistent dirty bitmaps as qemu-img does (QEMU's
+//! `img_bitmap`): the actions in command-line order, each failing with "Operation X on
+//! bitmap B failed: ...", the ones before it kept.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::bail;
+use clap::ArgMatches;
+use qcow2::{FileStorage, Format, Locking, Qcow2};
+
+use crate::size::cvtnum;
+
+/// Arguments of `qimg bitmap`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Create BITMAP, recording the writes from now on.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    add: Vec<bool>,
+    /// Remove BITMAP.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    remove: Vec<bool>,
+    /// Clear BITMAP.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    clear: Vec<bool>,
+    /// Start recording writes in BITMAP.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    enable: Vec<bool>,
+    /// Stop recording writes in BITMAP.
+    #[arg(long, action = clap::ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    disable: Vec<bool>,
+    /// Merge bitmap SOURCE (of the image, or of -b) into BITMAP.
+    #[arg(long, value_name = "SOURCE")]
+    merge: Vec<String>,
+    /// The image holding the --merge source bitmap.
+    #[arg(short = 'b', long = "source-file", value_name = "SRC_FILENAME")]
+    source_file: Option<String>,
+    /// Format of the -b image.
+    #[arg(short = 'F', long = "source-format", value_name = "SOURCE_FMT")]
+    source_format: Option<String>,
+    /// Bytes per bit of a bitmap made by --add (power of two, at least 512).
+    #[arg(short = 'g', long = "granularity", value_name = "SIZE")]
+    granularity: Option<String>,
+    /// FILENAME BITMAP.
+    args: Vec<String>,
+}
+
+/// One change, in command-line order.
+#[derive(Debug, Clone)]
+enum Action {
+    Add,
+    Remove,
+    Clear,
+    Enable,
+    Disable,
+    Merge(String),
+}
+
+impl Action {
+    /// QEMU's name of the operation in its errors.
+    fn name(&self) -> &'static str {
+        match self {
+            Action::Add => "add",
+            Action::Remove => "remove",
+            Action::Clear => "clear",
+            Action::Enable => "enable",
+            Action::Disable => "disable",
+            Action::Merge(_) => "merge",
+        }
+    }
+}
+
+/// The actions of `a` in the order they were given (`m`: the subcommand's matches).
+fn ordered_actions(a: &Args, m: &ArgMatches) -> Vec<Action> {
+    // Each flag given appends a value, with the index of where it was given.
+    let at =
+        |id: &str| -> Vec<usize> { m.indices_of(id).map(Iterator::collect).unwrap_or_default() };
+    let mut actions: Vec<(usize, Action)> = Vec::new();
+    for (id, action) in [
+        ("add", Action::Add),
+        ("remove", Action::Remove),
+        ("clear", Action::Clear),
+        ("enable", Action::Enable),
+        ("disable", Action::Disable),
+    ] {
+        actions.extend(at(id).into_iter().map(|i| (i, action.clone())));
+    }
+    let merges = at("merge").into_iter().zip(a.merge.iter().cloned());
+    actions.extend(merges.map(|(i, source)| (i, Action::Merge(source))));
+    actions.sort_by_key(|(i, _)| *i);
+    actions.into_iter().map(|(_, action)| action).collect()
+}
+
+/// Runs `qimg bitmap`.
+pub fn run(a: Args, m: &ArgMatches) -> anyhow::Result<u8> {
+    let granularity = a
+        .granularity
+        .as_deref()
+        .map(|g| cvtnum("granularity", g))
+        .transpose()?;
+    let actions = ordered_actions(&a, m);
+    if actions.is_empty() {
+        bail!("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
+    }
+    let adds = actions.iter().any(|x| matches!(x, Action::Add));
+    if granularity.is_some() && !adds {
+        bail!("granularity only supported with --add");
+    }
+    if a.source_format.is_some() && a.source_file.is_none() {
+        bail!("-F only supported with -b");
+    }
+    let merges = actions.iter().any(|x| matches!(x, Action::Merge(_)));
+    if a.source_file.is_some() && !merges {
+        bail!("Merge bitmap source file only supported with --merge");
+    }
+    let [filename, bitmap] = &a.args[..] else {
+        bail!("Expecting filename and bitmap name");
+    };
+    let given = (a.format.as_deref())
+        .map(|f| crate::parse_driver(filename, f))
+        .transpose()?;
+    let storage = Arc::new(FileStorage::new(crate::open_file(filename, true)?));
+    let format = crate::writable_format(&*storage, filename, given)?;
+    crate::lock(storage.file(), filename, Locking::On, format, true)?;
+    let img = match format {
+        Format::Qcow2 => {
+            let dir = Path::new(filename).parent().unwrap_or(Path::new("."));
+            // Only the bitmaps change: they stay valid.
+            let opts = qcow2::OpenOptions {
+                keep_bitmaps: true,
+                ..crate::writer_options()
+            };
+            Some(crate::open_qcow2(storage, &opts, Some(dir), filename)?)
+        }
+        Format::Raw => None,
+    };
+    // A raw source has no bitmaps: `Some(None)`.
+    let source = match &a.source_file {
+        Some(f) => Some(crate::snapshot::open(
+            f,
+            a.source_format.as_deref(),
+            false,
+            Locking::On,
+            None,
+        )?),
+        None => None,
+    };
+    for action in &actions {
+        let done = match &img {
+            Some(img) => apply(img, action, bitmap, granularity, source.as_ref()),
+            None => Err(on_raw(action, bitmap, filename)),
+        };
+        if let Err(e) = done {
+            bail!("Operation {} on bitmap {bitmap} failed: {e}", action.name());
+        }
+    }
+    Ok(0)
+}
+
+/// What a raw image answers to `action`: it has no bitmaps and cannot store one.
+fn on_raw(action: &Action, bitmap: &str, filename: &str) -> anyhow::Error {
+    match action {
+        Action::Add => {
+            anyhow::anyhow!(
+                "Can't store persistent bitmaps to '{filename}': Operation not supported"
+            )
+        }
+        Action::Merge(source) => anyhow::anyhow!("Dirty bitmap '{source}' not found"),
+        _ => anyhow::anyhow!("Dirty bitmap '{bitmap}' not found"),
+    }
+}
+
+/// Applies `action` to bitmap `bitmap` of `img`; a merge reads its source bitmap from
+/// `source` if given (`Some(None)`: a raw image), else from `img`.
+fn apply(
+    img: &Qcow2,
+    action: &Action,
+    bitmap: &str,
+    granularity: Option<u64>,
+    source: Option<&Option<Qcow2>>,
+) -> anyhow::Result<()> {
+    match action {
+        Action::Add => {
+            // QEMU's default: the cluster size, within 4 KiB to 64 KiB.
+            let cs = img.header().cluster_size();
+            let g = granularity.unwrap_or(cs.clamp(4096, 65536));
+            img.add_bitmap(bitmap, g, true)?
+        }
+        Action::Remove => img.remove_bitmap(bitmap)?,
+        Action::Clear => img.clear_bitmap(bitmap)?,
+        Action::Enable => img.set_bitmap_enabled(bitmap, true)?,
+        Action::Disable => img.set_bitmap_enabled(bitmap, false)?,
+        Action::Merge(name) => {
+            let from = match source {
+                None => img,
+                Some(Some(q)) => q,
+                Some(None) => bail!("Dirty bitmap '{name}' not found"),
+            };
+            img.merge_into_bitmap(bitmap, &from.bitmap_bits(name)?)?
+        }
+    }
+    Ok(())
+}
