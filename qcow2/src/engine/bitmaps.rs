@@ -101,10 +101,10 @@ impl Qcow2 {
         }))
     }
 
-    /// The names of the image's persistent bitmaps.
-    pub fn bitmap_names(&self) -> Result<Vec<String>> {
-        let dir = self.bitmaps_or_none()?;
-        Ok(dir.entries.into_iter().map(|e| e.name).collect())
+    /// The image's persistent bitmaps (none if a writer that does not maintain them has
+    /// invalidated them).
+    pub fn bitmaps(&self) -> Result<Vec<DirEntry>> {
+        Ok(self.bitmaps_or_none()?.entries)
     }
 
     /// Writes the entries of `dir` over the directory (whose entries keep their sizes) and

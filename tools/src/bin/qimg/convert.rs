@@ -99,6 +99,12 @@ pub struct Args {
     /// Rate limit (qimg has none: refused).
     #[arg(short = 'r', long = "rate")]
     rate: Option<String>,
+    /// Copy the source's persistent dirty bitmaps into the (qcow2) target.
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps, skip inconsistent bitmaps (with a warning) instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Options for features qimg lacks (refused).
     #[command(flatten)]
     lacking: Lacking,
@@ -118,10 +124,6 @@ struct Lacking {
     target_image_opts: bool,
     #[arg(long = "salvage", hide = true)]
     salvage: bool,
-    #[arg(long = "bitmaps", hide = true)]
-    bitmaps: bool,
-    #[arg(long = "skip-broken-bitmaps", hide = true)]
-    skip_broken_bitmaps: bool,
 }
 
 impl Args {
@@ -129,7 +131,7 @@ impl Args {
     /// the refusal of the options qimg lacks.
     fn check_combinations(&self) -> anyhow::Result<()> {
         let l = &self.lacking;
-        if l.skip_broken_bitmaps && !l.bitmaps {
+        if self.skip_broken_bitmaps && !self.bitmaps {
             bail!("Use of --skip-broken-bitmaps requires --bitmaps");
         }
         if self.compress && self.copy_range {
@@ -149,7 +151,6 @@ impl Args {
             (l.source_image_opts, "--source-image-opts"),
             (l.target_image_opts, "--target-image-opts"),
             (l.salvage, "--salvage"),
-            (l.bitmaps, "--bitmaps"),
             (self.rate.is_some(), "-r (--rate)"),
         ];
         if let Some((_, name)) = lacking.iter().find(|(given, _)| *given) {
@@ -721,6 +722,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         bail!("Must specify image file name");
     };
     let source_names = &a.files[..a.files.len() - 1];
+    if a.bitmaps && source_names.len() > 1 {
+        bail!("Copying bitmaps only possible with single source");
+    }
     if let Some(c) = &a.src_cache {
         if !crate::valid_cache_mode(c) {
             bail!("Invalid source cache option: {c}");
@@ -747,6 +751,15 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             Ok(Source { img, map, size })
         })
         .collect::<anyhow::Result<_>>()?;
+    let bitmap_source = match a.bitmaps {
+        true => crate::copy_bitmaps::source(
+            &source_names[0],
+            a.format.as_deref(),
+            a.skip_broken_bitmaps,
+            crate::source_locking(a.force_share),
+        )?,
+        false => None,
+    };
     let total: u64 = list.iter().map(|s| s.size).sum();
     let sources = Sources { list, total };
     let pairs = options.map_or_else(Vec::new, |o| qemu_opts::parse(&o));
@@ -899,6 +912,12 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             qcow2::RawImage::new(storage, false).map_err(|e| crate::open_error(target_name, e))?,
         )),
     };
+    if a.bitmaps && !matches!(target, Target::Qcow2(_)) {
+        bail!(
+            "Format driver '{}' does not support bitmaps",
+            out_fmt.name()
+        );
+    }
     if a.no_create && target.image().size().next_multiple_of(512) < total {
         bail!("output file is smaller than input file");
     }
@@ -1016,6 +1035,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             sources.total
         );
         Interrupt::die(sig);
+    }
+    if let (Some(src), Target::Qcow2(q)) = (&bitmap_source, &target) {
+        crate::copy_bitmaps::copy(src, q)?;
+        q.flush()
+            .with_context(|| format!("Error while flushing '{target_name}'"))?;
     }
     progress.finish();
     Ok(0)

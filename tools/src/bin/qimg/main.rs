@@ -28,6 +28,7 @@ mod cli_error;
 mod commit;
 mod compare;
 mod convert;
+mod copy_bitmaps;
 mod create;
 mod dd;
 mod encryption;

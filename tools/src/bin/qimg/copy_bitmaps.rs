@@ -1,0 +1,56 @@
+//! `qimg convert --bitmaps`: the source's persistent dirty bitmaps copied into the target,
+//! as qemu-img copies them (QEMU's `convert_check_bitmaps` and `convert_copy_bitmaps`):
+//! same names, granularities and enabled state, and the same bits.
+
+use anyhow::bail;
+use qcow2::format::bitmaps::{AUTO, IN_USE};
+use qcow2::{Locking, Qcow2};
+
+/// Opens the source image `name` for its bitmaps (`None` for a raw image, which has none);
+/// refuses an inconsistent bitmap unless `skip_broken`.
+pub fn source(
+    name: &str,
+    format: Option<&str>,
+    skip_broken: bool,
+    locking: Locking,
+) -> anyhow::Result<Option<Qcow2>> {
+    let Some(src) = crate::snapshot::open(name, format, false, locking, None)? else {
+        return Ok(None);
+    };
+    if !skip_broken {
+        if let Some(b) = src.bitmaps()?.iter().find(|b| b.flags & IN_USE != 0) {
+            bail!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use \
+                 '{} bitmap --remove' to delete it",
+                b.name,
+                crate::progname()
+            );
+        }
+    }
+    Ok(Some(src))
+}
+
+/// Copies every bitmap of `src` into `target` (skipping inconsistent ones with a warning).
+pub fn copy(src: &Qcow2, target: &Qcow2) -> anyhow::Result<()> {
+    for b in src.bitmaps()? {
+        if b.flags & IN_USE != 0 {
+            eprintln!(
+                "{}: warning: Skipping inconsistent bitmap '{}'",
+                crate::progname(),
+                b.name
+            );
+            continue;
+        }
+        if let Err(e) = target.add_bitmap(&b.name, b.granularity(), b.flags & AUTO != 0) {
+            bail!("Failed to create bitmap {}: {e}", b.name);
+        }
+        let populated = src
+            .bitmap_bits(&b.name)
+            .and_then(|bits| target.merge_into_bitmap(&b.name, &bits));
+        if let Err(e) = populated {
+            let _ = target.remove_bitmap(&b.name);
+            bail!("Failed to populate bitmap {}: {e}", b.name);
+        }
+    }
+    Ok(())
+}
