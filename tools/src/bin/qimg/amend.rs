@@ -2,10 +2,9 @@
 //! order of changes and messages (QEMU's `img_amend` and `qcow2_amend_options`).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::bail;
-use qcow2::{FileStorage, Format, Locking, Qcow2};
+use qcow2::{Format, Qcow2};
 
 use crate::create::{on_off, option_number, parse_options, wants_help};
 use crate::size::option_size;
@@ -149,12 +148,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
         bail!("Invalid cache option: {c}");
     }
-    let given = (a.format.as_deref())
-        .map(|f| crate::parse_driver(name, f))
-        .transpose()?;
-    let storage = Arc::new(FileStorage::new(crate::open_file(name, true)?));
-    let fmt = crate::writable_format(&*storage, name, given)?;
-    crate::lock(storage.file(), name, Locking::On, fmt, true)?;
+    let (storage, fmt) = crate::open_for_writing(name, a.format.as_deref())?;
     if help {
         return print_help(fmt.name());
     }

@@ -3,11 +3,10 @@
 //! bitmap B failed: ...", the ones before it kept.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::bail;
 use clap::ArgMatches;
-use qcow2::{FileStorage, Format, Locking, Qcow2};
+use qcow2::{Format, Locking, Qcow2};
 
 use crate::size::cvtnum;
 
@@ -119,12 +118,7 @@ pub fn run(a: Args, m: &ArgMatches) -> anyhow::Result<u8> {
     let [filename, bitmap] = &a.args[..] else {
         bail!("Expecting filename and bitmap name");
     };
-    let given = (a.format.as_deref())
-        .map(|f| crate::parse_driver(filename, f))
-        .transpose()?;
-    let storage = Arc::new(FileStorage::new(crate::open_file(filename, true)?));
-    let format = crate::writable_format(&*storage, filename, given)?;
-    crate::lock(storage.file(), filename, Locking::On, format, true)?;
+    let (storage, format) = crate::open_for_writing(filename, a.format.as_deref())?;
     let img = match format {
         Format::Qcow2 => {
             let dir = Path::new(filename).parent().unwrap_or(Path::new("."));

@@ -360,6 +360,19 @@ pub fn writable_format(
     Ok(probed)
 }
 
+/// Opens the file of image `name` for writing as qemu-img does: in the format given
+/// (`format`, `-f`) or probed (QEMU's warning for raw), locked as a writer's.
+pub fn open_for_writing(
+    name: &str,
+    format: Option<&str>,
+) -> anyhow::Result<(std::sync::Arc<qcow2::FileStorage>, qcow2::Format)> {
+    let given = format.map(|f| parse_driver(name, f)).transpose()?;
+    let storage = std::sync::Arc::new(qcow2::FileStorage::new(open_file(name, true)?));
+    let format = writable_format(&*storage, name, given)?;
+    lock(storage.file(), name, Locking::On, format, true)?;
+    Ok((storage, format))
+}
+
 /// Options to open a qcow2 image whose own file the caller opened for writing and locked:
 /// its backing files are locked as QEMU locks a writer's backing chain (readers that keep
 /// other writers out of qcow2 files).

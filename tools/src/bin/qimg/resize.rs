@@ -1,11 +1,10 @@
 //! `qimg resize`: absolute or relative (`+`/`-`) sizes, `--shrink`, `--preallocation`.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
-use qcow2::{FileStorage, Format, Locking, Preallocation, Storage};
+use qcow2::{FileStorage, Format, Preallocation, Storage};
 
 use crate::size::option_size;
 
@@ -76,13 +75,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             .with_context(|| format!("Invalid preallocation mode '{p}'"))?,
     };
     let path = Path::new(&a.filename);
-    let given = (a.format.as_deref())
-        .map(|f| crate::parse_driver(&a.filename, f))
-        .transpose()?;
-    let file = crate::open_file(&a.filename, true)?;
-    let storage = Arc::new(FileStorage::new(file));
-    let fmt = crate::writable_format(&*storage, &a.filename, given)?;
-    crate::lock(storage.file(), &a.filename, Locking::On, fmt, true)?;
+    let (storage, fmt) = crate::open_for_writing(&a.filename, a.format.as_deref())?;
     let mut qcow = None;
     let current = match fmt {
         // As QEMU sees it: in whole sectors.
