@@ -10,6 +10,7 @@ use qcow2::{FileStorage, Format, Locking, Preallocation};
 use crate::chain::Chain;
 use crate::info::path_combine;
 use crate::progress::Progress;
+use crate::rate_limit::RateLimit;
 
 /// Arguments of `qimg commit`.
 #[derive(clap::Args)]
@@ -32,8 +33,8 @@ pub struct Args {
     /// Cache mode (checked; qimg flushes at the end).
     #[arg(short = 't', long = "cache")]
     cache: Option<String>,
-    /// Rate limit (checked; qimg does not throttle).
-    #[arg(short = 'r', long = "rate")]
+    /// Write at most RATE bytes per second into the base (0: no limit).
+    #[arg(short = 'r', long = "rate", value_name = "RATE")]
     rate: Option<String>,
     /// The image.
     filename: String,
@@ -107,9 +108,7 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
 /// Runs `qimg commit`.
 pub fn run(a: Args) -> anyhow::Result<u8> {
     // Refused before the image is opened, in qemu-img's order.
-    if let Some(r) = &a.rate {
-        crate::size::cvtnum("rate limit", r)?;
-    }
+    let rate = RateLimit::parse(a.rate.as_deref())?;
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
         bail!("Invalid cache option: {c}");
     }
@@ -148,6 +147,9 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         // Allocated above the base, or zeros synthesised past an intermediate image's end.
         let above = (e.present && e.depth < b) || (e.zero && !e.present && e.depth + 1 < b);
         if above {
+            if let Some(rate) = &rate {
+                rate.wait(e.length);
+            }
             if e.zero {
                 base.write_zeroes(offset, e.length, true)?;
             } else {

@@ -32,6 +32,7 @@ use crate::create::{qcow2_options, raw_options, OptionError, RawOptions};
 use crate::interrupt::{signal_name, Interrupt};
 use crate::progress::Progress;
 use crate::qemu_opts;
+use crate::rate_limit::RateLimit;
 use crate::size::{cvtint_full, cvtnum};
 use crate::snapshot_param;
 
@@ -96,8 +97,8 @@ pub struct Args {
     /// Open sources without taking the write lock (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Rate limit (qimg has none: refused).
-    #[arg(short = 'r', long = "rate")]
+    /// Write at most RATE bytes per second into the target (0: no limit).
+    #[arg(short = 'r', long = "rate", value_name = "RATE")]
     rate: Option<String>,
     /// Copy the source's persistent dirty bitmaps into the (qcow2) target.
     #[arg(long = "bitmaps")]
@@ -151,7 +152,6 @@ impl Args {
             (l.source_image_opts, "--source-image-opts"),
             (l.target_image_opts, "--target-image-opts"),
             (l.salvage, "--salvage"),
-            (self.rate.is_some(), "-r (--rate)"),
         ];
         if let Some((_, name)) = lacking.iter().find(|(given, _)| *given) {
             bail!("qimg does not support {name} yet");
@@ -353,6 +353,8 @@ struct Policy {
     compress: bool,
     /// Reserve host clusters in guest order (uncompressed writes into a new qcow2 image).
     reserve: bool,
+    /// `-r`: the target's write rate.
+    rate: Option<RateLimit>,
     /// The storage of a new raw target, whose data ranges are allocated before writing.
     raw_storage: Option<Arc<dyn qcow2::Storage>>,
     /// Held while uncompressed data goes into the target. The file system serialises
@@ -700,6 +702,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         );
     }
     let workers = cvtint_full("number of coroutines", &a.workers, 1, 16)? as u32;
+    let rate = RateLimit::parse(a.rate.as_deref())?;
     // Then, in qemu-img's order, the checks of the options together.
     a.check_combinations()?;
     if a.no_create && options.is_some() {
@@ -944,6 +947,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         compress: a.compress,
         raw_storage,
         writing: WriteLock::default(),
+        rate,
         // Reservations are of whole clusters: not for runs of subclusters, nor where the
         // clusters are there already.
         reserve: matches!(&target, Target::Qcow2(q)
@@ -1104,6 +1108,9 @@ fn fill_empty_span(
     len: u64,
 ) -> anyhow::Result<()> {
     if kind == Kind::Zero && !p.fresh {
+        if let Some(rate) = &p.rate {
+            rate.wait(len);
+        }
         target
             .image()
             .write_zeroes(off, len, true)
@@ -1147,6 +1154,10 @@ fn write_chunk(
     runs: &[Run<'_>],
 ) -> anyhow::Result<()> {
     let img = target.image();
+    if let Some(rate) = &p.rate {
+        let written = runs.iter().filter(|r| r.kind == Kind::Data || !p.fresh);
+        rate.wait(written.map(|r| r.len).sum());
+    }
     for r in runs.iter().filter(|r| r.kind == Kind::Zero && !p.fresh) {
         img.write_zeroes(r.off, r.len, true)?;
     }

@@ -39,6 +39,7 @@ mod measure;
 mod progress;
 mod qemu_opts;
 mod qjson;
+mod rate_limit;
 mod rebase;
 mod resize;
 mod size;
