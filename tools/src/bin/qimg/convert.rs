@@ -100,6 +100,10 @@ pub struct Args {
     /// Write at most RATE bytes per second into the target (0: no limit).
     #[arg(short = 'r', long = "rate", value_name = "RATE")]
     rate: Option<String>,
+    /// Copy what cannot be read from the sources as zeros, with a warning per sector (unless
+    /// -q), instead of failing.
+    #[arg(long = "salvage")]
+    salvage: bool,
     /// Copy the source's persistent dirty bitmaps into the (qcow2) target.
     #[arg(long = "bitmaps")]
     bitmaps: bool,
@@ -123,8 +127,6 @@ struct Lacking {
     source_image_opts: bool,
     #[arg(long = "target-image-opts", hide = true)]
     target_image_opts: bool,
-    #[arg(long = "salvage", hide = true)]
-    salvage: bool,
 }
 
 impl Args {
@@ -141,7 +143,7 @@ impl Args {
         if self.sparse.is_some() && self.copy_range {
             bail!("Cannot enable copy offloading when -S is used");
         }
-        if self.copy_range && l.salvage {
+        if self.copy_range && self.salvage {
             bail!("Cannot use copy offloading in salvaging mode");
         }
         if l.target_image_opts && !self.no_create {
@@ -151,7 +153,6 @@ impl Args {
         let lacking = [
             (l.source_image_opts, "--source-image-opts"),
             (l.target_image_opts, "--target-image-opts"),
-            (l.salvage, "--salvage"),
         ];
         if let Some((_, name)) = lacking.iter().find(|(given, _)| *given) {
             bail!("qimg does not support {name} yet");
@@ -355,6 +356,10 @@ struct Policy {
     reserve: bool,
     /// `-r`: the target's write rate.
     rate: Option<RateLimit>,
+    /// `--salvage`: sectors that cannot be read are copied as zeros (with a warning unless
+    /// `quiet`).
+    salvage: bool,
+    quiet: bool,
     /// The storage of a new raw target, whose data ranges are allocated before writing.
     raw_storage: Option<Arc<dyn qcow2::Storage>>,
     /// Held while uncompressed data goes into the target. The file system serialises
@@ -432,15 +437,17 @@ impl Sources {
         Ok((if zero { Kind::Zero } else { Kind::Data }, run))
     }
 
-    /// Data of `[off, off + len)`: a slice of a memory map if one source covers it, else read
-    /// into `buf` (which must be `len` bytes).
-    fn data<'a>(&'a self, off: u64, len: u64, buf: &'a mut [u8]) -> qcow2::Result<&'a [u8]> {
+    /// Data of `[off, off + len)` as a slice of a memory map, if one source covers it.
+    fn mapped(&self, off: u64, len: u64) -> qcow2::Result<Option<&[u8]>> {
         let (s, at) = self.locate(off);
-        if at + len <= s.img.size() {
-            if let Some((m, host)) = s.host(at, len)? {
-                return Ok(m.slice(host, len));
-            }
+        if at + len > s.img.size() {
+            return Ok(None);
         }
+        Ok(s.host(at, len)?.map(|(m, host)| m.slice(host, len)))
+    }
+
+    /// Reads the data at `off` into `buf`.
+    fn read_into(&self, off: u64, buf: &mut [u8]) -> qcow2::Result<()> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let (s, at) = self.locate(off + pos as u64);
@@ -455,7 +462,42 @@ impl Sources {
             buf[pos + real..pos + n].fill(0);
             pos += n;
         }
-        Ok(buf)
+        Ok(())
+    }
+
+    /// `--salvage`: reads the data at `off` into `buf` sector by sector, the sectors that
+    /// cannot be read as zeros, each with qemu-img's warning unless `quiet`.
+    fn salvage(&self, off: u64, buf: &mut [u8], quiet: bool) {
+        for (k, sector) in buf.chunks_mut(512).enumerate() {
+            let at = off + k as u64 * 512;
+            if let Err(e) = self.read_into(at, sector) {
+                sector.fill(0);
+                if !quiet {
+                    eprintln!(
+                        "{}: warning: error while reading offset {at}: {}",
+                        crate::progname(),
+                        read_error_text(&e)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// How qemu-img names a read error: the system's words for an I/O error with an errno,
+/// else (a corrupt or undecodable image) the I/O error the block layer reports.
+fn read_error_text(e: &qcow2::Error) -> String {
+    let os = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error);
+    match os {
+        Some(code) => std::io::Error::from_raw_os_error(code)
+            .to_string()
+            .split(" (os error")
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        None => "Input/output error".into(),
     }
 }
 
@@ -576,9 +618,20 @@ fn plan<'a>(
         let (mine, tail) = tail.split_at_mut((e - s) as usize);
         rest = tail;
         rest_off = e;
-        let data = src
-            .data(s, e - s, mine)
-            .with_context(|| format!("error while reading at byte {s}"))?;
+        let data: &[u8] = match src.mapped(s, e - s) {
+            Ok(Some(mapped)) => mapped,
+            // A mapping that fails is found again by the read, which reports it.
+            _ => match src.read_into(s, mine) {
+                Ok(()) => mine,
+                Err(_) if p.salvage => {
+                    src.salvage(s, mine, p.quiet);
+                    mine
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| format!("error while reading at byte {s}"))
+                }
+            },
+        };
         split_zero_blocks(&mut runs, s, data, p);
     }
     Ok(runs)
@@ -948,6 +1001,8 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         raw_storage,
         writing: WriteLock::default(),
         rate,
+        salvage: a.salvage,
+        quiet: a.quiet,
         // Reservations are of whole clusters: not for runs of subclusters, nor where the
         // clusters are there already.
         reserve: matches!(&target, Target::Qcow2(q)
