@@ -362,6 +362,7 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Relaxed);
+        self.device.drop_held_packets();
         let tap = self.device.tap();
         let hdr_len = config::vnet_hdr_len(features);
         let offload = config::tun_offload_flags(features);

@@ -175,6 +175,9 @@ pub struct PairSlot {
     pub rx_window: usize,
     /// Scratch: a packet being moved to earlier rx chains.
     pub bounce: Vec<u8>,
+    /// A packet read from the TAP for buffers too few to hold the largest packet (MRG_RXBUF)
+    /// and longer than they turned out to be: delivered first once the guest adds buffers.
+    pub held: Vec<u8>,
     /// Scratch: the tx batch.
     pub tx_frames: Vec<TxFrame>,
     /// The pair's io_uring for tx and rx batches (`None`: one writev or readv per packet).
@@ -309,6 +312,16 @@ impl Device {
         self.slots
             .get(pair)
             .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Drops the packets held for rx buffers (read under features a new negotiation may
+    /// change: the vnet header, the offloads).
+    pub fn drop_held_packets(&self) {
+        for pair in 0..self.slots.len() {
+            if let Some(mut slot) = self.lock_slot(pair) {
+                slot.held.clear();
+            }
+        }
     }
 
     /// Counters of pair `pair`.

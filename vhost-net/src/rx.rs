@@ -6,7 +6,9 @@
 //! as one `readv` entry per set and one `io_uring_enter` for the round, or without it with
 //! one `readv` call per round. The number of sets per round follows the TAP: it doubles
 //! while every set gets a packet and drops to what the TAP held when it runs dry, so an idle
-//! TAP costs one failed read, not a batch of them.
+//! TAP costs one failed read, not a batch of them. Chains too few for the largest packet
+//! (MRG_RXBUF) take the next packet through a host buffer if it fits them, else it is held
+//! for the guest's next buffers (`PairSlot::held`).
 //!
 //! Packets are put in the used ring in ring order, each starting at the first chain not yet
 //! used. A packet shorter than its set leaves chains of that set unused; the next packet is
@@ -76,7 +78,7 @@ pub fn process_rx<M: GuestMemory>(
             return out;
         }
         let batched = slot.uring.as_ref().is_some_and(|r| r.reads());
-        let want = if batched {
+        let want = if batched && slot.held.is_empty() {
             slot.rx_window.clamp(1, BATCH - out.packets)
         } else {
             1
@@ -91,9 +93,22 @@ pub fn process_rx<M: GuestMemory>(
             log_bad(slot, "rx", &e);
             return out;
         }
-        read_sets(fd, slot);
+        let short = params.mrg_rxbuf && slot.rx_sets[0].capacity < params.max_packet;
+        if short || !slot.held.is_empty() {
+            fill_from_host(mem, fd, params, slot);
+        } else {
+            read_sets(fd, slot);
+        }
         let before = out.packets;
         let drained = deliver(mem, queue, params, slot, stats, start, &mut out);
+        if !slot.held.is_empty() {
+            // Its buffers were too few: wait for more than those.
+            let seen = slot.rx_chains.len();
+            out.out_of_buffers = true;
+            out.avail_seen = start.wrapping_add(u16::try_from(seen).unwrap_or(u16::MAX));
+            slot.iovecs.0.clear();
+            return out;
+        }
         slot.iovecs.0.clear();
         let sets = slot.rx_sets.len();
         slot.rx_window = if drained {
@@ -127,7 +142,6 @@ fn gather<M: GuestMemory>(
     slot.iovecs.0.clear();
     let mut start = queue.next_avail();
     let (mut set_start, mut set_cap) = (0usize, 0u64);
-    let mut stopped_on_bad = false;
     while slot.rx_sets.len() < want {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             break;
@@ -154,7 +168,6 @@ fn gather<M: GuestMemory>(
             Err(_) => {
                 // Deal with it first thing next round, after these packets.
                 queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                stopped_on_bad = true;
                 break;
             }
         }
@@ -164,11 +177,11 @@ fn gather<M: GuestMemory>(
         }
     }
     if set_start < slot.rx_chains.len() {
-        // Chains that cannot hold the largest packet (MRG_RXBUF). Read into them only when
-        // nothing more will come: they are the guest's whole ring, or a bad chain blocks the
-        // way (then get past it after this packet). Otherwise wait for the guest.
-        let whole_ring = slot.rx_chains.len() >= usize::from(queue.size());
-        if slot.rx_sets.is_empty() && (whole_ring || stopped_on_bad) {
+        // Chains that cannot hold the largest packet (MRG_RXBUF): alone, they take the next
+        // packet through a host buffer if it fits them (a guest may keep fewer buffers than
+        // the largest packet needs: Linux refills only once half its ring is free), else
+        // after what was gathered before them.
+        if slot.rx_sets.is_empty() {
             push_set(slot, set_start, set_cap);
         } else {
             slot.rx_chains.truncate(set_start);
@@ -219,6 +232,51 @@ fn map_sets<M: GuestMemory>(mem: &M, slot: &mut PairSlot) -> Result<()> {
         set.iovecs = from..slot.iovecs.0.len();
     }
     Ok(())
+}
+
+/// Fills the first set from a host buffer: the packet held from an earlier round, or else
+/// the next one read from the TAP (the set may be too small for the largest packet, and the
+/// TAP truncates what does not fit). A packet that does not fit the set is held, and the set
+/// gets none.
+fn fill_from_host<M: GuestMemory>(mem: &M, fd: RawFd, params: RxParams, slot: &mut PairSlot) {
+    slot.rx_sets.truncate(1);
+    if slot.held.is_empty() {
+        slot.held
+            .resize(usize::try_from(params.max_packet).unwrap_or(usize::MAX), 0);
+        let buf = libc::iovec {
+            iov_base: slot.held.as_mut_ptr().cast(),
+            iov_len: slot.held.len(),
+        };
+        match rw(fd, &[buf], false) {
+            Ok(n) if n > slot.held.len() => {
+                // Truncated by the TAP (it reports the whole length): dropped by `deliver`.
+                slot.held.clear();
+                slot.rx_sets[0].result = i32::try_from(n).unwrap_or(i32::MAX);
+                return;
+            }
+            Ok(n) if n > 0 => slot.held.truncate(n),
+            done => {
+                slot.held.clear();
+                slot.rx_sets[0].result = match done {
+                    Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    Ok(_) => -libc::EIO,
+                };
+                return;
+            }
+        }
+    }
+    let set = &mut slot.rx_sets[0];
+    if slot.held.len() as u64 > set.capacity {
+        set.result = -libc::EAGAIN;
+        return;
+    }
+    let chains = &slot.rx_chains[set.chains.clone()];
+    let segs = chains[0].segs.start..chains[chains.len() - 1].segs.end;
+    set.result = match write_at(mem, &slot.segs[segs], 0, &slot.held) {
+        true => i32::try_from(slot.held.len()).unwrap_or(i32::MAX),
+        false => -libc::EFAULT,
+    };
+    slot.held.clear();
 }
 
 /// Reads one packet into each set: all sets through the io_uring, or one `readv` per set

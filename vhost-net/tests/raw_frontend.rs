@@ -276,10 +276,10 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// With MRG_RXBUF a packet may span chains, but the daemon forms a set only once the chains
-/// can hold the largest packet. One 1 KiB buffer is not enough: the worker must wait for the
-/// driver's next buffers (asking to be notified past the one it saw) instead of spinning on
-/// it; two more buffers then take a full-size frame across two chains.
+/// With MRG_RXBUF a packet may span chains. One 1 KiB buffer cannot take a full-size frame:
+/// the frame is held and the worker must wait for the driver's next buffers (asking to be
+/// notified past the one it saw) instead of spinning on it; two more buffers then take the
+/// frame across two chains.
 #[test]
 fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
     require_environment();
