@@ -317,7 +317,9 @@ impl NetBackend {
                 _ => 0,
             };
             if let Err(e) = state.get_queue_mut().add_used(mem, head, used_len) {
-                tracing::warn!("control queue: cannot complete chain {head}: {e}");
+                if let Some(k) = self.ctrl_errors.count() {
+                    tracing::warn!("control queue: cannot complete chain {head}: {e} (error {k})");
+                }
             }
             completed += 1;
         }

@@ -8,12 +8,16 @@ use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 /// Sends `tracing` events to stderr (colored on a terminal), at `default` and above unless
 /// `RUST_LOG` says otherwise.
 pub fn init(default: LevelFilter) {
+    let mut filter = EnvFilter::builder()
+        .with_default_directive(default.into())
+        .from_env_lossy();
+    // virtio-queue logs an error for every bad chain head a guest makes available, without
+    // limit; the daemons report those themselves, rate-limited. `RUST_LOG` naming it wins.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("virtio_queue")) {
+        filter = filter.add_directive("virtio_queue=off".parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::builder()
-                .with_default_directive(default.into())
-                .from_env_lossy(),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
