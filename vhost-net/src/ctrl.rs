@@ -77,7 +77,9 @@ where
     }
     let read_len = collect_dir(chain.clone(), false, &mut readable).map_err(|e| (head, None, e))?;
     collect_dir(chain.clone(), true, &mut writable).map_err(|e| (head, None, e))?;
-    let Some(last) = writable.last() else {
+    // The ack is the first byte the device writes; any command-specific result follows it
+    // (virtio 1.x 5.1.6.5, as QEMU and Linux place it).
+    let Some(first) = writable.first() else {
         return Err((
             head,
             None,
@@ -88,7 +90,7 @@ where
             },
         ));
     };
-    let ack = GuestAddress(last.addr.0 + u64::from(last.len) - 1);
+    let ack = first.addr;
     if !(2..=MAX_COMMAND_LEN).contains(&read_len) {
         return Err((
             head,
@@ -250,12 +252,19 @@ mod tests {
     }
 
     #[test]
-    fn ack_is_the_last_writable_byte() {
+    fn ack_is_the_first_writable_byte() {
         let mem = memory();
         mem.write_slice(&[0, 0, 1], GuestAddress(0x2000)).unwrap();
         let descs = [d(0x2000, 3, NEXT, 1), d(0x4000, 8, W, 0)];
         let c = parsed(&mem, &descs).unwrap();
-        assert_eq!(c.ack, GuestAddress(0x4007));
+        assert_eq!(c.ack, GuestAddress(0x4000));
+        // A zero-length writable buffer first holds no ack.
+        let descs = [
+            d(0x2000, 3, NEXT, 1),
+            d(0x3000, 0, W | NEXT, 2),
+            d(0x4000, 8, W, 0),
+        ];
+        assert_eq!(parsed(&mem, &descs).unwrap().ack, GuestAddress(0x4000));
         assert_eq!(handle(&c, 1, true), (ACK_OK, Action::None), "PROMISC on");
     }
 
