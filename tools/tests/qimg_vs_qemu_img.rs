@@ -1871,9 +1871,8 @@ fn convert_copies_bitmaps_like_qemu_img() {
     );
 }
 
-/// Sets the in-use flag of bitmap `name` in the qcow2 image at `path`, as a crash of the
-/// program that had it open leaves it.
-fn set_bitmap_in_use(path: &Path, name: &str) {
+/// The file offset of the directory entry of bitmap `name` in the qcow2 image at `path`.
+fn bitmap_entry_offset(path: &Path, name: &str) -> u64 {
     let bytes = std::fs::read(path).unwrap();
     let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
     let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
@@ -1884,16 +1883,77 @@ fn set_bitmap_in_use(path: &Path, name: &str) {
         ext += 8 + (be32(ext + 4) as usize).next_multiple_of(8);
     }
     let dir = be64(ext + 24) as usize..(be64(ext + 24) + be64(ext + 16)) as usize;
-    // An entry's name follows its 24 fixed bytes (no extra data); its flags are bytes 12..16.
-    let at = dir.start
-        + bytes[dir]
-            .windows(name.len())
-            .position(|w| w == name.as_bytes())
-            .expect("the bitmap's directory entry")
-        - 24;
+    // An entry's name follows its 24 fixed bytes (no extra data).
+    let name_at = bytes[dir.clone()]
+        .windows(name.len())
+        .position(|w| w == name.as_bytes())
+        .expect("the bitmap's directory entry");
+    (dir.start + name_at - 24) as u64
+}
+
+/// Sets the in-use flag of bitmap `name` in the qcow2 image at `path`, as a crash of the
+/// program that had it open leaves it.
+fn set_bitmap_in_use(path: &Path, name: &str) {
+    let at = bitmap_entry_offset(path, name);
+    let bytes = std::fs::read(path).unwrap();
+    let flags_at = (at + 12) as usize;
+    let flags = u32::from_be_bytes(bytes[flags_at..flags_at + 4].try_into().unwrap()) | 1;
     let f = std::fs::File::options().write(true).open(path).unwrap();
-    let flags = be32(at + 12) | 1;
-    std::os::unix::fs::FileExt::write_all_at(&f, &flags.to_be_bytes(), at as u64 + 12).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &flags.to_be_bytes(), at + 12).unwrap();
+}
+
+/// Bitmap directories and tables that make no sense are refused with an error naming the
+/// bitmap, never a panic or a huge allocation, whatever the command, and the image is left
+/// as it was.
+#[test]
+fn damaged_bitmaps_are_refused_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "good.qcow2", "16M", &[]);
+    qemu(p, &["bitmap", "--add", "good.qcow2", "damaged"]);
+    qemu_io(p, "good.qcow2", &["write 0 64k"]);
+    let entry = bitmap_entry_offset(&p.join("good.qcow2"), "damaged");
+    let bytes = std::fs::read(p.join("good.qcow2")).unwrap();
+    let table = u64::from_be_bytes(
+        bytes[entry as usize..entry as usize + 8]
+            .try_into()
+            .unwrap(),
+    );
+    // (offset in the file, bytes written there)
+    let damages: [(&str, u64, Vec<u8>); 3] = [
+        ("huge_table", entry + 8, u32::MAX.to_be_bytes().to_vec()),
+        ("granularity", entry + 17, vec![63]),
+        (
+            "table_entry",
+            table,
+            (0x1_0000_0100u64).to_be_bytes().to_vec(),
+        ),
+    ];
+    for (name, at, data) in damages {
+        let img = format!("{name}.qcow2");
+        std::fs::copy(p.join("good.qcow2"), p.join(&img)).unwrap();
+        patch(p, &img, at, &data);
+        let before = std::fs::read(p.join(&img)).unwrap();
+        for args in [
+            &["bitmap", "--clear", "X", "damaged"][..],
+            &["bitmap", "--merge", "damaged", "X", "damaged"],
+            &["resize", "X", "+1M"],
+            &["convert", "--bitmaps", "-O", "qcow2", "X", "out.qcow2"],
+        ] {
+            let args = with_name(args, &img);
+            let (code, _, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &args);
+            assert_eq!(code, 1, "{args:?}: {err}");
+            assert!(
+                err.contains("bitmap 'damaged' has an invalid"),
+                "{args:?}: {err}"
+            );
+            let _ = std::fs::remove_file(p.join("out.qcow2"));
+        }
+        assert!(
+            std::fs::read(p.join(&img)).unwrap() == before,
+            "{name} changed"
+        );
+    }
 }
 
 /// Persistent dirty bitmaps are resized with the disk as qemu-img resizes them: dropped

@@ -3,6 +3,7 @@
 
 use super::{exceeds_file, strerror, Checker, Failed, Repair, MAX_CLUSTERS};
 use crate::engine::overlap::Target;
+use crate::format::bitmaps::table_entry_valid;
 use crate::format::header::{be16, be32, be64, AUTOCLEAR_BITMAPS, MAX_L1_BYTES};
 use crate::format::tables::{
     L2Entry, ALL_ALLOC, ALL_ZERO, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK, ZERO,
@@ -40,13 +41,6 @@ pub(super) fn classify(raw: u64, cluster_bits: u32, data_file: bool, extended: b
     } else {
         Kind::Allocated(host)
     }
-}
-
-/// Whether a bitmap table entry is well-formed (no reserved bits; a data cluster offset is
-/// aligned and comes without the all-ones flag), as QEMU requires to count it.
-fn bitmap_entry_ok(entry: u64, cs: u64) -> bool {
-    let offset = entry & OFFSET_MASK;
-    entry & 0xff00_0000_0000_01fe == 0 && (offset == 0 || (entry & 1 == 0 && offset % cs == 0))
 }
 
 /// Which L1 table is being walked.
@@ -395,7 +389,7 @@ impl Checker<'_> {
             self.inc(table_off, table_size * 8);
             let table = self.read_table(table_off, table_size, "the bitmap check")?;
             for e in table {
-                if !bitmap_entry_ok(e, self.cs) {
+                if !table_entry_valid(e, self.cs) {
                     self.report.corruptions += 1;
                 } else if e & OFFSET_MASK != 0 {
                     self.inc(e & OFFSET_MASK, self.cs);

@@ -11,7 +11,8 @@
 
 use crate::error::{Error, Result};
 use crate::format::bitmaps::{
-    encode_directory, parse_directory, DirEntry, AUTO, IN_USE, MAX_DIRECTORY_BYTES, MAX_NAME_LEN,
+    encode_directory, parse_directory, table_entry_valid, DirEntry, AUTO, DATA_OFFSET,
+    GRANULARITY_BITS, IN_USE, MAX_DIRECTORY_BYTES, MAX_NAME_LEN, MAX_TABLE_SIZE,
 };
 use crate::format::header::{BitmapsExtension, AUTOCLEAR_BITMAPS};
 
@@ -19,8 +20,6 @@ use super::meta::{encode_u64_table, read_u64_table};
 use super::overlap::Target;
 use super::Qcow2;
 
-/// Bits 9-55 of a bitmap table entry: the host offset of a data cluster.
-const DATA_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
 /// A table entry without a data cluster whose bits are all set.
 const ALL_ONES: u64 = 1;
 
@@ -85,11 +84,38 @@ impl Qcow2 {
         self.file
             .read_at(&mut bytes, ext.directory_offset())
             .map_err(|e| Error::io("reading the bitmap directory", e))?;
+        let entries = parse_directory(&bytes, ext.nb_bitmaps())?;
+        let cs = self.geo.cluster_size();
+        for e in &entries {
+            if !GRANULARITY_BITS.contains(&e.granularity_bits)
+                || e.table_offset % cs != 0
+                || e.table_size > MAX_TABLE_SIZE
+                || e.name.len() > MAX_NAME_LEN
+            {
+                return Err(Error::Corrupt(format!(
+                    "bitmap '{}' has an invalid directory entry",
+                    e.name
+                )));
+            }
+        }
         Ok(Some(BitmapDirectory {
             offset: ext.directory_offset(),
-            entries: parse_directory(&bytes, ext.nb_bitmaps())?,
+            entries,
             freed: Vec::new(),
         }))
+    }
+
+    /// The table of bitmap `e`, each entry checked.
+    fn bitmap_table(&self, e: &DirEntry) -> Result<Vec<u64>> {
+        let table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
+        let cs = self.geo.cluster_size();
+        match table.iter().find(|&&t| !table_entry_valid(t, cs)) {
+            Some(t) => Err(Error::Corrupt(format!(
+                "bitmap '{}' has an invalid table entry 0x{t:x}",
+                e.name
+            ))),
+            None => Ok(table),
+        }
     }
 
     /// The bitmap directory, empty if the image has no bitmaps.
@@ -236,7 +262,7 @@ impl Qcow2 {
     /// The data clusters and table of `e`, to free once nothing references them.
     fn bitmap_clusters(&self, e: &DirEntry) -> Result<Vec<(u64, u64)>> {
         let cs = self.geo.cluster_size();
-        let table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
+        let table = self.bitmap_table(e)?;
         let mut out: Vec<(u64, u64)> = table
             .iter()
             .filter(|&&t| t & DATA_OFFSET != 0)
@@ -288,7 +314,7 @@ impl Qcow2 {
             bits: Vec::new(),
         };
         let bytes = out.len().div_ceil(8) as usize;
-        let table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
+        let table = self.bitmap_table(e)?;
         if table.len() * cs < bytes {
             return Err(Error::Corrupt(format!(
                 "the table of bitmap '{name}' is too small for the disk"
@@ -386,6 +412,10 @@ impl Qcow2 {
         if let Some(e) = dir.entries.iter().find(|e| e.flags & IN_USE != 0) {
             return Err(inconsistent(&e.name));
         }
+        // Damaged tables are refused before anything changes.
+        for e in &dir.entries {
+            self.bitmap_table(e)?;
+        }
         for e in &mut dir.entries {
             e.flags |= IN_USE;
         }
@@ -429,7 +459,7 @@ impl Qcow2 {
             let granularity = e.granularity();
             let keep_bits = old.min(new).div_ceil(granularity);
             let entries = new.div_ceil(granularity).div_ceil(bits_per_cluster).max(1);
-            let mut table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
+            let mut table = self.bitmap_table(e)?;
             for &t in table.iter().skip(entries as usize) {
                 if t & DATA_OFFSET != 0 {
                     dir.freed.push((t & DATA_OFFSET, cs));

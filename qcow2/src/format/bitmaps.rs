@@ -16,6 +16,22 @@ pub const MAX_NAME_LEN: usize = 1023;
 /// Largest bitmap directory QEMU reads.
 pub const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
 
+/// Bits 9-55 of a bitmap table entry: the host offset of a data cluster.
+pub const DATA_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
+/// Largest bitmap table QEMU takes, in entries.
+pub const MAX_TABLE_SIZE: u32 = 0x0800_0000;
+/// Finest and coarsest granularity QEMU takes (log2 of bytes per bit).
+pub const GRANULARITY_BITS: std::ops::RangeInclusive<u8> = 9..=31;
+
+/// Whether a bitmap table entry is well formed for `cluster_size`-byte clusters: no
+/// reserved bit set, and a data cluster offset (cluster-aligned) or none (all zeros, or all
+/// ones with bit 0).
+pub fn table_entry_valid(entry: u64, cluster_size: u64) -> bool {
+    let offset = entry & DATA_OFFSET;
+    entry & 0xff00_0000_0000_01fe == 0
+        && (offset == 0 || (entry & 1 == 0 && offset % cluster_size == 0))
+}
+
 /// One bitmap directory entry (QEMU's `Qcow2BitmapDirEntry`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
