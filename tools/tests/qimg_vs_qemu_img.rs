@@ -1,6 +1,7 @@
 //! qimg and qemu-img run side by side on the same images: same stdout, same exit codes.
 
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
@@ -1900,6 +1901,161 @@ fn set_bitmap_in_use(path: &Path, name: &str) {
     let flags = u32::from_be_bytes(bytes[flags_at..flags_at + 4].try_into().unwrap()) | 1;
     let f = std::fs::File::options().write(true).open(path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &flags.to_be_bytes(), at + 12).unwrap();
+}
+
+/// Bitmaps QEMU could not store or load are refused as qemu-img refuses them, leaving the
+/// image as it was: too fine for the disk (also at a new size), on an empty disk, in a v2
+/// image (bitmap and convert). Names need not be UTF-8.
+#[test]
+fn bitmaps_qemu_could_not_load_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let refused = |args: &[&str], img: &str, why: &str| {
+        let before = std::fs::read(p.join(img)).unwrap();
+        let (code, _, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(why), "{args:?}: {err}");
+        assert!(
+            std::fs::read(p.join(img)).unwrap() == before,
+            "{args:?} changed {img}"
+        );
+        assert_eq!(qemu(p, &["check", img]).0, 0, "{args:?}");
+    };
+    qcow2_image(p, &[], "huge.qcow2", "4T", &[]);
+    let too_much = "Too much space will be occupied by the bitmap. Use larger granularity";
+    assert_ne!(
+        qemu(p, &["bitmap", "--add", "-g", "512", "huge.qcow2", "b"]).0,
+        0
+    );
+    refused(
+        &["bitmap", "--add", "-g", "512", "huge.qcow2", "b"],
+        "huge.qcow2",
+        too_much,
+    );
+    qcow2_image(p, &[], "fine.qcow2", "1G", &[]);
+    qemu(p, &["bitmap", "--add", "-g", "512", "fine.qcow2", "b"]);
+    refused(&["resize", "fine.qcow2", "4T"], "fine.qcow2", too_much);
+    qcow2_image(p, &[], "empty.qcow2", "0", &[]);
+    refused(
+        &["bitmap", "--add", "empty.qcow2", "b"],
+        "empty.qcow2",
+        "the disk is empty",
+    );
+    qcow2_image(p, &["-o", "compat=0.10"], "v2.qcow2", "1M", &[]);
+    let v2 = "Cannot store dirty bitmaps in qcow2 v2 files";
+    refused(&["bitmap", "--add", "v2.qcow2", "b"], "v2.qcow2", v2);
+    same(
+        p,
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "fine.qcow2",
+            "o",
+        ],
+    );
+    // A name that is not UTF-8 survives a change of another bitmap.
+    let odd = std::ffi::OsStr::from_bytes(b"\xff\xfe-odd");
+    qcow2_image(p, &[], "names.qcow2", "1M", &[]);
+    let add = |name: &std::ffi::OsStr| {
+        let args = [
+            OsStr::new("bitmap"),
+            OsStr::new("--add"),
+            OsStr::new("names.qcow2"),
+            name,
+        ];
+        assert_eq!(run(p, "qemu-img", &args).0, 0);
+    };
+    add(odd);
+    add(OsStr::new("plain"));
+    let before = qemu(p, &["info", "names.qcow2"]).1;
+    assert_eq!(
+        qimg(p, &["bitmap", "--disable", "names.qcow2", "plain"]).0,
+        0
+    );
+    let after = qemu(p, &["info", "names.qcow2"]).1;
+    let names = after
+        .lines()
+        .filter(|l| l.trim_start().starts_with("name:"));
+    assert_eq!(names.count(), 2, "{after}");
+    assert_eq!(
+        after.replace(
+            "flags:\n            name: plain",
+            "flags:\n                [0]: auto\n            name: plain"
+        ),
+        before
+    );
+}
+
+/// `convert -n` keeps the target's bitmaps, its enabled ones marked dirty over the disk it
+/// rewrites (before the first write: however the copy ends, they cover it); `--bitmaps`
+/// then adds the source's, refusing a name the target has, as qemu-img does.
+#[test]
+fn convert_n_keeps_the_targets_bitmaps() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "src.qcow2", "4M", &["write -P 3 0 1M"]);
+    qemu(p, &["bitmap", "--add", "src.qcow2", "new"]);
+    qemu(p, &["bitmap", "--add", "src.qcow2", "enabled"]);
+    qcow2_image(p, &[], "t.qcow2", "4M", &[]);
+    qemu(p, &["bitmap", "--add", "t.qcow2", "enabled"]);
+    qemu(p, &["bitmap", "--add", "--disable", "t.qcow2", "disabled"]);
+    std::fs::copy(p.join("t.qcow2"), p.join("t2.qcow2")).unwrap();
+    std::fs::copy(p.join("t.qcow2"), p.join("t0.qcow2")).unwrap();
+    let clash = [
+        "convert",
+        "-n",
+        "--bitmaps",
+        "-O",
+        "qcow2",
+        "src.qcow2",
+        "X",
+    ];
+    let (ours, theirs) = (with_name(&clash, "t.qcow2"), with_name(&clash, "t2.qcow2"));
+    let o = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &ours);
+    let t = run_with_stderr(p, "qemu-img", "qemu-img", &theirs);
+    assert_eq!(o, t);
+    // Both stopped at the clash, the bitmaps before it copied: start again without it.
+    qemu(p, &["bitmap", "--remove", "src.qcow2", "enabled"]);
+    std::fs::copy(p.join("t0.qcow2"), p.join("t.qcow2")).unwrap();
+    assert_eq!(qimg(p, &ours).0, 0);
+    let info = qemu(p, &["info", "t.qcow2"]).1;
+    for name in ["enabled", "disabled", "new"] {
+        assert!(info.contains(&format!("name: {name}\n")), "{name}: {info}");
+    }
+    assert_eq!(qemu(p, &["check", "t.qcow2"]).0, 0);
+    assert_eq!(qemu(p, &["compare", "src.qcow2", "t.qcow2"]).0, 0);
+    let all_dirty = "[{ \"start\": 0, \"length\": 4194304, \"depth\": 0, \"present\": false";
+    assert!(dirty_map(p, "t.qcow2", "enabled").starts_with(all_dirty));
+    assert!(!dirty_map(p, "t.qcow2", "disabled").starts_with(all_dirty));
+}
+
+/// A writer that does not keep bitmaps drops their header extension (as QEMU does) and
+/// leaks their clusters; a repair reclaims them, and bitmaps added later never free them a
+/// second time.
+#[test]
+fn invalidated_bitmaps_leak_and_are_never_freed_twice() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &[]);
+    qemu(p, &["bitmap", "--add", "base.qcow2", "b0"]);
+    qcow2_image(
+        p,
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "top.qcow2",
+        "",
+        &["write -P 5 0 1M"],
+    );
+    assert_eq!(qimg(p, &["commit", "top.qcow2"]).0, 0);
+    assert!(!qemu(p, &["info", "base.qcow2"]).1.contains("bitmaps"));
+    assert_eq!(qimg(p, &["check", "-r", "leaks", "base.qcow2"]).0, 0);
+    qemu_io(p, "base.qcow2", &["write -P 6 1M 1M"]);
+    assert_eq!(qimg(p, &["bitmap", "--add", "base.qcow2", "nb"]).0, 0);
+    let (code, out) = qemu(p, &["check", "base.qcow2"]);
+    assert_eq!(code, 0, "{out}");
 }
 
 /// Bitmap directories and tables that make no sense are refused with an error naming the

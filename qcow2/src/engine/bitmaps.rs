@@ -58,7 +58,8 @@ pub(super) struct BitmapDirectory {
 }
 
 /// QEMU's refusal of a bitmap a crash left in use.
-fn inconsistent(name: &str) -> Error {
+fn inconsistent(name: &[u8]) -> Error {
+    let name = String::from_utf8_lossy(name);
     Error::InvalidOption(format!(
         "Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to \
          delete this bitmap from disk"
@@ -94,7 +95,7 @@ impl Qcow2 {
             {
                 return Err(Error::Corrupt(format!(
                     "bitmap '{}' has an invalid directory entry",
-                    e.name
+                    e.display_name()
                 )));
             }
         }
@@ -112,7 +113,7 @@ impl Qcow2 {
         match table.iter().find(|&&t| !table_entry_valid(t, cs)) {
             Some(t) => Err(Error::Corrupt(format!(
                 "bitmap '{}' has an invalid table entry 0x{t:x}",
-                e.name
+                e.display_name()
             ))),
             None => Ok(table),
         }
@@ -169,7 +170,9 @@ impl Qcow2 {
                 h.autoclear_features |= AUTOCLEAR_BITMAPS;
             }
         })?;
-        if let Some(old) = old.filter(|o| o.directory_size() > 0) {
+        // Only a directory that was in use is freed: one whose bitmaps a writer invalidated
+        // (its clusters leaked, as QEMU leaves them) may have been reclaimed by a repair.
+        if let Some(old) = old.filter(|_| dir.offset != 0) {
             m.free_later(
                 old.directory_offset(),
                 old.directory_size().next_multiple_of(cs),
@@ -211,9 +214,22 @@ impl Qcow2 {
             .max(1)
     }
 
+    /// Whether a bitmap of `granularity` bytes per bit can cover a `size`-byte disk within
+    /// QEMU's limits (its `check_constraints_on_bitmap`: 512 MiB of bits, a table of
+    /// [`MAX_TABLE_SIZE`] entries); QEMU cannot open an image with a bitmap past them.
+    fn bitmap_fits(&self, granularity: u64, size: u64) -> bool {
+        let bits = size.div_ceil(granularity);
+        bits.div_ceil(8) <= 0x2000_0000
+            && bits.div_ceil(self.geo.cluster_size() * 8) <= u64::from(MAX_TABLE_SIZE)
+    }
+
     /// Adds an empty bitmap `name` of `granularity` bytes per bit, recording writes
     /// (enabled) or not. QEMU's checks and words.
-    pub fn add_bitmap(&self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
+    pub fn add_bitmap(&self, name: &[u8], granularity: u64, enabled: bool) -> Result<()> {
+        let shown = String::from_utf8_lossy(name);
+        let refuse = |why: &str| {
+            Error::InvalidOption(format!("Can't make bitmap '{shown}' persistent: {why}"))
+        };
         if name.is_empty() {
             return Err(Error::InvalidOption("Bitmap name cannot be empty".into()));
         }
@@ -222,16 +238,24 @@ impl Qcow2 {
                 "Granularity must be power of 2 and at least 512".into(),
             ));
         }
+        if self.version < 3 {
+            return Err(refuse("Cannot store dirty bitmaps in qcow2 v2 files"));
+        }
         if name.len() > MAX_NAME_LEN {
-            return Err(Error::InvalidOption(format!(
-                "Can't make bitmap '{name}' persistent: Name length exceeds maximum (1023 \
-                 characters)"
-            )));
+            return Err(refuse("Name length exceeds maximum (1023 characters)"));
+        }
+        if self.size == 0 {
+            return Err(refuse("the disk is empty"));
+        }
+        if !self.bitmap_fits(granularity, self.size) {
+            return Err(refuse(
+                "Too much space will be occupied by the bitmap. Use larger granularity",
+            ));
         }
         let mut dir = self.bitmaps_or_none()?;
         if dir.entries.iter().any(|e| e.name == name) {
             return Err(Error::InvalidOption(format!(
-                "Bitmap already exists: {name}"
+                "Bitmap already exists: {shown}"
             )));
         }
         let entries = self.table_entries(granularity);
@@ -242,19 +266,20 @@ impl Qcow2 {
             table_size: u32::try_from(entries).expect("a bitmap table fits a u32"),
             flags: if enabled { AUTO } else { 0 },
             granularity_bits: granularity.trailing_zeros() as u8,
-            name: name.to_string(),
+            name: name.to_vec(),
             extra: Vec::new(),
         });
         self.replace_directory(dir)
     }
 
     /// The directory and the index of bitmap `name` in it.
-    fn find_bitmap(&self, name: &str) -> Result<(BitmapDirectory, usize)> {
+    fn find_bitmap(&self, name: &[u8]) -> Result<(BitmapDirectory, usize)> {
         let dir = self.bitmaps_or_none()?;
         match dir.entries.iter().position(|e| e.name == name) {
             Some(i) => Ok((dir, i)),
             None => Err(Error::InvalidOption(format!(
-                "Dirty bitmap '{name}' not found"
+                "Dirty bitmap '{}' not found",
+                String::from_utf8_lossy(name)
             ))),
         }
     }
@@ -278,7 +303,7 @@ impl Qcow2 {
     }
 
     /// Removes bitmap `name` (also an inconsistent one) and frees its clusters.
-    pub fn remove_bitmap(&self, name: &str) -> Result<()> {
+    pub fn remove_bitmap(&self, name: &[u8]) -> Result<()> {
         let (mut dir, i) = self.find_bitmap(name)?;
         let e = dir.entries.remove(i);
         dir.freed = self.bitmap_clusters(&e)?;
@@ -286,7 +311,7 @@ impl Qcow2 {
     }
 
     /// Starts (`true`) or stops recording writes in bitmap `name`.
-    pub fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+    pub fn set_bitmap_enabled(&self, name: &[u8], enabled: bool) -> Result<()> {
         let (mut dir, i) = self.find_bitmap(name)?;
         let e = &mut dir.entries[i];
         if e.flags & IN_USE != 0 {
@@ -301,7 +326,7 @@ impl Qcow2 {
     }
 
     /// The bits of bitmap `name`.
-    pub fn bitmap_bits(&self, name: &str) -> Result<BitmapBits> {
+    pub fn bitmap_bits(&self, name: &[u8]) -> Result<BitmapBits> {
         let (dir, i) = self.find_bitmap(name)?;
         let e = &dir.entries[i];
         if e.flags & IN_USE != 0 {
@@ -317,7 +342,8 @@ impl Qcow2 {
         let table = self.bitmap_table(e)?;
         if table.len() * cs < bytes {
             return Err(Error::Corrupt(format!(
-                "the table of bitmap '{name}' is too small for the disk"
+                "the table of bitmap '{}' is too small for the disk",
+                e.display_name()
             )));
         }
         let mut bits = vec![0u8; table.len() * cs];
@@ -325,10 +351,9 @@ impl Qcow2 {
             match t & DATA_OFFSET {
                 0 if t == ALL_ONES => chunk.fill(0xff),
                 0 => {}
-                host => self
-                    .file
-                    .read_at(chunk, host)
-                    .map_err(|e| Error::io(format!("reading bitmap '{name}'"), e))?,
+                host => self.file.read_at(chunk, host).map_err(|err| {
+                    Error::io(format!("reading bitmap '{}'", e.display_name()), err)
+                })?,
             }
         }
         bits.truncate(bytes);
@@ -369,16 +394,31 @@ impl Qcow2 {
     }
 
     /// Clears every bit of bitmap `name`.
-    pub fn clear_bitmap(&self, name: &str) -> Result<()> {
+    pub fn clear_bitmap(&self, name: &[u8]) -> Result<()> {
+        self.fill_bitmap(name, false)
+    }
+
+    /// Sets every bit of bitmap `name`: the whole disk counts as written (after a writer
+    /// that does not track its writes, such as `convert -n`).
+    pub fn dirty_whole_bitmap(&self, name: &[u8]) -> Result<()> {
+        self.fill_bitmap(name, true)
+    }
+
+    /// Sets every bit of bitmap `name` to `value`.
+    fn fill_bitmap(&self, name: &[u8], value: bool) -> Result<()> {
         let mut bits = self.bitmap_bits(name)?;
-        bits.bits.fill(0);
+        bits.bits.fill(if value { 0xff } else { 0 });
+        let tail = bits.len() % 8;
+        if let (Some(last), true) = (bits.bits.last_mut(), tail != 0) {
+            *last &= (1u8 << tail) - 1;
+        }
         let (dir, i) = self.find_bitmap(name)?;
         self.store_bitmap_bits(dir, i, &bits)
     }
 
     /// Sets in bitmap `name` the bits of every range dirty in `source` (a bitmap of a disk
     /// of the same size; its granularity may differ).
-    pub fn merge_into_bitmap(&self, name: &str, source: &BitmapBits) -> Result<()> {
+    pub fn merge_into_bitmap(&self, name: &[u8], source: &BitmapBits) -> Result<()> {
         let mut bits = self.bitmap_bits(name)?;
         if source.disk_size != bits.disk_size {
             return Err(Error::InvalidOption(format!(
@@ -412,9 +452,17 @@ impl Qcow2 {
         if let Some(e) = dir.entries.iter().find(|e| e.flags & IN_USE != 0) {
             return Err(inconsistent(&e.name));
         }
-        // Damaged tables are refused before anything changes.
+        // Damaged tables, and bitmaps QEMU could not load at the new size, are refused
+        // before anything changes.
         for e in &dir.entries {
             self.bitmap_table(e)?;
+            if !self.bitmap_fits(e.granularity(), new) {
+                return Err(Error::InvalidOption(format!(
+                    "Bitmap '{}' cannot cover the new size: Too much space will be occupied \
+                     by the bitmap. Use larger granularity",
+                    e.display_name()
+                )));
+            }
         }
         for e in &mut dir.entries {
             e.flags |= IN_USE;

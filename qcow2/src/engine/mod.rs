@@ -239,6 +239,11 @@ impl Qcow2 {
             false => AUTOCLEAR_DATA_FILE_RAW,
         };
         header.autoclear_features &= kept;
+        if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            // Bitmaps no writer maintains are gone, as QEMU drops their extension (their
+            // clusters leak).
+            header.bitmaps = None;
+        }
         if header != m.header {
             m.header = header;
             m.write_header(&*self.file)?;

@@ -43,13 +43,18 @@ pub struct DirEntry {
     pub flags: u32,
     /// log2 of the bytes each bit covers.
     pub granularity_bits: u8,
-    /// Name (unique in the image).
-    pub name: String,
+    /// Name (unique in the image), as stored: bytes, which need not be UTF-8.
+    pub name: Vec<u8>,
     /// Extra data, kept as found.
     pub extra: Vec<u8>,
 }
 
 impl DirEntry {
+    /// The name for messages (bytes that are not UTF-8 replaced).
+    pub fn display_name(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.name)
+    }
+
     /// Bytes of guest disk each bit covers.
     pub fn granularity(&self) -> u64 {
         1u64 << self.granularity_bits.min(63)
@@ -77,7 +82,7 @@ pub fn parse_directory(bytes: &[u8], count: u32) -> Result<Vec<DirEntry>> {
             table_size: be32(bytes, pos + 8),
             flags: be32(bytes, pos + 12),
             granularity_bits: bytes[pos + 17],
-            name: String::from_utf8_lossy(name).into_owned(),
+            name: name.to_vec(),
             extra: bytes[extra_at..name_at].to_vec(),
         });
         pos = (name_at + name_len).next_multiple_of(8);
@@ -99,7 +104,7 @@ pub fn encode_directory(entries: &[DirEntry]) -> Vec<u8> {
         let extra_len = u32::try_from(e.extra.len()).expect("extra data came from a u32");
         out.extend_from_slice(&extra_len.to_be_bytes());
         out.extend_from_slice(&e.extra);
-        out.extend_from_slice(e.name.as_bytes());
+        out.extend_from_slice(&e.name);
         out.resize(out.len().next_multiple_of(8), 0);
     }
     out
@@ -117,7 +122,7 @@ mod tests {
                 table_size: 1,
                 flags: AUTO,
                 granularity_bits: 16,
-                name: "b0".into(),
+                name: b"b0".to_vec(),
                 extra: Vec::new(),
             },
             DirEntry {
@@ -125,7 +130,7 @@ mod tests {
                 table_size: 3,
                 flags: IN_USE,
                 granularity_bits: 9,
-                name: "a longer name".into(),
+                name: b"a longer name".to_vec(),
                 extra: vec![1, 2, 3],
             },
         ];

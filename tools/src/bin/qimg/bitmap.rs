@@ -181,19 +181,19 @@ fn apply(
             // QEMU's default: the cluster size, within 4 KiB to 64 KiB.
             let cs = img.header().cluster_size();
             let g = granularity.unwrap_or(cs.clamp(4096, 65536));
-            img.add_bitmap(bitmap, g, true)?
+            img.add_bitmap(bitmap.as_bytes(), g, true)?
         }
-        Action::Remove => img.remove_bitmap(bitmap)?,
-        Action::Clear => img.clear_bitmap(bitmap)?,
-        Action::Enable => img.set_bitmap_enabled(bitmap, true)?,
-        Action::Disable => img.set_bitmap_enabled(bitmap, false)?,
+        Action::Remove => img.remove_bitmap(bitmap.as_bytes())?,
+        Action::Clear => img.clear_bitmap(bitmap.as_bytes())?,
+        Action::Enable => img.set_bitmap_enabled(bitmap.as_bytes(), true)?,
+        Action::Disable => img.set_bitmap_enabled(bitmap.as_bytes(), false)?,
         Action::Merge(name) => {
             let from = match source {
                 None => img,
                 Some(Some(q)) => q,
                 Some(None) => bail!("Dirty bitmap '{name}' not found"),
             };
-            img.merge_into_bitmap(bitmap, &from.bitmap_bits(name)?)?
+            img.merge_into_bitmap(bitmap.as_bytes(), &from.bitmap_bits(name.as_bytes())?)?
         }
     }
     Ok(())

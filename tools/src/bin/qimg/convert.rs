@@ -953,8 +953,10 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             let dir = target_path.parent();
             // A full file system fails the conversion as a whole, wherever it shows: no need
             // to claim each new table's space as it is allocated.
+            // With -n the target's own bitmaps stay (updated after the copy).
             let opts = qcow2::OpenOptions {
                 defer_space_claims: true,
+                keep_bitmaps: a.no_create,
                 ..Default::default()
             };
             Target::Qcow2(Box::new(crate::open_qcow2(
@@ -968,7 +970,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             qcow2::RawImage::new(storage, false).map_err(|e| crate::open_error(target_name, e))?,
         )),
     };
-    if a.bitmaps && !matches!(target, Target::Qcow2(_)) {
+    if a.bitmaps && !matches!(&target, Target::Qcow2(q) if q.header().version >= 3) {
         bail!(
             "Format driver '{}' does not support bitmaps",
             out_fmt.name()
@@ -976,6 +978,10 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     }
     if a.no_create && target.image().size().next_multiple_of(512) < total {
         bail!("output file is smaller than input file");
+    }
+    if let (Target::Qcow2(q), true) = (&target, a.no_create) {
+        // Before the first write: however the copy ends, they cover it.
+        crate::copy_bitmaps::dirty_enabled(q)?;
     }
     if a.compress && !matches!(target, Target::Qcow2(_)) {
         bail!("Compression not supported for this file format");

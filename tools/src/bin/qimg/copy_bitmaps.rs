@@ -1,6 +1,7 @@
-//! `qimg convert --bitmaps`: the source's persistent dirty bitmaps copied into the target,
-//! as qemu-img copies them (QEMU's `convert_check_bitmaps` and `convert_copy_bitmaps`):
-//! same names, granularities and enabled state, and the same bits.
+//! Bitmaps in `qimg convert`: with `--bitmaps` the source's persistent dirty bitmaps copied
+//! into the target as qemu-img copies them (QEMU's `convert_check_bitmaps` and
+//! `convert_copy_bitmaps`: same names, granularities and enabled state, and the same bits);
+//! with `-n` the target's own enabled bitmaps marked dirty over the disk it rewrites.
 
 use anyhow::bail;
 use qcow2::format::bitmaps::{AUTO, IN_USE};
@@ -22,7 +23,7 @@ pub fn source(
             bail!(
                 "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use \
                  '{} bitmap --remove' to delete it",
-                b.name,
+                b.display_name(),
                 crate::progname()
             );
         }
@@ -37,19 +38,30 @@ pub fn copy(src: &Qcow2, target: &Qcow2) -> anyhow::Result<()> {
             eprintln!(
                 "{}: warning: Skipping inconsistent bitmap '{}'",
                 crate::progname(),
-                b.name
+                b.display_name()
             );
             continue;
         }
         if let Err(e) = target.add_bitmap(&b.name, b.granularity(), b.flags & AUTO != 0) {
-            bail!("Failed to create bitmap {}: {e}", b.name);
+            bail!("Failed to create bitmap {}: {e}", b.display_name());
         }
         let populated = src
             .bitmap_bits(&b.name)
             .and_then(|bits| target.merge_into_bitmap(&b.name, &bits));
         if let Err(e) = populated {
             let _ = target.remove_bitmap(&b.name);
-            bail!("Failed to populate bitmap {}: {e}", b.name);
+            bail!("Failed to populate bitmap {}: {e}", b.display_name());
+        }
+    }
+    Ok(())
+}
+
+/// Marks every enabled bitmap of `target` wholly dirty: `convert -n` writes the whole disk
+/// without tracking its writes (qemu-img's writes mark them as they go).
+pub fn dirty_enabled(target: &Qcow2) -> anyhow::Result<()> {
+    for b in target.bitmaps()? {
+        if b.flags & AUTO != 0 && b.flags & IN_USE == 0 {
+            target.dirty_whole_bitmap(&b.name)?;
         }
     }
     Ok(())

@@ -135,7 +135,7 @@ fn bitmaps(file: &dyn Storage, h: &Header) -> anyhow::Result<Option<QObj>> {
                     f.push("auto".into());
                 }
                 dict([
-                    ("name", Some(b.name.as_str().into())),
+                    ("name", Some(b.display_name().as_ref().into())),
                     ("granularity", Some(b.granularity().into())),
                     ("flags", Some(QObj::List(f))),
                 ])
