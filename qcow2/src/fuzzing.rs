@@ -53,13 +53,13 @@ const GROW_LIMIT: u64 = 1 << 30;
 
 /// Opens all of `data` but its last [`MUTATE_CONTROL_BYTES`] as a qcow2 image writable, runs
 /// the operations those bytes choose (writes, zero writes, discards, flushes, repairs,
-/// snapshot changes, resizes, compressed writes, amends), reads back what they touched,
-/// checks the image, and reopens what is left read-only to read and check it again. Any
-/// outcome is fine except a panic, a hang or an unbounded allocation.
+/// snapshot changes, resizes, compressed writes, amends, persistent bitmap changes), reads
+/// back what they touched, checks the image, and reopens what is left read-only to read and
+/// check it again. Any outcome is fine except a panic, a hang or an unbounded allocation.
 ///
 /// The control bytes: the first holds flags (bit 0: open for a check, which allows a
-/// writable open despite the corrupt bit); then eight operations of three bytes each (the
-/// kind, where, and how much).
+/// writable open despite the corrupt bit; bit 1: keep the image's persistent bitmaps); then
+/// eight operations of three bytes each (the kind, where, and how much).
 pub fn open_mutate_check(data: &[u8]) {
     let split = data.len().saturating_sub(MUTATE_CONTROL_BYTES);
     let (image, control) = data.split_at(split);
@@ -69,6 +69,7 @@ pub fn open_mutate_check(data: &[u8]) {
     let opts = OpenOptions {
         read_only: false,
         check: control[0] & 1 != 0,
+        keep_bitmaps: control[0] & 2 != 0,
         ..Default::default()
     };
     let Ok(mut img) = Qcow2::open_storage(storage.clone(), &opts, None) else {
@@ -91,6 +92,7 @@ pub fn open_mutate_check(data: &[u8]) {
     if let Ok(img) = Qcow2::open_storage(storage, &read_only, None) {
         read_back(&img, &touched);
         let _ = check(&img);
+        read_bitmaps(&img);
     }
 }
 
@@ -103,6 +105,48 @@ fn read_back(img: &Qcow2, ranges: &[(u64, u64)]) {
             buf.resize((end - offset) as usize, 0);
             let _ = img.read_at(&mut buf, offset);
         }
+    }
+}
+
+/// Reads every bitmap of `img` whose bits are of a bounded size.
+fn read_bitmaps(img: &Qcow2) {
+    if img.size() > GROW_LIMIT {
+        return;
+    }
+    for entry in img.bitmaps().unwrap_or_default() {
+        let _ = img.bitmap_bits(&entry.name);
+    }
+}
+
+/// Runs one persistent bitmap operation of [`open_mutate_check`] (kinds 240 to 255): `kind`
+/// chooses it, `at` the bitmap (one of four names) and `len` its granularity and state.
+fn bitmap_op(img: &Qcow2, kind: u8, at: u8, len: u8) {
+    let name = format!("b{}", at % 4).into_bytes();
+    let other = format!("b{}", (at >> 2) % 4).into_bytes();
+    // Operations that read or write every bit of a bitmap only on disks of a bounded size.
+    let bounded = img.size() <= GROW_LIMIT;
+    match kind % 8 {
+        0 | 1 => {
+            let _ = img.add_bitmap(&name, 512 << (len % 12), len & 0x80 != 0);
+        }
+        2 => {
+            let _ = img.remove_bitmap(&name);
+        }
+        3 => {
+            let _ = img.set_bitmap_enabled(&name, len & 1 != 0);
+        }
+        4 if bounded => {
+            let _ = img.clear_bitmap(&name);
+        }
+        5 if bounded => {
+            let _ = img.dirty_whole_bitmap(&name);
+        }
+        6 if bounded => {
+            if let Ok(bits) = img.bitmap_bits(&other) {
+                let _ = img.merge_into_bitmap(&name, &bits);
+            }
+        }
+        _ => read_bitmaps(img),
     }
 }
 
@@ -134,6 +178,10 @@ fn mutate_op(img: &mut Qcow2, kind: u8, at: u8, len: u8) -> Option<(u64, u64)> {
     let n = n.min(size.saturating_sub(offset));
     let pattern = vec![kind ^ at ^ 0xa5; n as usize];
     let wrote = Some((offset, n));
+    if kind >= 240 {
+        bitmap_op(img, kind, at, len);
+        return None;
+    }
     match kind % 20 {
         0 | 1 => img.write_at(&pattern, offset).ok().and(wrote),
         2 => {

@@ -49,10 +49,12 @@ fn mutate_corpus_inputs_do_not_panic() {
 }
 
 /// The qemu-made images of the mutate_image corpus open writable, check clean, and take the
-/// operations their control bytes choose, so that target's harness reaches the engine.
+/// operations their control bytes choose, so that target's harness reaches the engine (and,
+/// for the seeds that keep bitmaps, their dirty bits).
 #[test]
 fn mutate_corpus_seeds_open_writable() {
     let mut opened = 0;
+    let mut with_bitmaps = 0;
     for (name, data) in corpus_of("mutate_image") {
         if Path::new(&name)
             .file_name()
@@ -62,9 +64,10 @@ fn mutate_corpus_seeds_open_writable() {
         {
             continue;
         }
-        let image = &data[..data.len() - MUTATE_CONTROL_BYTES];
+        let (image, control) = data.split_at(data.len() - MUTATE_CONTROL_BYTES);
         let opts = qcow2::OpenOptions {
             check: true,
+            keep_bitmaps: control[0] & 2 != 0,
             ..Default::default()
         };
         let img = Qcow2::open_storage(Arc::new(MemStorage::new(image)), &opts, None)
@@ -73,9 +76,18 @@ fn mutate_corpus_seeds_open_writable() {
         // The lazy-refcount image was left dirty by a crash: it needs its repair.
         let dirty = img.header().is_dirty();
         assert!(report.is_clean() || dirty, "{name}: {report:?}");
+        if opts.keep_bitmaps {
+            // qemu-io's writes are in the bitmaps, so the bitmap operations start from them.
+            let bitmaps = img.bitmaps().unwrap();
+            assert!(!bitmaps.is_empty(), "{name}: no bitmaps");
+            let bits = img.bitmap_bits(&bitmaps[0].name).unwrap();
+            assert!(bits.bits.iter().any(|&b| b != 0), "{name}: no dirty bits");
+            with_bitmaps += 1;
+        }
         opened += 1;
     }
     assert!(opened >= 10, "only {opened} qemu-made images");
+    assert!(with_bitmaps >= 2, "only {with_bitmaps} images keep bitmaps");
 }
 
 #[test]
