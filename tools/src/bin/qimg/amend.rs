@@ -30,6 +30,9 @@ pub struct Args {
     /// Allow unsafe operations (only LUKS amendments need it; accepted).
     #[arg(long = "force")]
     _force: bool,
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
+    #[command(flatten)]
+    names: crate::image_name::NameArgs,
     /// The image.
     filename: Vec<String>,
 }
@@ -131,7 +134,11 @@ fn is_amend_option(k: &str) -> bool {
 }
 
 /// Runs `qimg amend`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    if let Some(name) = a.filename.first_mut() {
+        a.names.resolve(name, &mut a.format)?;
+    }
     if a.options.is_empty() {
         bail!(
             "Must specify options (-o)\nTry '{} amend --help' for more info",

@@ -61,12 +61,17 @@ pub struct Args {
     /// Write instead of read.
     #[arg(short = 'w', long = "write")]
     write: bool,
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
+    #[command(flatten)]
+    names: crate::image_name::NameArgs,
     /// The image.
     filename: String,
 }
 
 /// Runs `qimg bench`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    a.names.resolve(&mut a.filename, &mut a.format)?;
     let _ = (a.no_drain, a.quiet);
     if let Some(m) = a.aio.as_deref() {
         if !matches!(m, "threads" | "native" | "io_uring") {

@@ -43,6 +43,9 @@ pub struct Args {
     /// Bytes per bit of a bitmap made by --add (power of two, at least 512).
     #[arg(short = 'g', long = "granularity", value_name = "SIZE")]
     granularity: Option<String>,
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
+    #[command(flatten)]
+    names: crate::image_name::NameArgs,
     /// FILENAME BITMAP.
     args: Vec<String>,
 }
@@ -94,7 +97,11 @@ fn ordered_actions(a: &Args, m: &ArgMatches) -> Vec<Action> {
 }
 
 /// Runs `qimg bitmap`.
-pub fn run(a: Args, m: &ArgMatches) -> anyhow::Result<u8> {
+pub fn run(mut a: Args, m: &ArgMatches) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    if let Some(name) = a.args.first_mut() {
+        a.names.resolve(name, &mut a.format)?;
+    }
     let granularity = a
         .granularity
         .as_deref()

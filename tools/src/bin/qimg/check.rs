@@ -33,9 +33,9 @@ pub struct Args {
     /// Open without taking the write lock (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Options for features qimg lacks (refused).
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
     #[command(flatten)]
-    lacking: crate::Lacking,
+    names: crate::image_name::NameArgs,
     /// The image.
     filename: String,
 }
@@ -63,8 +63,9 @@ fn parse_repair(r: &str) -> Result<Repair, crate::BadValue> {
 }
 
 /// Runs `qimg check`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
-    a.lacking.refuse()?;
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    a.names.resolve(&mut a.filename, &mut a.format)?;
     let json = a.output.0;
     let mode = a.repair.unwrap_or_default();
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {
@@ -137,7 +138,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     }
     if a.quiet {
     } else if json {
-        print_json(&a.filename, &report);
+        print_json(&crate::image_name::as_given(&a.filename), &report);
     } else {
         print_human(&report);
     }

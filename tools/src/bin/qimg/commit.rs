@@ -36,6 +36,9 @@ pub struct Args {
     /// Write at most RATE bytes per second into the base (0: no limit).
     #[arg(short = 'r', long = "rate", value_name = "RATE")]
     rate: Option<String>,
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
+    #[command(flatten)]
+    names: crate::image_name::NameArgs,
     /// The image.
     filename: String,
 }
@@ -106,7 +109,9 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
 }
 
 /// Runs `qimg commit`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    a.names.resolve(&mut a.filename, &mut a.format)?;
     // Refused before the image is opened, in qemu-img's order.
     let rate = RateLimit::parse(a.rate.as_deref())?;
     if let Some(c) = a.cache.as_deref().filter(|c| !crate::valid_cache_mode(c)) {

@@ -34,7 +34,7 @@ pub struct Args {
     /// QEMU objects (refused: qimg creates none).
     #[arg(long = "object")]
     object: Vec<String>,
-    /// Images given as option strings (refused).
+    /// Treat each image name as a QEMU option string (driver=qcow2,file.filename=PATH).
     #[arg(long = "image-opts")]
     image_opts: bool,
     /// First image.
@@ -198,9 +198,9 @@ fn say(a: &Args, line: std::fmt::Arguments) {
     }
 }
 
-/// qemu-img's checks of the options that come before opening the images: the exit code if
-/// one fails (reported).
-fn check_options(a: &Args) -> Result<(), u8> {
+/// qemu-img's checks of the options that come before opening the images, and the images'
+/// names resolved into their files (see `image_name`): the exit code if one fails (reported).
+fn check_options(a: &mut Args) -> Result<(), u8> {
     if !a.object.is_empty() {
         crate::print_error("--object is not supported");
         return Err(2);
@@ -209,12 +209,19 @@ fn check_options(a: &Args) -> Result<(), u8> {
         crate::print_error(format!("Invalid source cache option: {c}"));
         return Err(2);
     }
-    if a.image_opts {
-        crate::print_error(match a.format1 {
-            Some(_) => "--image-opts and --format are mutually exclusive",
-            None => "--image-opts is not supported",
-        });
+    if a.image_opts && a.format1.is_some() {
+        crate::print_error("--image-opts and --format are mutually exclusive");
         return Err(2);
+    }
+    let image_opts = a.image_opts;
+    for (name, format) in [
+        (&mut a.image1, &mut a.format1),
+        (&mut a.image2, &mut a.format2),
+    ] {
+        if let Err(e) = crate::image_name::resolve(name, format, image_opts) {
+            crate::print_error(e);
+            return Err(2);
+        }
     }
     Ok(())
 }
@@ -284,7 +291,7 @@ fn contents<'a>(
 }
 
 /// Compares the images; returns the exit code (errors reported).
-fn compare(a: &Args, progress: &mut Steps) -> u8 {
+fn compare(a: &mut Args, progress: &mut Steps) -> u8 {
     if let Err(code) = check_options(a) {
         return code;
     }
@@ -298,10 +305,10 @@ fn compare(a: &Args, progress: &mut Steps) -> u8 {
 }
 
 /// Runs `qimg compare`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
     // Progress is not shown in quiet mode; its end is printed whatever the outcome.
     let mut progress = Steps::new(a.progress && !a.quiet, 2.0);
-    let code = compare(&a, &mut progress);
+    let code = compare(&mut a, &mut progress);
     progress.end();
     Ok(code)
 }

@@ -110,22 +110,25 @@ pub struct Args {
     /// With --bitmaps, skip inconsistent bitmaps (with a warning) instead of failing.
     #[arg(long = "skip-broken-bitmaps")]
     skip_broken_bitmaps: bool,
-    /// Options for features qimg lacks (refused).
+    /// How images are named (`--image-opts` for the sources, `--target-image-opts`).
     #[command(flatten)]
-    lacking: Lacking,
+    names: Names,
     /// Source image(s), concatenated, then the target.
     files: Vec<String>,
 }
 
-/// Options of qemu-img convert for features qimg lacks: refused with exit code 1.
+/// How convert's images are named: `--image-opts` (or `--source-image-opts`) for the
+/// sources, `--target-image-opts` for the target (see `image_name`).
 #[derive(clap::Args)]
 #[group(skip)]
-struct Lacking {
+struct Names {
     #[command(flatten)]
-    common: crate::Lacking,
-    #[arg(long = "source-image-opts", hide = true)]
+    common: crate::image_name::NameArgs,
+    /// Treat each source name as a QEMU option string (as --image-opts).
+    #[arg(long = "source-image-opts")]
     source_image_opts: bool,
-    #[arg(long = "target-image-opts", hide = true)]
+    /// Treat the target name as a QEMU option string (needs -n).
+    #[arg(long = "target-image-opts")]
     target_image_opts: bool,
 }
 
@@ -133,7 +136,7 @@ impl Args {
     /// qemu-img's checks of the options together that come before any file is opened, and
     /// the refusal of the options qimg lacks.
     fn check_combinations(&self) -> anyhow::Result<()> {
-        let l = &self.lacking;
+        let l = &self.names;
         if self.skip_broken_bitmaps && !self.bitmaps {
             bail!("Use of --skip-broken-bitmaps requires --bitmaps");
         }
@@ -149,13 +152,34 @@ impl Args {
         if l.target_image_opts && !self.no_create {
             bail!("--target-image-opts requires use of -n flag");
         }
-        l.common.refuse()?;
-        let lacking = [
-            (l.source_image_opts, "--source-image-opts"),
-            (l.target_image_opts, "--target-image-opts"),
-        ];
-        if let Some((_, name)) = lacking.iter().find(|(given, _)| *given) {
-            bail!("qimg does not support {name} yet");
+        l.common.refuse_objects()
+    }
+
+    /// Replaces the sources' names by their files and `-f` by the format they name (one for
+    /// all), and the name of an existing target (`-n`) by its file and `-O` by its format.
+    fn resolve_names(&mut self) -> anyhow::Result<()> {
+        let sources = self.files.len().saturating_sub(1);
+        let image_opts = self.names.common.image_opts || self.names.source_image_opts;
+        let mut formats = Vec::new();
+        for name in &mut self.files[..sources] {
+            let mut format = self.format.clone();
+            crate::image_name::resolve(name, &mut format, image_opts)?;
+            formats.push(format);
+        }
+        if formats.windows(2).any(|pair| pair[0] != pair[1]) {
+            bail!("qimg converts several sources only when they have one format");
+        }
+        if let Some(format) = formats.pop() {
+            self.format = format;
+        }
+        if let Some(target) = self.files.get_mut(sources).filter(|_| sources > 0) {
+            if self.no_create || target.starts_with("file:") {
+                let mut format = None;
+                crate::image_name::resolve(target, &mut format, self.names.target_image_opts)?;
+                if let Some(format) = format {
+                    self.output_format = format;
+                }
+            }
         }
         Ok(())
     }
@@ -742,7 +766,7 @@ enum Creation {
 }
 
 /// Runs `qimg convert`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let _ = a.out_of_order;
     // What getopt's loop checks, as it reads the options.
     let options = qemu_opts::accumulate(&a.options)?;
@@ -758,6 +782,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
     let rate = RateLimit::parse(a.rate.as_deref())?;
     // Then, in qemu-img's order, the checks of the options together.
     a.check_combinations()?;
+    a.resolve_names()?;
     if a.no_create && options.is_some() {
         bail!("-o has no effect when skipping image creation");
     }

@@ -19,9 +19,9 @@ pub struct Args {
     /// Open the input without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Options for features qimg lacks (refused).
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
     #[command(flatten)]
-    lacking: crate::Lacking,
+    names: crate::image_name::NameArgs,
     /// Operands: if=FILE of=FILE bs=SIZE count=N skip=N.
     operands: Vec<String>,
 }
@@ -65,9 +65,10 @@ fn parse_operands(ops: &[String]) -> anyhow::Result<Operands> {
 }
 
 /// Runs `qimg dd`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
-    a.lacking.refuse()?;
-    let ops = parse_operands(&a.operands)?;
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    let mut ops = parse_operands(&a.operands)?;
+    a.names.resolve(&mut ops.input, &mut a.format)?;
     let input = crate::open(
         &ops.input,
         a.format.as_deref(),

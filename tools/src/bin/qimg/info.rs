@@ -35,9 +35,9 @@ pub struct Args {
     /// Open without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Options for features qimg lacks (refused).
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
     #[command(flatten)]
-    lacking: crate::Lacking,
+    names: crate::image_name::NameArgs,
     /// The image.
     filename: String,
 }
@@ -401,8 +401,9 @@ fn local_time(secs: i64) -> String {
 }
 
 /// Runs `qimg info`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
-    a.lacking.refuse()?;
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    a.names.resolve(&mut a.filename, &mut a.format)?;
     let locking = crate::locking(a.force_share);
     let json = a.output.0;
     let mut chain = Vec::new();

@@ -32,6 +32,7 @@ mod copy_bitmaps;
 mod create;
 mod dd;
 mod encryption;
+mod image_name;
 mod info;
 mod interrupt;
 mod map;
@@ -237,30 +238,6 @@ fn without_os_error_numbers(message: &str) -> String {
     out
 }
 
-/// Options of qemu-img for features qimg lacks (an image given as a QEMU option string, QEMU
-/// objects such as secrets): accepted by the command line and refused with exit code 1.
-#[derive(clap::Args)]
-#[group(skip)]
-pub struct Lacking {
-    #[arg(long = "image-opts", hide = true)]
-    image_opts: bool,
-    #[arg(long = "object", hide = true)]
-    object: Vec<String>,
-}
-
-impl Lacking {
-    /// Fails if any option was given.
-    pub fn refuse(&self) -> anyhow::Result<()> {
-        if self.image_opts {
-            anyhow::bail!("qimg does not support --image-opts yet");
-        }
-        if !self.object.is_empty() {
-            anyhow::bail!("qimg does not support --object yet");
-        }
-        Ok(())
-    }
-}
-
 /// A command-line value refused in qemu-img's words. Refused by a clap value parser, it is
 /// reported where getopt would (in the order of the command line), followed by qemu-img's
 /// "Try ... --help" line.
@@ -296,7 +273,8 @@ pub fn file_open_error(path: &str, e: std::io::Error) -> anyhow::Error {
     if path.is_empty() {
         return open_error(path, qcow2::Error::NoFileName);
     }
-    anyhow::anyhow!("Could not open '{path}': Could not open '{path}': {e}")
+    let given = image_name::as_given(path);
+    anyhow::anyhow!("Could not open '{given}': Could not open '{path}': {e}")
 }
 
 /// Opens the file of image `name` for reading, or also writing, with qemu-img's errors.
@@ -307,13 +285,15 @@ pub fn open_file(name: &str, writable: bool) -> anyhow::Result<std::fs::File> {
 
 /// qemu-img's error when the backing file of `path` cannot be opened (`why` names it).
 pub fn backing_open_error(path: &str, why: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("Could not open '{path}': Could not open backing file: {why}")
+    let given = image_name::as_given(path);
+    anyhow::anyhow!("Could not open '{given}': Could not open backing file: {why}")
 }
 
 /// qemu-img's wording for an open error of a qcow2 image (or of its snapshot).
 pub fn open_error(path: &str, e: qcow2::Error) -> anyhow::Error {
+    let path = image_name::as_given(path);
     match e {
-        qcow2::Error::Backing { reason, .. } => backing_open_error(path, reason),
+        qcow2::Error::Backing { reason, .. } => backing_open_error(&path, reason),
         qcow2::Error::BadMagic(_) => {
             anyhow::anyhow!("Could not open '{path}': Image is not in qcow2 format")
         }
@@ -339,8 +319,10 @@ pub fn parse_format(name: &str) -> anyhow::Result<qcow2::Format> {
 /// Parses the format `name` given for the image `path`, with the block layer's error (it
 /// names the image it was to open).
 pub fn parse_driver(path: &str, name: &str) -> anyhow::Result<qcow2::Format> {
-    qcow2::Format::from_name(name)
-        .ok_or_else(|| anyhow::anyhow!("Could not open '{path}': Unknown driver '{name}'"))
+    qcow2::Format::from_name(name).ok_or_else(|| {
+        let path = image_name::as_given(path);
+        anyhow::anyhow!("Could not open '{path}': Unknown driver '{name}'")
+    })
 }
 
 /// The format of the image `name`, open in `storage`, for a command that writes to it:

@@ -28,6 +28,9 @@ pub struct Args {
     /// Open without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
+    #[command(flatten)]
+    names: crate::image_name::NameArgs,
     /// The image.
     filename: String,
 }
@@ -107,7 +110,9 @@ fn parse_opt(v: &Option<String>, what: &str) -> anyhow::Result<Option<u64>> {
 }
 
 /// Runs `qimg map`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    a.names.resolve(&mut a.filename, &mut a.format)?;
     let json = a.output.0;
     let start = parse_opt(&a.start_offset, "start offset")?.unwrap_or(0);
     let max_length = parse_opt(&a.max_length, "max length")?.unwrap_or(i64::MAX as u64);

@@ -39,9 +39,9 @@ pub struct Args {
     /// Open without taking the write lock (qimg takes no locks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Options for features qimg lacks (refused).
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
     #[command(flatten)]
-    lacking: crate::Lacking,
+    names: crate::image_name::NameArgs,
     /// The source image.
     filename: Option<String>,
 }
@@ -181,8 +181,11 @@ fn measure_qcow2(
 }
 
 /// Runs `qimg measure`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
-    a.lacking.refuse()?;
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    if let Some(name) = &mut a.filename {
+        a.names.resolve(name, &mut a.format)?;
+    }
     let json = a.output.0;
     let options = qemu_opts::accumulate(&a.options)?;
     let snapshot = snapshot_param::parse_given(a.snapshot.as_deref())?;

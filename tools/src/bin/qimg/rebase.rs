@@ -46,6 +46,9 @@ pub struct Args {
     /// Open the new backing file without keeping writers out (force share).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
+    #[command(flatten)]
+    names: crate::image_name::NameArgs,
     /// The image.
     filename: String,
 }
@@ -239,7 +242,9 @@ fn copy_differences(
 }
 
 /// Runs `qimg rebase`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    a.names.resolve(&mut a.filename, &mut a.format)?;
     // `-u` without `-b` removes the backing file, as `-b ""` does (qemu-img 10).
     let Some(backing) = a.backing.as_deref().or(a.unsafe_mode.then_some("")) else {
         bail!(

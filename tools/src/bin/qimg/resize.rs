@@ -23,6 +23,9 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
+    #[command(flatten)]
+    names: crate::image_name::NameArgs,
     /// The image.
     filename: String,
     /// New size, or `+SIZE` / `-SIZE` relative to the current one.
@@ -68,7 +71,9 @@ pub fn has_bitmaps(file: &dyn Storage, name: &str) -> anyhow::Result<bool> {
 }
 
 /// Runs `qimg resize`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    a.names.resolve(&mut a.filename, &mut a.format)?;
     let prealloc = match &a.preallocation {
         None => Preallocation::Off,
         Some(p) => Preallocation::from_name(p)

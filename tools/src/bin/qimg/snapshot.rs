@@ -31,6 +31,9 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// How images are named (`--image-opts`) and QEMU objects (refused).
+    #[command(flatten)]
+    names: crate::image_name::NameArgs,
     /// The image.
     filename: Vec<String>,
 }
@@ -61,7 +64,11 @@ impl Args {
 }
 
 /// Runs `qimg snapshot`.
-pub fn run(a: Args) -> anyhow::Result<u8> {
+pub fn run(mut a: Args) -> anyhow::Result<u8> {
+    a.names.refuse_objects()?;
+    if let Some(name) = a.filename.first_mut() {
+        a.names.resolve(name, &mut a.format)?;
+    }
     let action = a.action()?;
     let [name] = &a.filename[..] else {
         bail!(
