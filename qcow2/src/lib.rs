@@ -18,6 +18,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod image;
 pub mod lock;
+pub mod name;
 pub mod open;
 pub mod raw;
 pub mod storage;

@@ -10,6 +10,7 @@ use crate::format::header::{MAGIC, MAX_L1_BYTES};
 use crate::format::snapshot::{Snapshot, SnapshotRef};
 use crate::image::{Format, Image};
 use crate::lock::{self, Locking};
+use crate::name::NamedImage;
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, Storage};
 
@@ -159,7 +160,21 @@ pub(crate) fn open_backing(
     dir: &Path,
     parent: &OpenOptions,
 ) -> Result<Box<dyn Image>> {
-    let path = resolve_relative(name, dir);
+    // A pseudo-filename names a file relative to the working directory, as in QEMU.
+    let named = match crate::name::parse_json_name(name) {
+        Some(named) => Some(named.map_err(|e| Error::Backing {
+            path: PathBuf::from(name),
+            reason: e.to_string(),
+        })?),
+        None => name.strip_prefix("file:").map(|file| NamedImage {
+            filename: file.to_owned(),
+            driver: None,
+        }),
+    };
+    let (path, format) = match &named {
+        Some(n) => (PathBuf::from(&n.filename), n.driver.as_deref().or(format)),
+        None => (resolve_relative(name, dir), format),
+    };
     let format = match format {
         None => None,
         Some(f) => Some(Format::from_name(f).ok_or_else(|| Error::Backing {

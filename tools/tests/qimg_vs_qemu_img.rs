@@ -1214,9 +1214,9 @@ fn compare_progress_and_options_like_qemu_img() {
 }
 
 /// Images named by QEMU option strings (`--image-opts`, convert's `--target-image-opts`), by
-/// `json:` pseudo-filenames and with the `file:` prefix: the same output as qemu-img for each
-/// command that opens an image, the same changes by the commands that write, and qemu-img's
-/// errors for the names it refuses too.
+/// `json:` pseudo-filenames and with the `file:` prefix, on the command line and as backing
+/// files: the same output as qemu-img for each command that opens an image, the same changes
+/// by the commands that write, and qemu-img's errors for the names it refuses too.
 #[test]
 fn image_opts_and_pseudo_filenames_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
@@ -1323,6 +1323,40 @@ fn image_opts_and_pseudo_filenames_like_qemu_img() {
         let (code, _) = run(p, tool, &args);
         assert_eq!(code, 0, "{tool} {args:?}");
         assert_eq!(qemu(p, &["compare", "dd.raw", "top.qcow2"]).0, 0, "{tool}");
+    }
+    // Backing files named by pseudo-filenames (relative to the working directory, as QEMU
+    // takes them): read through by every reader, and by convert.
+    std::fs::create_dir(p.join("sub")).unwrap();
+    for (overlay, backing) in [
+        (
+            "sub/j.qcow2",
+            r#"json:{"driver":"qcow2","file":{"filename":"mid.qcow2"}}"#,
+        ),
+        ("sub/f.qcow2", "file:mid.qcow2"),
+    ] {
+        let create = [
+            "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2",
+        ];
+        assert_eq!(qemu(p, &[&create[..], &[overlay, "6M"]].concat()).0, 0);
+        qemu_io(p, overlay, &["write -P 9 1M 64k"]);
+        for cmd in readers {
+            same(p, &[cmd, &[overlay]].concat());
+        }
+        same(p, &["compare", overlay, "top.qcow2"]);
+        for (tool, out) in [
+            (env!("CARGO_BIN_EXE_qimg"), "ours.raw"),
+            ("qemu-img", "theirs.raw"),
+        ] {
+            assert_eq!(
+                run(p, tool, &["convert", "-O", "raw", overlay, out]).0,
+                0,
+                "{tool}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(p.join("ours.raw")).unwrap(),
+            std::fs::read(p.join("theirs.raw")).unwrap()
+        );
     }
     // Names qemu-img refuses as well, in its words.
     for args in [

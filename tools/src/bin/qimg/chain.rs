@@ -160,13 +160,18 @@ impl Chain {
     ) -> anyhow::Result<Chain> {
         let mut nodes: Vec<Node> = Vec::new();
         let mut next = Some((filename.to_string(), format.map(str::to_string)));
-        while let Some((name, fmt)) = next.take() {
+        while let Some((mut name, mut fmt)) = next.take() {
+            // A backing file may be named by a `json:` or `file:` pseudo-filename.
+            let resolved = crate::image_name::resolve(&mut name, &mut fmt, false);
             if nodes.len() > qcow2::open::MAX_CHAIN_DEPTH || nodes.iter().any(|n| n.name == name) {
                 anyhow::bail!("Backing file '{name}' creates an infinite loop.");
             }
             let top = if nodes.is_empty() { snapshot } else { None };
-            let opened = match std::fs::metadata(&name) {
-                Err(e) if !nodes.is_empty() => Err(anyhow::anyhow!("Could not open '{name}': {e}")),
+            let opened = match (resolved, std::fs::metadata(&name)) {
+                (Err(e), _) => Err(e),
+                (_, Err(e)) if !nodes.is_empty() => {
+                    Err(anyhow::anyhow!("Could not open '{name}': {e}"))
+                }
                 _ => open_layer(&name, fmt.as_deref(), top, locking, false),
             };
             // qemu-img opens the chain as one: a backing file's error is nested once per

@@ -61,9 +61,13 @@ struct NodeInfo {
     children: Option<Vec<(&'static str, NodeInfo)>>,
 }
 
-/// QEMU's `path_combine`: `name` relative to the directory part of `base`.
+/// QEMU's `bdrv_get_full_backing_filename`: `name` relative to the directory part of `base`,
+/// unless it is absolute or names a protocol (`json:{...}`, `file:NAME`).
 pub fn path_combine(base: &str, name: &str) -> String {
-    if name.starts_with('/') {
+    let protocol = name
+        .find([':', '/'])
+        .is_some_and(|i| name[i..].starts_with(':'));
+    if name.starts_with('/') || protocol {
         return name.to_string();
     }
     match base.rfind('/') {
@@ -408,7 +412,9 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let json = a.output.0;
     let mut chain = Vec::new();
     let mut next = Some((a.filename.clone(), a.format.clone()));
-    while let Some((name, fmt)) = next.take() {
+    while let Some((mut name, mut fmt)) = next.take() {
+        // A backing file may be named by a `json:` or `file:` pseudo-filename.
+        crate::image_name::resolve(&mut name, &mut fmt, false)?;
         if chain.len() > qcow2::open::MAX_CHAIN_DEPTH
             || chain.iter().any(|n: &NodeInfo| n.filename == name)
         {
