@@ -10,7 +10,7 @@ use crate::format::header::{MAGIC, MAX_L1_BYTES};
 use crate::format::snapshot::{Snapshot, SnapshotRef};
 use crate::image::{Format, Image};
 use crate::lock::{self, Locking};
-use crate::name::NamedImage;
+use crate::name::NameError;
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, Storage};
 
@@ -153,29 +153,36 @@ pub fn resolve_relative(name: &str, dir: &Path) -> PathBuf {
     }
 }
 
-/// Opens a backing file (read-only), honouring its recorded format.
+/// Where the backing file `name` of an image in directory `dir` is, and its format if the
+/// name gives one: a plain name is relative to `dir`; a `json:` or `file:` pseudo-filename
+/// names a file relative to the working directory, as in QEMU.
+pub fn locate_backing(
+    name: &str,
+    dir: &Path,
+) -> std::result::Result<(PathBuf, Option<String>), NameError> {
+    if let Some(named) = crate::name::parse_json_name(name) {
+        let named = named?;
+        return Ok((PathBuf::from(named.filename), named.driver));
+    }
+    Ok(match name.strip_prefix("file:") {
+        Some(file) => (PathBuf::from(file), None),
+        None => (resolve_relative(name, dir), None),
+    })
+}
+
+/// Opens a backing file (read-only), honouring its recorded format (unless its name gives
+/// one).
 pub(crate) fn open_backing(
     name: &str,
     format: Option<&str>,
     dir: &Path,
     parent: &OpenOptions,
 ) -> Result<Box<dyn Image>> {
-    // A pseudo-filename names a file relative to the working directory, as in QEMU.
-    let named = match crate::name::parse_json_name(name) {
-        Some(named) => Some(named.map_err(|e| Error::Backing {
-            path: PathBuf::from(name),
-            reason: e.to_string(),
-        })?),
-        None => name.strip_prefix("file:").map(|file| NamedImage {
-            filename: file.to_owned(),
-            driver: None,
-        }),
-    };
-    let (path, format) = match &named {
-        Some(n) => (PathBuf::from(&n.filename), n.driver.as_deref().or(format)),
-        None => (resolve_relative(name, dir), format),
-    };
-    let format = match format {
+    let (path, driver) = locate_backing(name, dir).map_err(|e| Error::Backing {
+        path: PathBuf::from(name),
+        reason: e.to_string(),
+    })?;
+    let format = match driver.as_deref().or(format) {
         None => None,
         Some(f) => Some(Format::from_name(f).ok_or_else(|| Error::Backing {
             path: path.clone(),

@@ -1261,7 +1261,7 @@ fn image_opts_and_pseudo_filenames_like_qemu_img() {
         "4M",
         &["write -P 1 0 1M", "write -P 2 2M 64k"],
     );
-    let writers: [&[&str]; 7] = [
+    let writers: [&[&str]; 8] = [
         &[
             "resize",
             "--image-opts",
@@ -1290,6 +1290,14 @@ fn image_opts_and_pseudo_filenames_like_qemu_img() {
             "--target-image-opts",
             "mid.qcow2",
             "driver=qcow2,file.filename={X}",
+        ],
+        &[
+            "rebase",
+            "-b",
+            r#"json:{"driver":"qcow2","file":{"filename":"top.qcow2"}}"#,
+            "-F",
+            "qcow2",
+            "X",
         ],
         &[
             "convert",
@@ -1325,7 +1333,28 @@ fn image_opts_and_pseudo_filenames_like_qemu_img() {
         assert_eq!(qemu(p, &["compare", "dd.raw", "top.qcow2"]).0, 0, "{tool}");
     }
     // Backing files named by pseudo-filenames (relative to the working directory, as QEMU
-    // takes them): read through by every reader, and by convert.
+    // takes them): opened by create, read through by every reader, and by convert.
+    let json = r#"json:{"driver":"qcow2","file":{"filename":"mid.qcow2"}}"#;
+    same(
+        p,
+        &[
+            "create", "-f", "qcow2", "-b", json, "-F", "qcow2", "c.qcow2",
+        ],
+    );
+    same(
+        p,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "file:c.qcow2",
+            "-F",
+            "qcow2",
+            "d.qcow2",
+        ],
+    );
+    same(p, &["info", "--backing-chain", "d.qcow2"]);
     std::fs::create_dir(p.join("sub")).unwrap();
     for (overlay, backing) in [
         (

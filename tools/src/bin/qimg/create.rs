@@ -465,8 +465,9 @@ fn create_qcow2(
         let dir = std::path::Path::new(filename)
             .parent()
             .unwrap_or(std::path::Path::new("."));
-        let path = qcow2::open::resolve_relative(b, dir);
-        let format = match o.backing_format.as_deref() {
+        let (path, driver) = qcow2::open::locate_backing(b, dir)
+            .map_err(|e| anyhow::anyhow!("{filename}: {e}\nCould not open backing image."))?;
+        let format = match o.backing_format.as_deref().or(driver.as_deref()) {
             None => None,
             Some(f) => Some(Format::from_name(f).ok_or_else(|| {
                 anyhow::anyhow!("{filename}: Unknown driver '{f}'\nCould not open backing image.")

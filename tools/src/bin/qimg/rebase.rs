@@ -299,19 +299,23 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     if !a.unsafe_mode {
         let new = match backing {
             Some(b) => {
-                let path = path_combine(&a.filename, b);
+                let (mut path, mut format) =
+                    (path_combine(&a.filename, b), a.backing_format.clone());
+                // A pseudo-filename names its file (and maybe its format).
+                crate::image_name::resolve(&mut path, &mut format, false)?;
                 // As in qemu-img, -U shares only the new backing file.
                 let opened = crate::open(
                     &path,
-                    a.backing_format.as_deref(),
+                    format.as_deref(),
                     true,
                     crate::locking(a.force_share),
                 );
                 // qemu-img names the file once, in its own words.
                 Some(opened.map_err(|e| {
                     let e = e.to_string();
+                    let given = crate::image_name::as_given(&path);
                     let why = e
-                        .strip_prefix(&format!("Could not open '{path}': "))
+                        .strip_prefix(&format!("Could not open '{given}': "))
                         .unwrap_or(&e);
                     anyhow::anyhow!("Could not open new backing file '{b}': {why}")
                 })?)
