@@ -1660,6 +1660,26 @@ fn map_matches_in_both_forms() {
     }
     same(p, &["map", "-s", "1x", "a.qcow2"]);
     same(p, &["map", "missing.qcow2"]);
+    // Runs of data around the clusters block status decodes first (32) and across L2
+    // slices (512 entries of 4 KiB clusters), with and without subclusters.
+    for (name, opts) in [
+        ("runs.qcow2", "cluster_size=4k"),
+        ("runs-xl2.qcow2", "cluster_size=64k,extended_l2=on"),
+    ] {
+        let writes = [
+            "write -P 1 0 124k",
+            "write -P 2 128k 128k",
+            "write -P 3 260k 132k",
+            "write -P 4 1984k 200k",
+            "write -z 2500k 300k",
+            "write -P 5 3M 1M",
+        ];
+        qcow2_image(p, &["-o", opts], name, "8M", &writes);
+        for out in ["--output=human", "--output=json"] {
+            same(p, &["map", out, name]);
+        }
+        same(p, &["measure", "-O", "qcow2", name]);
+    }
 }
 
 #[test]

@@ -149,18 +149,35 @@ impl Qcow2 {
     /// report alike are crossed whole, so a run costs its clusters, not its subclusters.
     fn status_run(&self, unit: u64, n: u64) -> Result<(UnitStatus, u64)> {
         let per = self.geo.subclusters();
-        let us = self.geo.unit_size();
         let first = unit / per;
         let per_table = self.geo.l2_entries() * per;
         if !self.has_l2_table(first) {
             let to_table_end = per_table - unit % per_table;
             return Ok(((L2Entry::Unallocated, None), to_table_end.min(n)));
         }
-        let clusters = self.lookup_bitmaps(first, (unit % per + n).div_ceil(per))?;
+        // Most runs are short: a few clusters are decoded first, the rest of the slice only
+        // if the run goes on through them (a map of an image with a run per MiB decoded the
+        // whole slice per run).
+        let wanted = (unit % per + n).div_ceil(per);
+        let clusters = self.lookup_bitmaps(first, wanted.min(FIRST_LOOK))?;
+        let found = self.run_in(unit, n, &clusters);
+        let decoded = clusters.len() as u64;
+        let through = unit + found.1 == (unit + n).min((first + decoded) * per);
+        if decoded == FIRST_LOOK && decoded < wanted && through {
+            return Ok(self.run_in(unit, n, &self.lookup_bitmaps(first, wanted)?));
+        }
+        Ok(found)
+    }
+
+    /// [`Qcow2::status_run`] over the decoded `clusters` from the one holding `unit` on.
+    fn run_in(&self, unit: u64, n: u64, clusters: &[(L2Entry, u64)]) -> (UnitStatus, u64) {
+        let per = self.geo.subclusters();
+        let us = self.geo.unit_size();
+        let first = unit / per;
         if per == 1 {
             let same = |w: &[(L2Entry, u64)]| same_status((w[0].0, None), (w[1].0, None), us);
             let run = 1 + clusters.windows(2).take_while(|w| same(w)).count();
-            return Ok(((clusters[0].0, None), run as u64));
+            return ((clusters[0].0, None), (run as u64).min(n));
         }
         let end = (unit + n).min((first + clusters.len() as u64) * per);
         let at = |u: u64| {
@@ -189,7 +206,7 @@ impl Qcow2 {
             prev = at(u + step - 1);
             u += step;
         }
-        Ok((head, u - unit))
+        (head, u - unit)
     }
 
     /// What unit `i` of a cluster with `entry` and `bitmap` reports: its entry as a
@@ -209,6 +226,9 @@ impl Qcow2 {
         }
     }
 }
+
+/// Clusters [`Qcow2::status_run`] decodes before it knows how long the run is.
+const FIRST_LOOK: u64 = 32;
 
 /// A unit's entry, with the host offset of an unallocated subcluster of an allocated
 /// cluster.
