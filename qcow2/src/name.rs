@@ -25,44 +25,143 @@ pub fn parse_json_name(name: &str) -> Option<Result<NamedImage, NameError>> {
 }
 
 /// The options of a `json:` pseudo-filename, nested objects flattened into dotted keys as
-/// QEMU flattens them.
+/// QEMU flattens them. As QEMU's parser, a key given twice in one object is refused; so is
+/// a dotted key that another member also produces, and a value that is not a string or an
+/// object (no option this crate honours takes one).
 fn parse_json(json: &str) -> Result<Vec<(String, String)>, NameError> {
-    let value: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| NameError(format!("Could not parse the JSON options: {e}")))?;
-    let serde_json::Value::Object(object) = value else {
-        return Err(NameError("Invalid JSON object given".into()));
-    };
     let mut out = Vec::new();
-    flatten("", &object, &mut out)?;
+    let mut refusal = None;
+    let node = Node {
+        key: None,
+        out: &mut out,
+        refusal: &mut refusal,
+    };
+    let mut de = serde_json::Deserializer::from_str(json);
+    let parsed = serde::de::DeserializeSeed::deserialize(node, &mut de).and_then(|()| de.end());
+    if let Some(refused) = refusal {
+        return Err(refused);
+    }
+    parsed.map_err(|e| NameError(format!("Could not parse the JSON options: {e}")))?;
+    for (i, (key, _)) in out.iter().enumerate() {
+        if out[..i].iter().any(|(k, _)| k == key) {
+            return Err(NameError(format!("the option '{key}' is given twice")));
+        }
+    }
     Ok(out)
 }
 
-/// Appends the members of `object` to `out`, their keys prefixed with `prefix`.
-fn flatten(
-    prefix: &str,
-    object: &serde_json::Map<String, serde_json::Value>,
-    out: &mut Vec<(String, String)>,
-) -> Result<(), NameError> {
-    use serde_json::Value;
-    for (key, value) in object {
-        let key = format!("{prefix}{key}");
-        let value = match value {
-            Value::Object(inner) => {
-                flatten(&format!("{key}."), inner, out)?;
-                continue;
-            }
-            Value::String(s) => s.clone(),
-            Value::Bool(b) => if *b { "on" } else { "off" }.to_owned(),
-            Value::Number(n) => n.to_string(),
-            Value::Null | Value::Array(_) => {
-                return Err(NameError(format!(
-                    "the option '{key}' is not supported here"
-                )));
-            }
-        };
-        out.push((key, value));
+/// One JSON value of a pseudo-filename: the whole object (`key` `None`) or a member's value.
+struct Node<'a> {
+    key: Option<String>,
+    out: &'a mut Vec<(String, String)>,
+    /// Why the name is refused, in QEMU's words (the parser's own error carries a position).
+    refusal: &'a mut Option<NameError>,
+}
+
+impl Node<'_> {
+    /// Records `why` and returns the parser error that stops the walk.
+    fn refuse<E: serde::de::Error>(self, why: String) -> E {
+        *self.refusal = Some(NameError(why));
+        E::custom("refused")
     }
-    Ok(())
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Node<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Node<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let prefix = self.key.map(|k| format!("{k}.")).unwrap_or_default();
+        let mut seen = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                *self.refusal = Some(NameError(
+                    "Could not parse the JSON options: JSON parse error, duplicate key".into(),
+                ));
+                return Err(serde::de::Error::custom("refused"));
+            }
+            map.next_value_seed(Node {
+                key: Some(format!("{prefix}{key}")),
+                out: &mut *self.out,
+                refusal: &mut *self.refusal,
+            })?;
+            seen.push(key);
+        }
+        Ok(())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        match self.key {
+            Some(key) => {
+                self.out.push((key, v.to_owned()));
+                Ok(())
+            }
+            None => Err(self.refuse("Invalid JSON object given".into())),
+        }
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        Err(self.not_a_string())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        Err(self.not_a_string())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        Err(self.not_a_string())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        Err(self.not_a_string())
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Err(self.not_a_string())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(self.not_a_string())
+    }
+}
+
+impl Node<'_> {
+    /// The refusal of a value that is neither a string nor an object.
+    fn not_a_string<E: serde::de::Error>(self) -> E {
+        let why = match &self.key {
+            None => "Invalid JSON object given".to_owned(),
+            Some(key) => format!("Invalid parameter type for '{key}', expected: string"),
+        };
+        self.refuse(why)
+    }
+}
+
+/// The file a `file:NAME` name names: NAME, made `./NAME` if NAME would itself read as a
+/// protocol name (as QEMU shows it).
+pub fn strip_file_protocol(name: &str) -> String {
+    let file = name.strip_prefix("file:").unwrap_or(name);
+    match protocol(file) {
+        Some(_) => format!("./{file}"),
+        None => file.to_owned(),
+    }
+}
+
+/// The protocol prefix of `name` (`json` of `json:{...}`), as QEMU finds one: a colon
+/// before any slash.
+pub fn protocol(name: &str) -> Option<&str> {
+    let at = name.find([':', '/'])?;
+    name[at..].starts_with(':').then(|| &name[..at])
 }
 
 /// What the flattened option list `options` names (a later value of a key replacing an
@@ -84,6 +183,13 @@ pub fn from_options(options: &[(String, String)]) -> Result<NamedImage, NameErro
     for (key, _) in options {
         match key.as_str() {
             "driver" | "file.driver" | "file.filename" => {}
+            // QEMU names block nodes by `node-name`; `id` is no option of theirs.
+            "id" => {
+                let format = driver.unwrap_or("qcow2");
+                return refuse(format!(
+                    "Block format '{format}' does not support the option 'id'"
+                ));
+            }
             "file" => {
                 let node = get("file").unwrap_or_default();
                 return refuse(format!(

@@ -155,23 +155,23 @@ pub fn resolve_relative(name: &str, dir: &Path) -> PathBuf {
 
 /// Where the backing file `name` of an image in directory `dir` is, and its format if the
 /// name gives one: a plain name is relative to `dir`; a `json:` or `file:` pseudo-filename
-/// names a file relative to the working directory, as in QEMU.
+/// names a file relative to the working directory, as in QEMU; other protocols are refused.
 pub fn locate_backing(
     name: &str,
     dir: &Path,
 ) -> std::result::Result<(PathBuf, Option<String>), NameError> {
-    if let Some(named) = crate::name::parse_json_name(name) {
-        let named = named?;
-        return Ok((PathBuf::from(named.filename), named.driver));
+    match crate::name::protocol(name) {
+        None => Ok((resolve_relative(name, dir), None)),
+        Some("file") => Ok((PathBuf::from(crate::name::strip_file_protocol(name)), None)),
+        Some("json") => {
+            let named = crate::name::parse_json_name(name).expect("a json: name")?;
+            Ok((PathBuf::from(named.filename), named.driver))
+        }
+        Some(other) => Err(NameError(format!("Unknown protocol '{other}'"))),
     }
-    Ok(match name.strip_prefix("file:") {
-        Some(file) => (PathBuf::from(file), None),
-        None => (resolve_relative(name, dir), None),
-    })
 }
 
-/// Opens a backing file (read-only), honouring its recorded format (unless its name gives
-/// one).
+/// Opens a backing file (read-only), in its recorded format or else the one its name gives.
 pub(crate) fn open_backing(
     name: &str,
     format: Option<&str>,
@@ -182,7 +182,7 @@ pub(crate) fn open_backing(
         path: PathBuf::from(name),
         reason: e.to_string(),
     })?;
-    let format = match driver.as_deref().or(format) {
+    let format = match format.or(driver.as_deref()) {
         None => None,
         Some(f) => Some(Format::from_name(f).ok_or_else(|| Error::Backing {
             path: path.clone(),

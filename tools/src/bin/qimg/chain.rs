@@ -161,8 +161,12 @@ impl Chain {
         let mut nodes: Vec<Node> = Vec::new();
         let mut next = Some((filename.to_string(), format.map(str::to_string)));
         while let Some((mut name, mut fmt)) = next.take() {
-            // A backing file may be named by a `json:` or `file:` pseudo-filename.
-            let resolved = crate::image_name::resolve(&mut name, &mut fmt, false);
+            // A backing file may be named by a `json:` or `file:` pseudo-filename (the top
+            // image's name was resolved by the command).
+            let resolved = match nodes.is_empty() {
+                true => Ok(()),
+                false => crate::image_name::resolve_backing(&mut name, &mut fmt),
+            };
             if nodes.len() > qcow2::open::MAX_CHAIN_DEPTH || nodes.iter().any(|n| n.name == name) {
                 anyhow::bail!("Backing file '{name}' creates an infinite loop.");
             }

@@ -46,15 +46,20 @@ pub struct Args {
 /// Largest run copied at once (QEMU's COMMIT_BUFFER_SIZE).
 const CHUNK: u64 = 512 << 10;
 
-/// Index of `name` in the chain below the top, as qemu-img finds a backing image: by the
-/// name recorded in the overlay, or by path.
+/// Index of `name` in the chain below the top, as qemu-img finds a backing image
+/// (`bdrv_find_backing_image`): when `name` or an overlay's recorded backing name has a
+/// protocol (`json:`, `file:`), by that name or the full backing name; otherwise by path,
+/// `name` taken relative to the overlay's directory.
 fn find_base(chain: &Chain, name: &str) -> Option<usize> {
     let canon = |p: &str| std::fs::canonicalize(p).ok();
     (1..chain.len()).find(|&i| {
         let overlay = chain.name(i - 1);
-        chain.recorded_backing(i - 1) == Some(name)
-            || canon(&path_combine(overlay, name)).is_some_and(|c| canon(chain.name(i)) == Some(c))
-            || canon(name).is_some_and(|c| canon(chain.name(i)) == Some(c))
+        let recorded = chain.recorded_backing(i - 1).unwrap_or_default();
+        let full = path_combine(overlay, recorded);
+        if qcow2::name::protocol(name).is_some() || qcow2::name::protocol(recorded).is_some() {
+            return name == recorded || name == full;
+        }
+        canon(&path_combine(overlay, name)).is_some_and(|c| canon(&full) == Some(c))
     })
 }
 

@@ -47,9 +47,9 @@ pub struct Args {
     /// spelling (qemu-img 10 dropped it).
     #[arg(short = 'l', long = "snapshot", short_alias = 's')]
     snapshot: Option<String>,
-    /// Output format.
-    #[arg(short = 'O', long = "output-format", default_value = "raw")]
-    output_format: String,
+    /// Output format (raw by default).
+    #[arg(short = 'O', long = "output-format")]
+    output_format: Option<String>,
     /// Output format options.
     #[arg(short = 'o', long = "options")]
     options: Vec<String>,
@@ -113,6 +113,9 @@ pub struct Args {
     /// How images are named (`--image-opts` for the sources, `--target-image-opts`).
     #[command(flatten)]
     names: Names,
+    /// Each source's format: `-f`, or the one its name gives (see `resolve_names`).
+    #[arg(skip)]
+    source_formats: Vec<Option<String>>,
     /// Source image(s), concatenated, then the target.
     files: Vec<String>,
 }
@@ -155,33 +158,40 @@ impl Args {
         l.common.refuse_objects()
     }
 
-    /// Replaces the sources' names by their files and `-f` by the format they name (one for
-    /// all), and the name of an existing target (`-n`) by its file and `-O` by its format.
+    /// Replaces the sources' names by their files (their formats: `-f` or what the names
+    /// give, in `source_formats`), the name of an existing target (`-n`) by its file and `-O`
+    /// by its format, and the name of a new target by its file.
     fn resolve_names(&mut self) -> anyhow::Result<()> {
         let sources = self.files.len().saturating_sub(1);
         let image_opts = self.names.common.image_opts || self.names.source_image_opts;
-        let mut formats = Vec::new();
         for name in &mut self.files[..sources] {
             let mut format = self.format.clone();
             crate::image_name::resolve(name, &mut format, image_opts)?;
-            formats.push(format);
+            self.source_formats.push(format);
         }
-        if formats.windows(2).any(|pair| pair[0] != pair[1]) {
-            bail!("qimg converts several sources only when they have one format");
+        let Some(target) = self.files.get_mut(sources).filter(|_| sources > 0) else {
+            return Ok(());
+        };
+        if !self.no_create {
+            return crate::image_name::resolve_new(target);
         }
-        if let Some(format) = formats.pop() {
-            self.format = format;
+        let mut format = self.output_format.clone();
+        crate::image_name::resolve(target, &mut format, self.names.target_image_opts)?;
+        if self.names.target_image_opts && format.is_none() {
+            // Named without a driver: the format is probed, as QEMU opens it.
+            let file = std::fs::File::open(&*target).map(qcow2::FileStorage::new);
+            format = file
+                .ok()
+                .and_then(|f| qcow2::open::probe(&f).ok())
+                .map(|f| f.name().to_owned());
         }
-        if let Some(target) = self.files.get_mut(sources).filter(|_| sources > 0) {
-            if self.no_create || target.starts_with("file:") {
-                let mut format = None;
-                crate::image_name::resolve(target, &mut format, self.names.target_image_opts)?;
-                if let Some(format) = format {
-                    self.output_format = format;
-                }
-            }
-        }
+        self.output_format = format;
         Ok(())
+    }
+
+    /// The target's format: `-O`, the one its name gives, or raw.
+    fn target_format(&self) -> &str {
+        self.output_format.as_deref().unwrap_or("raw")
     }
 }
 
@@ -792,7 +802,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     if options.as_deref().is_some_and(qemu_opts::has_help) {
         let target = a.files.last().filter(|_| a.files.len() > 1);
         qemu_opts::print_help(
-            crate::parse_format(&a.output_format)?,
+            crate::parse_format(a.target_format())?,
             target.map(|t| t.as_str()),
         );
         return Ok(0);
@@ -826,7 +836,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         .map(|(i, s)| -> anyhow::Result<Source> {
             let view = if i == 0 { snapshot.clone() } else { None };
             let locking = crate::source_locking(a.force_share);
-            let img = crate::open_at(s, a.format.as_deref(), true, view, locking)?;
+            let img = crate::open_at(s, a.source_formats[i].as_deref(), true, view, locking)?;
             let map = img.data_fd().and_then(Mapping::new);
             let size = img.size().next_multiple_of(512);
             Ok(Source { img, map, size })
@@ -835,7 +845,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let bitmap_source = match a.bitmaps {
         true => crate::copy_bitmaps::source(
             &source_names[0],
-            a.format.as_deref(),
+            a.source_formats[0].as_deref(),
             a.skip_broken_bitmaps,
             crate::source_locking(a.force_share),
         )?,
@@ -846,12 +856,12 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let pairs = options.map_or_else(Vec::new, |o| qemu_opts::parse(&o));
     let target_path = Path::new(target_name);
     // The format the target is created in (or, with -n, opened as).
-    let out_fmt = match (Format::from_name(&a.output_format), a.no_create) {
+    let out_fmt = match (Format::from_name(a.target_format()), a.no_create) {
         (Some(f), _) => f,
-        (None, false) => bail!("Unknown file format '{}'", a.output_format),
+        (None, false) => bail!("Unknown file format '{}'", a.target_format()),
         (None, true) => bail!(
             "Could not open '{target_name}': Unknown driver '{}'",
-            a.output_format
+            a.target_format()
         ),
     };
     let mut fresh = a.target_is_zero;

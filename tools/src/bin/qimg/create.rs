@@ -370,16 +370,21 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .transpose()?;
     let fmt = Format::from_name(&a.format)
         .ok_or_else(|| anyhow::anyhow!("{filename}: Unknown file format '{}'", a.format))?;
+    // The file named (`file:NAME` names NAME); messages name the image as given.
+    let mut path = filename.to_owned();
+    crate::image_name::resolve_new(&mut path).map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;
+    let path = std::path::Path::new(&path);
     match fmt {
-        Format::Raw => create_raw_image(&a, filename, size, &pairs),
-        Format::Qcow2 => create_qcow2(&a, filename, size, &pairs),
+        Format::Raw => create_raw_image(&a, filename, path, size, &pairs),
+        Format::Qcow2 => create_qcow2(&a, filename, path, size, &pairs),
     }
 }
 
-/// `qimg create -f raw`.
+/// `qimg create -f raw`: the image named `filename` in file `path`.
 fn create_raw_image(
     a: &Args,
     filename: &str,
+    path: &std::path::Path,
     size: Option<u64>,
     pairs: &[(String, String)],
 ) -> anyhow::Result<u8> {
@@ -406,7 +411,7 @@ fn create_raw_image(
         );
     }
     // Like qemu-img: whole 512-byte sectors, the size printed above unrounded.
-    create_raw(std::path::Path::new(filename), size, &o).map_err(|e| {
+    create_raw(path, size, &o).map_err(|e| {
         let efbig = e
             .root_cause()
             .downcast_ref::<std::io::Error>()
@@ -420,10 +425,11 @@ fn create_raw_image(
     Ok(0)
 }
 
-/// `qimg create -f qcow2`.
+/// `qimg create -f qcow2`: the image named `filename` in file `path`.
 fn create_qcow2(
     a: &Args,
     filename: &str,
+    path: &std::path::Path,
     size: Option<u64>,
     pairs: &[(String, String)],
 ) -> anyhow::Result<u8> {
@@ -462,9 +468,7 @@ fn create_qcow2(
     // Without -u the backing file must open, with the size given or not.
     let mut detected = None;
     if let Some(b) = o.backing_file.as_deref().filter(|_| !a.unsafe_backing) {
-        let dir = std::path::Path::new(filename)
-            .parent()
-            .unwrap_or(std::path::Path::new("."));
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
         let (path, driver) = qcow2::open::locate_backing(b, dir)
             .map_err(|e| anyhow::anyhow!("{filename}: {e}\nCould not open backing image."))?;
         let format = match o.backing_format.as_deref().or(driver.as_deref()) {
@@ -512,13 +516,12 @@ fn create_qcow2(
     if let Err(e) = choices {
         // QEMU's qcow2 driver refuses these once it has created (and emptied) the file, which
         // it then removes.
-        let path = std::path::Path::new(filename);
         qcow2::create::create_file(path, o.locking)
             .map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;
         let _ = std::fs::remove_file(path);
         return Err(fail(e));
     }
-    qcow2::create(std::path::Path::new(filename), &o).map_err(|e| match e {
+    qcow2::create(path, &o).map_err(|e| match e {
         // QEMU reads a size past i64::MAX as negative.
         qcow2::Error::InvalidOption(m)
             if m.starts_with("Image size too large") && o.size > i64::MAX as u64 =>

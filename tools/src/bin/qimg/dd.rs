@@ -69,6 +69,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     a.names.refuse_objects()?;
     let mut ops = parse_operands(&a.operands)?;
     a.names.resolve(&mut ops.input, &mut a.format)?;
+    crate::image_name::resolve_new(&mut ops.output)?;
     let input = crate::open(
         &ops.input,
         a.format.as_deref(),

@@ -11,15 +11,28 @@ use qcow2::name::{from_options, parse_json_name, NamedImage};
 
 use crate::qemu_opts;
 
-/// The names images were given by, with the files [`resolve`] replaced them by: QEMU's
-/// errors name an image as the user named it.
+/// The files [`resolve`] found, with the names they were given by: QEMU's errors name an
+/// image as the user named it.
 static GIVEN: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
-/// The name the image in file `file` was given by (`file` itself unless it was resolved).
+/// The name the image in file `file` was given by: `file` itself unless it was named
+/// otherwise, and named only so.
 pub fn as_given(file: &str) -> String {
     let given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    let found = given.iter().find(|(f, _)| f == file);
-    found.map_or(file, |(_, name)| name).to_owned()
+    let mut names = given
+        .iter()
+        .filter(|(f, _)| f == file)
+        .map(|(_, n)| n.as_str());
+    match names.next() {
+        Some(name) if names.all(|other| other == name) => name.to_owned(),
+        _ => file.to_owned(),
+    }
+}
+
+/// Records that the image in `file` was named `name`.
+fn remember(file: &str, name: &str) {
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    given.push((file.to_owned(), name.to_owned()));
 }
 
 /// qemu-img's `--image-opts` and `--object` options.
@@ -49,8 +62,9 @@ impl NameArgs {
     }
 }
 
-/// Replaces `name` by the file it names and `format` by the format driver it names (unless
-/// it names none). `image_opts`: the name is a QEMU option string, which excludes `-f`.
+/// Replaces `name`, the name of an existing image, by the file it names, and a `format` not
+/// given (`-f`) by the format driver the name gives, if any. `image_opts`: the name is a QEMU
+/// option string, which excludes `-f`.
 pub fn resolve(
     name: &mut String,
     format: &mut Option<String>,
@@ -59,30 +73,61 @@ pub fn resolve(
     if image_opts && format.is_some() {
         bail!("--image-opts and --format are mutually exclusive");
     }
+    let given = name.clone();
+    resolve_named(name, format, image_opts)
+        .map_err(|e| anyhow::anyhow!("Could not open '{given}': {e}"))
+}
+
+/// [`resolve`] for a backing file's name, as an overlay records it: a refusal is not
+/// prefixed with the name (QEMU nests it under the overlay's).
+pub fn resolve_backing(name: &mut String, format: &mut Option<String>) -> anyhow::Result<()> {
+    resolve_named(name, format, false).map_err(anyhow::Error::msg)
+}
+
+/// [`resolve`] without the name in its refusals.
+fn resolve_named(
+    name: &mut String,
+    format: &mut Option<String>,
+    image_opts: bool,
+) -> Result<(), String> {
     let named = if image_opts {
         if !name.contains('=') {
             // QEMU takes a bare word for a reference to a node of that name.
-            bail!("Could not open '{name}': Cannot find device='{name}' nor node-name='{name}'");
+            return Err(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ));
         }
-        from_options(&qemu_opts::parse(name))
-    } else if let Some(named) = parse_json_name(name) {
-        named
-    } else if let Some(path) = name.strip_prefix("file:") {
-        Ok(NamedImage {
-            filename: path.to_owned(),
-            driver: None,
-        })
+        from_options(&qemu_opts::parse_all(name))
     } else {
-        return Ok(());
+        match qcow2::name::protocol(name) {
+            None => {
+                remember(name, name);
+                return Ok(());
+            }
+            Some("json") => parse_json_name(name).expect("a json: name"),
+            Some("file") => Ok(NamedImage {
+                filename: qcow2::name::strip_file_protocol(name),
+                driver: None,
+            }),
+            Some(other) => return Err(format!("Unknown protocol '{other}'")),
+        }
     };
-    let named = named.map_err(|e| anyhow::anyhow!("Could not open '{name}': {e}"))?;
-    let given = std::mem::replace(name, named.filename);
-    GIVEN
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push((name.clone(), given));
-    if named.driver.is_some() {
+    let named = named.map_err(|e| e.to_string())?;
+    remember(&named.filename, name);
+    *name = named.filename;
+    if format.is_none() {
         *format = named.driver;
+    }
+    Ok(())
+}
+
+/// Replaces `name`, the name of an image to create, by its file: a `file:` prefix is
+/// dropped; other protocols are refused (the error is QEMU's, without the name).
+pub fn resolve_new(name: &mut String) -> anyhow::Result<()> {
+    match qcow2::name::protocol(name) {
+        None => {}
+        Some("file") => *name = qcow2::name::strip_file_protocol(name),
+        Some(other) => bail!("Unknown protocol '{other}'"),
     }
     Ok(())
 }

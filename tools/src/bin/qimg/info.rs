@@ -413,8 +413,11 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let mut chain = Vec::new();
     let mut next = Some((a.filename.clone(), a.format.clone()));
     while let Some((mut name, mut fmt)) = next.take() {
-        // A backing file may be named by a `json:` or `file:` pseudo-filename.
-        crate::image_name::resolve(&mut name, &mut fmt, false)?;
+        // A backing file may be named by a `json:` or `file:` pseudo-filename (the top
+        // image's name is resolved above).
+        if !chain.is_empty() {
+            crate::image_name::resolve(&mut name, &mut fmt, false)?;
+        }
         if chain.len() > qcow2::open::MAX_CHAIN_DEPTH
             || chain.iter().any(|n: &NodeInfo| n.filename == name)
         {

@@ -59,6 +59,13 @@ pub fn has_help(s: &str) -> bool {
 /// QEMU's `opts_do_parse` (no implied first name): `key=value` pairs in order; a key alone is
 /// a flag (`key` means `key=on`, `nokey` means `key=off`); `id` is dropped.
 pub fn parse(s: &str) -> Vec<(String, String)> {
+    let mut out = parse_all(s);
+    out.retain(|(key, _)| key != "id");
+    out
+}
+
+/// [`parse`] with `id` kept (an image's option string takes no `id`: it is refused there).
+pub fn parse_all(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = s;
     while !rest.is_empty() {
@@ -74,9 +81,7 @@ pub fn parse(s: &str) -> Vec<(String, String)> {
             (key, value.to_string(), &rest[len..])
         };
         rest = tail.strip_prefix(',').unwrap_or(tail);
-        if key != "id" {
-            out.push((key, value));
-        }
+        out.push((key, value));
     }
     out
 }
