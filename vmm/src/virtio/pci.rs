@@ -186,10 +186,16 @@ pub struct VirtioPciDevice {
     control_queue: bool,
     /// The backend is gone for good (its supervisor gave up): the device never starts again.
     lost: bool,
-    /// Resets the device asked for, and configuration writes its backend refused: logged at
-    /// powers of two only (a guest can repeat both without end).
+    /// The backend of this connection got the driver's features and configuration writes
+    /// (the device started on it): a reset puts its configuration back.
+    config_sent: bool,
+    /// Resets the device asked for, configuration writes its backend refused, starts while
+    /// the backend is away and stops it refused: logged at powers of two only (a guest can
+    /// repeat each without end).
     needs_reset_events: Occurrences,
     config_errors: Occurrences,
+    away_starts: Occurrences,
+    stop_errors: Occurrences,
 }
 
 impl VirtioPciDevice {
@@ -273,8 +279,11 @@ impl VirtioPciDevice {
             msix_capability,
             control_queue: kind == DeviceType::Net && num_queues % 2 == 1,
             lost: false,
+            config_sent: false,
             needs_reset_events: Occurrences::default(),
             config_errors: Occurrences::default(),
+            away_starts: Occurrences::default(),
+            stop_errors: Occurrences::default(),
         })
     }
 
@@ -429,7 +438,9 @@ impl VirtioPciDevice {
         }
         if self.backend.is_closed() {
             // Being restarted: the queues start when it is back, as after any reconnect.
-            tracing::warn!(socket = %self.backend.socket().display(), "backend away; the device starts when it reconnects");
+            if let Some(n) = self.away_starts.count() {
+                tracing::warn!(socket = %self.backend.socket().display(), "backend away; the device starts when it reconnects (time {n})");
+            }
             self.started = (0..self.queues.len())
                 .filter(|&i| self.queues[i].enabled)
                 .collect();
@@ -474,6 +485,7 @@ impl VirtioPciDevice {
         }
         self.backend
             .set_features_and_memory(&self.memory, self.driver_features)?;
+        self.config_sent = true;
         for (offset, bytes) in self.device_space.guest_writes(self.driver_features) {
             self.backend.write_config(offset, &bytes)?;
         }
@@ -498,6 +510,7 @@ impl VirtioPciDevice {
     /// A device the new backend cannot serve needs a reset.
     pub fn reconnect(&mut self, backend: VhostUserConnection) -> anyhow::Result<()> {
         self.backend = backend;
+        self.config_sent = false;
         if self.device_space.refresh(self.backend.config()) {
             self.signal_config();
         }
@@ -608,10 +621,10 @@ impl VirtioPciDevice {
 
     /// Puts the configuration fields the guest wrote back to the backend's defaults, in the
     /// backend too (a reset restores the original write cache setting, as in QEMU). A backend
-    /// that is away starts from its defaults anyway; one that refuses keeps the guest's
-    /// values, and so does the space.
+    /// that is away, or never got the guest's writes on this connection, has its defaults
+    /// anyway; one that refuses keeps the guest's values, and so does the space.
     fn restore_config(&mut self) {
-        if !self.backend.is_closed() {
+        if std::mem::take(&mut self.config_sent) && !self.backend.is_closed() {
             for (offset, bytes) in self.device_space.changed_from(self.backend.config()) {
                 if let Err(e) = self.backend.write_config(offset, &bytes) {
                     tracing::warn!("restoring the configuration at a reset: {e}");
@@ -630,7 +643,9 @@ impl VirtioPciDevice {
             .collect();
         if !started.is_empty() {
             if let Err(e) = self.backend.stop(&started) {
-                tracing::warn!("stopping the backend's queues: {e}");
+                if let Some(n) = self.stop_errors.count() {
+                    tracing::warn!("stopping the backend's queues: {e} (time {n})");
+                }
             }
         }
         for (addr, index) in self.registered_doorbells.drain(..) {

@@ -241,25 +241,32 @@ impl VhostUserConnection {
         call: &EventFd,
         kick: &EventFd,
     ) -> Result<(), VhostUserError> {
-        let host = |addr: u64| -> Result<u64, VhostUserError> {
-            memory
-                .get_host_address(GuestAddress(addr))
-                .map(|p| p as u64)
-                .map_err(|e| VhostUserError::Unsupported {
-                    socket: self.socket.clone(),
-                    reason: format!(
-                        "queue {} ring at {addr:#x} is not in guest RAM: {e}",
-                        queue.index
-                    ),
-                })
+        // Each ring whole (with the event index fields), aligned as the split ring layout
+        // requires and inside one region of guest RAM, as QEMU checks before it starts
+        // vhost: a backend trusts the addresses it is given.
+        let size = u64::from(queue.size);
+        let host = |name: &str, addr: u64, len: u64, align: u64| -> Result<u64, VhostUserError> {
+            let refuse = |why: String| VhostUserError::Unsupported {
+                socket: self.socket.clone(),
+                reason: format!("queue {} {name} at {addr:#x} {why}", queue.index),
+            };
+            if addr % align != 0 {
+                return Err(refuse(format!("is not aligned to {align} bytes")));
+            }
+            let slice = memory
+                .get_slice(GuestAddress(addr), len as usize)
+                .map_err(|e| {
+                    refuse(format!("({len} bytes) is not in one guest RAM region: {e}"))
+                })?;
+            Ok(slice.ptr_guard().as_ptr() as u64)
         };
         let rings = VringConfigData {
             queue_max_size: queue.size,
             queue_size: queue.size,
             flags: 0,
-            desc_table_addr: host(queue.desc)?,
-            used_ring_addr: host(queue.used)?,
-            avail_ring_addr: host(queue.avail)?,
+            desc_table_addr: host("descriptor table", queue.desc, 16 * size, 16)?,
+            used_ring_addr: host("used ring", queue.used, 6 + 8 * size, 4)?,
+            avail_ring_addr: host("available ring", queue.avail, 6 + 2 * size, 2)?,
             log_addr: None,
         };
         let i = queue.index;

@@ -122,10 +122,15 @@ impl Rig {
     /// Sets queue `index` up (16 entries, the rings at DESC/AVAIL/USED, QUEUE_VECTOR) and
     /// enables it.
     fn enable_queue(&mut self, index: u16) {
+        self.enable_queue_at(index, [DESC, AVAIL, USED]);
+    }
+
+    /// [`Self::enable_queue`] with the descriptor table, available and used rings at `rings`.
+    fn enable_queue_at(&mut self, index: u16, rings: [u64; 3]) {
         self.write16(0x16, index);
         self.write16(0x18, 16);
         self.write16(0x1a, QUEUE_VECTOR);
-        for (offset, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+        for (offset, addr) in [0x20, 0x28, 0x30].into_iter().zip(rings) {
             self.write32(offset, addr as u32);
             self.write32(offset + 4, (addr >> 32) as u32);
         }
@@ -351,6 +356,49 @@ fn a_wce_write_before_driver_ok_is_kept_and_written_at_the_start() {
     assert_eq!(rig.read(WRITEBACK, 1), [0]);
     rig.write8(0x14, 0x0f);
     assert_eq!(config_writes(&rig.backend, 0), vec![(0x20, vec![0])]);
+}
+
+#[test]
+fn a_reset_of_a_device_never_started_sends_its_backend_no_configuration() {
+    let mut rig = Rig::new(Behaviour::block(FLUSH | WCE, 1));
+    rig.negotiate(FLUSH | WCE);
+    rig.write8(WRITEBACK, 0);
+    rig.write8(0x14, 0);
+    // The backend never had the guest's features or its write: nothing to put back.
+    assert_eq!(config_writes(&rig.backend, 0), vec![]);
+    assert_eq!(rig.read(WRITEBACK, 1), [1]);
+    rig.start(FLUSH | WCE);
+    assert_eq!(config_writes(&rig.backend, 0), vec![]);
+    assert_eq!(rig.status(), 0x0f);
+}
+
+#[test]
+fn rings_out_of_place_are_refused_before_the_backend_sees_them() {
+    let end = 64 * MIB;
+    for rings in [
+        [DESC + 8, AVAIL, USED],  // descriptor table not 16-byte aligned
+        [DESC, AVAIL + 1, USED],  // available ring not 2-byte aligned
+        [DESC, AVAIL, USED + 2],  // used ring not 4-byte aligned
+        [end - 128, AVAIL, USED], // 256-byte table past the end of RAM
+        [DESC, AVAIL, end - 64],  // 134-byte used ring past the end of RAM
+    ] {
+        let mut rig = Rig::new(Behaviour::block(0, 1));
+        for status in [0, 1, 3] {
+            rig.write8(0x14, status);
+        }
+        rig.write32(0x08, 1);
+        rig.write32(0x0c, 1);
+        rig.write8(0x14, 0x0b);
+        rig.write16(0x10, CONFIG_VECTOR);
+        rig.enable_queue_at(0, rings);
+        rig.write8(0x14, 0x0f);
+        assert_eq!(rig.status(), 0x4f, "{rings:x?}");
+        let requests = rig.backend.requests(0);
+        assert!(
+            !requests.contains(&FrontendReq::SET_VRING_ADDR),
+            "{rings:x?}: {requests:?}"
+        );
+    }
 }
 
 #[test]
