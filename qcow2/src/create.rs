@@ -13,7 +13,7 @@ use crate::format::header::{
 use crate::format::tables;
 use crate::image::Image;
 use crate::lock::{self, Locking, Perms};
-use crate::open::{resolve_relative, OpenOptions};
+use crate::open::OpenOptions;
 use crate::storage::{FileStorage, Storage};
 
 /// How much of the image to allocate at creation.
@@ -159,29 +159,38 @@ impl CreateOptions {
 /// emptied for an image that cannot be made is removed.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let file = create_file(path, opts.locking)?;
-    let made = make(file, path, opts);
+    let made = make(file, opts);
     if made.is_err() {
         let _ = std::fs::remove_file(path);
     }
     made
 }
 
-/// Checks `opts` and makes the image in `file`, the new file at `path`.
-fn make(file: std::fs::File, path: &Path, opts: &CreateOptions) -> Result<()> {
+/// Checks `opts` and makes the image in `file` (and its external data file, if any).
+fn make(file: std::fs::File, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
     // QEMU rounds the virtual size up to whole 512-byte sectors.
-    let opts = &CreateOptions {
+    let mut opts = CreateOptions {
         size: opts.size.next_multiple_of(512),
         ..opts.clone()
     };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if let Some(df) = &opts.data_file {
-        let df = resolve_relative(df, dir);
+    if let Some(name) = &opts.data_file {
+        // As QEMU: relative to the working directory (not the image's), `file:NAME`
+        // recorded as NAME, other protocols refused.
+        let name = match crate::name::protocol(name) {
+            None => name.clone(),
+            Some("file") => crate::name::strip_file_protocol(name),
+            Some(other) => {
+                return Err(Error::InvalidOption(format!("Unknown protocol '{other}'")));
+            }
+        };
+        let df = std::path::PathBuf::from(&name);
+        opts.data_file = Some(name);
         create_file(&df, opts.locking)?
             .set_len(opts.size)
             .map_err(|e| Error::io(format!("Could not create '{}'", df.display()), e))?;
     }
-    fill(file, opts)
+    fill(file, &opts)
 }
 
 /// Writes the new image `opts` describes into `file`, preallocating as asked.

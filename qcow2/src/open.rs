@@ -156,12 +156,27 @@ pub fn resolve_relative(name: &str, dir: &Path) -> PathBuf {
 /// Where the backing file `name` of an image in directory `dir` is, and its format if the
 /// name gives one: a plain name is relative to `dir`; a `json:` or `file:` pseudo-filename
 /// names a file relative to the working directory, as in QEMU; other protocols are refused.
+/// As in QEMU, a plain name joined to a directory that reads as a protocol name
+/// (`file:d/base.qcow2`) is read as one.
 pub fn locate_backing(
     name: &str,
     dir: &Path,
 ) -> std::result::Result<(PathBuf, Option<String>), NameError> {
     match crate::name::protocol(name) {
-        None => Ok((resolve_relative(name, dir), None)),
+        None => {
+            let joined = resolve_relative(name, dir);
+            match joined.to_str().and_then(crate::name::protocol) {
+                None => Ok((joined, None)),
+                Some("file") => {
+                    let joined = joined.to_str().expect("a protocol name is UTF-8");
+                    Ok((
+                        PathBuf::from(crate::name::strip_file_protocol(joined)),
+                        None,
+                    ))
+                }
+                Some(other) => Err(NameError(format!("Unknown protocol '{other}'"))),
+            }
+        }
         Some("file") => Ok((PathBuf::from(crate::name::strip_file_protocol(name)), None)),
         Some("json") => {
             let named = crate::name::parse_json_name(name).expect("a json: name")?;
@@ -223,16 +238,10 @@ pub(crate) fn open_backing(
 }
 
 /// Opens an external data file (only names it, with `opts.metadata_only`).
-pub(crate) fn open_data_file(
-    name: &str,
-    dir: Option<&Path>,
-    opts: &OpenOptions,
-) -> Result<Arc<dyn Storage>> {
+pub(crate) fn open_data_file(name: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
     let (read_only, locking) = (opts.read_only, opts.locking);
-    let path = match dir {
-        Some(d) => resolve_relative(name, d),
-        None => PathBuf::from(name),
-    };
+    // Relative to the working directory, not the image's, as QEMU opens it.
+    let path = PathBuf::from(name);
     if opts.metadata_only {
         return Ok(Arc::new(crate::storage::Unopened(path)));
     }

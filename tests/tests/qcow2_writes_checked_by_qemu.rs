@@ -356,11 +356,13 @@ fn preallocation_modes_and_external_data_file() {
         assert_eq!(map(&path), map(&theirs), "{mode:?}");
     }
     let path = dir.path().join("ext.qcow2");
+    // A relative data file name is relative to the working directory (as in QEMU).
+    let data_file = dir.path().join("ext.data");
     create(
         &path,
         CreateOptions {
             size: 2 << 20,
-            data_file: Some("ext.data".into()),
+            data_file: Some(data_file.to_str().unwrap().into()),
             ..Default::default()
         },
     );

@@ -1581,6 +1581,105 @@ fn pseudo_filenames_keep_qemu_img_precedence_and_refusals() {
         });
         assert_eq!(outcomes[0], outcomes[1], "{args:?}");
     }
+    // A json: name whose file sits under a directory named like a protocol: its backing
+    // file's name is joined to it and read again as QEMU reads it (`file:d/base.qcow2` is
+    // d/base.qcow2), by the library (convert) as by the chain walks (map).
+    for dir in ["file:d", "d"] {
+        std::fs::create_dir(p.join(dir)).unwrap();
+        std::fs::copy(p.join("base.qcow2"), p.join(dir).join("base.qcow2")).unwrap();
+    }
+    qemu_io(p, "d/base.qcow2", &["write -P 11 0 64k"]);
+    let create = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+    ];
+    assert_eq!(qemu(p, &[&create[..], &["./file:d/m.qcow2"]].concat()).0, 0);
+    let jm = r#"json:{"file":{"filename":"file:d/m.qcow2"}}"#;
+    same(p, &["map", jm]);
+    for (tool, out) in [
+        (env!("CARGO_BIN_EXE_qimg"), "ours.raw"),
+        ("qemu-img", "theirs.raw"),
+    ] {
+        assert_eq!(
+            run(p, tool, &["convert", "-O", "raw", jm, out]).0,
+            0,
+            "{tool}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(p.join("ours.raw")).unwrap(),
+        std::fs::read(p.join("theirs.raw")).unwrap()
+    );
+    // convert -n without -O writes raw whatever a json: target's driver says; a bitmap merge
+    // source and a data file are named as qemu-img names them.
+    let jx = r#"json:{"driver":"qcow2","file":{"filename":"{X}"}}"#;
+    let args = ["convert", "-n", "top.raw", jx];
+    let outcomes = run_on_copies(p, "top.qcow2", &args, |copy| {
+        std::fs::read(p.join(copy)).unwrap()
+    });
+    assert!(outcomes[0] == outcomes[1], "{args:?}");
+    qcow2_image(p, &[], "bm.qcow2", "6M", &[]);
+    assert_eq!(qemu(p, &["bitmap", "--add", "bm.qcow2", "b0"]).0, 0);
+    qemu_io(p, "bm.qcow2", &["write -P 1 1M 64k"]);
+    std::fs::write(p.join("file:bm.qcow2"), b"not an image").unwrap();
+    let merge = [
+        "bitmap",
+        "--add",
+        "X",
+        "d",
+        "--merge",
+        "b0",
+        "-b",
+        "file:bm.qcow2",
+        "-F",
+        "qcow2",
+    ];
+    let outcomes = run_on_copies(p, "top.qcow2", &merge, |copy| dirty_map(p, copy, "d"));
+    assert_eq!(outcomes[0], outcomes[1], "{merge:?}");
+    assert_eq!(outcomes[0].0, 0, "{}", outcomes[0].2);
+    std::fs::create_dir(p.join("sub")).unwrap();
+    for args in [
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=file:df.raw",
+            "df.qcow2",
+            "1M",
+        ][..],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=x:df.raw",
+            "dx.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=dsub.raw",
+            "sub/ds.qcow2",
+            "1M",
+        ],
+        &["info", "df.qcow2"],
+        &["map", "--output=json", "sub/ds.qcow2"],
+    ] {
+        same(p, args);
+    }
+    assert!(p.join("df.raw").exists() && !p.join("file:df.raw").exists());
+    // A relative data file name is relative to the working directory, as QEMU takes it.
+    assert!(p.join("dsub.raw").exists() && !p.join("sub/dsub.raw").exists());
     // A non-string value is refused by both (in other words).
     for tool in [env!("CARGO_BIN_EXE_qimg"), "qemu-img"] {
         let number = r#"json:{"driver":"qcow2","file":{"filename":1}}"#;

@@ -67,7 +67,7 @@ pub struct Qcow2 {
 }
 
 impl Qcow2 {
-    /// Opens a qcow2 image from storage. `dir` resolves relative backing and data file names;
+    /// Opens a qcow2 image from storage. `dir` resolves relative backing file names;
     /// without it (or with `opts.no_backing`) the backing file is not opened.
     pub fn open_storage(
         file: Arc<dyn Storage>,
@@ -139,7 +139,7 @@ impl Qcow2 {
             None => l1,
         };
         let data_file = match &header.data_file {
-            Some(name) => Some(open_data_file(name, dir, opts)?),
+            Some(name) => Some(open_data_file(name, opts)?),
             None => None,
         };
         let backing = match (&header.backing_file, dir) {

@@ -139,10 +139,14 @@ pub fn run(mut a: Args, m: &ArgMatches) -> anyhow::Result<u8> {
         Format::Raw => None,
     };
     // A raw source has no bitmaps: `Some(None)`.
+    let mut source_format = a.source_format.clone();
+    if let Some(name) = &mut a.source_file {
+        crate::image_name::resolve(name, &mut source_format, false)?;
+    }
     let source = match &a.source_file {
         Some(f) => Some(crate::snapshot::open(
             f,
-            a.source_format.as_deref(),
+            source_format.as_deref(),
             false,
             Locking::On,
             None,

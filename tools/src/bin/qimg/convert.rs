@@ -175,7 +175,16 @@ impl Args {
         if !self.no_create {
             return crate::image_name::resolve_new(target);
         }
-        let mut format = self.output_format.clone();
+        // `-O` (raw by default) wins over a json: driver; an option string has none.
+        let mut format = match self.names.target_image_opts {
+            true => self.output_format.clone(),
+            false => Some(
+                self.output_format
+                    .as_deref()
+                    .unwrap_or(DEFAULT_FORMAT)
+                    .to_owned(),
+            ),
+        };
         crate::image_name::resolve(target, &mut format, self.names.target_image_opts)?;
         if self.names.target_image_opts && format.is_none() {
             // Named without a driver: the format is probed, as QEMU opens it.
@@ -191,9 +200,12 @@ impl Args {
 
     /// The target's format: `-O`, the one its name gives, or raw.
     fn target_format(&self) -> &str {
-        self.output_format.as_deref().unwrap_or("raw")
+        self.output_format.as_deref().unwrap_or(DEFAULT_FORMAT)
     }
 }
+
+/// The target's format without `-O`, as in qemu-img.
+const DEFAULT_FORMAT: &str = "raw";
 
 /// A target the workers write to.
 enum Target {
