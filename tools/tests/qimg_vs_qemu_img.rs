@@ -1213,6 +1213,23 @@ fn compare_progress_and_options_like_qemu_img() {
     assert!(err.contains("--object is not supported"), "{err}");
 }
 
+/// Both tools run `args` with an output file name appended and succeed, and their outputs
+/// are the same byte for byte.
+fn same_conversion(dir: &Path, args: &[&str]) {
+    for (tool, out) in [
+        (env!("CARGO_BIN_EXE_qimg"), "ours.raw"),
+        ("qemu-img", "theirs.raw"),
+    ] {
+        assert_eq!(
+            run(dir, tool, &[args, &[out]].concat()).0,
+            0,
+            "{tool} {args:?}"
+        );
+    }
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    assert!(read("ours.raw") == read("theirs.raw"), "{args:?}");
+}
+
 /// Images named by QEMU option strings (`--image-opts`, convert's `--target-image-opts`), by
 /// `json:` pseudo-filenames and with the `file:` prefix, on the command line and as backing
 /// files: the same output as qemu-img for each command that opens an image, the same changes
@@ -1372,20 +1389,7 @@ fn image_opts_and_pseudo_filenames_like_qemu_img() {
             same(p, &[cmd, &[overlay]].concat());
         }
         same(p, &["compare", overlay, "top.qcow2"]);
-        for (tool, out) in [
-            (env!("CARGO_BIN_EXE_qimg"), "ours.raw"),
-            ("qemu-img", "theirs.raw"),
-        ] {
-            assert_eq!(
-                run(p, tool, &["convert", "-O", "raw", overlay, out]).0,
-                0,
-                "{tool}"
-            );
-        }
-        assert_eq!(
-            std::fs::read(p.join("ours.raw")).unwrap(),
-            std::fs::read(p.join("theirs.raw")).unwrap()
-        );
+        same_conversion(p, &["convert", "-O", "raw", overlay]);
     }
     // Names qemu-img refuses as well, in its words.
     for args in [
@@ -1520,17 +1524,7 @@ fn pseudo_filenames_keep_qemu_img_precedence_and_refusals() {
     assert!(!p.join(&jq_new).exists() && !p.join("x:new.raw").exists());
     // Sources of different formats, each named with its own.
     let jr_top = json("raw", "top.qcow2");
-    for (tool, out) in [
-        (env!("CARGO_BIN_EXE_qimg"), "ours.raw"),
-        ("qemu-img", "theirs.raw"),
-    ] {
-        let args = ["convert", "-O", "raw", "top.qcow2", &jr_top, out];
-        assert_eq!(run(p, tool, &args).0, 0, "{tool}");
-    }
-    assert_eq!(
-        std::fs::read(p.join("ours.raw")).unwrap(),
-        std::fs::read(p.join("theirs.raw")).unwrap()
-    );
+    same_conversion(p, &["convert", "-O", "raw", "top.qcow2", &jr_top]);
     // Files created through `file:` are the files it names.
     for args in [
         &["create", "-f", "qcow2", "file:c.qcow2", "1M"][..],
@@ -1602,20 +1596,7 @@ fn pseudo_filenames_keep_qemu_img_precedence_and_refusals() {
     assert_eq!(qemu(p, &[&create[..], &["./file:d/m.qcow2"]].concat()).0, 0);
     let jm = r#"json:{"file":{"filename":"file:d/m.qcow2"}}"#;
     same(p, &["map", jm]);
-    for (tool, out) in [
-        (env!("CARGO_BIN_EXE_qimg"), "ours.raw"),
-        ("qemu-img", "theirs.raw"),
-    ] {
-        assert_eq!(
-            run(p, tool, &["convert", "-O", "raw", jm, out]).0,
-            0,
-            "{tool}"
-        );
-    }
-    assert_eq!(
-        std::fs::read(p.join("ours.raw")).unwrap(),
-        std::fs::read(p.join("theirs.raw")).unwrap()
-    );
+    same_conversion(p, &["convert", "-O", "raw", jm]);
     // convert -n without -O writes raw whatever a json: target's driver says; a bitmap merge
     // source and a data file are named as qemu-img names them.
     let jx = r#"json:{"driver":"qcow2","file":{"filename":"{X}"}}"#;
