@@ -177,13 +177,8 @@ fn make(file: std::fs::File, opts: &CreateOptions) -> Result<()> {
     if let Some(name) = &opts.data_file {
         // As QEMU: relative to the working directory (not the image's), `file:NAME`
         // recorded as NAME, other protocols refused.
-        let name = match crate::name::protocol(name) {
-            None => name.clone(),
-            Some("file") => crate::name::strip_file_protocol(name),
-            Some(other) => {
-                return Err(Error::InvalidOption(format!("Unknown protocol '{other}'")));
-            }
-        };
+        let name =
+            crate::name::new_file_name(name).map_err(|e| Error::InvalidOption(e.to_string()))?;
         let df = std::path::PathBuf::from(&name);
         opts.data_file = Some(name);
         create_file(&df, opts.locking)?

@@ -19,7 +19,7 @@ pub struct NamedImage {
 pub struct NameError(pub String);
 
 /// What the `json:` pseudo-filename `name` names; `None` if `name` is no such name.
-pub fn parse_json_name(name: &str) -> Option<Result<NamedImage, NameError>> {
+fn parse_json_name(name: &str) -> Option<Result<NamedImage, NameError>> {
     let json = name.strip_prefix("json:")?;
     Some(parse_json(json).and_then(|options| from_options(&options)))
 }
@@ -144,6 +144,29 @@ impl Node<'_> {
             Some(key) => format!("Invalid parameter type for '{key}', expected: string"),
         };
         self.refuse(why)
+    }
+}
+
+/// What `name` names if it is a pseudo-filename: a `json:` name's file and driver, a `file:`
+/// name's file; any other protocol is refused. `None` for a plain file name.
+pub fn parse_name(name: &str) -> Option<Result<NamedImage, NameError>> {
+    Some(match protocol(name)? {
+        "json" => return parse_json_name(name),
+        "file" => Ok(NamedImage {
+            filename: strip_file_protocol(name),
+            driver: None,
+        }),
+        other => Err(NameError(format!("Unknown protocol '{other}'"))),
+    })
+}
+
+/// The file an image (or external data file) to be created under `name` goes into: a plain
+/// name, or NAME of `file:NAME`; QEMU creates through no other protocol.
+pub fn new_file_name(name: &str) -> Result<String, NameError> {
+    match protocol(name) {
+        None => Ok(name.to_owned()),
+        Some("file") => Ok(strip_file_protocol(name)),
+        Some(other) => Err(NameError(format!("Unknown protocol '{other}'"))),
     }
 }
 

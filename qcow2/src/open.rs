@@ -10,7 +10,7 @@ use crate::format::header::{MAGIC, MAX_L1_BYTES};
 use crate::format::snapshot::{Snapshot, SnapshotRef};
 use crate::image::{Format, Image};
 use crate::lock::{self, Locking};
-use crate::name::NameError;
+use crate::name::{NameError, NamedImage};
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, Storage};
 
@@ -162,27 +162,14 @@ pub fn locate_backing(
     name: &str,
     dir: &Path,
 ) -> std::result::Result<(PathBuf, Option<String>), NameError> {
-    match crate::name::protocol(name) {
-        None => {
-            let joined = resolve_relative(name, dir);
-            match joined.to_str().and_then(crate::name::protocol) {
-                None => Ok((joined, None)),
-                Some("file") => {
-                    let joined = joined.to_str().expect("a protocol name is UTF-8");
-                    Ok((
-                        PathBuf::from(crate::name::strip_file_protocol(joined)),
-                        None,
-                    ))
-                }
-                Some(other) => Err(NameError(format!("Unknown protocol '{other}'"))),
-            }
-        }
-        Some("file") => Ok((PathBuf::from(crate::name::strip_file_protocol(name)), None)),
-        Some("json") => {
-            let named = crate::name::parse_json_name(name).expect("a json: name")?;
-            Ok((PathBuf::from(named.filename), named.driver))
-        }
-        Some(other) => Err(NameError(format!("Unknown protocol '{other}'"))),
+    let located = |named: NamedImage| (PathBuf::from(named.filename), named.driver);
+    if let Some(named) = crate::name::parse_name(name) {
+        return named.map(located);
+    }
+    let joined = resolve_relative(name, dir);
+    match joined.to_str().and_then(crate::name::parse_name) {
+        Some(named) => named.map(located),
+        None => Ok((joined, None)),
     }
 }
 

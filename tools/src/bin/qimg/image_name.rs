@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 
 use anyhow::bail;
-use qcow2::name::{from_options, parse_json_name, NamedImage};
+use qcow2::name::from_options;
 
 use crate::qemu_opts;
 
@@ -99,17 +99,12 @@ fn resolve_named(
         }
         from_options(&qemu_opts::parse_all(name))
     } else {
-        match qcow2::name::protocol(name) {
+        match qcow2::name::parse_name(name) {
+            Some(named) => named,
             None => {
                 remember(name, name);
                 return Ok(());
             }
-            Some("json") => parse_json_name(name).expect("a json: name"),
-            Some("file") => Ok(NamedImage {
-                filename: qcow2::name::strip_file_protocol(name),
-                driver: None,
-            }),
-            Some(other) => return Err(format!("Unknown protocol '{other}'")),
         }
     };
     let named = named.map_err(|e| e.to_string())?;
@@ -124,10 +119,6 @@ fn resolve_named(
 /// Replaces `name`, the name of an image to create, by its file: a `file:` prefix is
 /// dropped; other protocols are refused (the error is QEMU's, without the name).
 pub fn resolve_new(name: &mut String) -> anyhow::Result<()> {
-    match qcow2::name::protocol(name) {
-        None => {}
-        Some("file") => *name = qcow2::name::strip_file_protocol(name),
-        Some(other) => bail!("Unknown protocol '{other}'"),
-    }
+    *name = qcow2::name::new_file_name(name)?;
     Ok(())
 }
