@@ -401,6 +401,47 @@ fn rings_out_of_place_are_refused_before_the_backend_sees_them() {
     }
 }
 
+/// Log lines written to a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_guest_restarting_a_device_whose_backend_is_away_cannot_flood_the_log() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let mut rig = Rig::new(Behaviour::block(0, 1));
+    rig.backend.hang_up();
+    tracing::subscriber::with_default(subscriber, || {
+        for _ in 0..200 {
+            rig.start(0);
+            rig.write8(0x14, 0);
+        }
+    });
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    // Logged at powers of two: 1, 2, 4, ..., 128.
+    assert!((1..=8).contains(&count("backend away")), "{log}");
+    assert!(
+        (1..=8).contains(&count("stopping the backend's queues")),
+        "{log}"
+    );
+}
+
 #[test]
 fn reset_stops_a_queue_whose_enable_the_driver_cleared_after_driver_ok() {
     let mut rig = Rig::new(Behaviour::block(0, 1));
