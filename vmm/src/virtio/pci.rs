@@ -176,6 +176,10 @@ pub struct VirtioPciDevice {
     config_vector: u16,
     status: u8,
     queue_select: u16,
+    /// Queues whose doorbells KVM catches as ioeventfds while the device runs, wherever the
+    /// guest puts BAR 0.
+    doorbell_queues: Vec<usize>,
+    /// The doorbells registered with KVM: address and queue.
     registered_doorbells: Vec<(u64, usize)>,
     /// Queues handed to the backend since the driver started the device, in order: the ones
     /// a reset stops and a reconnect resumes.
@@ -274,6 +278,7 @@ impl VirtioPciDevice {
             config_vector: NO_VECTOR,
             status: 0,
             queue_select: 0,
+            doorbell_queues: Vec::new(),
             registered_doorbells: Vec::new(),
             started: Vec::new(),
             msix_capability,
@@ -321,12 +326,15 @@ impl VirtioPciDevice {
             0x1a => queue.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
             0x1c => queue.map_or(0, |q| u64::from(q.enabled)),
             0x1e => u64::from(self.queue_select), // notify offset = queue index
-            0x20 => queue.map_or(0, |q| q.desc & 0xffff_ffff),
-            0x24 => queue.map_or(0, |q| q.desc >> 32),
-            0x28 => queue.map_or(0, |q| q.avail & 0xffff_ffff),
-            0x2c => queue.map_or(0, |q| q.avail >> 32),
-            0x30 => queue.map_or(0, |q| q.used & 0xffff_ffff),
-            0x34 => queue.map_or(0, |q| q.used >> 32),
+            // A ring address, read whole (64 bits) or by halves.
+            o @ 0x20..=0x37 if o % 4 == 0 => queue.map_or(0, |q| {
+                let addr = [q.desc, q.avail, q.used][((o - 0x20) / 8) as usize];
+                if o % 8 == 0 {
+                    addr
+                } else {
+                    addr >> 32
+                }
+            }),
             _ => 0,
         };
         let bytes = value.to_le_bytes();
@@ -372,12 +380,19 @@ impl VirtioPciDevice {
                 self.update_queue(|q| q.vector = if v < vectors { v } else { NO_VECTOR });
             }
             0x1c => self.update_queue(|q| q.enabled = value & 1 == 1),
-            0x20 => self.update_queue(|q| q.desc = low(q.desc)),
-            0x24 => self.update_queue(|q| q.desc = high(q.desc)),
-            0x28 => self.update_queue(|q| q.avail = low(q.avail)),
-            0x2c => self.update_queue(|q| q.avail = high(q.avail)),
-            0x30 => self.update_queue(|q| q.used = low(q.used)),
-            0x34 => self.update_queue(|q| q.used = high(q.used)),
+            // A ring address, written whole (64 bits) or by halves (virtio 1.2 4.1.3.1).
+            o @ 0x20..=0x37 if o % 4 == 0 => self.update_queue(|q| {
+                let addr = match o & !7 {
+                    0x20 => &mut q.desc,
+                    0x28 => &mut q.avail,
+                    _ => &mut q.used,
+                };
+                *addr = match (o % 8, n) {
+                    (0, 8) => value,
+                    (0, _) => low(*addr),
+                    _ => high(*addr),
+                };
+            }),
             _ => {}
         }
     }
@@ -422,20 +437,13 @@ impl VirtioPciDevice {
         if self.lost {
             anyhow::bail!("its backend is gone for good");
         }
-        let Some(bar) = self.config.bar_range(0) else {
+        if self.config.bar_range(0).is_none() {
             anyhow::bail!("driver started the device with BAR 0 disabled");
-        };
-        for index in (0..self.queues.len()).filter(|&i| self.queues[i].enabled) {
-            let doorbell = bar.start + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_MULTIPLIER);
-            self.vm
-                .register_ioevent(
-                    &self.kicks[index],
-                    &IoEventAddress::Mmio(doorbell),
-                    NoDatamatch,
-                )
-                .map_err(|e| anyhow::anyhow!("KVM_IOEVENTFD for queue {index}: {e}"))?;
-            self.registered_doorbells.push((doorbell, index));
         }
+        self.doorbell_queues = (0..self.queues.len())
+            .filter(|&i| self.queues[i].enabled)
+            .collect();
+        self.place_doorbells()?;
         if self.backend.is_closed() {
             // Being restarted: the queues start when it is back, as after any reconnect.
             if let Some(n) = self.away_starts.count() {
@@ -648,6 +656,42 @@ impl VirtioPciDevice {
                 }
             }
         }
+        self.doorbell_queues.clear();
+        self.unregister_doorbells();
+    }
+
+    /// Registers the doorbells of [`Self::doorbell_queues`] with KVM where BAR 0 decodes now
+    /// (none while it does not), moving them if the guest moved the BAR: KVM must neither
+    /// catch writes to the old address nor miss the new one.
+    fn place_doorbells(&mut self) -> anyhow::Result<()> {
+        let base = self
+            .config
+            .bar_range(0)
+            .map(|bar| bar.start + NOTIFY_OFFSET);
+        let wanted: Vec<(u64, usize)> = base
+            .map(|base| {
+                let at = |i: usize| base + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+                self.doorbell_queues.iter().map(|&i| (at(i), i)).collect()
+            })
+            .unwrap_or_default();
+        if wanted == self.registered_doorbells {
+            return Ok(());
+        }
+        self.unregister_doorbells();
+        for (doorbell, index) in wanted {
+            self.vm
+                .register_ioevent(
+                    &self.kicks[index],
+                    &IoEventAddress::Mmio(doorbell),
+                    NoDatamatch,
+                )
+                .map_err(|e| anyhow::anyhow!("KVM_IOEVENTFD for queue {index}: {e}"))?;
+            self.registered_doorbells.push((doorbell, index));
+        }
+        Ok(())
+    }
+
+    fn unregister_doorbells(&mut self) {
         for (addr, index) in self.registered_doorbells.drain(..) {
             let _ = self.vm.unregister_ioevent(
                 &self.kicks[index],
@@ -669,6 +713,9 @@ impl PciDevice for VirtioPciDevice {
         let control = self.msix_capability + MSIX_CONTROL_OFFSET;
         if offset <= control + 1 && offset + data.len() > control {
             self.msix.set_control(self.config.u16_at(control));
+        }
+        if let Err(e) = self.place_doorbells() {
+            self.needs_reset(&format!("cannot move the doorbells with BAR 0: {e:#}"));
         }
         if was_master
             && !self.config.bus_master()

@@ -757,3 +757,55 @@ fn a_nic_with_fewer_pairs_than_its_backend_uses_the_backends_control_queue() {
         .collect();
     assert_eq!(stopped, vec![0, 4]);
 }
+
+#[test]
+fn ring_addresses_take_64_bit_accesses_as_well_as_halves() {
+    let mut rig = Rig::new(Behaviour::block(0, 1));
+    rig.negotiate(0);
+    let addr: u64 = 0x1_0023_4000;
+    rig.write(0x28, &addr.to_le_bytes());
+    assert_eq!(rig.read(0x28, 8), addr.to_le_bytes());
+    assert_eq!(rig.read(0x28, 4), 0x0023_4000u32.to_le_bytes());
+    assert_eq!(rig.read(0x2c, 4), 1u32.to_le_bytes());
+    rig.write32(0x2c, 0);
+    assert_eq!(rig.read(0x28, 8), 0x23_4000u64.to_le_bytes());
+    assert_eq!(rig.read(0x20, 8), DESC.to_le_bytes());
+    assert_eq!(rig.read(0x30, 8), USED.to_le_bytes());
+}
+
+/// Whether KVM already has a wildcard ioeventfd at `addr`: it refuses a second one.
+fn doorbell_taken(vm: &Vm, addr: u64) -> bool {
+    let probe = crate::vm::new_eventfd().unwrap();
+    let at = IoEventAddress::Mmio(addr);
+    match vm.fd().register_ioevent(&probe, &at, NoDatamatch) {
+        Ok(()) => {
+            vm.fd()
+                .unregister_ioevent(&probe, &at, NoDatamatch)
+                .unwrap();
+            false
+        }
+        Err(e) => {
+            assert_eq!(e.errno(), libc::EEXIST, "{e}");
+            true
+        }
+    }
+}
+
+#[test]
+fn doorbells_follow_bar_0_when_the_guest_moves_it_or_turns_decoding_off() {
+    let mut rig = Rig::new(Behaviour::block(0, 1));
+    rig.start(0);
+    let doorbell = |bar: u32| u64::from(bar) + NOTIFY_OFFSET;
+    assert!(doorbell_taken(&rig.vm, doorbell(BAR)));
+    const MOVED: u32 = 0xd000_0000;
+    rig.device.write_config(0x10, &MOVED.to_le_bytes());
+    assert!(!doorbell_taken(&rig.vm, doorbell(BAR)));
+    assert!(doorbell_taken(&rig.vm, doorbell(MOVED)));
+    rig.device.write_config(4, &[0, 0]); // memory space decoding off
+    assert!(!doorbell_taken(&rig.vm, doorbell(MOVED)));
+    rig.device.write_config(4, &[0x02, 0]);
+    assert!(doorbell_taken(&rig.vm, doorbell(MOVED)));
+    assert_eq!(rig.status(), 0x0f);
+    rig.write8(0x14, 0);
+    assert!(!doorbell_taken(&rig.vm, doorbell(MOVED)));
+}
