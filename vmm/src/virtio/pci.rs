@@ -752,7 +752,7 @@ impl PciDevice for VirtioPciDevice {
                 self.write_device_config(o - DEVICE_OFFSET, data)
             }
             o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
-                // A doorbell that KVM did not catch (device not started yet, or BAR moved).
+                // A doorbell that KVM did not catch (the device has not started).
                 let index = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
                 if let Some(kick) = self.kicks.get(index) {
                     let _ = kick.write(1);
