@@ -7,6 +7,7 @@
 //! - [`config`] and [`features`]: what the device tells the driver;
 //! - [`device`]: state that outlives connections (disk, per-queue slots, shutdown);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per queue;
+//! - [`fuzzing`]: the body of the fuzz target over guest memory and ring addresses;
 //! - [`server`]: the socket and the connection loop (SIGTERM/SIGINT/SIGHUP are `main`'s, through
 //!   `cowbird_daemon::signals`).
 
@@ -19,6 +20,7 @@ pub mod disk;
 pub mod error;
 pub mod exec;
 pub mod features;
+pub mod fuzzing;
 pub mod guest;
 pub mod request;
 pub mod server;
