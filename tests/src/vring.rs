@@ -145,6 +145,18 @@ impl TestRing {
     /// as negotiated). Returns the call and kick eventfds; the backend stops serving the
     /// ring when they are closed.
     pub fn start(&self, fe: &mut Frontend, features: u64, queue: usize) -> (EventFd, EventFd) {
+        self.start_with_avail_at(fe, features, queue, AVAIL)
+    }
+
+    /// [`Self::start`] with the available ring at guest address `avail` instead (a hostile
+    /// driver's choice; the helpers that publish chains assume the usual place).
+    pub fn start_with_avail_at(
+        &self,
+        fe: &mut Frontend,
+        features: u64,
+        queue: usize,
+        avail: u64,
+    ) -> (EventFd, EventFd) {
         let region = self.mem.iter().next().unwrap();
         fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()])
             .unwrap();
@@ -158,7 +170,7 @@ impl TestRing {
             flags: 0,
             desc_table_addr: host(DESC),
             used_ring_addr: host(USED),
-            avail_ring_addr: host(AVAIL),
+            avail_ring_addr: host(avail),
             log_addr: None,
         };
         fe.set_vring_addr(queue, &rings).unwrap();

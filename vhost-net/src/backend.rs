@@ -169,24 +169,25 @@ impl NetBackend {
             {
                 signal(&state);
             }
-            if out.more {
-                batches += 1;
-                if batches < BUDGET {
-                    continue;
-                }
+            // More packets, or buffers that arrived while notifications were off.
+            let again = out.more
+                || (out.out_of_buffers
+                    && rx::enable_notification_past(
+                        state.get_queue_mut(),
+                        &*mem,
+                        out.avail_seen,
+                    )?
+                    && datapath::check_ring(state.get_queue(), &*mem)?);
+            if !again {
+                return Ok(());
+            }
+            batches += 1;
+            if batches == BUDGET {
                 // Enough for one turn: a kick of our own brings the worker back here after
                 // its other events (the TAP's readiness is edge-triggered: it would not).
                 kick_again(&state);
                 return Ok(());
             }
-            if out.out_of_buffers
-                && rx::enable_notification_past(state.get_queue_mut(), &*mem, out.avail_seen)?
-                && datapath::check_ring(state.get_queue(), &*mem)?
-            {
-                // Buffers arrived while notifications were off.
-                continue;
-            }
-            return Ok(());
         }
     }
 

@@ -56,6 +56,14 @@ where
     let mut first_error = None;
     let mut total = 0u64;
     for (index, desc) in chain.clone().enumerate() {
+        if index == MAX_BUFFERS {
+            // Not walked further: an indirect table may hold 65535 descriptors.
+            out.truncate(start);
+            return Err(Error::TooManyBuffers {
+                head,
+                max: MAX_BUFFERS,
+            });
+        }
         count += 1;
         last_has_next = desc.has_next();
         if desc.is_write_only() != writable {
@@ -76,13 +84,6 @@ where
                 index,
                 addr: desc.addr().0,
                 len,
-            });
-            continue;
-        }
-        if out.len() - start >= MAX_BUFFERS {
-            first_error.get_or_insert(Error::TooManyBuffers {
-                head,
-                max: MAX_BUFFERS,
             });
             continue;
         }

@@ -13,7 +13,7 @@ use std::os::unix::io::RawFd;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::chain::{parse_tx, to_iovecs};
 use crate::device::{PairSlot, PairStats, TxFrame};
@@ -25,12 +25,14 @@ pub const BATCH: usize = 64;
 /// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
 pub(crate) const NUM_BUFFERS_OFFSET: u64 = 10;
 
-/// Whether `queue` can be served: the driver set it up (its rings' addresses; `ready`) and
-/// its available index is at most a ring's size ahead of ours. A larger jump is an error:
-/// virtio-queue refuses to iterate such a ring, and serving it would go round without end
-/// (the index never catches up); it waits for the ring to be set up again.
+/// Whether `queue` can be served: the driver set it up (`ready`), its rings lie whole in
+/// guest memory, and its available index is at most a ring's size ahead of ours. A ring that
+/// virtio-queue cannot pop from (one running out of memory, or an available ring at address 0,
+/// which it takes for a ring never set up) is left alone, and so is a larger jump of the
+/// index, an error: serving either would go round without end (the index never catches up).
+/// Such a ring waits to be set up again.
 pub fn check_ring<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<bool, virtio_queue::Error> {
-    if !queue.ready() {
+    if !queue.ready() || !rings_in_memory(queue, mem) {
         return Ok(false);
     }
     let pending = queue.avail_idx(mem, Ordering::Acquire)? - Wrapping(queue.next_avail());
@@ -38,6 +40,19 @@ pub fn check_ring<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<bool, virtio
         return Err(virtio_queue::Error::InvalidAvailRingIndex);
     }
     Ok(true)
+}
+
+/// Whether the descriptor table and both rings of `queue` (event index fields included) lie
+/// in guest memory, the available ring not at address 0.
+fn rings_in_memory<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
+    let size = u64::from(queue.size());
+    let inside = |addr: u64, len: u64, access| {
+        usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(addr), len, access))
+    };
+    queue.avail_ring() != 0
+        && inside(queue.desc_table(), 16 * size, Permissions::Read)
+        && inside(queue.avail_ring(), 6 + 2 * size, Permissions::Read)
+        && inside(queue.used_ring(), 6 + 8 * size, Permissions::Write)
 }
 
 /// Logs a dropped chain, rate-limited per pair.

@@ -20,16 +20,18 @@
 //! guest keeps them, and the index reported to the frontend stays right. Each packet's chains
 //! become visible with one used-index update.
 
+use std::num::Wrapping;
 use std::os::unix::io::RawFd;
+use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
-use crate::chain::{parse_rx, read_at, to_iovecs, write_at};
+use crate::chain::{parse_rx, read_at, to_iovecs, write_at, MAX_BUFFERS};
 use crate::config::VNET_HDR_LEN;
 use crate::datapath::{add_used, add_used_together, log_bad, rw, BATCH, NUM_BUFFERS_OFFSET};
 use crate::device::{PairSlot, PairStats, RxChain, RxSet};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// How rx chains are filled, from the negotiated features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,19 +85,31 @@ pub fn process_rx<M: GuestMemory>(
         } else {
             1
         };
-        let Some(start) = gather(mem, queue, params, slot, stats, want, &mut out) else {
+        let Some(gathered) = gather(mem, queue, params, slot, stats, want, &mut out) else {
             out.out_of_buffers = true;
             return out;
         };
+        let start = gathered.start;
         if let Err(e) = map_sets(mem, slot) {
-            // Cannot happen for buffers just checked, unless memory changed under us.
-            queue.set_next_avail(start);
+            // Buffers that need more iovecs than one read takes (many chains of many
+            // buffers, or buffers split across memory regions): the first chain goes back
+            // used and empty, as a bad chain does, so that the ring moves on.
+            queue.set_next_avail(start.wrapping_add(1));
+            PairStats::add(&stats.rx_bad_chains, 1);
             log_bad(slot, "rx", &e);
-            return out;
+            add_used(queue, mem, slot, slot.rx_chains[0].head, 0);
+            out.used += 1;
+            continue;
         }
         let short = params.mrg_rxbuf && slot.rx_sets[0].capacity < params.max_packet;
         if short || !slot.held.is_empty() {
-            fill_from_host(mem, fd, params, slot);
+            // No more buffers can join these if a bad chain waits behind them (it is dealt
+            // with only once first) or if they are the whole ring.
+            let final_buffers = gathered.ended_on_bad_chain
+                || queue
+                    .avail_idx(mem, Ordering::Acquire)
+                    .is_ok_and(|idx| (idx - Wrapping(start)).0 >= queue.size());
+            fill_from_host(mem, fd, params, slot, final_buffers);
         } else {
             read_sets(fd, slot);
         }
@@ -123,10 +137,17 @@ pub fn process_rx<M: GuestMemory>(
     }
 }
 
+/// Where [`gather`] put its chains.
+struct Gathered {
+    /// The available index of the first chain gathered.
+    start: u16,
+    /// A bad chain right after the ones gathered ended the gathering.
+    ended_on_bad_chain: bool,
+}
+
 /// Pops chains into at most `want` buffer sets. Bad chains met first are given back used and
 /// empty (the driver drops them); one met later ends the round and waits to be first.
-/// Returns the available index of the first chain gathered, or `None` when no set could be
-/// formed (nothing is taken then).
+/// Returns `None` when no set could be formed (nothing is taken then).
 fn gather<M: GuestMemory>(
     mem: &M,
     queue: &mut Queue,
@@ -135,13 +156,14 @@ fn gather<M: GuestMemory>(
     stats: &PairStats,
     want: usize,
     out: &mut RxOutcome,
-) -> Option<u16> {
+) -> Option<Gathered> {
     slot.rx_chains.clear();
     slot.rx_sets.clear();
     slot.segs.clear();
     slot.iovecs.0.clear();
     let mut start = queue.next_avail();
     let (mut set_start, mut set_cap) = (0usize, 0u64);
+    let mut ended_on_bad_chain = false;
     while slot.rx_sets.len() < want {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             break;
@@ -168,6 +190,7 @@ fn gather<M: GuestMemory>(
             Err(_) => {
                 // Deal with it first thing next round, after these packets.
                 queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                ended_on_bad_chain = true;
                 break;
             }
         }
@@ -194,7 +217,10 @@ fn gather<M: GuestMemory>(
         queue.set_next_avail(start);
         return None;
     }
-    Some(start)
+    Some(Gathered {
+        start,
+        ended_on_bad_chain,
+    })
 }
 
 /// Turns driver notifications back on for buffers made available past index `seen` (the
@@ -222,12 +248,19 @@ fn push_set(slot: &mut PairSlot, from: usize, capacity: u64) {
     });
 }
 
-/// Maps every set's buffers to `iovec`s.
+/// Maps every set's buffers to `iovec`s; fails if a set needs more than one read takes.
 fn map_sets<M: GuestMemory>(mem: &M, slot: &mut PairSlot) -> Result<()> {
     for set in &mut slot.rx_sets {
         let from = slot.iovecs.0.len();
         for c in &slot.rx_chains[set.chains.clone()] {
             to_iovecs(mem, &slot.segs[c.segs.clone()], true, &mut slot.iovecs.0)?;
+        }
+        if slot.iovecs.0.len() - from > MAX_BUFFERS {
+            let head = slot.rx_chains[set.chains.start].head;
+            return Err(Error::TooManyBuffers {
+                head,
+                max: MAX_BUFFERS,
+            });
         }
         set.iovecs = from..slot.iovecs.0.len();
     }
@@ -237,8 +270,15 @@ fn map_sets<M: GuestMemory>(mem: &M, slot: &mut PairSlot) -> Result<()> {
 /// Fills the first set from a host buffer: the packet held from an earlier round, or else
 /// the next one read from the TAP (the set may be too small for the largest packet, and the
 /// TAP truncates what does not fit). A packet that does not fit the set is held, and the set
-/// gets none.
-fn fill_from_host<M: GuestMemory>(mem: &M, fd: RawFd, params: RxParams, slot: &mut PairSlot) {
+/// gets none; unless no more buffers can join the set (`final_buffers`): then the packet is
+/// dropped (`deliver` counts it), as the kernel's vhost-net drops one too large for the ring.
+fn fill_from_host<M: GuestMemory>(
+    mem: &M,
+    fd: RawFd,
+    params: RxParams,
+    slot: &mut PairSlot,
+    final_buffers: bool,
+) {
     slot.rx_sets.truncate(1);
     if slot.held.is_empty() {
         slot.held
@@ -267,7 +307,12 @@ fn fill_from_host<M: GuestMemory>(mem: &M, fd: RawFd, params: RxParams, slot: &m
     }
     let set = &mut slot.rx_sets[0];
     if slot.held.len() as u64 > set.capacity {
-        set.result = -libc::EAGAIN;
+        if final_buffers {
+            set.result = i32::try_from(slot.held.len()).unwrap_or(i32::MAX);
+            slot.held.clear();
+        } else {
+            set.result = -libc::EAGAIN;
+        }
         return;
     }
     let chains = &slot.rx_chains[set.chains.clone()];

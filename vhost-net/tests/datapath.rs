@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use vhost_net::datapath::{needs_notification_since, process_tx, BATCH};
+use vhost_net::datapath::{check_ring, needs_notification_since, process_tx, BATCH};
 use vhost_net::device::{PairSlot, PairStats};
 use vhost_net::rx::{enable_notification_past, process_rx, RxOutcome, RxParams};
 use vhost_net::uring::PairRing;
@@ -619,4 +619,75 @@ fn broken_avail_ring_does_not_panic() {
     ring.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
     let _ = ring.tx(&tap, HDR, &mut slot, &stats);
     let _ = ring.rx(&tap, params(false), &mut slot, &stats);
+}
+
+/// With MRG_RXBUF, a packet too large for the chains before a bad one can never get more
+/// buffers (the bad chain is dealt with only once it is first): it is dropped, not held
+/// round after round; a packet that fits goes in, and the bad chain goes back empty.
+#[test]
+fn a_packet_too_large_for_the_chains_before_a_bad_one_is_dropped() {
+    for how in RX_MODES {
+        let mut ring = Ring::new();
+        let (tap, peer) = seqpacket_pair();
+        let mut slot = rx_slot(how, &tap);
+        let stats = PairStats::default();
+        ring.add(&[(0x10_000, 512, W)]);
+        ring.add(&[(0x11_000, 4, W)]); // bad
+        send(&peer, &packet(1000, 1));
+        let out = ring.rx(&tap, params(true), &mut slot, &stats);
+        assert_eq!((out.used, out.packets), (0, 0), "{how}");
+        assert!(!out.out_of_buffers, "{how}: nothing to wait for");
+        assert_eq!(stats.snapshot().rx_dropped, 1, "{how}");
+        assert_eq!(ring.queue.next_avail(), 0, "{how}");
+        let small = packet(100, 2);
+        send(&peer, &small);
+        let out = ring.rx(&tap, params(true), &mut slot, &stats);
+        assert_eq!((out.used, out.packets), (2, 1), "{how}");
+        assert_eq!(ring.used(0), (0, small.len() as u32), "{how}");
+        assert_eq!(ring.used(1), (1, 0), "{how}");
+    }
+}
+
+/// With MRG_RXBUF, a packet larger than the whole ring's buffers is dropped: the guest cannot
+/// add buffers before some are used, so holding it would stall the queue for good.
+#[test]
+fn a_packet_larger_than_the_whole_ring_is_dropped() {
+    for how in RX_MODES {
+        let mut ring = Ring::new();
+        let (tap, peer) = seqpacket_pair();
+        let mut slot = rx_slot(how, &tap);
+        let stats = PairStats::default();
+        for i in 0..u64::from(SIZE) {
+            ring.add(&[(0x10_000 + i * 0x100, 64, W)]);
+        }
+        send(&peer, &packet(1200, 1)); // 1212 bytes against 16 x 64
+        let out = ring.rx(&tap, params(true), &mut slot, &stats);
+        assert_eq!(out.packets, 0, "{how}");
+        assert!(!out.out_of_buffers, "{how}: nothing to wait for");
+        assert_eq!(stats.snapshot().rx_dropped, 1, "{how}");
+        let small = packet(100, 2); // 112 bytes: two chains
+        send(&peer, &small);
+        let out = ring.rx(&tap, params(true), &mut slot, &stats);
+        assert_eq!((out.used, out.packets), (2, 1), "{how}");
+        assert_eq!(ring.used(0), (0, 64), "{how}");
+        assert_eq!(ring.used(1), (1, 48), "{how}");
+    }
+}
+
+/// Rings that virtio-queue cannot pop from although their index says there is something:
+/// an available ring at address 0 (virtio-queue takes it for a ring never set up), or one
+/// whose entries run out of guest memory. They are not served.
+#[test]
+fn rings_that_cannot_be_popped_are_not_served() {
+    for avail in [0, MEM_SIZE - 4] {
+        let mut ring = Ring::new();
+        ring.queue.set_avail_ring_address(Some(avail as u32), Some(0));
+        ring.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        assert!(
+            !check_ring(&ring.queue, &ring.mem).unwrap(),
+            "avail ring at {avail:#x}"
+        );
+    }
+    let ring = Ring::new();
+    assert!(check_ring(&ring.queue, &ring.mem).unwrap());
 }

@@ -363,6 +363,39 @@ fn an_available_index_past_the_ring_neither_spins_nor_wedges_the_daemon() {
     }
 }
 
+/// A driver whose available ring virtio-queue cannot pop from, although its index says a
+/// chain is there (the ring at guest address 0, which virtio-queue takes for a ring never set
+/// up, or its entries past the end of guest memory), gets neither a spinning worker nor a
+/// wedged daemon, on any queue.
+#[test]
+fn an_available_ring_that_cannot_be_popped_neither_spins_nor_wedges_the_daemon() {
+    require_environment();
+    for queue in [RX_QUEUE, TX_QUEUE, CTRL_QUEUE] {
+        for avail in [0, MEM_SIZE as u64 - 4] {
+            let dir = tempfile::tempdir().unwrap();
+            let ns = netns_without_ipv6();
+            let extra = 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_RING_F_EVENT_IDX;
+            let (mut daemon, ring, mut fe, features) = connect(&ns, dir.path(), extra);
+            ring.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+            let (_call, kick) = ring.start_with_avail_at(&mut fe, features, queue, avail);
+            kick.write(1).unwrap();
+            if queue == RX_QUEUE {
+                inject(&ns, &daemon.tap, test_frame(100, 1));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let before = cpu_seconds(daemon.proc.pid());
+            std::thread::sleep(Duration::from_millis(500));
+            let spent = cpu_seconds(daemon.proc.pid()) - before;
+            assert!(
+                spent < 0.2,
+                "queue {queue}, avail ring at {avail:#x}: the daemon used {spent:.2} CPU-s in 0.5 s"
+            );
+            disconnect(&mut daemon, fe);
+            still_serving(&mut daemon);
+        }
+    }
+}
+
 /// With EVENT_IDX a driver notifies the control queue only when its available index passes
 /// the device's `avail_event` (Linux's `virtqueue_kick_prepare`), then busy-waits for the
 /// command's ack. The daemon must keep asking for the next command, or the second one is
