@@ -23,6 +23,10 @@ pub enum Error {
     /// where QEMU refuses the same).
     #[error("{0}")]
     InvalidHeader(String),
+    /// The repair of a dirty image (lazy refcounts after a crash) failed on a writable open;
+    /// the image stays dirty (QEMU's words).
+    #[error("Could not repair dirty image: {0}")]
+    DirtyRepairFailed(String),
     /// A version other than 2 or 3.
     #[error("Unsupported qcow2 version {0}")]
     UnsupportedVersion(u32),

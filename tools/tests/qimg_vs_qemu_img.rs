@@ -721,6 +721,109 @@ fn run_on_copies<T>(
     outcomes
 }
 
+/// The header's big-endian u64 at byte `at` of image `path`.
+fn header_u64(path: &Path, at: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    let f = std::fs::File::open(path).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, at).unwrap();
+    u64::from_be_bytes(bytes)
+}
+
+/// A dirty image whose repair fails (a snapshot's L1 table lies past the end of the file)
+/// cannot be opened for writing and stays dirty, as with qemu-img: closing the half-repaired
+/// image used to write the stale refcounts back and clear the dirty bit, and the next writer
+/// then allocated clusters still in use (guest data overwritten).
+#[test]
+fn a_dirty_image_whose_repair_fails_stays_dirty_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(
+        p,
+        &["-o", "lazy_refcounts=on"],
+        "d.qcow2",
+        "64M",
+        &["write -P 0x61 0 1M"],
+    );
+    qemu(p, &["snapshot", "-c", "s1", "d.qcow2"]);
+    let _ = run(
+        p,
+        "qemu-io",
+        &["-c", "write -P 0x62 8M 1M", "-c", "abort", "d.qcow2"],
+    );
+    let image = p.join("d.qcow2");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    let snapshots = header_u64(&image, 64);
+    std::os::unix::fs::FileExt::write_all_at(&f, &(1u64 << 63).to_be_bytes(), snapshots).unwrap();
+    assert_eq!(
+        header_u64(&image, 72) & 1,
+        1,
+        "qemu-io left the image dirty"
+    );
+    let outcomes = run_on_copies(p, "d.qcow2", &["resize", "X", "+1M"], |copy| {
+        header_u64(&p.join(copy), 72) & 1
+    });
+    let (code, _, err, dirty) = &outcomes[0];
+    assert_eq!(*code, 1);
+    assert_eq!(*dirty, 1, "qimg cleared the dirty bit: {err}");
+    let last_line = |err: &str| err.lines().last().unwrap_or_default().to_owned();
+    assert_eq!(
+        last_line(err),
+        "PROG: Could not open 'X': Could not repair dirty image: Input/output error"
+    );
+    assert_eq!(
+        last_line(&outcomes[1].2),
+        last_line(err),
+        "as qemu-img says it"
+    );
+    assert_eq!((outcomes[1].0, outcomes[1].3), (1, 1), "qemu-img");
+}
+
+/// Sets (`on`) or clears incompatible or autoclear feature bit `bit` of `path`'s header
+/// (`field_at`: 72 incompatible, 88 autoclear).
+fn set_feature_bit(path: &Path, field_at: u64, bit: u32, on: bool) {
+    let bits = header_u64(path, field_at);
+    let bits = if on {
+        bits | 1 << bit
+    } else {
+        bits & !(1 << bit)
+    };
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &bits.to_be_bytes(), field_at).unwrap();
+}
+
+/// A data file name in the header without the external-data-file bit is only a name, as in
+/// QEMU: the guest data is in the image file (qimg read it from the named file, and
+/// `check -r leaks` freed every data cluster of the image as leaked); and the data-file-raw
+/// bit without a data file is refused.
+#[test]
+fn a_data_file_name_without_its_feature_bit_keeps_the_data_in_the_image_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &["-o", "data_file=named.raw"], "a.qcow2", "4M", &[]);
+    std::fs::write(p.join("named.raw"), vec![0xee; 4 << 20]).unwrap();
+    set_feature_bit(&p.join("a.qcow2"), 72, 2, false);
+    qemu_io(
+        p,
+        "a.qcow2",
+        &["write -P 0x61 0 192k", "write -P 0x62 2M 64k"],
+    );
+    assert!(same(p, &["info", "a.qcow2"]).contains("data file: named.raw"));
+    same(p, &["check", "a.qcow2"]);
+    same(p, &["map", "--output=json", "a.qcow2"]);
+    same(p, &["map", "a.qcow2"]);
+    assert_eq!(qimg(p, &["convert", "-O", "raw", "a.qcow2", "a.raw"]).0, 0);
+    assert_eq!(qemu(p, &["compare", "a.qcow2", "a.raw"]).0, 0);
+    same(p, &["check", "-r", "leaks", "a.qcow2"]);
+    assert_eq!(qemu(p, &["check", "a.qcow2"]).0, 0);
+    same(p, &["amend", "-o", "data_file=other.raw", "a.qcow2"]);
+    set_feature_bit(&p.join("a.qcow2"), 88, 1, true);
+    same(p, &["check", "a.qcow2"]);
+    same(p, &["map", "a.qcow2"]);
+}
+
 #[test]
 fn check_reports_and_repairs_a_dirty_image_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();

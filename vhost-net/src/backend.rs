@@ -172,11 +172,7 @@ impl NetBackend {
             // More packets, or buffers that arrived while notifications were off.
             let again = out.more
                 || (out.out_of_buffers
-                    && rx::enable_notification_past(
-                        state.get_queue_mut(),
-                        &*mem,
-                        out.avail_seen,
-                    )?
+                    && rx::enable_notification_past(state.get_queue_mut(), &*mem, out.avail_seen)?
                     && datapath::check_ring(state.get_queue(), &*mem)?);
             if !again {
                 return Ok(());

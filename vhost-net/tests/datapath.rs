@@ -681,7 +681,8 @@ fn a_packet_larger_than_the_whole_ring_is_dropped() {
 fn rings_that_cannot_be_popped_are_not_served() {
     for avail in [0, MEM_SIZE - 4] {
         let mut ring = Ring::new();
-        ring.queue.set_avail_ring_address(Some(avail as u32), Some(0));
+        ring.queue
+            .set_avail_ring_address(Some(avail as u32), Some(0));
         ring.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
         assert!(
             !check_ring(&ring.queue, &ring.mem).unwrap(),

@@ -211,7 +211,11 @@ pub(crate) fn repair_dirty(img: &Qcow2) -> Result<CheckReport> {
         report.leaks_fixed
     );
     match report.failure {
-        Some(f) => Err(Error::Corrupt(format!("Could not repair dirty image: {f}"))),
+        Some(f) => Err(Error::DirtyRepairFailed(f)),
+        // A repair that could not write a fix (QEMU's `check_errors`) failed too.
+        None if report.check_errors > 0 => {
+            Err(Error::DirtyRepairFailed("Input/output error".into()))
+        }
         None => Ok(report),
     }
 }

@@ -135,7 +135,7 @@ impl Qcow2 {
     pub fn set_data_file(&mut self, name: Option<&str>, raw: Option<bool>) -> Result<()> {
         self.check_amendable()?;
         let mut m = self.meta_mut();
-        if m.header.data_file.is_none() && name.is_some() {
+        if !m.header.has_external_data() && name.is_some() {
             return Err(Error::InvalidOption(
                 "data-file can only be set for images that use an external data file".into(),
             ));

@@ -138,10 +138,17 @@ impl Qcow2 {
             Some(r) => crate::open::snapshot_l1(&*file, &snapshots, r, opts.read_only, cs)?,
             None => l1,
         };
+        // The name alone does not make the data external: without the incompatible bit,
+        // QEMU keeps guest data in the image file and only shows the name.
         let data_file = match &header.data_file {
-            Some(name) => Some(open_data_file(name, opts)?),
-            None => None,
+            Some(name) if header.has_external_data() => Some(open_data_file(name, opts)?),
+            _ => None,
         };
+        if data_file.is_none() && header.data_file_raw() && !opts.metadata_only {
+            return Err(Error::InvalidHeader(
+                "data-file-raw requires a data file".into(),
+            ));
+        }
         let backing = match (&header.backing_file, dir) {
             (Some(name), Some(dir)) if !opts.no_backing => Some(open_backing(
                 name,
@@ -200,7 +207,17 @@ impl Qcow2 {
             fatal_corruption: !opts.read_only && !opts.check,
         };
         if !opts.read_only {
-            img.dirty_repair = img.prepare_for_writing(opts)?;
+            match img.prepare_for_writing(opts) {
+                Ok(repair) => img.dirty_repair = repair,
+                Err(e) => {
+                    // Nothing more is written (as after a corruption): closing would write
+                    // the refcounts back and clear the dirty bit, and the next open would then
+                    // allocate from refcounts the failed repair left wrong.
+                    img.marked_corrupt
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
         }
         Ok(img)
     }

@@ -215,6 +215,12 @@ impl Header {
         self.incompatible_features & INCOMPAT_CORRUPT != 0
     }
 
+    /// Whether guest data is in an external data file (the incompatible bit; a data file
+    /// name without it is only a name, as in QEMU).
+    pub fn has_external_data(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DATA_FILE != 0
+    }
+
     /// Whether the external data file is also a valid raw image.
     pub fn data_file_raw(&self) -> bool {
         self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0

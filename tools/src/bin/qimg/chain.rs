@@ -191,7 +191,7 @@ impl Chain {
                 Layer::Qcow2(img) => {
                     let h = img.header();
                     (
-                        h.data_file.clone(),
+                        h.data_file.clone().filter(|_| h.has_external_data()),
                         detect_metadata_preallocation(img, Path::new(&name))?,
                         h.backing_file.clone(),
                         h.l2_entries() * h.cluster_size(),

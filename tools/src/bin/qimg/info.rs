@@ -156,7 +156,7 @@ fn qcow2_specific(h: &Header, encrypt: Option<QObj>, bitmaps: Option<QObj>) -> Q
         ("data-file", h.data_file.clone().map(QObj::from)),
         (
             "data-file-raw",
-            h.data_file.as_ref().map(|_| h.data_file_raw().into()),
+            h.has_external_data().then(|| h.data_file_raw().into()),
         ),
         ("extended-l2", v3.then(|| h.extended_l2().into())),
         ("lazy-refcounts", v3.then(|| h.lazy_refcounts().into())),
