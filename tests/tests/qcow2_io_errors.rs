@@ -250,3 +250,55 @@ fn a_failed_resize_header_write_keeps_the_old_size() {
     assert_qemu_clean(&path);
     assert!(qemu_img(&["info", p]).contains("virtual size: 64 MiB"));
 }
+
+/// A repair whose L2 write fails (here: zeroing an unaligned preallocated entry) is not
+/// counted as done: the entry is still there, so it stays a corruption and its clusters stay
+/// counted (else the refcount repair that follows would free clusters the entry still names).
+#[test]
+fn a_repair_whose_l2_write_fails_stays_a_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "unaligned.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
+    qemu_io(&path, &["write -P 0x55 0 128k"]);
+    let bytes = std::fs::read(&path).unwrap();
+    let be = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let l2 = be(be(40) as usize) & 0x00ff_ffff_ffff_fe00;
+    let data = be(l2 as usize) & 0x00ff_ffff_ffff_fe00;
+    // Guest cluster 10: COPIED, preallocated zero, at an offset 512 bytes into the data.
+    let entry_at = l2 + 8 * 10;
+    let entry = 1u64 << 63 | (data + 512) | 1;
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &entry.to_be_bytes(), entry_at).unwrap();
+    let file = FaultyFile::open(&path);
+    *file.failing.lock().unwrap() = vec![entry_at];
+    let opts = qcow2::OpenOptions {
+        check: true,
+        ..Default::default()
+    };
+    let img = Qcow2::open_storage(file.clone(), &opts, path.parent()).unwrap();
+    let report = qcow2::check::check_and_repair(&img, qcow2::check::Repair::All);
+    let said = format!("{:?}", report.messages);
+    assert!(
+        said.contains("Failed to overwrite L2 table entry"),
+        "{said}"
+    );
+    // Counted: the data cluster the entry overlaps shows one reference more than its
+    // refcount (which the repair then raises), instead of being taken for fixed.
+    let cluster = data >> 16;
+    assert!(
+        said.contains(&format!("cluster {cluster} refcount=1 reference=2")),
+        "{said}"
+    );
+    drop(img);
+    file.failing.lock().unwrap().clear();
+    // The data clusters the entry overlaps are still referenced twice over: nothing of the
+    // guest's first 128 KiB was freed for reuse.
+    qemu_io(&path, &["read -P 0x55 0 128k"]);
+    let img = Qcow2::open_storage(file, &opts, path.parent()).unwrap();
+    let report = qcow2::check::check_and_repair(&img, qcow2::check::Repair::All);
+    assert!(report.failure.is_none(), "{report:?}");
+    drop(img);
+    let (code, out) = qemu_check(&path);
+    assert!(matches!(code, 0 | 3), "qemu-img check exit {code}:\n{out}");
+    qemu_io(&path, &["read -P 0x55 0 128k", "read -P 0 640k 64k"]);
+}

@@ -328,15 +328,18 @@ impl Checker<'_> {
             2 => vec![0, (bitmap | bitmap << 32) & ALL_ZERO],
             _ => vec![ZERO],
         };
-        self.overwrite_l2_entry(at, &zeroed)?;
+        if !self.overwrite_l2_entry(at, &zeroed)? {
+            // Still there: still a corruption, and its cluster still counted.
+            return Ok(false);
+        }
         self.report.corruptions -= 1;
         self.report.corruptions_fixed += 1;
         Ok(true)
     }
 
     /// Writes one L2 entry (its words) at file offset `at` (a repair) and drops the cached
-    /// table.
-    fn overwrite_l2_entry(&mut self, at: u64, words: &[u64]) -> Outcome {
+    /// table; returns whether the write succeeded (a failure is reported as a check error).
+    fn overwrite_l2_entry(&mut self, at: u64, words: &[u64]) -> Outcome<bool> {
         let table = at - at % self.cs;
         let bytes = crate::engine::meta::encode_u64_table(words);
         let mut m = self.img.meta_mut();
@@ -354,14 +357,14 @@ impl Checker<'_> {
             .write_at(&bytes, at)
             .and_then(|()| self.file.flush());
         drop(m);
-        if let Err(e) = written {
+        if let Err(e) = &written {
             self.say(format!(
                 "ERROR: Failed to overwrite L2 table entry: {}",
-                strerror(&e)
+                strerror(e)
             ));
             self.report.check_errors += 1;
         }
-        Ok(())
+        Ok(written.is_ok())
     }
 
     /// Counts the bitmap directory, the bitmap tables and the bitmap data clusters.
