@@ -4608,6 +4608,24 @@ fn check_repairs_unaligned_l2_entries_like_qemu_img() {
         err.contains("Repairing offset=50200: Preallocated"),
         "{err}"
     );
+    // The same entry in an L2 table that is itself unaligned (its L1 entry 512 bytes into
+    // the cluster): the repair writes into that table, which is no overlap (qimg took the
+    // table for the aligned cluster around it, refused the write and marked the image
+    // corrupt).
+    qcow2_image(p, &[], "table.qcow2", "1M", &["write -P 0 0 128k"]);
+    patch(p, "table.qcow2", L1, &copied(L2 + 0x200).to_be_bytes());
+    patch(
+        p,
+        "table.qcow2",
+        L2 + 0x200 + 24,
+        &copied(0x50201).to_be_bytes(),
+    );
+    let (code, err) = same_check_on_copies(p, "table.qcow2", &["-r", "all"]);
+    assert_eq!(code, 2, "the L1 entry stays unaligned");
+    assert!(
+        err.contains("Repairing offset=50200: Preallocated"),
+        "{err}"
+    );
 }
 
 /// `-r leaks` and `-r all` repair what qemu-img repairs with them, with its messages

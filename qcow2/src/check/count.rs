@@ -225,7 +225,7 @@ impl Checker<'_> {
                         true => bitmap & ALL_ALLOC != 0,
                         false => raw & ZERO == 0,
                     };
-                    if self.check_alignment(at, host, has_data, bitmap, mode)? {
+                    if self.check_alignment(l2, at, host, has_data, bitmap, mode)? {
                         continue;
                     }
                     if table == Table::Active {
@@ -294,11 +294,13 @@ impl Checker<'_> {
         }
     }
 
-    /// Reports an entry (at file offset `at`, with subcluster `bitmap`) whose host offset is
-    /// not cluster aligned. A preallocated cluster without data loses its allocation if
-    /// `mode` repairs errors; returns whether it did (the entry then references nothing).
+    /// Reports an entry (at file offset `at` of the L2 table at `l2`, with subcluster
+    /// `bitmap`) whose host offset is not cluster aligned. A preallocated cluster without
+    /// data loses its allocation if `mode` repairs errors; returns whether it did (the entry
+    /// then references nothing).
     fn check_alignment(
         &mut self,
+        l2: u64,
         at: u64,
         host: u64,
         has_data: bool,
@@ -328,7 +330,7 @@ impl Checker<'_> {
             2 => vec![0, (bitmap | bitmap << 32) & ALL_ZERO],
             _ => vec![ZERO],
         };
-        if !self.overwrite_l2_entry(at, &zeroed)? {
+        if !self.overwrite_l2_entry(l2, at, &zeroed)? {
             // Still there: still a corruption, and its cluster still counted.
             return Ok(false);
         }
@@ -337,10 +339,10 @@ impl Checker<'_> {
         Ok(true)
     }
 
-    /// Writes one L2 entry (its words) at file offset `at` (a repair) and drops the cached
-    /// table; returns whether the write succeeded (a failure is reported as a check error).
-    fn overwrite_l2_entry(&mut self, at: u64, words: &[u64]) -> Outcome<bool> {
-        let table = at - at % self.cs;
+    /// Writes one L2 entry (its words) at file offset `at` of the L2 table at `table` (a
+    /// repair; the table may be unaligned, as its L1 entry says) and drops the cached table;
+    /// returns whether the write succeeded (a failure is reported as a check error).
+    fn overwrite_l2_entry(&mut self, table: u64, at: u64, words: &[u64]) -> Outcome<bool> {
         let bytes = crate::engine::meta::encode_u64_table(words);
         let mut m = self.img.meta_mut();
         if m.check_write(self.file, at, bytes.len() as u64, Target::L2(table))
