@@ -11,8 +11,9 @@
 
 use crate::error::{Error, Result};
 use crate::format::bitmaps::{
-    encode_directory, parse_directory, table_entry_valid, DirEntry, AUTO, DATA_OFFSET,
-    GRANULARITY_BITS, IN_USE, MAX_DIRECTORY_BYTES, MAX_NAME_LEN, MAX_TABLE_SIZE,
+    check_directory, encode_directory, parse_directory, table_entries_needed, table_entry_valid,
+    DirEntry, AUTO, DATA_OFFSET, GRANULARITY_BITS, IN_USE, MAX_DIRECTORY_BYTES, MAX_NAME_LEN,
+    MAX_TABLE_SIZE,
 };
 use crate::format::header::{BitmapsExtension, AUTOCLEAR_BITMAPS};
 
@@ -67,15 +68,42 @@ fn inconsistent(name: &[u8]) -> Error {
 }
 
 impl Qcow2 {
-    /// The bitmap directory, if the image has valid persistent bitmaps.
-    fn bitmap_directory(&self) -> Result<Option<BitmapDirectory>> {
+    /// Refuses, in QEMU's words, an image whose persistent bitmaps QEMU refuses to open
+    /// (`qcow2_load_dirty_bitmaps`): a directory or an entry outside the spec's constraints,
+    /// or a bitmap not in use whose table has an invalid entry or does not match the disk's
+    /// size. (Else a check would count what such a table names as leaked, and free it.)
+    pub(super) fn check_bitmaps_at_open(&self) -> Result<()> {
         let header = self.meta().header.clone();
         let Some(ext) = header.bitmaps.as_ref() else {
-            return Ok(None);
+            return Ok(());
         };
         if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 || ext.nb_bitmaps() == 0 {
-            return Ok(None);
+            return Ok(());
         }
+        let refuse = |why: String| Error::InvalidHeader(why);
+        let cs = self.geo.cluster_size();
+        let bytes = self.read_directory(ext)?;
+        let entries = check_directory(&bytes, ext.nb_bitmaps(), header.size, cs).map_err(refuse)?;
+        for e in entries.iter().filter(|e| e.flags & IN_USE == 0) {
+            let name = e.display_name();
+            let table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
+            if !table.iter().all(|&t| table_entry_valid(t, cs)) {
+                return Err(refuse(format!(
+                    "Could not read bitmap_table table from image for bitmap '{name}': \
+                     Invalid argument"
+                )));
+            }
+            if table_entries_needed(header.size, e.granularity_bits, cs) != table.len() as u64 {
+                return Err(refuse(format!(
+                    "Could not read bitmap '{name}' from image: Invalid argument"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes of the bitmap directory `ext` names.
+    fn read_directory(&self, ext: &BitmapsExtension) -> Result<Vec<u8>> {
         if ext.directory_size() > MAX_DIRECTORY_BYTES {
             return Err(Error::Corrupt(
                 "the bitmap directory is larger than 64 MiB".into(),
@@ -85,6 +113,19 @@ impl Qcow2 {
         self.file
             .read_at(&mut bytes, ext.directory_offset())
             .map_err(|e| Error::io("reading the bitmap directory", e))?;
+        Ok(bytes)
+    }
+
+    /// The bitmap directory, if the image has valid persistent bitmaps.
+    fn bitmap_directory(&self) -> Result<Option<BitmapDirectory>> {
+        let header = self.meta().header.clone();
+        let Some(ext) = header.bitmaps.as_ref() else {
+            return Ok(None);
+        };
+        if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 || ext.nb_bitmaps() == 0 {
+            return Ok(None);
+        }
+        let bytes = self.read_directory(ext)?;
         let entries = parse_directory(&bytes, ext.nb_bitmaps())?;
         let cs = self.geo.cluster_size();
         for e in &entries {

@@ -206,17 +206,22 @@ impl Qcow2 {
             dirty_repair: None,
             fatal_corruption: !opts.read_only && !opts.check,
         };
-        if !opts.read_only {
-            match img.prepare_for_writing(opts) {
-                Ok(repair) => img.dirty_repair = repair,
-                Err(e) => {
-                    // Nothing more is written (as after a corruption): closing would write
-                    // the refcounts back and clear the dirty bit, and the next open would then
-                    // allocate from refcounts the failed repair left wrong.
-                    img.marked_corrupt
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Err(e);
-                }
+        let ready = img
+            .check_bitmaps_at_open()
+            .and_then(|()| match opts.read_only {
+                true => Ok(None),
+                false => img.prepare_for_writing(opts),
+            });
+        match ready {
+            Ok(repair) => img.dirty_repair = repair,
+            Err(e) => {
+                // Nothing is written (as after a corruption): closing would write the
+                // refcounts back and clear the dirty bit, and the next open would then skip
+                // the repair and allocate from refcounts a crash (or a failed repair) left
+                // wrong.
+                img.marked_corrupt
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
             }
         }
         Ok(img)

@@ -90,6 +90,83 @@ pub fn parse_directory(bytes: &[u8], count: u32) -> Result<Vec<DirEntry>> {
     Ok(entries)
 }
 
+/// Flags the spec does not define.
+const RESERVED_FLAGS: u32 = !(IN_USE | AUTO);
+/// Largest bitmap QEMU loads, in bytes of its table's clusters.
+const MAX_PHYS_BYTES: u64 = 0x2000_0000;
+
+/// Bitmap table entries a bitmap of `granularity_bits` needs for a `disk_size`-byte disk
+/// (QEMU serialises the bits in 64-bit words) with `cluster_size`-byte clusters.
+pub fn table_entries_needed(disk_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+    let bits = disk_size.div_ceil(1u64 << granularity_bits.min(63));
+    (bits.div_ceil(64) * 8).div_ceil(cluster_size)
+}
+
+/// Checks a bitmap directory of `count` entries as QEMU does before it opens an image
+/// (`bitmap_list_load`, `check_dir_entry`) for a `disk_size`-byte disk with
+/// `cluster_size`-byte clusters; returns the entries, or QEMU's reason to refuse the image.
+pub fn check_directory(
+    bytes: &[u8],
+    count: u32,
+    disk_size: u64,
+    cluster_size: u64,
+) -> std::result::Result<Vec<DirEntry>, String> {
+    let broken = || "Broken bitmap directory".to_owned();
+    let mut entries = Vec::new();
+    let mut pos = 0;
+    while pos < bytes.len() {
+        if pos + 24 > bytes.len() {
+            return Err(broken());
+        }
+        if entries.len() == count as usize {
+            return Err("More bitmaps found than specified in header extension".into());
+        }
+        let name_len = usize::from(be16(bytes, pos + 18));
+        let extra_len = be32(bytes, pos + 20) as usize;
+        let end = pos + (24 + name_len + extra_len).next_multiple_of(8);
+        if end > bytes.len() {
+            return Err(broken());
+        }
+        if extra_len != 0 {
+            return Err("Bitmap extra data is not supported".into());
+        }
+        let entry = DirEntry {
+            table_offset: be64(bytes, pos),
+            table_size: be32(bytes, pos + 8),
+            flags: be32(bytes, pos + 12),
+            granularity_bits: bytes[pos + 17],
+            name: bytes[pos + 24..pos + 24 + name_len].to_vec(),
+            extra: Vec::new(),
+        };
+        let phys = u64::from(entry.table_size) * cluster_size;
+        let g = entry.granularity_bits;
+        // The bits the table holds cover the disk (u128: no shift can overflow).
+        let fits = |disk: u64| u128::from(disk) <= (u128::from(phys) * 8) << g.min(64);
+        let valid = entry.table_size != 0
+            && entry.table_offset != 0
+            && entry.table_offset % cluster_size == 0
+            && entry.table_size <= MAX_TABLE_SIZE
+            && GRANULARITY_BITS.contains(&g)
+            && entry.flags & RESERVED_FLAGS == 0
+            && name_len <= MAX_NAME_LEN
+            && bytes[pos + 16] == DIRTY_TRACKING
+            && phys <= MAX_PHYS_BYTES
+            && (entry.flags & IN_USE != 0 || fits(disk_size));
+        if !valid {
+            return Err(format!(
+                "Bitmap '{}' doesn't satisfy the constraints",
+                entry.display_name()
+            ));
+        }
+        entries.push(entry);
+        pos = end;
+    }
+    if entries.len() != count as usize {
+        return Err("Less bitmaps found than specified in header extension".into());
+    }
+    Ok(entries)
+}
+
 /// Encodes directory entries (each padded to 8 bytes, as the spec wants).
 pub fn encode_directory(entries: &[DirEntry]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -138,5 +215,53 @@ mod tests {
         assert_eq!(bytes.len(), 24 + 8 + 24 + 16);
         assert_eq!(parse_directory(&bytes, 2).unwrap(), entries);
         assert!(parse_directory(&bytes[..40], 2).is_err());
+    }
+
+    fn entry(table_size: u32, granularity_bits: u8, flags: u32) -> DirEntry {
+        DirEntry {
+            table_offset: 0x30000,
+            table_size,
+            flags,
+            granularity_bits,
+            name: b"b0".to_vec(),
+            extra: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn directories_are_checked_in_qemus_words() {
+        const CS: u64 = 65536;
+        const DISK: u64 = 64 << 30;
+        // 64 GiB at 64 KiB per bit: 1 Mi bits, 128 KiB, two table entries.
+        assert_eq!(table_entries_needed(DISK, 16, CS), 2);
+        let good = encode_directory(&[entry(2, 16, AUTO)]);
+        assert_eq!(check_directory(&good, 1, DISK, CS).unwrap().len(), 1);
+        let refused = |bytes: &[u8], count| check_directory(bytes, count, DISK, CS).unwrap_err();
+        assert_eq!(
+            refused(&good, 2),
+            "Less bitmaps found than specified in header extension"
+        );
+        let two = encode_directory(&[entry(2, 16, AUTO), entry(2, 16, 0)]);
+        assert_eq!(
+            refused(&two, 1),
+            "More bitmaps found than specified in header extension"
+        );
+        assert_eq!(refused(&good[..30], 1), "Broken bitmap directory");
+        let extra = DirEntry {
+            extra: vec![0; 8],
+            ..entry(2, 16, AUTO)
+        };
+        assert_eq!(
+            refused(&encode_directory(&[extra]), 1),
+            "Bitmap extra data is not supported"
+        );
+        let constraints = "Bitmap 'b0' doesn't satisfy the constraints";
+        // A table too small for the disk, unless the bitmap is in use (then it is not
+        // loaded); granularity out of range; a flag the spec does not define.
+        for bad in [entry(1, 16, AUTO), entry(2, 8, 0), entry(2, 16, 4)] {
+            assert_eq!(refused(&encode_directory(&[bad]), 1), constraints);
+        }
+        let in_use = encode_directory(&[entry(1, 16, IN_USE)]);
+        assert!(check_directory(&in_use, 1, DISK, CS).is_ok());
     }
 }
