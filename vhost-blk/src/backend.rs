@@ -182,8 +182,10 @@ impl BlkBackend {
                         Some(ring) if zero_copy => match ring.start(&mem, req) {
                             Ok(None) => continue,
                             Ok(Some(f)) => {
-                                let done = finish_zero_copy(&f);
-                                add_used(queue, &mut state, slot, &mem, done);
+                                // Done at once (a buffered write is a copy into the page
+                                // cache): completed as the ring's own, synced first in
+                                // writethrough.
+                                self.complete_ring_request(queue, &mut state, slot, &mem, f);
                                 completed += 1;
                                 continue;
                             }

@@ -344,6 +344,8 @@ fn wce_is_writable_only_when_negotiated() {
 struct CountingFlushes {
     inner: FileStorage,
     flushes: Arc<AtomicUsize>,
+    /// Hand out the file's descriptor, so that the queue's io_uring takes the writes.
+    ring: bool,
 }
 
 impl qcow2::Storage for CountingFlushes {
@@ -363,16 +365,21 @@ impl qcow2::Storage for CountingFlushes {
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.inner.set_len(len)
     }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.ring.then(|| self.inner.file().as_raw_fd())
+    }
 }
 
-/// A rig on a raw image whose storage counts its syncs, with the counter.
-fn counting_rig() -> (Rig, Arc<AtomicUsize>) {
+/// A rig on a raw image whose storage counts its syncs, with the counter; with `ring`, writes
+/// go through the queue's io_uring (buffered: written at once, without the kernel's worker).
+fn counting_rig(ring: bool) -> (Rig, Arc<AtomicUsize>) {
     let f = tempfile::tempfile().unwrap();
     f.set_len(1 << 20).unwrap();
     let flushes = Arc::new(AtomicUsize::new(0));
     let storage = CountingFlushes {
         inner: FileStorage::new(f),
         flushes: flushes.clone(),
+        ring,
     };
     let img = RawImage::new(Arc::new(storage), false).unwrap();
     (
@@ -409,8 +416,8 @@ fn syncs_for_two_writes(r: &mut Rig, flushes: &AtomicUsize) -> usize {
 /// negotiates FLUSH gets the write cache, and its writes complete without a sync.
 #[test]
 fn a_driver_without_flush_gets_every_write_synced_before_it_completes() {
-    for with_flush in [true, false] {
-        let (mut r, flushes) = counting_rig();
+    for (with_flush, ring) in [(true, false), (false, false), (true, true), (false, true)] {
+        let (mut r, flushes) = counting_rig(ring);
         let mut features = r.backend.features();
         if !with_flush {
             features &= !(1 << VIRTIO_BLK_F_FLUSH);
@@ -422,7 +429,7 @@ fn a_driver_without_flush_gets_every_write_synced_before_it_completes() {
         assert_eq!(
             syncs_for_two_writes(&mut r, &flushes),
             expected,
-            "syncs for 2 writes, with FLUSH: {with_flush}"
+            "syncs for 2 writes, with FLUSH: {with_flush}, through the io_uring: {ring}"
         );
     }
 }
@@ -432,7 +439,7 @@ fn a_driver_without_flush_gets_every_write_synced_before_it_completes() {
 /// that turned the cache off (and so stopped flushing) must keep getting writethrough.
 #[test]
 fn the_guests_write_cache_choice_survives_renegotiation_and_reconnection() {
-    let (mut r, flushes) = counting_rig();
+    let (mut r, flushes) = counting_rig(false);
     let all = r.backend.features();
     r.backend.acked_features(all);
     r.backend.set_config(WCE_OFFSET as u32, &[0]).unwrap();
