@@ -237,7 +237,7 @@ impl Qcow2 {
             0,
         );
         let offset = m.alloc_contiguous(file, padded.len() as u64 / cs)?;
-        m.writeback(file)?;
+        m.writeback_before_switch(file)?;
         m.check_write(file, offset, padded.len() as u64, Target::New)?;
         file.write_at(&padded, offset)
             .map_err(|e| Error::io(format!("writing {what} at 0x{offset:x}"), e))?;

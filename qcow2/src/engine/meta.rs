@@ -611,6 +611,18 @@ impl Meta {
         Ok(())
     }
 
+    /// [`Self::writeback`] before the header or the bitmap directory is switched to clusters
+    /// allocated since: with lazy refcounts their refcounts are only cached, so the dirty bit
+    /// is set first (a crash then leaves an image whose refcounts the next open rebuilds,
+    /// not one whose new table the next allocation overwrites).
+    pub fn writeback_before_switch(&mut self, file: &dyn Storage) -> Result<()> {
+        self.writeback(file)?;
+        if self.lazy_refcounts {
+            self.set_dirty_bit(file, true)?;
+        }
+        Ok(())
+    }
+
     /// After a failed write or flush of a header that was to point at a new table: the file
     /// may point at either table now, so any later metadata write could go to the one the
     /// file does not use. Refuses all further writes (as after a corruption, but without

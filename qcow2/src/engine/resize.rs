@@ -196,12 +196,7 @@ impl Qcow2 {
         let file = &*self.file;
         let mut m = self.meta_mut();
         let new_off = m.alloc_contiguous(file, (entries * 8).div_ceil(cs))?;
-        m.writeback(file)?;
-        if m.lazy_refcounts {
-            // The header will reference clusters whose refcounts are only cached: a crash
-            // must leave an image marked for a refcount rebuild.
-            m.set_dirty_bit(file, true)?;
-        }
+        m.writeback_before_switch(file)?;
         let mut table = m.l1.clone();
         table.resize(entries as usize, 0);
         let mut bytes = encode_u64_table(&table);

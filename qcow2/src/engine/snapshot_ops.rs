@@ -210,7 +210,7 @@ impl Qcow2 {
             true => 0,
             false => write_new_table(m, file, &bytes, "the snapshot table")?,
         };
-        m.writeback(file)?;
+        m.writeback_before_switch(file)?;
         file.flush()
             .map_err(|e| Error::io("flushing the new snapshot table", e))?;
         let old = m.fixed.snapshot_table;
