@@ -497,3 +497,47 @@ fn a_crash_never_keeps_an_l1_entry_without_its_new_l2_table() {
         "the write and flush has more than {crashes} flushes: crash at the later ones too"
     );
 }
+
+/// Shrinking unmaps the clusters past the new end, then records the new size: a crash at any
+/// flush of the shrink leaves the old size, or the new one with nothing mapped past it (the
+/// header went first before, and growing the image back showed the old data again).
+#[test]
+fn a_crash_while_shrinking_never_leaves_the_new_size_over_old_data() {
+    let opts = CreateOptions {
+        size: SIZE,
+        cluster_size: 4096,
+        ..Default::default()
+    };
+    let half = SIZE / 2;
+    let mut new_size_seen = 0;
+    for n in 1..12usize {
+        let storage = Arc::new(CrashStorage::default());
+        qcow2::create::write_skeleton(&*storage, &opts).unwrap();
+        let mut img = Qcow2::open_storage(storage.clone(), &Default::default(), None).unwrap();
+        img.write_at(&vec![0x77; SIZE as usize], 0).unwrap();
+        img.flush().unwrap();
+        storage.crash_at_flush(n, n as u64);
+        let shrunk = img.resize(half, qcow2::Preallocation::Off);
+        assert!(
+            shrunk.is_ok() || storage.has_crashed(),
+            "flush {n}: {shrunk:?}"
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
+        let crashed = storage.crash_image(&mut rng);
+        std::mem::forget(img);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crashed.qcow2");
+        std::fs::write(&path, &crashed).unwrap();
+        let size = u64::from_be_bytes(crashed[24..32].try_into().unwrap());
+        assert!(size == SIZE || size == half, "flush {n}: size {size}");
+        if size == half {
+            new_size_seen += 1;
+            let p = path.to_str().unwrap();
+            qemu_img(&["resize", p, &SIZE.to_string()]);
+            qemu_io(&path, &[&format!("read -P 0 {half} {half}")]);
+        }
+        let (code, text) = qemu_check(&path);
+        assert!(code == 0 || code == 3, "flush {n}:\n{text}");
+    }
+    assert!(new_size_seen > 0, "no crash came after the new size");
+}

@@ -63,15 +63,43 @@ impl Qcow2 {
         } else if new_l1 > self.meta().l1.len() as u64 {
             self.grow_l1(new_l1)?;
         }
-        {
-            let mut m = self.meta_mut();
-            m.update_header(&*self.file, |h| h.size = new_size)?;
-        }
+        // The header takes the new size last, once the metadata for it is durable (as in
+        // QEMU): a crash before leaves the old size, never a grown range that shows what
+        // the backing file or a shrink's unmapped clusters hold past the old end.
         self.size = new_size;
-        if grow && prealloc != Preallocation::Off {
+        let resized = self
+            .fill_grown_range(old, prealloc, backing_len)
+            .and_then(|()| self.flush_metadata())
+            .and_then(|()| {
+                self.meta_mut()
+                    .update_header(&*self.file, |h| h.size = new_size)
+            });
+        if let Err(e) = resized {
+            self.size = old;
+            return Err(e);
+        }
+        if let Some(dir) = bitmaps {
+            self.finish_bitmap_resize(dir, old, new_size)?;
+        }
+        if new_size < old {
+            self.drop_unused_refblocks()?;
+            self.truncate_file_tail()?;
+        }
+        Ok(())
+    }
+
+    /// After the size grew from `old` (already `self.size`): preallocates the new range as
+    /// `prealloc` says, hides what a `backing_len`-byte backing file holds past the old end,
+    /// and grows the external data file.
+    fn fill_grown_range(&self, old: u64, prealloc: Preallocation, backing_len: u64) -> Result<()> {
+        let (cs, new_size) = (self.geo.cluster_size(), self.size);
+        if new_size <= old {
+            return Ok(());
+        }
+        if prealloc != Preallocation::Off {
             self.preallocate_from(prealloc, old)?;
         }
-        if grow && backing_len > old {
+        if backing_len > old {
             // As in QEMU: what the backing file holds past the old end must not show through
             // the grown disk, which reads as zeros there. Preallocated clusters keep their
             // hosts (zero flags or subcluster zero bits over them); v2 has no zero flag, but
@@ -86,20 +114,12 @@ impl Qcow2 {
                 self.zero_or_discard(old, end - old, ZeroMode::Zero { unmap })?;
             }
         }
-        if let (Some(d), true) = (&self.data_file, grow) {
+        if let Some(d) = &self.data_file {
             let len = d
                 .len()
                 .map_err(|e| Error::io("getting the data file size", e))?;
             d.set_len(len.max(new_size))
                 .map_err(|e| Error::io("growing the external data file", e))?;
-        }
-        self.flush_metadata()?;
-        if let Some(dir) = bitmaps {
-            self.finish_bitmap_resize(dir, old, new_size)?;
-        }
-        if new_size < old {
-            self.drop_unused_refblocks()?;
-            self.truncate_file_tail()?;
         }
         Ok(())
     }
