@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use qcow2::{FileStorage, Format, Locking, Preallocation};
+use qcow2::{FileStorage, Format, Image, Locking, Preallocation};
 
 use crate::chain::Chain;
 use crate::info::path_combine;
@@ -101,7 +101,7 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
             let dir = std::path::Path::new(name).parent();
             let mut q = crate::open_qcow2(
                 Arc::new(FileStorage::new(file)),
-                &crate::writer_options(),
+                &crate::bitmap_keeping_writer_options(),
                 dir,
                 name,
             )?;
@@ -111,6 +111,47 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the chain's extent `e` is written into the base at depth `b`: allocated above
+/// it, or zeros synthesised past an intermediate image's end.
+fn above(e: &crate::chain::Extent, b: usize) -> bool {
+    (e.present && e.depth < b) || (e.zero && !e.present && e.depth + 1 < b)
+}
+
+/// The guest ranges the commit into the base at depth `b` writes, adjacent ones merged.
+fn runs_above(chain: &Chain, b: usize) -> anyhow::Result<Vec<(u64, u64)>> {
+    let size = chain.size();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let e = chain.status(offset, size - offset)?;
+        if above(&e, b) {
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == offset => *len += e.length,
+                _ => runs.push((offset, e.length)),
+            }
+        }
+        offset += e.length;
+    }
+    Ok(runs)
+}
+
+/// Opens the base for the commit's writes. A qcow2 base keeps its persistent bitmaps, with
+/// `runs` (what the commit will write) marked dirty in the enabled ones before any write,
+/// as qemu-img's writes mark them: a crash half-way leaves more marked, never less.
+fn open_base(name: &str, format: Format, runs: &[(u64, u64)]) -> anyhow::Result<Box<dyn Image>> {
+    match format {
+        Format::Raw => crate::open(name, Some(format.name()), false, Locking::On),
+        Format::Qcow2 => {
+            let file = open_for_writing(name, format)?;
+            let dir = std::path::Path::new(name).parent();
+            let opts = crate::bitmap_keeping_writer_options();
+            let q = crate::open_qcow2(Arc::new(FileStorage::new(file)), &opts, dir, name)?;
+            crate::copy_bitmaps::mark_dirty(&q, runs)?;
+            Ok(Box::new(q))
+        }
+    }
 }
 
 /// Runs `qimg commit`.
@@ -148,15 +189,13 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let base_name = chain.name(b);
     grow_base(base_name, chain.format(b), size)?;
     let top = crate::open(&a.filename, a.format.as_deref(), true, Locking::Off)?;
-    let base = crate::open(base_name, Some(chain.format(b).name()), false, Locking::On)?;
+    let base = open_base(base_name, chain.format(b), &runs_above(&chain, b)?)?;
     let progress = Progress::new(a.progress && !a.quiet, size);
     let mut buf = vec![0u8; CHUNK as usize];
     let mut offset = 0;
     while offset < size {
         let e = chain.status(offset, CHUNK.min(size - offset))?;
-        // Allocated above the base, or zeros synthesised past an intermediate image's end.
-        let above = (e.present && e.depth < b) || (e.zero && !e.present && e.depth + 1 < b);
-        if above {
+        if above(&e, b) {
             if let Some(rate) = &rate {
                 rate.wait(e.length);
             }
@@ -175,8 +214,10 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     base.flush()?;
     drop(base);
     if a.base.is_none() && !a.drop_not {
+        // Emptied, the image reads as before (through the base): its bitmaps stay valid.
         let storage = Arc::new(FileStorage::new(top_file));
-        let img = crate::open_qcow2(storage, &crate::writer_options(), None, &a.filename)?;
+        let opts = crate::bitmap_keeping_writer_options();
+        let img = crate::open_qcow2(storage, &opts, None, &a.filename)?;
         img.make_empty()?;
     }
     progress.finish();

@@ -1,11 +1,12 @@
 //! Bitmaps in `qimg convert`: with `--bitmaps` the source's persistent dirty bitmaps copied
 //! into the target as qemu-img copies them (QEMU's `convert_check_bitmaps` and
 //! `convert_copy_bitmaps`: same names, granularities and enabled state, and the same bits);
-//! with `-n` the target's own enabled bitmaps marked dirty over the disk it rewrites.
+//! with `-n` the target's own enabled bitmaps marked dirty over the disk it rewrites. Also
+//! the marks of `commit` and `rebase`, whose writes qemu-img's bitmaps record.
 
 use anyhow::bail;
 use qcow2::format::bitmaps::{AUTO, IN_USE};
-use qcow2::{Locking, Qcow2};
+use qcow2::{BitmapBits, Image, Locking, Qcow2};
 
 /// Opens the source image `name` for its bitmaps (`None` for a raw image, which has none);
 /// refuses an inconsistent bitmap unless `skip_broken`.
@@ -63,6 +64,34 @@ pub fn dirty_enabled(target: &Qcow2) -> anyhow::Result<()> {
         if b.flags & AUTO != 0 && b.flags & IN_USE == 0 {
             target.dirty_whole_bitmap(&b.name)?;
         }
+    }
+    Ok(())
+}
+
+/// Marks the guest ranges `ranges` (offset, length) dirty in every enabled bitmap of
+/// `target`, as the writes of qemu-img's commit and rebase mark them.
+pub fn mark_dirty(target: &Qcow2, ranges: &[(u64, u64)]) -> anyhow::Result<()> {
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let size = target.size();
+    for b in target.bitmaps()? {
+        if b.flags & AUTO == 0 || b.flags & IN_USE != 0 {
+            continue;
+        }
+        let g = b.granularity();
+        let mut bits = BitmapBits {
+            granularity: g,
+            disk_size: size,
+            bits: vec![0; size.div_ceil(g).div_ceil(8) as usize],
+        };
+        for &(offset, len) in ranges.iter().filter(|&&(o, l)| l > 0 && o < size) {
+            let end = (offset + len).min(size);
+            for k in offset / g..=(end - 1) / g {
+                bits.bits[(k / 8) as usize] |= 1 << (k % 8);
+            }
+        }
+        target.merge_into_bitmap(&b.name, &bits)?;
     }
     Ok(())
 }

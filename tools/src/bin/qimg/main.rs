@@ -366,6 +366,15 @@ pub fn writer_options() -> qcow2::OpenOptions {
     }
 }
 
+/// [`writer_options`] for a writer that keeps the image's persistent dirty bitmaps valid:
+/// it changes no guest data, or marks what it writes in them (commit, rebase).
+pub fn bitmap_keeping_writer_options() -> qcow2::OpenOptions {
+    qcow2::OpenOptions {
+        keep_bitmaps: true,
+        ..writer_options()
+    }
+}
+
 /// QEMU's warning for a raw image opened for writing without its format given.
 pub fn warn_probed_raw(name: &str) {
     eprintln!(

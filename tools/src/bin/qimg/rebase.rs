@@ -135,6 +135,8 @@ struct Backings<'a> {
     new: Option<&'a dyn Image>,
     buf_old: Vec<u8>,
     buf_new: Vec<u8>,
+    /// The guest ranges written into the image so far.
+    written: Vec<(u64, u64)>,
 }
 
 impl Backings<'_> {
@@ -167,6 +169,7 @@ impl Backings<'_> {
                 compare_buffers(&buf_old[written..], &buf_new[written..], unit as usize);
             let at = start + written as u64;
             if differ {
+                self.written.push((at, len as u64));
                 if old_eof {
                     img.write_zeroes(at, len as u64, false)?;
                 } else if compress {
@@ -188,13 +191,14 @@ impl Backings<'_> {
     }
 }
 
-/// Copies into `img` what differs between its old backing chain and `new`.
+/// Copies into `img` what differs between its old backing chain and `new`; returns the guest
+/// ranges it wrote.
 fn copy_differences(
     img: &Qcow2,
     new: Option<&dyn Image>,
     compress: bool,
     progress: &Progress,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(u64, u64)>> {
     let size = img.size();
     let cs = img.cluster_size();
     // The unit of allocation: subclusters with extended L2 entries.
@@ -204,6 +208,7 @@ fn copy_differences(
         new,
         buf_old: vec![0u8; (CHUNK + 2 * cs) as usize],
         buf_new: vec![0u8; (CHUNK + 2 * cs) as usize],
+        written: Vec::new(),
     };
     let mut offset = 0;
     while offset < size {
@@ -238,7 +243,7 @@ fn copy_differences(
         progress.add(end - offset);
         offset = end;
     }
-    Ok(())
+    Ok(b.written)
 }
 
 /// Runs `qimg rebase`.
@@ -281,20 +286,22 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
             backing.unwrap_or("")
         );
     }
-    // Unsafe mode never opens the old backing file.
-    let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));
-    let img = crate::open_qcow2(
-        Arc::new(storage),
-        &crate::writer_options(),
-        dir,
-        &a.filename,
-    )?;
     // In every mode, so an unknown name never reaches the header.
     if let Some(f) = a.backing_format.as_deref() {
         if !QEMU_FORMATS.contains(&f) {
             bail!("Invalid format name: '{f}'");
         }
     }
+    // Unsafe mode never opens the old backing file. The guest data stays the same (safe
+    // mode copies what the new backing file would change): the bitmaps stay valid, and get
+    // the copied ranges marked, as qemu-img's writes mark them.
+    let dir = (!a.unsafe_mode).then(|| path.parent().unwrap_or(Path::new(".")));
+    let img = crate::open_qcow2(
+        Arc::new(storage),
+        &crate::bitmap_keeping_writer_options(),
+        dir,
+        &a.filename,
+    )?;
     let progress = Progress::new(a.progress && !a.quiet, img.size());
     if !a.unsafe_mode {
         let new = match backing {
@@ -322,8 +329,9 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
             }
             None => None,
         };
-        copy_differences(&img, new.as_deref(), a.compress, &progress)?;
+        let written = copy_differences(&img, new.as_deref(), a.compress, &progress)?;
         img.flush()?;
+        crate::copy_bitmaps::mark_dirty(&img, &written)?;
     }
     img.set_backing_file(backing, a.backing_format.as_deref())
         .map_err(|e| {
