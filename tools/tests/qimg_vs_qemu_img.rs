@@ -6800,3 +6800,33 @@ fn rebase_and_commit_progress_goes_to_stdout_like_qemu_img() {
         &["rebase", "-b", "missing.qcow2", "-F", "qcow2", "top.qcow2"],
     );
 }
+
+/// `convert -n` into an existing raw file whose size is not a multiple of 512 (a copy made
+/// with `cp`): the target counts as its size rounded up, and the copy extends it, as
+/// qemu-img does (qimg refused it as past the end of the file).
+#[test]
+fn convert_n_into_a_raw_file_of_unaligned_size_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let data: Vec<u8> = (0..1_000_001u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(p.join("src.raw"), &data).unwrap();
+    for target_len in [1_000_001usize, 999_999] {
+        let mut results = Vec::new();
+        for (bin, prog) in [
+            (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+            ("qemu-img", "qemu-img"),
+        ] {
+            let target = format!("{prog}.raw");
+            std::fs::write(p.join(&target), vec![0u8; target_len]).unwrap();
+            let args = [
+                "convert", "-n", "-f", "raw", "-O", "raw", "src.raw", &target,
+            ];
+            let (code, out, err) = run_with_stderr(p, bin, prog, &args);
+            results.push((code, out, err, std::fs::read(p.join(&target)).unwrap()));
+        }
+        assert_eq!(results[0].0, 0, "{target_len}: {}", results[0].2);
+        assert!(results[0] == results[1], "{target_len}: qimg vs qemu-img");
+        assert_eq!(results[0].3.len(), 1_000_448);
+        assert_eq!(results[0].3[..data.len()], data[..]);
+    }
+}

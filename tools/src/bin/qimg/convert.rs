@@ -1013,9 +1013,20 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
                 target_name,
             )?))
         }
-        Format::Raw => Target::Other(Box::new(
-            qcow2::RawImage::new(storage, false).map_err(|e| crate::open_error(target_name, e))?,
-        )),
+        Format::Raw => {
+            if a.no_create {
+                // As QEMU's file driver: an existing target counts as its size rounded up to
+                // 512 bytes, and the copy's last sector extends the file.
+                let len = storage.len()?;
+                if len < total && len.next_multiple_of(512) >= total {
+                    storage.set_len(total)?;
+                }
+            }
+            Target::Other(Box::new(
+                qcow2::RawImage::new(storage, false)
+                    .map_err(|e| crate::open_error(target_name, e))?,
+            ))
+        }
     };
     if a.bitmaps && !matches!(&target, Target::Qcow2(q) if q.header().version >= 3) {
         bail!(
