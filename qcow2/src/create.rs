@@ -342,6 +342,9 @@ impl Qcow2 {
     /// Maps the unallocated guest clusters from byte `from` to the end of the disk (all of
     /// them must be unallocated except the one containing `from`).
     pub fn preallocate_from(&self, mode: Preallocation, from: u64) -> Result<()> {
+        if mode == Preallocation::Off {
+            return Ok(());
+        }
         let cs = self.cluster_size();
         let clusters = self.size().div_ceil(cs);
         let per_l2 = self.meta().geo.l2_entries();
@@ -362,24 +365,36 @@ impl Qcow2 {
             } else {
                 self.reserve_clusters(c, n)?
             };
-            let data = self.data_storage();
-            let len = data.len().map_err(|e| Error::io("getting file size", e))?;
-            // Clusters reused inside the file (after a resize) may hold stale bytes.
-            if host < len && matches!(mode, Preallocation::Metadata | Preallocation::Falloc) {
-                write_zeros(&**data, host, (host + n * cs).min(len) - host)
-                    .map_err(|e| Error::io("zeroing preallocated clusters", e))?;
+            if let Err(e) = self.fill_preallocated(mode, host, n * cs) {
+                // Never mapped: given back, not leaked (as QEMU's qcow2_alloc_cluster_abort).
+                if !self.has_data_file() {
+                    self.meta_mut().free_later(host, n * cs);
+                }
+                return Err(e);
             }
-            match mode {
-                Preallocation::Off => return Ok(()),
-                Preallocation::Metadata => data.set_len(len.max(host + n * cs)),
-                Preallocation::Falloc => data.allocate(host, n * cs),
-                Preallocation::Full => write_zeros(&**data, host, n * cs),
-            }
-            .map_err(|e| Error::io("preallocating data", e))?;
             self.map_preallocated(c, n, host)?;
             c += n;
         }
         Ok(())
+    }
+
+    /// Makes the `len` bytes of data at `host` ready for a preallocated mapping in `mode`:
+    /// zeros where the file already has bytes there, space claimed or written past them.
+    fn fill_preallocated(&self, mode: Preallocation, host: u64, len: u64) -> Result<()> {
+        let data = self.data_storage();
+        let file_len = data.len().map_err(|e| Error::io("getting file size", e))?;
+        // Clusters reused inside the file (after a resize) may hold stale bytes.
+        if host < file_len && matches!(mode, Preallocation::Metadata | Preallocation::Falloc) {
+            write_zeros(&**data, host, (host + len).min(file_len) - host)
+                .map_err(|e| Error::io("zeroing preallocated clusters", e))?;
+        }
+        match mode {
+            Preallocation::Off => Ok(()),
+            Preallocation::Metadata => data.set_len(file_len.max(host + len)),
+            Preallocation::Falloc => data.allocate(host, len),
+            Preallocation::Full => write_zeros(&**data, host, len),
+        }
+        .map_err(|e| Error::io("preallocating data", e))
     }
 }
 

@@ -302,3 +302,28 @@ fn a_repair_whose_l2_write_fails_stays_a_corruption() {
     assert!(matches!(code, 0 | 3), "qemu-img check exit {code}:\n{out}");
     qemu_io(&path, &["read -P 0x55 0 128k", "read -P 0 640k 64k"]);
 }
+
+/// A preallocating resize whose data write fails gives back the clusters it reserved: they
+/// were never mapped, and kept their refcount past the end of the file, where a later grow
+/// found them taken (the image then showed them as leaks).
+#[test]
+fn a_failed_preallocation_gives_its_clusters_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "prealloc.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "4M"]);
+    let file = FaultyFile::open(&path);
+    let len = std::fs::metadata(&path).unwrap().len();
+    {
+        let mut img = Qcow2::open_storage(file.clone(), &Default::default(), None).unwrap();
+        *file.failing.lock().unwrap() = vec![len + (4 << 20)];
+        let failed = img.resize(64 << 20, qcow2::Preallocation::Full);
+        assert!(failed.is_err(), "the data write was to fail");
+        assert_eq!(img.size(), 4 << 20);
+        file.failing.lock().unwrap().clear();
+    }
+    {
+        let mut img = Qcow2::open_storage(file, &Default::default(), None).unwrap();
+        img.resize(64 << 20, qcow2::Preallocation::Full).unwrap();
+    }
+    assert_qemu_clean(&path);
+}
