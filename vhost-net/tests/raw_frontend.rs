@@ -28,6 +28,7 @@ use vhost::VhostBackend;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 4 << 20;
 const RX_QUEUE: usize = 0;
@@ -331,6 +332,36 @@ fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
     still_serving(&mut daemon);
 }
 
+/// Starts a daemon and a frontend, has `start_broken` start `queue` on a ring it breaks
+/// (returning the call and kick eventfds), kicks it (and sends a frame for rx), then checks
+/// that the daemon does not spin on it (`what` names the breakage) and is not wedged:
+/// GET_VRING_BASE answers (the worker does not hold the ring) and a new frontend is served.
+fn a_broken_ring_neither_spins_nor_wedges(
+    queue: usize,
+    what: &str,
+    start_broken: impl Fn(&TestRing, &mut Frontend, u64) -> (EventFd, EventFd),
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = netns_without_ipv6();
+    let extra = 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_RING_F_EVENT_IDX;
+    let (mut daemon, ring, mut fe, features) = connect(&ns, dir.path(), extra);
+    let (_call, kick) = start_broken(&ring, &mut fe, features);
+    kick.write(1).unwrap();
+    if queue == RX_QUEUE {
+        inject(&ns, &daemon.tap, test_frame(100, 1));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_seconds(daemon.proc.pid());
+    std::thread::sleep(Duration::from_millis(500));
+    let spent = cpu_seconds(daemon.proc.pid()) - before;
+    assert!(
+        spent < 0.2,
+        "queue {queue}, {what}: the daemon used {spent:.2} CPU-s in 0.5 s"
+    );
+    disconnect(&mut daemon, fe);
+    still_serving(&mut daemon);
+}
+
 /// A driver whose available index jumps more than a ring's size ahead (virtio-queue refuses
 /// to iterate such a ring) gets neither a spinning worker nor a wedged daemon, on any queue:
 /// the worker leaves the ring alone until it is set up again.
@@ -338,28 +369,11 @@ fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
 fn an_available_index_past_the_ring_neither_spins_nor_wedges_the_daemon() {
     require_environment();
     for queue in [RX_QUEUE, TX_QUEUE, CTRL_QUEUE] {
-        let dir = tempfile::tempdir().unwrap();
-        let ns = netns_without_ipv6();
-        let extra = 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_RING_F_EVENT_IDX;
-        let (mut daemon, ring, mut fe, features) = connect(&ns, dir.path(), extra);
-        let (_call, kick) = ring.start(&mut fe, features, queue);
-        ring.set_avail_idx(0x8000);
-        kick.write(1).unwrap();
-        if queue == RX_QUEUE {
-            inject(&ns, &daemon.tap, test_frame(100, 1));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        let before = cpu_seconds(daemon.proc.pid());
-        std::thread::sleep(Duration::from_millis(500));
-        let spent = cpu_seconds(daemon.proc.pid()) - before;
-        assert!(
-            spent < 0.2,
-            "queue {queue}: the daemon used {spent:.2} CPU-s in 0.5 s on a broken ring"
-        );
-        // GET_VRING_BASE answers (the worker does not hold the ring), and a new frontend is
-        // served.
-        disconnect(&mut daemon, fe);
-        still_serving(&mut daemon);
+        a_broken_ring_neither_spins_nor_wedges(queue, "index past the ring", |ring, fe, f| {
+            let fds = ring.start(fe, f, queue);
+            ring.set_avail_idx(0x8000);
+            fds
+        });
     }
 }
 
@@ -372,26 +386,11 @@ fn an_available_ring_that_cannot_be_popped_neither_spins_nor_wedges_the_daemon()
     require_environment();
     for queue in [RX_QUEUE, TX_QUEUE, CTRL_QUEUE] {
         for avail in [0, MEM_SIZE as u64 - 4] {
-            let dir = tempfile::tempdir().unwrap();
-            let ns = netns_without_ipv6();
-            let extra = 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_RING_F_EVENT_IDX;
-            let (mut daemon, ring, mut fe, features) = connect(&ns, dir.path(), extra);
-            ring.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
-            let (_call, kick) = ring.start_with_avail_at(&mut fe, features, queue, avail);
-            kick.write(1).unwrap();
-            if queue == RX_QUEUE {
-                inject(&ns, &daemon.tap, test_frame(100, 1));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-            let before = cpu_seconds(daemon.proc.pid());
-            std::thread::sleep(Duration::from_millis(500));
-            let spent = cpu_seconds(daemon.proc.pid()) - before;
-            assert!(
-                spent < 0.2,
-                "queue {queue}, avail ring at {avail:#x}: the daemon used {spent:.2} CPU-s in 0.5 s"
-            );
-            disconnect(&mut daemon, fe);
-            still_serving(&mut daemon);
+            let what = format!("avail ring at {avail:#x}");
+            a_broken_ring_neither_spins_nor_wedges(queue, &what, |ring, fe, f| {
+                ring.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+                ring.start_with_avail_at(fe, f, queue, avail)
+            });
         }
     }
 }
