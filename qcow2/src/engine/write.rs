@@ -69,18 +69,25 @@ impl Qcow2 {
             // Nothing to copy: zero the new cluster in place (an unwritten extent on the
             // host) and write only the guest's bytes, instead of a whole cluster of zeros.
             let host = self.target_cluster(cluster, entry)?;
-            self.check_data_write(host, cs)?;
-            self.data_storage()
-                .zero_range(host, cs)
-                .map_err(|e| Error::io(format!("zeroing data at host offset 0x{host:x}"), e))?;
-            self.write_data(data, host + in_cluster)?;
+            let written = self
+                .check_data_write(host, cs)
+                .and_then(|()| {
+                    self.data_storage().zero_range(host, cs).map_err(|e| {
+                        Error::io(format!("zeroing data at host offset 0x{host:x}"), e)
+                    })
+                })
+                .and_then(|()| self.write_data(data, host + in_cluster));
+            self.give_back_unwritten(&written, &[entry], &[host]);
+            written?;
             return self.update_l2(cluster, &[entry], &[host]);
         }
         let mut full = vec![0u8; cs as usize];
         self.read_cluster(cluster, entry, &mut full)?;
         full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
         let host = self.target_cluster(cluster, entry)?;
-        self.write_data(&full, host)?;
+        let written = self.write_data(&full, host);
+        self.give_back_unwritten(&written, &[entry], &[host]);
+        written?;
         self.update_l2(cluster, &[entry], &[host])
     }
 
@@ -136,7 +143,11 @@ impl Qcow2 {
             L2Entry::Normal { host, .. } if in_place => host,
             _ => self.target_cluster(cluster, entry)?,
         };
-        self.write_data(&buf, host + start)?;
+        let data_written = self.write_data(&buf, host + start);
+        if !in_place {
+            self.give_back_unwritten(&data_written, &[entry], &[host]);
+        }
+        data_written?;
         let written = alloc_bits(first, last + 1);
         let new = (bitmap | written) & !(written << 32);
         if in_place && new == bitmap {
@@ -192,16 +203,20 @@ impl Qcow2 {
                     L2Entry::Normal { host, copied: true } => host,
                     _ => self.target_cluster(first + k as u64, e)?,
                 };
-                self.write_data(&bytes[k * cs as usize..(k + 1) * cs as usize], host)?;
                 hosts.push(host);
+                let written = self.write_data(&bytes[k * cs as usize..(k + 1) * cs as usize], host);
+                self.give_back_unwritten(&written, &entries[..=k], &hosts);
+                written?;
             }
             self.update_l2(first, &entries, &hosts)?;
             return Ok(n as u64);
         }
         let (host, n) = self.meta_mut().alloc_up_to(&*self.file, n as u64)?;
         let n = n as usize;
-        self.write_data(&bytes[..n * cs as usize], host)?;
         let hosts: Vec<u64> = (0..n as u64).map(|k| host + k * cs).collect();
+        let written = self.write_data(&bytes[..n * cs as usize], host);
+        self.give_back_unwritten(&written, &entries[..n], &hosts);
+        written?;
         self.update_l2(first, &entries[..n], &hosts)?;
         Ok(n as u64)
     }
@@ -298,6 +313,25 @@ impl Qcow2 {
                 copied: true,
             } => Ok(h),
             _ => self.meta_mut().alloc_cluster(&*self.file),
+        }
+    }
+
+    /// After a failed data write (`written`) for guest clusters whose entries were `old`:
+    /// gives back the host clusters `hosts` allocated for it, never mapped (as QEMU's
+    /// `qcow2_alloc_cluster_abort`), instead of leaking them. Clusters the entries already
+    /// held (in place, or a reused preallocated zero cluster) stay theirs.
+    fn give_back_unwritten(&self, written: &Result<()>, old: &[L2Entry], hosts: &[u64]) {
+        if written.is_ok() || self.data_file.is_some() {
+            return;
+        }
+        let cs = self.geo.cluster_size();
+        let mut m = self.meta_mut();
+        for (e, &host) in old.iter().zip(hosts) {
+            let owned =
+                matches!(e, L2Entry::Normal { copied: true, .. }) || e.host_cluster() == Some(host);
+            if !owned {
+                m.free_later(host, cs);
+            }
         }
     }
 
