@@ -110,30 +110,42 @@ impl BlkBackend {
                 reason: "no such queue".into(),
             });
         };
-        if !self.active() {
+        if !self.active() || !usable(vring) {
+            // A disabled or stopped ring is left alone: its chains wait, and nothing is
+            // written into it (after GET_VRING_BASE it may be gone).
             return Ok(());
         }
-        if slot.vring.is_none() {
+        let res = if slot.vring.is_none() {
+            // First served on this connection: a poll cut short by the last one may have
+            // left notifications off in the ring.
             slot.vring = Some(vring.clone());
-        }
-        let res = if self.event_idx.load(Ordering::Relaxed) {
-            // Keep going until no new chain arrived while notifications were off.
-            loop {
+            vring.enable_notification().map(drop)
+        } else {
+            Ok(())
+        };
+        let res = res.and_then(|()| match self.event_idx.load(Ordering::Relaxed) {
+            // Keep going until no new chain arrived while notifications were off (and the
+            // ring is still served: a disabled one keeps its chains).
+            true => loop {
                 if let Err(e) = vring.disable_notification() {
                     break Err(e);
                 }
-                if let Err(e) = self.process_available(queue, vring, &mut slot) {
-                    break Err(e);
+                match self.process_available(queue, vring, &mut slot) {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+                if !self.active() {
+                    break Ok(());
                 }
                 match vring.enable_notification() {
                     Ok(true) => continue,
                     Ok(false) => break Ok(()),
                     Err(e) => break Err(e),
                 }
-            }
-        } else {
-            self.process_available(queue, vring, &mut slot)
-        };
+            },
+            false => self.process_available(queue, vring, &mut slot).map(drop),
+        });
         res.map_err(|e| {
             slot.ring_errors += 1;
             Error::Queue {
@@ -145,27 +157,28 @@ impl BlkBackend {
 
     /// Starts every chain in the available ring: reads and writes the image can map go to the
     /// io_uring (queued, completed later by [`Self::process_completions`]), everything else
-    /// completes now. Notifies the driver if it wants it.
+    /// completes now. Notifies the driver if it wants it. Returns false, taking nothing, if
+    /// the ring is disabled or stopped (its chains wait).
     fn process_available(
         &self,
         queue: usize,
         vring: &VringRwLock,
         slot: &mut QueueSlot,
-    ) -> std::result::Result<(), virtio_queue::Error> {
+    ) -> std::result::Result<bool, virtio_queue::Error> {
         let mem = self.mem.memory();
         let disk = self.device.disk();
         let limits = self.device.limits();
         let mut state = vring.get_mut();
-        if !state.is_enabled() {
-            // A disabled ring's chains wait (a completion event can bring us here).
-            return Ok(());
+        if !state.is_enabled() || !state.get_queue().ready() {
+            // A completion event can bring us here.
+            return Ok(false);
         }
         let chains: Vec<_> = state.get_queue_mut().iter(mem.clone())?.collect();
         // Read after the chains: a chain made available after the guest turned its write
         // cache off must see it off.
         let writethrough = self.writethrough();
         if chains.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let mut completed = 0usize;
         for chain in chains {
@@ -210,7 +223,7 @@ impl BlkBackend {
         if completed > 0 && state.get_queue_mut().needs_notification(&*mem)? {
             signal(queue, &state);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Completes the io_uring requests of queue `queue` that have finished.
@@ -339,7 +352,7 @@ impl BlkBackend {
     /// price of a busy thread.
     fn poll(&self, queue: usize, vring: &VringRwLock) {
         let interval = self.device.poll();
-        if interval.is_zero() || !self.active() || vring.disable_notification().is_err() {
+        if interval.is_zero() || !self.set_notifications(queue, vring, false) {
             return;
         }
         let mut last_progress = Instant::now();
@@ -359,13 +372,31 @@ impl BlkBackend {
                 return;
             }
         }
-        if let Err(e) = vring.enable_notification() {
-            tracing::debug!("queue {queue}: cannot re-enable notifications: {e}");
-        }
+        self.set_notifications(queue, vring, true);
         // Chains made available just before notifications came back on.
         if let Err(e) = self.process_queue(queue, vring) {
             self.log_queue_error(queue, &e);
         }
+    }
+
+    /// Turns driver notifications of queue `queue` on or off, if the ring is still served
+    /// (checked under the queue's slot, which GET_VRING_BASE takes after stopping the ring:
+    /// nothing is written into a stopped ring). Returns whether it did.
+    fn set_notifications(&self, queue: usize, vring: &VringRwLock, on: bool) -> bool {
+        let Some(_slot) = self.device.lock_slot(queue) else {
+            return false;
+        };
+        if !self.active() || !usable(vring) {
+            return false;
+        }
+        let set = match on {
+            true => vring.enable_notification().map(drop),
+            false => vring.disable_notification(),
+        };
+        if let Err(e) = &set {
+            tracing::debug!("queue {queue}: cannot turn notifications on ({on}): {e}");
+        }
+        set.is_ok()
     }
 
     /// One polling step: starts the chains that became available, if any.
@@ -384,15 +415,20 @@ impl BlkBackend {
             let mem = self.mem.memory();
             let state = vring.get_ref();
             let q = state.get_queue();
-            q.ready()
+            state.is_enabled()
+                && q.ready()
                 && q.avail_idx(&*mem, Ordering::Acquire).map_err(queue_error)?
                     != Wrapping(q.next_avail())
         };
         if !pending {
             return Ok(PollStep::Nothing);
         }
-        self.process_available(queue, vring, &mut slot)
-            .map_err(queue_error)?;
+        if !self
+            .process_available(queue, vring, &mut slot)
+            .map_err(queue_error)?
+        {
+            return Ok(PollStep::Nothing);
+        }
         Ok(match slot.ring.as_ref() {
             Some(ring) if ring.in_flight() > 0 => PollStep::ReachedDisk,
             _ => PollStep::Served,
@@ -494,6 +530,12 @@ impl BlkBackend {
         };
         add_used(queue, state, slot, mem, done);
     }
+}
+
+/// Whether `vring` is served: set up (ready; GET_VRING_BASE stops it) and enabled.
+fn usable(vring: &VringRwLock) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
 }
 
 /// The used-ring entry of a request the ring moved completely.

@@ -63,6 +63,9 @@ fn outcome(start: Start<InFlight>) -> Result<Option<Finished>, Request> {
     }
 }
 
+/// Tries of [`QueueRing::wait_all`], a millisecond apart.
+const WAIT_ALL_ATTEMPTS: u32 = 10_000;
+
 /// One queue's ring.
 pub struct QueueRing {
     ring: IoRing<InFlight>,
@@ -269,8 +272,18 @@ impl QueueRing {
     /// Waits until every submitted request has finished and collects them.
     pub fn wait_all(&mut self, out: &mut Vec<Finished>) {
         let mut done = Vec::new();
-        if let Err(e) = self.ring.wait_all(&mut done) {
-            tracing::error!("waiting for io_uring completions failed: {e}");
+        // Requests left in the ring would complete later into whatever the queue serves by
+        // then (after a reconnect, another frontend's ring): a failed wait is retried, for
+        // up to about ten seconds.
+        for attempt in 1..=WAIT_ALL_ATTEMPTS {
+            match self.ring.wait_all(&mut done) {
+                Ok(()) => break,
+                Err(e) if attempt.is_power_of_two() || attempt == WAIT_ALL_ATTEMPTS => {
+                    tracing::error!("waiting for io_uring completions failed: {e} (try {attempt})");
+                }
+                Err(_) => {}
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         out.extend(done.into_iter().map(Finished::from));
     }

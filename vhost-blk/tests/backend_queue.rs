@@ -865,3 +865,47 @@ fn a_failed_sync_fails_that_flush_and_every_later_one() {
         "both flushes fail"
     );
 }
+
+/// Fails the whole test process if `f` does not return within 20 s (a worker loop that never
+/// ends cannot fail an assertion).
+fn within_20s<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let what = what.to_owned();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        if !flag.load(SeqCst) {
+            eprintln!("{what} did not return: aborting");
+            std::process::abort();
+        }
+    });
+    let out = f();
+    done.store(true, SeqCst);
+    out
+}
+
+/// A disabled ring (SET_VRING_ENABLE 0, as QEMU sends before GET_VRING_BASE) keeps its
+/// chains and is not written: with EVENT_IDX the worker looped forever on it (chains
+/// available, none taken), holding the queue, so that GET_VRING_BASE never answered. After a
+/// stop nothing is written into the ring either.
+#[test]
+fn a_disabled_ring_keeps_its_chains_and_the_worker_returns() {
+    let mut r = rig();
+    r.preset_status(0x3000, 1);
+    r.header(0x2000, VIRTIO_BLK_T_IN, 0);
+    r.push(&[(0x2000, 16, 0), (0x4000, 512, W), (0x3000, 1, W)]);
+    r.vring.set_enabled(false);
+    let avail_event_before = r.avail_event();
+    within_20s("a kick on a disabled ring", || r.kick());
+    assert_eq!(r.used_idx(), 0, "a disabled ring's chain was taken");
+    assert_eq!(
+        r.avail_event(),
+        avail_event_before,
+        "the disabled ring was written"
+    );
+    within_20s("GET_VRING_BASE", || r.backend.stop_vring(0).unwrap());
+    // Enabled again, the chain is served.
+    r.vring.set_enabled(true);
+    within_20s("a kick", || r.kick());
+    assert_eq!(r.used_idx(), 1);
+}
