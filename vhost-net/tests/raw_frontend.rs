@@ -281,6 +281,15 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// the frame is held and the worker must wait for the driver's next buffers (asking to be
 /// notified past the one it saw) instead of spinning on it; two more buffers then take the
 /// frame across two chains.
+/// The CPU time `daemon` uses in half a second, once what was just sent to it settled
+/// (200 ms).
+fn cpu_over_half_a_second(daemon: &Daemon) -> f64 {
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_seconds(daemon.proc.pid());
+    std::thread::sleep(Duration::from_millis(500));
+    cpu_seconds(daemon.proc.pid()) - before
+}
+
 #[test]
 fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
     require_environment();
@@ -299,10 +308,7 @@ fn too_few_rx_buffers_with_mrg_rxbuf_wait_without_spinning() {
     // A full-size frame is waiting in the TAP while only the one buffer is there.
     let frame = test_frame(1514, 3);
     inject(&ns, &daemon.tap, frame.clone());
-    std::thread::sleep(Duration::from_millis(200));
-    let before = cpu_seconds(daemon.proc.pid());
-    std::thread::sleep(Duration::from_millis(500));
-    let spent = cpu_seconds(daemon.proc.pid()) - before;
+    let spent = cpu_over_half_a_second(&daemon);
     assert!(
         spent < 0.2,
         "the daemon used {spent:.2} CPU-s in 0.5 s waiting for buffers"
@@ -350,10 +356,7 @@ fn a_broken_ring_neither_spins_nor_wedges(
     if queue == RX_QUEUE {
         inject(&ns, &daemon.tap, test_frame(100, 1));
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let before = cpu_seconds(daemon.proc.pid());
-    std::thread::sleep(Duration::from_millis(500));
-    let spent = cpu_seconds(daemon.proc.pid()) - before;
+    let spent = cpu_over_half_a_second(&daemon);
     assert!(
         spent < 0.2,
         "queue {queue}, {what}: the daemon used {spent:.2} CPU-s in 0.5 s"
