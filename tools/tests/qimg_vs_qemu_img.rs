@@ -6830,3 +6830,31 @@ fn convert_n_into_a_raw_file_of_unaligned_size_like_qemu_img() {
         assert_eq!(results[0].3[..data.len()], data[..]);
     }
 }
+
+/// A convert started with SIGINT ignored (a background job of a non-interactive shell) is
+/// not stopped by a SIGINT, as qemu-img, which never catches it, is not: the job finishes.
+#[test]
+fn an_ignored_sigint_does_not_stop_a_convert() {
+    use std::os::unix::process::CommandExt;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(p.join("src.raw"), &data).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qimg"));
+    cmd.current_dir(p)
+        .args(["convert", "-r", "8M", "-O", "qcow2", "src.raw", "out.qcow2"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: a signal to our own child, which has not been waited for yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(qemu(p, &["compare", "src.raw", "out.qcow2"]).0, 0);
+}

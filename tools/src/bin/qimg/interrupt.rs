@@ -23,7 +23,7 @@ impl Interrupt {
     pub fn catch() -> anyhow::Result<Interrupt> {
         let caught = Arc::new(AtomicUsize::new(0));
         let armed = Arc::new(AtomicBool::new(false));
-        for sig in [SIGINT, SIGTERM] {
+        for sig in [SIGINT, SIGTERM].into_iter().filter(|&sig| !ignored(sig)) {
             // Registered first, so it sees `armed` as the previous signal left it.
             signal_hook::flag::register_conditional_default(sig, armed.clone())
                 .and_then(|_| signal_hook::flag::register(sig, armed.clone()))
@@ -47,6 +47,16 @@ impl Interrupt {
         // Not reached for SIGINT and SIGTERM; the shell's convention otherwise.
         std::process::exit(128 + sig)
     }
+}
+
+/// Whether `sig` is ignored (inherited: a background job of a non-interactive shell ignores
+/// SIGINT). It stays ignored, as for qemu-img, which never catches it.
+fn ignored(sig: i32) -> bool {
+    // SAFETY: a zeroed `sigaction` is a valid value; with a null new action, sigaction only
+    // reads the current one into it.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    let read = unsafe { libc::sigaction(sig, std::ptr::null(), &mut current) } == 0;
+    read && current.sa_sigaction == libc::SIG_IGN
 }
 
 /// The signal's name as `kill -l` prints it, with the SIG prefix.
