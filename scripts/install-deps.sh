@@ -49,6 +49,8 @@ PACKAGES=(
     jq
     # losetup: vhost-blk serves a loop device in its block-device test
     mount
+    # mkfs.ext4: qcow2's lost-write test builds a failing disk on a loop device
+    e2fsprogs
 )
 
 # Installed together with `-t bookworm-backports` (QEMU 10.0.x).

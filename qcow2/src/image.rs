@@ -69,14 +69,18 @@ pub trait Image: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
-    /// Does what [`Image::flush`] does short of the last sync of the image's files, and
-    /// returns the descriptors of the files that sync must cover (open as long as the
-    /// image), for a caller that syncs them itself, say through io_uring, without blocking
-    /// its thread for the disk. `None`: this image cannot split its flush; call `flush`.
-    fn prepare_flush(&self) -> Result<Option<Vec<std::os::unix::io::RawFd>>> {
-        Ok(None)
+    /// The files [`Image::flush`] ends by syncing (open as long as the image), for a caller
+    /// that syncs them itself after [`Image::prepare_flush`], say through io_uring, without
+    /// blocking its thread for the disk. `None`: this image cannot split its flush; call
+    /// `flush`.
+    fn sync_fds(&self) -> Option<Vec<std::os::unix::io::RawFd>> {
+        None
     }
-    /// Records that a sync of the files [`Image::prepare_flush`] returned failed: every later
+    /// Does what [`Image::flush`] does short of syncing the files [`Image::sync_fds`] lists.
+    fn prepare_flush(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Records that a sync of the files [`Image::sync_fds`] lists failed: every later
     /// flush fails as well (the kernel reports lost writes only once).
     fn sync_failed(&self) {}
     /// Flushes and leaves the image as a clean close would (qcow2 with lazy refcounts: the

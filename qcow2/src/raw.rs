@@ -100,11 +100,14 @@ impl Image for RawImage {
             .map_err(|e| Error::io("flushing raw image", e))
     }
 
-    fn prepare_flush(&self) -> Result<Option<Vec<std::os::unix::io::RawFd>>> {
+    fn sync_fds(&self) -> Option<Vec<std::os::unix::io::RawFd>> {
+        self.storage.raw_fd().map(|fd| vec![fd])
+    }
+
+    fn prepare_flush(&self) -> Result<()> {
         self.storage
             .check_sync()
-            .map_err(|e| Error::io("flushing the image", e))?;
-        Ok(self.storage.raw_fd().map(|fd| vec![fd]))
+            .map_err(|e| Error::io("flushing the image", e))
     }
 
     fn sync_failed(&self) {

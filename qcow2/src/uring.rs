@@ -8,7 +8,7 @@
 //! and go through [`Image::read_at`] / [`Image::write_at`].
 
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use aligned_vec::{avec_rt, AVec, RuntimeAlign};
@@ -139,6 +139,46 @@ pub struct IoRing<T> {
     syncing: bool,
     /// Flushes that came while it was: the next sync serves them all.
     waiting_flushes: Vec<T>,
+    /// What this ring's flushes sync; `None` when the image cannot split its flush.
+    sync_files: Option<SyncFiles>,
+}
+
+/// The image's files ([`Image::sync_fds`]), each through a file description of the ring's
+/// own. The kernel reports a lost write once per description (its `errseq`): with one
+/// description shared by every ring, a sync in flight on another ring could take the report
+/// and this ring's flush succeed over the lost data. A description opened when the ring is
+/// made sees every loss after that.
+struct SyncFiles {
+    /// The descriptors to sync: the ring's own, or the image's where reopening failed.
+    fds: Vec<RawFd>,
+    /// Keeps the ring's own descriptions open.
+    _own: Vec<std::fs::File>,
+}
+
+impl SyncFiles {
+    fn open(image_fds: Vec<RawFd>) -> SyncFiles {
+        let mut own = Vec::new();
+        let fds = image_fds
+            .into_iter()
+            .map(|fd| match reopen(fd) {
+                Ok(file) => {
+                    let own_fd = file.as_raw_fd();
+                    own.push(file);
+                    own_fd
+                }
+                Err(e) => {
+                    tracing::warn!("cannot reopen descriptor {fd} to sync it on its own: {e}");
+                    fd
+                }
+            })
+            .collect();
+        SyncFiles { fds, _own: own }
+    }
+}
+
+/// A new file description of the file open as `fd` (read-only: a sync needs no more).
+fn reopen(fd: RawFd) -> io::Result<std::fs::File> {
+    std::fs::File::open(format!("/proc/self/fd/{fd}"))
 }
 
 // SAFETY: the raw pointers in the iovecs point into memory the caller promised (in `start`)
@@ -149,6 +189,7 @@ impl<T> IoRing<T> {
     /// A ring for I/O on `image` with room for at least `entries` pieces in flight.
     pub fn new(image: Arc<dyn Image>, entries: u32) -> io::Result<IoRing<T>> {
         Ok(IoRing {
+            sync_files: image.sync_fds().map(SyncFiles::open),
             image,
             ring: IoUring::new(entries.next_power_of_two().max(4))?,
             slots: Vec::new(),
@@ -380,7 +421,8 @@ impl<T> IoRing<T> {
 
     /// Starts a flush of every write completed so far: the image writes its metadata back
     /// here ([`Image::prepare_flush`]), and its files are synced (`fdatasync`) through the
-    /// ring, so the thread does not wait for the disk. Like QEMU, one sync at a time: a
+    /// ring, each through a file description of the ring's own, so the
+    /// thread does not wait for the disk. Like QEMU, one sync at a time: a
     /// flush that comes while one is in flight waits for it, and the next sync serves every
     /// flush that waited (each covers the writes completed before it came, and all of those
     /// completed before that sync starts). Declined when the image cannot split its flush,
@@ -399,10 +441,13 @@ impl<T> IoRing<T> {
 
     /// Writes metadata back and submits the sync serving the flushes `tags`.
     fn start_sync(&mut self, tags: Vec<T>) -> SyncStart<T> {
-        let fds = match self.image.prepare_flush() {
-            Ok(Some(fds)) => fds,
-            Ok(None) | Err(_) => return SyncStart::Declined(tags),
+        let Some(files) = &self.sync_files else {
+            return SyncStart::Declined(tags);
         };
+        if self.image.prepare_flush().is_err() {
+            return SyncStart::Declined(tags);
+        }
+        let fds = files.fds.clone();
         if fds.is_empty() {
             return SyncStart::Done(tags);
         }
@@ -415,8 +460,8 @@ impl<T> IoRing<T> {
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()
                 .user_data(((index as u64) << PIECE_BITS) | piece as u64);
-            // SAFETY: the image, which `self` holds, keeps the files open until the
-            // completions are reaped; `make_room` guaranteed the space.
+            // SAFETY: `self` keeps the files open (its own descriptions, and the image)
+            // until the completions are reaped; `make_room` guaranteed the space.
             let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
             debug_assert!(pushed, "room was made for every file");
         }

@@ -740,8 +740,8 @@ impl qcow2::Image for SlowReadsRealFlush {
     fn flush(&self) -> qcow2::Result<()> {
         self.inner.flush()
     }
-    fn prepare_flush(&self) -> qcow2::Result<Option<Vec<std::os::unix::io::RawFd>>> {
-        Ok(Some(vec![self.flushed.as_raw_fd()]))
+    fn sync_fds(&self) -> Option<Vec<std::os::unix::io::RawFd>> {
+        Some(vec![self.flushed.as_raw_fd()])
     }
     fn block_status(&self, offset: u64, len: u64) -> qcow2::Result<qcow2::BlockStatus> {
         self.inner.block_status(offset, len)

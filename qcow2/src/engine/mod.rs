@@ -720,25 +720,27 @@ impl Image for Qcow2 {
         self.flush_metadata()
     }
 
-    fn prepare_flush(&self) -> Result<Option<Vec<std::os::unix::io::RawFd>>> {
+    fn sync_fds(&self) -> Option<Vec<std::os::unix::io::RawFd>> {
         if self.read_only {
-            return Ok(Some(Vec::new()));
+            return Some(Vec::new());
         }
         // What `flush_metadata` syncs at the end: the data file, then the image file.
-        let files = self.data_file.iter().chain(std::iter::once(&self.file));
-        let Some(fds) = files
-            .clone()
+        self.data_file
+            .iter()
+            .chain(std::iter::once(&self.file))
             .map(|f| f.raw_fd())
-            .collect::<Option<Vec<_>>>()
-        else {
-            return Ok(None);
-        };
-        for f in files {
+            .collect()
+    }
+
+    fn prepare_flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        for f in self.data_file.iter().chain(std::iter::once(&self.file)) {
             f.check_sync()
                 .map_err(|e| Error::io("flushing the image", e))?;
         }
-        self.write_back()?;
-        Ok(Some(fds))
+        self.write_back()
     }
 
     fn sync_failed(&self) {
