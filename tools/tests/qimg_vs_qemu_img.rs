@@ -3786,6 +3786,47 @@ fn convert_with_a_backing_file_copies_only_the_top_layer() {
             "{args:?}"
         );
     }
+    // A source with smaller clusters than the target's: where it writes part of a target
+    // cluster, the rest of that cluster keeps what the target shows (the new backing file's
+    // data; with -n, the target's own), as QEMU's copy-on-write keeps it, not the source's
+    // backing file's. Compressed clusters are written whole from the source, as qemu-img does.
+    qcow2_image(
+        p,
+        &["-o", "cluster_size=4096", "-b", "base.qcow2", "-F", "qcow2"],
+        "small.qcow2",
+        "8M",
+        &["write -P 2 68k 4k", "write -P 3 1M 60k", "write -P 5 2M 4k"],
+    );
+    qcow2_over(
+        p,
+        "other.qcow2",
+        "n_ours.qcow2",
+        "8M",
+        &["write -P 9 64k 64k"],
+    );
+    std::fs::copy(p.join("n_ours.qcow2"), p.join("n_theirs.qcow2")).unwrap();
+    for (extra, ours, theirs) in [
+        (&[][..], "s_ours.qcow2", "s_theirs.qcow2"),
+        (&["-c"][..], "c_ours.qcow2", "c_theirs.qcow2"),
+        (&["-n"][..], "n_ours.qcow2", "n_theirs.qcow2"),
+    ] {
+        let args = [
+            &["convert", "-O", "qcow2", "-B", "other.qcow2", "-F", "qcow2"],
+            extra,
+        ]
+        .concat();
+        let args = [&args[..], &["small.qcow2"]].concat();
+        assert_eq!(qimg(p, &[&args[..], &[ours]].concat()).0, 0, "{extra:?}");
+        assert_eq!(qemu(p, &[&args[..], &[theirs]].concat()).0, 0, "{extra:?}");
+        let (code, out) = qemu(p, &["compare", ours, theirs]);
+        assert_eq!(code, 0, "{extra:?}: {out}");
+        assert_eq!(qemu(p, &["check", ours]).0, 0, "{extra:?}");
+        assert_eq!(
+            qemu(p, &["map", "--output=json", ours]),
+            qemu(p, &["map", "--output=json", theirs]),
+            "{extra:?}"
+        );
+    }
     let args = [
         "convert",
         "-O",

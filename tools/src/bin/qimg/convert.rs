@@ -609,6 +609,7 @@ struct Run<'a> {
 /// sources and cut further where whole blocks are zeros), zero ranges and skipped ranges.
 fn plan<'a>(
     src: &'a Sources,
+    target: &Target,
     off: u64,
     len: u64,
     p: &Policy,
@@ -664,23 +665,64 @@ fn plan<'a>(
         let (mine, tail) = tail.split_at_mut((e - s) as usize);
         rest = tail;
         rest_off = e;
+        let kept = kept_by_target(src, p, s, e)?;
         let data: &[u8] = match src.mapped(s, e - s) {
-            Ok(Some(mapped)) => mapped,
+            Ok(Some(mapped)) if kept.is_empty() => mapped,
             // A mapping that fails is found again by the read, which reports it.
-            _ => match src.read_into(s, mine) {
-                Ok(()) => mine,
-                Err(_) if p.salvage => {
-                    src.salvage(s, mine, p.quiet);
-                    mine
+            _ => {
+                read_span(src, p, s, mine)?;
+                for (ks, ke) in kept {
+                    let piece = &mut mine[(ks - s) as usize..(ke - s) as usize];
+                    target.image().read_at(piece, ks).with_context(|| {
+                        format!("{}: error while reading at byte {ks}", p.target_name)
+                    })?;
                 }
-                Err(err) => {
-                    return Err(err).with_context(|| format!("error while reading at byte {s}"))
-                }
-            },
+                mine
+            }
         };
         split_zero_blocks(&mut runs, s, data, p);
     }
     Ok(runs)
+}
+
+/// Reads the sources' data at `off` into `buf` (`--salvage`: what cannot be read as zeros).
+fn read_span(src: &Sources, p: &Policy, off: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+    match src.read_into(off, buf) {
+        Ok(()) => Ok(()),
+        Err(_) if p.salvage => {
+            src.salvage(off, buf, p.quiet);
+            Ok(())
+        }
+        Err(err) => Err(err).with_context(|| format!("error while reading at byte {off}")),
+    }
+}
+
+/// With a target backing file (`-B`): the ranges of the data span `[s, e)` that the sources'
+/// top layers leave to their backing files, which the span took in when it was rounded out to
+/// whole blocks. They must keep what the target shows there (its backing file's data in a new
+/// target), as QEMU's copy-on-write of a partly written cluster keeps it, not get the
+/// sources' backing files' data. Compressed clusters are written whole from the sources, as
+/// qemu-img writes them.
+fn kept_by_target(src: &Sources, p: &Policy, s: u64, e: u64) -> anyhow::Result<Vec<(u64, u64)>> {
+    let mut kept: Vec<(u64, u64)> = Vec::new();
+    if p.target_backing.is_none() || p.compress {
+        return Ok(kept);
+    }
+    let mut pos = s;
+    while pos < e {
+        let (kind, run) = src
+            .classify(pos, e - pos, p)
+            .with_context(|| format!("error while reading block status at offset {pos}"))?;
+        let end = (pos + run).min(e);
+        if kind == Kind::Skip {
+            match kept.last_mut() {
+                Some((_, last_end)) if *last_end == pos => *last_end = end,
+                _ => kept.push((pos, end)),
+            }
+        }
+        pos = end;
+    }
+    Ok(kept)
 }
 
 /// Appends `data` (at guest `off`) as runs of non-zero data and zero blocks.
@@ -1253,7 +1295,7 @@ fn copy_chunk(
     len: u64,
     buf: &mut [u8],
 ) -> anyhow::Result<()> {
-    let runs = plan(src, off, len, p, &mut buf[..len as usize])?;
+    let runs = plan(src, target, off, len, p, &mut buf[..len as usize])?;
     write_chunk(target, p, turn, i, &runs)
         .with_context(|| format!("{}: error while writing at byte {off}", p.target_name))?;
     for r in &runs {
