@@ -4057,6 +4057,23 @@ fn an_interrupted_convert_leaves_a_consistent_prefix() {
     }
 }
 
+/// A signal stops a rate-limited convert at once, not when its writers' waits for the rate
+/// are over (at 1 MiB/s the writer of the second 4 MiB chunk waits 4 s, of the third 8 s).
+#[test]
+fn a_rate_limited_convert_stops_at_once_on_a_signal() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    text_raw(p, "src.raw", 64);
+    let start = std::time::Instant::now();
+    let args = ["-r", "1M", "-O", "qcow2", "src.raw", "out.qcow2"];
+    let done = interrupt_convert(p, &args, libc::SIGINT).expect("finished before the signal");
+    let took = start.elapsed();
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    assert!(done > 0, "{done}");
+    let (code, out) = qemu(p, &["check", "out.qcow2"]);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// qimg's stderr for `args`.
 fn qimg_stderr(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_qimg"))

@@ -876,6 +876,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         }
     }
     let interrupt = Interrupt::catch()?;
+    let rate = rate.map(|r| r.interruptible(interrupt.clone()));
     let flushes = match a.cache.as_str() {
         "unsafe" => false,
         "writeback" | "writethrough" | "none" | "directsync" => true,

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-/// Records SIGINT and SIGTERM from its creation on.
+/// Records SIGINT and SIGTERM from its creation on (clones share the record).
+#[derive(Clone)]
 pub struct Interrupt {
     caught: Arc<AtomicUsize>,
 }

@@ -4,12 +4,19 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::interrupt::Interrupt;
+
+/// Longest sleep between looks at [`RateLimit::interruptible`]'s signals.
+const SLICE: Duration = Duration::from_millis(20);
+
 /// A byte rate that writers wait for.
 pub struct RateLimit {
     bytes_per_second: u64,
     start: Instant,
     /// Bytes let through so far.
     sent: Mutex<u64>,
+    /// Waits end early once this caught a signal.
+    interrupt: Option<Interrupt>,
 }
 
 impl RateLimit {
@@ -24,8 +31,18 @@ impl RateLimit {
                 bytes_per_second,
                 start: Instant::now(),
                 sent: Mutex::new(0),
+                interrupt: None,
             }),
         })
+    }
+
+    /// Makes waits end as soon as `interrupt` catches a signal (at a low rate a wait can
+    /// take minutes; the writer stops after its current write).
+    pub fn interruptible(self, interrupt: Interrupt) -> RateLimit {
+        RateLimit {
+            interrupt: Some(interrupt),
+            ..self
+        }
     }
 
     /// Waits until `bytes` more may be written: the first write goes at once, each later
@@ -40,8 +57,15 @@ impl RateLimit {
             *sent += bytes;
             self.start + Duration::from_secs_f64(before as f64 / self.bytes_per_second as f64)
         };
-        if let Some(left) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(left);
+        while let Some(left) = due.checked_duration_since(Instant::now()) {
+            if self
+                .interrupt
+                .as_ref()
+                .is_some_and(|i| i.caught().is_some())
+            {
+                return;
+            }
+            std::thread::sleep(left.min(SLICE));
         }
     }
 }
