@@ -18,8 +18,9 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 fail() { printf '\n\033[1;31mDEMO FAILED: %s\033[0m\n' "$*" >&2; exit 1; }
 
 [ -r /dev/kvm ] && [ -w /dev/kvm ] || fail "/dev/kvm is not usable (KVM missing or no permission)"
-command -v qemu-img >/dev/null || fail "qemu-img is missing: run scripts/install-deps.sh"
-command -v ip >/dev/null || fail "ip (iproute2) is missing: run scripts/install-deps.sh"
+[ "$(id -u)" = 0 ] || fail "run as root (network namespace, TAP device, system packages)"
+say "system packages (installed on first use; a check afterwards)"
+scripts/install-deps.sh >/dev/null || fail "scripts/install-deps.sh failed"
 
 say "building release binaries (vmm, vhost-blk, vhost-net, qimg)"
 cargo build --release --quiet -p vmm -p vhost-blk -p vhost-net -p tools
