@@ -1,6 +1,7 @@
 //! The L2 cache works in slices of a table (at most 4 KiB, as QEMU with
-//! `l2-cache-entry-size=4k`; its default is the cluster size), so a miss reads 4 KiB rather than a whole cluster-sized table
-//! (2 MiB with 2 MiB clusters), and the cache's memory covers more of the disk.
+//! `l2-cache-entry-size=4k`; its default is the cluster size), so a miss reads 4 KiB rather
+//! than a whole cluster-sized table (2 MiB with 2 MiB clusters), and the cache's memory
+//! covers more of the disk.
 //!
 //! Slices hold the table's 64-bit words: one per entry, or two (entry, subcluster bitmap)
 //! with extended L2 entries, so "entry `i`" is word `i * Geometry::l2_words()`.
