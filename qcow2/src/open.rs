@@ -83,23 +83,18 @@ pub fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::
 }
 
 /// Guesses the format from the first bytes of a file, as QEMU's probes do: qcow2 for its
-/// magic followed by version 2 or later in a file that holds a whole header (104 bytes), or
-/// by version 1 (QEMU's older qcow format, which opening then refuses by name); raw otherwise.
+/// magic followed by version 2 or later, or by version 1 (QEMU's older qcow format, which
+/// opening then refuses by name); raw otherwise. As in QEMU, which probes a zero-padded
+/// buffer, a file too short for a whole header counts too (opening it then fails).
 pub fn probe(file: &dyn Storage) -> Result<Format> {
-    /// QEMU's `sizeof(QCowHeader)`, the shortest file its qcow2 probe looks at.
-    const QCOW2_PROBE_LEN: u64 = 104;
-    /// The same for the version 1 header of QEMU's qcow driver.
-    const QCOW1_PROBE_LEN: u64 = 48;
     let len = file.len().map_err(|e| Error::io("probing format", e))?;
-    if len < QCOW1_PROBE_LEN {
-        return Ok(Format::Raw);
-    }
     let mut start = [0u8; 8];
-    file.read_at(&mut start, 0)
+    let present = len.min(start.len() as u64) as usize;
+    file.read_at(&mut start[..present], 0)
         .map_err(|e| Error::io("probing format", e))?;
     let magic = u32::from_be_bytes(start[..4].try_into().expect("4 bytes"));
     let version = u32::from_be_bytes(start[4..].try_into().expect("4 bytes"));
-    let qcow = magic == MAGIC && (version == 1 || (version >= 2 && len >= QCOW2_PROBE_LEN));
+    let qcow = magic == MAGIC && version >= 1;
     Ok(if qcow { Format::Qcow2 } else { Format::Raw })
 }
 
@@ -301,8 +296,11 @@ mod tests {
         // Refused by name when opened, rather than served as raw.
         assert_eq!(probe(&file(1, 48)).unwrap(), Format::Qcow2);
         assert_eq!(probe(&file(0, 65536)).unwrap(), Format::Raw);
-        assert_eq!(probe(&file(3, 103)).unwrap(), Format::Raw);
-        assert_eq!(probe(&file(1, 47)).unwrap(), Format::Raw);
+        // Shorter than a header: probed as QEMU probes its zero-padded buffer.
+        assert_eq!(probe(&file(3, 8)).unwrap(), Format::Qcow2);
+        assert_eq!(probe(&file(1, 8)).unwrap(), Format::Qcow2);
+        let magic_only = [&MAGIC.to_be_bytes()[..], &[0, 0, 0]].concat();
+        assert_eq!(probe(&MemStorage::new(&magic_only)).unwrap(), Format::Raw);
         assert_eq!(probe(&MemStorage::new(&[0u8; 4096])).unwrap(), Format::Raw);
     }
 }

@@ -83,7 +83,7 @@ impl Qcow2 {
         let refuse = |why: String| Error::InvalidHeader(why);
         let cs = self.geo.cluster_size();
         let bytes = self.read_directory(ext)?;
-        let entries = check_directory(&bytes, ext.nb_bitmaps(), header.size, cs).map_err(refuse)?;
+        let entries = check_directory(&bytes, ext.nb_bitmaps(), self.size, cs).map_err(refuse)?;
         for e in entries.iter().filter(|e| e.flags & IN_USE == 0) {
             let name = e.display_name();
             let table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
@@ -93,7 +93,7 @@ impl Qcow2 {
                      Invalid argument"
                 )));
             }
-            if table_entries_needed(header.size, e.granularity_bits, cs) != table.len() as u64 {
+            if table_entries_needed(self.size, e.granularity_bits, cs) != table.len() as u64 {
                 return Err(refuse(format!(
                     "Could not read bitmap '{name}' from image: Invalid argument"
                 )));

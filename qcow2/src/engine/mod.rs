@@ -90,6 +90,9 @@ impl Qcow2 {
         let mut first = vec![0u8; (file_len.min(1 << 21)) as usize];
         file.read_at(&mut first, 0)
             .map_err(|e| Error::io("reading the header", e))?;
+        // A file shorter than a header reads on as zeros, as QEMU's reads past the end do
+        // (so it is refused with QEMU's words: a cluster size of 2^0).
+        first.resize(first.len().max(104), 0);
         let header = Header::parse(&first)?;
         header.check_supported()?;
         if !opts.metadata_only {
@@ -194,7 +197,9 @@ impl Qcow2 {
             data_file,
             backing,
             geo,
-            size: header.size,
+            // QEMU counts whole sectors: the tail of a size that is no multiple of 512 is not
+            // part of the disk.
+            size: header.size / 512 * 512,
             version: header.version,
             compression: header.compression_type,
             read_only: opts.read_only,

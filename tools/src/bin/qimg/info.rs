@@ -191,7 +191,7 @@ fn node_info(
     };
     let h = q.header();
     node.format = "qcow2";
-    node.virtual_size = h.size;
+    node.virtual_size = qcow2::Image::size(&*q);
     node.cluster_size = Some(h.cluster_size());
     node.dirty_flag = h.is_dirty();
     node.backing_format = h.backing_format.clone();
