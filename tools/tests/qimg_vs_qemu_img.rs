@@ -1199,6 +1199,24 @@ fn convert_salvage_copies_unreadable_sectors_as_zeros_like_qemu_img() {
         128,
         "one per sector of the 64 KiB cluster"
     );
+    // Block status that fails (corrupt metadata: an unaligned L2 entry for the first
+    // cluster): the failing sectors are read as data, copied as zeros, the rest copied.
+    layout_qcow2(p, "good.qcow2");
+    damaged(p, "u.qcow2", &[(L2, (1 << 63) | 0x50200, 8)], None);
+    let args = ["convert", "--salvage", "-O", "raw", "u.qcow2"];
+    let (code, _, warnings) = run_with_stderr(
+        p,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &[&args[..], &["ours.raw"]].concat(),
+    );
+    assert_eq!(code, 0, "{warnings}");
+    assert!(
+        warnings.contains("warning: error while reading block status at offset 0:"),
+        "{warnings}"
+    );
+    assert_eq!(qemu(p, &[&args[..], &["theirs.raw"]].concat()).0, 0);
+    assert_eq!(qemu(p, &["compare", "ours.raw", "theirs.raw"]).0, 0);
 }
 
 /// Block status that fails (corrupt metadata: an unaligned L2 entry) ends the comparison with
@@ -6855,7 +6873,10 @@ fn short_headers_and_odd_sizes_read_as_qemu_reads_them() {
     ] {
         same(p, args);
     }
-    assert_eq!(qimg(p, &["convert", "-O", "raw", "odd.qcow2", "o.raw"]).0, 0);
+    assert_eq!(
+        qimg(p, &["convert", "-O", "raw", "odd.qcow2", "o.raw"]).0,
+        0
+    );
     let len = std::fs::metadata(p.join("o.raw")).unwrap().len();
     assert_eq!(len, 999_936);
 }

@@ -483,6 +483,34 @@ impl Sources {
         Ok((if zero { Kind::Zero } else { Kind::Data }, run))
     }
 
+    /// [`Sources::classify`] with qemu-img's handling of errors: they fail the conversion,
+    /// or with `--salvage` the range is narrowed (to a quarter at a time, as QEMU does) down
+    /// to the sector that fails, which is then read as data (warned about unless quiet).
+    fn status(&self, off: u64, len: u64, p: &Policy) -> anyhow::Result<(Kind, u64)> {
+        let mut len = len;
+        loop {
+            match self.classify(off, len, p) {
+                Ok(status) => return Ok(status),
+                Err(e) if p.salvage && len <= 512 => {
+                    if !p.quiet {
+                        eprintln!(
+                            "{}: warning: error while reading block status at offset {off}: {}",
+                            crate::progname(),
+                            read_error_text(&e)
+                        );
+                    }
+                    return Ok((Kind::Data, len));
+                }
+                Err(_) if p.salvage => len = (len.div_ceil(512).div_ceil(4) * 512).min(len),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("error while reading block status at offset {off}")
+                    })
+                }
+            }
+        }
+    }
+
     /// Data of `[off, off + len)` as a slice of a memory map, if one source covers it.
     fn mapped(&self, off: u64, len: u64) -> qcow2::Result<Option<&[u8]>> {
         let (s, at) = self.locate(off);
@@ -620,9 +648,7 @@ fn plan<'a>(
     let mut ranges: Vec<(u64, u64, Kind)> = Vec::new();
     let mut pos = off;
     while pos < end {
-        let (kind, run) = src
-            .classify(pos, end - pos, p)
-            .with_context(|| format!("error while reading block status at offset {pos}"))?;
+        let (kind, run) = src.status(pos, end - pos, p)?;
         let (mut s, mut e) = (pos, pos + run);
         pos = e;
         if kind == Kind::Data {
@@ -710,9 +736,7 @@ fn kept_by_target(src: &Sources, p: &Policy, s: u64, e: u64) -> anyhow::Result<V
     }
     let mut pos = s;
     while pos < e {
-        let (kind, run) = src
-            .classify(pos, e - pos, p)
-            .with_context(|| format!("error while reading block status at offset {pos}"))?;
+        let (kind, run) = src.status(pos, e - pos, p)?;
         let end = (pos + run).min(e);
         if kind == Kind::Skip {
             match kept.last_mut() {
@@ -1238,9 +1262,7 @@ fn claim_empty_span(
     chunks: u64,
 ) -> anyhow::Result<Option<(Kind, u64)>> {
     let off = i * chunk;
-    let (kind, run) = src
-        .classify(off, src.total - off, p)
-        .with_context(|| format!("error while reading block status at offset {off}"))?;
+    let (kind, run) = src.status(off, src.total - off, p)?;
     if kind == Kind::Data {
         return Ok(None);
     }
