@@ -3647,6 +3647,45 @@ fn bench_prints_the_same_header_and_exit_codes() {
     }
 }
 
+/// `bench -w` keeps the image's persistent dirty bitmaps and marks what it writes in the
+/// enabled ones, as qemu-img's writes mark them (it used to drop them all); on a raw image
+/// whose format was probed it warns as qemu-img does.
+#[test]
+fn bench_writes_keep_and_mark_bitmaps_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "bm.qcow2", "16M", &[]);
+    qemu(p, &["bitmap", "--add", "bm.qcow2", "on"]);
+    qemu(p, &["bitmap", "--add", "bm.qcow2", "off"]);
+    qemu(p, &["bitmap", "--disable", "bm.qcow2", "off"]);
+    let args = [
+        "bench", "-w", "-c", "20", "-s", "4k", "-S", "1M", "-o", "3M",
+    ];
+    for img in ["ours.qcow2", "theirs.qcow2"] {
+        std::fs::copy(p.join("bm.qcow2"), p.join(img)).unwrap();
+    }
+    assert_eq!(qimg(p, &[&args[..], &["ours.qcow2"]].concat()).0, 0);
+    assert_eq!(qemu(p, &[&args[..], &["theirs.qcow2"]].concat()).0, 0);
+    assert_eq!(
+        info_sans_sizes(p, "ours.qcow2", "ours.qcow2"),
+        info_sans_sizes(p, "theirs.qcow2", "theirs.qcow2")
+    );
+    for bitmap in ["on", "off"] {
+        assert_eq!(
+            dirty_map(p, "ours.qcow2", bitmap),
+            dirty_map(p, "theirs.qcow2", bitmap),
+            "{bitmap}"
+        );
+    }
+    assert_eq!(qemu(p, &["check", "ours.qcow2"]).0, 0);
+    std::fs::write(p.join("r.img"), vec![0u8; 1 << 20]).unwrap();
+    let args = ["bench", "-w", "-c", "1", "r.img"];
+    assert_eq!(
+        run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &args).2,
+        run_with_stderr(p, "qemu-img", "qemu-img", &args).2
+    );
+}
+
 /// A raw image with data, a hole, an allocated run of zeros, data in the middle of a
 /// cluster and a last partial cluster.
 fn mixed_raw(dir: &Path, name: &str) {

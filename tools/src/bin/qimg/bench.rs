@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 use qcow2::uring::{Completion, IoRing, Start};
-use qcow2::Image;
+use qcow2::{Format, Image};
 
 use crate::size::{cvtint_full, cvtnum, cvtnum_full};
 
@@ -124,13 +124,23 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
              specified.",
         ));
     }
-    let img: Arc<dyn Image> = crate::open(
-        &a.filename,
-        a.format.as_deref(),
-        !a.write,
-        crate::locking(a.force_share),
-    )?
-    .into();
+    let offset_at = |size: u64, i: u64| match i {
+        0 => start,
+        _ if size == 0 => 0,
+        _ => (start as u128 + i as u128 * step as u128).rem_euclid(size as u128) as u64,
+    };
+    let img: Arc<dyn Image> = match a.write {
+        true => open_for_writes(&a.filename, a.format.as_deref(), |size| {
+            (0..count).map(|i| (offset_at(size, i), bufsize)).collect()
+        })?,
+        false => crate::open(
+            &a.filename,
+            a.format.as_deref(),
+            true,
+            crate::locking(a.force_share),
+        )?
+        .into(),
+    };
     let size = img.size();
     outln!(
         "Sending {} {} requests, {bufsize} bytes each, {} in parallel (starting at offset {start}, step size {step})",
@@ -141,11 +151,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     if let Some(n) = flush_interval {
         outln!("Sending flush every {n} requests");
     }
-    let offset_of = |i: u64| match i {
-        0 => start,
-        _ if size == 0 => 0,
-        _ => (start as u128 + i as u128 * step as u128).rem_euclid(size as u128) as u64,
-    };
+    let offset_of = |i: u64| offset_at(size, i);
     let began = Instant::now();
     let buffers = depth.min(count).min(1024) as usize;
     let mut run = Run {
@@ -185,6 +191,28 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     }
     outln!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
     Ok(0)
+}
+
+/// Opens the image of a write benchmark as qemu-img does (the format given or probed, with
+/// QEMU's warning for a probed raw image). A qcow2 image keeps its persistent dirty bitmaps,
+/// with what the run will write (`written(disk size)`: offset, length) marked in the enabled
+/// ones before the first write, as qemu-img's writes mark them.
+fn open_for_writes(
+    name: &str,
+    format: Option<&str>,
+    written: impl Fn(u64) -> Vec<(u64, u64)>,
+) -> anyhow::Result<Arc<dyn Image>> {
+    let (storage, format) = crate::open_for_writing(name, format)?;
+    match format {
+        Format::Raw => Ok(Arc::new(qcow2::RawImage::new(storage, false)?)),
+        Format::Qcow2 => {
+            let dir = std::path::Path::new(name).parent();
+            let opts = crate::bitmap_keeping_writer_options();
+            let q = crate::open_qcow2(storage, &opts, dir, name)?;
+            crate::copy_bitmaps::mark_dirty(&q, &written(q.size()))?;
+            Ok(Arc::new(q))
+        }
+    }
 }
 
 /// The requests of one benchmark run: buffer `b` belongs to the request tagged `b`.
