@@ -60,6 +60,11 @@ pub struct OpenOptions {
     /// bitmaps stay valid, so their autoclear bit is kept. Any other writer clears it, as
     /// QEMU's drivers that do not maintain the bitmaps do.
     pub keep_bitmaps: bool,
+    /// QEMU's `discard=unmap`: clusters whose last reference a discard or a zero write
+    /// drops are released from the image file too (a hole punched), so the host gets the
+    /// space back. Without it they are only marked free for reuse. Not for images with an
+    /// external data file.
+    pub unmap: bool,
 }
 
 /// Opens an image's file as QEMU's file driver does, for reading or also writing, with
@@ -200,6 +205,7 @@ pub(crate) fn open_backing(
         check: false,
         metadata_only: parent.metadata_only,
         keep_bitmaps: false,
+        unmap: false,
     };
     open_image(&path, &opts).map_err(|e| match e {
         // Its own backing file failed: one more level, as QEMU nests them.

@@ -3899,6 +3899,36 @@ fn convert_with_a_backing_file_copies_only_the_top_layer() {
     same(p, &args);
 }
 
+/// `convert -n` of zeros over a qcow2 target full of data releases the clusters it frees
+/// from the file, as qemu-img's unmapping zero writes do: the host gets its space back.
+#[test]
+fn convert_n_of_zeros_gives_the_space_back_like_qemu_img() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    std::fs::File::create(p.join("zeros.raw"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    qcow2_image(p, &[], "full.qcow2", "16M", &["write -P 9 0 16M"]);
+    let allocated = |img: &str| std::fs::metadata(p.join(img)).unwrap().blocks() * 512;
+    for (tool, img) in [
+        (env!("CARGO_BIN_EXE_qimg"), "ours.qcow2"),
+        ("qemu-img", "theirs.qcow2"),
+    ] {
+        std::fs::copy(p.join("full.qcow2"), p.join(img)).unwrap();
+        let args = ["convert", "-n", "-O", "qcow2", "zeros.raw", img];
+        assert_eq!(run(p, tool, &args).0, 0, "{tool}");
+        assert_eq!(qemu(p, &["check", img]).0, 0, "{tool}");
+        assert_eq!(qemu(p, &["compare", "zeros.raw", img]).0, 0, "{tool}");
+    }
+    let (ours, theirs) = (allocated("ours.qcow2"), allocated("theirs.qcow2"));
+    assert!(
+        ours < 1 << 20 && theirs < 1 << 20,
+        "{ours} vs {theirs} bytes"
+    );
+}
+
 #[test]
 fn convert_into_an_existing_target_and_progress_output() {
     let d = tempfile::tempdir().unwrap();

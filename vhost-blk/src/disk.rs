@@ -149,6 +149,9 @@ impl Disk {
                     format: Some(Format::Qcow2),
                     direct: opts.direct,
                     locking: Locking::Device,
+                    // A guest's discards give the host its space back, as QEMU's
+                    // `discard=unmap` does (raw images punch holes too).
+                    unmap: true,
                     ..Default::default()
                 };
                 Arc::from(qcow2::open_image(&opts.path, &open_opts).map_err(open_error)?)

@@ -290,6 +290,20 @@ fn discard_and_write_zeroes_read_back_zeros() {
                 "{format}: contents differ at {off}"
             );
         }
+        // A discard gives the host its space back (qcow2: once the flush has made the
+        // clusters free), as QEMU's discard=unmap does.
+        use std::os::unix::fs::MetadataExt;
+        let allocated = || std::fs::metadata(&img).unwrap().blocks() * 512;
+        assert_eq!(c.flush(0), 0);
+        let before = allocated();
+        assert_eq!(c.discard(0, MIB, MIB), 0);
+        model.zero(MIB, MIB);
+        assert_eq!(c.flush(0), 0);
+        let after = allocated();
+        assert!(
+            before >= after + MIB,
+            "{format}: {before} bytes allocated before the discard, {after} after"
+        );
         drop(c);
         d.stop();
         if format == "qcow2" {

@@ -76,6 +76,9 @@ pub struct Meta {
     pub data_file: Option<Arc<dyn Storage>>,
     /// Claim file space for new metadata when it is allocated (see [`Meta::claim_space`]).
     pub claims_space: bool,
+    /// Clusters freed by the pending frees of a writeback get their file space released
+    /// (`OpenOptions::unmap`).
+    pub unmap: bool,
     /// The file's length when last asked: tables below it need no new `stat` to be checked
     /// against the end of the file. (Stale after a truncation, a table past the real end
     /// then fails its read instead.)
@@ -272,6 +275,25 @@ impl Meta {
             }
         }
         Ok(())
+    }
+
+    /// Releases the file space of the clusters of `[offset, offset + len)` whose refcount is
+    /// 0 (a hole punched; file systems without holes keep the space).
+    fn release_unreferenced(&mut self, file: &dyn Storage, offset: u64, len: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut run: Option<(u64, u64)> = None;
+        for c in offset / cs..=(offset + len - 1) / cs {
+            if self.refcount(file, c)? == 0 {
+                match &mut run {
+                    Some((_, end)) if *end == c => *end += 1,
+                    _ => {
+                        release(file, run.take(), cs)?;
+                        run = Some((c, c + 1));
+                    }
+                }
+            }
+        }
+        release(file, run, cs)
     }
 
     /// Queues a refcount decrement to apply after the next L2 writeback.
@@ -603,6 +625,10 @@ impl Meta {
                 self.add_refcount(file, off, len, -1)?;
                 // A freed table must not be served from the cache if the cluster is reused.
                 self.forget_l2_table(off & OFFSET_MASK);
+                if self.unmap {
+                    // Under the metadata lock, before anything can reuse the clusters.
+                    self.release_unreferenced(file, off, len)?;
+                }
             }
             if !self.lazy_refcounts {
                 self.writeback_refcounts(file)?;
@@ -660,4 +686,18 @@ fn write_header(file: &dyn Storage, header: &Header) -> Result<()> {
     file.write_at(&bytes, 0)
         .map_err(io("writing the header".into()))?;
     file.flush().map_err(io("flushing the header".into()))
+}
+
+/// Punches the clusters `[first, end)` of `run` (cluster numbers) out of `file`.
+fn release(file: &dyn Storage, run: Option<(u64, u64)>, cs: u64) -> Result<()> {
+    let Some((first, end)) = run else {
+        return Ok(());
+    };
+    match file.punch_hole(first * cs, (end - first) * cs) {
+        Err(e) if e.kind() != std::io::ErrorKind::Unsupported => Err(Error::io(
+            format!("releasing freed clusters at 0x{:x}", first * cs),
+            e,
+        )),
+        _ => Ok(()),
+    }
 }

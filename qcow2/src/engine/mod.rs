@@ -165,6 +165,7 @@ impl Qcow2 {
         let meta = Meta {
             data_file: data_file.clone(),
             claims_space: !opts.defer_space_claims,
+            unmap: opts.unmap && !header.has_external_data(),
             file_len_seen: file_len,
             geo,
             l1,

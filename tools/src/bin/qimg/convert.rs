@@ -1067,10 +1067,13 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
             let dir = target_path.parent();
             // A full file system fails the conversion as a whole, wherever it shows: no need
             // to claim each new table's space as it is allocated.
-            // With -n the target's own bitmaps stay (updated after the copy).
+            // With -n the target's own bitmaps stay (updated after the copy), and clusters
+            // the zeros free are released from the file, as qemu-img's unmapping zero
+            // writes release them.
             let opts = qcow2::OpenOptions {
                 defer_space_claims: true,
                 keep_bitmaps: a.no_create,
+                unmap: true,
                 ..Default::default()
             };
             Target::Qcow2(Box::new(crate::open_qcow2(
