@@ -270,17 +270,35 @@ impl Qcow2 {
         }
         let _busy = self.busy.acquire(first, n);
         let old = self.lookup_all(first, n)?;
-        self.write_data(data, host)?;
-        let tail = data.len() as u64 % cs;
-        if tail != 0 {
+        let written = self.write_data(data, host).and_then(|()| {
+            let tail = data.len() as u64 % cs;
+            if tail == 0 {
+                return Ok(());
+            }
             // The disk's last partial cluster: the rest of the host cluster reads as zeros.
             let at = host + data.len() as u64;
             self.data_storage()
                 .zero_range(at, cs - tail)
-                .map_err(|e| Error::io(format!("zeroing data at host offset 0x{at:x}"), e))?;
+                .map_err(|e| Error::io(format!("zeroing data at host offset 0x{at:x}"), e))
+        });
+        if written.is_err() {
+            self.release_reserved(host, n);
         }
+        written?;
         let hosts: Vec<u64> = (0..n).map(|k| host + k * cs).collect();
         self.update_l2(first, &old, &hosts)
+    }
+
+    /// Gives back `n` host clusters at `host` that [`Qcow2::reserve_clusters`] reserved and
+    /// nothing was written into (a conversion that stopped): they would leak otherwise. Their
+    /// file space, which the writer may have allocated for the data, is released first (they
+    /// are still only the caller's), so that a full file system has room for the metadata
+    /// that maps what was written.
+    pub fn release_reserved(&self, host: u64, n: u64) {
+        let cs = self.geo.cluster_size();
+        // Only space is at stake: the clusters are free either way.
+        let _ = self.data_storage().punch_hole(host, n * cs);
+        self.meta_mut().free_later(host, n * cs);
     }
 
     /// Maps `n` unallocated guest clusters from `first` to contiguous host clusters at `host`

@@ -947,6 +947,11 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let mut target_backing = None;
     // A target created preallocated has its clusters: the data goes into them.
     let mut preallocated = false;
+    // Claiming each new table's file space as it is allocated is skipped (a system call
+    // per table) only where whole clusters are reserved ahead, whose failures give their
+    // space back: elsewhere (compressed, subclusters, -n into the user's image) a full file
+    // system would leave the tables unwritten, and what was written unmapped and leaked.
+    let mut defer_space_claims = false;
     if !a.no_create {
         // The backing file of the target: -B, or else -o backing_file.
         let backing = a
@@ -1009,6 +1014,8 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
                 bail!("Compression and preallocation not supported at the same time");
             }
             preallocated = o.preallocation != Preallocation::Off;
+            defer_space_claims =
+                !a.compress && !preallocated && !o.extended_l2 && o.data_file.is_none();
         }
         match created {
             Creation::Qcow2(o) => {
@@ -1065,13 +1072,11 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
             // Backing and data file names are relative to the target's directory (none
             // for a bare file name, as QEMU's `path_combine`).
             let dir = target_path.parent();
-            // A full file system fails the conversion as a whole, wherever it shows: no need
-            // to claim each new table's space as it is allocated.
             // With -n the target's own bitmaps stay (updated after the copy), and clusters
             // the zeros free are released from the file, as qemu-img's unmapping zero
             // writes release them.
             let opts = qcow2::OpenOptions {
-                defer_space_claims: true,
+                defer_space_claims,
                 keep_bitmaps: a.no_create,
                 unmap: true,
                 ..Default::default()
@@ -1357,13 +1362,21 @@ fn write_chunk(
             // Host clusters in guest order (this chunk's turn), then the writes, which need no
             // turn (only the `writing` lock).
             let cs = q.cluster_size();
+            // Reserved clusters that are not written are given back (a failure stops the
+            // conversion; they would be leaked).
+            let give_back = |placed: &[(u64, &[u8], u64)]| {
+                for &(_, bytes, host) in placed {
+                    q.release_reserved(host, (bytes.len() as u64).div_ceil(cs));
+                }
+            };
             let placed = turn.run(i, || -> qcow2::Result<Vec<(u64, &[u8], u64)>> {
                 let mut placed = Vec::new();
                 for r in data {
                     let mut done = 0u64;
                     while done < r.len {
                         let at = r.off + done;
-                        let (host, n) = q.reserve_clusters(at / cs, (r.len - done).div_ceil(cs))?;
+                        let reserved = q.reserve_clusters(at / cs, (r.len - done).div_ceil(cs));
+                        let (host, n) = reserved.inspect_err(|_| give_back(&placed))?;
                         let bytes = (n * cs).min(r.len - done);
                         placed.push((at, &r.data[done as usize..(done + bytes) as usize], host));
                         done += bytes;
@@ -1378,10 +1391,13 @@ fn write_chunk(
             let start = placed.iter().map(|&(_, _, h)| h).min();
             let end = placed.iter().map(|&(_, b, h)| h + b.len() as u64).max();
             if let (Some(start), Some(end)) = (start, end) {
-                q.data_storage().allocate(start, end - start)?;
+                let allocated = q.data_storage().allocate(start, end - start);
+                allocated.inspect_err(|_| give_back(&placed))?;
             }
-            for (at, bytes, host) in placed {
-                q.write_reserved(bytes, at, host)?;
+            for (k, &(at, bytes, host)) in placed.iter().enumerate() {
+                // A failed write gives its own clusters back.
+                q.write_reserved(bytes, at, host)
+                    .inspect_err(|_| give_back(&placed[k + 1..]))?;
             }
         }
         Target::Qcow2(q) if p.compress => {
