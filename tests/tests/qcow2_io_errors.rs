@@ -16,6 +16,8 @@ struct FaultyFile {
     failing: Mutex<Vec<u64>>,
     /// Space claims that succeed before one fails with ENOSPC (then disarmed).
     claims_before_enospc: Mutex<Option<usize>>,
+    /// Syncs fail with EIO (a write lost at writeback).
+    syncs_fail: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyFile {
@@ -30,6 +32,7 @@ impl FaultyFile {
             inner: FileStorage::new(file),
             failing: Mutex::new(Vec::new()),
             claims_before_enospc: Mutex::new(None),
+            syncs_fail: Default::default(),
         })
     }
 
@@ -60,6 +63,9 @@ impl Storage for FaultyFile {
         Ok(())
     }
     fn flush(&self) -> io::Result<()> {
+        if self.syncs_fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         self.inner.flush()
     }
     fn len(&self) -> io::Result<u64> {
@@ -371,4 +377,45 @@ fn a_failed_data_write_gives_its_new_cluster_back() {
             ],
         );
     }
+}
+
+/// After a sync failed (every later flush fails, and the dirty metadata cannot be written),
+/// reads of data mapped by tables that are not cached still work: a full L2 cache makes
+/// room by dropping clean slices. It wrote everything back first, which failed, so every
+/// cache miss failed a read of healthy data (as QEMU, qemu-storage-daemon serves them).
+#[test]
+fn reads_go_on_after_a_failed_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "r.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "4G"]);
+    // One cluster in each of 100 L2 slices (a slice maps 32 MiB; the cache holds 32).
+    let writes: Vec<String> = (0..100u64)
+        .map(|k| format!("write -P {} {} 4k", k + 1, k << 25))
+        .collect();
+    qemu_io(
+        &path,
+        &writes.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let file = FaultyFile::open(&path);
+    let opts = qcow2::OpenOptions {
+        l2_cache_bytes: Some(0),
+        ..Default::default()
+    };
+    let img = Qcow2::open_storage(file.clone(), &opts, None).unwrap();
+    // A dirty slice (a new cluster mapped) that the failed sync leaves unwritten.
+    img.write_at(&[0xee; 4096], 64 << 10).unwrap();
+    file.syncs_fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(img.flush().is_err());
+    for round in 0..2 {
+        for k in 0..100u64 {
+            let mut buf = [0u8; 4096];
+            img.read_at(&mut buf, k << 25)
+                .unwrap_or_else(|e| panic!("round {round}, slice {k}: {e}"));
+            assert!(buf.iter().all(|&b| b == k as u8 + 1), "slice {k}");
+        }
+    }
+    let mut buf = [0u8; 4096];
+    img.read_at(&mut buf, 64 << 10).unwrap();
+    assert_eq!(buf, [0xee; 4096]);
 }

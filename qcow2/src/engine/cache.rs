@@ -100,6 +100,15 @@ impl<T> TableCache<T> {
         self.entries.remove(&victim).map(|e| (victim, e))
     }
 
+    /// The offset of the least recently used clean entry, if any.
+    pub fn lru_clean(&self) -> Option<u64> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| !e.dirty)
+            .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+            .map(|(&offset, _)| offset)
+    }
+
     /// Removes the table at `offset` (used when a table is freed).
     pub fn remove(&mut self, offset: u64) -> Option<T> {
         self.entries.remove(&offset).map(|e| e.table)

@@ -158,12 +158,17 @@ impl Meta {
         Ok(())
     }
 
-    /// Evicts slices until one more fits, writing dirty metadata back first.
+    /// Evicts slices until one more fits: the least recently used clean one, or when all
+    /// are dirty, the least recently used after writing dirty metadata back. (Dirty slices
+    /// wait for the next flush; and after a failed sync, when no writeback can succeed,
+    /// lookups that miss the cache still work.)
     pub fn make_room_l2(&mut self, file: &dyn Storage) -> Result<()> {
         while self.l2.is_full() {
-            if !self.l2.dirty_offsets().is_empty() {
-                self.writeback(file)?;
+            if let Some(clean) = self.l2.lru_clean() {
+                self.l2.remove(clean);
+                continue;
             }
+            self.writeback(file)?;
             self.l2.evict_lru();
         }
         Ok(())
