@@ -578,6 +578,10 @@ impl<T> IoRing<T> {
                     }
                 }
                 Some(Some(Slot::Sync(s))) => {
+                    if result < 0 {
+                        let e = io::Error::from_raw_os_error(-result);
+                        tracing::error!("syncing the image failed: {e}");
+                    }
                     s.ok &= result == 0;
                     s.remaining -= 1;
                     if s.remaining == 0 {

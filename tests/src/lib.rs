@@ -5,6 +5,7 @@
 //! tests never skip silently.
 
 pub mod crash;
+pub mod failing_disk;
 pub mod loop_device;
 pub mod netns;
 pub mod process;

@@ -998,3 +998,41 @@ fn bad_option_values_are_usage_errors_before_the_image_is_opened() {
         "{err}"
     );
 }
+
+/// On a disk that loses writes at writeback, the guest's flush fails (IOERR) with the cause
+/// in the daemon's log, and so does every later flush, on every queue; reads go on, and the
+/// daemon exits with an error (the image could not be flushed) instead of calling it clean.
+#[test]
+fn a_write_lost_at_writeback_fails_every_flush_and_reads_go_on() {
+    for format in ["raw", "qcow2"] {
+        let disk = cowbird_tests::failing_disk::FailingDisk::new();
+        let img = empty_disk(disk.path(), format, 8 * MIB);
+        disk.fill();
+        let dir = tempfile::tempdir().unwrap();
+        let args = ["--format", format, "--num-queues", "2"];
+        let mut d = Daemon::start(dir.path(), &img, &args);
+        let mut c = connect(&d.socket, 2, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+        // Into the page cache: the loss shows at the sync.
+        assert_eq!(c.write(0, 0, &pattern(3, 256 << 10)), 0, "{format}");
+        for q in [0, 1, 0] {
+            assert_eq!(
+                c.flush(q),
+                EIO,
+                "{format}: flush on queue {q}:\n{}",
+                d.log()
+            );
+        }
+        assert_eq!(c.read(1, 4 * MIB, 4096), Ok(vec![0; 4096]), "{format}");
+        let log = d.log();
+        assert!(
+            log.contains("No space left on device") || log.contains("Input/output error"),
+            "{format}: no cause logged:\n{log}"
+        );
+        drop(c);
+        assert!(
+            !d.stop_with(libc::SIGTERM).success(),
+            "{format}:\n{}",
+            d.log()
+        );
+    }
+}

@@ -11,7 +11,7 @@ mod unopened;
 
 pub use unopened::Unopened;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, RwLockReadGuard};
 
 use direct::DirectIo;
@@ -76,6 +76,15 @@ pub trait Storage: Send + Sync {
     }
 }
 
+/// The system's words for `errno`, without Rust's "(os error N)".
+fn os_error_text(errno: i32) -> String {
+    let text = io::Error::from_raw_os_error(errno).to_string();
+    match text.split_once(" (os error") {
+        Some((words, _)) => words.to_string(),
+        None => text,
+    }
+}
+
 /// A host file accessed with pread/pwrite. Files opened with O_DIRECT work too: requests
 /// that are not aligned as the kernel wants go through aligned bounce buffers.
 pub struct FileStorage {
@@ -83,8 +92,9 @@ pub struct FileStorage {
     direct: Option<DirectIo>,
     /// Submits batched writes (metadata writeback) in one system call; created on first use.
     batch_ring: Mutex<Option<IoUring>>,
-    /// A sync failed: later ones must fail too (see [`Storage::mark_sync_failed`]).
-    sync_failed: AtomicBool,
+    /// A sync failed: later ones must fail too (see [`Storage::mark_sync_failed`]). The
+    /// failure's errno, -1 when not known, 0 while none failed.
+    sync_error: AtomicI32,
 }
 
 impl std::fmt::Debug for FileStorage {
@@ -104,7 +114,7 @@ impl FileStorage {
             file,
             direct,
             batch_ring: Mutex::new(None),
-            sync_failed: AtomicBool::new(false),
+            sync_error: AtomicI32::new(0),
         }
     }
 
@@ -169,22 +179,29 @@ impl Storage for FileStorage {
 
     fn flush(&self) -> io::Result<()> {
         self.check_sync()?;
-        self.file
-            .sync_data()
-            .inspect_err(|_| self.mark_sync_failed())
+        self.file.sync_data().inspect_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(-1);
+            let _ = self
+                .sync_error
+                .compare_exchange(0, errno, Ordering::SeqCst, Ordering::SeqCst);
+        })
     }
 
     fn mark_sync_failed(&self) {
-        self.sync_failed.store(true, Ordering::SeqCst);
+        let _ = self
+            .sync_error
+            .compare_exchange(0, -1, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     fn check_sync(&self) -> io::Result<()> {
-        if self.sync_failed.load(Ordering::SeqCst) {
-            return Err(io::Error::other(
-                "an earlier sync of this file failed: data written before it may be lost",
-            ));
-        }
-        Ok(())
+        let why = match self.sync_error.load(Ordering::SeqCst) {
+            0 => return Ok(()),
+            -1 => String::new(),
+            errno => format!(" ({})", os_error_text(errno)),
+        };
+        Err(io::Error::other(format!(
+            "an earlier sync of this file failed{why}: data written before it may be lost"
+        )))
     }
 
     fn len(&self) -> io::Result<u64> {

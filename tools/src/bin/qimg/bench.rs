@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use qcow2::uring::{Completion, IoRing, Start};
 use qcow2::{Format, Image};
 
@@ -187,7 +187,8 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     // Like qemu-img, the time covers the requests; the flush on close comes after.
     let elapsed = began.elapsed();
     if a.write {
-        img.flush()?;
+        img.flush()
+            .with_context(|| format!("Error while flushing '{}'", a.filename))?;
     }
     outln!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
     Ok(0)

@@ -211,7 +211,8 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         offset += e.length;
         progress.add(e.length);
     }
-    base.flush()?;
+    base.flush()
+        .with_context(|| format!("Error while flushing '{base_name}'"))?;
     drop(base);
     if a.base.is_none() && !a.drop_not {
         // Emptied, the image reads as before (through the base): its bitmaps stay valid.

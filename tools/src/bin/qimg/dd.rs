@@ -122,6 +122,8 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         in_pos += n as u64;
         out_pos += n as u64;
     }
-    output.flush()?;
+    output
+        .flush()
+        .context("error while flushing output image file")?;
     Ok(0)
 }

@@ -330,7 +330,8 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
             None => None,
         };
         let written = copy_differences(&img, new.as_deref(), a.compress, &progress)?;
-        img.flush()?;
+        img.flush()
+            .with_context(|| format!("Error while flushing '{}'", a.filename))?;
         crate::copy_bitmaps::mark_dirty(&img, &written)?;
     }
     img.set_backing_file(backing, a.backing_format.as_deref())
