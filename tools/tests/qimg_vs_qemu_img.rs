@@ -4074,6 +4074,54 @@ fn convert_onto_a_full_file_system_fails_cleanly() {
     }
 }
 
+/// A preallocation that runs out of space gives the space back, as qemu-img's does: a raw
+/// file keeps its old length (0 for a new one), a qcow2 image its old size, clusters and
+/// file length, and both tools fail with exit code 1.
+#[test]
+fn a_preallocation_that_runs_out_of_space_gives_it_back_like_qemu_img() {
+    use std::os::unix::fs::MetadataExt;
+    let fs = cowbird_tests::small_fs::SmallFs::mount(20 << 20);
+    let p = fs.path();
+    let (raw, qcow2) = (p.join("t.raw"), p.join("t.qcow2"));
+    let raw_len = || std::fs::metadata(&raw).unwrap().len();
+    for tool in ["qemu-img", env!("CARGO_BIN_EXE_qimg")] {
+        qemu(p, &["create", "-q", "-f", "raw", "t.raw", "8M"]);
+        let args = [
+            "resize",
+            "-f",
+            "raw",
+            "--preallocation=full",
+            "t.raw",
+            "64M",
+        ];
+        assert_eq!(run(p, tool, &args).0, 1, "{tool}");
+        assert_eq!(raw_len(), 8 << 20, "{tool}");
+        std::fs::remove_file(&raw).unwrap();
+        let args = [
+            "create",
+            "-q",
+            "-f",
+            "raw",
+            "-o",
+            "preallocation=full",
+            "t.raw",
+            "64M",
+        ];
+        assert_eq!(run(p, tool, &args).0, 1, "{tool}");
+        assert_eq!(raw_len(), 0, "{tool}");
+        std::fs::remove_file(&raw).unwrap();
+        qemu(p, &["create", "-q", "-f", "qcow2", "t.qcow2", "8M"]);
+        let args = ["resize", "--preallocation=full", "t.qcow2", "64M"];
+        assert_eq!(run(p, tool, &args).0, 1, "{tool}");
+        let info = qemu(p, &["info", "t.qcow2"]).1;
+        assert!(info.contains("virtual size: 8 MiB"), "{tool}: {info}");
+        assert_eq!(qemu(p, &["check", "t.qcow2"]).0, 0, "{tool}");
+        let used = std::fs::metadata(&qcow2).unwrap().blocks() * 512;
+        assert!(used < 1 << 20, "{tool}: {used} bytes still used");
+        std::fs::remove_file(&qcow2).unwrap();
+    }
+}
+
 /// Runs `qimg convert -p ARGS` and sends `sig` once its progress passed 1%. Returns the
 /// bytes the interrupted convert reports as converted, or `None` if it finished first.
 fn interrupt_convert(dir: &Path, args: &[&str], sig: i32) -> Option<u64> {

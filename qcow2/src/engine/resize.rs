@@ -75,6 +75,10 @@ impl Qcow2 {
                     .update_header(&*self.file, |h| h.size = new_size)
             });
         if let Err(e) = resized {
+            if grow {
+                // Best effort: the error that stopped the grow is the one to report.
+                let _ = self.undo_grow(old);
+            }
             self.size = old;
             return Err(e);
         }
@@ -86,6 +90,19 @@ impl Qcow2 {
             self.truncate_file_tail()?;
         }
         Ok(())
+    }
+
+    /// After a grow from `old` failed (`self.size` still the new size): unmaps what the
+    /// grown range got (preallocated clusters) and truncates the file after its last used
+    /// cluster, as QEMU truncates it back: a preallocation that ran out of space gives the
+    /// space back.
+    fn undo_grow(&self, old: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let old_l1 = old.div_ceil(cs * self.geo.l2_entries());
+        self.unmap_from(old.div_ceil(cs), old_l1)?;
+        self.flush_metadata()?;
+        self.drop_unused_refblocks()?;
+        self.truncate_file_tail()
     }
 
     /// After the size grew from `old` (already `self.size`): preallocates the new range as

@@ -261,6 +261,13 @@ pub fn truncate_raw(
             let _ = file.write_at(&[0u8; 4096][..n], 0);
         }
     };
+    // As QEMU: a preallocation that fails leaves the file at its old length.
+    let or_restore = |result: anyhow::Result<()>| {
+        if result.is_err() {
+            let _ = file.set_len(current);
+        }
+        result
+    };
     match mode {
         Preallocation::Metadata => bail!("Unsupported preallocation mode: metadata"),
         Preallocation::Off => {
@@ -269,25 +276,32 @@ pub fn truncate_raw(
             Ok(())
         }
         Preallocation::Falloc if size > current => {
-            file.allocate(current, size - current)
-                .context("Could not preallocate new data")?;
+            or_restore(
+                file.allocate(current, size - current)
+                    .context("Could not preallocate new data"),
+            )?;
             first_block();
             Ok(())
         }
         Preallocation::Falloc => Ok(()),
-        Preallocation::Full => {
-            file.set_len(size).context("Could not resize file")?;
-            let zeros = vec![0u8; 1 << 20];
-            let mut off = current;
-            while off < size {
-                let n = (size - off).min(zeros.len() as u64);
-                file.write_at(&zeros[..n as usize], off)
-                    .context("Could not write zeros for preallocation")?;
-                off += n;
-            }
-            file.flush().context("Could not flush file to disk")
-        }
+        Preallocation::Full => or_restore(write_zeros_up_to(file, current, size)),
     }
+}
+
+/// Grows `file` from `current` to `size` bytes by writing zeros, flushed to the disk.
+fn write_zeros_up_to(file: &qcow2::FileStorage, current: u64, size: u64) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use qcow2::Storage as _;
+    file.set_len(size).context("Could not resize file")?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = current;
+    while off < size {
+        let n = (size - off).min(zeros.len() as u64);
+        file.write_at(&zeros[..n as usize], off)
+            .context("Could not write zeros for preallocation")?;
+        off += n;
+    }
+    file.flush().context("Could not flush file to disk")
 }
 
 /// Turns copy-on-write off for `file` (btrfs), ignoring failure as QEMU does.
