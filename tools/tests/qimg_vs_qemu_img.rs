@@ -4122,6 +4122,39 @@ fn a_preallocation_that_runs_out_of_space_gives_it_back_like_qemu_img() {
     }
 }
 
+/// Growing an image whose L1 table then outgrows its cluster, on a file system with 16 KiB
+/// left: the new table takes the sectors it needs (8000 bytes for 500 GiB), as qemu-img
+/// writes it, not a whole 64 KiB cluster, so the resize succeeds as qemu-img's does.
+#[test]
+fn a_large_grow_fits_on_a_nearly_full_file_system_like_qemu_img() {
+    let fs = cowbird_tests::small_fs::SmallFs::mount(8 << 20);
+    let p = fs.path();
+    qemu(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
+    for img in ["ours.qcow2", "theirs.qcow2"] {
+        std::fs::copy(p.join("base.qcow2"), p.join(img)).unwrap();
+    }
+    // Fill the file system, then give 16 KiB back.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(p.join("filler")).unwrap();
+        while filler.write_all(&[0x5a; 4096]).is_ok() {}
+        let len = filler.metadata().unwrap().len();
+        filler.set_len(len - (16 << 10)).unwrap();
+    }
+    for (tool, img) in [
+        ("qemu-img", "theirs.qcow2"),
+        (env!("CARGO_BIN_EXE_qimg"), "ours.qcow2"),
+    ] {
+        let (code, out) = run(p, tool, &["resize", img, "500G"]);
+        assert_eq!(code, 0, "{tool}: {out}");
+        assert_eq!(qemu(p, &["check", img]).0, 0, "{tool}");
+    }
+    assert_eq!(
+        info_sans_sizes(p, "ours.qcow2", "ours.qcow2"),
+        info_sans_sizes(p, "theirs.qcow2", "theirs.qcow2")
+    );
+}
+
 /// Runs `qimg convert -p ARGS` and sends `sig` once its progress passed 1%. Returns the
 /// bytes the interrupted convert reports as converted, or `None` if it finished first.
 fn interrupt_convert(dir: &Path, args: &[&str], sig: i32) -> Option<u64> {

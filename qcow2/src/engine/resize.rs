@@ -236,8 +236,10 @@ impl Qcow2 {
         m.writeback_before_switch(file)?;
         let mut table = m.l1.clone();
         table.resize(entries as usize, 0);
+        // Whole sectors, as QEMU writes it: the rest of the cluster is never read, and on a
+        // nearly full file system it may not fit.
         let mut bytes = encode_u64_table(&table);
-        bytes.resize(bytes.len().next_multiple_of(cs as usize), 0);
+        bytes.resize(bytes.len().next_multiple_of(512), 0);
         m.check_write(file, new_off, bytes.len() as u64, Target::New)?;
         file.write_at(&bytes, new_off)
             .map_err(|e| Error::io(format!("writing the L1 table at 0x{new_off:x}"), e))?;
