@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::engine::meta::encode_u64_table;
 use crate::engine::Qcow2;
 use crate::error::{Error, Result};
+use crate::file_attributes::FileAttributes;
 use crate::format::header::{
     default_feature_names, CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
     INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, V2_HEADER_LEN, V3_HEADER_LEN,
@@ -72,6 +73,8 @@ pub struct CreateOptions {
     pub preallocation: Preallocation,
     /// QEMU-compatible locks while the files are created (see [`crate::lock`]).
     pub locking: Locking,
+    /// Attributes of the image file (copy-on-write off, extent size hint).
+    pub file: FileAttributes,
 }
 
 impl Default for CreateOptions {
@@ -90,6 +93,7 @@ impl Default for CreateOptions {
             extended_l2: false,
             preallocation: Preallocation::Off,
             locking: Locking::Off,
+            file: FileAttributes::default(),
         }
     }
 }
@@ -158,7 +162,11 @@ impl CreateOptions {
 /// file is created (and locked, so that an image in use is refused, not destroyed), and a file
 /// emptied for an image that cannot be made is removed.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    opts.file.validate().map_err(Error::InvalidOption)?;
     let file = create_file(path, opts.locking)?;
+    if let Some(e) = opts.file.apply(&file) {
+        tracing::warn!("Failed to set extent size hint: {e}");
+    }
     let made = make(file, opts);
     if made.is_err() {
         let _ = std::fs::remove_file(path);

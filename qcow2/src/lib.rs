@@ -12,6 +12,7 @@ pub mod compress;
 pub mod create;
 mod engine;
 pub mod error;
+pub mod file_attributes;
 pub mod fixed_buffers;
 pub mod format;
 #[doc(hidden)]

@@ -6529,6 +6529,38 @@ fn convert_reads_options_and_words_errors_like_qemu_img() {
     }
 }
 
+/// The file driver's options go with qcow2 images too, as qemu-img takes them: `nocow` and
+/// `extent_size_hint` for create and convert, with the same output and refusals.
+#[test]
+fn qcow2_images_take_the_file_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "top.qcow2", "4M", &["write -P 1 1M 64k"]);
+    for opts in [
+        "nocow=on,extent_size_hint=2M",
+        "nocow=off,extent_size_hint=0",
+        "extent_size_hint=5G",
+        "nocow=x",
+    ] {
+        for args in [
+            &["create", "-f", "qcow2", "-o", opts, "X", "1M"][..],
+            &["convert", "-O", "qcow2", "-o", opts, "top.qcow2", "X"],
+        ] {
+            let _ = std::fs::remove_file(p.join("x.qcow2"));
+            same(
+                p,
+                &with_name(args, "x.qcow2")
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            );
+            if opts.starts_with("nocow=o") {
+                assert_eq!(qemu(p, &["check", "x.qcow2"]).0, 0, "{args:?}");
+            }
+        }
+    }
+}
+
 /// A raw target takes the file driver's options as `create -f raw` does: a preallocated
 /// target is as big on disk as qemu-img's, and what raw images do not take is refused.
 #[test]

@@ -1,6 +1,7 @@
 //! `qimg create`.
 
 use anyhow::bail;
+use qcow2::file_attributes::FileAttributes;
 use qcow2::{CompressionType, CreateOptions, Format, Locking, Preallocation};
 
 use crate::qemu_opts;
@@ -126,11 +127,8 @@ fn qcow2_option_fields(
             "encryption" if !on_off(k, v)? => {}
             "encryption" => return Err(unsupported("create encrypted images")),
             k if k.starts_with("encrypt.") => return Err(unsupported("create encrypted images")),
-            "nocow" | "extent_size_hint" => {
-                return Err(unsupported(&format!(
-                    "set '{k}' on the file of a qcow2 image"
-                )))
-            }
+            "nocow" => o.file.nocow = on_off(k, v)?,
+            "extent_size_hint" => o.file.extent_size_hint = Some(size(k, v)?),
             _ => return Err(OptionError::Syntax(format!("Invalid parameter '{k}'"))),
         }
     }
@@ -184,12 +182,10 @@ pub fn check_backing_format(o: &CreateOptions) -> Result<(), OptionError> {
 pub struct RawOptions {
     /// `-o size`.
     pub size: Option<u64>,
-    /// Turn off copy-on-write (btrfs).
-    pub nocow: bool,
     /// The preallocation mode as given (checked when the file is created, as QEMU does).
     pub preallocation: Option<String>,
-    /// The extent size hint asked for (QEMU sets 1 MiB when none is).
-    pub extent_size_hint: Option<u64>,
+    /// Copy-on-write off, the extent size hint.
+    pub file: FileAttributes,
 }
 
 /// Reads `-o` pairs for a new raw image (QEMU's syntax checks first).
@@ -200,9 +196,9 @@ pub fn raw_options(pairs: &[(String, String)]) -> Result<RawOptions, OptionError
     for (k, v) in pairs {
         match k.as_str() {
             "size" => o.size = Some(size(k, v)?),
-            "nocow" => o.nocow = on_off(k, v)?,
+            "nocow" => o.file.nocow = on_off(k, v)?,
             "preallocation" => o.preallocation = Some(v.clone()),
-            "extent_size_hint" => o.extent_size_hint = Some(size(k, v)?),
+            "extent_size_hint" => o.file.extent_size_hint = Some(size(k, v)?),
             _ => return Err(OptionError::Syntax(format!("Invalid parameter '{k}'"))),
         }
     }
@@ -223,18 +219,10 @@ pub fn create_raw(path: &std::path::Path, size: u64, o: &RawOptions) -> anyhow::
             None => bail!("invalid parameter value: {p}"),
         },
     };
-    let hint = o.extent_size_hint.unwrap_or(1 << 20);
-    if hint > u64::from(u32::MAX) {
-        bail!("Extent size hint is too large");
-    }
+    o.file.validate().map_err(anyhow::Error::msg)?;
     let file = qcow2::create::create_file(path, Locking::On)?;
-    if o.nocow {
-        set_nocow(&file);
-    }
-    if let Err(e) = set_extent_size_hint(&file, hint as u32) {
-        if o.extent_size_hint.is_some() {
-            crate::print_error(format!("warning: Failed to set extent size hint: {e}"));
-        }
+    if let Some(e) = o.file.apply(&file) {
+        crate::print_error(format!("warning: Failed to set extent size hint: {e}"));
     }
     let Some(mode) = mode else {
         bail!("Unsupported preallocation mode: metadata");
@@ -302,59 +290,6 @@ fn write_zeros_up_to(file: &qcow2::FileStorage, current: u64, size: u64) -> anyh
         off += n;
     }
     file.flush().context("Could not flush file to disk")
-}
-
-/// Turns copy-on-write off for `file` (btrfs), ignoring failure as QEMU does.
-fn set_nocow(file: &std::fs::File) {
-    use std::os::unix::io::AsRawFd;
-    const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
-    let mut flags: libc::c_long = 0;
-    // SAFETY: FS_IOC_GETFLAGS and FS_IOC_SETFLAGS read and write one long at the address
-    // given, which points to `flags`; the descriptor is open.
-    unsafe {
-        if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) == 0 {
-            flags |= FS_NOCOW_FL;
-            libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags);
-        }
-    }
-}
-
-/// Linux's `struct fsxattr` (`FS_IOC_FSGETXATTR`, `FS_IOC_FSSETXATTR`).
-#[repr(C)]
-#[derive(Default)]
-struct FsXattr {
-    xflags: u32,
-    extsize: u32,
-    nextents: u32,
-    projid: u32,
-    cowextsize: u32,
-    pad: [u8; 8],
-}
-
-/// Sets the extent size hint of `file` (XFS; other file systems may ignore it).
-fn set_extent_size_hint(file: &std::fs::File, hint: u32) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
-    const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
-    const FS_XFLAG_EXTSIZE: u32 = 0x800;
-    let mut attr = FsXattr::default();
-    // SAFETY: the ioctls read and write a `struct fsxattr`, which `FsXattr` lays out; the
-    // descriptor is open.
-    let r = unsafe {
-        let fd = file.as_raw_fd();
-        if libc::ioctl(fd, FS_IOC_FSGETXATTR as _, &mut attr) == 0 {
-            attr.xflags |= FS_XFLAG_EXTSIZE;
-            attr.extsize = hint;
-            libc::ioctl(fd, FS_IOC_FSSETXATTR as _, &attr)
-        } else {
-            -1
-        }
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// qemu-img's error for a size the format or the file system cannot hold (EFBIG); `hint`
