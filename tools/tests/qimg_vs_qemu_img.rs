@@ -4074,6 +4074,38 @@ fn convert_onto_a_full_file_system_fails_cleanly() {
     }
 }
 
+/// Output to a closed stdout or stderr is dropped, as qemu-img drops it (it ignores SIGPIPE
+/// and print errors): the exit code is the command's (`check 2>&1 | head -1` got 101, a
+/// panic, for check's exit code 3).
+#[test]
+fn closed_output_pipes_keep_the_exit_code_like_qemu_img() {
+    use std::process::Stdio;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "1M", &[]);
+    for (args, code) in [
+        (&["info", "missing.qcow2"][..], 1),
+        (&["info", "a.qcow2"], 0),
+        (&["check", "a.qcow2"], 0),
+        (&["nonsense"], 1),
+    ] {
+        for tool in ["qemu-img", env!("CARGO_BIN_EXE_qimg")] {
+            let mut child = Command::new(tool)
+                .current_dir(p)
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Both pipes closed before the tool writes anything.
+            drop(child.stdout.take());
+            drop(child.stderr.take());
+            let status = child.wait().unwrap();
+            assert_eq!(status.code(), Some(code), "{tool} {args:?}: {status}");
+        }
+    }
+}
+
 /// A preallocation that runs out of space gives the space back, as qemu-img's does: a raw
 /// file keeps its old length (0 for a new one), a qcow2 image its old size, clusters and
 /// file length, and both tools fail with exit code 1.

@@ -179,7 +179,7 @@ fn check_and_recheck(img: &qcow2::Qcow2, mode: Repair, silent: bool) -> qcow2::C
 pub fn print_messages(report: &qcow2::CheckReport) {
     for m in &report.messages {
         match m {
-            Message::Line(line) => eprintln!("{line}"),
+            Message::Line(line) => errln!("{line}"),
             Message::Error(e) => crate::print_error(e),
         }
     }

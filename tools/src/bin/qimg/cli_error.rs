@@ -18,13 +18,13 @@ pub fn report(e: &clap::Error, args: &[String]) -> u8 {
         .map(String::as_str)
         .filter(|a| !a.starts_with('-'));
     let (message, hint) = qemu_img_words(e, sub, args);
-    eprintln!("{message}");
+    errln!("{message}");
     if hint {
         match sub {
             Some(s) if e.kind() != ErrorKind::InvalidSubcommand => {
-                eprintln!("Try '{} {s} --help' for more info", progname())
+                errln!("Try '{} {s} --help' for more info", progname())
             }
-            _ => eprintln!("Try '{} --help' for more info", progname()),
+            _ => errln!("Try '{} --help' for more info", progname()),
         }
     }
     1

@@ -493,7 +493,7 @@ impl Sources {
                 Ok(status) => return Ok(status),
                 Err(e) if p.salvage && len <= 512 => {
                     if !p.quiet {
-                        eprintln!(
+                        errln!(
                             "{}: warning: error while reading block status at offset {off}: {}",
                             crate::progname(),
                             read_error_text(&e)
@@ -547,7 +547,7 @@ impl Sources {
             if let Err(e) = self.read_into(at, sector) {
                 sector.fill(0);
                 if !quiet {
-                    eprintln!(
+                    errln!(
                         "{}: warning: error while reading offset {at}: {}",
                         crate::progname(),
                         read_error_text(&e)
@@ -1225,7 +1225,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     if let Some(sig) = interrupt.caught() {
         progress.abandon();
         let done = (next.load(Ordering::Relaxed).min(chunks) * chunk).min(sources.total);
-        eprintln!(
+        errln!(
             "{}: convert interrupted by {}: '{target_name}' is consistent and holds the first \
              {done} of {} bytes",
             crate::progname(),

@@ -36,7 +36,7 @@ pub fn source(
 pub fn copy(src: &Qcow2, target: &Qcow2) -> anyhow::Result<()> {
     for b in src.bitmaps()? {
         if b.flags & IN_USE != 0 {
-            eprintln!(
+            errln!(
                 "{}: warning: Skipping inconsistent bitmap '{}'",
                 crate::progname(),
                 b.display_name()

@@ -11,6 +11,15 @@ macro_rules! outln {
     }};
 }
 
+/// `eprintln!` that ignores a closed stderr, as qemu-img does: `qimg check IMG 2>&1 | head`
+/// keeps check's exit code instead of panicking.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// `print!` that ignores a closed stdout (see `outln!`).
 macro_rules! out {
     ($($arg:tt)*) => {{
@@ -179,7 +188,7 @@ fn main() -> ExitCode {
 /// Prints an error line as qemu-img does (the program name, ": " and the message, system
 /// errors as strerror alone).
 pub fn print_error(message: impl std::fmt::Display) {
-    eprintln!(
+    errln!(
         "{}: {}",
         progname(),
         without_os_error_numbers(&message.to_string())
@@ -207,11 +216,11 @@ pub fn report_error(e: &anyhow::Error) {
 /// the failure an I/O error.
 pub fn report_corruption(cause: &(dyn std::error::Error + 'static)) -> bool {
     match cause.downcast_ref::<qcow2::Error>() {
-        Some(qcow2::Error::Corrupt(what)) => eprintln!(
+        Some(qcow2::Error::Corrupt(what)) => errln!(
             "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
              suppressed"
         ),
-        Some(qcow2::Error::MarkedCorrupt(what)) => eprintln!(
+        Some(qcow2::Error::MarkedCorrupt(what)) => errln!(
             "qcow2: Marking image as corrupt: {what}; further corruption events will be \
              suppressed"
         ),
@@ -378,7 +387,7 @@ pub fn bitmap_keeping_writer_options() -> qcow2::OpenOptions {
 
 /// QEMU's warning for a raw image opened for writing without its format given.
 pub fn warn_probed_raw(name: &str) {
-    eprintln!(
+    errln!(
         "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         \
          Automatically detecting the format is dangerous for raw images, write operations on \
          block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove \
