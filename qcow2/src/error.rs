@@ -27,6 +27,10 @@ pub enum Error {
     /// the image stays dirty (QEMU's words).
     #[error("Could not repair dirty image: {0}")]
     DirtyRepairFailed(String),
+    /// A file in an image format QEMU knows and we do not serve (found by probing): read as
+    /// raw, its container bytes would pass for the disk's contents.
+    #[error("Image format '{0}' is not supported (only qcow2 and raw are)")]
+    UnsupportedFormat(&'static str),
     /// A version other than 2 or 3.
     #[error("Unsupported qcow2 version {0}")]
     UnsupportedVersion(u32),

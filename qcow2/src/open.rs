@@ -90,17 +90,49 @@ pub fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<std::fs::
 /// Guesses the format from the first bytes of a file, as QEMU's probes do: qcow2 for its
 /// magic followed by version 2 or later, or by version 1 (QEMU's older qcow format, which
 /// opening then refuses by name); raw otherwise. As in QEMU, which probes a zero-padded
-/// buffer, a file too short for a whole header counts too (opening it then fails).
+/// buffer, a file too short for a whole header counts too (opening it then fails). A file
+/// in another format QEMU would recognise is refused ([`Error::UnsupportedFormat`]) rather
+/// than served as raw.
 pub fn probe(file: &dyn Storage) -> Result<Format> {
     let len = file.len().map_err(|e| Error::io("probing format", e))?;
-    let mut start = [0u8; 8];
+    let mut start = [0u8; 512];
     let present = len.min(start.len() as u64) as usize;
     file.read_at(&mut start[..present], 0)
         .map_err(|e| Error::io("probing format", e))?;
     let magic = u32::from_be_bytes(start[..4].try_into().expect("4 bytes"));
-    let version = u32::from_be_bytes(start[4..].try_into().expect("4 bytes"));
-    let qcow = magic == MAGIC && version >= 1;
-    Ok(if qcow { Format::Qcow2 } else { Format::Raw })
+    let version = u32::from_be_bytes(start[4..8].try_into().expect("4 bytes"));
+    if magic == MAGIC && version >= 1 {
+        return Ok(Format::Qcow2);
+    }
+    match other_format(&start) {
+        Some(name) => Err(Error::UnsupportedFormat(name)),
+        None => Ok(Format::Raw),
+    }
+}
+
+/// The name of the image format whose signature starts `head` (the first 512 bytes of a
+/// file), among the formats QEMU probes other than qcow2 and raw.
+fn other_format(head: &[u8; 512]) -> Option<&'static str> {
+    const PREFIXES: [(&[u8], &str); 11] = [
+        (b"KDMV", "vmdk"),
+        (b"COWD", "vmdk"),
+        (b"# Disk DescriptorFile", "vmdk"),
+        (b"conectix", "vpc"),
+        (b"vhdxfile", "vhdx"),
+        (b"LUKS\xba\xbe", "luks"),
+        (b"QED\0", "qed"),
+        (b"WithoutFreeSpace", "parallels"),
+        (b"WithouFreSpacExt", "parallels"),
+        (b"Bochs Virtual HD Image", "bochs"),
+        (b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop", "cloop"),
+    ];
+    /// VirtualBox's signature, little-endian at byte 64 of a VDI header.
+    const VDI_SIGNATURE: u32 = 0xbeda_107f;
+    if let Some(&(_, name)) = PREFIXES.iter().find(|(p, _)| head.starts_with(p)) {
+        return Some(name);
+    }
+    let vdi = u32::from_le_bytes(head[64..68].try_into().expect("4 bytes"));
+    (vdi == VDI_SIGNATURE).then_some("vdi")
 }
 
 /// Opens the image at `path` with its backing chain.

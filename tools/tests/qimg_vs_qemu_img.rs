@@ -4074,6 +4074,47 @@ fn convert_onto_a_full_file_system_fails_cleanly() {
     }
 }
 
+/// Images in formats qemu-img knows and qimg does not serve are refused by name, never read
+/// as raw (a conversion copied the container's bytes as the disk's, with exit code 0); named
+/// raw with `-f raw`, they are raw files as for qemu-img.
+#[test]
+fn other_formats_are_refused_not_read_as_raw() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for format in ["vmdk", "vdi", "vpc", "vhdx", "qed", "parallels", "luks"] {
+        let img = format!("x.{format}");
+        let mut create = vec!["create", "-q", "-f", format];
+        if format == "luks" {
+            create.extend([
+                "--object",
+                "secret,id=s,data=x",
+                "-o",
+                "key-secret=s,iter-time=10",
+            ]);
+        }
+        create.extend([img.as_str(), "10M"]);
+        assert_eq!(qemu(p, &create).0, 0, "{format}");
+        for args in [
+            &["info", "X"][..],
+            &["check", "X"],
+            &["map", "X"],
+            &["convert", "-O", "qcow2", "X", "o.qcow2"],
+            &["compare", "X", "X"],
+        ] {
+            let args = with_name(args, &img);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, _, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &args);
+            // compare's code for an error is 2.
+            let failed = if args[0] == "compare" { 2 } else { 1 };
+            assert_eq!(code, failed, "{args:?}: {err}");
+            let want = format!("Could not open '{img}': Image format '{format}' is not supported");
+            assert!(err.contains(&want), "{args:?}: {err}");
+        }
+        assert!(!p.join("o.qcow2").exists(), "{format}");
+        same(p, &["info", "-f", "raw", &img]);
+    }
+}
+
 /// Output to a closed stdout or stderr is dropped, as qemu-img drops it (it ignores SIGPIPE
 /// and print errors): the exit code is the command's (`check 2>&1 | head -1` got 101, a
 /// panic, for check's exit code 3).

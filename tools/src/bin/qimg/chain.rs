@@ -88,7 +88,7 @@ pub fn open_layer(
     let file = FileStorage::new(crate::open_file(name, false)?);
     let fmt = match given {
         Some(f) => f,
-        None => qcow2::open::probe(&file)?,
+        None => crate::probe(&file, name)?,
     };
     crate::lock(file.file(), name, locking, fmt, false)?;
     let storage: Arc<dyn Storage> = Arc::new(file);

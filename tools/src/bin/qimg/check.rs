@@ -98,7 +98,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     };
     let file = qcow2::FileStorage::new(file);
     let probed = match read_only {
-        true => fmt.map_or_else(|| qcow2::open::probe(&file), Ok)?,
+        true => fmt.map_or_else(|| crate::probe(&file, &a.filename), Ok)?,
         // A repair opens the image for writing: QEMU warns of a probed raw image then.
         false => crate::writable_format(&file, &a.filename, fmt)?,
     };

@@ -335,6 +335,12 @@ pub fn parse_driver(path: &str, name: &str) -> anyhow::Result<qcow2::Format> {
     })
 }
 
+/// The format of the image `name`, open in `storage`, as QEMU probes it (a format qimg does
+/// not serve is refused in the words of an open that failed).
+pub fn probe(storage: &dyn qcow2::Storage, name: &str) -> anyhow::Result<qcow2::Format> {
+    qcow2::open::probe(storage).map_err(|e| open_error(name, e))
+}
+
 /// The format of the image `name`, open in `storage`, for a command that writes to it:
 /// `given`, or probed; when probing guessed raw, QEMU's warning (block 0 of a probed raw image
 /// could be turned into another format's header).
@@ -346,7 +352,7 @@ pub fn writable_format(
     if let Some(f) = given {
         return Ok(f);
     }
-    let probed = qcow2::open::probe(storage)?;
+    let probed = probe(storage, name)?;
     if probed == qcow2::Format::Raw {
         warn_probed_raw(name);
     }

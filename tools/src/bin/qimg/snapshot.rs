@@ -181,7 +181,7 @@ pub fn open(
     let fmt = match (given, writable) {
         (given, true) => crate::writable_format(&*storage, name, given)?,
         (Some(f), false) => f,
-        (None, false) => qcow2::open::probe(&*storage)?,
+        (None, false) => crate::probe(&*storage, name)?,
     };
     crate::lock(storage.file(), name, locking, fmt, writable)?;
     if fmt == Format::Raw {
