@@ -4074,6 +4074,56 @@ fn convert_onto_a_full_file_system_fails_cleanly() {
     }
 }
 
+/// Header oddities read as QEMU reads them: a backing file name that starts with NUL (or an
+/// offset of 0 with the format extension left) is no backing file; a snapshot written by
+/// QEMU 4.2 or older (16 bytes of extra data, no icount) shows "--" for it; a tag in UTF-8
+/// is padded by bytes, as printf pads. Same output as qemu-img's.
+#[test]
+fn header_oddities_read_as_qemu_reads_them() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "b.qcow2", "1M", &[]);
+    qcow2_over(p, "b.qcow2", "nul_name.qcow2", "", &[]);
+    let be64 = |img: &str, at: usize| {
+        let bytes = std::fs::read(p.join(img)).unwrap();
+        u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
+    };
+    patch(p, "nul_name.qcow2", be64("nul_name.qcow2", 8), &[0; 8]);
+    qcow2_over(p, "b.qcow2", "no_offset.qcow2", "", &[]);
+    patch(p, "no_offset.qcow2", 8, &[0; 8]);
+    qcow2_image(p, &[], "old_snap.qcow2", "1M", &[]);
+    qemu(p, &["snapshot", "-c", "ünïcødé 😀", "old_snap.qcow2"]);
+    // The snapshot entry with 16 bytes of extra data: the fields after them move up.
+    let table = be64("old_snap.qcow2", 64);
+    let bytes = std::fs::read(p.join("old_snap.qcow2")).unwrap();
+    let entry = &bytes[table as usize..];
+    let be16 = |at: usize| u16::from_be_bytes(entry[at..at + 2].try_into().unwrap()) as usize;
+    let extra = u32::from_be_bytes(entry[36..40].try_into().unwrap()) as usize;
+    let names = 40 + extra..40 + extra + be16(12) + be16(14);
+    let mut old = [
+        &entry[..36],
+        &16u32.to_be_bytes(),
+        &entry[40..56],
+        &entry[names],
+    ]
+    .concat();
+    old.resize(old.len().next_multiple_of(8) + 8, 0);
+    patch(p, "old_snap.qcow2", table, &old);
+    for img in ["nul_name.qcow2", "no_offset.qcow2", "old_snap.qcow2"] {
+        for args in [
+            &["info", img][..],
+            &["info", "--output=json", img],
+            &["check", img],
+            &["map", img],
+            &["snapshot", "-l", img],
+        ] {
+            same(p, args);
+        }
+    }
+    let listing = qemu(p, &["snapshot", "-l", "old_snap.qcow2"]).1;
+    assert!(listing.contains(" --\n"), "{listing}");
+}
+
 /// Images in formats qemu-img knows and qimg does not serve are refused by name, never read
 /// as raw (a conversion copied the container's bytes as the disk's, with exit code 0); named
 /// raw with `-f raw`, they are raw files as for qemu-img.

@@ -426,20 +426,23 @@ impl Header {
         if off == 0 {
             return Ok(());
         }
-        if len > MAX_BACKING_NAME {
+        // QEMU's checks and words.
+        let cs = self.cluster_size();
+        if off > cs {
+            return Err(invalid("Invalid backing file offset"));
+        }
+        if len > MAX_BACKING_NAME.min((cs - off) as u32) {
             return Err(invalid("Backing file name too long"));
         }
-        let end = off
-            .checked_add(len as u64)
-            .filter(|&e| e <= self.cluster_size() && e <= cluster0.len() as u64)
-            .ok_or_else(|| {
-                invalid("qcow2 header: the backing file name lies outside the first cluster")
-            })?;
-        let name = &cluster0[off as usize..end as usize];
-        self.backing_file = Some(
-            String::from_utf8(name.to_vec())
-                .map_err(|_| invalid("qcow2 header: the backing file name is not UTF-8"))?,
-        );
+        // Bytes past the end of a short file read as zeros, as QEMU reads them.
+        let start = (off as usize).min(cluster0.len());
+        let end = (off as usize + len as usize).min(cluster0.len());
+        let name = &cluster0[start..end];
+        // A C string to QEMU: it ends at the first NUL, and an empty one is no backing file.
+        let name = name.split(|&b| b == 0).next().unwrap_or_default();
+        if !name.is_empty() {
+            self.backing_file = Some(String::from_utf8_lossy(name).into_owned());
+        }
         Ok(())
     }
 

@@ -194,7 +194,8 @@ fn node_info(
     node.virtual_size = qcow2::Image::size(&*q);
     node.cluster_size = Some(h.cluster_size());
     node.dirty_flag = h.is_dirty();
-    node.backing_format = h.backing_format.clone();
+    // Shown only with a backing file, as QEMU shows it.
+    node.backing_format = h.backing_file.as_ref().and(h.backing_format.clone());
     node.full_backing_filename = backing.as_ref().map(|(b, _)| b.clone());
     node.backing_filename = h.backing_file.clone();
     if !q.snapshots().is_empty() {
@@ -341,9 +342,16 @@ impl NodeInfo {
 
 /// One row of QEMU's snapshot table ("%-7s %-16s %8s %19s %15s %10s").
 fn snapshot_line(f: [&str; 6]) -> String {
+    // printf pads by bytes, not characters: a name in UTF-8 takes its bytes' width.
+    let left = |s: &str, width: usize| format!("{s}{}", " ".repeat(width.saturating_sub(s.len())));
     format!(
-        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-        f[0], f[1], f[2], f[3], f[4], f[5]
+        "{} {} {:>8} {:>19} {:>15} {:>10}\n",
+        left(f[0], 7),
+        left(f[1], 16),
+        f[2],
+        f[3],
+        f[4],
+        f[5]
     )
 }
 
@@ -371,10 +379,11 @@ fn snapshot_row(s: &Snapshot) -> String {
         secs % 60,
         (s.vm_clock_nsec / 1_000_000) % 1000
     );
+    // Unknown (older snapshots have no field for it) or not counted: "--", as QEMU prints.
     let icount = s
         .icount
         .filter(|&i| i != u64::MAX)
-        .map_or_else(String::new, |i| i.to_string());
+        .map_or_else(|| "--".to_string(), |i| i.to_string());
     snapshot_line([
         &s.id,
         &s.name,
