@@ -1228,6 +1228,8 @@ fn compare_fails_on_corrupt_images_with_qemu_img_exit_codes() {
     let p = d.path();
     layout_qcow2(p, "good.qcow2");
     damaged(p, "u.qcow2", &[(L2, (1 << 63) | 0x50200, 8)], None);
+    // measure words the failed block status as qemu-img does.
+    same(p, &["measure", "-O", "qcow2", "u.qcow2"]);
     qcow2_image(p, &[], "text.qcow2", "1M", &["write -P 1 0 1M"]);
     raw_copy(p, "text.qcow2", "text.raw");
     assert_eq!(

@@ -1,7 +1,7 @@
 //! `qimg measure`: the file size a new image needs (QEMU's `qcow2_measure` / `raw_measure`),
 //! for a given virtual size or for the contents of an existing image.
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use qcow2::{Format, Preallocation};
 
 use crate::chain::Chain;
@@ -81,7 +81,9 @@ fn data_clusters_bytes(src: &Chain, cs: u64) -> anyhow::Result<u64> {
     let mut required = 0;
     let mut offset = 0;
     while offset < size {
-        let e = src.status(offset, size - offset)?;
+        let e = src
+            .status(offset, size - offset)
+            .context("Unable to get block status")?;
         let mut pnum = e.length;
         if !e.zero && e.data && e.present {
             pnum = (offset + pnum).next_multiple_of(cs) - offset;
