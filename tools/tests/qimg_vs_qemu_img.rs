@@ -83,15 +83,44 @@ fn with_name(args: &[&str], name: &str) -> Vec<String> {
         .collect()
 }
 
-/// `qemu-img info IMG` with `name` replaced by `X`, without the lines of on-disk sizes.
+/// `qemu-img info IMG` with `name` replaced by `X`, without the lines of on-disk sizes, and
+/// snapshot dates masked (the two tools' snapshots may be a second apart).
 fn info_sans_sizes(dir: &Path, img: &str, name: &str) -> String {
     qemu(dir, &["info", img])
         .1
         .replace(name, "X")
         .lines()
         .filter(|l| !l.contains("disk size") && !l.contains("file length"))
+        .map(mask_dates)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `line` with every "YYYY-MM-DD hh:mm:ss" replaced by "DATE".
+fn mask_dates(line: &str) -> String {
+    const FORM: &[u8] = b"dddd-dd-dd dd:dd:dd";
+    let bytes = line.as_bytes();
+    let is_date = |at: usize| {
+        bytes.get(at..at + FORM.len()).is_some_and(|w| {
+            w.iter().zip(FORM).all(|(&b, &f)| match f {
+                b'd' => b.is_ascii_digit(),
+                f => b == f,
+            })
+        })
+    };
+    let mut out = String::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        if is_date(at) {
+            out.push_str("DATE");
+            at += FORM.len();
+        } else {
+            let c = line[at..].chars().next().expect("a char boundary");
+            out.push(c);
+            at += c.len_utf8();
+        }
+    }
+    out
 }
 
 /// A 4 MiB lazy-refcounts qcow2 that qemu-io left dirty (killed with `abort` after a write).
@@ -4869,7 +4898,7 @@ fn damaged_headers_are_refused_like_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
     // (name, byte offset, big-endian u32 written there; or a length to truncate to).
-    let patches: [(&str, u64, u32); 8] = [
+    let patches: [(&str, u64, u32); 15] = [
         ("version4", 4, 4),
         ("cluster_bits22", 20, 22),
         ("cluster_bits8", 20, 8),
@@ -4878,6 +4907,13 @@ fn damaged_headers_are_refused_like_qemu_img() {
         ("refcount_order7", 96, 7),
         ("incompat_bit20", 76, 1 << 20),
         ("l1_huge", 36, 1 << 28),
+        ("reftable_clusters0", 56, 0),
+        ("snapshots_unaligned", 68, 0x200),
+        ("crypt_method3", 32, 3),
+        ("compression_bit_alone", 76, 1 << 3),
+        ("compression_type255", 104, 0xff00_0000),
+        ("header_length113", 100, 113),
+        ("extension_too_long", 116, 0x10000),
     ];
     for (name, offset, value) in patches {
         let img = format!("{name}.qcow2");

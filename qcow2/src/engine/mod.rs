@@ -94,6 +94,12 @@ impl Qcow2 {
         // (so it is refused with QEMU's words: a cluster size of 2^0).
         first.resize(first.len().max(104), 0);
         let header = Header::parse(&first)?;
+        if header.refcount_table_clusters == 0 && !opts.check {
+            // QEMU's words; `check` opens the image to report it.
+            return Err(Error::InvalidHeader(
+                "Image does not contain a reference count table".into(),
+            ));
+        }
         header.check_supported()?;
         if !opts.metadata_only {
             header.check_unencrypted()?;

@@ -314,12 +314,6 @@ impl Header {
             if h.header_length < 104 {
                 return Err(invalid("qcow2 header too short"));
             }
-            if h.header_length % 8 != 0 {
-                return Err(invalid(format!(
-                    "qcow2 header length {} is not a multiple of 8",
-                    h.header_length
-                )));
-            }
             if h.header_length as u64 > h.cluster_size()
                 || h.header_length as usize > cluster0.len()
             {
@@ -329,7 +323,7 @@ impl Header {
                 h.compression_type = match cluster0[104] {
                     0 => CompressionType::Deflate,
                     1 => CompressionType::Zstd,
-                    t => return Err(invalid(format!("Unknown compression type {t}"))),
+                    t => return Err(invalid(format!("qcow2: unknown compression type: {t}"))),
                 };
             }
             if h.header_length > V3_HEADER_LEN {
@@ -342,12 +336,12 @@ impl Header {
                 ));
             }
         }
-        if (h.incompatible_features & INCOMPAT_COMPRESSION != 0)
-            != (h.compression_type != CompressionType::Deflate)
-        {
-            return Err(invalid(
-                "qcow2 header: the compression type bit does not match the compression_type field",
-            ));
+        let bit = h.incompatible_features & INCOMPAT_COMPRESSION != 0;
+        if bit != (h.compression_type != CompressionType::Deflate) {
+            let must = if bit { "must not" } else { "must" };
+            return Err(invalid(format!(
+                "qcow2: Compression type incompatible feature bit {must} be set"
+            )));
         }
         h.parse_extensions(cluster0)?;
         h.parse_backing_name(cluster0)?;
@@ -363,26 +357,28 @@ impl Header {
         } else {
             cluster_end
         };
-        loop {
-            if off + 8 > limit {
-                // v2 images without extensions may end right after the header.
-                break;
-            }
-            let kind = be32(cluster0, off);
-            let len = be32(cluster0, off + 4) as usize;
+        // QEMU's walk (`qcow2_read_extensions`) and words; bytes past the end of a short
+        // file read as zeros (the end marker).
+        let word = |at: usize| cluster0.get(at..at + 4).map_or(0, |_| be32(cluster0, at));
+        while off < limit {
+            let kind = word(off);
+            let len = word(off + 4) as usize;
             off += 8;
+            if off > limit || len > limit - off {
+                return Err(invalid("Header extension too large"));
+            }
             if kind == 0 {
                 break;
             }
-            if off + len > limit {
-                return Err(invalid(format!(
-                    "qcow2 header: extension 0x{kind:08x} of {len} bytes runs past the header area"
-                )));
-            }
             let data = &cluster0[off..off + len];
             match kind {
-                EXT_BACKING_FORMAT => self.backing_format = Some(ext_string(data, kind)?),
-                EXT_DATA_FILE => self.data_file = Some(ext_string(data, kind)?),
+                EXT_BACKING_FORMAT if len >= 16 => {
+                    return Err(invalid(format!(
+                        "ERROR: ext_backing_format: len={len} too large (>=16)"
+                    )))
+                }
+                EXT_BACKING_FORMAT => self.backing_format = Some(ext_string(data)),
+                EXT_DATA_FILE => self.data_file = Some(ext_string(data)),
                 EXT_FEATURE_TABLE => {
                     self.feature_names = data
                         .chunks_exact(48)
@@ -456,7 +452,8 @@ impl Header {
         if !aligned(self.refcount_table_offset) || self.refcount_table_offset == 0 {
             return Err(invalid("Reference count table offset invalid"));
         }
-        if self.nb_snapshots > 0 && !aligned(self.snapshots_offset) {
+        // Checked with no snapshots too, as QEMU checks it.
+        if !aligned(self.snapshots_offset) {
             return Err(invalid("Snapshot table offset invalid"));
         }
         if self.l1_size as u64 * 8 > MAX_L1_BYTES {
@@ -490,7 +487,7 @@ impl Header {
         }
         if self.crypt_method > 2 {
             return Err(invalid(format!(
-                "Unsupported encryption method: {}",
+                "Unsupported encryption method {}",
                 self.crypt_method
             )));
         }
@@ -613,10 +610,10 @@ impl Header {
     }
 }
 
-fn ext_string(data: &[u8], kind: u32) -> Result<String> {
-    String::from_utf8(data.to_vec())
-        .map(|s| s.trim_end_matches('\0').to_string())
-        .map_err(|_| invalid(format!("qcow2 header: extension 0x{kind:08x} is not UTF-8")))
+fn ext_string(data: &[u8]) -> String {
+    // A C string to QEMU; bytes that are not UTF-8 show as U+FFFD, as in its JSON.
+    let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+    String::from_utf8_lossy(&data[..end]).into_owned()
 }
 
 /// The feature name table QEMU writes into v3 images with `cluster_size`-byte clusters:

@@ -17,7 +17,7 @@ pub fn encrypt_info(file: &dyn Storage, h: &Header) -> anyhow::Result<Option<QOb
         _ => {
             let (offset, len) = h
                 .luks_header_location()
-                .ok_or_else(|| anyhow::anyhow!("LUKS encryption header extension missing"))?;
+                .ok_or_else(|| anyhow::anyhow!("Missing CRYPTO header for crypt method 2"))?;
             let len = usize::try_from(len.min(1 << 20))?;
             let mut bytes = vec![0u8; len];
             file.read_at(&mut bytes, offset)?;
