@@ -405,7 +405,7 @@ impl Qcow2 {
                 return Ok(unallocated(&m));
             }
             if let Some(entries) = self.decode_slice(&m, table, l2i, n) {
-                let checked = self.check_entries(cluster, table, &m, &entries, write);
+                let checked = self.check_entries(cluster, table, &entries, write);
                 drop(m);
                 return checked.map(|()| entries).map_err(|e| self.fatal(e));
             }
@@ -417,7 +417,7 @@ impl Qcow2 {
         }
         m.load_l2_slice(&*self.file, table, l2i)?;
         let entries = self.decode_slice(&m, table, l2i, n).expect("just loaded");
-        let checked = self.check_entries(cluster, table, &m, &entries, write);
+        let checked = self.check_entries(cluster, table, &entries, write);
         drop(m);
         checked.map(|()| entries).map_err(|e| self.fatal(e))
     }
@@ -498,11 +498,9 @@ impl Qcow2 {
         &self,
         first: u64,
         table: u64,
-        m: &Meta,
         entries: &[(L2Entry, u64)],
         write: Option<u64>,
     ) -> Result<()> {
-        let per = m.l2_slice_entries();
         if let Some((i, host)) = self.first_unaligned(entries) {
             let cluster = first + i as u64;
             return Err(match write {
@@ -510,7 +508,8 @@ impl Qcow2 {
                     let guest = offset.max(cluster * self.geo.cluster_size());
                     unaligned_write(entries[i].0, host, guest)
                 }
-                None => unaligned_entry(host, table, cluster % self.geo.l2_entries() % per),
+                // The index in the whole table: QEMU's L2 cache entries are whole tables.
+                None => unaligned_entry(host, table, cluster % self.geo.l2_entries()),
             });
         }
         if !self.geo.extended_l2 {
@@ -518,7 +517,7 @@ impl Qcow2 {
         }
         for (cluster, &(entry, bitmap)) in (first..).zip(entries) {
             if !entry.valid_bitmap(bitmap) {
-                let index = cluster % self.geo.l2_entries() % per;
+                let index = cluster % self.geo.l2_entries();
                 return Err(Error::Corrupt(format!(
                     "Invalid cluster entry found  (L2 offset: {}, L2 index: {})",
                     c_hex(table),
