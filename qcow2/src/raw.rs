@@ -11,6 +11,9 @@ use crate::storage::Storage;
 pub struct RawImage {
     storage: Arc<dyn Storage>,
     size: u64,
+    /// Where the file's last partial sector starts, when the disk is its length rounded up
+    /// to whole sectors ([`RawImage::in_sectors`]); the disk size otherwise.
+    partial_from: u64,
     read_only: bool,
 }
 
@@ -23,8 +26,32 @@ impl RawImage {
         Ok(RawImage {
             storage,
             size,
+            partial_from: size,
             read_only,
         })
+    }
+
+    /// Wraps storage as a disk of whole 512-byte sectors, as QEMU serves a raw file: a
+    /// length that is no multiple of 512 is rounded up, the bytes past the file's end read
+    /// as zeros, and writes there extend the file. (A disk of the length rounded down would
+    /// hide the file's last bytes from the guest.)
+    pub fn in_sectors(storage: Arc<dyn Storage>, read_only: bool) -> Result<RawImage> {
+        let mut image = RawImage::new(storage, read_only)?;
+        image.partial_from = image.size / 512 * 512;
+        image.size = image.size.next_multiple_of(512);
+        Ok(image)
+    }
+
+    /// Reads `buf` at `offset` where the file may end inside it: the missing bytes are
+    /// zeros.
+    fn read_past_end(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let file_len = self.storage.len()?;
+        let present = file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if present > 0 {
+            self.storage.read_at(&mut buf[..present], offset)?;
+        }
+        buf[present..].fill(0);
+        Ok(())
     }
 
     /// The underlying storage (daemons use its fd for zero-copy I/O).
@@ -55,9 +82,11 @@ impl Image for RawImage {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
-        self.storage
-            .read_at(buf, offset)
-            .map_err(|e| Error::io(format!("reading {} bytes at {offset}", buf.len()), e))
+        let read = match offset + buf.len() as u64 > self.partial_from {
+            true => self.read_past_end(buf, offset),
+            false => self.storage.read_at(buf, offset),
+        };
+        read.map_err(|e| Error::io(format!("reading {} bytes at {offset}", buf.len()), e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -131,7 +160,10 @@ impl Image for RawImage {
     }
 
     fn map_io(&self, offset: u64, len: u64, write: bool) -> MapOutcome {
-        let in_range = len > 0 && check_range(offset, len, self.size).is_ok();
+        // The last partial sector goes the slow way (a read there would come back short).
+        let in_range = len > 0
+            && check_range(offset, len, self.size).is_ok()
+            && offset + len <= self.partial_from;
         if !in_range || (write && self.read_only) {
             return MapOutcome::Declined;
         }

@@ -1260,7 +1260,12 @@ fn compare_fails_on_corrupt_images_with_qemu_img_exit_codes() {
     // measure words the failed block status as qemu-img does.
     same(p, &["measure", "-O", "qcow2", "u.qcow2"]);
     // map shows what comes before a broken entry (the one mapping 32 MiB), then fails.
-    damaged(p, "u2.qcow2", &[(L2 + 512 * 8, (1 << 63) | 0x90200, 8)], None);
+    damaged(
+        p,
+        "u2.qcow2",
+        &[(L2 + 512 * 8, (1 << 63) | 0x90200, 8)],
+        None,
+    );
     for output in ["--output=human", "--output=json"] {
         let map = same(p, &["map", output, "u2.qcow2"]);
         assert!(map.contains("262144") || map.contains("0x40000"), "{map}");

@@ -141,7 +141,7 @@ impl Disk {
                 qcow2::lock::lock_image_file(&file, &opts.path, Locking::Device, format, writable)
                     .map_err(open_error)?;
                 let storage = Arc::new(FileStorage::new(file));
-                Arc::new(RawImage::new(storage, opts.read_only).map_err(open_error)?)
+                Arc::new(RawImage::in_sectors(storage, opts.read_only).map_err(open_error)?)
             }
             Format::Qcow2 => {
                 let open_opts = qcow2::OpenOptions {

@@ -1036,3 +1036,40 @@ fn a_write_lost_at_writeback_fails_every_flush_and_reads_go_on() {
         );
     }
 }
+
+/// A raw file whose length is no multiple of 512 is a disk of its length rounded up, as QEMU
+/// serves it: the last sector reads the file's last bytes and zeros after them, and a write
+/// there extends the file (the disk used to end before those bytes, hiding them).
+#[test]
+fn a_raw_file_with_a_partial_last_sector_serves_it_whole() {
+    for direct in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.raw");
+        let data = pattern(5, (MIB + 100) as usize);
+        std::fs::write(&img, &data).unwrap();
+        let mut args = vec!["--format", "raw"];
+        if direct {
+            args.push("--direct");
+        }
+        let mut d = Daemon::start(dir.path(), &img, &args);
+        let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+        assert_eq!(c.capacity(), MIB + 512, "direct {direct}");
+        let last = c.read(0, MIB - 512, 1024).unwrap();
+        let mut want = data[(MIB - 512) as usize..].to_vec();
+        want.resize(1024, 0);
+        assert!(last == want, "direct {direct}: the last sectors differ");
+        let new = pattern(6, 512);
+        assert_eq!(c.write(0, MIB, &new), 0, "direct {direct}:\n{}", d.log());
+        assert_eq!(c.read(0, MIB, 512).unwrap(), new, "direct {direct}");
+        assert_eq!(c.read(0, MIB + 512, 512), Err(EIO), "direct {direct}");
+        drop(c);
+        d.stop();
+        let file = std::fs::read(&img).unwrap();
+        assert_eq!(file.len() as u64, MIB + 512, "direct {direct}");
+        assert!(
+            file[..MIB as usize] == data[..MIB as usize],
+            "direct {direct}"
+        );
+        assert!(file[MIB as usize..] == new[..], "direct {direct}");
+    }
+}
