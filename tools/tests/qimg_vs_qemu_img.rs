@@ -4164,6 +4164,31 @@ fn header_oddities_read_as_qemu_reads_them() {
     }
     let listing = qemu(p, &["snapshot", "-l", "old_snap.qcow2"]).1;
     assert!(listing.contains(" --\n"), "{listing}");
+    // A header length that is no multiple of 8 (QEMU accepts it) survives a header rewrite:
+    // the extensions stay where readers look (8-byte steps from the first one).
+    qcow2_over(p, "b.qcow2", "odd_header.qcow2", "", &[]);
+    let mut bytes = std::fs::read(p.join("odd_header.qcow2")).unwrap();
+    let header_length = u32::from_be_bytes(bytes[100..104].try_into().unwrap()) as usize;
+    let name_at = be64("odd_header.qcow2", 8) as usize;
+    let name_len = u32::from_be_bytes(bytes[16..20].try_into().unwrap()) as usize;
+    // Four more header bytes; the extensions and the name move up inside cluster 0.
+    let tail = bytes[header_length..name_at + name_len].to_vec();
+    bytes[header_length..header_length + 4].copy_from_slice(&[0xaa, 0xbb, 0xcc, 0xdd]);
+    bytes[header_length + 4..header_length + 4 + tail.len()].copy_from_slice(&tail);
+    bytes[100..104].copy_from_slice(&(header_length as u32 + 4).to_be_bytes());
+    bytes[8..16].copy_from_slice(&(name_at as u64 + 4).to_be_bytes());
+    std::fs::write(p.join("odd_header.qcow2"), &bytes).unwrap();
+    assert!(qemu(p, &["info", "odd_header.qcow2"])
+        .1
+        .contains("backing file: b.qcow2"));
+    assert_eq!(qimg(p, &["resize", "odd_header.qcow2", "2M"]).0, 0);
+    let (code, info) = qemu(p, &["info", "odd_header.qcow2"]);
+    assert_eq!(code, 0, "{info}");
+    assert!(
+        info.contains("backing file: b.qcow2") && info.contains("2 MiB"),
+        "{info}"
+    );
+    assert_eq!(qemu(p, &["check", "odd_header.qcow2"]).0, 0);
 }
 
 /// Images in formats qemu-img knows and qimg does not serve are refused by name, never read

@@ -557,11 +557,14 @@ impl Header {
             b.extend_from_slice(&[0u8; 7]);
             b.extend_from_slice(&self.extra_header_bytes);
         }
+        // Each extension's data is padded to 8 bytes from its own start, as readers (and
+        // QEMU's `header_ext_add`) step: a header length that is no multiple of 8, which QEMU
+        // accepts, keeps its extensions where they are looked for.
         let push_ext = |b: &mut Vec<u8>, kind: u32, data: &[u8]| {
             b.extend_from_slice(&kind.to_be_bytes());
             b.extend_from_slice(&(data.len() as u32).to_be_bytes());
             b.extend_from_slice(data);
-            b.resize(b.len().div_ceil(8) * 8, 0);
+            b.resize(b.len() + data.len().next_multiple_of(8) - data.len(), 0);
         };
         if let Some(f) = &self.backing_format {
             push_ext(&mut b, EXT_BACKING_FORMAT, f.as_bytes());
