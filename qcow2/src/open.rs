@@ -60,10 +60,11 @@ pub struct OpenOptions {
     /// bitmaps stay valid, so their autoclear bit is kept. Any other writer clears it, as
     /// QEMU's drivers that do not maintain the bitmaps do.
     pub keep_bitmaps: bool,
-    /// QEMU's `discard=unmap`: clusters whose last reference a discard or a zero write
-    /// drops are released from the image file too (a hole punched), so the host gets the
-    /// space back. Without it they are only marked free for reuse. Not for images with an
-    /// external data file.
+    /// Like QEMU's `discard=unmap`: clusters whose last reference goes (a discard, a zero
+    /// write; unlike QEMU's default, also freed tables and copied-away clusters) are released
+    /// from the image file too (a hole punched, best effort), so the host gets the space
+    /// back. Without it they are only marked free for reuse. Not for images with an external
+    /// data file.
     pub unmap: bool,
 }
 
@@ -99,15 +100,28 @@ pub fn probe(file: &dyn Storage) -> Result<Format> {
     let present = len.min(start.len() as u64) as usize;
     file.read_at(&mut start[..present], 0)
         .map_err(|e| Error::io("probing format", e))?;
-    let magic = u32::from_be_bytes(start[..4].try_into().expect("4 bytes"));
-    let version = u32::from_be_bytes(start[4..8].try_into().expect("4 bytes"));
-    if magic == MAGIC && version >= 1 {
-        return Ok(Format::Qcow2);
-    }
-    match other_format(&start) {
+    match probe_head(&start) {
+        Some("qcow2") => Ok(Format::Qcow2),
         Some(name) => Err(Error::UnsupportedFormat(name)),
         None => Ok(Format::Raw),
     }
+}
+
+/// The image format whose signature starts `head` (a file's first bytes, zero-padded as
+/// QEMU pads its probe buffer), `None` for raw: "qcow2" for the qcow2 magic with version 2
+/// or later, or version 1 (QEMU's older qcow, which opening then refuses by name), or
+/// another format QEMU probes. Also what guards sector 0 of a probed raw image: a guest
+/// must not write a signature there that makes the next probe see another format.
+pub fn probe_head(head: &[u8]) -> Option<&'static str> {
+    let mut padded = [0u8; 512];
+    let n = head.len().min(padded.len());
+    padded[..n].copy_from_slice(&head[..n]);
+    let magic = u32::from_be_bytes(padded[..4].try_into().expect("4 bytes"));
+    let version = u32::from_be_bytes(padded[4..8].try_into().expect("4 bytes"));
+    if magic == MAGIC && version >= 1 {
+        return Some("qcow2");
+    }
+    other_format(&padded)
 }
 
 /// The name of the image format whose signature starts `head` (the first 512 bytes of a

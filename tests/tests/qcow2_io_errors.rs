@@ -18,6 +18,8 @@ struct FaultyFile {
     claims_before_enospc: Mutex<Option<usize>>,
     /// Syncs fail with EIO (a write lost at writeback).
     syncs_fail: std::sync::atomic::AtomicBool,
+    /// Hole punches fail with EIO.
+    punches_fail: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyFile {
@@ -33,6 +35,7 @@ impl FaultyFile {
             failing: Mutex::new(Vec::new()),
             claims_before_enospc: Mutex::new(None),
             syncs_fail: Default::default(),
+            punches_fail: Default::default(),
         })
     }
 
@@ -70,6 +73,12 @@ impl Storage for FaultyFile {
     }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.punches_fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.punch_hole(offset, len)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)
@@ -418,4 +427,29 @@ fn reads_go_on_after_a_failed_sync() {
     let mut buf = [0u8; 4096];
     img.read_at(&mut buf, 64 << 10).unwrap();
     assert_eq!(buf, [0xee; 4096]);
+}
+
+/// With `unmap`, a hole punch that fails at writeback only keeps the space in use (QEMU's
+/// discards are optional too): the flush succeeds and every freed cluster is free. A failed
+/// punch used to fail the flush and drop the frees still to apply (leaked clusters).
+#[test]
+fn a_failed_punch_keeps_the_space_and_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = path_in(dir.path(), "p.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "4M"]);
+    qemu_io(&path, &["write -P 7 0 1M", "write -P 8 2M 64k"]);
+    let file = FaultyFile::open(&path);
+    let opts = qcow2::OpenOptions {
+        unmap: true,
+        ..Default::default()
+    };
+    {
+        let img = Qcow2::open_storage(file.clone(), &opts, None).unwrap();
+        img.discard(0, 1 << 20).unwrap();
+        file.punches_fail
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        img.flush().unwrap();
+    }
+    assert_qemu_clean(&path);
+    qemu_io(&path, &["read -P 0 0 1M", "read -P 8 2M 64k"]);
 }

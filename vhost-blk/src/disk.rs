@@ -280,8 +280,7 @@ fn qcow2_cluster_size(path: &Path) -> u64 {
 /// Whether `data` (the start of sector 0) would make format probing see something other
 /// than a raw image.
 pub fn looks_like_image_format(data: &[u8]) -> bool {
-    data.len() >= 4
-        && u32::from_be_bytes([data[0], data[1], data[2], data[3]]) == qcow2::format::header::MAGIC
+    qcow2::open::probe_head(data).is_some()
 }
 
 #[cfg(test)]

@@ -617,11 +617,19 @@ fn probing_warns_and_sigint_also_exits_cleanly() {
     let mut d = Daemon::start(dir.path(), &img, &["--serial", "cowbird-1"]);
     let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
     assert_eq!(c.write(0, 4096, &[7u8; 512]), 0);
-    // A probed raw image may not be given a qcow2 signature in sector 0.
+    // A probed raw image may not be given another format's signature in sector 0 (the
+    // next probe would see that format), as QEMU refuses it: qcow2, or LUKS (what
+    // `cryptsetup luksFormat` writes). The qcow2 magic with version 0 probes as raw: allowed.
+    for signature in [&b"QFI\xfb\0\0\0\x03"[..], b"LUKS\xba\xbe\0\x01"] {
+        let mut header = vec![0u8; 512];
+        header[..signature.len()].copy_from_slice(signature);
+        assert_eq!(c.write(0, 0, &header), EIO, "{signature:?}");
+        assert_eq!(c.read(0, 0, 512).unwrap(), vec![0u8; 512]);
+    }
     let mut header = vec![0u8; 512];
-    header[..4].copy_from_slice(b"QFI\xfb");
-    assert_eq!(c.write(0, 0, &header), EIO);
-    assert_eq!(c.read(0, 0, 512).unwrap(), vec![0u8; 512]);
+    header[..8].copy_from_slice(b"QFI\xfb\0\0\0\0");
+    assert_eq!(c.write(0, 0, &header), 0);
+    assert_eq!(c.read(0, 0, 512).unwrap(), header);
     drop(c);
     let status = d.stop_with(libc::SIGINT);
     assert!(status.success(), "exit status {status}");

@@ -292,13 +292,14 @@ impl Meta {
                 match &mut run {
                     Some((_, end)) if *end == c => *end += 1,
                     _ => {
-                        release(file, run.take(), cs)?;
+                        release(file, run.take(), cs);
                         run = Some((c, c + 1));
                     }
                 }
             }
         }
-        release(file, run, cs)
+        release(file, run, cs);
+        Ok(())
     }
 
     /// Queues a refcount decrement to apply after the next L2 writeback.
@@ -693,16 +694,16 @@ fn write_header(file: &dyn Storage, header: &Header) -> Result<()> {
     file.flush().map_err(io("flushing the header".into()))
 }
 
-/// Punches the clusters `[first, end)` of `run` (cluster numbers) out of `file`.
-fn release(file: &dyn Storage, run: Option<(u64, u64)>, cs: u64) -> Result<()> {
+/// Punches the clusters `[first, end)` of `run` (cluster numbers) out of `file`. A failure
+/// only keeps the space in use (QEMU's discards are optional too): it is logged, and the
+/// writeback goes on.
+fn release(file: &dyn Storage, run: Option<(u64, u64)>, cs: u64) {
     let Some((first, end)) = run else {
-        return Ok(());
+        return;
     };
-    match file.punch_hole(first * cs, (end - first) * cs) {
-        Err(e) if e.kind() != std::io::ErrorKind::Unsupported => Err(Error::io(
-            format!("releasing freed clusters at 0x{:x}", first * cs),
-            e,
-        )),
-        _ => Ok(()),
+    if let Err(e) = file.punch_hole(first * cs, (end - first) * cs) {
+        if e.kind() != std::io::ErrorKind::Unsupported {
+            tracing::warn!("releasing freed clusters at 0x{:x}: {e}", first * cs);
+        }
     }
 }

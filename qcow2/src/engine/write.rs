@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::tables::{self, alloc_bits, L2Entry, ALL_ALLOC, ALL_ZERO, COPIED, OFFSET_MASK};
 
 use super::meta::Meta;
+use super::overlap::Target;
 use super::Qcow2;
 
 /// What [`Qcow2::zero_or_discard`] does to whole clusters.
@@ -249,6 +250,7 @@ impl Qcow2 {
     /// crash-safety order holds); whatever the clusters referenced before is released.
     /// `data` is a multiple of the cluster size (or ends at the end of the disk), within one
     /// L2 table and no longer than the reservation.
+    /// If the write fails, the reservation is given back ([`Qcow2::release_reserved`]).
     pub fn write_reserved(&self, data: &[u8], offset: u64, host: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         self.check_writable(offset, data.len() as u64)?;
@@ -263,28 +265,34 @@ impl Qcow2 {
             || first % per_l2 + n > per_l2
             || self.data_file.is_some()
         {
+            // Misuse: `host` may be no reservation of the caller's; nothing is given back.
             return Err(Error::InvalidOption(format!(
                 "reserved writes cover whole clusters of one L2 table (offset {offset}, {} bytes)",
                 data.len()
             )));
         }
+        let written = self.write_into_reservation(data, first, n, host);
+        if written.is_err() {
+            self.release_reserved(host, n);
+        }
+        written
+    }
+
+    /// [`Qcow2::write_reserved`] of checked arguments (`n` clusters from guest cluster
+    /// `first`), short of giving the reservation back on failure.
+    fn write_into_reservation(&self, data: &[u8], first: u64, n: u64, host: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
         let _busy = self.busy.acquire(first, n);
         let old = self.lookup_all(first, n)?;
-        let written = self.write_data(data, host).and_then(|()| {
-            let tail = data.len() as u64 % cs;
-            if tail == 0 {
-                return Ok(());
-            }
+        self.write_data(data, host)?;
+        let tail = data.len() as u64 % cs;
+        if tail != 0 {
             // The disk's last partial cluster: the rest of the host cluster reads as zeros.
             let at = host + data.len() as u64;
             self.data_storage()
                 .zero_range(at, cs - tail)
-                .map_err(|e| Error::io(format!("zeroing data at host offset 0x{at:x}"), e))
-        });
-        if written.is_err() {
-            self.release_reserved(host, n);
+                .map_err(|e| Error::io(format!("zeroing data at host offset 0x{at:x}"), e))?;
         }
-        written?;
         let hosts: Vec<u64> = (0..n).map(|k| host + k * cs).collect();
         self.update_l2(first, &old, &hosts)
     }
@@ -296,8 +304,15 @@ impl Qcow2 {
     /// that maps what was written.
     pub fn release_reserved(&self, host: u64, n: u64) {
         let cs = self.geo.cluster_size();
-        // Only space is at stake: the clusters are free either way.
-        let _ = self.data_storage().punch_hole(host, n * cs);
+        // Never over metadata: on a corrupt image a reservation can overlap a live table
+        // (the overlap check stopped its write). Only space is at stake otherwise.
+        let clear = !self
+            .marked_corrupt
+            .load(std::sync::atomic::Ordering::SeqCst)
+            && self.meta().overlap(host, n * cs, Target::Data).is_none();
+        if clear {
+            let _ = self.data_storage().punch_hole(host, n * cs);
+        }
         self.meta_mut().free_later(host, n * cs);
     }
 
