@@ -4934,7 +4934,7 @@ fn damaged_headers_are_refused_like_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
     // (name, byte offset, big-endian u32 written there; or a length to truncate to).
-    let patches: [(&str, u64, u32); 15] = [
+    let patches: [(&str, u64, u32); 16] = [
         ("version4", 4, 4),
         ("cluster_bits22", 20, 22),
         ("cluster_bits8", 20, 8),
@@ -4950,6 +4950,7 @@ fn damaged_headers_are_refused_like_qemu_img() {
         ("compression_type255", 104, 0xff00_0000),
         ("header_length113", 100, 113),
         ("extension_too_long", 116, 0x10000),
+        ("l1_past_eof", 40, 0x4000_0000),
     ];
     for (name, offset, value) in patches {
         let img = format!("{name}.qcow2");
@@ -4960,6 +4961,14 @@ fn damaged_headers_are_refused_like_qemu_img() {
             .unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &value.to_be_bytes(), offset).unwrap();
         same(p, &["info", &img]);
+    }
+    // An L1 table past the end of the file reads as zeros, as QEMU reads it: map shows
+    // nothing allocated, check reports the table and the clusters it no longer reaches.
+    for args in [
+        &["check", "l1_past_eof.qcow2"][..],
+        &["map", "l1_past_eof.qcow2"],
+    ] {
+        same(p, args);
     }
     for len in [0, 3, 50] {
         let img = format!("short{len}.qcow2");

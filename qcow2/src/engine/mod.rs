@@ -125,18 +125,23 @@ impl Qcow2 {
                 )))
             }
         };
-        within(
-            "L1 table",
-            header.l1_table_offset,
-            header.l1_size as u64 * 8,
-        )?;
+        // A reader sees an L1 table past the end of the file as zeros, as QEMU does (its
+        // reads past the end return zeros; check then reports the table): only writers,
+        // which would write it there, refuse it.
+        if !opts.read_only {
+            within(
+                "L1 table",
+                header.l1_table_offset,
+                header.l1_size as u64 * 8,
+            )?;
+        }
         let reftable_bytes = header.refcount_table_clusters as u64 * cs;
         within(
             "refcount table",
             header.refcount_table_offset,
             reftable_bytes,
         )?;
-        let l1 = read_u64_table(&*file, header.l1_table_offset, header.l1_size as usize)?;
+        let l1 = read_table_within(&*file, header.l1_table_offset, header.l1_size, file_len)?;
         let reftable = read_u64_table(
             &*file,
             header.refcount_table_offset,
@@ -646,6 +651,20 @@ pub(crate) fn c_hex(n: u64) -> String {
         0 => "0".into(),
         n => format!("{n:#x}"),
     }
+}
+
+/// The `entries`-entry table at `offset` of a `file_len`-byte file; entries past the end of
+/// the file read as zeros.
+fn read_table_within(
+    file: &dyn Storage,
+    offset: u64,
+    entries: u32,
+    file_len: u64,
+) -> Result<Vec<u64>> {
+    let present = (file_len.saturating_sub(offset) / 8).min(u64::from(entries));
+    let mut table = read_u64_table(file, offset, present as usize)?;
+    table.resize(entries as usize, 0);
+    Ok(table)
 }
 
 /// The snapshot table and its length in bytes.
