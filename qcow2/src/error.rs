@@ -94,6 +94,10 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The snapshot table cannot be used as it is: QEMU's words, with its hint on how
+    /// `check -r all` repairs it.
+    #[error("{0}")]
+    SnapshotTable(String),
     /// No internal snapshot matches the one asked for (QEMU's wording).
     #[error("Can't find snapshot")]
     SnapshotNotFound,

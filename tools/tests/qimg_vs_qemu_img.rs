@@ -7397,3 +7397,257 @@ fn an_ignored_sigint_does_not_stop_a_convert() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(qemu(p, &["compare", "src.raw", "out.qcow2"]).0, 0);
 }
+
+/// [`same_check_on_copies`], and the two repaired copies are the same bytes.
+fn same_repair_on_copies(dir: &Path, img: &str, args: &[&str]) -> (i32, String) {
+    let outcome = same_check_on_copies(dir, img, args);
+    // cmp(1): a repair may grow the file to gigabytes of holes.
+    let copies = ["qimg", "qemu-img"].map(|tool| format!("{tool}-{img}"));
+    let (code, out) = run(dir, "cmp", &copies);
+    assert_eq!(
+        code, 0,
+        "check {args:?} {img}: the repaired images differ: {out}"
+    );
+    outcome
+}
+
+/// Metadata tables past the end of the file read as zeros and tables at offset 0 as the
+/// header's bytes, as QEMU reads them: info, map and convert open such images as qemu-img
+/// does (qimg refused them, or failed the map), check reports them in its words, and its
+/// repairs leave the same bytes as qemu-img's.
+#[test]
+fn tables_past_the_end_or_over_the_header_read_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let images: &[(&str, &[Patch])] = &[
+        ("l2_past_eof", &[(L1, copied(0x4000_0000), 8)]),
+        ("refblock_past_eof", &[(REFTABLE, 0x4000_0000, 8)]),
+        ("reftable_past_eof", &[(48, 0x4000_0000, 8)]),
+        ("l1_at_0", &[(40, 0, 8)]),
+        ("reftable_at_0", &[(48, 0, 8)]),
+    ];
+    for &(name, patches) in images {
+        let img = format!("{name}.qcow2");
+        damaged(p, &img, patches, None);
+        for args in [
+            &["info", img.as_str()][..],
+            &["map", &img],
+            &["map", "--output=json", &img],
+            &["compare", &img, "l2_past_eof.qcow2"],
+        ] {
+            same(p, args);
+        }
+        for args in [&[][..], &["-r", "leaks"], &["-r", "all"]] {
+            same_repair_on_copies(p, &img, args);
+        }
+        let raw = |tool: &str| format!("{tool}-{name}.raw");
+        qimg(p, &["convert", "-O", "raw", &img, &raw("qimg")]);
+        qemu(p, &["convert", "-O", "raw", &img, &raw("qemu-img")]);
+        let read = |f: String| std::fs::read(p.join(f)).unwrap();
+        assert!(read(raw("qimg")) == read(raw("qemu-img")), "{name}");
+    }
+    // Readers map what the tables show: nothing under an L2 table past the end, the data
+    // wherever the refcounts are unreadable.
+    let (_, map) = qimg(p, &["map", "l2_past_eof.qcow2"]);
+    assert_eq!(map.lines().count(), 1, "{map}");
+    let (code, map) = qimg(p, &["map", "refblock_past_eof.qcow2"]);
+    assert_eq!((code, map.lines().count()), (0, 3), "{map}");
+    // Writers other than check still refuse them.
+    let (code, _) = qimg(p, &["resize", "reftable_at_0.qcow2", "+1M"]);
+    assert_eq!(code, 1);
+}
+
+/// `check -r leaks` gives the space of the clusters it frees back to the file system, as
+/// qemu-img's discards do (the stale data stayed allocated in the file).
+#[test]
+fn check_repair_discards_the_clusters_it_frees_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    // Guest data at host clusters 5 to 8; the entry of the second one is dropped.
+    damaged(p, "leak.qcow2", &[(L2 + 8, 0, 8)], None);
+    for r in ["leaks", "all"] {
+        let (code, err) = same_repair_on_copies(p, "leak.qcow2", &["-r", r]);
+        assert_eq!(code, 0, "{err}");
+        let blocks = |tool: &str| {
+            std::fs::metadata(p.join(format!("{tool}-leak.qcow2")))
+                .unwrap()
+                .blocks()
+        };
+        assert_eq!(blocks("qimg"), blocks("qemu-img"), "-r {r}");
+        let data = std::fs::read(p.join("qimg-leak.qcow2")).unwrap();
+        assert!(data[0x60000..0x70000].iter().all(|&b| b == 0), "-r {r}");
+    }
+}
+
+/// The snapshot table of `base` (one snapshot) replaced by `table` with `count` entries:
+/// written at the end of the file, on a cluster boundary, with the file ending where
+/// `table` does.
+fn snapshot_table_variant(dir: &Path, base: &str, name: &str, table: &[u8], count: u32) {
+    std::fs::copy(dir.join(base), dir.join(name)).unwrap();
+    let len = std::fs::metadata(dir.join(name)).unwrap().len();
+    let at = len.next_multiple_of(0x10000);
+    patch(dir, name, at, table);
+    patch(dir, name, 60, &count.to_be_bytes());
+    patch(dir, name, 64, &at.to_be_bytes());
+}
+
+/// Snapshot table entry `entry` (as QEMU wrote it) with `extra` bytes of extra data: its
+/// own as far as they go, then `0xee`.
+fn with_extra_data(entry: &[u8], extra: u32) -> Vec<u8> {
+    let be16 = |at: usize| usize::from(u16::from_be_bytes([entry[at], entry[at + 1]]));
+    let old_extra = u32::from_be_bytes(entry[36..40].try_into().unwrap()) as usize;
+    let names = be16(12) + be16(14);
+    let mut out = entry[..40].to_vec();
+    out[36..40].copy_from_slice(&extra.to_be_bytes());
+    let own = &entry[40..40 + old_extra];
+    out.extend((0..extra as usize).map(|i| own.get(i).copied().unwrap_or(0xee)));
+    out.extend_from_slice(&entry[40 + old_extra..40 + old_extra + names]);
+    out.resize(out.len().next_multiple_of(8), 0);
+    out
+}
+
+/// `check` reads the snapshot table itself, as QEMU's does: entries of a version 3 image
+/// without their 16 bytes of extra data are errors (`-r all` rewrites the table), too much
+/// extra data or too many snapshots fail the check (`-r all` cuts and drops them), a table
+/// partly past the end of the file reads as zeros; info and snapshot -l open or refuse
+/// each image in qemu-img's words. qimg refused most of them at open, and passed the rest.
+#[test]
+fn check_reads_and_repairs_the_snapshot_table_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    layout_qcow2(p, "base.qcow2");
+    qemu(p, &["snapshot", "-c", "s1", "base.qcow2"]);
+    let image = std::fs::read(p.join("base.qcow2")).unwrap();
+    let at = header_u64(&p.join("base.qcow2"), 64) as usize;
+    let entry = with_extra_data(&image[at..], 24);
+    let variants: [(&str, Vec<u8>, u32); 6] = [
+        ("incomplete", with_extra_data(&entry, 0), 1),
+        (
+            "extra_data_8",
+            [entry.clone(), with_extra_data(&entry, 8)].concat(),
+            2,
+        ),
+        ("too_much_extra_data", with_extra_data(&entry, 2000), 1),
+        (
+            "then_too_much",
+            [entry.clone(), with_extra_data(&entry, 1500)].concat(),
+            2,
+        ),
+        ("cut_short", entry[..20].to_vec(), 1),
+        ("too_many", entry.clone(), 70000),
+    ];
+    for (name, table, count) in &variants {
+        snapshot_table_variant(p, "base.qcow2", &format!("{name}.qcow2"), table, *count);
+    }
+    std::fs::copy(p.join("base.qcow2"), p.join("unaligned.qcow2")).unwrap();
+    patch(p, "unaligned.qcow2", 64, &(at as u64 + 8).to_be_bytes());
+    let names = variants.iter().map(|v| v.0).chain(["unaligned"]);
+    for name in names {
+        let img = format!("{name}.qcow2");
+        same(p, &["info", &img]);
+        same(p, &["snapshot", "-l", &img]);
+        same_check_on_copies(p, &img, &[]);
+        same_check_on_copies(p, &img, &["-r", "leaks"]);
+        if name != "too_many" {
+            same_repair_on_copies(p, &img, &["-r", "all"]);
+        }
+    }
+    let expect = [
+        (
+            "incomplete",
+            "",
+            2,
+            "ERROR snapshot table entry 0 is incomplete",
+        ),
+        (
+            "incomplete",
+            "all",
+            0,
+            "Repairing snapshot table entry 0 is incomplete",
+        ),
+        (
+            "extra_data_8",
+            "",
+            2,
+            "ERROR snapshot table entry 1 is incomplete",
+        ),
+        (
+            "too_much_extra_data",
+            "",
+            1,
+            "PROG: ERROR failed to read the snapshot table: Too much extra metadata in \
+             snapshot table entry 0\nYou can force-remove this extra metadata with qemu-img \
+             check -r all\nPROG: Check failed: File too large",
+        ),
+        (
+            "then_too_much",
+            "all",
+            0,
+            "Discarding too much extra metadata in snapshot table entry 1 (1500 > 1024)",
+        ),
+        (
+            "cut_short",
+            "",
+            2,
+            "ERROR snapshot table entry 0 is incomplete",
+        ),
+        (
+            "too_many",
+            "",
+            1,
+            "PROG: ERROR snapshot table too large\nYou can force-remove all 4464 overhanging \
+             snapshots with qemu-img check -r all",
+        ),
+        (
+            "unaligned",
+            "",
+            1,
+            "PROG: ERROR snapshot table offset invalid\nPROG: Check failed: Invalid argument",
+        ),
+    ];
+    for (name, r, code, line) in expect {
+        let args: &[&str] = if r.is_empty() { &[] } else { &["-r", r] };
+        let (c, err) = same_check_on_copies(p, &format!("{name}.qcow2"), args);
+        assert_eq!(c, code, "{name} -r {r}: {err}");
+        assert!(err.contains(line), "{name} -r {r}: {err}");
+    }
+    // Too many snapshots: the repair drops the overhanging ones, then reads zeros for the
+    // rest and fails where qemu-img fails (writing the new table over the one it read).
+    let outcomes = run_on_copies(p, "too_many.qcow2", &["check", "-r", "all", "X"], |_| ());
+    for (code, _, err, ()) in &outcomes {
+        assert_eq!(*code, 1, "{err}");
+        assert!(
+            err.starts_with("Discarding 4464 overhanging snapshots\n"),
+            "{err}"
+        );
+        assert!(
+            err.ends_with("PROG: Check failed: Input/output error\n"),
+            "{err}"
+        );
+    }
+    assert_eq!(outcomes[0].2, outcomes[1].2);
+    // After the repair the table is whole: qemu-img finds nothing wrong with it.
+    let (code, out) = qemu(p, &["check", "qimg-incomplete.qcow2"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// The external-data-file bit without a data file name: info shows the image, as QEMU
+/// opens it without I/O for info; commands that read guest data refuse it in qemu-img's
+/// words (qimg refused info too).
+#[test]
+fn the_data_file_bit_without_a_name_is_refused_only_for_guest_data_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    layout_qcow2(p, "df.qcow2");
+    set_feature_bit(&p.join("df.qcow2"), 72, 2, true);
+    for args in [
+        &["info", "df.qcow2"][..],
+        &["info", "--output=json", "df.qcow2"],
+        &["check", "df.qcow2"],
+        &["map", "df.qcow2"],
+    ] {
+        same(p, args);
+    }
+    assert_eq!(qimg(p, &["info", "df.qcow2"]).0, 0);
+    assert_eq!(qimg(p, &["map", "df.qcow2"]).0, 1);
+}

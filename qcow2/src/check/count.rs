@@ -114,15 +114,15 @@ impl Checker<'_> {
 
     /// Counts the snapshots' L1 tables and what they map.
     fn count_snapshots(&mut self, mode: Repair) -> Outcome {
-        let img = self.img;
-        if img.has_data_file() && !img.snapshots().is_empty() {
+        let snapshots = self.snapshots.clone();
+        if self.img.has_data_file() && !snapshots.is_empty() {
             self.say(format!(
                 "ERROR {} snapshots in image with data file",
-                img.snapshots().len()
+                snapshots.len()
             ));
             self.report.corruptions += 1;
         }
-        for s in img.snapshots() {
+        for s in &snapshots {
             let what = format!("ERROR snapshot {} ({})", s.id, s.name);
             if s.l1_table_offset % self.cs != 0 {
                 self.say(format!(

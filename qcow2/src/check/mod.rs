@@ -11,6 +11,7 @@ mod copied;
 mod count;
 mod imrt;
 mod rebuild;
+mod snapshots;
 
 use std::collections::BTreeMap;
 
@@ -18,10 +19,12 @@ use crate::engine::meta::Meta;
 use crate::engine::Qcow2;
 use crate::error::{Error, Result};
 use crate::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::format::snapshot::Snapshot;
 use crate::image::Image;
 use crate::storage::Storage;
 
 use imrt::Imrt;
+use snapshots::TableFindings;
 
 /// What a check found (QEMU's `BdrvCheckResult`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -146,6 +149,10 @@ struct Checker<'a> {
     past_eof: Vec<(u64, u64)>,
     /// The refcount structures must be rebuilt.
     rebuild: bool,
+    /// The snapshots as the check read them (an image opened for a check has none).
+    snapshots: Vec<Snapshot>,
+    /// What the snapshot table's check found, added to the report at the end.
+    snapshot_findings: TableFindings,
     report: CheckReport,
     messages: Vec<Message>,
 }
@@ -256,6 +263,8 @@ impl<'a> Checker<'a> {
             imrt: Imrt::new(geo, file_len.div_ceil(cs)),
             past_eof: Vec::new(),
             rebuild: false,
+            snapshots: Vec::new(),
+            snapshot_findings: TableFindings::default(),
             report: CheckReport {
                 total_clusters: img.size().div_ceil(cs),
                 ..Default::default()
@@ -272,8 +281,23 @@ impl<'a> Checker<'a> {
         self.messages.push(Message::Error(error));
     }
 
-    /// The whole check (QEMU's qcow2_check_refcounts).
+    /// The whole check (QEMU's qcow2_co_check_locked): the snapshot table, the refcounts,
+    /// and the snapshot table's repair.
     fn run(&mut self, mode: Repair) -> std::result::Result<(), Failed> {
+        let outcome = self
+            .read_snapshot_table(mode)
+            .and_then(|()| self.check_refcounts(mode))
+            .and_then(|()| self.fix_snapshot_table(mode));
+        let found = std::mem::take(&mut self.snapshot_findings);
+        let r = &mut self.report;
+        r.corruptions += found.corruptions;
+        r.corruptions_fixed += found.corruptions_fixed;
+        r.check_errors += found.check_errors;
+        outcome
+    }
+
+    /// The refcounts and COPIED flags (QEMU's qcow2_check_refcounts).
+    fn check_refcounts(&mut self, mode: Repair) -> std::result::Result<(), Failed> {
         self.count_all(mode)?;
         let before_compare = self.report.clone();
         let mut highest = self.compare(Repair::Nothing)?;
@@ -426,7 +450,8 @@ fn stored_block(m: &Meta, file_len: u64, cluster: u64) -> Option<u64> {
     (block != 0 && block < file_len.next_multiple_of(m.geo.cluster_size())).then_some(block)
 }
 
-/// Changes the stored refcount of `cluster` from `stored` to `counted`.
+/// Changes the stored refcount of `cluster` from `stored` to `counted`; a cluster left
+/// unreferenced is discarded.
 fn set_refcount(
     m: &mut Meta,
     file: &dyn Storage,
@@ -437,7 +462,15 @@ fn set_refcount(
 ) -> Result<()> {
     let delta = i64::try_from(counted as i128 - stored as i128)
         .map_err(|_| Error::Corrupt(format!("refcount of cluster {cluster} is out of range")))?;
-    m.add_refcount(file, cluster * cs, cs, delta)
+    m.add_refcount(file, cluster * cs, cs, delta)?;
+    if counted == 0 {
+        // Nothing refers to it: its space goes back to the file system, as QEMU discards
+        // the clusters a repair frees (a failed discard only leaves the space allocated).
+        if let Err(e) = file.punch_hole(cluster * cs, cs) {
+            tracing::debug!("discarding freed cluster {cluster}: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// Regions past the end of the file by a cluster or more, as QEMU tells them apart.

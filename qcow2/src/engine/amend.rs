@@ -28,7 +28,7 @@ impl Qcow2 {
         let mut m = self.meta_mut();
         if self.snapshots.iter().any(|s| s.disk_size.is_none()) {
             let mut freed = Vec::new();
-            self.switch_snapshot_table(&mut m, &self.snapshots, &mut freed)?;
+            self.replace_snapshot_table(&mut m, &self.snapshots, &mut freed)?;
             m.writeback(file)?;
         }
         let old = m.header.clone();
@@ -187,13 +187,7 @@ impl Qcow2 {
         if count == 0 {
             return Ok(());
         }
-        let len = file
-            .len()
-            .map_err(|e| Error::io("getting the image size", e))?;
-        let mut buf = vec![0u8; len.saturating_sub(offset).min(64 << 20) as usize];
-        file.read_at(&mut buf, offset)
-            .map_err(|e| Error::io("reading the snapshot table", e))?;
-        self.snapshots = crate::format::snapshot::parse_table(&buf, count)?.0;
+        self.snapshots = super::read_snapshot_table(file, offset, count, false)?.snapshots;
         Ok(())
     }
 

@@ -83,6 +83,9 @@ pub struct Meta {
     /// against the end of the file. (Stale after a truncation, a table past the real end
     /// then fails its read instead.)
     pub file_len_seen: u64,
+    /// Tables past the end of the file read as zeros, as QEMU reads them (read-only opens;
+    /// a writer would write there and refuses them as corrupt).
+    pub tables_past_eof_read_as_zeros: bool,
     /// Geometry.
     pub geo: Geometry,
     /// Active L1 table, host-endian.
@@ -142,7 +145,8 @@ pub fn encode_u64_table(table: &[u64]) -> Vec<u8> {
 }
 
 impl Meta {
-    /// Checks that a metadata table offset is cluster aligned and inside the file.
+    /// Checks that a metadata table offset is cluster aligned and, unless such tables read
+    /// as zeros, inside the file.
     pub fn check_table_offset(&self, what: &str, offset: u64, file_len: u64) -> Result<()> {
         if offset % self.geo.cluster_size() != 0 {
             return Err(Error::Corrupt(format!(
@@ -150,7 +154,9 @@ impl Meta {
             )));
         }
         let end = offset.saturating_add(self.geo.cluster_size());
-        if end > file_len.next_multiple_of(self.geo.cluster_size()) {
+        if !self.tables_past_eof_read_as_zeros
+            && end > file_len.next_multiple_of(self.geo.cluster_size())
+        {
             return Err(Error::Corrupt(format!(
                 "{what} offset 0x{offset:x} is past the end of the file (0x{file_len:x})"
             )));

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::format::header::{
     CompressionType, Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY,
 };
-use crate::format::snapshot::{self, Snapshot};
+use crate::format::snapshot::{self, PlaceProblem, Snapshot};
 use crate::format::tables::{L2Entry, OFFSET_MASK};
 use crate::image::{check_range, BlockStatus, Format, Image, IoMapping, MapOutcome, MetadataLoad};
 use crate::open::{open_backing, open_data_file, OpenOptions};
@@ -125,29 +125,45 @@ impl Qcow2 {
                 )))
             }
         };
-        // A reader sees an L1 table past the end of the file as zeros, as QEMU does (its
-        // reads past the end return zeros; check then reports the table): only writers,
-        // which would write it there, refuse it.
-        if !opts.read_only {
+        // A reader sees L1 and refcount tables past the end of the file as zeros, and
+        // tables at offset 0 as the header's bytes, as QEMU does (its reads past the end
+        // return zeros); a check reports them and its repair moves them, as QEMU's does.
+        // Only other writers, which would write them there, refuse them.
+        let reftable_bytes = header.refcount_table_clusters as u64 * cs;
+        if !opts.read_only && !opts.check {
+            header.check_tables_off_header()?;
+            let l1_bytes = header.l1_size as u64 * 8;
+            within("L1 table", header.l1_table_offset, l1_bytes)?;
             within(
-                "L1 table",
-                header.l1_table_offset,
-                header.l1_size as u64 * 8,
+                "refcount table",
+                header.refcount_table_offset,
+                reftable_bytes,
             )?;
         }
-        let reftable_bytes = header.refcount_table_clusters as u64 * cs;
-        within(
-            "refcount table",
-            header.refcount_table_offset,
-            reftable_bytes,
-        )?;
         let l1 = read_table_within(&*file, header.l1_table_offset, header.l1_size, file_len)?;
         let reftable = read_u64_table(
             &*file,
             header.refcount_table_offset,
             (reftable_bytes / 8) as usize,
         )?;
-        let (snapshots, snapshot_table_len) = read_snapshots(&*file, &header, file_len)?;
+        let snapshot_table = match opts.check {
+            // A check reads the table itself, to report and repair what it finds (QEMU's
+            // check mode too opens without it).
+            true => snapshot::Table::default(),
+            false => {
+                let (offset, count) = (header.snapshots_offset, header.nb_snapshots);
+                match snapshot::place_problem(offset, count, cs) {
+                    Some(PlaceProblem::TooLarge) => {
+                        return Err(Error::InvalidHeader("Snapshot table too large".into()))
+                    }
+                    Some(PlaceProblem::OffsetInvalid) => {
+                        return Err(Error::InvalidHeader("Snapshot table offset invalid".into()))
+                    }
+                    None => read_snapshot_table(&*file, offset, count, false)?,
+                }
+            }
+        };
+        let snapshots = snapshot_table.snapshots;
         let l1 = match &opts.snapshot {
             Some(r) => crate::open::snapshot_l1(&*file, &snapshots, r, opts.read_only, cs)?,
             None => l1,
@@ -156,6 +172,12 @@ impl Qcow2 {
         // QEMU keeps guest data in the image file and only shows the name.
         let data_file = match &header.data_file {
             Some(name) if header.has_external_data() => Some(open_data_file(name, opts)?),
+            // Opens without I/O (info) go on without it, as QEMU's.
+            None if header.has_external_data() && !opts.metadata_only => {
+                return Err(Error::InvalidHeader(
+                    "'data-file' is required for this image".into(),
+                ))
+            }
             _ => None,
         };
         if data_file.is_none() && header.data_file_raw() && !opts.metadata_only {
@@ -178,6 +200,7 @@ impl Qcow2 {
             claims_space: !opts.defer_space_claims,
             unmap: opts.unmap && !header.has_external_data(),
             file_len_seen: file_len,
+            tables_past_eof_read_as_zeros: opts.read_only,
             geo,
             l1,
             l1_dirty: false,
@@ -193,8 +216,8 @@ impl Qcow2 {
             compressed_tail: None,
             header: header.clone(),
             fixed: FixedMetadata {
-                snapshot_table: (snapshot_table_len > 0)
-                    .then_some((header.snapshots_offset, snapshot_table_len as u64)),
+                snapshot_table: (snapshot_table.len > 0)
+                    .then_some((header.snapshots_offset, snapshot_table.len as u64)),
                 snapshot_l1s: snapshots
                     .iter()
                     .map(|s| (s.l1_table_offset, u64::from(s.l1_size) * 8))
@@ -667,27 +690,18 @@ fn read_table_within(
     Ok(table)
 }
 
-/// The snapshot table and its length in bytes.
-fn read_snapshots(
+/// Reads the snapshot table of `count` entries at `offset` (see [`snapshot::read_table`]).
+pub(crate) fn read_snapshot_table(
     file: &dyn Storage,
-    header: &Header,
-    file_len: u64,
-) -> Result<(Vec<Snapshot>, usize)> {
-    if header.nb_snapshots == 0 {
-        return Ok((Vec::new(), 0));
-    }
-    if header.nb_snapshots > snapshot::MAX_SNAPSHOTS {
-        return Err(Error::Corrupt(format!(
-            "{} snapshots is too many",
-            header.nb_snapshots
-        )));
-    }
-    // Each entry is at most 40 + 64 KiB extra... bound the read by the file and 64 MiB.
-    let max = (file_len.saturating_sub(header.snapshots_offset)).min(64 << 20);
-    let mut buf = vec![0u8; max as usize];
-    file.read_at(&mut buf, header.snapshots_offset)
-        .map_err(|e| Error::io("reading the snapshot table", e))?;
-    snapshot::parse_table(&buf, header.nb_snapshots)
+    offset: u64,
+    count: u32,
+    repair: bool,
+) -> Result<snapshot::Table> {
+    let mut read = |at: usize, buf: &mut [u8]| {
+        file.read_at(buf, offset.saturating_add(at as u64))
+            .map_err(|e| Error::io("Failed to read snapshot table", e))
+    };
+    snapshot::read_table(&mut read, count, repair)
 }
 
 impl Drop for Qcow2 {

@@ -95,7 +95,7 @@ impl Qcow2 {
         m.set_active_l1(l1);
         let mut table = self.snapshots.clone();
         table.push(snap.clone());
-        self.switch_snapshot_table(&mut m, &table, &mut freed)?;
+        self.replace_snapshot_table(&mut m, &table, &mut freed)?;
         m.fixed
             .snapshot_l1s
             .push((l1_offset, active.len() as u64 * 8));
@@ -165,7 +165,7 @@ impl Qcow2 {
         let mut table = self.snapshots.clone();
         table.remove(index);
         let mut freed = Vec::new();
-        self.switch_snapshot_table(&mut m, &table, &mut freed)?;
+        self.replace_snapshot_table(&mut m, &table, &mut freed)?;
         let l1_range = (snap.l1_table_offset, u64::from(snap.l1_size) * 8);
         m.fixed.snapshot_l1s.retain(|&t| t != l1_range);
         self.update_tree(&mut m, &snap_l1, -1, &mut freed)?;
@@ -182,6 +182,24 @@ impl Qcow2 {
         Ok(snap)
     }
 
+    /// Writes `table` as the snapshot table, in new clusters, and frees the old one (a
+    /// check's repair of the entries it read).
+    /// A failure to free the old table leaves it leaked and is returned beside success, as
+    /// QEMU only reports it.
+    pub(crate) fn rewrite_snapshot_table(&self, table: &[Snapshot]) -> Result<Option<Error>> {
+        let file = &*self.file;
+        let mut m = self.meta_mut();
+        let Some(old) = self.switch_snapshot_table(&mut m, table)? else {
+            return Ok(None);
+        };
+        let mut freed = Vec::new();
+        if let Err(e) = add_refcount(&mut m, file, old, -1, &mut freed) {
+            return Ok(Some(e));
+        }
+        discard_freed(&mut m, file, freed)?;
+        Ok(None)
+    }
+
     /// Refuses snapshot changes QEMU refuses: read-only images, external data files.
     fn check_snapshot_support(&self) -> Result<()> {
         if self.read_only {
@@ -195,15 +213,27 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes `table` to new clusters, makes everything so far durable, points the header
-    /// at the new table and frees the old one (QEMU's `qcow2_write_snapshots`).
-    /// The old table's clusters go to `freed`.
-    pub(super) fn switch_snapshot_table(
+    /// [`Qcow2::switch_snapshot_table`], and the old table's clusters freed (into `freed`).
+    pub(super) fn replace_snapshot_table(
         &self,
         m: &mut Meta,
         table: &[Snapshot],
         freed: &mut Vec<u64>,
     ) -> Result<()> {
+        if let Some(old) = self.switch_snapshot_table(m, table)? {
+            add_refcount(m, &*self.file, old, -1, freed)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `table` to new clusters, makes everything so far durable and points the
+    /// header at the new table (QEMU's `qcow2_write_snapshots`). Returns where the old
+    /// table lies, for the caller to free.
+    pub(super) fn switch_snapshot_table(
+        &self,
+        m: &mut Meta,
+        table: &[Snapshot],
+    ) -> Result<Option<(u64, u64)>> {
         let file = &*self.file;
         let bytes = snapshot::serialize_table(table, self.size);
         let offset = match bytes.is_empty() {
@@ -220,10 +250,7 @@ impl Qcow2 {
             return Err(m.stop_writes_after_failed_switch("snapshot table", e));
         }
         m.fixed.snapshot_table = (!bytes.is_empty()).then_some((offset, bytes.len() as u64));
-        if let Some(range) = old {
-            add_refcount(m, file, range, -1, freed)?;
-        }
-        Ok(())
+        Ok(old)
     }
 
     /// Adds `delta` (1, -1 or 0) to the refcount of every L2 table `l1` names and of every

@@ -449,12 +449,8 @@ impl Header {
         if self.refcount_table_clusters as u64 * cs > MAX_REFTABLE_BYTES {
             return Err(invalid("Reference count table too large"));
         }
-        if !aligned(self.refcount_table_offset) || self.refcount_table_offset == 0 {
+        if !aligned(self.refcount_table_offset) {
             return Err(invalid("Reference count table offset invalid"));
-        }
-        // Checked with no snapshots too, as QEMU checks it.
-        if !aligned(self.snapshots_offset) {
-            return Err(invalid("Snapshot table offset invalid"));
         }
         if self.l1_size as u64 * 8 > MAX_L1_BYTES {
             return Err(invalid("Active L1 table too large"));
@@ -466,7 +462,19 @@ impl Header {
         if (self.l1_size as u64) < l1_needed {
             return Err(invalid("L1 table is too small"));
         }
-        if !aligned(self.l1_table_offset) || (self.l1_size > 0 && self.l1_table_offset == 0) {
+        if !aligned(self.l1_table_offset) {
+            return Err(invalid("Active L1 table offset invalid"));
+        }
+        Ok(())
+    }
+
+    /// Refuses tables over the header, which QEMU reads (as garbage) but a writer would
+    /// write over the header: a refcount table, or a non-empty L1 table, at offset 0.
+    pub fn check_tables_off_header(&self) -> Result<()> {
+        if self.refcount_table_offset == 0 {
+            return Err(invalid("Reference count table offset invalid"));
+        }
+        if self.l1_size > 0 && self.l1_table_offset == 0 {
             return Err(invalid("Active L1 table offset invalid"));
         }
         Ok(())
@@ -495,9 +503,6 @@ impl Header {
             return Err(invalid(
                 "qcow2 header: version 2 images must have 16-bit refcounts",
             ));
-        }
-        if self.incompatible_features & INCOMPAT_DATA_FILE != 0 && self.data_file.is_none() {
-            return Err(invalid("'data-file' is required for this image"));
         }
         let subcluster = self.cluster_size() / self.subclusters();
         if subcluster < 1 << MIN_CLUSTER_BITS {

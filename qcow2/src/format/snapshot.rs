@@ -66,6 +66,28 @@ impl SnapshotRef {
     }
 }
 
+/// What makes a snapshot table's place unusable (QEMU's `qcow2_validate_table`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaceProblem {
+    /// More entries than [`MAX_SNAPSHOTS`].
+    TooLarge,
+    /// An offset that is not cluster aligned (checked with no snapshots too, as QEMU
+    /// checks it), or so large that the table would wrap.
+    OffsetInvalid,
+}
+
+/// Whether a table of `count` entries at `offset` may be read, as QEMU decides.
+pub fn place_problem(offset: u64, count: u32, cluster_size: u64) -> Option<PlaceProblem> {
+    let min_len = u64::from(count) * 40;
+    if count > MAX_SNAPSHOTS {
+        Some(PlaceProblem::TooLarge)
+    } else if offset % cluster_size != 0 || u64::MAX - min_len < offset {
+        Some(PlaceProblem::OffsetInvalid)
+    } else {
+        None
+    }
+}
+
 /// Bytes of extra data whose fields we know: VM state size, disk size, icount.
 const KNOWN_EXTRA: usize = 24;
 
@@ -98,51 +120,117 @@ pub fn serialize_table(table: &[Snapshot], current_size: u64) -> Vec<u8> {
     out
 }
 
-/// Parses `count` snapshot entries from `table`, the bytes at the snapshot table offset.
-///
-/// Returns the snapshots and the table's length in bytes.
-pub fn parse_table(table: &[u8], count: u32) -> Result<(Vec<Snapshot>, usize)> {
-    if count > MAX_SNAPSHOTS {
-        return Err(Error::Corrupt(format!("{count} snapshots is too many")));
-    }
-    let short = |i: u32| Error::Corrupt(format!("snapshot table entry {i} is truncated"));
-    let mut out = Vec::with_capacity(count as usize);
+/// Most bytes of extra data an entry may have (QEMU's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`).
+pub const MAX_EXTRA_DATA: usize = 1024;
+
+/// Most bytes the snapshot table may take (QEMU's `QCOW_MAX_SNAPSHOTS_SIZE`).
+pub const MAX_TABLE_BYTES: usize = 64 << 20;
+
+/// A snapshot table as read.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    /// The entries.
+    pub snapshots: Vec<Snapshot>,
+    /// Bytes from the table's offset to the end of its last entry.
+    pub len: usize,
+    /// Entries whose extra data a repairing read cut to [`MAX_EXTRA_DATA`].
+    pub extra_data_dropped: u32,
+    /// Entries a repairing read dropped from the end of a table that was too big.
+    pub dropped: u32,
+    /// What a repairing read tells about its repairs, in order (QEMU's words).
+    pub messages: Vec<String>,
+}
+
+/// Reads `count` snapshot entries through `read` (which fills a buffer from a position
+/// relative to the table's offset; past the end of the file with zeros), as QEMU reads
+/// them (`qcow2_do_read_snapshots`). Too much extra data in an entry or a table over
+/// [`MAX_TABLE_BYTES`] fail, unless `repair`: then the extra data is cut and the entries
+/// that do not fit are dropped, as `qemu-img check -r all` does.
+pub fn read_table(
+    read: &mut dyn FnMut(usize, &mut [u8]) -> Result<()>,
+    count: u32,
+    repair: bool,
+) -> Result<Table> {
+    let mut bytes = |at: usize, len: usize| -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        read(at, &mut out)?;
+        Ok(out)
+    };
+    let mut out = Table::default();
     let mut off = 0usize;
+    let mut table_len = 0usize;
     for i in 0..count {
-        if off + 40 > table.len() {
-            return Err(short(i));
+        let entry_start = off;
+        table_len = table_len.next_multiple_of(8);
+        off = off.next_multiple_of(8);
+        let e = bytes(off, 40)?;
+        off += 40;
+        let id_len = be16(&e, 12) as usize;
+        let name_len = be16(&e, 14) as usize;
+        let extra_len = be32(&e, 36) as usize;
+        let mut kept_extra = extra_len;
+        if extra_len > MAX_EXTRA_DATA {
+            if !repair {
+                return Err(Error::SnapshotTable(format!(
+                    "Too much extra metadata in snapshot table entry {i}\nYou can force-remove \
+                     this extra metadata with qemu-img check -r all"
+                )));
+            }
+            out.messages.push(format!(
+                "Discarding too much extra metadata in snapshot table entry {i} \
+                 ({extra_len} > {MAX_EXTRA_DATA})"
+            ));
+            out.extra_data_dropped += 1;
+            kept_extra = MAX_EXTRA_DATA;
         }
-        let e = &table[off..];
-        let id_len = be16(e, 12) as usize;
-        let name_len = be16(e, 14) as usize;
-        let extra_len = be32(e, 36) as usize;
-        let total = 40 + extra_len + id_len + name_len;
-        if off + total > table.len() {
-            return Err(short(i));
+        let extra = bytes(off, kept_extra)?;
+        off += extra_len;
+        let id = bytes(off, id_len)?;
+        off += id_len;
+        let name = bytes(off, name_len)?;
+        off += name_len;
+        table_len += 40 + kept_extra + id_len + name_len;
+        if table_len > MAX_TABLE_BYTES || off > i32::MAX as usize {
+            let overhanging = count - i;
+            if !repair {
+                return Err(Error::SnapshotTable(format!(
+                    "Snapshot table is too big\nYou can force-remove all {overhanging} \
+                     overhanging snapshots with qemu-img check -r all"
+                )));
+            }
+            out.messages.push(format!(
+                "Discarding {overhanging} overhanging snapshots (snapshot table is too big)"
+            ));
+            out.dropped += overhanging;
+            off = entry_start;
+            break;
         }
-        let extra = &e[40..40 + extra_len];
-        let id = &e[40 + extra_len..40 + extra_len + id_len];
-        let name = &e[40 + extra_len + id_len..total];
-        out.push(Snapshot {
-            l1_table_offset: be64(e, 0),
-            l1_size: be32(e, 8),
-            id: String::from_utf8_lossy(id).into_owned(),
-            name: String::from_utf8_lossy(name).into_owned(),
-            date_sec: be32(e, 16),
-            date_nsec: be32(e, 20),
-            vm_clock_nsec: be64(e, 24),
-            vm_state_size: if extra_len >= 8 {
-                be64(extra, 0)
+        out.snapshots.push(Snapshot {
+            l1_table_offset: be64(&e, 0),
+            l1_size: be32(&e, 8),
+            id: c_string(&id),
+            name: c_string(&name),
+            date_sec: be32(&e, 16),
+            date_nsec: be32(&e, 20),
+            vm_clock_nsec: be64(&e, 24),
+            vm_state_size: if kept_extra >= 8 {
+                be64(&extra, 0)
             } else {
-                be32(e, 32) as u64
+                be32(&e, 32) as u64
             },
-            disk_size: (extra_len >= 16).then(|| be64(extra, 8)),
-            icount: (extra_len >= 24).then(|| be64(extra, 16)),
+            disk_size: (kept_extra >= 16).then(|| be64(&extra, 8)),
+            icount: (kept_extra >= 24).then(|| be64(&extra, 16)),
             unknown_extra: extra.get(KNOWN_EXTRA..).unwrap_or_default().to_vec(),
         });
-        off += total.div_ceil(8) * 8;
     }
-    Ok((out, off))
+    out.len = off;
+    Ok(out)
+}
+
+/// The text of `bytes` up to the first NUL, as QEMU keeps IDs and names (C strings).
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// A table entry with only an ID and a name, for tests of lookups and numbering.
@@ -167,28 +255,110 @@ pub(crate) fn test_snapshot(id: &str, name: &str) -> Snapshot {
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_an_entry_with_extra_data_and_rejects_truncation() {
+    /// Reads a table from `bytes`, zeros past their end.
+    fn parse(bytes: &[u8], count: u32, repair: bool) -> Result<Table> {
+        let mut read = |at: usize, buf: &mut [u8]| {
+            buf.fill(0);
+            if let Some(have) = bytes.get(at..) {
+                let n = have.len().min(buf.len());
+                buf[..n].copy_from_slice(&have[..n]);
+            }
+            Ok(())
+        };
+        read_table(&mut read, count, repair)
+    }
+
+    /// An entry with `extra` bytes of extra data (the first 16 known), an ID and a name.
+    fn entry(extra: u32, id: &[u8], name: &[u8]) -> Vec<u8> {
         let mut e = vec![0u8; 40];
         e[0..8].copy_from_slice(&0x70000u64.to_be_bytes());
         e[8..12].copy_from_slice(&4u32.to_be_bytes());
-        e[12..14].copy_from_slice(&1u16.to_be_bytes());
-        e[14..16].copy_from_slice(&4u16.to_be_bytes());
-        e[36..40].copy_from_slice(&16u32.to_be_bytes());
+        e[12..14].copy_from_slice(&(id.len() as u16).to_be_bytes());
+        e[14..16].copy_from_slice(&(name.len() as u16).to_be_bytes());
+        e[36..40].copy_from_slice(&extra.to_be_bytes());
         e.extend_from_slice(&0u64.to_be_bytes());
         e.extend_from_slice(&(1u64 << 30).to_be_bytes());
-        e.extend_from_slice(b"1snap");
-        e.resize(e.len().div_ceil(8) * 8, 0);
-        let (snaps, len) = parse_table(&e, 1).unwrap();
-        assert_eq!(len, e.len());
+        e.resize(40 + extra as usize, 0xee);
+        e.extend_from_slice(id);
+        e.extend_from_slice(name);
+        e
+    }
+
+    #[test]
+    fn parses_entries_and_reads_past_the_end_as_zeros() {
+        let mut e = entry(16, b"1", b"snap");
+        let table = parse(&e, 1, false).unwrap();
+        let snaps = &table.snapshots;
+        assert_eq!(table.len, 61);
         assert_eq!(snaps[0].l1_table_offset, 0x70000);
         assert_eq!(snaps[0].id, "1");
         assert_eq!(snaps[0].name, "snap");
         assert_eq!(snaps[0].disk_size, Some(1 << 30));
-        let cut = parse_table(&e[..50], 1).unwrap_err();
-        assert!(
-            matches!(cut, Error::Corrupt(_) | Error::InvalidHeader(_)),
-            "{cut}"
+        assert_eq!(snaps[0].icount, None);
+        // A second entry past the end of the file is all zeros, as QEMU reads it.
+        e.resize(64, 0);
+        let two = parse(&e[..60], 2, false).unwrap();
+        assert_eq!(two.snapshots[0].name, "sna");
+        assert_eq!(
+            (two.snapshots[1].l1_size, two.snapshots[1].disk_size),
+            (0, None)
+        );
+        assert_eq!(two.len, 64 + 40);
+    }
+
+    #[test]
+    fn too_much_extra_data_fails_unless_repairing_which_cuts_it() {
+        let mut bytes = entry(16, b"1", b"a");
+        bytes.resize(bytes.len().next_multiple_of(8), 0);
+        let second_at = bytes.len();
+        bytes.extend(entry(2000, b"2", b"b"));
+        let err = parse(&bytes, 2, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Too much extra metadata in snapshot table entry 1\nYou can force-remove this \
+             extra metadata with qemu-img check -r all"
+        );
+        let table = parse(&bytes, 2, true).unwrap();
+        assert_eq!(table.extra_data_dropped, 1);
+        assert_eq!(
+            table.messages,
+            ["Discarding too much extra metadata in snapshot table entry 1 (2000 > 1024)"]
+        );
+        let cut = &table.snapshots[1];
+        assert_eq!((cut.id.as_str(), cut.name.as_str()), ("2", "b"));
+        assert_eq!(cut.unknown_extra, vec![0xee; MAX_EXTRA_DATA - KNOWN_EXTRA]);
+        // The table on disk still ends after the whole entry.
+        assert_eq!(table.len, second_at + 40 + 2000 + 2);
+    }
+
+    #[test]
+    fn a_table_over_64_mib_fails_unless_repairing_which_drops_the_rest() {
+        let big = entry(0, &[b'i'; 0xffff], &[b'n'; 0xffff]);
+        let step = big.len().next_multiple_of(8);
+        let count = 520;
+        let mut bytes = vec![0u8; step * count];
+        for i in 0..count {
+            bytes[i * step..i * step + big.len()].copy_from_slice(&big);
+        }
+        let fit = MAX_TABLE_BYTES / step;
+        let err = parse(&bytes, count as u32, false).unwrap_err();
+        let overhanging = count - fit;
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Snapshot table is too big\nYou can force-remove all {overhanging} overhanging \
+                 snapshots with qemu-img check -r all"
+            )
+        );
+        let table = parse(&bytes, count as u32, true).unwrap();
+        assert_eq!(table.snapshots.len(), fit);
+        assert_eq!(table.dropped as usize, overhanging);
+        assert_eq!(table.len, (fit - 1) * step + big.len());
+        assert_eq!(
+            table.messages,
+            [format!(
+                "Discarding {overhanging} overhanging snapshots (snapshot table is too big)"
+            )]
         );
     }
 
@@ -201,10 +371,11 @@ mod tests {
         e[32..36].copy_from_slice(&77u32.to_be_bytes());
         e.extend_from_slice(b"12x");
         e.resize(48, 0);
-        let (old, _) = parse_table(&e, 1).unwrap();
+        let old = parse(&e, 1, false).unwrap().snapshots;
         let bytes = serialize_table(&old, 5 << 20);
-        let (new, len) = parse_table(&bytes, 1).unwrap();
-        assert_eq!((bytes.len(), len), (40 + 24 + 3, 72));
+        let table = parse(&bytes, 1, false).unwrap();
+        let new = table.snapshots;
+        assert_eq!((bytes.len(), table.len), (40 + 24 + 3, 40 + 24 + 3));
         assert_eq!(new[0].vm_state_size, 77);
         assert_eq!(new[0].disk_size, Some(5 << 20));
         assert_eq!(new[0].icount, Some(u64::MAX));
@@ -212,7 +383,7 @@ mod tests {
         let mut later = new[0].clone();
         later.unknown_extra = vec![1, 2, 3, 4, 5, 6, 7, 8];
         let bytes = serialize_table(&[later.clone(), new[0].clone()], 0);
-        let (both, _) = parse_table(&bytes, 2).unwrap();
+        let both = parse(&bytes, 2, false).unwrap().snapshots;
         assert_eq!(both, vec![later, new[0].clone()]);
     }
 
