@@ -7651,3 +7651,44 @@ fn the_data_file_bit_without_a_name_is_refused_only_for_guest_data_like_qemu_img
     assert_eq!(qimg(p, &["info", "df.qcow2"]).0, 0);
     assert_eq!(qimg(p, &["map", "df.qcow2"]).0, 1);
 }
+
+/// Where the L2 table of the first L1 entry of image `name` lies.
+fn first_l2_table(dir: &Path, name: &str) -> u64 {
+    let l1 = header_u64(&dir.join(name), 40);
+    header_u64(&dir.join(name), l1) & 0x00ff_ffff_ffff_fe00
+}
+
+/// L2 entries QEMU refuses to read, as corruption in its words: a zero cluster in a version
+/// 2 image, a compressed cluster or a cluster away from its guest offset in an image with
+/// an external data file (qimg read them as zeros, or from wherever they pointed).
+#[test]
+fn entries_qemu_does_not_read_are_refused_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let writes = ["write -P 1 0 256k", "write -P 2 32M 64k"];
+    qcow2_image(p, &["-o", "compat=0.10"], "v2.qcow2", "64M", &writes);
+    let data_file = ["-o", "data_file=ext.data"];
+    qcow2_image(p, &data_file, "ext.qcow2", "64M", &writes);
+    let images: [(&str, &str, u64, u64); 4] = [
+        ("v2.qcow2", "v2_zero.qcow2", 8, copied(0x60000) | 1),
+        ("v2.qcow2", "v2_plain_zero.qcow2", 24, 1),
+        ("ext.qcow2", "ext_moved.qcow2", 8, copied(0x30000)),
+        ("ext.qcow2", "ext_compressed.qcow2", 8, 1 << 62 | 0x30000),
+    ];
+    for (base, img, at, entry) in images {
+        std::fs::copy(p.join(base), p.join(img)).unwrap();
+        let l2 = first_l2_table(p, img);
+        patch(p, img, l2 + at, &entry.to_be_bytes());
+        for args in [
+            &["map", img][..],
+            &["map", "--output=json", img],
+            &["compare", img, base],
+            &["convert", "-O", "raw", img, "out.raw"],
+        ] {
+            same(p, args);
+        }
+        same_check_on_copies(p, img, &[]);
+        let (code, _) = qimg(p, &["map", img]);
+        assert_eq!(code, 1, "{img}");
+    }
+}

@@ -27,7 +27,7 @@ impl Qcow2 {
             Ok(entries) => entries,
             Err(load) => return MapOutcome::Load(load),
         };
-        if !self.valid_entries(&clusters) {
+        if !self.valid_entries(first, &clusters) {
             // The caller's own path reports the corruption.
             return MapOutcome::Declined;
         }
@@ -139,10 +139,11 @@ impl Qcow2 {
         MapOutcome::Mapped(mapping)
     }
 
-    /// Whether entries may be used: host offsets aligned and, with extended L2 entries, valid
-    /// bitmaps.
-    fn valid_entries(&self, entries: &[(L2Entry, u64)]) -> bool {
+    /// Whether entries may be used: host offsets aligned, nothing QEMU refuses to read and,
+    /// with extended L2 entries, valid bitmaps.
+    fn valid_entries(&self, first: u64, entries: &[(L2Entry, u64)]) -> bool {
         self.first_unaligned(entries).is_none()
+            && self.first_unreadable(first, entries).is_none()
             && entries.iter().all(|&(e, bitmap)| e.valid_bitmap(bitmap))
     }
 

@@ -517,8 +517,8 @@ impl Qcow2 {
         }
     }
 
-    /// Refuses unaligned host offsets ([`Qcow2::first_unaligned`]) and, with extended L2
-    /// entries, invalid bitmaps (a
+    /// Refuses unaligned host offsets ([`Qcow2::first_unaligned`]), for reads entries QEMU
+    /// does not read ([`Qcow2::first_unreadable`]), and, with extended L2 entries, invalid bitmaps (a
     /// subcluster both allocated and zero; allocated subclusters without a host cluster)
     /// with QEMU's words (for a write from guest byte `write` on, if given). `first` is the
     /// guest cluster of `entries[0]`, in the table at `table`.
@@ -539,6 +539,27 @@ impl Qcow2 {
                 // The index in the whole table: QEMU's L2 cache entries are whole tables.
                 None => unaligned_entry(host, table, cluster % self.geo.l2_entries()),
             });
+        }
+        if let (None, Some((i, why))) = (write, self.first_unreadable(first, entries)) {
+            let index = c_hex((first + i as u64) % self.geo.l2_entries());
+            return Err(Error::Corrupt(match why {
+                Unreadable::ZeroInV2 => format!(
+                    "Zero cluster entry found in pre-v3 image (L2 offset: {}, L2 index: {index})",
+                    c_hex(table)
+                ),
+                Unreadable::CompressedWithDataFile => format!(
+                    "Compressed cluster entry found in image with external data file (L2 \
+                     offset: {}, L2 index: {index})",
+                    c_hex(table)
+                ),
+                // QEMU's words, unbalanced parenthesis included.
+                Unreadable::MovedInDataFile(host) => format!(
+                    "External data file host cluster offset {} does not match guest cluster \
+                     offset: {}, L2 index: {index})",
+                    c_hex(host),
+                    c_hex((first + i as u64) * self.geo.cluster_size())
+                ),
+            }));
         }
         if !self.geo.extended_l2 {
             return Ok(());
@@ -611,6 +632,37 @@ impl Qcow2 {
             })
     }
 
+    /// The first of `entries` (for guest clusters from `first` on) that QEMU refuses to
+    /// read as corrupt, and why: a zero cluster in a version 2 image (which has none), a
+    /// compressed cluster or a host offset other than the guest offset in an image with an
+    /// external data file.
+    pub(crate) fn first_unreadable(
+        &self,
+        first: u64,
+        entries: &[(L2Entry, u64)],
+    ) -> Option<(usize, Unreadable)> {
+        let cs = self.geo.cluster_size();
+        let external = self.data_file.is_some();
+        if self.version >= 3 && !external {
+            return None;
+        }
+        (first..)
+            .zip(entries)
+            .enumerate()
+            .find_map(|(i, (cluster, &(entry, _)))| {
+                let why = match entry {
+                    L2Entry::Zero { .. } if self.version < 3 => Unreadable::ZeroInV2,
+                    L2Entry::Compressed { .. } if external => Unreadable::CompressedWithDataFile,
+                    L2Entry::Normal { host, .. }
+                    | L2Entry::Zero {
+                        host: Some(host), ..
+                    } if external && host != cluster * cs => Unreadable::MovedInDataFile(host),
+                    _ => return None,
+                };
+                Some((i, why))
+            })
+    }
+
     /// Entries for guest clusters `[first, first + count)`, across slices and tables.
     pub(crate) fn lookup_all(&self, first: u64, count: u64) -> Result<Vec<L2Entry>> {
         let mut entries = self.lookup_run(first, count)?;
@@ -643,6 +695,17 @@ impl Qcow2 {
     }
 }
 
+/// Why QEMU refuses to read through an L2 entry (see [`Qcow2::first_unreadable`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Unreadable {
+    /// A zero cluster in a version 2 image.
+    ZeroInV2,
+    /// A compressed cluster in an image with an external data file.
+    CompressedWithDataFile,
+    /// A data cluster at this offset of the external data file, not at its guest offset.
+    MovedInDataFile(u64),
+}
+
 /// QEMU's error for an unaligned host offset `host` met by a write at guest byte `guest`
 /// into a cluster with `entry`.
 fn unaligned_write(entry: L2Entry, host: u64, guest: u64) -> Error {
@@ -657,7 +720,6 @@ fn unaligned_write(entry: L2Entry, host: u64, guest: u64) -> Error {
     ))
 }
 
-/// A number as C's `%#x` prints it (0 without the prefix), for QEMU's messages.
 /// QEMU's error for an L2 entry (`index` in the table at `table`) whose host offset `host`
 /// is not cluster-aligned.
 pub(crate) fn unaligned_entry(host: u64, table: u64, index: u64) -> Error {
@@ -669,6 +731,7 @@ pub(crate) fn unaligned_entry(host: u64, table: u64, index: u64) -> Error {
     ))
 }
 
+/// A number as C's `%#x` prints it (0 without the prefix), for QEMU's messages.
 pub(crate) fn c_hex(n: u64) -> String {
     match n {
         0 => "0".into(),
