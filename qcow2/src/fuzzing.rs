@@ -208,7 +208,10 @@ fn mutate_op(img: &mut Qcow2, kind: u8, at: u8, len: u8) -> Option<(u64, u64)> {
         9 | 10 => img.create_snapshot(&format!("s{at}")).ok().and(None),
         11 | 12 => {
             let snaps = img.snapshots();
-            let id = snaps.get(at as usize % snaps.len().max(1))?.id.clone();
+            let id = snaps
+                .get(at as usize % snaps.len().max(1))?
+                .id_text()
+                .into_owned();
             if kind % 20 == 11 {
                 let _ = img.apply_snapshot(&SnapshotRef::Id(id));
             } else {

@@ -123,7 +123,7 @@ impl Checker<'_> {
             self.report.corruptions += 1;
         }
         for s in &snapshots {
-            let what = format!("ERROR snapshot {} ({})", s.id, s.name);
+            let what = format!("ERROR snapshot {} ({})", s.id_text(), s.name_text());
             if s.l1_table_offset % self.cs != 0 {
                 self.say(format!(
                     "{what} l1_offset={:#x}: L1 table is not cluster aligned; snapshot table \

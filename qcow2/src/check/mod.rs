@@ -540,4 +540,21 @@ mod tests {
         );
         assert!(storage.len().unwrap() < 1 << 20, "the file grew");
     }
+
+    #[test]
+    fn an_image_opened_for_a_check_refuses_snapshot_table_changes() {
+        // Such an open has not read the table: a new one would drop the snapshots in it.
+        let bytes = with_reftable_entry(16, 0);
+        let storage = Arc::new(MemStorage::new(&bytes));
+        let opts = OpenOptions {
+            check: true,
+            ..Default::default()
+        };
+        let mut img = Qcow2::open_storage(storage, &opts, None).unwrap();
+        assert!(matches!(
+            img.create_snapshot("s"),
+            Err(Error::NotSupported(_))
+        ));
+        assert!(matches!(img.upgrade_to_v3(), Err(Error::NotSupported(_))));
+    }
 }

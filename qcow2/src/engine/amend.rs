@@ -162,7 +162,7 @@ impl Qcow2 {
     fn check_amendable(&self) -> Result<()> {
         match self.read_only {
             true => Err(Error::ReadOnly),
-            false => Ok(()),
+            false => self.refuse_if_opened_for_check(),
         }
     }
 

@@ -57,6 +57,9 @@ pub struct Qcow2 {
     snapshots: Vec<Snapshot>,
     meta: RwLock<Meta>,
     busy: Arc<BusyClusters>,
+    /// Opened for a check (QEMU's BDRV_O_CHECK): the snapshot table was not read (the
+    /// check reads it), so nothing else may rewrite it.
+    opened_for_check: bool,
     /// Set once an overlap check marked the image corrupt: no more writes.
     marked_corrupt: Arc<std::sync::atomic::AtomicBool>,
     /// The repair of a dirty image done when it was opened for writing.
@@ -239,6 +242,7 @@ impl Qcow2 {
             compression: header.compression_type,
             read_only: opts.read_only,
             metadata_only: opts.metadata_only,
+            opened_for_check: opts.check,
             snapshots,
             marked_corrupt: corrupt,
             meta: RwLock::new(meta),
@@ -246,12 +250,11 @@ impl Qcow2 {
             dirty_repair: None,
             fatal_corruption: !opts.read_only && !opts.check,
         };
-        let ready = img
-            .check_bitmaps_at_open()
-            .and_then(|()| match opts.read_only {
-                true => Ok(None),
-                false => img.prepare_for_writing(opts),
-            });
+        let ready = match img.check_bitmaps_at_open() {
+            Ok(()) if !opts.read_only => img.prepare_for_writing(opts),
+            Ok(()) => Ok(None),
+            Err(e) => Err(e),
+        };
         match ready {
             Ok(repair) => img.dirty_repair = repair,
             Err(e) => {
@@ -273,7 +276,7 @@ impl Qcow2 {
     /// valid). The L1 and refcount tables, written back in place, get their file space
     /// claimed (an image made with truncate may have holes there).
     fn prepare_for_writing(
-        &self,
+        &mut self,
         opts: &crate::OpenOptions,
     ) -> Result<Option<crate::check::CheckReport>> {
         if opts.check {
@@ -292,6 +295,12 @@ impl Qcow2 {
         if header.is_dirty() {
             drop(m);
             repair = Some(crate::check::repair_dirty(self)?);
+            // The repair may have rewritten the snapshot table (incomplete entries).
+            let (offset, count) = {
+                let h = &self.meta().header;
+                (h.snapshots_offset, h.nb_snapshots)
+            };
+            self.snapshots = read_snapshot_table(&*self.file, offset, count, false)?.snapshots;
             m = self.meta_mut();
             header = m.header.clone();
             header.incompatible_features &= !INCOMPAT_DIRTY;

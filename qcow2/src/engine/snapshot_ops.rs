@@ -47,13 +47,16 @@ pub(super) fn referenced_range(entry: L2Entry, cluster_size: u64) -> Option<(u64
 
 /// QEMU's next snapshot ID: one more than the largest numeric ID (non-numeric IDs count as
 /// 0, as `strtoul` reads them).
-fn next_id(table: &[Snapshot]) -> String {
-    let numeric = |id: &str| {
-        let digits = id.bytes().take_while(u8::is_ascii_digit).count();
-        id[..digits].parse::<u64>().unwrap_or(0)
+fn next_id(table: &[Snapshot]) -> Vec<u8> {
+    let numeric = |id: &[u8]| {
+        let digits = id.iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(&id[..digits])
+            .ok()
+            .and_then(|d| d.parse::<u64>().ok())
+            .unwrap_or(0)
     };
     let max = table.iter().map(|s| numeric(&s.id)).max().unwrap_or(0);
-    (max + 1).to_string()
+    (max + 1).to_string().into_bytes()
 }
 
 impl Qcow2 {
@@ -80,7 +83,7 @@ impl Qcow2 {
             l1_table_offset: l1_offset,
             l1_size: active.len() as u32,
             id: next_id(&self.snapshots),
-            name: name.to_string(),
+            name: name.as_bytes().to_vec(),
             date_sec: now.as_secs() as u32,
             // qemu-img takes the time in microseconds.
             date_nsec: now.subsec_micros() * 1000,
@@ -200,11 +203,24 @@ impl Qcow2 {
         Ok(None)
     }
 
-    /// Refuses snapshot changes QEMU refuses: read-only images, external data files.
+    /// Refuses changes to the snapshot table of an image opened for a check, which has not
+    /// read it.
+    pub(super) fn refuse_if_opened_for_check(&self) -> Result<()> {
+        match self.opened_for_check {
+            true => Err(Error::NotSupported(
+                "snapshot table changes on an image opened for a check".into(),
+            )),
+            false => Ok(()),
+        }
+    }
+
+    /// Refuses snapshot changes QEMU refuses: read-only images, external data files, and
+    /// images opened for a check.
     fn check_snapshot_support(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.refuse_if_opened_for_check()?;
         if self.data_file.is_some() {
             return Err(Error::NotSupported(
                 "internal snapshots of an image with an external data file".into(),
@@ -412,8 +428,8 @@ mod tests {
     #[test]
     fn ids_continue_after_the_largest_number() {
         let snap = |id: &str| test_snapshot(id, "");
-        assert_eq!(next_id(&[]), "1");
-        assert_eq!(next_id(&[snap("3"), snap("10"), snap("x")]), "11");
-        assert_eq!(next_id(&[snap("7abc")]), "8");
+        assert_eq!(next_id(&[]), b"1");
+        assert_eq!(next_id(&[snap("3"), snap("10"), snap("x")]), b"11");
+        assert_eq!(next_id(&[snap("7abc")]), b"8");
     }
 }

@@ -13,10 +13,10 @@ pub struct Snapshot {
     pub l1_table_offset: u64,
     /// Number of L1 entries.
     pub l1_size: u32,
-    /// Unique ID string.
-    pub id: String,
-    /// Name.
-    pub name: String,
+    /// Unique ID string: bytes, as QEMU keeps it (a C string, not always UTF-8).
+    pub id: Vec<u8>,
+    /// Name: bytes, as the ID.
+    pub name: Vec<u8>,
     /// Creation time, seconds.
     pub date_sec: u32,
     /// Creation time, nanoseconds.
@@ -53,15 +53,30 @@ pub enum SnapshotRef {
     IdOrName(String),
 }
 
+impl Snapshot {
+    /// The ID as text (invalid UTF-8 replaced), for display.
+    pub fn id_text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.id)
+    }
+    /// The name as text (invalid UTF-8 replaced), for display.
+    pub fn name_text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.name)
+    }
+}
+
 impl SnapshotRef {
     /// The snapshot of `table` this refers to.
     pub fn find<'a>(&self, table: &'a [Snapshot]) -> Option<&'a Snapshot> {
         let first = |f: &dyn Fn(&Snapshot) -> bool| table.iter().find(|s| f(s));
         match self {
-            SnapshotRef::Id(id) => first(&|s| s.id == *id),
-            SnapshotRef::Name(name) => first(&|s| s.name == *name),
-            SnapshotRef::IdAndName { id, name } => first(&|s| s.id == *id && s.name == *name),
-            SnapshotRef::IdOrName(x) => first(&|s| s.id == *x).or_else(|| first(&|s| s.name == *x)),
+            SnapshotRef::Id(id) => first(&|s| s.id == id.as_bytes()),
+            SnapshotRef::Name(name) => first(&|s| s.name == name.as_bytes()),
+            SnapshotRef::IdAndName { id, name } => {
+                first(&|s| s.id == id.as_bytes() && s.name == name.as_bytes())
+            }
+            SnapshotRef::IdOrName(x) => {
+                first(&|s| s.id == x.as_bytes()).or_else(|| first(&|s| s.name == x.as_bytes()))
+            }
         }
     }
 }
@@ -72,7 +87,7 @@ pub enum PlaceProblem {
     /// More entries than [`MAX_SNAPSHOTS`].
     TooLarge,
     /// An offset that is not cluster aligned (checked with no snapshots too, as QEMU
-    /// checks it), or so large that the table would wrap.
+    /// checks it), or so large that the table would end past the largest file offset.
     OffsetInvalid,
 }
 
@@ -81,7 +96,7 @@ pub fn place_problem(offset: u64, count: u32, cluster_size: u64) -> Option<Place
     let min_len = u64::from(count) * 40;
     if count > MAX_SNAPSHOTS {
         Some(PlaceProblem::TooLarge)
-    } else if offset % cluster_size != 0 || u64::MAX - min_len < offset {
+    } else if offset % cluster_size != 0 || i64::MAX as u64 - min_len < offset {
         Some(PlaceProblem::OffsetInvalid)
     } else {
         None
@@ -114,8 +129,8 @@ pub fn serialize_table(table: &[Snapshot], current_size: u64) -> Vec<u8> {
         out.extend_from_slice(&s.disk_size.unwrap_or(current_size).to_be_bytes());
         out.extend_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
         out.extend_from_slice(&s.unknown_extra);
-        out.extend_from_slice(s.id.as_bytes());
-        out.extend_from_slice(s.name.as_bytes());
+        out.extend_from_slice(&s.id);
+        out.extend_from_slice(&s.name);
     }
     out
 }
@@ -208,8 +223,8 @@ pub fn read_table(
         out.snapshots.push(Snapshot {
             l1_table_offset: be64(&e, 0),
             l1_size: be32(&e, 8),
-            id: c_string(&id),
-            name: c_string(&name),
+            id: c_string(id),
+            name: c_string(name),
             date_sec: be32(&e, 16),
             date_nsec: be32(&e, 20),
             vm_clock_nsec: be64(&e, 24),
@@ -227,10 +242,12 @@ pub fn read_table(
     Ok(out)
 }
 
-/// The text of `bytes` up to the first NUL, as QEMU keeps IDs and names (C strings).
-fn c_string(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+/// `bytes` up to the first NUL, as QEMU keeps IDs and names (C strings).
+fn c_string(mut bytes: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = bytes.iter().position(|&b| b == 0) {
+        bytes.truncate(end);
+    }
+    bytes
 }
 
 /// A table entry with only an ID and a name, for tests of lookups and numbering.
@@ -239,8 +256,8 @@ pub(crate) fn test_snapshot(id: &str, name: &str) -> Snapshot {
     Snapshot {
         l1_table_offset: 0,
         l1_size: 0,
-        id: id.into(),
-        name: name.into(),
+        id: id.as_bytes().to_vec(),
+        name: name.as_bytes().to_vec(),
         date_sec: 0,
         date_nsec: 0,
         vm_clock_nsec: 0,
@@ -291,14 +308,14 @@ mod tests {
         let snaps = &table.snapshots;
         assert_eq!(table.len, 61);
         assert_eq!(snaps[0].l1_table_offset, 0x70000);
-        assert_eq!(snaps[0].id, "1");
-        assert_eq!(snaps[0].name, "snap");
+        assert_eq!(snaps[0].id, b"1");
+        assert_eq!(snaps[0].name, b"snap");
         assert_eq!(snaps[0].disk_size, Some(1 << 30));
         assert_eq!(snaps[0].icount, None);
         // A second entry past the end of the file is all zeros, as QEMU reads it.
         e.resize(64, 0);
         let two = parse(&e[..60], 2, false).unwrap();
-        assert_eq!(two.snapshots[0].name, "sna");
+        assert_eq!(two.snapshots[0].name, b"sna");
         assert_eq!(
             (two.snapshots[1].l1_size, two.snapshots[1].disk_size),
             (0, None)
@@ -325,7 +342,7 @@ mod tests {
             ["Discarding too much extra metadata in snapshot table entry 1 (2000 > 1024)"]
         );
         let cut = &table.snapshots[1];
-        assert_eq!((cut.id.as_str(), cut.name.as_str()), ("2", "b"));
+        assert_eq!((&cut.id[..], &cut.name[..]), (&b"2"[..], &b"b"[..]));
         assert_eq!(cut.unknown_extra, vec![0xee; MAX_EXTRA_DATA - KNOWN_EXTRA]);
         // The table on disk still ends after the whole entry.
         assert_eq!(table.len, second_at + 40 + 2000 + 2);
@@ -379,7 +396,7 @@ mod tests {
         assert_eq!(new[0].vm_state_size, 77);
         assert_eq!(new[0].disk_size, Some(5 << 20));
         assert_eq!(new[0].icount, Some(u64::MAX));
-        assert_eq!((new[0].id.as_str(), new[0].name.as_str()), ("12", "x"));
+        assert_eq!((&new[0].id[..], &new[0].name[..]), (&b"12"[..], &b"x"[..]));
         let mut later = new[0].clone();
         later.unknown_extra = vec![1, 2, 3, 4, 5, 6, 7, 8];
         let bytes = serialize_table(&[later.clone(), new[0].clone()], 0);
@@ -391,16 +408,16 @@ mod tests {
     fn lookup_tries_every_id_before_any_name() {
         let snap = test_snapshot;
         let table = [snap("1", "2"), snap("2", "b"), snap("3", "b")];
-        let found = |r: SnapshotRef| r.find(&table).map(|s| s.id.as_str());
-        assert_eq!(found(SnapshotRef::IdOrName("2".into())), Some("2"));
-        assert_eq!(found(SnapshotRef::IdOrName("b".into())), Some("2"));
-        assert_eq!(found(SnapshotRef::Name("2".into())), Some("1"));
+        let found = |r: SnapshotRef| r.find(&table).map(|s| s.id.as_slice());
+        assert_eq!(found(SnapshotRef::IdOrName("2".into())), Some(&b"2"[..]));
+        assert_eq!(found(SnapshotRef::IdOrName("b".into())), Some(&b"2"[..]));
+        assert_eq!(found(SnapshotRef::Name("2".into())), Some(&b"1"[..]));
         assert_eq!(found(SnapshotRef::Id("b".into())), None);
         let both = |id: &str, name: &str| SnapshotRef::IdAndName {
             id: id.into(),
             name: name.into(),
         };
-        assert_eq!(found(both("3", "b")), Some("3"));
+        assert_eq!(found(both("3", "b")), Some(&b"3"[..]));
         assert_eq!(found(both("1", "b")), None);
     }
 }

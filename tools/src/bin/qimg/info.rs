@@ -212,8 +212,8 @@ fn node_info(
 /// QEMU's `SnapshotInfo`.
 fn snapshot_obj(s: &Snapshot) -> QObj {
     dict([
-        ("id", Some(s.id.as_str().into())),
-        ("name", Some(s.name.as_str().into())),
+        ("id", Some(s.id_text().as_ref().into())),
+        ("name", Some(s.name_text().as_ref().into())),
         ("vm-state-size", Some(s.vm_state_size.into())),
         ("date-sec", Some(s.date_sec.into())),
         ("date-nsec", Some(s.date_nsec.into())),
@@ -385,8 +385,8 @@ fn snapshot_row(s: &Snapshot) -> String {
         .filter(|&i| i != u64::MAX)
         .map_or_else(|| "--".to_string(), |i| i.to_string());
     snapshot_line([
-        &s.id,
-        &s.name,
+        &s.id_text(),
+        &s.name_text(),
         &human(s.vm_state_size),
         &local_time(s.date_sec as i64),
         &clock,
