@@ -4230,6 +4230,27 @@ fn other_formats_are_refused_not_read_as_raw() {
         assert!(!p.join("o.qcow2").exists(), "{format}");
         same(p, &["info", "-f", "raw", &img]);
     }
+    // Named with -f or -O, such formats are unsupported, not unknown ("Unknown driver
+    // 'vmdk'" said qimg).
+    qcow2_image(p, &[], "a.qcow2", "1M", &[]);
+    let unsupported = "Image format 'vmdk' is not supported";
+    for args in [
+        &["info", "-f", "vmdk", "a.qcow2"][..],
+        &["convert", "-O", "vmdk", "a.qcow2", "o.vmdk"],
+        &["convert", "-n", "-O", "vmdk", "a.qcow2", "a.qcow2"],
+        &["create", "-f", "vmdk", "o.vmdk", "1M"],
+    ] {
+        let (code, _, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(unsupported), "{args:?}: {err}");
+    }
+    let (_, _, err) = run_with_stderr(
+        p,
+        env!("CARGO_BIN_EXE_qimg"),
+        "qimg",
+        &["info", "-f", "vmdx", "a.qcow2"],
+    );
+    assert!(err.contains("Unknown driver 'vmdx'"), "{err}");
 }
 
 /// Output to a closed stdout or stderr is dropped, as qemu-img drops it (it ignores SIGPIPE

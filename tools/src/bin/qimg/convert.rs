@@ -935,13 +935,9 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let pairs = options.map_or_else(Vec::new, |o| qemu_opts::parse(&o));
     let target_path = Path::new(target_name);
     // The format the target is created in (or, with -n, opened as).
-    let out_fmt = match (Format::from_name(a.target_format()), a.no_create) {
-        (Some(f), _) => f,
-        (None, false) => bail!("Unknown file format '{}'", a.target_format()),
-        (None, true) => bail!(
-            "Could not open '{target_name}': Unknown driver '{}'",
-            a.target_format()
-        ),
+    let out_fmt = match a.no_create {
+        false => crate::parse_format(a.target_format())?,
+        true => crate::parse_driver(target_name, a.target_format())?,
     };
     let mut fresh = a.target_is_zero;
     let mut target_backing = None;

@@ -317,8 +317,7 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         .as_deref()
         .map(|s| cvtnum("image size", s))
         .transpose()?;
-    let fmt = Format::from_name(&a.format)
-        .ok_or_else(|| anyhow::anyhow!("{filename}: Unknown file format '{}'", a.format))?;
+    let fmt = crate::parse_format(&a.format).map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;
     // The file named (`file:NAME` names NAME); messages name the image as given.
     let mut path = filename.to_owned();
     crate::image_name::resolve_new(&mut path).map_err(|e| anyhow::anyhow!("{filename}: {e}"))?;

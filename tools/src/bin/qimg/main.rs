@@ -321,17 +321,46 @@ pub fn valid_cache_mode(c: &str) -> bool {
     ["unsafe", "writeback", "writethrough", "none", "directsync"].contains(&c)
 }
 
-/// Parses a qemu-img format name.
+/// Parses a qemu-img format name (QEMU's other image formats are refused as formats qimg
+/// does not serve).
 pub fn parse_format(name: &str) -> anyhow::Result<qcow2::Format> {
-    qcow2::Format::from_name(name).ok_or_else(|| anyhow::anyhow!("Unknown file format '{name}'"))
+    qcow2::Format::from_name(name).ok_or_else(|| match other_qemu_format(name) {
+        Some(known) => anyhow::anyhow!("{}", qcow2::Error::UnsupportedFormat(known)),
+        None => anyhow::anyhow!("Unknown file format '{name}'"),
+    })
 }
+
+/// `name` if it is one of [`OTHER_QEMU_FORMATS`].
+fn other_qemu_format(name: &str) -> Option<&'static str> {
+    OTHER_QEMU_FORMATS.iter().find(|&&f| f == name).copied()
+}
+
+/// QEMU's image format drivers other than qcow2 and raw: named with `-f`, they are
+/// refused as formats qimg does not serve, not as unknown drivers.
+const OTHER_QEMU_FORMATS: [&str; 12] = [
+    "bochs",
+    "cloop",
+    "dmg",
+    "luks",
+    "parallels",
+    "qcow",
+    "qed",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
 
 /// Parses the format `name` given for the image `path`, with the block layer's error (it
 /// names the image it was to open).
 pub fn parse_driver(path: &str, name: &str) -> anyhow::Result<qcow2::Format> {
-    qcow2::Format::from_name(name).ok_or_else(|| {
-        let path = image_name::as_given(path);
-        anyhow::anyhow!("Could not open '{path}': Unknown driver '{name}'")
+    qcow2::Format::from_name(name).ok_or_else(|| match other_qemu_format(name) {
+        Some(known) => open_error(path, qcow2::Error::UnsupportedFormat(known)),
+        None => {
+            let path = image_name::as_given(path);
+            anyhow::anyhow!("Could not open '{path}': Unknown driver '{name}'")
+        }
     })
 }
 
