@@ -398,6 +398,65 @@ fn preallocation_modes_and_external_data_file() {
     assert_same(&our_raw(&*open(&path, true)), &model, "external data file");
 }
 
+/// A raw external data file (data_file_raw) stays the disk as a raw image through writes,
+/// zeroes, discards and resizes, as with QEMU: zeroes and discards only changed the
+/// metadata (the file kept the old bytes), a grown range was not mapped onto the file and a
+/// shrink left the file long.
+#[test]
+fn a_raw_data_file_stays_the_disk_as_a_raw_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raw.qcow2");
+    let data_file = dir.path().join("raw.data");
+    create(
+        &path,
+        CreateOptions {
+            size: 2 << 20,
+            data_file: Some(data_file.to_str().unwrap().into()),
+            data_file_raw: true,
+            ..Default::default()
+        },
+    );
+    let mut model = vec![0u8; 2 << 20];
+    {
+        let img = open_qcow2(&path);
+        random_ops(&img, &mut model, 7, 200);
+        img.flush().unwrap();
+    }
+    assert_same(&std::fs::read(&data_file).unwrap(), &model, "the data file");
+    for (size, prealloc) in [(3 << 20, Preallocation::Off), (1 << 20, Preallocation::Off)] {
+        let mut img = open_qcow2(&path);
+        img.resize(size, prealloc).unwrap();
+        model.resize(size as usize, 0);
+        img.flush().unwrap();
+        drop(img);
+        assert_eq!(std::fs::metadata(&data_file).unwrap().len(), size);
+        // What is written into the file shows through the image: every cluster maps onto it.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&data_file)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x77; 65536], size - 65536).unwrap();
+        let end = model.len();
+        model[end - 65536..].fill(0x77);
+        std::fs::write(dir.path().join("model.raw"), &model).unwrap();
+        for args in [
+            vec!["check", "raw.qcow2"],
+            vec!["compare", "-F", "raw", "raw.qcow2", "model.raw"],
+        ] {
+            let out = std::process::Command::new("qemu-img")
+                .current_dir(dir.path())
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+}
+
 /// Zeroing or discarding the end of a disk whose last cluster is partial touches only the
 /// range asked for: the bytes before it in that cluster stay (qemu-io reads them back).
 #[test]

@@ -3113,6 +3113,7 @@ fn resize_refuses_what_qemu_img_refuses_and_leaves_the_image_alone() {
         (&["resize", "X", "+1"], true),
         (&["resize", "--shrink", "X", "20001"], true),
         (&["resize", "--preallocation=full", "X", "2000001"], true),
+        (&["resize", "--preallocation=falloc", "X", "512k"], true),
         (&["resize", "X", "9223372036854775807"], true),
         (&["resize", "X", "9223372035781034496"], true),
         (&["resize", "X", "2M"], false),
@@ -7721,5 +7722,32 @@ fn entries_qemu_does_not_read_are_refused_like_qemu_img() {
         same_check_on_copies(p, img, &[]);
         let (code, _) = qimg(p, &["map", img]);
         assert_eq!(code, 1, "{img}");
+    }
+}
+
+/// `bitmap` opens the image alone, as qemu-img does: a missing backing file does not stop
+/// it (qimg opened the chain and failed), and a granularity of 0 is the default one.
+#[test]
+fn bitmap_opens_the_image_without_its_backing_chain_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &[]);
+    qcow2_over(p, "base.qcow2", "top.qcow2", "4M", &[]);
+    std::fs::remove_file(p.join("base.qcow2")).unwrap();
+    for args in [
+        &["bitmap", "--add", "X", "b"][..],
+        &["bitmap", "--add", "-g", "0", "X", "b"],
+        &["bitmap", "--add", "X", "b", "--disable"],
+    ] {
+        // The bitmaps as qemu-img lists them (the file layouts differ).
+        let outcomes = run_on_copies(p, "top.qcow2", args, |copy| {
+            let info = qemu(p, &["info", "--output=json", "-U", copy]).1;
+            let from = info.find("\"bitmaps\"").unwrap_or(0);
+            let to = info.find("\"refcount-bits\"").unwrap_or(info.len());
+            info[from.min(to)..to].to_owned()
+        });
+        assert_eq!(outcomes[0].0, 0, "{args:?}: {}", outcomes[0].2);
+        assert!(outcomes[0].3.contains("\"granularity\": 65536"), "{args:?}");
+        assert_eq!(outcomes[0], outcomes[1], "{args:?}");
     }
 }

@@ -350,6 +350,13 @@ impl Qcow2 {
         self.data_file.is_some()
     }
 
+    /// The external data file, if it must stay a raw image of the disk (data-file-raw).
+    pub(crate) fn raw_data_file(&self) -> Option<&Arc<dyn Storage>> {
+        self.data_file
+            .as_ref()
+            .filter(|_| self.meta().header.data_file_raw())
+    }
+
     /// A copy of the current header.
     pub fn header(&self) -> Header {
         self.meta().header.clone()

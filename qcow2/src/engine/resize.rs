@@ -88,6 +88,11 @@ impl Qcow2 {
         if new_size < old {
             self.drop_unused_refblocks()?;
             self.truncate_file_tail()?;
+            if let Some(d) = &self.data_file {
+                // As QEMU: the data file ends with the disk.
+                d.set_len(new_size)
+                    .map_err(|e| Error::io("shrinking the external data file", e))?;
+            }
         }
         Ok(())
     }
@@ -113,6 +118,12 @@ impl Qcow2 {
         if new_size <= old {
             return Ok(());
         }
+        // As QEMU: a raw data file stays a standalone image only if every cluster maps
+        // onto it.
+        let prealloc = match prealloc {
+            Preallocation::Off if self.raw_data_file().is_some() => Preallocation::Metadata,
+            p => p,
+        };
         if prealloc != Preallocation::Off {
             self.preallocate_from(prealloc, old)?;
         }

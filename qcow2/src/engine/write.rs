@@ -466,6 +466,19 @@ impl Qcow2 {
         // The partial units around them: [offset, head_end) and [tail_start, end).
         let head_end = whole_start.min(end);
         let tail_start = whole_end.max(head_end);
+        if let Some(raw) = self.raw_data_file() {
+            // A raw data file is the disk as a raw image: its bytes are zeroed too, first,
+            // as QEMU does (and discards of whole clusters pass down to it); the metadata
+            // alone would leave them stale.
+            let (from, to) = match mode {
+                ZeroMode::Zero { .. } => (offset, end),
+                ZeroMode::Discard => (whole_start, whole_end.min(end).max(whole_start)),
+            };
+            if to > from {
+                raw.zero_range(from, to - from)
+                    .map_err(|e| Error::io("zeroing the raw external data file", e))?;
+            }
+        }
         if let ZeroMode::Zero { .. } = mode {
             self.write_zero_bytes(offset, head_end - offset)?;
             if tail_start < end {

@@ -2,8 +2,6 @@
 //! `img_bitmap`): the actions in command-line order, each failing with "Operation X on
 //! bitmap B failed: ...", the ones before it kept.
 
-use std::path::Path;
-
 use anyhow::bail;
 use clap::ArgMatches;
 use qcow2::{Format, Locking, Qcow2};
@@ -128,13 +126,14 @@ pub fn run(mut a: Args, m: &ArgMatches) -> anyhow::Result<u8> {
     let (storage, format) = crate::open_for_writing(filename, a.format.as_deref())?;
     let img = match format {
         Format::Qcow2 => {
-            let dir = Path::new(filename).parent().unwrap_or(Path::new("."));
             // Only the bitmaps change: they stay valid.
             let opts = qcow2::OpenOptions {
                 keep_bitmaps: true,
                 ..crate::writer_options()
             };
-            Some(crate::open_qcow2(storage, &opts, Some(dir), filename)?)
+            // Only the image itself, as qemu-img opens it: a missing backing file is no
+            // matter to its bitmaps.
+            Some(crate::open_qcow2(storage, &opts, None, filename)?)
         }
         Format::Raw => None,
     };
@@ -150,6 +149,7 @@ pub fn run(mut a: Args, m: &ArgMatches) -> anyhow::Result<u8> {
             false,
             Locking::On,
             None,
+            false,
         )?),
         None => None,
     };
@@ -191,7 +191,10 @@ fn apply(
         Action::Add => {
             // QEMU's default: the cluster size, within 4 KiB to 64 KiB.
             let cs = img.header().cluster_size();
-            let g = granularity.unwrap_or(cs.clamp(4096, 65536));
+            // As qemu-img, a granularity of 0 is the default.
+            let g = granularity
+                .filter(|&g| g != 0)
+                .unwrap_or(cs.clamp(4096, 65536));
             img.add_bitmap(bitmap.as_bytes(), g, true)?
         }
         Action::Remove => img.remove_bitmap(bitmap.as_bytes())?,

@@ -16,7 +16,7 @@ pub fn source(
     skip_broken: bool,
     locking: Locking,
 ) -> anyhow::Result<Option<Qcow2>> {
-    let Some(src) = crate::snapshot::open(name, format, false, locking, None)? else {
+    let Some(src) = crate::snapshot::open(name, format, false, locking, None, true)? else {
         return Ok(None);
     };
     if !skip_broken {

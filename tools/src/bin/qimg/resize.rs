@@ -103,12 +103,12 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         }
     };
     let total = new_size(current, &a.size)?;
+    if total <= current && prealloc != Preallocation::Off {
+        bail!("Preallocation can only be used for growing images");
+    }
     if total < current && !a.shrink {
         crate::print_error("Use the --shrink option to perform a shrink operation.");
         bail!("warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
-    }
-    if total <= current && prealloc != Preallocation::Off {
-        bail!("Preallocation can only be used for growing images");
     }
     // QEMU's BDRV_MAX_LENGTH: the largest size its block layer handles.
     const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);

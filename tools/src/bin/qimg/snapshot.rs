@@ -78,7 +78,14 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     };
     let format = a.format.as_deref();
     if let Action::List = action {
-        let image = open(name, format, false, crate::locking(a.force_share), None)?;
+        let image = open(
+            name,
+            format,
+            false,
+            crate::locking(a.force_share),
+            None,
+            true,
+        )?;
         if let Some(q) = image.filter(|q| !q.snapshots().is_empty()) {
             out!("{}", crate::info::snapshot_list(q.snapshots(), ""));
         }
@@ -91,7 +98,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         Action::Apply(snap) => Some(snap.as_str()),
         _ => None,
     };
-    let image = open(name, format, true, Locking::On, applying)?;
+    let image = open(name, format, true, Locking::On, applying, true)?;
     match action {
         Action::List => unreachable!("listed above"),
         Action::Create(snap) => {
@@ -166,8 +173,9 @@ fn errno_text(e: &qcow2::Error) -> String {
     }
 }
 
-/// Opens an image with its backing chain, as qemu-img does: a qcow2 image, or `None` for a
-/// raw one (`qimg bitmap` opens its merge source so too). `applying` names the snapshot about to be applied, refused while the image has
+/// Opens an image, with its backing chain if `backing` (as `qemu-img snapshot` does; `qimg
+/// bitmap` opens its merge source without it): a qcow2 image, or `None` for a raw one.
+/// `applying` names the snapshot about to be applied, refused while the image has
 /// persistent dirty bitmaps, as QEMU does.
 pub fn open(
     name: &str,
@@ -175,6 +183,7 @@ pub fn open(
     writable: bool,
     locking: Locking,
     applying: Option<&str>,
+    backing: bool,
 ) -> anyhow::Result<Option<Qcow2>> {
     let given = format.map(|f| crate::parse_driver(name, f)).transpose()?;
     let storage = Arc::new(FileStorage::new(crate::open_file(name, writable)?));
@@ -200,5 +209,6 @@ pub fn open(
         ..Default::default()
     };
     let dir = Path::new(name).parent().unwrap_or(Path::new("."));
-    crate::open_qcow2(storage, &opts, Some(dir), name).map(Some)
+    let dir = backing.then_some(dir);
+    crate::open_qcow2(storage, &opts, dir, name).map(Some)
 }
