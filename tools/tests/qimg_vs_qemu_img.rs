@@ -7751,3 +7751,32 @@ fn bitmap_opens_the_image_without_its_backing_chain_like_qemu_img() {
         assert_eq!(outcomes[0], outcomes[1], "{args:?}");
     }
 }
+
+/// Errors of commit and bitmap in qemu-img's words: a base named for an image without a
+/// backing file is not in its chain ("Image does not have a backing file" said qimg), and a
+/// merge into a raw image misses its target bitmap (qimg named the source's).
+#[test]
+fn commit_and_bitmap_errors_are_worded_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &[]);
+    qcow2_image(p, &[], "src.qcow2", "4M", &[]);
+    std::fs::write(p.join("a.raw"), vec![0u8; 1 << 20]).unwrap();
+    for args in [
+        &["commit", "-b", "base.qcow2", "base.qcow2"][..],
+        &["commit", "base.qcow2"],
+        &[
+            "bitmap",
+            "--merge",
+            "sb",
+            "-b",
+            "src.qcow2",
+            "-f",
+            "raw",
+            "a.raw",
+            "b0",
+        ],
+    ] {
+        same(p, args);
+    }
+}

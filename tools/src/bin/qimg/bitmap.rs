@@ -173,7 +173,7 @@ fn on_raw(action: &Action, bitmap: &str, filename: &str) -> anyhow::Error {
                 "Can't store persistent bitmaps to '{filename}': Operation not supported"
             )
         }
-        Action::Merge(source) => anyhow::anyhow!("Dirty bitmap '{source}' not found"),
+        // A merge looks its target bitmap up first, as every other action.
         _ => anyhow::anyhow!("Dirty bitmap '{bitmap}' not found"),
     }
 }

@@ -63,9 +63,14 @@ fn find_base(chain: &Chain, name: &str) -> Option<usize> {
     })
 }
 
-/// Opens `name` for writing, locked as a writer of a `format` image.
+/// Opens `name` for writing, locked as a writer of a `format` image. A failure is worded
+/// as QEMU's reopen of a backing file for writing words it (once "Could not open").
 fn open_for_writing(name: &str, format: Format) -> anyhow::Result<std::fs::File> {
-    let file = crate::open_file(name, true)?;
+    let path = std::path::Path::new(name);
+    let file = qcow2::open::open_file(path, false, false).map_err(|e| match e {
+        qcow2::Error::Io { error, .. } => anyhow::anyhow!("Could not open '{name}': {error}"),
+        e => crate::open_error(name, e),
+    })?;
     crate::lock(&file, name, Locking::On, format, true)?;
     Ok(file)
 }
@@ -166,6 +171,10 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     // Opened for writing first, as qemu-img does. The chain is read without locks: the
     // images written (the top, emptied at the end, and the base) are locked as writers,
     // which keeps everyone else out.
+    // An unknown format is refused before any file is opened, as qemu-img refuses it.
+    if let Some(f) = &a.format {
+        crate::parse_driver(&a.filename, f)?;
+    }
     let top_file = crate::open_file(&a.filename, true)?;
     let chain = Chain::open(&a.filename, a.format.as_deref(), None, Locking::Off)?;
     if a.format.is_none() && chain.format(0) == Format::Raw {
@@ -173,10 +182,8 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     }
     crate::lock(&top_file, &a.filename, Locking::On, chain.format(0), true)?;
     refuse_backing_writers(&top_file, &chain, &a.filename)?;
-    if chain.len() < 2 {
-        bail!("Image does not have a backing file");
-    }
     let b = match &a.base {
+        None if chain.len() < 2 => bail!("Image does not have a backing file"),
         None => 1,
         Some(name) => find_base(&chain, name).with_context(|| {
             format!(
