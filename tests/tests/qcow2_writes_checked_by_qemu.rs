@@ -384,16 +384,7 @@ fn preallocation_modes_and_external_data_file() {
             "model.raw",
         ],
     ] {
-        let out = std::process::Command::new("qemu-img")
-            .current_dir(dir.path())
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        qemu_img_in(dir.path(), &args);
     }
     assert_same(&our_raw(&*open(&path, true)), &model, "external data file");
 }
@@ -443,18 +434,23 @@ fn a_raw_data_file_stays_the_disk_as_a_raw_image() {
             vec!["check", "raw.qcow2"],
             vec!["compare", "-F", "raw", "raw.qcow2", "model.raw"],
         ] {
-            let out = std::process::Command::new("qemu-img")
-                .current_dir(dir.path())
-                .args(&args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
+            qemu_img_in(dir.path(), &args);
         }
     }
+}
+
+/// Runs qemu-img with `args` in `dir`; it must succeed.
+fn qemu_img_in(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("qemu-img")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// Zeroing or discarding the end of a disk whose last cluster is partial touches only the
