@@ -3132,6 +3132,9 @@ fn resize_refuses_what_qemu_img_refuses_and_leaves_the_image_alone() {
         ),
         (&["resize", "-f", "raw", "X", "2000001"], false),
         (&["resize", "-f", "raw", "X", "9223372036854775807"], true),
+        // Probed raw: the size's syntax is refused before the probe warns.
+        (&["resize", "X", "abc"], true),
+        (&["resize", "X", "+1x"], true),
     ] {
         same_on_copies_untouched(p, "r.raw", args, untouched);
     }

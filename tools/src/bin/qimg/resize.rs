@@ -79,6 +79,8 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         Some(p) => Preallocation::from_name(p)
             .with_context(|| format!("Invalid preallocation mode '{p}'"))?,
     };
+    // The size's syntax is checked before the image is opened, as qemu-img checks it.
+    option_size("size", a.size.strip_prefix(['+', '-']).unwrap_or(&a.size))?;
     let path = Path::new(&a.filename);
     let (storage, fmt) = crate::open_for_writing(&a.filename, a.format.as_deref())?;
     let mut qcow = None;
