@@ -533,11 +533,11 @@ impl Qcow2 {
         }
     }
 
-    /// Refuses unaligned host offsets ([`Qcow2::first_unaligned`]), for reads entries QEMU
-    /// does not read ([`Qcow2::first_unreadable`]), and, with extended L2 entries, invalid bitmaps (a
-    /// subcluster both allocated and zero; allocated subclusters without a host cluster)
-    /// with QEMU's words (for a write from guest byte `write` on, if given). `first` is the
-    /// guest cluster of `entries[0]`, in the table at `table`.
+    /// Refuses, with QEMU's words, unaligned host offsets ([`Qcow2::first_unaligned`]), for
+    /// reads the entries QEMU does not read ([`Qcow2::first_unreadable`]), and with extended
+    /// L2 entries invalid bitmaps (a subcluster both allocated and zero; allocated
+    /// subclusters without a host cluster). `write` is the guest byte a write starts at, if
+    /// it is one; `first` is the guest cluster of `entries[0]`, in the table at `table`.
     fn check_entries(
         &self,
         first: u64,
