@@ -298,9 +298,9 @@ pub fn write_skeleton(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         },
         compression_type: opts.compression_type,
         extra_header_bytes: Vec::new(),
-        backing_file: opts.backing_file.clone(),
+        backing_file: opts.backing_file.clone().map(Into::into),
         backing_format: opts.backing_format.clone(),
-        data_file: opts.data_file.clone(),
+        data_file: opts.data_file.clone().map(Into::into),
         feature_names: if opts.version >= 3 {
             default_feature_names(cs)
         } else {

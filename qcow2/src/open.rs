@@ -1,5 +1,6 @@
 //! Opening images by path: format probing, backing chains and external data files.
 
+use std::ffi::OsStr;
 use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -190,8 +191,8 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Image>> {
 }
 
 /// Resolves a backing or data file name against the directory of the image naming it.
-pub fn resolve_relative(name: &str, dir: &Path) -> PathBuf {
-    let p = Path::new(name);
+pub fn resolve_relative(name: impl AsRef<OsStr>, dir: &Path) -> PathBuf {
+    let p = Path::new(name.as_ref());
     if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -203,13 +204,13 @@ pub fn resolve_relative(name: &str, dir: &Path) -> PathBuf {
 /// name gives one: a plain name is relative to `dir`; a `json:` or `file:` pseudo-filename
 /// names a file relative to the working directory, as in QEMU; other protocols are refused.
 /// As in QEMU, a plain name joined to a directory that reads as a protocol name
-/// (`file:d/base.qcow2`) is read as one.
+/// (`file:d/base.qcow2`) is read as one. A name that is not UTF-8 is a plain name.
 pub fn locate_backing(
-    name: &str,
+    name: &OsStr,
     dir: &Path,
 ) -> std::result::Result<(PathBuf, Option<String>), NameError> {
     let located = |named: NamedImage| (PathBuf::from(named.filename), named.driver);
-    if let Some(named) = crate::name::parse_name(name) {
+    if let Some(named) = name.to_str().and_then(crate::name::parse_name) {
         return named.map(located);
     }
     let joined = resolve_relative(name, dir);
@@ -221,7 +222,7 @@ pub fn locate_backing(
 
 /// Opens a backing file (read-only), in its recorded format or else the one its name gives.
 pub(crate) fn open_backing(
-    name: &str,
+    name: &OsStr,
     format: Option<&str>,
     dir: &Path,
     parent: &OpenOptions,
@@ -272,7 +273,7 @@ pub(crate) fn open_backing(
 }
 
 /// Opens an external data file (only names it, with `opts.metadata_only`).
-pub(crate) fn open_data_file(name: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
+pub(crate) fn open_data_file(name: &OsStr, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
     let (read_only, locking) = (opts.read_only, opts.locking);
     // Relative to the working directory, not the image's, as QEMU opens it.
     let path = PathBuf::from(name);

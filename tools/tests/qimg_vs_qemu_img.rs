@@ -7787,3 +7787,69 @@ fn commit_and_bitmap_errors_are_worded_like_qemu_img() {
         same(p, args);
     }
 }
+
+/// A Linux file name is bytes and need not be UTF-8. The header keeps such a backing file
+/// name as it is (a bitmap added to the overlay rewrote it with U+FFFD), the engine opens it
+/// (convert), and where qimg's own names, all UTF-8, cannot reach it, it says so and exits 1
+/// (an argument that was not UTF-8 panicked).
+#[test]
+fn file_names_that_are_not_utf8_are_kept_and_refused_clearly() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let base = OsStr::from_bytes(b"caf\xe9.qcow2");
+    let os = |s: &'static str| OsStr::new(s);
+    let ok = |(code, out): (i32, String)| assert_eq!(code, 0, "{out}");
+    ok(qemu(
+        p,
+        &[
+            os("create"),
+            os("-q"),
+            os("-f"),
+            os("qcow2"),
+            base,
+            os("1M"),
+        ],
+    ));
+    let write = [os("-c"), os("write -P 0x5a 0 64k"), base];
+    ok(run(p, "qemu-io", &write));
+    let overlay = [
+        os("create"),
+        os("-q"),
+        os("-f"),
+        os("qcow2"),
+        os("-b"),
+        base,
+    ];
+    ok(qemu(
+        p,
+        &[&overlay[..], &[os("-F"), os("qcow2"), os("top.qcow2")]].concat(),
+    ));
+
+    ok(qimg(p, &["bitmap", "--add", "top.qcow2", "b0"]));
+    let header = std::fs::read(p.join("top.qcow2")).unwrap();
+    let at = header_u64(&p.join("top.qcow2"), 8) as usize;
+    assert_eq!(&header[at..at + base.len()], base.as_bytes());
+    assert_eq!(
+        header_u64(&p.join("top.qcow2"), 16) >> 32,
+        base.len() as u64
+    );
+    ok(qemu(p, &["check", "top.qcow2"]));
+
+    ok(qimg(p, &["convert", "-O", "raw", "top.qcow2", "out.raw"]));
+    ok(qemu(p, &[os("compare"), os("out.raw"), base]));
+
+    for (args, why) in [
+        (
+            &[os("map"), os("top.qcow2")][..],
+            "qimg handles only file names that are UTF-8",
+        ),
+        (
+            &[os("info"), base],
+            "argument 'caf\u{fffd}.qcow2' is not UTF-8",
+        ),
+    ] {
+        let (code, _, stderr) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", args);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+}

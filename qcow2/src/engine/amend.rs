@@ -147,7 +147,7 @@ impl Qcow2 {
         }
         let old = m.header.clone();
         if let Some(name) = name {
-            m.header.data_file = (!name.is_empty()).then(|| name.to_string());
+            m.header.data_file = (!name.is_empty()).then(|| name.into());
         }
         if raw == Some(false) {
             m.header.autoclear_features &= !crate::format::header::AUTOCLEAR_DATA_FILE_RAW;

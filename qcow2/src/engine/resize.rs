@@ -205,7 +205,7 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         self.meta_mut().update_header(&*self.file, |h| {
-            h.backing_file = name.map(str::to_string);
+            h.backing_file = name.map(Into::into);
             h.backing_format = name.and(format).map(str::to_string);
         })
     }
@@ -419,7 +419,7 @@ pub(crate) mod tests {
             .unwrap();
         drop(img);
         let h = open_read_only(&top).header();
-        assert_eq!(h.backing_file.as_deref(), Some("other-base.qcow2"));
+        assert_eq!(h.backing_file.as_deref(), Some("other-base.qcow2".as_ref()));
         assert_eq!(h.backing_format.as_deref(), Some("raw"));
         let img = open(&top);
         img.set_backing_file(None, Some("raw")).unwrap();

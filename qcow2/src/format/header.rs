@@ -2,6 +2,9 @@
 //!
 //! Pure code: it works on the bytes of cluster 0 and never touches a file.
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+
 use crate::error::{Error, Result};
 
 /// "QFI\xfb".
@@ -159,12 +162,12 @@ pub struct Header {
     pub compression_type: CompressionType,
     /// Bytes of the header between byte 112 and header_length (unknown fields), kept as-is.
     pub extra_header_bytes: Vec<u8>,
-    /// Backing file name, if any.
-    pub backing_file: Option<String>,
+    /// Backing file name, if any: the header's bytes, which need not be UTF-8.
+    pub backing_file: Option<OsString>,
     /// Backing file format from the extension, if any.
     pub backing_format: Option<String>,
-    /// External data file name, if any.
-    pub data_file: Option<String>,
+    /// External data file name, if any: the extension's bytes, which need not be UTF-8.
+    pub data_file: Option<OsString>,
     /// Feature name table, if present.
     pub feature_names: Vec<FeatureName>,
     /// Bitmaps extension, if present.
@@ -378,7 +381,7 @@ impl Header {
                     )))
                 }
                 EXT_BACKING_FORMAT => self.backing_format = Some(ext_string(data)),
-                EXT_DATA_FILE => self.data_file = Some(ext_string(data)),
+                EXT_DATA_FILE => self.data_file = Some(OsStr::from_bytes(c_string(data)).into()),
                 EXT_FEATURE_TABLE => {
                     self.feature_names = data
                         .chunks_exact(48)
@@ -437,7 +440,7 @@ impl Header {
         // A C string to QEMU: it ends at the first NUL, and an empty one is no backing file.
         let name = name.split(|&b| b == 0).next().unwrap_or_default();
         if !name.is_empty() {
-            self.backing_file = Some(String::from_utf8_lossy(name).into_owned());
+            self.backing_file = Some(OsStr::from_bytes(name).into());
         }
         Ok(())
     }
@@ -618,10 +621,15 @@ impl Header {
     }
 }
 
-fn ext_string(data: &[u8]) -> String {
-    // A C string to QEMU; bytes that are not UTF-8 show as U+FFFD, as in its JSON.
+/// The bytes of `data` up to its first NUL: a C string to QEMU.
+fn c_string(data: &[u8]) -> &[u8] {
     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-    String::from_utf8_lossy(&data[..end]).into_owned()
+    &data[..end]
+}
+
+fn ext_string(data: &[u8]) -> String {
+    // Bytes that are not UTF-8 show as U+FFFD, as in QEMU's JSON.
+    String::from_utf8_lossy(c_string(data)).into_owned()
 }
 
 /// The feature name table QEMU writes into v3 images with `cluster_size`-byte clusters:
@@ -688,6 +696,18 @@ mod tests {
     fn roundtrip_keeps_every_field_and_unknown_extension() {
         let h = sample();
         let mut bytes = h.serialize().unwrap();
+        bytes.resize(65536, 0);
+        assert_eq!(Header::parse(&bytes).unwrap(), h);
+    }
+
+    #[test]
+    fn file_names_that_are_not_utf8_keep_their_bytes() {
+        let mut h = sample();
+        h.backing_file = Some(OsStr::from_bytes(b"caf\xe9.qcow2").into());
+        h.data_file = Some(OsStr::from_bytes(b"d\xff\xfe.raw").into());
+        let mut bytes = h.serialize().unwrap();
+        let holds = |name: &[u8]| bytes.windows(name.len()).any(|w| w == name);
+        assert!(holds(b"caf\xe9.qcow2") && holds(b"d\xff\xfe.raw"));
         bytes.resize(65536, 0);
         assert_eq!(Header::parse(&bytes).unwrap(), h);
     }

@@ -1,6 +1,7 @@
 //! `qimg amend`: changes qcow2 format options in place, with qemu-img's option checks,
 //! order of changes and messages (QEMU's `img_amend` and `qcow2_amend_options`).
 
+use std::ffi::OsStr;
 use std::path::Path;
 
 use anyhow::bail;
@@ -213,7 +214,8 @@ fn amend(img: &mut Qcow2, c: &Changes) -> qcow2::Result<()> {
         img.upgrade_to_v3()?;
     }
     if (c.backing_file.is_some() || c.backing_fmt.is_some())
-        && (c.backing_file != h.backing_file || c.backing_fmt != h.backing_format)
+        && (c.backing_file.as_deref().map(OsStr::new) != h.backing_file.as_deref()
+            || c.backing_fmt != h.backing_format)
     {
         return invalid(&format!(
             "Cannot amend the backing file\nYou can use '{} rebase' instead.",

@@ -1,6 +1,7 @@
 //! A backing chain opened layer by layer, with block status as qemu-img computes it
 //! (`bdrv_block_status` per layer plus the generic block layer's additions).
 
+use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,8 +29,36 @@ impl Layer {
     }
 }
 
+/// Why qimg cannot open a file whose name is not UTF-8 (all its names are `str`s).
+pub const NOT_UTF8: &str = "qimg handles only file names that are UTF-8";
+
+/// The open error of a file named by bytes that are not UTF-8 (`name` shows them lossily).
+fn not_utf8_error(name: &str) -> anyhow::Error {
+    anyhow::anyhow!("Could not open '{name}': {NOT_UTF8}")
+}
+
 /// A backing file as qemu-img opens it: name resolved against the overlay's, and format.
-pub type Backing = Option<(String, Option<String>)>;
+pub type Backing = Option<BackingFile>;
+
+/// The backing file an image's header names.
+pub struct BackingFile {
+    /// Its name resolved against the overlay's (shown lossily if it is not UTF-8).
+    pub name: String,
+    /// The format the header records.
+    pub format: Option<String>,
+    /// The recorded name is not UTF-8: qimg cannot open it.
+    pub not_utf8: bool,
+}
+
+impl BackingFile {
+    /// The next image to open, or why qimg cannot (qemu-img's words for an open error).
+    pub fn into_open(self) -> anyhow::Result<(String, Option<String>)> {
+        if self.not_utf8 {
+            return Err(not_utf8_error(&self.name));
+        }
+        Ok((self.name, self.format))
+    }
+}
 
 /// What one run of guest bytes looks like through the chain (qemu-img's `MapEntry`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,10 +142,11 @@ pub fn open_layer(
         name,
     )?;
     let h = img.header();
-    let backing = h
-        .backing_file
-        .as_deref()
-        .map(|b| (path_combine(name, b), h.backing_format.clone()));
+    let backing = h.backing_file.as_deref().map(|b| BackingFile {
+        name: path_combine(name, &b.to_string_lossy()),
+        format: h.backing_format.clone(),
+        not_utf8: b.to_str().is_none(),
+    });
     Ok((Layer::Qcow2(Box::new(img)), backing))
 }
 
@@ -159,12 +189,22 @@ impl Chain {
         locking: Locking,
     ) -> anyhow::Result<Chain> {
         let mut nodes: Vec<Node> = Vec::new();
-        let mut next = Some((filename.to_string(), format.map(str::to_string)));
-        while let Some((mut name, mut fmt)) = next.take() {
+        let mut next = Some(BackingFile {
+            name: filename.to_string(),
+            format: format.map(str::to_string),
+            not_utf8: false,
+        });
+        while let Some(BackingFile {
+            mut name,
+            format: mut fmt,
+            not_utf8,
+        }) = next.take()
+        {
             // A backing file may be named by a `json:` or `file:` pseudo-filename (the top
             // image's name was resolved by the command).
             let resolved = match nodes.is_empty() {
                 true => Ok(()),
+                false if not_utf8 => Err(not_utf8_error(&name)),
                 false => crate::image_name::resolve_backing(&mut name, &mut fmt),
             };
             if nodes.len() > qcow2::open::MAX_CHAIN_DEPTH || nodes.iter().any(|n| n.name == name) {
@@ -190,10 +230,14 @@ impl Chain {
             let (data_name, preallocated, recorded_backing, table_span) = match &layer {
                 Layer::Qcow2(img) => {
                     let h = img.header();
+                    let lossy = |n: &OsStr| n.to_string_lossy().into_owned();
                     (
-                        h.data_file.clone().filter(|_| h.has_external_data()),
+                        h.data_file
+                            .as_deref()
+                            .filter(|_| h.has_external_data())
+                            .map(lossy),
                         detect_metadata_preallocation(img, Path::new(&name))?,
-                        h.backing_file.clone(),
+                        h.backing_file.as_deref().map(lossy),
                         h.l2_entries() * h.cluster_size(),
                     )
                 }

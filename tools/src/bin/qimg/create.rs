@@ -417,7 +417,7 @@ fn create_qcow2(
     let mut detected = None;
     if let Some(b) = o.backing_file.as_deref().filter(|_| !a.unsafe_backing) {
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
-        let (path, driver) = qcow2::open::locate_backing(b, dir)
+        let (path, driver) = qcow2::open::locate_backing(b.as_ref(), dir)
             .map_err(|e| anyhow::anyhow!("{filename}: {e}\nCould not open backing image."))?;
         let format = match o.backing_format.as_deref().or(driver.as_deref()) {
             None => None,

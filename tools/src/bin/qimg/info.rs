@@ -12,7 +12,7 @@ use qcow2::format::header::{Header, AUTOCLEAR_BITMAPS};
 use qcow2::format::snapshot::Snapshot;
 use qcow2::{Locking, Storage};
 
-use crate::chain::{open_layer, Backing, Layer};
+use crate::chain::{open_layer, Backing, BackingFile, Layer};
 use crate::qjson::{dict, QObj};
 use crate::size::human;
 
@@ -153,7 +153,12 @@ fn qcow2_specific(h: &Header, encrypt: Option<QObj>, bitmaps: Option<QObj>) -> Q
     let v3 = h.version >= 3;
     dict([
         ("compat", Some(if v3 { "1.1" } else { "0.10" }.into())),
-        ("data-file", h.data_file.clone().map(QObj::from)),
+        (
+            "data-file",
+            h.data_file
+                .as_ref()
+                .map(|d| d.to_string_lossy().as_ref().into()),
+        ),
         (
             "data-file-raw",
             h.has_external_data().then(|| h.data_file_raw().into()),
@@ -196,8 +201,8 @@ fn node_info(
     node.dirty_flag = h.is_dirty();
     // Shown only with a backing file, as QEMU shows it.
     node.backing_format = h.backing_file.as_ref().and(h.backing_format.clone());
-    node.full_backing_filename = backing.as_ref().map(|(b, _)| b.clone());
-    node.backing_filename = h.backing_file.clone();
+    node.full_backing_filename = backing.as_ref().map(|b| b.name.clone());
+    node.backing_filename = h.backing_file.as_ref().map(|b| b.to_string_lossy().into());
     if !q.snapshots().is_empty() {
         node.snapshots = Some(q.snapshots().to_vec());
     }
@@ -435,7 +440,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         let (node, backing) = node_info(&name, fmt.as_deref(), locking)?;
         chain.push(node);
         if a.backing_chain {
-            next = backing;
+            next = backing.map(BackingFile::into_open).transpose()?;
         }
     }
     let mut out = String::new();

@@ -56,6 +56,7 @@ mod size;
 mod snapshot;
 mod snapshot_param;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 use std::sync::OnceLock;
 
@@ -131,7 +132,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args: Vec<String> = std::env::args().collect();
+    let args: Vec<String> = match std::env::args_os().map(OsString::into_string).collect() {
+        Ok(args) => args,
+        Err(arg) => {
+            eprintln!(
+                "{}: argument '{}' is not UTF-8: {}",
+                progname(),
+                arg.to_string_lossy(),
+                chain::NOT_UTF8
+            );
+            return ExitCode::from(1);
+        }
+    };
     // getopt_long, which qemu-img uses, takes any unambiguous prefix of a long option; an
     // option given twice counts with its last value; the word after an option that needs a
     // value is its value, even one that starts with '-'.
