@@ -188,7 +188,11 @@ impl TestRing {
 /// must be offered), plus the protocol features bit when offered. Returns the frontend and
 /// the negotiated features.
 pub fn handshake(socket: &Path, queues: u64, extra: u64) -> (Frontend, u64) {
-    let mut fe = Frontend::connect(socket, queues).expect("connect");
+    handshake_on(Frontend::connect(socket, queues).expect("connect"), extra)
+}
+
+/// [`handshake`] on a connection made already.
+pub fn handshake_on(mut fe: Frontend, extra: u64) -> (Frontend, u64) {
     fe.set_owner().unwrap();
     let offered = fe.get_features().unwrap();
     assert_eq!(offered & extra, extra, "features {extra:#x} not offered");

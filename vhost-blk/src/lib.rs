@@ -8,7 +8,8 @@
 //! - [`device`]: state that outlives connections (disk, per-queue slots, shutdown);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per queue;
 //! - [`fuzzing`]: the body of the fuzz target over guest memory and ring addresses;
-//! - [`server`]: the socket and the connection loop (SIGTERM/SIGINT/SIGHUP are `main`'s, through
+//! - [`server`]: the socket and the connection loop, the frontend's connection relayed to the
+//!   daemon (`cowbird_daemon::relay`; SIGTERM/SIGINT/SIGHUP are `main`'s, through
 //!   `cowbird_daemon::signals`).
 
 #![warn(missing_docs)]

@@ -133,7 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let device = Arc::new(device);
     let io_uring = device.uses_io_uring();
     let (mut server, owned_socket) = if cli.client {
-        (Server::connect(&cli.socket, device.clone())?, None)
+        (Server::connect(&cli.socket, device.clone()), None)
     } else {
         (
             Server::bind(&cli.socket, device.clone())?,

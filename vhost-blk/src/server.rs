@@ -2,14 +2,12 @@
 //! next one. By default the daemon listens; with `--client` it connects to a listening
 //! frontend and reconnects after every disconnect.
 
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use cowbird_daemon::socket::{self, SocketError};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use cowbird_daemon::relay::{self, Relay};
+use cowbird_daemon::socket::{Frontends, SocketError};
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -17,33 +15,20 @@ use crate::backend::{ring_event, BlkBackend};
 use crate::device::Device;
 use crate::error::{Error, Result};
 
-/// Longest pause between two attempts to reach a frontend in client mode.
-pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+pub use cowbird_daemon::socket::{Disconnect, MAX_RECONNECT_DELAY};
 
 /// A vhost-user-blk server on a unix socket.
 pub struct Server {
     device: Arc<Device>,
-    endpoint: Endpoint,
-    path: PathBuf,
+    frontends: Frontends,
 }
-
-/// How the server reaches its frontends.
-enum Endpoint {
-    /// Listening on a socket we created (and remove on drop).
-    Listen(Listener),
-    /// Connecting to a socket a frontend listens on (QEMU's `server=on` chardev).
-    Connect,
-}
-
-pub use cowbird_daemon::socket::Disconnect;
 
 impl Server {
     /// Binds `path`. A stale socket file is replaced; one a live process listens on is not.
     pub fn bind(path: &Path, device: Arc<Device>) -> Result<Server> {
         Ok(Server {
             device,
-            endpoint: Endpoint::Listen(Listener::from(socket::listen(path)?)),
-            path: path.to_path_buf(),
+            frontends: Frontends::listen(path)?,
         })
     }
 
@@ -51,28 +36,21 @@ impl Server {
     /// While nothing listens there (no socket file, or nobody accepting), it retries with a
     /// growing pause of up to [`MAX_RECONNECT_DELAY`]; so it also reconnects to a restarted
     /// frontend after a disconnect.
-    pub fn connect(path: &Path, device: Arc<Device>) -> Result<Server> {
-        if path.to_str().is_none() {
-            return Err(Error::Socket(SocketError::Io {
-                path: path.to_path_buf(),
-                source: io::Error::new(io::ErrorKind::InvalidInput, "the path is not UTF-8"),
-            }));
-        }
-        Ok(Server {
+    pub fn connect(path: &Path, device: Arc<Device>) -> Server {
+        Server {
             device,
-            endpoint: Endpoint::Connect,
-            path: path.to_path_buf(),
-        })
+            frontends: Frontends::connect(path),
+        }
     }
 
     /// Whether the server connects to its frontends (`--client`) rather than listening.
     pub fn is_client(&self) -> bool {
-        matches!(self.endpoint, Endpoint::Connect)
+        self.frontends.is_client()
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.frontends.path()
     }
 
     /// The device served.
@@ -112,23 +90,25 @@ impl Server {
                     })?;
             }
         }
-        match &mut self.endpoint {
-            Endpoint::Listen(listener) => {
-                tracing::debug!("waiting for a frontend on {}", self.path.display());
-                daemon.start(listener).map_err(|e| match e {
-                    DaemonError::CreateBackendListener(VhostUserError::SocketError(source)) => {
-                        Error::Socket(SocketError::Io {
-                            path: self.path.clone(),
-                            source,
-                        })
-                    }
-                    e => Error::VhostUser(e.to_string()),
-                })?;
-            }
-            Endpoint::Connect => self.connect_frontend(&mut daemon)?,
-        }
+        let Some(frontend) = self.frontends.next(|| self.device.stopping())? else {
+            return Ok(Disconnect::Closed);
+        };
+        // The frontend's connection is relayed to the daemon, which puts an early
+        // SET_VRING_ENABLE after SET_FEATURES (`cowbird_daemon::relay`).
+        let local = |source| {
+            Error::Socket(SocketError::Io {
+                path: self.path().to_path_buf(),
+                source,
+            })
+        };
+        let (mut listener, relay_end) = relay::daemon_connection().map_err(local)?;
+        daemon
+            .start(&mut listener)
+            .map_err(|e| Error::VhostUser(e.to_string()))?;
+        let relay = Relay::start(frontend, relay_end, self.device.num_queues()).map_err(local)?;
         tracing::info!("frontend connected");
         let ended = daemon.wait();
+        let relay_error = relay.stop();
         // Stop the workers before anything else touches the disk: in-progress batches finish,
         // later kicks are ignored, then the worker threads exit.
         backend.deactivate();
@@ -138,49 +118,11 @@ impl Server {
         if let Err(e) = self.device.disk().flush() {
             tracing::error!("flushing after disconnect: {e}");
         }
+        if let Some(e) = relay_error {
+            // The relay closed the daemon's connection because the frontend sent something
+            // that is not a vhost-user message.
+            return Ok(Disconnect::Failed(e.to_string()));
+        }
         Ok(Disconnect::from_wait(ended))
-    }
-
-    /// Connects `daemon` to the frontend's socket, waiting while nothing listens there.
-    fn connect_frontend(&self, daemon: &mut VhostUserDaemon<Arc<BlkBackend>>) -> Result<()> {
-        // Checked in `connect`.
-        let path = self.path.to_str().unwrap_or_default();
-        let mut delay = Duration::from_millis(10);
-        let mut waiting = false;
-        loop {
-            match daemon.start_client(path) {
-                Ok(()) => return Ok(()),
-                Err(DaemonError::CreateBackendReqHandler(VhostUserError::SocketConnect(e)))
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                    ) =>
-                {
-                    if !std::mem::replace(&mut waiting, true) {
-                        tracing::info!("waiting for a frontend to listen on {path} ({e})");
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
-                }
-                Err(DaemonError::CreateBackendReqHandler(VhostUserError::SocketConnect(
-                    source,
-                ))) => {
-                    return Err(Error::Socket(SocketError::Io {
-                        path: self.path.clone(),
-                        source,
-                    }))
-                }
-                Err(e) => return Err(Error::VhostUser(e.to_string())),
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // The frontend's socket is not ours to remove.
-        if !self.is_client() {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 }

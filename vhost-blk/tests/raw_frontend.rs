@@ -6,11 +6,17 @@
 
 mod common;
 
+use std::os::unix::net::UnixStream;
+
 use common::{pattern, Daemon};
+use cowbird_daemon::relay::Message;
 use cowbird_tests::vring::{
-    handshake, preset_status, TestRing, NEXT, OUTSIDE, STATUS_CANARY, WRITE,
+    handshake, handshake_on, preset_status, TestRing, NEXT, OUTSIDE, PROTOCOL_FEATURES,
+    STATUS_CANARY, WRITE,
 };
 use cowbird_tests::{assert_qemu_clean, qemu_img};
+use vhost::vhost_user::message::FrontendReq;
+use vhost::vhost_user::Frontend;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
@@ -161,4 +167,39 @@ fn hostile_chains_fail_alone_and_the_daemon_keeps_serving() {
             assert_qemu_clean(&image);
         }
     }
+}
+
+/// A frontend may enable a ring before it acks the features (the vhost-user spec allows it,
+/// and QEMU does it for NICs): `vhost` 0.18 alone dropped the connection at that message. The
+/// ring here is enabled by that early message only, and serves a request.
+#[test]
+fn a_ring_enabled_before_the_features_are_acked_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let size = (SECTORS * 512).to_string();
+    qemu_img(&["create", "-q", "-f", "raw", image.to_str().unwrap(), &size]);
+    let mut daemon = Daemon::start(dir.path(), &image, &["--format", "raw"]);
+    let stream = UnixStream::connect(&daemon.socket).unwrap();
+    let enable_ring_0 = [0u32.to_ne_bytes(), 1u32.to_ne_bytes()].concat();
+    Message::request(FrontendReq::SET_VRING_ENABLE, 0, &enable_ring_0)
+        .write_to(&stream)
+        .unwrap();
+    let (mut fe, features) = handshake_on(Frontend::from_stream(stream, 1), 0);
+    assert_ne!(features & PROTOCOL_FEATURES, 0, "{}", daemon.log());
+    let mut ring = TestRing::new(MEM_SIZE, SIZE);
+    let mem = ring.mem.clone();
+    preset_status(&mem, STATUS, 1);
+    // Started without its own SET_VRING_ENABLE.
+    let (_call, kick) = ring.start(&mut fe, features & !PROTOCOL_FEATURES, 0);
+    header(&mem, 0x1_0000, VIRTIO_BLK_T_FLUSH, 0);
+    ring.desc(0, 0x1_0000, 16, NEXT, 1);
+    ring.desc(1, STATUS, 1, WRITE, 0);
+    ring.publish(&[0]);
+    kick.write(1).unwrap();
+    ring.wait_used(1, || daemon.log());
+    assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK as u8);
+    assert!(daemon.log().contains("replayed 1 early SET_VRING_ENABLE"));
+    drop(fe);
+    assert!(daemon.running(), "daemon died:\n{}", daemon.log());
+    daemon.stop();
 }

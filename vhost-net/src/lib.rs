@@ -10,9 +10,10 @@
 //! - [`config`]: what the device tells the driver (MAC addresses: `cowbird_daemon::net`); [`cli`]: the command line;
 //! - [`device`]: state that outlives connections (TAP, per-pair slots and counters);
 //! - [`backend`]: the `vhost-user-backend` glue for one connection, one worker per pair;
-//! - [`server`]: the socket and the connection loop; [`relay`]: the frontend's connection
-//!   relayed to the daemon, with QEMU's early `SET_VRING_ENABLE` put after `SET_FEATURES`
-//!   (SIGTERM/SIGINT/SIGHUP are `main`'s, through `cowbird_daemon::signals`).
+//! - [`server`]: the socket and the connection loop, the frontend's connection relayed to the
+//!   daemon with QEMU's early `SET_VRING_ENABLE` put after `SET_FEATURES`
+//!   (`cowbird_daemon::relay`; SIGTERM/SIGINT/SIGHUP are `main`'s, through
+//!   `cowbird_daemon::signals`).
 
 #![warn(missing_docs)]
 
@@ -24,7 +25,6 @@ pub mod ctrl;
 pub mod datapath;
 pub mod device;
 pub mod error;
-pub mod relay;
 pub mod rx;
 pub mod server;
 pub mod tap;

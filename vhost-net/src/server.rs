@@ -3,17 +3,14 @@
 //! connects to a frontend that listens, and reconnects after a disconnect.
 //!
 //! The daemon takes the frontend's connection itself and relays it to `vhost-user-backend`
-//! through a private socket ([`crate::relay`]), which puts QEMU's early `SET_VRING_ENABLE`
-//! after `SET_FEATURES`.
+//! through a private socket ([`cowbird_daemon::relay`]), which puts QEMU's early
+//! `SET_VRING_ENABLE` after `SET_FEATURES`.
 
-use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::thread::sleep;
-use std::time::Duration;
 
-use cowbird_daemon::socket::{self, SocketError};
+use cowbird_daemon::relay::{self, Relay};
+use cowbird_daemon::socket::{Frontends, SocketError};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -21,24 +18,13 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backend::{tap_event, NetBackend};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::relay::{self, Relay};
-
-/// How long `--client` waits between connection attempts.
-pub const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
 pub use cowbird_daemon::socket::Disconnect;
-
-/// Where frontends come from.
-enum Endpoint {
-    Listen(UnixListener),
-    Connect,
-}
 
 /// A vhost-user-net server on a unix socket.
 pub struct Server {
     device: Arc<Device>,
-    endpoint: Endpoint,
-    path: PathBuf,
+    frontends: Frontends,
 }
 
 impl Server {
@@ -47,8 +33,7 @@ impl Server {
     pub fn bind(path: &Path, device: Arc<Device>) -> Result<Server> {
         Ok(Server {
             device,
-            endpoint: Endpoint::Listen(socket::listen(path)?),
-            path: path.to_path_buf(),
+            frontends: Frontends::listen(path)?,
         })
     }
 
@@ -56,14 +41,13 @@ impl Server {
     pub fn client(path: &Path, device: Arc<Device>) -> Server {
         Server {
             device,
-            endpoint: Endpoint::Connect,
-            path: path.to_path_buf(),
+            frontends: Frontends::connect(path),
         }
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.frontends.path()
     }
 
     /// The device served.
@@ -81,9 +65,6 @@ impl Server {
                 Disconnect::Failed(e) => {
                     tracing::warn!("frontend connection failed: {e} ({stats})")
                 }
-            }
-            if matches!(self.endpoint, Endpoint::Connect) {
-                sleep(RECONNECT_DELAY);
             }
         }
     }
@@ -120,12 +101,12 @@ impl Server {
                     })?;
             }
         }
-        let Some(frontend) = self.frontend()? else {
+        let Some(frontend) = self.frontends.next(|| self.device.stopping())? else {
             return Ok(Disconnect::Closed);
         };
         let local = |source| {
             Error::Socket(SocketError::Io {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 source,
             })
         };
@@ -147,60 +128,5 @@ impl Server {
             return Ok(Disconnect::Failed(e.to_string()));
         }
         Ok(Disconnect::from_wait(ended))
-    }
-
-    /// The next frontend's connection: accepted, or (`--client`) connected to once the
-    /// frontend listens. `None` when the daemon is stopping.
-    fn frontend(&self) -> Result<Option<UnixStream>> {
-        match &self.endpoint {
-            Endpoint::Listen(listener) => {
-                tracing::debug!("waiting for a frontend on {}", self.path.display());
-                loop {
-                    match listener.accept() {
-                        Ok((stream, _)) => return Ok(Some(stream)),
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                            ) => {}
-                        Err(source) => {
-                            return Err(Error::Socket(SocketError::Io {
-                                path: self.path.clone(),
-                                source,
-                            }))
-                        }
-                    }
-                }
-            }
-            Endpoint::Connect => {
-                let mut logged = false;
-                loop {
-                    match UnixStream::connect(&self.path) {
-                        Ok(stream) => return Ok(Some(stream)),
-                        Err(e) => {
-                            if !logged {
-                                tracing::info!(
-                                    "waiting for a frontend to listen on {} ({e})",
-                                    self.path.display()
-                                );
-                                logged = true;
-                            }
-                            if self.device.stopping() {
-                                return Ok(None);
-                            }
-                            sleep(RECONNECT_DELAY);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if matches!(self.endpoint, Endpoint::Listen(_)) {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 }

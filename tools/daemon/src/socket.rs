@@ -1,9 +1,11 @@
-//! The vhost-user socket a daemon listens on, and how a frontend's connection ended.
+//! The vhost-user socket a daemon listens on (or connects to), and how a frontend's
+//! connection ended.
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::Error as DaemonError;
@@ -75,6 +77,103 @@ pub fn listen(path: &Path) -> Result<UnixListener, SocketError> {
         std::fs::remove_file(path).map_err(io)?;
     }
     UnixListener::bind(path).map_err(io)
+}
+
+/// Longest pause between two attempts to reach a frontend in client mode.
+pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Where a daemon's frontends come from: a socket it listens on (and removes when dropped),
+/// or, in client mode, a socket a frontend listens on (QEMU's `server=on` chardev).
+pub struct Frontends {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+}
+
+impl Frontends {
+    /// Binds `path` to listen for frontends (see [`listen`]).
+    pub fn listen(path: &Path) -> Result<Frontends, SocketError> {
+        Ok(Frontends {
+            listener: Some(listen(path)?),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Frontends reached by connecting to `path`, where they listen.
+    pub fn connect(path: &Path) -> Frontends {
+        Frontends {
+            listener: None,
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Whether the daemon connects to its frontends rather than listening.
+    pub fn is_client(&self) -> bool {
+        self.listener.is_none()
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The next frontend's connection: accepted, or connected to. In client mode, while
+    /// nothing listens at the path (no socket file, or nobody accepting), it retries with a
+    /// growing pause of up to [`MAX_RECONNECT_DELAY`], and gives `None` once `stopping()`.
+    pub fn next(&self, stopping: impl Fn() -> bool) -> Result<Option<UnixStream>, SocketError> {
+        let io = |source| SocketError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(listener) = &self.listener {
+            tracing::debug!("waiting for a frontend on {}", self.path.display());
+            loop {
+                match listener.accept() {
+                    Ok((stream, _)) => return Ok(Some(stream)),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                        ) => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+        }
+        let mut delay = Duration::from_millis(10);
+        let mut waiting = false;
+        loop {
+            match UnixStream::connect(&self.path) {
+                Ok(stream) => return Ok(Some(stream)),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    if !std::mem::replace(&mut waiting, true) {
+                        tracing::info!(
+                            "waiting for a frontend to listen on {} ({e})",
+                            self.path.display()
+                        );
+                    }
+                    if stopping() {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
+    }
+}
+
+impl Drop for Frontends {
+    fn drop(&mut self) {
+        // The frontend's socket is not ours to remove.
+        if !self.is_client() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// How a frontend's connection ended.

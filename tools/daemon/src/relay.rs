@@ -1,8 +1,8 @@
 //! The frontend's vhost-user connection, relayed to the `vhost-user-backend` daemon through a
 //! private socket so that one setup message can be put in the order the daemon accepts.
 //!
-//! QEMU (7.2 up to at least 10.0) sends `SET_VRING_ENABLE` when the NIC is attached to its
-//! peer, before its first `SET_FEATURES`. `vhost` 0.18's request handler accepts that message
+//! A frontend may send `SET_VRING_ENABLE` before its first `SET_FEATURES`: QEMU (7.2 up to at
+//! least 10.0) does when a NIC is attached to its peer, and the vhost-user spec allows it. `vhost` 0.18's request handler accepts that message
 //! only once `VHOST_USER_F_PROTOCOL_FEATURES` is among the acked features and otherwise drops
 //! the connection before any backend code runs. The relay holds such a message, acks it to the
 //! frontend itself when the frontend asked for a reply (the frontend waits for that reply
@@ -444,7 +444,7 @@ pub fn daemon_connection() -> io::Result<(Listener, UnixStream)> {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let dir = loop {
         let dir: PathBuf = std::env::temp_dir().join(format!(
-            "vhost-net-{}-{}",
+            "cowbird-relay-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
@@ -831,7 +831,7 @@ mod tests {
             .filter(|e| {
                 e.file_name()
                     .to_string_lossy()
-                    .starts_with(&format!("vhost-net-{}-", std::process::id()))
+                    .starts_with(&format!("cowbird-relay-{}-", std::process::id()))
             })
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
