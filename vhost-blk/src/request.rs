@@ -388,14 +388,22 @@ fn parse_ranges<M: GuestMemory + ?Sized>(
     } else {
         VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
     };
-    raw.chunks_exact(RANGE_LEN as usize)
-        .map(|c| {
-            let sector = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            let sectors = u32::from_le_bytes([c[8], c[9], c[10], c[11]]);
-            let flags = u32::from_le_bytes([c[12], c[13], c[14], c[15]]);
-            if flags & !allowed_flags != 0 {
-                return Err(Error::BadSegmentFlags { sector, flags });
-            }
+    let fields = |c: &[u8]| {
+        let sector = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let sectors = u32::from_le_bytes([c[8], c[9], c[10], c[11]]);
+        let flags = u32::from_le_bytes([c[12], c[13], c[14], c[15]]);
+        (sector, sectors, flags)
+    };
+    // An unknown flag in any segment makes the request UNSUPP (virtio 1.2, 5.2.6.2), whatever
+    // is wrong with the segments before it.
+    let segments = raw.chunks_exact(RANGE_LEN as usize).map(fields);
+    for (sector, _, flags) in segments.clone() {
+        if flags & !allowed_flags != 0 {
+            return Err(Error::BadSegmentFlags { sector, flags });
+        }
+    }
+    segments
+        .map(|(sector, sectors, flags)| {
             if sectors > max_sectors {
                 return Err(Error::SegmentTooLarge {
                     sector,

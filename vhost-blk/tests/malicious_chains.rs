@@ -458,6 +458,11 @@ fn discard_and_write_zeroes_payloads_are_validated() {
         status_of(run(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 2)])),
         UNSUPP
     );
+    // An unknown flag in any segment wins over a range error in an earlier one (5.2.6.2).
+    assert_eq!(
+        status_of(run(VIRTIO_BLK_T_DISCARD, &[(2040, 16, 0), (0, 8, 4)])),
+        UNSUPP
+    );
     // More segments than advertised.
     assert_eq!(
         status_of(run(VIRTIO_BLK_T_DISCARD, &[(0, 1, 0); 5])),
