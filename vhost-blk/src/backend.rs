@@ -598,13 +598,10 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
+        // The write cache stays as `--writethrough` or a driver's `wce` write left it, as in
+        // qemu-storage-daemon's export: a driver that cannot set it does not change it.
         let flushes = features::has(features, VIRTIO_BLK_F_FLUSH);
         self.flushes.store(flushes, Ordering::Relaxed);
-        // A driver that cannot set the cache gets it on exactly when it flushes; one that
-        // can keeps the setting it (or the driver before it) chose, as QEMU does.
-        if !features::has(features, VIRTIO_BLK_F_CONFIG_WCE) {
-            self.device.set_write_cache(flushes);
-        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -449,9 +449,22 @@ fn the_guests_write_cache_choice_survives_renegotiation_and_reconnection() {
     next.acked_features(all);
     assert_eq!(next.get_config(WCE_OFFSET as u32, 1), vec![0]);
     assert_eq!(syncs_for_two_writes(&mut r, &flushes), 2);
-    // A driver that cannot set the cache gets it exactly when it flushes (as in QEMU).
-    next.acked_features(all & !(1 << VIRTIO_BLK_F_CONFIG_WCE));
-    assert_eq!(next.get_config(WCE_OFFSET as u32, 1), vec![1]);
+}
+
+/// A driver that flushes but cannot set the cache (firmware such as OVMF) leaves it as
+/// `--writethrough` set it, for itself and the drivers after it, as qemu-storage-daemon
+/// does: it turned the cache on for good.
+#[test]
+fn a_driver_that_cannot_set_the_cache_keeps_writethrough() {
+    let (mut r, flushes) = counting_rig(false);
+    r.device.set_write_cache(false);
+    let all = r.backend.features();
+    r.backend
+        .acked_features(all & !(1 << VIRTIO_BLK_F_CONFIG_WCE));
+    assert_eq!(syncs_for_two_writes(&mut r, &flushes), 2);
+    let next = BlkBackend::new(r.device.clone(), r.mem.clone());
+    next.acked_features(all);
+    assert_eq!(next.get_config(WCE_OFFSET as u32, 1), vec![0]);
 }
 
 #[test]
