@@ -115,17 +115,16 @@ impl Disk {
                     ))
                 })?;
                 let format = qcow2::open::probe(&FileStorage::new(file)).map_err(open_error)?;
-                tracing::warn!(
-                    "image format was not specified for '{}' and probing guessed {}; specify \
-                     --format to remove this warning{}",
-                    opts.path.display(),
-                    format.name(),
-                    if format == Format::Raw {
-                        " and the restriction on writing a format signature to sector 0"
-                    } else {
-                        ""
-                    }
-                );
+                // Only a guess of raw is dangerous (the guest could make the disk look like
+                // another format), so QEMU warns only then.
+                if format == Format::Raw {
+                    tracing::warn!(
+                        "image format was not specified for '{}' and probing guessed raw; \
+                         writing a format signature to sector 0 is refused; specify --format \
+                         raw to remove this warning and the restriction",
+                        opts.path.display(),
+                    );
+                }
                 format
             }
         };

@@ -638,6 +638,15 @@ fn probing_warns_and_sigint_also_exits_cleanly() {
         log.contains("probing guessed raw"),
         "no probing warning:\n{log}"
     );
+    // A guess of qcow2 is not dangerous: no warning, as in QEMU.
+    let img = dir.path().join("disk.qcow2");
+    qemu_img_create_qcow2(img.to_str().unwrap(), &[], "1M");
+    let mut d = Daemon::start(dir.path(), &img, &[]);
+    let c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+    drop(c);
+    d.stop();
+    let log = d.log();
+    assert!(log.contains("(qcow2,") && !log.contains("WARN"), "{log}");
 }
 
 #[test]
