@@ -9,8 +9,18 @@ pub struct LoopDevice(PathBuf);
 impl LoopDevice {
     /// Attaches a free loop device to `file`.
     pub fn attach(file: &Path) -> LoopDevice {
+        Self::attach_with_sector_size(file, 512)
+    }
+
+    /// Attaches a free loop device with logical blocks of `sector_size` bytes to `file`.
+    pub fn attach_with_sector_size(file: &Path, sector_size: u32) -> LoopDevice {
         let out = Command::new("losetup")
-            .args(["--find", "--show"])
+            .args([
+                "--find",
+                "--show",
+                "--sector-size",
+                &sector_size.to_string(),
+            ])
             .arg(file)
             .output()
             .expect("run losetup (util-linux)");

@@ -166,6 +166,47 @@ fn raw_host_block_device_is_served_with_its_size() {
     qemu_img_compare(&backing, "raw", &model.path);
 }
 
+/// A host block device with 4 KiB logical blocks takes the 512-byte sectors the device
+/// advertises, as QEMU serves it: unaligned writes and write-zeroes, with and without unmap,
+/// buffered and O_DIRECT (the kernel refuses unaligned fallocate and O_DIRECT ranges there).
+#[test]
+fn a_block_device_with_4k_sectors_takes_512_byte_requests() {
+    for direct in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing.raw");
+        let f = raw_file(&backing, MIB);
+        f.write_all_at(&vec![0xaa; MIB as usize], 0).unwrap();
+        let device = LoopDevice::attach_with_sector_size(&backing, 4096);
+        let args: &[&str] = if direct {
+            &["--format", "raw", "--direct"]
+        } else {
+            &["--format", "raw"]
+        };
+        let mut d = Daemon::start(dir.path(), device.path(), args);
+        let mut c = connect(&d.socket, 1, false).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+        let mut expected = vec![0xaau8; 6 * 4096];
+        assert_eq!(
+            c.write(0, 512, &[7u8; 512]),
+            0,
+            "direct: {direct}: {}",
+            d.log()
+        );
+        expected[512..1024].fill(7);
+        for (offset, len, unmap) in [(4096 + 512, 1024, false), (8192 + 512, 8192, true)] {
+            assert_eq!(c.write_zeroes(0, offset, len, unmap), 0, "direct: {direct}");
+            expected[offset as usize..(offset + len) as usize].fill(0);
+        }
+        let back = c.read(0, 0, expected.len()).unwrap();
+        assert!(back == expected, "direct: {direct}: read back differs");
+        drop(c);
+        d.stop();
+        drop(device);
+        let mut on_disk = vec![0u8; expected.len()];
+        f.read_exact_at(&mut on_disk, 0).unwrap();
+        assert!(on_disk == expected, "direct: {direct}: the file differs");
+    }
+}
+
 #[test]
 fn empty_qcow2_pattern_matches_model_and_checks_clean() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::sync::{RwLock, RwLockReadGuard};
 
@@ -23,8 +23,9 @@ pub(super) struct DirectIo {
 }
 
 impl DirectIo {
-    /// The rules for `file` if it was opened with O_DIRECT.
-    pub(super) fn detect(file: &File) -> Option<DirectIo> {
+    /// The rules for `file` if it was opened with O_DIRECT; `device_block` is its logical
+    /// block size if it is a block device.
+    pub(super) fn detect(file: &File, device_block: Option<u64>) -> Option<DirectIo> {
         let fd = file.as_raw_fd();
         // SAFETY: F_GETFL only reads the descriptor's flags.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -43,12 +44,12 @@ impl DirectIo {
             )
         };
         let known = r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0;
-        // Without the kernel's answer: sector-aligned offsets (what guests issue) and
-        // page-aligned memory (what our buffers have).
+        // Without the kernel's answer: offsets aligned to the device's logical block, or to
+        // sectors (what guests issue), and page-aligned memory (what our buffers have).
         let (mem, offset) = if known && stx.stx_dio_offset_align > 0 {
             (stx.stx_dio_mem_align.max(1), stx.stx_dio_offset_align)
         } else {
-            (4096, 512)
+            (4096, device_block.map_or(512, |b| b as u32))
         };
         Some(DirectIo {
             mem_align: mem as usize,
@@ -124,7 +125,9 @@ impl DirectIo {
             return file.write_all_at(&bounce, offset);
         }
         let _rmw = self.rmw.write().unwrap_or_else(|p| p.into_inner());
-        let old_len = file.metadata()?.len();
+        // A block device has no length to restore (its st_size is 0).
+        let meta = file.metadata()?;
+        let old_len = (!meta.file_type().is_block_device()).then_some(meta.len());
         let (start, len) = self.covering(offset, buf.len());
         let mut bounce = self.bounce(len);
         self.read_aligned(file, &mut bounce, start)?;
@@ -133,8 +136,11 @@ impl DirectIo {
         file.write_all_at(&bounce, start)?;
         // Writing whole blocks may have grown the file past what was asked for.
         let end = offset + buf.len() as u64;
-        if start + len as u64 > old_len.max(end) {
-            file.set_len(old_len.max(end))?;
+        match old_len {
+            Some(old_len) if start + len as u64 > old_len.max(end) => {
+                file.set_len(old_len.max(end))?
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -157,7 +163,7 @@ mod tests {
             .custom_flags(libc::O_DIRECT)
             .open(&path)
             .expect("O_DIRECT open");
-        let dio = DirectIo::detect(&file).expect("opened with O_DIRECT");
+        let dio = DirectIo::detect(&file, None).expect("opened with O_DIRECT");
         dio.write(&file, &[0x22; 100], 3).unwrap();
         dio.write(&file, &[0x33; 700], 9_500).unwrap();
         dio.write(&file, &vec![0x44; 4096], 4096).unwrap(); // aligned, unaligned memory maybe
@@ -175,6 +181,6 @@ mod tests {
             "past the end reads zeros"
         );
         assert_eq!(file.metadata().unwrap().len(), 10_200);
-        assert!(DirectIo::detect(&std::fs::File::open(&path).unwrap()).is_none());
+        assert!(DirectIo::detect(&std::fs::File::open(&path).unwrap(), None).is_none());
     }
 }

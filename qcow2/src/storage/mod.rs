@@ -90,6 +90,8 @@ fn os_error_text(errno: i32) -> String {
 pub struct FileStorage {
     file: File,
     direct: Option<DirectIo>,
+    /// A block device's logical block size: it refuses fallocate ranges not aligned to it.
+    device_block: Option<u64>,
     /// Submits batched writes (metadata writeback) in one system call; created on first use.
     batch_ring: Mutex<Option<IoUring>>,
     /// A sync failed: later ones must fail too (see [`Storage::mark_sync_failed`]). The
@@ -109,10 +111,12 @@ impl std::fmt::Debug for FileStorage {
 impl FileStorage {
     /// Wraps an open file.
     pub fn new(file: File) -> Self {
-        let direct = DirectIo::detect(&file);
+        let device_block = logical_block_size(&file);
+        let direct = DirectIo::detect(&file, device_block);
         FileStorage {
             file,
             direct,
+            device_block,
             batch_ring: Mutex::new(None),
             sync_error: AtomicI32::new(0),
         }
@@ -121,6 +125,28 @@ impl FileStorage {
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// `fallocate(mode)` over a range that must read as zeros afterwards. A block device
+    /// takes only the part aligned to its logical block: the unaligned head and tail are
+    /// written as zeros, as QEMU's block layer splits them.
+    fn fallocate_blocks(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (start, end) = match self.device_block {
+            Some(block) => (
+                offset.next_multiple_of(block),
+                (offset + len) / block * block,
+            ),
+            None => (offset, offset + len),
+        };
+        if start >= end {
+            return write_zeros(self, offset, len);
+        }
+        {
+            let _shared = self.shared();
+            fallocate(&self.file, mode, start, end - start)?;
+        }
+        write_zeros(self, offset, start - offset)?;
+        write_zeros(self, end, offset + len - end)
     }
 
     /// Under O_DIRECT, holds off read-modify-write cycles while the file is resized or
@@ -219,9 +245,7 @@ impl Storage for FileStorage {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let _shared = self.shared();
-        fallocate(
-            &self.file,
+        self.fallocate_blocks(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
             len,
@@ -237,25 +261,10 @@ impl Storage for FileStorage {
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let shared = self.shared();
-        // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_ZERO_RANGE,
-                offset as i64,
-                len as i64,
-            )
-        };
-        let e = io::Error::last_os_error();
-        drop(shared);
-        if r == 0 {
-            return Ok(());
-        }
-        match e.raw_os_error() {
+        match self.fallocate_blocks(libc::FALLOC_FL_ZERO_RANGE, offset, len) {
             // File systems without unwritten extents: write the zeros.
-            Some(libc::EOPNOTSUPP) => write_zeros(self, offset, len),
-            _ => Err(e),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => write_zeros(self, offset, len),
+            other => other,
         }
     }
 
@@ -350,6 +359,17 @@ fn write_zeros<S: Storage + ?Sized>(storage: &S, offset: u64, len: u64) -> io::R
         done += n;
     }
     Ok(())
+}
+
+/// The logical block size of `file` if it is a block device (`BLKSSZGET`).
+fn logical_block_size(file: &File) -> Option<u64> {
+    if !file.metadata().ok()?.file_type().is_block_device() {
+        return None;
+    }
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int into `size`; the fd is owned by `file`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut size) };
+    (r == 0 && size > 0).then_some(size as u64)
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
