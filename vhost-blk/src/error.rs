@@ -160,6 +160,9 @@ pub enum Error {
     /// The vhost-user daemon machinery failed.
     #[error("vhost-user: {0}")]
     VhostUser(String),
+    /// The frontend's connection could not be relayed to the daemon.
+    #[error("relaying the frontend's connection: {0}")]
+    Relay(#[from] cowbird_daemon::relay::StartError),
     /// A virtqueue operation failed.
     #[error("virtqueue {queue}: {reason}")]
     Queue {

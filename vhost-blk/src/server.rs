@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use cowbird_daemon::relay::{self, Relay};
-use cowbird_daemon::socket::{Frontends, SocketError};
+use cowbird_daemon::relay::Relay;
+use cowbird_daemon::socket::Frontends;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -95,20 +95,9 @@ impl Server {
         };
         // The frontend's connection is relayed to the daemon, which puts an early
         // SET_VRING_ENABLE after SET_FEATURES (`cowbird_daemon::relay`).
-        let local = |source| {
-            Error::Socket(SocketError::Io {
-                path: self.path().to_path_buf(),
-                source,
-            })
-        };
-        let (mut listener, relay_end) = relay::daemon_connection().map_err(local)?;
-        daemon
-            .start(&mut listener)
-            .map_err(|e| Error::VhostUser(e.to_string()))?;
-        let relay = Relay::start(frontend, relay_end, self.device.num_queues()).map_err(local)?;
+        let relay = Relay::connect(frontend, self.device.num_queues(), |l| daemon.start(l))?;
         tracing::info!("frontend connected");
-        let ended = daemon.wait();
-        let relay_error = relay.stop();
+        let ended = relay.finish(daemon.wait());
         // Stop the workers before anything else touches the disk: in-progress batches finish,
         // later kicks are ignored, then the worker threads exit.
         backend.deactivate();
@@ -118,11 +107,6 @@ impl Server {
         if let Err(e) = self.device.disk().flush() {
             tracing::error!("flushing after disconnect: {e}");
         }
-        if let Some(e) = relay_error {
-            // The relay closed the daemon's connection because the frontend sent something
-            // that is not a vhost-user message.
-            return Ok(Disconnect::Failed(e.to_string()));
-        }
-        Ok(Disconnect::from_wait(ended))
+        Ok(ended)
     }
 }

@@ -126,6 +126,9 @@ pub enum Error {
     /// The vhost-user machinery failed (daemon creation, protocol error).
     #[error("vhost-user: {0}")]
     VhostUser(String),
+    /// The frontend's connection could not be relayed to the daemon.
+    #[error("relaying the frontend's connection: {0}")]
+    Relay(#[from] cowbird_daemon::relay::StartError),
     /// Signal setup failed.
     #[error(transparent)]
     Signal(#[from] cowbird_daemon::signals::SignalError),

@@ -9,8 +9,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use cowbird_daemon::relay::{self, Relay};
-use cowbird_daemon::socket::{Frontends, SocketError};
+use cowbird_daemon::relay::Relay;
+use cowbird_daemon::socket::Frontends;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -104,29 +104,13 @@ impl Server {
         let Some(frontend) = self.frontends.next(|| self.device.stopping())? else {
             return Ok(Disconnect::Closed);
         };
-        let local = |source| {
-            Error::Socket(SocketError::Io {
-                path: self.path().to_path_buf(),
-                source,
-            })
-        };
-        let (mut listener, relay_end) = relay::daemon_connection().map_err(local)?;
-        daemon
-            .start(&mut listener)
-            .map_err(|e| Error::VhostUser(e.to_string()))?;
-        let relay = Relay::start(frontend, relay_end, self.device.num_queues()).map_err(local)?;
+        let relay = Relay::connect(frontend, self.device.num_queues(), |l| daemon.start(l))?;
         tracing::info!("frontend connected");
-        let ended = daemon.wait();
-        let relay_error = relay.stop();
+        let ended = relay.finish(daemon.wait());
         backend.deactivate();
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
-        if let Some(e) = relay_error {
-            // The relay closed the daemon's connection because the frontend sent something
-            // that is not a vhost-user message.
-            return Ok(Disconnect::Failed(e.to_string()));
-        }
-        Ok(Disconnect::from_wait(ended))
+        Ok(ended)
     }
 }

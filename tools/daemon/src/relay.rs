@@ -31,6 +31,9 @@ use vhost::vhost_user::message::{
     FrontendReq, VhostUserHeaderFlag, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
 use vhost::vhost_user::{Listener, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::Error as DaemonError;
+
+use crate::socket::Disconnect;
 
 /// Size of a vhost-user message header: request code, flags and payload size, 32 bits each.
 pub const HEADER_SIZE: usize = 12;
@@ -318,6 +321,18 @@ impl Reorder {
     }
 }
 
+/// Why relaying a connection could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The private connection or the relay's threads.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The daemon did not take the private connection (its error, in words: it is not
+    /// `Sync`).
+    #[error("{0}")]
+    Daemon(String),
+}
+
 /// The two threads relaying one connection: requests (frontend → daemon, through
 /// [`Reorder`]) and replies (daemon → frontend).
 pub struct Relay {
@@ -332,7 +347,7 @@ impl Relay {
     ///
     /// When either side closes its connection or sends something that is not a vhost-user
     /// message, the relay closes both connections.
-    pub fn start(frontend: UnixStream, daemon: UnixStream, num_queues: usize) -> io::Result<Relay> {
+    fn start(frontend: UnixStream, daemon: UnixStream, num_queues: usize) -> io::Result<Relay> {
         // Requests and the relay's own acks both write to the frontend.
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
         let mut threads = Vec::with_capacity(2);
@@ -377,9 +392,33 @@ impl Relay {
         })
     }
 
+    /// Makes a private connection, has `start_daemon` (`VhostUserDaemon::start`) accept its
+    /// far end, and relays `frontend`, the frontend's connection, to it, for a device with
+    /// `num_queues` queues.
+    pub fn connect(
+        frontend: UnixStream,
+        num_queues: usize,
+        start_daemon: impl FnOnce(&mut Listener) -> Result<(), DaemonError>,
+    ) -> Result<Relay, StartError> {
+        let (mut listener, relay_end) = daemon_connection()?;
+        start_daemon(&mut listener).map_err(|e| StartError::Daemon(e.to_string()))?;
+        Ok(Relay::start(frontend, relay_end, num_queues)?)
+    }
+
+    /// Stops relaying once the daemon's `wait` returned `ended`; returns how the frontend's
+    /// connection ended.
+    pub fn finish(self, ended: Result<(), DaemonError>) -> Disconnect {
+        match self.stop() {
+            // The relay closed the daemon's connection because the frontend sent something
+            // that is not a vhost-user message.
+            Some(e) => Disconnect::Failed(e.to_string()),
+            None => Disconnect::from_wait(ended),
+        }
+    }
+
     /// Closes both connections, waits for the threads, and returns the first failure that
     /// is not just a closed connection (a malformed message, too many descriptors).
-    pub fn stop(self) -> Option<io::Error> {
+    fn stop(self) -> Option<io::Error> {
         close(&self.frontend, &self.daemon);
         let mut first = None;
         for thread in self.threads {
@@ -440,7 +479,7 @@ fn spawn(
 ///
 /// The listening socket lives in a fresh directory only the daemon's user can enter, and
 /// both are removed once the connection is made, so no other process can take its place.
-pub fn daemon_connection() -> io::Result<(Listener, UnixStream)> {
+fn daemon_connection() -> io::Result<(Listener, UnixStream)> {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let dir = loop {
         let dir: PathBuf = std::env::temp_dir().join(format!(
