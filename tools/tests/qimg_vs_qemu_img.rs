@@ -2495,6 +2495,8 @@ fn convert_copies_bitmaps_like_qemu_img() {
     qemu(p, &["bitmap", "--add", "-g", "512", "src.qcow2", "recent"]);
     qemu_io(p, "src.qcow2", &["write 8M 1k"]);
     qcow2_image(p, &[], "plain.qcow2", "1M", &[]);
+    qcow2_image(p, &["-o", "compat=0.10"], "v2.qcow2", "1M", &[]);
+    qemu(p, &["create", "-q", "-f", "raw", "raw.img", "1M"]);
     // A bitmap left in use, as by a crash: the autoclear bit kept, the in-use flag set.
     std::fs::copy(p.join("src.qcow2"), p.join("broken.qcow2")).unwrap();
     let info = qemu(p, &["info", "--output=json", "broken.qcow2"]).1;
@@ -2533,6 +2535,9 @@ fn convert_copies_bitmaps_like_qemu_img() {
         ],
         &["convert", "--bitmaps", "-O", "qcow2", "broken.qcow2", "X"],
         &["convert", "--bitmaps", "-O", "raw", "src.qcow2", "X"],
+        // Sources that cannot have bitmaps: refused before the target is made.
+        &["convert", "--bitmaps", "-O", "qcow2", "raw.img", "X"],
+        &["convert", "--bitmaps", "-O", "qcow2", "v2.qcow2", "X"],
         &[
             "convert",
             "--bitmaps",
@@ -7851,5 +7856,50 @@ fn file_names_that_are_not_utf8_are_kept_and_refused_clearly() {
         let (code, _, stderr) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", args);
         assert_eq!(code, 1, "{args:?}: {stderr}");
         assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+}
+
+/// With -c a target cluster is written whole, from the sources: a zero or backing span that
+/// covers part of a cluster makes the whole cluster data, as qemu-img makes it. qimg wrote
+/// the zeros uncompressed, and the rest of the cluster came from the target's backing file.
+#[test]
+fn compressed_convert_writes_whole_clusters_from_the_sources_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "1M", &["write -P 0x11 0 1M"]);
+    qcow2_image(p, &[], "other.qcow2", "1M", &["write -P 0x22 0 1M"]);
+    let small_clusters = ["-o", "cluster_size=4k", "-b", "base.qcow2", "-F", "qcow2"];
+    for zeros in ["write -z 0 4k", "write -z 4k 60k", "write -z 60k 72k"] {
+        qcow2_image(p, &small_clusters, "top.qcow2", "1M", &[zeros]);
+        for backing in ["other.qcow2", "base.qcow2"] {
+            let args = [
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-B",
+                backing,
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ];
+            for out in ["ours.qcow2", "theirs.qcow2"] {
+                let _ = std::fs::remove_file(p.join(out));
+            }
+            assert_eq!(qimg(p, &[&args[..], &["ours.qcow2"]].concat()).0, 0);
+            assert_eq!(qemu(p, &[&args[..], &["theirs.qcow2"]].concat()).0, 0);
+            let what = format!("{zeros}, -B {backing}");
+            assert_eq!(
+                qemu(p, &["compare", "ours.qcow2", "theirs.qcow2"]).0,
+                0,
+                "{what}"
+            );
+            assert_eq!(
+                qemu(p, &["map", "--output=json", "ours.qcow2"]),
+                qemu(p, &["map", "--output=json", "theirs.qcow2"]),
+                "{what}"
+            );
+            assert_eq!(qemu(p, &["check", "ours.qcow2"]).0, 0, "{what}");
+        }
     }
 }

@@ -648,9 +648,19 @@ fn plan<'a>(
     let mut ranges: Vec<(u64, u64, Kind)> = Vec::new();
     let mut pos = off;
     while pos < end {
-        let (kind, run) = src.status(pos, end - pos, p)?;
+        let (mut kind, run) = src.status(pos, end - pos, p)?;
         let (mut s, mut e) = (pos, pos + run);
         pos = e;
+        // Compressed clusters are written whole: a zero or backing span counts in whole
+        // blocks only, and a block it covers in part is read from the sources, as qemu-img
+        // reads it.
+        if p.compress && kind != Kind::Data {
+            let whole = off + (e - off) / p.block * p.block;
+            match whole > s {
+                true => (e, pos) = (whole, whole),
+                false => kind = Kind::Data,
+            }
+        }
         if kind == Kind::Data {
             s = off + (s - off) / p.block * p.block;
             e = (off + (e - off).next_multiple_of(p.block)).min(end);
@@ -922,12 +932,12 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         })
         .collect::<anyhow::Result<_>>()?;
     let bitmap_source = match a.bitmaps {
-        true => crate::copy_bitmaps::source(
+        true => Some(crate::copy_bitmaps::source(
             &source_names[0],
             a.source_formats[0].as_deref(),
             a.skip_broken_bitmaps,
             crate::source_locking(a.force_share),
-        )?,
+        )?),
         false => None,
     };
     let total: u64 = list.iter().map(|s| s.size).sum();

@@ -8,17 +8,17 @@ use anyhow::bail;
 use qcow2::format::bitmaps::{AUTO, IN_USE};
 use qcow2::{BitmapBits, Image, Locking, Qcow2};
 
-/// Opens the source image `name` for its bitmaps (`None` for a raw image, which has none);
-/// refuses an inconsistent bitmap unless `skip_broken`.
+/// Opens the source image `name` for its bitmaps; refuses, as qemu-img does, an image that
+/// cannot have any (raw, qcow2 version 2), and an inconsistent bitmap unless `skip_broken`.
 pub fn source(
     name: &str,
     format: Option<&str>,
     skip_broken: bool,
     locking: Locking,
-) -> anyhow::Result<Option<Qcow2>> {
-    let Some(src) = crate::snapshot::open(name, format, false, locking, None, true)? else {
-        return Ok(None);
-    };
+) -> anyhow::Result<Qcow2> {
+    let src = crate::snapshot::open(name, format, false, locking, None, true)?
+        .filter(|q| q.header().version >= 3)
+        .ok_or_else(|| anyhow::anyhow!("Source lacks bitmap support"))?;
     if !skip_broken {
         if let Some(b) = src.bitmaps()?.iter().find(|b| b.flags & IN_USE != 0) {
             bail!(
@@ -29,7 +29,7 @@ pub fn source(
             );
         }
     }
-    Ok(Some(src))
+    Ok(src)
 }
 
 /// Copies every bitmap of `src` into `target` (skipping inconsistent ones with a warning).
