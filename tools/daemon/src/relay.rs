@@ -2,9 +2,10 @@
 //! private socket so that one setup message can be put in the order the daemon accepts.
 //!
 //! A frontend may send `SET_VRING_ENABLE` before its first `SET_FEATURES`: QEMU (7.2 up to at
-//! least 10.0) does when a NIC is attached to its peer, and the vhost-user spec allows it. `vhost` 0.18's request handler accepts that message
-//! only once `VHOST_USER_F_PROTOCOL_FEATURES` is among the acked features and otherwise drops
-//! the connection before any backend code runs. The relay holds such a message, acks it to the
+//! least 10.0) does when a NIC is attached to its peer, and the vhost-user spec allows it.
+//! `vhost` 0.18's request handler accepts that message only once
+//! `VHOST_USER_F_PROTOCOL_FEATURES` is among the acked features and otherwise drops the
+//! connection before any backend code runs. The relay holds such a message, acks it to the
 //! frontend itself when the frontend asked for a reply (the frontend waits for that reply
 //! before it sends anything else), and hands it to the daemon right after the `SET_FEATURES`
 //! that acks the protocol features. That is also the order the frontend means:
