@@ -96,6 +96,11 @@ impl TestRing {
             .unwrap();
     }
 
+    /// Sets the available ring's flags (`1`: VRING_AVAIL_F_NO_INTERRUPT).
+    pub fn set_avail_flags(&self, flags: u16) {
+        self.mem.write_obj(flags, GuestAddress(AVAIL)).unwrap();
+    }
+
     /// Sets the available index to `idx` without publishing anything (a hostile driver's
     /// jump past the ring).
     pub fn set_avail_idx(&self, idx: u16) {

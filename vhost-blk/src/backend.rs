@@ -20,6 +20,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use cowbird_daemon::exit_events::ExitEvents;
 use cowbird_daemon::logging::Occurrences;
+use cowbird_daemon::notify;
 
 use crate::config::{BlkConfig, WCE_OFFSET};
 use crate::device::{Device, QueueSlot};
@@ -220,7 +221,7 @@ impl BlkBackend {
         }
         // Requests queued in the ring are submitted by the wait that follows (`serve`) or by
         // the poll loop: one system call less per batch.
-        if completed > 0 && state.get_queue_mut().needs_notification(&*mem)? {
+        if completed > 0 && notify::needs_notification(state.get_queue_mut(), &*mem)? {
             signal(queue, &state);
         }
         Ok(true)
@@ -463,7 +464,7 @@ impl BlkBackend {
         for f in finished {
             self.complete_ring_request(queue, &mut state, slot, &mem, f);
         }
-        if state.get_queue_mut().needs_notification(&*mem)? {
+        if notify::needs_notification(state.get_queue_mut(), &*mem)? {
             signal(queue, &state);
         }
         Ok(())

@@ -203,3 +203,41 @@ fn a_ring_enabled_before_the_features_are_acked_is_served() {
     assert!(daemon.running(), "daemon died:\n{}", daemon.log());
     daemon.stop();
 }
+
+/// Without EVENT_IDX, a driver turns its interrupts off with the available ring's
+/// NO_INTERRUPT flag (a Linux guest does while it polls its used ring): requests completed
+/// then are used without a call; once the flag is cleared, the next completion calls.
+#[test]
+fn without_event_idx_the_no_interrupt_flag_holds_the_call_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let size = (SECTORS * 512).to_string();
+    qemu_img(&["create", "-q", "-f", "raw", image.to_str().unwrap(), &size]);
+    let mut daemon = Daemon::start(dir.path(), &image, &["--format", "raw"]);
+    let (mut fe, features) = handshake(&daemon.socket, 1, 0);
+    let mut ring = TestRing::new(MEM_SIZE, SIZE);
+    let mem = ring.mem.clone();
+    preset_status(&mem, STATUS, 2);
+    let (call, kick) = ring.start(&mut fe, features, 0);
+    for (n, avail_flags) in [(0u16, 1u16), (1, 0)] {
+        ring.set_avail_flags(avail_flags);
+        header(&mem, 0x1_0000 + 16 * u64::from(n), VIRTIO_BLK_T_FLUSH, 0);
+        ring.desc(2 * n, 0x1_0000 + 16 * u64::from(n), 16, NEXT, 2 * n + 1);
+        ring.desc(2 * n + 1, STATUS + u64::from(n), 1, WRITE, 0);
+        ring.publish(&[2 * n]);
+        kick.write(1).unwrap();
+        ring.wait_used(usize::from(n) + 1, || daemon.log());
+        assert_eq!(status(&mem, u64::from(n)), VIRTIO_BLK_S_OK as u8);
+        // The call, if any, follows the used index at once.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let called = call.read().is_ok();
+        assert_eq!(
+            called,
+            avail_flags == 0,
+            "avail flags {avail_flags}\n{}",
+            daemon.log()
+        );
+    }
+    drop(fe);
+    daemon.stop();
+}

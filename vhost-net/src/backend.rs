@@ -24,6 +24,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use cowbird_daemon::exit_events::ExitEvents;
 use cowbird_daemon::logging::Occurrences;
+use cowbird_daemon::notify;
 
 use crate::chain::MAX_FRAME_LEN;
 use crate::config::{self, feature};
@@ -225,7 +226,7 @@ impl NetBackend {
                     &mut slot,
                     stats,
                 );
-                if done > 0 && state.get_queue_mut().needs_notification(&*mem)? {
+                if done > 0 && notify::needs_notification(state.get_queue_mut(), &*mem)? {
                     signal(&state);
                 }
                 if done < BATCH {
@@ -320,7 +321,7 @@ impl NetBackend {
             }
             completed += 1;
         }
-        if completed > 0 && state.get_queue_mut().needs_notification(mem)? {
+        if completed > 0 && notify::needs_notification(state.get_queue_mut(), mem)? {
             signal(state);
         }
         Ok(())

@@ -15,6 +15,8 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use cowbird_daemon::notify;
+
 use crate::chain::{parse_tx, to_iovecs};
 use crate::device::{PairSlot, PairStats, TxFrame};
 use crate::error::Error;
@@ -137,7 +139,7 @@ pub(crate) fn add_used_together<M: GuestMemory>(
 
 /// Whether the driver is to be notified of the used entries from index `old` on: with
 /// EVENT_IDX, whether its `used_event` lies among them (the virtio spec's `vring_need_event`);
-/// always without EVENT_IDX.
+/// without EVENT_IDX, unless the driver set NO_INTERRUPT.
 ///
 /// The queue's own `needs_notification` counts `add_used` calls since it last ran, which is
 /// fewer than the entries when a packet's chains are completed together
@@ -148,7 +150,7 @@ pub fn needs_notification_since<M: GuestMemory>(
     old: u16,
 ) -> Result<bool, virtio_queue::Error> {
     // Also resets the queue's count for the next round.
-    let counted = queue.needs_notification(mem)?;
+    let counted = notify::needs_notification(queue, mem)?;
     if counted || !queue.event_idx_enabled() {
         return Ok(counted);
     }

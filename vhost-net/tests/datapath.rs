@@ -373,6 +373,30 @@ fn a_packet_over_several_chains_is_used_together_and_notified_with_event_idx() {
     }
 }
 
+/// Without EVENT_IDX a driver turns notifications off with the available ring's NO_INTERRUPT
+/// flag (a Linux guest does while it polls its used ring); the backend must respect it.
+#[test]
+fn without_event_idx_the_no_interrupt_flag_suppresses_the_notification() {
+    for (avail_flags, notify) in [(0u16, true), (1, false)] {
+        let mut ring = Ring::new();
+        ring.mem
+            .write_obj(avail_flags, GuestAddress(AVAIL))
+            .unwrap();
+        let (tap, peer) = seqpacket_pair();
+        let mut slot = rx_slot(RX_MODES[0], &tap);
+        ring.add(&[(0x10_000, 2048, W)]);
+        send(&peer, &packet(100, 1));
+        let old = ring.queue.next_used();
+        let out = ring.rx(&tap, params(false), &mut slot, &PairStats::default());
+        assert_eq!((out.used, out.packets), (1, 1));
+        assert_eq!(
+            needs_notification_since(&mut ring.queue, &ring.mem, old).unwrap(),
+            notify,
+            "avail flags {avail_flags}"
+        );
+    }
+}
+
 /// With MRG_RXBUF, buffers too few for the largest packet still take a packet that fits
 /// them (a Linux guest may keep fewer posted than the largest packet needs: it refills only
 /// once half its ring is free, so waiting for more would stop rx for good). A packet that
