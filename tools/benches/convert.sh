@@ -4,7 +4,9 @@
 # qimg/qemu-img (lower is better). Both tools write through the page cache without a final
 # flush (qemu-img convert's default `-t unsafe`, which qimg follows).
 #
-# Cases: a SIZE_GIB disk with every other MiB allocated (raw <-> qcow2, then compressed), and a
+# Cases: a SIZE_GIB disk with every other MiB allocated (raw <-> qcow2 with the source in the
+# page cache, and again read from the disk ("cold": caches dropped before each run, which
+# needs root), then compressed), and a
 # mostly-empty 100 GiB disk (raw <-> qcow2); then the qcow2 and raw forms of each compared
 # (case names "compare ..."), and the 100 GiB disk with extended L2 entries (subclusters)
 # mapped and compared.
@@ -81,6 +83,8 @@ row() {
 printf '%-28s %10s %10s %8s %10s %10s %8s\n' case qimg_s qemu_s ratio qimg_cpu qemu_cpu ratio
 # Each case: its name and the subcommand's arguments, where @NAME is the file NAME in $work.
 for case in "raw->qcow2|convert -O qcow2 @src.raw @out" "qcow2->raw|convert -O raw @src.qcow2 @out" \
+            "cold raw->qcow2|convert -O qcow2 @src.raw @out" \
+            "cold qcow2->raw|convert -O raw @src.qcow2 @out" \
             "sparse 100G raw->qcow2|convert -O qcow2 @sparse.raw @out" \
             "sparse 100G qcow2->raw|convert -O raw @sparse.qcow2 @out" \
             "raw->qcow2 -c zlib|convert -O qcow2 -c @src.raw @out" \
@@ -95,13 +99,18 @@ for case in "raw->qcow2|convert -O qcow2 @src.raw @out" "qcow2->raw|convert -O r
   # shellcheck disable=SC2086
   for a in $args; do argv+=("${a/#@/$work/}"); done
   ours=(); theirs=(); base=()
+  # Before each run: no target, nothing dirty, and for "cold" cases no source in the cache.
+  fresh() {
+    rm -f "$work/out"; sync
+    if [[ $name == cold* ]]; then echo 3 > /proc/sys/vm/drop_caches; fi
+  }
   for _ in $(seq "$runs"); do
-    rm -f "$work/out"; sync
+    fresh
     ours+=("$(timeit "$QIMG" "${argv[@]}")")
-    rm -f "$work/out"; sync
+    fresh
     theirs+=("$(timeit qemu-img "${argv[@]}")")
     if [ -n "${QIMG_BASE:-}" ]; then
-      rm -f "$work/out"; sync
+      fresh
       base+=("$(timeit "$QIMG_BASE" "${argv[@]}")")
     fi
   done

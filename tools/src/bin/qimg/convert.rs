@@ -278,22 +278,43 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.ptr.add(off as usize), len as usize) }
     }
 
+    /// Starts reading the pages of `data` into the page cache, if it is a slice of this
+    /// mapping (pages there already are left alone).
+    fn prefetch(&self, data: &[u8]) {
+        self.advise(data, libc::MADV_WILLNEED);
+    }
+
     /// Unmaps the whole pages of `data` if it is a slice of this mapping (it stays readable:
     /// a later access maps the page again). Done as soon as a chunk is written, this spreads
     /// the unmapping over the workers instead of leaving it all to the end.
     fn release(&self, data: &[u8]) {
+        self.advise(data, libc::MADV_DONTNEED);
+    }
+
+    /// `madvise(advice)` on the pages of `data` if it is a slice of this mapping: every page
+    /// it touches for WILLNEED, only the pages it covers whole otherwise.
+    fn advise(&self, data: &[u8], advice: libc::c_int) {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
         let (base, addr) = (self.ptr as usize, data.as_ptr() as usize);
         if addr < base || addr + data.len() > base + self.len {
             return;
         }
-        let start = addr.next_multiple_of(page);
-        let end = (addr + data.len()) / page * page;
+        let (start, end) = match advice {
+            libc::MADV_WILLNEED => (
+                addr / page * page,
+                (addr + data.len()).next_multiple_of(page),
+            ),
+            _ => (
+                addr.next_multiple_of(page),
+                (addr + data.len()) / page * page,
+            ),
+        };
         if end > start {
-            // SAFETY: whole pages inside this read-only file mapping. Dropping them changes
-            // no byte anyone reads: the page cache still holds the file's data.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+            // SAFETY: whole pages inside this read-only file mapping. Neither advice changes
+            // a byte anyone reads: WILLNEED only starts reads into the page cache, and after
+            // DONTNEED the page cache still holds the file's data.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
         }
     }
 }
@@ -508,6 +529,27 @@ impl Sources {
                     })
                 }
             }
+        }
+    }
+
+    /// Starts reading the memory-mapped data of `[off, off + len)` into the page cache, ahead
+    /// of its copy. Only a hint: errors are left to the copy, which reports them.
+    fn prefetch(&self, off: u64, len: u64, p: &Policy) {
+        let end = off + len;
+        let mut pos = off;
+        while pos < end {
+            let Ok((kind, run)) = self.classify(pos, end - pos, p) else {
+                return;
+            };
+            if run == 0 {
+                return;
+            }
+            if let (Kind::Data, Ok(Some(data))) = (kind, self.mapped(pos, run)) {
+                for m in self.list.iter().filter_map(|s| s.map.as_ref()) {
+                    m.prefetch(data);
+                }
+            }
+            pos += run;
         }
     }
 
@@ -786,6 +828,13 @@ fn split_zero_blocks<'a>(runs: &mut Vec<Run<'a>>, off: u64, data: &'a [u8], p: &
 
 /// Largest `-S` qemu-img accepts (its bounce buffer, 32768 sectors).
 const MAX_SPARSE: u64 = 16 << 20;
+
+/// How far ahead of the chunk it copies a worker prefetches the sources' data: the page
+/// cache is filled from a cold source by the kernel's large asynchronous reads rather than
+/// by the copy's page faults, one small read at a time (measured on a 2-vCPU VM with
+/// `read_ahead_kb` 8192: 4 MiB ahead left the disk idle between chunks; 16 and 32 MiB
+/// did not differ).
+const READ_AHEAD: u64 = 16 << 20;
 
 /// The error of workers stopped because another one failed.
 const FOLLOWER: &str = "another convert worker failed";
@@ -1191,6 +1240,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
                                 (r, len)
                             }
                             Ok(None) => {
+                                prefetch_ahead(&sources, &policy, off, chunk);
                                 let len = chunk.min(sources.total - off);
                                 let r = copy_chunk(
                                     &sources, &target, &policy, &turn, i, off, len, &mut buf,
@@ -1318,6 +1368,21 @@ fn fill_empty_span(
         turn.pass(chunks);
     }
     Ok(())
+}
+
+/// Prefetches what a worker about to copy the chunk at `off` should: the chunk
+/// [`READ_AHEAD`] further on, and the chunk itself when it lies in the first [`READ_AHEAD`]
+/// (no chunk before it prefetched it).
+fn prefetch_ahead(src: &Sources, p: &Policy, off: u64, chunk: u64) {
+    let first = (off < READ_AHEAD).then_some(off);
+    for at in first
+        .into_iter()
+        .chain([off + READ_AHEAD.next_multiple_of(chunk)])
+    {
+        if at < src.total {
+            src.prefetch(at, chunk.min(src.total - at), p);
+        }
+    }
 }
 
 /// Copies one chunk (number `i`, at `off`) of the sources into the target.
