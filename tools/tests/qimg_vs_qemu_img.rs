@@ -5015,6 +5015,27 @@ fn damaged_headers_are_refused_like_qemu_img() {
             .unwrap();
         same(p, &["info", "-f", "qcow2", &img]);
     }
+    // Cut inside the header cluster, after the fixed header: the rest of the cluster reads
+    // as zeros (QEMU's reads past the end), so the image opens and check reports what the
+    // cut took.
+    for len in [104, 113, 200, 503] {
+        let img = format!("cut{len}.qcow2");
+        qcow2_image(p, &[], &img, "1M", &["write 0 256k"]);
+        std::fs::File::options()
+            .write(true)
+            .open(p.join(&img))
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        for args in [
+            &["info", &img][..],
+            &["check", &img],
+            &["check", "--output=json", &img],
+            &["compare", &img, &img],
+        ] {
+            same(p, args);
+        }
+    }
 }
 
 /// A 64 MiB image laid out as the damaged images below expect: header, refcount table,
@@ -5107,6 +5128,7 @@ fn check_words_damaged_metadata_like_qemu_img() {
         ("l2resv", &[(L2 + 8, copied(0x50002), 8)], None),
         ("l2ovl", &[(L1, copied(REFBLOCK), 8)], None),
         ("l1ovl2", &[(40, REFTABLE, 8)], None),
+        ("rb_unal", &[(REFTABLE, REFBLOCK + 0x200, 8)], None),
         ("l2unal", &[(L2 + 8, copied(0x50200), 8)], None),
         ("zeroflag_unal", &[(L2 + 8, copied(0x50201), 8)], None),
         ("l2eof", &[(L2 + 8, copied(0x500000), 8)], None),
@@ -5118,6 +5140,21 @@ fn check_words_damaged_metadata_like_qemu_img() {
         damaged(p, &img, patches, len);
         same_check_on_copies(p, &img, &[]);
         same_check_on_copies(p, &img, &["--output=json"]);
+    }
+    // An unaligned refcount block is a corruption event, as in QEMU's driver: reported once
+    // on a read-only check ("Image is corrupt"); with -r leaks, where the image is open for
+    // writing, the image is marked corrupt.
+    let (_, err) = same_check_on_copies(p, "rb_unal.qcow2", &[]);
+    assert!(
+        err.contains("qcow2: Image is corrupt: Refblock offset 0x20200 unaligned"),
+        "{err}"
+    );
+    let (code, err) = same_check_on_copies(p, "rb_unal.qcow2", &["-r", "leaks"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("qcow2: Marking image as corrupt"), "{err}");
+    for copy in ["qimg-rb_unal.qcow2", "qemu-img-rb_unal.qcow2"] {
+        let header = std::fs::read(p.join(copy)).unwrap();
+        assert_eq!(header[79] & 2, 2, "{copy}: corrupt bit not set");
     }
     let expect = [
         (

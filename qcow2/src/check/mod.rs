@@ -16,7 +16,7 @@ mod snapshots;
 use std::collections::BTreeMap;
 
 use crate::engine::meta::Meta;
-use crate::engine::Qcow2;
+use crate::engine::{c_hex, Qcow2};
 use crate::error::{Error, Result};
 use crate::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::format::snapshot::Snapshot;
@@ -155,6 +155,10 @@ struct Checker<'a> {
     snapshot_findings: TableFindings,
     report: CheckReport,
     messages: Vec<Message>,
+    /// What the check may repair.
+    mode: Repair,
+    /// A corruption event was reported (QEMU reports the first one only).
+    signaled: bool,
 }
 
 /// Checks the image's refcounts and flags against its metadata, changing nothing. A check
@@ -177,9 +181,9 @@ pub fn check_and_repair(img: &Qcow2, mode: Repair) -> CheckReport {
         // Repairs write refcounts through at once, whatever the image's lazy refcounts.
         lazy = Some(std::mem::replace(&mut img.meta_mut().lazy_refcounts, false));
     }
-    let (mut report, messages) = match Checker::new(img) {
+    let (mut report, messages) = match Checker::new(img, mode) {
         Ok(mut c) => {
-            if let Err(f) = c.run(mode) {
+            if let Err(f) = c.run() {
                 c.report.failure = Some(f.0);
             }
             (c.report, c.messages)
@@ -244,7 +248,7 @@ fn mark_clean(img: &Qcow2) -> Result<()> {
 }
 
 impl<'a> Checker<'a> {
-    fn new(img: &'a Qcow2) -> std::result::Result<Checker<'a>, Failed> {
+    fn new(img: &'a Qcow2, mode: Repair) -> std::result::Result<Checker<'a>, Failed> {
         img.flush()?;
         let file = &**img.file();
         let cs = img.cluster_size();
@@ -270,6 +274,8 @@ impl<'a> Checker<'a> {
                 ..Default::default()
             },
             messages: Vec::new(),
+            mode,
+            signaled: false,
         })
     }
 
@@ -283,7 +289,8 @@ impl<'a> Checker<'a> {
 
     /// The whole check (QEMU's qcow2_co_check_locked): the snapshot table, the refcounts,
     /// and the snapshot table's repair.
-    fn run(&mut self, mode: Repair) -> std::result::Result<(), Failed> {
+    fn run(&mut self) -> std::result::Result<(), Failed> {
+        let mode = self.mode;
         let outcome = self
             .read_snapshot_table(mode)
             .and_then(|()| self.check_refcounts(mode))
@@ -372,6 +379,17 @@ impl<'a> Checker<'a> {
                     }
                 }
                 Err(_) => {
+                    let r = c / per_block;
+                    let block = m.reftable[r as usize] & !0x1ff;
+                    if block % self.cs != 0 {
+                        self.signal_corruption(
+                            &mut m,
+                            format!(
+                                "Refblock offset {block:#x} unaligned (reftable index: {})",
+                                c_hex(r)
+                            ),
+                        );
+                    }
                     self.say(format!(
                         "Can't get refcount for cluster {c}: Input/output error"
                     ));
@@ -384,6 +402,30 @@ impl<'a> Checker<'a> {
             m.writeback(self.file)?;
         }
         Ok(highest)
+    }
+
+    /// Reports corruption the check's reads ran into as QEMU's qcow2 driver does, the first
+    /// time only: on an image open for writing, it is marked corrupt (unless the check is
+    /// to rebuild the refcounts, which QEMU's mark would then refuse: qimg repairs it
+    /// instead); on a read-only one, the line says it goes on.
+    fn signal_corruption(&mut self, m: &mut Meta, what: String) {
+        if std::mem::replace(&mut self.signaled, true) {
+            return;
+        }
+        match self.mode {
+            Repair::Nothing => self.say(format!(
+                "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
+                 suppressed"
+            )),
+            Repair::Leaks => {
+                self.say(format!(
+                    "qcow2: Marking image as corrupt: {what}; further corruption events will \
+                     be suppressed"
+                ));
+                m.set_corrupt_bit(self.file);
+            }
+            Repair::All => {}
+        }
     }
 
     /// Whether the refcount block range starting at cluster `first` holds no refcount,

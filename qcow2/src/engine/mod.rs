@@ -30,6 +30,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::error::{Error, Result};
 use crate::format::header::{
     CompressionType, Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY,
+    MAX_CLUSTER_BITS,
 };
 use crate::format::snapshot::{self, PlaceProblem, Snapshot};
 use crate::format::tables::{L2Entry, OFFSET_MASK};
@@ -90,12 +91,14 @@ impl Qcow2 {
         let file_len = file
             .len()
             .map_err(|e| Error::io("getting the image size", e))?;
-        let mut first = vec![0u8; (file_len.min(1 << 21)) as usize];
-        file.read_at(&mut first, 0)
+        // The header cluster (as large as clusters get). A file that ends inside it reads on
+        // as zeros, as QEMU's reads past the end do: cut after the fixed header, the image
+        // opens and check reports what the cut took; cut inside it, it is refused with
+        // QEMU's words (a cluster size of 2^0, say).
+        let mut first = vec![0u8; 1 << MAX_CLUSTER_BITS];
+        let present = file_len.min(1 << MAX_CLUSTER_BITS) as usize;
+        file.read_at(&mut first[..present], 0)
             .map_err(|e| Error::io("reading the header", e))?;
-        // A file shorter than a header reads on as zeros, as QEMU's reads past the end do
-        // (so it is refused with QEMU's words: a cluster size of 2^0).
-        first.resize(first.len().max(104), 0);
         let header = Header::parse(&first)?;
         if header.refcount_table_clusters == 0 && !opts.check {
             // QEMU's words; `check` opens the image to report it.
