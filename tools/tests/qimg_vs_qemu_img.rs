@@ -5262,6 +5262,33 @@ fn check_repair_modes_match_qemu_img() {
             same_check_on_copies(p, &img, args);
         }
     }
+    // An L1 table so large that it covers the other metadata: a repair is refused, and the
+    // image marked corrupt, with QEMU's line.
+    qcow2_image(p, &[], "l1huge.qcow2", "4M", &["write -P 0 0 256k"]);
+    patch(p, "l1huge.qcow2", 36, &100_000u32.to_be_bytes());
+    // (Only the outputs are compared: qemu-img's refcount repairs before the refusal never
+    // reach the file, qimg's do; the image is beyond repair either way.)
+    let mut outputs = Vec::new();
+    for (tool, prog) in [
+        (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+        ("qemu-img", "qemu-img"),
+    ] {
+        let own = p.join(prog);
+        std::fs::create_dir(&own).unwrap();
+        std::fs::copy(p.join("l1huge.qcow2"), own.join("l1huge.qcow2")).unwrap();
+        let args = ["check", "-r", "all", "l1huge.qcow2"];
+        outputs.push(run_with_stderr(&own, tool, prog, &args));
+    }
+    assert_eq!(
+        outputs[0], outputs[1],
+        "qimg vs qemu-img: check -r all l1huge.qcow2"
+    );
+    let (code, _, err) = &outputs[0];
+    assert_eq!(*code, 1, "{err}");
+    assert!(
+        err.contains("qcow2: Marking image as corrupt: Preventing invalid write on metadata"),
+        "{err}"
+    );
     let expect = [
         (
             "rc2",

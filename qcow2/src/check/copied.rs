@@ -5,6 +5,7 @@ use super::count::{classify, Kind};
 use super::{stored_refcount, strerror, Checker, Failed, Repair};
 use crate::engine::meta::encode_u64_table;
 use crate::engine::overlap::Target;
+use crate::error::Error;
 use crate::format::tables::{COPIED, OFFSET_MASK};
 
 type Outcome = std::result::Result<(), Failed>;
@@ -124,10 +125,11 @@ impl Checker<'_> {
     /// Writes a repaired L2 table and drops its cached copy.
     fn write_l2_table(&mut self, l2: u64, table: &[u64]) -> Outcome {
         let mut m = self.img.meta_mut();
-        if m.check_write(self.file, l2, self.cs, Target::L2(l2))
-            .is_err()
-        {
+        if let Err(e) = m.check_write(self.file, l2, self.cs, Target::L2(l2)) {
             drop(m);
+            if let Error::MarkedCorrupt(what) = &e {
+                self.say_marked_corrupt(what);
+            }
             self.say(
                 "ERROR: Could not write L2 table; metadata overlap check failed: \
                  Input/output error"

@@ -3,6 +3,7 @@
 
 use super::{exceeds_file, strerror, Checker, Failed, Repair, MAX_CLUSTERS};
 use crate::engine::overlap::Target;
+use crate::error::Error;
 use crate::format::bitmaps::table_entry_valid;
 use crate::format::header::{be16, be32, be64, AUTOCLEAR_BITMAPS, MAX_L1_BYTES};
 use crate::format::tables::{
@@ -345,10 +346,11 @@ impl Checker<'_> {
     fn overwrite_l2_entry(&mut self, table: u64, at: u64, words: &[u64]) -> Outcome<bool> {
         let bytes = crate::engine::meta::encode_u64_table(words);
         let mut m = self.img.meta_mut();
-        if m.check_write(self.file, at, bytes.len() as u64, Target::L2(table))
-            .is_err()
-        {
+        if let Err(e) = m.check_write(self.file, at, bytes.len() as u64, Target::L2(table)) {
             drop(m);
+            if let Error::MarkedCorrupt(what) = &e {
+                self.say_marked_corrupt(what);
+            }
             self.say("ERROR: Overlap check failed".into());
             self.report.check_errors += 1;
             return Err(Failed::eio());

@@ -409,22 +409,27 @@ impl<'a> Checker<'a> {
     /// to rebuild the refcounts, which QEMU's mark would then refuse: qimg repairs it
     /// instead); on a read-only one, the line says it goes on.
     fn signal_corruption(&mut self, m: &mut Meta, what: String) {
-        if std::mem::replace(&mut self.signaled, true) {
-            return;
-        }
         match self.mode {
-            Repair::Nothing => self.say(format!(
+            Repair::Nothing if !std::mem::replace(&mut self.signaled, true) => self.say(format!(
                 "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
                  suppressed"
             )),
-            Repair::Leaks => {
-                self.say(format!(
-                    "qcow2: Marking image as corrupt: {what}; further corruption events will \
-                     be suppressed"
-                ));
+            Repair::Leaks if !self.signaled => {
+                self.say_marked_corrupt(&what);
                 m.set_corrupt_bit(self.file);
             }
-            Repair::All => {}
+            _ => {}
+        }
+    }
+
+    /// Says that the image was marked corrupt (a write the overlap check refused, say), as
+    /// QEMU's driver does for the first corruption event only.
+    fn say_marked_corrupt(&mut self, what: &str) {
+        if !std::mem::replace(&mut self.signaled, true) {
+            self.say(format!(
+                "qcow2: Marking image as corrupt: {what}; further corruption events will be \
+                 suppressed"
+            ));
         }
     }
 

@@ -135,10 +135,7 @@ impl Checker<'_> {
             Err(e) => {
                 self.snapshot_findings.check_errors += 1;
                 if let Error::MarkedCorrupt(what) = &e {
-                    self.say(format!(
-                        "qcow2: Marking image as corrupt: {what}; further corruption events \
-                         will be suppressed"
-                    ));
+                    self.say_marked_corrupt(what);
                 }
                 let why = match e {
                     Error::MarkedCorrupt(_) => "Input/output error".into(),
