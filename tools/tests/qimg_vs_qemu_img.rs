@@ -5007,12 +5007,7 @@ fn damaged_headers_are_refused_like_qemu_img() {
     for len in [0, 3, 50] {
         let img = format!("short{len}.qcow2");
         qcow2_image(p, &[], &img, "1M", &[]);
-        std::fs::File::options()
-            .write(true)
-            .open(p.join(&img))
-            .unwrap()
-            .set_len(len)
-            .unwrap();
+        cut(p, &img, len);
         same(p, &["info", "-f", "qcow2", &img]);
     }
     // Cut inside the header cluster, after the fixed header: the rest of the cluster reads
@@ -5021,12 +5016,7 @@ fn damaged_headers_are_refused_like_qemu_img() {
     for len in [104, 113, 200, 503] {
         let img = format!("cut{len}.qcow2");
         qcow2_image(p, &[], &img, "1M", &["write 0 256k"]);
-        std::fs::File::options()
-            .write(true)
-            .open(p.join(&img))
-            .unwrap()
-            .set_len(len)
-            .unwrap();
+        cut(p, &img, len);
         for args in [
             &["info", &img][..],
             &["check", &img],
@@ -5036,6 +5026,12 @@ fn damaged_headers_are_refused_like_qemu_img() {
             same(p, args);
         }
     }
+}
+
+/// Cuts the file `name` in `dir` to `len` bytes.
+fn cut(dir: &Path, name: &str, len: u64) {
+    let f = std::fs::File::options().write(true).open(dir.join(name));
+    f.unwrap().set_len(len).unwrap();
 }
 
 /// A 64 MiB image laid out as the damaged images below expect: header, refcount table,
@@ -5077,11 +5073,7 @@ fn damaged(dir: &Path, name: &str, patches: &[Patch], len: Option<u64>) {
         patch(dir, name, offset, &value.to_be_bytes()[8 - width..]);
     }
     if let Some(len) = len {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join(name))
-            .unwrap();
-        f.set_len(len).unwrap();
+        cut(dir, name, len);
     }
 }
 
