@@ -5121,6 +5121,7 @@ fn check_words_damaged_metadata_like_qemu_img() {
         ("l2ovl", &[(L1, copied(REFBLOCK), 8)], None),
         ("l1ovl2", &[(40, REFTABLE, 8)], None),
         ("rb_unal", &[(REFTABLE, REFBLOCK + 0x200, 8)], None),
+        ("rb_unal_eof", &[(REFTABLE, 0x10_0200, 8)], None),
         ("l2unal", &[(L2 + 8, copied(0x50200), 8)], None),
         ("zeroflag_unal", &[(L2 + 8, copied(0x50201), 8)], None),
         ("l2eof", &[(L2 + 8, copied(0x500000), 8)], None),
@@ -5141,12 +5142,15 @@ fn check_words_damaged_metadata_like_qemu_img() {
         err.contains("qcow2: Image is corrupt: Refblock offset 0x20200 unaligned"),
         "{err}"
     );
-    let (code, err) = same_check_on_copies(p, "rb_unal.qcow2", &["-r", "leaks"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("qcow2: Marking image as corrupt"), "{err}");
-    for copy in ["qimg-rb_unal.qcow2", "qemu-img-rb_unal.qcow2"] {
-        let header = std::fs::read(p.join(copy)).unwrap();
-        assert_eq!(header[79] & 2, 2, "{copy}: corrupt bit not set");
+    // (Also when the unaligned block lies past the end of the file: alignment comes first.)
+    for img in ["rb_unal", "rb_unal_eof"] {
+        let (code, err) = same_check_on_copies(p, &format!("{img}.qcow2"), &["-r", "leaks"]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("qcow2: Marking image as corrupt"), "{err}");
+        for copy in [format!("qimg-{img}.qcow2"), format!("qemu-img-{img}.qcow2")] {
+            let header = std::fs::read(p.join(&copy)).unwrap();
+            assert_eq!(header[79] & 2, 2, "{copy}: corrupt bit not set");
+        }
     }
     let expect = [
         (

@@ -380,7 +380,7 @@ impl<'a> Checker<'a> {
                 }
                 Err(_) => {
                     let r = c / per_block;
-                    let block = m.reftable[r as usize] & !0x1ff;
+                    let block = m.reftable.get(r as usize).map_or(0, |e| e & !0x1ff);
                     if block % self.cs != 0 {
                         self.signal_corruption(
                             &mut m,
@@ -483,6 +483,14 @@ fn file_len(file: &dyn Storage) -> Result<u64> {
 /// Refcount of `cluster` as stored; a refcount block past the end of the file reads as
 /// zeros, as QEMU reads it.
 fn stored_refcount(m: &mut Meta, file: &dyn Storage, file_len: u64, cluster: u64) -> Result<u64> {
+    // An unaligned block fails before the end of the file is looked at, as in QEMU.
+    let r = cluster / m.geo.refblock_entries();
+    let block = m.reftable.get(r as usize).map_or(0, |e| e & !0x1ff);
+    if block % m.geo.cluster_size() != 0 {
+        return Err(Error::Corrupt(format!(
+            "refcount block offset {block:#x} is not cluster aligned"
+        )));
+    }
     match stored_block(m, file_len, cluster) {
         Some(_) => m.refcount(file, cluster),
         None => Ok(0),

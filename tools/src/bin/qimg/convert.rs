@@ -1371,8 +1371,8 @@ fn fill_empty_span(
 }
 
 /// Prefetches what a worker about to copy the chunk at `off` should: the chunk
-/// [`READ_AHEAD`] further on, and the chunk itself when it lies in the first [`READ_AHEAD`]
-/// (no chunk before it prefetched it).
+/// [`READ_AHEAD`] (rounded up to whole chunks) further on, and the chunk itself when it lies
+/// in the first [`READ_AHEAD`] (no chunk before it prefetched it).
 fn prefetch_ahead(src: &Sources, p: &Policy, off: u64, chunk: u64) {
     let first = (off < READ_AHEAD).then_some(off);
     for at in first
