@@ -1237,6 +1237,12 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
                         let span = claim_empty_span(&sources, &policy, &next, i, chunk, chunks);
                         let (r, len) = match span {
                             Ok(Some((kind, end))) => {
+                                // What follows the span had no chunk before it to prefetch it.
+                                let after = end * chunk;
+                                if after < sources.total {
+                                    let ahead = READ_AHEAD.min(sources.total - after);
+                                    sources.prefetch(after, ahead, &policy);
+                                }
                                 let len = (end * chunk).min(sources.total) - off;
                                 let r = fill_empty_span(
                                     &target,
