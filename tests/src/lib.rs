@@ -12,6 +12,7 @@ pub mod process;
 pub mod procfs;
 pub mod small_fs;
 pub mod stack;
+pub mod unreadable_file;
 pub mod vring;
 
 use std::path::{Path, PathBuf};

@@ -35,6 +35,7 @@ use crate::qemu_opts;
 use crate::rate_limit::RateLimit;
 use crate::size::{cvtint_full, cvtnum};
 use crate::snapshot_param;
+use crate::source_map::{self, Mapping};
 
 /// Arguments of `qimg convert`, with qemu-img 10.0's long names.
 #[derive(clap::Args)]
@@ -222,110 +223,6 @@ impl Target {
     }
 }
 
-/// A read-only shared memory map of the file holding a source's data: data is written to
-/// the target straight from the page cache, with no copy into a buffer first.
-struct Mapping {
-    ptr: *const u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and only read through shared slices.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    /// Maps the whole regular file `fd`; `None` where that is not possible (the caller then
-    /// reads instead).
-    fn new(fd: std::os::unix::io::RawFd) -> Option<Mapping> {
-        // SAFETY: fstat into a zeroed struct of the right type.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; `fd` is open for the duration of the call.
-        if unsafe { libc::fstat(fd, &mut st) } != 0
-            || st.st_mode & libc::S_IFMT != libc::S_IFREG
-            || st.st_size <= 0
-        {
-            return None;
-        }
-        let len = usize::try_from(st.st_size).ok()?;
-        // SAFETY: a fresh read-only shared mapping of an open file; the kernel picks the
-        // address. The mapping outlives any close of the file descriptor.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return None;
-        }
-        // SAFETY: advice on the mapping just made.
-        unsafe { libc::madvise(ptr, len, libc::MADV_SEQUENTIAL) };
-        Some(Mapping {
-            ptr: ptr as *const u8,
-            len,
-        })
-    }
-
-    fn slice(&self, off: u64, len: u64) -> &[u8] {
-        assert!(off + len <= self.len as u64);
-        // SAFETY: in bounds of a live read-only mapping. The source is opened read-only and
-        // must not be modified or truncated while it is converted (qemu-img's rule too).
-        unsafe { std::slice::from_raw_parts(self.ptr.add(off as usize), len as usize) }
-    }
-
-    /// Starts reading the pages of `data` into the page cache, if it is a slice of this
-    /// mapping (pages there already are left alone).
-    fn prefetch(&self, data: &[u8]) {
-        self.advise(data, libc::MADV_WILLNEED);
-    }
-
-    /// Unmaps the whole pages of `data` if it is a slice of this mapping (it stays readable:
-    /// a later access maps the page again). Done as soon as a chunk is written, this spreads
-    /// the unmapping over the workers instead of leaving it all to the end.
-    fn release(&self, data: &[u8]) {
-        self.advise(data, libc::MADV_DONTNEED);
-    }
-
-    /// `madvise(advice)` on the pages of `data` if it is a slice of this mapping: every page
-    /// it touches for WILLNEED, only the pages it covers whole otherwise.
-    fn advise(&self, data: &[u8], advice: libc::c_int) {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-        let (base, addr) = (self.ptr as usize, data.as_ptr() as usize);
-        if addr < base || addr + data.len() > base + self.len {
-            return;
-        }
-        let (start, end) = match advice {
-            libc::MADV_WILLNEED => (
-                addr / page * page,
-                (addr + data.len()).next_multiple_of(page),
-            ),
-            _ => (
-                addr.next_multiple_of(page),
-                (addr + data.len()) / page * page,
-            ),
-        };
-        if end > start {
-            // SAFETY: whole pages inside this read-only file mapping. Neither advice changes
-            // a byte anyone reads: WILLNEED only starts reads into the page cache, and after
-            // DONTNEED the page cache still holds the file's data.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
-        }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; no slice outlives `self`.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
-}
-
 /// The target's storage with `-t unsafe`, qemu-img convert's default: flushes do nothing.
 /// Metadata still reaches the file in the engine's crash-safe order (so an interrupted
 /// convert leaves a consistent image), but nothing is forced to the disk.
@@ -386,7 +283,7 @@ impl Source {
             }
         };
         Ok(host
-            .filter(|h| h.checked_add(len).is_some_and(|end| end <= m.len as u64))
+            .filter(|h| h.checked_add(len).is_some_and(|end| end <= m.file_len()))
             .map(|h| (m, h)))
     }
 }
@@ -610,6 +507,12 @@ impl Sources {
     }
 }
 
+/// The error of a source page that could not be read through its map (the kernel does not
+/// say why; a disk error is the likely reason).
+fn read_error() -> std::io::Error {
+    std::io::Error::from_raw_os_error(libc::EIO)
+}
+
 /// How qemu-img names a read error: the system's words for an I/O error with an errno,
 /// else (a corrupt or undecodable image) the I/O error the block layer reports.
 fn read_error_text(e: &qcow2::Error) -> String {
@@ -755,7 +658,12 @@ fn plan<'a>(
         rest_off = e;
         let kept = kept_by_target(src, p, s, e)?;
         let data: &[u8] = match src.mapped(s, e - s) {
-            Ok(Some(mapped)) if kept.is_empty() => mapped,
+            Ok(Some(mapped)) if kept.is_empty() => {
+                if !source_map::fault_in(mapped) {
+                    return Err(read_error()).context(format!("error while reading at byte {s}"));
+                }
+                mapped
+            }
             // A mapping that fails is found again by the read, which reports it.
             _ => {
                 read_span(src, p, s, mine)?;
@@ -985,7 +893,12 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
             let view = if i == 0 { snapshot.clone() } else { None };
             let locking = crate::source_locking(a.force_share);
             let img = crate::open_at(s, a.source_formats[i].as_deref(), true, view, locking)?;
-            let map = img.data_fd().and_then(Mapping::new);
+            // `--salvage` reads: a read error then fails one read, which is narrowed down to
+            // the sectors that fail, instead of one page of a map.
+            let map = match a.salvage {
+                true => None,
+                false => img.data_fd().and_then(Mapping::new),
+            };
             let size = img.size().next_multiple_of(512);
             Ok(Source { img, map, size })
         })
@@ -1414,8 +1327,13 @@ fn copy_chunk(
     buf: &mut [u8],
 ) -> anyhow::Result<()> {
     let runs = plan(src, target, off, len, p, &mut buf[..len as usize])?;
-    write_chunk(target, p, turn, i, &runs)
-        .with_context(|| format!("{}: error while writing at byte {off}", p.target_name))?;
+    let written = write_chunk(target, p, turn, i, &runs);
+    // A page of a source's map that failed after `plan` touched it (evicted and read again)
+    // was read as zeros, here or by the write.
+    if source_map::take_fault() {
+        return Err(read_error()).context(format!("error while reading at byte {off}"));
+    }
+    written.with_context(|| format!("{}: error while writing at byte {off}", p.target_name))?;
     for r in &runs {
         for m in src.list.iter().filter_map(|s| s.map.as_ref()) {
             m.release(r.data);

@@ -55,6 +55,7 @@ mod resize;
 mod size;
 mod snapshot;
 mod snapshot_param;
+mod source_map;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
