@@ -1095,6 +1095,62 @@ fn a_write_lost_at_writeback_fails_every_flush_and_reads_go_on() {
     }
 }
 
+/// An image on failing media (reads of 4 KiB of it fail with EIO; a read-only FUSE file):
+/// a guest read that touches the bad bytes fails with IOERR, with the cause in the log, and
+/// the daemon goes on serving reads around them on every queue. Raw, and qcow2 with the bad
+/// bytes in a data cluster, then in the L2 table.
+#[test]
+fn reads_of_unreadable_image_bytes_fail_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(7, 8 * MIB as usize);
+    let raw = dir.path().join("data.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let qcow2 = dir.path().join("data.qcow2");
+    let (raw_name, qcow2_name) = (raw.to_str().unwrap(), qcow2.to_str().unwrap());
+    qemu_img(&["convert", "-q", "-O", "qcow2", raw_name, qcow2_name]);
+    let image = std::fs::read(&qcow2).unwrap();
+    let be = |at: u64| u64::from_be_bytes(image[at as usize..at as usize + 8].try_into().unwrap());
+    let l2 = be(be(40)) & 0x00ff_ffff_ffff_fe00;
+    // Guest MiB 1 is cluster 16 (64 KiB clusters).
+    let cluster_16 = be(l2 + 16 * 8) & 0x00ff_ffff_ffff_fe00;
+    // Each case: the format, the image, its bad bytes and the guest range whose reads fail.
+    let cases = [
+        ("raw", data, MIB + 8192, MIB + 8192..MIB + 12288),
+        (
+            "qcow2",
+            image.clone(),
+            cluster_16 + 8192,
+            MIB + 8192..MIB + 12288,
+        ),
+        ("qcow2", image, l2, 0..8 * MIB),
+    ];
+    for (format, bytes, bad_at, fails) in cases {
+        let file =
+            cowbird_tests::unreadable_file::UnreadableFile::new(bytes, bad_at..bad_at + 4096);
+        let what = format!("{format}, bad bytes at {bad_at:#x}");
+        let args = ["--format", format, "--read-only", "--num-queues", "2"];
+        let mut d = Daemon::start(dir.path(), &file.path(), &args);
+        let mut c = connect(&d.socket, 2, true).unwrap_or_else(|e| panic!("{e}:\n{}", d.log()));
+        for q in [0, 1] {
+            assert_eq!(c.read(q, MIB, 64 << 10), Err(EIO), "{what}:\n{}", d.log());
+        }
+        for at in [0, MIB - 4096, MIB + 12288, 4 * MIB] {
+            let want = match fails.contains(&at) {
+                true => Err(EIO),
+                false => Ok(pattern(7, 8 * MIB as usize)[at as usize..at as usize + 4096].to_vec()),
+            };
+            assert!(c.read(1, at, 4096) == want, "{what}: read at {at}");
+        }
+        assert!(
+            d.log().contains("Input/output error"),
+            "{what}: no cause logged:\n{}",
+            d.log()
+        );
+        drop(c);
+        d.stop();
+    }
+}
+
 /// A raw file whose length is no multiple of 512 is a disk of its length rounded up, as QEMU
 /// serves it: the last sector reads the file's last bytes and zeros after them, and a write
 /// there extends the file (the disk used to end before those bytes, hiding them).

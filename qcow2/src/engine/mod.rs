@@ -30,7 +30,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::error::{Error, Result};
 use crate::format::header::{
     CompressionType, Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DIRTY,
-    MAX_CLUSTER_BITS,
+    MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
 };
 use crate::format::snapshot::{self, PlaceProblem, Snapshot};
 use crate::format::tables::{L2Entry, OFFSET_MASK};
@@ -91,14 +91,24 @@ impl Qcow2 {
         let file_len = file
             .len()
             .map_err(|e| Error::io("getting the image size", e))?;
-        // The header cluster (as large as clusters get). A file that ends inside it reads on
-        // as zeros, as QEMU's reads past the end do: cut after the fixed header, the image
-        // opens and check reports what the cut took; cut inside it, it is refused with
-        // QEMU's words (a cluster size of 2^0, say).
-        let mut first = vec![0u8; 1 << MAX_CLUSTER_BITS];
-        let present = file_len.min(1 << MAX_CLUSTER_BITS) as usize;
-        file.read_at(&mut first[..present], 0)
-            .map_err(|e| Error::io("reading the header", e))?;
+        // The header cluster, its size read from its first sector (the smallest cluster):
+        // nothing past it is read (a sector there may be unreadable). A file that ends
+        // inside it reads on as zeros, as QEMU's reads past the end do: cut after the fixed
+        // header, the image opens and check reports what the cut took; cut inside it, it is
+        // refused with QEMU's words (a cluster size of 2^0, say).
+        let read_header = |buf: &mut [u8], at: u64| {
+            let present = file_len.saturating_sub(at).min(buf.len() as u64) as usize;
+            file.read_at(&mut buf[..present], at)
+                .map_err(|e| Error::io("reading the header", e))
+        };
+        let sector = 1usize << MIN_CLUSTER_BITS;
+        let mut first = vec![0u8; sector];
+        read_header(&mut first, 0)?;
+        let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
+        if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            first.resize(1 << cluster_bits, 0);
+            read_header(&mut first[sector..], sector as u64)?;
+        }
         let header = Header::parse(&first)?;
         if header.refcount_table_clusters == 0 && !opts.check {
             // QEMU's words; `check` opens the image to report it.
