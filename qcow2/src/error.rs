@@ -48,6 +48,9 @@ pub enum Error {
     /// marked corrupt (the header's corrupt bit) and takes no more writes until repaired.
     #[error("Image is corrupt: {0}; the image is now marked corrupt")]
     MarkedCorrupt(String),
+    /// A write refused because the image was marked corrupt earlier in this session.
+    #[error("the image was marked corrupt; no more writes are accepted")]
+    WritesStopped,
     /// A guest request that falls outside the virtual disk.
     #[error("request at offset {offset} length {len} is past the end of the {size}-byte image")]
     OutOfRange {

@@ -5797,6 +5797,49 @@ fn corruption_found_in_an_image_open_for_writing_marks_it_corrupt_like_qemu_img(
             "{args:?}"
         );
     }
+    // Unaligned tables (an L2 table, a refcount block): the same line and corrupt bit when
+    // open for writing; read-only, QEMU's "Image is corrupt" line and no bit. (After the
+    // mark, qemu-img's failed write may say "No medium found": only the lines before are
+    // compared.)
+    damaged(p, "l1u.qcow2", &[(L1, (1 << 63) | (L2 + 0x200), 8)], None);
+    damaged(p, "rbu.qcow2", &[(REFTABLE, REFBLOCK + 0x200, 8)], None);
+    let tables: &[(&str, &[&str], &str)] = &[
+        (
+            "l1u.qcow2",
+            &["convert", "-n", "-O", "qcow2", "src.raw", "X"],
+            "qcow2: Marking image as corrupt: L2 table offset 0x40200 unaligned (L1 index: 0)",
+        ),
+        (
+            "l1u.qcow2",
+            &["convert", "-O", "raw", "X", "out.raw"],
+            "qcow2: Image is corrupt: L2 table offset 0x40200 unaligned (L1 index: 0)",
+        ),
+        (
+            "rbu.qcow2",
+            &["convert", "-n", "-O", "qcow2", "src.raw", "X"],
+            "qcow2: Marking image as corrupt: Refblock offset 0x20200 unaligned (reftable \
+             index: 0)",
+        ),
+    ];
+    for &(image, args, line) in tables {
+        let outcomes: Vec<_> = run_on_copies(p, image, args, |copy| {
+            qemu(p, &["info", copy]).1.contains("corrupt: true")
+        })
+        .into_iter()
+        .map(|(code, _, err, corrupt)| {
+            let first = err.lines().next().unwrap_or_default().to_owned();
+            (code, first, corrupt)
+        })
+        .collect();
+        assert_eq!(outcomes[0], outcomes[1], "qimg vs qemu-img: {args:?}");
+        assert_eq!(outcomes[0].0, 1, "{args:?}");
+        assert!(
+            outcomes[0].1.starts_with(line),
+            "{args:?}: {}",
+            outcomes[0].1
+        );
+        assert_eq!(outcomes[0].2, line.contains("Marking"), "{args:?}");
+    }
 }
 
 /// `qemu-img check IMG` finds nothing wrong: no errors, no leaks.

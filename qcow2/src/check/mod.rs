@@ -16,7 +16,7 @@ mod snapshots;
 use std::collections::BTreeMap;
 
 use crate::engine::meta::Meta;
-use crate::engine::{c_hex, Qcow2};
+use crate::engine::Qcow2;
 use crate::error::{Error, Result};
 use crate::format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::format::snapshot::Snapshot;
@@ -378,17 +378,9 @@ impl<'a> Checker<'a> {
                         fixed_any |= self.mismatch(&mut m, c, stored, counted, mode);
                     }
                 }
-                Err(_) => {
-                    let r = c / per_block;
-                    let block = m.reftable.get(r as usize).map_or(0, |e| e & !0x1ff);
-                    if block % self.cs != 0 {
-                        self.signal_corruption(
-                            &mut m,
-                            format!(
-                                "Refblock offset {block:#x} unaligned (reftable index: {})",
-                                c_hex(r)
-                            ),
-                        );
+                Err(e) => {
+                    if let Error::Corrupt(what) = e {
+                        self.signal_corruption(&mut m, what);
                     }
                     self.say(format!(
                         "Can't get refcount for cluster {c}: Input/output error"
@@ -484,13 +476,7 @@ fn file_len(file: &dyn Storage) -> Result<u64> {
 /// zeros, as QEMU reads it.
 fn stored_refcount(m: &mut Meta, file: &dyn Storage, file_len: u64, cluster: u64) -> Result<u64> {
     // An unaligned block fails before the end of the file is looked at, as in QEMU.
-    let r = cluster / m.geo.refblock_entries();
-    let block = m.reftable.get(r as usize).map_or(0, |e| e & !0x1ff);
-    if block % m.geo.cluster_size() != 0 {
-        return Err(Error::Corrupt(format!(
-            "refcount block offset {block:#x} is not cluster aligned"
-        )));
-    }
+    m.refblock_offset(cluster)?;
     match stored_block(m, file_len, cluster) {
         Some(_) => m.refcount(file, cluster),
         None => Ok(0),

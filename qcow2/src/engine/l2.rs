@@ -36,6 +36,22 @@ impl Meta {
         table + l2i / self.l2_slice_entries() * self.l2_slice_bytes()
     }
 
+    /// Host offset of the L2 table that L1 entry `l1i` points to (0: none, or past the L1
+    /// table); an unaligned one is corruption, in QEMU's words.
+    pub fn l2_table_offset(&self, l1i: usize) -> crate::Result<u64> {
+        let table = self
+            .l1
+            .get(l1i)
+            .map_or(0, |e| e & crate::format::tables::OFFSET_MASK);
+        if table % self.geo.cluster_size() != 0 {
+            return Err(crate::Error::Corrupt(format!(
+                "L2 table offset {table:#x} unaligned (L1 index: {})",
+                super::c_hex(l1i as u64)
+            )));
+        }
+        Ok(table)
+    }
+
     /// Makes sure the slice holding entry `l2i` of the table at `table` is cached; returns
     /// its key.
     pub fn load_l2_slice(&mut self, file: &dyn Storage, table: u64, l2i: u64) -> Result<u64> {

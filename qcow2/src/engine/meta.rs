@@ -196,12 +196,18 @@ impl Meta {
         self.reftable_dirty = false;
     }
 
-    fn refblock_offset(&mut self, cluster: u64) -> Option<u64> {
-        let r = (cluster / self.geo.refblock_entries()) as usize;
-        self.reftable
-            .get(r)
-            .map(|e| e & !0x1ff)
-            .filter(|&off| off != 0)
+    /// Host offset of the refcount block holding `cluster`'s refcount, if there is one; an
+    /// unaligned one is corruption, in QEMU's words.
+    pub fn refblock_offset(&self, cluster: u64) -> Result<Option<u64>> {
+        let r = cluster / self.geo.refblock_entries();
+        let block = self.reftable.get(r as usize).map_or(0, |e| e & !0x1ff);
+        if block % self.geo.cluster_size() != 0 {
+            return Err(Error::Corrupt(format!(
+                "Refblock offset {block:#x} unaligned (reftable index: {})",
+                super::c_hex(r)
+            )));
+        }
+        Ok(Some(block).filter(|&off| off != 0))
     }
 
     fn load_refblock(&mut self, file: &dyn Storage, offset: u64) -> Result<()> {
@@ -233,7 +239,7 @@ impl Meta {
 
     /// Refcount of host cluster index `cluster`.
     pub fn refcount(&mut self, file: &dyn Storage, cluster: u64) -> Result<u64> {
-        let Some(block) = self.refblock_offset(cluster) else {
+        let Some(block) = self.refblock_offset(cluster)? else {
             return Ok(0);
         };
         self.load_refblock(file, block)?;
@@ -251,7 +257,7 @@ impl Meta {
             });
         }
         let block = self
-            .refblock_offset(cluster)
+            .refblock_offset(cluster)?
             .ok_or_else(|| Error::Corrupt(format!("no refcount block for cluster {cluster}")))?;
         self.load_refblock(file, block)?;
         let idx = (cluster % self.geo.refblock_entries()) as usize;
@@ -420,7 +426,7 @@ impl Meta {
             "refcount blocks",
         )?;
         for c in start..end {
-            if self.refblock_offset(c).is_some() {
+            if self.refblock_offset(c)?.is_some() {
                 self.set_refcount(file, c, 1)?;
             }
         }

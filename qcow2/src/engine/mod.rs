@@ -457,7 +457,7 @@ impl Qcow2 {
         };
         {
             let m = self.meta();
-            let table = m.l1.get(l1i).map_or(0, |e| e & OFFSET_MASK);
+            let table = m.l2_table_offset(l1i)?;
             if table == 0 {
                 return Ok(unallocated(&m));
             }
@@ -468,7 +468,7 @@ impl Qcow2 {
             }
         }
         let mut m = self.meta_mut();
-        let table = m.l1.get(l1i).map_or(0, |e| e & OFFSET_MASK);
+        let table = m.l2_table_offset(l1i)?;
         if table == 0 {
             return Ok(unallocated(&m));
         }
@@ -482,6 +482,7 @@ impl Qcow2 {
     /// Makes corruption `e` found in the metadata fatal, as QEMU does in an image opened
     /// for writing (not for a check): the image is marked corrupt, in memory and in its
     /// header, and takes no more writes. Other errors, and read-only images, pass unchanged.
+    /// Applied to what every request returns.
     fn fatal(&self, e: Error) -> Error {
         match e {
             Error::Corrupt(_) if self.fatal_corruption => self.fatal_in(&mut self.meta_mut(), e),
@@ -834,26 +835,28 @@ impl Image for Qcow2 {
         if self.metadata_only {
             return Err(Error::MetadataOnly);
         }
-        self.read_guest(buf, offset)
+        self.read_guest(buf, offset).map_err(|e| self.fatal(e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable(offset, buf.len() as u64)?;
-        self.write_guest(buf, offset)
+        self.write_guest(buf, offset).map_err(|e| self.fatal(e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable(offset, len)?;
         self.zero_or_discard(offset, len, write::ZeroMode::Zero { unmap })
+            .map_err(|e| self.fatal(e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable(offset, len)?;
         self.zero_or_discard(offset, len, write::ZeroMode::Discard)
+            .map_err(|e| self.fatal(e))
     }
 
     fn flush(&self) -> Result<()> {
-        self.flush_metadata()
+        self.flush_metadata().map_err(|e| self.fatal(e))
     }
 
     fn sync_fds(&self) -> Option<Vec<std::os::unix::io::RawFd>> {
@@ -876,7 +879,7 @@ impl Image for Qcow2 {
             f.check_sync()
                 .map_err(|e| Error::io("flushing the image", e))?;
         }
-        self.write_back()
+        self.write_back().map_err(|e| self.fatal(e))
     }
 
     fn sync_failed(&self) {
@@ -886,16 +889,17 @@ impl Image for Qcow2 {
     }
 
     fn close(&self) -> Result<()> {
-        self.flush_metadata()?;
+        self.flush_metadata().map_err(|e| self.fatal(e))?;
         if self.read_only {
             return Ok(());
         }
-        self.meta_mut().close_lazy_refcounts(&*self.file)
+        let closed = self.meta_mut().close_lazy_refcounts(&*self.file);
+        closed.map_err(|e| self.fatal(e))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         check_range(offset, len.max(1), self.size)?;
-        self.status(offset, len)
+        self.status(offset, len).map_err(|e| self.fatal(e))
     }
 
     fn backing(&self) -> Option<&dyn Image> {

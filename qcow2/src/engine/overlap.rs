@@ -96,7 +96,7 @@ impl Meta {
         target: Target,
     ) -> Result<()> {
         if self.corrupt.load(Ordering::SeqCst) {
-            return Err(marked_corrupt());
+            return Err(Error::WritesStopped);
         }
         match self.overlap(offset, len, target) {
             None => Ok(()),
@@ -128,17 +128,12 @@ impl Meta {
     }
 }
 
-/// The error for writes after the image was marked corrupt.
-fn marked_corrupt() -> Error {
-    Error::Corrupt("the image was marked corrupt; no more writes are accepted".into())
-}
-
 impl Qcow2 {
     /// Fails with [`Error::Corrupt`], marking the image corrupt, if `len` bytes of guest data
     /// at host `offset` would overwrite metadata, or if an earlier check already failed.
     pub(super) fn check_data_write(&self, offset: u64, len: u64) -> Result<()> {
         if self.marked_corrupt.load(Ordering::SeqCst) {
-            return Err(marked_corrupt());
+            return Err(Error::WritesStopped);
         }
         if self.data_file.is_some() {
             return Ok(());

@@ -420,7 +420,7 @@ impl Qcow2 {
             .l1
             .get(l1i)
             .ok_or_else(|| Error::Corrupt(format!("L1 index {l1i} is beyond the L1 table")))?;
-        let off = e & OFFSET_MASK;
+        let off = m.l2_table_offset(l1i)?;
         if off != 0 && e & COPIED != 0 {
             return Ok(off);
         }
