@@ -1248,70 +1248,82 @@ fn convert_salvage_copies_unreadable_sectors_as_zeros_like_qemu_img() {
     assert_eq!(qemu(p, &["compare", "ours.raw", "theirs.raw"]).0, 0);
 }
 
-/// A source on failing media (reads of 4 KiB in its fifth MiB fail with EIO): convert stops
-/// with qemu-img's error and exit code 1, or with `--salvage` copies the sectors that fail
-/// as zeros with its warnings, into raw and qcow2 targets alike. qimg reads raw sources
-/// through a memory map, where such a page raised SIGBUS and killed it (raw targets) or failed
-/// the target's write with EFAULT (qcow2 targets), `--salvage` or not.
+/// A source on failing media (reads of 4 KiB in its seventh MiB fail with EIO): convert stops
+/// with qemu-img's error (naming the start of the 2 MiB piece qemu-img reads) and exit code
+/// 1, or with `--salvage` copies the sectors that fail as zeros with its warnings, into raw
+/// and qcow2 targets alike, with `-S 0` and `-C`, and after another source that leaves the
+/// failing one's map unaligned in the chunk. qimg reads raw sources through a memory map,
+/// where such a page raised SIGBUS and killed it (raw targets) or failed the target's write
+/// with EFAULT (qcow2 targets), `--salvage` or not. The source spans 6 chunks, so that other
+/// workers are stopped by the failure (their error must not be the one reported).
 #[test]
 fn convert_of_a_source_with_read_errors_fails_or_salvages_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     // Every other MiB holds data; the bad range sits inside a data MiB, past its first page.
-    let data: Vec<u8> = (0..8u32 << 20)
+    let data: Vec<u8> = (0..24u32 << 20)
         .map(|i| match (i >> 20) % 2 {
             0 => (i % 251) as u8 | 1,
             _ => 0,
         })
         .collect();
     std::fs::write(p.join("data.raw"), &data).unwrap();
-    // The same disk as a qcow2 image, its guest byte 4 MiB found in the file by `map`.
+    // One-sector sources to go first.
+    std::fs::write(p.join("sector.raw"), [5u8; 512]).unwrap();
+    let (code, _) = qemu(p, &["convert", "-O", "qcow2", "sector.raw", "sector.qcow2"]);
+    assert_eq!(code, 0);
+    // The same disk as a qcow2 image, its guest byte 6 MiB found in the file by `map`.
     let (code, _) = qemu(p, &["convert", "-O", "qcow2", "data.raw", "data.qcow2"]);
     assert_eq!(code, 0);
     let (_, map) = qemu(p, &["map", "--output=json", "data.qcow2"]);
     let map: serde_json::Value = serde_json::from_str(&map).unwrap();
-    let at_4m = map
+    let at_6m = map
         .as_array()
         .unwrap()
         .iter()
-        .find(|e| e["start"] == 4 << 20)
+        .find(|e| e["start"] == 6 << 20)
         .and_then(|e| e["offset"].as_u64())
-        .expect("guest MiB 4 stored plainly");
+        .expect("guest MiB 6 stored plainly");
     let qcow2 = std::fs::read(p.join("data.qcow2")).unwrap();
-    for (format, bytes, bad_at) in [("raw", data, 4 << 20), ("qcow2", qcow2, at_4m)] {
+    for (format, bytes, bad_at) in [("raw", data, 6 << 20), ("qcow2", qcow2, at_6m)] {
         let bad = bad_at + 8192..bad_at + 12288;
         let source = cowbird_tests::unreadable_file::UnreadableFile::new(bytes, bad);
         let source = source.path();
         let source = source.to_str().unwrap();
-        check_convert_of_unreadable_source(p, format, source);
+        for target in ["raw", "qcow2"] {
+            let sector = format!("sector.{format}");
+            let options: [&[&str]; 5] = [&[], &["--salvage"], &["-S", "0"], &["-C"], &[&sector]];
+            for extra in options {
+                let mut args = vec!["convert", "-f", format, "-O", target];
+                args.extend(extra);
+                args.extend([source, "X"]);
+                check_convert_of_unreadable_source(p, &args);
+            }
+        }
     }
 }
 
-/// The conversions of [`convert_of_a_source_with_read_errors_fails_or_salvages_like_qemu_img`]
-/// of one `source` of `format`.
-fn check_convert_of_unreadable_source(p: &Path, format: &str, source: &str) {
-    for target in ["raw", "qcow2"] {
-        for salvage in [false, true] {
-            let mut args = vec!["convert", "-f", format, "-O", target];
-            args.extend(salvage.then_some("--salvage"));
-            args.extend([source, "X"]);
-            let (ours, theirs) = (with_name(&args, "ours.img"), with_name(&args, "theirs.img"));
-            let o = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &ours);
-            let t = run_with_stderr(p, "qemu-img", "qemu-img", &theirs);
-            assert_eq!(o, t, "{args:?}");
-            match salvage {
-                false => assert_eq!(
-                    (o.0, o.2.as_str()),
-                    (
-                        1,
-                        "PROG: error while reading at byte 4194304: Input/output error\n"
-                    )
-                ),
-                true => {
-                    assert_eq!((o.0, o.2.lines().count()), (0, 8), "a warning per sector");
-                    assert_eq!(qemu(p, &["compare", "ours.img", "theirs.img"]).0, 0);
-                }
-            }
+/// `args` (with the target named `X`) by both tools: the same exit code, output and errors;
+/// a read error, or with `--salvage` a warning for each of the 8 sectors that fail and the
+/// same target.
+fn check_convert_of_unreadable_source(p: &Path, args: &[&str]) {
+    let (ours, theirs) = (with_name(args, "ours.img"), with_name(args, "theirs.img"));
+    let o = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &ours);
+    let t = run_with_stderr(p, "qemu-img", "qemu-img", &theirs);
+    assert_eq!(o, t, "{args:?}");
+    match args.contains(&"--salvage") {
+        false => {
+            // After the 512-byte source, qemu-img's pieces start 512 bytes later.
+            let piece = match args.iter().any(|a| a.starts_with("sector.")) {
+                true => (6 << 20) + 512,
+                false => 6 << 20,
+            };
+            let error = format!("PROG: error while reading at byte {piece}: Input/output error\n");
+            assert_eq!((o.0, o.2.as_str()), (1, error.as_str()), "{args:?}");
+        }
+        true => {
+            assert_eq!((o.0, o.2.lines().count()), (0, 8), "a warning per sector");
+            assert_eq!(qemu(p, &["compare", "ours.img", "theirs.img"]).0, 0);
         }
     }
 }

@@ -460,6 +460,13 @@ impl Sources {
         }
     }
 
+    /// Where qemu-img's read of the data span starting at `span` that covers `at` starts: in
+    /// [`READ_PIECE`]s from the source's start, not before the span.
+    fn piece_start(&self, span: u64, at: u64) -> u64 {
+        let (_, inside) = self.locate(at);
+        (at - inside % READ_PIECE).max(span)
+    }
+
     /// Data of `[off, off + len)` as a slice of a memory map, if one source covers it.
     fn mapped(&self, off: u64, len: u64) -> qcow2::Result<Option<&[u8]>> {
         let (s, at) = self.locate(off);
@@ -478,7 +485,10 @@ impl Sources {
             let real = (s.img.size().saturating_sub(at) as usize).min(n);
             match s.host(at, real as u64)? {
                 Some((m, host)) => {
-                    buf[pos..pos + real].copy_from_slice(m.slice(host, real as u64));
+                    let data = m.slice(host, real as u64);
+                    source_map::fault_in(data)
+                        .map_err(|_| qcow2::Error::io("reading a mapped source", read_error()))?;
+                    buf[pos..pos + real].copy_from_slice(data);
                 }
                 None => s.img.read_at(&mut buf[pos..pos + real], at)?,
             }
@@ -659,8 +669,10 @@ fn plan<'a>(
         let kept = kept_by_target(src, p, s, e)?;
         let data: &[u8] = match src.mapped(s, e - s) {
             Ok(Some(mapped)) if kept.is_empty() => {
-                if !source_map::fault_in(mapped) {
-                    return Err(read_error()).context(format!("error while reading at byte {s}"));
+                if let Err(at) = source_map::fault_in(mapped) {
+                    let piece = src.piece_start(s, s + at as u64);
+                    return Err(read_error())
+                        .context(format!("error while reading at byte {piece}"));
                 }
                 mapped
             }
@@ -681,16 +693,36 @@ fn plan<'a>(
     Ok(runs)
 }
 
-/// Reads the sources' data at `off` into `buf` (`--salvage`: what cannot be read as zeros).
+/// How much of a data span qemu-img's convert reads at a time (its buffer): read errors name
+/// the start of the piece that failed.
+const READ_PIECE: u64 = 2 << 20;
+
+/// Reads the sources' data at `off` into `buf`, in [`READ_PIECE`]s counted from each
+/// source's start (`--salvage`: what cannot be read as zeros).
 fn read_span(src: &Sources, p: &Policy, off: u64, buf: &mut [u8]) -> anyhow::Result<()> {
-    match src.read_into(off, buf) {
-        Ok(()) => Ok(()),
-        Err(_) if p.salvage => {
-            src.salvage(off, buf, p.quiet);
-            Ok(())
+    let end = off + buf.len() as u64;
+    let mut at = off;
+    while at < end {
+        let (s, inside) = src.locate(at);
+        let base = at - inside;
+        let next = (base + (inside / READ_PIECE + 1) * READ_PIECE)
+            .min(base + s.size)
+            .min(end);
+        let piece = &mut buf[(at - off) as usize..(next - off) as usize];
+        let read = src.read_into(at, piece);
+        let piece_at = at;
+        at = next;
+        match read {
+            Ok(()) => {}
+            Err(_) if p.salvage => src.salvage(piece_at, piece, p.quiet),
+            // As qemu-img: the system's words, without what the engine was reading.
+            Err(qcow2::Error::Io { error, .. }) => {
+                return Err(error).context(format!("error while reading at byte {piece_at}"))
+            }
+            Err(err) => return Err(err).context(format!("error while reading at byte {piece_at}")),
         }
-        Err(err) => Err(err).with_context(|| format!("error while reading at byte {off}")),
     }
+    Ok(())
 }
 
 /// With a target backing file (`-B`): the ranges of the data span `[s, e)` that the sources'
@@ -815,6 +847,11 @@ impl Turnstile {
         } else {
             st.passed.extend(chunks);
         }
+    }
+
+    /// Whether a worker failed: the others stop taking chunks.
+    fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
     }
 
     fn fail(&self) {
@@ -1139,7 +1176,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
                     loop {
                         // Checked before taking a chunk: every chunk taken is finished, or
                         // the turnstile would wait for it forever.
-                        if interrupt.caught().is_some() {
+                        if interrupt.caught().is_some() || turn.has_failed() {
                             return Ok(());
                         }
                         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -1195,7 +1232,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
                 .and_then(|r| r);
             if let Err(e) = r {
                 // Report the first real error, not a follower's.
-                let follower = |e: &anyhow::Error| e.to_string() == FOLLOWER;
+                let follower = |e: &anyhow::Error| e.root_cause().to_string() == FOLLOWER;
                 if first.as_ref().is_none_or(|f| follower(f) && !follower(&e)) {
                     first = Some(e);
                 }
@@ -1328,9 +1365,14 @@ fn copy_chunk(
 ) -> anyhow::Result<()> {
     let runs = plan(src, target, off, len, p, &mut buf[..len as usize])?;
     let written = write_chunk(target, p, turn, i, &runs);
-    // A page of a source's map that failed after `plan` touched it (evicted and read again)
-    // was read as zeros, here or by the write.
-    if source_map::take_fault() {
+    // A page of a source's map that failed after `plan` touched it (evicted, and read again
+    // with an error) was read as zeros, or failed the write with EFAULT.
+    let efault = written.as_ref().is_err_and(|e| {
+        e.chain()
+            .filter_map(|c| c.downcast_ref::<std::io::Error>())
+            .any(|io| io.raw_os_error() == Some(libc::EFAULT))
+    });
+    if source_map::take_fault().is_some() || efault {
         return Err(read_error()).context(format!("error while reading at byte {off}"));
     }
     written.with_context(|| format!("{}: error while writing at byte {off}", p.target_name))?;

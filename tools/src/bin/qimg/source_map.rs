@@ -9,8 +9,7 @@
 //! [`take_fault`] tells whether any failed, so the conversion reports the read error as
 //! qemu-img does (an error while reading, exit 1) instead of dying or copying the zeros.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Once;
 
 /// A read-only shared memory map of a whole file, unmapped on drop.
@@ -34,7 +33,9 @@ static PAGE: AtomicUsize = AtomicUsize::new(4096);
 
 thread_local! {
     /// Set by the SIGBUS handler when a page of a map failed to read on this thread.
-    static FAULTED: Cell<bool> = const { Cell::new(false) };
+    static FAULTED: AtomicBool = const { AtomicBool::new(false) };
+    /// The address of the first such fault since the last [`take_fault`].
+    static FAULT_ADDRESS: AtomicUsize = const { AtomicUsize::new(0) };
 }
 
 impl Mapping {
@@ -155,20 +156,42 @@ impl Drop for Mapping {
 }
 
 /// Touches every page of `data` (a slice of a [`Mapping`]), so that pages the kernel cannot
-/// read fail here rather than in a later copy. False if one failed ([`take_fault`]).
-pub fn fault_in(data: &[u8]) -> bool {
-    let page = page_size();
-    for at in (0..data.len()).step_by(page) {
-        // SAFETY: `at` is in bounds; a volatile read so that the touch is not optimised away.
-        unsafe { std::ptr::read_volatile(data.as_ptr().add(at)) };
+/// read fail here rather than in a later copy (a page that fails inside a system call makes
+/// it fail with EFAULT instead). On failure ([`take_fault`]), the offset in `data` of the
+/// page that failed.
+pub fn fault_in(data: &[u8]) -> Result<(), usize> {
+    if let Some(last) = data.len().checked_sub(1) {
+        let page = page_size();
+        // The first byte, the first byte of every later page, and the last byte.
+        let first_page = data.as_ptr() as usize / page * page;
+        let later = (first_page + page..=data.as_ptr() as usize + last)
+            .step_by(page)
+            .map(|a| a - data.as_ptr() as usize);
+        for at in std::iter::once(0).chain(later).chain([last]) {
+            // SAFETY: `at` is in bounds; a volatile read so that the touch is not optimised
+            // away.
+            unsafe { std::ptr::read_volatile(data.as_ptr().add(at)) };
+        }
     }
-    !take_fault()
+    match take_fault() {
+        None => Ok(()),
+        Some(addr) => Err(addr
+            .checked_sub(data.as_ptr() as usize)
+            .filter(|&at| at < data.len())
+            .unwrap_or(0)),
+    }
 }
 
-/// Whether a page of a [`Mapping`] failed to read on this thread since the last call; the
-/// bytes read from it were zeros.
-pub fn take_fault() -> bool {
-    FAULTED.with(|f| f.replace(false))
+/// The address of the first page of a [`Mapping`] that failed to read on this thread since
+/// the last call, if one did; the bytes read from it were zeros.
+pub fn take_fault() -> Option<usize> {
+    // The handler's stores happen between this thread's instructions: keep the compiler
+    // from moving these loads before the reads that fault.
+    compiler_fence(Ordering::SeqCst);
+    let addr = FAULT_ADDRESS.with(|a| a.swap(0, Ordering::Relaxed));
+    FAULTED
+        .with(|f| f.swap(false, Ordering::Relaxed))
+        .then_some(addr)
 }
 
 fn page_size() -> usize {
@@ -202,18 +225,21 @@ fn install_handler() {
 
 /// The SIGBUS handler: a fault in a registered map gets a page of zeros in place of the
 /// page that failed (the access is then repeated and reads zeros) and is noted for the
-/// thread; any other SIGBUS gets the default action (the fault repeats and kills qimg).
+/// thread; any other SIGBUS, a fault elsewhere or a signal sent by a process, gets the
+/// default action (it kills qimg, as without the handler).
 extern "C" fn on_sigbus(
     _signal: libc::c_int,
     info: *mut libc::siginfo_t,
     _context: *mut libc::c_void,
 ) {
-    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    let ours = REGIONS.iter().any(|(s, e)| {
-        let start = s.load(Ordering::SeqCst);
-        start != 0 && start <= addr && addr < e.load(Ordering::SeqCst)
-    });
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler; `si_addr` is
+    // meaningful for the kernel's BUS_ADRERR only (a sender chooses the fields of its own).
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    let ours = code == libc::BUS_ADRERR
+        && REGIONS.iter().any(|(s, e)| {
+            let start = s.load(Ordering::SeqCst);
+            start != 0 && start <= addr && addr < e.load(Ordering::SeqCst)
+        });
     if ours {
         let page = page_size();
         // SAFETY: replaces one page inside a live map of ours (no Rust reference to its
@@ -229,10 +255,16 @@ extern "C" fn on_sigbus(
             )
         };
         if zeros != libc::MAP_FAILED {
-            FAULTED.with(|f| f.set(true));
+            if !FAULTED.with(|f| f.swap(true, Ordering::Relaxed)) {
+                FAULT_ADDRESS.with(|a| a.store(addr, Ordering::Relaxed));
+            }
             return;
         }
     }
-    // SAFETY: restoring the default action is async-signal-safe.
-    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+    // SAFETY: restoring the default action and raising the signal again are
+    // async-signal-safe; a fault would repeat anyway, a sent signal would be lost.
+    unsafe {
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        libc::raise(libc::SIGBUS);
+    }
 }
