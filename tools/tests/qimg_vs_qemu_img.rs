@@ -1303,6 +1303,32 @@ fn convert_of_a_source_with_read_errors_fails_or_salvages_like_qemu_img() {
     }
 }
 
+/// An image whose refcount block cannot be read (failing media) still maps, measures,
+/// compares and converts, as in qemu-img: reads need no refcount, and the refcounts that
+/// `map` and `measure` consult to spot metadata preallocation are given up on.
+#[test]
+fn reading_commands_do_without_an_unreadable_refcount_block_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    layout_qcow2(p, "a.qcow2");
+    let bytes = std::fs::read(p.join("a.qcow2")).unwrap();
+    let served =
+        cowbird_tests::unreadable_file::UnreadableFile::new(bytes, REFBLOCK..REFBLOCK + 4096);
+    let served = served.path();
+    let img = served.to_str().unwrap();
+    for args in [
+        &["map", img][..],
+        &["map", "--output=json", img],
+        &["measure", "-O", "qcow2", img],
+        &["compare", img, "a.qcow2"],
+        &["convert", "-O", "raw", img, "out.raw"],
+    ] {
+        let out = same(p, args);
+        assert!(!out.is_empty() || args[0] == "convert", "{args:?}");
+    }
+    assert_eq!(qemu(p, &["compare", "a.qcow2", "out.raw"]).0, 0);
+}
+
 /// `args` (with the target named `X`) by both tools: the same exit code, output and errors;
 /// a read error, or with `--salvage` a warning for each of the 8 sectors that fail and the
 /// same target.

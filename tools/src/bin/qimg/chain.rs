@@ -163,9 +163,12 @@ fn continues(prev: &BlockStatus, next: &BlockStatus) -> bool {
 }
 
 /// Whether more clusters are in use than the file has allocated (QEMU's heuristic for an
-/// image created with preallocation=metadata).
-fn detect_metadata_preallocation(img: &Qcow2, path: &Path) -> anyhow::Result<bool> {
-    let meta = std::fs::metadata(path)?;
+/// image created with preallocation=metadata). A refcount that cannot be read makes it
+/// false, as in QEMU (corruption found on the way is reported as its driver does).
+fn detect_metadata_preallocation(img: &Qcow2, path: &Path) -> bool {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
     let cs = img.cluster_size();
     let real_clusters = meta.blocks() * 512 / cs;
     let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
@@ -174,9 +177,15 @@ fn detect_metadata_preallocation(img: &Qcow2, path: &Path) -> anyhow::Result<boo
         if count >= threshold {
             break;
         }
-        count += u64::from(img.refcount(c)? != 0);
+        match img.refcount(c) {
+            Ok(refcount) => count += u64::from(refcount != 0),
+            Err(e) => {
+                crate::report_corruption(&e);
+                return false;
+            }
+        }
     }
-    Ok(count >= threshold)
+    count >= threshold
 }
 
 impl Chain {
@@ -236,7 +245,7 @@ impl Chain {
                             .as_deref()
                             .filter(|_| h.has_external_data())
                             .map(lossy),
-                        detect_metadata_preallocation(img, Path::new(&name))?,
+                        detect_metadata_preallocation(img, Path::new(&name)),
                         h.backing_file.as_deref().map(lossy),
                         h.l2_entries() * h.cluster_size(),
                     )
