@@ -1329,6 +1329,35 @@ fn reading_commands_do_without_an_unreadable_refcount_block_like_qemu_img() {
     assert_eq!(qemu(p, &["compare", "a.qcow2", "out.raw"]).0, 0);
 }
 
+/// A partial-cluster write over a backing file copies only what it does not overwrite, as
+/// QEMU does: a write that replaces the backing file's only unreadable bytes succeeds (qimg
+/// read the whole backing cluster and failed), and the overlays both tools leave agree.
+#[test]
+fn a_write_over_unreadable_backing_bytes_does_not_read_them_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &["write -P 8 0 2M"]);
+    // Guest bytes [0, 4K) of the base, at host 0x50000 (after header, tables and L2).
+    let bytes = std::fs::read(p.join("base.qcow2")).unwrap();
+    let served = cowbird_tests::unreadable_file::UnreadableFile::new(bytes, 0x50000..0x51000);
+    let served = served.path();
+    let base = served.to_str().unwrap();
+    let (code, out) = qemu(
+        p,
+        &[
+            "create", "-f", "qcow2", "-b", base, "-F", "qcow2", "ov.qcow2",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let args = ["bench", "-w", "-c", "1", "-s", "4k", "X"];
+    let outcomes = run_on_copies(p, "ov.qcow2", &args, |_| ());
+    for (code, _, err, ()) in &outcomes {
+        assert_eq!(*code, 0, "{err}");
+    }
+    let (code, out) = qemu(p, &["compare", "qimg-ov.qcow2", "qemu-img-ov.qcow2"]);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// `args` (with the target named `X`) by both tools: the same exit code, output and errors;
 /// a read error, or with `--salvage` a warning for each of the 8 sectors that fail and the
 /// same target.

@@ -88,20 +88,40 @@ impl Qcow2 {
         })
     }
 
-    /// The whole current contents of guest cluster `cluster` given its entry.
-    pub(super) fn read_cluster(&self, cluster: u64, entry: L2Entry, out: &mut [u8]) -> Result<()> {
-        match entry {
-            L2Entry::Unallocated => self.read_backing(out, cluster * self.geo.cluster_size()),
-            L2Entry::Zero { .. } => {
-                out.fill(0);
-                Ok(())
-            }
-            L2Entry::Normal { host, .. } => self
-                .data_storage()
-                .read_at(out, host)
-                .map_err(|e| Error::io(format!("reading data at host offset 0x{host:x}"), e)),
-            L2Entry::Compressed { host, len } => self.read_compressed(host, len, out),
+    /// The current contents of guest cluster `cluster` given its entry, into `out` (a whole
+    /// cluster), except the bytes `skip` (about to be overwritten), which are not read: as
+    /// in QEMU's copy-on-write, only the head and the tail around a write are (a compressed
+    /// cluster is decompressed whole).
+    pub(super) fn read_cluster_around(
+        &self,
+        cluster: u64,
+        entry: L2Entry,
+        out: &mut [u8],
+        skip: std::ops::Range<usize>,
+    ) -> Result<()> {
+        if let L2Entry::Compressed { host, len } = entry {
+            return self.read_compressed(host, len, out);
         }
+        let (head, rest) = out.split_at_mut(skip.start);
+        let tail = &mut rest[skip.len()..];
+        for (part, at) in [(head, 0), (tail, skip.end as u64)] {
+            if part.is_empty() {
+                continue;
+            }
+            match entry {
+                L2Entry::Unallocated => {
+                    self.read_backing(part, cluster * self.geo.cluster_size() + at)?
+                }
+                L2Entry::Zero { .. } => part.fill(0),
+                L2Entry::Normal { host, .. } => {
+                    self.data_storage().read_at(part, host + at).map_err(|e| {
+                        Error::io(format!("reading data at host offset 0x{:x}", host + at), e)
+                    })?
+                }
+                L2Entry::Compressed { .. } => unreachable!("decompressed above"),
+            }
+        }
+        Ok(())
     }
 
     /// Allocation status of the run starting at `offset` (this layer only), in units

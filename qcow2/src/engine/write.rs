@@ -83,8 +83,9 @@ impl Qcow2 {
             return self.update_l2(cluster, &[entry], &[host]);
         }
         let mut full = vec![0u8; cs as usize];
-        self.read_cluster(cluster, entry, &mut full)?;
-        full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        let written = in_cluster as usize..in_cluster as usize + data.len();
+        self.read_cluster_around(cluster, entry, &mut full, written.clone())?;
+        full[written].copy_from_slice(data);
         let host = self.target_cluster(cluster, entry)?;
         let written = self.write_data(&full, host);
         self.give_back_unwritten(&written, &[entry], &[host]);
