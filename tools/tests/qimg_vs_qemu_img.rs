@@ -1358,6 +1358,35 @@ fn a_write_over_unreadable_backing_bytes_does_not_read_them_like_qemu_img() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// An unreadable sector in the header cluster fails the open only where the header lies
+/// (its fields, extensions, backing file name), as in qemu-img, which reads only those.
+#[test]
+fn an_unreadable_sector_of_the_header_cluster_matters_only_under_the_header_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "1M", &[]);
+    qcow2_over(p, "base.qcow2", "ov.qcow2", "1M", &[]);
+    let bytes = std::fs::read(p.join("ov.qcow2")).unwrap();
+    let name_at = u64::from_be_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    assert_eq!(
+        name_at / 512,
+        1,
+        "the backing file name in the second sector"
+    );
+    // (bad range, whether the image opens).
+    for (bad, opens) in [(0x8000..0x9000, true), (0x200..0x400, false)] {
+        let served = cowbird_tests::unreadable_file::UnreadableFile::new(bytes.clone(), bad);
+        let served = served.path();
+        let img = served.to_str().unwrap();
+        let ours = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &["info", "-U", img]);
+        let theirs = run_with_stderr(p, "qemu-img", "qemu-img", &["info", "-U", img]);
+        match opens {
+            true => assert_eq!(ours, theirs),
+            false => assert_eq!((ours.0, theirs.0), (1, 1), "{}", ours.2),
+        }
+    }
+}
+
 /// `args` (with the target named `X`) by both tools: the same exit code, output and errors;
 /// a read error, or with `--salvage` a warning for each of the 8 sectors that fail and the
 /// same target.

@@ -101,15 +101,38 @@ impl Qcow2 {
             file.read_at(&mut buf[..present], at)
                 .map_err(|e| Error::io("reading the header", e))
         };
+        // A read of the rest that fails is redone sector by sector: the header may not need
+        // the sectors that fail, as QEMU reads only what it needs.
         let sector = 1usize << MIN_CLUSTER_BITS;
         let mut first = vec![0u8; sector];
         read_header(&mut first, 0)?;
         let cluster_bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
+        let mut failed = Vec::new();
         if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             first.resize(1 << cluster_bits, 0);
-            read_header(&mut first[sector..], sector as u64)?;
+            if read_header(&mut first[sector..], sector as u64).is_err() {
+                for (k, part) in first.chunks_mut(sector).enumerate().skip(1) {
+                    if read_header(part, (k * sector) as u64).is_err() {
+                        failed.push(k * sector..(k + 1) * sector);
+                    }
+                }
+            }
         }
-        let header = Header::parse(&first)?;
+        let parsed = Header::parse(&first);
+        // A header that does not parse may owe it to the sectors that failed.
+        let unreadable = !failed.is_empty()
+            && parsed.as_ref().map_or(true, |h| {
+                let used = h.ranges_used(&first);
+                let overlap = |s: &std::ops::Range<usize>, u: &std::ops::Range<usize>| {
+                    u.start < s.end && s.start < u.end
+                };
+                failed.iter().any(|s| used.iter().any(|u| overlap(s, u)))
+            });
+        if unreadable {
+            let eio = std::io::Error::from_raw_os_error(libc::EIO);
+            return Err(Error::io("reading the header", eio));
+        }
+        let header = parsed?;
         if header.refcount_table_clusters == 0 && !opts.check {
             // QEMU's words; `check` opens the image to report it.
             return Err(Error::InvalidHeader(

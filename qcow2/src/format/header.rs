@@ -178,6 +178,9 @@ pub struct Header {
     pub unknown_extensions: Vec<UnknownExtension>,
 }
 
+/// A header extension's type and where its data lies in the header cluster.
+type ExtensionAt = (u32, std::ops::Range<usize>);
+
 pub(crate) fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
@@ -352,7 +355,10 @@ impl Header {
         Ok(h)
     }
 
-    fn parse_extensions(&mut self, cluster0: &[u8]) -> Result<()> {
+    /// The header extensions in `cluster0`, walked as QEMU walks them
+    /// (`qcow2_read_extensions`): each one's type and data, in order, then an error that
+    /// ended the walk, if one did, and where the walk ended (after the end marker).
+    fn walk_extensions(&self, cluster0: &[u8]) -> (Vec<ExtensionAt>, Option<Error>, usize) {
         let cluster_end = (self.cluster_size() as usize).min(cluster0.len());
         let mut off = self.header_length as usize;
         let limit = if self.backing_file_offset_raw(cluster0) != 0 {
@@ -360,20 +366,39 @@ impl Header {
         } else {
             cluster_end
         };
-        // QEMU's walk (`qcow2_read_extensions`) and words; bytes past the end of a short
-        // file read as zeros (the end marker).
+        // Bytes past the end of a short file read as zeros (the end marker).
         let word = |at: usize| cluster0.get(at..at + 4).map_or(0, |_| be32(cluster0, at));
+        let mut found = Vec::new();
         while off < limit {
             let kind = word(off);
             let len = word(off + 4) as usize;
             off += 8;
             if off > limit || len > limit - off {
-                return Err(invalid("Header extension too large"));
+                return (found, Some(invalid("Header extension too large")), off);
             }
             if kind == 0 {
                 break;
             }
-            let data = &cluster0[off..off + len];
+            found.push((kind, off..off + len));
+            off += len.div_ceil(8) * 8;
+        }
+        (found, None, off)
+    }
+
+    /// The byte ranges of `cluster0` (the header cluster this header was parsed from) that
+    /// the header is made of: the fixed part with its extensions, and the backing file name.
+    pub fn ranges_used(&self, cluster0: &[u8]) -> [std::ops::Range<usize>; 2] {
+        let (_, _, end) = self.walk_extensions(cluster0);
+        let name_at = be64(cluster0, 8) as usize;
+        [0..end, name_at..name_at + be32(cluster0, 16) as usize]
+    }
+
+    fn parse_extensions(&mut self, cluster0: &[u8]) -> Result<()> {
+        // QEMU's words.
+        let (found, error, _) = self.walk_extensions(cluster0);
+        for (kind, range) in found {
+            let len = range.len();
+            let data = &cluster0[range];
             match kind {
                 EXT_BACKING_FORMAT if len >= 16 => {
                     return Err(invalid(format!(
@@ -410,9 +435,8 @@ impl Header {
                     data: data.to_vec(),
                 }),
             }
-            off += len.div_ceil(8) * 8;
         }
-        Ok(())
+        error.map_or(Ok(()), Err)
     }
 
     fn backing_file_offset_raw(&self, cluster0: &[u8]) -> u64 {
