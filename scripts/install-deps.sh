@@ -299,4 +299,10 @@ if ((${#MISSING[@]} > 0)); then
     printf '    %s\n' "${MISSING[@]}" >&2
     die "dependencies still incomplete after install (see above)"
 fi
+# The failing-media tests serve files over FUSE (tests/src/unreadable_file.rs): the kernel's
+# fuse driver and its device, no package (they mount with the mount system call, as root).
+if [[ ! -e /dev/fuse ]]; then
+    modprobe fuse 2>/dev/null || true
+    [[ -e /dev/fuse ]] || mknod -m 666 /dev/fuse c 10 229 || die "no /dev/fuse for the FUSE tests"
+fi
 log "OK"

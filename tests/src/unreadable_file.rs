@@ -1,8 +1,8 @@
 //! A file with bytes that cannot be read, as on failing media: reads that touch the bad
 //! range fail with EIO, reads elsewhere return the data. It is the one file of a read-only
-//! FUSE file system served by this process (needs root and `/dev/fuse`, as `.ci/run`
-//! provides), so the failure reaches the reader through the page cache and memory maps as
-//! a real disk error does.
+//! FUSE file system served by this process (needs root and `/dev/fuse`, which
+//! `scripts/install-deps.sh` makes sure of), so the failure reaches the reader through the
+//! page cache and memory maps as a real disk error does.
 
 use std::ffi::OsStr;
 use std::ops::Range;
