@@ -48,6 +48,10 @@ pub enum Error {
     /// marked corrupt (the header's corrupt bit) and takes no more writes until repaired.
     #[error("Image is corrupt: {0}; the image is now marked corrupt")]
     MarkedCorrupt(String),
+    /// Corruption found in a backing file while reading through the image above it: it is
+    /// the backing file's (the image above is not marked corrupt for it).
+    #[error("Image is corrupt: {0}")]
+    BackingCorrupt(String),
     /// A write refused because the image was marked corrupt earlier in this session.
     #[error("the image was marked corrupt; no more writes are accepted")]
     WritesStopped,

@@ -5917,7 +5917,32 @@ fn corruption_found_in_an_image_open_for_writing_marks_it_corrupt_like_qemu_img(
              index: 0)",
         ),
     ];
-    for &(image, args, line) in tables {
+    // The same unaligned L2 table in the backing file of the image written: the backing
+    // file's corruption, reported as such; the image written is not marked.
+    let (code, out) = qemu(
+        p,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "l1u.qcow2",
+            "-F",
+            "qcow2",
+            "ovu.qcow2",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let tables = [
+        tables,
+        &[(
+            "ovu.qcow2",
+            &["bench", "-w", "-c", "1", "-s", "4k", "X"][..],
+            "qcow2: Image is corrupt: L2 table offset 0x40200 unaligned (L1 index: 0)",
+        )],
+    ]
+    .concat();
+    for &(image, args, line) in &tables {
         let outcomes: Vec<_> = run_on_copies(p, image, args, |copy| {
             qemu(p, &["info", copy]).1.contains("corrupt: true")
         })

@@ -156,9 +156,9 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
 /// names it an I/O error (see [`crate::report_error`]). Any other error comes back.
 fn corruption(e: qcow2::Error, what: &str) -> Result<anyhow::Error, qcow2::Error> {
     match e {
-        qcow2::Error::Corrupt(_) | qcow2::Error::MarkedCorrupt(_) => {
-            Ok(anyhow::Error::new(e).context(what.to_owned()))
-        }
+        qcow2::Error::Corrupt(_)
+        | qcow2::Error::BackingCorrupt(_)
+        | qcow2::Error::MarkedCorrupt(_) => Ok(anyhow::Error::new(e).context(what.to_owned())),
         e => Err(e),
     }
 }
