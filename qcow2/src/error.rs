@@ -48,6 +48,11 @@ pub enum Error {
     /// marked corrupt (the header's corrupt bit) and takes no more writes until repaired.
     #[error("Image is corrupt: {0}; the image is now marked corrupt")]
     MarkedCorrupt(String),
+    /// An L2 table or refcount block at an offset that is not cluster aligned: corruption
+    /// that QEMU's driver makes fatal wherever it is met in an image open for writing (it
+    /// becomes [`Error::MarkedCorrupt`] there); read-only, reported as [`Error::Corrupt`].
+    #[error("Image is corrupt: {0}")]
+    UnalignedTable(String),
     /// Corruption found in a backing file while reading through the image above it: it is
     /// the backing file's (the image above is not marked corrupt for it).
     #[error("Image is corrupt: {0}")]

@@ -5917,6 +5917,15 @@ fn corruption_found_in_an_image_open_for_writing_marks_it_corrupt_like_qemu_img(
              index: 0)",
         ),
     ];
+    // An L2 table past the end of the file is no such event: qemu-img reads zeros there,
+    // qimg refuses the write, neither marks the image.
+    damaged(p, "l1eof.qcow2", &[(L1, (1 << 63) | 0x900000, 8)], None);
+    let args = ["convert", "-n", "-O", "qcow2", "src.raw", "X"];
+    for (_, _, err, corrupt) in run_on_copies(p, "l1eof.qcow2", &args, |copy| {
+        qemu(p, &["info", copy]).1.contains("corrupt: true")
+    }) {
+        assert!(!corrupt, "{err}");
+    }
     // The same unaligned L2 table in the backing file of the image written: the backing
     // file's corruption, reported as such; the image written is not marked.
     let (code, out) = qemu(

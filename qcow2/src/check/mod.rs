@@ -379,7 +379,7 @@ impl<'a> Checker<'a> {
                     }
                 }
                 Err(e) => {
-                    if let Error::Corrupt(what) = e {
+                    if let Error::Corrupt(what) | Error::UnalignedTable(what) = e {
                         self.signal_corruption(&mut m, what);
                     }
                     self.say(format!(

@@ -44,7 +44,7 @@ impl Meta {
             .get(l1i)
             .map_or(0, |e| e & crate::format::tables::OFFSET_MASK);
         if table % self.geo.cluster_size() != 0 {
-            return Err(crate::Error::Corrupt(format!(
+            return Err(crate::Error::UnalignedTable(format!(
                 "L2 table offset {table:#x} unaligned (L1 index: {})",
                 super::c_hex(l1i as u64)
             )));

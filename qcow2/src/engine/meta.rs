@@ -202,7 +202,7 @@ impl Meta {
         let r = cluster / self.geo.refblock_entries();
         let block = self.reftable.get(r as usize).map_or(0, |e| e & !0x1ff);
         if block % self.geo.cluster_size() != 0 {
-            return Err(Error::Corrupt(format!(
+            return Err(Error::UnalignedTable(format!(
                 "Refblock offset {block:#x} unaligned (reftable index: {})",
                 super::c_hex(r)
             )));

@@ -508,7 +508,20 @@ impl Qcow2 {
     /// Applied to what every request returns.
     fn fatal(&self, e: Error) -> Error {
         match e {
-            Error::Corrupt(_) if self.fatal_corruption => self.fatal_in(&mut self.meta_mut(), e),
+            Error::Corrupt(_) | Error::UnalignedTable(_) if self.fatal_corruption => {
+                self.fatal_in(&mut self.meta_mut(), e)
+            }
+            Error::UnalignedTable(what) => Error::Corrupt(what),
+            e => e,
+        }
+    }
+
+    /// [`Qcow2::fatal`] for what a request returns: only the corruption QEMU makes fatal
+    /// wherever it is met ([`Error::UnalignedTable`]); the rest was made fatal where found,
+    /// or is not (a table past the end of the file, say).
+    fn fatal_request(&self, e: Error) -> Error {
+        match e {
+            Error::UnalignedTable(_) => self.fatal(e),
             e => e,
         }
     }
@@ -516,7 +529,7 @@ impl Qcow2 {
     /// [`Qcow2::fatal`] for a caller holding the metadata `m`.
     pub(crate) fn fatal_in(&self, m: &mut Meta, e: Error) -> Error {
         match e {
-            Error::Corrupt(what) if self.fatal_corruption => {
+            Error::Corrupt(what) | Error::UnalignedTable(what) if self.fatal_corruption => {
                 if !self
                     .marked_corrupt
                     .load(std::sync::atomic::Ordering::SeqCst)
@@ -526,6 +539,7 @@ impl Qcow2 {
                 }
                 Error::MarkedCorrupt(what)
             }
+            Error::UnalignedTable(what) => Error::Corrupt(what),
             e => e,
         }
     }
@@ -858,28 +872,30 @@ impl Image for Qcow2 {
         if self.metadata_only {
             return Err(Error::MetadataOnly);
         }
-        self.read_guest(buf, offset).map_err(|e| self.fatal(e))
+        self.read_guest(buf, offset)
+            .map_err(|e| self.fatal_request(e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable(offset, buf.len() as u64)?;
-        self.write_guest(buf, offset).map_err(|e| self.fatal(e))
+        self.write_guest(buf, offset)
+            .map_err(|e| self.fatal_request(e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable(offset, len)?;
         self.zero_or_discard(offset, len, write::ZeroMode::Zero { unmap })
-            .map_err(|e| self.fatal(e))
+            .map_err(|e| self.fatal_request(e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable(offset, len)?;
         self.zero_or_discard(offset, len, write::ZeroMode::Discard)
-            .map_err(|e| self.fatal(e))
+            .map_err(|e| self.fatal_request(e))
     }
 
     fn flush(&self) -> Result<()> {
-        self.flush_metadata().map_err(|e| self.fatal(e))
+        self.flush_metadata().map_err(|e| self.fatal_request(e))
     }
 
     fn sync_fds(&self) -> Option<Vec<std::os::unix::io::RawFd>> {
@@ -902,7 +918,7 @@ impl Image for Qcow2 {
             f.check_sync()
                 .map_err(|e| Error::io("flushing the image", e))?;
         }
-        self.write_back().map_err(|e| self.fatal(e))
+        self.write_back().map_err(|e| self.fatal_request(e))
     }
 
     fn sync_failed(&self) {
@@ -912,17 +928,17 @@ impl Image for Qcow2 {
     }
 
     fn close(&self) -> Result<()> {
-        self.flush_metadata().map_err(|e| self.fatal(e))?;
+        self.flush_metadata().map_err(|e| self.fatal_request(e))?;
         if self.read_only {
             return Ok(());
         }
         let closed = self.meta_mut().close_lazy_refcounts(&*self.file);
-        closed.map_err(|e| self.fatal(e))
+        closed.map_err(|e| self.fatal_request(e))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         check_range(offset, len.max(1), self.size)?;
-        self.status(offset, len).map_err(|e| self.fatal(e))
+        self.status(offset, len).map_err(|e| self.fatal_request(e))
     }
 
     fn backing(&self) -> Option<&dyn Image> {

@@ -66,7 +66,9 @@ impl Qcow2 {
             Some(b) if offset < b.size() => {
                 let n = (b.size() - offset).min(buf.len() as u64) as usize;
                 b.read_at(&mut buf[..n], offset).map_err(|e| match e {
-                    Error::Corrupt(what) => Error::BackingCorrupt(what),
+                    Error::Corrupt(what) | Error::UnalignedTable(what) => {
+                        Error::BackingCorrupt(what)
+                    }
                     e => e,
                 })?;
                 buf[n..].fill(0);

@@ -389,8 +389,14 @@ impl Header {
     /// the header is made of: the fixed part with its extensions, and the backing file name.
     pub fn ranges_used(&self, cluster0: &[u8]) -> [std::ops::Range<usize>; 2] {
         let (_, _, end) = self.walk_extensions(cluster0);
+        // No backing file name without an offset, whatever the size says (as in QEMU).
         let name_at = be64(cluster0, 8) as usize;
-        [0..end, name_at..name_at + be32(cluster0, 16) as usize]
+        let name_len = if name_at == 0 {
+            0
+        } else {
+            be32(cluster0, 16) as usize
+        };
+        [0..end, name_at..name_at + name_len]
     }
 
     fn parse_extensions(&mut self, cluster0: &[u8]) -> Result<()> {

@@ -229,7 +229,11 @@ pub fn report_error(e: &anyhow::Error) {
 /// the failure an I/O error.
 pub fn report_corruption(cause: &(dyn std::error::Error + 'static)) -> bool {
     match cause.downcast_ref::<qcow2::Error>() {
-        Some(qcow2::Error::Corrupt(what) | qcow2::Error::BackingCorrupt(what)) => errln!(
+        Some(
+            qcow2::Error::Corrupt(what)
+            | qcow2::Error::UnalignedTable(what)
+            | qcow2::Error::BackingCorrupt(what),
+        ) => errln!(
             "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
              suppressed"
         ),

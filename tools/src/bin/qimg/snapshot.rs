@@ -157,6 +157,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
 fn corruption(e: qcow2::Error, what: &str) -> Result<anyhow::Error, qcow2::Error> {
     match e {
         qcow2::Error::Corrupt(_)
+        | qcow2::Error::UnalignedTable(_)
         | qcow2::Error::BackingCorrupt(_)
         | qcow2::Error::MarkedCorrupt(_) => Ok(anyhow::Error::new(e).context(what.to_owned())),
         e => Err(e),
