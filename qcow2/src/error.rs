@@ -141,6 +141,14 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// An I/O error described as `what` instead; other errors unchanged.
+    pub fn reworded(self, what: &str) -> Self {
+        match self {
+            Error::Io { error, .. } => Error::io(what, error),
+            e => e,
+        }
+    }
+
     /// Wraps an I/O error with a description of the operation.
     pub fn io(what: impl Into<String>, error: io::Error) -> Self {
         Error::Io {

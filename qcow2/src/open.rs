@@ -100,7 +100,7 @@ pub fn probe(file: &dyn Storage) -> Result<Format> {
     let mut start = [0u8; 512];
     let present = len.min(start.len() as u64) as usize;
     file.read_at(&mut start[..present], 0)
-        .map_err(|e| Error::io("probing format", e))?;
+        .map_err(|e| Error::io("Could not read image for determining its format", e))?;
     match probe_head(&start) {
         Some("qcow2") => Ok(Format::Qcow2),
         Some(name) => Err(Error::UnsupportedFormat(name)),

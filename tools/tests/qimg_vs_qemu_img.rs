@@ -1387,6 +1387,39 @@ fn an_unreadable_sector_of_the_header_cluster_matters_only_under_the_header_like
     }
 }
 
+/// Metadata that cannot be read when the image is opened (failing media) fails the open
+/// with qemu-img's words for what could not be read: the first sector when probing, the
+/// header, the refcount table, the L1 table.
+#[test]
+fn unreadable_metadata_at_open_is_worded_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    layout_qcow2(p, "a.qcow2");
+    let bytes = std::fs::read(p.join("a.qcow2")).unwrap();
+    // (bad page, -f given, the words).
+    let cases = [
+        (0, false, "Could not read image for determining its format"),
+        (0, true, "Could not read qcow2 header"),
+        (REFTABLE, true, "Could not initialize refcount handling"),
+        (L1, true, "Could not read L1 table"),
+    ];
+    for (bad, format, words) in cases {
+        let served =
+            cowbird_tests::unreadable_file::UnreadableFile::new(bytes.clone(), bad..bad + 4096);
+        let served = served.path();
+        let img = served.to_str().unwrap();
+        let args = match format {
+            true => vec!["info", "-f", "qcow2", img],
+            false => vec!["info", img],
+        };
+        let ours = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &args);
+        let theirs = run_with_stderr(p, "qemu-img", "qemu-img", &args);
+        assert_eq!(ours, theirs, "{words}");
+        let line = format!("PROG: Could not open '{img}': {words}: Input/output error\n");
+        assert_eq!((ours.0, ours.2), (1, line));
+    }
+}
+
 /// `args` (with the target named `X`) by both tools: the same exit code, output and errors;
 /// a read error, or with `--salvage` a warning for each of the 8 sectors that fail and the
 /// same target.

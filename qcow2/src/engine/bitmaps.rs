@@ -112,7 +112,7 @@ impl Qcow2 {
         let mut bytes = vec![0u8; ext.directory_size() as usize];
         self.file
             .read_at(&mut bytes, ext.directory_offset())
-            .map_err(|e| Error::io("reading the bitmap directory", e))?;
+            .map_err(|e| Error::io("Failed to read bitmap directory", e))?;
         Ok(bytes)
     }
 

@@ -99,7 +99,7 @@ impl Qcow2 {
         let read_header = |buf: &mut [u8], at: u64| {
             let present = file_len.saturating_sub(at).min(buf.len() as u64) as usize;
             file.read_at(&mut buf[..present], at)
-                .map_err(|e| Error::io("reading the header", e))
+                .map_err(|e| Error::io("Could not read qcow2 header", e))
         };
         // A read of the rest that fails is redone sector by sector: the header may not need
         // the sectors that fail, as QEMU reads only what it needs.
@@ -130,7 +130,7 @@ impl Qcow2 {
             });
         if unreadable {
             let eio = std::io::Error::from_raw_os_error(libc::EIO);
-            return Err(Error::io("reading the header", eio));
+            return Err(Error::io("Could not read qcow2 header", eio));
         }
         let header = parsed?;
         if header.refcount_table_clusters == 0 && !opts.check {
@@ -179,12 +179,15 @@ impl Qcow2 {
                 reftable_bytes,
             )?;
         }
-        let l1 = read_table_within(&*file, header.l1_table_offset, header.l1_size, file_len)?;
+        // QEMU's words for what could not be read.
+        let l1 = read_table_within(&*file, header.l1_table_offset, header.l1_size, file_len)
+            .map_err(|e| e.reworded("Could not read L1 table"))?;
         let reftable = read_u64_table(
             &*file,
             header.refcount_table_offset,
             (reftable_bytes / 8) as usize,
-        )?;
+        )
+        .map_err(|e| e.reworded("Could not initialize refcount handling"))?;
         let snapshot_table = match opts.check {
             // A check reads the table itself, to report and repair what it finds (QEMU's
             // check mode too opens without it).
