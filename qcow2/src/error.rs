@@ -57,6 +57,10 @@ pub enum Error {
     /// the backing file's (the image above is not marked corrupt for it).
     #[error("Image is corrupt: {0}")]
     BackingCorrupt(String),
+    /// A refcount that would drop below zero (metadata counting a cluster fewer times than
+    /// it is used); QEMU's "Invalid argument".
+    #[error("{0}")]
+    RefcountUnderflow(String),
     /// A write refused because the image was marked corrupt earlier in this session.
     #[error("the image was marked corrupt; no more writes are accepted")]
     WritesStopped,

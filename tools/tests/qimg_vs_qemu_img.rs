@@ -6005,6 +6005,31 @@ fn corruption_found_in_an_image_open_for_writing_marks_it_corrupt_like_qemu_img(
     }
 }
 
+/// Two L2 entries sharing a cluster whose refcount is 1 (without COPIED): rewriting both
+/// frees the cluster twice. qemu-img's second free fails ("qcow2_free_clusters failed") and
+/// the write goes on; so does qimg's (it failed the write).
+#[test]
+fn a_cluster_freed_twice_does_not_fail_the_write_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    damaged(
+        p,
+        "shared.qcow2",
+        &[(L2, 0x50000, 8), (L2 + 8, 0x50000, 8)],
+        None,
+    );
+    std::fs::write(p.join("src.raw"), vec![7u8; 1 << 20]).unwrap();
+    let args = ["convert", "-n", "-O", "qcow2", "src.raw", "X"];
+    for (code, _, err, ()) in run_on_copies(p, "shared.qcow2", &args, |_| ()) {
+        assert_eq!(code, 0, "{err}");
+    }
+    let (code, out) = qemu(
+        p,
+        &["compare", "qimg-shared.qcow2", "qemu-img-shared.qcow2"],
+    );
+    assert_eq!(code, 0, "{out}");
+}
+
 /// `qemu-img check IMG` finds nothing wrong: no errors, no leaks.
 fn assert_check_clean(dir: &Path, img: &str) {
     let (code, out) = qemu(dir, &["check", img]);

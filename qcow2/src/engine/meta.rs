@@ -281,7 +281,7 @@ impl Meta {
         for c in first..=last {
             let rc = self.refcount(file, c)?;
             let new = rc.checked_add_signed(delta).ok_or_else(|| {
-                Error::Corrupt(format!(
+                Error::RefcountUnderflow(format!(
                     "refcount of cluster at 0x{:x} is {rc}, cannot add {delta}",
                     c * cs
                 ))
@@ -640,7 +640,18 @@ impl Meta {
             // The cluster being packed with compressed data may be freed and reused.
             self.compressed_tail = None;
             for (off, len) in std::mem::take(&mut self.pending_frees) {
-                self.add_refcount(file, off, len, -1)?;
+                // A refcount already 0 (two entries sharing a cluster counted once): the
+                // cluster is left alone, as QEMU's qcow2_free_clusters leaves it, and the
+                // request goes on.
+                if let Err(e) = self.add_refcount(file, off, len, -1) {
+                    match e {
+                        Error::RefcountUnderflow(what) => {
+                            tracing::warn!("qcow2_free_clusters failed: {what}");
+                            continue;
+                        }
+                        e => return Err(e),
+                    }
+                }
                 // A freed table must not be served from the cache if the cluster is reused.
                 self.forget_l2_table(off & OFFSET_MASK);
                 if self.unmap {

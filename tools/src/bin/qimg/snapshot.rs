@@ -168,7 +168,9 @@ fn corruption(e: qcow2::Error, what: &str) -> Result<anyhow::Error, qcow2::Error
 fn errno_text(e: &qcow2::Error) -> String {
     match e {
         qcow2::Error::NotSupported(_) => "Operation not supported".into(),
-        qcow2::Error::RefcountOverflow { .. } => "Invalid argument".into(),
+        qcow2::Error::RefcountOverflow { .. } | qcow2::Error::RefcountUnderflow(_) => {
+            "Invalid argument".into()
+        }
         qcow2::Error::Io { error, .. } => error.to_string(),
         e => e.to_string(),
     }
