@@ -1329,6 +1329,26 @@ fn reading_commands_do_without_an_unreadable_refcount_block_like_qemu_img() {
     assert_eq!(qemu(p, &["compare", "a.qcow2", "out.raw"]).0, 0);
 }
 
+/// The metadata-preallocation guess reads a layer's refcounts at its first block status
+/// query, as QEMU's does: a backing file that `map` never asks about (the top allocates
+/// everything) is not read, so its unaligned refcount block goes unreported, as in qemu-img.
+#[test]
+fn a_backing_file_map_does_not_query_is_not_read_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "b.qcow2", "1M", &["write -P 1 0 64k"]);
+    patch(p, "b.qcow2", REFTABLE, &(REFBLOCK + 0x200).to_be_bytes());
+    qcow2_over(p, "b.qcow2", "t.qcow2", "1M", &["write -P 2 0 1M"]);
+    for args in [
+        &["map", "t.qcow2"][..],
+        &["map", "--output=json", "t.qcow2"],
+    ] {
+        let (code, out, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", args);
+        assert_eq!((code, err.as_str()), (0, ""), "{args:?}");
+        assert_eq!(out, same(p, args));
+    }
+}
+
 /// A partial-cluster write over a backing file copies only what it does not overwrite, as
 /// QEMU does: a write that replaces the backing file's only unreadable bytes succeeds (qimg
 /// read the whole backing cluster and failed), and the overlays both tools leave agree.

@@ -89,8 +89,9 @@ struct Node {
     /// The file holding the guest data (the external data file, if any).
     data_name: String,
     /// QEMU's `qcow2_detect_metadata_preallocation`: data clusters are checked for holes in
-    /// the host file.
-    preallocated: bool,
+    /// the host file. Found out at the layer's first block status query, as in QEMU (a
+    /// layer never queried reads no refcount).
+    preallocated: std::sync::OnceLock<bool>,
     /// The backing file name the header records.
     recorded_backing: Option<String>,
     /// Guest bytes one L2 table maps (qcow2), where QEMU's runs end.
@@ -236,7 +237,7 @@ impl Chain {
                 }
                 None => e,
             })?;
-            let (data_name, preallocated, recorded_backing, table_span) = match &layer {
+            let (data_name, recorded_backing, table_span) = match &layer {
                 Layer::Qcow2(img) => {
                     let h = img.header();
                     let lossy = |n: &OsStr| n.to_string_lossy().into_owned();
@@ -245,18 +246,17 @@ impl Chain {
                             .as_deref()
                             .filter(|_| h.has_external_data())
                             .map(lossy),
-                        detect_metadata_preallocation(img, Path::new(&name)),
                         h.backing_file.as_deref().map(lossy),
                         h.l2_entries() * h.cluster_size(),
                     )
                 }
-                Layer::Raw(_) => (None, false, None, u64::MAX),
+                Layer::Raw(_) => (None, None, u64::MAX),
             };
             nodes.push(Node {
                 layer,
                 data_name: data_name.unwrap_or_else(|| name.clone()),
                 name,
-                preallocated,
+                preallocated: std::sync::OnceLock::new(),
                 recorded_backing,
                 table_span,
             });
@@ -343,6 +343,13 @@ impl Chain {
         }
         let wanted = len.min(self.layer_size(i) - offset);
         let len = len.min(img.size() - offset);
+        let node = &self.nodes[i];
+        let preallocated = match layer {
+            Layer::Qcow2(q) => *node
+                .preallocated
+                .get_or_init(|| detect_metadata_preallocation(q, Path::new(&node.name))),
+            Layer::Raw(_) => false,
+        };
         let mut st: BlockStatus = img.block_status(offset, len)?;
         if let (Layer::Raw(_), false) = (layer, st.data) {
             if offset + st.len == img.size() {
@@ -381,7 +388,7 @@ impl Chain {
             Layer::Raw(_) => Some(offset),
             Layer::Qcow2(_) => st.host_offset,
         };
-        if let (Layer::Qcow2(img), true) = (layer, self.nodes[i].preallocated) {
+        if let (Layer::Qcow2(img), true) = (layer, preallocated) {
             if let (true, false, Some(host)) = (e.data, e.zero, e.offset) {
                 if let Some(fd) = img.data_storage().raw_fd() {
                     let (data, run) = qcow2::raw::seek_data_run(fd, host, e.length);
