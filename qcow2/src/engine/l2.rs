@@ -6,7 +6,8 @@
 //! Slices hold the table's 64-bit words: one per entry, or two (entry, subcluster bitmap)
 //! with extended L2 entries, so "entry `i`" is word `i * Geometry::l2_words()`.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::format::tables::OFFSET_MASK;
 use crate::storage::Storage;
 
 use super::meta::{encode_u64_table, read_u64_table, Geometry, Meta};
@@ -38,13 +39,10 @@ impl Meta {
 
     /// Host offset of the L2 table that L1 entry `l1i` points to (0: none, or past the L1
     /// table); an unaligned one is corruption, in QEMU's words.
-    pub fn l2_table_offset(&self, l1i: usize) -> crate::Result<u64> {
-        let table = self
-            .l1
-            .get(l1i)
-            .map_or(0, |e| e & crate::format::tables::OFFSET_MASK);
+    pub fn l2_table_offset(&self, l1i: usize) -> Result<u64> {
+        let table = self.l1.get(l1i).map_or(0, |e| e & OFFSET_MASK);
         if table % self.geo.cluster_size() != 0 {
-            return Err(crate::Error::UnalignedTable(format!(
+            return Err(Error::UnalignedTable(format!(
                 "L2 table offset {table:#x} unaligned (L1 index: {})",
                 super::c_hex(l1i as u64)
             )));
@@ -63,7 +61,7 @@ impl Meta {
         if table.saturating_add(cs) > self.file_len_seen.next_multiple_of(cs) {
             self.file_len_seen = file
                 .len()
-                .map_err(|e| crate::Error::io("getting the file size", e))?;
+                .map_err(|e| Error::io("getting the file size", e))?;
         }
         self.check_table_offset("L2 table", table, self.file_len_seen)?;
         let slice = read_u64_table(file, key, (self.l2_slice_bytes() / 8) as usize)?;
@@ -161,7 +159,7 @@ impl Meta {
         }
         let writes: Vec<(u64, &[u8])> = encoded.iter().map(|(k, b)| (*k, &b[..])).collect();
         file.write_batch(&writes)
-            .map_err(|e| crate::Error::io(format!("writing {} L2 table slices", keys.len()), e))?;
+            .map_err(|e| Error::io(format!("writing {} L2 table slices", keys.len()), e))?;
         for &key in keys {
             self.l2.mark_clean(key);
         }

@@ -507,8 +507,8 @@ impl Qcow2 {
 
     /// Makes corruption `e` found in the metadata fatal, as QEMU does in an image opened
     /// for writing (not for a check): the image is marked corrupt, in memory and in its
-    /// header, and takes no more writes. Other errors, and read-only images, pass unchanged.
-    /// Applied to what every request returns.
+    /// header, and takes no more writes. In a read-only image an [`Error::UnalignedTable`]
+    /// becomes plain [`Error::Corrupt`]; other errors pass unchanged.
     fn fatal(&self, e: Error) -> Error {
         match e {
             Error::Corrupt(_) | Error::UnalignedTable(_) if self.fatal_corruption => {
