@@ -1349,6 +1349,34 @@ fn a_backing_file_map_does_not_query_is_not_read_like_qemu_img() {
     }
 }
 
+/// `commit` asks only the images above the base what they allocate, as qemu-img does: the
+/// base's unaligned refcount block (never needed: the base is allocated where the top
+/// writes) goes unreported, and both tools leave the same base.
+#[test]
+fn commit_does_not_query_the_base_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "b.qcow2", "1M", &["write -P 1 0 1M"]);
+    patch(p, "b.qcow2", REFTABLE, &(REFBLOCK + 0x200).to_be_bytes());
+    qcow2_over(p, "b.qcow2", "t.qcow2", "1M", &["write -P 2 0 64k"]);
+    let mut outcomes = Vec::new();
+    for (tool, prog) in [
+        (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+        ("qemu-img", "qemu-img"),
+    ] {
+        let dir = p.join(prog);
+        std::fs::create_dir(&dir).unwrap();
+        for name in ["b.qcow2", "t.qcow2"] {
+            std::fs::copy(p.join(name), dir.join(name)).unwrap();
+        }
+        outcomes.push(run_with_stderr(&dir, tool, prog, &["commit", "t.qcow2"]));
+    }
+    assert_eq!(outcomes[0], outcomes[1]);
+    assert_eq!(outcomes[0].2, "");
+    let (code, out) = qemu(p, &["compare", "qimg/b.qcow2", "qemu-img/b.qcow2"]);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// A partial-cluster write over a backing file copies only what it does not overwrite, as
 /// QEMU does: a write that replaces the backing file's only unreadable bytes succeeds (qimg
 /// read the whole backing cluster and failed), and the overlays both tools leave agree.

@@ -409,8 +409,15 @@ impl Chain {
 
     /// Status of the run at `offset` through the chain (qemu-img's `get_block_status`).
     pub fn status(&self, offset: u64, len: u64) -> anyhow::Result<Extent> {
+        self.status_above(offset, len, self.len())
+    }
+
+    /// Status of the run at `offset` as the layers above depth `base` give it, as QEMU's
+    /// `bdrv_is_allocated_above` asks them: the base and the layers below it are never
+    /// queried (nor read), and a run none of the others allocates is not present.
+    pub fn status_above(&self, offset: u64, len: u64, base: usize) -> anyhow::Result<Extent> {
         let mut len = len;
-        for i in 0..self.len() {
+        for i in 0..base {
             let e = self.layer_status(i, offset, len)?;
             if e.present || e.zero || e.data {
                 return Ok(e);
@@ -421,7 +428,10 @@ impl Chain {
                 // Unallocated with nothing below: reads as zeros, not present.
                 return Ok(Extent { zero: true, ..e });
             }
+            if i + 1 == base {
+                return Ok(e);
+            }
         }
-        unreachable!("a chain has at least one layer")
+        unreachable!("there is at least one layer above the base")
     }
 }

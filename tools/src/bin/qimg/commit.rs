@@ -130,7 +130,7 @@ fn runs_above(chain: &Chain, b: usize) -> anyhow::Result<Vec<(u64, u64)>> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut offset = 0;
     while offset < size {
-        let e = chain.status(offset, size - offset)?;
+        let e = chain.status_above(offset, size - offset, b)?;
         if above(&e, b) {
             match runs.last_mut() {
                 Some((start, len)) if *start + *len == offset => *len += e.length,
@@ -201,7 +201,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut offset = 0;
     while offset < size {
-        let e = chain.status(offset, CHUNK.min(size - offset))?;
+        let e = chain.status_above(offset, CHUNK.min(size - offset), b)?;
         if above(&e, b) {
             if let Some(rate) = &rate {
                 rate.wait(e.length);
