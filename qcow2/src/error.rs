@@ -117,6 +117,10 @@ pub enum Error {
     /// No internal snapshot matches the one asked for (QEMU's wording).
     #[error("Can't find snapshot")]
     SnapshotNotFound,
+    /// The table of the snapshot a view asked for cannot be used (QEMU's words from
+    /// `qcow2_snapshot_load_tmp`).
+    #[error("{0}")]
+    SnapshotLoad(String),
     /// A snapshot view was asked for with write access; snapshots open read-only.
     #[error("a snapshot can only be opened read-only")]
     SnapshotWritable,

@@ -303,6 +303,11 @@ pub(crate) fn snapshot_l1(
         r.find(table).ok_or(Error::SnapshotNotFound)?,
         cluster_size,
     )
+    .map_err(|e| match e {
+        Error::Corrupt(why) => Error::SnapshotLoad(why),
+        Error::Io { .. } => Error::SnapshotLoad("Failed to read l1 table for snapshot".into()),
+        e => e,
+    })
 }
 
 /// Reads the L1 table of snapshot `s` after checking that it lies where one can (QEMU's

@@ -1329,6 +1329,37 @@ fn reading_commands_do_without_an_unreadable_refcount_block_like_qemu_img() {
     assert_eq!(qemu(p, &["compare", "a.qcow2", "out.raw"]).0, 0);
 }
 
+/// An L2 table that cannot be read fails the reading commands with qemu-img's words and
+/// exit codes: each command's own context, then the system's words alone.
+#[test]
+fn an_unreadable_l2_table_fails_reading_commands_in_qemu_img_words() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    layout_qcow2(p, "a.qcow2");
+    let bytes = std::fs::read(p.join("a.qcow2")).unwrap();
+    let served = cowbird_tests::unreadable_file::UnreadableFile::new(bytes, L2..L2 + 4096);
+    let served = served.path();
+    let img = served.to_str().unwrap();
+    let input = format!("if={img}");
+    for args in [
+        &["map", img][..],
+        &["map", "--output=json", img],
+        &["measure", "-O", "qcow2", img],
+        &["compare", img, "a.qcow2"],
+        &["convert", "-O", "raw", img, "out.raw"],
+        &["dd", &input, "of=out.dd"],
+        &["bench", "-c", "1", img],
+    ] {
+        let (code, _, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", args);
+        same(p, args);
+        assert!(code != 0, "{args:?}");
+        assert!(
+            err.ends_with(": Input/output error\n") || args[0] == "compare",
+            "{err}"
+        );
+    }
+}
+
 /// The metadata-preallocation guess reads a layer's refcounts at its first block status
 /// query, as QEMU's does: a backing file that `map` never asks about (the top allocates
 /// everything) is not read, so its unaligned refcount block goes unreported, as in qemu-img.
@@ -1466,6 +1497,72 @@ fn unreadable_metadata_at_open_is_worded_like_qemu_img() {
         let line = format!("PROG: Could not open '{img}': {words}: Input/output error\n");
         assert_eq!((ours.0, ours.2), (1, line));
     }
+}
+
+/// An unreadable bitmap table fails every open, and an unreadable or misplaced snapshot L1
+/// table fails a view of the snapshot (`-l`), in qemu-img's words.
+#[test]
+fn unreadable_bitmap_and_snapshot_tables_are_worded_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "a.qcow2", "4M", &["write -P 1 0 1M"]);
+    qemu(p, &["bitmap", "--add", "a.qcow2", "b0"]);
+    qemu(p, &["snapshot", "-c", "s1", "a.qcow2"]);
+    let bytes = std::fs::read(p.join("a.qcow2")).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+    // The bitmaps extension (magic 0x23852875) holds the directory's offset; the directory's
+    // first entry starts with the table's offset.
+    let ext = bytes
+        .windows(4)
+        .position(|w| w == [0x23, 0x85, 0x28, 0x75])
+        .unwrap();
+    let bitmap_table = be64(be64(ext + 24)) as u64;
+    let snapshot_l1 = be64(be64(64)) as u64;
+    let cases: [(u64, &[&str], &str); 3] = [
+        (
+            bitmap_table,
+            &["info", "IMG"],
+            "Could not open 'IMG': Could not read bitmap_table table from image for bitmap \
+             'b0': Input/output error",
+        ),
+        (
+            snapshot_l1,
+            &["convert", "-l", "s1", "-O", "raw", "IMG", "out.raw"],
+            "Failed to load snapshot: Failed to read l1 table for snapshot",
+        ),
+        (
+            snapshot_l1,
+            &["measure", "-l", "s1", "-O", "qcow2", "IMG"],
+            "Failed to load snapshot: Failed to read l1 table for snapshot",
+        ),
+    ];
+    for (bad, args, words) in cases {
+        let served =
+            cowbird_tests::unreadable_file::UnreadableFile::new(bytes.clone(), bad..bad + 4096);
+        let served = served.path();
+        let img = served.to_str().unwrap();
+        let args: Vec<&str> = args
+            .iter()
+            .map(|&a| if a == "IMG" { img } else { a })
+            .collect();
+        let ours = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &args);
+        let theirs = run_with_stderr(p, "qemu-img", "qemu-img", &args);
+        assert_eq!(ours, theirs, "{args:?}");
+        let line = format!("PROG: {}\n", words.replace("IMG", img));
+        assert_eq!((ours.0, ours.2), (1, line));
+    }
+    let snapshot_entry = be64(64) as u64;
+    patch(
+        p,
+        "a.qcow2",
+        snapshot_entry,
+        &(snapshot_l1 + 0x200).to_be_bytes(),
+    );
+    let args = ["convert", "-l", "s1", "-O", "raw", "a.qcow2", "out.raw"];
+    let ours = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &args);
+    assert_eq!(ours, run_with_stderr(p, "qemu-img", "qemu-img", &args));
+    let line = "PROG: Failed to load snapshot: Snapshot L1 table offset invalid\n";
+    assert_eq!((ours.0, ours.2.as_str()), (1, line));
 }
 
 /// `args` (with the target named `X`) by both tools: the same exit code, output and errors;

@@ -86,7 +86,12 @@ impl Qcow2 {
         let entries = check_directory(&bytes, ext.nb_bitmaps(), self.size, cs).map_err(refuse)?;
         for e in entries.iter().filter(|e| e.flags & IN_USE == 0) {
             let name = e.display_name();
-            let table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)?;
+            let table = read_u64_table(&*self.file, e.table_offset, e.table_size as usize)
+                .map_err(|err| {
+                    err.reworded(&format!(
+                        "Could not read bitmap_table table from image for bitmap '{name}'"
+                    ))
+                })?;
             if !table.iter().all(|&t| table_entry_valid(t, cs)) {
                 return Err(refuse(format!(
                     "Could not read bitmap_table table from image for bitmap '{name}': \

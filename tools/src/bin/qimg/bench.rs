@@ -177,11 +177,11 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     })();
     if let Err(e) = outcome {
         // The block layer fails requests past the end, as corrupt metadata, with EIO.
-        let eio = matches!(e, qcow2::Error::OutOfRange { .. }) || crate::report_corruption(&e);
-        match eio {
-            true => crate::print_error("Failed request: Input/output error"),
-            false => crate::print_error(format!("Failed request: {e}")),
-        }
+        let e = match e {
+            qcow2::Error::OutOfRange { .. } => anyhow::anyhow!("Input/output error"),
+            e => e.into(),
+        };
+        crate::report_error(&e.context("Failed request"));
         return Ok(1);
     }
     // Like qemu-img, the time covers the requests; the flush on close comes after.

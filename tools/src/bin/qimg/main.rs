@@ -210,12 +210,19 @@ pub fn print_error(message: impl std::fmt::Display) {
 
 /// Prints a command's error as qemu-img does. Corruption found on the way is reported first
 /// as QEMU's qcow2 driver reports it (on a line of its own, "qcow2: Image is corrupt: ..."),
-/// and the command's error then names it an I/O error, as the block layer does.
+/// and the command's error then names it an I/O error, as the block layer does. A failure
+/// of an image's file while the command runs is named by the system's words alone, as the
+/// block layer passes on only the errno (what the engine was doing is for its logs; the
+/// errors of an open were worded before they got here).
 pub fn report_error(e: &anyhow::Error) {
     let mut parts = Vec::new();
     for cause in e.chain() {
         if report_corruption(cause) {
             parts.push("Input/output error".to_owned());
+            break;
+        }
+        if let Some(qcow2::Error::Io { error, .. }) = cause.downcast_ref::<qcow2::Error>() {
+            parts.push(error.to_string());
             break;
         }
         parts.push(cause.to_string());
@@ -324,7 +331,9 @@ pub fn open_error(path: &str, e: qcow2::Error) -> anyhow::Error {
         qcow2::Error::BadMagic(_) => {
             anyhow::anyhow!("Could not open '{path}': Image is not in qcow2 format")
         }
-        qcow2::Error::SnapshotNotFound => anyhow::anyhow!("Failed to load snapshot: {e}"),
+        qcow2::Error::SnapshotNotFound | qcow2::Error::SnapshotLoad(_) => {
+            anyhow::anyhow!("Failed to load snapshot: {e}")
+        }
         qcow2::Error::NoSnapshots(format) => anyhow::anyhow!(
             "Failed to load snapshot: Block format '{format}' used by device '' does not \
              support temporarily loading internal snapshots"
