@@ -24,6 +24,15 @@ pub struct Guest {
     pub busybox: PathBuf,
 }
 
+impl Guest {
+    /// What the guest's `blk` step writes at [1 MiB, 2 MiB) of its disk: the first MiB of
+    /// its busybox.
+    pub fn blk_step_data(&self) -> Vec<u8> {
+        let busybox = fs::read(&self.busybox).expect("guest busybox");
+        busybox[..1 << 20].to_vec()
+    }
+}
+
 /// Builds the test guest once per test process (cached across runs by the script) and
 /// returns its artefacts.
 pub fn guest() -> &'static Guest {

@@ -15,10 +15,6 @@ use cowbird_tests::{qemu_check, qemu_img, wipe_guest_range_in_place};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const MIB: usize = 1 << 20;
 
-fn blk_step_data() -> Vec<u8> {
-    fs::read(&guest().busybox).expect("guest busybox")[..MIB].to_vec()
-}
-
 /// Processes whose command line mentions `dir` (backends serving images in it).
 fn processes_using(dir: &Path) -> Vec<String> {
     let out = Command::new("pgrep")
@@ -86,7 +82,7 @@ fn spawned_backends_serve_raw_and_qcow2_disks_and_a_nic_then_vanish() {
     );
     let (code, report) = qemu_check(&overlay);
     assert_eq!(code, 0, "{report}");
-    assert!(fs::read(&raw).unwrap()[MIB..2 * MIB] == blk_step_data()[..]);
+    assert!(fs::read(&raw).unwrap()[MIB..2 * MIB] == guest().blk_step_data()[..]);
     let flat = dir.path().join("flat.raw");
     qemu_img(&[
         "convert",
@@ -97,7 +93,7 @@ fn spawned_backends_serve_raw_and_qcow2_disks_and_a_nic_then_vanish() {
     ]);
     let flat = fs::read(&flat).unwrap();
     assert!(
-        flat[MIB..2 * MIB] == blk_step_data()[..],
+        flat[MIB..2 * MIB] == guest().blk_step_data()[..],
         "vdb write missing"
     );
     assert!(
@@ -149,7 +145,7 @@ fn a_killed_vhost_blk_child_is_restarted_and_the_guest_carries_on() {
     let args = ["convert", "-O", "raw", image.to_str().unwrap()];
     qemu_img(&[&args[..], &[flat.to_str().unwrap()]].concat());
     assert!(
-        fs::read(&flat).unwrap()[MIB..2 * MIB] == blk_step_data()[..],
+        fs::read(&flat).unwrap()[MIB..2 * MIB] == guest().blk_step_data()[..],
         "the guest's write after the restart is not in the image"
     );
 }

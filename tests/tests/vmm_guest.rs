@@ -15,15 +15,9 @@ use cowbird_tests::{qemu_check, qemu_img, wipe_guest_range_in_place};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const MIB: usize = 1 << 20;
 
-/// What the guest's `blk` step writes at [1 MiB, 2 MiB): the first MiB of its busybox.
-fn blk_step_data() -> Vec<u8> {
-    let busybox = fs::read(&guest().busybox).expect("guest busybox");
-    busybox[..MIB].to_vec()
-}
-
 fn assert_blk_step_landed(disk: &[u8]) {
     assert!(
-        disk[MIB..2 * MIB] == blk_step_data()[..],
+        disk[MIB..2 * MIB] == guest().blk_step_data()[..],
         "the guest's write is not at [1 MiB, 2 MiB) of the image"
     );
 }

@@ -1,8 +1,9 @@
 //! QEMU 10 as the frontend: `qemu-system-x86_64 -accel tcg` with a `vhost-user-blk-pci`
-//! device on our socket. No guest OS is needed: SeaBIOS's virtio-blk driver boots a 512-byte
+//! device on our socket, driven by two guests. SeaBIOS's virtio-blk driver boots a 512-byte
 //! boot sector from the disk (a read through the daemon), which reads 8 sectors with INT 13h,
 //! inverts them, writes them 15 sectors further on and exits QEMU through `isa-debug-exit`.
-//! The host then checks the image.
+//! The Linux test guest (tests/guest) writes and reads back a MiB, makes and checks a file
+//! system and changes the write cache mode. The host then checks the image.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
-use cowbird_tests::stack::wait_timeout;
+use cowbird_tests::stack::{guest, wait_timeout};
 use cowbird_tests::{assert_qemu_clean, qemu_img, qemu_raw, wipe_guest_range_in_place};
 
 /// `tests/data/qemu-boot-sector.S`, assembled (the rest of the sector is zero up to the
@@ -197,4 +198,101 @@ fn qemu_listens_and_the_client_daemon_connects_and_reconnects() {
         d.log()
     );
     check_guest_wrote(&img, "qcow2", &contents);
+}
+
+/// Boots the Linux test guest under QEMU (TCG, 2 vCPUs) with its disk on the daemon's socket
+/// (`queues` queues), running the guest's `cowbird.test=` `steps`; returns QEMU's exit code
+/// and the guest's console.
+fn boot_linux(dir: &Path, socket: &Path, queues: u32, steps: &str) -> (Option<i32>, String) {
+    let g = guest();
+    let serial = dir.join("serial.log");
+    let qemu = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-machine", "pc", "-cpu", "qemu64"])
+        .args(["-m", "128", "-smp", "2", "-nodefaults", "-display", "none"])
+        .args(["-bios", "/usr/share/qemu/qboot.rom", "-no-reboot"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,id=blk0,path={}", socket.display()))
+        .arg("-device")
+        .arg(format!(
+            "vhost-user-blk-pci,chardev=blk0,num-queues={queues}"
+        ))
+        .arg("-kernel")
+        .arg(&g.vmlinux)
+        .arg("-initrd")
+        .arg(&g.initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 cowbird.test={steps} cowbird.cpus=2"
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run qemu-system-x86_64 (install the qemu-system-x86 package): {e}")
+        });
+    wait_qemu(dir, qemu)
+}
+
+/// The Linux guest's virtio-blk driver on the daemon through QEMU: two queues with
+/// EVENT_IDX and indirect descriptors, O_DIRECT writes and reads of a MiB, an ext2 file
+/// system made, filled, flushed, mounted again and checked, the write cache switched to
+/// writethrough (CONFIG_WCE). The host then finds the MiB at [1 MiB, 2 MiB), a file system
+/// `e2fsck` calls clean in the first MiB, and a qcow2 image `qemu-img check` calls clean.
+fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join(format!("disk.{format}"));
+    qemu_img(&["create", "-q", "-f", format, img.to_str().unwrap(), "64M"]);
+    let mut args = vec!["--format", format, "--num-queues", "2"];
+    args.extend(extra);
+    let mut d = Daemon::start(dir.path(), &img, &args);
+    let (code, serial) = boot_linux(dir.path(), &d.socket, 2, "cpus,blk,fs,wt");
+    for marker in ["CPUS", "BLK", "FS", "WT"] {
+        assert!(
+            serial.contains(&format!("COWBIRD-{marker}-OK")),
+            "no COWBIRD-{marker}-OK; QEMU exit code {code:?}, serial:\n{serial}\ndaemon:\n{}",
+            d.log()
+        );
+    }
+    assert_eq!(code, Some(0), "QEMU exit code; serial:\n{serial}");
+    assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
+    d.stop();
+    assert!(
+        d.log()
+            .contains("guest set the write cache to writethrough"),
+        "{}",
+        d.log()
+    );
+    if format == "qcow2" {
+        assert_qemu_clean(&img);
+    }
+    let disk = qemu_raw(&img);
+    assert!(
+        disk[1 << 20..2 << 20] == guest().blk_step_data()[..],
+        "the guest's MiB is not at [1 MiB, 2 MiB) of the image"
+    );
+    let fs = dir.path().join("fs.ext2");
+    std::fs::write(&fs, &disk[..1 << 20]).unwrap();
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(&fs)
+        .output()
+        .expect("e2fsck (e2fsprogs)");
+    assert!(
+        fsck.status.success(),
+        "e2fsck of the guest's file system: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+}
+
+#[test]
+fn qemu_linux_guest_uses_a_raw_disk_from_pinned_memory() {
+    qemu_linux_guest_uses_the_disk("raw", &["--pin-memory"]);
+}
+
+#[test]
+fn qemu_linux_guest_uses_a_qcow2_disk() {
+    qemu_linux_guest_uses_the_disk("qcow2", &[]);
 }
