@@ -183,7 +183,7 @@ cat "$KOUT/build.log" >>"$LOG"
 # seconds. Only the applets ./init uses get a symlink: "busybox --install" would
 # cost hundreds of (emulated, slow) syscalls at boot.
 log "initramfs"
-APPLETS=(sh mount umount cat dd sync head md5sum mke2fs mkdir blockdev ip ping setsid cttyhack reboot sleep)
+APPLETS=(sh mount umount cat dd sync head md5sum mke2fs mkdir blockdev blkdiscard ip ping setsid cttyhack reboot sleep)
 {
 	echo "dir /bin 755 0 0"
 	echo "dir /dev 755 0 0"

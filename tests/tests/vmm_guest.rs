@@ -45,7 +45,7 @@ fn qcow2_disk_with_backing_file_served_by_vhost_blk() {
     let base = dir.path().join("base.raw");
     let overlay = dir.path().join("overlay.qcow2");
     let mut base_data = vec![0u8; 64 * MIB];
-    base_data[4 * MIB..5 * MIB].fill(0x5a);
+    base_data[2 * MIB..5 * MIB].fill(0x5a);
     fs::write(&base, &base_data).unwrap();
     qemu_img(&[
         "create",
@@ -64,10 +64,11 @@ fn qcow2_disk_with_backing_file_served_by_vhost_blk() {
         &["--format", "qcow2", "--num-queues", "2"],
     );
     let socket = format!("socket={},num_queues=2", backend.socket.display());
-    let run = Boot::steps("blk")
+    let run = Boot::steps("blk,discard")
         .args(&["--cpus", "2", "--disk", &socket])
         .run(dir.path(), BOOT_TIMEOUT);
     run.expect_marker("COWBIRD-BLK-OK");
+    run.expect_marker("COWBIRD-DISCARD-OK");
     run.expect_clean_poweroff();
     assert!(
         backend.stop(),
@@ -87,6 +88,12 @@ fn qcow2_disk_with_backing_file_served_by_vhost_blk() {
     ]);
     let disk = fs::read(&raw).unwrap();
     assert_blk_step_landed(&disk);
+    // A guest's discard over a backing file leaves zeros, as QEMU's qcow2 driver does, not
+    // the backing file's data.
+    assert!(
+        disk[2 * MIB..4 * MIB].iter().all(|&b| b == 0),
+        "the discarded range does not read as zeros"
+    );
     assert!(
         disk[4 * MIB..5 * MIB].iter().all(|&b| b == 0x5a),
         "backing data lost"

@@ -238,8 +238,9 @@ fn boot_linux(dir: &Path, socket: &Path, queues: u32, steps: &str) -> (Option<i3
 /// The Linux guest's virtio-blk driver on the daemon through QEMU: two queues with
 /// EVENT_IDX and indirect descriptors, O_DIRECT writes and reads of a MiB, an ext2 file
 /// system made, filled, flushed, mounted again and checked, the write cache switched to
-/// writethrough (CONFIG_WCE). The host then finds the MiB at [1 MiB, 2 MiB), a file system
-/// `e2fsck` calls clean in the first MiB, and a qcow2 image `qemu-img check` calls clean.
+/// writethrough (CONFIG_WCE), 2 MiB written and discarded. The host then finds the MiB at
+/// [1 MiB, 2 MiB), a file system `e2fsck` calls clean in the first MiB, zeros where the
+/// guest discarded, and a qcow2 image `qemu-img check` calls clean.
 fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join(format!("disk.{format}"));
@@ -247,8 +248,8 @@ fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str]) {
     let mut args = vec!["--format", format, "--num-queues", "2"];
     args.extend(extra);
     let mut d = Daemon::start(dir.path(), &img, &args);
-    let (code, serial) = boot_linux(dir.path(), &d.socket, 2, "cpus,blk,fs,wt");
-    for marker in ["CPUS", "BLK", "FS", "WT"] {
+    let (code, serial) = boot_linux(dir.path(), &d.socket, 2, "cpus,blk,fs,wt,discard");
+    for marker in ["CPUS", "BLK", "FS", "WT", "DISCARD"] {
         assert!(
             serial.contains(&format!("COWBIRD-{marker}-OK")),
             "no COWBIRD-{marker}-OK; QEMU exit code {code:?}, serial:\n{serial}\ndaemon:\n{}",
@@ -271,6 +272,10 @@ fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str]) {
     assert!(
         disk[1 << 20..2 << 20] == guest().blk_step_data()[..],
         "the guest's MiB is not at [1 MiB, 2 MiB) of the image"
+    );
+    assert!(
+        disk[2 << 20..4 << 20].iter().all(|&b| b == 0),
+        "the range the guest discarded does not read as zeros"
     );
     let fs = dir.path().join("fs.ext2");
     std::fs::write(&fs, &disk[..1 << 20]).unwrap();
