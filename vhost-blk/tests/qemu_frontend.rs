@@ -200,111 +200,98 @@ fn qemu_listens_and_the_client_daemon_connects_and_reconnects() {
     check_guest_wrote(&img, "qcow2", &contents);
 }
 
-/// Boots the Linux test guest under QEMU (TCG, 2 vCPUs) with its disk on the daemon's socket
-/// (`queues` queues), running the guest's `cowbird.test=` `steps` at each of `boots` boots
-/// (the guest's reboot resets the machine, the device included, until the last one ends
-/// QEMU); returns QEMU's exit code and the guest's console.
-fn boot_linux(
-    dir: &Path,
-    socket: &Path,
-    queues: u32,
-    steps: &str,
-    boots: usize,
-) -> (Option<i32>, String) {
-    let g = guest();
-    let serial = dir.join("serial.log");
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-machine", "pc", "-cpu", "qemu64"])
-        .args(["-m", "128", "-smp", "2", "-nodefaults", "-display", "none"])
-        .args(["-bios", "/usr/share/qemu/qboot.rom"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
-        .args(["-numa", "node,memdev=mem"])
-        .arg("-chardev")
-        .arg(format!("socket,id=blk0,path={}", socket.display()))
-        .arg("-device")
-        .arg(format!(
-            "vhost-user-blk-pci,chardev=blk0,num-queues={queues}"
-        ))
-        .arg("-kernel")
-        .arg(&g.vmlinux)
-        .arg("-initrd")
-        .arg(&g.initrd)
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=-1 cowbird.test={steps} cowbird.cpus=2"
-        ))
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run qemu-system-x86_64 (install the qemu-system-x86 package): {e}")
-        });
-    // QEMU resets the machine at each reboot; the last boot's end stops it (as -no-reboot
-    // would, which rules out the resets before).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let done = || {
-        let text = std::fs::read_to_string(&serial).unwrap_or_default();
-        text.matches("COWBIRD-DONE").count() >= boots
-    };
-    while !done() && Instant::now() < deadline && qemu.try_wait().unwrap().is_none() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Past the last line the guest only reboots: QEMU is stopped as a reset would stop it.
-    std::thread::sleep(Duration::from_millis(200));
-    let _ = qemu.kill();
-    let status = qemu.wait().unwrap();
-    (
-        status.code(),
-        std::fs::read_to_string(&serial).unwrap_or_default(),
-    )
+/// The Linux test guest under QEMU (TCG, 2 vCPUs) with its disk on the daemon's socket.
+/// The guest's reboot resets the machine, the device included, and the guest boots again:
+/// [`LinuxGuest::stop`] ends QEMU.
+struct LinuxGuest {
+    qemu: Child,
+    serial: PathBuf,
 }
 
-/// The Linux guest's virtio-blk driver on the daemon through QEMU, at each of `boots` boots
-/// (a reboot resets the device: the rings are stopped and set up again): two queues with
-/// EVENT_IDX and indirect descriptors, O_DIRECT writes and reads of a MiB, an ext2 file
-/// system made, filled, flushed, mounted again and checked, the write cache switched to
-/// writethrough (CONFIG_WCE), 2 MiB written and discarded. The host then finds the MiB at
-/// [1 MiB, 2 MiB), a file system `e2fsck` calls clean in the first MiB, zeros where the
-/// guest discarded, and a qcow2 image `qemu-img check` calls clean.
-fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str], boots: usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join(format!("disk.{format}"));
-    qemu_img(&["create", "-q", "-f", format, img.to_str().unwrap(), "64M"]);
-    let mut args = vec!["--format", format, "--num-queues", "2"];
-    args.extend(extra);
-    let mut d = Daemon::start(dir.path(), &img, &args);
-    let steps = "cpus,blk,fs,wt,discard";
-    let (code, serial) = boot_linux(dir.path(), &d.socket, 2, steps, boots);
-    for marker in ["CPUS", "BLK", "FS", "WT", "DISCARD"] {
+impl LinuxGuest {
+    /// Boots with `queues` queues on `socket` (`chardev` adds options to QEMU's socket
+    /// chardev) and `kernel_args` (the `cowbird.test=` steps and their settings).
+    fn boot(dir: &Path, socket: &Path, queues: u32, chardev: &str, kernel_args: &str) -> Self {
+        let g = guest();
+        let serial = dir.join("serial.log");
+        let qemu = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-machine", "pc", "-cpu", "qemu64"])
+            .args(["-m", "128", "-smp", "2", "-nodefaults", "-display", "none"])
+            .args(["-bios", "/usr/share/qemu/qboot.rom"])
+            .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
+            .args(["-numa", "node,memdev=mem"])
+            .arg("-chardev")
+            .arg(format!("socket,id=blk0,path={}{chardev}", socket.display()))
+            .arg("-device")
+            .arg(format!(
+                "vhost-user-blk-pci,chardev=blk0,num-queues={queues}"
+            ))
+            .arg("-kernel")
+            .arg(&g.vmlinux)
+            .arg("-initrd")
+            .arg(&g.initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 reboot=k panic=-1 {kernel_args}"))
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run qemu-system-x86_64 (install the qemu-system-x86 package): {e}")
+            });
+        LinuxGuest { qemu, serial }
+    }
+
+    /// The guest's console so far.
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits (at most 120 s, or until QEMU exits) for the console to show `text` `times`
+    /// times.
+    fn wait_for(&mut self, text: &str, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.serial().matches(text).count() < times
+            && Instant::now() < deadline
+            && self.qemu.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops QEMU (once the guest is done, as a reset would stop it); returns the console.
+    fn stop(mut self) -> String {
+        // Past its last line the guest only reboots.
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+        self.serial()
+    }
+}
+
+/// Checks that the console shows each `COWBIRD-<marker>-OK` `times` times.
+fn assert_steps_passed(serial: &str, markers: &[&str], times: usize, d: &Daemon) {
+    for marker in markers {
         let passed = serial.matches(&format!("COWBIRD-{marker}-OK")).count();
         assert!(
-            passed == boots,
-            "COWBIRD-{marker}-OK {passed} times in {boots} boots; QEMU exit code {code:?}, \
-             serial:\n{serial}\ndaemon:\n{}",
+            passed == times,
+            "COWBIRD-{marker}-OK {passed} times, not {times}; serial:\n{serial}\ndaemon:\n{}",
             d.log()
         );
     }
-    assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
-    d.stop();
-    assert!(
-        d.log()
-            .contains("guest set the write cache to writethrough"),
-        "{}",
-        d.log()
-    );
+}
+
+/// Checks that the image holds the MiB of the guest's `blk` step and, in its first MiB, the
+/// file system of its `fs` step, which `e2fsck` calls clean; returns the image's contents.
+fn check_linux_guest_wrote(dir: &Path, img: &Path, format: &str) -> Vec<u8> {
     if format == "qcow2" {
-        assert_qemu_clean(&img);
+        assert_qemu_clean(img);
     }
-    let disk = qemu_raw(&img);
+    let disk = qemu_raw(img);
     assert!(
         disk[1 << 20..2 << 20] == guest().blk_step_data()[..],
         "the guest's MiB is not at [1 MiB, 2 MiB) of the image"
     );
-    assert!(
-        disk[2 << 20..4 << 20].iter().all(|&b| b == 0),
-        "the range the guest discarded does not read as zeros"
-    );
-    let fs = dir.path().join("fs.ext2");
+    let fs = dir.join("fs.ext2");
     std::fs::write(&fs, &disk[..1 << 20]).unwrap();
     let fsck = Command::new("e2fsck")
         .args(["-f", "-n"])
@@ -317,6 +304,40 @@ fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str], boots: usize) {
         String::from_utf8_lossy(&fsck.stdout),
         String::from_utf8_lossy(&fsck.stderr)
     );
+    disk
+}
+
+/// The Linux guest's virtio-blk driver on the daemon through QEMU, at each of `boots` boots
+/// (a reboot resets the device: the rings are stopped and set up again): two queues with
+/// EVENT_IDX and indirect descriptors, O_DIRECT writes and reads of a MiB, an ext2 file
+/// system made, filled, flushed, mounted again and checked, the write cache switched to
+/// writethrough (CONFIG_WCE), 2 MiB written and discarded. The host then finds what the
+/// guest wrote, zeros where it discarded, and a qcow2 image `qemu-img check` calls clean.
+fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str], boots: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join(format!("disk.{format}"));
+    qemu_img(&["create", "-q", "-f", format, img.to_str().unwrap(), "64M"]);
+    let mut args = vec!["--format", format, "--num-queues", "2"];
+    args.extend(extra);
+    let mut d = Daemon::start(dir.path(), &img, &args);
+    let steps = "cowbird.test=cpus,blk,fs,wt,discard cowbird.cpus=2";
+    let mut vm = LinuxGuest::boot(dir.path(), &d.socket, 2, "", steps);
+    vm.wait_for("COWBIRD-DONE", boots);
+    let serial = vm.stop();
+    assert_steps_passed(&serial, &["CPUS", "BLK", "FS", "WT", "DISCARD"], boots, &d);
+    assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
+    d.stop();
+    assert!(
+        d.log()
+            .contains("guest set the write cache to writethrough"),
+        "{}",
+        d.log()
+    );
+    let disk = check_linux_guest_wrote(dir.path(), &img, format);
+    assert!(
+        disk[2 << 20..4 << 20].iter().all(|&b| b == 0),
+        "the range the guest discarded does not read as zeros"
+    );
 }
 
 #[test]
@@ -328,4 +349,31 @@ fn qemu_linux_guest_uses_a_raw_disk_from_pinned_memory() {
 #[test]
 fn qemu_linux_guest_uses_a_qcow2_disk_and_again_after_a_reboot() {
     qemu_linux_guest_uses_the_disk("qcow2", &[], 2);
+}
+
+/// QEMU's reconnecting chardev (`reconnect-ms`): the daemon is killed (SIGKILL) while the
+/// guest is idle and started again; QEMU reconnects, sets the device up again, and the guest
+/// makes its file system and writes its MiB through the new daemon.
+#[test]
+fn qemu_reconnects_to_a_restarted_daemon_and_the_guest_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
+    let args = ["--format", "qcow2", "--num-queues", "2"];
+    let mut d = Daemon::start(dir.path(), &img, &args);
+    let steps = "cowbird.test=pause,fs,blk cowbird.pause=5";
+    let mut vm = LinuxGuest::boot(dir.path(), &d.socket, 2, ",reconnect-ms=200", steps);
+    vm.wait_for("COWBIRD-STEP pause", 1);
+    d.stop_with(libc::SIGKILL);
+    let mut d = Daemon::start(dir.path(), &img, &args);
+    vm.wait_for("COWBIRD-DONE", 1);
+    let serial = vm.stop();
+    assert_steps_passed(&serial, &["PAUSE", "FS", "BLK"], 1, &d);
+    assert!(
+        d.log().contains("frontend connected"),
+        "the guest's writes did not go through the restarted daemon:\n{}",
+        d.log()
+    );
+    d.stop();
+    check_linux_guest_wrote(dir.path(), &img, "qcow2");
 }
