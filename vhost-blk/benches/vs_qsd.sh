@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # vhost-blk vs qemu-storage-daemon (issue 5): the same client, tools' `vhost-bench`
 # (libblkio's virtio-blk-vhost-user driver, one thread per queue, event-driven completions),
-# drives both servers alternately on the same image files with the same cache mode, O_DIRECT
-# on both sides (vhost-blk --direct; qsd cache.direct=on, aio=io_uring, one iothread, which
-# is all QEMU 10.0's vhost-user-blk export takes) and the same queue count; `fio
-# --ioengine=io_uring --direct=1` on the raw file itself is the ceiling.
+# drives both servers alternately on the same image files with the same cache mode, by
+# default O_DIRECT on both sides (vhost-blk --direct; qsd cache.direct=on; aio=io_uring, one
+# iothread, which is all QEMU 10.0's vhost-user-blk export takes) and the same queue count;
+# `fio --ioengine=io_uring` on the raw file itself is the ceiling. CACHE=writeback runs
+# both through the host's page cache instead (each server's default: vhost-blk without
+# --direct, qsd cache.direct=off, fio --direct=0), with the images read into it first, so
+# that the servers' own cost shows rather than the disk's.
 #
 # Matrix: 4 KiB randread QD1 and QD32, 4 KiB randwrite QD32, 1 MiB sequential read QD8, on
 # a raw image filled with random data, a preallocated qcow2 converted from it (every cluster
@@ -20,6 +23,7 @@
 #   WORKLOADS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 randwrite-4k-qd32-fsync4
 #   read-1m-qd8" (RW-BS-qdN[-fsyncM]: with -fsyncM, a flush after every M writes, fio's fsync)
 #   OURS_ARGS="" (extra vhost-blk flags, e.g. --pin-memory or --poll-us=0) QSD=qemu-storage-daemon
+#   CACHE=direct|writeback
 #   DIR=/var/tmp (for the images; must support O_DIRECT, so not tmpfs)
 #   RESULTS=FILE (keep every run as a JSON line)
 #   OURS_BASE=/path/to/an/older/vhost-blk: that binary runs too, alternating with the others
@@ -32,7 +36,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 RUNS=${RUNS:-3} RUNTIME=${RUNTIME:-3} RAMP=${RAMP:-0.5} SIZE_MIB=${SIZE_MIB:-1024}
 QUEUES=${QUEUES:-1} IMAGES=${IMAGES:-raw prealloc empty}
 WORKLOADS=${WORKLOADS:-randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 randwrite-4k-qd32-fsync4 read-1m-qd8}
-OURS_ARGS=${OURS_ARGS:-} QSD=${QSD:-qemu-storage-daemon}
+OURS_ARGS=${OURS_ARGS:-} QSD=${QSD:-qemu-storage-daemon} CACHE=${CACHE:-direct}
+case $CACHE in
+  direct) ours_cache=--direct qsd_direct=on fio_direct=1 ;;
+  writeback) ours_cache= qsd_direct=off fio_direct=0 ;;
+  *) echo "CACHE must be direct or writeback, not $CACHE" >&2; exit 1 ;;
+esac
 
 cargo build --release --quiet -p vhost-blk --bin vhost-blk -p tools --bin vhost-bench
 BIN=$(cargo metadata --no-deps --format-version 1 | jq -r .target_directory)/release
@@ -62,6 +71,9 @@ prepare_images() {
   fi
   # The first runs would otherwise read from the disk while it writes the new images back.
   sync
+  if [ "$CACHE" = writeback ]; then
+    for kind in raw prealloc; do [ ! -e "$(image $kind)" ] || cat "$(image $kind)" >/dev/null; done
+  fi
 }
 
 start_server() { # SERVER KIND -> $pid, listening on $sock
@@ -72,11 +84,11 @@ start_server() { # SERVER KIND -> $pid, listening on $sock
   if [ "$1" = vhost-blk ] || [ "$1" = base ]; then
     local bin=$BIN/vhost-blk
     [ "$1" = vhost-blk ] || bin=$OURS_BASE
-    # shellcheck disable=SC2086 # OURS_ARGS is a list of flags
+    # shellcheck disable=SC2086 # OURS_ARGS is a list of flags, ours_cache one or none
     RUST_LOG=warn "$bin" --socket "$sock" --image "$img" --format "$fmt" \
-      --num-queues "$QUEUES" --direct $OURS_ARGS 2>"$work/server.log" &
+      --num-queues "$QUEUES" $ours_cache $OURS_ARGS 2>"$work/server.log" &
   else
-    "$QSD" --blockdev "driver=file,node-name=file0,filename=$img,cache.direct=on,aio=io_uring" \
+    "$QSD" --blockdev "driver=file,node-name=file0,filename=$img,cache.direct=$qsd_direct,aio=io_uring" \
       "${fmtdev[@]}" --object iothread,id=iot0 \
       --export "type=vhost-user-blk,id=exp0,node-name=$node,addr.type=unix,addr.path=$sock,writable=on,num-queues=$QUEUES,iothread=iot0" \
       2>"$work/server.log" &
@@ -104,7 +116,7 @@ one() { # SERVER KIND WORKLOAD -> the run's JSON on stdout
   fsync=${fsync:-0}
   [ "$kind" != empty ] || qemu-img create -q -f qcow2 "$(image empty)" "$((SIZE_MIB * 16))M"
   if [ "$server" = fio ]; then
-    fio --name=ceiling --filename="$(image raw)" --ioengine=io_uring --direct=1 --rw="$rw" \
+    fio --name=ceiling --filename="$(image raw)" --ioengine=io_uring --direct="$fio_direct" --rw="$rw" \
       --bs="$bs" --iodepth="$qd" --fsync="$fsync" --numjobs="$QUEUES" --group_reporting --time_based \
       --runtime="$(jq -n "$RUNTIME * 1000 | floor")ms" --ramp_time="$(jq -n "$RAMP * 1000 | floor")ms" \
       --output-format=json >"$work/fio.json"
@@ -124,7 +136,9 @@ one() { # SERVER KIND WORKLOAD -> the run's JSON on stdout
 
 # The table of medians and the targets, from the runs' JSON lines.
 report() {
-  jq -s -r --argjson runs "$RUNS" --arg runtime "$RUNTIME" --arg queues "$QUEUES" '
+  local cache="O_DIRECT on both servers"
+  [ "$CACHE" = direct ] || cache="both servers through the page cache (images cached)"
+  jq -s -r --argjson runs "$RUNS" --arg runtime "$RUNTIME" --arg queues "$QUEUES" --arg cache "$cache" '
     def median: sort | if length == 0 then null
       elif length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
     def of($s; f): map(select(.server == $s) | f) | median;
@@ -138,7 +152,7 @@ report() {
       oc: of("vhost-blk"; .per_cpu), qc: of("qsd"; .per_cpu),
       ol: of("vhost-blk"; .p50), ql: of("qsd"; .p50), fl: of("fio"; .p50)
     }] as $rows
-    | "\(now | strftime("%Y-%m-%d %H:%M UTC")): medians of \($runs) runs x \($runtime) s, \($queues) queue(s), O_DIRECT on both servers\n",
+    | "\(now | strftime("%Y-%m-%d %H:%M UTC")): medians of \($runs) runs x \($runtime) s, \($queues) queue(s), \($cache)\n",
       "| workload | image | vhost-blk | qsd | ratio | IOPS per server CPU-s ours / qsd | ratio | p50 µs ours / qsd | ratio | fio on the file | ours / fio |",
       "|---|---|---|---|---|---|---|---|---|---|---|",
       ($rows[] | . as $r
