@@ -310,8 +310,9 @@ pub(crate) fn snapshot_l1(
     })
 }
 
-/// Reads the L1 table of snapshot `s` after checking that it lies where one can (QEMU's
-/// `qcow2_validate_table`).
+/// Reads the L1 table of snapshot `s` after checking its size and alignment as QEMU's
+/// `qcow2_validate_table` does; entries past the end of the file read as zeros, as QEMU
+/// reads them.
 pub(crate) fn read_snapshot_l1(
     file: &dyn Storage,
     s: &Snapshot,
@@ -321,17 +322,13 @@ pub(crate) fn read_snapshot_l1(
     if bytes > MAX_L1_BYTES {
         return Err(Error::Corrupt("Snapshot L1 table too large".into()));
     }
+    if s.l1_table_offset % cluster_size != 0 || s.l1_table_offset.checked_add(bytes).is_none() {
+        return Err(Error::Corrupt("Snapshot L1 table offset invalid".into()));
+    }
     let file_len = file
         .len()
         .map_err(|e| Error::io("getting the image size", e))?;
-    if s.l1_table_offset % cluster_size != 0
-        || s.l1_table_offset
-            .checked_add(bytes)
-            .is_none_or(|end| end > file_len)
-    {
-        return Err(Error::Corrupt("Snapshot L1 table offset invalid".into()));
-    }
-    crate::engine::meta::read_u64_table(file, s.l1_table_offset, s.l1_size as usize)
+    crate::engine::read_table_within(file, s.l1_table_offset, s.l1_size, file_len)
 }
 
 #[cfg(test)]

@@ -1499,14 +1499,55 @@ fn unreadable_metadata_at_open_is_worded_like_qemu_img() {
     }
 }
 
-/// An unreadable bitmap table fails every open, and an unreadable or misplaced snapshot L1
-/// table fails a view of the snapshot (`-l`), in qemu-img's words.
+/// A read error in the middle of a chain ends `commit` ("Block job failed") and a safe
+/// `rebase` ("error while reading from old backing file", no system words) with qemu-img's
+/// words.
+#[test]
+fn commit_and_rebase_read_errors_are_worded_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "base.qcow2", "4M", &["write -P 1 0 4M"]);
+    let base = p.join("base.qcow2");
+    let base = base.to_str().unwrap();
+    qcow2_over(p, base, "mid.qcow2", "4M", &["write -P 2 0 1M"]);
+    // The middle image's first data cluster, after its header, refcount table and block, L1
+    // and L2 tables.
+    let bytes = std::fs::read(p.join("mid.qcow2")).unwrap();
+    let served = cowbird_tests::unreadable_file::UnreadableFile::new(bytes, 0x50000..0x51000);
+    let served = served.path();
+    qcow2_over(p, served.to_str().unwrap(), "top.qcow2", "4M", &[]);
+    let cases = [
+        (
+            &["commit", "-b", base, "X"][..],
+            "PROG: Block job failed: Input/output error\n",
+        ),
+        (
+            &["rebase", "-F", "qcow2", "-b", base, "X"],
+            "PROG: error while reading from old backing file\n",
+        ),
+    ];
+    for (args, error) in cases {
+        let outcomes = run_on_copies(p, "top.qcow2", args, |_| ());
+        assert_eq!(outcomes[0], outcomes[1], "{args:?}");
+        assert_eq!(
+            (outcomes[0].0, outcomes[0].2.as_str()),
+            (1, error),
+            "{args:?}"
+        );
+    }
+}
+
+/// An unreadable bitmap table or bitmap data cluster fails every open, and an unreadable or
+/// misaligned snapshot L1 table fails a view of the snapshot (`-l`), in qemu-img's words; a
+/// snapshot L1 table past the end of the file reads as zeros, as in qemu-img.
 #[test]
 fn unreadable_bitmap_and_snapshot_tables_are_worded_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     qcow2_image(p, &[], "a.qcow2", "4M", &["write -P 1 0 1M"]);
     qemu(p, &["bitmap", "--add", "a.qcow2", "b0"]);
+    // A write the bitmap records: its first data cluster.
+    qemu_io(p, "a.qcow2", &["write -P 2 0 64k"]);
     qemu(p, &["snapshot", "-c", "s1", "a.qcow2"]);
     let bytes = std::fs::read(p.join("a.qcow2")).unwrap();
     let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
@@ -1517,13 +1558,19 @@ fn unreadable_bitmap_and_snapshot_tables_are_worded_like_qemu_img() {
         .position(|w| w == [0x23, 0x85, 0x28, 0x75])
         .unwrap();
     let bitmap_table = be64(be64(ext + 24)) as u64;
+    let bitmap_data = be64(bitmap_table as usize) as u64 & 0x00ff_ffff_ffff_fe00;
     let snapshot_l1 = be64(be64(64)) as u64;
-    let cases: [(u64, &[&str], &str); 3] = [
+    let cases: [(u64, &[&str], &str); 4] = [
         (
             bitmap_table,
             &["info", "IMG"],
             "Could not open 'IMG': Could not read bitmap_table table from image for bitmap \
              'b0': Input/output error",
+        ),
+        (
+            bitmap_data,
+            &["map", "IMG"],
+            "Could not open 'IMG': Could not read bitmap 'b0' from image: Input/output error",
         ),
         (
             snapshot_l1,
@@ -1563,6 +1610,34 @@ fn unreadable_bitmap_and_snapshot_tables_are_worded_like_qemu_img() {
     assert_eq!(ours, run_with_stderr(p, "qemu-img", "qemu-img", &args));
     let line = "PROG: Failed to load snapshot: Snapshot L1 table offset invalid\n";
     assert_eq!((ours.0, ours.2.as_str()), (1, line));
+    let past_the_end = std::fs::metadata(p.join("a.qcow2")).unwrap().len() + (1 << 20);
+    let past_the_end = past_the_end & !0xffff;
+    patch(p, "a.qcow2", snapshot_entry, &past_the_end.to_be_bytes());
+    for args in [
+        &["convert", "-l", "s1", "-O", "raw", "a.qcow2", "out.raw"][..],
+        &["measure", "-l", "s1", "-O", "qcow2", "a.qcow2"],
+    ] {
+        let ours = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", args);
+        assert_eq!(ours, run_with_stderr(p, "qemu-img", "qemu-img", args));
+        assert_eq!((ours.0, ours.2.as_str()), (0, ""), "{args:?}");
+    }
+    // Applying reads the zeros too (without the bitmap, which rules out applying);
+    // deleting frees the table as qemu-img frees it.
+    qemu(p, &["bitmap", "--remove", "a.qcow2", "b0"]);
+    for args in [
+        &["snapshot", "-a", "s1", "X"][..],
+        &["snapshot", "-d", "s1", "X"],
+    ] {
+        let outcomes = run_on_copies(p, "a.qcow2", args, |copy| std::fs::read(p.join(copy)));
+        assert_eq!(outcomes[0].0, 0, "{args:?}: {}", outcomes[0].2);
+        assert_eq!(outcomes[1].0, 0, "{args:?}: {}", outcomes[1].2);
+        let images = ["qimg-a.qcow2", "qemu-img-a.qcow2"];
+        assert_eq!(qemu(p, &["compare", images[0], images[1]]).0, 0, "{args:?}");
+        assert_eq!(
+            qemu(p, &["snapshot", "-l", images[0]]),
+            qemu(p, &["snapshot", "-l", images[1]])
+        );
+    }
 }
 
 /// `args` (with the target named `X`) by both tools: the same exit code, output and errors;

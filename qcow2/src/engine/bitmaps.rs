@@ -71,7 +71,8 @@ impl Qcow2 {
     /// Refuses, in QEMU's words, an image whose persistent bitmaps QEMU refuses to open
     /// (`qcow2_load_dirty_bitmaps`): a directory or an entry outside the spec's constraints,
     /// or a bitmap not in use whose table has an invalid entry or does not match the disk's
-    /// size. (Else a check would count what such a table names as leaked, and free it.)
+    /// size, or whose table or bits cannot be read. (Else a check would count what such a
+    /// table names as leaked, and free it.)
     pub(super) fn check_bitmaps_at_open(&self) -> Result<()> {
         let header = self.meta().header.clone();
         let Some(ext) = header.bitmaps.as_ref() else {
@@ -102,6 +103,13 @@ impl Qcow2 {
                 return Err(refuse(format!(
                     "Could not read bitmap '{name}' from image: Invalid argument"
                 )));
+            }
+            // QEMU loads the bits too: data it cannot read fails the open.
+            let mut cluster = vec![0u8; cs as usize];
+            for host in table.iter().map(|&t| t & DATA_OFFSET).filter(|&h| h != 0) {
+                self.file.read_at(&mut cluster, host).map_err(|err| {
+                    Error::io(format!("Could not read bitmap '{name}' from image"), err)
+                })?;
             }
         }
         Ok(())

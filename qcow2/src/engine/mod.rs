@@ -811,7 +811,7 @@ pub(crate) fn c_hex(n: u64) -> String {
 
 /// The `entries`-entry table at `offset` of a `file_len`-byte file; entries past the end of
 /// the file read as zeros.
-fn read_table_within(
+pub(crate) fn read_table_within(
     file: &dyn Storage,
     offset: u64,
     entries: u32,

@@ -142,6 +142,39 @@ fn runs_above(chain: &Chain, b: usize) -> anyhow::Result<Vec<(u64, u64)>> {
     Ok(runs)
 }
 
+/// The commit's block job: copies what the images above the base at depth `b` allocate
+/// from `top` (the chain's top, read through it) into `base`.
+fn copy_above(
+    chain: &Chain,
+    b: usize,
+    top: &dyn Image,
+    base: &dyn Image,
+    rate: Option<&RateLimit>,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let size = chain.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut offset = 0;
+    while offset < size {
+        let e = chain.status_above(offset, CHUNK.min(size - offset), b)?;
+        if above(&e, b) {
+            if let Some(rate) = rate {
+                rate.wait(e.length);
+            }
+            if e.zero {
+                base.write_zeroes(offset, e.length, true)?;
+            } else {
+                let chunk = &mut buf[..e.length as usize];
+                top.read_at(chunk, offset)?;
+                base.write_at(chunk, offset)?;
+            }
+        }
+        offset += e.length;
+        progress.add(e.length);
+    }
+    Ok(())
+}
+
 /// Opens the base for the commit's writes. A qcow2 base keeps its persistent bitmaps, with
 /// `runs` (what the commit will write) marked dirty in the enabled ones before any write,
 /// as qemu-img's writes mark them: a crash half-way leaves more marked, never less.
@@ -198,26 +231,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let top = crate::open(&a.filename, a.format.as_deref(), true, Locking::Off)?;
     let base = open_base(base_name, chain.format(b), &runs_above(&chain, b)?)?;
     let progress = Progress::new(a.progress && !a.quiet, size);
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut offset = 0;
-    while offset < size {
-        let e = chain.status_above(offset, CHUNK.min(size - offset), b)?;
-        if above(&e, b) {
-            if let Some(rate) = &rate {
-                rate.wait(e.length);
-            }
-            if e.zero {
-                base.write_zeroes(offset, e.length, true)?;
-            } else {
-                let chunk = &mut buf[..e.length as usize];
-                top.read_at(chunk, offset)?;
-                base.write_at(chunk, offset)
-                    .with_context(|| format!("Error while writing to '{base_name}'"))?;
-            }
-        }
-        offset += e.length;
-        progress.add(e.length);
-    }
+    copy_above(&chain, b, &*top, &*base, rate.as_ref(), &progress).context("Block job failed")?;
     base.flush()
         .with_context(|| format!("Error while flushing '{base_name}'"))?;
     drop(base);

@@ -67,8 +67,8 @@ impl Failed {
     fn report(self) -> u8 {
         match self {
             Failed::Status(name, e) => {
-                e.chain().any(crate::report_corruption);
-                crate::print_error(format!("Sector allocation test failed for {name}"));
+                let message = format!("Sector allocation test failed for {name}");
+                crate::print_error(crate::bare_error(e, &message));
                 3
             }
             Failed::Read(name, offset, e) => {

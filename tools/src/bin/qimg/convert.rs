@@ -715,10 +715,6 @@ fn read_span(src: &Sources, p: &Policy, off: u64, buf: &mut [u8]) -> anyhow::Res
         match read {
             Ok(()) => {}
             Err(_) if p.salvage => src.salvage(piece_at, piece, p.quiet),
-            // As qemu-img: the system's words, without what the engine was reading.
-            Err(qcow2::Error::Io { error, .. }) => {
-                return Err(error).context(format!("error while reading at byte {piece_at}"))
-            }
             Err(err) => return Err(err).context(format!("error while reading at byte {piece_at}")),
         }
     }

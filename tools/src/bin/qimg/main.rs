@@ -212,8 +212,8 @@ pub fn print_error(message: impl std::fmt::Display) {
 /// as QEMU's qcow2 driver reports it (on a line of its own, "qcow2: Image is corrupt: ..."),
 /// and the command's error then names it an I/O error, as the block layer does. A failure
 /// of an image's file while the command runs is named by the system's words alone, as the
-/// block layer passes on only the errno (what the engine was doing is for its logs; the
-/// errors of an open were worded before they got here).
+/// block layer passes on only the errno: what the engine was doing is dropped (the errors
+/// of an open were worded in QEMU's words before they got here).
 pub fn report_error(e: &anyhow::Error) {
     let mut parts = Vec::new();
     for cause in e.chain() {
@@ -228,6 +228,13 @@ pub fn report_error(e: &anyhow::Error) {
         parts.push(cause.to_string());
     }
     print_error(parts.join(": "));
+}
+
+/// An error qemu-img reports as `message` alone, without the system's words; corruption
+/// found on the way is reported first, as QEMU's qcow2 driver reports it.
+pub fn bare_error(e: impl Into<anyhow::Error>, message: &str) -> anyhow::Error {
+    e.into().chain().any(report_corruption);
+    anyhow::anyhow!("{message}")
 }
 
 /// If `cause` is corruption found in a qcow2 image, prints it as QEMU's qcow2 driver does

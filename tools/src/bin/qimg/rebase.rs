@@ -159,9 +159,9 @@ impl Backings<'_> {
         let n = (end - start) as usize;
         let (buf_old, buf_new) = (&mut self.buf_old[..n], &mut self.buf_new[..n]);
         read_padded(self.old, buf_old, start)
-            .context("error while reading from old backing file")?;
+            .map_err(|e| crate::bare_error(e, "error while reading from old backing file"))?;
         read_padded(self.new, buf_new, start)
-            .context("error while reading from new backing file")?;
+            .map_err(|e| crate::bare_error(e, "error while reading from new backing file"))?;
         let mut old_eof = start >= old_size;
         let mut written = 0;
         while written < n {
