@@ -3496,18 +3496,39 @@ fn growing_an_extended_l2_image_with_preallocation_hides_the_backing_file() {
     }
 }
 
-/// A v2 image (no zero flag) grown with preallocation over a longer backing file: the
-/// preallocated clusters read as zeros and none leaks. qemu-img refuses metadata ("Failed
-/// to zero out new clusters") and grows with falloc and full.
+/// A v2 image (no zero flag) grown over a longer backing file: without preallocation or
+/// with metadata, both tools refuse ("Failed to zero out new clusters"), and `commit` into
+/// such an image fails its block job; with falloc and full, the preallocated clusters read
+/// as zeros and none leaks.
 #[test]
-fn growing_a_v2_image_with_preallocation_over_a_backing_file_leaks_nothing() {
+fn growing_a_v2_image_over_a_longer_backing_file_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     qcow2_image(p, &[], "base.qcow2", "4M", &["write -P 0xaa 0 4M"]);
     let opts = ["-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2"];
     qcow2_image(p, &opts, "v2.qcow2", "999k", &[]);
-    for prealloc in ["off", "metadata", "falloc", "full"] {
+    for prealloc in ["off", "metadata"] {
+        let pre = format!("--preallocation={prealloc}");
+        let (ours, _) = same_on_copies(p, "v2.qcow2", &["resize", &pre, "X", "3M"]);
+        let args = ["resize", pre.as_str(), ours.as_str(), "3M"];
+        let (code, _, err) = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &args);
+        let error = "PROG: Failed to zero out new clusters: Operation not supported\n";
+        assert_eq!((code, err.as_str()), (1, error));
+    }
+    for prealloc in ["falloc", "full"] {
         grow_preallocated_over_backing(p, "v2.qcow2", prealloc);
+    }
+    qcow2_over(p, "v2.qcow2", "top.qcow2", "3M", &["write -P 0x33 2M 4k"]);
+    std::fs::copy(p.join("v2.qcow2"), p.join("v2.orig")).unwrap();
+    let error = "PROG: Block job failed: Operation not supported\n";
+    for (tool, prog) in [
+        (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+        ("qemu-img", "qemu-img"),
+    ] {
+        let out = run_with_stderr(p, tool, prog, &["commit", "top.qcow2"]);
+        assert_eq!((out.0, out.2.as_str()), (1, error), "{prog}");
+        let (code, _) = qemu(p, &["compare", "v2.qcow2", "v2.orig"]);
+        assert_eq!(code, 0, "{prog} changed the image it could not grow");
     }
 }
 

@@ -57,6 +57,15 @@ impl Qcow2 {
             }
             (None, _) => 0,
         };
+        let allocates_data = matches!(prealloc, Preallocation::Falloc | Preallocation::Full);
+        if grow && backing_len > old && self.version < 3 && !allocates_data {
+            // What the backing file holds past the old end must be hidden by zero clusters,
+            // which a v2 image does not have (QEMU: ENOTSUP from qcow2_subcluster_zeroize;
+            // falloc and full preallocation write data clusters instead).
+            return Err(Error::InvalidOption(
+                "Failed to zero out new clusters: Operation not supported".into(),
+            ));
+        }
         let bitmaps = self.begin_bitmap_resize(old, new_size)?;
         if new_size < old {
             self.unmap_from(new_size.div_ceil(cs), new_l1)?;

@@ -111,7 +111,14 @@ fn grow_base(name: &str, format: Format, size: u64) -> anyhow::Result<()> {
                 name,
             )?;
             if qcow2::Image::size(&q) < size {
-                q.resize(size, Preallocation::Off)?;
+                // In QEMU the block job grows the base, and keeps only the errno of a
+                // refusal (a v2 image with snapshots, or over a longer backing file).
+                q.resize(size, Preallocation::Off).map_err(|e| match e {
+                    qcow2::Error::InvalidOption(_) => {
+                        anyhow::anyhow!("Block job failed: Operation not supported")
+                    }
+                    e => anyhow::Error::new(e).context("Block job failed"),
+                })?;
             }
         }
     }
