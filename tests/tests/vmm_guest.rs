@@ -64,11 +64,18 @@ fn qcow2_disk_with_backing_file_served_by_vhost_blk() {
         &["--format", "qcow2", "--num-queues", "2"],
     );
     let socket = format!("socket={},num_queues=2", backend.socket.display());
-    let run = Boot::steps("blk,discard")
+    let run = Boot::steps("blk,discard,rebind,blk")
         .args(&["--cpus", "2", "--disk", &socket])
         .run(dir.path(), BOOT_TIMEOUT);
     run.expect_marker("COWBIRD-BLK-OK");
     run.expect_marker("COWBIRD-DISCARD-OK");
+    run.expect_marker("COWBIRD-REBIND-OK");
+    assert_eq!(
+        run.serial.matches("COWBIRD-BLK-OK").count(),
+        2,
+        "{}",
+        run.serial
+    );
     run.expect_clean_poweroff();
     assert!(
         backend.stop(),

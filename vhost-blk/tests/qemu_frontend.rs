@@ -3,7 +3,8 @@
 //! boot sector from the disk (a read through the daemon), which reads 8 sectors with INT 13h,
 //! inverts them, writes them 15 sectors further on and exits QEMU through `isa-debug-exit`.
 //! The Linux test guest (tests/guest) writes and reads back a MiB, makes and checks a file
-//! system and changes the write cache mode. The host then checks the image.
+//! system, changes the write cache mode, resets the device, discards, and carries on across
+//! a restart of the daemon (QEMU reconnecting). The host then checks the image.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
-use cowbird_tests::stack::{guest, wait_timeout};
+use cowbird_tests::stack::{guest, wait_for_console, wait_timeout};
 use cowbird_tests::{assert_qemu_clean, qemu_img, qemu_raw, wipe_guest_range_in_place};
 
 /// `tests/data/qemu-boot-sector.S`, assembled (the rest of the sector is zero up to the
@@ -47,39 +48,46 @@ fn boot_sector() -> Vec<u8> {
     s
 }
 
-/// Starts QEMU with its vhost-user-blk device on `socket`: connecting to the daemon, or with
-/// `listen` creating the socket and waiting for the daemon to connect (`server=on`).
-fn spawn_qemu(dir: &Path, socket: &Path, queues: u32, listen: bool) -> Child {
-    let serial = dir.join("serial.log");
-    Command::new("qemu-system-x86_64")
-        .args([
-            "-accel", "tcg", "-m", "128", "-display", "none", "-monitor", "none",
-        ])
-        .args(["-net", "none", "-no-reboot"])
+/// QEMU (`-accel tcg`, 128 MiB of memfd memory the daemon maps, no reboot: a reset ends it)
+/// with its vhost-user-blk device on `socket` (`chardev` adds options to QEMU's socket
+/// chardev) and the serial console in `dir/serial.log`; the caller adds the guest.
+fn qemu_command(dir: &Path, socket: &Path, queues: u32, chardev: &str) -> Command {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-m", "128", "-display", "none"])
+        .args(["-nodefaults", "-no-reboot"])
         .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
         .args(["-numa", "node,memdev=mem"])
         .arg("-chardev")
-        .arg(format!(
-            "socket,id=blk0,path={}{}",
-            socket.display(),
-            if listen { ",server=on,wait=off" } else { "" }
-        ))
+        .arg(format!("socket,id=blk0,path={}{chardev}", socket.display()))
         .arg("-device")
         .arg(format!(
             "vhost-user-blk-pci,chardev=blk0,num-queues={queues},bootindex=1"
         ))
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run qemu-system-x86_64 (install the qemu-system-x86 package): {e}")
-        })
+        .arg(format!("file:{}", dir.join("serial.log").display()));
+    qemu
+}
+
+/// Starts `qemu`.
+fn spawn(mut qemu: Command) -> Child {
+    qemu.spawn().unwrap_or_else(|e| {
+        panic!("cannot run qemu-system-x86_64 (install the qemu-system-x86 package): {e}")
+    })
+}
+
+/// Starts QEMU booting SeaBIOS from its vhost-user-blk device on `socket`: connecting to the
+/// daemon, or with `listen` creating the socket and waiting for the daemon to connect
+/// (`server=on`).
+fn spawn_qemu(dir: &Path, socket: &Path, queues: u32, listen: bool) -> Child {
+    let chardev = if listen { ",server=on,wait=off" } else { "" };
+    let mut qemu = qemu_command(dir, socket, queues, chardev);
+    qemu.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    spawn(qemu)
 }
 
 /// Waits (at most 120 s) for QEMU to exit; returns its exit code and serial output.
-fn wait_qemu(dir: &Path, mut child: Child) -> (Option<i32>, String) {
-    let status = wait_timeout(&mut child, Duration::from_secs(120));
+fn wait_qemu(dir: &Path, qemu: &mut Child) -> (Option<i32>, String) {
+    let status = wait_timeout(qemu, Duration::from_secs(120));
     let serial = dir.join("serial.log");
     (status, std::fs::read_to_string(&serial).unwrap_or_default())
 }
@@ -132,8 +140,8 @@ fn qemu_boots_reads_and_writes(format: &str, queues: u32, extra: &[&str]) {
     let mut args = vec!["--format", format, "--num-queues", &queue_arg];
     args.extend(extra);
     let mut d = Daemon::start(dir.path(), &img, &args);
-    let qemu = spawn_qemu(dir.path(), &d.socket, queues, false);
-    let (code, serial) = wait_qemu(dir.path(), qemu);
+    let mut qemu = spawn_qemu(dir.path(), &d.socket, queues, false);
+    let (code, serial) = wait_qemu(dir.path(), &mut qemu);
     assert!(
         code == Some(QEMU_SUCCESS) && serial.contains("VHOSTBLK-OK"),
         "QEMU exit code {code:?}, serial:\n{serial}\ndaemon:\n{}",
@@ -167,7 +175,7 @@ fn qemu_listens_and_the_client_daemon_connects_and_reconnects() {
     let socket = dir.path().join("vhost-blk.sock");
     let mut daemon = None;
     for round in 0..2 {
-        let qemu = spawn_qemu(dir.path(), &socket, 1, true);
+        let mut qemu = spawn_qemu(dir.path(), &socket, 1, true);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !socket.exists() {
             assert!(Instant::now() < deadline, "QEMU created no socket");
@@ -177,7 +185,7 @@ fn qemu_listens_and_the_client_daemon_connects_and_reconnects() {
         let d = daemon.get_or_insert_with(|| {
             Daemon::start(dir.path(), &img, &["--format", "qcow2", "--client"])
         });
-        let (code, serial) = wait_qemu(dir.path(), qemu);
+        let (code, serial) = wait_qemu(dir.path(), &mut qemu);
         assert!(
             code == Some(QEMU_SUCCESS) && serial.contains("VHOSTBLK-OK"),
             "round {round}: QEMU exit code {code:?}, serial:\n{serial}\ndaemon:\n{}",
@@ -200,12 +208,11 @@ fn qemu_listens_and_the_client_daemon_connects_and_reconnects() {
     check_guest_wrote(&img, "qcow2", &contents);
 }
 
-/// The Linux test guest under QEMU (TCG, 2 vCPUs) with its disk on the daemon's socket.
-/// The guest's reboot resets the machine, the device included, and the guest boots again:
-/// [`LinuxGuest::stop`] ends QEMU.
+/// The Linux test guest under QEMU (TCG, 2 vCPUs) with its disk on the daemon's socket;
+/// QEMU is killed if the test ends before it.
 struct LinuxGuest {
     qemu: Child,
-    serial: PathBuf,
+    dir: PathBuf,
 }
 
 impl LinuxGuest {
@@ -213,71 +220,48 @@ impl LinuxGuest {
     /// chardev) and `kernel_args` (the `cowbird.test=` steps and their settings).
     fn boot(dir: &Path, socket: &Path, queues: u32, chardev: &str, kernel_args: &str) -> Self {
         let g = guest();
-        let serial = dir.join("serial.log");
-        let qemu = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-machine", "pc", "-cpu", "qemu64"])
-            .args(["-m", "128", "-smp", "2", "-nodefaults", "-display", "none"])
+        let mut qemu = qemu_command(dir, socket, queues, chardev);
+        qemu.args(["-machine", "pc", "-cpu", "qemu64", "-smp", "2"])
             .args(["-bios", "/usr/share/qemu/qboot.rom"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=128M,share=on"])
-            .args(["-numa", "node,memdev=mem"])
-            .arg("-chardev")
-            .arg(format!("socket,id=blk0,path={}{chardev}", socket.display()))
-            .arg("-device")
-            .arg(format!(
-                "vhost-user-blk-pci,chardev=blk0,num-queues={queues}"
-            ))
             .arg("-kernel")
             .arg(&g.vmlinux)
             .arg("-initrd")
             .arg(&g.initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 reboot=k panic=-1 {kernel_args}"))
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run qemu-system-x86_64 (install the qemu-system-x86 package): {e}")
-            });
-        LinuxGuest { qemu, serial }
-    }
-
-    /// The guest's console so far.
-    fn serial(&self) -> String {
-        std::fs::read_to_string(&self.serial).unwrap_or_default()
-    }
-
-    /// Waits (at most 120 s, or until QEMU exits) for the console to show `text` `times`
-    /// times.
-    fn wait_for(&mut self, text: &str, times: usize) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.serial().matches(text).count() < times
-            && Instant::now() < deadline
-            && self.qemu.try_wait().unwrap().is_none()
-        {
-            std::thread::sleep(Duration::from_millis(50));
+            .arg(format!("console=ttyS0 reboot=k panic=-1 {kernel_args}"));
+        LinuxGuest {
+            qemu: spawn(qemu),
+            dir: dir.to_owned(),
         }
     }
 
-    /// Stops QEMU (once the guest is done, as a reset would stop it); returns the console.
-    fn stop(mut self) -> String {
-        // Past its last line the guest only reboots.
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = self.qemu.kill();
-        let _ = self.qemu.wait();
-        self.serial()
+    /// Waits (at most 120 s) for the guest to end QEMU; returns QEMU's exit code and the
+    /// guest's console.
+    fn wait(&mut self) -> (Option<i32>, String) {
+        wait_qemu(&self.dir, &mut self.qemu)
     }
 }
 
-/// Checks that the console shows each `COWBIRD-<marker>-OK` `times` times.
-fn assert_steps_passed(serial: &str, markers: &[&str], times: usize, d: &Daemon) {
-    for marker in markers {
-        let passed = serial.matches(&format!("COWBIRD-{marker}-OK")).count();
+impl Drop for LinuxGuest {
+    fn drop(&mut self) {
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+    }
+}
+
+/// Checks that QEMU exited 0 after the guest printed each `COWBIRD-<step>-OK` the number of
+/// times given.
+fn assert_steps_passed(code: Option<i32>, serial: &str, steps: &[(&str, usize)], d: &Daemon) {
+    for &(step, times) in steps {
+        let passed = serial.matches(&format!("COWBIRD-{step}-OK")).count();
         assert!(
             passed == times,
-            "COWBIRD-{marker}-OK {passed} times, not {times}; serial:\n{serial}\ndaemon:\n{}",
+            "COWBIRD-{step}-OK {passed} times, not {times}; QEMU exit code {code:?}, \
+             serial:\n{serial}\ndaemon:\n{}",
             d.log()
         );
     }
+    assert_eq!(code, Some(0), "QEMU's exit code; serial:\n{serial}");
 }
 
 /// Checks that the image holds the MiB of the guest's `blk` step and, in its first MiB, the
@@ -307,32 +291,41 @@ fn check_linux_guest_wrote(dir: &Path, img: &Path, format: &str) -> Vec<u8> {
     disk
 }
 
-/// The Linux guest's virtio-blk driver on the daemon through QEMU, at each of `boots` boots
-/// (a reboot resets the device: the rings are stopped and set up again): two queues with
+/// The Linux guest's virtio-blk driver on the daemon through QEMU: two queues with
 /// EVENT_IDX and indirect descriptors, O_DIRECT writes and reads of a MiB, an ext2 file
 /// system made, filled, flushed, mounted again and checked, the write cache switched to
-/// writethrough (CONFIG_WCE), 2 MiB written and discarded. The host then finds what the
-/// guest wrote, zeros where it discarded, and a qcow2 image `qemu-img check` calls clean.
-fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str], boots: usize) {
+/// writethrough (CONFIG_WCE), the device reset (driver unbound and bound again: its rings
+/// stopped and set up anew) and the MiB written and read again, 2 MiB written and
+/// discarded. The host then finds what the guest wrote, zeros where it discarded, and a
+/// qcow2 image `qemu-img check` calls clean.
+fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join(format!("disk.{format}"));
     qemu_img(&["create", "-q", "-f", format, img.to_str().unwrap(), "64M"]);
     let mut args = vec!["--format", format, "--num-queues", "2"];
     args.extend(extra);
     let mut d = Daemon::start(dir.path(), &img, &args);
-    let steps = "cowbird.test=cpus,blk,fs,wt,discard cowbird.cpus=2";
-    let mut vm = LinuxGuest::boot(dir.path(), &d.socket, 2, "", steps);
-    vm.wait_for("COWBIRD-DONE", boots);
-    let serial = vm.stop();
-    assert_steps_passed(&serial, &["CPUS", "BLK", "FS", "WT", "DISCARD"], boots, &d);
+    let steps = "cowbird.test=cpus,blk,fs,wt,rebind,blk,discard cowbird.cpus=2";
+    let (code, serial) = LinuxGuest::boot(dir.path(), &d.socket, 2, "", steps).wait();
+    let passed = [
+        ("CPUS", 1),
+        ("BLK", 2),
+        ("FS", 1),
+        ("WT", 1),
+        ("REBIND", 1),
+        ("DISCARD", 1),
+    ];
+    assert_steps_passed(code, &serial, &passed, &d);
     assert!(d.running(), "daemon exited with QEMU:\n{}", d.log());
     d.stop();
+    let log = d.log();
     assert!(
-        d.log()
-            .contains("guest set the write cache to writethrough"),
-        "{}",
-        d.log()
+        log.contains("guest set the write cache to writethrough"),
+        "{log}"
     );
+    if extra.contains(&"--pin-memory") {
+        assert!(log.contains("pinned"), "{log}");
+    }
     let disk = check_linux_guest_wrote(dir.path(), &img, format);
     assert!(
         disk[2 << 20..4 << 20].iter().all(|&b| b == 0),
@@ -342,13 +335,12 @@ fn qemu_linux_guest_uses_the_disk(format: &str, extra: &[&str], boots: usize) {
 
 #[test]
 fn qemu_linux_guest_uses_a_raw_disk_from_pinned_memory() {
-    qemu_linux_guest_uses_the_disk("raw", &["--pin-memory"], 1);
+    qemu_linux_guest_uses_the_disk("raw", &["--pin-memory"]);
 }
 
-/// Two boots: after the reboot's device reset the daemon serves the re-initialised rings.
 #[test]
-fn qemu_linux_guest_uses_a_qcow2_disk_and_again_after_a_reboot() {
-    qemu_linux_guest_uses_the_disk("qcow2", &[], 2);
+fn qemu_linux_guest_uses_a_qcow2_disk() {
+    qemu_linux_guest_uses_the_disk("qcow2", &[]);
 }
 
 /// QEMU's reconnecting chardev (`reconnect-ms`): the daemon is killed (SIGKILL) while the
@@ -363,12 +355,14 @@ fn qemu_reconnects_to_a_restarted_daemon_and_the_guest_carries_on() {
     let mut d = Daemon::start(dir.path(), &img, &args);
     let steps = "cowbird.test=pause,fs,blk cowbird.pause=5";
     let mut vm = LinuxGuest::boot(dir.path(), &d.socket, 2, ",reconnect-ms=200", steps);
-    vm.wait_for("COWBIRD-STEP pause", 1);
+    let serial = dir.path().join("serial.log");
+    wait_for_console(&serial, "COWBIRD-STEP pause", Duration::from_secs(120));
     d.stop_with(libc::SIGKILL);
+    // Gone with the daemon: the next one's socket is the one to wait for.
+    std::fs::remove_file(&d.socket).unwrap();
     let mut d = Daemon::start(dir.path(), &img, &args);
-    vm.wait_for("COWBIRD-DONE", 1);
-    let serial = vm.stop();
-    assert_steps_passed(&serial, &["PAUSE", "FS", "BLK"], 1, &d);
+    let (code, serial) = vm.wait();
+    assert_steps_passed(code, &serial, &[("PAUSE", 1), ("FS", 1), ("BLK", 1)], &d);
     assert!(
         d.log().contains("frontend connected"),
         "the guest's writes did not go through the restarted daemon:\n{}",
