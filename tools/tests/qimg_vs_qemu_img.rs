@@ -1499,6 +1499,44 @@ fn unreadable_metadata_at_open_is_worded_like_qemu_img() {
     }
 }
 
+/// The base's allocation after `commit` (`map --output=json` without host offsets).
+fn allocation(dir: &Path, img: &str) -> Vec<serde_json::Value> {
+    let (_, map) = qemu(dir, &["map", "--output=json", img]);
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let mut runs = map.as_array().unwrap().clone();
+    for run in &mut runs {
+        run.as_object_mut().unwrap().remove("offset");
+    }
+    runs
+}
+
+/// Zero runs that `commit` copies into the base become zero clusters there, as with
+/// qemu-img, also when they start off a cluster of the base: qimg's pieces used to cut them
+/// inside clusters, which then held zeros as data.
+#[test]
+fn commit_leaves_zero_clusters_where_qemu_img_does() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for (tool, prog) in [
+        (env!("CARGO_BIN_EXE_qimg"), "qimg"),
+        ("qemu-img", "qemu-img"),
+    ] {
+        let base = format!("{prog}-base.qcow2");
+        qcow2_image(p, &[], &base, "2M", &["write -P 0x11 0 2M"]);
+        let opts = ["-o", "cluster_size=4k", "-b", &base, "-F", "qcow2"];
+        let top = format!("{prog}-top.qcow2");
+        qcow2_image(p, &opts, &top, "2M", &["write -z -u 4k 1M"]);
+        let (code, _, err) = run_with_stderr(p, tool, prog, &["commit", &top]);
+        assert_eq!((code, err.as_str()), (0, ""), "{prog}");
+    }
+    assert_eq!(
+        allocation(p, "qimg-base.qcow2"),
+        allocation(p, "qemu-img-base.qcow2")
+    );
+    let (code, out) = qemu(p, &["compare", "qimg-base.qcow2", "qemu-img-base.qcow2"]);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// A read error in the middle of a chain ends `commit` ("Block job failed") and a safe
 /// `rebase` ("error while reading from old backing file", no system words) with qemu-img's
 /// words.

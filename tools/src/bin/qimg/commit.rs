@@ -163,7 +163,10 @@ fn copy_above(
     let mut buf = vec![0u8; CHUNK as usize];
     let mut offset = 0;
     while offset < size {
-        let e = chain.status_above(offset, CHUNK.min(size - offset), b)?;
+        // Pieces end on the CHUNK grid, so that a long zero run is cut on cluster
+        // boundaries of the base and stays zero clusters there.
+        let piece = (CHUNK - offset % CHUNK).min(size - offset);
+        let e = chain.status_above(offset, piece, b)?;
         if above(&e, b) {
             if let Some(rate) = rate {
                 rate.wait(e.length);
