@@ -38,8 +38,9 @@ QUEUES=${QUEUES:-1} IMAGES=${IMAGES:-raw prealloc empty}
 WORKLOADS=${WORKLOADS:-randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32 randwrite-4k-qd32-fsync4 read-1m-qd8}
 OURS_ARGS=${OURS_ARGS:-} QSD=${QSD:-qemu-storage-daemon} CACHE=${CACHE:-direct}
 case $CACHE in
-  direct) ours_cache=--direct qsd_direct=on fio_direct=1 ;;
-  writeback) ours_cache= qsd_direct=off fio_direct=0 ;;
+  direct) ours_cache=--direct qsd_direct=on fio_cache=(--direct=1) ;;
+  # fio drops a file's cached pages before a job unless told not to (invalidate=0).
+  writeback) ours_cache= qsd_direct=off fio_cache=(--direct=0 --invalidate=0) ;;
   *) echo "CACHE must be direct or writeback, not $CACHE" >&2; exit 1 ;;
 esac
 
@@ -116,7 +117,7 @@ one() { # SERVER KIND WORKLOAD -> the run's JSON on stdout
   fsync=${fsync:-0}
   [ "$kind" != empty ] || qemu-img create -q -f qcow2 "$(image empty)" "$((SIZE_MIB * 16))M"
   if [ "$server" = fio ]; then
-    fio --name=ceiling --filename="$(image raw)" --ioengine=io_uring --direct="$fio_direct" --rw="$rw" \
+    fio --name=ceiling --filename="$(image raw)" --ioengine=io_uring "${fio_cache[@]}" --rw="$rw" \
       --bs="$bs" --iodepth="$qd" --fsync="$fsync" --numjobs="$QUEUES" --group_reporting --time_based \
       --runtime="$(jq -n "$RUNTIME * 1000 | floor")ms" --ramp_time="$(jq -n "$RAMP * 1000 | floor")ms" \
       --output-format=json >"$work/fio.json"

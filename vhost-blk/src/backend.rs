@@ -219,15 +219,16 @@ impl BlkBackend {
             add_used(queue, &mut state, slot, &mem, done);
             completed += 1;
         }
-        // Requests queued in the ring are submitted by the wait that follows (`serve`) or by
-        // the poll loop: one system call less per batch.
+        // Requests queued in the ring are submitted by the caller (`serve`, the poll loop),
+        // which then collects those the kernel finished as it took them.
         if completed > 0 && notify::needs_notification(state.get_queue_mut(), &*mem)? {
             signal(queue, &state);
         }
         Ok(true)
     }
 
-    /// Completes the io_uring requests of queue `queue` that have finished.
+    /// Submits the io_uring requests of queue `queue` still queued and completes those that
+    /// have finished.
     pub fn process_completions(&self, queue: usize) -> Result<()> {
         let Some(mut slot) = self.device.lock_slot(queue) else {
             return Ok(());
@@ -235,15 +236,26 @@ impl BlkBackend {
         if !self.active() {
             return Ok(());
         }
+        self.submit_and_complete(queue, &mut slot)
+    }
+
+    /// Submits what queue `queue`'s io_uring holds queued and completes what has finished,
+    /// including what the kernel finished as it took it (reads from the page cache): only
+    /// requests still in flight afterwards are at the disk.
+    fn submit_and_complete(&self, queue: usize, slot: &mut QueueSlot) -> Result<()> {
         let (Some(vring), Some(ring)) = (slot.vring.clone(), slot.ring.as_mut()) else {
             return Ok(());
         };
+        if let Err(e) = ring.submit() {
+            // The entries stay queued; the next submit retries them.
+            tracing::warn!("queue {queue}: io_uring submit failed: {e}");
+        }
         if !ring.has_completions() {
             return Ok(());
         }
         let mut finished = Vec::new();
         ring.reap(&mut finished);
-        self.complete_finished(queue, &vring, &mut slot, finished)
+        self.complete_finished(queue, &vring, slot, finished)
             .map_err(|e| Error::Queue {
                 queue,
                 reason: e.to_string(),
@@ -257,9 +269,10 @@ impl BlkBackend {
     /// by the epoll loop, which calls back here.
     ///
     /// Polling only follows requests served without the disk (reads of unallocated
-    /// clusters): their next request comes within a round trip to the driver, which a poll
-    /// catches without two wake-ups. Once a request of this pass is at the disk, polling would
-    /// only spin through the disk's latency, so the worker sleeps instead.
+    /// clusters, reads the kernel finished from the page cache as it took them): their next
+    /// request comes within a round trip to the driver, which a poll catches without two
+    /// wake-ups. Once a request of this pass is at the disk, polling would only spin through
+    /// the disk's latency, so the worker sleeps instead.
     fn serve(&self, queue: usize, vring: &VringRwLock) {
         let mut reached_disk = self.in_flight(queue) > 0;
         if let Err(e) = self.process_completions(queue) {
@@ -273,6 +286,9 @@ impl BlkBackend {
         }
         loop {
             if let Err(e) = self.process_queue(queue, vring) {
+                self.log_queue_error(queue, &e);
+            }
+            if let Err(e) = self.process_completions(queue) {
                 self.log_queue_error(queue, &e);
             }
             reached_disk |= self.in_flight(queue) > 0;
@@ -430,6 +446,7 @@ impl BlkBackend {
         {
             return Ok(PollStep::Nothing);
         }
+        self.submit_and_complete(queue, &mut slot)?;
         Ok(match slot.ring.as_ref() {
             Some(ring) if ring.in_flight() > 0 => PollStep::ReachedDisk,
             _ => PollStep::Served,

@@ -61,7 +61,7 @@ struct Cli {
     #[arg(long)]
     direct: bool,
     /// After requests served without the disk (reads of unallocated qcow2 clusters, GET_ID,
-    /// ...), keep polling the available ring, with the driver's notifications off, until
+    /// reads the kernel served from the page cache at once, ...), keep polling the available ring, with the driver's notifications off, until
     /// nothing has come for N microseconds or a request goes to the disk; 0 never polls.
     /// Like QEMU's iothread poll-max-ns (32 us by default there too), but never spinning
     /// through a disk access: a worker with requests at the disk sleeps in its io_uring.

@@ -642,6 +642,45 @@ fn polling_serves_chains_that_come_without_a_kick() {
     assert_eq!(r.used_elem(1), (u32::from(unkicked), 21));
 }
 
+/// A read the kernel serves from the page cache as the worker submits it never reaches the
+/// disk: the worker polls after it as after a request served without the io_uring, and
+/// serves a chain made available without a kick.
+#[test]
+fn polling_follows_reads_served_from_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cached.raw");
+    // Written through the page cache, where the reads find it.
+    std::fs::write(&path, vec![0x11; 1 << 20]).unwrap();
+    let disk = Disk::open(&DiskOptions {
+        path,
+        format: Some(qcow2::Format::Raw),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut r = rig_polling(disk, Duration::from_millis(500));
+    r.header(0x2000, VIRTIO_BLK_T_IN, 0);
+    let first = r.push(&[(0x2000, 16, 0), (0x4000, 4096, W), (0x3000, 1, W)]);
+    r.header(0x2100, VIRTIO_BLK_T_IN, 8);
+    let unkicked = r.place(&[(0x2100, 16, 0), (0x6000, 4096, W), (0x3001, 1, W)]);
+    std::thread::scope(|s| {
+        let r = &r;
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            r.push_head(unkicked);
+        });
+        // Serves the first read, then polls until nothing came for 500 ms.
+        r.kick();
+    });
+    assert_eq!(r.used_elem(0), (u32::from(first), 4097));
+    assert_eq!(
+        r.used_idx(),
+        2,
+        "the chain made available while polling was not served"
+    );
+    assert_eq!(r.used_elem(1), (u32::from(unkicked), 4097));
+    assert_eq!(r.read::<[u8; 4]>(0x6000), [0x11; 4]);
+}
+
 /// Polling stops once a request is at the disk: the worker sleeps in its ring instead of
 /// spinning through the disk's latency, and does not poll after the request completes.
 #[test]
