@@ -89,11 +89,18 @@ struct InFlight<T> {
     // Kept until completion: the busy mark of a write, what it allocated, and the storage
     // whose fd is in use; handed back with `Image::finish_io`.
     mapping: IoMapping,
-    // The kernel reads these arrays until the request completes; their heap buffers never move.
-    _iovecs: Vec<Vec<libc::iovec>>,
-    lens: Vec<u64>,
+    /// One per entry in the ring.
+    pieces: Vec<Piece>,
     remaining: usize,
     ok: bool,
+}
+
+/// The part of a request that is one entry in the ring: one host extent.
+struct Piece {
+    /// Bytes it moves.
+    len: u64,
+    // The kernel reads this array until the request completes; its heap buffer never moves.
+    _iovecs: Vec<libc::iovec>,
 }
 
 /// Metadata being read for a request that waits for it.
@@ -320,20 +327,24 @@ impl<T> IoRing<T> {
             }
         }
         let write = req.write;
-        let pieces = split(&req.iovecs, &mapping.extents);
-        let data: Vec<(u64, Vec<libc::iovec>)> = mapping
-            .extents
-            .iter()
-            .zip(pieces)
-            .filter_map(|(e, piece)| match *e {
-                Extent::Data { host, .. } => Some((host, piece)),
-                Extent::Zero { .. } => {
-                    // SAFETY: the caller promised these buffers are writable for a read.
-                    unsafe { fill_zero(&piece) };
-                    None
-                }
-            })
-            .collect();
+        // (host offset, buffers) of each extent with data; zero extents are filled here.
+        let data: Vec<(u64, Vec<libc::iovec>)> = match mapping.extents[..] {
+            // The common case: the request's buffers as they are.
+            [Extent::Data { host, .. }] => vec![(host, req.iovecs)],
+            _ => mapping
+                .extents
+                .iter()
+                .zip(split(&req.iovecs, &mapping.extents))
+                .filter_map(|(e, piece)| match *e {
+                    Extent::Data { host, .. } => Some((host, piece)),
+                    Extent::Zero { .. } => {
+                        // SAFETY: the caller promised these buffers are writable for a read.
+                        unsafe { fill_zero(&piece) };
+                        None
+                    }
+                })
+                .collect(),
+        };
         if data.is_empty() {
             return self.finish_now(req.tag, mapping, true);
         }
@@ -354,7 +365,6 @@ impl<T> IoRing<T> {
             return self.decline(req.tag, mapping);
         }
         let index = self.free_slot();
-        let mut lens = Vec::with_capacity(data.len());
         for (piece, (host, vecs)) in data.iter().enumerate() {
             let entry = self
                 .data_entry(fd, write, *host, vecs)
@@ -364,14 +374,18 @@ impl<T> IoRing<T> {
             // buffers valid. `make_room` guaranteed the space.
             let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
             debug_assert!(pushed, "room was made for every piece");
-            lens.push(vecs.iter().map(|v| v.iov_len as u64).sum());
         }
         self.slots[index] = Some(Slot::Data(InFlight {
             tag: req.tag,
             mapping,
             remaining: data.len(),
-            _iovecs: data.into_iter().map(|(_, v)| v).collect(),
-            lens,
+            pieces: data
+                .into_iter()
+                .map(|(_, iovecs)| Piece {
+                    len: iovecs.iter().map(|v| v.iov_len as u64).sum(),
+                    _iovecs: iovecs,
+                })
+                .collect(),
             ok: true,
         }));
         self.queued();
@@ -565,7 +579,7 @@ impl<T> IoRing<T> {
             let piece = (user_data & ((1 << PIECE_BITS) - 1)) as usize;
             match self.slots.get_mut(index) {
                 Some(Some(Slot::Data(f))) => {
-                    let expected = f.lens.get(piece).copied().unwrap_or(u64::MAX);
+                    let expected = f.pieces.get(piece).map_or(u64::MAX, |p| p.len);
                     f.ok &= u64::try_from(result).ok() == Some(expected);
                     f.remaining -= 1;
                     if f.remaining == 0 {

@@ -283,9 +283,10 @@ fn parse_buffers<M: GuestMemory + ?Sized>(
     if readable_len < HEADER_LEN {
         return Err(Error::ShortHeader { len: readable_len });
     }
-    let (header_segs, payload) = split_front(&bufs.readable, HEADER_LEN);
     let mut header = [0u8; HEADER_LEN as usize];
-    read_segments(mem, &header_segs, &mut header)?;
+    read_segments(mem, &bufs.readable, &mut header)?;
+    drop_front(&mut bufs.readable, HEADER_LEN);
+    let payload = std::mem::take(&mut bufs.readable);
     let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
@@ -426,33 +427,27 @@ pub fn total_len(segs: &[Segment]) -> u64 {
     segs.iter().map(|s| u64::from(s.len)).sum()
 }
 
-/// Splits `segs` after `n` bytes (`n` must not exceed the total length).
-fn split_front(segs: &[Segment], n: u64) -> (Vec<Segment>, Vec<Segment>) {
-    let mut front = Vec::new();
-    let mut back = Vec::new();
+/// Removes the first `n` bytes from `segs` (`n` must not exceed the total length).
+fn drop_front(segs: &mut Vec<Segment>, n: u64) {
     let mut left = n;
-    for seg in segs {
-        let len = u64::from(seg.len);
-        if left >= len {
-            front.push(*seg);
-            left -= len;
-        } else if left > 0 {
-            // 0 < left < seg.len, so both parts fit in u32 and the address is in guest memory.
-            let k = left as u32;
-            front.push(Segment {
-                addr: seg.addr,
-                len: k,
-            });
-            back.push(Segment {
-                addr: GuestAddress(seg.addr.0 + u64::from(k)),
-                len: seg.len - k,
-            });
-            left = 0;
-        } else {
-            back.push(*seg);
-        }
+    let whole = segs
+        .iter()
+        .take_while(|seg| {
+            let len = u64::from(seg.len);
+            let inside = left >= len;
+            if inside {
+                left -= len;
+            }
+            inside
+        })
+        .count();
+    segs.drain(..whole);
+    if left > 0 {
+        // 0 < left < seg.len, so the rest fits in u32 and its address is in guest memory.
+        let seg = &mut segs[0];
+        seg.addr = GuestAddress(seg.addr.0 + left);
+        seg.len -= left as u32;
     }
-    (front, back)
 }
 
 /// Fills `buf` from the front of `segs` (which must hold at least `buf.len()` bytes).

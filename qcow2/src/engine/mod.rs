@@ -487,7 +487,7 @@ impl Qcow2 {
             if table == 0 {
                 return Ok(unallocated(&m));
             }
-            if let Some(entries) = self.decode_slice(&m, table, l2i, n) {
+            if let Some(entries) = self.decode_slice(&m, table, l2i, n).map(Vec::from_iter) {
                 let checked = self.check_entries(cluster, table, &entries, write);
                 drop(m);
                 return checked.map(|()| entries).map_err(|e| self.fatal(e));
@@ -499,7 +499,10 @@ impl Qcow2 {
             return Ok(unallocated(&m));
         }
         m.load_l2_slice(&*self.file, table, l2i)?;
-        let entries = self.decode_slice(&m, table, l2i, n).expect("just loaded");
+        let entries: Vec<_> = self
+            .decode_slice(&m, table, l2i, n)
+            .expect("just loaded")
+            .collect();
         let checked = self.check_entries(cluster, table, &entries, write);
         drop(m);
         checked.map(|()| entries).map_err(|e| self.fatal(e))
@@ -549,26 +552,22 @@ impl Qcow2 {
 
     /// Entries `l2i..` (at most `n`, at least one, to the end of the slice) of the table at
     /// `table` with their bitmaps, if its slice is cached.
-    pub(crate) fn decode_slice(
-        &self,
-        m: &Meta,
+    pub(crate) fn decode_slice<'a>(
+        &'a self,
+        m: &'a Meta,
         table: u64,
         l2i: u64,
         n: u64,
-    ) -> Option<Vec<(L2Entry, u64)>> {
+    ) -> Option<impl Iterator<Item = (L2Entry, u64)> + 'a> {
         let per = m.l2_slice_entries();
         let start = (l2i % per) as usize;
         let n = n.min(per - start as u64).max(1) as usize;
         let slice = m.l2.get(m.l2_slice_key(table, l2i))?;
         let w = self.geo.l2_words() as usize;
-        Some(
-            (start..start + n)
-                .map(|k| {
-                    let bitmap = if w == 2 { slice[k * 2 + 1] } else { 0 };
-                    (self.decode_l2(slice[k * w]), bitmap)
-                })
-                .collect(),
-        )
+        Some((start..start + n).map(move |k| {
+            let bitmap = if w == 2 { slice[k * 2 + 1] } else { 0 };
+            (self.decode_l2(slice[k * w]), bitmap)
+        }))
     }
 
     /// Decodes one of this image's L2 entries (the first word of an extended one). Without
