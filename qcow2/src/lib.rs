@@ -25,6 +25,11 @@ pub mod raw;
 pub mod storage;
 pub mod uring;
 
+/// The `tracing` target of the lines QEMU's qcow2 driver prints on stderr as they are
+/// (`qcow2_free_clusters failed: Invalid argument`): a tool that stands in for qemu-img
+/// prints events of this target word for word.
+pub const QEMU_STDERR: &str = "qcow2::qemu_stderr";
+
 pub use check::{check, CheckReport};
 pub use create::{create, CreateOptions, Preallocation};
 pub use engine::{BitmapBits, Qcow2};

@@ -646,7 +646,7 @@ impl Meta {
                 if let Err(e) = self.add_refcount(file, off, len, -1) {
                     match e {
                         Error::RefcountUnderflow(what) => {
-                            tracing::warn!("qcow2_free_clusters failed: {what}");
+                            crate::engine::report_failed_free(&what);
                             continue;
                         }
                         e => return Err(e),

@@ -800,6 +800,13 @@ pub(crate) fn unaligned_entry(host: u64, table: u64, index: u64) -> Error {
     ))
 }
 
+/// Reports a free that found a refcount already 0 (`what`), which QEMU's
+/// qcow2_free_clusters prints on stderr and goes on from.
+pub(crate) fn report_failed_free(what: &str) {
+    tracing::debug!("freeing clusters: {what}");
+    tracing::warn!(target: crate::QEMU_STDERR, "qcow2_free_clusters failed: Invalid argument");
+}
+
 /// A number as C's `%#x` prints it (0 without the prefix), for QEMU's messages.
 pub(crate) fn c_hex(n: u64) -> String {
     match n {

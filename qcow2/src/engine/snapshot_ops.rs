@@ -177,7 +177,7 @@ impl Qcow2 {
             // (a table past the end of the file, never counted).
             match add_refcount(&mut m, file, l1_range, -1, &mut freed) {
                 Err(Error::RefcountUnderflow(what)) => {
-                    tracing::warn!("qcow2_free_clusters failed: {what}");
+                    crate::engine::report_failed_free(&what);
                 }
                 freed_or_error => freed_or_error?,
             }

@@ -127,12 +127,29 @@ pub fn progname() -> &'static str {
     })
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+/// Logs to stderr as `RUST_LOG` asks; the lines qemu-img prints from its qcow2 driver
+/// ([`qcow2::QEMU_STDERR`]) always, as they are.
+fn init_logging() {
+    use tracing_subscriber::{filter, fmt, prelude::*, EnvFilter};
+    let qemu_lines = fmt::layer()
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_level(false)
+        .with_target(false)
+        .with_ansi(false)
+        .with_filter(filter::filter_fn(|m| m.target() == qcow2::QEMU_STDERR));
+    let logs = fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(EnvFilter::from_default_env());
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(qemu_lines)
         .init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
     let args: Vec<String> = match std::env::args_os().map(OsString::into_string).collect() {
         Ok(args) => args,
         Err(arg) => {
