@@ -179,6 +179,18 @@ impl BlkBackend {
         // cache off must see it off.
         let writethrough = self.writethrough();
         if chains.is_empty() {
+            let q = state.get_queue();
+            if q.avail_idx(&*mem, Ordering::Acquire)? != Wrapping(q.next_avail()) {
+                // Chains were made available but their entries cannot be read: the ring
+                // lies partly outside guest memory. An error, not more work to look for.
+                let slot = q.next_avail().checked_rem(q.size()).unwrap_or(0);
+                let entry = q.avail_ring().wrapping_add(4 + 2 * u64::from(slot));
+                return Err(virtio_queue::Error::GuestMemory(
+                    vm_memory::GuestMemoryError::InvalidGuestAddress(vm_memory::GuestAddress(
+                        entry,
+                    )),
+                ));
+            }
             return Ok(true);
         }
         let mut completed = 0usize;

@@ -283,6 +283,22 @@ fn avail_index_far_ahead_is_an_error_not_a_panic() {
     assert_eq!(r.used_idx(), 0);
 }
 
+/// An avail ring whose index is in guest memory but whose entries are not: the chains it
+/// announces cannot be read, which is an error, not work to keep looking for.
+#[test]
+fn avail_entries_outside_guest_memory_are_an_error_not_a_busy_loop() {
+    let r = rig();
+    let avail = 0x10_0000 - 4;
+    r.vring.set_queue_info(r.desc, avail, r.used).unwrap();
+    r.write(1u16, avail + 2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(r.backend.process_queue(0, &r.vring).is_err()));
+    let failed = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the worker is still looking for the chains");
+    assert!(failed, "unreadable avail entries were not reported");
+}
+
 #[test]
 fn deactivated_backend_leaves_the_ring_alone() {
     let mut r = rig();
