@@ -1510,6 +1510,30 @@ fn allocation(dir: &Path, img: &str) -> Vec<serde_json::Value> {
     runs
 }
 
+/// A rebase that copies data into the overlay allocates each new cluster after the L2
+/// table that maps it, as QEMU does: the overlay is byte for byte qemu-img's.
+#[test]
+fn rebase_lays_new_clusters_out_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let writes = [
+        "write -P 5 1000 3000",
+        "write -P 6 200000 100",
+        "write -P 7 3000000 70000",
+    ];
+    qcow2_image(p, &[], "old.qcow2", "4M", &writes);
+    qcow2_image(p, &[], "new.qcow2", "4M", &[]);
+    qcow2_over(p, "old.qcow2", "top.qcow2", "4M", &[]);
+    let args = ["rebase", "-b", "new.qcow2", "-F", "qcow2", "X"];
+    let outcomes = run_on_copies(p, "top.qcow2", &args, |copy| std::fs::read(p.join(copy)));
+    assert_eq!(outcomes[0].0, 0, "{}", outcomes[0].2);
+    assert_eq!(outcomes[1].0, 0, "{}", outcomes[1].2);
+    assert!(
+        outcomes[0].3.as_ref().unwrap() == outcomes[1].3.as_ref().unwrap(),
+        "the overlays differ"
+    );
+}
+
 /// Zero runs that `commit` copies into the base become zero clusters there, as with
 /// qemu-img, also when they start off a cluster of the base: qimg's pieces used to cut them
 /// inside clusters, which then held zeros as data.

@@ -213,7 +213,7 @@ impl Qcow2 {
             self.update_l2(first, &entries, &hosts)?;
             return Ok(n as u64);
         }
-        let (host, n) = self.meta_mut().alloc_up_to(&*self.file, n as u64)?;
+        let (host, n) = self.reserve_clusters(first, n as u64)?;
         let n = n as usize;
         let hosts: Vec<u64> = (0..n as u64).map(|k| host + k * cs).collect();
         let written = self.write_data(&bytes[..n * cs as usize], host);
@@ -336,7 +336,9 @@ impl Qcow2 {
             .collect()
     }
 
-    /// The host cluster a write to `cluster` (currently `entry`) should go to.
+    /// The host cluster a write to `cluster` (currently `entry`) should go to. A new one is
+    /// allocated after the L2 table that will map it, as in QEMU, so that images are laid
+    /// out as qemu-img lays them out.
     pub(super) fn target_cluster(&self, cluster: u64, entry: L2Entry) -> Result<u64> {
         if self.data_file.is_some() {
             return Ok(cluster * self.geo.cluster_size());
@@ -346,7 +348,11 @@ impl Qcow2 {
                 host: Some(h),
                 copied: true,
             } => Ok(h),
-            _ => self.meta_mut().alloc_cluster(&*self.file),
+            _ => {
+                let mut m = self.meta_mut();
+                self.l2_for_write(&mut m, (cluster / self.geo.l2_entries()) as usize)?;
+                m.alloc_cluster(&*self.file)
+            }
         }
     }
 
