@@ -1103,7 +1103,25 @@ fn compare_matches_on_contents_sizes_and_formats() {
         &["-F", "qcow2", "a.raw", "a.raw"],
         &["odd.raw", "odd24.raw"],
         &["-s", "odd.raw", "odd24.raw"],
+        &["-s", "zkept.qcow2", "zplain.qcow2"],
+        &["-s", "zplain.qcow2", "zkept.qcow2"],
     ];
+    // Zero clusters with and without a host cluster of their own: the same contents, a
+    // different block status.
+    qcow2_image(
+        p,
+        &[],
+        "zkept.qcow2",
+        "1M",
+        &["write -P 1 0 128k", "write -z 0 64k", "write -z -u 64k 64k"],
+    );
+    qcow2_image(
+        p,
+        &[],
+        "zplain.qcow2",
+        "1M",
+        &["write -P 1 0 128k", "write -z 0 128k"],
+    );
     for args in cases {
         same(p, &[&["compare"], *args].concat());
     }
@@ -2557,6 +2575,23 @@ fn map_matches_in_both_forms() {
             same(p, &["map", out, name]);
         }
         same(p, &["measure", "-O", "qcow2", name]);
+    }
+    // Zero clusters that keep their host cluster (with an offset) next to ones that do not:
+    // separate runs.
+    for (name, opts) in [
+        ("zeros.qcow2", "cluster_size=64k"),
+        ("zeros-xl2.qcow2", "cluster_size=64k,extended_l2=on"),
+    ] {
+        let writes = [
+            "write -P 1 0 256k",
+            "write -z 0 64k",
+            "write -z -u 64k 64k",
+            "write -z 128k 64k",
+        ];
+        qcow2_image(p, &["-o", opts], name, "1M", &writes);
+        for out in ["--output=human", "--output=json"] {
+            same(p, &["map", out, name]);
+        }
     }
 }
 

@@ -304,6 +304,8 @@ fn same_status(prev: UnitStatus, next: UnitStatus, cs: u64) -> bool {
     match (prev, next) {
         (L2Entry::Zero { host: None, .. }, L2Entry::Zero { host: None, .. }) => true,
         (L2Entry::Zero { host: Some(a), .. }, L2Entry::Zero { host: Some(b), .. }) => a + cs == b,
+        // A zero cluster that keeps its host cluster reports an offset, one without does not.
+        (L2Entry::Zero { .. }, L2Entry::Zero { .. }) => false,
         (L2Entry::Compressed { .. }, L2Entry::Compressed { .. }) => true,
         _ => continues(prev, next, cs),
     }
