@@ -4107,6 +4107,9 @@ fn dd_matches() {
         ],
         &["if=top.qcow2", "of=X6.raw", "count=0"],
         &["if=odd.raw", "of=X7.raw", "bs=100"],
+        // Blocks that start after the last byte of a raw input, inside its last sector.
+        &["if=odd.raw", "of=X11.raw", "bs=7"],
+        &["if=odd.raw", "of=X12.raw", "bs=1", "skip=1000"],
         &["if=top.qcow2"],
         &["if=top.qcow2", "of=X8.raw", "bs=0"],
         &["if=top.qcow2", "of=X9.raw", "foo=1"],

@@ -111,10 +111,13 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let mut out_pos = 0;
     while in_pos < size {
         let n = ops.bs.min(size - in_pos) as usize;
+        // A raw input reads as whole sectors: zeros after its last byte.
         let readable = input.size().saturating_sub(in_pos).min(n as u64) as usize;
-        input
-            .read_at(&mut buf[..readable], in_pos)
-            .context("error while reading from input image file")?;
+        if readable > 0 {
+            input
+                .read_at(&mut buf[..readable], in_pos)
+                .context("error while reading from input image file")?;
+        }
         buf[readable..n].fill(0);
         output
             .write_at(&buf[..n], out_pos)
