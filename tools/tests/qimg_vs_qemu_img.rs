@@ -4134,7 +4134,10 @@ fn dd_matches() {
             if out.ends_with(".qcow2") {
                 // Laid out as qemu-img lays it out: each L2 table before its data.
                 let bytes = |f: &str| std::fs::read(p.join(f)).unwrap();
-                assert!(bytes(&theirs) == bytes(&ours), "{args:?}: the images differ");
+                assert!(
+                    bytes(&theirs) == bytes(&ours),
+                    "{args:?}: the images differ"
+                );
             }
         }
     }
