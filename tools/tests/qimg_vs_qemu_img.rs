@@ -2557,41 +2557,33 @@ fn map_matches_in_both_forms() {
     same(p, &["map", "-s", "1x", "a.qcow2"]);
     same(p, &["map", "missing.qcow2"]);
     // Runs of data around the clusters block status decodes first (32) and across L2
-    // slices (512 entries of 4 KiB clusters), with and without subclusters.
-    for (name, opts) in [
-        ("runs.qcow2", "cluster_size=4k"),
-        ("runs-xl2.qcow2", "cluster_size=64k,extended_l2=on"),
+    // slices (512 entries of 4 KiB clusters), with and without subclusters; zero clusters
+    // that keep their host cluster (with an offset) next to ones that do not: separate runs.
+    let runs: &[&str] = &[
+        "write -P 1 0 124k",
+        "write -P 2 128k 128k",
+        "write -P 3 260k 132k",
+        "write -P 4 1984k 200k",
+        "write -z 2500k 300k",
+        "write -P 5 3M 1M",
+    ];
+    let zeros: &[&str] = &[
+        "write -P 1 0 256k",
+        "write -z 0 64k",
+        "write -z -u 64k 64k",
+        "write -z 128k 64k",
+    ];
+    for (name, opts, writes) in [
+        ("runs.qcow2", "cluster_size=4k", runs),
+        ("runs-xl2.qcow2", "cluster_size=64k,extended_l2=on", runs),
+        ("zeros.qcow2", "cluster_size=64k", zeros),
+        ("zeros-xl2.qcow2", "cluster_size=64k,extended_l2=on", zeros),
     ] {
-        let writes = [
-            "write -P 1 0 124k",
-            "write -P 2 128k 128k",
-            "write -P 3 260k 132k",
-            "write -P 4 1984k 200k",
-            "write -z 2500k 300k",
-            "write -P 5 3M 1M",
-        ];
-        qcow2_image(p, &["-o", opts], name, "8M", &writes);
+        qcow2_image(p, &["-o", opts], name, "8M", writes);
         for out in ["--output=human", "--output=json"] {
             same(p, &["map", out, name]);
         }
         same(p, &["measure", "-O", "qcow2", name]);
-    }
-    // Zero clusters that keep their host cluster (with an offset) next to ones that do not:
-    // separate runs.
-    for (name, opts) in [
-        ("zeros.qcow2", "cluster_size=64k"),
-        ("zeros-xl2.qcow2", "cluster_size=64k,extended_l2=on"),
-    ] {
-        let writes = [
-            "write -P 1 0 256k",
-            "write -z 0 64k",
-            "write -z -u 64k 64k",
-            "write -z 128k 64k",
-        ];
-        qcow2_image(p, &["-o", opts], name, "1M", &writes);
-        for out in ["--output=human", "--output=json"] {
-            same(p, &["map", out, name]);
-        }
     }
 }
 
