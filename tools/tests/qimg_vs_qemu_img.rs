@@ -2533,6 +2533,24 @@ fn info_json_and_backing_chains_match() {
 }
 
 #[test]
+fn info_prints_sizes_near_unit_boundaries_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    // QEMU moves to the next unit once three digits would reach 1000: "0.977 MiB", and
+    // "1e+03 KiB" just below.
+    for size in [
+        "1023488", "1024000", "1047552", "1048576", "10239k", "1000M", "1023M",
+    ] {
+        let raw = format!("{size}.raw");
+        same(p, &["create", "-q", "-f", "raw", &raw, size]);
+        same(p, &["info", &raw]);
+        let qcow2 = format!("{size}.qcow2");
+        same(p, &["create", "-q", "-f", "qcow2", &qcow2, size]);
+        same(p, &["info", &qcow2]);
+    }
+}
+
+#[test]
 fn map_matches_in_both_forms() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();

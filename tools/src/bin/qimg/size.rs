@@ -220,34 +220,37 @@ pub fn option_size(param: &str, v: &str) -> anyhow::Result<u64> {
     }
 }
 
-/// QEMU's size_to_str: three significant digits and a binary unit ("64 MiB", "1.5 KiB").
+/// QEMU's size_to_str: three significant digits and a binary unit ("64 MiB", "1.5 KiB"),
+/// switching to the next unit once the number would reach 1000 ("0.977 MiB", not "1e+03 KiB").
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let i = if bytes == 0 {
+    // floor(log2(bytes * 1024 / 1000)) / 10, as QEMU computes it with frexp: the exponent
+    // of the double, read exactly from its bits.
+    let scaled = bytes as f64 / 0.9765625;
+    let i = if scaled < 1.0 {
         0
     } else {
-        (63 - bytes.leading_zeros()) / 10
-    } as usize;
+        let exponent = ((scaled.to_bits() >> 52) & 0x7ff) as usize - 1023;
+        exponent / 10
+    };
     let v = bytes as f64 / (1u64 << (i * 10)) as f64;
     format!("{} {}", g3(v), UNITS[i])
 }
 
-/// printf("%0.3g") for values in [0, 1024).
+/// printf("%0.3g") for values in [0, 1000).
 fn g3(v: f64) -> String {
     if v >= 999.5 {
-        // %g switches to exponent form at 1000 after rounding to three digits.
-        let e = v.log10().floor() as i32;
-        let m = v / 10f64.powi(e);
-        let m = format!("{m:.2}");
-        let m = m.trim_end_matches('0').trim_end_matches('.');
-        return format!("{m}e+{e:02}");
+        // %g rounds to three digits, reaching 1000, and then switches to exponent form.
+        return "1e+03".to_string();
     }
     let digits = if v >= 100.0 {
         0
     } else if v >= 10.0 {
         1
-    } else {
+    } else if v >= 1.0 {
         2
+    } else {
+        3
     };
     let s = format!("{v:.digits$}");
     if s.contains('.') {
@@ -368,6 +371,14 @@ mod tests {
         assert_eq!(human(401408), "392 KiB");
         assert_eq!(human(1536), "1.5 KiB");
         assert_eq!(human(512), "512 B");
-        assert_eq!(human(1023 * 1024), "1.02e+03 KiB");
+        // Values captured from qemu-img 10.0 info.
+        assert_eq!(human(1023 * 1024), "0.999 MiB");
+        assert_eq!(human(1000 * 1024), "0.977 MiB");
+        assert_eq!(human(1023488), "1e+03 KiB");
+        assert_eq!(human(1000 << 20), "0.977 GiB");
+        assert_eq!(human(999), "999 B");
+        assert_eq!(human(1000), "0.977 KiB");
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(u64::MAX), "16 EiB");
     }
 }
