@@ -2603,6 +2603,14 @@ fn map_matches_in_both_forms() {
         }
         same(p, &["measure", "-O", "qcow2", name]);
     }
+    // A raw backing file of 1000 bytes under a 64 KiB overlay: its sector-rounded tail
+    // (24 bytes of zeros) is its last run; past it nothing is present.
+    std::fs::write(p.join("odd.raw"), [1u8; 1000]).unwrap();
+    let over_odd = ["-b", "odd.raw", "-F", "raw"];
+    qcow2_image(p, &over_odd, "over-odd.qcow2", "64k", &[]);
+    for out in ["--output=human", "--output=json"] {
+        same(p, &["map", out, "over-odd.qcow2"]);
+    }
 }
 
 #[test]

@@ -335,7 +335,8 @@ impl Chain {
             offset: None,
         };
         if offset >= img.size() {
-            // The sector-rounded tail of a raw file reads as zeros.
+            // The sector-rounded tail of a raw file reads as zeros; the layer ends after it.
+            e.length = len.min(self.layer_size(i) - offset);
             e.present = true;
             e.zero = true;
             e.offset = Some(offset);
