@@ -6236,6 +6236,30 @@ fn corruption_found_while_reading_is_reported_like_qemu_img() {
     }
 }
 
+/// A broken L2 entry inside a run of data ends the run before it, as in QEMU: only a query
+/// that starts at the entry fails. `measure` (which skips to the end of its own clusters
+/// after each run) succeeds or fails as qemu-img does, wherever the entry is.
+#[test]
+fn a_broken_entry_ends_a_run_before_it_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    // 4 KiB clusters: the L2 table is the cluster after header, refcounts and L1.
+    const L2_4K: u64 = 0x4000;
+    for index in [1u64, 31, 32, 33, 40, 255, 256] {
+        let name = format!("broken{index}.qcow2");
+        let opts = ["-o", "cluster_size=4k"];
+        qcow2_image(p, &opts, &name, "4M", &["write -P 1 0 1M"]);
+        patch(p, &name, L2_4K + 8 * index, &0x200u64.to_be_bytes());
+        for args in [
+            &["measure", "-O", "qcow2", &name][..],
+            &["measure", "-O", "qcow2", "-o", "cluster_size=4k", &name],
+            &["map", "--output=json", &name],
+        ] {
+            same(p, args);
+        }
+    }
+}
+
 /// Corruption found in an image opened for writing is fatal, as in QEMU: the qcow2
 /// driver's "Marking image as corrupt: ..." line, the command's error as an I/O error, and
 /// the image's corrupt bit set, so that nothing writes through the bad entry again until it

@@ -453,7 +453,7 @@ impl Qcow2 {
     /// [`Qcow2::lookup_run`] with each entry's subcluster bitmap (0 without extended L2
     /// entries). Entries whose bitmap is invalid are refused as corrupt, as QEMU does.
     pub(crate) fn lookup_bitmaps(&self, cluster: u64, n: u64) -> Result<Vec<(L2Entry, u64)>> {
-        self.lookup_checked(cluster, n, None)
+        self.lookup_checked(cluster, n, Check::Read)
     }
 
     /// [`Qcow2::lookup_bitmaps`] for a write from guest byte `offset` on (in `cluster`): an
@@ -464,16 +464,18 @@ impl Qcow2 {
         n: u64,
         offset: u64,
     ) -> Result<Vec<(L2Entry, u64)>> {
-        self.lookup_checked(cluster, n, Some(offset))
+        self.lookup_checked(cluster, n, Check::Write(offset))
     }
 
-    /// [`Qcow2::lookup_bitmaps`], for a write from guest byte `write` on if given.
-    fn lookup_checked(
-        &self,
-        cluster: u64,
-        n: u64,
-        write: Option<u64>,
-    ) -> Result<Vec<(L2Entry, u64)>> {
+    /// [`Qcow2::lookup_bitmaps`] for block status: the entries stop before the first one
+    /// QEMU would refuse, which only fails the lookup when it is `cluster`'s own (QEMU's
+    /// runs end before a broken entry; the query that starts at it fails).
+    pub(crate) fn lookup_for_status(&self, cluster: u64, n: u64) -> Result<Vec<(L2Entry, u64)>> {
+        self.lookup_checked(cluster, n, Check::Status)
+    }
+
+    /// [`Qcow2::lookup_bitmaps`], with the entries checked as `check` says.
+    fn lookup_checked(&self, cluster: u64, n: u64, check: Check) -> Result<Vec<(L2Entry, u64)>> {
         let per_l2 = self.geo.l2_entries();
         let l1i = (cluster / per_l2) as usize;
         let l2i = cluster % per_l2;
@@ -488,9 +490,9 @@ impl Qcow2 {
                 return Ok(unallocated(&m));
             }
             if let Some(entries) = self.decode_slice(&m, table, l2i, n).map(Vec::from_iter) {
-                let checked = self.check_entries(cluster, table, &entries, write);
+                let broken = self.first_broken(cluster, table, &entries, check);
                 drop(m);
-                return checked.map(|()| entries).map_err(|e| self.fatal(e));
+                return self.unless_broken(entries, broken, check);
             }
         }
         let mut m = self.meta_mut();
@@ -503,9 +505,27 @@ impl Qcow2 {
             .decode_slice(&m, table, l2i, n)
             .expect("just loaded")
             .collect();
-        let checked = self.check_entries(cluster, table, &entries, write);
+        let broken = self.first_broken(cluster, table, &entries, check);
         drop(m);
-        checked.map(|()| entries).map_err(|e| self.fatal(e))
+        self.unless_broken(entries, broken, check)
+    }
+
+    /// `entries`, unless one is `broken` (index and error): then the error, made fatal
+    /// ([`Qcow2::fatal`]), or for a [`Check::Status`] the entries before the broken one.
+    fn unless_broken(
+        &self,
+        mut entries: Vec<(L2Entry, u64)>,
+        broken: Option<(usize, Error)>,
+        check: Check,
+    ) -> Result<Vec<(L2Entry, u64)>> {
+        match broken {
+            None => Ok(entries),
+            Some((i, _)) if i > 0 && check == Check::Status => {
+                entries.truncate(i);
+                Ok(entries)
+            }
+            Some((_, e)) => Err(self.fatal(e)),
+        }
     }
 
     /// Makes corruption `e` found in the metadata fatal, as QEMU does in an image opened
@@ -586,32 +606,40 @@ impl Qcow2 {
         }
     }
 
-    /// Refuses, with QEMU's words, unaligned host offsets ([`Qcow2::first_unaligned`]), for
-    /// reads the entries QEMU does not read ([`Qcow2::first_unreadable`]), and with extended
-    /// L2 entries invalid bitmaps (a subcluster both allocated and zero; allocated
-    /// subclusters without a host cluster). `write` is the guest byte a write starts at, if
-    /// it is one; `first` is the guest cluster of `entries[0]`, in the table at `table`.
-    fn check_entries(
+    /// The first of `entries` QEMU refuses, with its index and QEMU's words: unaligned host
+    /// offsets ([`Qcow2::first_unaligned`]), for reads the entries QEMU does not read
+    /// ([`Qcow2::first_unreadable`]), and with extended L2 entries invalid bitmaps (a
+    /// subcluster both allocated and zero; allocated subclusters without a host cluster).
+    /// `first` is the guest cluster of `entries[0]`, in the table at `table`.
+    fn first_broken(
         &self,
         first: u64,
         table: u64,
         entries: &[(L2Entry, u64)],
-        write: Option<u64>,
-    ) -> Result<()> {
-        if let Some((i, host)) = self.first_unaligned(entries) {
+        check: Check,
+    ) -> Option<(usize, Error)> {
+        let unaligned = self.first_unaligned(entries).map(|(i, host)| {
             let cluster = first + i as u64;
-            return Err(match write {
-                Some(offset) => {
+            let error = match check {
+                Check::Write(offset) => {
                     let guest = offset.max(cluster * self.geo.cluster_size());
                     unaligned_write(entries[i].0, host, guest)
                 }
                 // The index in the whole table: QEMU's L2 cache entries are whole tables.
-                None => unaligned_entry(host, table, cluster % self.geo.l2_entries()),
-            });
+                Check::Read | Check::Status => {
+                    unaligned_entry(host, table, cluster % self.geo.l2_entries())
+                }
+            };
+            (i, error)
+        });
+        let index = |i: usize| c_hex((first + i as u64) % self.geo.l2_entries());
+        let unreadable = match check {
+            Check::Write(_) => None,
+            Check::Read | Check::Status => self.first_unreadable(first, entries),
         }
-        if let (None, Some((i, why))) = (write, self.first_unreadable(first, entries)) {
-            let index = c_hex((first + i as u64) % self.geo.l2_entries());
-            return Err(Error::Corrupt(match why {
+        .map(|(i, why)| {
+            let index = index(i);
+            let what = match why {
                 Unreadable::ZeroInV2 => format!(
                     "Zero cluster entry found in pre-v3 image (L2 offset: {}, L2 index: {index})",
                     c_hex(table)
@@ -628,22 +656,24 @@ impl Qcow2 {
                     c_hex(host),
                     c_hex((first + i as u64) * self.geo.cluster_size())
                 ),
-            }));
-        }
-        if !self.geo.extended_l2 {
-            return Ok(());
-        }
-        for (cluster, &(entry, bitmap)) in (first..).zip(entries) {
-            if !entry.valid_bitmap(bitmap) {
-                let index = cluster % self.geo.l2_entries();
-                return Err(Error::Corrupt(format!(
+            };
+            (i, Error::Corrupt(what))
+        });
+        let invalid_bitmap = entries
+            .iter()
+            .position(|&(entry, bitmap)| self.geo.extended_l2 && !entry.valid_bitmap(bitmap))
+            .map(|i| {
+                let what = format!(
                     "Invalid cluster entry found  (L2 offset: {}, L2 index: {})",
                     c_hex(table),
-                    c_hex(index)
-                )));
-            }
-        }
-        Ok(())
+                    index(i)
+                );
+                (i, Error::Corrupt(what))
+            });
+        [unaligned, unreadable, invalid_bitmap]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(i, _)| *i)
     }
 
     /// Guest units (subclusters; clusters without extended L2 entries) `[unit, unit + n)`,
@@ -762,6 +792,17 @@ impl Qcow2 {
             .flush()
             .map_err(|e| Error::io("flushing the image file", e))
     }
+}
+
+/// What L2 entries are looked up for, which decides what is refused and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// A read: every entry must be readable.
+    Read,
+    /// A write from this guest byte on: unaligned entries are refused in a write's words.
+    Write(u64),
+    /// A block status query: the entries stop before a broken one.
+    Status,
 }
 
 /// Why QEMU refuses to read through an L2 entry (see [`Qcow2::first_unreadable`]).

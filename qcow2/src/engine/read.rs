@@ -184,17 +184,14 @@ impl Qcow2 {
         // if the run goes on through them (a map of an image with a run per MiB decoded the
         // whole slice per run).
         let wanted = (unit % per + n).div_ceil(per);
-        let clusters = match self.lookup_bitmaps(first, wanted.min(FIRST_LOOK)) {
-            Ok(clusters) => clusters,
-            // A broken entry further on ends the run before it, as in QEMU; only a query
-            // that starts at one fails.
-            Err(_) => self.lookup_bitmaps(first, 1)?,
-        };
+        // A broken entry further on ends the run before it, as in QEMU; only a query that
+        // starts at one fails.
+        let clusters = self.lookup_for_status(first, wanted.min(FIRST_LOOK))?;
         let found = self.run_in(unit, n, &clusters);
         let decoded = clusters.len() as u64;
         let through = unit + found.1 == (unit + n).min((first + decoded) * per);
         if decoded == FIRST_LOOK && decoded < wanted && through {
-            return Ok(self.run_in(unit, n, &self.lookup_bitmaps(first, wanted)?));
+            return Ok(self.run_in(unit, n, &self.lookup_for_status(first, wanted)?));
         }
         Ok(found)
     }
