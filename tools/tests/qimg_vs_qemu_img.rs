@@ -5157,6 +5157,15 @@ fn convert_and_measure_read_internal_snapshots_like_qemu_img() {
     );
 }
 
+/// `bytes` as text, bytes that are not UTF-8 as `\xNN` escapes (so that outputs that differ
+/// only there still differ).
+fn lossless(bytes: &[u8]) -> String {
+    bytes
+        .utf8_chunks()
+        .map(|c| format!("{}{}", c.valid(), c.invalid().escape_ascii()))
+        .collect()
+}
+
 /// Exit code, stdout and stderr of `tool` in `dir`, with the program name at the start of
 /// stderr lines (and in "Try 'PROG info --help'") written as `PROG` and `bench`'s run time
 /// as `T`.
@@ -5171,7 +5180,7 @@ fn run_with_stderr<S: AsRef<OsStr>>(
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-    let stderr = String::from_utf8_lossy(&out.stderr)
+    let stderr = lossless(&out.stderr)
         .lines()
         .map(|l| l.replace(&format!("'{prog} "), "'PROG "))
         .map(|l| match l.strip_prefix(prog) {
@@ -5182,7 +5191,7 @@ fn run_with_stderr<S: AsRef<OsStr>>(
             _ => format!("{l}\n"),
         })
         .collect();
-    let stdout = String::from_utf8_lossy(&out.stdout)
+    let stdout = lossless(&out.stdout)
         .lines()
         .map(|l| match l.starts_with("Run completed in ") {
             true => "Run completed in T seconds.\n".to_string(),
@@ -8342,10 +8351,11 @@ fn check_reads_and_repairs_the_snapshot_table_like_qemu_img() {
     let names = variants.iter().map(|v| v.0).chain(["unaligned"]);
     for name in names {
         let img = format!("{name}.qcow2");
-        // qemu-img prints the raw bytes of a name that is no UTF-8; qimg replaces them.
-        if name != "odd_name" {
-            same(p, &["info", &img]);
-            same(p, &["snapshot", "-l", &img]);
+        // A name that is no UTF-8 is printed as its bytes.
+        let info = same(p, &["info", &img]);
+        let list = same(p, &["snapshot", "-l", &img]);
+        if name == "odd_name" {
+            assert!(info.contains("s\\xff\\xfe1") && list.contains("s\\xff\\xfe1"));
         }
         same_check_on_copies(p, &img, &[]);
         same_check_on_copies(p, &img, &["-r", "leaks"]);
@@ -8599,6 +8609,29 @@ fn file_names_that_are_not_utf8_are_kept_and_refused_clearly() {
 
     ok(qimg(p, &["convert", "-O", "raw", "top.qcow2", "out.raw"]));
     ok(qemu(p, &[os("compare"), os("out.raw"), base]));
+
+    // info and snapshot -l print such names (backing file, snapshot, bitmap) as their bytes,
+    // JSON with U+FFFD, as qemu-img does; also with the backing file's actual path.
+    let odd = OsStr::from_bytes(b"s\xff\xfe1");
+    ok(qemu(p, &[os("snapshot"), os("-c"), odd, os("top.qcow2")]));
+    ok(qemu(p, &[os("bitmap"), os("--add"), os("top.qcow2"), odd]));
+    std::fs::create_dir(p.join("sub")).unwrap();
+    for name in [OsStr::new("top.qcow2"), base] {
+        std::fs::copy(p.join(name), p.join("sub").join(name)).unwrap();
+    }
+    for img in ["top.qcow2", "sub/top.qcow2"] {
+        for args in [
+            &["info", img][..],
+            &["info", "--output=json", img],
+            &["snapshot", "-l", img],
+        ] {
+            let out = same(p, args);
+            assert!(
+                out.contains("\\xff\\xfe1") || out.contains("\\uFFFD"),
+                "{out}"
+            );
+        }
+    }
 
     for (args, why) in [
         (

@@ -4,6 +4,7 @@
 //! node `file`; both output forms are printed from it.
 
 use std::io::Seek;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use anyhow::{bail, Context};
@@ -51,8 +52,9 @@ struct NodeInfo {
     virtual_size: u64,
     cluster_size: Option<u64>,
     encrypted: bool,
-    backing_filename: Option<String>,
-    full_backing_filename: Option<String>,
+    /// As the header records it (bytes: it need not be UTF-8).
+    backing_filename: Option<Vec<u8>>,
+    full_backing_filename: Option<Vec<u8>>,
     backing_format: Option<String>,
     snapshots: Option<Vec<Snapshot>>,
     /// (type, data) of `format-specific`.
@@ -64,15 +66,22 @@ struct NodeInfo {
 /// QEMU's `bdrv_get_full_backing_filename`: `name` relative to the directory part of `base`,
 /// unless it is absolute or names a protocol (`json:{...}`, `file:NAME`).
 pub fn path_combine(base: &str, name: &str) -> String {
+    String::from_utf8(path_combine_bytes(base.as_bytes(), name.as_bytes()))
+        .expect("two UTF-8 names joined at an ASCII '/' are UTF-8")
+}
+
+/// [`path_combine`] of names that need not be UTF-8.
+fn path_combine_bytes(base: &[u8], name: &[u8]) -> Vec<u8> {
     let protocol = name
-        .find([':', '/'])
-        .is_some_and(|i| name[i..].starts_with(':'));
-    if name.starts_with('/') || protocol {
-        return name.to_string();
+        .iter()
+        .position(|&b| b == b':' || b == b'/')
+        .is_some_and(|i| name[i] == b':');
+    if name.starts_with(b"/") || protocol {
+        return name.to_vec();
     }
-    match base.rfind('/') {
-        Some(i) => format!("{}{name}", &base[..=i]),
-        None => name.to_string(),
+    match base.iter().rposition(|&b| b == b'/') {
+        Some(i) => [&base[..=i], name].concat(),
+        None => name.to_vec(),
     }
 }
 
@@ -139,7 +148,7 @@ fn bitmaps(file: &dyn Storage, h: &Header) -> anyhow::Result<Option<QObj>> {
                     f.push("auto".into());
                 }
                 dict([
-                    ("name", Some(b.display_name().as_ref().into())),
+                    ("name", Some(b.name.as_slice().into())),
                     ("granularity", Some(b.granularity().into())),
                     ("flags", Some(QObj::List(f))),
                 ])
@@ -155,9 +164,7 @@ fn qcow2_specific(h: &Header, encrypt: Option<QObj>, bitmaps: Option<QObj>) -> Q
         ("compat", Some(if v3 { "1.1" } else { "0.10" }.into())),
         (
             "data-file",
-            h.data_file
-                .as_ref()
-                .map(|d| d.to_string_lossy().as_ref().into()),
+            h.data_file.as_ref().map(|d| d.as_bytes().into()),
         ),
         (
             "data-file-raw",
@@ -201,8 +208,12 @@ fn node_info(
     node.dirty_flag = h.is_dirty();
     // Shown only with a backing file, as QEMU shows it.
     node.backing_format = h.backing_file.as_ref().and(h.backing_format.clone());
-    node.full_backing_filename = backing.as_ref().map(|b| b.name.clone());
-    node.backing_filename = h.backing_file.as_ref().map(|b| b.to_string_lossy().into());
+    let recorded = h.backing_file.as_ref().map(|b| b.as_bytes().to_vec());
+    node.full_backing_filename = backing
+        .as_ref()
+        .and(recorded.as_ref())
+        .map(|b| path_combine_bytes(filename.as_bytes(), b));
+    node.backing_filename = recorded;
     if !q.snapshots().is_empty() {
         node.snapshots = Some(q.snapshots().to_vec());
     }
@@ -217,8 +228,8 @@ fn node_info(
 /// QEMU's `SnapshotInfo`.
 fn snapshot_obj(s: &Snapshot) -> QObj {
     dict([
-        ("id", Some(s.id_text().as_ref().into())),
-        ("name", Some(s.name_text().as_ref().into())),
+        ("id", Some(s.id.as_slice().into())),
+        ("name", Some(s.name.as_slice().into())),
         ("vm-state-size", Some(s.vm_state_size.into())),
         ("date-sec", Some(s.date_sec.into())),
         ("date-nsec", Some(s.date_nsec.into())),
@@ -257,11 +268,11 @@ impl NodeInfo {
             ("encrypted", self.encrypted.then(|| true.into())),
             (
                 "backing-filename",
-                self.backing_filename.clone().map(QObj::from),
+                self.backing_filename.as_deref().map(QObj::from),
             ),
             (
                 "full-backing-filename",
-                self.full_backing_filename.clone().map(QObj::from),
+                self.full_backing_filename.as_deref().map(QObj::from),
             ),
             (
                 "backing-filename-format",
@@ -284,7 +295,7 @@ impl NodeInfo {
     }
 
     /// QEMU's `bdrv_node_info_dump` followed by the children (`dump_human_image_info`).
-    fn dump_human(&self, indentation: usize, path: &str, out: &mut String) {
+    fn dump_human(&self, indentation: usize, path: &str, out: &mut Vec<u8>) {
         let ind = " ".repeat(indentation);
         let protocol = self.children.is_none();
         let [image, format, size] = if protocol {
@@ -292,7 +303,8 @@ impl NodeInfo {
         } else {
             ["image", "file format", "virtual size"]
         };
-        out.push_str(&format!(
+        let mut text = |t: String| out.extend_from_slice(t.as_bytes());
+        text(format!(
             "{ind}{image}: {}\n{ind}{format}: {}\n{ind}{size}: {} ({} bytes)\n{ind}disk size: {}\n",
             self.filename,
             self.format,
@@ -301,81 +313,92 @@ impl NodeInfo {
             human(self.actual_size)
         ));
         if self.encrypted {
-            out.push_str(&format!("{ind}encrypted: yes\n"));
+            text(format!("{ind}encrypted: yes\n"));
         }
         if let Some(cs) = self.cluster_size {
-            out.push_str(&format!("{ind}cluster_size: {cs}\n"));
+            text(format!("{ind}cluster_size: {cs}\n"));
         }
         if self.dirty_flag {
-            out.push_str(&format!("{ind}cleanly shut down: no\n"));
+            text(format!("{ind}cleanly shut down: no\n"));
         }
         if let Some(b) = &self.backing_filename {
-            out.push_str(&format!("{ind}backing file: {b}"));
+            out.extend_from_slice(format!("{ind}backing file: ").as_bytes());
+            out.extend_from_slice(b);
             match &self.full_backing_filename {
-                Some(full) if full != b => out.push_str(&format!(" (actual path: {full})")),
+                Some(full) if full != b => {
+                    out.extend_from_slice(b" (actual path: ");
+                    out.extend_from_slice(full);
+                    out.push(b')');
+                }
                 Some(_) => {}
-                None => out.push_str(" (cannot determine actual path)"),
+                None => out.extend_from_slice(b" (cannot determine actual path)"),
             }
-            out.push('\n');
+            out.push(b'\n');
             if let Some(f) = &self.backing_format {
-                out.push_str(&format!("{ind}backing file format: {f}\n"));
+                out.extend_from_slice(format!("{ind}backing file format: {f}\n").as_bytes());
             }
         }
         if let Some(snaps) = &self.snapshots {
-            out.push_str(&snapshot_list(snaps, &ind));
+            out.extend_from_slice(&snapshot_list(snaps, &ind));
         }
         if let Some((_, data)) = &self.format_specific {
             if data.has_content() {
-                out.push_str(&format!(
-                    "{:w$}Format specific information:\n",
-                    "",
-                    w = indentation * 4
-                ));
+                let w = indentation * 4;
+                out.extend_from_slice(
+                    format!("{:w$}Format specific information:\n", "").as_bytes(),
+                );
                 data.dump_human(indentation + 1, out);
             }
         }
         for (name, child) in self.children.iter().flatten() {
-            out.push_str(&format!(
-                "{:w$}Child node '{path}{name}':\n",
-                "",
-                w = indentation * 4
-            ));
+            let w = indentation * 4;
+            out.extend_from_slice(format!("{:w$}Child node '{path}{name}':\n", "").as_bytes());
             child.dump_human(indentation + 4, &format!("{path}{name}/"), out);
         }
     }
 }
 
-/// One row of QEMU's snapshot table ("%-7s %-16s %8s %19s %15s %10s").
-fn snapshot_line(f: [&str; 6]) -> String {
+/// One row of QEMU's snapshot table ("%-7s %-16s %8s %19s %15s %10s"), fields as bytes
+/// (snapshot IDs and names need not be UTF-8).
+fn snapshot_line(f: [&[u8]; 6]) -> Vec<u8> {
     // printf pads by bytes, not characters: a name in UTF-8 takes its bytes' width.
-    let left = |s: &str, width: usize| format!("{s}{}", " ".repeat(width.saturating_sub(s.len())));
-    format!(
-        "{} {} {:>8} {:>19} {:>15} {:>10}\n",
+    let left = |s: &[u8], width: usize| [s, &b" ".repeat(width.saturating_sub(s.len()))].concat();
+    let right = |s: &[u8], width: usize| [&b" ".repeat(width.saturating_sub(s.len())), s].concat();
+    [
         left(f[0], 7),
         left(f[1], 16),
-        f[2],
-        f[3],
-        f[4],
-        f[5]
-    )
+        right(f[2], 8),
+        right(f[3], 19),
+        right(f[4], 15),
+        right(f[5], 10),
+    ]
+    .join(&b' ')
+    .into_iter()
+    .chain([b'\n'])
+    .collect()
 }
 
 /// QEMU's "Snapshot list:" table, every line indented by `ind` (`qemu-img info` and
 /// `qemu-img snapshot -l` print it).
-pub fn snapshot_list(snaps: &[Snapshot], ind: &str) -> String {
-    let mut out = format!("{ind}Snapshot list:\n{ind}");
-    out.push_str(&snapshot_line([
-        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT",
+pub fn snapshot_list(snaps: &[Snapshot], ind: &str) -> Vec<u8> {
+    let mut out = format!("{ind}Snapshot list:\n{ind}").into_bytes();
+    out.extend(snapshot_line([
+        b"ID",
+        b"TAG",
+        b"VM_SIZE",
+        b"DATE",
+        b"VM_CLOCK",
+        b"ICOUNT",
     ]));
     for s in snaps {
-        out.push_str(ind);
-        out.push_str(&snapshot_row(s));
+        out.extend_from_slice(ind.as_bytes());
+        out.extend(snapshot_row(s));
     }
     out
 }
 
 /// A snapshot as QEMU's `bdrv_snapshot_dump` prints it (date in local time).
-fn snapshot_row(s: &Snapshot) -> String {
+fn snapshot_row(s: &Snapshot) -> Vec<u8> {
     let secs = s.vm_clock_nsec / 1_000_000_000;
     let clock = format!(
         "{:04}:{:02}:{:02}.{:03}",
@@ -390,12 +413,12 @@ fn snapshot_row(s: &Snapshot) -> String {
         .filter(|&i| i != u64::MAX)
         .map_or_else(|| "--".to_string(), |i| i.to_string());
     snapshot_line([
-        &s.id_text(),
-        &s.name_text(),
-        &human(s.vm_state_size),
-        &local_time(s.date_sec as i64),
-        &clock,
-        &icount,
+        &s.id,
+        &s.name,
+        human(s.vm_state_size).as_bytes(),
+        local_time(s.date_sec as i64).as_bytes(),
+        clock.as_bytes(),
+        icount.as_bytes(),
     ])
 }
 
@@ -443,23 +466,23 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
             next = backing.map(BackingFile::into_open).transpose()?;
         }
     }
-    let mut out = String::new();
+    let mut out = Vec::new();
     if json {
         let obj = if a.backing_chain {
             QObj::List(chain.iter().map(NodeInfo::to_qobj).collect())
         } else {
             chain[0].to_qobj()
         };
-        out = obj.to_json();
-        out.push('\n');
+        out = obj.to_json().into_bytes();
+        out.push(b'\n');
     } else {
         for (i, node) in chain.iter().enumerate() {
             if i > 0 {
-                out.push('\n');
+                out.push(b'\n');
             }
             node.dump_human(0, "/", &mut out);
         }
     }
-    out!("{out}");
+    crate::out_bytes(&out);
     Ok(0)
 }

@@ -28,6 +28,13 @@ macro_rules! out {
     }};
 }
 
+/// Writes raw bytes to stdout (names from an image need not be UTF-8), ignoring a closed
+/// stdout as [`out!`] does.
+fn out_bytes(bytes: &[u8]) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(bytes);
+}
+
 mod amend;
 mod bench;
 mod bitmap;

@@ -8,8 +8,9 @@ pub enum QObj {
     Dict(Vec<(&'static str, QObj)>),
     /// A list.
     List(Vec<QObj>),
-    /// A string.
-    Str(String),
+    /// A string: bytes, as QEMU's C strings are (names read from an image need not be
+    /// UTF-8; JSON shows invalid bytes as U+FFFD, the human dump as they are).
+    Str(Vec<u8>),
     /// An integer (wide enough for int64 and uint64).
     Int(i128),
     /// A boolean.
@@ -18,12 +19,17 @@ pub enum QObj {
 
 impl From<&str> for QObj {
     fn from(s: &str) -> QObj {
-        QObj::Str(s.to_string())
+        QObj::Str(s.as_bytes().to_vec())
     }
 }
 impl From<String> for QObj {
     fn from(s: String) -> QObj {
-        QObj::Str(s)
+        QObj::Str(s.into_bytes())
+    }
+}
+impl From<&[u8]> for QObj {
+    fn from(s: &[u8]) -> QObj {
+        QObj::Str(s.to_vec())
     }
 }
 impl From<bool> for QObj {
@@ -133,7 +139,7 @@ impl QObj {
                 out.push_str(&" ".repeat(indent));
                 out.push(']');
             }
-            QObj::Str(s) => quote(s, out),
+            QObj::Str(s) => quote(&String::from_utf8_lossy(s), out),
             QObj::Int(n) => out.push_str(&n.to_string()),
             QObj::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         }
@@ -154,17 +160,15 @@ impl QObj {
     }
 
     /// QEMU's human `dump_qobject` (used for "Format specific information").
-    pub fn dump_human(&self, indentation: usize, out: &mut String) {
-        let line = |out: &mut String, label: String, v: &QObj| {
-            out.push_str(&format!(
-                "{:w$}{label}:{}",
-                "",
-                if v.composite() { "\n" } else { " " },
-                w = indentation * 4
-            ));
+    pub fn dump_human(&self, indentation: usize, out: &mut Vec<u8>) {
+        let line = |out: &mut Vec<u8>, label: String, v: &QObj| {
+            let end = if v.composite() { "\n" } else { " " };
+            out.extend_from_slice(
+                format!("{:w$}{label}:{end}", "", w = indentation * 4).as_bytes(),
+            );
             v.dump_human(indentation + 1, out);
             if !v.composite() {
-                out.push('\n');
+                out.push(b'\n');
             }
         };
         match self {
@@ -178,9 +182,9 @@ impl QObj {
                     line(out, format!("[{i}]"), v);
                 }
             }
-            QObj::Str(s) => out.push_str(s),
-            QObj::Int(n) => out.push_str(&n.to_string()),
-            QObj::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            QObj::Str(s) => out.extend_from_slice(s),
+            QObj::Int(n) => out.extend_from_slice(n.to_string().as_bytes()),
+            QObj::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         }
     }
 }

@@ -87,7 +87,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
             true,
         )?;
         if let Some(q) = image.filter(|q| !q.snapshots().is_empty()) {
-            out!("{}", crate::info::snapshot_list(q.snapshots(), ""));
+            crate::out_bytes(&crate::info::snapshot_list(q.snapshots(), ""));
         }
         return Ok(0);
     }
