@@ -11,9 +11,9 @@ use crate::{check, Qcow2};
 /// Largest guest range read per input, so one input cannot take seconds.
 const READ_LIMIT: u64 = 4 << 20;
 
-/// Opens `data` as a qcow2 image read-only, reads its first few MiB and checks it; then
-/// opens a copy writable and writes one cluster. Any outcome is fine except a panic, a hang
-/// or an unbounded allocation.
+/// Opens `data` as a qcow2 image read-only, reads its first few MiB, walks their block
+/// status and checks it; then opens a copy writable and writes one cluster. Any outcome is
+/// fine except a panic, a hang, an unbounded allocation or a status run longer than asked.
 pub fn open_read_check_write(data: &[u8]) {
     let opts = OpenOptions {
         read_only: true,
@@ -29,6 +29,14 @@ pub fn open_read_check_write(data: &[u8]) {
                 break;
             }
             offset += n as u64;
+        }
+        let mut offset = 0;
+        while offset < end {
+            let Ok(status) = img.block_status(offset, end - offset) else {
+                break;
+            };
+            assert!(status.len > 0 && status.len <= end - offset, "{status:?}");
+            offset += status.len;
         }
         let _ = check(&img);
     }
