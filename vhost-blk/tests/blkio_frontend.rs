@@ -341,8 +341,11 @@ fn discard_and_write_zeroes_read_back_zeros() {
         model.zero(MIB, MIB);
         assert_eq!(c.flush(0), 0);
         let after = allocated();
+        // Less a few blocks the file system may take for its extent tree (st_blocks counts
+        // them) when the hole splits an extent: CI once saw 1 MiB - 4 KiB come back.
+        let slack = 16 * 1024;
         assert!(
-            before >= after + MIB,
+            before + slack >= after + MIB,
             "{format}: {before} bytes allocated before the discard, {after} after"
         );
         drop(c);
