@@ -659,9 +659,15 @@ impl Qcow2 {
             };
             (i, Error::Corrupt(what))
         });
-        let invalid_bitmap = entries
-            .iter()
-            .position(|&(entry, bitmap)| self.geo.extended_l2 && !entry.valid_bitmap(bitmap))
+        let invalid_bitmap = self
+            .geo
+            .extended_l2
+            .then(|| {
+                entries
+                    .iter()
+                    .position(|&(entry, bitmap)| !entry.valid_bitmap(bitmap))
+            })
+            .flatten()
             .map(|i| {
                 let what = format!(
                     "Invalid cluster entry found  (L2 offset: {}, L2 index: {})",
