@@ -189,22 +189,33 @@ fn make(file: std::fs::File, opts: &CreateOptions) -> Result<()> {
             crate::name::new_file_name(name).map_err(|e| Error::InvalidOption(e.to_string()))?;
         let df = std::path::PathBuf::from(&name);
         opts.data_file = Some(name);
+        // Empty when preallocated: the preallocation extends it (sparse for metadata), with
+        // no zeros to write over what a new file does not hold.
+        let len = match preallocation(&opts) {
+            Preallocation::Off => opts.size,
+            _ => 0,
+        };
         create_file(&df, opts.locking)?
-            .set_len(opts.size)
+            .set_len(len)
             .map_err(|e| Error::io(format!("Could not create '{}'", df.display()), e))?;
     }
     fill(file, &opts)
+}
+
+/// The preallocation a new image gets: as asked, but as QEMU at least metadata for a raw
+/// data file, which is a standalone image only if every cluster maps onto it.
+fn preallocation(opts: &CreateOptions) -> Preallocation {
+    match opts.preallocation {
+        Preallocation::Off if opts.data_file_raw => Preallocation::Metadata,
+        p => p,
+    }
 }
 
 /// Writes the new image `opts` describes into `file`, preallocating as asked.
 fn fill(file: std::fs::File, opts: &CreateOptions) -> Result<()> {
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
     write_skeleton(&*storage, opts)?;
-    // As QEMU: a raw data file is a standalone image only if every cluster maps onto it.
-    let preallocation = match opts.preallocation {
-        Preallocation::Off if opts.data_file_raw => Preallocation::Metadata,
-        p => p,
-    };
+    let preallocation = preallocation(opts);
     if preallocation != Preallocation::Off {
         let img = Qcow2::open_storage(storage, &OpenOptions::default(), None)?;
         img.preallocate(preallocation)?;
