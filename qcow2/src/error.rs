@@ -143,6 +143,10 @@ pub enum Error {
     /// Invalid create or resize options.
     #[error("{0}")]
     InvalidOption(String),
+    /// A file that cannot take its new length (QEMU's words; an external data file that
+    /// would grow past what the file system allows, say).
+    #[error("Could not resize file: {0}")]
+    ResizeFile(io::Error),
 }
 
 /// The crate's result type.

@@ -3704,6 +3704,19 @@ fn resize_refuses_what_qemu_img_refuses_and_leaves_the_image_alone() {
     }
     assert!(qimg_stderr(p, &["resize", "q.qcow2", "+1"])
         .contains("The new size must be a multiple of 512"));
+    // An external data file the file system cannot grow that far (ext4 stops at 16 TiB): the
+    // error in QEMU's words, at once (qimg's undo walked every cluster of the petabyte first),
+    // and the image as qemu-img leaves it.
+    qcow2_image(p, &["-o", "data_file=d.data"], "d.qcow2", "64M", &[]);
+    let outcomes = run_on_copies(p, "d.qcow2", &["resize", "X", "1P"], |copy| {
+        std::fs::File::options()
+            .write(true)
+            .open(p.join("d.data"))
+            .and_then(|f| f.set_len(64 << 20))
+            .unwrap();
+        qemu(p, &["check", copy]).1.replace(copy, "X")
+    });
+    assert_eq!(outcomes[0], outcomes[1]);
 }
 
 /// What qimg cannot do (formats other than raw and qcow2, options it lacks, images named by

@@ -155,8 +155,7 @@ impl Qcow2 {
             let len = d
                 .len()
                 .map_err(|e| Error::io("getting the data file size", e))?;
-            d.set_len(len.max(new_size))
-                .map_err(|e| Error::io("growing the external data file", e))?;
+            d.set_len(len.max(new_size)).map_err(Error::ResizeFile)?;
         }
         Ok(())
     }
@@ -223,8 +222,15 @@ impl Qcow2 {
     /// indexes from `l1_keep` on (the L1 keeps its size, as in QEMU).
     fn unmap_from(&self, first: u64, l1_keep: u64) -> Result<()> {
         let end = self.size.div_ceil(self.geo.cluster_size());
+        let per_l2 = self.geo.l2_entries();
         let mut c = first;
         while c < end {
+            if !self.has_l2_table(c) {
+                // Nothing mapped up to the next table (a grow to petabytes that failed has
+                // millions of them).
+                c = (c / per_l2 + 1) * per_l2;
+                continue;
+            }
             let entries = self.lookup_bitmaps(c, end - c)?;
             if entries.iter().any(|&e| e != (L2Entry::Unallocated, 0)) {
                 let old: Vec<L2Entry> = entries.iter().map(|&(e, _)| e).collect();

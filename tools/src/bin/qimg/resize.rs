@@ -124,6 +124,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         Some(q) => q.resize(total, prealloc).map_err(|e| match e {
             // QEMU's own refusals come as they are.
             qcow2::Error::InvalidOption(why) => anyhow::anyhow!(why),
+            e @ qcow2::Error::ResizeFile(_) => anyhow::anyhow!(e),
             e => anyhow::anyhow!("Error resizing image: {e}"),
         })?,
         None => resize_raw(&storage, current, total, prealloc)?,
