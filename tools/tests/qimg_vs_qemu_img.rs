@@ -7105,8 +7105,19 @@ fn amend_refuses_and_helps_like_qemu_img() {
         "refcount_bits=3",
         "refcount_bits=128",
         "encrypt.new-secret=x",
+        // QEMU's order: the refcount width changes before the backing file is refused.
+        "backing_file=x,refcount_bits=8",
+        "refcount_bits=8,size=2M,backing_file=x",
     ] {
         amend_both(p, "a.qcow2", o);
+    }
+    // A refcount width that cannot hold a snapshot's references fails before lazy refcounts
+    // are set; in a v2 image, the width's error comes first.
+    qcow2_image(p, &[], "s.qcow2", "64M", &["write -P 1 0 1M"]);
+    assert_eq!(qemu(p, &["snapshot", "-c", "s1", "s.qcow2"]).0, 0);
+    qcow2_image(p, &["-o", "compat=0.10"], "v2.qcow2", "64M", &[]);
+    for img in ["s.qcow2", "v2.qcow2"] {
+        assert_eq!(amend_both(p, img, "refcount_bits=1,lazy_refcounts=on"), 1);
     }
     for args in [
         &["amend", "a.qcow2"][..],

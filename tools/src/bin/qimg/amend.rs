@@ -191,8 +191,9 @@ fn print_help(name: &str) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Applies `c` in QEMU's order: checks, upgrade, backing file, lazy refcounts, refcount
-/// width, data file, size, and the downgrade last.
+/// Applies `c` in QEMU's order: checks, upgrade, refcount width, data file, backing file,
+/// lazy refcounts, size, and the downgrade last. As in QEMU, a step that fails leaves the
+/// steps before it done.
 fn amend(img: &mut Qcow2, c: &Changes) -> qcow2::Result<()> {
     let invalid = |m: &str| Err(qcow2::Error::InvalidOption(m.into()));
     let h = img.header();
@@ -213,6 +214,16 @@ fn amend(img: &mut Qcow2, c: &Changes) -> qcow2::Result<()> {
     if version > h.version {
         img.upgrade_to_v3()?;
     }
+    if let Some(bits) = bits {
+        if version < 3 && bits != 16 {
+            return invalid(
+                "Refcount widths other than 16 bits require compatibility level 1.1 or above \
+                 (use compat=1.1 or greater)",
+            );
+        }
+        img.change_refcount_order(bits.trailing_zeros())?;
+    }
+    img.set_data_file(c.data_file.as_deref(), c.data_file_raw)?;
     if (c.backing_file.is_some() || c.backing_fmt.is_some())
         && (c.backing_file.as_deref().map(OsStr::new) != h.backing_file.as_deref()
             || c.backing_fmt != h.backing_format)
@@ -231,16 +242,6 @@ fn amend(img: &mut Qcow2, c: &Changes) -> qcow2::Result<()> {
         }
         img.set_lazy_refcounts(on)?;
     }
-    if let Some(bits) = bits {
-        if version < 3 && bits != 16 {
-            return invalid(
-                "Refcount widths other than 16 bits require compatibility level 1.1 or above \
-                 (use compat=1.1 or greater)",
-            );
-        }
-        img.change_refcount_order(bits.trailing_zeros())?;
-    }
-    img.set_data_file(c.data_file.as_deref(), c.data_file_raw)?;
     if let Some(size) = c.size.filter(|&s| s != 0 && s != qcow2::Image::size(img)) {
         if size % 512 != 0 {
             return invalid("The new size must be a multiple of 512");
