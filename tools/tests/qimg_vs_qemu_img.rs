@@ -257,6 +257,14 @@ fn create_fails_on_bad_option_values_like_qemu_img() {
             "create", "-f", "qcow2", "-b", "b", "-F", "bogus", "-u", "X", "1M",
         ],
         &["create", "-f", "qcow2", "X", "1E"],
+        // Sizes near i64::MAX: rounded up to sectors, past the block layer's limit, past
+        // i64::MAX (qimg said "The image size is too large" and let std's words out).
+        &["create", "-f", "qcow2", "X", "9223372035781033984"],
+        &["create", "-f", "qcow2", "X", "9223372035781034496"],
+        &["create", "-f", "qcow2", "X", "9223372036854775295"],
+        &["create", "-f", "qcow2", "X", "9223372036854775807"],
+        &["create", "-f", "raw", "X", "9223372036854775295"],
+        &["create", "-f", "raw", "X", "9223372036854775807"],
     ];
     for case in cases {
         let outcomes: Vec<_> = [

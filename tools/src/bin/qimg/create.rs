@@ -259,7 +259,7 @@ pub fn truncate_raw(
     match mode {
         Preallocation::Metadata => bail!("Unsupported preallocation mode: metadata"),
         Preallocation::Off => {
-            file.set_len(size).context("Could not resize file")?;
+            resize_file(file, size)?;
             first_block();
             Ok(())
         }
@@ -280,7 +280,7 @@ pub fn truncate_raw(
 fn write_zeros_up_to(file: &qcow2::FileStorage, current: u64, size: u64) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use qcow2::Storage as _;
-    file.set_len(size).context("Could not resize file")?;
+    resize_file(file, size)?;
     let zeros = vec![0u8; 1 << 20];
     let mut off = current;
     while off < size {
@@ -290,6 +290,19 @@ fn write_zeros_up_to(file: &qcow2::FileStorage, current: u64, size: u64) -> anyh
         off += n;
     }
     file.flush().context("Could not flush file to disk")
+}
+
+/// Sets the length of `file` to `size`, with QEMU's words for a failure: a length past
+/// i64::MAX (a size rounded up past it) is ftruncate's EINVAL, which std refuses before the
+/// call with words of its own.
+fn resize_file(file: &qcow2::FileStorage, size: u64) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use qcow2::Storage as _;
+    if i64::try_from(size).is_err() {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+            .context("Could not resize file");
+    }
+    file.set_len(size).context("Could not resize file")
 }
 
 /// qemu-img's error for a size the format or the file system cannot hold (EFBIG); `hint`
@@ -469,12 +482,23 @@ fn create_qcow2(
         let _ = std::fs::remove_file(path);
         return Err(fail(e));
     }
+    let rounded = o.size.next_multiple_of(512);
     qcow2::create(path, &o).map_err(|e| match e {
-        // QEMU reads a size past i64::MAX as negative.
+        // QEMU grows the new image to its size, rounded up to sectors, which past i64::MAX
+        // reads as negative and past the block layer's limit is refused as such.
         qcow2::Error::InvalidOption(m)
-            if m.starts_with("Image size too large") && o.size > i64::MAX as u64 =>
+            if m.starts_with("Image size too large") && rounded > i64::MAX as u64 =>
         {
             anyhow::anyhow!("{filename}: Could not resize image: Image size cannot be negative")
+        }
+        qcow2::Error::InvalidOption(m)
+            if m.starts_with("Image size too large") && rounded > crate::BDRV_MAX_LENGTH =>
+        {
+            anyhow::anyhow!(
+                "{filename}: Could not resize image: offset({rounded}) exceeds \
+                 maximum({})",
+                crate::BDRV_MAX_LENGTH
+            )
         }
         qcow2::Error::InvalidOption(m) if m.starts_with("Image size too large") => {
             too_large(filename, "qcow2", " (try using a larger cluster size)")

@@ -28,6 +28,9 @@ macro_rules! out {
     }};
 }
 
+/// QEMU's BDRV_MAX_LENGTH: the largest size its block layer handles.
+const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 /// Writes raw bytes to stdout (names from an image need not be UTF-8), ignoring a closed
 /// stdout as [`out!`] does.
 fn out_bytes(bytes: &[u8]) {

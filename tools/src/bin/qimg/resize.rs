@@ -112,10 +112,11 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         crate::print_error("Use the --shrink option to perform a shrink operation.");
         bail!("warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
     }
-    // QEMU's BDRV_MAX_LENGTH: the largest size its block layer handles.
-    const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
-    if total > MAX_LENGTH {
-        bail!("offset({total}) exceeds maximum({MAX_LENGTH})");
+    if total > crate::BDRV_MAX_LENGTH {
+        bail!(
+            "offset({total}) exceeds maximum({})",
+            crate::BDRV_MAX_LENGTH
+        );
     }
     if qcow.is_some() && total % 512 != 0 {
         bail!("The new size must be a multiple of 512");
