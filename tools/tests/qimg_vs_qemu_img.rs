@@ -2940,6 +2940,9 @@ fn bitmap_changes_bitmaps_like_qemu_img() {
         (&["--remove"], "all"),
         (&["--add", "--add"], "new"),
         (&["--merge", "missing"], "some"),
+        // Both missing: the target is looked up first.
+        (&["--merge", "missing"], "absent"),
+        (&["--merge", "missing", "-b", "other.qcow2"], "absent"),
         (
             &["--merge", "elsewhere", "-b", "other.qcow2", "-F", "qcow2"],
             "some",
