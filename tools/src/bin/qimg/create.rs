@@ -228,7 +228,13 @@ pub fn create_raw(path: &std::path::Path, size: u64, o: &RawOptions) -> anyhow::
         bail!("Unsupported preallocation mode: metadata");
     };
     let file = qcow2::FileStorage::new(file);
-    truncate_raw(&file, 0, size.next_multiple_of(512), mode)
+    truncate_raw(&file, 0, round_to_sectors(size), mode)
+}
+
+/// A new image's size rounded up to whole sectors, as QEMU's ROUND_UP in uint64 arithmetic
+/// (a size within 511 bytes of 2^64 wraps to 0).
+fn round_to_sectors(size: u64) -> u64 {
+    size.wrapping_add(511) & !511
 }
 
 /// QEMU's `raw_regular_truncate`: grows the raw file `file` from `current` to `size` bytes
@@ -362,7 +368,8 @@ fn create_raw_image(
             &"Backing file format not supported for file format 'raw'",
         ));
     }
-    let Some(size) = o.size.or(size) else {
+    // QEMU's size option is an int64 in which -1 means none.
+    let Some(size) = o.size.filter(|&s| s != u64::MAX).or(size) else {
         return Err(fail(&"Image creation needs a size parameter"));
     };
     if !a.quiet {
@@ -422,7 +429,8 @@ fn create_qcow2(
     if o.backing_file.as_deref() == Some(filename) {
         bail!("{filename}: Error: Trying to create an image with the same filename as the backing file");
     }
-    let size_given = size.is_some() || size_option;
+    // QEMU's size option is an int64 in which -1 means none.
+    let size_given = size.is_some() || (size_option && o.size != u64::MAX);
     if !size_given && (o.backing_file.is_none() || a.unsafe_backing) {
         bail!("{filename}: Image creation needs a size parameter");
     }
@@ -482,7 +490,8 @@ fn create_qcow2(
         let _ = std::fs::remove_file(path);
         return Err(fail(e));
     }
-    let rounded = o.size.next_multiple_of(512);
+    o.size = round_to_sectors(o.size);
+    let rounded = o.size;
     qcow2::create(path, &o).map_err(|e| match e {
         // QEMU grows the new image to its size, rounded up to sectors, which past i64::MAX
         // reads as negative and past the block layer's limit is refused as such.
