@@ -6347,6 +6347,38 @@ fn a_broken_entry_ends_a_run_before_it_like_qemu_img() {
             same(p, args);
         }
     }
+    // With extended L2 entries, a run that reaches an invalid bitmap fails: QEMU counts a
+    // run through its entries' bitmaps.
+    let xl2 = ["-o", "extended_l2=on"];
+    qcow2_image(p, &xl2, "bitmap.qcow2", "4M", &["write -P 1 0 128k"]);
+    patch(p, "bitmap.qcow2", L2 + 16 + 8, &[0xff; 8]);
+    // Broken two ways: a zero flag in a v2 image and an unaligned offset; QEMU meets the
+    // zero flag first.
+    qcow2_image(
+        p,
+        &["-o", "compat=0.10"],
+        "v2.qcow2",
+        "4M",
+        &["write -P 1 0 64k"],
+    );
+    let entry = header_u64(&p.join("v2.qcow2"), L2);
+    patch(p, "v2.qcow2", L2, &(entry | 0x201).to_be_bytes());
+    for args in [
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "bitmap.qcow2",
+        ][..],
+        &["measure", "-O", "qcow2", "bitmap.qcow2"],
+        &["map", "--output=json", "bitmap.qcow2"],
+        &["map", "--output=json", "v2.qcow2"],
+        &["convert", "-O", "raw", "v2.qcow2", "v2.raw"],
+    ] {
+        same(p, args);
+    }
 }
 
 /// Corruption found in an image opened for writing is fatal, as in QEMU: the qcow2

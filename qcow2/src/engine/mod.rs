@@ -469,13 +469,38 @@ impl Qcow2 {
 
     /// [`Qcow2::lookup_bitmaps`] for block status: the entries stop before the first one
     /// QEMU would refuse, which only fails the lookup when it is `cluster`'s own (QEMU's
-    /// runs end before a broken entry; the query that starts at it fails).
-    pub(crate) fn lookup_for_status(&self, cluster: u64, n: u64) -> Result<Vec<(L2Entry, u64)>> {
-        self.lookup_checked(cluster, n, Check::Status)
+    /// runs end before a broken entry; the query that starts at it fails). One whose
+    /// subcluster bitmap is invalid fails a run that reaches it: the caller gets its error.
+    pub(crate) fn lookup_for_status(&self, cluster: u64, n: u64) -> Result<StatusEntries> {
+        let (mut entries, broken) = self.lookup_unchecked(cluster, n, Check::Status)?;
+        match broken {
+            None => Ok(StatusEntries {
+                entries,
+                fails_a_run: None,
+            }),
+            Some(b) if b.index > 0 => {
+                entries.truncate(b.index);
+                Ok(StatusEntries {
+                    entries,
+                    fails_a_run: b.fails_a_run.then_some(b.error),
+                })
+            }
+            Some(b) => Err(self.fatal(b.error)),
+        }
     }
 
-    /// [`Qcow2::lookup_bitmaps`], with the entries checked as `check` says.
+    /// [`Qcow2::lookup_bitmaps`], with the entries checked as `check` says: a broken one
+    /// fails the lookup ([`Qcow2::fatal`]).
     fn lookup_checked(&self, cluster: u64, n: u64, check: Check) -> Result<Vec<(L2Entry, u64)>> {
+        match self.lookup_unchecked(cluster, n, check)? {
+            (entries, None) => Ok(entries),
+            (_, Some(b)) => Err(self.fatal(b.error)),
+        }
+    }
+
+    /// Entries `[cluster, cluster + n)` (at most to the end of their slice, at least one)
+    /// and the first of them QEMU refuses for `check`, if any.
+    fn lookup_unchecked(&self, cluster: u64, n: u64, check: Check) -> Result<Looked> {
         let per_l2 = self.geo.l2_entries();
         let l1i = (cluster / per_l2) as usize;
         let l2i = cluster % per_l2;
@@ -487,18 +512,17 @@ impl Qcow2 {
             let m = self.meta();
             let table = m.l2_table_offset(l1i)?;
             if table == 0 {
-                return Ok(unallocated(&m));
+                return Ok((unallocated(&m), None));
             }
             if let Some(entries) = self.decode_slice(&m, table, l2i, n).map(Vec::from_iter) {
                 let broken = self.first_broken(cluster, table, &entries, check);
-                drop(m);
-                return self.unless_broken(entries, broken, check);
+                return Ok((entries, broken));
             }
         }
         let mut m = self.meta_mut();
         let table = m.l2_table_offset(l1i)?;
         if table == 0 {
-            return Ok(unallocated(&m));
+            return Ok((unallocated(&m), None));
         }
         m.load_l2_slice(&*self.file, table, l2i)?;
         let entries: Vec<_> = self
@@ -506,26 +530,7 @@ impl Qcow2 {
             .expect("just loaded")
             .collect();
         let broken = self.first_broken(cluster, table, &entries, check);
-        drop(m);
-        self.unless_broken(entries, broken, check)
-    }
-
-    /// `entries`, unless one is `broken` (index and error): then the error, made fatal
-    /// ([`Qcow2::fatal`]), or for a [`Check::Status`] the entries before the broken one.
-    fn unless_broken(
-        &self,
-        mut entries: Vec<(L2Entry, u64)>,
-        broken: Option<(usize, Error)>,
-        check: Check,
-    ) -> Result<Vec<(L2Entry, u64)>> {
-        match broken {
-            None => Ok(entries),
-            Some((i, _)) if i > 0 && check == Check::Status => {
-                entries.truncate(i);
-                Ok(entries)
-            }
-            Some((_, e)) => Err(self.fatal(e)),
-        }
+        Ok((entries, broken))
     }
 
     /// Makes corruption `e` found in the metadata fatal, as QEMU does in an image opened
@@ -606,18 +611,19 @@ impl Qcow2 {
         }
     }
 
-    /// The first of `entries` QEMU refuses, with its index and QEMU's words: unaligned host
-    /// offsets ([`Qcow2::first_unaligned`]), for reads the entries QEMU does not read
+    /// The first of `entries` QEMU refuses, with QEMU's words: unaligned host offsets
+    /// ([`Qcow2::first_unaligned`]), for reads the entries QEMU does not read
     /// ([`Qcow2::first_unreadable`]), and with extended L2 entries invalid bitmaps (a
     /// subcluster both allocated and zero; allocated subclusters without a host cluster).
-    /// `first` is the guest cluster of `entries[0]`, in the table at `table`.
+    /// An entry broken in several ways gets the error QEMU meets first. `first` is the
+    /// guest cluster of `entries[0]`, in the table at `table`.
     fn first_broken(
         &self,
         first: u64,
         table: u64,
         entries: &[(L2Entry, u64)],
         check: Check,
-    ) -> Option<(usize, Error)> {
+    ) -> Option<Broken> {
         let unaligned = self.first_unaligned(entries).map(|(i, host)| {
             let cluster = first + i as u64;
             let error = match check {
@@ -630,7 +636,13 @@ impl Qcow2 {
                     unaligned_entry(host, table, cluster % self.geo.l2_entries())
                 }
             };
-            (i, error)
+            // A write meets it first; a read after the entry's type and bitmap.
+            let rank = if matches!(check, Check::Write(_)) {
+                0
+            } else {
+                2
+            };
+            (i, rank, error)
         });
         let index = |i: usize| c_hex((first + i as u64) % self.geo.l2_entries());
         let unreadable = match check {
@@ -639,6 +651,12 @@ impl Qcow2 {
         }
         .map(|(i, why)| {
             let index = index(i);
+            // QEMU checks the type of an entry before its offset, and the offset's
+            // alignment before whether it matches the data file's.
+            let rank = match why {
+                Unreadable::ZeroInV2 | Unreadable::CompressedWithDataFile => 1,
+                Unreadable::MovedInDataFile(_) => 3,
+            };
             let what = match why {
                 Unreadable::ZeroInV2 => format!(
                     "Zero cluster entry found in pre-v3 image (L2 offset: {}, L2 index: {index})",
@@ -657,7 +675,7 @@ impl Qcow2 {
                     c_hex((first + i as u64) * self.geo.cluster_size())
                 ),
             };
-            (i, Error::Corrupt(what))
+            (i, rank, Error::Corrupt(what))
         });
         let invalid_bitmap = self
             .geo
@@ -674,12 +692,18 @@ impl Qcow2 {
                     c_hex(table),
                     index(i)
                 );
-                (i, Error::Corrupt(what))
+                (i, 0, Error::Corrupt(what))
             });
-        [unaligned, unreadable, invalid_bitmap]
+        let (index, rank, error) = [invalid_bitmap, unreadable, unaligned]
             .into_iter()
             .flatten()
-            .min_by_key(|(i, _)| *i)
+            .min_by_key(|&(i, rank, _)| (i, rank))?;
+        Some(Broken {
+            index,
+            // QEMU's count of a run fails on an invalid bitmap; other entries end the run.
+            fails_a_run: rank == 0 && !matches!(check, Check::Write(_)),
+            error,
+        })
     }
 
     /// Guest units (subclusters; clusters without extended L2 entries) `[unit, unit + n)`,
@@ -798,6 +822,28 @@ impl Qcow2 {
             .flush()
             .map_err(|e| Error::io("flushing the image file", e))
     }
+}
+
+/// L2 entries with their bitmaps, and the first of them QEMU refuses, if any.
+type Looked = (Vec<(L2Entry, u64)>, Option<Broken>);
+
+/// The first L2 entry of a lookup that QEMU refuses.
+struct Broken {
+    /// Its index among the entries looked up.
+    index: usize,
+    /// A block status run that reaches it fails (an invalid subcluster bitmap); other
+    /// broken entries end a run before them.
+    fails_a_run: bool,
+    /// QEMU's error for it.
+    error: Error,
+}
+
+/// What [`Qcow2::lookup_for_status`] found: the entries before the first broken one.
+pub(crate) struct StatusEntries {
+    /// The entries with their bitmaps.
+    pub entries: Vec<(L2Entry, u64)>,
+    /// The error of the entry right after them, if a run that reaches it fails.
+    pub fails_a_run: Option<Error>,
 }
 
 /// What L2 entries are looked up for, which decides what is refused and how.

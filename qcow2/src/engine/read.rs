@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::format::tables::L2Entry;
 use crate::image::BlockStatus;
 
-use super::Qcow2;
+use super::{Qcow2, StatusEntries};
 
 impl Qcow2 {
     /// Reads guest bytes; the caller checked the range. Works in units: subclusters with
@@ -185,15 +185,35 @@ impl Qcow2 {
         // whole slice per run).
         let wanted = (unit % per + n).div_ceil(per);
         // A broken entry further on ends the run before it, as in QEMU; only a query that
-        // starts at one fails.
-        let clusters = self.lookup_for_status(first, wanted.min(FIRST_LOOK))?;
-        let found = self.run_in(unit, n, &clusters);
-        let decoded = clusters.len() as u64;
-        let through = unit + found.1 == (unit + n).min((first + decoded) * per);
-        if decoded == FIRST_LOOK && decoded < wanted && through {
-            return Ok(self.run_in(unit, n, &self.lookup_for_status(first, wanted)?));
+        // starts at one fails, or one whose run reaches an invalid bitmap.
+        let look = self.lookup_for_status(first, wanted.min(FIRST_LOOK))?;
+        let found = self.run_to_broken(unit, n, look)?;
+        let decoded = found.1;
+        if decoded == FIRST_LOOK && decoded < wanted && found.2 {
+            let all = self.lookup_for_status(first, wanted)?;
+            return self.run_to_broken(unit, n, all).map(|(run, _, _)| run);
         }
-        Ok(found)
+        Ok(found.0)
+    }
+
+    /// [`Qcow2::run_in`] over what a status lookup found, with how many clusters it
+    /// decoded and whether the run went through them all; fails (made fatal) if the run
+    /// reaches an entry that fails runs.
+    fn run_to_broken(
+        &self,
+        unit: u64,
+        n: u64,
+        look: StatusEntries,
+    ) -> Result<((UnitStatus, u64), u64, bool)> {
+        let per = self.geo.subclusters();
+        let first = unit / per;
+        let run = self.run_in(unit, n, &look.entries);
+        let decoded = look.entries.len() as u64;
+        let through = unit + run.1 == (unit + n).min((first + decoded) * per);
+        match look.fails_a_run {
+            Some(e) if through => Err(self.fatal(e)),
+            _ => Ok((run, decoded, through)),
+        }
     }
 
     /// [`Qcow2::status_run`] over the decoded `clusters` from the one holding `unit` on.
