@@ -3008,6 +3008,25 @@ fn bitmap_changes_bitmaps_like_qemu_img() {
         assert_eq!(results[0], results[1], "{ops:?} on {bitmap}");
         assert_eq!(results[0].3 .0, 0, "{ops:?}: qemu-img check");
     }
+    // Both in use (qemu-io killed with them loaded): the target's state is reported first.
+    qcow2_image(p, &[], "inuse.qcow2", "1M", &[]);
+    for name in ["T", "S"] {
+        assert_eq!(qemu(p, &["bitmap", "--add", "inuse.qcow2", name]).0, 0);
+    }
+    let kill = ["-c", "write 0 64k", "-c", "sigraise 9", "inuse.qcow2"];
+    let _ = run(p, "qemu-io", &kill);
+    let results = run_on_copies(
+        p,
+        "inuse.qcow2",
+        &["bitmap", "--merge", "S", "X", "T"],
+        |_| (),
+    );
+    assert_eq!(results[0], results[1]);
+    assert!(
+        results[0].2.contains("Bitmap 'T' is inconsistent"),
+        "{}",
+        results[0].2
+    );
     // The merges had dirty ranges to merge.
     assert!(dirty_map(p, "bm.qcow2", "some")
         .contains("\"start\": 5242880, \"length\": 307200, \"depth\": 0, \"present\": false"));

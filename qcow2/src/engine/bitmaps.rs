@@ -326,6 +326,16 @@ impl Qcow2 {
         self.replace_directory(dir)
     }
 
+    /// Fails as QEMU fails a bitmap it would write to: `name` missing or inconsistent (in
+    /// use: not saved after its last change).
+    pub fn check_bitmap_writable(&self, name: &[u8]) -> Result<()> {
+        let (dir, i) = self.find_bitmap(name)?;
+        match dir.entries[i].flags & IN_USE {
+            0 => Ok(()),
+            _ => Err(inconsistent(name)),
+        }
+    }
+
     /// The directory and the index of bitmap `name` in it.
     fn find_bitmap(&self, name: &[u8]) -> Result<(BitmapDirectory, usize)> {
         let dir = self.bitmaps_or_none()?;

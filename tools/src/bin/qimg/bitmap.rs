@@ -202,10 +202,8 @@ fn apply(
         Action::Enable => img.set_bitmap_enabled(bitmap.as_bytes(), true)?,
         Action::Disable => img.set_bitmap_enabled(bitmap.as_bytes(), false)?,
         Action::Merge(name) => {
-            // As QEMU: the target is looked up before the source.
-            if !img.bitmaps()?.iter().any(|b| b.name == bitmap.as_bytes()) {
-                bail!("Dirty bitmap '{bitmap}' not found");
-            }
+            // As QEMU: the target is looked up and checked before the source.
+            img.check_bitmap_writable(bitmap.as_bytes())?;
             let from = match source {
                 None => img,
                 Some(Some(q)) => q,
