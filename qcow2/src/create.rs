@@ -410,7 +410,11 @@ impl Qcow2 {
         match mode {
             Preallocation::Off => Ok(()),
             Preallocation::Metadata => data.set_len(file_len.max(host + len)),
-            Preallocation::Falloc => data.allocate(host, len),
+            // The length too: a file system without fallocate claims nothing, but the file
+            // still reaches the mapped clusters.
+            Preallocation::Falloc => data
+                .allocate(host, len)
+                .and_then(|()| data.set_len(file_len.max(host + len))),
             Preallocation::Full => write_zeros(&**data, host, len),
         }
         .map_err(|e| Error::io("preallocating data", e))

@@ -8756,6 +8756,18 @@ fn file_names_that_are_not_utf8_are_kept_and_refused_clearly() {
     // JSON with U+FFFD, as qemu-img does; also with the backing file's actual path.
     let odd = OsStr::from_bytes(b"s\xff\xfe1");
     ok(qemu(p, &[os("snapshot"), os("-c"), odd, os("top.qcow2")]));
+    // JSON decodes names as QEMU's mod_utf8_codepoint does: a surrogate, a noncharacter,
+    // an overlong NUL, a code point past U+10FFFF, one past the BMP.
+    for name in [
+        &b"a\xed\xa0\x80b"[..],
+        b"c\xef\xbf\xbed",
+        b"e\xc0\x80f",
+        b"i\xf4\x90\x80\x80j",
+        b"g\xf0\x9f\x98\x80h",
+    ] {
+        let name = OsStr::from_bytes(name);
+        ok(qemu(p, &[os("snapshot"), os("-c"), name, os("top.qcow2")]));
+    }
     ok(qemu(p, &[os("bitmap"), os("--add"), os("top.qcow2"), odd]));
     std::fs::create_dir(p.join("sub")).unwrap();
     for name in [OsStr::new("top.qcow2"), base] {

@@ -81,28 +81,65 @@ fn qdict_order<'a>(fields: &'a [(&'static str, QObj)]) -> Vec<(&'static str, &'a
     indexed.into_iter().map(|(_, (k, v))| (*k, v)).collect()
 }
 
-/// A JSON string literal escaped as QEMU's `to_json` does (non-ASCII as `\uXXXX`).
-fn quote(s: &str, out: &mut String) {
+/// A JSON string literal escaped as QEMU's JSON writer does: non-ASCII as `\uXXXX`, a C
+/// string (up to a NUL byte) decoded by QEMU's `mod_utf8_codepoint`, so that what is not
+/// UTF-8 (invalid, overlong, surrogate or noncharacter sequences) becomes U+FFFD sequence by
+/// sequence, and the two bytes C0 80 are U+0000.
+fn quote(s: &[u8], out: &mut String) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || (c as u32) >= 0x7f => {
-                let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{:04X}", u));
-                }
+    let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+    let mut rest = &s[..end];
+    while !rest.is_empty() {
+        let (cp, len) = mod_utf8_codepoint(rest);
+        rest = &rest[len..];
+        match cp.unwrap_or(0xFFFD) {
+            0x22 => out.push_str("\\\""),
+            0x5C => out.push_str("\\\\"),
+            0x08 => out.push_str("\\b"),
+            0x0C => out.push_str("\\f"),
+            0x0A => out.push_str("\\n"),
+            0x0D => out.push_str("\\r"),
+            0x09 => out.push_str("\\t"),
+            cp if cp > 0xFFFF => {
+                let v = cp - 0x10000;
+                out.push_str(&format!(
+                    "\\u{:04X}\\u{:04X}",
+                    0xD800 + (v >> 10),
+                    0xDC00 + (v & 0x3FF)
+                ));
             }
-            c => out.push(c),
+            cp if !(0x20..0x7F).contains(&cp) => out.push_str(&format!("\\u{cp:04X}")),
+            cp => out.push(char::from(cp as u8)),
         }
     }
     out.push('"');
+}
+
+/// QEMU's `mod_utf8_codepoint` on the start of `s` (not empty, no NUL): the code point, or
+/// None for a sequence QEMU rejects, and how many bytes it took.
+fn mod_utf8_codepoint(s: &[u8]) -> (Option<u32>, usize) {
+    const MIN: [u32; 5] = [0x80, 0x800, 0x10000, 0x200000, 0x4000000];
+    let lead = s[0];
+    if lead < 0x80 {
+        return (Some(lead.into()), 1);
+    }
+    if lead >= 0xFE || lead & 0x40 == 0 {
+        // Impossible bytes, or a continuation byte where a sequence should start.
+        return (None, 1);
+    }
+    let len = lead.leading_ones() as usize;
+    let mut cp = u32::from(lead) & (0x7F >> len);
+    for i in 1..len {
+        match s.get(i) {
+            Some(&b) if b & 0xC0 == 0x80 => cp = (cp << 6) | u32::from(b & 0x3F),
+            // A continuation byte missing: what was read so far is rejected.
+            _ => return (None, i),
+        }
+    }
+    let noncharacter = (0xFDD0..=0xFDEF).contains(&cp) || cp & 0xFFFE == 0xFFFE;
+    let valid = cp <= 0x10FFFF && !noncharacter && !(0xD800..=0xDFFF).contains(&cp);
+    let overlong = cp < MIN[len - 2] && !(cp == 0 && len == 2);
+    (Some(cp).filter(|_| valid && !overlong), len)
 }
 
 impl QObj {
@@ -121,7 +158,7 @@ impl QObj {
                 let ordered = qdict_order(fields);
                 for (i, (k, v)) in ordered.iter().enumerate() {
                     out.push_str(&pad);
-                    quote(k, out);
+                    quote(k.as_bytes(), out);
                     out.push_str(": ");
                     v.write_json(indent + 4, out);
                     out.push_str(if i + 1 < ordered.len() { ",\n" } else { "\n" });
@@ -139,7 +176,7 @@ impl QObj {
                 out.push_str(&" ".repeat(indent));
                 out.push(']');
             }
-            QObj::Str(s) => quote(&String::from_utf8_lossy(s), out),
+            QObj::Str(s) => quote(s, out),
             QObj::Int(n) => out.push_str(&n.to_string()),
             QObj::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         }
@@ -218,7 +255,7 @@ mod tests {
             "{\n    \"children\": [\n        {\n        }\n    ]\n}"
         );
         let mut s = String::new();
-        quote("a\"b\\é\u{1}", &mut s);
+        quote("a\"b\\é\u{1}".as_bytes(), &mut s);
         assert_eq!(s, "\"a\\\"b\\\\\\u00E9\\u0001\"");
     }
 }

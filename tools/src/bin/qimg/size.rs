@@ -221,7 +221,8 @@ pub fn option_size(param: &str, v: &str) -> anyhow::Result<u64> {
 }
 
 /// QEMU's size_to_str: three significant digits and a binary unit ("64 MiB", "1.5 KiB"),
-/// switching to the next unit once the number would reach 1000 ("0.977 MiB", not "1e+03 KiB").
+/// switching to the next unit once the number reaches 1000 (1000 KiB is "0.977 MiB"; 999.5
+/// KiB still rounds to "1e+03 KiB").
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     // floor(log2(bytes * 1024 / 1000)) / 10, as QEMU computes it with frexp: the exponent
