@@ -8468,9 +8468,14 @@ fn check_reads_and_repairs_the_snapshot_table_like_qemu_img() {
     odd_name[14..16].copy_from_slice(&4u16.to_be_bytes());
     odd_name.truncate(name_at);
     odd_name.extend_from_slice(b"s\xff\xfe1");
-    let variants: [(&str, Vec<u8>, u32); 7] = [
+    // That name in check's line about the snapshot's unaligned L1 table.
+    let mut odd_name_bad_l1 = odd_name.clone();
+    let l1 = u64::from_be_bytes(odd_name[..8].try_into().unwrap());
+    odd_name_bad_l1[..8].copy_from_slice(&(l1 + 8).to_be_bytes());
+    let variants: [(&str, Vec<u8>, u32); 8] = [
         ("incomplete", with_extra_data(&entry, 0), 1),
         ("odd_name", odd_name, 1),
+        ("odd_name_bad_l1", odd_name_bad_l1, 1),
         (
             "extra_data_8",
             [entry.clone(), with_extra_data(&entry, 8)].concat(),
@@ -8499,7 +8504,13 @@ fn check_reads_and_repairs_the_snapshot_table_like_qemu_img() {
         if name == "odd_name" {
             assert!(info.contains("s\\xff\\xfe1") && list.contains("s\\xff\\xfe1"));
         }
-        same_check_on_copies(p, &img, &[]);
+        let (_, err) = same_check_on_copies(p, &img, &[]);
+        if name == "odd_name_bad_l1" {
+            assert!(
+                err.contains("ERROR snapshot 1 (s\\xff\\xfe1) l1_offset="),
+                "{err}"
+            );
+        }
         same_check_on_copies(p, &img, &["-r", "leaks"]);
         if name != "too_many" {
             same_repair_on_copies(p, &img, &["-r", "all"]);

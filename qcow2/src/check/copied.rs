@@ -132,8 +132,7 @@ impl Checker<'_> {
             }
             self.say(
                 "ERROR: Could not write L2 table; metadata overlap check failed: \
-                 Input/output error"
-                    .into(),
+                 Input/output error",
             );
             self.report.check_errors += 1;
             return Err(Failed::eio());

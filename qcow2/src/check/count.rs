@@ -80,8 +80,7 @@ impl Checker<'_> {
                 ));
                 self.say(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img \
-                     convert to create a clean copy if the image cannot be opened for writing"
-                        .into(),
+                     convert to create a clean copy if the image cannot be opened for writing",
                 );
                 self.report.corruptions += 1;
                 continue;
@@ -124,20 +123,28 @@ impl Checker<'_> {
             self.report.corruptions += 1;
         }
         for s in &snapshots {
-            let what = format!("ERROR snapshot {} ({})", s.id_text(), s.name_text());
+            // The snapshot's id and name as stored: they need not be UTF-8.
+            let what = |rest: String| {
+                let mut line = b"ERROR snapshot ".to_vec();
+                line.extend_from_slice(&s.id);
+                line.extend_from_slice(b" (");
+                line.extend_from_slice(&s.name);
+                line.extend_from_slice(b") ");
+                line.extend_from_slice(rest.as_bytes());
+                line
+            };
             if s.l1_table_offset % self.cs != 0 {
-                self.say(format!(
-                    "{what} l1_offset={:#x}: L1 table is not cluster aligned; snapshot table \
-                     entry corrupted",
+                self.say(what(format!(
+                    "l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry \
+                     corrupted",
                     s.l1_table_offset
-                ));
+                )));
                 self.report.corruptions += 1;
             } else if u64::from(s.l1_size) * 8 > MAX_L1_BYTES {
-                self.say(format!(
-                    "{what} l1_size={:#x}: L1 table is too large; snapshot table entry \
-                     corrupted",
+                self.say(what(format!(
+                    "l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
                     s.l1_size
-                ));
+                )));
                 self.report.corruptions += 1;
             } else {
                 self.count_l1(s.l1_table_offset, s.l1_size, Table::Snapshot, mode)?;
@@ -242,9 +249,7 @@ impl Checker<'_> {
                 }
                 Kind::Unallocated if bitmap & ALL_ALLOC != 0 => {
                     self.report.corruptions += 1;
-                    self.say(
-                        "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
-                    );
+                    self.say("ERROR: Unallocated cluster has non-zero subcluster allocation map");
                 }
                 Kind::Unallocated | Kind::ZeroPlain => {}
             }
@@ -351,7 +356,7 @@ impl Checker<'_> {
             if let Error::MarkedCorrupt(what) = &e {
                 self.say_marked_corrupt(what);
             }
-            self.say("ERROR: Overlap check failed".into());
+            self.say("ERROR: Overlap check failed");
             self.report.check_errors += 1;
             return Err(Failed::eio());
         }

@@ -65,8 +65,9 @@ impl CheckReport {
 /// A line a check prints on stderr.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Printed as it is ("ERROR cluster 5 refcount=0 reference=1").
-    Line(String),
+    /// Printed as it is ("ERROR cluster 5 refcount=0 reference=1"); bytes, because a
+    /// snapshot name in it need not be UTF-8.
+    Line(Vec<u8>),
     /// An error report, which qemu-img prints after its name ("qemu-img: Could not resize
     /// file: File too large").
     Error(String),
@@ -75,7 +76,8 @@ pub enum Message {
 impl std::fmt::Display for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Message::Line(s) | Message::Error(s) => f.write_str(s),
+            Message::Line(s) => f.write_str(&String::from_utf8_lossy(s)),
+            Message::Error(s) => f.write_str(s),
         }
     }
 }
@@ -279,8 +281,8 @@ impl<'a> Checker<'a> {
         })
     }
 
-    fn say(&mut self, line: String) {
-        self.messages.push(Message::Line(line));
+    fn say(&mut self, line: impl Into<Vec<u8>>) {
+        self.messages.push(Message::Line(line.into()));
     }
 
     fn report_error(&mut self, error: String) {
@@ -312,7 +314,7 @@ impl<'a> Checker<'a> {
             highest = self.rebuild_and_recount()?;
         } else if mode.leaks() {
             if self.rebuild {
-                self.say("ERROR need to rebuild refcount structures".into());
+                self.say("ERROR need to rebuild refcount structures");
                 self.report.check_errors += 1;
                 return Err(Failed::eio());
             }
@@ -330,7 +332,7 @@ impl<'a> Checker<'a> {
     /// returns the highest cluster in use.
     fn rebuild_and_recount(&mut self) -> std::result::Result<u64, Failed> {
         let before = self.report.clone();
-        self.say("Rebuilding refcount structure".into());
+        self.say("Rebuilding refcount structure");
         self.rebuild_refcounts()?;
         self.report.corruptions = 0;
         self.report.leaks = 0;
@@ -343,7 +345,7 @@ impl<'a> Checker<'a> {
         let saved = std::mem::take(&mut self.report);
         let highest = self.compare(Repair::Leaks)?;
         if self.rebuild {
-            self.say("ERROR rebuilt refcount structure is still broken".into());
+            self.say("ERROR rebuilt refcount structure is still broken");
         }
         let fresh_leaks = self.report.leaks;
         self.report = saved;

@@ -14,6 +14,7 @@ use super::imrt::Imrt;
 use super::{clusters_of, exceeds_file, strerror, Checker, Failed};
 use crate::engine::meta::encode_u64_table;
 use crate::engine::overlap::Target;
+use crate::Error;
 
 type Outcome = std::result::Result<(), Failed>;
 
@@ -187,13 +188,15 @@ impl Checker<'_> {
         let blocks = layout.table.iter().enumerate().filter(|(_, &b)| b != 0);
         let zeros = vec![0; cs as usize];
         for (index, &block) in blocks {
-            m.check_write(file, block, cs, Target::New)?;
+            m.check_write(file, block, cs, Target::New)
+                .map_err(|e| self.refused("writing refblock", e))?;
             let bytes = self.imrt.block(index as u64).unwrap_or(&zeros);
             file.write_at(bytes, block)
                 .map_err(|e| self.write_failed("writing refblock", &e))?;
         }
         let bytes = encode_u64_table(&layout.table);
-        m.check_write(file, table_offset, bytes.len() as u64, Target::New)?;
+        m.check_write(file, table_offset, bytes.len() as u64, Target::New)
+            .map_err(|e| self.refused("writing reftable", e))?;
         file.write_at(&bytes, table_offset)
             .and_then(|()| file.flush())
             .map_err(|e| self.write_failed("writing reftable", &e))?;
@@ -211,6 +214,15 @@ impl Checker<'_> {
         m.pending_frees.clear();
         m.compressed_tail = None;
         Ok(())
+    }
+
+    /// A write of the rebuild that the overlap check refused: the image is marked corrupt
+    /// and the write fails with EIO, in QEMU's words.
+    fn refused(&mut self, what: &str, e: Error) -> Failed {
+        if let Error::MarkedCorrupt(why) = &e {
+            self.say_marked_corrupt(why);
+        }
+        self.write_failed(what, &std::io::Error::from_raw_os_error(libc::EIO))
     }
 
     /// A failed write of the rebuild, reported in QEMU's words ("ERROR writing refblock:

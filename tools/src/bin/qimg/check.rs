@@ -179,7 +179,11 @@ fn check_and_recheck(img: &qcow2::Qcow2, mode: Repair, silent: bool) -> qcow2::C
 pub fn print_messages(report: &qcow2::CheckReport) {
     for m in &report.messages {
         match m {
-            Message::Line(line) => errln!("{line}"),
+            Message::Line(line) => {
+                use std::io::Write as _;
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(line).and_then(|()| err.write_all(b"\n"));
+            }
             Message::Error(e) => crate::print_error(e),
         }
     }
