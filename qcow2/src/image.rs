@@ -51,6 +51,19 @@ pub struct BlockStatus {
     pub host_offset: Option<u64>,
 }
 
+/// Something QEMU's qcow2 driver warns about while opening an image, which qemu-img prints
+/// on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenWarning {
+    /// The image (of this qcow2 version) has a bitmaps extension without its autoclear bit:
+    /// a program without bitmap support wrote it, so the bitmaps are ignored (and their
+    /// clusters may leak).
+    InconsistentBitmaps {
+        /// The image's qcow2 version.
+        version: u32,
+    },
+}
+
 /// A disk image: raw or qcow2, with any backing chain, shared between threads.
 pub trait Image: Send + Sync {
     /// The on-disk format.
@@ -93,6 +106,11 @@ pub trait Image: Send + Sync {
     /// The backing image, if any.
     fn backing(&self) -> Option<&dyn Image> {
         None
+    }
+    /// What QEMU's driver warns about while opening this image and its backing chain (top
+    /// first).
+    fn open_warnings(&self) -> Vec<OpenWarning> {
+        self.backing().map_or_else(Vec::new, |b| b.open_warnings())
     }
     /// What the open repaired: a qcow2 image opened for writing while dirty (lazy refcounts
     /// after a crash) is checked and repaired first, as QEMU does; the report's messages are

@@ -36,7 +36,9 @@ pub use engine::{BitmapBits, Qcow2};
 pub use error::{Error, Result};
 pub use format::header::CompressionType;
 pub use format::snapshot::SnapshotRef;
-pub use image::{BlockStatus, Extent, Format, Image, IoMapping, MapOutcome, MetadataLoad};
+pub use image::{
+    BlockStatus, Extent, Format, Image, IoMapping, MapOutcome, MetadataLoad, OpenWarning,
+};
 pub use lock::Locking;
 pub use open::{open_image, OpenOptions};
 pub use raw::RawImage;

@@ -7090,6 +7090,53 @@ fn amend_changes_every_option_as_qemu_img_does() {
     assert!(changed > 40, "{changed} amends succeeded");
 }
 
+/// Bitmaps that a program without bitmap support left behind (a bitmaps extension without
+/// its autoclear bit: a v3 image such a program wrote, or any v2 image, which has no
+/// autoclear bits) are ignored, with QEMU's warning, by every command that opens the image;
+/// a downgrade to v2 keeps the extension, as qemu-img's does.
+#[test]
+fn bitmaps_left_by_a_program_without_bitmap_support_are_warned_about_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qcow2_image(p, &[], "v3.qcow2", "4M", &["write -P 1 0 64k"]);
+    qemu(p, &["bitmap", "--add", "v3.qcow2", "b"]);
+    qemu_io(p, "v3.qcow2", &["write -P 2 1M 64k"]);
+    for who in ["ours", "theirs"] {
+        std::fs::copy(p.join("v3.qcow2"), p.join(format!("{who}-down.qcow2"))).unwrap();
+    }
+    let amend = |tool: &str, prog: &str, img: &str| {
+        run_with_stderr(p, tool, prog, &["amend", "-o", "compat=0.10", img])
+    };
+    assert_eq!(
+        amend(env!("CARGO_BIN_EXE_qimg"), "qimg", "ours-down.qcow2"),
+        amend("qemu-img", "qemu-img", "theirs-down.qcow2")
+    );
+    // The autoclear bits are at byte 88 of a v3 header.
+    patch(p, "v3.qcow2", 88, &0u64.to_be_bytes());
+    qemu(p, &["convert", "-O", "raw", "v3.qcow2", "plain.raw"]);
+    for (img, warning) in [
+        (
+            "v3.qcow2",
+            "a program lacking bitmap support modified this file",
+        ),
+        ("ours-down.qcow2", "This qcow2 v2 image contains bitmaps"),
+        ("theirs-down.qcow2", "This qcow2 v2 image contains bitmaps"),
+    ] {
+        let err = run_with_stderr(p, "qemu-img", "qemu-img", &["info", img]).2;
+        assert!(err.contains(warning), "{img}: {err}");
+        for args in [
+            &["info", img][..],
+            &["info", "--output=json", img],
+            &["check", img],
+            &["map", img],
+            &["measure", "-O", "qcow2", img],
+            &["compare", img, "plain.raw"],
+        ] {
+            same(p, args);
+        }
+    }
+}
+
 /// Downgrading an image whose preallocated zero cluster is shared with a snapshot that
 /// maps it as data: the disk gets a cluster of zeros of its own and the snapshot keeps its
 /// data (qemu-img 10 writes the zeros into the shared cluster).

@@ -94,7 +94,8 @@ impl Qcow2 {
         h.autoclear_features = 0;
         h.compression_type = CompressionType::Deflate;
         h.feature_names.clear();
-        h.bitmaps = None;
+        // The bitmaps extension stays, as QEMU keeps it: without autoclear bits, later opens
+        // find the bitmaps inconsistent and ignore them.
         if let Err(e) = m.write_header(file) {
             m.header = old;
             return Err(e);

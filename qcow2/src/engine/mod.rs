@@ -65,6 +65,9 @@ pub struct Qcow2 {
     marked_corrupt: Arc<std::sync::atomic::AtomicBool>,
     /// The repair of a dirty image done when it was opened for writing.
     dirty_repair: Option<crate::check::CheckReport>,
+    /// The bitmaps extension was left by a writer without bitmap support (its autoclear bit
+    /// clear when opened).
+    inconsistent_bitmaps: bool,
     /// Corruption found in the metadata marks the image corrupt (opened for writing, not
     /// for a check), as QEMU's fatal corruption events do.
     fatal_corruption: bool,
@@ -287,6 +290,8 @@ impl Qcow2 {
             meta: RwLock::new(meta),
             busy: Arc::default(),
             dirty_repair: None,
+            inconsistent_bitmaps: header.bitmaps.is_some()
+                && header.autoclear_features & AUTOCLEAR_BITMAPS == 0,
             fatal_corruption: !opts.read_only && !opts.check,
         };
         let ready = match img.check_bitmaps_at_open() {
@@ -959,6 +964,18 @@ impl Image for Qcow2 {
 
     fn dirty_repair(&self) -> Option<&crate::check::CheckReport> {
         self.dirty_repair.as_ref()
+    }
+
+    fn open_warnings(&self) -> Vec<crate::OpenWarning> {
+        let own = self
+            .inconsistent_bitmaps
+            .then_some(crate::OpenWarning::InconsistentBitmaps {
+                version: self.version,
+            });
+        let backing = self.backing().map(|b| b.open_warnings());
+        own.into_iter()
+            .chain(backing.into_iter().flatten())
+            .collect()
     }
 
     fn size(&self) -> u64 {

@@ -119,6 +119,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
             return Ok(1);
         }
     };
+    crate::report_open(&img);
     // qemu-img opens the backing chain too, and fails without it.
     if img.header().backing_file.is_some() {
         let chain = qcow2::OpenOptions {

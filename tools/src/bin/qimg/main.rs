@@ -547,7 +547,7 @@ pub fn open_at(
     };
     let img =
         qcow2::open_image(std::path::Path::new(path), &opts).map_err(|e| open_error(path, e))?;
-    report_dirty_repair(&*img);
+    report_open(&*img);
     Ok(img)
 }
 
@@ -560,13 +560,37 @@ pub fn open_qcow2(
     name: &str,
 ) -> anyhow::Result<qcow2::Qcow2> {
     let img = qcow2::Qcow2::open_storage(storage, opts, dir).map_err(|e| open_error(name, e))?;
-    report_dirty_repair(&img);
+    report_open(&img);
     Ok(img)
 }
 
-/// Prints what opening `img` repaired (a dirty image after a crash), as QEMU's qcow2 driver
-/// does on stderr.
-fn report_dirty_repair(img: &dyn qcow2::Image) {
+/// Prints what QEMU's qcow2 driver prints on stderr while opening `img`: its warnings, then
+/// what it repaired (a dirty image after a crash).
+pub fn report_open(img: &dyn qcow2::Image) {
+    for w in img.open_warnings() {
+        match w {
+            qcow2::OpenWarning::InconsistentBitmaps { version } => {
+                print_error(match version {
+                    2 => {
+                        "warning: This qcow2 v2 image contains bitmaps, but they may have been \
+                          modified by a program without persistent bitmap support; so now they \
+                          must all be considered inconsistent"
+                    }
+                    _ => {
+                        "warning: a program lacking bitmap support modified this file, so all \
+                          bitmaps are now considered inconsistent"
+                    }
+                });
+                // QEMU's line ends without a newline.
+                use std::io::Write as _;
+                let _ = write!(
+                    std::io::stderr(),
+                    "Some clusters may be leaked, run '{} check -r' on the image file to fix.",
+                    progname()
+                );
+            }
+        }
+    }
     if let Some(report) = img.dirty_repair() {
         check::print_messages(report);
     }
