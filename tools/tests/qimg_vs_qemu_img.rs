@@ -746,7 +746,8 @@ fn extended_l2_snapshots_copied_flags_and_resize_like_qemu_img() {
 }
 
 /// Commands that open a dirty image for writing repair it first and print the repair on
-/// stderr as qemu-img does (it was done silently), then do their work on a clean image.
+/// stderr as qemu-img does (it was done silently), then do their work on a clean image. An
+/// amend whose options are refused repairs it too (the options are read after the open).
 #[test]
 fn writing_commands_show_the_repair_of_a_dirty_image_like_qemu_img() {
     let d = tempfile::tempdir().unwrap();
@@ -758,6 +759,10 @@ fn writing_commands_show_the_repair_of_a_dirty_image_like_qemu_img() {
         &["amend", "-o", "lazy_refcounts=off", "X"],
         &["rebase", "-u", "-b", "", "X"],
         &["bench", "-w", "-c", "1", "X"],
+        &["amend", "-o", "bogus=1", "X"],
+        &["amend", "-o", "cluster_size=4k", "X"],
+        &["amend", "-o", "compat=0.9", "X"],
+        &["amend", "-o", "size=abc", "X"],
     ];
     for args in cases {
         let outcomes = run_on_copies(p, "dirty.qcow2", args, |copy| qemu(p, &["check", copy]).0);

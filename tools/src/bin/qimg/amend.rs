@@ -163,7 +163,6 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     if fmt == Format::Raw {
         bail!("Format driver 'raw' does not support option amendment");
     }
-    let changes = parse(&parse_options(&a.options)?)?;
     let dir = Path::new(name).parent().unwrap_or(Path::new("."));
     // The guest's data stays, and a new size resizes the bitmaps: they stay valid.
     let opts = qcow2::OpenOptions {
@@ -171,6 +170,8 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         ..crate::writer_options()
     };
     let mut img = crate::open_qcow2(storage, &opts, Some(dir), name)?;
+    // After the open, as in QEMU: a dirty image is repaired even if the options are refused.
+    let changes = parse(&parse_options(&a.options)?)?;
     let progress = crate::progress::Progress::new(a.progress && !a.quiet, 1);
     let result = amend(&mut img, &changes);
     progress.add(1);
