@@ -4423,6 +4423,18 @@ fn convert_lays_out_the_target_like_qemu_img() {
         for mib in [5, 13, 14, 29, 39] {
             f.write_all_at(&[mib as u8; 100 << 10], mib << 20).unwrap();
         }
+        // Zero runs of all sizes and alignments inside data, for -S.
+        let f = std::fs::File::create(p.join("zeros.raw")).unwrap();
+        f.write_all_at(&[7u8; 1 << 20], 0).unwrap();
+        for (at, len) in [
+            (128 << 10, 5 << 10),
+            (300 << 10, 2048),
+            (409_600, 1536),
+            (600 << 10, 64 << 10),
+        ] {
+            f.write_all_at(&vec![0u8; len], at).unwrap();
+        }
+        f.write_all_at(&[0u8; 1536], (1 << 20) - 1536).unwrap();
     }
     for (args, src) in [
         (vec!["-O", "qcow2"], "src.raw"),
@@ -4432,6 +4444,15 @@ fn convert_lays_out_the_target_like_qemu_img() {
         (vec!["-O", "qcow2", "-t", "writeback"], "src.raw"),
         (vec!["-O", "raw"], "src.raw"),
         (vec!["-O", "qcow2"], "sparse.raw"),
+        // A large -S writes the data, not the source's holes around it.
+        (vec!["-O", "raw", "-S", "1M"], "sparse.raw"),
+        (vec!["-O", "raw", "-S", "16M"], "sparse.raw"),
+        // Zero runs inside data: left out from -S bytes on, ends aligned as qemu-img's.
+        (vec!["-O", "raw"], "zeros.raw"),
+        (vec!["-O", "raw", "-S", "512"], "zeros.raw"),
+        (vec!["-O", "raw", "-S", "1536"], "zeros.raw"),
+        (vec!["-O", "raw", "-S", "3k"], "zeros.raw"),
+        (vec!["-O", "raw", "-S", "8k"], "zeros.raw"),
     ] {
         let mut a = vec!["convert"];
         a.extend(&args);

@@ -36,6 +36,7 @@ use crate::rate_limit::RateLimit;
 use crate::size::{cvtint_full, cvtnum};
 use crate::snapshot_param;
 use crate::source_map::{self, Mapping};
+use crate::zero_runs;
 
 /// Arguments of `qimg convert`, with qemu-img 10.0's long names.
 #[derive(clap::Args)]
@@ -303,8 +304,12 @@ enum Kind {
 struct Policy {
     /// The target's name as given, for error messages.
     target_name: String,
-    /// Granularity of zero detection (target cluster, or `-S` for raw).
+    /// Granularity of zero detection where the target allocates whole blocks (a qcow2
+    /// target's (sub)cluster); `-S` otherwise (chunks are multiples of it).
     block: u64,
+    /// Data spans are read and written in whole blocks (a qcow2 target allocates whole
+    /// (sub)clusters); otherwise only the source's data is, not the holes around it.
+    whole_blocks: bool,
     /// `-S`: 0 copies everything as data.
     sparse: u64,
     /// `-C`: data ranges are copied whole, without looking for zeros in them (as
@@ -442,10 +447,11 @@ impl Sources {
                 return;
             }
             if kind == Kind::Data {
-                // Rounded out to whole blocks, as the copy reads it (`plan`): a page at an
-                // edge the copy faults in would start a readahead running on into the hole.
-                let s = off + (pos - off) / p.block * p.block;
-                let e = (off + (pos + run - off).next_multiple_of(p.block)).min(end);
+                // Rounded out to whole blocks where the copy reads it so (`plan`): a page at
+                // an edge the copy faults in would start a readahead running on into the hole.
+                let block = if p.whole_blocks { p.block } else { 1 };
+                let s = off + (pos - off) / block * block;
+                let e = (off + (pos + run - off).next_multiple_of(block)).min(end);
                 let data = match self.mapped(s, e - s) {
                     Ok(Some(data)) => Some(data),
                     _ => self.mapped(pos, run).ok().flatten(),
@@ -626,7 +632,7 @@ fn plan<'a>(
                 false => kind = Kind::Data,
             }
         }
-        if kind == Kind::Data {
+        if kind == Kind::Data && p.whole_blocks {
             s = off + (s - off) / p.block * p.block;
             e = (off + (e - off).next_multiple_of(p.block)).min(end);
             pos = e;
@@ -747,20 +753,37 @@ fn kept_by_target(src: &Sources, p: &Policy, s: u64, e: u64) -> anyhow::Result<V
     Ok(kept)
 }
 
-/// Appends `data` (at guest `off`) as runs of non-zero data and zero blocks.
+/// Appends `data` (at guest `off`) as runs of non-zero data and zeros: whole zero blocks
+/// (aligned in the guest) where the target allocates blocks, else the zero runs qemu-img
+/// finds with `-S`.
 fn split_zero_blocks<'a>(runs: &mut Vec<Run<'a>>, off: u64, data: &'a [u8], p: &Policy) {
-    let block = p.block as usize;
+    if !p.whole_blocks && p.sparse > 0 && !p.copy_range {
+        let mut at = 0usize;
+        for (is_data, len) in zero_runs::runs(data, off / 512, p.sparse) {
+            runs.push(Run {
+                off: off + at as u64,
+                kind: if is_data { Kind::Data } else { Kind::Zero },
+                len: len as u64,
+                data: if is_data { &data[at..at + len] } else { &[] },
+            });
+            at += len;
+        }
+        return;
+    }
+    // The end of the block holding byte `i` of `data`.
+    let block_end = |i: usize| {
+        let at = off + i as u64;
+        ((at / p.block + 1) * p.block - off).min(data.len() as u64) as usize
+    };
     let mut start = 0usize;
     while start < data.len() {
         let mut end = start;
         let zero = |i: usize| {
-            p.sparse > 0
-                && !p.copy_range
-                && data[i..(i + block).min(data.len())].iter().all(|&b| b == 0)
+            p.sparse > 0 && !p.copy_range && data[i..block_end(i)].iter().all(|&b| b == 0)
         };
         let z = zero(start);
         while end < data.len() && zero(end) == z {
-            end = (end + block).min(data.len());
+            end = block_end(end);
         }
         runs.push(Run {
             off: off + start as u64,
@@ -1140,6 +1163,7 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
     let policy = Policy {
         target_name: target_name.clone(),
         block,
+        whole_blocks: matches!(target, Target::Qcow2(_)),
         sparse,
         copy_range: a.copy_range,
         fresh,

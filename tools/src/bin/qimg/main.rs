@@ -66,6 +66,7 @@ mod size;
 mod snapshot;
 mod snapshot_param;
 mod source_map;
+mod zero_runs;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
