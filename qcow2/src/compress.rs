@@ -31,8 +31,9 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
 
 /// Compresses one cluster. Returns `None` when the result would not save space.
 pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
-    // Leave room so a compressed cluster never needs more than the cluster itself.
-    let limit = input.len() - input.len() / 8;
+    // As QEMU: compressed when that saves a byte (its output buffer is one byte short of
+    // the cluster).
+    let limit = input.len();
     let out = match kind {
         CompressionType::Deflate => {
             let mut c = Compress::new_with_window_bits(Compression::default(), false, 12);
