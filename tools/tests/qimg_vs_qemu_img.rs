@@ -1616,13 +1616,27 @@ fn unreadable_metadata_at_open_is_worded_like_qemu_img() {
     }
 }
 
-/// The base's allocation after `commit` (`map --output=json` without host offsets).
+/// An image's allocation: `map --output=json` without host offsets, runs that differed
+/// only in them joined.
 fn allocation(dir: &Path, img: &str) -> Vec<serde_json::Value> {
     let (_, map) = qemu(dir, &["map", "--output=json", img]);
     let map: serde_json::Value = serde_json::from_str(&map).unwrap();
-    let mut runs = map.as_array().unwrap().clone();
-    for run in &mut runs {
+    let mut runs: Vec<serde_json::Value> = Vec::new();
+    for mut run in map.as_array().unwrap().iter().cloned() {
         run.as_object_mut().unwrap().remove("offset");
+        let flags = |r: &serde_json::Value| {
+            let mut r = r.as_object().unwrap().clone();
+            r.remove("start");
+            r.remove("length");
+            r
+        };
+        match runs.last_mut() {
+            Some(last) if flags(last) == flags(&run) => {
+                let length = last["length"].as_u64().unwrap() + run["length"].as_u64().unwrap();
+                last["length"] = length.into();
+            }
+            _ => runs.push(run),
+        }
     }
     runs
 }
@@ -4498,6 +4512,15 @@ fn convert_lays_out_the_target_like_qemu_img() {
         (vec!["-O", "raw", "-S", "1536"], "zeros.raw"),
         (vec!["-O", "raw", "-S", "3k"], "zeros.raw"),
         (vec!["-O", "raw", "-S", "8k"], "zeros.raw"),
+        // A qcow2 target allocates every (sub)cluster that data written so touches.
+        (vec!["-O", "qcow2", "-S", "1M"], "zeros.raw"),
+        (vec!["-O", "qcow2", "-o", "cluster_size=1k"], "zeros.raw"),
+        (
+            vec!["-O", "qcow2", "-o", "cluster_size=2k", "-S", "8k"],
+            "zeros.raw",
+        ),
+        (vec!["-O", "qcow2", "-o", "extended_l2=on"], "zeros.raw"),
+        (vec!["-O", "qcow2", "-o", "extended_l2=on"], "sparse.raw"),
     ] {
         let mut a = vec!["convert"];
         a.extend(&args);
@@ -4506,15 +4529,20 @@ fn convert_lays_out_the_target_like_qemu_img() {
         assert_eq!(qemu(p, &[&a[..], &["theirs"]].concat()).0, 0, "{a:?}");
         assert_eq!(qemu(p, &["compare", src, "ours"]).0, 0, "{a:?}");
         // Same allocation, same host offsets: the clusters are laid out in guest order.
-        assert_eq!(
-            qemu(p, &["map", "--output=json", "ours"]),
-            qemu(p, &["map", "--output=json", "theirs"]),
-            "{a:?}"
-        );
+        // (Clusters under 4 KiB: the refcount blocks go elsewhere, moving host offsets.)
+        let small = args.iter().any(|a| a.contains("cluster_size=1k"));
+        match small {
+            true => assert_eq!(allocation(p, "ours"), allocation(p, "theirs"), "{a:?}"),
+            false => assert_eq!(
+                qemu(p, &["map", "--output=json", "ours"]),
+                qemu(p, &["map", "--output=json", "theirs"]),
+                "{a:?}"
+            ),
+        }
         if args[1] == "qcow2" {
             let (code, out) = qemu(p, &["check", "ours"]);
             assert_eq!(code, 0, "{a:?}: {out}");
-            assert!(out.contains(" 0.00% fragmented"), "{a:?}: {out}");
+            assert!(small || out.contains(" 0.00% fragmented"), "{a:?}: {out}");
         }
     }
 }

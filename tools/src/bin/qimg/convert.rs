@@ -753,45 +753,72 @@ fn kept_by_target(src: &Sources, p: &Policy, s: u64, e: u64) -> anyhow::Result<V
     Ok(kept)
 }
 
-/// Appends `data` (at guest `off`) as runs of non-zero data and zeros: whole zero blocks
-/// (aligned in the guest) where the target allocates blocks, else the zero runs qemu-img
-/// finds with `-S`.
+/// Appends `data` (at guest `off`) as runs of data and zeros. The zeros are the runs
+/// qemu-img's convert leaves out with `-S` ([`zero_runs`]); where the target allocates whole
+/// blocks (aligned in the guest), a block that data touches is written whole. Compressed
+/// clusters are zero only when all of their bytes are, as qemu-img checks them.
 fn split_zero_blocks<'a>(runs: &mut Vec<Run<'a>>, off: u64, data: &'a [u8], p: &Policy) {
-    if !p.whole_blocks && p.sparse > 0 && !p.copy_range {
-        let mut at = 0usize;
+    // The start and end of the block holding byte `i` of `data`, within `data`.
+    let block_start = |i: usize| ((off + i as u64) / p.block * p.block).saturating_sub(off);
+    let block_end = |i: usize| {
+        let end = ((off + i as u64) / p.block + 1) * p.block - off;
+        end.min(data.len() as u64) as usize
+    };
+    // Data pieces of `data`, in order.
+    let mut found: Vec<(usize, usize)> = Vec::new();
+    if p.sparse == 0 || p.copy_range {
+        found.push((0, data.len()));
+    } else if p.compress {
+        let mut i = 0;
+        while i < data.len() {
+            let e = block_end(i);
+            if data[i..e].iter().any(|&b| b != 0) {
+                found.push((i, e));
+            }
+            i = e;
+        }
+    } else {
+        let mut at = 0;
         for (is_data, len) in zero_runs::runs(data, off / 512, p.sparse) {
-            runs.push(Run {
-                off: off + at as u64,
-                kind: if is_data { Kind::Data } else { Kind::Zero },
-                len: len as u64,
-                data: if is_data { &data[at..at + len] } else { &[] },
-            });
+            if is_data {
+                found.push((at, at + len));
+            }
             at += len;
         }
-        return;
     }
-    // The end of the block holding byte `i` of `data`.
-    let block_end = |i: usize| {
-        let at = off + i as u64;
-        ((at / p.block + 1) * p.block - off).min(data.len() as u64) as usize
-    };
-    let mut start = 0usize;
-    while start < data.len() {
-        let mut end = start;
-        let zero = |i: usize| {
-            p.sparse > 0 && !p.copy_range && data[i..block_end(i)].iter().all(|&b| b == 0)
-        };
-        let z = zero(start);
-        while end < data.len() && zero(end) == z {
-            end = block_end(end);
+    let mut push = |kind: Kind, s: usize, e: usize| match runs.last_mut() {
+        // Only runs of this span join: another's data is another slice.
+        Some(last)
+            if last.kind == kind && last.off >= off && last.off + last.len == off + s as u64 =>
+        {
+            last.len += (e - s) as u64;
+            if kind == Kind::Data {
+                last.data = &data[(last.off - off) as usize..e];
+            }
         }
-        runs.push(Run {
-            off: off + start as u64,
-            kind: if z { Kind::Zero } else { Kind::Data },
-            len: (end - start) as u64,
-            data: if z { &[] } else { &data[start..end] },
-        });
-        start = end;
+        _ => runs.push(Run {
+            off: off + s as u64,
+            kind,
+            len: (e - s) as u64,
+            data: if kind == Kind::Data { &data[s..e] } else { &[] },
+        }),
+    };
+    let mut done = 0;
+    for (s, e) in found {
+        let (s, e) = match p.whole_blocks {
+            true => (block_start(s) as usize, block_end(e - 1)),
+            false => (s, e),
+        };
+        if s > done {
+            push(Kind::Zero, done, s);
+        }
+        if e > done {
+            push(Kind::Data, s.max(done), e);
+            done = e;
+        }
+    }
+    if done < data.len() {
+        push(Kind::Zero, done, data.len());
     }
 }
 
