@@ -980,7 +980,20 @@ fn convert_c_compresses_every_cluster_that_shrinks_like_qemu_img() {
             "{ours:?}"
         );
         assert_eq!(ours, map("theirs.qcow2"), "{opts}");
+        // The file ends on a whole sector, as qemu-img's last compressed write leaves it.
+        let len = std::fs::metadata(p.join("ours.qcow2")).unwrap().len();
+        assert_eq!(len % 512, 0, "{opts}: {len}");
     }
+    // With nothing to compress, the files are alike to the byte count.
+    std::fs::File::create(p.join("empty.raw"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let a = ["convert", "-c", "-O", "qcow2", "empty.raw"];
+    assert_eq!(qimg(p, &[&a[..], &["ours.qcow2"]].concat()).0, 0);
+    assert_eq!(qemu(p, &[&a[..], &["theirs.qcow2"]].concat()).0, 0);
+    let len = |img: &str| std::fs::metadata(p.join(img)).unwrap().len();
+    assert_eq!(len("ours.qcow2"), len("theirs.qcow2"));
 }
 
 #[test]

@@ -1303,6 +1303,16 @@ pub fn run(mut a: Args) -> anyhow::Result<u8> {
         );
         Interrupt::die(sig);
     }
+    if let (Target::Qcow2(q), true, None) = (&target, policy.compress, policy.target_backing) {
+        // qemu-img ends compressed writes with an empty one, which makes the file end on a
+        // whole sector.
+        let file = q.file();
+        let len = file.len()?;
+        if len % 512 != 0 {
+            file.set_len(len.next_multiple_of(512))
+                .with_context(|| format!("Error while writing '{target_name}'"))?;
+        }
+    }
     if let (Some(src), Target::Qcow2(q)) = (&bitmap_source, &target) {
         crate::copy_bitmaps::copy(src, q)?;
         q.flush()
