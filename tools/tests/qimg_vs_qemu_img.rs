@@ -3184,6 +3184,9 @@ fn convert_copies_bitmaps_like_qemu_img() {
     let info = qemu(p, &["info", "--output=json", "broken.qcow2"]).1;
     assert!(info.contains("\"recent\""), "{info}");
     set_bitmap_in_use(&p.join("broken.qcow2"), "recent");
+    // Both in use: QEMU goes through the bitmaps last first.
+    std::fs::copy(p.join("broken.qcow2"), p.join("twobroken.qcow2")).unwrap();
+    set_bitmap_in_use(&p.join("twobroken.qcow2"), "some");
     let mut copied = Vec::new();
     for args in [
         &["convert", "--bitmaps", "-O", "qcow2", "src.qcow2", "X"][..],
@@ -3216,6 +3219,23 @@ fn convert_copies_bitmaps_like_qemu_img() {
             "X",
         ],
         &["convert", "--bitmaps", "-O", "qcow2", "broken.qcow2", "X"],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "twobroken.qcow2",
+            "X",
+        ],
+        &[
+            "convert",
+            "--bitmaps",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "twobroken.qcow2",
+            "X",
+        ],
         &["convert", "--bitmaps", "-O", "raw", "src.qcow2", "X"],
         // Sources that cannot have bitmaps: refused before the target is made.
         &["convert", "--bitmaps", "-O", "qcow2", "raw.img", "X"],
@@ -3404,6 +3424,7 @@ fn convert_n_keeps_the_targets_bitmaps() {
     qcow2_image(p, &[], "src.qcow2", "4M", &["write -P 3 0 1M"]);
     qemu(p, &["bitmap", "--add", "src.qcow2", "new"]);
     qemu(p, &["bitmap", "--add", "src.qcow2", "enabled"]);
+    qemu(p, &["bitmap", "--add", "src.qcow2", "mm"]);
     qcow2_image(p, &[], "t.qcow2", "4M", &[]);
     qemu(p, &["bitmap", "--add", "t.qcow2", "enabled"]);
     qemu(p, &["bitmap", "--add", "--disable", "t.qcow2", "disabled"]);
@@ -3422,12 +3443,20 @@ fn convert_n_keeps_the_targets_bitmaps() {
     let o = run_with_stderr(p, env!("CARGO_BIN_EXE_qimg"), "qimg", &ours);
     let t = run_with_stderr(p, "qemu-img", "qemu-img", &theirs);
     assert_eq!(o, t);
-    // Both stopped at the clash, the bitmaps before it copied: start again without it.
+    // Both stopped at the clash, the bitmaps before it (last first) copied.
+    let names = |img: &str| {
+        let info = qemu(p, &["info", img]).1;
+        let names = info.lines().filter(|l| l.trim_start().starts_with("name:"));
+        names.map(str::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(names("t.qcow2"), names("t2.qcow2"));
+    assert!(names("t.qcow2").iter().any(|n| n.ends_with(" mm")));
+    // Start again without it.
     qemu(p, &["bitmap", "--remove", "src.qcow2", "enabled"]);
     std::fs::copy(p.join("t0.qcow2"), p.join("t.qcow2")).unwrap();
     assert_eq!(qimg(p, &ours).0, 0);
     let info = qemu(p, &["info", "t.qcow2"]).1;
-    for name in ["enabled", "disabled", "new"] {
+    for name in ["enabled", "disabled", "new", "mm"] {
         assert!(info.contains(&format!("name: {name}\n")), "{name}: {info}");
     }
     assert_eq!(qemu(p, &["check", "t.qcow2"]).0, 0);

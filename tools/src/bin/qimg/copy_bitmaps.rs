@@ -20,7 +20,8 @@ pub fn source(
         .filter(|q| q.header().version >= 3)
         .ok_or_else(|| anyhow::anyhow!("Source lacks bitmap support"))?;
     if !skip_broken {
-        if let Some(b) = src.bitmaps()?.iter().find(|b| b.flags & IN_USE != 0) {
+        // QEMU goes through an image's bitmaps last first.
+        if let Some(b) = src.bitmaps()?.iter().rev().find(|b| b.flags & IN_USE != 0) {
             bail!(
                 "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use \
                  '{} bitmap --remove' to delete it",
@@ -33,16 +34,28 @@ pub fn source(
 }
 
 /// Copies every bitmap of `src` into `target` (skipping inconsistent ones with a warning).
+/// As in QEMU, they are gone through last first, up to the first whose name the target has
+/// (an error), and those copied keep their order in the target's directory.
 pub fn copy(src: &Qcow2, target: &Qcow2) -> anyhow::Result<()> {
-    for b in src.bitmaps()? {
+    let taken: Vec<Vec<u8>> = target.bitmaps()?.into_iter().map(|b| b.name).collect();
+    let mut copied = Vec::new();
+    let mut clash = None;
+    for b in src.bitmaps()?.into_iter().rev() {
         if b.flags & IN_USE != 0 {
             errln!(
                 "{}: warning: Skipping inconsistent bitmap '{}'",
                 crate::progname(),
                 b.display_name()
             );
-            continue;
+        } else if taken.contains(&b.name) {
+            clash = Some(b);
+            break;
+        } else {
+            copied.push(b);
         }
+    }
+    // The clash last: adding it gives the error.
+    for b in copied.into_iter().rev().chain(clash) {
         if let Err(e) = target.add_bitmap(&b.name, b.granularity(), b.flags & AUTO != 0) {
             bail!("Failed to create bitmap {}: {e}", b.display_name());
         }
