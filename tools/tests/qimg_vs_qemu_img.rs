@@ -3141,6 +3141,16 @@ fn rate_limits_throttle_convert_and_commit() {
         );
         assert_eq!(qemu(p, &["compare", "src.qcow2", target]).0, 0);
     }
+    // 4 MiB of data in one run: written in qemu-img's 2 MiB pieces, the second waits.
+    qcow2_image(p, &[], "one.qcow2", "4M", &["write -P 5 0 4M"]);
+    let start = std::time::Instant::now();
+    let (code, _) = qimg(
+        p,
+        &["convert", "-r", "2M", "-O", "raw", "one.qcow2", "one.raw"],
+    );
+    assert_eq!(code, 0);
+    let took = start.elapsed();
+    assert!(took >= std::time::Duration::from_millis(900), "{took:?}");
     qcow2_image(
         p,
         &["-b", "src.qcow2", "-F", "qcow2"],

@@ -1452,7 +1452,14 @@ fn write_chunk(
     let img = target.image();
     if let Some(rate) = &p.rate {
         let written = runs.iter().filter(|r| r.kind == Kind::Data || !p.fresh);
-        rate.wait(written.map(|r| r.len).sum());
+        // qemu-img writes data in pieces of its buffer's size, each let through once the
+        // bytes before it have taken their time.
+        let mut left: u64 = written.map(|r| r.len).sum();
+        while left > 0 {
+            let piece = left.min(READ_PIECE);
+            rate.wait(piece);
+            left -= piece;
+        }
     }
     for r in runs.iter().filter(|r| r.kind == Kind::Zero && !p.fresh) {
         img.write_zeroes(r.off, r.len, true)?;
