@@ -868,13 +868,24 @@ fn start_up_errors_exit_1_with_one_line() {
         "qemu-img opened an image vhost-blk serves: {stderr}"
     );
     q.stop();
-    let mut holder = Command::new("qemu-io")
-        .args(["-f", "qcow2", qcow2.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // qemu-io holds the image once it is still running after a while. (In one CI run it
+    // could not take the write lock at once after the daemon had exited: tried again.)
+    let mut holder = (0..10)
+        .find_map(|_| {
+            let mut io = Command::new("qemu-io")
+                .args(["-f", "qcow2", qcow2.to_str().unwrap()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            match io.try_wait().unwrap() {
+                None => Some(io),
+                Some(_) => None,
+            }
+        })
+        .expect("qemu-io could not open the image the daemon had served");
     let err = failing_start(&[
         "--socket",
         other.to_str().unwrap(),

@@ -63,7 +63,7 @@ impl CheckReport {
 }
 
 /// A line a check prints on stderr.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Message {
     /// Printed as it is ("ERROR cluster 5 refcount=0 reference=1"); bytes, because a
     /// snapshot name in it need not be UTF-8.
@@ -71,6 +71,20 @@ pub enum Message {
     /// An error report, which qemu-img prints after its name ("qemu-img: Could not resize
     /// file: File too large").
     Error(String),
+}
+
+/// Lines as text (bytes that are not UTF-8 replaced), so that reports read well in
+/// assertion messages.
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Message::Line(s) => f
+                .debug_tuple("Line")
+                .field(&String::from_utf8_lossy(s))
+                .finish(),
+            Message::Error(s) => f.debug_tuple("Error").field(s).finish(),
+        }
+    }
 }
 
 impl std::fmt::Display for Message {
